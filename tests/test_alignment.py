@@ -1,0 +1,334 @@
+"""trainable.alignment against independent references (scikit-learn, scipy, brute force)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+from scipy.stats import ortho_group, pearsonr
+from sklearn.linear_model import Ridge, RidgeCV
+from sklearn.model_selection import KFold, cross_val_score
+
+from trainable.alignment import (
+    METRICS,
+    _fold_bounds,
+    get_metric,
+    linear_alignment,
+    linear_alignment_heldout,
+    linear_alignment_scaled,
+    linear_cka,
+    relative_alphas,
+    ridge_cv_r2,
+    rsa,
+)
+
+ALPHAS = np.logspace(-2, 4, 7)
+
+
+def sklearn_cv_r2(x, y, alphas=ALPHAS, folds=5):
+    return cross_val_score(RidgeCV(alphas=alphas), x, y, cv=KFold(folds), scoring="r2").mean()
+
+
+def linear_data(n, p, q, seed, rank=5, noise=1.0):
+    """Y depends on a rank-`rank` part of X plus noise: R^2 is interior, alphas interior."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, p))
+    rank = min(rank, p)
+    y = x[:, :rank] @ rng.standard_normal((rank, q)) + noise * rng.standard_normal((n, q))
+    return x, y
+
+
+# ----------------------------------------------------------------------------- ridge_cv_r2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "n,p,q",
+    [
+        (60, 200, 5),  # p >> n: dual form
+        (40, 1500, 30),  # p >> n, many targets
+        (60, 10, 7),  # p < n: primal form
+        (100, 30, 50),  # q > p
+        (83, 400, 2),  # n not divisible by the folds
+        (50, 5, 1),  # a single target
+    ],
+)
+def test_ridge_cv_r2_equals_sklearn_float64(n, p, q, seed):
+    x, y = linear_data(n, p, q, seed)
+    assert ridge_cv_r2(x, y, alphas=ALPHAS) == pytest.approx(sklearn_cv_r2(x, y), abs=1e-6)
+
+
+@pytest.mark.parametrize("folds", [2, 3, 10])
+def test_ridge_cv_r2_equals_sklearn_other_folds(folds):
+    x, y = linear_data(70, 120, 4, seed=folds)
+    got = ridge_cv_r2(x, y, alphas=ALPHAS, folds=folds)
+    assert got == pytest.approx(sklearn_cv_r2(x, y, folds=folds), abs=1e-6)
+
+
+def test_ridge_cv_r2_shape_at_paper_scale_dual_form():
+    # AlexNet conv1 at 224 px has 193,600 features; keep n small so the test stays fast.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 193_600)).astype(np.float64)
+    y = x[:, :4] @ rng.standard_normal((4, 3)) + rng.standard_normal((30, 3))
+    alphas = np.logspace(2, 7, 6)
+    assert ridge_cv_r2(x, y, alphas=alphas) == pytest.approx(
+        sklearn_cv_r2(x, y, alphas=alphas), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("n,p,q", [(60, 200, 5), (100, 30, 50)])
+def test_ridge_cv_r2_float32(n, p, q):
+    # float32 runs the Gram matrix, eigendecomposition and solves in float32 (scikit-learn
+    # always promotes to float64). Rounding of ~6e-8 per operation is amplified by the
+    # condition number of (K + alpha I), ~1e3 at the small alphas here, and by summing over
+    # ~n*p terms, so agreement is ~1e-4; 2e-3 leaves margin without hiding a wrong formula
+    # (a wrong alpha or fold costs > 1e-2 on this data).
+    x, y = linear_data(n, p, q, seed=5)
+    got = ridge_cv_r2(x.astype(np.float32), y.astype(np.float32), alphas=ALPHAS)
+    assert got == pytest.approx(sklearn_cv_r2(x, y), abs=2e-3)
+
+
+def test_ridge_cv_r2_torch_in_torch_out_and_flattening():
+    x, y = linear_data(40, 48, 6, seed=0)
+    xt = torch.from_numpy(x).reshape(40, 3, 4, 4)
+    yt = torch.from_numpy(y)
+    got = ridge_cv_r2(xt, yt, alphas=ALPHAS)
+    assert isinstance(got, torch.Tensor) and got.ndim == 0 and got.dtype == torch.float64
+    assert float(got) == pytest.approx(sklearn_cv_r2(x, y), abs=1e-6)
+
+
+def test_constant_test_fold_columns_follow_sklearn_rule():
+    """A column constant within a test fold scores 1.0 when predicted exactly, else 0.0
+    (scikit-learn's r2_score, force_finite=True)."""
+    x, y = linear_data(50, 80, 3, seed=7)
+    y = np.column_stack([y, np.full(50, 2.5), y[:, 0].copy()])
+    y[:10, 4] = 1.0  # constant inside the first test fold only, predicted imperfectly
+    got = ridge_cv_r2(x, y, alphas=ALPHAS)
+    assert got == pytest.approx(sklearn_cv_r2(x, y), abs=1e-6)
+    # the all-constant column is predicted exactly (the training mean) -> exactly 1 per fold
+    only_const = ridge_cv_r2(x, np.full((50, 1), 2.5), alphas=ALPHAS)
+    assert only_const == 1.0
+    # the column constant only in fold 0 gets 0 there
+    fold0 = KFold(5).split(x).__next__()
+    model = RidgeCV(alphas=ALPHAS).fit(x[fold0[0]], y[fold0[0], 4])
+    assert np.ptp(y[fold0[1], 4]) == 0 and np.abs(model.predict(x[fold0[1]]) - 1.0).max() > 0
+
+
+# ----------------------------------------------------------------------------- known answers
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_linear_alignment_perfect_for_orthogonal_affine_transform(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 20))
+    q = ortho_group.rvs(20, random_state=seed)
+    y = 3.7 * x @ q + rng.standard_normal(20)
+    assert linear_alignment_scaled(x, y) > 0.99
+    assert linear_alignment(x, y, alphas=[1e-3, 1e-2]) > 0.999
+    assert linear_cka(x, y) == pytest.approx(1.0, abs=1e-10)
+    assert linear_alignment_heldout(x, y, rel=1e-4) > 0.99
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_independent_noise_scores_near_zero(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((400, 10))
+    y = rng.standard_normal((400, 8))
+    assert abs(linear_alignment_scaled(x, y)) < 0.05
+    assert abs(linear_cka(x, y)) < 0.1
+    assert abs(rsa(x, y)) < 0.05
+
+
+def test_heldout_form_is_not_in_sample_when_p_exceeds_n():
+    # In-sample R^2 with p > n is ~1 for any target; held-out predictions of noise are not.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 2000))
+    y = rng.standard_normal((64, 1000))
+    assert linear_alignment_heldout(x, y) < 0.05
+    assert linear_alignment_heldout(x, y, folds=4) < 0.05
+
+
+def test_heldout_loo_equals_brute_force_ridge_refits():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 50))
+    y = x[:, :5] @ rng.standard_normal((5, 7)) + rng.standard_normal((30, 7))
+    rel = 0.3
+
+    def brute(a, b, folds):
+        n = len(a)
+        ac = a - a.mean(0)
+        lam_full = rel * np.trace(ac @ ac.T) / n
+        resid = np.zeros_like(b)
+        bounds = [(i, i + 1) for i in range(n)] if folds is None else _fold_bounds(n, folds)
+        for lo, hi in bounds:
+            tr = np.r_[0:lo, hi:n]
+            if folds is None:  # exact LOO keeps the batch's penalty
+                lam = lam_full
+            else:  # k-fold: each fold's own relative penalty
+                atc = a[tr] - a[tr].mean(0)
+                lam = rel * np.trace(atc @ atc.T) / len(tr)
+            resid[lo:hi] = b[lo:hi] - Ridge(alpha=lam).fit(a[tr], b[tr]).predict(a[lo:hi])
+        return (1 - (resid**2).sum(0) / ((b - b.mean(0)) ** 2).sum(0)).mean()
+
+    for folds in (None, 3, 5):
+        expect = (brute(x, y, folds) + brute(y, x, folds)) / 2
+        got = linear_alignment_heldout(x, y, rel=rel, folds=folds)
+        assert got == pytest.approx(expect, abs=1e-9), folds
+
+
+# ----------------------------------------------------------------------------- symmetry, scale
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_symmetric_forms_are_symmetric(seed):
+    x, y = linear_data(60, 30, 12, seed)
+    assert linear_alignment(x, y, alphas=ALPHAS) == pytest.approx(
+        linear_alignment(y, x, alphas=ALPHAS), abs=1e-12
+    )
+    assert linear_alignment_heldout(x, y) == pytest.approx(
+        linear_alignment_heldout(y, x), abs=1e-12
+    )
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
+    assert rsa(x, y) == pytest.approx(rsa(y, x), abs=1e-12)
+
+
+@pytest.mark.parametrize("folds", [None, 4])
+@pytest.mark.parametrize("cx,cy", [(1e-3, 1.0), (1.0, 250.0), (40.0, 1e-2)])
+def test_loss_form_is_scale_invariant(folds, cx, cy):
+    x, y = linear_data(48, 100, 20, seed=2)
+    base = linear_alignment_heldout(x, y, folds=folds)
+    assert linear_alignment_heldout(cx * x, cy * y, folds=folds) == pytest.approx(base, abs=1e-9)
+
+
+def test_scaled_validation_form_is_scale_invariant():
+    x, y = linear_data(60, 40, 10, seed=4)
+    assert linear_alignment_scaled(1e3 * x, 1e-2 * y) == pytest.approx(
+        linear_alignment_scaled(x, y), abs=1e-9
+    )
+    assert relative_alphas(2 * x, [1.0])[0] == pytest.approx(4 * relative_alphas(x, [1.0])[0])
+
+
+# ----------------------------------------------------------------------------- CKA, RSA refs
+
+
+def test_cka_matches_feature_space_formula():
+    x, y = linear_data(50, 30, 20, seed=6)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expect = np.linalg.norm(yc.T @ xc) ** 2 / (
+        np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    )
+    assert linear_cka(x, y) == pytest.approx(expect, abs=1e-12)
+
+
+def test_rsa_matches_scipy():
+    x, y = linear_data(40, 25, 15, seed=8)
+    expect = pearsonr(pdist(x, "correlation"), pdist(y, "correlation")).statistic
+    assert rsa(x, y) == pytest.approx(expect, abs=1e-12)
+    # invariant to a per-stimulus affine change of the response pattern
+    assert rsa(x, 3.0 * x + 2.0) == pytest.approx(1.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _small_pair(seed=0, n=12, p=7, q=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, dtype=torch.float64, generator=g)
+    y = x[:, :3] @ torch.randn(3, q, dtype=torch.float64, generator=g)
+    y = y + 0.5 * torch.randn(n, q, dtype=torch.float64, generator=g)
+    return x.requires_grad_(True), y.requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, y: linear_alignment_heldout(x, y),
+        lambda x, y: linear_alignment_heldout(x, y, folds=3),
+        linear_cka,
+        rsa,
+    ],
+    ids=["heldout-loo", "heldout-3fold", "cka", "rsa"],
+)
+def test_gradcheck_float64(fn):
+    x, y = _small_pair()
+    assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_gradient_ascent_step_raises_score(name):
+    """One step along the gradient of the loss form on X raises the score: the signal the
+    trainable's alpha > 0 follows (and alpha < 0 the reverse)."""
+    metric = get_metric(name)
+    x, y = _small_pair(seed=3, n=40, p=30, q=10)
+    y = y.detach()
+    score = metric.loss(x, y)
+    (grad,) = torch.autograd.grad(score, x)
+    step = 1e-2 * x.detach().norm() / grad.norm()
+    up = metric.loss(x.detach() + step * grad, y)
+    down = metric.loss(x.detach() - step * grad, y)
+    assert float(up) > float(score.detach()) > float(down)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_registry_entries_keep_device_dtype_and_return_floats_for_numpy(name):
+    metric = get_metric(name)
+    x, y = _small_pair(seed=1, n=30, p=12, q=6)
+    out = metric.loss(x.float(), y.float())
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert out.device == x.device and out.requires_grad
+    val = metric.validate(x.detach().numpy(), y.detach().numpy())
+    assert isinstance(val, float) and -1.5 < val <= 1.0
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_error_different_n():
+    with pytest.raises(ValueError, match=r"same number of stimuli.*\(20, 3\).*\(21, 3\)"):
+        ridge_cv_r2(np.ones((20, 3)), np.ones((21, 3)), alphas=[1.0])
+
+
+def test_error_too_few_samples_for_folds():
+    x, y = linear_data(9, 3, 2, seed=0)
+    with pytest.raises(ValueError, match=r"n=9 stimuli; 5-fold ridge CV needs at least 10"):
+        ridge_cv_r2(x, y, alphas=[1.0], folds=5)
+    with pytest.raises(ValueError, match=r"n=9.*at least 10"):
+        linear_alignment_heldout(x, y, folds=5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["X", "Y"])
+def test_error_nan_inf(bad, where):
+    x, y = linear_data(20, 4, 3, seed=0)
+    (x if where == "X" else y)[3, 1] = bad
+    with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or inf values"):
+        ridge_cv_r2(x, y, alphas=[1.0])
+    with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or inf"):
+        linear_cka(x, y)
+
+
+def test_error_alphas():
+    x, y = linear_data(20, 4, 3, seed=0)
+    with pytest.raises(ValueError, match="alphas is empty"):
+        ridge_cv_r2(x, y, alphas=[])
+    with pytest.raises(ValueError, match=r"alphas must be positive and finite, got \[0.0, -1.0\]"):
+        ridge_cv_r2(x, y, alphas=[1.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match=r"rel \(relative ridge penalty\).*got -0.5"):
+        linear_alignment_heldout(x, y, rel=-0.5)
+
+
+def test_error_folds_and_metric_name_and_degenerate_inputs():
+    x, y = linear_data(20, 4, 3, seed=0)
+    with pytest.raises(ValueError, match=r"folds must be an integer >= 2, got 1"):
+        ridge_cv_r2(x, y, alphas=[1.0], folds=1)
+    with pytest.raises(ValueError, match=r"unknown alignment metric 'pearson'; accepted: cka, linear, rsa"):
+        get_metric("pearson")
+    flat = x.copy()
+    flat[2] = 1.0
+    with pytest.raises(ValueError, match=r"1 stimuli have constant features"):
+        rsa(flat, y)
+    with pytest.raises(ValueError, match="X is constant across stimuli"):
+        linear_cka(np.ones((20, 4)), y)
+    with pytest.raises(ValueError, match=r"X has shape \(20, 0\)"):
+        ridge_cv_r2(np.ones((20, 0)), y, alphas=[1.0])

@@ -1,0 +1,542 @@
+"""Alignment metrics between two representations of the same stimuli.
+
+Every function takes numpy arrays or torch tensors of shape ``(n_stimuli, ...)``; anything after
+the first axis is flattened to features, so ``X : (n, p)`` and ``Y : (n, q)``. Torch tensors stay
+on their device and in their dtype, and the computation stays differentiable; numpy arrays are
+wrapped without a copy. Scores come back as 0-d tensors for tensor inputs and floats for numpy.
+
+The paper's metric is linear predictivity (``linear_alignment``): cross-validated ridge R^2 of
+X -> Y and of Y -> X, averaged. ``ridge_cv_r2`` is the validation form (equal to scikit-learn's
+``cross_val_score(RidgeCV(alphas), X, Y, cv=KFold(folds), scoring="r2").mean()``);
+``linear_alignment_heldout`` is the training-loss form (held-out predictions inside the batch,
+relative ridge penalty, scale invariant). ``linear_cka`` and ``rsa`` are the other two
+differentiable metrics, and ``METRICS`` is the name -> metric registry the trainable and the
+sweep files use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "METRICS",
+    "Metric",
+    "get_metric",
+    "linear_alignment",
+    "linear_alignment_heldout",
+    "linear_cka",
+    "relative_alphas",
+    "ridge_cv_r2",
+    "rsa",
+]
+
+#: Ridge penalties for validation, relative to the predictor's mean centred sample energy
+#: trace(K)/n (see ``relative_alphas``): scale-free, so a layer's activation scale cannot
+#: change the grid the cross-validation searches.
+DEFAULT_RELATIVE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-4, 4, 9))
+
+#: Relative ridge penalty of the training-loss form: lambda = rel * trace(K) / n.
+DEFAULT_LOSS_REL = 1e-1
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _as_tensor(a: Any, name: str) -> tuple[torch.Tensor, bool]:
+    """Return ``(tensor (n, features), was_numpy)``; validate finiteness and rank."""
+    was_numpy = not isinstance(a, torch.Tensor)
+    if was_numpy:
+        arr = np.asarray(a)
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float64)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    else:
+        t = a if a.is_floating_point() else a.to(torch.float64)
+    if t.ndim < 1:
+        raise ValueError(f"{name} must have shape (n_stimuli, ...), got a scalar")
+    if t.ndim == 1:
+        t = t[:, None]
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: it needs at least one feature")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or inf values; all entries must be finite")
+    return t, was_numpy
+
+
+def _pair(X: Any, Y: Any, min_n: int, why: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    x, x_np = _as_tensor(X, "X")
+    y, y_np = _as_tensor(Y, "Y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"X and Y must have the same number of stimuli (first axis), got X {tuple(x.shape)} "
+            f"and Y {tuple(y.shape)}"
+        )
+    if x.shape[0] < min_n:
+        raise ValueError(f"got n={x.shape[0]} stimuli; {why} needs at least {min_n}")
+    if x.device != y.device:
+        raise ValueError(f"X is on {x.device} and Y on {y.device}; put both on one device")
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype), x_np and y_np
+
+
+def _check_alphas(alphas: Sequence[float] | np.ndarray | torch.Tensor) -> list[float]:
+    vals = [float(a) for a in np.asarray(alphas, dtype=np.float64).reshape(-1)]
+    if not vals:
+        raise ValueError("alphas is empty; give at least one positive ridge penalty")
+    bad = [a for a in vals if not (a > 0 and math.isfinite(a))]
+    if bad:
+        raise ValueError(f"alphas must be positive and finite, got {bad}")
+    return vals
+
+
+def _check_folds(folds: int, name: str = "folds") -> int:
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {folds!r}")
+    return int(folds)
+
+
+def _out(score: torch.Tensor, as_float: bool) -> torch.Tensor | float:
+    return float(score.detach()) if as_float else score
+
+
+def _fold_bounds(n: int, folds: int) -> list[tuple[int, int]]:
+    """Contiguous folds exactly as ``sklearn.model_selection.KFold(folds)`` (no shuffle): the
+    first ``n % folds`` folds get one extra sample."""
+    sizes = [n // folds + (1 if i < n % folds else 0) for i in range(folds)]
+    bounds, start = [], 0
+    for s in sizes:
+        bounds.append((start, start + s))
+        start += s
+    return bounds
+
+
+# ----------------------------------------------------------------------------- ridge CV
+
+
+def _r2_columns(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
+    """R^2 per column, scikit-learn's ``r2_score`` rule for constant columns.
+
+    A column that is constant in ``y_true`` (zero total sum of squares) scores 1.0 when it is
+    predicted exactly and 0.0 otherwise (``force_finite=True``), so one flat voxel or a dead
+    unit in a test fold neither poisons the mean with inf/NaN nor rewards a wrong prediction.
+    """
+    sse = ((y_true - y_pred) ** 2).sum(0)
+    sst = ((y_true - y_true.mean(0)) ** 2).sum(0)
+    const = sst == 0
+    safe = torch.where(const, torch.ones_like(sst), sst)
+    r2 = 1.0 - sse / safe
+    return torch.where(const, (sse == 0).to(r2.dtype), r2)
+
+
+def ridge_cv_r2(
+    X: Any,
+    Y: Any,
+    *,
+    alphas: Sequence[float] | np.ndarray,
+    folds: int = 5,
+) -> torch.Tensor | float:
+    """Cross-validated ridge R^2 of X predicting Y.
+
+    Parameters
+    ----------
+    X : (n, p) predictor, any (n, ...) flattened.
+    Y : (n, q) targets, any (n, ...) flattened.
+    alphas : positive ridge penalties (absolute, as in scikit-learn's ``RidgeCV``).
+    folds : number of contiguous folds (``KFold(folds)``, no shuffle).
+
+    On each training fold (size m) X and Y are centred with the training-fold means and one
+    alpha is chosen by efficient leave-one-out squared error summed over all targets
+    (``RidgeCV(alphas, alpha_per_target=False)``); the fitted model predicts the test fold,
+    scored as R^2 averaged uniformly over target columns (constant test columns: see
+    ``_r2_columns``). Returns the mean over folds, so in float64 it equals
+    ``cross_val_score(RidgeCV(alphas=alphas), X, Y, cv=KFold(folds), scoring="r2").mean()``.
+
+    Cost: with p > m the dual (kernel) form is used: one n x n Gram matrix for all folds
+    (computed once on globally centred X; each fold's centred kernel is a double-centred
+    sub-block), one eigendecomposition per fold shared by every alpha, and predictions through
+    the kernel, never forming the p x q coefficients. With p <= m the primal form
+    eigendecomposes the p x p covariance instead.
+    """
+    x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
+    alpha_list = _check_alphas(alphas)
+    n, p = x.shape
+    # Translation does not change any fold's fit (each fold re-centres); centring globally
+    # first keeps the Gram matrix well conditioned when features have a large common offset.
+    xg = x - x.mean(0)
+    bounds = _fold_bounds(n, folds)
+    max_train = n - min(b - a for a, b in bounds)
+    dual = p > max_train
+    gram = _gram(xg) if dual else None
+    scores = []
+    for lo, hi in bounds:
+        tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)
+        m = tr.numel()
+        y_tr, y_te = y[tr], y[lo:hi]
+        y_mean = y_tr.mean(0)
+        yc = y_tr - y_mean
+        if dual:
+            g_tt = gram[tr][:, tr]
+            row = g_tt.mean(1)
+            k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
+            g_et = gram[lo:hi][:, tr]
+            k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+            evals, basis = _eigh_without_constant(k_tt)
+            proj = basis.T @ yc
+            a = alpha_list[_select_dual(basis, evals, proj, alpha_list)]
+            coef = basis @ (proj / (evals + a)[:, None])  # (K + aI)^-1 Yc, (m, q)
+            pred = y_mean + k_et @ coef
+        else:
+            mu = xg[tr].mean(0)
+            xc = xg[tr] - mu
+            evals, vecs = torch.linalg.eigh(xc.T @ xc)
+            scores_tr = xc @ vecs  # (m, p): X in the eigenbasis
+            w = scores_tr.T @ yc  # (p, q)
+            a = alpha_list[_select_primal(scores_tr, evals, w, yc, alpha_list, m)]
+            pred = y_mean + (xg[lo:hi] - mu) @ (vecs @ (w / (evals + a)[:, None]))
+        scores.append(_r2_columns(y_te, pred).mean())
+    return _out(torch.stack(scores).mean(), as_float)
+
+
+def _eigh_without_constant(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a double-centred kernel ``k`` (m, m) restricted to the
+    complement of the constant vector: returns ``(evals (m-1,), basis (m, m-1))`` with
+    orthonormal columns orthogonal to 1 and ``k = basis diag(evals) basis^T``.
+
+    The constant vector is an exact null vector of a centred kernel and carries the
+    (unpenalised) intercept. Removing it algebraically, with the Householder reflection
+    ``H = I - 2 v v^T / v^T v``, ``v = 1 + sqrt(m) e_1``, which maps 1 onto -sqrt(m) e_1, avoids
+    two numerical traps of the textbook formula: the round-off eigenvalue (~1e-13) that eigh
+    returns for it, and the cancellation of ``1/(a m)`` against itself at small alpha. Both
+    perturb LOO errors at the 1e-7 level, enough to flip near-tied alphas.
+    """
+    m = k.shape[0]
+    v = torch.ones(m, dtype=k.dtype, device=k.device)
+    v[0] += math.sqrt(m)
+    beta = 2.0 / (v @ v)
+    kv = k @ v
+    # H k H = k - beta (v kv^T + kv v^T) + beta^2 (v^T kv) v v^T
+    hkh = k - beta * (v[:, None] * kv[None, :] + kv[:, None] * v[None, :])
+    hkh = hkh + (beta * beta * (v @ kv)) * (v[:, None] * v[None, :])
+    evals, vecs = torch.linalg.eigh(hkh[1:, 1:])
+    # basis = H @ [0; vecs]
+    padded = torch.cat([torch.zeros(1, m - 1, dtype=k.dtype, device=k.device), vecs])
+    basis = padded - beta * v[:, None] * (v[None, 1:] @ vecs)
+    return evals.clamp_min(0), basis
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` (n, n). On the CPU without autograd numpy's matmul is used: it recognises
+    the ``A @ A.T`` pattern and calls BLAS syrk, half the flops of a general product (this
+    product is the largest single cost of ``ridge_cv_r2`` when p >> n)."""
+    if x.device.type == "cpu" and not x.requires_grad:
+        xn = x.numpy()
+        return torch.from_numpy(xn @ xn.T)
+    return x @ x.T
+
+
+def _select_dual(
+    basis: torch.Tensor, evals: torch.Tensor, proj: torch.Tensor, alphas: list[float]
+) -> int:
+    """Best alpha index by efficient leave-one-out error in the dual form.
+
+    ``basis`` (m, r) and ``evals`` (r,) decompose the centred training kernel on the complement
+    of the constant vector (``_eigh_without_constant``), ``proj = basis^T Yc`` (r, q). For ridge
+    with an unpenalised intercept the LOO residuals are ``c_i / d_i`` with
+    ``c = basis diag(1/(evals + a)) proj`` and ``d_i = sum_j basis_ij^2 / (evals_j + a)``
+    (scikit-learn writes the same as ``[(K + aI)^-1]_ii - 1/(a m)``). The error summed over
+    samples and targets picks the alpha; ties keep the first, as RidgeCV does.
+
+    Only the row norms of c matter, so when q > r proj is replaced by the (r, r) triangular
+    factor R^T of ``proj^T = Q R`` (same row norms, fewer columns). Float64 inputs are screened
+    in float32 (twice the BLAS throughput on CPUs; each error is a sum of positive terms,
+    accurate to ~1e-6 relative), then every alpha within 1e-3 of the float32 minimum is
+    re-scored in float64, so the choice is exactly the float64 one.
+    """
+    if proj.shape[1] > proj.shape[0]:
+        proj = torch.linalg.qr(proj.T, mode="r").R.T
+    if basis.dtype == torch.float64:
+        rough = _loo_errors(basis.float(), evals.float(), proj.float(), alphas)
+        near = torch.nonzero(rough <= rough.min() * (1 + 1e-3)).flatten().tolist()
+        if len(near) == 1:
+            return near[0]
+        exact = _loo_errors(basis, evals, proj, [alphas[i] for i in near])
+        return near[_first_argmin(exact)]
+    return _first_argmin(_loo_errors(basis, evals, proj, alphas))
+
+
+def _loo_errors(
+    basis: torch.Tensor, evals: torch.Tensor, proj: torch.Tensor, alphas: list[float]
+) -> torch.Tensor:
+    """Summed squared LOO residuals per alpha (see ``_select_dual``), (len(alphas),).
+
+    Alphas are batched into one matrix product per chunk of ~64 MB."""
+    m, q = basis.shape[0], proj.shape[1]
+    sq = basis * basis
+    a = torch.tensor(alphas, dtype=evals.dtype, device=evals.device)
+    inv = 1.0 / (evals[None, :] + a[:, None])  # (A, r)
+    d = inv @ sq.T  # (A, m)
+    chunk = max(1, int(64e6 // (m * q * basis.element_size())))
+    out = []
+    for lo in range(0, len(alphas), chunk):
+        c = basis @ (inv[lo : lo + chunk, :, None] * proj)  # (chunk, m, q)
+        out.append(((c / d[lo : lo + chunk, :, None]) ** 2).sum((1, 2)))
+    return torch.cat(out)
+
+
+def _select_primal(
+    xs: torch.Tensor,
+    evals: torch.Tensor,
+    w: torch.Tensor,
+    yc: torch.Tensor,
+    alphas: list[float],
+    m: int,
+) -> int:
+    """Best alpha index by efficient LOO in the primal form.
+
+    ``xs = Xc V`` with ``Xc^T Xc = V diag(evals) V^T`` (p x p) and ``w = xs^T Yc``. The hat
+    matrix of ridge with an intercept is ``11^T/m + xs diag(1/(evals + a)) xs^T``; LOO
+    residuals are ``(Yc - xs (w / (evals + a))) / (1 - h_ii)``.
+    """
+    sq = xs * xs
+    errs = []
+    for a in alphas:
+        inv = 1.0 / (evals + a)
+        resid = yc - xs @ (inv[:, None] * w)
+        h = sq @ inv + 1.0 / m
+        errs.append(((resid / (1.0 - h)[:, None]) ** 2).sum())
+    return _first_argmin(errs)
+
+
+def _first_argmin(errs: list[torch.Tensor] | torch.Tensor) -> int:
+    vals = (errs if isinstance(errs, torch.Tensor) else torch.stack(errs)).detach()
+    return int(torch.nonzero(vals == vals.min())[0, 0])
+
+
+def linear_alignment(
+    X: Any, Y: Any, *, alphas: Sequence[float] | np.ndarray, folds: int = 5
+) -> torch.Tensor | float:
+    """The paper's linear alignment: ``(ridge_cv_r2(X, Y) + ridge_cv_r2(Y, X)) / 2``.
+
+    X : (n, p), Y : (n, q). Symmetric in X and Y by construction.
+    """
+    xy = ridge_cv_r2(X, Y, alphas=alphas, folds=folds)
+    yx = ridge_cv_r2(Y, X, alphas=alphas, folds=folds)
+    return (xy + yx) / 2
+
+
+def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS) -> list[float]:
+    """Absolute ridge penalties ``rel * trace(Xc Xc^T) / n`` for predictor X : (n, p).
+
+    trace(Xc Xc^T)/n is the mean squared norm of a centred sample; penalties proportional to
+    it make a grid that moves with the representation's scale, so multiplying X by a constant
+    selects the same effective penalty.
+    """
+    x, _ = _as_tensor(X, "X")
+    xc = x - x.mean(0)
+    energy = float((xc * xc).sum().detach()) / x.shape[0]
+    if energy == 0:
+        raise ValueError("X is constant across stimuli: its alignment is undefined")
+    return [r * energy for r in _check_alphas(rel)]
+
+
+def linear_alignment_scaled(
+    X: Any, Y: Any, *, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, folds: int = 5
+) -> torch.Tensor | float:
+    """``linear_alignment`` with each direction's alphas scaled to its predictor
+    (``relative_alphas``): the validation form the trainable reports."""
+    xy = ridge_cv_r2(X, Y, alphas=relative_alphas(X, rel), folds=folds)
+    yx = ridge_cv_r2(Y, X, alphas=relative_alphas(Y, rel), folds=folds)
+    return (xy + yx) / 2
+
+
+# ----------------------------------------------------------------------------- loss form
+
+
+def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None) -> torch.Tensor:
+    """Predictive R^2 of kernel ridge (unpenalised intercept) from the centred Gram ``kx``
+    (n, n, float64) to ``y`` (n, q), with every prediction held out.
+
+    The held-out residuals are linear in y, ``E = R @ y``, with an n x n residual operator R
+    built in float64 from the kernel alone; only the final product touches the q columns of y,
+    in y's own dtype. With lam = rel * trace(Kc)/n_train and A = Kc + lam I:
+
+    - folds=None, exact leave-one-out: ``E_i = c_i / d_i`` with ``c = A^-1 Yc`` and
+      ``d_i = (A^-1)_ii - 1/(lam n)`` (see ``_select_dual``); since A 1 = lam 1 for a centred
+      kernel, ``A^-1 J = A^-1 - 11^T/(lam n)`` (J the centring matrix), so
+      ``R = diag(1/d) (A^-1 - 11^T/(lam n))``.
+    - folds=k, contiguous k-fold: each fold's model is fitted on the rest with its own
+      centring and penalty; for test rows ``R[te, te] = I`` and
+      ``R[te, tr] = -(11^T/m + K_et A_tt^-1 J_m)``.
+
+    R^2 per target column j is ``1 - SSE_j / SST_j`` (residuals pooled over the held-out
+    samples, SST about the batch mean), averaged uniformly over columns. SST is floored at 1e-6
+    of the mean column SST so a constant unit cannot produce inf and gradients stay finite.
+    """
+    n = kx.shape[0]
+    if folds is None:
+        kc = _double_centre(kx)
+        lam = rel * torch.diagonal(kc).sum() / n
+        eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
+        a_inv = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
+        d = torch.diagonal(a_inv) - 1.0 / (lam * n)
+        op = (a_inv - 1.0 / (lam * n)) / d[:, None]
+    else:
+        rows = []
+        for lo, hi in _fold_bounds(n, folds):
+            tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
+            m = tr.numel()
+            g_tt = kx[tr][:, tr]
+            row = g_tt.mean(1)
+            k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
+            g_et = kx[lo:hi][:, tr]
+            k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+            lam = rel * torch.diagonal(k_tt).sum() / m
+            eye = torch.eye(m, dtype=kx.dtype, device=kx.device)
+            w = torch.linalg.solve(k_tt + lam * eye, k_et.T).T  # K_et A^-1, (n_te, m)
+            w = w - w.mean(1, keepdim=True)  # @ J_m
+            block = torch.zeros(hi - lo, n, dtype=kx.dtype, device=kx.device)
+            block[:, tr] = -(w + 1.0 / m)
+            block[:, lo:hi] = torch.eye(hi - lo, dtype=kx.dtype, device=kx.device)
+            rows.append(block)
+        op = torch.cat(rows)
+    resid = op.to(y.dtype) @ y
+    sse = (resid**2).sum(0)
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    floor = 1e-6 * sst.mean().clamp_min(torch.finfo(sst.dtype).tiny)
+    return (1.0 - sse / torch.maximum(sst, floor)).mean()
+
+
+def _double_centre(k: torch.Tensor) -> torch.Tensor:
+    row = k.mean(1)
+    return k - row[:, None] - row[None, :] + row.mean()
+
+
+def linear_alignment_heldout(
+    X: Any, Y: Any, *, rel: float = DEFAULT_LOSS_REL, folds: int | None = None
+) -> torch.Tensor | float:
+    """Training-loss form of the linear alignment: mean of the held-out R^2 of X -> Y and
+    Y -> X on one batch.
+
+    X : (n, p), Y : (n, q) (n = batch size). Predictions are always held out (exact
+    leave-one-out when ``folds`` is None, else contiguous ``folds``-fold): with p > n,
+    in-sample R^2 is ~1 whatever the network does. The ridge penalty is relative,
+    lam = rel * trace(Kc)/n, so multiplying X or Y by a constant leaves the score unchanged.
+    Cost: two Gram matrices and two (n, n) x (n, q|p) products in the inputs' dtype; the n x n
+    solves run in float64 (cheap at batch sizes, and the numerically fragile part). Gradients
+    flow to X and Y.
+    """
+    if rel <= 0 or not math.isfinite(rel):
+        raise ValueError(f"rel (relative ridge penalty) must be positive and finite, got {rel}")
+    min_n = 3 if folds is None else 2 * _check_folds(folds)
+    x, y, as_float = _pair(X, Y, min_n, "the held-out alignment")
+    xy = _heldout_r2(_gram64(x), y, rel, folds)
+    yx = _heldout_r2(_gram64(y), x, rel, folds)
+    return _out(((xy + yx) / 2).to(x.dtype), as_float)
+
+
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """Centred Gram matrix ``xc xc^T`` (n, n), returned in float64.
+
+    The product runs in x's own dtype (the p-dimensional contraction is the expensive part and
+    float32 rounding there is ~1e-7 relative per entry, after centring removes any large common
+    offset); the n x n solves downstream run in float64, where the conditioning matters.
+    """
+    xc = x - x.mean(0)
+    return (xc @ xc.T).to(torch.float64)
+
+
+# ----------------------------------------------------------------------------- CKA and RSA
+
+
+def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
+    """Linear CKA of centred features.
+
+    X : (n, p), Y : (n, q).
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, computed through the n x n
+    Gram matrices (``<Kx, Ky>_F / (||Kx||_F ||Ky||_F)`` with Kx = Xc Xc^T), which is cheaper
+    whenever p or q exceeds n. In [0, 1]; invariant to isotropic scaling and orthogonal
+    transforms; symmetric.
+    """
+    x, y, as_float = _pair(X, Y, 2, "CKA")
+    kx, ky = _gram64(x), _gram64(y)
+    nx, ny = torch.linalg.norm(kx), torch.linalg.norm(ky)
+    for name, norm in (("X", nx), ("Y", ny)):
+        if float(norm.detach()) == 0:
+            raise ValueError(f"{name} is constant across stimuli: CKA is undefined")
+    return _out(((kx * ky).sum() / (nx * ny)).to(x.dtype), as_float)
+
+
+def _rdm_upper(x: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (i < j) of the correlation-distance RDM 1 - corr(x_i, x_j), (n(n-1)/2,)."""
+    xc = x - x.mean(1, keepdim=True)
+    norm = torch.linalg.norm(xc, dim=1, keepdim=True)
+    if bool((norm == 0).any()):
+        bad = int((norm == 0).sum())
+        raise ValueError(
+            f"{bad} stimuli have constant features: their correlation distance is undefined"
+        )
+    z = xc / norm
+    rdm = 1.0 - z @ z.T
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+    return rdm[i, j]
+
+
+def rsa(X: Any, Y: Any) -> torch.Tensor | float:
+    """RSA score: Pearson correlation of the upper triangles of the two correlation-distance
+    RDMs. X : (n, p), Y : (n, q); RDM_ij = 1 - corr(x_i, x_j) across features. In [-1, 1],
+    symmetric, differentiable; needs n >= 3."""
+    x, y, as_float = _pair(X, Y, 3, "RSA")
+    dx = _rdm_upper(x.to(torch.float64))
+    dy = _rdm_upper(y.to(torch.float64))
+    dx, dy = dx - dx.mean(), dy - dy.mean()
+    den = torch.linalg.norm(dx) * torch.linalg.norm(dy)
+    if float(den.detach()) == 0:
+        raise ValueError("an RDM is constant: RSA is undefined")
+    return _out(((dx * dy).sum() / den).to(x.dtype), as_float)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An alignment metric by name: ``loss`` scores one training batch (differentiable,
+    higher = more aligned, the trainable minimises ``-loss``), ``validate`` scores a fixed
+    held-out stimulus set."""
+
+    name: str
+    loss: Callable[..., torch.Tensor]
+    validate: Callable[..., torch.Tensor | float]
+    description: str
+
+
+METRICS: dict[str, Metric] = {
+    "linear": Metric(
+        "linear",
+        loss=linear_alignment_heldout,
+        validate=linear_alignment_scaled,
+        description="symmetric cross-validated ridge R^2 (the paper's metric)",
+    ),
+    "cka": Metric("cka", loss=linear_cka, validate=linear_cka, description="linear CKA"),
+    "rsa": Metric(
+        "rsa", loss=rsa, validate=rsa, description="Pearson correlation of correlation-distance RDMs"
+    ),
+}
+
+
+def get_metric(name: str) -> Metric:
+    """Registry lookup; unknown names raise ValueError listing the accepted ones."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown alignment metric {name!r}; accepted: {', '.join(sorted(METRICS))}"
+        ) from None
