@@ -1,0 +1,430 @@
+"""The datasets the trainable reads, with one item protocol for all of them.
+
+Every dataset yields ``(image, target, image_id)``:
+
+* image : float32 (3, image_size, image_size), normalised with the ImageNet mean and std;
+* target : int64 scalar class index (single-label) or float32 (80,) COCO multi-hot
+  (multi-label, columns by ascending COCO category id);
+* image_id : int64 scalar -- the nsdId for NSD, the index within the split for ImageFolder.
+
+Every dataset also has ``to_tensors()``, the whole split as in-memory tensors
+(:class:`TensorSplit`: uint8 images, targets, ids) so the trainable can batch from memory, with
+:func:`normalize` applied per batch on the device. Memory cost: ``N * 3 * image_size**2`` bytes
+of images (1,000 images at 64 px: 12 MB; 10,000 NSD images at 224 px: 1.5 GB; ImageNet's
+1.28 M train images at 224 px would need 193 GB -- stream those through a DataLoader instead).
+
+Datasets:
+
+* :class:`ImageFolderDataset`: the ImageNet layout ``root/{train,val}/<class>/*``, torchvision's
+  classification pipeline (train: RandomResizedCrop + horizontal flip; val: resize to
+  image_size * 256/224 then centre crop). The simulated single-label set goes through it.
+* :class:`NSDDataset`: a table written by ``python -m references.nsd prepare`` plus
+  nsd_stimuli.hdf5 (images resized to image_size), with a fixed 80/20 train/test split by seed
+  over the table's unique images; :class:`VoxelResponses` says which subject has which response.
+
+:class:`DataBundle` and the ``*_bundle`` builders put a train split, a validation split and (for
+NSD) the voxel responses together for the reference registry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torchvision
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset
+
+from references import nsd
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's reference evaluates at crop 224 of a 256 resize.
+EVAL_CROP_RATIO = 224 / 256
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) or (3, H, W) in 0..255 -> float32 normalised with ImageNet mean/std,
+    on the input's device."""
+    x = images.to(torch.float32) / 255.0
+    shape = (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(shape)
+    return (x - mean) / std
+
+
+def resize_center(images: torch.Tensor, size: int, crop_ratio: float = 1.0) -> torch.Tensor:
+    """Resize (antialiased bilinear) so the shorter side is ``round(size / crop_ratio)``, then
+    centre-crop to (size, size). uint8 (..., 3, H, W) -> uint8 (..., 3, size, size)."""
+    resized = TF.resize(images, [round(size / crop_ratio)], antialias=True)
+    return TF.center_crop(resized, [size, size])
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A whole split in memory.
+
+    images : (N, 3, S, S) uint8 (normalise per batch with :func:`normalize`)
+    targets : (N,) int64 class indices, or (N, 80) float32 multi-hot
+    image_ids : (N,) int64
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    image_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement()
+                   for t in (self.images, self.targets, self.image_ids))
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        return TensorSplit(self.images.to(device), self.targets.to(device),
+                           self.image_ids.to(device))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder (ImageNet layout)
+
+
+def _check_split(split: str, accepted: tuple[str, ...]) -> None:
+    if split not in accepted:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(accepted)}")
+
+
+def _check_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size={image_size!r}; accepted: an int >= 8")
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<split>/<class>/<image>`` through torchvision's classification pipeline.
+
+    Items: (float32 (3, S, S), int64 class index, int64 index in this split). Classes are the
+    sorted folder names (``classes``). ``augment`` (default: True for "train") selects
+    RandomResizedCrop(S) + RandomHorizontalFlip; otherwise resize to S * 256/224 and centre-crop.
+    Augmentation draws from torch's global RNG, so it is reproducible given
+    ``DataLoader(generator=torch.Generator().manual_seed(k))`` and a fixed ``num_workers``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, split: str = "train", image_size: int = 224,
+                 augment: bool | None = None) -> None:
+        _check_split(split, ("train", "val"))
+        _check_size(image_size)
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"missing folder {folder} (ImageFolder layout: "
+                                    f"root/train/<class>/*, root/val/<class>/*)")
+        self.root, self.split, self.image_size = Path(root), split, image_size
+        self.augment = (split == "train") if augment is None else augment
+        self.folder = torchvision.datasets.ImageFolder(str(folder))
+        self.classes: list[str] = list(self.folder.classes)
+        self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
+        self._eval = T.Compose([T.ToImage(), T.Resize(round(image_size / EVAL_CROP_RATIO)),
+                                T.CenterCrop(image_size)])
+        self._train = T.Compose([T.ToImage(), T.RandomResizedCrop(image_size),
+                                 T.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        path, target = self.folder.samples[index]
+        img = self.folder.loader(path)
+        img = (self._train if self.augment else self._eval)(img)
+        return (normalize(img.as_subclass(torch.Tensor)), torch.tensor(target, dtype=torch.int64),
+                torch.tensor(index, dtype=torch.int64))
+
+    def to_tensors(self) -> TensorSplit:
+        """The split through the eval pipeline (no augmentation), uint8 (N, 3, S, S)."""
+        images = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for i, (path, _) in enumerate(self.folder.samples):
+            images[i] = self._eval(self.folder.loader(path)).as_subclass(torch.Tensor)
+        return TensorSplit(images, self.targets.clone(), torch.arange(len(self), dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# NSD
+
+
+class VoxelResponses:
+    """Voxel responses of several subjects, keyed by nsdId.
+
+    ``per_subject`` maps subject -> (ids (n,) int64 ascending, Y (n, n_voxels) float32); subjects
+    may differ in n (images seen) and n_voxels (their own ROI masks).
+    """
+
+    def __init__(self, per_subject: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 roi: str = "") -> None:
+        if not per_subject:
+            raise ValueError("VoxelResponses needs at least one subject")
+        self._data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for s in sorted(per_subject):
+            ids, y = per_subject[s]
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            y = torch.as_tensor(y, dtype=torch.float32)
+            if ids.ndim != 1 or y.ndim != 2 or y.shape[0] != ids.shape[0]:
+                raise ValueError(f"subject {s}: ids must be (n,) and Y (n, voxels), got "
+                                 f"{tuple(ids.shape)} and {tuple(y.shape)}")
+            if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                raise ValueError(f"subject {s}: ids must be strictly ascending")
+            self._data[int(s)] = (ids, y)
+        self.roi = roi
+
+    @classmethod
+    def from_table(cls, table: pa.Table | str | os.PathLike,
+                   subjects: Sequence[int] | None = None) -> VoxelResponses:
+        """From a prepared NSD table (or its path); ``subjects`` None = all in the table."""
+        if not isinstance(table, pa.Table):
+            table, _ = nsd.read_prepared(table)
+        meta = nsd.prepared_metadata(table)
+        available = sorted(meta["n_voxels"])
+        chosen = available if subjects is None else sorted({int(s) for s in subjects})
+        missing = [s for s in chosen if s not in available]
+        if missing or not chosen:
+            raise ValueError(f"subjects {missing or chosen} not in the table; available: "
+                             f"{available}")
+        per_subject = {}
+        for s in chosen:
+            rows = table.filter(pc.equal(table["subject"], s)).sort_by("nsd_id")
+            n_vox = meta["n_voxels"][s]
+            values = pc.list_flatten(rows["response"]).to_numpy()
+            per_subject[s] = (torch.from_numpy(rows["nsd_id"].to_numpy().copy()),
+                              torch.from_numpy(values.reshape(rows.num_rows, n_vox).copy()))
+        return cls(per_subject, roi=meta["roi"])
+
+    @property
+    def subjects(self) -> tuple[int, ...]:
+        return tuple(self._data)
+
+    @property
+    def n_voxels(self) -> dict[int, int]:
+        return {s: y.shape[1] for s, (_, y) in self._data.items()}
+
+    def image_ids(self, subject: int) -> torch.Tensor:
+        """(n,) int64 ascending nsdIds with a response from ``subject``."""
+        return self._data[subject][0]
+
+    def responses(self, subject: int) -> torch.Tensor:
+        """(n, n_voxels) float32, rows aligned with :meth:`image_ids`."""
+        return self._data[subject][1]
+
+    def groups(self, image_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """subject -> (rows, Y) for each subject with a response to some of ``image_ids``.
+
+        image_ids : (B,) int64. rows : (k,) int64 positions in the batch, ascending;
+        Y : (k, n_voxels) float32, Y[j] the subject's response to image_ids[rows[j]].
+        Tensors are on the stored device (see :meth:`to`).
+        """
+        image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
+        out = {}
+        for s, (ids, y) in self._data.items():
+            query = image_ids.to(ids.device)
+            pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)
+            rows = torch.nonzero(ids[pos] == query).squeeze(1)
+            if rows.numel():
+                out[s] = (rows, y[pos[rows]])
+        return out
+
+    def lookup(self, image_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`groups` as a list of (rows, Y), in ascending subject order; images without a
+        response from any of the subjects appear in no group."""
+        return list(self.groups(image_ids).values())
+
+    def to(self, device: torch.device | str) -> VoxelResponses:
+        return VoxelResponses({s: (i.to(device), y.to(device)) for s, (i, y) in
+                               self._data.items()}, roi=self.roi)
+
+
+class _Stimuli:
+    """Lazy reader of nsd_stimuli.hdf5 ``imgBrick`` (images, H, W, 3) uint8; reopens after a
+    fork/pickle so DataLoader workers each hold their own handle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise nsd.NSDFormatError(f"missing file {self.path}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if nsd.STIMULI_DATASET not in f:
+                    raise nsd.NSDFormatError(
+                        f"{self.path}: no dataset '{nsd.STIMULI_DATASET}' (found: "
+                        f"{', '.join(sorted(f.keys())) or 'nothing'})")
+                d = f[nsd.STIMULI_DATASET]
+                if d.ndim != 4 or d.shape[3] != 3 or d.dtype != np.uint8:
+                    raise nsd.NSDFormatError(
+                        f"{self.path}: '{nsd.STIMULI_DATASET}' must be (images, H, W, 3) uint8, "
+                        f"got {d.shape} {d.dtype}")
+                self.n_images = d.shape[0]
+        except OSError as exc:
+            raise nsd.NSDFormatError(f"{self.path}: cannot read as HDF5 ({exc})") from None
+        self._file: h5py.File | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        """ids (k,) strictly ascending nsdIds -> uint8 (k, 3, H, W)."""
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        block = self._file[nsd.STIMULI_DATASET][np.asarray(ids)]
+        return torch.from_numpy(block).permute(0, 3, 1, 2)
+
+
+def nsd_split(image_ids: np.ndarray, *, seed: int, test_fraction: float = 0.2) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Split unique nsdIds into (train, test), both ascending: a seeded permutation of the sorted
+    ids, the first ``round(test_fraction * n)`` of it is test. Depends only on the id set and
+    the seed."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction!r}; accepted: strictly between 0 and 1")
+    ids = np.unique(np.asarray(image_ids, np.int64))
+    perm = np.random.default_rng(seed).permutation(ids.size)
+    n_test = int(round(test_fraction * ids.size))
+    return np.sort(ids[perm[n_test:]]), np.sort(ids[perm[:n_test]])
+
+
+class NSDDataset(Dataset):
+    """A split of a prepared NSD table, images from nsd_stimuli.hdf5.
+
+    Items: (float32 (3, S, S), float32 (80,) multi-hot, int64 nsdId). The split is
+    :func:`nsd_split` over all unique images of the table (whatever ``subjects`` selects), so the
+    same table and seed always give the same split; the dataset then holds the images of that
+    split seen by at least one selected subject, ascending by nsdId. ``responses`` (one object
+    for both splits) gives each subject's voxel responses; ``subject_mask`` (N, n_subjects) bool
+    says which subject saw which image, columns in ``responses.subjects`` order.
+    """
+
+    def __init__(self, table: str | os.PathLike, stimuli: str | os.PathLike, *,
+                 split: Literal["train", "test"] = "train", image_size: int = 224,
+                 seed: int = 0, subjects: Sequence[int] | None = None,
+                 test_fraction: float = 0.2) -> None:
+        _check_split(split, ("train", "test"))
+        _check_size(image_size)
+        tab, meta = nsd.read_prepared(table)
+        self.table_path, self.split = Path(table), split
+        self.image_size, self.seed = image_size, seed
+        self.roi: str = meta["roi"]
+        self.category_ids: tuple[int, ...] = tuple(meta["category_ids"])
+        self.category_names: tuple[str, ...] = tuple(meta["category_names"])
+        self.responses = VoxelResponses.from_table(tab, subjects)
+        train, test = nsd_split(tab["nsd_id"].to_numpy(), seed=seed, test_fraction=test_fraction)
+        keep = train if split == "train" else test
+        seen = np.unique(np.concatenate([self.responses.image_ids(s).numpy()
+                                         for s in self.responses.subjects]))
+        ids = np.intersect1d(keep, seen)
+        first = tab.sort_by("nsd_id")
+        all_ids = first["nsd_id"].to_numpy()
+        row = np.searchsorted(all_ids, ids)  # first row of each id (labels equal across subjects)
+        labels = pc.list_flatten(first["labels"]).to_numpy().reshape(-1, nsd.N_COCO_CATEGORIES)
+        self.image_ids = torch.from_numpy(ids.copy())
+        self.labels = torch.from_numpy(labels[row].astype(np.float32))
+        self.subject_mask = torch.stack(
+            [torch.from_numpy(np.isin(ids, self.responses.image_ids(s).numpy()))
+             for s in self.responses.subjects], dim=1)
+        self.stimuli = _Stimuli(Path(stimuli))
+        if ids.size and ids.max() >= self.stimuli.n_images:
+            raise nsd.NSDFormatError(f"{self.stimuli.path}: holds {self.stimuli.n_images} images "
+                                     f"but the table uses nsdId {int(ids.max())}")
+
+    def __len__(self) -> int:
+        return self.image_ids.numel()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nsd_id = self.image_ids[index]
+        img = resize_center(self.stimuli.read(np.array([int(nsd_id)]))[0], self.image_size)
+        return normalize(img), self.labels[index], nsd_id
+
+    def to_tensors(self, chunk: int = 256) -> TensorSplit:
+        """The split in memory: uint8 (N, 3, S, S); reads ``chunk`` stimuli at a time."""
+        images = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        ids = self.image_ids.numpy()
+        for i0 in range(0, ids.size, chunk):
+            images[i0:i0 + chunk] = resize_center(self.stimuli.read(ids[i0:i0 + chunk]),
+                                                  self.image_size)
+        return TensorSplit(images, self.labels.clone(), self.image_ids.clone())
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles for the registry
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What a sweep's data section resolves to.
+
+    train, val : datasets with the item protocol above (for NSD, val is the test split).
+    task : "single_label" (cross-entropy, top-1) or "multi_label" (BCE, mAP over 80 columns;
+        categories without positives in a split have no AP).
+    responses : voxel responses for NSD data, else None.
+    """
+
+    train: Dataset
+    val: Dataset
+    task: Literal["single_label", "multi_label"]
+    num_classes: int
+    class_names: tuple[str, ...]
+    responses: VoxelResponses | None = None
+
+
+def imagefolder_bundle(root: str | os.PathLike, *, image_size: int,
+                       augment: bool = True) -> DataBundle:
+    """An ImageNet-layout tree: train with augmentation (unless ``augment`` is False), val
+    without."""
+    train = ImageFolderDataset(root, split="train", image_size=image_size, augment=augment)
+    val = ImageFolderDataset(root, split="val", image_size=image_size)
+    if val.classes != train.classes:
+        raise ValueError(f"{root}: val classes {val.classes} differ from train classes "
+                         f"{train.classes}")
+    return DataBundle(train, val, "single_label", len(train.classes), tuple(train.classes))
+
+
+def nsd_bundle(table: str | os.PathLike, stimuli: str | os.PathLike, *, image_size: int,
+               seed: int = 0, subjects: Sequence[int] | None = None,
+               test_fraction: float = 0.2) -> DataBundle:
+    """A prepared NSD table: train and test splits sharing one :class:`VoxelResponses`."""
+    kw = dict(image_size=image_size, seed=seed, subjects=subjects, test_fraction=test_fraction)
+    train = NSDDataset(table, stimuli, split="train", **kw)
+    test = NSDDataset(table, stimuli, split="test", **kw)
+    test.responses = train.responses  # one copy for both splits
+    return DataBundle(train, test, "multi_label", nsd.N_COCO_CATEGORIES, train.category_names,
+                      train.responses)
+
+
+def simulated_single_label_bundle(*, image_size: int, render_size: int = 64,
+                                  augment: bool = True, **generate_kwargs) -> DataBundle:
+    """The simulated single-label world (rendered at ``render_size``, cached) read through the
+    ImageFolder path at ``image_size``. ``generate_kwargs`` go to
+    :func:`references.simulated.generate_single_label` (n_categories, seed, ...)."""
+    from references.simulated import generate_single_label
+
+    root = generate_single_label(image_size=render_size, **generate_kwargs)
+    return imagefolder_bundle(root, image_size=image_size, augment=augment)
+
+
+def simulated_nsd_bundle(*, roi: str, image_size: int, render_size: int = 64,
+                         split_seed: int = 0, subjects: Sequence[int] | None = None,
+                         **generate_kwargs) -> DataBundle:
+    """The simulated NSD-like world: generate (cached), prepare the ROI table (cached), read it.
+    ``generate_kwargs`` go to :func:`references.simulated.generate_nsd_like` (n_images, seed,
+    ...); ``subjects`` None = every simulated subject."""
+    from references.simulated import generate_nsd_like
+
+    sim = generate_nsd_like(image_size=render_size, **generate_kwargs)
+    chosen = sim.subjects if subjects is None else subjects
+    table = nsd.prepare_cached(sim.nsd_root, sim.coco_annotations, chosen, roi, progress=False)
+    return nsd_bundle(table, sim.stimuli, image_size=image_size, seed=split_seed,
+                      subjects=chosen)

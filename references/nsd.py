@@ -1,0 +1,707 @@
+"""Natural Scenes Dataset: native release -> prepared Parquet table.
+
+Reads the release exactly as published (paths relative to ``--nsd-root``)::
+
+    nsddata/experiments/nsd/nsd_expdesign.mat        masterordering (1, trials), 1-based indices
+                                                     into a subject's image list; subjectim
+                                                     (8, images), 1-based nsdIds; sharedix
+    nsddata/experiments/nsd/nsd_stim_info_merged.csv nsdId (0-based), cocoId, cocoSplit, ...
+    nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5     imgBrick (images, H, W, 3) uint8
+    nsddata_betas/ppdata/subjNN/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_sessionSS.hdf5
+                                                     betas (trials, z, y, x) int16 = % signal x 300
+    nsddata/ppdata/subjNN/func1pt8mm/roi/prf-visualrois.nii.gz   (x, y, z); V1 = labels 1, 2
+    nsddata/ppdata/subjNN/func1pt8mm/roi/streams.nii.gz          (x, y, z); VVS = label 5
+
+plus ``instances_train2017.json`` / ``instances_val2017.json`` in ``--coco-annotations``.
+
+What is fixed by the release is checked strictly (dataset names, axis order, 1-based indices);
+what legitimately varies is read from disk: image size, trials per session (a file's first
+dimension, 750 in the release), how many sessions a subject has (the files present, which must
+be numbered 1..N without gaps), which subjects exist (rows of ``subjectim``).
+
+Output: one row per (subject, image) with ``subject``, ``nsd_id`` (0-based), ``coco_id``,
+``n_repeats``, ``response`` (float32 per voxel: betas z-scored per voxel within each session, then
+averaged over the image's repeats present on disk; voxels in C order of the ROI mask's (x, y, z)
+nonzero entries) and ``labels`` (uint8, 80 COCO categories ordered by ascending category id).
+
+    python -m references.nsd prepare --nsd-root DIR --coco-annotations DIR \\
+        --subject 1 --subject 2 --roi V1 --out nsd_v1.parquet
+
+Memory: one session's ROI voxels are read at a time, as trial chunks of the ROI's bounding box
+(at most ``_READ_CHUNK_BYTES``); the running per-image sums of one subject are float64,
+(images seen, voxels) -- 10,000 images x 5,000 voxels is 400 MB. The COCO JSON files are parsed
+whole (instances_train2017.json takes a few GB of RAM for a few tens of seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from references.cache import build_once, cache_root, content_hash
+
+
+class NSDFormatError(ValueError):
+    """A file of the NSD release (or the COCO annotations) is missing or malformed.
+
+    The message is one line and names the offending file.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Layout of the release
+
+EXPDESIGN = Path("nsddata/experiments/nsd/nsd_expdesign.mat")
+STIM_INFO = Path("nsddata/experiments/nsd/nsd_stim_info_merged.csv")
+STIMULI = Path("nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5")
+STIMULI_DATASET = "imgBrick"
+BETAS_DATASET = "betas"
+BETAS_SCALE = 300.0  # int16 betas are percent signal change x 300
+COCO_FILES = {"train2017": "instances_train2017.json", "val2017": "instances_val2017.json"}
+N_COCO_CATEGORIES = 80
+
+_SESSION_RE = re.compile(r"^betas_session(\d+)\.hdf5$")
+# Upper bound on one h5py read (a trial chunk of the ROI bounding box); keeps VVS, whose bounding
+# box is large, from pulling hundreds of MB of int16 at once.
+_READ_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ROISpec:
+    """A region of interest: which mask file and which integer labels in it select the voxels."""
+
+    name: str
+    filename: str
+    labels: tuple[int, ...]
+
+
+ROIS: dict[str, ROISpec] = {
+    "V1": ROISpec("V1", "prf-visualrois.nii.gz", (1, 2)),  # V1v, V1d
+    "VVS": ROISpec("VVS", "streams.nii.gz", (5,)),  # ventral stream
+}
+
+
+def subject_dir(subject: int) -> str:
+    return f"subj{subject:02d}"
+
+
+def betas_dir(nsd_root: Path, subject: int) -> Path:
+    return (Path(nsd_root) / "nsddata_betas/ppdata" / subject_dir(subject)
+            / "func1pt8mm/betas_fithrf_GLMdenoise_RR")
+
+
+def session_file(nsd_root: Path, subject: int, session: int) -> Path:
+    return betas_dir(nsd_root, subject) / f"betas_session{session:02d}.hdf5"
+
+
+def roi_file(nsd_root: Path, subject: int, roi: str) -> Path:
+    return (Path(nsd_root) / "nsddata/ppdata" / subject_dir(subject) / "func1pt8mm/roi"
+            / roi_spec(roi).filename)
+
+
+def roi_spec(roi: str) -> ROISpec:
+    try:
+        return ROIS[roi]
+    except KeyError:
+        raise NSDFormatError(f"unknown ROI {roi!r}; accepted: {', '.join(ROIS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Readers, each validating one file
+
+
+@dataclass(frozen=True)
+class ExpDesign:
+    """The experimental design, converted to 0-based indices.
+
+    masterordering : (trials,) int64, index into a subject's image list (row of subjectim)
+    subjectim : (subjects, images) int64, nsdIds (0-based)
+    sharedix : (n_shared,) int64, nsdIds (0-based) of the images every subject saw
+    """
+
+    masterordering: np.ndarray
+    subjectim: np.ndarray
+    sharedix: np.ndarray
+
+    def images_of_trials(self, subject: int, n_trials: int) -> np.ndarray:
+        """nsdIds (0-based) of the first ``n_trials`` trials of ``subject``: (n_trials,) int64."""
+        return self.subjectim[subject - 1, self.masterordering[:n_trials]]
+
+
+def _as_index_array(value: np.ndarray, path: Path, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf" or arr.size == 0:
+        raise NSDFormatError(f"{path}: '{name}' must be a non-empty numeric array, "
+                             f"got dtype {arr.dtype} shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise NSDFormatError(f"{path}: '{name}' must hold integers (1-based indices)")
+    return arr.astype(np.int64)
+
+
+def _loadmat(path: Path) -> dict[str, np.ndarray]:
+    import scipy.io
+
+    try:
+        return scipy.io.loadmat(str(path))
+    except NotImplementedError:  # scipy's answer to MATLAB v7.3 (HDF5) files
+        raise NSDFormatError(f"{path}: MATLAB v7.3 file; expected the release's format, which "
+                             f"scipy.io.loadmat reads") from None
+    except Exception as exc:  # scipy raises a zoo of types for a corrupt file
+        raise NSDFormatError(f"{path}: cannot read as a MATLAB file ({exc})") from None
+
+
+def load_expdesign(nsd_root: Path) -> ExpDesign:
+    """Read nsd_expdesign.mat. ``loadmat`` returns 2-D arrays: masterordering (1, trials),
+    subjectim (8, images), sharedix (1, n_shared), all 1-based."""
+    path = Path(nsd_root) / EXPDESIGN
+    if not path.is_file():
+        raise NSDFormatError(f"missing file {path}")
+    mat = _loadmat(path)
+    for key in ("masterordering", "subjectim"):
+        if key not in mat:
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise NSDFormatError(f"{path}: no variable '{key}' (found: {', '.join(found)})")
+    order = _as_index_array(mat["masterordering"], path, "masterordering")
+    if order.ndim != 2 or 1 not in order.shape:
+        raise NSDFormatError(f"{path}: 'masterordering' must be (1, trials), got shape "
+                             f"{order.shape}")
+    subjectim = _as_index_array(mat["subjectim"], path, "subjectim")
+    if subjectim.ndim != 2:
+        raise NSDFormatError(f"{path}: 'subjectim' must be (subjects, images), got shape "
+                             f"{subjectim.shape}")
+    order = order.reshape(-1)
+    n_list = subjectim.shape[1]
+    if order.min() < 1 or order.max() > n_list:
+        raise NSDFormatError(f"{path}: 'masterordering' values must be 1-based indices in "
+                             f"1..{n_list} (subjectim columns), got {order.min()}..{order.max()}")
+    if subjectim.min() < 1:
+        raise NSDFormatError(f"{path}: 'subjectim' must hold 1-based nsdIds (>= 1), got min "
+                             f"{subjectim.min()}")
+    shared = mat.get("sharedix")
+    shared = (_as_index_array(shared, path, "sharedix").reshape(-1) - 1 if shared is not None
+              else np.zeros(0, np.int64))
+    return ExpDesign(order - 1, subjectim - 1, shared)
+
+
+@dataclass(frozen=True)
+class StimInfo:
+    """nsd_stim_info_merged.csv, indexed by nsdId: coco_id (n,) int64, coco_split (n,) str."""
+
+    coco_id: np.ndarray
+    coco_split: np.ndarray
+
+
+def load_stim_info(nsd_root: Path) -> StimInfo:
+    path = Path(nsd_root) / STIM_INFO
+    if not path.is_file():
+        raise NSDFormatError(f"missing file {path}")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        needed = ("nsdId", "cocoId", "cocoSplit")
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise NSDFormatError(f"{path}: missing column(s) {', '.join(missing)} "
+                                 f"(need {', '.join(needed)})")
+        rows = [(r["nsdId"], r["cocoId"], r["cocoSplit"]) for r in reader]
+    try:
+        nsd = np.array([int(float(r[0])) for r in rows], np.int64)
+        coco = np.array([int(float(r[1])) for r in rows], np.int64)
+    except ValueError as exc:
+        raise NSDFormatError(f"{path}: nsdId and cocoId must be integers ({exc})") from None
+    if len(nsd) == 0 or nsd.min() < 0 or len(np.unique(nsd)) != len(nsd):
+        raise NSDFormatError(f"{path}: nsdId must be unique 0-based integers")
+    n = int(nsd.max()) + 1
+    coco_id = np.full(n, -1, np.int64)
+    split = np.full(n, "", object)
+    coco_id[nsd] = coco
+    split[nsd] = [r[2] for r in rows]
+    return StimInfo(coco_id, split)
+
+
+def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
+    """Boolean ROI mask (x, y, z) of ``subject`` in its func1pt8mm space."""
+    import nibabel as nib
+
+    spec = roi_spec(roi)
+    path = roi_file(nsd_root, subject, roi)
+    if not path.is_file():
+        raise NSDFormatError(f"missing file {path}")
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise NSDFormatError(f"{path}: ROI mask must be a 3-D (x, y, z) volume, got shape "
+                             f"{data.shape}")
+    mask = np.isin(np.rint(np.nan_to_num(data, nan=0.0)).astype(np.int64), spec.labels)
+    if not mask.any():
+        raise NSDFormatError(f"{path}: no voxel carries the {spec.name} label(s) "
+                             f"{list(spec.labels)}")
+    return mask
+
+
+def session_files(nsd_root: Path, subject: int) -> list[Path]:
+    """The subject's betas_sessionSS.hdf5 files on disk, in session order (1..N, no gaps)."""
+    folder = betas_dir(nsd_root, subject)
+    if not folder.is_dir():
+        raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject})")
+    found = {}
+    for p in folder.iterdir():
+        m = _SESSION_RE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    if not found:
+        raise NSDFormatError(f"missing file {session_file(nsd_root, subject, 1)} "
+                             f"(no betas_sessionSS.hdf5 in {folder})")
+    for s in range(1, max(found) + 1):
+        if s not in found:
+            # Trials are located by summing earlier sessions' lengths, so a gap is unreadable.
+            raise NSDFormatError(f"missing file {session_file(nsd_root, subject, s)} (sessions "
+                                 f"present: {sorted(found)}; they must run 1..N without gaps)")
+    return [found[s] for s in sorted(found)]
+
+
+def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
+    """Validate one session file against the ROI mask; return its number of trials."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise NSDFormatError(f"{path}: cannot read as HDF5 ({exc})") from None
+    with f:
+        if BETAS_DATASET not in f:
+            raise NSDFormatError(f"{path}: no dataset '{BETAS_DATASET}' "
+                                 f"(found: {', '.join(sorted(f.keys())) or 'nothing'})")
+        d = f[BETAS_DATASET]
+        if not isinstance(d, h5py.Dataset) or d.ndim != 4:
+            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be 4-D (trials, z, y, x), got "
+                                 f"shape {getattr(d, 'shape', None)}")
+        if d.dtype.kind not in "iuf":
+            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be numeric (int16 in the "
+                                 f"release), got {d.dtype}")
+        expected = tuple(mask_shape[::-1])
+        if tuple(d.shape[1:]) != expected:
+            raise NSDFormatError(
+                f"{path}: betas shape {tuple(d.shape)} does not match ROI mask {mask_path} of "
+                f"shape (x, y, z) = {tuple(mask_shape)}; expected (trials, z, y, x) = "
+                f"(trials, {', '.join(map(str, expected))})")
+        if d.shape[0] == 0:
+            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' holds no trials")
+        return int(d.shape[0])
+
+
+def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
+    """ROI voxels of one session, in percent signal change: (trials, n_voxels) float64.
+
+    ``mask`` is (x, y, z); the file's betas are (trials, z, y, x). Reads only the ROI's bounding
+    box, in chunks of trials, then picks the voxels in C order of the mask's nonzero entries.
+    """
+    xi, yi, zi = np.nonzero(mask)
+    lo = (zi.min(), yi.min(), xi.min())
+    hi = (zi.max() + 1, yi.max() + 1, xi.max() + 1)
+    rz, ry, rx = zi - lo[0], yi - lo[1], xi - lo[2]
+    with h5py.File(path, "r") as f:
+        d = f[BETAS_DATASET]
+        n_trials = d.shape[0]
+        box_bytes = int(np.prod(np.subtract(hi, lo))) * d.dtype.itemsize
+        step = max(1, _READ_CHUNK_BYTES // max(box_bytes, 1))
+        out = np.empty((n_trials, len(xi)), np.float64)
+        for t0 in range(0, n_trials, step):
+            block = d[t0:t0 + step, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            out[t0:t0 + step] = block[:, rz, ry, rx]
+    return out / BETAS_SCALE
+
+
+def zscore_session(values: np.ndarray) -> np.ndarray:
+    """Z-score each voxel (column) over the session's trials (rows), population std (ddof=0).
+
+    values : (trials, voxels). A voxel constant within the session (e.g. zero outside the brain)
+    becomes 0 rather than NaN.
+    """
+    mean = values.mean(axis=0)
+    std = values.std(axis=0)
+    safe = np.where(std > 0, std, 1.0)
+    return np.where(std > 0, (values - mean) / safe, 0.0)
+
+
+def noise_ceiling(responses: np.ndarray, image_of_trial: np.ndarray, *,
+                  n_average: int) -> np.ndarray:
+    """NSD-style noise ceiling per voxel, as a fraction in [0, 1).
+
+    responses : (trials, voxels), betas z-scored per voxel within session (so total variance ~1).
+    image_of_trial : (trials,) image key of each trial. Images with >= 2 trials give the noise
+    variance sigma_n^2 = pooled within-image variance (ddof=1). Then
+    ncsnr = sqrt(max(0, 1 - sigma_n^2)) / sigma_n and NC = ncsnr^2 / (ncsnr^2 + 1 / n_average),
+    the fraction of variance explainable in responses averaged over ``n_average`` trials.
+    """
+    responses = np.asarray(responses, np.float64)
+    _, inverse, counts = np.unique(image_of_trial, return_inverse=True, return_counts=True)
+    keep = counts[inverse] >= 2
+    if not keep.any():
+        raise ValueError("noise_ceiling needs at least one image with >= 2 trials")
+    inv = inverse[keep]
+    x = responses[keep]
+    n_img = counts.size
+    sums = np.zeros((n_img, x.shape[1]))
+    np.add.at(sums, inv, x)
+    means = sums / np.maximum(counts, 1)[:, None]
+    ss = ((x - means[inv]) ** 2).sum(axis=0)
+    dof = (counts[counts >= 2] - 1).sum()
+    noise_var = ss / dof
+    ncsnr = np.sqrt(np.maximum(0.0, 1.0 - noise_var)) / np.sqrt(np.maximum(noise_var, 1e-12))
+    return ncsnr**2 / (ncsnr**2 + 1.0 / n_average)
+
+
+def _coco_path(coco_annotations: Path, split: str) -> Path:
+    name = COCO_FILES[split]
+    direct = Path(coco_annotations) / name
+    nested = Path(coco_annotations) / "annotations" / name  # the layout of the COCO zip
+    return nested if not direct.is_file() and nested.is_file() else direct
+
+
+@dataclass(frozen=True)
+class CocoLabels:
+    """category_ids : (80,) ascending COCO ids; names : (80,); labels : coco_id -> (80,) uint8."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+    labels: dict[int, np.ndarray]
+
+
+def _read_coco(path: Path) -> tuple[dict, dict[int, str]]:
+    """One COCO instances file and its categories {id: name}, validated."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise NSDFormatError(f"{path}: cannot read as JSON ({exc})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise NSDFormatError(f"{path}: no '{key}' list (a COCO instances file has images, "
+                                 f"annotations, categories)")
+    try:
+        cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NSDFormatError(f"{path}: malformed 'categories' ({exc})") from None
+    if len(cats) != N_COCO_CATEGORIES:
+        raise NSDFormatError(f"{path}: {len(cats)} categories, expected {N_COCO_CATEGORIES} "
+                             f"(COCO-80)")
+    return data, cats
+
+
+def load_coco_labels(coco_annotations: Path, wanted: dict[str, set[int]]) -> CocoLabels:
+    """Multi-hot labels for the COCO images in ``wanted`` (split -> set of cocoIds).
+
+    Both instances files must exist; only the splits with wanted images are parsed (the train
+    file when none are). Columns follow ascending category id; ids need not be contiguous.
+    """
+    paths = {split: _coco_path(coco_annotations, split) for split in COCO_FILES}
+    for path in paths.values():
+        if not path.is_file():
+            raise NSDFormatError(f"missing file {path}")
+    splits = [s for s in COCO_FILES if wanted.get(s)] or ["train2017"]
+    parsed = {s: _read_coco(paths[s]) for s in splits}
+    categories = parsed[splits[0]][1]
+    for s in splits[1:]:
+        if set(parsed[s][1]) != set(categories):
+            raise NSDFormatError(f"{paths[s]}: category ids differ from those in "
+                                 f"{paths[splits[0]]}")
+    ids = tuple(sorted(categories))
+    column = {cid: i for i, cid in enumerate(ids)}
+    labels: dict[int, np.ndarray] = {}
+    for split, (data, _) in parsed.items():
+        want = wanted.get(split, set())
+        try:
+            present = {int(im["id"]) for im in data["images"]} & want
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NSDFormatError(f"{paths[split]}: malformed 'images' ({exc})") from None
+        if present != want:
+            absent = sorted(want - present)
+            raise NSDFormatError(f"{paths[split]}: {len(absent)} image(s) that "
+                                 f"nsd_stim_info_merged.csv puts in {split} are not in its "
+                                 f"'images', e.g. cocoId {absent[0]}")
+        for coco_id in want:
+            labels[coco_id] = np.zeros(N_COCO_CATEGORIES, np.uint8)
+        for ann in data["annotations"]:
+            try:
+                image_id, cid = int(ann["image_id"]), int(ann["category_id"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise NSDFormatError(f"{paths[split]}: malformed annotation ({exc})") from None
+            if image_id in want:
+                if cid not in column:
+                    raise NSDFormatError(f"{paths[split]}: annotation {ann.get('id')} has "
+                                         f"category_id {cid}, not in its 'categories'")
+                labels[image_id][column[cid]] = 1
+    return CocoLabels(ids, tuple(categories[i] for i in ids), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+
+PREPARED_SCHEMA = pa.schema([
+    pa.field("subject", pa.int32(), nullable=False),
+    pa.field("nsd_id", pa.int64(), nullable=False),
+    pa.field("coco_id", pa.int64(), nullable=False),
+    pa.field("n_repeats", pa.int32(), nullable=False),
+    pa.field("response", pa.list_(pa.float32()), nullable=False),
+    pa.field("labels", pa.list_(pa.uint8()), nullable=False),
+])
+_META_KEY = b"alignsweep.nsd"
+
+
+@dataclass
+class _SubjectPlan:
+    subject: int
+    mask: np.ndarray
+    sessions: list[Path]
+    trials: list[int]
+
+
+def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> _SubjectPlan:
+    if not 1 <= subject <= design.subjectim.shape[0]:
+        raise NSDFormatError(f"{Path(nsd_root) / EXPDESIGN}: subject {subject} not in "
+                             f"'subjectim' (rows 1..{design.subjectim.shape[0]})")
+    sessions = session_files(nsd_root, subject)
+    mask = load_roi_mask(nsd_root, subject, roi)
+    mask_path = roi_file(nsd_root, subject, roi)
+    trials = [_betas_shape(p, mask.shape, mask_path) for p in sessions]
+    total = 0
+    for p, n in zip(sessions, trials):
+        total += n
+        if total > design.masterordering.size:
+            raise NSDFormatError(f"{p}: sessions up to this one hold {total} trials but "
+                                 f"'masterordering' has only {design.masterordering.size}")
+    return _SubjectPlan(subject, mask, sessions, trials)
+
+
+def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
+            subjects: Sequence[int], roi: str, out: str | os.PathLike, *,
+            progress: bool = True) -> Path:
+    """Prepare the NSD table for ``subjects`` and ``roi`` and write it to ``out`` (Parquet).
+
+    Every file is validated before the first session is streamed, so a malformed tree fails
+    fast with an :class:`NSDFormatError` naming the file. Rows are ordered by (subject, nsd_id);
+    images a subject never saw in the sessions on disk are absent; trials of
+    ``masterordering`` beyond those sessions are ignored. The schema metadata key
+    ``alignsweep.nsd`` holds JSON: roi, subjects, n_voxels per subject, category_ids, names.
+    """
+    nsd_root, coco_annotations, out = Path(nsd_root), Path(coco_annotations), Path(out)
+    subjects = sorted({int(s) for s in subjects})
+    if not subjects:
+        raise NSDFormatError("no subject given; pass at least one (e.g. 1)")
+    spec = roi_spec(roi)
+    if not nsd_root.is_dir():
+        raise NSDFormatError(f"missing directory {nsd_root} (--nsd-root)")
+    design = load_expdesign(nsd_root)
+    info = load_stim_info(nsd_root)
+    plans = [_plan_subject(nsd_root, design, s, spec.name) for s in subjects]
+    seen = {p.subject: _images_seen(nsd_root, design, info, p) for p in plans}
+    coco = load_coco_labels(coco_annotations, _coco_wanted(nsd_root, info, seen))
+
+    parts = []
+    bar = tqdm(total=sum(len(p.sessions) for p in plans), desc=f"NSD {spec.name} sessions",
+               unit="session", disable=not progress)
+    with bar:
+        for plan in plans:
+            parts.append(_average_repeats(plan, seen[plan.subject], bar))
+    meta = {"roi": spec.name, "subjects": subjects,
+            "n_voxels": {str(p.subject): int(p.mask.sum()) for p in plans},
+            "category_ids": list(coco.category_ids), "category_names": list(coco.names),
+            "nsd_root": str(nsd_root.resolve())}
+    table = _to_table(parts, info, coco, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _images_seen(nsd_root: Path, design: ExpDesign, info: StimInfo,
+                 plan: _SubjectPlan) -> np.ndarray:
+    """nsdIds (0-based) of the subject's trials on disk, in trial order: (trials,) int64."""
+    ids = design.images_of_trials(plan.subject, sum(plan.trials))
+    known = ids < info.coco_id.size
+    known[known] = info.coco_id[ids[known]] >= 0
+    if not known.all():
+        raise NSDFormatError(f"{nsd_root / STIM_INFO}: no row for nsdId "
+                             f"{int(ids[~known][0])} (seen by subject {plan.subject})")
+    return ids
+
+
+def _coco_wanted(nsd_root: Path, info: StimInfo,
+                 seen: dict[int, np.ndarray]) -> dict[str, set[int]]:
+    """cocoIds per COCO split of every image any subject saw."""
+    all_ids = np.unique(np.concatenate(list(seen.values())))
+    wanted: dict[str, set[int]] = {split: set() for split in COCO_FILES}
+    for split, coco_id in zip(info.coco_split[all_ids], info.coco_id[all_ids]):
+        if split not in wanted:
+            raise NSDFormatError(f"{nsd_root / STIM_INFO}: cocoSplit {split!r} for cocoId "
+                                 f"{coco_id}; accepted: {', '.join(COCO_FILES)}")
+        wanted[split].add(int(coco_id))
+    return wanted
+
+
+@dataclass
+class _SubjectPart:
+    subject: int
+    nsd_ids: np.ndarray  # (images,) ascending
+    n_repeats: np.ndarray  # (images,)
+    response: np.ndarray  # (images, voxels) float32
+
+
+def _average_repeats(plan: _SubjectPlan, trial_ids: np.ndarray, bar: tqdm) -> _SubjectPart:
+    """Stream the subject's sessions: z-score each, then average each image's repeats."""
+    uniq, inverse = np.unique(trial_ids, return_inverse=True)
+    sums = np.zeros((uniq.size, int(plan.mask.sum())), np.float64)
+    counts = np.bincount(inverse, minlength=uniq.size)
+    start = 0
+    for path, n in zip(plan.sessions, plan.trials):
+        bar.set_postfix_str(f"subj{plan.subject:02d} {path.name}")
+        np.add.at(sums, inverse[start:start + n], zscore_session(read_session_roi(path, plan.mask)))
+        start += n
+        bar.update(1)
+    return _SubjectPart(plan.subject, uniq, counts,
+                        (sums / counts[:, None]).astype(np.float32))
+
+
+def _to_table(parts: list[_SubjectPart], info: StimInfo, coco: CocoLabels,
+              meta: dict) -> pa.Table:
+    nsd_ids = np.concatenate([p.nsd_ids for p in parts])
+    coco_ids = info.coco_id[nsd_ids]
+    labels = np.stack([coco.labels[int(c)] for c in coco_ids])
+    lengths = np.concatenate([np.full(p.nsd_ids.size, p.response.shape[1], np.int64)
+                              for p in parts])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if offsets[-1] > np.iinfo(np.int32).max:  # list<float32> has int32 offsets
+        raise NSDFormatError(f"{offsets[-1]} response values exceed one list<float32> column; "
+                             f"prepare fewer subjects per table")
+    label_offsets = np.arange(nsd_ids.size + 1) * N_COCO_CATEGORIES
+    schema = PREPARED_SCHEMA.with_metadata({_META_KEY: json.dumps(meta).encode()})
+    return pa.Table.from_arrays([
+        pa.array(np.concatenate([np.full(p.nsd_ids.size, p.subject) for p in parts]),
+                 pa.int32()),
+        pa.array(nsd_ids, pa.int64()),
+        pa.array(coco_ids, pa.int64()),
+        pa.array(np.concatenate([p.n_repeats for p in parts]), pa.int32()),
+        pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                 pa.array(np.concatenate([p.response.reshape(-1)
+                                                          for p in parts]), pa.float32())),
+        pa.ListArray.from_arrays(pa.array(label_offsets, pa.int32()),
+                                 pa.array(labels.reshape(-1), pa.uint8())),
+    ], schema=schema)
+
+
+def prepared_metadata(table: pa.Table | pa.Schema) -> dict:
+    """The JSON metadata ``prepare`` stores: roi, subjects, n_voxels {subject: n}, category_ids,
+    category_names."""
+    schema = table.schema if isinstance(table, pa.Table) else table
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise NSDFormatError("table has no 'alignsweep.nsd' metadata; write it with "
+                             "`python -m references.nsd prepare`")
+    meta = json.loads(raw)
+    meta["n_voxels"] = {int(k): v for k, v in meta["n_voxels"].items()}
+    return meta
+
+
+def read_prepared(path: str | os.PathLike) -> tuple[pa.Table, dict]:
+    """Read a prepared table and its metadata, checking the columns ``prepare`` writes."""
+    path = Path(path)
+    if not path.is_file():
+        raise NSDFormatError(f"missing file {path} (run `python -m references.nsd prepare`)")
+    table = pq.read_table(path)
+    for field in PREPARED_SCHEMA:
+        if (field.name not in table.column_names
+                or table.schema.field(field.name).type != field.type):
+            raise NSDFormatError(f"{path}: column {field.name!r} missing or not {field.type}")
+    return table, prepared_metadata(table)
+
+
+def _fingerprint(paths: Iterable[Path]) -> list[list]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
+                   subjects: Sequence[int], roi: str, *, progress: bool = True) -> Path:
+    """``prepare`` into the shared cache, keyed by the arguments and the size and mtime of every
+    input file, so concurrent callers prepare once and a changed release is re-read."""
+    nsd_root, coco_annotations = Path(nsd_root), Path(coco_annotations)
+    subjects = sorted({int(s) for s in subjects})
+    inputs = [nsd_root / EXPDESIGN, nsd_root / STIM_INFO]
+    for s in subjects:
+        inputs += [roi_file(nsd_root, s, roi)] + session_files(nsd_root, s)
+    inputs += [_coco_path(coco_annotations, split) for split in COCO_FILES]
+    missing = [p for p in inputs if not p.is_file()]
+    if missing:
+        raise NSDFormatError(f"missing file {missing[0]}")
+    key = content_hash({"kind": "nsd-prepared", "version": 1, "roi": roi, "subjects": subjects,
+                        "inputs": _fingerprint(inputs)})
+    final = cache_root() / "nsd_prepared" / f"{roi}-{key}"
+    with build_once(final) as tmp:
+        if tmp is not None:
+            prepare(nsd_root, coco_annotations, subjects, roi, tmp / "prepared.parquet",
+                    progress=progress)
+    return final / "prepared.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m references.nsd",
+                                     description="NSD native release -> prepared Parquet table")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="z-score, average repeats, select ROI voxels, attach "
+                                       "COCO-80 labels; write Parquet")
+    p.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
+    p.add_argument("--coco-annotations", required=True, type=Path,
+                   help="folder with instances_train2017.json and instances_val2017.json")
+    p.add_argument("--subject", required=True, type=int, action="append",
+                   help="subject number (1..8); repeat for several")
+    p.add_argument("--roi", required=True, choices=sorted(ROIS))
+    p.add_argument("--out", required=True, type=Path, help="output .parquet file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = prepare(args.nsd_root, args.coco_annotations, args.subject, args.roi, args.out,
+                      progress=not args.no_progress)
+    except (NSDFormatError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    meta = prepared_metadata(pq.read_schema(out))
+    rows = pq.read_metadata(out).num_rows
+    print(f"wrote {out}: {rows} rows, ROI {meta['roi']}, voxels per subject "
+          f"{meta['n_voxels']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The NSD loader against a tiny tree written here in the release's native layout, with known
+betas, so the expected table is computed independently (explicit loops, no loader code)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.io
+
+from references import nsd
+from references.nsd import NSDFormatError, noise_ceiling, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Subject 1: sessions of 5 and 7 trials; subject 2: a single session of 8 trials. masterordering
+# has 20 trials, so trials 13..20 (subject 1) and 9..20 (subject 2) are ignored.
+TRIALS = {1: [5, 7], 2: [8]}
+# Volumes (x, y, z), different per subject and never symmetric.
+VOLUME = {1: (4, 3, 2), 2: (3, 5, 2)}
+N_IMAGES = 12
+# 1-based positions into a subject's image list (6 images each).
+MASTERORDERING = np.array([1, 2, 3, 1, 4, 2, 5, 1, 3, 2, 6, 4, 5, 6, 3, 5, 6, 4, 6, 5])
+SUBJECTIM = np.array([[4, 1, 8, 6, 10, 2],  # 1-based nsdIds
+                      [4, 1, 3, 5, 9, 7],
+                      *[[1, 2, 3, 4, 5, 6]] * 6])
+# 80 category ids, not contiguous, listed out of order in the JSON.
+CATEGORY_IDS = sorted(
+    np.random.default_rng(7).choice(np.arange(1, 200), 80, replace=False).tolist())
+
+
+def _mask_volumes(subject: int) -> tuple[np.ndarray, np.ndarray]:
+    """prf-visualrois and streams label volumes (x, y, z)."""
+    shape = VOLUME[subject]
+    rng = np.random.default_rng(100 + subject)
+    prf = rng.choice([-1, 0, 1, 2, 3], size=shape).astype(np.int16)
+    prf[0, 0, 0], prf[-1, -1, -1] = 1, 2  # at least one V1 voxel in each corner
+    streams = rng.choice([0, 1, 5, 6], size=shape).astype(np.int16)
+    streams[0, -1, 0] = 5
+    return prf, streams
+
+
+def _betas(subject: int, session: int, n_trials: int) -> np.ndarray:
+    """Known betas (trials, z, y, x) int16: random, with per-voxel offsets and scales."""
+    x, y, z = VOLUME[subject]
+    rng = np.random.default_rng(1000 * subject + session)
+    base = rng.normal(0, 1, (n_trials, z, y, x)) * rng.uniform(0.5, 3, (z, y, x)) \
+        + rng.normal(0, 5, (z, y, x))
+    return np.rint(base * 300).astype(np.int16)
+
+
+def write_tree(root: Path, *, skip=()) -> tuple[Path, Path]:
+    """A miniature release under root/nsd and COCO files under root/coco. ``skip`` names parts
+    to leave out or break (for the error tests)."""
+    nsd_root, coco = root / "nsd", root / "coco"
+    exp = nsd_root / "nsddata/experiments/nsd"
+    exp.mkdir(parents=True)
+    design = {"masterordering": MASTERORDERING[None].astype(np.float64),
+              "subjectim": SUBJECTIM.astype(np.float64),
+              "sharedix": np.array([[4, 1]], np.float64)}
+    if "zero_based" in skip:
+        design["masterordering"] = design["masterordering"] - 1
+    if "no_subjectim" in skip:
+        del design["subjectim"]
+    if "expdesign" not in skip:
+        scipy.io.savemat(str(exp / "nsd_expdesign.mat"), design)
+
+    rng = np.random.default_rng(3)
+    coco_ids = rng.choice(np.arange(1, 10**6), N_IMAGES, replace=False)
+    splits = ["train2017" if i % 3 else "val2017" for i in range(N_IMAGES)]
+    with open(exp / "nsd_stim_info_merged.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        cols = ["", "cocoId", "cocoSplit", "cropBox", "nsdId", "shared1000"]
+        if "csv_column" in skip:
+            cols[2] = "split"
+        w.writerow(cols)
+        for i in range(N_IMAGES):
+            w.writerow([i, int(coco_ids[i]), splits[i], "(0, 0, 0, 0)", i, i in (0, 3)])
+
+    stim = nsd_root / "nsddata_stimuli/stimuli/nsd"
+    stim.mkdir(parents=True)
+    with h5py.File(stim / "nsd_stimuli.hdf5", "w") as f:
+        f["imgBrick"] = rng.integers(0, 256, (N_IMAGES, 10, 10, 3), dtype=np.uint8)
+
+    for subject, trials in TRIALS.items():
+        roi_dir = nsd_root / f"nsddata/ppdata/subj{subject:02d}/func1pt8mm/roi"
+        roi_dir.mkdir(parents=True)
+        prf, streams = _mask_volumes(subject)
+        if not ("roi" in skip and subject == 1):
+            nib.save(nib.Nifti1Image(prf, np.eye(4)), str(roi_dir / "prf-visualrois.nii.gz"))
+        nib.save(nib.Nifti1Image(streams, np.eye(4)), str(roi_dir / "streams.nii.gz"))
+        bdir = (nsd_root / f"nsddata_betas/ppdata/subj{subject:02d}/func1pt8mm"
+                / "betas_fithrf_GLMdenoise_RR")
+        bdir.mkdir(parents=True)
+        for session, n in enumerate(trials, start=1):
+            if "gap" in skip and subject == 1 and session == 1:
+                continue
+            betas = _betas(subject, session, n)
+            if "xyz_order" in skip and subject == 1:
+                betas = betas.transpose(0, 3, 2, 1)  # (trials, x, y, z): the NIfTI order
+            if "too_many_trials" in skip and subject == 2:
+                betas = np.concatenate([betas] * 3)
+            name = "data" if "dataset_name" in skip and subject == 2 else "betas"
+            with h5py.File(bdir / f"betas_session{session:02d}.hdf5", "w") as f:
+                f[name] = betas
+        (bdir / "betas_session01.nii.gz").write_bytes(b"")  # other files in the folder: ignored
+
+    coco.mkdir()
+    cats = [{"id": c, "name": f"cat{c}", "supercategory": "x"} for c in CATEGORY_IDS]
+    rng.shuffle(cats)
+    if "categories" in skip:
+        cats = cats[:79]
+    ann_rng = np.random.default_rng(11)
+    for split in ("train2017", "val2017"):
+        images, anns = [], []
+        for i in range(N_IMAGES):
+            if splits[i] != split:
+                continue
+            images.append({"id": int(coco_ids[i]), "file_name": "x.jpg", "height": 10,
+                           "width": 10})
+            for c in ann_rng.choice(CATEGORY_IDS, ann_rng.integers(1, 4)):
+                anns.append({"id": len(anns) + 1, "image_id": int(coco_ids[i]),
+                             "category_id": int(c), "iscrowd": 0})
+        if not ("coco_val" in skip and split == "val2017"):
+            (coco / f"instances_{split}.json").write_text(json.dumps(
+                {"images": images, "annotations": anns, "categories": cats}))
+    return nsd_root, coco
+
+
+def expected_rows(nsd_root: Path, coco: Path, subject: int, roi: str) -> dict[int, dict]:
+    """The table ``prepare`` must write, computed with explicit loops."""
+    label_set = {"V1": (1, 2), "VVS": (5,)}[roi]
+    prf, streams = _mask_volumes(subject)
+    mask = np.isin(prf if roi == "V1" else streams, label_set)
+    voxels = [(x, y, z) for x in range(mask.shape[0]) for y in range(mask.shape[1])
+              for z in range(mask.shape[2]) if mask[x, y, z]]  # C order of (x, y, z)
+    per_image: dict[int, list[np.ndarray]] = {}
+    trial = 0
+    for session, n in enumerate(TRIALS[subject], start=1):
+        betas = _betas(subject, session, n).astype(np.float64) / 300
+        cols = np.stack([betas[:, z, y, x] for x, y, z in voxels], axis=1)
+        z_scored = (cols - cols.mean(0)) / cols.std(0)
+        for t in range(n):
+            nsd_id = SUBJECTIM[subject - 1][MASTERORDERING[trial] - 1] - 1
+            per_image.setdefault(nsd_id, []).append(z_scored[t])
+            trial += 1
+    coco_labels: dict[int, set[int]] = {}
+    for split in ("train2017", "val2017"):
+        data = json.loads((coco / f"instances_{split}.json").read_text())
+        for a in data["annotations"]:
+            coco_labels.setdefault(a["image_id"], set()).add(a["category_id"])
+    with open(nsd_root / "nsddata/experiments/nsd/nsd_stim_info_merged.csv") as fh:
+        coco_of = {int(r["nsdId"]): int(r["cocoId"]) for r in csv.DictReader(fh)}
+    out = {}
+    for nsd_id, reps in per_image.items():
+        present = coco_labels.get(coco_of[nsd_id], set())
+        out[nsd_id] = {"coco_id": coco_of[nsd_id], "n_repeats": len(reps),
+                       "response": np.mean(reps, axis=0),
+                       "labels": [int(c in present) for c in sorted(CATEGORY_IDS)]}
+    return out
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    return write_tree(tmp_path)
+
+
+@pytest.mark.parametrize("roi", ["V1", "VVS"])
+def test_prepare_matches_independent_computation(tree, tmp_path, roi):
+    nsd_root, coco = tree
+    out = prepare(nsd_root, coco, [2, 1], roi, tmp_path / "out.parquet", progress=False)
+    table = pq.read_table(out)
+    assert table.schema.field("subject").type == pa.int32()
+    assert table.schema.field("nsd_id").type == pa.int64()
+    assert table.schema.field("coco_id").type == pa.int64()
+    assert table.schema.field("response").type == pa.list_(pa.float32())
+    assert table.schema.field("labels").type == pa.list_(pa.uint8())
+    meta = nsd.prepared_metadata(table)
+    assert meta["roi"] == roi and meta["subjects"] == [1, 2]
+    assert meta["category_ids"] == sorted(CATEGORY_IDS)
+    rows = table.to_pylist()
+    assert [(r["subject"], r["nsd_id"]) for r in rows] == sorted(
+        (r["subject"], r["nsd_id"]) for r in rows)
+    for subject in (1, 2):
+        want = expected_rows(nsd_root, coco, subject, roi)
+        got = {r["nsd_id"]: r for r in rows if r["subject"] == subject}
+        assert sorted(got) == sorted(want)
+        assert meta["n_voxels"][subject] == len(next(iter(want.values()))["response"])
+        for nsd_id, w in want.items():
+            g = got[nsd_id]
+            assert g["coco_id"] == w["coco_id"]
+            assert g["n_repeats"] == w["n_repeats"]
+            assert g["labels"] == w["labels"]
+            # float32 storage of float64 z-scores
+            np.testing.assert_allclose(g["response"], w["response"], rtol=1e-6, atol=1e-6)
+
+
+def test_prepare_covers_the_cases_the_tree_was_built_for(tree, tmp_path):
+    """Guards the fixture itself: repeats are averaged, an image appears only via trials past the
+    sessions on disk (and is skipped), and labels use non-contiguous ids."""
+    nsd_root, coco = tree
+    table = pq.read_table(prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet",
+                                  progress=False)).to_pylist()
+    assert max(r["n_repeats"] for r in table) >= 2
+    assert min(r["n_repeats"] for r in table) == 1
+    subj2 = {r["nsd_id"] for r in table if r["subject"] == 2}
+    in_list = set(SUBJECTIM[1] - 1)
+    assert subj2 < in_list  # nsdId 6 (position 6) is only shown after trial 8
+    assert 6 not in subj2
+    assert CATEGORY_IDS != list(range(CATEGORY_IDS[0], CATEGORY_IDS[0] + 80))
+
+
+def test_prepare_subset_of_subjects_and_cli(tree, tmp_path):
+    nsd_root, coco = tree
+    out = tmp_path / "cli.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "references.nsd", "prepare", "--nsd-root", str(nsd_root),
+         "--coco-annotations", str(coco), "--subject", "2", "--roi", "VVS", "--out", str(out),
+         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    table = pq.read_table(out)
+    assert set(table["subject"].to_pylist()) == {2}
+
+
+@pytest.mark.parametrize("broken, match", [
+    ("expdesign", r"missing file .*nsd_expdesign\.mat"),
+    ("no_subjectim", r"nsd_expdesign\.mat: no variable 'subjectim'"),
+    ("zero_based", r"masterordering.* 1-based"),
+    ("csv_column", r"nsd_stim_info_merged\.csv: missing column\(s\) cocoSplit"),
+    ("gap", r"missing file .*subj01.*betas_session01\.hdf5"),
+    ("dataset_name", r"subj02.*betas_session01\.hdf5: no dataset 'betas' \(found: data\)"),
+    ("xyz_order", r"betas_session01\.hdf5: betas shape \(5, 4, 3, 2\) does not match ROI mask "
+                  r".*prf-visualrois\.nii\.gz"),
+    ("roi", r"missing file .*subj01.*prf-visualrois\.nii\.gz"),
+    ("too_many_trials", r"subj02.*betas_session01\.hdf5: .*24 trials but 'masterordering' has "
+                        r"only 20"),
+    ("coco_val", r"missing file .*instances_val2017\.json"),
+    ("categories", r"instances_\w+2017\.json: 79 categories, expected 80"),
+])
+def test_malformed_tree_names_the_file(tmp_path, broken, match):
+    nsd_root, coco = write_tree(tmp_path, skip={broken})
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet", progress=False)
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_bad_arguments(tree, tmp_path):
+    nsd_root, coco = tree
+    with pytest.raises(NSDFormatError, match=r"unknown ROI 'V4'; accepted: V1, VVS"):
+        prepare(nsd_root, coco, [1], "V4", tmp_path / "o.parquet")
+    with pytest.raises(NSDFormatError, match=r"subject 9 not in 'subjectim' \(rows 1\.\.8\)"):
+        prepare(nsd_root, coco, [9], "V1", tmp_path / "o.parquet")
+    with pytest.raises(NSDFormatError, match=r"missing directory .*subj03.*\(no betas for "
+                                             r"subject 3\)"):
+        prepare(nsd_root, coco, [3], "V1", tmp_path / "o.parquet")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    nsd_root, coco = write_tree(tmp_path, skip={"gap"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "references.nsd", "prepare", "--nsd-root", str(nsd_root),
+         "--coco-annotations", str(coco), "--subject", "1", "--roi", "V1",
+         "--out", str(tmp_path / "o.parquet")], cwd=REPO, capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: missing file ") and "betas_session01.hdf5" in lines[0]
+
+
+def test_zscore_within_session_removes_session_scale():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    z = nsd.zscore_session(7.0 * x + 3.0)
+    np.testing.assert_allclose(z, (x - x.mean(0)) / x.std(0), atol=1e-12)
+    assert np.all(nsd.zscore_session(np.ones((5, 2))) == 0)  # constant voxel: 0, not NaN
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_ceiling_known_answer(seed):
+    """Signal std s and unit noise: after z-scoring, NC = s^2 / (s^2 + 1/3) for 3-trial means."""
+    rng = np.random.default_rng(seed)
+    levels = np.array([0.0, 0.3, 0.7, 1.5])
+    s = np.repeat(levels, 25)  # 25 voxels per level: the check is on the level's mean
+    n_img, reps = 6000, 3
+    signal = rng.normal(size=(n_img, s.size)) * s
+    image = np.repeat(np.arange(n_img), reps)
+    trials = signal[image] + rng.normal(size=(image.size, s.size))
+    z = nsd.zscore_session(trials)
+    nc = noise_ceiling(z, image, n_average=reps)
+    assert np.all((nc >= 0) & (nc < 1))
+    # Tolerance: the noise-variance estimate has SE sqrt(2 / 12000) ~ 0.013 per voxel, and
+    # clipping 1 - sigma_n^2 at 0 biases the s = 0 level upwards by ~0.015.
+    np.testing.assert_allclose(nc.reshape(4, 25).mean(1), levels**2 / (levels**2 + 1 / reps),
+                               atol=0.025)
+    # Images with a single trial carry no noise information and must not change the estimate.
+    nc_extra = noise_ceiling(np.concatenate([z, rng.normal(size=(200, s.size)) * 5]),
+                             np.concatenate([image, n_img + np.arange(200)]), n_average=reps)
+    np.testing.assert_allclose(nc_extra, nc, atol=1e-12)
+    with pytest.raises(ValueError, match=">= 2 trials"):
+        noise_ceiling(z[:5], np.arange(5), n_average=3)
