@@ -173,8 +173,8 @@ class VoxelResponses:
         self._data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for s in sorted(per_subject):
             ids, y = per_subject[s]
-            ids = torch.as_tensor(ids, dtype=torch.int64)
-            y = torch.as_tensor(y, dtype=torch.float32)
+            ids = torch.as_tensor(ids, dtype=torch.int64).contiguous()
+            y = torch.as_tensor(y, dtype=torch.float32).contiguous()
             if ids.ndim != 1 or y.ndim != 2 or y.shape[0] != ids.shape[0]:
                 raise ValueError(f"subject {s}: ids must be (n,) and Y (n, voxels), got "
                                  f"{tuple(ids.shape)} and {tuple(y.shape)}")
@@ -237,6 +237,12 @@ class VoxelResponses:
             if rows.numel():
                 out[s] = (rows, y[pos[rows]])
         return out
+
+    def targets(self, images: torch.Tensor, image_ids: torch.Tensor
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The reference protocol the trainable calls: voxel responses depend only on the
+        image ids (``images`` is unused), grouped per subject (:meth:`groups`)."""
+        return self.groups(image_ids)
 
     def lookup(self, image_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`groups` as a list of (rows, Y), in ascending subject order; images without a

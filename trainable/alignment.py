@@ -347,14 +347,32 @@ def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS) -> l
     return [r * energy for r in _check_alphas(rel)]
 
 
+def _standardized_columns(x: torch.Tensor) -> torch.Tensor:
+    """Columns z-scored (constant columns only centred)."""
+    xc = x - x.mean(0)
+    std = xc.pow(2).mean(0).sqrt()
+    return xc / torch.where(std > 0, std, torch.ones_like(std))
+
+
 def linear_alignment_scaled(
     X: Any, Y: Any, *, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, folds: int = 5
 ) -> torch.Tensor | float:
-    """``linear_alignment`` with each direction's alphas scaled to its predictor
-    (``relative_alphas``): the validation form the trainable reports."""
-    xy = ridge_cv_r2(X, Y, alphas=relative_alphas(X, rel), folds=folds)
-    yx = ridge_cv_r2(Y, X, alphas=relative_alphas(Y, rel), folds=folds)
-    return (xy + yx) / 2
+    """The validation form the trainable reports: ``linear_alignment`` with two scale
+    conventions, neither of which changes what R^2 measures.
+
+    - Each direction's alphas are relative to its predictor (``relative_alphas``), so a
+      layer's activation scale cannot move the grid.
+    - Each direction's target columns are z-scored. Per-column R^2 is invariant to an affine
+      change of that column (ridge is linear in Y; the intercept absorbs the shift), so only
+      the alpha selection changes: summed LOO error then weighs every column equally, the same
+      weighting as the uniformly averaged R^2 it is selecting for. Without it, a few
+      high-variance units choose an alpha that overfits the many low-variance ones, and a
+      layer with *some* alignment can score below one with none.
+    """
+    x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
+    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel), folds=folds)
+    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel), folds=folds)
+    return _out((xy + yx) / 2, as_float)
 
 
 # ----------------------------------------------------------------------------- loss form
