@@ -1,0 +1,95 @@
+"""Reference representations and the data behind them, built by name (timm-style registries).
+
+``build_dataset(name, **options)`` returns a ``references.datasets.DataBundle``;
+``build_reference(name, bundle=..., model=..., layer=..., ...)`` returns an object with the
+reference protocol the trainable calls, ``targets(images, image_ids) -> groups of (rows, Y)``.
+The sweep files name both; tests parametrise over the registries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from references import datasets
+
+__all__ = ["DATASETS", "REFERENCES", "build_dataset", "build_reference"]
+
+
+def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
+                 subjects, roi: str, image_size: int, progress: bool = True,
+                 split_seed: int = 0) -> datasets.DataBundle:
+    """A real NSD release: prepare (cached by the inputs' sizes and mtimes), then open."""
+    from pathlib import Path
+
+    from references import nsd
+
+    table = nsd.prepare_cached(nsd_root, coco_annotations, tuple(subjects), roi,
+                               progress=progress)
+    return datasets.nsd_bundle(table, Path(nsd_root) / nsd.STIMULI, image_size=image_size,
+                               seed=split_seed, subjects=tuple(subjects))
+
+
+#: data name (as in a sweep file) -> builder(**options) -> DataBundle
+DATASETS: dict[str, Callable[..., datasets.DataBundle]] = {
+    "simulated_single_label": datasets.simulated_single_label_bundle,
+    "simulated_nsd": datasets.simulated_nsd_bundle,
+    "imagenet": datasets.imagefolder_bundle,
+    "nsd": _nsd_release,
+}
+
+
+def build_dataset(name: str, **options: Any) -> datasets.DataBundle:
+    """Build data set ``name`` (see ``DATASETS``); unknown names list the accepted ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data {name!r}; accepted: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](**options)
+
+
+def _gabor(**_: Any):
+    from references.gabor import GaborReference
+
+    return GaborReference()
+
+
+def _pretrained(*, bundle: datasets.DataBundle, model: str, layer: str, width: float,
+                image_size: int, weights: str = "auto", dataset_key: object = None,
+                device: str = "cpu", **_: Any):
+    """A frozen network at the trial's layer. weights: "torchvision" (local hub cache, paper
+    scale), a state-dict path, or "auto" (train the project's own reference network on the
+    sweep's training split, task only, its own seed, cached under a file lock)."""
+    from references.pretrained import ReferenceTraining, pretrained_reference
+
+    return pretrained_reference(
+        model, layer, weights,
+        data=bundle.train, num_classes=bundle.num_classes,
+        multilabel=bundle.task == "multi_label", image_size=image_size,
+        training=ReferenceTraining(width=width), dataset_key=dataset_key, device=device,
+    )
+
+
+def _voxels(*, bundle: datasets.DataBundle, **_: Any):
+    if bundle.responses is None:
+        raise ValueError("reference 'nsd' needs voxel data (data 'nsd' or 'simulated_nsd'), "
+                         f"but the data is {bundle.task} without responses")
+    return bundle.responses
+
+
+#: reference name (as in a sweep file) -> builder(bundle=..., model=..., layer=..., ...)
+REFERENCES: dict[str, Callable[..., Any]] = {
+    "gabor": _gabor,
+    "pretrained": _pretrained,
+    "nsd": _voxels,
+}
+
+
+def build_reference(name: str, **options: Any):
+    """Build reference ``name`` (see ``REFERENCES``) for one condition; the options are the
+    condition's data bundle, model, layer, width and image size (and weights for
+    "pretrained"). Unknown names list the accepted ones."""
+    if name not in REFERENCES:
+        raise ValueError(
+            f"unknown reference {name!r}; accepted: {', '.join(sorted(REFERENCES))}"
+        )
+    return REFERENCES[name](**options)

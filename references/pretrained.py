@@ -1,0 +1,401 @@
+"""The pretrained-network reference: a frozen network's activations at a named layer.
+
+Weights come from one of three places (the ``weights`` spec):
+
+* ``"torchvision"`` (paper scale): torchvision's ImageNet file in the local torch hub cache,
+  ``torch.hub.get_dir()/checkpoints/`` (``alexnet-owt-7be5be79.pth``,
+  ``resnet18-f37072fd.pth``; ``$TORCH_HOME/hub/checkpoints`` when TORCH_HOME is set);
+* a file path: a state dict (torchvision's keys, or a :class:`~trainable.models.TappedModel`'s
+  with the ``net.`` prefix, or either under a ``"state_dict"``/``"model"`` key);
+* ``"auto"`` (offline / demo scale): the project trains its own reference network on the
+  sweep's dataset, task only, with its own seed (:func:`train_reference_network`), caches it
+  under ``cache_root()/reference-networks/`` by a content hash of everything that determines it,
+  and reuses it. A file lock (``build_once``) makes concurrent trials or drivers train it once.
+
+Files are read with ``torch.load(weights_only=True)``; nothing is ever downloaded. With no
+weights available :class:`WeightsNotFoundError` (a ValueError) says in one line how to supply
+them. The number of classes and the width multiplier are read off the state dict (head rows and
+conv1 channels), so a 1000-class ImageNet file and a 10-class demo network load the same way.
+
+Every reference kind answers ``targets(images, image_ids) -> [(rows, Y)]``; the pretrained one
+returns a single group with every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from references.cache import build_once, cache_root, content_hash
+from trainable.models import TappedModel, build_model, get_model_spec
+
+__all__ = [
+    "TORCHVISION_WEIGHT_FILES",
+    "PretrainedReference",
+    "ReferenceTraining",
+    "WeightsNotFoundError",
+    "auto_reference_network",
+    "dataset_fingerprint",
+    "find_weights",
+    "hub_checkpoints_dir",
+    "load_network",
+    "pretrained_reference",
+    "train_reference_network",
+]
+
+#: torchvision's ImageNet weight files (IMAGENET1K_V1), as torch.hub names them.
+TORCHVISION_WEIGHT_FILES: dict[str, str] = {
+    "alexnet": "alexnet-owt-7be5be79.pth",
+    "resnet18": "resnet18-f37072fd.pth",
+}
+
+_CACHE_SUBDIR = "reference-networks"
+_WEIGHTS_FILE = "weights.pt"
+_META_FILE = "meta.json"
+# Bump when train_reference_network changes what it produces, so old cache entries are not
+# mistaken for new ones.
+_RECIPE_VERSION = 1
+
+
+class WeightsNotFoundError(ValueError):
+    """No weights where the spec pointed; the message says how to supply them."""
+
+
+def hub_checkpoints_dir() -> Path:
+    """Where torch.hub keeps weight files: ``torch.hub.get_dir()/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_weights(model_name: str, weights: str | os.PathLike = "torchvision") -> Path:
+    """Resolve a weights spec ("torchvision" or a file path) to an existing file.
+
+    Raises WeightsNotFoundError naming the expected file and the --weights option.
+    """
+    get_model_spec(model_name)
+    if str(weights) == "auto":
+        raise ValueError("find_weights resolves files; 'auto' is handled by "
+                         "pretrained_reference / auto_reference_network")
+    if str(weights) == "torchvision":
+        if model_name not in TORCHVISION_WEIGHT_FILES:
+            raise WeightsNotFoundError(
+                f"torchvision has no ImageNet weights file for {model_name!r} here "
+                f"(known: {', '.join(sorted(TORCHVISION_WEIGHT_FILES))}); pass --weights PATH "
+                f"or --weights auto")
+        path = hub_checkpoints_dir() / TORCHVISION_WEIGHT_FILES[model_name]
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"no ImageNet weights for {model_name}: put {path.name} in {path.parent} "
+                f"(torch.hub.get_dir()/checkpoints), or pass --weights PATH to a state dict, "
+                f"or --weights auto to train the project's own reference network")
+        return path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"weights file {str(path)!r} for {model_name} does not exist; pass --weights PATH "
+            f"to a state dict, --weights torchvision (expects "
+            f"{TORCHVISION_WEIGHT_FILES.get(model_name, '<none>')} in {hub_checkpoints_dir()}), "
+            f"or --weights auto")
+    return path
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
+                                               for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
+                         f"{type(obj).__name__}")
+    sd = dict(obj)
+    for prefix in ("net.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
+                 width: float | None = None) -> TappedModel:
+    """A :class:`TappedModel` with the weights of a file ("torchvision" or a path), CPU,
+    eval mode. num_classes is read from the head's rows; width (None) from conv1's channels
+    (conv1 channels / the model's base width) -- pass ``width`` if that does not round-trip."""
+    spec = get_model_spec(model_name)
+    path = find_weights(model_name, weights)
+    sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    head_key = f"{spec.head}.weight"
+    conv1_key = f"{spec.taps[spec.conv1].path}.weight"
+    if head_key not in sd or conv1_key not in sd:
+        raise ValueError(f"{path} is not a {model_name} state dict: missing "
+                         f"{head_key!r} or {conv1_key!r}")
+    if width is None:
+        width = sd[conv1_key].shape[0] / spec.base_width
+    model = build_model(model_name, num_classes=int(sd[head_key].shape[0]), width=width)
+    try:
+        model.net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit {model_name} at width {width}: "
+                         f"{str(e).splitlines()[0]} (pass width= explicitly)") from e
+    return model.eval()
+
+
+class PretrainedReference:
+    """A frozen network's activations at ``layer`` as a reference.
+
+    ``representation(images)`` : images (n, 3, H, W), normalised as the trainee sees them ->
+    the layer's tap (e.g. AlexNet conv1 (n, 64, H', W'), fc1 (n, 4096)), computed in eval mode
+    under ``torch.no_grad`` on the images' device (the network moves there on first use); the
+    forward stops after the layer. dtype: the images' (or autocast's, inside torch.autocast).
+    ``targets(images, image_ids)`` -> ``[(arange(n), representation(images))]``.
+
+    The network's parameters have ``requires_grad=False`` and it is put back in eval mode before
+    every call, so dropout is off and batch-norm running statistics never move.
+    """
+
+    name = "pretrained"
+
+    def __init__(self, network: TappedModel, layer: str, *, source: str = "") -> None:
+        network.check_layers((layer,))
+        self.network = network.eval().requires_grad_(False)
+        self.layer = layer
+        self.source = source
+
+    @property
+    def model_name(self) -> str:
+        return self.network.name
+
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        if self.network.training:
+            self.network.eval()
+        first = next(self.network.parameters())
+        if first.device != images.device:
+            self.network.to(images.device)
+        with torch.no_grad():
+            return self.network.features(images, (self.layer,))[self.layer]
+
+    def targets(self, images: torch.Tensor,
+                image_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if len(image_ids) != len(images):
+            raise ValueError(f"image_ids has {len(image_ids)} entries for {len(images)} images")
+        rows = torch.arange(len(images), device=images.device)
+        return [(rows, self.representation(images))]
+
+
+# ----------------------------------------------------------------------------- "auto"
+
+
+@dataclass(frozen=True)
+class ReferenceTraining:
+    """How ``"auto"`` trains the project's own reference network (task only, Adam).
+
+    seed : its own seed, distinct from the trials' (the reference must be an independent
+        network, not the trainee's twin).
+    width : width multiplier of the reference network (demo scale may shrink it).
+    """
+
+    epochs: int = 10
+    seed: int = 10_000
+    lr: float = 1e-4
+    batch_size: int = 128
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "seed", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+                raise ValueError(f"ReferenceTraining.{name} must be a "
+                                 f"{'non-negative' if name == 'seed' else 'positive'} int, "
+                                 f"got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"ReferenceTraining.lr must be > 0, got {self.lr!r}")
+
+
+DataLike = Dataset | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _as_dataset(data: DataLike) -> Dataset:
+    if isinstance(data, tuple):
+        if len(data) != 3 or not all(isinstance(t, torch.Tensor) for t in data):
+            raise ValueError("data as tensors must be (images (N, 3, H, W) float32, targets, "
+                             f"image_ids), got a tuple of {len(data)}")
+        return TensorDataset(*data)
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a torch Dataset or (images, targets, image_ids) "
+                         f"tensors, got {type(data).__name__}")
+    return data
+
+
+def dataset_fingerprint(data: DataLike) -> str:
+    """Content hash of in-memory data: a TensorDataset or (images, targets, image_ids) tensors
+    (SHA-256 over every tensor's dtype, shape and bytes). Other datasets (files on disk, random
+    augmentation) have no cheap content identity: pass ``dataset_key`` instead."""
+    ds = _as_dataset(data)
+    if not isinstance(ds, TensorDataset):
+        raise ValueError(f"cannot fingerprint a {type(ds).__name__} by content; pass "
+                         f"dataset_key= (a JSON-serialisable description of the dataset, e.g. "
+                         f"the sweep's data section)")
+    h = hashlib.sha256()
+    for t in ds.tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def train_reference_network(
+    model_name: str,
+    data: DataLike,
+    *,
+    num_classes: int,
+    multilabel: bool,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-4,
+    batch_size: int,
+    width: float,
+    device: torch.device | str,
+    image_size: int,
+    num_workers: int = 0,
+) -> TappedModel:
+    """Train a network on the task alone: the "auto" reference network. Pure: no global state.
+
+    data : a Dataset of items ``(image float32 (3, S, S) normalised, target, image_id int64)``
+        with target int64 class (single-label) or float32 (num_classes,) multi-hot
+        (multi-label); or those three as stacked tensors. S must equal ``image_size``.
+    Loss: cross-entropy (single-label) or per-class BCE-with-logits (multi-label); Adam(lr);
+    ``epochs`` passes in an order shuffled by ``seed``, each dropping its incomplete last batch
+    (unless the dataset is smaller than one batch).
+    Deterministic by ``seed``: initialisation, shuffling and any augmentation in the dataset
+    (drawn from torch's global RNG) run inside a forked RNG seeded with ``seed``, so the
+    caller's RNG state is untouched. Bit-identical on CPU; CUDA kernels may differ in the last
+    bits between runs.
+    Returns the network on ``device`` in eval mode.
+    """
+    device = torch.device(device)
+    ds = _as_dataset(data)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        model = build_model(model_name, num_classes=num_classes, width=width).to(device)
+        # A ragged last batch is dropped (when there is a full one): a batch of one image
+        # breaks batch norm on 1x1 maps (ResNet-18 block4 at 32 px) and adds a noisy step.
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(seed),
+                            drop_last=len(ds) >= batch_size, pin_memory=device.type == "cuda")
+        loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            for images, targets, _ids in loader:
+                if tuple(images.shape[1:]) != (3, image_size, image_size):
+                    raise ValueError(f"reference training expects images (3, {image_size}, "
+                                     f"{image_size}), got {tuple(images.shape[1:])}")
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                targets = targets.float() if multilabel else targets.long()
+                loss = loss_fn(model(images), targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"reference network loss is {loss.item()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return model.eval()
+
+
+def auto_reference_network(
+    model_name: str,
+    data: DataLike,
+    *,
+    num_classes: int,
+    multilabel: bool,
+    image_size: int,
+    training: ReferenceTraining = ReferenceTraining(),
+    dataset_key: object = None,
+    device: torch.device | str = "cpu",
+) -> tuple[TappedModel, Path]:
+    """The project's own reference network, trained once and cached.
+
+    Cache entry: ``cache_root()/reference-networks/<model>-<hash>/`` (weights.pt, meta.json),
+    hash = content_hash of (recipe version, model, num_classes, multilabel, image_size,
+    dataset identity, epochs, seed, lr, batch_size, width). The dataset identity is
+    ``dataset_key`` when given (any JSON-serialisable description, e.g. the sweep's data
+    section), else :func:`dataset_fingerprint` of in-memory data. The device is not part of the
+    key: the first builder's device wins. Concurrent callers (trials, drivers, processes) wait on
+    one file lock; exactly one trains. Returns (network on CPU in eval mode, entry directory).
+    """
+    spec = get_model_spec(model_name)
+    identity = dataset_fingerprint(data) if dataset_key is None else dataset_key
+    key = {
+        "kind": "reference-network",
+        "recipe": _RECIPE_VERSION,
+        "model": spec.name,
+        "num_classes": num_classes,
+        "multilabel": bool(multilabel),
+        "image_size": image_size,
+        "dataset": identity,
+        **asdict(training),
+    }
+    entry = cache_root() / _CACHE_SUBDIR / f"{spec.name}-{content_hash(key)}"
+    with build_once(entry) as tmp:
+        if tmp is not None:
+            start = time.perf_counter()
+            net = train_reference_network(
+                model_name, data, num_classes=num_classes, multilabel=multilabel,
+                epochs=training.epochs, seed=training.seed, lr=training.lr,
+                batch_size=training.batch_size, width=training.width, device=device,
+                image_size=image_size)
+            torch.save({k: v.cpu() for k, v in net.net.state_dict().items()},
+                       tmp / _WEIGHTS_FILE)
+            meta = {"key": key, "train_seconds": time.perf_counter() - start,
+                    "device": str(device), "torch": torch.__version__}
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return load_network(model_name, entry / _WEIGHTS_FILE, width=training.width), entry
+
+
+def pretrained_reference(
+    model_name: str,
+    layer: str,
+    weights: str | os.PathLike = "torchvision",
+    *,
+    width: float | None = None,
+    data: DataLike | None = None,
+    num_classes: int | None = None,
+    multilabel: bool = False,
+    image_size: int | None = None,
+    training: ReferenceTraining = ReferenceTraining(),
+    dataset_key: object = None,
+    device: torch.device | str = "cpu",
+) -> PretrainedReference:
+    """Build the pretrained-network reference for ``model_name`` at ``layer``.
+
+    weights : "torchvision" (hub cache file), a state-dict path, or "auto".
+    width : for a file, override the width read off conv1 (rarely needed).
+    data, num_classes, multilabel, image_size, training, dataset_key, device : "auto" only --
+        the sweep's training split and task, see :func:`auto_reference_network`.
+    """
+    spec = get_model_spec(model_name)
+    if layer not in spec.taps:
+        raise ValueError(f"unknown layer {layer!r} for model {model_name!r}; accepted: "
+                         f"{', '.join(spec.layers)}")
+    if str(weights) == "auto":
+        missing = [n for n, v in (("data", data), ("num_classes", num_classes),
+                                  ("image_size", image_size)) if v is None]
+        if missing:
+            raise ValueError(f"weights='auto' trains a reference network and needs "
+                             f"{', '.join(missing)}")
+        net, entry = auto_reference_network(
+            model_name, data, num_classes=num_classes, multilabel=multilabel,
+            image_size=image_size, training=training, dataset_key=dataset_key, device=device)
+        return PretrainedReference(net, layer, source=f"auto:{entry}")
+    path = find_weights(model_name, weights)
+    return PretrainedReference(load_network(model_name, path, width=width), layer,
+                               source=str(path))

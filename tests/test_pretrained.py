@@ -1,0 +1,295 @@
+"""The pretrained-network reference: frozen activations equal the network's own tap, weights
+from a file or the torch hub cache (never a download), the missing-weights message, and the
+"auto" reference network trained once per content hash, also under concurrent builders."""
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import references.pretrained as pretrained
+from references.pretrained import (
+    TORCHVISION_WEIGHT_FILES,
+    PretrainedReference,
+    ReferenceTraining,
+    WeightsNotFoundError,
+    dataset_fingerprint,
+    find_weights,
+    load_network,
+    pretrained_reference,
+    train_reference_network,
+)
+from trainable.models import build_model
+
+TINY = ReferenceTraining(epochs=1, seed=3, lr=1e-3, batch_size=16, width=0.25)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the test machine's cores are shared, and OpenMP threads spinning
+    against other processes make a 20 ms step take seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch):
+    """Any attempt to fetch weights over the network fails the test loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"attempted download: {args}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch hub cache: torch.hub.get_dir() -> tmp/torch/hub."""
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    assert Path(torch.hub.get_dir()) == home / "hub", "torch.hub.set_dir was called elsewhere"
+    return home
+
+
+def tiny_data(n: int = 64, size: int = 32, classes: int = 4, seed: int = 0):
+    """(images float32 (n, 3, size, size), int64 labels, int64 ids): the class is the bright
+    quadrant, so a small network can learn it."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = 0.3 * torch.randn(n, 3, size, size, generator=g)
+    h = size // 2
+    for k in range(classes):
+        r, c = divmod(k, 2)
+        images[labels == k, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 1.5
+    return images, labels, torch.arange(n) + 1000
+
+
+# ----------------------------------------------------------------------------- frozen network
+
+
+@pytest.mark.parametrize("name,layer,size", [("alexnet", "conv1", 64), ("alexnet", "fc1", 64),
+                                             ("resnet18", "conv1", 32),
+                                             ("resnet18", "block2", 32)])
+def test_activations_equal_the_networks_tap(tmp_path, name, layer, size):
+    model = build_model(name, num_classes=5, width=0.25, seed=0).eval()
+    path = tmp_path / "weights.pt"
+    torch.save(model.net.state_dict(), path)
+    ref = pretrained_reference(name, layer, path)
+    x = torch.randn(3, 3, size, size)
+    _, taps = model(x, taps=(layer,))
+    assert torch.equal(ref.representation(x), taps[layer])
+    groups = ref.targets(x, torch.arange(3))
+    assert len(groups) == 1 and torch.equal(groups[0][0], torch.arange(3))
+    assert torch.equal(groups[0][1], taps[layer])
+    assert ref.source == str(path) and ref.model_name == name and ref.layer == layer
+
+
+def test_loads_a_tapped_model_checkpoint(tmp_path):
+    """A TappedModel state dict (net. prefix) inside a checkpoint dict loads the same."""
+    model = build_model("resnet18", num_classes=3, width=0.5, seed=1).eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "epoch": 4}, path)
+    net = load_network("resnet18", path)
+    assert net.num_classes == 3 and net.net.conv1.out_channels == 32
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(x), model(x))
+
+
+def test_frozen_eval_no_grad(tmp_path):
+    model = build_model("resnet18", num_classes=5, width=0.25, seed=0)
+    path = tmp_path / "w.pt"
+    torch.save(model.net.state_dict(), path)
+    ref = pretrained_reference("resnet18", "block1", path)
+    assert all(not p.requires_grad for p in ref.network.parameters())
+    ref.network.train()  # e.g. a careless caller; the reference must still run in eval mode
+    stats = ref.network.net.bn1.running_mean.clone()
+    batches = ref.network.net.bn1.num_batches_tracked.clone()
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    y = ref.representation(x)
+    assert not y.requires_grad and y.grad_fn is None
+    assert torch.equal(ref.network.net.bn1.running_mean, stats)
+    assert torch.equal(ref.network.net.bn1.num_batches_tracked, batches)
+    assert not ref.network.training
+    # eval-mode output: deterministic and equal to the model's own eval tap
+    _, taps = model.eval()(x.detach(), taps=("block1",))
+    assert torch.equal(y, taps["block1"])
+
+
+def test_unknown_layer_for_the_reference(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown layer 'block1' for model 'alexnet'; "
+                                         r"accepted: conv1, .*fc2"):
+        pretrained_reference("alexnet", "block1", tmp_path / "w.pt")
+
+
+# ----------------------------------------------------------------------------- weight files
+
+
+def test_loads_from_the_torch_hub_cache(torch_home):
+    """The real torchvision shapes (1000 classes, width 1) under the expected file name."""
+    model = build_model("resnet18", num_classes=1000, seed=0).eval()
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(model.net.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    ref = pretrained_reference("resnet18", "block4")  # weights="torchvision" is the default
+    assert ref.network.num_classes == 1000
+    assert ref.source == str(checkpoints / "resnet18-f37072fd.pth")
+    x = torch.randn(2, 3, 64, 64)
+    _, taps = model(x, taps=("block4",))
+    assert torch.equal(ref.representation(x), taps["block4"])
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_WEIGHT_FILES))
+def test_missing_weights_say_how_to_supply_them(torch_home, name):
+    expected = TORCHVISION_WEIGHT_FILES[name]
+    with pytest.raises(WeightsNotFoundError, match=rf"put {expected} in "
+                                                   rf"{torch_home / 'hub' / 'checkpoints'}.*"
+                                                   rf"--weights PATH.*--weights auto") as info:
+        pretrained_reference(name, "conv1")
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_missing_weights_file_path(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsNotFoundError, match=rf"'{missing}' for alexnet does not exist; "
+                                                   r"pass --weights PATH"):
+        find_weights("alexnet", missing)
+
+
+def test_a_file_of_the_wrong_model(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(build_model("resnet18", num_classes=3, width=0.25).net.state_dict(), path)
+    with pytest.raises(ValueError, match="is not a alexnet state dict"):
+        load_network("alexnet", path)
+
+
+# ----------------------------------------------------------------------------- "auto"
+
+
+def test_train_reference_network_is_deterministic_and_learns():
+    data = tiny_data()
+    kw = dict(num_classes=4, multilabel=False, lr=3e-3, batch_size=16, width=0.25,
+              device="cpu", image_size=32)
+    state = torch.get_rng_state()
+    a = train_reference_network("resnet18", data, epochs=8, seed=1, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # caller's RNG untouched
+    b = train_reference_network("resnet18", TensorDataset(*data), epochs=8, seed=1, **kw)
+    c = train_reference_network("resnet18", data, epochs=1, seed=2, **kw)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["net.conv1.weight"], sc["net.conv1.weight"])
+    assert not a.training
+    with torch.no_grad():
+        accuracy = (a(data[0]).argmax(1) == data[1]).float().mean().item()
+    assert accuracy > 0.9
+
+
+def test_train_reference_network_multilabel_and_size_check():
+    images, labels, ids = tiny_data()
+    multi_hot = torch.nn.functional.one_hot(labels, 4).float()
+    multi_hot[::3, 0] = 1.0
+    net = train_reference_network("resnet18", (images, multi_hot, ids), num_classes=4,
+                                  multilabel=True, epochs=1, seed=0, batch_size=32, width=0.25,
+                                  device="cpu", image_size=32)
+    assert net.num_classes == 4
+    with pytest.raises(ValueError, match=r"expects images \(3, 64, 64\), got \(3, 32, 32\)"):
+        train_reference_network("resnet18", (images, labels, ids), num_classes=4,
+                                multilabel=False, epochs=1, seed=0, batch_size=32, width=0.25,
+                                device="cpu", image_size=64)
+
+
+def _auto(data, training=TINY, **kw):
+    return pretrained_reference("resnet18", "block1", "auto", data=data, num_classes=4,
+                                image_size=32, training=training, **kw)
+
+
+def test_auto_trains_once_and_reuses_the_cache(monkeypatch):
+    calls = []
+    original = pretrained.train_reference_network
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pretrained, "train_reference_network", counting)
+    data = tiny_data(seed=10)
+    first = _auto(data)
+    assert calls == [TINY.seed]
+    second = _auto(TensorDataset(*data))  # same content, other container: same entry
+    assert calls == [TINY.seed]
+    assert first.source == second.source and first.source.startswith("auto:")
+    x = data[0][:4]
+    assert torch.equal(first.representation(x), second.representation(x))
+    # what determines the network is in the key: another seed, or other data, trains anew
+    _auto(data, training=ReferenceTraining(epochs=1, seed=4, lr=1e-3, batch_size=16,
+                                           width=0.25))
+    changed = (data[0].clone(), data[1], data[2])
+    changed[0][0, 0, 0, 0] += 1
+    _auto(changed)
+    assert calls == [TINY.seed, 4, TINY.seed]
+    entry = Path(first.source.removeprefix("auto:"))
+    assert (entry / "weights.pt").is_file() and (entry / "meta.json").is_file()
+
+
+def test_auto_needs_data_and_a_key_for_other_datasets():
+    with pytest.raises(ValueError, match="'auto' trains a reference network and needs data, "
+                                         "num_classes, image_size"):
+        pretrained_reference("resnet18", "block1", "auto")
+
+    class Listed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 32, 32), torch.tensor(0), torch.tensor(i)
+
+    with pytest.raises(ValueError, match="cannot fingerprint a Listed by content; pass "
+                                         "dataset_key="):
+        dataset_fingerprint(Listed())
+    ref = _auto(Listed(), dataset_key={"data": "listed", "n": 1})
+    assert isinstance(ref, PretrainedReference)
+
+
+def _concurrent_builder(barrier, counter: str, out: str) -> None:
+    """Child process: count real trainings in ``counter``, race the other child to build."""
+    original = pretrained.train_reference_network
+
+    def counting(*args, **kwargs):
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # hold the lock long enough that the other builder must wait on it
+        return original(*args, **kwargs)
+
+    pretrained.train_reference_network = counting
+    torch.set_num_threads(1)
+    barrier.wait(timeout=60)
+    ref = _auto(tiny_data(seed=20))
+    Path(out).write_text(ref.source)
+
+
+def test_two_concurrent_builders_train_once(tmp_path, monkeypatch):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    counter = tmp_path / "trainings.txt"
+    outs = [tmp_path / f"out{i}.txt" for i in range(2)]
+    procs = [ctx.Process(target=_concurrent_builder, args=(barrier, str(counter), str(o)))
+             for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(counter.read_text().split()) == 1
+    sources = {o.read_text() for o in outs}
+    assert len(sources) == 1
+    # and the parent (same cache) reuses the entry the children built, training nothing
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(pretrained, "train_reference_network", refuse)
+    assert _auto(tiny_data(seed=20)).source in sources

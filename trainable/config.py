@@ -1,0 +1,137 @@
+"""The trial configuration: one frozen, validated dataclass built once at the trial's entry.
+
+Unknown keys and bad values are rejected with the value named; ``asdict(cfg)`` becomes the
+MLflow params of the trial's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+REFERENCE_KINDS = ("gabor", "pretrained", "nsd")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs besides its data and reference.
+
+    model, layer : a registered model and one of its taps (``trainable.models``).
+    reference : "gabor", "pretrained" or "nsd": which reference the trial's data carries.
+    metric : alignment metric name (``trainable.alignment.METRICS``) used in the loss.
+    alpha : signed weight of L_align = -score (alpha > 0 promotes alignment, < 0 suppresses).
+    beta : weight of the task loss.
+    lr, batch_size, epochs, seed : Adam learning rate, batch size, epochs, seed (init, order).
+    image_size : input size in pixels; width : channel multiplier (1.0 = torchvision exactly;
+        other values are for the demo scale only).
+    ridge_rel : relative ridge penalty of the loss form (lambda = ridge_rel * trace(K) / n).
+    loss_folds : 0 = exact leave-one-out inside the batch, k >= 2 = contiguous k-fold.
+    val_folds : folds of the validation alignment (cross-validated ridge, 5 in the paper).
+    val_images : size of the fixed held-out image set for validation alignment, CKA and RSA.
+    pool : 0 = align the full layer; k > 0 = adaptive-average-pool each spatial map (of the
+        layer and of a spatial reference) to k x k before alignment. Pooling cuts the cost of
+        the n x p Gram matrices by (H*W)/k^2 but discards spatial layout finer than H/k, so the
+        default is 0 and the paper's conditions keep it.
+    device : "auto" (CUDA when visible, else CPU), "cpu" or "cuda".
+    precision : "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
+    threads : torch intra-op threads; 0 = leave as is (the sweep sets it from the trial's CPU
+        share, since Ray sets OMP_NUM_THREADS=1 in workers).
+    align_batch_every : for alpha == 0 the batch alignment is only measured (no gradient) on
+        every k-th step, so the baseline does not pay for a loss it does not use.
+    """
+
+    model: str = "alexnet"
+    layer: str = "conv1"
+    reference: str = "gabor"
+    metric: str = "linear"
+    alpha: float = 0.0
+    beta: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 1000
+    epochs: int = 50
+    seed: int = 0
+    image_size: int = 224
+    width: float = 1.0
+    ridge_rel: float = 0.1
+    loss_folds: int = 0
+    val_folds: int = 5
+    val_images: int = 1000
+    pool: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+    align_batch_every: int = 10
+
+    def __post_init__(self) -> None:
+        from trainable.alignment import METRICS
+        from trainable.models import model_layers, MODELS
+
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r}; accepted: {accepted}")
+
+        if self.model not in MODELS:
+            raise bad("model", ", ".join(sorted(MODELS)))
+        if self.layer not in model_layers(self.model):
+            raise bad("layer", f"for {self.model}: {', '.join(model_layers(self.model))}")
+        if self.reference not in REFERENCE_KINDS:
+            raise bad("reference", ", ".join(REFERENCE_KINDS))
+        if self.metric not in METRICS:
+            raise bad("metric", ", ".join(sorted(METRICS)))
+        for name in ("alpha", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "a finite number")
+        if self.beta < 0:
+            raise bad("beta", "a number >= 0")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha=0 and beta=0: the loss would be zero; set either")
+        for name in ("lr", "ridge_rel", "width"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise bad(name, "a positive number")
+        for name, low in (("batch_size", 4), ("epochs", 1), ("image_size", 16),
+                          ("val_folds", 2), ("val_images", 10), ("align_batch_every", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(name, f"an integer >= {low}")
+        for name in ("seed", "pool", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "an integer >= 0")
+        if self.loss_folds == 1 or self.loss_folds < 0:
+            raise bad("loss_folds", "0 (exact leave-one-out) or an integer >= 2")
+        if self.val_images < 2 * self.val_folds:
+            raise bad("val_images", f"at least 2 * val_folds = {2 * self.val_folds}")
+        if self.device not in DEVICES:
+            raise bad("device", ", ".join(DEVICES))
+        if self.precision not in PRECISIONS:
+            raise bad("precision", ", ".join(PRECISIONS))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
+        """Build from a plain dict (a Ray Tune config); unknown keys are an error. Integral
+        floats are accepted for integer fields (search spaces produce floats)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown trial config keys {unknown}; accepted: {', '.join(sorted(known))}"
+            )
+        coerced = {}
+        for key, value in values.items():
+            default = known[key].default
+            if isinstance(default, int) and not isinstance(default, bool):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+            elif isinstance(default, float) and isinstance(value, int) and not isinstance(
+                value, bool
+            ):
+                value = float(value)
+            coerced[key] = value
+        return cls(**coerced)
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

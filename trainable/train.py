@@ -1,0 +1,508 @@
+"""The ONE shared trainable: every configuration of every sweep runs ``train``.
+
+``train(config, *, data, reference, hooks=None)`` trains a model with
+``L_total = alpha * L_align + beta * L_task`` (``L_align = -score(layer, reference)`` on the
+batch) and after every epoch reports task loss, alignment loss, batch alignment, validation
+performance (top-1 or mAP), validation linear alignment / CKA / RSA on a fixed held-out image set,
+epoch seconds and images per second, with a checkpoint. It is a plain function: Ray Tune calls it
+through ``sweeps`` (which injects hooks that report to Ray), tests and benchmarks call it
+directly with ``LocalHooks``. No Ray import here.
+
+Data arrives prepared (``TrialData``: whole splits as in-memory uint8 tensors, put once in Ray's
+object store by the driver); references expose ``targets(images, image_ids) -> [(rows, Y)]``,
+one group per subject for voxel data and one group for image-computable references.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from references.datasets import TensorSplit, normalize
+from trainable.alignment import (
+    get_metric,
+    linear_alignment_heldout,
+    linear_alignment_scaled,
+    linear_cka,
+    rsa,
+)
+from trainable.config import TrialConfig
+from trainable.models import build_model, conv1_weight, filter_grid_png
+
+TASKS = ("single_label", "multi_label")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the epoch and step."""
+
+
+class Reference(Protocol):
+    def targets(
+        self, images: torch.Tensor, image_ids: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """What the driver prepares once per sweep and shares with every trial.
+
+    train, val : whole splits in memory (uint8 images (N, 3, S, S), targets, image ids).
+    task : "single_label" (cross-entropy, top-1/top-5) or "multi_label" (BCE, mAP).
+    num_classes : logits the model produces.
+    description : where the data came from (simulated / NSD / ImageFolder path), for tags.
+    """
+
+    train: TensorSplit
+    val: TensorSplit
+    task: str
+    num_classes: int
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}; accepted: {', '.join(TASKS)}")
+        for name in ("train", "val"):
+            split = getattr(self, name)
+            if split.images.dtype != torch.uint8 or split.images.ndim != 4:
+                raise ValueError(
+                    f"{name} images must be uint8 (N, 3, S, S), got {split.images.dtype} "
+                    f"{tuple(split.images.shape)}"
+                )
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @classmethod
+    def from_bundle(cls, bundle, description: str = "") -> TrialData:
+        """Materialise a ``references.datasets.DataBundle`` (both splits, in memory)."""
+        return cls(bundle.train.to_tensors(), bundle.val.to_tensors(), bundle.task,
+                   bundle.num_classes, description)
+
+    def subset(self, n_train: int, n_val: int) -> TrialData:
+        """The first n_train / n_val images of each split (smoke tests, benchmarks)."""
+        def head(split: TensorSplit, n: int) -> TensorSplit:
+            return TensorSplit(split.images[:n], split.targets[:n], split.image_ids[:n])
+        return TrialData(head(self.train, n_train), head(self.val, n_val), self.task,
+                         self.num_classes, self.description)
+
+
+class Hooks(Protocol):
+    """How a trial talks to whoever runs it (Ray Tune or plain Python)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None: ...
+
+    def restore(self) -> Path | None: ...
+
+    def artifact_dir(self) -> Path: ...
+
+
+@dataclass
+class LocalHooks:
+    """Hooks for plain Python: keep every report, keep checkpoints under ``workdir``."""
+
+    workdir: Path
+    resume_from: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        self.history.append(dict(metrics))
+        keep = Path(self.workdir) / f"checkpoint_{int(metrics['epoch']):04d}"
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in Path(checkpoint_dir).iterdir():
+            (keep / f.name).write_bytes(f.read_bytes())
+        self.checkpoints.append(keep)
+
+    def restore(self) -> Path | None:
+        return self.resume_from
+
+    def artifact_dir(self) -> Path:
+        path = Path(self.workdir) / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
+    """Top-k accuracy for each k (capped at the number of classes). logits (n, c), targets (n,)."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred == targets[:, None]
+    return {k: float(hit[:, : min(k, maxk)].any(1).float().mean()) for k in topk}
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Macro average precision over the classes with at least one positive.
+
+    scores, targets : (n, c). Per class, AP = sum_k (R_k - R_{k-1}) P_k over distinct score
+    thresholds (tied scores form one threshold), scikit-learn's ``average_precision_score``;
+    classes without positives in the evaluation set are left out (their AP is undefined).
+    """
+    aps = []
+    for c in range(scores.shape[1]):
+        y = targets[:, c] > 0.5
+        if not y.any():
+            continue
+        order = np.argsort(-scores[:, c], kind="mergesort")
+        s, t = scores[order, c], y[order]
+        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+        tps = np.cumsum(t)[last]
+        fps = last + 1 - tps
+        precision = tps / (tps + fps)
+        recall = tps / tps[-1]
+        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
+    if not aps:
+        raise ValueError("no class has a positive in the evaluation set: mAP is undefined")
+    return float(np.mean(aps))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def resolve_device(cfg: TrialConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _autocast(cfg: TrialConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """(n, C, H, W) -> (n, C, pool, pool) by adaptive average pooling when pool > 0 and the
+    map is larger; anything else unchanged. Always returned in float32 (alignment math is
+    never done in bf16)."""
+    if pool > 0 and x.ndim == 4 and (x.shape[-1] > pool or x.shape[-2] > pool):
+        x = F.adaptive_avg_pool2d(x.float(), pool)
+    return x.float()
+
+
+def _min_rows(cfg: TrialConfig) -> int:
+    if cfg.metric == "linear":
+        return 3 if cfg.loss_folds == 0 else 2 * cfg.loss_folds
+    return 3
+
+
+def alignment_loss_fn(cfg: TrialConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The metric's loss form with the trial's options (score: higher = more aligned)."""
+    if cfg.metric == "linear":
+        folds = None if cfg.loss_folds == 0 else cfg.loss_folds
+
+        def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return linear_alignment_heldout(x, y, rel=cfg.ridge_rel, folds=folds)
+
+        return score
+    return get_metric(cfg.metric).loss
+
+
+def batch_alignment(
+    feats: torch.Tensor,
+    groups: list[tuple[torch.Tensor, torch.Tensor]],
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cfg: TrialConfig,
+) -> torch.Tensor | None:
+    """Mean alignment score over groups (one per subject for voxel data).
+
+    feats : (n, ...) the tapped layer for the batch. groups : [(rows, Y)], rows index the
+    batch. A group with too few rows for the held-out score is skipped; None when no group
+    is usable (the batch then only feeds the task term).
+    """
+    feats = _pooled(feats, cfg.pool)
+    scores = []
+    for rows, y in groups:
+        if rows.numel() < _min_rows(cfg):
+            continue
+        scores.append(score_fn(feats[rows], _pooled(y, cfg.pool)))
+    return torch.stack(scores).mean() if scores else None
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "single_label":
+        return F.cross_entropy(logits.float(), targets)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Batch order depends only on (seed, epoch), so a resumed trial sees the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: TensorSplit,
+    reference: Reference,
+    cfg: TrialConfig,
+    task: str,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over ``split`` in batches of cfg.batch_size (last partial batch dropped if
+    smaller than the held-out score needs). Returns means over steps."""
+    model.train()
+    gen = _epoch_generator(cfg.seed, epoch)
+    order = torch.randperm(len(split), generator=gen)
+    # Horizontal flips augment image-computable references (recomputed on the flipped image);
+    # never voxel data: a flipped stimulus is not what the retinotopic response saw.
+    flips = torch.rand(len(split), generator=gen) < 0.5
+    if cfg.reference == "nsd":
+        flips.zero_()
+    score_fn = alignment_loss_fn(cfg)
+    sums = {"task_loss": 0.0, "align_loss": 0.0, "batch_alignment": 0.0}
+    n_steps = n_align = n_images = 0
+    for step, lo in enumerate(range(0, len(split), cfg.batch_size)):
+        idx = order[lo : lo + cfg.batch_size]
+        if idx.numel() < max(2, _min_rows(cfg)):
+            break
+        images = normalize(split.images[idx].to(device, non_blocking=True))
+        flip = flips[idx].to(device)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        targets = split.targets[idx].to(device, non_blocking=True)
+        ids = split.image_ids[idx].to(device, non_blocking=True)
+        measure = cfg.alpha != 0 or step % cfg.align_batch_every == 0
+        with _autocast(cfg, device):
+            logits, taps = model(images, taps=(cfg.layer,))
+            l_task = task_loss(logits, targets, task)
+        score = None
+        if measure:
+            groups = list(reference_groups(reference, images, ids).values())
+            with torch.set_grad_enabled(cfg.alpha != 0):
+                score = batch_alignment(taps[cfg.layer], groups, score_fn, cfg)
+        loss = cfg.beta * l_task
+        if score is not None and cfg.alpha != 0:
+            loss = loss + cfg.alpha * (-score)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrialDiverged(
+                f"non-finite loss ({loss_value}) at epoch {epoch} step {step} "
+                f"(alpha={cfg.alpha}, beta={cfg.beta}, lr={cfg.lr}); trial stopped"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums["task_loss"] += float(l_task.detach())
+        if score is not None:
+            s = float(score.detach())
+            sums["batch_alignment"] += s
+            sums["align_loss"] += -s
+            n_align += 1
+        n_steps += 1
+        n_images += idx.numel()
+    if n_steps == 0:
+        raise ValueError(
+            f"the training split has {len(split)} images, fewer than one batch can use "
+            f"(batch_size={cfg.batch_size}); lower batch_size or add data"
+        )
+    out = {"task_loss": sums["task_loss"] / n_steps, "train_images": float(n_images)}
+    if n_align:
+        out["align_loss"] = sums["align_loss"] / n_align
+        out["batch_alignment"] = sums["batch_alignment"] / n_align
+    else:
+        out["align_loss"] = out["batch_alignment"] = float("nan")
+    return out
+
+
+@torch.no_grad()
+def _forward_all(model, split: TensorSplit, layer: str | None, cfg, device, batch: int = 256):
+    """Logits (n, c) and, if layer, pooled tap features (n, ...) for a whole split (eval)."""
+    model.eval()
+    logits, feats = [], []
+    for lo in range(0, len(split), batch):
+        images = normalize(split.images[lo : lo + batch].to(device))
+        with _autocast(cfg, device):
+            if layer:
+                out, taps = model(images, taps=(layer,))
+                feats.append(_pooled(taps[layer], cfg.pool))
+            else:
+                out = model(images)
+        logits.append(out.float())
+    return torch.cat(logits), (torch.cat(feats) if layer else None)
+
+
+def evaluate(model, split: TensorSplit, task: str, cfg, device) -> dict[str, float]:
+    """Validation performance: top-1 (and top-5) accuracy or mAP. ``val_performance`` is the
+    number the Pareto fronts use."""
+    logits, _ = _forward_all(model, split, None, cfg, device)
+    targets = split.targets.to(device)
+    if task == "single_label":
+        acc = accuracy(logits, targets, (1, 5))
+        return {"val_top1": acc[1], "val_top5": acc[5], "val_performance": acc[1]}
+    m = mean_average_precision(torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy())
+    return {"val_map": m, "val_performance": m}
+
+
+def validation_subset(split: TensorSplit, n: int) -> TensorSplit:
+    """A fixed random subset of the validation split, in random order (seed 0, the same for
+    every trial of a sweep so their alignments are comparable).
+
+    The order matters: the validation alignment uses contiguous folds, and splits are stored
+    sorted (ImageFolder by class, NSD by nsdId); contiguous folds of a class-sorted set would
+    test on unseen classes and measure distribution shift, not alignment."""
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n]
+    return TensorSplit(split.images[idx], split.targets[idx], split.image_ids[idx])
+
+
+def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """``reference.targets`` as a dict keyed by group (the subject for voxel data). References
+    may return a dict or a list (a list's groups are keyed by position)."""
+    out = reference.targets(images, image_ids)
+    return dict(out) if isinstance(out, Mapping) else dict(enumerate(out))
+
+
+def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int = 256):
+    """Reference representation of the fixed validation set, one (rows, Y) per group."""
+    rows_by_key: dict[Any, list[torch.Tensor]] = {}
+    ys_by_key: dict[Any, list[torch.Tensor]] = {}
+    for lo in range(0, len(subset), batch):
+        images = normalize(subset.images[lo : lo + batch].to(device))
+        ids = subset.image_ids[lo : lo + batch].to(device)
+        with torch.no_grad():
+            groups = reference_groups(reference, images, ids)
+        for key, (rows, y) in groups.items():
+            rows_by_key.setdefault(key, []).append(rows.to(device) + lo)
+            ys_by_key.setdefault(key, []).append(_pooled(y, cfg.pool))
+    return [(torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
+
+
+def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig) -> dict[str, float]:
+    """Linear alignment (cross-validated ridge, cfg.val_folds folds, penalties relative to each
+    predictor's scale), CKA and RSA between the layer and the reference on the fixed validation
+    set, in float64; averaged over groups (subjects) with enough images."""
+    out: dict[str, list[float]] = {"val_alignment": [], "val_cka": [], "val_rsa": []}
+    for rows, y in groups:
+        if rows.numel() < 2 * cfg.val_folds:
+            continue
+        x64 = feats[rows].double().flatten(1)
+        y64 = y.double().flatten(1)
+        out["val_alignment"].append(float(linear_alignment_scaled(x64, y64, folds=cfg.val_folds)))
+        out["val_cka"].append(float(linear_cka(x64, y64)))
+        out["val_rsa"].append(float(rsa(x64, y64)))
+    if not out["val_alignment"]:
+        raise ValueError(
+            f"no reference group has {2 * cfg.val_folds} validation images with responses; "
+            "the validation alignment needs them (check the subjects and the split)"
+        )
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: Path, model, optimizer, epoch: int, cfg: TrialConfig) -> Path:
+    """Model, optimizer, the last finished epoch and RNG states, so a restored trial continues
+    exactly as one that never stopped."""
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "config": cfg.asdict(),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / CHECKPOINT_FILE)
+    return directory
+
+
+def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
+    """Restore the state saved by ``save_checkpoint``; returns the epoch to start from."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ValueError(f"no {CHECKPOINT_FILE} in checkpoint directory {directory}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in ("device", "threads")}
+    now = {k: v for k, v in cfg.asdict().items() if k not in ("device", "threads", "epochs")}
+    saved.pop("epochs", None)
+    if saved != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        raise ValueError(f"checkpoint {path} was written by a different config (differs in {diff})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["epoch"]) + 1
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def train(
+    config: Mapping[str, Any] | TrialConfig,
+    *,
+    data: TrialData,
+    reference: Reference,
+    hooks: Hooks | None = None,
+) -> dict[str, float]:
+    """Run one trial; returns the final epoch's metrics (also reported through ``hooks``).
+
+    config : a TrialConfig or a plain dict (Ray Tune's), validated here.
+    data : the prepared splits (``TrialData``).
+    reference : the reference representation (``references.build_reference``).
+    hooks : reporting, checkpoint restore and artifact location; default ``LocalHooks`` in a
+        temporary directory.
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(dict(config))
+    if data.image_size != cfg.image_size:
+        raise ValueError(
+            f"data was prepared at {data.image_size} px but the config asks image_size="
+            f"{cfg.image_size}; prepare the data at the trial's image size"
+        )
+    hooks = hooks or LocalHooks(Path(tempfile.mkdtemp(prefix="alignsweep-trial-")))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if hasattr(reference, "to"):
+        reference = reference.to(device)
+
+    start = 0
+    restore = hooks.restore()
+    if restore is not None:
+        start = load_checkpoint(Path(restore), model, optimizer, cfg)
+
+    val_subset = validation_subset(data.val, cfg.val_images)
+    val_groups = _reference_targets(reference, val_subset, cfg, device)
+    val_groups = [(r.to(device), y.to(device)) for r, y in val_groups]
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        metrics = train_one_epoch(
+            model, optimizer, data.train, reference, cfg, data.task, epoch, device
+        )
+        train_seconds = time.perf_counter() - t0
+        metrics.update(evaluate(model, data.val, data.task, cfg, device))
+        _, feats = _forward_all(model, val_subset, cfg.layer, cfg, device)
+        metrics.update(validation_alignment(feats, val_groups, cfg))
+        metrics["epoch"] = float(epoch)
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
+            if epoch == cfg.epochs - 1 and cfg.model in ("alexnet", "resnet18"):
+                art = hooks.artifact_dir()
+                filter_grid_png(conv1_weight(model).detach().cpu(), art / "conv1_filters.png")
+                (art / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+            hooks.report(metrics, Path(tmp))
+    return metrics
