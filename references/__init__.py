@@ -12,18 +12,38 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from references import datasets
-
 __all__ = ["DATASETS", "REFERENCES", "build_dataset", "build_reference"]
+
+
+# Builders import their modules when called: importing the package stays cheap, and
+# `python -m references.nsd` does not find its own module pre-imported by the package.
+
+
+def _simulated_single_label(**options: Any):
+    from references import datasets
+
+    return datasets.simulated_single_label_bundle(**options)
+
+
+def _simulated_nsd(**options: Any):
+    from references import datasets
+
+    return datasets.simulated_nsd_bundle(**options)
+
+
+def _imagenet(root: str | os.PathLike, **options: Any):
+    from references import datasets
+
+    return datasets.imagefolder_bundle(root, **options)
 
 
 def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
                  subjects, roi: str, image_size: int, progress: bool = True,
-                 split_seed: int = 0) -> datasets.DataBundle:
+                 split_seed: int = 0):
     """A real NSD release: prepare (cached by the inputs' sizes and mtimes), then open."""
     from pathlib import Path
 
-    from references import nsd
+    from references import datasets, nsd
 
     table = nsd.prepare_cached(nsd_root, coco_annotations, tuple(subjects), roi,
                                progress=progress)
@@ -32,15 +52,15 @@ def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.Path
 
 
 #: data name (as in a sweep file) -> builder(**options) -> DataBundle
-DATASETS: dict[str, Callable[..., datasets.DataBundle]] = {
-    "simulated_single_label": datasets.simulated_single_label_bundle,
-    "simulated_nsd": datasets.simulated_nsd_bundle,
-    "imagenet": datasets.imagefolder_bundle,
+DATASETS: dict[str, Callable[..., Any]] = {
+    "simulated_single_label": _simulated_single_label,
+    "simulated_nsd": _simulated_nsd,
+    "imagenet": _imagenet,
     "nsd": _nsd_release,
 }
 
 
-def build_dataset(name: str, **options: Any) -> datasets.DataBundle:
+def build_dataset(name: str, **options: Any):
     """Build data set ``name`` (see ``DATASETS``); unknown names list the accepted ones."""
     if name not in DATASETS:
         raise ValueError(f"unknown data {name!r}; accepted: {', '.join(sorted(DATASETS))}")
@@ -53,7 +73,7 @@ def _gabor(**_: Any):
     return GaborReference()
 
 
-def _pretrained(*, bundle: datasets.DataBundle, model: str, layer: str, width: float,
+def _pretrained(*, bundle, model: str, layer: str, width: float,
                 image_size: int, weights: str = "auto", dataset_key: object = None,
                 device: str = "cpu", **_: Any):
     """A frozen network at the trial's layer. weights: "torchvision" (local hub cache, paper
@@ -69,7 +89,7 @@ def _pretrained(*, bundle: datasets.DataBundle, model: str, layer: str, width: f
     )
 
 
-def _voxels(*, bundle: datasets.DataBundle, **_: Any):
+def _voxels(*, bundle, **_: Any):
     if bundle.responses is None:
         raise ValueError("reference 'nsd' needs voxel data (data 'nsd' or 'simulated_nsd'), "
                          f"but the data is {bundle.task} without responses")
