@@ -332,3 +332,20 @@ def test_error_folds_and_metric_name_and_degenerate_inputs():
         linear_cka(np.ones((20, 4)), y)
     with pytest.raises(ValueError, match=r"X has shape \(20, 0\)"):
         ridge_cv_r2(np.ones((20, 0)), y, alphas=[1.0])
+
+
+def test_flat_test_fold_column_is_constant_even_when_its_mean_rounds():
+    """Ten copies of 0.41925483421092963 have a float64 mean one ulp off, so SST is 3e-32,
+    not 0; the column is still flat and must score by the constant-column rule, not as
+    1 - SSE / 3e-32 (about -1e29 before the rule looked at max == min)."""
+    value = 0.41925483421092963
+    flat = torch.full((10,), value, dtype=torch.float64)
+    assert float(flat.mean()) != value  # the premise: the mean rounds
+    x, y = linear_data(50, 80, 2, seed=9)
+    y = np.column_stack([y, np.full(50, value)])
+    y[10:, 2] += np.random.default_rng(0).standard_normal(40)  # flat only in test fold 0
+    got = ridge_cv_r2(x, y, alphas=ALPHAS)
+    assert -1.0 < got < 1.0
+    # The one documented departure from scikit-learn, whose r2_score tests SST == 0 and so
+    # scores this fold at about -5e29.
+    assert sklearn_cv_r2(x, y) < -1e20

@@ -124,13 +124,17 @@ def _fold_bounds(n: int, folds: int) -> list[tuple[int, int]]:
 def _r2_columns(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
     """R^2 per column, scikit-learn's ``r2_score`` rule for constant columns.
 
-    A column that is constant in ``y_true`` (zero total sum of squares) scores 1.0 when it is
-    predicted exactly and 0.0 otherwise (``force_finite=True``), so one flat voxel or a dead
-    unit in a test fold neither poisons the mean with inf/NaN nor rewards a wrong prediction.
+    A column that is constant in ``y_true`` scores 1.0 when it is predicted exactly and 0.0
+    otherwise (``force_finite=True``), so one flat voxel or a dead unit in a test fold neither
+    poisons the mean with inf/NaN nor rewards a wrong prediction. Constant means all values
+    equal (max == min), not "SST == 0": the mean of n equal floats can differ from them by an
+    ulp, leaving SST ~1e-32 and an R^2 of -1e29 for a column that is in fact flat.
+    This is the one place where the result departs from scikit-learn (which tests SST == 0
+    and returns that -1e29); everywhere else ``ridge_cv_r2`` equals its pipeline.
     """
     sse = ((y_true - y_pred) ** 2).sum(0)
     sst = ((y_true - y_true.mean(0)) ** 2).sum(0)
-    const = sst == 0
+    const = y_true.amax(0) == y_true.amin(0)
     safe = torch.where(const, torch.ones_like(sst), sst)
     r2 = 1.0 - sse / safe
     return torch.where(const, (sse == 0).to(r2.dtype), r2)
