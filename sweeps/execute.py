@@ -1,0 +1,261 @@
+"""Run a validated sweep ``Plan`` on Ray Tune, tracked in MLflow.
+
+The data flows one way: each distinct data source and each condition's reference is prepared
+ONCE here on the driver and put in Ray's object store; Ray Tune launches one trial per grid
+point of the ONE shared trainable (``trainable.train.train``), each fetching only its own
+condition's data and reference from the store; per-epoch metrics and checkpoints go to Ray Tune
+and to the trial's nested MLflow run. All Ray imports of the project live in ``sweeps/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeps import tracking
+from sweeps.plan import Plan, check_services
+from sweeps.spec import Resources, TrialSpec
+
+PARENT_FILE = "mlflow_parent.json"
+LATEST_FILE = "latest"
+PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What every trial receives through ``tune.with_parameters`` (small: object references,
+    not the data itself, so a trial fetches only its own condition's data)."""
+
+    specs: dict[str, TrialSpec]
+    data_refs: dict[str, Any]  # condition -> ObjectRef of TrialData
+    reference_refs: dict[str, Any]  # condition -> ObjectRef of the reference
+    mlflow_uri: str
+    parent_run_id: str
+    run_tags: dict[str, str]
+
+
+class RayHooks:
+    """``trainable.train.Hooks`` for a trial running under Ray Tune with an MLflow child run."""
+
+    def __init__(self, run: tracking.TrialRun) -> None:
+        from ray import tune
+
+        self._tune = tune
+        self.run = run
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        self.run.log_epoch(metrics, int(metrics["epoch"]))
+        # Ray persists the checkpoint directory to the run's storage before report returns.
+        self._tune.report(dict(metrics),
+                          checkpoint=self._tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    def restore(self) -> Path | None:
+        ckpt = self._tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="restore-")
+        return Path(ckpt.to_directory(self._restored.name))
+
+    def artifact_dir(self) -> Path:
+        path = Path(self._tune.get_context().get_trial_dir()) / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
+    """The Ray Tune function trainable: one grid point, by its trial id."""
+    import ray
+
+    from trainable.train import train
+
+    spec = payload.specs[config["trial_id"]]
+    data = ray.get(payload.data_refs[spec.condition])
+    reference = ray.get(payload.reference_refs[spec.condition])
+    run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
+                            params=spec.config, tags={**payload.run_tags, **spec.tags()})
+    hooks = RayHooks(run)
+    try:
+        train(spec.config, data=data, reference=reference, hooks=hooks)
+    except BaseException as exc:
+        run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.finish("FAILED")
+        raise
+    run.log_artifacts(hooks.artifact_dir())
+    run.finish("FINISHED")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build each distinct data source once and each condition's reference once (driver)."""
+    from references import build_reference
+    from trainable.train import TrialData
+
+    bundles: dict[Any, Any] = {}
+    datas: dict[Any, TrialData] = {}
+    per_condition_data, per_condition_ref = {}, {}
+    for name in plan.conditions:
+        source = plan.data[name]
+        cond = plan.spec.condition(name)
+        if source not in bundles:
+            t0 = time.perf_counter()
+            bundles[source] = source.build(progress=True)
+            datas[source] = TrialData.from_bundle(bundles[source], source.describe())
+            d = datas[source]
+            _say(f"data ready: {source.describe()}: {len(d.train)} train / {len(d.val)} "
+                 f"validation images ({time.perf_counter() - t0:.1f} s)")
+        t0 = time.perf_counter()
+        reference = build_reference(
+            cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,
+            width=next(t.config["width"] for t in plan.trials if t.condition == name),
+            image_size=source.image_size,
+            weights="auto" if source.simulated else "torchvision",
+            dataset_key=source.describe(),
+        )
+        _say(f"reference ready for {name}: {cond.reference} "
+             f"({time.perf_counter() - t0:.1f} s)")
+        per_condition_data[name] = datas[source]
+        per_condition_ref[name] = reference
+    return per_condition_data, per_condition_ref
+
+
+def _init_ray(plan: Plan) -> None:
+    import ray
+
+    if plan.address is None:
+        # A local Ray sized to this machine; an explicit object store keeps two Ray nodes on one
+        # machine from each claiming all of its memory.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 object_store_memory=int(os.environ.get("ALIGNSWEEP_OBJECT_STORE", 1 << 30)),
+                 runtime_env={"env_vars": _worker_env()})
+    else:
+        ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()})
+
+
+def _worker_env() -> dict[str, str]:
+    """Settings trials must share with the driver (the cache of generated data)."""
+    keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def _run_dir(plan: Plan) -> Path:
+    """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten);
+    ``--resume`` continues the latest one, recorded in ``<storage>/<experiment>.latest``."""
+    storage = Path(plan.storage)
+    pointer = storage / f"{plan.experiment}.{LATEST_FILE}"
+    if plan.resume:
+        if not pointer.is_file():
+            raise ValueError(f"--resume: no earlier run of {plan.experiment} under {storage}")
+        return Path(pointer.read_text().strip())
+    storage.mkdir(parents=True, exist_ok=True)
+    run_dir = storage / f"{plan.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
+    pointer.write_text(str(run_dir))
+    return run_dir
+
+
+def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> dict[str, Resources]:
+    """Per-trial resources; on a cluster without GPUs, GPU requests become 0 (trials then run
+    on CPU: the trainable picks CUDA only when Ray made a GPU visible)."""
+    out = {}
+    for t in trials:
+        r = t.resources
+        if r.gpus > 0 and gpus_available == 0:
+            r = Resources(cpus=r.cpus, gpus=0.0)
+        out[t.trial_id] = r
+    return out
+
+
+def execute(plan: Plan) -> int:
+    """Run the plan; returns the process exit code (0: every trial finished)."""
+    import ray
+    from ray import tune
+
+    check_services(plan)
+    run_dir = _run_dir(plan)
+    parent_file = run_dir / PARENT_FILE
+    reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
+    run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
+                "data_description": plan.data_description, "smoke": str(plan.smoke).lower()}
+    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parent_file.write_text(json.dumps({"run_id": parent_id, "mlflow_uri": plan.mlflow_uri}))
+    _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} ({plan.mlflow_uri})")
+
+    status = "FAILED"
+    try:
+        datas, references = _prepare(plan)
+        _init_ray(plan)
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
+            _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")
+        resources = _trial_resources(plan.trials, gpus)
+        payload = Payload(
+            specs={t.trial_id: t for t in plan.trials},
+            data_refs={c: ray.put(d) for c, d in datas.items()},
+            reference_refs={c: ray.put(r) for c, r in references.items()},
+            mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, payload=payload),
+            lambda config: tune.PlacementGroupFactory(
+                [{"CPU": resources[config["trial_id"]].cpus,
+                  "GPU": resources[config["trial_id"]].gpus}]),
+        )
+        reporter = tune.CLIReporter(metric_columns=list(PROGRESS_METRICS),
+                                    parameter_columns=["trial_id"], max_report_frequency=30)
+        if plan.resume and tune.Tuner.can_restore(str(run_dir)):
+            _say(f"resuming {run_dir}: only unfinished trials run")
+            tuner = tune.Tuner.restore(str(run_dir), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial_id": tune.grid_search([t.trial_id for t in plan.trials])},
+                run_config=tune.RunConfig(
+                    name=run_dir.name, storage_path=str(run_dir.parent),
+                    failure_config=tune.FailureConfig(max_failures=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    progress_reporter=reporter, verbose=1,
+                ),
+            )
+        results = tuner.fit()
+        failed = [r for r in results if r.error is not None]
+        _summary(plan, results, run_dir, parent_id)
+        status = "FINISHED" if not failed else "FAILED"
+        return 0 if not failed else 1
+    finally:
+        tracking.finish(plan.mlflow_uri, parent_id, status)
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _summary(plan: Plan, results, run_dir: Path, parent_id: str) -> None:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        tid = (r.config or {}).get("trial_id", "?")
+        state = "ERROR" if r.error is not None else "done"
+        rows.append((tid, state, m.get("val_performance", float("nan")),
+                     m.get("val_alignment", float("nan"))))
+    rows.sort()
+    width = max(len(r[0]) for r in rows) if rows else 10
+    _say("")
+    _say(f"{'trial':<{width}}  state  performance  alignment")
+    for tid, state, perf, align in rows:
+        _say(f"{tid:<{width}}  {state:<5}  {perf:11.4f}  {align:9.4f}")
+    _say("")
+    _say(f"Ray Tune results: {run_dir}")
+    _say(f"MLflow: {plan.mlflow_uri} (experiment {plan.experiment}, parent run {parent_id})")
+    _say(f"browse them: mlflow ui --backend-store-uri {plan.mlflow_uri}")

@@ -1,0 +1,439 @@
+"""From parsed command-line arguments to a validated, frozen ``Plan``, without starting Ray.
+
+``make_plan(args)`` checks everything a real run would check before its first trial: the sweep
+file, the seeds and search settings, per-trial resources, every explicitly given data path
+(an explicit path that is wrong is an error, never a silent fall back to the demo), the Ray
+address and MLflow URI syntax, the storage folder and what --resume needs. ``check_services``
+then asks the Ray head and the MLflow server given on the command line whether they answer
+(a TCP connect and an HTTP GET: nothing is started). Every problem is a ``UsageError`` with a
+one-line message naming the bad value and what is accepted; ``sweeps/run.py`` prints it as
+``error: <message>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sweeps.spec import (
+    PAPER_DATA,
+    DataSource,
+    Resources,
+    Sweep,
+    TrialSpec,
+    check_amount,
+    list_sweeps,
+    load_sweep,
+)
+
+DATA_CHOICES = ("demo", "imagenet", "nsd", "paper")
+SEARCH_CHOICES = ("grid", "optuna")
+NSD_SUBJECTS = range(1, 9)
+DEFAULT_STORAGE = "ray_results"
+DEFAULT_MLFLOW_DB = "mlflow.db"
+RESUME_POINTER_SUFFIX = ".latest"
+_MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
+                    "postgresql://..., mysql://..., mssql://..., databricks")
+_ADDRESS_ACCEPTED = ("auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray://HOST:PORT; "
+                     "omit --address to start a local Ray")
+
+
+class UsageError(ValueError):
+    """A bad command line or input: one line naming the value and what is accepted (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a sweep run needs, validated.
+
+    sweep : the name given; spec : the loaded sweep; conditions : its condition names.
+    scale : "demo" | "paper"; smoke : the smoke test (tiny simulated data, 1 epoch, 3 trials
+        per condition; scale is then "demo").
+    seeds : repeats of every configuration (seed 0..seeds-1).
+    data_kind : the --data value ("demo" | "imagenet" | "nsd" | "paper").
+    data : condition -> DataSource (hashable: prepare each distinct one once).
+    data_description : the run's first line, e.g. "demo scale on the simulated world (no real
+        data configured)".
+    trials : the grid's trials, CLI resource overrides applied (for --search optuna: the grid
+        the sampler's ranges come from).
+    resources : condition -> per-trial Resources after overrides.
+    search : "grid" | "optuna"; num_samples : optuna trials per condition (None for grid).
+    address : None = start a local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT" = join.
+    mlflow_uri : tracking URI (sqlite paths made absolute, so workers share the file).
+    resume : continue the latest run of this experiment (``resume_pointer``), running only
+        what did not finish. storage : absolute folder (or a cloud URI) for Ray Tune's results.
+    experiment : the Ray experiment folder name and the MLflow experiment name:
+        "<sweep>-<scale>" or "<sweep>-smoke", so demo, smoke and paper results never mix.
+    """
+
+    sweep: str
+    spec: Sweep
+    conditions: tuple[str, ...]
+    scale: str
+    smoke: bool
+    seeds: int
+    data_kind: str
+    data: dict[str, DataSource] = field(hash=False)
+    data_description: str
+    trials: tuple[TrialSpec, ...]
+    resources: dict[str, Resources] = field(hash=False)
+    search: str
+    num_samples: int | None
+    address: str | None
+    mlflow_uri: str
+    resume: bool
+    storage: str
+    experiment: str
+
+    @property
+    def n_trials(self) -> int:
+        """Trials the run will launch."""
+        if self.search == "optuna":
+            return self.num_samples * len(self.conditions)
+        return len(self.trials)
+
+    @property
+    def resume_pointer(self) -> str:
+        """``<storage>/<experiment>.latest``: the file in which a run records its Ray Tune
+        experiment folder, so that --resume finds the latest one (written by sweeps.execute,
+        checked by make_plan)."""
+        return f"{self.storage.rstrip('/')}/{self.experiment}{RESUME_POINTER_SUFFIX}"
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces, each validating one argument
+
+
+def _amount(flag: str, value: str | None) -> float | None:
+    """A --cpus-per-trial / --gpus-per-trial value (spec.check_amount's rules)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    try:
+        return check_amount(flag, number, gpu=flag == "--gpus-per-trial")
+    except ValueError as exc:
+        reason = str(exc).split("; ", 1)[1]
+        raise UsageError(f"{flag}={value!r}; {reason}") from None
+
+
+def _check_dir(flag: str, value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise UsageError(f"{flag} {value}: {what}")
+    return path.resolve()
+
+
+def check_imagenet_root(value: str) -> Path:
+    """An ImageNet-layout folder: train/ and val/, each holding class folders."""
+    root = _check_dir("--imagenet-root", value)
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise UsageError(f"--imagenet-root {value}: no {split}/ folder; accepted: a folder "
+                             f"with train/ and val/ class folders (ImageNet layout)")
+        if not any(p.is_dir() for p in folder.iterdir()):
+            raise UsageError(f"--imagenet-root {value}: {split}/ has no class folders")
+    return root
+
+
+def check_nsd_root(value: str, subjects: tuple[int, ...], rois: set[str]) -> Path:
+    """The files of an NSD release that preparing ``rois`` for ``subjects`` reads."""
+    from references import nsd
+
+    root = _check_dir("--nsd-root", value)
+    needed = [nsd.EXPDESIGN, nsd.STIM_INFO, nsd.STIMULI]
+    for rel in needed:
+        if not (root / rel).is_file():
+            raise UsageError(f"--nsd-root {value}: missing {rel}; accepted: the root of an NSD "
+                             f"release (nsddata/, nsddata_betas/, nsddata_stimuli/)")
+    for subject in subjects:
+        for roi in sorted(rois):
+            mask = nsd.roi_file(root, subject, roi)
+            if not mask.is_file():
+                raise UsageError(f"--nsd-root {value}: missing {mask.relative_to(root)} "
+                                 f"(ROI {roi} of subject {subject})")
+        try:
+            nsd.session_files(root, subject)
+        except nsd.NSDFormatError as exc:
+            raise UsageError(f"--nsd-root {value}: subject {subject}: {exc}") from None
+    return root
+
+
+def check_coco_annotations(value: str) -> Path:
+    """A folder holding instances_train2017.json and instances_val2017.json (directly or in
+    annotations/, the layout of COCO's zip)."""
+    from references import nsd
+
+    root = _check_dir("--coco-annotations", value)
+    for split, name in nsd.COCO_FILES.items():
+        if not nsd._coco_path(root, split).is_file():
+            raise UsageError(f"--coco-annotations {value}: missing {name}; accepted: a folder "
+                             f"with {' and '.join(nsd.COCO_FILES.values())}")
+    return root
+
+
+def _address(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    hostport = value[len("ray://"):] if value.startswith("ray://") else value
+    _host_port("--address", value, hostport, _ADDRESS_ACCEPTED)
+    return value
+
+
+def _host_port(flag: str, value: str, hostport: str, accepted: str) -> tuple[str, int]:
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})", hostport)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise UsageError(f"{flag} {value!r}; accepted: {accepted}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def _mlflow_uri(value: str | None) -> str:
+    """The tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db;
+    sqlite paths are made absolute (Ray workers run in other folders)."""
+    source = "--mlflow-uri"
+    if value is None:
+        value = os.environ.get("MLFLOW_TRACKING_URI") or None
+        source = "MLFLOW_TRACKING_URI"
+    if value is None:
+        return f"sqlite:///{Path.cwd() / DEFAULT_MLFLOW_DB}"
+
+    def bad(why: str) -> UsageError:
+        return UsageError(f"{source} {value!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
+
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    dialect = scheme.split("+", 1)[0]
+    if scheme == "sqlite":
+        if not value.startswith("sqlite:///") or value == "sqlite:///":
+            raise bad("a SQLite URI is sqlite:/// followed by a file path")
+        db = Path(value[len("sqlite:///"):]).expanduser()
+        db = db if db.is_absolute() else Path.cwd() / db
+        if not db.parent.is_dir():
+            raise bad(f"folder {db.parent} does not exist")
+        if db.is_dir():
+            raise bad(f"{db} is a folder, not a database file")
+        return f"sqlite:///{db}"
+    if scheme in ("http", "https"):
+        try:
+            parts.port  # raises for a port that is not a number in range
+        except ValueError:
+            raise bad("the port is not a number in 1..65535") from None
+        if not parts.hostname:
+            raise bad("no host")
+        return value.rstrip("/")
+    if scheme == "file":
+        if not parts.path.startswith("/"):
+            raise bad("a file URI needs an absolute path (file:///...)")
+        return value
+    if dialect in ("postgresql", "mysql", "mssql"):
+        if not parts.hostname:
+            raise bad("no host")
+        return value
+    if scheme == "databricks":
+        return value
+    if not scheme or len(scheme) == 1:  # a bare path, or a Windows drive letter
+        raise bad("a bare path is not a tracking URI (write sqlite:///PATH.db)")
+    raise bad(f"unsupported scheme {parts.scheme!r}")
+
+
+def _storage(value: str | None) -> str:
+    if value is not None and "://" in value:
+        return value  # cloud storage (s3://, gs://): Ray Tune checks it
+    path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--storage {value}: not a directory")
+    return str(path)
+
+
+def _paper_data_line(data: dict[str, DataSource]) -> str:
+    parts = []
+    for src in dict.fromkeys(data.values()):
+        if src.kind == "imagenet":
+            part = f"ImageNet ({src.imagenet_root})"
+        else:
+            part = (f"NSD ({src.nsd_root}, subjects {', '.join(map(str, src.subjects))}, "
+                    f"COCO annotations {src.coco_annotations})")
+        if part not in parts:
+            parts.append(part)
+    return "paper scale on " + " and ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate the parsed command line (``sweeps.run.build_parser``) into a ``Plan``.
+
+    Cheap checks come first (names, numbers, paths), the sweep's full validation (which
+    imports torch for TrialConfig) last, so most usage errors are instant.
+    """
+    known = list_sweeps()
+    if not args.sweep:
+        raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
+                         f"NAME, or --list)")
+    if args.sweep not in known:
+        raise UsageError(f"unknown sweep {args.sweep!r}; known: {', '.join(known)}")
+    cpus = _amount("--cpus-per-trial", args.cpus_per_trial)
+    gpus = _amount("--gpus-per-trial", args.gpus_per_trial)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}; accepted: an integer >= 1")
+    if args.search not in SEARCH_CHOICES:
+        raise UsageError(f"--search {args.search!r}; accepted: {', '.join(SEARCH_CHOICES)}")
+    if args.search == "optuna":
+        if args.num_samples is None:
+            raise UsageError("--search optuna needs --num-samples N (trials sampled per "
+                             "condition)")
+        if args.num_samples < 1:
+            raise UsageError(f"--num-samples {args.num_samples}; accepted: an integer >= 1")
+        if args.seeds != 1:
+            raise UsageError(f"--seeds {args.seeds} with --search optuna; accepted: --seeds "
+                             f"with --search grid (optuna samples alpha, each sample once)")
+    elif args.num_samples is not None:
+        raise UsageError(f"--num-samples {args.num_samples} with --search grid; accepted: "
+                         f"--num-samples with --search optuna (the grid runs every "
+                         f"configuration)")
+
+    data_kind = args.data
+    if data_kind not in DATA_CHOICES:
+        raise UsageError(f"--data {data_kind!r}; accepted: {', '.join(DATA_CHOICES)}")
+    roots = {"--imagenet-root": args.imagenet_root, "--nsd-root": args.nsd_root,
+             "--coco-annotations": args.coco_annotations}
+    given = [flag for flag, value in roots.items() if value is not None]
+    if args.smoke_test and data_kind != "demo":
+        raise UsageError(f"--smoke-test with --data {data_kind}; accepted: --smoke-test alone "
+                         f"(it runs on tiny simulated data)")
+    if data_kind == "demo" and given:
+        raise UsageError(f"{given[0]} is given but --data is demo, which would ignore it; add "
+                         f"--data imagenet, nsd or paper to train on real data")
+    if args.subject and data_kind not in ("nsd", "paper"):
+        raise UsageError(f"--subject with --data {data_kind}; accepted: --subject with --data "
+                         f"nsd or paper (the demo uses every simulated subject)")
+    subjects = tuple(sorted(set(args.subject or (1,))))
+    for s in subjects:
+        if s not in NSD_SUBJECTS:
+            raise UsageError(f"--subject {s}; accepted: NSD subjects 1..8")
+
+    address = _address(args.address)
+    mlflow_uri = _mlflow_uri(args.mlflow_uri)
+    storage = _storage(args.storage)
+
+    # The sweep file's structure (no torch) tells which datasets a paper run needs.
+    try:
+        shallow = load_sweep(args.sweep, check_configs=False)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    scale = "demo" if data_kind == "demo" else "paper"
+    paths: dict[str, str] = {}
+    if scale == "paper":
+        needs = {c.name: c.paper.data for c in shallow.conditions}
+        kinds = set(needs.values())
+        for cond, kind in needs.items():
+            if data_kind in PAPER_DATA and kind != data_kind:
+                hint = "paper" if len(kinds) > 1 else kind
+                raise UsageError(f"--data {data_kind}: condition {cond} of sweep {args.sweep} "
+                                 f"trains on {kind}; accepted: --data {hint}")
+        flags = {"imagenet": ["--imagenet-root"], "nsd": ["--nsd-root", "--coco-annotations"]}
+        for kind in sorted(kinds):
+            for flag in flags[kind]:
+                if roots[flag] is None:
+                    raise UsageError(f"sweep {args.sweep} at paper scale trains on {kind}: "
+                                     f"{flag} DIR is required")
+        for flag in given:
+            if not any(flag in flags[k] for k in kinds):
+                raise UsageError(f"{flag} is given but sweep {args.sweep} does not train on "
+                                 f"{'ImageNet' if flag == '--imagenet-root' else 'NSD'}")
+        if args.subject and "nsd" not in kinds:
+            raise UsageError(f"--subject is given but sweep {args.sweep} does not train on NSD")
+        if "imagenet" in kinds:
+            paths["imagenet_root"] = str(check_imagenet_root(args.imagenet_root))
+        if "nsd" in kinds:
+            rois = {c.roi for c in shallow.conditions if c.paper.data == "nsd"}
+            paths["nsd_root"] = str(check_nsd_root(args.nsd_root, subjects, rois))
+            paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
+
+    try:
+        sweep = load_sweep(args.sweep)
+        trials = sweep.trials(scale=scale, seeds=args.seeds, smoke=args.smoke_test)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    resources: dict[str, Resources] = {}
+    for cond in sweep.conditions:
+        base = cond.scale(scale).resources
+        resources[cond.name] = Resources(base.cpus if cpus is None else cpus,
+                                         base.gpus if gpus is None else gpus)
+    trials = [t.with_resources(resources[t.condition]) for t in trials]
+    data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
+            for c in sweep.conditions}
+
+    if args.smoke_test:
+        experiment = f"{args.sweep}-smoke"
+        per = len(trials) // len(sweep.conditions)
+        line = (f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
+                f"(demo scale)")
+    else:
+        experiment = f"{args.sweep}-{scale}"
+        line = ("demo scale on the simulated world (no real data configured)"
+                if scale == "demo" else _paper_data_line(data))
+    pointer = Path(storage) / f"{experiment}{RESUME_POINTER_SUFFIX}"
+    if args.resume and "://" not in storage and not pointer.is_file():
+        raise UsageError(f"--resume: nothing to resume, no earlier run of {experiment} under "
+                         f"{storage} (no {pointer.name}; run without --resume first, or give "
+                         f"the --storage it used)")
+
+    return Plan(
+        sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in sweep.conditions),
+        scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=data_kind,
+        data=data, data_description=line, trials=tuple(trials), resources=resources,
+        search=args.search, num_samples=args.num_samples, address=address,
+        mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
+        experiment=experiment,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reachability (no Ray started, nothing written)
+
+
+def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
+    """Ask the services named on the command line whether they answer: the Ray head's GCS
+    port (TCP connect) and an http(s) MLflow server (GET /health). Local Ray, "auto" (Ray
+    resolves it itself) and non-HTTP tracking stores are not contacted."""
+    if plan.address is not None and plan.address != "auto":
+        hostport = plan.address.removeprefix("ray://")
+        host, port = _host_port("--address", plan.address, hostport, _ADDRESS_ACCEPTED)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as exc:
+            raise UsageError(f"--address {plan.address}: no Ray cluster answers at "
+                             f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
+                             f"--head --port {port}` or omit --address to start a local Ray"
+                             ) from None
+    if urlsplit(plan.mlflow_uri).scheme in ("http", "https"):
+        url = f"{plan.mlflow_uri}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                ok = response.status == 200
+            why = "" if ok else f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            ok, why = False, f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            ok, why = False, str(getattr(reason, "strerror", None) or reason)
+        if not ok:
+            raise UsageError(f"--mlflow-uri {plan.mlflow_uri}: tracking server unreachable "
+                             f"({why}); start it (mlflow server --port 5000) or omit "
+                             f"--mlflow-uri for the local SQLite store")

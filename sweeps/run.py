@@ -1,0 +1,174 @@
+"""The sweep command line: ``python sweeps/run.py NAME [options]`` (or ``python -m sweeps.run``).
+
+    python sweeps/run.py --list                       the sweeps and their trial counts
+    python sweeps/run.py nsd_conv1_v1 --dry-run       validate everything, print the trials
+    python sweeps/run.py nsd_conv1_v1                 demo scale on the simulated world
+    python sweeps/run.py nsd_conv1_v1 --smoke-test    3 trials, 1 epoch, tiny simulated data
+    python sweeps/run.py nsd_conv1_v1 --data nsd --nsd-root DIR --coco-annotations DIR
+    python sweeps/run.py paper --data paper --imagenet-root DIR --nsd-root DIR \\
+        --coco-annotations DIR --address auto --gpus-per-trial 0.25
+
+Bad input is one line, ``error: <message>``, on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.plan import (  # noqa: E402
+    DATA_CHOICES,
+    SEARCH_CHOICES,
+    Plan,
+    UsageError,
+    check_services,
+    make_plan,
+)
+from sweeps.spec import fmt_number, list_sweeps, load_sweep  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting, so every bad
+    command line ends the same way: one line, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python sweeps/run.py",
+                description="Run a representational-perturbation sweep on Ray Tune, tracked in "
+                            "MLflow.")
+    p.add_argument("sweep", nargs="?", help="sweep name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate everything, print the trials, start nothing")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="the same sweep shrunk: baseline + largest |alpha| per direction, one "
+                        "short epoch on tiny simulated data")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat every configuration N times (seeds 0..N-1)")
+    p.add_argument("--data", choices=DATA_CHOICES, default="demo",
+                   help="demo: the simulated world (default); imagenet / nsd: the paper's data "
+                        "(paths below); paper: each condition on its own paper dataset")
+    p.add_argument("--imagenet-root", metavar="DIR",
+                   help="ImageNet-layout folder with train/ and val/ class folders")
+    p.add_argument("--nsd-root", metavar="DIR", help="root of the NSD release")
+    p.add_argument("--coco-annotations", metavar="DIR",
+                   help="folder with instances_train2017.json and instances_val2017.json")
+    p.add_argument("--subject", type=int, action="append", metavar="N",
+                   help="NSD subject (repeatable; default 1)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="join a running Ray cluster: auto or HOST:PORT (default: start a "
+                        "local Ray)")
+    p.add_argument("--gpus-per-trial", metavar="X",
+                   help="override the sweep file (fractions share a GPU, e.g. 0.25)")
+    p.add_argument("--cpus-per-trial", metavar="X", help="override the sweep file")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                        "in the current folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: run only the trials that did not finish")
+    p.add_argument("--search", choices=SEARCH_CHOICES, default="grid",
+                   help="grid: the sweep file's grid (default); optuna: sample signed alpha "
+                        "with a multi-objective sampler")
+    p.add_argument("--num-samples", type=int, metavar="N",
+                   help="trials sampled per condition with --search optuna")
+    p.add_argument("--storage", metavar="DIR",
+                   help="folder for Ray Tune's results (default: ./ray_results)")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def list_lines() -> list[str]:
+    out = []
+    for name in list_sweeps():
+        sweep = load_sweep(name, check_configs=False)
+        extra = f" ({len(sweep.conditions)} conditions)" if sweep.composite else ""
+        out.append(f"{name:<26}{sweep.grid_size():>4} trials  {sweep.description}{extra}")
+    return out
+
+
+def data_lines(plan: Plan) -> list[str]:
+    """One line per distinct data source, naming the conditions of a composite using it."""
+    lines = []
+    seen = []
+    for cond, src in plan.data.items():
+        if src not in seen:
+            seen.append(src)
+            users = [c for c, s in plan.data.items() if s == src]
+            who = f" [{', '.join(users)}]" if len(plan.data) > 1 else ""
+            lines.append(f"data: {src.describe()}{who}")
+    return lines
+
+
+def service_lines(plan: Plan) -> list[str]:
+    ray = ("local Ray, started by this run" if plan.address is None
+           else f"Ray cluster at {plan.address}")
+    search = (f"optuna, {plan.num_samples} samples per condition" if plan.search == "optuna"
+              else "grid")
+    return [f"ray: {ray}",
+            f"mlflow: {plan.mlflow_uri} (experiment {plan.experiment})",
+            f"storage: {plan.storage}{' (resuming the latest run)' if plan.resume else ''}",
+            f"search: {search}"]
+
+
+def trial_table(plan: Plan) -> list[str]:
+    """trial_id, direction, alpha, beta, seed, cpus, gpus: one row per trial."""
+    num = fmt_number
+    rows = [(t.trial_id, t.direction, num(t.alpha), num(t.beta), str(t.seed),
+             num(t.resources.cpus), num(t.resources.gpus)) for t in plan.trials]
+    head = ("trial_id", "direction", "alpha", "beta", "seed", "cpus", "gpus")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+
+
+def optuna_lines(plan: Plan) -> list[str]:
+    num = fmt_number
+    out = []
+    for cond in plan.spec.conditions:
+        lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
+        betas = ", ".join(num(b) for b in cond.grid.betas)
+        res = plan.resources[cond.name]
+        out.append(f"{cond.name}: {plan.num_samples} samples, alpha = +-[{num(lo)}, {num(hi)}] "
+                   f"log-uniform, beta in {{{betas}}}, cpus {num(res.cpus)}, gpus {num(res.gpus)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.list:
+            print("\n".join(list_lines()))
+            return 0
+        plan = make_plan(args)
+        check_services(plan)
+    except ValueError as exc:  # UsageError, a malformed sweep file, any validation
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    # The first line says which scale and data the run is on.
+    print(f"{plan.sweep}: {plan.data_description}", flush=True)
+    if args.dry_run:
+        body = optuna_lines(plan) if plan.search == "optuna" else trial_table(plan)
+        print("\n".join([*body, *data_lines(plan), *service_lines(plan),
+                         f"{plan.n_trials} trials"]))
+        return 0
+    print("\n".join([*data_lines(plan), *service_lines(plan)]), flush=True)
+    from sweeps.execute import execute
+
+    try:
+        return execute(plan)
+    except UsageError as exc:  # found once services are contacted (e.g. a refused address)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+"""Declarative sweep files -> validated, frozen sweeps -> trials.
+
+A sweep file is TOML (``sweeps/conditions/<name>.toml``, read with the standard library's
+``tomllib``: comments document each demo-scale choice next to its value, which JSON cannot).
+Two kinds:
+
+A condition (one paper condition, one Pareto front)::
+
+    description = "..."
+    model = "alexnet"            # a registered model (trainable/models.py)
+    layer = "conv1"              # one of its taps
+    reference = "nsd"            # "gabor" | "pretrained" | "nsd"
+    roi = "V1"                   # NSD references only: "V1" | "VVS"
+    metric = "linear"            # alignment metric of the loss (trainable/alignment.py)
+    task = "multi_label"         # "single_label" (ImageNet) | "multi_label" (COCO-80 on NSD)
+
+    [grid]                       # the paper's grid, verbatim
+    alphas = [0.1, 0.2, 0.4, 0.8]    # magnitudes: each a runs as +a ("max") and -a ("min")
+    betas = [1]                      # crossed with every alpha; plus ONE alpha = 0, beta = 1
+                                     # baseline ("none"): 2 * len(alphas) * len(betas) + 1 trials
+
+    [paper]                      # the paper's scale
+    data = "nsd"                 # "imagenet" | "nsd"; the paths come from the command line
+    epochs = 100
+    lr = 1e-4
+    batch_size = 1000
+    image_size = 224
+    width = 1.0                  # 1.0 = torchvision's architecture exactly
+    resources = { cpus = 4, gpus = 0.25 }   # per trial; fractional gpus share a GPU
+    trial = { pool = 0 }         # optional: any other TrialConfig key (trainable/config.py)
+
+    [demo]                       # the simulated world, no download; same keys as [paper] plus
+    data = "simulated_nsd"       # "simulated_single_label" | "simulated_nsd"
+    data_kwargs = { n_images = 1000 }   # generator arguments (references/simulated.py)
+
+A composite (``paper``) holds only ``description`` and ``includes`` (condition names).
+
+Loading validates once: unknown keys are errors naming the key and the file, and every scale's
+trial config is checked by ``TrialConfig`` itself (one place of validation), so a bad model,
+layer, learning rate or width is reported with the file it came from.
+
+The smoke test (``Sweep.trials(smoke=True)``) is the same sweep shrunk: per condition the
+baseline plus the largest |alpha| of each direction with the first beta, one epoch of the
+``SMOKE`` settings on the tiny ``SMOKE_DATA`` worlds below.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
+SCALES = ("paper", "demo")
+DIRECTIONS = ("max", "min", "none")
+ROIS = ("V1", "VVS")  # references.nsd.ROIS; checked against it when a sweep is loaded
+# data kind -> task it serves; "responses": whether it carries voxel responses (NSD reference)
+PAPER_DATA = {"imagenet": "single_label", "nsd": "multi_label"}
+DEMO_DATA = {"simulated_single_label": "single_label", "simulated_nsd": "multi_label"}
+VOXEL_DATA = ("nsd", "simulated_nsd")
+
+# The smoke test: one short epoch of a narrow network on tiny simulated worlds, through every
+# real component. Sizes are the smallest that still exercise each code path:
+# - batch 16: several batches per epoch, and >= 3 rows per subject in a batch for the
+#   leave-one-out alignment loss;
+# - width 0.125: AlexNet conv1 has 8 filters, fc 512 units;
+# - simulated_single_label: 4 categories x (16 train + 8 val) = 64 + 32 images;
+# - simulated_nsd: 200 images, 2 subjects (per-subject grouping is exercised), 2 repeats; the
+#   20 % test split keeps >= 10 images per subject, what 5-fold validation alignment needs.
+SMOKE = {"epochs": 1, "batch_size": 16, "image_size": 64, "width": 0.125}
+SMOKE_DATA = {
+    "simulated_single_label": {"n_categories": 4, "n_train_per_class": 16,
+                               "n_val_per_class": 8, "seed": 0},
+    "simulated_nsd": {"n_images": 200, "n_subjects": 2, "n_categories": 10, "repeats": 2,
+                      "seed": 0},
+}
+
+_CONDITION_KEYS = ("description", "model", "layer", "reference", "roi", "metric", "task",
+                   "grid", "paper", "demo")
+_COMPOSITE_KEYS = ("description", "includes")
+_GRID_KEYS = ("alphas", "betas")
+_SCALE_KEYS = ("data", "data_kwargs", "epochs", "lr", "batch_size", "image_size", "width",
+               "resources", "trial")
+_RESOURCE_KEYS = ("cpus", "gpus")
+# TrialConfig keys a sweep sets itself; a scale's `trial` table may set any other one.
+_SWEEP_SET = ("model", "layer", "reference", "metric", "alpha", "beta", "seed", "epochs", "lr",
+              "batch_size", "image_size", "width", "threads")
+
+
+class SweepFileError(ValueError):
+    """A sweep file is malformed; the one-line message names the file and the key or value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small frozen pieces
+
+
+def fmt_number(x: float) -> str:
+    """Short, exact-enough number for ids and tables: 1.0 -> '1', 0.05 -> '0.05'."""
+    return f"{x:.10g}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_amount(name: str, value: Any, *, gpu: bool = False) -> float:
+    """A per-trial resource amount, Ray 2.60's rules: a finite number >= 0 with at most four
+    decimals of precision; for GPUs a fraction of one GPU below 1 (0.25: four trials share a
+    GPU) and whole GPUs above 1 (Ray cannot hand out 1.5 GPUs)."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}; accepted: a number >= 0"
+                         + (" (fractions below 1, e.g. 0.25, share a GPU)" if gpu else ""))
+    if 0 < value < 1e-4:
+        raise ValueError(f"{name}={value!r}; accepted: 0 or at least 0.0001 (Ray's precision)")
+    if gpu and value > 1 and not float(value).is_integer():
+        raise ValueError(f"{name}={value!r}; accepted: a fraction below 1 or a whole number "
+                         f"(Ray cannot split more than one GPU)")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks Ray for: cpus, gpus, each checked by ``check_amount``."""
+
+    cpus: float
+    gpus: float
+
+    def __post_init__(self) -> None:
+        for name in ("cpus", "gpus"):
+            value = check_amount(name, getattr(self, name), gpu=name == "gpus")
+            object.__setattr__(self, name, value)
+
+    @property
+    def threads(self) -> int:
+        """Torch threads for a trial with this CPU share (at least 1)."""
+        return max(1, int(self.cpus))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """alphas : magnitudes > 0, each run as +a ("max") and -a ("min"); betas : task weights
+    >= 0 crossed with every alpha. The baseline (alpha 0, beta 1, "none") is always added."""
+
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+
+    def points(self) -> list[tuple[str, float, float]]:
+        """(direction, signed alpha, beta): the baseline, then every "max", then every "min"."""
+        out = [("none", 0.0, 1.0)]
+        for direction, sign in (("max", 1.0), ("min", -1.0)):
+            out += [(direction, sign * a, b) for a in self.alphas for b in self.betas]
+        return out
+
+    def smoke_points(self) -> list[tuple[str, float, float]]:
+        """The baseline plus the largest |alpha| of each direction with the first beta."""
+        a, b = max(self.alphas), self.betas[0]
+        return [("none", 0.0, 1.0), ("max", a, b), ("min", -a, b)]
+
+    def __len__(self) -> int:
+        return 2 * len(self.alphas) * len(self.betas) + 1
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One scale of a condition ([paper] or [demo])."""
+
+    data: str
+    epochs: int
+    lr: float
+    batch_size: int
+    image_size: int
+    width: float
+    resources: Resources
+    data_kwargs: tuple[tuple[str, Any], ...] = ()
+    trial: tuple[tuple[str, Any], ...] = ()
+
+    def config(self) -> dict[str, Any]:
+        """The TrialConfig keys this scale sets."""
+        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "image_size": self.image_size, "width": self.width, **dict(self.trial)}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where one condition's data comes from; frozen and hashable, so a run prepares each
+    distinct source once (``{plan.data[c] for c in plan.conditions}``).
+
+    kind : "simulated_single_label" | "simulated_nsd" (demo, smoke) | "imagenet" | "nsd".
+    image_size : pixels the trials train at.
+    roi : "V1" | "VVS" for voxel data, else None.
+    options : generator keyword arguments of a simulated world, as sorted (key, value) pairs.
+    imagenet_root : a folder with train/ and val/ class folders (kind "imagenet").
+    nsd_root, coco_annotations, subjects : the NSD release, the COCO annotation folder and the
+        subjects to prepare (kind "nsd").
+    """
+
+    kind: str
+    image_size: int
+    roi: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+    imagenet_root: str | None = None
+    nsd_root: str | None = None
+    coco_annotations: str | None = None
+    subjects: tuple[int, ...] | None = None
+
+    @property
+    def task(self) -> str:
+        return {**PAPER_DATA, **DEMO_DATA}[self.kind]
+
+    @property
+    def simulated(self) -> bool:
+        return self.kind in DEMO_DATA
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options)
+        opts = f" ({opts})" if opts else ""
+        px = f"{self.image_size} px"
+        if self.kind == "simulated_single_label":
+            return f"simulated single-label world{opts} at {px}"
+        if self.kind == "simulated_nsd":
+            return f"simulated NSD-like world, ROI {self.roi}{opts} at {px}"
+        if self.kind == "imagenet":
+            return f"ImageNet folder {self.imagenet_root} at {px}"
+        subjects = ", ".join(map(str, self.subjects or ()))
+        return (f"NSD release {self.nsd_root}, ROI {self.roi}, subjects {subjects}, "
+                f"COCO annotations {self.coco_annotations} at {px}")
+
+    def build(self, *, progress: bool = True):
+        """Generate / prepare (cached) and open the data: a ``references.datasets.DataBundle``."""
+        from references import datasets, nsd
+
+        kwargs = dict(self.options)
+        if self.kind == "simulated_single_label":
+            return datasets.simulated_single_label_bundle(image_size=self.image_size, **kwargs)
+        if self.kind == "simulated_nsd":
+            return datasets.simulated_nsd_bundle(roi=self.roi, image_size=self.image_size,
+                                                 **kwargs)
+        if self.kind == "imagenet":
+            return datasets.imagefolder_bundle(self.imagenet_root, image_size=self.image_size)
+        table = nsd.prepare_cached(self.nsd_root, self.coco_annotations, self.subjects,
+                                   self.roi, progress=progress)
+        return datasets.nsd_bundle(table, Path(self.nsd_root) / nsd.STIMULI,
+                                   image_size=self.image_size, subjects=self.subjects)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of a sweep.
+
+    trial_id : "<condition>-<direction>-a<|alpha|>-b<beta>-s<seed>", unique within a sweep.
+    condition : the condition sweep it belongs to (its own name for a single condition).
+    direction : "max" (alpha > 0), "min" (alpha < 0) or "none" (the alpha = 0 baseline).
+    alpha : signed; beta : task weight; seed : 0..seeds-1.
+    config : TrialConfig keys (validated by ``TrialConfig.from_dict``): what the trainable gets.
+    resources : what the trial asks Ray for (config["threads"] follows its cpus).
+    """
+
+    trial_id: str
+    condition: str
+    direction: str
+    alpha: float
+    beta: float
+    seed: int
+    config: dict[str, Any] = field(hash=False)
+    resources: Resources
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the trial (the run adds scale and data)."""
+        return {"condition": self.condition, "direction": self.direction,
+                "alpha": fmt_number(self.alpha), "beta": fmt_number(self.beta),
+                "seed": str(self.seed), "trial_id": self.trial_id}
+
+    def with_resources(self, resources: Resources) -> TrialSpec:
+        """The same trial asking for ``resources`` (torch threads follow the CPU share)."""
+        return replace(self, resources=resources,
+                       config={**self.config, "threads": resources.threads})
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One paper condition: a model layer against one reference, one grid, two scales."""
+
+    name: str
+    path: Path
+    description: str
+    model: str
+    layer: str
+    reference: str
+    roi: str | None
+    metric: str
+    task: str
+    grid: Grid
+    paper: Scale
+    demo: Scale
+
+    def scale(self, scale: str) -> Scale:
+        if scale not in SCALES:
+            raise ValueError(f"scale={scale!r}; accepted: {', '.join(SCALES)}")
+        return self.paper if scale == "paper" else self.demo
+
+    def base_config(self, scale: str, *, smoke: bool = False) -> dict[str, Any]:
+        """TrialConfig keys shared by every trial of this condition at ``scale``."""
+        s = self.scale(scale)
+        cfg = {"model": self.model, "layer": self.layer, "reference": self.reference,
+               "metric": self.metric, **s.config(), "threads": s.resources.threads}
+        if smoke:
+            cfg.update(SMOKE)
+        return cfg
+
+    def data_source(self, scale: str, *, smoke: bool = False, imagenet_root: str | None = None,
+                    nsd_root: str | None = None, coco_annotations: str | None = None,
+                    subjects: Sequence[int] | None = None) -> DataSource:
+        """The data this condition trains on. Demo and smoke: its simulated world (smoke: the
+        tiny one); paper: its dataset at the given paths (checked by ``sweeps.plan``)."""
+        if smoke:
+            return DataSource(self.demo.data, SMOKE["image_size"], self.roi,
+                              tuple(sorted(SMOKE_DATA[self.demo.data].items())))
+        s = self.scale(scale)
+        if scale == "demo":
+            return DataSource(s.data, s.image_size, self.roi, s.data_kwargs)
+        if s.data == "imagenet":
+            return DataSource("imagenet", s.image_size, imagenet_root=imagenet_root)
+        return DataSource("nsd", s.image_size, self.roi, nsd_root=nsd_root,
+                          coco_annotations=coco_annotations,
+                          subjects=tuple(sorted(set(subjects or (1,)))))
+
+    def trials(self, *, scale: str = "demo", seeds: int = 1,
+               smoke: bool = False) -> list[TrialSpec]:
+        return _expand(self, scale, seeds, smoke)
+
+
+def _expand(cond: Condition, scale: str, seeds: int, smoke: bool) -> list[TrialSpec]:
+    from trainable.config import TrialConfig
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r}; accepted: an integer >= 1")
+    if smoke and scale != "demo":
+        raise ValueError("the smoke test runs on tiny simulated data; accepted: scale='demo'")
+    base = cond.base_config(scale, smoke=smoke)
+    points = cond.grid.smoke_points() if smoke else cond.grid.points()
+    out = []
+    for seed in range(seeds):
+        for direction, alpha, beta in points:
+            config = {**base, "alpha": alpha, "beta": beta, "seed": seed}
+            TrialConfig.from_dict(config)  # the trainable's own validation, once per trial
+            trial_id = (f"{cond.name}-{direction}-a{fmt_number(abs(alpha))}"
+                        f"-b{fmt_number(beta)}-s{seed}")
+            out.append(TrialSpec(trial_id, cond.name, direction, alpha, beta, seed, config,
+                                 cond.scale(scale).resources))
+    return out
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A loaded sweep file: one condition, or several for a composite (``paper``)."""
+
+    name: str
+    path: Path
+    description: str
+    conditions: tuple[Condition, ...]
+
+    @property
+    def composite(self) -> bool:
+        return len(self.conditions) != 1 or self.conditions[0].name != self.name
+
+    def condition(self, name: str) -> Condition:
+        for cond in self.conditions:
+            if cond.name == name:
+                return cond
+        raise ValueError(f"sweep {self.name} has no condition {name!r}; accepted: "
+                         f"{', '.join(c.name for c in self.conditions)}")
+
+    def grid_size(self) -> int:
+        """Trials of one seed of the full grid."""
+        return sum(len(c.grid) for c in self.conditions)
+
+    def trials(self, *, scale: str = "demo", seeds: int = 1,
+               smoke: bool = False) -> list[TrialSpec]:
+        """Every trial: per condition, per seed, the baseline then "max" then "min" points
+        (smoke: 3 per condition). trial_ids are unique (checked)."""
+        out = [t for c in self.conditions for t in c.trials(scale=scale, seeds=seeds,
+                                                            smoke=smoke)]
+        ids = [t.trial_id for t in out]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"sweep {self.name}: duplicate trial ids {dup[:3]}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def list_sweeps(directory: str | Path | None = None) -> list[str]:
+    """Names of the sweep files in ``directory`` (default ``sweeps/conditions``), sorted."""
+    folder = Path(directory) if directory is not None else SWEEP_DIR
+    return sorted(p.stem for p in folder.glob("*.toml"))
+
+
+def load_sweep(name: str, directory: str | Path | None = None, *,
+               check_configs: bool = True) -> Sweep:
+    """Read and validate sweep ``name`` from ``directory`` (default ``sweeps/conditions``).
+
+    Unknown names raise ValueError listing the known ones; malformed files raise
+    ``SweepFileError`` naming the file and the key or value. ``check_configs=False`` skips
+    the checks that import torch (TrialConfig, registries): for listing only.
+    """
+    folder = Path(directory) if directory is not None else SWEEP_DIR
+    known = list_sweeps(folder)
+    if name not in known:
+        raise ValueError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
+    path = folder / f"{name}.toml"
+    raw = _read(path)
+    if "includes" in raw:
+        _check_keys(raw, _COMPOSITE_KEYS, path, "")
+        includes = raw["includes"]
+        if (not isinstance(includes, list) or not includes
+                or not all(isinstance(i, str) for i in includes)):
+            raise SweepFileError(f"{path}: includes={includes!r}; accepted: a non-empty list "
+                                 f"of condition names")
+        conditions = []
+        for inc in includes:
+            if inc not in known:
+                raise SweepFileError(f"{path}: includes {inc!r}, not a sweep; known: "
+                                     f"{', '.join(known)}")
+            sub = folder / f"{inc}.toml"
+            sub_raw = _read(sub)
+            if "includes" in sub_raw:
+                raise SweepFileError(f"{path}: includes {inc!r}, itself a composite; "
+                                     f"accepted: condition sweeps only")
+            conditions.append(_parse_condition(inc, sub, sub_raw, check_configs))
+        if len({c.name for c in conditions}) != len(conditions):
+            raise SweepFileError(f"{path}: includes a condition twice: {includes}")
+        return Sweep(name, path, _description(raw, path), tuple(conditions))
+    cond = _parse_condition(name, path, raw, check_configs)
+    return Sweep(name, path, cond.description, (cond,))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise SweepFileError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _check_keys(table: Mapping[str, Any], accepted: Sequence[str], path: Path,
+                where: str) -> None:
+    for key in table:
+        if key not in accepted:
+            raise SweepFileError(f"{path}: unknown key {key!r}{where}; accepted: "
+                                 f"{', '.join(accepted)}")
+
+
+def _require(table: Mapping[str, Any], keys: Sequence[str], path: Path, where: str) -> None:
+    for key in keys:
+        if key not in table:
+            raise SweepFileError(f"{path}: missing key {key!r}{where}")
+
+
+def _description(raw: Mapping[str, Any], path: Path) -> str:
+    desc = raw.get("description", "")
+    if not isinstance(desc, str):
+        raise SweepFileError(f"{path}: description={desc!r}; accepted: a string")
+    return desc
+
+
+def _string(raw: Mapping[str, Any], key: str, path: Path, accepted: Sequence[str] | None = None,
+            where: str = "") -> str:
+    value = raw[key]
+    if not isinstance(value, str) or (accepted is not None and value not in accepted):
+        what = ", ".join(accepted) if accepted is not None else "a string"
+        raise SweepFileError(f"{path}: {key}={value!r}{where}; accepted: {what}")
+    return value
+
+
+def _table(raw: Mapping[str, Any], key: str, path: Path, where: str) -> dict[str, Any]:
+    value = raw[key]
+    if not isinstance(value, dict):
+        raise SweepFileError(f"{path}: {key}={value!r}{where}; accepted: a table")
+    return value
+
+
+def _numbers(raw: Mapping[str, Any], key: str, path: Path, *, positive: bool) -> tuple[float, ...]:
+    value = raw[key]
+    ok = isinstance(value, list) and value and all(
+        _is_number(v) and math.isfinite(v) and (v > 0 if positive else v >= 0) for v in value)
+    if not ok or len(set(value)) != len(value):
+        what = "> 0 (magnitudes: the sign comes from the direction)" if positive else ">= 0"
+        raise SweepFileError(f"{path}: {key}={value!r} in [grid]; accepted: a non-empty list "
+                             f"of distinct numbers {what}")
+    return tuple(float(v) for v in value)
+
+
+def _parse_condition(name: str, path: Path, raw: dict[str, Any],
+                     check_configs: bool) -> Condition:
+    _check_keys(raw, _CONDITION_KEYS, path, "")
+    _require(raw, ("model", "layer", "reference", "metric", "task", "grid", "paper", "demo"),
+             path, "")
+    reference = _string(raw, "reference", path, ("gabor", "pretrained", "nsd"))
+    roi = None
+    if reference == "nsd":
+        _require(raw, ("roi",), path, " (an NSD reference needs it)")
+        roi = _string(raw, "roi", path, ROIS)
+    elif "roi" in raw:
+        raise SweepFileError(f"{path}: roi={raw['roi']!r} but reference={reference!r}; "
+                             f"accepted: roi only with reference = \"nsd\"")
+    task = _string(raw, "task", path, ("single_label", "multi_label"))
+    grid_raw = _table(raw, "grid", path, "")
+    _check_keys(grid_raw, _GRID_KEYS, path, " in [grid]")
+    _require(grid_raw, _GRID_KEYS, path, " in [grid]")
+    grid = Grid(_numbers(grid_raw, "alphas", path, positive=True),
+                _numbers(grid_raw, "betas", path, positive=False))
+    scales = {s: _parse_scale(s, _table(raw, s, path, ""), path, reference, task)
+              for s in SCALES}
+    cond = Condition(name, path, _description(raw, path),
+                     _string(raw, "model", path), _string(raw, "layer", path), reference, roi,
+                     _string(raw, "metric", path), task, grid, scales["paper"], scales["demo"])
+    if check_configs:
+        _check_configs(cond)
+    return cond
+
+
+def _parse_scale(scale: str, raw: dict[str, Any], path: Path, reference: str,
+                 task: str) -> Scale:
+    where = f" in [{scale}]"
+    _check_keys(raw, _SCALE_KEYS, path, where)
+    _require(raw, ("data", "epochs", "lr", "batch_size", "image_size", "width", "resources"),
+             path, where)
+    kinds = PAPER_DATA if scale == "paper" else DEMO_DATA
+    data = _string(raw, "data", path, tuple(kinds), where)
+    if kinds[data] != task:
+        raise SweepFileError(f"{path}: data={data!r}{where} serves task {kinds[data]!r} but "
+                             f"task={task!r}; accepted: "
+                             f"{', '.join(k for k, t in kinds.items() if t == task)}")
+    if reference == "nsd" and data not in VOXEL_DATA:
+        raise SweepFileError(f"{path}: data={data!r}{where} has no voxel responses for "
+                             f"reference = \"nsd\"; accepted: "
+                             f"{', '.join(k for k in kinds if k in VOXEL_DATA)}")
+    data_kwargs: dict[str, Any] = {}
+    if "data_kwargs" in raw:
+        if scale == "paper":
+            raise SweepFileError(f"{path}: data_kwargs{where}; accepted: only in [demo] (the "
+                                 f"paper's data comes from the command line)")
+        data_kwargs = _table(raw, "data_kwargs", path, where)
+    res = _table(raw, "resources", path, where)
+    _check_keys(res, _RESOURCE_KEYS, path, f" in [{scale}.resources]")
+    _require(res, _RESOURCE_KEYS, path, f" in [{scale}.resources]")
+    try:
+        resources = Resources(res["cpus"], res["gpus"])
+    except ValueError as exc:
+        raise SweepFileError(f"{path}: {exc} (in [{scale}.resources])") from None
+    trial = _table(raw, "trial", path, where) if "trial" in raw else {}
+    for key in trial:
+        if key in _SWEEP_SET:
+            raise SweepFileError(f"{path}: trial.{key}{where} is set by the sweep itself; "
+                                 f"accepted in trial: other TrialConfig keys")
+    return Scale(data, raw["epochs"], raw["lr"], raw["batch_size"], raw["image_size"],
+                 raw["width"], resources, tuple(sorted(data_kwargs.items())),
+                 tuple(sorted(trial.items())))
+
+
+def _data_kwarg_names(kind: str) -> tuple[str, ...]:
+    """Keyword arguments a simulated world accepts in data_kwargs: its generator's and its
+    bundle builder's, less those the sweep sets (image size, ROI, subjects, progress)."""
+    from references import datasets, simulated
+
+    builder, generator = {
+        "simulated_single_label": (datasets.simulated_single_label_bundle,
+                                   simulated.generate_single_label),
+        "simulated_nsd": (datasets.simulated_nsd_bundle, simulated.generate_nsd_like),
+    }[kind]
+    names = set()
+    for fn in (builder, generator):
+        names |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind == p.KEYWORD_ONLY}
+    return tuple(sorted(names - {"image_size", "roi", "subjects", "progress"}))
+
+
+def _check_configs(cond: Condition) -> None:
+    """Everything that needs the project's registries: the ROI against references.nsd, the
+    demo's generator arguments, and each scale's trial config through TrialConfig."""
+    from references import nsd
+    from trainable.config import TrialConfig
+
+    path = cond.path
+    if cond.roi is not None and cond.roi not in nsd.ROIS:
+        raise SweepFileError(f"{path}: roi={cond.roi!r}; accepted: {', '.join(nsd.ROIS)}")
+    accepted = _data_kwarg_names(cond.demo.data)
+    for key, _ in cond.demo.data_kwargs:
+        if key not in accepted:
+            raise SweepFileError(f"{path}: unknown key {key!r} in [demo.data_kwargs] for "
+                                 f"{cond.demo.data}; accepted: {', '.join(accepted)}")
+    for scale in SCALES:
+        for smoke in (False, True) if scale == "demo" else (False,):
+            probe = {**cond.base_config(scale, smoke=smoke), "alpha": max(cond.grid.alphas),
+                     "beta": cond.grid.betas[0], "seed": 0}
+            try:
+                TrialConfig.from_dict(probe)
+            except ValueError as exc:
+                where = "smoke settings of [demo]" if smoke else f"[{scale}]"
+                raise SweepFileError(f"{path}: {where}: {exc}") from None

@@ -1,0 +1,379 @@
+"""Sweep files, their expansion into trials, the plan and the command line (no Ray started)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweeps.plan import UsageError, check_services, make_plan
+from sweeps.run import build_parser
+from sweeps.spec import SWEEP_DIR, SweepFileError, list_sweeps, load_sweep
+from trainable.config import TrialConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The paper's table (issue 5): trials per sweep at one seed.
+COUNTS = {"gabor_conv1": 33, "pretrained_conv1": 9, "pretrained_conv5": 9, "nsd_conv1_v1": 9,
+          "nsd_fc1_vvs": 13, "nsd_resnet18_block1_v1": 3, "nsd_resnet18_block4_vvs": 3,
+          "paper": 79}
+# name: (model, layer, reference, roi, task, alphas, betas, paper epochs)
+PAPER = {
+    "gabor_conv1": ("alexnet", "conv1", "gabor", None, "single_label", (1, 2, 4, 8),
+                    (1, 2, 4, 8), 50),
+    "pretrained_conv1": ("alexnet", "conv1", "pretrained", None, "single_label", (1, 2, 4, 8),
+                         (1,), 50),
+    "pretrained_conv5": ("alexnet", "conv5", "pretrained", None, "single_label", (1, 2, 4, 8),
+                         (1,), 50),
+    "nsd_conv1_v1": ("alexnet", "conv1", "nsd", "V1", "multi_label", (0.1, 0.2, 0.4, 0.8),
+                     (1,), 100),
+    "nsd_fc1_vvs": ("alexnet", "fc1", "nsd", "VVS", "multi_label",
+                    (0.01, 0.02, 0.04, 0.08, 0.1, 0.2), (1,), 100),
+    "nsd_resnet18_block1_v1": ("resnet18", "block1", "nsd", "V1", "multi_label", (0.05,), (1,),
+                               100),
+    "nsd_resnet18_block4_vvs": ("resnet18", "block4", "nsd", "VVS", "multi_label", (0.05,),
+                                (1,), 100),
+}
+
+
+@pytest.fixture(scope="module")
+def paper_sweep():
+    return load_sweep("paper")
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep files
+
+
+def test_the_sweep_files_are_the_papers_table():
+    assert list_sweeps() == sorted(COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_every_sweep_loads_with_the_papers_trial_count(name):
+    sweep = load_sweep(name)
+    assert sweep.name == name and sweep.grid_size() == COUNTS[name]
+    for scale in ("demo", "paper"):
+        assert len(sweep.trials(scale=scale)) == COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_grid_and_settings_are_verbatim(name):
+    model, layer, reference, roi, task, alphas, betas, epochs = PAPER[name]
+    (cond,) = load_sweep(name).conditions
+    assert (cond.model, cond.layer, cond.reference, cond.roi, cond.task, cond.metric) == (
+        model, layer, reference, roi, task, "linear")
+    assert cond.grid.alphas == alphas and cond.grid.betas == betas
+    p = cond.paper
+    assert (p.epochs, p.lr, p.batch_size, p.image_size, p.width) == (epochs, 1e-4, 1000, 224, 1.0)
+    assert p.data == ("nsd" if reference == "nsd" else "imagenet")
+    assert cond.demo.data == ("simulated_nsd" if reference == "nsd" else "simulated_single_label")
+
+
+def test_paper_composes_every_condition(paper_sweep):
+    assert [c.name for c in paper_sweep.conditions] == [n for n in COUNTS if n != "paper"]
+    by_condition = {}
+    for t in paper_sweep.trials(scale="paper"):
+        by_condition[t.condition] = by_condition.get(t.condition, 0) + 1
+    assert by_condition == {n: c for n, c in COUNTS.items() if n != "paper"}
+
+
+def test_seeds_repeat_every_configuration(paper_sweep):
+    trials = paper_sweep.trials(seeds=3)
+    assert len(trials) == 3 * 79
+    assert sorted({t.seed for t in trials}) == [0, 1, 2]
+    for seed in range(3):
+        assert sum(t.seed == seed for t in trials) == 79
+    assert len({t.trial_id for t in trials}) == len(trials)
+    with pytest.raises(ValueError, match="seeds=0"):
+        paper_sweep.trials(seeds=0)
+
+
+def test_directions_signs_and_the_baseline(paper_sweep):
+    trials = paper_sweep.trials(scale="paper")
+    for t in trials:
+        assert t.direction in ("max", "min", "none")
+        assert (t.alpha > 0) == (t.direction == "max") and (t.alpha < 0) == (t.direction == "min")
+        assert t.config["alpha"] == t.alpha and t.config["beta"] == t.beta
+    for cond in paper_sweep.conditions:
+        mine = [t for t in trials if t.condition == cond.name]
+        baselines = [t for t in mine if t.direction == "none"]
+        assert [(t.alpha, t.beta) for t in baselines] == [(0.0, 1.0)]
+        plus = sorted((t.alpha, t.beta) for t in mine if t.direction == "max")
+        minus = sorted((-t.alpha, t.beta) for t in mine if t.direction == "min")
+        assert plus == minus == sorted((a, b) for a in cond.grid.alphas for b in cond.grid.betas)
+
+
+def test_trial_ids_are_unique_and_readable(paper_sweep):
+    ids = [t.trial_id for t in paper_sweep.trials(seeds=2)]
+    assert len(set(ids)) == len(ids)
+    assert "nsd_conv1_v1-max-a0.4-b1-s0" in ids and "gabor_conv1-min-a8-b2-s1" in ids
+    assert "nsd_fc1_vvs-none-a0-b1-s1" in ids
+    pattern = re.compile(r"[a-z0-9_]+-(max|min|none)-a[0-9.]+-b[0-9.]+-s\d+")
+    assert all(pattern.fullmatch(i) for i in ids)
+
+
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_every_trial_config_validates(paper_sweep, scale):
+    for t in paper_sweep.trials(scale=scale):
+        cfg = TrialConfig.from_dict(t.config)
+        assert (cfg.alpha, cfg.beta, cfg.seed) == (t.alpha, t.beta, t.seed)
+        assert cfg.threads == t.resources.threads
+        if scale == "paper":
+            assert (cfg.lr, cfg.batch_size, cfg.image_size, cfg.width) == (1e-4, 1000, 224, 1.0)
+        else:
+            assert cfg.image_size == 64 and cfg.width < 1
+
+
+def test_smoke_keeps_every_direction_on_tiny_data(paper_sweep):
+    trials = paper_sweep.trials(smoke=True)
+    for cond in paper_sweep.conditions:
+        mine = [t for t in trials if t.condition == cond.name]
+        assert sorted(t.direction for t in mine) == ["max", "min", "none"]
+        assert {abs(t.alpha) for t in mine if t.direction != "none"} == {max(cond.grid.alphas)}
+        src = cond.data_source("demo", smoke=True)
+        assert src.simulated and src.image_size == 64
+    for t in trials:
+        cfg = TrialConfig.from_dict(t.config)
+        assert (cfg.epochs, cfg.image_size) == (1, 64) and cfg.batch_size <= 32
+    with pytest.raises(ValueError, match="smoke"):
+        paper_sweep.trials(scale="paper", smoke=True)
+
+
+def test_unknown_sweep_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown sweep 'nope'; known: gabor_conv1, "):
+        load_sweep("nope")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.replace('metric = "linear"', 'metric = "linear"\ncolour = "red"'),
+     r"unknown key 'colour'"),
+    (lambda s: s.replace("[demo]\n", "[demo]\nepochz = 3\n"), r"unknown key 'epochz' in \[demo\]"),
+    (lambda s: s.replace("betas = [1]", "betas = [1]\ngamma = [2]"),
+     r"unknown key 'gamma' in \[grid\]"),
+    (lambda s: s.replace("alphas = [0.1,", "alphas = [-0.1,"), r"alphas=\[-0.1"),
+    (lambda s: s.replace('layer = "conv1"', 'layer = "conv9"'), r"layer='conv9'"),
+    (lambda s: s.replace("n_images = 1000", "n_imagez = 1000"),
+     r"unknown key 'n_imagez' in \[demo.data_kwargs\]"),
+    (lambda s: s.replace("gpus = 0.25", "gpus = -1"), r"gpus=-1"),
+    (lambda s: s.replace("[paper]\n", "[paper]\ntrial = { epochs = 3 }\n"), r"trial.epochs"),
+    (lambda s: s.replace('roi = "V1"', 'roi = "V4"'), r"roi='V4'"),
+    (lambda s: s.replace("[grid]", "[grid"), r"not valid TOML"),
+])
+def test_a_malformed_sweep_file_names_the_file_and_the_key(tmp_path, edit, match):
+    folder = tmp_path / "conditions"
+    shutil.copytree(SWEEP_DIR, folder)
+    path = folder / "nsd_conv1_v1.toml"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(SweepFileError, match=match) as info:
+        load_sweep("nsd_conv1_v1", folder)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(SweepFileError, match=match):  # and through the composite
+        load_sweep("paper", folder)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+def test_plan_of_a_demo_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plan = make_plan(parse("nsd_conv1_v1"))
+    assert (plan.scale, plan.smoke, plan.search, plan.address, plan.resume) == (
+        "demo", False, "grid", None, False)
+    assert plan.data_description == "demo scale on the simulated world (no real data configured)"
+    assert plan.data["nsd_conv1_v1"].kind == "simulated_nsd"
+    assert plan.data["nsd_conv1_v1"].roi == "V1"
+    assert plan.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert plan.storage == str(tmp_path / "ray_results")
+    assert plan.experiment == "nsd_conv1_v1-demo" and plan.n_trials == 9
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_overrides_resources_and_env_sets_mlflow(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    plan = make_plan(parse("paper", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2",
+                           "--seeds", "2"))
+    assert plan.mlflow_uri == "http://tracking.example:5000"
+    assert len(plan.trials) == 158
+    assert {(t.resources.cpus, t.resources.gpus) for t in plan.trials} == {(2.0, 0.25)}
+    assert {t.config["threads"] for t in plan.trials} == {2}
+    assert set(plan.resources) == set(plan.conditions)
+    plan = make_plan(parse("nsd_conv1_v1", "--cpus-per-trial", "1.5"))  # CPUs split freely
+    assert {(t.resources.cpus, t.config["threads"]) for t in plan.trials} == {(1.5, 1)}
+
+
+def test_plan_of_a_smoke_test():
+    plan = make_plan(parse("paper", "--smoke-test"))
+    assert (plan.scale, plan.smoke, plan.experiment, len(plan.trials)) == (
+        "demo", True, "paper-smoke", 21)
+    assert plan.data_description.startswith("smoke test on tiny simulated data: 3 trials")
+    assert {src.kind for src in plan.data.values()} == {"simulated_single_label",
+                                                        "simulated_nsd"}
+    assert len(set(plan.data.values())) == 3  # single-label, NSD-like V1, NSD-like VVS
+    assert {t.config["epochs"] for t in plan.trials} == {1}
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["nope"], r"unknown sweep 'nope'; known: gabor_conv1, nsd_conv1_v1, "),
+    ([], r"no sweep given; known: gabor_conv1"),
+    (["nsd_conv1_v1", "--gpus-per-trial", "-1"], r"--gpus-per-trial='-1'; accepted: a number >= 0"),
+    (["nsd_conv1_v1", "--cpus-per-trial", "abc"], r"--cpus-per-trial='abc'; accepted: a number"),
+    (["nsd_conv1_v1", "--gpus-per-trial", "1.5"], r"--gpus-per-trial='1.5'; accepted: a fraction"),
+    (["nsd_conv1_v1", "--gpus-per-trial", "nan"], r"--gpus-per-trial='nan'"),
+    (["nsd_conv1_v1", "--cpus-per-trial", "0.00001"], r"at least 0.0001"),
+    (["nsd_conv1_v1", "--seeds", "0"], r"--seeds 0; accepted: an integer >= 1"),
+    (["nsd_conv1_v1", "--data", "nsd", "--nsd-root", "/no/such/nsd", "--coco-annotations",
+      "/no/such/coco"], r"--nsd-root /no/such/nsd: no such directory"),
+    (["nsd_conv1_v1", "--data", "nsd"], r"--nsd-root DIR is required"),
+    (["gabor_conv1", "--data", "imagenet", "--imagenet-root", "/no/such/imagenet"],
+     r"--imagenet-root /no/such/imagenet: no such directory"),
+    (["gabor_conv1", "--data", "nsd"], r"condition gabor_conv1 .* trains on imagenet"),
+    (["paper", "--data", "nsd"], r"accepted: --data paper"),
+    (["nsd_conv1_v1", "--nsd-root", "/tmp"], r"--nsd-root is given but --data is demo"),
+    (["nsd_conv1_v1", "--subject", "2"], r"--subject with --data demo"),
+    (["nsd_conv1_v1", "--smoke-test", "--data", "nsd"], r"--smoke-test with --data nsd"),
+    (["nsd_conv1_v1", "--address", "nohost"], r"--address 'nohost'; accepted: auto, HOST:PORT"),
+    (["nsd_conv1_v1", "--address", "head:99999"], r"--address 'head:99999'"),
+    (["nsd_conv1_v1", "--mlflow-uri", "mlflow.db"], r"a bare path is not a tracking URI"),
+    (["nsd_conv1_v1", "--mlflow-uri", "sqlite:////no/such/dir/m.db"],
+     r"folder /no/such/dir does not exist"),
+    (["nsd_conv1_v1", "--mlflow-uri", "http://host:port"], r"port is not a number"),
+    (["nsd_conv1_v1", "--mlflow-uri", "ftp://host/x"], r"unsupported scheme 'ftp'"),
+    (["nsd_conv1_v1", "--search", "optuna"], r"--search optuna needs --num-samples"),
+    (["nsd_conv1_v1", "--num-samples", "4"], r"--num-samples 4 with --search grid"),
+    (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "4", "--seeds", "2"],
+     r"--seeds 2 with --search optuna"),
+])
+def test_plan_errors_name_the_value(argv, match):
+    with pytest.raises(UsageError, match=match) as info:
+        make_plan(parse(*argv))
+    assert "\n" not in str(info.value)
+
+
+def test_resume_needs_an_experiment_to_resume(tmp_path):
+    with pytest.raises(UsageError, match="--resume: nothing to resume"):
+        make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
+    pointer = tmp_path / "nsd_conv1_v1-demo.latest"
+    pointer.write_text(str(tmp_path / "nsd_conv1_v1-demo_20260101-000000"))
+    plan = make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
+    assert plan.resume and plan.resume_pointer == str(pointer)
+    with pytest.raises(UsageError, match="nothing to resume"):  # the smoke test is apart
+        make_plan(parse("nsd_conv1_v1", "--smoke-test", "--resume", "--storage", str(tmp_path)))
+
+
+def test_imagenet_root_must_have_train_and_val(tmp_path):
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    argv = ("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tmp_path))
+    with pytest.raises(UsageError, match="no val/ folder"):
+        make_plan(parse(*argv))
+    (tmp_path / "val").mkdir()
+    with pytest.raises(UsageError, match="val/ has no class folders"):
+        make_plan(parse(*argv))
+    (tmp_path / "val" / "n01").mkdir()
+    plan = make_plan(parse(*argv))
+    assert plan.scale == "paper" and plan.data["gabor_conv1"].imagenet_root == str(tmp_path)
+    assert plan.data_description.startswith("paper scale on ImageNet")
+    assert {t.config["image_size"] for t in plan.trials} == {224}
+
+
+def test_nsd_paths_are_checked_against_a_release(tmp_path):
+    """The simulated world writes the native NSD layout: a valid release passes, and removing
+    any one file the run reads (or the COCO folder) is an error naming it."""
+    from references.simulated import generate_nsd_like
+
+    sim = generate_nsd_like(n_images=30, n_subjects=1, n_categories=4, repeats=2)
+    nsd_argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root))
+    with pytest.raises(UsageError, match="--coco-annotations DIR is required"):
+        make_plan(parse(*nsd_argv))
+    plan = make_plan(parse(*nsd_argv, "--coco-annotations", str(sim.coco_annotations)))
+    src = plan.data["nsd_conv1_v1"]
+    assert (src.kind, src.roi, src.subjects, src.nsd_root) == ("nsd", "V1", (1,),
+                                                              str(sim.nsd_root))
+    with pytest.raises(UsageError, match="--coco-annotations .*: missing instances_train2017"):
+        make_plan(parse(*nsd_argv, "--coco-annotations", str(tmp_path)))
+    with pytest.raises(UsageError, match="subject 2"):
+        make_plan(parse(*nsd_argv, "--coco-annotations", str(sim.coco_annotations),
+                        "--subject", "2"))
+    with pytest.raises(UsageError, match="missing nsddata/experiments/nsd/nsd_expdesign.mat"):
+        make_plan(parse("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(tmp_path),
+                        "--coco-annotations", str(sim.coco_annotations)))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_services_are_reported():
+    port = _closed_port()
+    plan = make_plan(parse("nsd_conv1_v1", "--address", f"127.0.0.1:{port}"))
+    with pytest.raises(UsageError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        check_services(plan, timeout=2)
+    plan = make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"http://127.0.0.1:{port}"))
+    with pytest.raises(UsageError, match="tracking server unreachable"):
+        check_services(plan, timeout=2)
+    check_services(make_plan(parse("nsd_conv1_v1")))  # local Ray, SQLite: nothing to contact
+
+
+# --------------------------------------------------------------------------------------------
+# The command line, as users run it
+
+
+def run_cli(*argv, module=False):
+    cmd = [sys.executable, *(["-m", "sweeps.run"] if module else ["sweeps/run.py"]), *argv]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_cli_list(module):
+    out = run_cli("--list", module=module)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(COUNTS)
+    for line in lines:
+        assert f"{COUNTS[line.split()[0]]} trials" in line
+
+
+@pytest.mark.parametrize("name", ["nsd_conv1_v1", "paper"])
+def test_cli_dry_run_ends_with_the_trial_count(name):
+    out = run_cli(name, "--dry-run", "--gpus-per-trial", "0.25")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{name}: demo scale on the simulated world (no real data configured)"
+    assert lines[1].split() == ["trial_id", "direction", "alpha", "beta", "seed", "cpus", "gpus"]
+    assert lines[-1] == f"{COUNTS[name]} trials"
+    rows = [line.split() for line in lines[2:2 + COUNTS[name]]]
+    assert {r[-1] for r in rows} == {"0.25"}
+    assert any(line.startswith("data: simulated NSD-like world, ROI V1") for line in lines)
+    if name == "nsd_conv1_v1":
+        assert ["nsd_conv1_v1-min-a0.4-b1-s0", "min", "-0.4", "1", "0", "1", "0.25"] in rows
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["nope", "--dry-run"], "unknown sweep 'nope'; known: gabor_conv1"),
+    (["nsd_conv1_v1", "--dry-run", "--gpus-per-trial", "-1"], "--gpus-per-trial='-1'"),
+    (["nsd_conv1_v1", "--dry-run", "--cpus-per-trial", "two"], "--cpus-per-trial='two'"),
+    (["nsd_conv1_v1", "--dry-run", "--data", "nsd", "--nsd-root", "/no/such/nsd",
+      "--coco-annotations", "/no/such/coco"], "--nsd-root /no/such/nsd: no such directory"),
+    (["nsd_conv1_v1", "--seeds", "x"], "argument --seeds: invalid int value: 'x'"),
+    (["nsd_conv1_v1", "--data", "imagenett"], "argument --data: invalid choice"),
+])
+def test_cli_errors_are_one_line_with_exit_2(argv, match):
+    out = run_cli(*argv)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], out.stderr
