@@ -1,0 +1,73 @@
+"""The sweep service end to end: a real local Ray cluster, a real SQLite MLflow store, the real
+trainable on the simulated world (`python sweeps/run.py NAME --smoke-test`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    proc = run_cli("nsd_conv1_v1", "--smoke-test", "--mlflow-uri", uri,
+                   "--storage", str(work / "ray_results"), cwd=work)
+    return work, uri, proc
+
+
+def _children(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
+    work, uri, proc = smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "simulated" in proc.stdout.splitlines()[0]
+    client, parents, children = _children(uri, "nsd_conv1_v1-smoke")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent_id = parents[0].info.run_id
+    assert len(children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
+    assert sorted(r.data.tags["direction"] for r in children) == ["max", "min", "none"]
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["condition"] == "nsd_conv1_v1" and tags["data"] == "demo"
+        assert float(params["alpha"]) == float(tags["alpha"])
+        assert params["layer"] == "conv1" and params["reference"] == "nsd"
+        history = client.get_metric_history(run.info.run_id, "val_alignment")
+        assert [m.step for m in history] == [0]
+        for key in ("val_performance", "val_cka", "val_rsa", "task_loss", "epoch_seconds"):
+            assert key in run.data.metrics, key
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "conv1_filters.png" in artifacts
+    # the end of the run says where the results are and how to browse them
+    assert f"mlflow ui --backend-store-uri {uri}" in proc.stdout
+
+
+def test_resume_of_a_finished_sweep_adds_no_runs(smoke):
+    work, uri, proc = smoke
+    assert proc.returncode == 0
+    again = run_cli("nsd_conv1_v1", "--smoke-test", "--resume", "--mlflow-uri", uri,
+                    "--storage", str(work / "ray_results"), cwd=work)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    _, parents, children = _children(uri, "nsd_conv1_v1-smoke")
+    assert len(parents) == 1
+    assert len(children) == 3
