@@ -22,6 +22,12 @@ from sweeps import tracking
 from sweeps.plan import Plan, check_services
 from sweeps.spec import Resources, TrialSpec
 
+# `ray start` (2.60) turns token authentication on by default, but a driver only presents its
+# token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) when RAY_AUTH_MODE says so, and Ray reads that
+# when it is first imported: set it before any Ray import. Authentication stays on; a cluster
+# started with it disabled needs RAY_AUTH_MODE=disabled in the environment.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 PARENT_FILE = "mlflow_parent.json"
 LATEST_FILE = "latest"
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
@@ -75,12 +81,15 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
 
     from trainable.train import train
 
-    spec = payload.specs[config["trial_id"]]
+    spec = _trial_spec(config, payload)
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
     run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
                             params=spec.config, tags={**payload.run_tags, **spec.tags()})
     hooks = RayHooks(run)
+    # Where it ran (multi-node checks) and which process to signal (fault-injection tests).
+    run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id()})
+    (hooks.artifact_dir().parent / "worker.pid").write_text(str(os.getpid()))
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
     except BaseException as exc:
@@ -89,6 +98,23 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         raise
     run.log_artifacts(hooks.artifact_dir())
     run.finish("FINISHED")
+
+
+def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
+    """The grid trial named by ``trial_id``, or, for adaptive search, a trial of the given
+    condition and direction at the sampled |alpha| (``alpha_mag``), derived from that
+    direction's grid trial so every other setting is the sweep file's."""
+    if "alpha_mag" not in config:
+        return payload.specs[config["trial_id"]]
+    from dataclasses import replace
+
+    from ray import tune
+
+    base = payload.specs[config["trial_id"]]
+    sign = 1.0 if base.direction == "max" else -1.0
+    alpha = sign * float(config["alpha_mag"])
+    trial_id = f"{base.condition}-{base.direction}-a{abs(alpha):.4g}-optuna-{tune.get_context().get_trial_id()}"
+    return replace(base, trial_id=trial_id, alpha=alpha, config={**base.config, "alpha": alpha})
 
 
 # ----------------------------------------------------------------------------- driver
@@ -133,6 +159,7 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _init_ray(plan: Plan) -> None:
     import ray
+
 
     if plan.address is None:
         # A local Ray sized to this machine; an explicit object store keeps two Ray nodes on one
@@ -213,24 +240,16 @@ def execute(plan: Plan) -> int:
                 [{"CPU": resources[config["trial_id"]].cpus,
                   "GPU": resources[config["trial_id"]].gpus}]),
         )
-        reporter = tune.CLIReporter(metric_columns=list(PROGRESS_METRICS),
-                                    parameter_columns=["trial_id"], max_report_frequency=30)
         if plan.resume and tune.Tuner.can_restore(str(run_dir)):
             _say(f"resuming {run_dir}: only unfinished trials run")
             tuner = tune.Tuner.restore(str(run_dir), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
+            results = list(tuner.fit())
+        elif plan.search == "optuna":
+            results = _optuna_fits(plan, trainable, run_dir)
         else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial_id": tune.grid_search([t.trial_id for t in plan.trials])},
-                run_config=tune.RunConfig(
-                    name=run_dir.name, storage_path=str(run_dir.parent),
-                    failure_config=tune.FailureConfig(max_failures=2),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    progress_reporter=reporter, verbose=1,
-                ),
-            )
-        results = tuner.fit()
+            grid = [t.trial_id for t in plan.trials]
+            results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)}).fit())
         failed = [r for r in results if r.error is not None]
         _summary(plan, results, run_dir, parent_id)
         status = "FINISHED" if not failed else "FAILED"
@@ -241,11 +260,72 @@ def execute(plan: Plan) -> int:
             ray.shutdown()
 
 
+def _run_config(run_dir: Path):
+    from ray import tune
+
+    reporter = tune.CLIReporter(metric_columns=list(PROGRESS_METRICS),
+                                parameter_columns=["trial_id"], max_report_frequency=30)
+    return tune.RunConfig(
+        name=run_dir.name, storage_path=str(run_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        progress_reporter=reporter, verbose=1,
+    )
+
+
+def _tuner(trainable, run_dir: Path, param_space: dict, tune_config=None):
+    from ray import tune
+
+    return tune.Tuner(trainable, param_space=param_space, run_config=_run_config(run_dir),
+                      tune_config=tune_config)
+
+
+def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
+    """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
+    between the two directions, each side sampled by Optuna (NSGA-II) with |alpha| log-uniform
+    in the grid's range and two objectives: performance up and alignment down on the
+    suppressing side, both up on the promoting side. Each side traces its own front with
+    fewer trials than the grid."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    results = []
+    for name in plan.conditions:
+        cond = plan.spec.condition(name)
+        trials = [t for t in plan.trials if t.condition == name]
+        baseline = [t.trial_id for t in trials if t.direction == "none"]
+        sub = run_dir.parent / f"{run_dir.name}-{name}"
+        results += list(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
+                               {"trial_id": tune.grid_search(baseline)}).fit())
+        lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
+        if lo == hi:  # a one-point grid: sample around it
+            lo, hi = lo / 4, hi * 4
+        for i, direction in enumerate(("max", "min")):
+            n = plan.num_samples // 2 + (plan.num_samples % 2 if direction == "max" else 0)
+            if n == 0:
+                continue
+            base = next(t for t in trials if t.direction == direction)
+            search = OptunaSearch(
+                metric=["val_performance", "val_alignment"],
+                mode=["max", "max" if direction == "max" else "min"],
+                sampler=optuna.samplers.NSGAIISampler(seed=i),
+            )
+            space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
+            tuner = _tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
+                           tune.TuneConfig(search_alg=search, num_samples=n))
+            results += list(tuner.fit())
+    return results
+
+
 def _summary(plan: Plan, results, run_dir: Path, parent_id: str) -> None:
     rows = []
     for r in results:
         m = r.metrics or {}
-        tid = (r.config or {}).get("trial_id", "?")
+        cfg = r.config or {}
+        tid = cfg.get("trial_id", "?")
+        if "alpha_mag" in cfg:
+            tid = f"{tid.split('-a')[0]}-a{cfg['alpha_mag']:.4g} (optuna)"
         state = "ERROR" if r.error is not None else "done"
         rows.append((tid, state, m.get("val_performance", float("nan")),
                      m.get("val_alignment", float("nan"))))
@@ -256,6 +336,7 @@ def _summary(plan: Plan, results, run_dir: Path, parent_id: str) -> None:
     for tid, state, perf, align in rows:
         _say(f"{tid:<{width}}  {state:<5}  {perf:11.4f}  {align:9.4f}")
     _say("")
-    _say(f"Ray Tune results: {run_dir}")
+    where = f"{run_dir}-*" if plan.search == "optuna" else str(run_dir)
+    _say(f"Ray Tune results: {where}")
     _say(f"MLflow: {plan.mlflow_uri} (experiment {plan.experiment}, parent run {parent_id})")
     _say(f"browse them: mlflow ui --backend-store-uri {plan.mlflow_uri}")

@@ -300,6 +300,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.seeds != 1:
             raise UsageError(f"--seeds {args.seeds} with --search optuna; accepted: --seeds "
                              f"with --search grid (optuna samples alpha, each sample once)")
+        if args.resume:
+            raise UsageError("--resume with --search optuna; accepted: --resume with --search "
+                             "grid (a sampler's study is not checkpointed: rerun the search)")
     elif args.num_samples is not None:
         raise UsageError(f"--num-samples {args.num_samples} with --search grid; accepted: "
                          f"--num-samples with --search optuna (the grid runs every "

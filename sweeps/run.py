@@ -14,6 +14,7 @@ Bad input is one line, ``error: <message>``, on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from sweeps.plan import (  # noqa: E402
     check_services,
     make_plan,
 )
-from sweeps.spec import fmt_number, list_sweeps, load_sweep  # noqa: E402
+from sweeps.spec import SWEEP_DIR_ENV, fmt_number, list_sweeps, load_sweep  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "MLflow.")
     p.add_argument("sweep", nargs="?", help="sweep name (see --list)")
     p.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    p.add_argument("--sweep-dir", metavar="DIR",
+                   help="read sweep files from DIR instead of sweeps/conditions (same format)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate everything, print the trials, start nothing")
     p.add_argument("--smoke-test", action="store_true",
@@ -145,6 +148,12 @@ def optuna_lines(plan: Plan) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.sweep_dir is not None:
+            folder = Path(args.sweep_dir)
+            if not folder.is_dir():
+                raise UsageError(f"--sweep-dir {args.sweep_dir}: no such directory; accepted: "
+                                 f"a folder of sweep .toml files")
+            os.environ[SWEEP_DIR_ENV] = str(folder.resolve())
         if args.list:
             print("\n".join(list_lines()))
             return 0

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,13 @@ from pathlib import Path
 from typing import Any
 
 SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
+SWEEP_DIR_ENV = "ALIGNSWEEP_SWEEP_DIR"  # a folder of your own sweep files (--sweep-dir)
+
+
+def sweep_dir() -> Path:
+    """Where sweep files are read from: ``$ALIGNSWEEP_SWEEP_DIR`` if set, else the project's
+    ``sweeps/conditions``."""
+    return Path(os.environ.get(SWEEP_DIR_ENV) or SWEEP_DIR)
 SCALES = ("paper", "demo")
 DIRECTIONS = ("max", "min", "none")
 ROIS = ("V1", "VVS")  # references.nsd.ROIS; checked against it when a sweep is loaded
@@ -398,7 +406,7 @@ class Sweep:
 
 def list_sweeps(directory: str | Path | None = None) -> list[str]:
     """Names of the sweep files in ``directory`` (default ``sweeps/conditions``), sorted."""
-    folder = Path(directory) if directory is not None else SWEEP_DIR
+    folder = Path(directory) if directory is not None else sweep_dir()
     return sorted(p.stem for p in folder.glob("*.toml"))
 
 
@@ -410,7 +418,7 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
     ``SweepFileError`` naming the file and the key or value. ``check_configs=False`` skips
     the checks that import torch (TrialConfig, registries): for listing only.
     """
-    folder = Path(directory) if directory is not None else SWEEP_DIR
+    folder = Path(directory) if directory is not None else sweep_dir()
     known = list_sweeps(folder)
     if name not in known:
         raise ValueError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
