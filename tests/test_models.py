@@ -36,14 +36,7 @@ TORCHVISION = {"alexnet": torchvision.models.alexnet, "resnet18": torchvision.mo
 ALL_LAYERS = [(m, layer) for m in MODELS for layer in model_layers(m)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, and OpenMP threads spinning
-    against other processes make a 20 ms step take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ from trainable.models import build_model
 TINY = ReferenceTraining(epochs=1, seed=3, lr=1e-3, batch_size=16, width=0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, and OpenMP threads spinning
-    against other processes make a 20 ms step take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

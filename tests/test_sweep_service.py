@@ -71,3 +71,19 @@ def test_resume_of_a_finished_sweep_adds_no_runs(smoke):
     _, parents, children = _children(uri, "nsd_conv1_v1-smoke")
     assert len(parents) == 1
     assert len(children) == 3
+
+
+def test_optuna_search_samples_both_directions_and_the_baseline(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("nsd_conv1_v1", "--smoke-test", "--search", "optuna", "--num-samples", "2",
+                   "--mlflow-uri", uri, "--storage", str(tmp_path / "ray"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, parents, children = _children(uri, "nsd_conv1_v1-smoke")
+    assert len(parents) == 1
+    by_direction = {r.data.tags["direction"]: r for r in children}
+    assert sorted(by_direction) == ["max", "min", "none"] and len(children) == 3
+    for direction, sign in (("max", 1), ("min", -1)):
+        alpha = float(by_direction[direction].data.params["alpha"])
+        # sampled log-uniformly within the grid's |alpha| range {0.1 .. 0.8}
+        assert sign * alpha > 0 and 0.1 <= abs(alpha) <= 0.8
+        assert "optuna" in by_direction[direction].data.tags["trial_id"]
