@@ -88,8 +88,10 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
                             params=spec.config, tags={**payload.run_tags, **spec.tags()})
     hooks = RayHooks(run)
     # Where it ran (multi-node checks) and which process to signal (fault-injection tests).
-    run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id()})
-    (hooks.artifact_dir().parent / "worker.pid").write_text(str(os.getpid()))
+    run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id(),
+                  "worker_pid": str(os.getpid())})
+    worker = {"pid": os.getpid(), "started_at": time.time()}
+    (hooks.artifact_dir().parent / "worker.json").write_text(json.dumps(worker))
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
     except BaseException as exc:

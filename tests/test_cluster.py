@@ -1,0 +1,260 @@
+"""The sweep service on real Ray clusters started with `ray start`: fractional GPUs, two nodes,
+a killed trial worker, an interrupted driver. Every cluster is a `ray start --block` process
+group of this test's own (own temp dir and ports), stopped by the test; nothing else on the
+machine is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start` turns token auth on by default
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    ports = [free_port() for _ in range(6)]
+    low = free_port()
+    return ["--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+            "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port",
+            str(ports[3]), "--dashboard-agent-grpc-port", str(ports[4]),
+            "--runtime-env-agent-port", str(ports[5]),
+            "--min-worker-port", str(low + 1000 if low < 50000 else 20000),
+            "--max-worker-port", str((low + 1000 if low < 50000 else 20000) + 200)]
+
+
+def _wait_for(address: str, cpus: float, timeout: float = 90) -> None:
+    code = (f"import ray, time\nray.init(address={address!r}, logging_level='ERROR')\n"
+            f"t=time.time()\n"
+            f"while ray.cluster_resources().get('CPU', 0) < {cpus} and time.time()-t < {timeout}:\n"
+            f"    time.sleep(0.5)\n"
+            f"print(ray.cluster_resources().get('CPU', 0))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                         text=True, timeout=timeout + 60)
+    assert out.returncode == 0 and float(out.stdout.split()[-1]) >= cpus, out.stderr[-2000:]
+
+
+@contextmanager
+def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
+    """A head node (and optionally one worker node) on this machine, each a blocking
+    `ray start` process with its own temp dir, ports and object store size."""
+    procs = []
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
+        try:
+            head = [RAY, "start", "--head", "--block", "--port", str(port),
+                    "--node-ip-address", "127.0.0.1", "--num-cpus", str(head_cpus),
+                    "--num-gpus", str(head_gpus), "--object-store-memory", str(200 << 20),
+                    "--include-dashboard", "false", "--temp-dir", f"{tmp}/head",
+                    *_node_ports()]
+            procs.append(subprocess.Popen(head, env=ENV, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+            _wait_for(address, head_cpus)
+            if worker_cpus:
+                worker = [RAY, "start", "--address", address, "--block",
+                          "--node-ip-address", "127.0.0.1", "--num-cpus", str(worker_cpus),
+                          "--num-gpus", "0", "--object-store-memory", str(200 << 20),
+                          *_node_ports()]
+                procs.append(subprocess.Popen(worker, env=ENV, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL,
+                                              start_new_session=True))
+                _wait_for(address, head_cpus + worker_cpus)
+            yield address
+        finally:
+            for p in reversed(procs):
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+
+
+def run_cli(args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *args], cwd=cwd,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def trial_dirs(storage: Path) -> list[Path]:
+    return sorted(p.parent for p in storage.glob("*/*/params.json"))
+
+
+def span(trial_dir: Path) -> tuple[float, float]:
+    """(start, end): the worker records its start in worker.json (file times are useless:
+    Ray copies trial folders to storage); the last result line carries the end time."""
+    start = json.loads((trial_dir / "worker.json").read_text())["started_at"]
+    last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+    return start, float(last["timestamp"])
+
+
+def child_runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_fractional_gpus_run_four_trials_at_once_on_cpu(tmp_path):
+    """Ray declares 1 GPU; --gpus-per-trial 0.25 lets 4 trials share it. There is no CUDA
+    here, so each trial falls back to the CPU, but all four must be scheduled together."""
+    with ray_cluster(head_cpus=4, head_gpus=1) as address:
+        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--address", address,
+                        "--gpus-per-trial", "0.25", "--cpus-per-trial", "1",
+                        "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spans = [span(d) for d in trial_dirs(tmp_path / "ray")]
+    assert len(spans) == 6
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most >= 4, spans
+    assert "no GPU" not in proc.stdout  # the cluster has one; trials just cannot use CUDA
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    with ray_cluster(head_cpus=1, worker_cpus=1) as address:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--address", address,
+                        "--cpus-per-trial", "1", "--mlflow-uri", uri,
+                        "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    nodes = {r.data.tags["ray_node_id"] for r in child_runs(uri, "nsd_conv1_v1-smoke")}
+    assert len(nodes) == 2, nodes
+
+
+FAULT_SWEEP = textwrap.dedent("""
+    description = "one trial, several epochs: fault-injection tests"
+    model = "alexnet"
+    layer = "conv1"
+    reference = "gabor"
+    metric = "linear"
+    task = "single_label"
+
+    [grid]
+    alphas = [1.0]
+    betas = [1]
+
+    [paper]
+    data = "imagenet"
+    epochs = 4
+    lr = 1e-4
+    batch_size = 1000
+    image_size = 224
+    width = 1.0
+    resources = { cpus = 1, gpus = 0 }
+
+    [demo]
+    data = "simulated_single_label"
+    data_kwargs = { n_categories = 4, n_train_per_class = 40, n_val_per_class = 10, seed = 0 }
+    epochs = 4
+    lr = 1e-3
+    batch_size = 32
+    image_size = 64
+    width = 0.125
+    resources = { cpus = 1, gpus = 0 }
+""")
+
+
+@pytest.fixture()
+def fault_sweep(tmp_path) -> Path:
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (folder / "faults.toml").write_text(FAULT_SWEEP)
+    return folder
+
+
+def _final_metrics(uri: str, experiment: str) -> dict[str, dict[str, float]]:
+    return {r.data.tags["trial_id"]: r.data.metrics for r in child_runs(uri, experiment)}
+
+
+def _wait_for_checkpoint(storage: Path, trial_glob: str, popen, timeout: float = 300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        hits = list(storage.glob(f"*/*{trial_glob}*/checkpoint_000000"))
+        if hits:
+            return hits[0].parent
+        assert popen.poll() is None, popen.communicate()[0][-3000:]
+        time.sleep(0.5)
+    raise AssertionError("no trial reached its first checkpoint")
+
+
+def test_killed_trial_worker_resumes_from_checkpoint_with_the_same_result(tmp_path,
+                                                                          fault_sweep):
+    args = ["faults", "--sweep-dir", str(fault_sweep)]
+    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    ref = run_cli([*args, "--mlflow-uri", ref_uri, "--storage", str(tmp_path / "ref")],
+                  cwd=tmp_path)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    popen = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "run.py"), *args,
+                              "--mlflow-uri", uri, "--storage", str(storage)],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    trial = _wait_for_checkpoint(storage, "max-a1", popen)
+    # the trial's worker process, as its MLflow run records it (trial folders reach storage
+    # only at checkpoints and at the end)
+    (run,) = [r for r in child_runs(uri, "faults-demo")
+              if r.data.tags["trial_id"].startswith("faults-max-a1")]
+    os.kill(int(run.data.tags["worker_pid"]), signal.SIGKILL)  # mid-training
+    out, _ = popen.communicate(timeout=600)
+    assert popen.returncode == 0, out[-3000:]
+
+    results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in results][-1] == 3.0
+    got, want = _final_metrics(uri, "faults-demo"), _final_metrics(ref_uri, "faults-demo")
+    assert got.keys() == want.keys()
+    for tid in want:
+        for key in ("val_performance", "val_alignment", "task_loss", "batch_alignment"):
+            assert got[tid][key] == want[tid][key], (tid, key)
+    assert len(child_runs(uri, "faults-demo")) == 3  # the retried trial kept its one run
+
+
+def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
+    args = ["faults", "--sweep-dir", str(fault_sweep)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    popen = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "run.py"), *args,
+                              "--mlflow-uri", uri, "--storage", str(storage)],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(storage, "a1", popen)
+    popen.send_signal(signal.SIGINT)  # a user's Ctrl-C: Tune saves its state and stops
+    out, _ = popen.communicate(timeout=300)
+    done_before = {d.name for d in trial_dirs(storage)
+                   if '"done": true' in (d / "result.json").read_text()}
+    assert len(done_before) < 3, out[-3000:]
+
+    again = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    runs = child_runs(uri, "faults-demo")
+    assert len(runs) == 3  # one child run per trial, never duplicates
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        epochs = MlflowClient(uri).get_metric_history(run.info.run_id, "val_alignment")
+        assert sorted(m.step for m in epochs)[-1] == 3
