@@ -255,11 +255,29 @@ def execute(plan: Plan) -> int:
         failed = [r for r in results if r.error is not None]
         _summary(plan, results, run_dir, parent_id)
         status = "FINISHED" if not failed else "FAILED"
-        return 0 if not failed else 1
     finally:
         tracking.finish(plan.mlflow_uri, parent_id, status)
         if ray.is_initialized():
             ray.shutdown()
+    _report(plan, parent_id)
+    return 0 if not failed else 1
+
+
+def _report(plan: Plan, parent_id: str) -> None:
+    """Post-process the finished sweep (tables, fronts, figures, HTML report, logged to the
+    parent run). A failure here is reported in one line and does not fail the sweep: every
+    trial's results are already in MLflow and `python -m dashboards.pareto` can be rerun."""
+    from dashboards.pareto import postprocess
+
+    try:
+        path = postprocess(plan.sweep, mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id,
+                           experiment=plan.experiment)
+    except Exception as exc:  # the sweep itself succeeded; say why the report did not
+        _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
+        _say(f"retry with: python -m dashboards.pareto {plan.sweep} --mlflow-uri "
+             f"{plan.mlflow_uri} --parent-run {parent_id}")
+        return
+    _say(f"report: {Path(path).resolve()}")
 
 
 def _run_config(run_dir: Path):

@@ -1,0 +1,265 @@
+"""The sweep's figures, as matplotlib ``Figure`` objects (Agg canvas, no pyplot: no global
+figure state shared between calls, threads or tests), saved as PNG and SVG.
+
+* ``front_figure``: performance degradation relative to the baseline against achieved
+  alignment, coloured by direction, sized by |alpha|, both Pareto fronts drawn; one panel per
+  condition (the paper's Figures 1b and 2a-d).
+* ``epochs_figure``: validation performance per epoch, one line per trial coloured by direction,
+  the mean of each direction bold (Figure A.1).
+* ``filters_figure``: conv1 filter grids of the maximally aligned, minimally aligned and
+  baseline models beside the reference bank; one row per condition (Figure 1c). Only the Gabor
+  reference is a filter bank; for the others the panel says so.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from dashboards.fronts import FINISHED, front_line
+
+__all__ = [
+    "COLORS",
+    "FilterPanel",
+    "FilterRow",
+    "epochs_figure",
+    "filters_figure",
+    "front_figure",
+    "save_figure",
+]
+
+COLORS = {"max": "#c0392b", "min": "#2471a3", "none": "#1b1b1b"}
+LABELS = {"max": "max (alpha > 0)", "min": "min (alpha < 0)", "none": "baseline (alpha = 0)"}
+PERF_NAMES = {"top1": "top-1 accuracy", "map": "mAP", None: "performance"}
+# Fronts: lines through their points, with open markers so a one-point front still shows.
+FRONT_STYLE = {
+    "up": {"color": "#6c3483", "ls": "-", "lw": 1.6, "marker": "o", "ms": 11, "mfc": "none"},
+    "down": {"color": "#117a65", "ls": "--", "lw": 1.6, "marker": "s", "ms": 13, "mfc": "none"},
+}
+
+
+def _figure(n_panels: int, *, panel: tuple[float, float], ncols: int = 3):
+    ncols = max(1, min(ncols, n_panels))
+    nrows = max(1, math.ceil(n_panels / ncols))
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    values = table.column(name).to_pylist()
+    if pa.types.is_floating(table.schema.field(name).type):
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return np.array(values, dtype=object)
+
+
+def _conditions(table: pa.Table) -> list[str]:
+    return list(dict.fromkeys(table.column("condition").to_pylist()))
+
+
+def _empty(ax, text: str, width: int = 36) -> None:
+    ax.text(0.5, 0.5, textwrap.fill(text, width), ha="center", va="center", fontsize=9,
+            transform=ax.transAxes, color="#555555")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _perf_name(rows: pa.Table) -> str:
+    names = [n for n in rows.column("performance_metric").to_pylist() if n]
+    return PERF_NAMES.get(names[0] if names else None, "performance")
+
+
+def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = None) -> Figure:
+    """Degradation vs alignment per condition, with both fronts.
+
+    results : a results table (``dashboards.tables.RESULTS_SCHEMA``). Only FINISHED trials with
+    finite alignment and performance are drawn. Without a baseline the y axis is the raw
+    performance (and says so). statistics : condition -> ``sweep_statistics`` entry; its
+    Spearman rho and interval go in the panel title.
+    """
+    conds = _conditions(results) or ["(no trials)"]
+    fig, axes = _figure(len(conds), panel=(5.4, 4.4))
+    for ax, cond in zip(axes, conds):
+        ax.set_title(cond, fontsize=10)
+        if cond == "(no trials)":
+            _empty(ax, "no trials in this sweep")
+            continue
+        rows = results.filter(pc.equal(results.column("condition"), cond))
+        status = _column(rows, "status")
+        align = _column(rows, "alignment")
+        perf = _column(rows, "performance")
+        degr = _column(rows, "degradation")
+        has_base = bool(np.isfinite(degr).any())
+        y = degr if has_base else perf
+        ok = (status == FINISHED) & np.isfinite(align) & np.isfinite(y)
+        if not ok.any():
+            _empty(ax, "no finished trial with alignment and performance")
+            continue
+        direction = _column(rows, "direction")
+        alpha = np.abs(_column(rows, "alpha"))
+        top = np.nanmax(alpha[ok]) if np.isfinite(alpha[ok]).any() else 0.0
+        sizes = 30 + 170 * (alpha / top if top > 0 else np.zeros_like(alpha))
+        for d in ("max", "min", "none"):
+            sel = ok & (direction == d)
+            if sel.any():
+                ax.scatter(align[sel], y[sel], s=160 if d == "none" else sizes[sel],
+                           c=COLORS[d], marker="*" if d == "none" else "o", alpha=0.85,
+                           edgecolors="white", linewidths=0.6, zorder=3)
+        for key, col in (("up", "front_up"), ("down", "front_down")):
+            mask = np.array(rows.column(col).to_pylist(), dtype=bool) & ok
+            if mask.any():
+                fx, fy = front_line(align, y, mask)
+                ax.plot(fx, fy, zorder=2, **FRONT_STYLE[key])
+        if has_base:
+            ax.axhline(0.0, color="#999999", lw=0.8, zorder=1)
+        perf_name = _perf_name(rows)
+        ax.set_xlabel("achieved alignment (validation, linear)")
+        ax.set_ylabel(f"{perf_name} - baseline" if has_base
+                      else f"{perf_name} (no baseline: not relative)")
+        stats = (statistics or {}).get(cond, {}).get("spearman") or {}
+        rho = stats.get("rho", math.nan)
+        if rho is not None and math.isfinite(rho):
+            lo, hi = stats.get("low", math.nan), stats.get("high", math.nan)
+            ci = (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and math.isfinite(lo) else "")
+            ax.set_title(f"{cond}\nSpearman rho = {rho:.2f}{ci}", fontsize=10)
+        ax.grid(alpha=0.25)
+    handles = [Line2D([], [], marker="*" if d == "none" else "o", ls="", color=COLORS[d],
+                      markersize=10 if d == "none" else 7, label=LABELS[d])
+               for d in ("max", "min", "none")]
+    handles += [Line2D([], [], label="front (performance up, alignment up)",
+                       **{**FRONT_STYLE["up"], "ms": 8}),
+                Line2D([], [], label="front (performance up, alignment down)",
+                       **{**FRONT_STYLE["down"], "ms": 8})]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2 if len(conds) == 1 else 3,
+               fontsize=8, frameon=False, title="marker area grows with |alpha|",
+               title_fontsize=8)
+    return fig
+
+
+def epochs_figure(epochs: pa.Table, results: pa.Table) -> Figure:
+    """Validation performance per epoch by direction, one panel per condition.
+
+    epochs : an epochs table (``EPOCHS_SCHEMA``); results : the results table (for the
+    conditions and the performance name). Each trial is a thin line (dotted if it did not
+    finish), each direction's mean over its finished trials a bold line.
+    """
+    conds = _conditions(results) or ["(no trials)"]
+    fig, axes = _figure(len(conds), panel=(5.4, 4.0))
+    for ax, cond in zip(axes, conds):
+        ax.set_title(cond, fontsize=10)
+        rows = (epochs.filter(pc.equal(epochs.column("condition"), cond))
+                if epochs.num_rows else epochs)
+        if rows.num_rows == 0:
+            _empty(ax, "no epoch was reported")
+            continue
+        trial = _column(rows, "trial_id")
+        epoch = np.array(rows.column("epoch").to_pylist(), dtype=np.int64)
+        perf = _column(rows, "val_performance")
+        direction = _column(rows, "direction")
+        status = _column(rows, "status")
+        single = len(np.unique(epoch)) == 1
+        for tid in dict.fromkeys(trial.tolist()):
+            sel = (trial == tid) & np.isfinite(perf)
+            if not sel.any():
+                continue
+            d = direction[sel][0]
+            order = np.argsort(epoch[sel])
+            ax.plot(epoch[sel][order], perf[sel][order], color=COLORS.get(d, "gray"),
+                    alpha=0.35, lw=0.9, marker="o" if single or sel.sum() == 1 else None, ms=4,
+                    ls="-" if status[sel][0] == FINISHED else ":")
+        for d in ("max", "min", "none"):
+            sel = (direction == d) & (status == FINISHED) & np.isfinite(perf)
+            if not sel.any():
+                continue
+            xs = np.unique(epoch[sel])
+            ys = [perf[sel & (epoch == e)].mean() for e in xs]
+            ax.plot(xs, ys, color=COLORS[d], lw=2.4, marker="o" if single else None,
+                    label=f"{LABELS[d]}, mean of {len(set(trial[sel]))}")
+        ax.set_xlabel("epoch")
+        cond_results = results.filter(pc.equal(results.column("condition"), cond))
+        ax.set_ylabel(f"validation {_perf_name(cond_results)}")
+        if single:
+            ax.set_xticks(np.unique(epoch))
+        ax.grid(alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+@dataclass(frozen=True)
+class FilterPanel:
+    """One image of the filters figure: role ("max-aligned", ...), its caption, and the PNG
+    (None: missing, with ``note`` saying why)."""
+
+    role: str
+    caption: str
+    png: Path | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FilterRow:
+    """One condition's row: the trials' grids, then the reference panel."""
+
+    condition: str
+    panels: tuple[FilterPanel, ...]
+    reference: FilterPanel
+
+
+def _image(ax, panel: FilterPanel) -> None:
+    import matplotlib.image
+
+    ax.set_title(f"{panel.role}\n{panel.caption}" if panel.caption else panel.role, fontsize=8)
+    if panel.png is None:
+        _empty(ax, panel.note or "no image")
+        return
+    ax.imshow(matplotlib.image.imread(str(panel.png)), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if panel.note:
+        ax.set_xlabel(panel.note, fontsize=7)
+
+
+def filters_figure(rows: Sequence[FilterRow]) -> Figure:
+    """conv1 filter grids beside the reference, one row per condition (Figure 1c)."""
+    rows = list(rows)
+    if not rows:
+        fig, axes = _figure(1, panel=(6, 2))
+        _empty(axes[0], "no trials: no filters to show")
+        return fig
+    ncols = max(len(r.panels) for r in rows) + 1
+    fig = Figure(figsize=(3.2 * ncols, 3.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncols - 1):
+            if c < len(row.panels):
+                _image(axes[r, c], row.panels[c])
+            else:
+                axes[r, c].set_visible(False)
+        _image(axes[r, ncols - 1], row.reference)
+        axes[r, 0].set_ylabel(row.condition, fontsize=9)
+    return fig
+
+
+def save_figure(fig: Figure, folder: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (110 dpi) and ``<stem>.svg`` (no timestamp: reproducible files)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    png, svg = folder / f"{stem}.png", folder / f"{stem}.svg"
+    fig.savefig(png, dpi=110, metadata={"Software": None})
+    fig.savefig(svg, metadata={"Date": None})
+    return png, svg

@@ -1,0 +1,325 @@
+"""The post-processor: a sweep's runs -> Parquet tables, Pareto fronts, statistics, figures and
+one self-contained HTML report, logged as artifacts of the sweep's MLflow parent run.
+
+    python -m dashboards.pareto NAME                      latest parent run of sweep NAME
+    python -m dashboards.pareto NAME --parent-run ID      one invocation
+    python -m dashboards.pareto NAME --experiment NAME-paper
+    python -m dashboards.pareto NAME --ray-results ray_results   read Ray Tune's result files
+    python -m dashboards.pareto NAME --out DIR            where the files go
+
+Which run: by default the latest parent run (by start time) among the MLflow experiments
+``NAME-demo``, ``NAME-smoke`` and ``NAME-paper``; ``--experiment`` restricts to one experiment,
+``--parent-run`` names the run. The store: ``--mlflow-uri``, else $MLFLOW_TRACKING_URI, else
+sqlite:///mlflow.db in the current folder (as ``sweeps/run.py``). With ``--ray-results DIR``
+(Ray's storage folder or one run's folder inside it) MLflow is not read, and nothing is logged
+unless ``--parent-run`` is given too.
+
+Files (in ``--out``, default outputs/<experiment>/<parent run id or Ray folder>/):
+results.parquet, epochs.parquet, statistics.json, front.{png,svg}, epochs.{png,svg},
+filters.{png,svg}, report.html. The command prints the report's path last.
+
+Degenerate sweeps (no baseline, failed trials, one direction, one trial, no trials) still get
+every file; what could not be computed is said in the report's notes and printed. Missing
+results (no such store, experiment or run) are one line, ``error: <message>``, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dashboards import figures, report, statistics, tables
+from dashboards.fronts import FINISHED
+from dashboards.sources import (
+    SourceError,
+    SweepRecord,
+    Trial,
+    load_mlflow,
+    load_ray,
+    quiet_artifacts,
+)
+
+__all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
+
+FILES = ("report.html", "results.parquet", "epochs.parquet", "statistics.json", "front.png",
+         "front.svg", "epochs.png", "epochs.svg", "filters.png", "filters.svg")
+
+
+def diagnose(record: SweepRecord, results: pa.Table) -> list[str]:
+    """Plain-language notes on what is degenerate about a sweep (empty list: nothing)."""
+    notes = list(record.notes)
+    rows = results.to_pylist()
+    if not rows:
+        notes.append(f"{record.source}: no trial runs: nothing to tabulate or plot (did the "
+                     f"sweep start any trial?)")
+        return notes
+    unfinished = [r for r in rows if r["status"] != FINISHED]
+    if unfinished:
+        by_status: dict[str, list[str]] = {}
+        for r in unfinished:
+            by_status.setdefault(r["status"], []).append(r["trial_id"])
+        what = "; ".join(f"{s}: {', '.join(ids)}" for s, ids in sorted(by_status.items()))
+        notes.append(f"{len(unfinished)} of {len(rows)} trials did not finish ({what}); they "
+                     f"are listed in results.parquet with their last metrics but left out of "
+                     f"fronts, statistics and the front figure")
+    for cond in dict.fromkeys(r["condition"] for r in rows):
+        done = [r for r in rows if r["condition"] == cond and r["status"] == FINISHED]
+        if not done:
+            notes.append(f"condition {cond}: no finished trial")
+            continue
+        if not any(r["direction"] == "none" for r in done):
+            notes.append(f"condition {cond}: no finished baseline (alpha = 0) trial, so "
+                         f"baseline_performance and degradation are empty and the front figure "
+                         f"shows raw performance")
+        directions = sorted({r["direction"] for r in done} - {"none"})
+        if not directions:
+            notes.append(f"condition {cond}: only the baseline finished: no perturbed trial, "
+                         f"no front beyond one point")
+        elif len(directions) == 1:
+            other = "min" if directions[0] == "max" else "max"
+            notes.append(f"condition {cond}: finished trials in one direction only "
+                         f"({directions[0]}); no {other} trial, so that side of the front has "
+                         f"only the baseline")
+        if len(done) == 1:
+            notes.append(f"condition {cond}: one finished trial ({done[0]['trial_id']}): "
+                         f"fronts are that point, statistics are undefined")
+        no_align = [r["trial_id"] for r in done if r["alignment"] is None]
+        if no_align:
+            notes.append(f"condition {cond}: finished without a validation alignment: "
+                         f"{', '.join(no_align)}; off the fronts and statistics")
+    return notes
+
+
+def _pick_filter_trials(trials: list[Trial], results: pa.Table, cond: str) -> list[tuple[str, Trial | None, str]]:
+    """(role, trial or None, note) for max-aligned, min-aligned and baseline of a condition:
+    the perturbed (alpha != 0) finished trials with the highest and lowest achieved alignment
+    (all finished trials when none is perturbed), and the lowest-seed finished baseline."""
+    by_id = {t.trial_id: t for t in trials}
+    rows = [r for r in results.to_pylist() if r["condition"] == cond
+            and r["status"] == FINISHED and r["alignment"] is not None]
+    rows = [r for r in rows if r["direction"] != "none"] or rows
+    out: list[tuple[str, Trial | None, str]] = []
+    if rows:
+        hi = max(rows, key=lambda r: (r["alignment"], r["trial_id"]))
+        lo = min(rows, key=lambda r: (r["alignment"], r["trial_id"]))
+        out.append(("max-aligned", by_id[hi["trial_id"]], ""))
+        out.append(("min-aligned", by_id[lo["trial_id"]],
+                    "the same trial: one finished trial" if lo is hi else ""))
+    else:
+        out += [("max-aligned", None, "no finished trial with an alignment"),
+                ("min-aligned", None, "no finished trial with an alignment")]
+    base = sorted((t for t in trials if t.condition == cond and t.direction == "none"
+                   and t.status == FINISHED), key=lambda t: (t.seed, t.trial_id))
+    out.append(("baseline", base[0] if base else None,
+                "" if base else "no finished baseline (alpha = 0) trial"))
+    return out
+
+
+def _filter_rows(record: SweepRecord, results: pa.Table, workdir: Path) -> list[figures.FilterRow]:
+    trials = list(record.trials)
+    align = {r["trial_id"]: r["alignment"] for r in results.to_pylist()}
+    rows = []
+    for cond in dict.fromkeys(t.condition for t in trials):
+        panels = []
+        for role, trial, note in _pick_filter_trials(trials, results, cond):
+            if trial is None:
+                panels.append(figures.FilterPanel(role, "", None, note))
+                continue
+            png = record.fetch_filters(trial, workdir / trial.run_id)
+            a = align.get(trial.trial_id)
+            caption = f"{trial.trial_id}" + (f"\nalignment {a:.3f}" if a is not None else "")
+            panels.append(figures.FilterPanel(role, caption, png,
+                                              note if png else "no conv1_filters.png artifact"))
+        reference = next(t.config.get("reference") for t in trials if t.condition == cond)
+        rows.append(figures.FilterRow(cond, tuple(panels), _reference_panel(reference, workdir)))
+    return rows
+
+
+def _reference_panel(reference: str | None, workdir: Path) -> figures.FilterPanel:
+    if reference == "gabor":
+        from references.gabor import FREQUENCIES, ORIENTATIONS_DEG, bank_png
+
+        png = bank_png(workdir / "gabor_bank.png")
+        return figures.FilterPanel(
+            "reference: Gabor bank",
+            f"{len(ORIENTATIONS_DEG) * len(FREQUENCIES)} filters: rows {len(ORIENTATIONS_DEG)} "
+            f"orientations,\ncolumns {len(FREQUENCIES)} frequencies", png)
+    what = {"nsd": "NSD voxel responses", "pretrained": "a pretrained network's activations"}
+    return figures.FilterPanel(
+        f"reference: {reference}", "", None,
+        f"the reference is {what.get(reference, reference)}, not a filter bank: only the "
+        f"trials' conv1 grids are shown")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def build_outputs(record: SweepRecord, out: str | Path) -> Path:
+    """Every file of the post-processor for ``record`` into ``out``; returns report.html."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = tables.results_table(record)
+    epochs = tables.epochs_table(record)
+    tables.write_parquet(results, out / "results.parquet")
+    tables.write_parquet(epochs, out / "epochs.parquet")
+    stats = statistics.sweep_statistics(results)
+    config = tables.sweep_config(record)
+    messages = diagnose(record, results)
+    (out / "statistics.json").write_text(
+        json.dumps(_json_safe({"sweep": record.sweep, "experiment": record.experiment,
+                               "parent_run_id": record.parent_run_id, "conditions": stats,
+                               "messages": messages}), indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
+        figs = [
+            (figures.front_figure(results, stats), "front",
+             ("Performance degradation relative to the baseline against achieved alignment "
+              "(validation), coloured by direction, marker area by |alpha|; lines: the two "
+              "Pareto fronts (performance up with alignment up, and with alignment down).")),
+            (figures.epochs_figure(epochs, results), "epochs",
+             ("Validation performance per epoch: thin lines one trial each (dotted: did not "
+              "finish), bold lines the mean of each direction.")),
+            (figures.filters_figure(_filter_rows(record, results, Path(tmp))), "filters",
+             ("conv1 filters of the maximally aligned, minimally aligned and baseline models, "
+              "beside the reference bank where the reference is one (Gabor).")),
+        ]
+        embedded = []
+        for fig, stem, caption in figs:
+            png, _ = figures.save_figure(fig, out, stem)
+            embedded.append((png, f"{stem} figure", caption))
+    meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
+            "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
+            "data": record.parent_tags.get("data_description", "")}
+    return report.write_report(
+        out / "report.html", title=f"Sweep {record.sweep}: Pareto fronts of performance "
+        f"against alignment", meta=meta, messages=messages, statistics=stats,
+        figures=embedded, results=results, config=config, files=FILES[1:])
+
+
+def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    with quiet_artifacts():
+        for name in FILES:
+            if (out / name).is_file():
+                client.log_artifact(run_id, str(out / name))
+
+
+def _default_out(record: SweepRecord) -> Path:
+    return Path("outputs") / record.experiment / record.label
+
+
+def postprocess(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None,
+                out: Path | None = None, experiment: str | None = None,
+                log: bool = True) -> Path:
+    """Post-process one sweep invocation read from MLflow; returns the report's path.
+
+    sweep : the sweep name (as given to sweeps/run.py). mlflow_uri : the tracking store.
+    parent_run_id : the invocation (default: the latest parent run of the sweep, see the
+    module docstring). out : output folder (default outputs/<experiment>/<parent run id>).
+    experiment : restrict the search for the latest parent run to this experiment.
+    log : log the files as artifacts of the parent run.
+    Raises ``SourceError`` when the store, experiment or run cannot be found.
+    """
+    record = load_mlflow(sweep, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id,
+                         experiment=experiment)
+    out = Path(out) if out is not None else _default_out(record)
+    path = build_outputs(record, out)
+    if log:
+        _log(mlflow_uri, record.parent_run_id, out)
+    return path
+
+
+def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = None,
+                    experiment: str | None = None, mlflow_uri: str | None = None,
+                    parent_run_id: str | None = None) -> Path:
+    """The same from Ray Tune's result folder; logs to MLflow only when ``parent_run_id`` and
+    ``mlflow_uri`` are both given. Returns the report's path."""
+    record = load_ray(ray_results, sweep, experiment=experiment)
+    out = Path(out) if out is not None else _default_out(record)
+    path = build_outputs(record, out)
+    if parent_run_id and mlflow_uri:
+        _log(mlflow_uri, parent_run_id, out)
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SourceError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dashboards.pareto",
+                description="Pareto fronts, statistics, figures and an HTML report of a sweep.")
+    p.add_argument("sweep", help="sweep name, as given to sweeps/run.py")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                        "in the current folder)")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="MLflow experiment (or Ray run prefix) to take the latest run from "
+                        "(default: any of NAME-demo, NAME-smoke, NAME-paper)")
+    p.add_argument("--parent-run", metavar="ID", help="the sweep's MLflow parent run id "
+                                                      "(default: the latest)")
+    p.add_argument("--ray-results", metavar="DIR",
+                   help="read Ray Tune's result folder instead of MLflow (the sweep's "
+                        "--storage, default ray_results, or one run's folder)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default outputs/<experiment>/<run>)")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not log the files as artifacts of the parent run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.ray_results:
+            uri = _uri(args.mlflow_uri) if args.parent_run and not args.no_log else None
+            path = postprocess_ray(args.sweep, args.ray_results, out=args.out,
+                                   experiment=args.experiment, mlflow_uri=uri,
+                                   parent_run_id=args.parent_run)
+        else:
+            path = postprocess(args.sweep, mlflow_uri=_uri(args.mlflow_uri),
+                               parent_run_id=args.parent_run, out=args.out,
+                               experiment=args.experiment, log=not args.no_log)
+    except (SourceError, ValueError) as exc:  # ValueError: a malformed --mlflow-uri
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    stats = json.loads((path.parent / "statistics.json").read_text())
+    for message in stats["messages"]:
+        print(f"note: {message}")
+    for cond, s in stats["conditions"].items():
+        sp = s["spearman"]
+        rho = "undefined" if sp["rho"] is None else (
+            f"{sp['rho']:.3f}" + (f" [{sp['low']:.3f}, {sp['high']:.3f}]"
+                                  if sp["low"] is not None else ""))
+        print(f"{cond}: {s['finished']}/{s['trials']} trials finished, Spearman rho(alignment, "
+              f"performance) = {rho}, performance in signed alpha: "
+              f"{s['monotonicity']['trend']}")
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _uri(value: str | None) -> str:
+    # sweeps.plan is the one place the project resolves a tracking URI
+    from sweeps.plan import _mlflow_uri
+
+    return _mlflow_uri(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

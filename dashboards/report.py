@@ -1,0 +1,151 @@
+"""One self-contained HTML report per sweep: figures embedded (base64 PNG), the statistics, the
+messages about degenerate sweeps, the per-trial results table and the resolved config. No
+external CSS, script or image: the file opens anywhere, including as an MLflow artifact."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = ["render_report", "write_report"]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
+       max-width: 1200px; color: #1b1b1b; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f4f4f4; } td.text { text-align: left; }
+tr.failed td { color: #a93226; } tr.front td { background: #fdf6e3; }
+.messages { background: #fef5e7; border-left: 4px solid #e67e22; padding: 0.5em 1em; }
+.meta td { text-align: left; } figure { margin: 1em 0; } figure img { max-width: 100%; }
+figcaption { font-size: 0.85em; color: #555; } pre { background: #f7f7f7; padding: 1em;
+overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _image(png: Path, alt: str, caption: str) -> str:
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+_RESULT_COLUMNS = ("trial_id", "direction", "alpha", "beta", "seed", "status", "performance",
+                   "best_performance", "alignment", "cka", "rsa", "degradation", "front_up",
+                   "front_down")
+
+
+def _results_html(results: pa.Table) -> str:
+    if results.num_rows == 0:
+        return "<p>No trials.</p>"
+    cols = [c for c in _RESULT_COLUMNS if c in results.column_names]
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = []
+    for row in results.to_pylist():
+        cls = ("failed" if row["status"] != "FINISHED"
+               else "front" if row["front_up"] or row["front_down"] else "")
+        cells = "".join(
+            f'<td class="text">{_e(_fmt(row[c]))}</td>' if isinstance(row[c], str)
+            else f"<td>{_e(_fmt(row[c]))}</td>" for c in cols)
+        body.append(f'<tr class="{cls}">{cells}</tr>')
+    return (f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            "<p>Rows on a front are shaded; trials that did not finish are red.</p>")
+
+
+def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
+    if not statistics:
+        return "<p>No trials: no statistics.</p>"
+    head = ("<tr><th>condition</th><th>finished / trials</th><th>performance</th>"
+            "<th>Spearman rho (alignment, performance)</th><th>95% bootstrap interval</th>"
+            "<th>p</th><th>performance in signed alpha</th><th>rho (alpha, performance)</th>"
+            "<th>notes</th></tr>")
+    rows = []
+    for cond, s in statistics.items():
+        sp, mono = s["spearman"], s["monotonicity"]
+        ci = (f"[{_fmt(sp['low'], 3)}, {_fmt(sp['high'], 3)}]"
+              if sp["low"] is not None and not math.isnan(sp["low"]) else "")
+        trend = mono["trend"] + (" (monotone)" if mono["monotone"] else
+                                 " (not monotone)" if mono["monotone"] is False else "")
+        notes = " ".join(m for m in (sp["message"], mono["message"]) if m)
+        rows.append(
+            f'<tr><td class="text">{_e(cond)}</td><td>{s["finished"]} / {s["trials"]}</td>'
+            f'<td class="text">{_e(s["performance_metric"] or "")}</td>'
+            f"<td>{_e(_fmt(sp['rho'], 3))}</td><td>{_e(ci)}</td>"
+            f"<td>{_e(_fmt(sp['p_value'], 3))}</td><td class=\"text\">{_e(trend)}</td>"
+            f"<td>{_e(_fmt(mono['rho_alpha'], 3))}</td><td class=\"text\">{_e(notes)}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str],
+                  statistics: Mapping[str, Mapping], figures: Sequence[tuple[Path, str, str]],
+                  results: pa.Table, config: Mapping[str, Any],
+                  files: Sequence[str]) -> str:
+    """The report as one HTML string.
+
+    meta : label -> value lines at the top (sweep, experiment, source, ...).
+    messages : what is degenerate about the sweep (shown first when present).
+    statistics : ``dashboards.statistics.sweep_statistics`` output.
+    figures : (png path, alt text, caption), embedded as base64.
+    results : the results table; config : the resolved config (shown as JSON);
+    files : names of the files written beside the report (linked relatively).
+    """
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        (f'<table class="meta">{meta_rows}<tr><th>report written</th><td>{generated}</td>'
+         "</tr></table>"),
+    ]
+    if messages:
+        items = "".join(f"<li>{_e(m)}</li>" for m in messages)
+        parts.append(f'<div class="messages" id="messages"><strong>Notes on this sweep'
+                     f"</strong><ul>{items}</ul></div>")
+    parts.append("<h2>Statistics</h2>")
+    parts.append("<p>Does achieved alignment go with task performance? Spearman's rho across "
+                 "the finished trials of each condition, with a percentile bootstrap interval "
+                 "(trials resampled), and whether performance is monotone in signed alpha "
+                 "(mean over betas and seeds at each alpha).</p>")
+    parts.append(_statistics_html(statistics))
+    parts.append("<h2>Figures</h2>")
+    parts.extend(_image(png, alt, caption) for png, alt, caption in figures)
+    parts.append("<h2>Trials</h2>")
+    parts.append(_results_html(results))
+    parts.append("<h2>Files</h2><ul>")
+    parts.extend(f'<li><a href="{_e(name)}">{_e(name)}</a></li>' for name in files)
+    parts.append("</ul>")
+    parts.append("<h2>Resolved config</h2>")
+    parts.append(f"<pre>{_e(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(path: str | Path, **kwargs: Any) -> Path:
+    """``render_report(**kwargs)`` written to ``path`` (UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(**kwargs), encoding="utf-8")
+    return path

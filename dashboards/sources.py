@@ -1,0 +1,448 @@
+"""Where a sweep's results are read from: its MLflow parent run, or Ray Tune's result folder.
+
+Both give the same ``SweepRecord``: one ``Trial`` per trial with its tags, resolved config,
+status and per-epoch metric history, and a way to fetch its conv1 filter grid.
+
+MLflow (what ``sweeps.tracking`` writes): experiment ``<sweep>-<scale>`` (demo, smoke, paper),
+one parent run per invocation (tags sweep, scale, data, data_description, smoke), one child run
+per trial (tag ``mlflow.parentRunId``; tags condition, direction, alpha, beta, seed, trial_id;
+params = the trial config; metrics per epoch with step = epoch; artifact conv1_filters.png).
+By default the latest parent run (by start time, whatever its status: the post-processor also
+runs at the end of a sweep, while the parent is still RUNNING) among the experiments
+``<sweep>-demo``, ``<sweep>-smoke`` and ``<sweep>-paper``; ``experiment`` picks one of them (or
+any name), ``parent_run_id`` one run.
+
+Ray (what ``sweeps.execute`` writes under ``--storage``, default ./ray_results):
+``<experiment>_<YYYYmmdd-HHMMSS>/`` with the latest ``experiment_state-*.json`` (trial status and
+folder), one folder per trial (result.json: one JSON line per epoch; artifacts/), and
+mlflow_parent.json. Ray only knows the trial id; the config is rebuilt from the sweep file
+(``sweeps/conditions/<condition>.toml``) at the scale the folder name says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCALE_SUFFIXES",
+    "SourceError",
+    "SweepRecord",
+    "Trial",
+    "load_mlflow",
+    "load_ray",
+    "resolve_config",
+]
+
+SCALE_SUFFIXES = ("demo", "smoke", "paper")
+FILTERS_ARTIFACT = "conv1_filters.png"
+TRIAL_ID = re.compile(r"^(?P<condition>.+)-(?P<direction>max|min|none)-a(?P<alpha>[^-]+)"
+                      r"-b(?P<beta>[^-]+)-s(?P<seed>\d+)$")
+RAY_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})$")
+RAY_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
+
+
+class SourceError(ValueError):
+    """The results cannot be found or read; the one-line message says what was looked for and
+    what would be accepted."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial as stored.
+
+    run_id : the MLflow child run id (Ray source: Ray's trial id).
+    trial_id, condition, direction ("max" | "min" | "none"), alpha (signed), beta, seed : the
+        trial's tags.
+    status : "FINISHED", "FAILED", "RUNNING" or "KILLED" (Ray's TERMINATED / ERROR are mapped
+        to FINISHED / FAILED; its other states to RUNNING).
+    config : the resolved trial config (every TrialConfig key, typed).
+    history : metric -> ((epoch, value), ...) sorted by epoch.
+    error : the failure message when known.
+    """
+
+    run_id: str
+    trial_id: str
+    condition: str
+    direction: str
+    alpha: float
+    beta: float
+    seed: int
+    status: str
+    config: dict[str, Any] = field(hash=False)
+    history: dict[str, tuple[tuple[int, float], ...]] = field(hash=False)
+    error: str | None = None
+
+    def final(self, metric: str) -> float:
+        """The metric at the last reported epoch (NaN when never reported)."""
+        values = self.history.get(metric, ())
+        return values[-1][1] if values else math.nan
+
+    @property
+    def epochs_completed(self) -> int:
+        return len({e for values in self.history.values() for e, _ in values})
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """A sweep invocation's trials and where they came from.
+
+    sweep : the sweep name (a condition, or a composite such as ``paper``).
+    experiment : ``<sweep>-<scale>``; source : a human line naming the store and run.
+    parent_run_id, parent_status, parent_tags : the MLflow parent run (Ray source: from
+        mlflow_parent.json when present, else None / "" / derived tags).
+    fetch_filters : (trial, folder) -> path of the trial's conv1_filters.png in ``folder``, or
+        None when it has none.
+    label : names this invocation in folder names (the parent run id; Ray: the run folder).
+    notes : what could not be read as expected (shown in the report).
+    """
+
+    sweep: str
+    experiment: str
+    source: str
+    parent_run_id: str | None
+    parent_status: str
+    parent_tags: dict[str, str]
+    trials: tuple[Trial, ...]
+    fetch_filters: Callable[[Trial, Path], Path | None] = field(repr=False, compare=False)
+    label: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> str:
+        return self.parent_tags.get("scale", "")
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved config
+
+
+def resolve_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every ``TrialConfig`` key: ``values`` (MLflow params are strings; they are parsed by the
+    field's default's type) over the dataclass defaults. Keys TrialConfig does not know are
+    kept as given (a store written by a newer version still reads)."""
+    from trainable.config import TrialConfig  # dataclass only: no torch import here
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(TrialConfig):
+        default = f.default
+        value = values.get(f.name, default)
+        if isinstance(value, str) and not isinstance(default, str):
+            value = _parse_like(value, default)
+        out[f.name] = value
+    for key, value in values.items():
+        if key not in out:
+            out[key] = value
+    return out
+
+
+def _parse_like(text: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return text.strip().lower() == "true"
+        if isinstance(default, int):
+            number = float(text)
+            return int(number) if number.is_integer() else number
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        pass
+    return text
+
+
+def _number(text: str | None, default: float = math.nan) -> float:
+    try:
+        return float(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _integer(text: str | None, default: int = 0) -> int:
+    value = _number(text)
+    return int(value) if math.isfinite(value) else default
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow
+
+
+@contextlib.contextmanager
+def quiet_artifacts():
+    """No tqdm bar per artifact transfer (MLflow reads this variable at each transfer), unless
+    the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():  # MLflow would silently create an empty store
+            raise SourceError(f"--mlflow-uri {uri}: no such SQLite file; accepted: the store "
+                              f"a sweep wrote (sqlite:///PATH/mlflow.db), a tracking server "
+                              f"(http://HOST:PORT), or --ray-results DIR")
+    return MlflowClient(uri)
+
+
+def _experiments(client, sweep: str, experiment: str | None) -> list:
+    names = [experiment] if experiment else [f"{sweep}-{s}" for s in SCALE_SUFFIXES]
+    found = [e for e in (client.get_experiment_by_name(n) for n in names) if e is not None]
+    if not found:
+        known = sorted(e.name for e in client.search_experiments())
+        raise SourceError(f"no MLflow experiment {' or '.join(names)}; experiments in this "
+                          f"store: {', '.join(known) or '(none)'}")
+    return found
+
+
+def _latest_parent(client, experiments: list) -> Any:
+    from sweeps.tracking import PARENT_TAG
+
+    token = None
+    while True:
+        page = client.search_runs([e.experiment_id for e in experiments],
+                                  order_by=["attributes.start_time DESC"], max_results=1000,
+                                  page_token=token)
+        for run in page:  # a parent starts before its children: at most one page of them first
+            if PARENT_TAG not in run.data.tags:
+                return run
+        token = page.token
+        if not token:
+            names = ", ".join(e.name for e in experiments)
+            raise SourceError(f"experiment {names} has no parent run (a run without tag "
+                              f"{PARENT_TAG}); run the sweep first")
+
+
+def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None,
+                experiment: str | None = None) -> SweepRecord:
+    """The trials of one sweep invocation from MLflow (see the module docstring for which)."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps.tracking import PARENT_TAG, child_runs
+
+    client = _client(mlflow_uri)
+    if parent_run_id:
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
+            raise SourceError(f"--parent-run {parent_run_id}: no such run in {mlflow_uri} "
+                              f"({' '.join(str(exc).split())[:200]})") from None
+        if PARENT_TAG in parent.data.tags:
+            raise SourceError(f"--parent-run {parent_run_id} is a trial run (its parent is "
+                              f"{parent.data.tags[PARENT_TAG]}); accepted: a sweep's parent run")
+    else:
+        parent = _latest_parent(client, _experiments(client, sweep, experiment))
+    tags = dict(parent.data.tags)
+    if tags.get("sweep") and tags["sweep"] != sweep:
+        raise SourceError(f"parent run {parent.info.run_id} belongs to sweep {tags['sweep']!r}, "
+                          f"not {sweep!r}; accepted: the sweep name the run was started with")
+    exp_name = client.get_experiment(parent.info.experiment_id).name
+    runs = child_runs(mlflow_uri, parent.info.run_id)
+    trials = tuple(sorted((_mlflow_trial(client, run) for run in runs), key=_order))
+
+    def fetch(trial: Trial, folder: Path) -> Path | None:
+        try:
+            names = {a.path for a in client.list_artifacts(trial.run_id)}
+            if FILTERS_ARTIFACT not in names:
+                return None
+            folder.mkdir(parents=True, exist_ok=True)
+            with quiet_artifacts():
+                return Path(client.download_artifacts(trial.run_id, FILTERS_ARTIFACT,
+                                                      str(folder)))
+        except (MlflowException, OSError):  # unreachable artifacts: the figure says so
+            return None
+
+    return SweepRecord(sweep=sweep, experiment=exp_name,
+                       source=f"MLflow {mlflow_uri}, experiment {exp_name}, parent run "
+                              f"{parent.info.run_id}",
+                       parent_run_id=parent.info.run_id, parent_status=parent.info.status,
+                       parent_tags=tags, trials=trials, fetch_filters=fetch,
+                       label=parent.info.run_id)
+
+
+def _mlflow_trial(client, run) -> Trial:
+    tags = run.data.tags
+    history = {}
+    for key in sorted(run.data.metrics):
+        points = client.get_metric_history(run.info.run_id, key)
+        by_step = {}
+        for m in sorted(points, key=lambda m: (m.step, m.timestamp)):
+            by_step[int(m.step)] = float(m.value)  # a retried epoch: the last value wins
+        history[key] = tuple(sorted(by_step.items()))
+    config = resolve_config(run.data.params)
+    alpha = _number(tags.get("alpha"), _number(str(config.get("alpha"))))
+    return Trial(
+        run_id=run.info.run_id,
+        trial_id=tags.get("trial_id", run.info.run_name or run.info.run_id),
+        condition=tags.get("condition", tags.get("sweep", "")),
+        direction=tags.get("direction", _direction(alpha)),
+        alpha=alpha,
+        beta=_number(tags.get("beta"), _number(str(config.get("beta")))),
+        seed=_integer(tags.get("seed"), int(config.get("seed", 0))),
+        status=run.info.status,
+        config=config,
+        history=history,
+        error=tags.get("error"),
+    )
+
+
+def _direction(alpha: float) -> str:
+    return "max" if alpha > 0 else "min" if alpha < 0 else "none"
+
+
+def _order(t: Trial) -> tuple:
+    return (t.condition, t.alpha, t.beta, t.seed, t.trial_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Tune's result folder
+
+
+def _ray_run_dir(directory: Path, sweep: str, experiment: str | None) -> Path:
+    """``directory`` itself when it is one run's folder, else the newest ``<experiment>_<stamp>``
+    folder in it for this sweep (any of its scales, or ``experiment``)."""
+    if not directory.is_dir():
+        raise SourceError(f"--ray-results {directory}: no such directory")
+    if any(directory.glob("experiment_state-*.json")) or any(directory.glob("*/params.json")):
+        return directory
+    wanted = {experiment} if experiment else {f"{sweep}-{s}" for s in SCALE_SUFFIXES}
+    runs = []
+    for sub in directory.iterdir():
+        m = RAY_FOLDER.match(sub.name)
+        if sub.is_dir() and m and m.group("experiment") in wanted:
+            runs.append((m.group("stamp"), sub))
+    if not runs:
+        raise SourceError(f"--ray-results {directory}: no run folder of {' or '.join(sorted(wanted))}"
+                          f" (<experiment>_<YYYYmmdd-HHMMSS>); accepted: Ray's storage folder "
+                          f"(--storage of the sweep, default ./ray_results) or one run's folder")
+    return max(runs)[1]
+
+
+def _ray_trials(run_dir: Path) -> list[tuple[str, str, str, Path]]:
+    """(trial_id, Ray's trial id, Ray status, trial folder) from the latest experiment_state
+    file, or from the trial folders' params.json when there is none."""
+    states = sorted(run_dir.glob("experiment_state-*.json"))
+    out = []
+    if states:
+        state = json.loads(states[-1].read_text())
+        for entry in state.get("trial_data", []):
+            info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            tid = (info.get("config") or {}).get("trial_id")
+            folder = run_dir / str(info.get("relative_logdir", ""))
+            if tid:
+                out.append((tid, str(info.get("trial_id", folder.name)),
+                            str(info.get("status", "")), folder))
+        return out
+    for params in sorted(run_dir.glob("*/params.json")):
+        tid = json.loads(params.read_text()).get("trial_id")
+        if tid:
+            failed = (params.parent / "error.txt").exists()
+            out.append((tid, params.parent.name, "ERROR" if failed else "TERMINATED",
+                        params.parent))
+    return out
+
+
+def _ray_history(folder: Path) -> dict[str, tuple[tuple[int, float], ...]]:
+    by_metric: dict[str, dict[int, float]] = {}
+    path = folder / "result.json"
+    if not path.is_file():
+        return {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "epoch" not in row:
+            continue
+        epoch = int(row["epoch"])
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_metric.setdefault(key, {})[epoch] = float(value)
+    return {k: tuple(sorted(v.items())) for k, v in by_metric.items()}
+
+
+_RAY_BOOKKEEPING = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
+                    "time_since_restore", "iterations_since_restore", "done",
+                    "should_checkpoint"}
+
+
+def load_ray(directory: str | os.PathLike, sweep: str, *,
+             experiment: str | None = None) -> SweepRecord:
+    """The trials of one sweep invocation from Ray Tune's result folder (module docstring)."""
+    from sweeps.spec import load_sweep
+
+    run_dir = _ray_run_dir(Path(directory).expanduser().resolve(), sweep, experiment)
+    m = RAY_FOLDER.match(run_dir.name)
+    exp_name = m.group("experiment") if m else run_dir.name
+    suffix = exp_name.rsplit("-", 1)[-1]
+    smoke = suffix == "smoke"
+    scale = "paper" if suffix == "paper" else "demo"
+    name = exp_name.rsplit("-", 1)[0] if suffix in SCALE_SUFFIXES else exp_name
+    if name != sweep:
+        raise SourceError(f"--ray-results {run_dir} holds sweep {name!r}, not {sweep!r}")
+    parent_file = run_dir / "mlflow_parent.json"
+    parent = json.loads(parent_file.read_text()) if parent_file.is_file() else {}
+    notes = []
+    bases: dict[str, dict[str, Any] | None] = {}
+
+    def base_config(condition: str) -> dict[str, Any] | None:
+        if condition not in bases:
+            try:
+                cond = load_sweep(condition, check_configs=False).conditions[0]
+                bases[condition] = cond.base_config(scale, smoke=smoke)
+            except ValueError as exc:
+                bases[condition] = None
+                notes.append(f"config of condition {condition} not rebuilt from its sweep "
+                             f"file ({' '.join(str(exc).split())}); model, layer, reference "
+                             f"and metric are TrialConfig's defaults")
+        return bases[condition]
+
+    trials = []
+    folders = {}
+    for tid, ray_id, status, folder in _ray_trials(run_dir):
+        parsed = TRIAL_ID.match(tid)
+        if not parsed:
+            notes.append(f"trial {tid} in {run_dir}: not a sweep trial id "
+                         f"(<condition>-<direction>-a<|alpha|>-b<beta>-s<seed>); skipped")
+            continue
+        sign = {"max": 1.0, "min": -1.0, "none": 0.0}[parsed["direction"]]
+        alpha = sign * float(parsed["alpha"])
+        beta, seed = float(parsed["beta"]), int(parsed["seed"])
+        base = base_config(parsed["condition"]) or {}
+        history = {k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
+        error_file = folder / "error.txt"
+        error = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else None
+        trials.append(Trial(
+            run_id=ray_id,
+            trial_id=tid, condition=parsed["condition"], direction=parsed["direction"],
+            alpha=alpha, beta=beta, seed=seed, status=RAY_STATUS.get(status, "RUNNING"),
+            config=resolve_config({**base, "alpha": alpha, "beta": beta, "seed": seed}),
+            history=history, error=error))
+        folders[tid] = folder
+    if not trials and not notes:
+        notes.append(f"{run_dir} has no trials yet")
+
+    def fetch(trial: Trial, folder: Path) -> Path | None:
+        path = folders[trial.trial_id] / "artifacts" / FILTERS_ARTIFACT
+        return path if path.is_file() else None
+
+    tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
+    return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
+                       parent_run_id=parent.get("run_id"), parent_status="",
+                       parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
+                       fetch_filters=fetch, label=run_dir.name, notes=tuple(notes))

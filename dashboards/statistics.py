@@ -1,0 +1,201 @@
+"""The paper's claim as numbers: does achieved alignment go with task performance?
+
+Per condition, over its finished trials:
+
+* ``spearman_ci``: Spearman's rho between achieved alignment and performance, with a
+  percentile bootstrap 95 % interval (trials resampled with replacement).
+* ``monotonicity``: whether performance is monotone in signed alpha (mean over betas and seeds
+  at each alpha), and Spearman's rho between signed alpha and performance.
+
+Undefined cases (too few trials, a constant variable) give NaN and a ``message`` saying why,
+never an exception: a sweep with one trial still gets a report.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["MIN_TRIALS", "Monotonicity", "Spearman", "monotonicity", "spearman_ci",
+           "sweep_statistics"]
+
+#: Spearman's rho of fewer points is not worth a number (two points give +-1 by construction).
+MIN_TRIALS = 3
+
+
+@dataclass(frozen=True)
+class Spearman:
+    """rho : Spearman correlation of the n points; low, high : bootstrap percentile interval at
+    ``level``; p_value : scipy's two-sided p; n_boot_valid : resamples with a defined rho (a
+    resample that repeats one point is constant and has none); message : why a value is NaN."""
+
+    rho: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    level: float
+    n_boot: int
+    n_boot_valid: int
+    message: str = ""
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Monotonicity:
+    """alphas : distinct signed alphas, ascending; mean_performance : mean performance at each;
+    trend : "increasing" (non-decreasing, not constant), "decreasing", "constant", "neither"
+    or "undefined" (fewer than two alphas); monotone : trend is increasing, decreasing or
+    constant (None when undefined); rho_alpha : Spearman's rho between signed alpha and
+    performance over the trials (NaN when undefined); message : why something is undefined."""
+
+    alphas: tuple[float, ...]
+    mean_performance: tuple[float, ...]
+    trend: str
+    monotone: bool | None
+    rho_alpha: float
+    message: str = ""
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def _finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-d of one length, got shapes {x.shape} and "
+                         f"{y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def _rank_rows(a: np.ndarray) -> np.ndarray:
+    """Average ranks along axis 1 (ties share the mean rank, as Spearman's rho needs)."""
+    return stats.rankdata(a, axis=1)
+
+
+def _rho_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row pair (b, n), (b, n) -> (b,); NaN where a row is constant."""
+    rx, ry = _rank_rows(x), _rank_rows(y)
+    rx = rx - rx.mean(axis=1, keepdims=True)
+    ry = ry - ry.mean(axis=1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about small n; the message says so
+        res = stats.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Spearman:
+    """Spearman's rho between x and y (e.g. alignment, performance) with a percentile bootstrap
+    interval.
+
+    x, y : (n,) floats; pairs with a NaN are left out. n_boot : bootstrap resamples (pairs drawn
+    with replacement, numpy Generator seeded with ``seed``, so the interval is reproducible).
+    level : coverage of the interval, in (0, 1). Resamples whose x or y is constant have no rho
+    and are left out; if fewer than half of the resamples are usable the interval is NaN.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}; accepted: a number in (0, 1), e.g. 0.95")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r}; accepted: an integer >= 1")
+    x, y = _finite_pairs(x, y)
+    n = int(x.size)
+    nan = math.nan
+    if n < MIN_TRIALS:
+        return Spearman(nan, nan, nan, nan, n, level, n_boot, 0,
+                        f"Spearman's rho needs at least {MIN_TRIALS} finished trials with "
+                        f"alignment and performance; there are {n}")
+    rho, p = _spearman(x, y)
+    if math.isnan(rho):
+        which = "alignment" if np.ptp(x) == 0 else "performance"
+        return Spearman(nan, nan, nan, nan, n, level, n_boot, 0,
+                        f"{which} is the same for all {n} trials: Spearman's rho is undefined")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boot = _rho_rows(x[idx], y[idx])
+    valid = boot[np.isfinite(boot)]
+    if valid.size < n_boot / 2:
+        return Spearman(rho, nan, nan, p, n, level, n_boot, int(valid.size),
+                        f"only {valid.size} of {n_boot} bootstrap resamples have a defined rho "
+                        f"(too few distinct trials); no interval")
+    tail = (1 - level) / 2
+    low, high = np.quantile(valid, [tail, 1 - tail])
+    return Spearman(rho, float(low), float(high), p, n, level, n_boot, int(valid.size))
+
+
+def monotonicity(alpha, performance) -> Monotonicity:
+    """Is performance monotone in signed alpha?
+
+    alpha : (n,) signed alphas of the trials; performance : (n,) their final performance (NaN
+    rows are left out). Trials sharing an alpha (other betas, seeds) are averaged first; the
+    trend is read from consecutive differences of those means (ties allowed: non-decreasing
+    counts as increasing).
+    """
+    a, p = _finite_pairs(alpha, performance)
+    levels = np.unique(a)
+    means = np.array([p[a == v].mean() for v in levels])
+    alphas, mean_perf = tuple(float(v) for v in levels), tuple(float(m) for m in means)
+    if levels.size < 2:
+        return Monotonicity(alphas, mean_perf, "undefined", None, math.nan,
+                            f"monotonicity in alpha needs at least 2 distinct alphas among "
+                            f"finished trials; there are {levels.size}")
+    d = np.diff(means)
+    if np.all(d == 0):
+        trend = "constant"
+    elif np.all(d >= 0):
+        trend = "increasing"
+    elif np.all(d <= 0):
+        trend = "decreasing"
+    else:
+        trend = "neither"
+    rho_alpha, _ = _spearman(a, p) if a.size >= MIN_TRIALS else (math.nan, math.nan)
+    message = "" if a.size >= MIN_TRIALS else (
+        f"rho(alpha, performance) needs at least {MIN_TRIALS} trials; there are {a.size}")
+    return Monotonicity(alphas, mean_perf, trend, trend != "neither", rho_alpha, message)
+
+
+def _at(values: list, rows: list[int]) -> np.ndarray:
+    """values[rows] as floats, None -> NaN."""
+    return np.array([np.nan if values[i] is None else values[i] for i in rows], dtype=np.float64)
+
+
+def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per condition of a results table (``dashboards.tables.RESULTS_SCHEMA``), over its
+    FINISHED trials: counts, Spearman's rho between alignment and performance with its
+    bootstrap interval, and monotonicity of performance in signed alpha (plain dicts, ready
+    for JSON)."""
+    cols = {name: results.column(name).to_pylist()
+            for name in ("condition", "status", "alpha", "alignment", "performance",
+                         "performance_metric")}
+    out: dict[str, dict] = {}
+    for cond in dict.fromkeys(cols["condition"]):
+        rows = [i for i, c in enumerate(cols["condition"]) if c == cond]
+        done = [i for i in rows if cols["status"][i] == "FINISHED"]
+
+        metric = next((cols["performance_metric"][i] for i in done
+                       if cols["performance_metric"][i]), None)
+        out[cond] = {
+            "trials": len(rows),
+            "finished": len(done),
+            "performance_metric": metric,
+            "spearman": spearman_ci(_at(cols["alignment"], done), _at(cols["performance"], done),
+                                    n_boot=n_boot, seed=seed).asdict(),
+            "monotonicity": monotonicity(_at(cols["alpha"], done),
+                                         _at(cols["performance"], done)).asdict(),
+        }
+    return out

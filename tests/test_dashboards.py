@@ -1,0 +1,590 @@
+"""The post-processor: fronts against brute force, statistics against scipy, tables and files
+from MLflow stores written here in the exact structure sweeps/tracking.py writes, degenerate
+sweeps, and a real smoke sweep read from MLflow and from Ray's result folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from scipy import stats
+from smoke_store import EXPERIMENT, REPO, SWEEP, finished_smoke_sweep
+
+from dashboards import pareto, statistics, tables
+from dashboards.fronts import front_masks, pareto_mask
+from dashboards.sources import SourceError, load_mlflow
+from sweeps.tracking import PARENT_TAG
+
+# --------------------------------------------------------------------------------- fronts
+
+
+def brute_force_front(perf, align, *, alignment_up):
+    """O(n^2) straight from the definition: i is on the front unless some j is >= in both
+    (alignment read downwards for the down front) and > in one; NaN points take no part."""
+    perf, align = np.asarray(perf, float), np.asarray(align, float)
+    a = align if alignment_up else -align
+    ok = np.isfinite(perf) & np.isfinite(align)
+    out = np.zeros(len(perf), bool)
+    for i in np.flatnonzero(ok):
+        out[i] = not any(
+            perf[j] >= perf[i] and a[j] >= a[i] and (perf[j] > perf[i] or a[j] > a[i])
+            for j in np.flatnonzero(ok) if j != i)
+    return out
+
+
+def random_points(rng):
+    """Points on a coarse grid (many ties), some rows repeated (duplicates), some NaN."""
+    n = int(rng.integers(0, 25))
+    perf = rng.integers(0, 5, n) / 4.0
+    align = rng.integers(-3, 4, n) / 3.0
+    if n:
+        dup = rng.integers(0, n, int(rng.integers(0, 4)))
+        perf, align = np.r_[perf, perf[dup]], np.r_[align, align[dup]]
+        nan = rng.random(perf.size) < 0.1
+        perf[nan & (rng.random(perf.size) < 0.5)] = np.nan
+        align[nan & ~np.isnan(perf)] = np.nan
+    return perf, align
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("up", [True, False], ids=["alignment_up", "alignment_down"])
+def test_pareto_mask_equals_brute_force_with_ties_duplicates_and_nan(seed, up):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        perf, align = random_points(rng)
+        got = pareto_mask(perf, align, alignment_up=up)
+        np.testing.assert_array_equal(got, brute_force_front(perf, align, alignment_up=up))
+
+
+def test_pareto_mask_known_answer():
+    #            a     b     c     d     e     f (dup of a)  g (nan)
+    perf = [0.9, 0.8, 0.8, 0.5, 0.9, 0.9, np.nan]
+    align = [0.1, 0.5, 0.4, 0.9, 0.0, 0.1, 0.9]
+    # up: a and its duplicate f (best perf at its alignment), b (more aligned, next best), d
+    # (most aligned); c is dominated by b (same perf, less aligned), e by a.
+    assert pareto_mask(perf, align, alignment_up=True).tolist() == [
+        True, True, False, True, False, True, False]
+    # down: e (best perf, least aligned) dominates a and f (same perf, more aligned).
+    assert pareto_mask(perf, align, alignment_up=False).tolist() == [
+        False, False, False, False, True, False, False]
+
+
+def test_pareto_mask_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
+        pareto_mask([1, 2, 3], [1, 2], alignment_up=True)
+
+
+def test_front_masks_are_per_condition_and_skip_unfinished_trials():
+    table = pa.table({
+        "condition": ["a", "a", "b", "a"],
+        "status": ["FINISHED", "FINISHED", "FINISHED", "FAILED"],
+        "performance": [0.5, 0.4, 0.9, 0.99],
+        "alignment": [0.1, 0.2, 0.9, 0.99],
+    })
+    up, down = front_masks(table)
+    # b's point would dominate all of a's; the failed a-trial would too: neither counts.
+    assert up.tolist() == [True, True, True, False]
+    assert down.tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match=r"needs columns \['status'\]"):
+        front_masks(table.drop_columns(["status"]))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spearman_and_bootstrap_match_a_loop_over_scipy(seed):
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(size=25), 1)  # rounding makes ties
+    y = np.round(0.5 * x + rng.normal(size=25), 1)
+    res = statistics.spearman_ci(x, y, n_boot=300, seed=seed)
+    ref = stats.spearmanr(x, y)
+    warnings.simplefilter("ignore", stats.ConstantInputWarning)  # constant resamples: NaN
+    assert res.rho == pytest.approx(ref.statistic, abs=1e-12)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    # the same resamples, each through scipy
+    idx = np.random.default_rng(seed).integers(0, 25, size=(300, 25))
+    boots = [stats.spearmanr(x[i], y[i]).statistic for i in idx]
+    boots = np.array([b for b in boots if np.isfinite(b)])
+    assert res.n_boot_valid == boots.size
+    assert (res.low, res.high) == pytest.approx(tuple(np.quantile(boots, [0.025, 0.975])),
+                                                abs=1e-12)
+    assert res.low <= res.rho <= res.high
+
+
+def test_spearman_interval_separates_correlated_from_independent_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    strong = statistics.spearman_ci(x, x + 0.2 * rng.normal(size=40))
+    independent = statistics.spearman_ci(x, rng.normal(size=40))
+    assert strong.low > 0.7
+    assert independent.low < 0 < independent.high
+
+
+@pytest.mark.parametrize("x, y, match", [
+    ([1.0, 2.0], [3.0, 4.0], "at least 3 finished trials"),
+    ([1.0, 2.0, np.nan, 4.0], [1.0, np.nan, 3.0, 4.0], "there are 2"),
+    ([1.0, 2.0, 3.0], [0.5, 0.5, 0.5], "performance is the same for all 3"),
+    ([0.1, 0.1, 0.1], [0.5, 0.6, 0.7], "alignment is the same for all 3"),
+])
+def test_spearman_undefined_cases_say_why(x, y, match):
+    res = statistics.spearman_ci(x, y)
+    assert np.isnan(res.rho) and np.isnan(res.low) and np.isnan(res.high)
+    assert match in res.message
+
+
+def test_spearman_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"level=1\.5; accepted: a number in \(0, 1\)"):
+        statistics.spearman_ci([1, 2, 3], [1, 2, 3], level=1.5)
+    with pytest.raises(ValueError, match="n_boot=0"):
+        statistics.spearman_ci([1, 2, 3], [1, 2, 3], n_boot=0)
+
+
+@pytest.mark.parametrize("alpha, perf, trend", [
+    ([-1, 0, 1, 1], [0.1, 0.2, 0.3, 0.5], "increasing"),
+    ([-1, 0, 0, 1], [0.5, 0.4, 0.4, 0.4], "decreasing"),
+    ([-1, 0, 1], [0.5, 0.6, 0.4], "neither"),
+    ([-1, 0, 1], [0.5, 0.5, 0.5], "constant"),
+    ([0, 0], [0.5, 0.6], "undefined"),
+])
+def test_monotonicity_in_signed_alpha(alpha, perf, trend):
+    res = statistics.monotonicity(alpha, perf)
+    assert res.trend == trend
+    assert res.monotone is {"neither": False, "undefined": None}.get(trend, True)
+    if trend == "undefined":
+        assert "at least 2 distinct alphas" in res.message
+
+
+def test_monotonicity_averages_trials_sharing_an_alpha():
+    # alpha 1 has betas with 0.2 and 0.6: mean 0.4 > 0.3 at alpha 0, so increasing
+    res = statistics.monotonicity([0, 1, 1, -1], [0.3, 0.2, 0.6, 0.1])
+    assert res.alphas == (-1.0, 0.0, 1.0)
+    assert res.mean_performance == pytest.approx((0.1, 0.3, 0.4))
+    assert res.trend == "increasing"
+
+
+# --------------------------------------------------- MLflow stores written like a real sweep
+
+
+def fake_trial(direction, alpha, *, perf, align, beta=1.0, seed=0, status="FINISHED",
+               filters=True, condition=None):
+    return {"direction": direction, "alpha": alpha, "beta": beta, "seed": seed,
+            "status": status, "perf": perf, "align": align, "filters": filters,
+            "condition": condition}
+
+
+def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="nsd",
+                multi_label=True, tmp=None):
+    """A parent run and one child per trial, tagged, parametrised and logged the way
+    sweeps/tracking.py and sweeps/execute.py do it. Returns the parent run id."""
+    name = f"{sweep}-{scale}"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    tags = {"sweep": sweep, "scale": "demo", "data": "demo", "smoke": "true",
+            "data_description": "fake store written by the test"}
+    start = start or int(time.time() * 1000)
+    parent = client.create_run(exp_id, start_time=start,
+                               tags={**tags, "mlflow.runName": sweep}).info.run_id
+    png = Path(tmp) / "conv1_filters.png"
+    matplotlib.image.imsave(png, np.random.default_rng(0).random((24, 24, 3)))
+    for k, t in enumerate(trials):
+        cond = t["condition"] or sweep
+        tid = (f"{cond}-{t['direction']}-a{abs(t['alpha']):g}-b{t['beta']:g}-s{t['seed']}")
+        run = client.create_run(exp_id, start_time=start + 1 + k, tags={
+            **tags, PARENT_TAG: parent, "condition": cond, "direction": t["direction"],
+            "alpha": f"{t['alpha']:g}", "beta": f"{t['beta']:g}", "seed": str(t["seed"]),
+            "trial_id": tid, "mlflow.runName": tid}).info.run_id
+        config = {"model": "alexnet", "layer": "conv1", "reference": reference,
+                  "metric": "linear", "alpha": t["alpha"], "beta": t["beta"],
+                  "seed": t["seed"], "epochs": len(t["perf"]), "lr": 1e-4,
+                  "batch_size": 16, "image_size": 64, "width": 0.125, "threads": 1}
+        perf_key = "val_map" if multi_label else "val_top1"
+        metrics = []
+        for epoch, (p, a) in enumerate(zip(t["perf"], t["align"])):
+            values = {"val_performance": p, perf_key: p, "val_cka": 0.3, "val_rsa": 0.1,
+                      "task_loss": 1.0 - p, "epoch": float(epoch)}
+            if a is not None:
+                values["val_alignment"] = a
+            metrics += [Metric(k2, v, start, epoch) for k2, v in values.items()]
+        client.log_batch(run, metrics=metrics,
+                         params=[Param(k2, str(v)) for k2, v in sorted(config.items())])
+        if t["status"] == "FAILED":
+            client.log_batch(run, tags=[RunTag("error", "TrialDiverged: non-finite loss")])
+        if t["filters"]:
+            client.log_artifact(run, str(png))
+        client.set_terminated(run, status=t["status"])
+    client.set_terminated(parent, status="FINISHED")
+    return parent
+
+
+FULL = [
+    fake_trial("none", 0.0, perf=[0.30, 0.40, 0.50], align=[0.10, 0.20, 0.30]),
+    fake_trial("max", 0.1, perf=[0.30, 0.45, 0.44], align=[0.20, 0.40, 0.50]),
+    fake_trial("max", 0.8, perf=[0.20, 0.30, 0.35], align=[0.30, 0.60, 0.70]),
+    fake_trial("min", -0.1, perf=[0.30, 0.50, 0.52], align=[0.00, -0.10, -0.10]),
+    fake_trial("min", -0.8, perf=[0.20, 0.30, 0.40], align=[-0.10, -0.30, -0.40]),
+]
+
+# a composite sweep: two conditions (one front each), seeds with and without a baseline
+COMPOSITE = [
+    *[{**t, "condition": "cond_a"} for t in FULL],
+    fake_trial("none", 0.0, perf=[0.6], align=[0.1], condition="cond_b", seed=0),
+    fake_trial("none", 0.0, perf=[0.2], align=[0.1], condition="cond_b", seed=1),
+    fake_trial("max", 1.0, perf=[0.5], align=[0.3], condition="cond_b", seed=1),
+    fake_trial("max", 1.0, perf=[0.45], align=[0.2], condition="cond_b", seed=2),
+]
+
+DEGENERATE = {
+    "no_baseline": ([t for t in FULL if t["direction"] != "none"], "no finished baseline"),
+    "failed": ([*FULL[:3], fake_trial("min", -0.8, perf=[0.2], align=[0.1], status="FAILED")],
+               "1 of 4 trials did not finish (FAILED"),
+    "one_direction": (FULL[:3], "one direction only (max)"),
+    "one_trial": (FULL[:1], "one finished trial"),
+    "no_alignment": ([*FULL[:2], fake_trial("min", -0.5, perf=[0.4], align=[None])],
+                     "finished without a validation alignment"),
+    "no_trials": ([], "no trial runs"),
+}
+
+
+@pytest.fixture(scope="module")
+def fake_store(tmp_path_factory):
+    """One SQLite store (creating one costs seconds) holding every fake sweep of this module:
+    sweep name -> parent run id."""
+    tmp = tmp_path_factory.mktemp("fake-store")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parents = {"full": write_sweep(client, "full", FULL, tmp=tmp)}
+    for name, (trials, _) in DEGENERATE.items():
+        parents[name] = write_sweep(client, name, trials, tmp=tmp)
+    parents["gabor"] = write_sweep(client, "gabor", FULL[:3], reference="gabor",
+                                   multi_label=False, tmp=tmp)
+    parents["paper"] = write_sweep(client, "paper", COMPOSITE, tmp=tmp)
+    # two invocations of one sweep at two scales: the later one is the default
+    t0 = int(time.time() * 1000)
+    parents["older"] = write_sweep(client, "twice", FULL[:2], scale="demo", start=t0 - 60_000,
+                                   tmp=tmp)
+    parents["newer"] = write_sweep(client, "twice", FULL[:3], scale="smoke", start=t0, tmp=tmp)
+    return uri, parents
+
+
+def read_results(path):
+    return pq.read_table(Path(path).parent / "results.parquet")
+
+
+def png_is_not_blank(path):
+    img = matplotlib.image.imread(str(path))[..., :3]
+    return img.std() > 0.05 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.fixture(scope="module")
+def full_report(fake_store, tmp_path_factory):
+    """The full fake sweep post-processed once (and logged to its parent run)."""
+    uri, _ = fake_store
+    return pareto.postprocess("full", mlflow_uri=uri, out=tmp_path_factory.mktemp("full"))
+
+
+def test_results_table_of_a_full_sweep(full_report):
+    report = full_report
+    table = read_results(report)
+    assert table.schema.equals(tables.RESULTS_SCHEMA, check_metadata=False)
+    rows = {r["direction"] + str(r["alpha"]): r for r in table.to_pylist()}
+    assert len(rows) == 5
+    base = rows["none0.0"]
+    assert base["performance"] == 0.5 and base["baseline_performance"] == 0.5
+    strong = rows["max0.8"]
+    assert strong["performance"] == pytest.approx(0.35)  # final epoch, not the best
+    assert strong["best_performance"] == pytest.approx(0.35) and strong["best_epoch"] == 2
+    weak = rows["max0.1"]
+    assert weak["best_performance"] == pytest.approx(0.45) and weak["best_epoch"] == 1
+    assert weak["degradation"] == pytest.approx(0.44 - 0.5)
+    assert strong["alignment"] == pytest.approx(0.7)
+    assert strong["performance_metric"] == "map" and strong["model"] == "alexnet"
+    perf = np.array(table.column("performance").to_pylist())
+    align = np.array(table.column("alignment").to_pylist())
+    for col, up in (("front_up", True), ("front_down", False)):
+        assert table.column(col).to_pylist() == brute_force_front(
+            perf, align, alignment_up=up).tolist()
+    # the fronts of this sweep, by hand: up = min-0.1 (best perf), baseline, max-0.1, max-0.8
+    assert {r["trial_id"] for r in table.to_pylist() if r["front_up"]} == {
+        "full-min-a0.1-b1-s0", "full-none-a0-b1-s0", "full-max-a0.1-b1-s0",
+        "full-max-a0.8-b1-s0"}
+    epochs = pq.read_table(report.parent / "epochs.parquet")
+    assert epochs.schema.equals(tables.EPOCHS_SCHEMA, check_metadata=False)
+    assert epochs.num_rows == 15
+    assert sorted(set(epochs.column("epoch").to_pylist())) == [0, 1, 2]
+
+
+def test_parquet_metadata_holds_the_resolved_config(fake_store, full_report, tmp_path):
+    _, parents = fake_store
+    report = full_report
+    for name in ("results.parquet", "epochs.parquet"):
+        config = tables.read_config(report.parent / name)
+        assert config["sweep"] == "full" and config["parent_run_id"] == parents["full"]
+        cond = config["conditions"]["full"]
+        assert cond["alphas"] == [-0.8, -0.1, 0.0, 0.1, 0.8]
+        assert cond["config"]["batch_size"] == 16  # typed, from the string param
+        assert cond["config"]["lr"] == 1e-4
+        assert cond["config"]["val_folds"] == 5  # a TrialConfig default, resolved
+        assert config["parent_tags"]["data_description"] == "fake store written by the test"
+    with pytest.raises(ValueError, match="no alignsweep.config"):
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
+        tables.read_config(tmp_path / "plain.parquet")
+
+
+def test_every_file_is_written_and_logged_to_the_parent_run(fake_store, full_report):
+    uri, parents = fake_store
+    report, out = full_report, full_report.parent
+    assert report.name == "report.html"
+    for name in pareto.FILES:
+        assert (out / name).is_file(), name
+    for stem in ("front", "epochs", "filters"):
+        assert png_is_not_blank(out / f"{stem}.png"), stem
+        assert ET.parse(out / f"{stem}.svg").getroot().tag.endswith("svg")
+    html = report.read_text()
+    assert html.count('<img src="data:image/png;base64,') == 3
+    assert "http://" not in html.replace("http://www.w3.org", "")  # nothing fetched from outside
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parents["full"])}
+    assert set(pareto.FILES) <= logged
+
+
+def test_no_pyplot_state_is_left_behind(full_report):
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_degenerate_sweeps_get_every_file_and_a_clear_message(fake_store, tmp_path, name):
+    uri, _ = fake_store
+    _, message = DEGENERATE[name]
+    report = pareto.postprocess(name, mlflow_uri=uri, out=tmp_path, log=False)
+    for file in pareto.FILES:
+        assert (tmp_path / file).is_file(), file
+    summary = json.loads((tmp_path / "statistics.json").read_text())
+    assert any(message in m for m in summary["messages"]), summary["messages"]
+    assert message in report.read_text().replace("&#x27;", "'")
+    table = read_results(report)
+    if name == "no_baseline":
+        assert set(table.column("degradation").to_pylist()) == {None}
+        assert png_is_not_blank(tmp_path / "front.png")
+    if name == "failed":
+        failed = [r for r in table.to_pylist() if r["status"] == "FAILED"]
+        assert len(failed) == 1 and not failed[0]["front_up"] and not failed[0]["front_down"]
+        assert failed[0]["error"] == "TrialDiverged: non-finite loss"
+        assert summary["conditions"]["failed"]["finished"] == 3
+    if name == "one_trial":
+        sp = summary["conditions"]["one_trial"]["spearman"]
+        assert sp["rho"] is None and "at least 3" in sp["message"]
+    if name == "no_trials":
+        assert table.num_rows == 0 and summary["conditions"] == {}
+
+
+def test_filter_grids_beside_the_gabor_bank_or_a_note(fake_store, tmp_path):
+    uri, _ = fake_store
+    for sweep, reference in (("gabor", "gabor"), ("full", "nsd")):
+        record = load_mlflow(sweep, mlflow_uri=uri)
+        rows = pareto._filter_rows(record, tables.results_table(record), tmp_path / sweep)
+        (row,) = rows
+        assert [p.role for p in row.panels] == ["max-aligned", "min-aligned", "baseline"]
+        assert all(p.png is not None and p.png.is_file() for p in row.panels)
+        # extremes of achieved alignment among the perturbed trials
+        assert [p.caption.split()[0] for p in row.panels] == {
+            "gabor": ["gabor-max-a0.8-b1-s0", "gabor-max-a0.1-b1-s0", "gabor-none-a0-b1-s0"],
+            "full": ["full-max-a0.8-b1-s0", "full-min-a0.8-b1-s0", "full-none-a0-b1-s0"],
+        }[sweep]
+        if reference == "gabor":
+            assert row.reference.png is not None and row.reference.png.is_file()
+            assert "108 filters" in row.reference.caption
+        else:
+            assert row.reference.png is None
+            assert "not a filter bank" in row.reference.note
+
+
+def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fake_store,
+                                                                            tmp_path):
+    uri, _ = fake_store
+    report = pareto.postprocess("paper", mlflow_uri=uri, out=tmp_path, log=False)
+    rows = {r["trial_id"]: r for r in read_results(report).to_pylist()}
+    # the same seed's baseline when there is one, else the mean over the condition's seeds
+    assert rows["cond_b-max-a1-b1-s1"]["baseline_performance"] == pytest.approx(0.2)
+    assert rows["cond_b-max-a1-b1-s1"]["degradation"] == pytest.approx(0.3)
+    assert rows["cond_b-max-a1-b1-s2"]["baseline_performance"] == pytest.approx(0.4)
+    assert rows["cond_a-none-a0-b1-s0"]["baseline_performance"] == pytest.approx(0.5)
+    # per condition: cond_b's seed-0 baseline (0.6, 0.1) would dominate nothing of cond_a's
+    # front, and cond_a's fronts are the full sweep's
+    assert {t for t, r in rows.items() if r["front_up"]} == {
+        "cond_a-min-a0.1-b1-s0", "cond_a-none-a0-b1-s0", "cond_a-max-a0.1-b1-s0",
+        "cond_a-max-a0.8-b1-s0", "cond_b-none-a0-b1-s0", "cond_b-max-a1-b1-s1"}
+    summary = json.loads((tmp_path / "statistics.json").read_text())
+    assert list(summary["conditions"]) == ["cond_a", "cond_b"]
+    assert summary["conditions"]["cond_b"]["finished"] == 4
+    config = tables.read_config(tmp_path / "results.parquet")
+    assert config["conditions"]["cond_b"]["seeds"] == [0, 1, 2]
+    assert png_is_not_blank(tmp_path / "front.png")
+
+
+def write_ray_run(folder, trials):
+    """A Ray Tune run folder as sweeps/execute.py leaves it: experiment_state (status and
+    folder per trial), trial folders with result.json lines, error.txt for a failed one."""
+    folder.mkdir(parents=True)
+    (folder / "mlflow_parent.json").write_text(json.dumps({"run_id": "p123", "mlflow_uri": "x"}))
+    entries = []
+    for k, (tid, status, perf) in enumerate(trials):
+        trial_dir = folder / f"run_trial_ab_{k:05d}_{k}_trial_id={tid}"
+        trial_dir.mkdir()
+        (trial_dir / "result.json").write_text("".join(
+            json.dumps({"epoch": float(e), "val_performance": p, "val_top1": p,
+                        "val_alignment": 0.1 * e + k, "training_iteration": e + 1}) + "\n"
+            for e, p in enumerate(perf)))
+        if status == "ERROR":
+            (trial_dir / "error.txt").write_text("Traceback...\nTrialDiverged: non-finite loss")
+        entries.append([json.dumps({"trial_id": f"ab_{k:05d}", "status": status,
+                                    "config": {"trial_id": tid},
+                                    "relative_logdir": trial_dir.name}), "{}"])
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": entries}))
+
+
+def test_ray_results_folder_statuses_config_and_newest_run(tmp_path):
+    storage = tmp_path / "ray_results"
+    write_ray_run(storage / "gabor_conv1-demo_20260101-000000",
+                  [("gabor_conv1-none-a0-b1-s0", "TERMINATED", [0.3])])
+    write_ray_run(storage / "gabor_conv1-demo_20260102-000000", [
+        ("gabor_conv1-none-a0-b1-s0", "TERMINATED", [0.3, 0.4]),
+        ("gabor_conv1-max-a8-b2-s0", "TERMINATED", [0.2, 0.35]),
+        ("gabor_conv1-min-a8-b2-s0", "ERROR", [0.1]),
+        ("gabor_conv1-min-a4-b1-s0", "RUNNING", []),
+        ("not-a-sweep-trial", "TERMINATED", [0.5]),
+    ])
+    from dashboards.sources import load_ray
+
+    record = load_ray(storage, "gabor_conv1")
+    assert record.label == "gabor_conv1-demo_20260102-000000"  # the newest run folder
+    assert record.parent_run_id == "p123"
+    by_id = {t.trial_id: t for t in record.trials}
+    assert by_id["gabor_conv1-max-a8-b2-s0"].status == "FINISHED"
+    assert by_id["gabor_conv1-max-a8-b2-s0"].alpha == 8.0
+    assert by_id["gabor_conv1-max-a8-b2-s0"].beta == 2.0
+    assert by_id["gabor_conv1-min-a8-b2-s0"].alpha == -8.0
+    assert by_id["gabor_conv1-min-a8-b2-s0"].status == "FAILED"
+    assert by_id["gabor_conv1-min-a8-b2-s0"].error == "TrialDiverged: non-finite loss"
+    assert by_id["gabor_conv1-min-a4-b1-s0"].status == "RUNNING"
+    assert by_id["gabor_conv1-none-a0-b1-s0"].history["val_performance"] == ((0, 0.3), (1, 0.4))
+    # the config comes from sweeps/conditions/gabor_conv1.toml at demo scale
+    config = by_id["gabor_conv1-max-a8-b2-s0"].config
+    assert (config["reference"], config["width"], config["epochs"]) == ("gabor", 0.25, 10)
+    assert any("not-a-sweep-trial" in n and "skipped" in n for n in record.notes)
+    with pytest.raises(SourceError, match="holds sweep 'gabor_conv1', not 'nsd_conv1_v1'"):
+        load_ray(storage / "gabor_conv1-demo_20260101-000000", "nsd_conv1_v1")
+
+
+def test_latest_parent_run_by_default_or_the_one_asked_for(fake_store):
+    uri, parents = fake_store
+    assert load_mlflow("twice", mlflow_uri=uri).parent_run_id == parents["newer"]
+    older = load_mlflow("twice", mlflow_uri=uri, experiment="twice-demo")
+    assert older.parent_run_id == parents["older"] and len(older.trials) == 2
+    assert load_mlflow("twice", mlflow_uri=uri,
+                       parent_run_id=parents["older"]).experiment == "twice-demo"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["nosuch"], "no MLflow experiment nosuch-demo or nosuch-smoke or nosuch-paper"),
+    (["full", "--experiment", "full-paper"], "no MLflow experiment full-paper"),
+    (["full", "--parent-run", "0123"], "--parent-run 0123: no such run"),
+    (["twice", "--parent-run", "{full}"], "belongs to sweep 'full', not 'twice'"),
+    (["full", "--ray-results", "/nonexistent"], "--ray-results /nonexistent: no such directory"),
+    (["full", "--mlflow-uri", "sqlite:///{tmp}/none.db"], "none.db: no such SQLite file"),
+    (["full", "--mlflow-uri", "ftp://x"], "accepted: sqlite:///PATH.db"),
+])
+def test_cli_errors_are_one_line_and_exit_2(fake_store, capsys, tmp_path, args, match):
+    uri, parents = fake_store
+    args = [a.format(**parents, tmp=tmp_path) for a in args]
+    if "--mlflow-uri" not in args:
+        args += ["--mlflow-uri", uri]
+    assert pareto.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert match in err
+
+
+def test_trial_run_is_not_taken_for_a_parent(fake_store):
+    uri, parents = fake_store
+    child = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("full-smoke").experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parents['full']}'")[0]
+    with pytest.raises(SourceError, match=f"is a trial run \\(its parent is {parents['full']}"):
+        load_mlflow("full", mlflow_uri=uri, parent_run_id=child.info.run_id)
+
+
+# ---------------------------------------------------------------------- a real smoke sweep
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return finished_smoke_sweep(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def smoke_report(smoke, tmp_path_factory):
+    """The real smoke sweep post-processed from MLflow (and logged to its parent run)."""
+    return pareto.postprocess(SWEEP, mlflow_uri=smoke.uri,
+                              out=tmp_path_factory.mktemp("smoke-report"))
+
+
+def test_real_smoke_sweep_from_mlflow(smoke, smoke_report):
+    table = read_results(smoke_report)
+    assert table.num_rows == 3
+    assert set(table.column("status").to_pylist()) == {"FINISHED"}
+    assert sorted(table.column("direction").to_pylist()) == ["max", "min", "none"]
+    # the table's numbers are the runs' final metrics, read here independently
+    client = MlflowClient(smoke.uri)
+    for row in table.to_pylist():
+        metrics = client.get_run(row["run_id"]).data.metrics
+        assert row["performance"] == metrics["val_performance"] == metrics["val_map"]
+        assert row["alignment"] == metrics["val_alignment"]
+        assert row["parent_run_id"] == smoke.parent_run_id
+        assert row["degradation"] == pytest.approx(row["performance"]
+                                                   - row["baseline_performance"])
+    base = next(r for r in table.to_pylist() if r["direction"] == "none")
+    assert base["degradation"] == 0.0
+    assert any(table.column("front_up").to_pylist())
+    assert any(table.column("front_down").to_pylist())
+    logged = {a.path for a in client.list_artifacts(smoke.parent_run_id)}
+    assert set(pareto.FILES) <= logged
+    for stem in ("front", "epochs", "filters"):
+        assert png_is_not_blank(smoke_report.parent / f"{stem}.png"), stem
+
+
+def test_real_smoke_sweep_from_ray_results_matches_mlflow(smoke, smoke_report, tmp_path):
+    from_mlflow = read_results(smoke_report)
+    from_ray = read_results(pareto.postprocess_ray(SWEEP, smoke.storage, out=tmp_path / "ray"))
+    assert from_ray.column("parent_run_id").to_pylist() == [smoke.parent_run_id] * 3
+    for name in from_mlflow.column_names:
+        if name != "run_id":  # Ray's trial ids, not MLflow's run ids
+            assert from_ray.column(name).to_pylist() == from_mlflow.column(name).to_pylist(), name
+    assert (tables.read_config(tmp_path / "ray" / "results.parquet")["conditions"]
+            == tables.read_config(smoke_report.parent / "results.parquet")["conditions"])
+
+
+def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", SWEEP, "--mlflow-uri", smoke.uri,
+         "--out", str(tmp_path), "--no-log"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"report: {tmp_path / 'report.html'}"
+    assert f"{SWEEP}: 3/3 trials finished, Spearman rho" in proc.stdout
+    assert "Downloading artifacts" not in proc.stderr
+    assert tables.read_config(tmp_path / "results.parquet")["experiment"] == EXPERIMENT
