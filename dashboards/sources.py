@@ -14,7 +14,8 @@ any name), ``parent_run_id`` one run.
 
 Ray (what ``sweeps.execute`` writes under ``--storage``, default ./ray_results):
 ``<experiment>_<YYYYmmdd-HHMMSS>/`` with the latest ``experiment_state-*.json`` (trial status and
-folder), one folder per trial (result.json: one JSON line per epoch; artifacts/), and
+folder), one folder per trial (result.json: one JSON line per epoch; the final checkpoint
+holds the trial's artifacts/), and
 mlflow_parent.json. Ray only knows the trial id; the config is rebuilt from the sweep file
 (``sweeps/conditions/<condition>.toml``) at the scale the folder name says.
 """
@@ -438,8 +439,12 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         notes.append(f"{run_dir} has no trials yet")
 
     def fetch(trial: Trial, folder: Path) -> Path | None:
-        path = folders[trial.trial_id] / "artifacts" / FILTERS_ARTIFACT
-        return path if path.is_file() else None
+        # sweeps.execute copies the artifacts into the checkpoints reported after they are
+        # written (the last epoch's); the newest checkpoint that has them wins.
+        trial_dir = folders[trial.trial_id]
+        found = sorted(trial_dir.glob(f"checkpoint_*/artifacts/{FILTERS_ARTIFACT}"))
+        found += [p for p in [trial_dir / "artifacts" / FILTERS_ARTIFACT] if p.is_file()]
+        return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",

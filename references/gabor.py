@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from references.base import ImageReference
+
 __all__ = [
     "FREQUENCIES",
     "GaborReference",
@@ -124,7 +126,7 @@ def response_size(image_size: int) -> int:
     return (image_size + 2 * PADDING - KERNEL_SIZE) // STRIDE + 1
 
 
-class GaborReference:
+class GaborReference(ImageReference):
     """The Gabor oracle as a reference: a fixed convolution, no parameters, no gradient.
 
     ``representation(images)`` : images (n, 3, H, W), normalised exactly as the model sees them
@@ -170,13 +172,6 @@ class GaborReference:
         with torch.no_grad():
             bank = self._bank_on(images.device, images.dtype)
             return F.conv2d(images, bank, stride=STRIDE, padding=PADDING)
-
-    def targets(self, images: torch.Tensor,
-                image_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if len(image_ids) != len(images):
-            raise ValueError(f"image_ids has {len(image_ids)} entries for {len(images)} images")
-        rows = torch.arange(len(images), device=images.device)
-        return [(rows, self.representation(images))]
 
 
 def bank_png(path: str | os.PathLike) -> Path:

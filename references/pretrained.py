@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from references.base import ImageReference
 from references.cache import build_once, cache_root, content_hash
 from trainable.models import TappedModel, build_model, get_model_spec
 
@@ -148,7 +149,7 @@ def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
     return model.eval()
 
 
-class PretrainedReference:
+class PretrainedReference(ImageReference):
     """A frozen network's activations at ``layer`` as a reference.
 
     ``representation(images)`` : images (n, 3, H, W), normalised as the trainee sees them ->
@@ -181,13 +182,6 @@ class PretrainedReference:
             self.network.to(images.device)
         with torch.no_grad():
             return self.network.features(images, (self.layer,))[self.layer]
-
-    def targets(self, images: torch.Tensor,
-                image_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if len(image_ids) != len(images):
-            raise ValueError(f"image_ids has {len(image_ids)} entries for {len(images)} images")
-        rows = torch.arange(len(images), device=images.device)
-        return [(rows, self.representation(images))]
 
 
 # ----------------------------------------------------------------------------- "auto"

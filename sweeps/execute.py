@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +28,11 @@ from sweeps.spec import Resources, TrialSpec
 # when it is first imported: set it before any Ray import. Authentication stays on; a cluster
 # started with it disabled needs RAY_AUTH_MODE=disabled in the environment.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# With CheckpointConfig(num_to_keep=2) Tune snapshots its experiment state whenever a trial has
+# saved two checkpoints since the last snapshot, so the state never names a deleted checkpoint.
+# At demo scale an epoch takes seconds, so that is every few seconds, and Tune prints a
+# three-line warning each time; the snapshot itself is small (~20 ms). Silence the warning only.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 PARENT_FILE = "mlflow_parent.json"
 LATEST_FILE = "latest"
@@ -47,7 +53,17 @@ class Payload:
 
 
 class RayHooks:
-    """``trainable.train.Hooks`` for a trial running under Ray Tune with an MLflow child run."""
+    """``trainable.train.Hooks`` for a trial running under Ray Tune with an MLflow child run.
+
+    Artifacts (the conv1 filter grid, the final metrics) are written to a private temporary
+    folder, logged to the MLflow run when the trial ends, and copied into every checkpoint
+    reported after they appear (``<checkpoint>/artifacts/``), so Ray persists them to the
+    trial's storage folder with its own checkpoint mechanism. Tune's ``get_trial_dir()`` is
+    not used for them: with reused actors it names a local working folder that Tune never
+    copies to storage.
+    """
+
+    ARTIFACTS = "artifacts"
 
     def __init__(self, run: tracking.TrialRun) -> None:
         from ray import tune
@@ -55,9 +71,13 @@ class RayHooks:
         self._tune = tune
         self.run = run
         self._restored: tempfile.TemporaryDirectory | None = None
+        self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-")
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
         self.run.log_epoch(metrics, int(metrics["epoch"]))
+        art = self.artifact_dir()
+        if any(art.iterdir()):
+            shutil.copytree(art, Path(checkpoint_dir) / self.ARTIFACTS, dirs_exist_ok=True)
         # Ray persists the checkpoint directory to the run's storage before report returns.
         self._tune.report(dict(metrics),
                           checkpoint=self._tune.Checkpoint.from_directory(str(checkpoint_dir)))
@@ -70,9 +90,12 @@ class RayHooks:
         return Path(ckpt.to_directory(self._restored.name))
 
     def artifact_dir(self) -> Path:
-        path = Path(self._tune.get_context().get_trial_dir()) / "artifacts"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return Path(self._artifacts.name)
+
+    def close(self) -> None:
+        self._artifacts.cleanup()
+        if self._restored is not None:
+            self._restored.cleanup()
 
 
 def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
@@ -90,15 +113,15 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # Where it ran (multi-node checks) and which process to signal (fault-injection tests).
     run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id(),
                   "worker_pid": str(os.getpid())})
-    worker = {"pid": os.getpid(), "started_at": time.time()}
-    (hooks.artifact_dir().parent / "worker.json").write_text(json.dumps(worker))
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
+        run.log_artifacts(hooks.artifact_dir())
     except BaseException as exc:
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED")
         raise
-    run.log_artifacts(hooks.artifact_dir())
+    finally:
+        hooks.close()
     run.finish("FINISHED")
 
 
@@ -293,11 +316,15 @@ def _run_config(run_dir: Path):
     )
 
 
-def _tuner(trainable, run_dir: Path, param_space: dict, tune_config=None):
+def _tuner(trainable, run_dir: Path, param_space: dict, **tune_kwargs):
+    """A Tuner over ``param_space``. Actors are reused between trials (Tune restarts the
+    trainable function in the same worker process): a fresh worker first pays ~7-10 s of
+    imports (torch, torchvision, MLflow) on a small machine, which at demo scale is as long as
+    a trial's training, so reuse is what keeps the trial slots busy (bench_sweep.py)."""
     from ray import tune
 
     return tune.Tuner(trainable, param_space=param_space, run_config=_run_config(run_dir),
-                      tune_config=tune_config)
+                      tune_config=tune.TuneConfig(reuse_actors=True, **tune_kwargs))
 
 
 def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
@@ -333,7 +360,7 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
             )
             space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
             tuner = _tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
-                           tune.TuneConfig(search_alg=search, num_samples=n))
+                           search_alg=search, num_samples=n)
             results += list(tuner.fit())
     return results
 

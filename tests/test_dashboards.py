@@ -575,6 +575,17 @@ def test_real_smoke_sweep_from_ray_results_matches_mlflow(smoke, smoke_report, t
             assert from_ray.column(name).to_pylist() == from_mlflow.column(name).to_pylist(), name
     assert (tables.read_config(tmp_path / "ray" / "results.parquet")["conditions"]
             == tables.read_config(smoke_report.parent / "results.parquet")["conditions"])
+    # Every trial's artifacts reach Ray's storage inside its final checkpoint, also for the
+    # trial that ran on a reused actor (3 trials, 2 slots), and the filter figure uses them.
+    trial_dirs = [p.parent for p in smoke.storage.glob("*/*/params.json")]
+    assert len(trial_dirs) == 3
+    for trial_dir in trial_dirs:
+        assert list(trial_dir.glob("checkpoint_*/artifacts/conv1_filters.png")), trial_dir
+    from dashboards.sources import load_ray
+
+    record = load_ray(smoke.storage, SWEEP)
+    for trial in record.trials:
+        assert record.fetch_filters(trial, tmp_path) is not None, trial.trial_id
 
 
 def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
