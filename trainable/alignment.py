@@ -195,8 +195,9 @@ def ridge_cv_r2(
             evals, basis = _eigh_without_constant(k_tt)
             proj = basis.T @ yc
             a = alpha_list[_select_dual(basis, evals, proj, alpha_list)]
-            coef = basis @ (proj / (evals + a)[:, None])  # (K + aI)^-1 Yc, (m, q)
-            pred = y_mean + k_et @ coef
+            # k_et (K + aI)^-1 Yc, multiplied from the left: (n_te, m) @ (m, r) first, so the
+            # (m, q) dual coefficients are never formed (the cheaper order when n_te < m).
+            pred = y_mean + (k_et @ basis) @ (proj / (evals + a)[:, None])
         else:
             mu = xg[tr].mean(0)
             xc = xg[tr] - mu
