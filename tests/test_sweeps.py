@@ -164,7 +164,8 @@ def test_unknown_sweep_lists_the_known_ones():
     (lambda s: s.replace("n_images = 1000", "n_imagez = 1000"),
      r"unknown key 'n_imagez' in \[demo.data_kwargs\]"),
     (lambda s: s.replace("gpus = 0.25", "gpus = -1"), r"gpus=-1"),
-    (lambda s: s.replace("[paper]\n", "[paper]\ntrial = { epochs = 3 }\n"), r"trial.epochs"),
+    (lambda s: s.replace("trial = { rectify = true }", "trial = { rectify = true, epochs = 3 }",
+                         1), r"trial.epochs"),
     (lambda s: s.replace('roi = "V1"', 'roi = "V4"'), r"roi='V4'"),
     (lambda s: s.replace("[grid]", "[grid"), r"not valid TOML"),
 ])

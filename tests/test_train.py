@@ -86,6 +86,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrialConfig(loss_folds=1)
     with pytest.raises(ValueError, match=r"reference='fmri'; accepted: gabor, pretrained, nsd"):
         TrialConfig(reference="fmri")
+    with pytest.raises(ValueError, match=r"rectify='yes'; accepted: true or false"):
+        TrialConfig(rectify="yes")
     assert TrialConfig.from_dict({"epochs": 3.0, "alpha": 1}).epochs == 3
 
 
@@ -115,6 +117,24 @@ def test_mixed_subject_batch_averages_per_subject_scores():
     # a subject with too few images in the batch is skipped, not scored on 2 samples
     few = list(responses.targets(None, torch.tensor([0, 2, 31, 33])).values())
     assert batch_alignment(feats[:4], few, alignment_loss_fn(cfg), cfg) is None
+
+
+def test_rectify_aligns_the_relu_of_the_layer_and_pool_averages_it():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(24, 6, 15, 15, generator=g, requires_grad=True)
+    y = torch.randn(24, 9, generator=g)
+    groups = [(torch.arange(24), y)]
+    plain = TrialConfig(reference="nsd")
+    rect = TrialConfig(reference="nsd", rectify=True, pool=8)
+    score = alignment_loss_fn(plain)
+    got = batch_alignment(feats, groups, score, rect)
+    relu_pooled = torch.nn.functional.adaptive_avg_pool2d(torch.relu(feats), 8)
+    assert float(got) == pytest.approx(float(score(relu_pooled.flatten(1), y)), abs=1e-6)
+    assert float(got) != pytest.approx(float(batch_alignment(feats, groups, score, plain)),
+                                       abs=1e-3)
+    got.backward()  # still differentiable, and only through the units ReLU lets pass
+    assert feats.grad is not None and float(feats.grad[feats < 0].abs().max()) == 0.0
+    assert float(feats.grad[feats > 0].abs().max()) > 0.0
 
 
 # ----------------------------------------------------------------------------- the trial

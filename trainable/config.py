@@ -36,6 +36,12 @@ class TrialConfig:
         layer and of a spatial reference) to k x k before alignment. Pooling cuts the cost of
         the n x p Gram matrices by (H*W)/k^2 but discards spatial layout finer than H/k, so the
         default is 0 and the paper's conditions keep it.
+    rectify : align ReLU(layer) instead of the layer's tap (taps are the linear stage, e.g.
+        AlexNet conv1 before its ReLU; rectified, this is exactly the post-ReLU activation).
+        Default false: the Gabor bank and a network's layer are linear responses like the
+        pre-ReLU tap. Voxel responses pool rectified activity over a receptive field (a
+        contrast-energy-like signal, which no linear readout of a linear stage predicts), so
+        the NSD conditions set it true.
     device : "auto" (CUDA when visible, else CPU), "cpu" or "cuda".
     precision : "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
     threads : torch intra-op threads; 0 = leave as is (the sweep sets it from the trial's CPU
@@ -61,6 +67,7 @@ class TrialConfig:
     val_folds: int = 5
     val_images: int = 1000
     pool: int = 0
+    rectify: bool = False
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0
@@ -101,6 +108,8 @@ class TrialConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "an integer >= 0")
+        if not isinstance(self.rectify, bool):
+            raise bad("rectify", "true or false")
         if self.loss_folds == 1 or self.loss_folds < 0:
             raise bad("loss_folds", "0 (exact leave-one-out) or an integer >= 2")
         if self.val_images < 2 * self.val_folds:

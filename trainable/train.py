@@ -195,6 +195,12 @@ def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
     return x.float()
 
 
+def _layer_features(x: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
+    """The tapped layer as the alignment sees it: rectified when ``cfg.rectify``, then pooled
+    (``_pooled``). Differentiable; references are never rectified."""
+    return _pooled(F.relu(x) if cfg.rectify else x, cfg.pool)
+
+
 def _min_rows(cfg: TrialConfig) -> int:
     if cfg.metric == "linear":
         return 3 if cfg.loss_folds == 0 else 2 * cfg.loss_folds
@@ -225,7 +231,7 @@ def batch_alignment(
     batch. A group with too few rows for the held-out score is skipped; None when no group
     is usable (the batch then only feeds the task term).
     """
-    feats = _pooled(feats, cfg.pool)
+    feats = _layer_features(feats, cfg)
     scores = []
     for rows, y in groups:
         if rows.numel() < _min_rows(cfg):
@@ -322,7 +328,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def _forward_all(model, split: TensorSplit, layer: str | None, cfg, device, batch: int = 256):
-    """Logits (n, c) and, if layer, pooled tap features (n, ...) for a whole split (eval)."""
+    """Logits (n, c) and, if layer, the tap as the alignment sees it (``_layer_features``) for
+    a whole split (eval)."""
     model.eval()
     logits, feats = [], []
     for lo in range(0, len(split), batch):
@@ -330,7 +337,7 @@ def _forward_all(model, split: TensorSplit, layer: str | None, cfg, device, batc
         with _autocast(cfg, device):
             if layer:
                 out, taps = model(images, taps=(layer,))
-                feats.append(_pooled(taps[layer], cfg.pool))
+                feats.append(_layer_features(taps[layer], cfg))
             else:
                 out = model(images)
         logits.append(out.float())
