@@ -10,6 +10,7 @@ and to the trial's nested MLflow run. All Ray imports of the project live in ``s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -104,6 +105,9 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
 
     from trainable.train import train
 
+    # Ray's storage module logs "Checkpoint successfully created at: ..." at INFO for every
+    # report (every epoch of every trial), which buries the progress table; warnings still show.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     spec = _trial_spec(config, payload)
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
