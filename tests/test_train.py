@@ -10,7 +10,6 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from references.datasets import (
-    TensorSplit,
     VoxelResponses,
     simulated_nsd_bundle,
     simulated_single_label_bundle,
