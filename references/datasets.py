@@ -1,26 +1,28 @@
-"""The datasets the trainable reads, with one item protocol for all of them.
+"""The datasets the trainable reads, with one item protocol for all of them
+(``trainable.data``): ``dataset[i] -> (image uint8 (3, S, S), target, image_id)``.
 
-Every dataset yields ``(image, target, image_id)``:
-
-* image : float32 (3, image_size, image_size), normalised with the ImageNet mean and std;
 * target : int64 scalar class index (single-label) or float32 (80,) COCO multi-hot
   (multi-label, columns by ascending COCO category id);
 * image_id : int64 scalar -- the nsdId for NSD, the index within the split for ImageFolder.
 
-Every dataset also has ``to_tensors()``, the whole split as in-memory tensors
-(:class:`TensorSplit`: uint8 images, targets, ids) so the trainable can batch from memory, with
-:func:`normalize` applied per batch on the device. Memory cost: ``N * 3 * image_size**2`` bytes
-of images (1,000 images at 64 px: 12 MB; 10,000 NSD images at 224 px: 1.5 GB; ImageNet's
-1.28 M train images at 224 px would need 193 GB -- stream those through a DataLoader instead).
+A dataset object is an index over files (paths or ids and labels), small enough to go through
+Ray's object store and to be inherited by DataLoader worker processes; images are read and
+decoded in the worker, one item at a time. Nothing here holds a decoded split.
 
 Datasets:
 
-* :class:`ImageFolderDataset`: the ImageNet layout ``root/{train,val}/<class>/*``, torchvision's
-  classification pipeline (train: RandomResizedCrop + horizontal flip; val: resize to
-  image_size * 256/224 then centre crop). The simulated single-label set goes through it.
+* :class:`ImageFolderDataset`: ImageNet as labs have it, either the ImageFolder layout
+  ``root/{train,val}/<class>/*`` or torchvision's ``ImageNet(root)`` layout (devkit archive
+  beside the split folders, val flat or sorted; ``references.imagenet``), through torchvision's
+  classification pipeline: train ``augment="crop_flip"`` (RandomResizedCrop + horizontal flip,
+  in the worker), evaluation: resize to image_size * 256/224 then centre crop. With
+  ``augment="flip"`` or ``"none"`` every split yields the evaluation view (the trainable flips
+  batches for "flip"). The simulated single-label set goes through it with "flip".
 * :class:`NSDDataset`: a table written by ``python -m references.nsd prepare`` plus
-  nsd_stimuli.hdf5 (images resized to image_size), with a fixed 80/20 train/test split by seed
-  over the table's unique images; :class:`VoxelResponses` says which subject has which response.
+  nsd_stimuli.hdf5 (each stimulus read by index in the worker, resized to image_size, never
+  cropped or flipped: a voxel responded to the image as shown), with a fixed 80/20 train/test
+  split by seed over the table's unique images; :class:`VoxelResponses` says which subject has
+  which response (kept in the bundle, not in the datasets).
 
 :class:`DataBundle` and the ``*_bundle`` builders put a train split, a validation split and (for
 NSD) the voxel responses together for the reference registry.
@@ -28,6 +30,7 @@ NSD) the voxel responses together for the reference registry.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,27 +42,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch.utils.data import Dataset
 
-from references import nsd
+from references import imagenet, nsd
+from references.imagenet import ImageIndex
+from trainable.data import AUGMENTATIONS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's reference evaluates at crop 224 of a 256 resize.
 EVAL_CROP_RATIO = 224 / 256
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) or (3, H, W) in 0..255 -> float32 normalised with ImageNet mean/std,
-    on the input's device."""
-    x = images.to(torch.float32) / 255.0
-    shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(shape)
-    return (x - mean) / std
 
 
 def resize_center(images: torch.Tensor, size: int, crop_ratio: float = 1.0) -> torch.Tensor:
@@ -67,32 +60,6 @@ def resize_center(images: torch.Tensor, size: int, crop_ratio: float = 1.0) -> t
     centre-crop to (size, size). uint8 (..., 3, H, W) -> uint8 (..., 3, size, size)."""
     resized = TF.resize(images, [round(size / crop_ratio)], antialias=True)
     return TF.center_crop(resized, [size, size])
-
-
-@dataclass(frozen=True)
-class TensorSplit:
-    """A whole split in memory.
-
-    images : (N, 3, S, S) uint8 (normalise per batch with :func:`normalize`)
-    targets : (N,) int64 class indices, or (N, 80) float32 multi-hot
-    image_ids : (N,) int64
-    """
-
-    images: torch.Tensor
-    targets: torch.Tensor
-    image_ids: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement()
-                   for t in (self.images, self.targets, self.image_ids))
-
-    def to(self, device: torch.device | str) -> TensorSplit:
-        return TensorSplit(self.images.to(device), self.targets.to(device),
-                           self.image_ids.to(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,50 +76,48 @@ def _check_size(image_size: int) -> None:
         raise ValueError(f"image_size={image_size!r}; accepted: an int >= 8")
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<split>/<class>/<image>`` through torchvision's classification pipeline.
+def _check_augment(augment: str) -> None:
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r}; accepted: {', '.join(AUGMENTATIONS)}")
 
-    Items: (float32 (3, S, S), int64 class index, int64 index in this split). Classes are the
-    sorted folder names (``classes``). ``augment`` (default: True for "train") selects
-    RandomResizedCrop(S) + RandomHorizontalFlip; otherwise resize to S * 256/224 and centre-crop.
-    Augmentation draws from torch's global RNG, so it is reproducible given
-    ``DataLoader(generator=torch.Generator().manual_seed(k))`` and a fixed ``num_workers``.
+
+class ImageFolderDataset(Dataset):
+    """One split of an ImageNet-layout tree (``references.imagenet``) through torchvision's
+    classification pipeline.
+
+    Items: (uint8 (3, S, S), int64 class index, int64 index in this split). Classes are the
+    sorted folder names / wnids (``classes``; ``class_names`` the devkit's words where there
+    is a devkit). ``augment`` (default "crop_flip" for "train", "none" for "val"): "crop_flip"
+    = RandomResizedCrop(S) + RandomHorizontalFlip here; otherwise resize to S * 256/224 and
+    centre-crop. Augmentation draws from torch's global RNG (each DataLoader worker seeds its
+    own). ``index``: an already built ``ImageIndex`` of the split (the driver builds it once).
     """
 
     def __init__(self, root: str | os.PathLike, *, split: str = "train", image_size: int = 224,
-                 augment: bool | None = None) -> None:
+                 augment: str | None = None, index: ImageIndex | None = None) -> None:
         _check_split(split, ("train", "val"))
         _check_size(image_size)
-        folder = Path(root) / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"missing folder {folder} (ImageFolder layout: "
-                                    f"root/train/<class>/*, root/val/<class>/*)")
+        augment = ("crop_flip" if split == "train" else "none") if augment is None else augment
+        _check_augment(augment)
         self.root, self.split, self.image_size = Path(root), split, image_size
-        self.augment = (split == "train") if augment is None else augment
-        self.folder = torchvision.datasets.ImageFolder(str(folder))
-        self.classes: list[str] = list(self.folder.classes)
-        self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
-        self._eval = T.Compose([T.ToImage(), T.Resize(round(image_size / EVAL_CROP_RATIO)),
+        self.augment = augment
+        self.index = index if index is not None else imagenet.index_split(root, split)
+        self.classes: list[str] = list(self.index.classes)
+        self.class_names: tuple[str, ...] = tuple(self.index.class_names)
+        self.targets = torch.from_numpy(np.asarray(self.index.targets, dtype=np.int64).copy())
+        self._eval = T.Compose([T.Resize(round(image_size / EVAL_CROP_RATIO)),
                                 T.CenterCrop(image_size)])
-        self._train = T.Compose([T.ToImage(), T.RandomResizedCrop(image_size),
-                                 T.RandomHorizontalFlip()])
+        self._train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()])
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        path, target = self.folder.samples[index]
-        img = self.folder.loader(path)
-        img = (self._train if self.augment else self._eval)(img)
-        return (normalize(img.as_subclass(torch.Tensor)), torch.tensor(target, dtype=torch.int64),
+        with Image.open(self.index.path(index)) as f:
+            img = TF.pil_to_tensor(f.convert("RGB"))
+        img = (self._train if self.augment == "crop_flip" else self._eval)(img)
+        return (img, torch.tensor(self.index.target(index), dtype=torch.int64),
                 torch.tensor(index, dtype=torch.int64))
-
-    def to_tensors(self) -> TensorSplit:
-        """The split through the eval pipeline (no augmentation), uint8 (N, 3, S, S)."""
-        images = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        for i, (path, _) in enumerate(self.folder.samples):
-            images[i] = self._eval(self.folder.loader(path)).as_subclass(torch.Tensor)
-        return TensorSplit(images, self.targets.clone(), torch.arange(len(self), dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,34 +225,26 @@ class _Stimuli:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise nsd.NSDFormatError(f"missing file {self.path}")
-        try:
-            with h5py.File(self.path, "r") as f:
-                if nsd.STIMULI_DATASET not in f:
-                    raise nsd.NSDFormatError(
-                        f"{self.path}: no dataset '{nsd.STIMULI_DATASET}' (found: "
-                        f"{', '.join(sorted(f.keys())) or 'nothing'})")
-                d = f[nsd.STIMULI_DATASET]
-                if d.ndim != 4 or d.shape[3] != 3 or d.dtype != np.uint8:
-                    raise nsd.NSDFormatError(
-                        f"{self.path}: '{nsd.STIMULI_DATASET}' must be (images, H, W, 3) uint8, "
-                        f"got {d.shape} {d.dtype}")
-                self.n_images = d.shape[0]
-        except OSError as exc:
-            raise nsd.NSDFormatError(f"{self.path}: cannot read as HDF5 ({exc})") from None
+        self.n_images = nsd.stimuli_shape(self.path)[0]
         self._file: h5py.File | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_pid": -1}
 
-    def read(self, ids: np.ndarray) -> torch.Tensor:
-        """ids (k,) strictly ascending nsdIds -> uint8 (k, 3, H, W)."""
+    def _dataset(self) -> h5py.Dataset:
         if self._file is None or self._pid != os.getpid():
             self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-        block = self._file[nsd.STIMULI_DATASET][np.asarray(ids)]
+        return self._file[nsd.STIMULI_DATASET]
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        """ids (k,) strictly ascending nsdIds -> uint8 (k, 3, H, W)."""
+        block = self._dataset()[np.asarray(ids)]
         return torch.from_numpy(block).permute(0, 3, 1, 2)
+
+    def read_one(self, nsd_id: int) -> torch.Tensor:
+        """One stimulus -> uint8 (3, H, W) (a plain slice: no fancy-index overhead)."""
+        return torch.from_numpy(self._dataset()[int(nsd_id)]).permute(2, 0, 1)
 
 
 def nsd_split(image_ids: np.ndarray, *, seed: int, test_fraction: float = 0.2) -> tuple[
@@ -306,18 +263,23 @@ def nsd_split(image_ids: np.ndarray, *, seed: int, test_fraction: float = 0.2) -
 class NSDDataset(Dataset):
     """A split of a prepared NSD table, images from nsd_stimuli.hdf5.
 
-    Items: (float32 (3, S, S), float32 (80,) multi-hot, int64 nsdId). The split is
-    :func:`nsd_split` over all unique images of the table (whatever ``subjects`` selects), so the
-    same table and seed always give the same split; the dataset then holds the images of that
-    split seen by at least one selected subject, ascending by nsdId. ``responses`` (one object
-    for both splits) gives each subject's voxel responses; ``subject_mask`` (N, n_subjects) bool
-    says which subject saw which image, columns in ``responses.subjects`` order.
+    Items: (uint8 (3, S, S), float32 (80,) multi-hot, int64 nsdId); each stimulus is read by
+    index and resized to S (never cropped beyond the square stimulus, never flipped). The split
+    is :func:`nsd_split` over all unique images of the table (whatever ``subjects`` selects), so
+    the same table and seed always give the same split; the dataset then holds the images of
+    that split seen by at least one selected subject, ascending by nsdId. ``subjects`` (tuple)
+    and ``subject_mask`` (N, n_subjects) bool say which selected subject saw which image.
+    ``responses``: the :class:`VoxelResponses` of the table for ``subjects`` when the caller
+    has it (it is read from the table otherwise); the dataset does not keep it, so what goes
+    to DataLoader workers and through the object store is ids and labels only.
     """
+
+    augment = "none"
 
     def __init__(self, table: str | os.PathLike, stimuli: str | os.PathLike, *,
                  split: Literal["train", "test"] = "train", image_size: int = 224,
                  seed: int = 0, subjects: Sequence[int] | None = None,
-                 test_fraction: float = 0.2) -> None:
+                 test_fraction: float = 0.2, responses: VoxelResponses | None = None) -> None:
         _check_split(split, ("train", "test"))
         _check_size(image_size)
         tab, meta = nsd.read_prepared(table)
@@ -326,11 +288,13 @@ class NSDDataset(Dataset):
         self.roi: str = meta["roi"]
         self.category_ids: tuple[int, ...] = tuple(meta["category_ids"])
         self.category_names: tuple[str, ...] = tuple(meta["category_names"])
-        self.responses = VoxelResponses.from_table(tab, subjects)
+        if responses is None:
+            responses = VoxelResponses.from_table(tab, subjects)
+        self.subjects: tuple[int, ...] = responses.subjects
         train, test = nsd_split(tab["nsd_id"].to_numpy(), seed=seed, test_fraction=test_fraction)
         keep = train if split == "train" else test
-        seen = np.unique(np.concatenate([self.responses.image_ids(s).numpy()
-                                         for s in self.responses.subjects]))
+        seen = np.unique(np.concatenate([responses.image_ids(s).numpy()
+                                         for s in responses.subjects]))
         ids = np.intersect1d(keep, seen)
         first = tab.sort_by("nsd_id")
         all_ids = first["nsd_id"].to_numpy()
@@ -339,8 +303,8 @@ class NSDDataset(Dataset):
         self.image_ids = torch.from_numpy(ids.copy())
         self.labels = torch.from_numpy(labels[row].astype(np.float32))
         self.subject_mask = torch.stack(
-            [torch.from_numpy(np.isin(ids, self.responses.image_ids(s).numpy()))
-             for s in self.responses.subjects], dim=1)
+            [torch.from_numpy(np.isin(ids, responses.image_ids(s).numpy()))
+             for s in responses.subjects], dim=1)
         self.stimuli = _Stimuli(Path(stimuli))
         if ids.size and ids.max() >= self.stimuli.n_images:
             raise nsd.NSDFormatError(f"{self.stimuli.path}: holds {self.stimuli.n_images} images "
@@ -351,17 +315,8 @@ class NSDDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nsd_id = self.image_ids[index]
-        img = resize_center(self.stimuli.read(np.array([int(nsd_id)]))[0], self.image_size)
-        return normalize(img), self.labels[index], nsd_id
-
-    def to_tensors(self, chunk: int = 256) -> TensorSplit:
-        """The split in memory: uint8 (N, 3, S, S); reads ``chunk`` stimuli at a time."""
-        images = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        ids = self.image_ids.numpy()
-        for i0 in range(0, ids.size, chunk):
-            images[i0:i0 + chunk] = resize_center(self.stimuli.read(ids[i0:i0 + chunk]),
-                                                  self.image_size)
-        return TensorSplit(images, self.labels.clone(), self.image_ids.clone())
+        img = resize_center(self.stimuli.read_one(int(nsd_id)), self.image_size)
+        return img, self.labels[index], nsd_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +330,8 @@ class DataBundle:
     train, val : datasets with the item protocol above (for NSD, val is the test split).
     task : "single_label" (cross-entropy, top-1) or "multi_label" (BCE, mAP over 80 columns;
         categories without positives in a split have no AP).
+    image_size : S of the items. augment : the training split's augmentation
+        ("crop_flip", "flip" or "none", ``trainable.data``).
     responses : voxel responses for NSD data, else None.
     """
 
@@ -383,38 +340,56 @@ class DataBundle:
     task: Literal["single_label", "multi_label"]
     num_classes: int
     class_names: tuple[str, ...]
+    image_size: int
+    augment: str = "none"
     responses: VoxelResponses | None = None
 
 
+@functools.lru_cache(maxsize=4)
+def _imagenet_index(root: str) -> tuple[ImageIndex, ImageIndex]:
+    return imagenet.index_imagenet(root)
+
+
+def imagenet_index(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
+    """``references.imagenet.index_imagenet`` of ``root``, kept for the process (the dry run's
+    check and the run's data preparation scan a large tree once)."""
+    return _imagenet_index(str(Path(root).resolve()))
+
+
 def imagefolder_bundle(root: str | os.PathLike, *, image_size: int,
-                       augment: bool = True) -> DataBundle:
-    """An ImageNet-layout tree: train with augmentation (unless ``augment`` is False), val
-    without."""
-    train = ImageFolderDataset(root, split="train", image_size=image_size, augment=augment)
-    val = ImageFolderDataset(root, split="val", image_size=image_size)
-    if val.classes != train.classes:
-        raise ValueError(f"{root}: val classes {val.classes} differ from train classes "
-                         f"{train.classes}")
-    return DataBundle(train, val, "single_label", len(train.classes), tuple(train.classes))
+                       augment: str = "crop_flip") -> DataBundle:
+    """An ImageNet tree in either layout (``references.imagenet.index_imagenet``: both splits
+    indexed once, classes checked equal): train with ``augment``, val with the evaluation view.
+    """
+    _check_augment(augment)
+    train_index, val_index = imagenet_index(root)
+    train = ImageFolderDataset(root, split="train", image_size=image_size, augment=augment,
+                               index=train_index)
+    val = ImageFolderDataset(root, split="val", image_size=image_size, index=val_index)
+    return DataBundle(train, val, "single_label", len(train.classes), train.class_names,
+                      image_size, augment)
 
 
 def nsd_bundle(table: str | os.PathLike, stimuli: str | os.PathLike, *, image_size: int,
                seed: int = 0, subjects: Sequence[int] | None = None,
                test_fraction: float = 0.2) -> DataBundle:
-    """A prepared NSD table: train and test splits sharing one :class:`VoxelResponses`."""
-    kw = dict(image_size=image_size, seed=seed, subjects=subjects, test_fraction=test_fraction)
+    """A prepared NSD table: train and test splits; one :class:`VoxelResponses` for both."""
+    responses = VoxelResponses.from_table(table, subjects)
+    kw = dict(image_size=image_size, seed=seed, subjects=subjects, test_fraction=test_fraction,
+              responses=responses)
     train = NSDDataset(table, stimuli, split="train", **kw)
     test = NSDDataset(table, stimuli, split="test", **kw)
-    test.responses = train.responses  # one copy for both splits
     return DataBundle(train, test, "multi_label", nsd.N_COCO_CATEGORIES, train.category_names,
-                      train.responses)
+                      image_size, "none", responses)
 
 
 def simulated_single_label_bundle(*, image_size: int, render_size: int = 64,
-                                  augment: bool = True, **generate_kwargs) -> DataBundle:
+                                  augment: str = "flip", **generate_kwargs) -> DataBundle:
     """The simulated single-label world (rendered at ``render_size``, cached) read through the
-    ImageFolder path at ``image_size``. ``generate_kwargs`` go to
-    :func:`references.simulated.generate_single_label` (n_categories, seed, ...)."""
+    ImageFolder path at ``image_size``; its training split is augmented by horizontal flips
+    only (the scenes are drawn at the size they are trained at: a random crop would cut the
+    objects). ``generate_kwargs`` go to :func:`references.simulated.generate_single_label`
+    (n_categories, seed, ...)."""
     from references.simulated import generate_single_label
 
     root = generate_single_label(image_size=render_size, **generate_kwargs)

@@ -17,7 +17,9 @@ plus ``instances_train2017.json`` / ``instances_val2017.json`` in ``--coco-annot
 What is fixed by the release is checked strictly (dataset names, axis order, 1-based indices);
 what legitimately varies is read from disk: image size, trials per session (a file's first
 dimension, 750 in the release), how many sessions a subject has (the files present, which must
-be numbered 1..N without gaps), which subjects exist (rows of ``subjectim``).
+be numbered 1..N without gaps), which subjects exist (rows of ``subjectim``); a copy may hold a
+subset of the eight (:func:`subjects_in_release`). :func:`check_release` validates a release
+from file headers before any run starts.
 
 Output: one row per (subject, image) with ``subject``, ``nsd_id`` (0-based), ``coco_id``,
 ``n_repeats``, ``response`` (float32 per voxel: betas z-scored per voxel within each session, then
@@ -68,6 +70,7 @@ EXPDESIGN = Path("nsddata/experiments/nsd/nsd_expdesign.mat")
 STIM_INFO = Path("nsddata/experiments/nsd/nsd_stim_info_merged.csv")
 STIMULI = Path("nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5")
 STIMULI_DATASET = "imgBrick"
+BETAS_ROOT = Path("nsddata_betas/ppdata")
 BETAS_DATASET = "betas"
 BETAS_SCALE = 300.0  # int16 betas are percent signal change x 300
 COCO_FILES = {"train2017": "instances_train2017.json", "val2017": "instances_val2017.json"}
@@ -99,7 +102,7 @@ def subject_dir(subject: int) -> str:
 
 
 def betas_dir(nsd_root: Path, subject: int) -> Path:
-    return (Path(nsd_root) / "nsddata_betas/ppdata" / subject_dir(subject)
+    return (Path(nsd_root) / BETAS_ROOT / subject_dir(subject)
             / "func1pt8mm/betas_fithrf_GLMdenoise_RR")
 
 
@@ -241,14 +244,20 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
     if not path.is_file():
         raise NSDFormatError(f"missing file {path}")
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
     except Exception as exc:
         raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
+    # The shape comes from the header, so a wrong volume fails before its data is decoded.
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
         raise NSDFormatError(f"{path}: ROI mask must be a 3-D (x, y, z) volume, got shape "
-                             f"{data.shape}")
+                             f"{tuple(img.shape)}")
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as exc:
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
     mask = np.isin(np.rint(np.nan_to_num(data, nan=0.0)).astype(np.int64), spec.labels)
     if not mask.any():
         raise NSDFormatError(f"{path}: no voxel carries the {spec.name} label(s) "
@@ -303,6 +312,70 @@ def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> in
         if d.shape[0] == 0:
             raise NSDFormatError(f"{path}: '{BETAS_DATASET}' holds no trials")
         return int(d.shape[0])
+
+
+def stimuli_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(images, H, W) of nsd_stimuli.hdf5's ``imgBrick`` (images, H, W, 3) uint8, read from the
+    HDF5 header (no image is decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NSDFormatError(f"missing file {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise NSDFormatError(f"{path}: cannot read as HDF5 ({exc})") from None
+    with f:
+        if STIMULI_DATASET not in f:
+            raise NSDFormatError(f"{path}: no dataset '{STIMULI_DATASET}' "
+                                 f"(found: {', '.join(sorted(f.keys())) or 'nothing'})")
+        d = f[STIMULI_DATASET]
+        shape, dtype = getattr(d, "shape", None), getattr(d, "dtype", None)
+        if (not isinstance(d, h5py.Dataset) or d.ndim != 4 or d.shape[3] != 3
+                or d.dtype != np.uint8):
+            raise NSDFormatError(f"{path}: '{STIMULI_DATASET}' must be (images, H, W, 3) uint8, "
+                                 f"got shape {shape} {dtype}")
+        return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _has_sessions(folder: Path) -> bool:
+    return folder.is_dir() and any(_SESSION_RE.match(p.name) for p in folder.iterdir())
+
+
+def _subjects_present(nsd_root: Path, design: ExpDesign) -> tuple[int, ...]:
+    """Subjects with a row in ``subjectim`` and at least one betas_sessionSS.hdf5, ascending."""
+    n_rows = design.subjectim.shape[0]
+    present = tuple(s for s in range(1, n_rows + 1) if _has_sessions(betas_dir(nsd_root, s)))
+    if not present:
+        raise NSDFormatError(f"{nsd_root / BETAS_ROOT}: no subject has betas; expected e.g. "
+                             f"{session_file(nsd_root, 1, 1)} for a subject in 1..{n_rows} "
+                             f"(rows of 'subjectim')")
+    return present
+
+
+def subjects_in_release(nsd_root: str | os.PathLike) -> tuple[int, ...]:
+    """The subjects a release holds, ascending: those with a row in nsd_expdesign.mat's
+    ``subjectim`` whose betas folder (:func:`betas_dir`) holds at least one
+    betas_sessionSS.hdf5. The published release has all eight; a lab's copy may hold a subset.
+    Only file names and the small design file are read."""
+    nsd_root = _release_root(nsd_root)
+    return _subjects_present(nsd_root, load_expdesign(nsd_root))
+
+
+def _release_root(nsd_root: str | os.PathLike) -> Path:
+    nsd_root = Path(nsd_root)
+    if not nsd_root.is_dir():
+        raise NSDFormatError(f"missing directory {nsd_root} (--nsd-root)")
+    return nsd_root
+
+
+def _subject_list(nsd_root: Path, subjects: Sequence[int] | None) -> list[int]:
+    """``subjects`` sorted and deduplicated; ``None`` means every subject in the release."""
+    if subjects is None:
+        return list(subjects_in_release(nsd_root))
+    subjects = sorted({int(s) for s in subjects})
+    if not subjects:
+        raise NSDFormatError("no subject given; pass at least one (e.g. 1)")
+    return subjects
 
 
 def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
@@ -491,9 +564,10 @@ def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> 
 
 
 def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
-            subjects: Sequence[int], roi: str, out: str | os.PathLike, *,
+            subjects: Sequence[int] | None, roi: str, out: str | os.PathLike, *,
             progress: bool = True) -> Path:
     """Prepare the NSD table for ``subjects`` and ``roi`` and write it to ``out`` (Parquet).
+    ``subjects=None`` means every subject in the release (:func:`subjects_in_release`).
 
     Every file is validated before the first session is streamed, so a malformed tree fails
     fast with an :class:`NSDFormatError` naming the file. Rows are ordered by (subject, nsd_id);
@@ -502,12 +576,9 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     ``alignsweep.nsd`` holds JSON: roi, subjects, n_voxels per subject, category_ids, names.
     """
     nsd_root, coco_annotations, out = Path(nsd_root), Path(coco_annotations), Path(out)
-    subjects = sorted({int(s) for s in subjects})
-    if not subjects:
-        raise NSDFormatError("no subject given; pass at least one (e.g. 1)")
+    subjects = _subject_list(nsd_root, subjects)
     spec = roi_spec(roi)
-    if not nsd_root.is_dir():
-        raise NSDFormatError(f"missing directory {nsd_root} (--nsd-root)")
+    _release_root(nsd_root)
     design = load_expdesign(nsd_root)
     info = load_stim_info(nsd_root)
     plans = [_plan_subject(nsd_root, design, s, spec.name) for s in subjects]
@@ -645,11 +716,12 @@ def _fingerprint(paths: Iterable[Path]) -> list[list]:
 
 
 def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
-                   subjects: Sequence[int], roi: str, *, progress: bool = True) -> Path:
+                   subjects: Sequence[int] | None, roi: str, *, progress: bool = True) -> Path:
     """``prepare`` into the shared cache, keyed by the arguments and the size and mtime of every
-    input file, so concurrent callers prepare once and a changed release is re-read."""
+    input file, so concurrent callers prepare once and a changed release is re-read.
+    ``subjects=None`` means every subject in the release, resolved before keying."""
     nsd_root, coco_annotations = Path(nsd_root), Path(coco_annotations)
-    subjects = sorted({int(s) for s in subjects})
+    subjects = _subject_list(nsd_root, subjects)
     inputs = [nsd_root / EXPDESIGN, nsd_root / STIM_INFO]
     for s in subjects:
         inputs += [roi_file(nsd_root, s, roi)] + session_files(nsd_root, s)
@@ -665,6 +737,58 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
             prepare(nsd_root, coco_annotations, subjects, roi, tmp / "prepared.parquet",
                     progress=progress)
     return final / "prepared.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a release before a run
+
+
+def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
+                  rois: str | Sequence[str]) -> None:
+    """Validate the release as :func:`prepare` and the stimulus reader will read it, from file
+    headers only, so a malformed copy fails before any run starts.
+
+    Checks: nsd_expdesign.mat and nsd_stim_info_merged.csv (read whole; they are small);
+    nsd_stimuli.hdf5's ``imgBrick`` header is (images, H, W, 3) uint8 with more images than the
+    largest nsdId in ``subjectim``; every subject asked for (``None``: all present, see
+    :func:`subjects_in_release`) is present; per subject and ROI, the ROI NIfTI is a 3-D volume
+    with at least one voxel of the ROI's labels (the mask is small and is read), and every
+    session file's ``betas`` header is 4-D numeric with spatial shape (z, y, x) = the mask's
+    (x, y, z) reversed and no more trials in total than ``masterordering``; the stim info has a
+    row, with a known cocoSplit, for every image the sessions on disk show.
+
+    Not checked: betas values, image pixels, the COCO annotation files.
+    Raises NSDFormatError, one line naming the file, on the first problem found.
+    """
+    nsd_root = _release_root(nsd_root)
+    specs = [roi_spec(r) for r in ([rois] if isinstance(rois, str) else rois)]
+    if not specs:
+        raise NSDFormatError(f"no ROI given; accepted: {', '.join(ROIS)}")
+    if subjects is not None:
+        subjects = _subject_list(nsd_root, subjects)
+    design = load_expdesign(nsd_root)
+    info = load_stim_info(nsd_root)
+    stimuli = nsd_root / STIMULI
+    n_images = stimuli_shape(stimuli)[0]
+    n_needed = int(design.subjectim.max()) + 1  # largest 1-based nsdId in the design
+    if n_images < n_needed:
+        raise NSDFormatError(f"{stimuli}: '{STIMULI_DATASET}' holds {n_images} images but "
+                             f"'subjectim' in {nsd_root / EXPDESIGN} uses nsdIds up to "
+                             f"{n_needed} (1-based); expected at least {n_needed} images")
+    present = _subjects_present(nsd_root, design)
+    subjects = present if subjects is None else subjects
+    for s in subjects:
+        if s not in present:
+            raise NSDFormatError(f"{betas_dir(nsd_root, s)}: no betas_sessionSS.hdf5 for "
+                                 f"subject {s}; subjects present: "
+                                 f"{', '.join(map(str, present))}")
+    seen = {}
+    for s in subjects:
+        for spec in specs:
+            plan = _plan_subject(nsd_root, design, s, spec.name)
+        # The sessions, hence the trials, are the subject's whatever the ROI: any plan will do.
+        seen[s] = _images_seen(nsd_root, design, info, plan)
+    _coco_wanted(nsd_root, info, seen)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from references.base import ImageReference
 from references.cache import build_once, cache_root, content_hash
+from trainable.data import flip_mask, normalize
 from trainable.models import TappedModel, build_model, get_model_spec
 
 __all__ = [
@@ -63,8 +64,8 @@ _CACHE_SUBDIR = "reference-networks"
 _WEIGHTS_FILE = "weights.pt"
 _META_FILE = "meta.json"
 # Bump when train_reference_network changes what it produces, so old cache entries are not
-# mistaken for new ones.
-_RECIPE_VERSION = 1
+# mistaken for new ones. 2: uint8 items normalised per batch; "flip" datasets flipped per batch.
+_RECIPE_VERSION = 2
 
 
 class WeightsNotFoundError(ValueError):
@@ -262,9 +263,11 @@ def train_reference_network(
 ) -> TappedModel:
     """Train a network on the task alone: the "auto" reference network. Pure: no global state.
 
-    data : a Dataset of items ``(image float32 (3, S, S) normalised, target, image_id int64)``
-        with target int64 class (single-label) or float32 (num_classes,) multi-hot
-        (multi-label); or those three as stacked tensors. S must equal ``image_size``.
+    data : a Dataset with the item protocol of ``trainable.data`` ``(image (3, S, S), target,
+        image_id int64)``, image uint8 (normalised here per batch) or float32 already
+        normalised, target int64 class (single-label) or float32 (num_classes,) multi-hot
+        (multi-label); or those three as stacked tensors. S must equal ``image_size``. A
+        dataset whose ``augment`` is "flip" has half of each batch flipped, as trials do.
     Loss: cross-entropy (single-label) or per-class BCE-with-logits (multi-label); Adam(lr);
     ``epochs`` passes in an order shuffled by ``seed``, each dropping its incomplete last batch
     (unless the dataset is smaller than one batch).
@@ -288,12 +291,18 @@ def train_reference_network(
         loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         model.train()
-        for _ in range(epochs):
-            for images, targets, _ids in loader:
+        flip = getattr(ds, "augment", "none") == "flip"
+        for epoch in range(epochs):
+            for step, (images, targets, _ids) in enumerate(loader):
                 if tuple(images.shape[1:]) != (3, image_size, image_size):
                     raise ValueError(f"reference training expects images (3, {image_size}, "
                                      f"{image_size}), got {tuple(images.shape[1:])}")
                 images = images.to(device, non_blocking=True)
+                if images.dtype == torch.uint8:
+                    images = normalize(images)
+                if flip:
+                    m = flip_mask(images.shape[0], seed, epoch, step).to(device)
+                    images = torch.where(m[:, None, None, None], images.flip(-1), images)
                 targets = targets.to(device, non_blocking=True)
                 targets = targets.float() if multilabel else targets.long()
                 loss = loss_fn(model(images), targets)

@@ -1,9 +1,11 @@
 """Run a validated sweep ``Plan`` on Ray Tune, tracked in MLflow.
 
-The data flows one way: each distinct data source and each condition's reference is prepared
-ONCE here on the driver and put in Ray's object store; Ray Tune launches one trial per grid
-point of the ONE shared trainable (``trainable.train.train``), each fetching only its own
-condition's data and reference from the store; per-epoch metrics and checkpoints go to Ray Tune
+The data flows one way: each distinct data source is indexed and each condition's reference
+is prepared ONCE here on the driver and put in Ray's object store (small things only: split
+indices over files every node sees, label and voxel tables, a reference's weights; no image is
+decoded here); Ray Tune launches one trial per grid point of the ONE shared trainable
+(``trainable.train.train``), each fetching only its own condition's data index and reference
+from the store and streaming its images itself (``trainable.data``); per-epoch metrics and checkpoints go to Ray Tune
 and to the trial's nested MLflow run. All Ray imports of the project live in ``sweeps/``.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 from sweeps import tracking
 from sweeps.plan import Plan, check_services
-from sweeps.spec import Resources, TrialSpec
+from sweeps.spec import Resources, TrialSpec, format_overrides
 
 # `ray start` (2.60) turns token authentication on by default, but a driver only presents its
 # token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) when RAY_AUTH_MODE says so, and Ray reads that
@@ -45,7 +47,7 @@ class Payload:
     not the data itself, so a trial fetches only its own condition's data)."""
 
     specs: dict[str, TrialSpec]
-    data_refs: dict[str, Any]  # condition -> ObjectRef of TrialData
+    data_refs: dict[str, Any]  # condition -> ObjectRef of TrialData (split indices, no images)
     reference_refs: dict[str, Any]  # condition -> ObjectRef of the reference
     mlflow_uri: str
     parent_run_id: str
@@ -153,9 +155,10 @@ def _say(msg: str) -> None:
 
 
 def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build each distinct data source once and each condition's reference once (driver)."""
+    """Index each distinct data source once and build each condition's reference once
+    (driver). Nothing here decodes a split: trials stream their own images."""
     from references import build_reference
-    from trainable.train import TrialData
+    from trainable.data import TrialData
 
     bundles: dict[Any, Any] = {}
     datas: dict[Any, TrialData] = {}
@@ -169,7 +172,8 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             datas[source] = TrialData.from_bundle(bundles[source], source.describe())
             d = datas[source]
             _say(f"data ready: {source.describe()}: {len(d.train)} train / {len(d.val)} "
-                 f"validation images ({time.perf_counter() - t0:.1f} s)")
+                 f"validation images indexed ({time.perf_counter() - t0:.1f} s); trials "
+                 f"stream them")
         t0 = time.perf_counter()
         reference = build_reference(
             cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,
@@ -196,7 +200,22 @@ def _init_ray(plan: Plan) -> None:
                  object_store_memory=int(os.environ.get("ALIGNSWEEP_OBJECT_STORE", 1 << 30)),
                  runtime_env={"env_vars": _worker_env()})
     else:
-        ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()})
+        ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()},
+                 **_loopback_node(plan.address))
+
+
+def _loopback_node(address: str) -> dict[str, str]:
+    """A cluster on this machine's loopback (e.g. ``127.0.0.2:6379``, what the tests start) is
+    joined on that address: otherwise Ray 2.60 takes the machine's outward interface address as
+    the driver's node address and looks for a local raylet there."""
+    import ipaddress
+
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return {}
+    return {"_node_ip_address": host} if loopback and not address.startswith("ray://") else {}
 
 
 def _worker_env() -> dict[str, str]:
@@ -243,6 +262,10 @@ def execute(plan: Plan) -> int:
     reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
     run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
                 "data_description": plan.data_description, "smoke": str(plan.smoke).lower()}
+    if plan.overrides:
+        run_tags["overrides"] = format_overrides(plan.overrides)
+    if plan.only:
+        run_tags["only"] = " ".join(plan.only)
     parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse)
     run_dir.mkdir(parents=True, exist_ok=True)
     parent_file.write_text(json.dumps({"run_id": parent_id, "mlflow_uri": plan.mlflow_uri}))

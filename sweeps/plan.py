@@ -18,7 +18,7 @@ import re
 import socket
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,9 +28,12 @@ from sweeps.spec import (
     Resources,
     Sweep,
     TrialSpec,
+    apply_overrides,
     check_amount,
     list_sweeps,
     load_sweep,
+    parse_override,
+    select_trials,
 )
 
 DATA_CHOICES = ("demo", "imagenet", "nsd", "paper")
@@ -71,6 +74,10 @@ class Plan:
         what did not finish. storage : absolute folder (or a cloud URI) for Ray Tune's results.
     experiment : the Ray experiment folder name and the MLflow experiment name:
         "<sweep>-<scale>" or "<sweep>-smoke", so demo, smoke and paper results never mix.
+    overrides : --set KEY=VALUE settings applied to every trial (in each trial's config, so in
+        its MLflow params, and as the ``overrides`` tag).
+    only : --only patterns; trials are then the matching ones, conditions those they belong
+        to. n_grid : trials before the selection.
     """
 
     sweep: str
@@ -91,6 +98,9 @@ class Plan:
     resume: bool
     storage: str
     experiment: str
+    overrides: dict = field(default_factory=dict, hash=False)
+    only: tuple[str, ...] = ()
+    n_grid: int = 0
 
     @property
     def n_trials(self) -> int:
@@ -135,20 +145,23 @@ def _check_dir(flag: str, value: str) -> Path:
 
 
 def check_imagenet_root(value: str) -> Path:
-    """An ImageNet-layout folder: train/ and val/, each holding class folders."""
+    """An ImageNet tree as the run will read it (``references.imagenet``: either layout, both
+    splits indexed, images present, the same classes in train and val)."""
+    from references import datasets, imagenet
+
     root = _check_dir("--imagenet-root", value)
-    for split in ("train", "val"):
-        folder = root / split
-        if not folder.is_dir():
-            raise UsageError(f"--imagenet-root {value}: no {split}/ folder; accepted: a folder "
-                             f"with train/ and val/ class folders (ImageNet layout)")
-        if not any(p.is_dir() for p in folder.iterdir()):
-            raise UsageError(f"--imagenet-root {value}: {split}/ has no class folders")
+    try:
+        datasets.imagenet_index(root)
+    except imagenet.ImageNetFormatError as exc:
+        raise UsageError(f"--imagenet-root {value}: {exc}") from None
     return root
 
 
-def check_nsd_root(value: str, subjects: tuple[int, ...], rois: set[str]) -> Path:
-    """The files of an NSD release that preparing ``rois`` for ``subjects`` reads."""
+def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
+                   rois: set[str]) -> tuple[Path, tuple[int, ...]]:
+    """The files of an NSD release that preparing ``rois`` for ``subjects`` reads, checked from
+    their headers (``references.nsd.check_release``); ``subjects`` None = every subject present
+    in the release. Returns (root, subjects)."""
     from references import nsd
 
     root = _check_dir("--nsd-root", value)
@@ -157,17 +170,37 @@ def check_nsd_root(value: str, subjects: tuple[int, ...], rois: set[str]) -> Pat
         if not (root / rel).is_file():
             raise UsageError(f"--nsd-root {value}: missing {rel}; accepted: the root of an NSD "
                              f"release (nsddata/, nsddata_betas/, nsddata_stimuli/)")
-    for subject in subjects:
-        for roi in sorted(rois):
-            mask = nsd.roi_file(root, subject, roi)
-            if not mask.is_file():
-                raise UsageError(f"--nsd-root {value}: missing {mask.relative_to(root)} "
-                                 f"(ROI {roi} of subject {subject})")
+    try:
+        if subjects is None:
+            subjects = nsd.subjects_in_release(root)
+        for subject in subjects:
+            for roi in sorted(rois):
+                mask = nsd.roi_file(root, subject, roi)
+                if not mask.is_file():
+                    raise UsageError(f"--nsd-root {value}: missing {mask.relative_to(root)} "
+                                     f"(ROI {roi} of subject {subject})")
+            try:
+                nsd.session_files(root, subject)
+            except nsd.NSDFormatError as exc:
+                raise UsageError(f"--nsd-root {value}: subject {subject}: {exc}") from None
+        nsd.check_release(root, subjects, sorted(rois))
+    except nsd.NSDFormatError as exc:
+        raise UsageError(f"--nsd-root {value}: {exc}") from None
+    return root, tuple(subjects)
+
+
+def check_pretrained_weights(conditions) -> None:
+    """At paper scale a pretrained reference is torchvision's ImageNet weights file in the
+    local torch hub cache (never downloaded): it must be there before anything starts."""
+    from references.pretrained import WeightsNotFoundError, find_weights
+
+    for cond in conditions:
+        if cond.reference != "pretrained":
+            continue
         try:
-            nsd.session_files(root, subject)
-        except nsd.NSDFormatError as exc:
-            raise UsageError(f"--nsd-root {value}: subject {subject}: {exc}") from None
-    return root
+            find_weights(cond.model, "torchvision")
+        except WeightsNotFoundError as exc:
+            raise UsageError(f"condition {cond.name}: {exc}") from None
 
 
 def check_coco_annotations(value: str) -> Path:
@@ -323,10 +356,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.subject and data_kind not in ("nsd", "paper"):
         raise UsageError(f"--subject with --data {data_kind}; accepted: --subject with --data "
                          f"nsd or paper (the demo uses every simulated subject)")
-    subjects = tuple(sorted(set(args.subject or (1,))))
-    for s in subjects:
+    asked = tuple(sorted(set(args.subject or ())))
+    for s in asked:
         if s not in NSD_SUBJECTS:
             raise UsageError(f"--subject {s}; accepted: NSD subjects 1..8")
+    only = tuple(args.only or ())
+    if only and args.search == "optuna":
+        raise UsageError("--only with --search optuna; accepted: --only with --search grid "
+                         "(a sampler chooses its own trials)")
+    try:
+        overrides: dict = {}
+        for text in args.set or ():
+            key, value = parse_override(text)
+            if key in overrides and overrides[key] != value:
+                raise UsageError(f"--set {key} given twice ({overrides[key]!r} and {value!r}); "
+                                 f"accepted: each key once")
+            overrides[key] = value
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     address = _address(args.address)
     mlflow_uri = _mlflow_uri(args.mlflow_uri)
@@ -338,9 +385,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     scale = "demo" if data_kind == "demo" else "paper"
+    # --only narrows the conditions too, so a paper run of one condition needs only its data.
+    try:
+        grid = [t for c in shallow.conditions for t in c.trials(
+            scale=scale, seeds=args.seeds, smoke=args.smoke_test, check=False)]
+        chosen = {t.condition for t in select_trials(grid, only)}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    selected = [c for c in shallow.conditions if c.name in chosen]
     paths: dict[str, str] = {}
+    subjects = asked or (1,)
     if scale == "paper":
-        needs = {c.name: c.paper.data for c in shallow.conditions}
+        needs = {c.name: c.paper.data for c in selected}
         kinds = set(needs.values())
         for cond, kind in needs.items():
             if data_kind in PAPER_DATA and kind != data_kind:
@@ -362,28 +418,37 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if "imagenet" in kinds:
             paths["imagenet_root"] = str(check_imagenet_root(args.imagenet_root))
         if "nsd" in kinds:
-            rois = {c.roi for c in shallow.conditions if c.paper.data == "nsd"}
-            paths["nsd_root"] = str(check_nsd_root(args.nsd_root, subjects, rois))
+            rois = {c.roi for c in selected if c.paper.data == "nsd"}
+            root, subjects = check_nsd_root(args.nsd_root, asked or None, rois)
+            paths["nsd_root"] = str(root)
             paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
 
     try:
         sweep = load_sweep(args.sweep)
         trials = sweep.trials(scale=scale, seeds=args.seeds, smoke=args.smoke_test)
+        trials = apply_overrides(trials, overrides)
+        n_grid = len(trials)
+        trials = select_trials(trials, only)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    conditions = tuple(c for c in sweep.conditions if c.name in chosen)
+    if scale == "paper":
+        check_pretrained_weights(conditions)
 
     resources: dict[str, Resources] = {}
-    for cond in sweep.conditions:
+    for cond in conditions:
         base = cond.scale(scale).resources
         resources[cond.name] = Resources(base.cpus if cpus is None else cpus,
                                          base.gpus if gpus is None else gpus)
     trials = [t.with_resources(resources[t.condition]) for t in trials]
     data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
-            for c in sweep.conditions}
+            for c in conditions}
+    if "image_size" in overrides:  # the data is read at the size the trials train at
+        data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
 
     if args.smoke_test:
         experiment = f"{args.sweep}-smoke"
-        per = len(trials) // len(sweep.conditions)
+        per = len(trials) // len(conditions)
         line = (f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
                 f"(demo scale)")
     else:
@@ -397,12 +462,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
                          f"the --storage it used)")
 
     return Plan(
-        sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in sweep.conditions),
+        sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=data_kind,
         data=data, data_description=line, trials=tuple(trials), resources=resources,
         search=args.search, num_samples=args.num_samples, address=address,
         mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
-        experiment=experiment,
+        experiment=experiment, overrides=overrides, only=only, n_grid=n_grid,
     )
 
 

@@ -5,6 +5,8 @@
     python sweeps/run.py nsd_conv1_v1                 demo scale on the simulated world
     python sweeps/run.py nsd_conv1_v1 --smoke-test    3 trials, 1 epoch, tiny simulated data
     python sweeps/run.py nsd_conv1_v1 --data nsd --nsd-root DIR --coco-annotations DIR
+    python sweeps/run.py gabor_conv1 --data imagenet --imagenet-root DIR \
+        --set epochs=1 --set steps_per_epoch=20 --only 'gabor_conv1-none-*'   try real data
     python sweeps/run.py paper --data paper --imagenet-root DIR --nsd-root DIR \\
         --coco-annotations DIR --address auto --gpus-per-trial 0.25
 
@@ -29,7 +31,13 @@ from sweeps.plan import (  # noqa: E402
     check_services,
     make_plan,
 )
-from sweeps.spec import SWEEP_DIR_ENV, fmt_number, list_sweeps, load_sweep  # noqa: E402
+from sweeps.spec import (  # noqa: E402
+    SWEEP_DIR_ENV,
+    fmt_number,
+    format_overrides,
+    list_sweeps,
+    load_sweep,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-annotations", metavar="DIR",
                    help="folder with instances_train2017.json and instances_val2017.json")
     p.add_argument("--subject", type=int, action="append", metavar="N",
-                   help="NSD subject (repeatable; default 1)")
+                   help="NSD subject (repeatable; default: every subject in the release)")
     p.add_argument("--address", metavar="ADDR",
                    help="join a running Ray cluster: auto or HOST:PORT (default: start a "
                         "local Ray)")
@@ -81,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a multi-objective sampler")
     p.add_argument("--num-samples", type=int, metavar="N",
                    help="trials sampled per condition with --search optuna")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set",
+                   help="override a trial setting for every trial of this run (repeatable), "
+                        "e.g. --set epochs=1 --set steps_per_epoch=20; recorded in the MLflow "
+                        "params and the 'overrides' tag")
+    p.add_argument("--only", action="append", metavar="GLOB",
+                   help="run only the trials whose id matches (shell pattern, repeatable), "
+                        "e.g. --only 'nsd_conv1_v1-max-a0.8-*'")
     p.add_argument("--storage", metavar="DIR",
                    help="folder for Ray Tune's results (default: ./ray_results)")
     return p
@@ -120,7 +135,10 @@ def service_lines(plan: Plan) -> list[str]:
     return [f"ray: {ray}",
             f"mlflow: {plan.mlflow_uri} (experiment {plan.experiment})",
             f"storage: {plan.storage}{' (resuming the latest run)' if plan.resume else ''}",
-            f"search: {search}"]
+            f"search: {search}",
+            *([f"overrides: {format_overrides(plan.overrides)}"] if plan.overrides else []),
+            *([f"selected: {len(plan.trials)} of {plan.n_grid} trials by --only "
+               f"{' '.join(plan.only)}"] if plan.only else [])]
 
 
 def trial_table(plan: Plan) -> list[str]:

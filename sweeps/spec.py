@@ -46,6 +46,8 @@ baseline plus the largest |alpha| of each direction with the first beta, one epo
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import inspect
 import math
 import os
@@ -337,14 +339,15 @@ class Condition:
                           coco_annotations=coco_annotations,
                           subjects=tuple(sorted(set(subjects or (1,)))))
 
-    def trials(self, *, scale: str = "demo", seeds: int = 1,
-               smoke: bool = False) -> list[TrialSpec]:
-        return _expand(self, scale, seeds, smoke)
+    def trials(self, *, scale: str = "demo", seeds: int = 1, smoke: bool = False,
+               check: bool = True) -> list[TrialSpec]:
+        """The condition's trials; ``check=False`` skips TrialConfig's validation (no torch
+        import: ids and counts only)."""
+        return _expand(self, scale, seeds, smoke, check)
 
 
-def _expand(cond: Condition, scale: str, seeds: int, smoke: bool) -> list[TrialSpec]:
-    from trainable.config import TrialConfig
-
+def _expand(cond: Condition, scale: str, seeds: int, smoke: bool,
+            check: bool = True) -> list[TrialSpec]:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds={seeds!r}; accepted: an integer >= 1")
     if smoke and scale != "demo":
@@ -355,7 +358,10 @@ def _expand(cond: Condition, scale: str, seeds: int, smoke: bool) -> list[TrialS
     for seed in range(seeds):
         for direction, alpha, beta in points:
             config = {**base, "alpha": alpha, "beta": beta, "seed": seed}
-            TrialConfig.from_dict(config)  # the trainable's own validation, once per trial
+            if check:  # the trainable's own validation, once per trial
+                from trainable.config import TrialConfig
+
+                TrialConfig.from_dict(config)
             trial_id = (f"{cond.name}-{direction}-a{fmt_number(abs(alpha))}"
                         f"-b{fmt_number(beta)}-s{seed}")
             out.append(TrialSpec(trial_id, cond.name, direction, alpha, beta, seed, config,
@@ -398,6 +404,84 @@ class Sweep:
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"sweep {self.name}: duplicate trial ids {dup[:3]}")
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line overrides and selection
+
+# Keys a --set override may not change: they define the grid point or the condition (a trial's
+# identity), or follow from its resources (threads: use --cpus-per-trial).
+OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value). VALUE is read as a TOML value, as in a sweep file
+    (``0.001``, ``20``, ``true``, ``"cpu"``); a bare word that is not TOML is a string
+    (``device=cpu``). The key must be a TrialConfig key a sweep lets a user change; the value's
+    type and range are checked with every trial (``apply_overrides``)."""
+    from trainable.config import TrialConfig
+
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    accepted = sorted(f.name for f in dataclasses.fields(TrialConfig)
+                      if f.name not in OVERRIDE_FORBIDDEN)
+    if not sep or not key or not raw:
+        raise ValueError(f"--set {text!r}; accepted: KEY=VALUE, e.g. --set epochs=1")
+    if key in OVERRIDE_FORBIDDEN:
+        how = ("follows --cpus-per-trial" if key == "threads"
+               else "is set by the sweep's grid and condition")
+        raise ValueError(f"--set {key}: {key} {how}; accepted keys: {', '.join(accepted)}")
+    if key not in accepted:
+        raise ValueError(f"--set {key}: unknown trial setting; accepted keys: "
+                         f"{', '.join(accepted)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not raw.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"--set {text!r}: {raw!r} is not a value; accepted: a number, "
+                             f"true/false or a word") from None
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"--set {text!r}; accepted: a single number, true/false or a word")
+    return key, value
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+    """The overrides as one tag value: ``epochs=1,steps_per_epoch=20`` (sorted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def apply_overrides(trials: Sequence[TrialSpec], overrides: Mapping[str, Any]) -> list[TrialSpec]:
+    """Every trial with ``overrides`` merged into its config, each validated by TrialConfig
+    (a bad value names the key and what is accepted)."""
+    from trainable.config import TrialConfig
+
+    if not overrides:
+        return list(trials)
+    out = []
+    for t in trials:
+        config = {**t.config, **overrides}
+        try:
+            TrialConfig.from_dict(config)
+        except ValueError as exc:
+            raise ValueError(f"--set: {exc}") from None
+        out.append(replace(t, config=config))
+    return out
+
+
+def select_trials(trials: Sequence[TrialSpec], patterns: Sequence[str]) -> list[TrialSpec]:
+    """The trials whose id matches any of the shell-style ``patterns`` (``fnmatch``: ``*``,
+    ``?``, ``[...]``), in their order; all of them when ``patterns`` is empty. A pattern that
+    matches nothing is an error that shows some ids."""
+    if not patterns:
+        return list(trials)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(t.trial_id, pattern) for t in trials):
+            ids = [t.trial_id for t in trials]
+            more = f", ... ({len(ids)} in all)" if len(ids) > 4 else ""
+            raise ValueError(f"--only {pattern!r} matches no trial; trial ids look like "
+                             f"{', '.join(ids[:4])}{more} (see --dry-run)")
+    return [t for t in trials if any(fnmatch.fnmatchcase(t.trial_id, p) for p in patterns)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,11 +23,17 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 ENV = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start` turns token auth on by default
+# Every test cluster lives on loopback. Not 127.0.0.1: Ray 2.60 rewrites that address to the
+# machine's outward interface address (services.resolve_ip_for_localhost), for `ray start` and
+# `ray.init` alike, so a "127.0.0.1" cluster really listened and was joined on the external
+# interface, and a client once waited 150 s for the GCS there. 127.0.0.2 is loopback too (Linux
+# routes 127/8 to lo) and Ray leaves it alone; the driver joins on it (sweeps.execute).
+LOOPBACK = "127.0.0.2"
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
@@ -43,7 +49,8 @@ def _node_ports() -> list[str]:
 
 
 def _wait_for(address: str, cpus: float, timeout: float = 90) -> None:
-    code = (f"import ray, time\nray.init(address={address!r}, logging_level='ERROR')\n"
+    code = (f"import ray, time\nray.init(address={address!r}, logging_level='ERROR', "
+            f"_node_ip_address={LOOPBACK!r})\n"
             f"t=time.time()\n"
             f"while ray.cluster_resources().get('CPU', 0) < {cpus} and time.time()-t < {timeout}:\n"
             f"    time.sleep(0.5)\n"
@@ -59,11 +66,11 @@ def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
     `ray start` process with its own temp dir, ports and object store size."""
     procs = []
     port = free_port()
-    address = f"127.0.0.1:{port}"
+    address = f"{LOOPBACK}:{port}"
     with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
         try:
             head = [RAY, "start", "--head", "--block", "--port", str(port),
-                    "--node-ip-address", "127.0.0.1", "--num-cpus", str(head_cpus),
+                    "--node-ip-address", LOOPBACK, "--num-cpus", str(head_cpus),
                     "--num-gpus", str(head_gpus), "--object-store-memory", str(200 << 20),
                     "--include-dashboard", "false", "--temp-dir", f"{tmp}/head",
                     *_node_ports()]
@@ -72,7 +79,7 @@ def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
             _wait_for(address, head_cpus)
             if worker_cpus:
                 worker = [RAY, "start", "--address", address, "--block",
-                          "--node-ip-address", "127.0.0.1", "--num-cpus", str(worker_cpus),
+                          "--node-ip-address", LOOPBACK, "--num-cpus", str(worker_cpus),
                           "--num-gpus", "0", "--object-store-memory", str(200 << 20),
                           *_node_ports()]
                 procs.append(subprocess.Popen(worker, env=ENV, stdout=subprocess.DEVNULL,

@@ -1,4 +1,5 @@
-"""What the trainable reads: item protocol, fixed NSD split, voxel lookup, in-memory tensors."""
+"""What the trainable reads: item protocol (uint8 images), fixed NSD split, voxel lookup,
+decoding a split into memory."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from references import nsd
-from references.datasets import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, NSDDataset,
-                                 VoxelResponses, imagefolder_bundle, normalize, nsd_split,
-                                 simulated_nsd_bundle)
+from references import imagenet, nsd
+from references.datasets import (ImageFolderDataset, NSDDataset, VoxelResponses,
+                                 imagefolder_bundle, nsd_split, simulated_nsd_bundle)
 from references.simulated import generate_nsd_like, generate_single_label
+from trainable.data import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
 
 SMALL_NSD = dict(image_size=32, n_images=100, n_subjects=2, n_categories=6,
                  trials_per_session=80, seed=1)
@@ -94,30 +95,33 @@ def test_nsd_dataset_items_and_split(sim, table):
     assert not torch.equal(other.image_ids, test.image_ids)
 
     image, target, image_id = train[3]
-    assert image.shape == (3, 24, 24) and image.dtype == torch.float32
+    assert image.shape == (3, 24, 24) and image.dtype == torch.uint8
     assert target.shape == (80,) and target.dtype == torch.float32
     assert set(target.unique().tolist()) <= {0.0, 1.0} and 1 <= target.sum() <= 3
     assert image_id.dtype == torch.int64 and image_id.ndim == 0
     row = next(r for r in pq.read_table(table).to_pylist() if r["nsd_id"] == int(image_id))
     assert target.tolist() == [float(v) for v in row["labels"]]
     # Every image has a response from a subject who saw it, and subject_mask agrees.
+    responses = VoxelResponses.from_table(table)
+    assert train.subjects == responses.subjects
     for i in range(len(train)):
-        saw = [s for s in train.responses.subjects
-               if int(train.image_ids[i]) in set(train.responses.image_ids(s).tolist())]
-        assert saw and train.subject_mask[i].tolist() == [
-            s in saw for s in train.responses.subjects]
+        saw = [s for s in responses.subjects
+               if int(train.image_ids[i]) in set(responses.image_ids(s).tolist())]
+        assert saw and train.subject_mask[i].tolist() == [s in saw for s in responses.subjects]
 
 
-def test_nsd_to_tensors_matches_items_and_survives_pickling(sim, table):
+def test_nsd_decode_matches_items_and_survives_pickling(sim, table):
     ds = NSDDataset(table, sim.stimuli, split="test", image_size=20, seed=0, subjects=[1])
-    assert ds.responses.subjects == (1,)
-    ts = ds.to_tensors(chunk=7)
+    assert ds.subjects == (1,)
+    ts = decode(ds, batch=7)
     assert ts.images.dtype == torch.uint8 and ts.images.shape == (len(ds), 3, 20, 20)
     assert ts.nbytes == len(ds) * (3 * 20 * 20 + 80 * 4 + 8)
-    clone = pickle.loads(pickle.dumps(ds))  # what a DataLoader worker receives
+    blob = pickle.dumps(ds)  # what a DataLoader worker or the object store receives
+    assert len(blob) < 50_000 + len(ds) * 80 * 4 * 2, len(blob)  # ids and labels, no images
+    clone = pickle.loads(blob)
     for i in (0, len(ds) - 1):
         image, target, image_id = clone[i]
-        torch.testing.assert_close(normalize(ts.images[i]), image)
+        assert torch.equal(ts.images[i], image)
         assert torch.equal(ts.targets[i], target) and ts.image_ids[i] == image_id
 
 
@@ -132,13 +136,13 @@ def test_imagefolder_items_and_tensors(folder):
     val = ImageFolderDataset(folder, split="val", image_size=24)
     assert len(val) == 6 and val.classes[0].startswith("00_")
     image, target, image_id = val[3]
-    assert image.shape == (3, 24, 24) and image.dtype == torch.float32
+    assert image.shape == (3, 24, 24) and image.dtype == torch.uint8
     assert target.dtype == torch.int64 and target.ndim == 0 and int(target) == 1
     assert image_id.dtype == torch.int64 and int(image_id) == 3
-    ts = val.to_tensors()
+    ts = decode(val, workers=1)
     assert ts.images.shape == (6, 3, 24, 24) and ts.images.dtype == torch.uint8
     assert ts.targets.tolist() == [0, 0, 1, 1, 2, 2]
-    torch.testing.assert_close(normalize(ts.images[3]), image)
+    assert torch.equal(ts.images[3], image)
 
     train = ImageFolderDataset(folder, split="train", image_size=24)
     torch.manual_seed(0)
@@ -151,17 +155,18 @@ def test_imagefolder_items_and_tensors(folder):
 def test_bundles(folder):
     single = imagefolder_bundle(folder, image_size=16)
     assert single.task == "single_label" and single.num_classes == 3
-    assert single.responses is None and single.train.augment and not single.val.augment
+    assert single.responses is None and single.augment == "crop_flip"
+    assert single.train.augment == "crop_flip" and single.val.augment == "none"
     multi = simulated_nsd_bundle(roi="VVS", image_size=16, render_size=32,
                                  **{k: v for k, v in SMALL_NSD.items() if k != "image_size"})
     assert multi.task == "multi_label" and multi.num_classes == 80
-    assert multi.train.responses is multi.val.responses is multi.responses
+    assert multi.augment == "none" and not hasattr(multi.train, "responses")
     assert multi.responses.roi == "VVS" and multi.responses.subjects == (1, 2)
     assert not set(multi.train.image_ids.tolist()) & set(multi.val.image_ids.tolist())
 
 
 def test_dataset_errors(tmp_path, sim, table):
-    with pytest.raises(FileNotFoundError, match="missing folder"):
+    with pytest.raises(imagenet.ImageNetFormatError, match="missing folder"):
         ImageFolderDataset(tmp_path, split="train", image_size=32)
     with pytest.raises(ValueError, match=r"split='valid'; accepted: train, val"):
         ImageFolderDataset(tmp_path, split="valid", image_size=32)

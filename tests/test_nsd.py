@@ -18,7 +18,8 @@ import pytest
 import scipy.io
 
 from references import nsd
-from references.nsd import NSDFormatError, noise_ceiling, prepare
+from references.nsd import (NSDFormatError, check_release, noise_ceiling, prepare,
+                            subjects_in_release)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,13 +89,26 @@ def write_tree(root: Path, *, skip=()) -> tuple[Path, Path]:
 
     stim = nsd_root / "nsddata_stimuli/stimuli/nsd"
     stim.mkdir(parents=True)
-    with h5py.File(stim / "nsd_stimuli.hdf5", "w") as f:
-        f["imgBrick"] = rng.integers(0, 256, (N_IMAGES, 10, 10, 3), dtype=np.uint8)
+    # Drawn whatever the break, so the rest of the tree stays the same.
+    img_brick = rng.integers(0, 256, (N_IMAGES, 10, 10, 3), dtype=np.uint8)
+    img_brick = {"stim_ndim": img_brick[..., 0],  # grayscale (images, H, W)
+                 "stim_rgba": np.concatenate([img_brick, img_brick[..., :1]], axis=3),
+                 "stim_float": img_brick.astype(np.float32),
+                 "stim_few": img_brick[:9],  # subjectim uses nsdIds up to 10 (1-based)
+                 "stim_exact": img_brick[:10],
+                 }.get(next((k for k in skip if k.startswith("stim_")), None), img_brick)
+    if "stim_missing" not in skip:
+        with h5py.File(stim / "nsd_stimuli.hdf5", "w") as f:
+            f["imgBrick"] = img_brick
 
     for subject, trials in TRIALS.items():
         roi_dir = nsd_root / f"nsddata/ppdata/subj{subject:02d}/func1pt8mm/roi"
         roi_dir.mkdir(parents=True)
         prf, streams = _mask_volumes(subject)
+        if "roi_empty" in skip and subject == 1:
+            prf = np.where(np.isin(prf, (1, 2)), 3, prf).astype(np.int16)  # no V1 label left
+        if "roi_4d" in skip and subject == 1:
+            prf = np.stack([prf, prf], axis=3)
         if not ("roi" in skip and subject == 1):
             nib.save(nib.Nifti1Image(prf, np.eye(4)), str(roi_dir / "prf-visualrois.nii.gz"))
         nib.save(nib.Nifti1Image(streams, np.eye(4)), str(roi_dir / "streams.nii.gz"))
@@ -103,6 +117,8 @@ def write_tree(root: Path, *, skip=()) -> tuple[Path, Path]:
         bdir.mkdir(parents=True)
         for session, n in enumerate(trials, start=1):
             if "gap" in skip and subject == 1 and session == 1:
+                continue
+            if "no_betas" in skip or ("no_betas_2" in skip and subject == 2):
                 continue
             betas = _betas(subject, session, n)
             if "xyz_order" in skip and subject == 1:
@@ -309,3 +325,135 @@ def test_noise_ceiling_known_answer(seed):
     np.testing.assert_allclose(nc_extra, nc, atol=1e-12)
     with pytest.raises(ValueError, match=">= 2 trials"):
         noise_ceiling(z[:5], np.arange(5), n_average=3)
+
+
+# --------------------------------------------------------------------------------------------
+# subjects_in_release, check_release
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> None:
+    assert "\n" not in str(exc.value), str(exc.value)
+
+
+def test_subjects_in_release_needs_betas_and_a_subjectim_row(tmp_path):
+    nsd_root, _ = write_tree(tmp_path)
+    assert subjects_in_release(nsd_root) == (1, 2)
+    # subj03: a folder with no betas_sessionSS.hdf5; subj09: betas but no row in subjectim (8).
+    nsd.betas_dir(nsd_root, 3).mkdir(parents=True)
+    (nsd.betas_dir(nsd_root, 3) / "betas_session01.nii.gz").write_bytes(b"")
+    nsd.betas_dir(nsd_root, 9).mkdir(parents=True)
+    nsd.session_file(nsd_root, 9, 1).write_bytes(b"")
+    assert subjects_in_release(nsd_root) == (1, 2)
+
+
+def test_subjects_in_release_subset(tmp_path):
+    # Subject 2 keeps its (empty of sessions) betas folder and a non-session file in it.
+    nsd_root, _ = write_tree(tmp_path, skip={"no_betas_2"})
+    assert nsd.betas_dir(nsd_root, 2).is_dir()
+    assert subjects_in_release(nsd_root) == (1,)
+
+
+def test_subjects_in_release_none_present(tmp_path):
+    nsd_root, _ = write_tree(tmp_path, skip={"no_betas"})
+    with pytest.raises(NSDFormatError, match=r"nsddata_betas/ppdata: no subject has betas; "
+                                             r"expected e\.g\. .*subj01.*betas_session01\.hdf5 "
+                                             r"for a subject in 1\.\.8") as exc:
+        subjects_in_release(nsd_root)
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=r"missing directory .*nowhere"):
+        subjects_in_release(tmp_path / "nowhere")
+
+
+def test_prepare_without_subjects_takes_those_in_the_release(tmp_path):
+    nsd_root, coco = write_tree(tmp_path, skip={"no_betas_2"})
+    out = prepare(nsd_root, coco, None, "V1", tmp_path / "all.parquet", progress=False)
+    assert nsd.prepared_metadata(pq.read_schema(out))["subjects"] == [1]
+    assert pq.read_table(out).equals(pq.read_table(
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "one.parquet", progress=False)))
+    # Resolved before keying the cache, so both calls share one entry.
+    assert nsd.prepare_cached(nsd_root, coco, None, "V1", progress=False) == \
+        nsd.prepare_cached(nsd_root, coco, [1], "V1", progress=False)
+
+
+@pytest.mark.parametrize("broken", ["", "stim_exact"])
+def test_check_release_passes_on_a_good_tree(tmp_path, broken):
+    """"stim_exact": imgBrick holds exactly as many images as the largest nsdId (10)."""
+    nsd_root, _ = write_tree(tmp_path, skip={broken})
+    assert check_release(nsd_root, [1, 2], ["V1", "VVS"]) is None
+    assert check_release(nsd_root, None, "VVS") is None
+
+
+def test_check_release_accepts_a_subset_copy(tmp_path):
+    nsd_root, _ = write_tree(tmp_path, skip={"no_betas_2"})
+    check_release(nsd_root, [1], ["V1"])
+    check_release(nsd_root, None, ["V1"])
+
+
+def test_check_release_agrees_with_the_simulated_release():
+    """generate_nsd_like writes the release layout too (subjects 4..8 have subjectim rows but no
+    betas): the two writers and the check must agree."""
+    from references.simulated import generate_nsd_like
+
+    sim = generate_nsd_like(image_size=16, n_images=20, n_subjects=3, n_categories=4,
+                            trials_per_session=10)
+    assert subjects_in_release(sim.nsd_root) == sim.subjects == (1, 2, 3)
+    check_release(sim.nsd_root, None, ["V1", "VVS"])
+
+
+def test_check_release_reads_headers_only(tmp_path):
+    """Betas and images whose data cannot be read (external storage to a missing file) but whose
+    headers are right pass: the check never touches the data."""
+    nsd_root, _ = write_tree(tmp_path)
+    paths = [(nsd_root / nsd.STIMULI, "imgBrick")] + [
+        (nsd.session_file(nsd_root, s, k), "betas")
+        for s, trials in TRIALS.items() for k in range(1, len(trials) + 1)]
+    for path, name in paths:
+        with h5py.File(path, "r") as f:
+            shape, dtype = f[name].shape, f[name].dtype
+        path.unlink()
+        with h5py.File(path, "w") as f:
+            f.create_dataset(name, shape=shape, dtype=dtype,
+                             external=[("nowhere.bin", 0, h5py.h5f.UNLIMITED)])
+    with h5py.File(paths[-1][0], "r") as f, pytest.raises(OSError):
+        f["betas"][0]  # the data really is unreadable
+    check_release(nsd_root, [1, 2], ["V1", "VVS"])
+
+
+BROKEN_RELEASES = [
+    ("stim_ndim", [1, 2], r"nsd_stimuli\.hdf5: 'imgBrick' must be \(images, H, W, 3\) uint8, "
+                          r"got shape \(12, 10, 10\) uint8"),
+    ("stim_rgba", [1, 2], r"nsd_stimuli\.hdf5: 'imgBrick' must be .* got shape "
+                          r"\(12, 10, 10, 4\) uint8"),
+    ("stim_float", [1, 2], r"nsd_stimuli\.hdf5: 'imgBrick' must be .* got shape "
+                           r"\(12, 10, 10, 3\) float32"),
+    ("stim_few", [1, 2], r"nsd_stimuli\.hdf5: 'imgBrick' holds 9 images but 'subjectim' in "
+                         r".*nsd_expdesign\.mat uses nsdIds up to 10 \(1-based\); expected at "
+                         r"least 10 images"),
+    ("stim_missing", [1, 2], r"missing file .*nsd_stimuli\.hdf5"),
+    ("expdesign", [1, 2], r"missing file .*nsd_expdesign\.mat"),
+    ("csv_column", [1, 2], r"nsd_stim_info_merged\.csv: missing column\(s\) cocoSplit"),
+    ("xyz_order", [1, 2], r"subj01.*betas_session01\.hdf5: betas shape \(5, 4, 3, 2\) does not "
+                          r"match ROI mask .*streams\.nii\.gz of shape \(x, y, z\) = "
+                          r"\(4, 3, 2\); expected \(trials, z, y, x\) = \(trials, 2, 3, 4\)"),
+    ("dataset_name", [1, 2], r"subj02.*betas_session01\.hdf5: no dataset 'betas'"),
+    ("too_many_trials", [1, 2], r"subj02.*betas_session01\.hdf5: .*24 trials but "
+                                r"'masterordering' has only 20"),
+    ("roi_4d", [1, 2], r"subj01.*prf-visualrois\.nii\.gz: ROI mask must be a 3-D \(x, y, z\) "
+                       r"volume, got shape \(4, 3, 2, 2\)"),
+    ("roi_empty", [1, 2], r"subj01.*prf-visualrois\.nii\.gz: no voxel carries the V1 "
+                          r"label\(s\) \[1, 2\]"),
+    ("no_betas_2", [1, 2], r"subj02.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 for "
+                           r"subject 2; subjects present: 1$"),
+    ("", [1, 3], r"subj03.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 for subject 3; "
+                 r"subjects present: 1, 2$"),
+    ("", [9], r"subj09.*: no betas_sessionSS\.hdf5 for subject 9; subjects present: 1, 2$"),
+]
+
+
+@pytest.mark.parametrize("broken, subjects, match", BROKEN_RELEASES,
+                         ids=[b or f"absent_subject_{s[-1]}" for b, s, _ in BROKEN_RELEASES])
+def test_check_release_names_the_file(tmp_path, broken, subjects, match):
+    nsd_root, _ = write_tree(tmp_path, skip={broken})
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, subjects, ["VVS", "V1"])
+    _one_line(exc)

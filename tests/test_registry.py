@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from references import DATASETS, REFERENCES, build_dataset, build_reference
-from references.datasets import normalize
 from references.simulated import generate_nsd_like, generate_single_label
+from trainable.data import decode, normalize
 from trainable.models import build_model
 
 SMALL_SINGLE = dict(n_categories=3, n_train_per_class=6, n_val_per_class=4, seed=1)
@@ -33,7 +33,7 @@ def _options(name: str) -> dict:
 def test_every_dataset_builds_from_its_name(name):
     bundle = build_dataset(name, **_options(name))
     image, target, image_id = bundle.train[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
     assert bundle.task in ("single_label", "multi_label")
     assert (bundle.responses is not None) == (bundle.task == "multi_label")
     assert len(bundle.val) > 0
@@ -50,7 +50,7 @@ def test_every_reference_builds_from_its_name_and_gives_groups(name, tmp_path):
         torch.save(net.net.state_dict(), weights)
     reference = build_reference(name, bundle=bundle, model="alexnet", layer="conv1",
                                 width=0.25, image_size=64, weights=str(weights))
-    split = bundle.train.to_tensors()
+    split = decode(bundle.train)
     images, ids = normalize(split.images[:12]), split.image_ids[:12]
     out = reference.targets(images, ids)
     groups = list(out.values()) if isinstance(out, dict) else list(out)

@@ -272,17 +272,27 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
         make_plan(parse("nsd_conv1_v1", "--smoke-test", "--resume", "--storage", str(tmp_path)))
 
 
-def test_imagenet_root_must_have_train_and_val(tmp_path):
-    (tmp_path / "train" / "n01").mkdir(parents=True)
-    argv = ("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tmp_path))
-    with pytest.raises(UsageError, match="no val/ folder"):
+def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):
+    """The dry run indexes the tree the way the trials will read it: one line naming the path
+    and what was expected, before anything starts."""
+    from imagenet_tree import write_imagenet_tree
+
+    root = tmp_path / "imagenet"
+    (root / "train" / "n01").mkdir(parents=True)
+    argv = ("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(root), "--dry-run")
+    with pytest.raises(UsageError, match=r"missing folder .*imagenet/val"):
         make_plan(parse(*argv))
-    (tmp_path / "val").mkdir()
-    with pytest.raises(UsageError, match="val/ has no class folders"):
+    (root / "val" / "n01").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"--imagenet-root .*train holds no image files"):
         make_plan(parse(*argv))
-    (tmp_path / "val" / "n01").mkdir()
-    plan = make_plan(parse(*argv))
-    assert plan.scale == "paper" and plan.data["gabor_conv1"].imagenet_root == str(tmp_path)
+    good = write_imagenet_tree(tmp_path / "good", n_classes=2, n_train=2, n_val=1)
+    (good / "val" / sorted(p.name for p in (good / "val").iterdir())[0]).rename(
+        good / "val" / "n99999999")
+    with pytest.raises(UsageError, match=r"val.*classes.*differ|differ.*classes"):
+        make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(good)))
+    tree = write_imagenet_tree(tmp_path / "tree", n_classes=2, n_train=2, n_val=1)
+    plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tree)))
+    assert plan.scale == "paper" and plan.data["gabor_conv1"].imagenet_root == str(tree)
     assert plan.data_description.startswith("paper scale on ImageNet")
     assert {t.config["image_size"] for t in plan.trials} == {224}
 

@@ -17,9 +17,9 @@ from references.datasets import (
 from references.gabor import GaborReference
 from trainable.alignment import linear_alignment_heldout
 from trainable.config import TrialConfig
+from trainable.data import TrialData
 from trainable.train import (
     LocalHooks,
-    TrialData,
     TrialDiverged,
     accuracy,
     alignment_loss_fn,
@@ -170,7 +170,7 @@ def test_resume_is_bit_exact(nsd_like, tmp_path):
     resumed, hooks_c = _run(cfg, data, responses, tmp_path / "c",
                             resume_from=hooks_b.checkpoints[-1])
     assert [m["epoch"] for m in hooks_c.history] == [1.0]
-    timing = ("epoch_seconds", "images_per_second")
+    timing = ("epoch_seconds", "images_per_second", "data_wait_seconds")
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in straight.items() if k not in timing
     }

@@ -48,6 +48,13 @@ class TrialConfig:
         share, since Ray sets OMP_NUM_THREADS=1 in workers).
     align_batch_every : for alpha == 0 the batch alignment is only measured (no gradient) on
         every k-th step, so the baseline does not pay for a loss it does not use.
+    steps_per_epoch : 0 = a whole pass over the training split per epoch; k > 0 = at most k
+        steps (to try real data quickly: ``--set epochs=1 --set steps_per_epoch=20``).
+    in_memory_mb : a split whose decoded uint8 images take at most this many MiB (and whose
+        augmentation needs no original file) is decoded once into the trial's memory; larger
+        ones stream from disk every epoch (``trainable.data``). 0 = always stream.
+    loader_workers : DataLoader worker processes per trial; -1 = from the CPU share
+        (``trainable.data.loader_workers``), 0 = load in the trial process.
     """
 
     model: str = "alexnet"
@@ -72,6 +79,9 @@ class TrialConfig:
     precision: str = "auto"
     threads: int = 0
     align_batch_every: int = 10
+    steps_per_epoch: int = 0
+    in_memory_mb: int = 1024
+    loader_workers: int = -1
 
     def __post_init__(self) -> None:
         from trainable.alignment import METRICS
@@ -104,10 +114,13 @@ class TrialConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise bad(name, f"an integer >= {low}")
-        for name in ("seed", "pool", "threads"):
+        for name in ("seed", "pool", "threads", "steps_per_epoch", "in_memory_mb"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "an integer >= 0")
+        if (isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int)
+                or self.loader_workers < -1):
+            raise bad("loader_workers", "-1 (from the CPU share) or an integer >= 0")
         if not isinstance(self.rectify, bool):
             raise bad("rectify", "true or false")
         if self.loss_folds == 1 or self.loss_folds < 0:
@@ -131,16 +144,31 @@ class TrialConfig:
             )
         coerced = {}
         for key, value in values.items():
-            default = known[key].default
-            if isinstance(default, int) and not isinstance(default, bool):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-            elif isinstance(default, float) and isinstance(value, int) and not isinstance(
-                value, bool
-            ):
-                value = float(value)
-            coerced[key] = value
+            coerced[key] = _coerce(key, value, known[key].default)
         return cls(**coerced)
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the field's default: integral floats become ints for integer
+    fields (search spaces produce floats), ints become floats for float fields; any other type
+    mismatch (a string where a number belongs, a number for a flag) is a one-line error."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}; accepted: true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r}; accepted: an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r}; accepted: a number")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{key}={value!r}; accepted: a string")
+    return value

@@ -8,8 +8,9 @@ epoch seconds and images per second, with a checkpoint. It is a plain function: 
 through ``sweeps`` (which injects hooks that report to Ray), tests and benchmarks call it
 directly with ``LocalHooks``. No Ray import here.
 
-Data arrives prepared (``TrialData``: whole splits as in-memory uint8 tensors, put once in Ray's
-object store by the driver); references expose ``targets(images, image_ids) -> [(rows, Y)]``,
+Data arrives as ``TrialData`` (the split datasets: indices over files every node sees); the
+trial reads its own batches through ``trainable.data.BatchFeed`` (streamed by a DataLoader with
+worker processes, or decoded once into memory when the split is small); references expose ``targets(images, image_ids) -> [(rows, Y)]``,
 one group per subject for voxel data and one group for image-computable references.
 """
 
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from references.datasets import TensorSplit, normalize
 from trainable.alignment import (
     get_metric,
     linear_alignment_heldout,
@@ -37,9 +37,19 @@ from trainable.alignment import (
     rsa,
 )
 from trainable.config import TrialConfig
+from trainable.data import (
+    BatchFeed,
+    TensorSplit,
+    TrialData,
+    decode,
+    flip_mask,
+    loader_workers,
+    normalize,
+    steps_in_epoch,
+    train_batches,
+)
 from trainable.models import build_model, conv1_weight, filter_grid_png
 
-TASKS = ("single_label", "multi_label")
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -51,51 +61,6 @@ class Reference(Protocol):
     def targets(
         self, images: torch.Tensor, image_ids: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-@dataclass(frozen=True)
-class TrialData:
-    """What the driver prepares once per sweep and shares with every trial.
-
-    train, val : whole splits in memory (uint8 images (N, 3, S, S), targets, image ids).
-    task : "single_label" (cross-entropy, top-1/top-5) or "multi_label" (BCE, mAP).
-    num_classes : logits the model produces.
-    description : where the data came from (simulated / NSD / ImageFolder path), for tags.
-    """
-
-    train: TensorSplit
-    val: TensorSplit
-    task: str
-    num_classes: int
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}; accepted: {', '.join(TASKS)}")
-        for name in ("train", "val"):
-            split = getattr(self, name)
-            if split.images.dtype != torch.uint8 or split.images.ndim != 4:
-                raise ValueError(
-                    f"{name} images must be uint8 (N, 3, S, S), got {split.images.dtype} "
-                    f"{tuple(split.images.shape)}"
-                )
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
-
-    @classmethod
-    def from_bundle(cls, bundle, description: str = "") -> TrialData:
-        """Materialise a ``references.datasets.DataBundle`` (both splits, in memory)."""
-        return cls(bundle.train.to_tensors(), bundle.val.to_tensors(), bundle.task,
-                   bundle.num_classes, description)
-
-    def subset(self, n_train: int, n_val: int) -> TrialData:
-        """The first n_train / n_val images of each split (smoke tests, benchmarks)."""
-        def head(split: TensorSplit, n: int) -> TensorSplit:
-            return TensorSplit(split.images[:n], split.targets[:n], split.image_ids[:n])
-        return TrialData(head(self.train, n_train), head(self.val, n_val), self.task,
-                         self.num_classes, self.description)
 
 
 class Hooks(Protocol):
@@ -246,43 +211,43 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.T
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Batch order depends only on (seed, epoch), so a resumed trial sees the same batches."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    split: TensorSplit,
+    feed: BatchFeed,
     reference: Reference,
     cfg: TrialConfig,
     task: str,
     epoch: int,
     device: torch.device,
+    augment: str = "none",
 ) -> dict[str, float]:
-    """One pass over ``split`` in batches of cfg.batch_size (last partial batch dropped if
-    smaller than the held-out score needs). Returns means over steps."""
+    """One pass over the training split (``feed``) in batches of cfg.batch_size, in the order
+    drawn from (seed, epoch); the last partial batch is dropped if smaller than the held-out
+    score needs; at most cfg.steps_per_epoch steps when that is > 0. Returns means over steps.
+
+    augment "flip": half of each batch is flipped here (``trainable.data.flip_mask``); other
+    augmentation happened in the dataset. Image-computed references see the same images."""
     model.train()
-    gen = _epoch_generator(cfg.seed, epoch)
-    order = torch.randperm(len(split), generator=gen)
-    # Horizontal flips augment image-computable references (recomputed on the flipped image);
-    # never voxel data: a flipped stimulus is not what the retinotopic response saw.
-    flips = torch.rand(len(split), generator=gen) < 0.5
-    if cfg.reference == "nsd":
-        flips.zero_()
+    n_steps_max = steps_in_epoch(len(feed), cfg.batch_size, _min_rows(cfg), cfg.steps_per_epoch)
+    if n_steps_max == 0:
+        raise ValueError(
+            f"the training split has {len(feed)} images, fewer than one batch can use "
+            f"(batch_size={cfg.batch_size}); lower batch_size or add data"
+        )
+    index_batches = train_batches(len(feed), cfg.batch_size, cfg.seed, epoch, n_steps_max)
     score_fn = alignment_loss_fn(cfg)
     sums = {"task_loss": 0.0, "align_loss": 0.0, "batch_alignment": 0.0}
     n_steps = n_align = n_images = 0
-    for step, lo in enumerate(range(0, len(split), cfg.batch_size)):
-        idx = order[lo : lo + cfg.batch_size]
-        if idx.numel() < max(2, _min_rows(cfg)):
-            break
-        images = normalize(split.images[idx].to(device, non_blocking=True))
-        flip = flips[idx].to(device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        targets = split.targets[idx].to(device, non_blocking=True)
-        ids = split.image_ids[idx].to(device, non_blocking=True)
+    wait = 0.0
+    t_wait = time.perf_counter()
+    batches = feed.batches(index_batches, seed=cfg.seed * 1_000_003 + epoch)
+    for step, (images, targets, ids) in enumerate(batches):
+        wait += time.perf_counter() - t_wait
+        images = normalize(images)
+        if augment == "flip":
+            flip = flip_mask(images.shape[0], cfg.seed, epoch, step).to(device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         measure = cfg.alpha != 0 or step % cfg.align_batch_every == 0
         with _autocast(cfg, device):
             logits, taps = model(images, taps=(cfg.layer,))
@@ -311,13 +276,10 @@ def train_one_epoch(
             sums["align_loss"] += -s
             n_align += 1
         n_steps += 1
-        n_images += idx.numel()
-    if n_steps == 0:
-        raise ValueError(
-            f"the training split has {len(split)} images, fewer than one batch can use "
-            f"(batch_size={cfg.batch_size}); lower batch_size or add data"
-        )
-    out = {"task_loss": sums["task_loss"] / n_steps, "train_images": float(n_images)}
+        n_images += images.shape[0]
+        t_wait = time.perf_counter()
+    out = {"task_loss": sums["task_loss"] / n_steps, "train_images": float(n_images),
+           "data_wait_seconds": wait}
     if n_align:
         out["align_loss"] = sums["align_loss"] / n_align
         out["batch_alignment"] = sums["batch_alignment"] / n_align
@@ -327,28 +289,27 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def _forward_all(model, split: TensorSplit, layer: str | None, cfg, device, batch: int = 256):
-    """Logits (n, c) and, if layer, the tap as the alignment sees it (``_layer_features``) for
-    a whole split (eval)."""
+def _forward_all(model, feed: BatchFeed, layer: str | None, cfg, device, batch: int = 256):
+    """Logits (n, c), targets (n, ...) and, if layer, the tap as the alignment sees it
+    (``_layer_features``) for a whole split in order (eval)."""
     model.eval()
-    logits, feats = [], []
-    for lo in range(0, len(split), batch):
-        images = normalize(split.images[lo : lo + batch].to(device))
+    logits, targets, feats = [], [], []
+    for images, tg, _ in feed.batches(feed.sequential(batch)):
         with _autocast(cfg, device):
             if layer:
-                out, taps = model(images, taps=(layer,))
+                out, taps = model(normalize(images), taps=(layer,))
                 feats.append(_layer_features(taps[layer], cfg))
             else:
-                out = model(images)
+                out = model(normalize(images))
         logits.append(out.float())
-    return torch.cat(logits), (torch.cat(feats) if layer else None)
+        targets.append(tg)
+    return torch.cat(logits), torch.cat(targets), (torch.cat(feats) if layer else None)
 
 
-def evaluate(model, split: TensorSplit, task: str, cfg, device) -> dict[str, float]:
-    """Validation performance: top-1 (and top-5) accuracy or mAP. ``val_performance`` is the
-    number the Pareto fronts use."""
-    logits, _ = _forward_all(model, split, None, cfg, device)
-    targets = split.targets.to(device)
+def evaluate(model, feed: BatchFeed, task: str, cfg, device) -> dict[str, float]:
+    """Validation performance over the whole validation split (streamed like training): top-1
+    (and top-5) accuracy or mAP. ``val_performance`` is the number the Pareto fronts use."""
+    logits, targets, _ = _forward_all(model, feed, None, cfg, device, batch=cfg.batch_size)
     if task == "single_label":
         acc = accuracy(logits, targets, (1, 5))
         return {"val_top1": acc[1], "val_top5": acc[5], "val_performance": acc[1]}
@@ -356,15 +317,21 @@ def evaluate(model, split: TensorSplit, task: str, cfg, device) -> dict[str, flo
     return {"val_map": m, "val_performance": m}
 
 
-def validation_subset(split: TensorSplit, n: int) -> TensorSplit:
-    """A fixed random subset of the validation split, in random order (seed 0, the same for
-    every trial of a sweep so their alignments are comparable).
+def validation_indices(n_val: int, n: int) -> torch.Tensor:
+    """The fixed validation-alignment subset: n of the n_val validation items, in random order
+    (seed 0, the same for every trial of a sweep so their alignments are comparable).
 
     The order matters: the validation alignment uses contiguous folds, and splits are stored
     sorted (ImageFolder by class, NSD by nsdId); contiguous folds of a class-sorted set would
     test on unseen classes and measure distribution shift, not alignment."""
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n]
-    return TensorSplit(split.images[idx], split.targets[idx], split.image_ids[idx])
+    return torch.randperm(n_val, generator=torch.Generator().manual_seed(0))[:n]
+
+
+def validation_subset(val, n: int, workers: int = 0) -> TensorSplit:
+    """The fixed validation-alignment subset (``validation_indices``) decoded into memory:
+    bounded by cfg.val_images whatever the split's size."""
+    idx = validation_indices(len(val), n)
+    return decode(torch.utils.data.Subset(val, idx.tolist()), workers=workers)
 
 
 def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
@@ -434,10 +401,11 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise ValueError(f"no {CHECKPOINT_FILE} in checkpoint directory {directory}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k not in ("device", "threads")}
-    now = {k: v for k, v in cfg.asdict().items() if k not in ("device", "threads", "epochs")}
-    saved.pop("epochs", None)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # shared storage: never unpickle code
+    # Settings that change how a trial runs but not what it computes may differ on resume.
+    free = ("device", "threads", "epochs", "in_memory_mb", "loader_workers")
+    saved = {k: v for k, v in state["config"].items() if k not in free}
+    now = {k: v for k, v in cfg.asdict().items() if k not in free}
     if saved != now:
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise ValueError(f"checkpoint {path} was written by a different config (differs in {diff})")
@@ -462,7 +430,7 @@ def train(
     """Run one trial; returns the final epoch's metrics (also reported through ``hooks``).
 
     config : a TrialConfig or a plain dict (Ray Tune's), validated here.
-    data : the prepared splits (``TrialData``).
+    data : the split datasets (``TrialData``); the trial streams them (``BatchFeed``).
     reference : the reference representation (``references.build_reference``).
     hooks : reporting, checkpoint restore and artifact location; default ``LocalHooks`` in a
         temporary directory.
@@ -488,28 +456,43 @@ def train(
     if restore is not None:
         start = load_checkpoint(Path(restore), model, optimizer, cfg)
 
-    val_subset = validation_subset(data.val, cfg.val_images)
-    val_groups = _reference_targets(reference, val_subset, cfg, device)
-    val_groups = [(r.to(device), y.to(device)) for r, y in val_groups]
+    workers = loader_workers(cfg.loader_workers, cfg.threads or torch.get_num_threads(), device)
+    in_memory = cfg.in_memory_mb * 2**20
+    feeds = [BatchFeed(data.train, batch_size=cfg.batch_size, workers=workers, device=device,
+                       image_size=data.image_size, in_memory_bytes=in_memory,
+                       cacheable=data.augment != "crop_flip",
+                       random_items=data.augment == "crop_flip"),
+             BatchFeed(data.val, batch_size=cfg.batch_size, workers=workers, device=device,
+                       image_size=data.image_size, in_memory_bytes=in_memory)]
+    train_feed, val_feed = feeds
+    try:
+        val_subset = validation_subset(data.val, cfg.val_images, workers)
+        subset_feed = BatchFeed(val_subset, batch_size=cfg.batch_size, workers=0,
+                                device=device, image_size=data.image_size)
+        val_groups = _reference_targets(reference, val_subset, cfg, device)
+        val_groups = [(r.to(device), y.to(device)) for r, y in val_groups]
 
-    metrics: dict[str, float] = {}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        metrics = train_one_epoch(
-            model, optimizer, data.train, reference, cfg, data.task, epoch, device
-        )
-        train_seconds = time.perf_counter() - t0
-        metrics.update(evaluate(model, data.val, data.task, cfg, device))
-        _, feats = _forward_all(model, val_subset, cfg.layer, cfg, device)
-        metrics.update(validation_alignment(feats, val_groups, cfg))
-        metrics["epoch"] = float(epoch)
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
-            if epoch == cfg.epochs - 1 and cfg.model in ("alexnet", "resnet18"):
-                art = hooks.artifact_dir()
-                filter_grid_png(conv1_weight(model).detach().cpu(), art / "conv1_filters.png")
-                (art / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-            hooks.report(metrics, Path(tmp))
+        metrics: dict[str, float] = {}
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            metrics = train_one_epoch(model, optimizer, train_feed, reference, cfg, data.task,
+                                      epoch, device, data.augment)
+            train_seconds = time.perf_counter() - t0
+            metrics.update(evaluate(model, val_feed, data.task, cfg, device))
+            _, _, feats = _forward_all(model, subset_feed, cfg.layer, cfg, device)
+            metrics.update(validation_alignment(feats, val_groups, cfg))
+            metrics["epoch"] = float(epoch)
+            metrics["epoch_seconds"] = time.perf_counter() - t0
+            metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
+            with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+                save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
+                if epoch == cfg.epochs - 1 and cfg.model in ("alexnet", "resnet18"):
+                    art = hooks.artifact_dir()
+                    filter_grid_png(conv1_weight(model).detach().cpu(),
+                                    art / "conv1_filters.png")
+                    (art / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+                hooks.report(metrics, Path(tmp))
+    finally:
+        for feed in feeds:
+            feed.close()
     return metrics

@@ -1,0 +1,445 @@
+"""ImageNet as labs keep it on disk, indexed compactly so DataLoader workers stream it by index.
+
+Two layouts are read (:func:`describe` says which one a root has):
+
+* **ImageFolder layout**: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>``,
+  no devkit. Class names are the folder names.
+* **torchvision ImageNet layout** (what ``torchvision.datasets.ImageNet(root)`` reads): the devkit
+  archive ``root/ILSVRC2012_devkit_t12.tar.gz`` or torchvision's parsed ``root/meta.bin`` (which
+  wins when both are present, as in torchvision) beside ``train/<wnid>/*.JPEG`` and ``val/``.
+  ``val/`` is either sorted into wnid folders (what torchvision's ``parse_val_archive`` leaves)
+  or flat, the 50,000 ``ILSVRC2012_val_XXXXXXXX.JPEG`` of the official tar directly in it,
+  labelled as ``parse_val_archive`` labels them: sorted file names zipped with the devkit's
+  ground-truth wnids. ``class_names`` are the devkit's first synonym ("tench" for n01440764);
+  they are not unique (ImageNet has two "crane" and two "maillot" classes), ``classes`` are.
+
+Samples are ordered as torchvision's ``ImageFolder`` orders them (``make_dataset``): by class
+(sorted folder names), then within a class folder by the sorted walk of its subfolders
+(followlinks=True), file names sorted within each folder; image files are those whose name ends
+in one of torchvision's ``IMG_EXTENSIONS``, case-insensitively. A flat val is ordered as the
+sorted tree it would become.
+
+What is read: directory listings (``os.scandir``, no per-file ``stat`` on file systems that report
+entry types), ``meta.bin`` or two members of the devkit archive (``data/meta.mat`` and
+``data/ILSVRC2012_validation_ground_truth.txt``, extracted with tarfile's "data" filter into a
+temporary folder that is removed afterwards). Image files are never opened. Nothing is ever
+written under the root (lab mounts are read-only; torchvision's ``parse_devkit_archive`` would
+write ``meta.bin`` there), and the split folders are never reorganised.
+
+Memory: an :class:`ImageIndex` holds no per-sample Python object -- one ``bytes`` blob of the
+UTF-8 (file-system encoded) relative paths, int64 offsets (N + 1) and int64 targets (N), i.e.
+``len(relative path) + 16`` bytes per sample: about 46 B for ImageNet train
+("n01440764/n01440764_10026.JPEG", 59 MB for 1.28 M images) against roughly 180 B and two
+objects per sample for ``ImageFolder.samples``. Forked DataLoader workers therefore touch no
+refcounts per sample (no copy-on-read of the parent's pages), and the index pickles as three
+buffers, small and fast, for Ray's object store.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import scipy.io
+import torch
+from torchvision.datasets import imagenet as tv_imagenet
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
+SPLITS = ("train", "val")
+DEVKIT_ARCHIVE = tv_imagenet.ARCHIVE_META["devkit"][0]  # "ILSVRC2012_devkit_t12.tar.gz"
+META_FILE = tv_imagenet.META_FILE  # "meta.bin"
+DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
+META_MAT = "data/meta.mat"
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+
+# Directory entries are scanned as bytes: no decode/encode per file, and names that are not
+# valid UTF-8 survive (os.fsdecode maps them back to the str the OS gives torchvision).
+_IMAGE_EXTENSIONS_B = tuple(os.fsencode(e) for e in IMAGE_EXTENSIONS)
+_SEP = os.fsencode(os.sep)
+
+
+class ImageNetFormatError(ValueError):
+    """The tree on disk is not an ImageNet layout this module reads; the one-line message names
+    the offending path and says what was expected."""
+
+
+def _accepted() -> str:
+    return f"accepted image extensions: {', '.join(IMAGE_EXTENSIONS)}, any case"
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line for a message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _few(names, k: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+# --------------------------------------------------------------------------------------------
+# The index
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ImageIndex:
+    """One split: sample i is ``path(i)`` with class ``target(i)``.
+
+    root : absolute split folder; classes : (n_classes,) sorted class folder names (wnids);
+    class_names : (n_classes,) human-readable names (devkit first synonym, else the folder name).
+    Storage (private): ``_paths`` the relative paths concatenated, ``_offsets`` (N + 1,) int64
+    so that path i is ``_paths[_offsets[i]:_offsets[i + 1]]``, ``_targets`` (N,) int64.
+    """
+
+    root: str
+    classes: tuple[str, ...]
+    class_names: tuple[str, ...]
+    _paths: bytes = field(repr=False)
+    _offsets: np.ndarray = field(repr=False)
+    _targets: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self._targets)
+        if len(self.class_names) != len(self.classes):
+            raise ValueError(f"{len(self.class_names)} class_names for {len(self.classes)} "
+                             "classes; expected one name per class")
+        for name, a, shape in (("_offsets", self._offsets, (n + 1,)),
+                               ("_targets", self._targets, (n,))):
+            if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.shape != shape:
+                raise ValueError(f"{name} must be an int64 array of shape {shape}, got "
+                                 f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
+        if (self._offsets[0] != 0 or self._offsets[-1] != len(self._paths)
+                or np.any(np.diff(self._offsets) <= 0)):
+            raise ValueError(f"_offsets must rise strictly from 0 to len(_paths)="
+                             f"{len(self._paths)}")
+        if n and (self._targets.min() < 0 or self._targets.max() >= len(self.classes)):
+            raise ValueError(f"_targets must lie in 0..{len(self.classes) - 1}")
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def path(self, i: int) -> str:
+        """Absolute path of sample i."""
+        rel = self._paths[self._offsets[i]:self._offsets[i + 1]]
+        return os.path.join(self.root, os.fsdecode(rel))
+
+    def target(self, i: int) -> int:
+        return int(self._targets[i])
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(N,) int64 class indices, a read-only view."""
+        view = self._targets.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the per-sample storage (paths blob, offsets, targets)."""
+        return len(self._paths) + self._offsets.nbytes + self._targets.nbytes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageIndex):
+            return NotImplemented
+        return (self.root == other.root and self.classes == other.classes
+                and self.class_names == other.class_names and self._paths == other._paths
+                and np.array_equal(self._offsets, other._offsets)
+                and np.array_equal(self._targets, other._targets))
+
+    def __hash__(self) -> int:
+        return hash((self.root, self.classes, len(self)))
+
+    def __repr__(self) -> str:
+        return (f"ImageIndex(root={self.root!r}, samples={len(self)}, "
+                f"classes={len(self.classes)}, nbytes={self.nbytes})")
+
+
+def _pack(root: str, classes: tuple[str, ...], class_names: tuple[str, ...],
+          rel_paths: list[bytes], targets: list[int]) -> ImageIndex:
+    lengths = np.fromiter(map(len, rel_paths), dtype=np.int64, count=len(rel_paths))
+    offsets = np.zeros(len(rel_paths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return ImageIndex(root, classes, class_names, b"".join(rel_paths), offsets,
+                      np.asarray(targets, dtype=np.int64).reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Devkit metadata
+
+
+class _Meta(NamedTuple):
+    source: str  # the file read: meta.bin or the devkit archive
+    wnid_to_classes: dict[str, tuple[str, ...]]
+    val_wnids: list[str]  # ground truth, one per val image in sorted file-name order
+
+
+def _parse_meta_mat(devkit_root: str) -> tuple[dict[int, str], dict[str, tuple[str, ...]]]:
+    """torchvision's parse_meta_mat: leaf synsets (num_children == 0) of data/meta.mat ->
+    ({ILSVRC2012_ID: wnid}, {wnid: synonyms}). torchvision (0.24-0.29) defines it inside
+    parse_devkit_archive, which cannot be called without writing meta.bin into the root, so
+    the same reading is repeated here (tests check both agree on the same archive)."""
+    synsets = scipy.io.loadmat(os.path.join(devkit_root, META_MAT), squeeze_me=True)["synsets"]
+    leaves = [s for s in np.atleast_1d(synsets) if int(s["num_children"]) == 0]
+    idx_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
+    wnid_to_classes = {str(s["WNID"]): tuple(str(s["words"]).split(", ")) for s in leaves}
+    return idx_to_wnid, wnid_to_classes
+
+
+def _parse_val_groundtruth_txt(devkit_root: str) -> list[int]:
+    """torchvision's parse_val_groundtruth_txt: one ILSVRC2012_ID per line."""
+    with open(os.path.join(devkit_root, GROUND_TRUTH)) as f:
+        return [int(line) for line in f.read().split()]
+
+
+def _read_devkit(archive: str) -> _Meta:
+    members = [f"{DEVKIT_FOLDER}/{META_MAT}", f"{DEVKIT_FOLDER}/{GROUND_TRUTH}"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagenet-devkit-") as tmp:
+            with tarfile.open(archive, "r:*") as tar:
+                names = set(tar.getnames())
+                missing = [m for m in members if m not in names]
+                if missing:
+                    raise ImageNetFormatError(f"devkit archive {archive} lacks {_few(missing)}; "
+                                              f"expected the official {DEVKIT_ARCHIVE}")
+                # "data" filter: no absolute paths, no escaping links, no device files.
+                tar.extractall(tmp, members=[tar.getmember(m) for m in members], filter="data")
+            devkit_root = os.path.join(tmp, DEVKIT_FOLDER)
+            idx_to_wnid, wnid_to_classes = _parse_meta_mat(devkit_root)
+            val_idcs = _parse_val_groundtruth_txt(devkit_root)
+    except ImageNetFormatError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, zlib.error, scipy.io.matlab.MatReadError,
+            ValueError, KeyError, TypeError, IndexError) as e:
+        # corrupt gzip/tar, unparsable meta.mat or ground truth
+        raise ImageNetFormatError(f"cannot read devkit archive {archive} ({_reason(e)}); "
+                                  f"expected the official {DEVKIT_ARCHIVE} (tar.gz with "
+                                  f"{DEVKIT_FOLDER}/{META_MAT} and {GROUND_TRUTH})") from e
+    unknown = sorted({i for i in val_idcs if i not in idx_to_wnid})
+    if unknown:
+        raise ImageNetFormatError(
+            f"devkit archive {archive}: ground truth uses {len(unknown)} ILSVRC2012_IDs that are "
+            f"not leaf synsets of {META_MAT} ({_few(map(str, unknown))}); expected ids of the "
+            f"{len(idx_to_wnid)} leaf synsets")
+    return _Meta(archive, wnid_to_classes, [idx_to_wnid[i] for i in val_idcs])
+
+
+def _read_meta_bin(path: str) -> _Meta:
+    try:
+        wnid_to_classes, val_wnids = torch.load(path, weights_only=True)
+        wnid_to_classes = {str(w): tuple(str(c) for c in cls)
+                           for w, cls in dict(wnid_to_classes).items()}
+        val_wnids = [str(w) for w in val_wnids]
+    except Exception as e:  # torch.load raises many types on a corrupt or foreign file
+        raise ImageNetFormatError(
+            f"cannot read {path} ({_reason(e)}); expected torchvision's meta.bin, "
+            "torch.save((wnid_to_classes, val_wnids)) -- delete it to use the devkit "
+            "archive instead") from e
+    return _Meta(path, wnid_to_classes, val_wnids)
+
+
+def _meta_source(root: str) -> str | None:
+    for name in (META_FILE, DEVKIT_ARCHIVE):  # meta.bin first, as torchvision does
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def _load_meta(root: str) -> _Meta | None:
+    source = _meta_source(root)
+    if source is None:
+        return None
+    return _read_meta_bin(source) if source.endswith(META_FILE) else _read_devkit(source)
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _is_image(name: bytes) -> bool:
+    return name.lower().endswith(_IMAGE_EXTENSIONS_B)
+
+
+def _listdir(folder: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(sub-folder names, image file names) of one folder, unsorted; symlinks followed."""
+    dirs, images = [], []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir():
+                    dirs.append(entry.name)
+                elif _is_image(entry.name):
+                    images.append(entry.name)
+    except OSError as e:
+        raise ImageNetFormatError(f"cannot list {os.fsdecode(folder)} ({e.strerror}); expected "
+                                  "a readable folder") from e
+    return dirs, images
+
+
+def _walk_images(class_dir: bytes) -> list[bytes]:
+    """Image paths under class_dir relative to it, in make_dataset's order: folders by sorted
+    full path (os.walk roots sorted), file names sorted within each folder."""
+    found: list[tuple[bytes, list[bytes]]] = []
+    stack = [(b"", frozenset())]
+    while stack:
+        rel, ancestors = stack.pop()
+        folder = class_dir + _SEP + rel if rel else class_dir
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            raise ImageNetFormatError(f"cannot read {os.fsdecode(folder)} ({e.strerror}); "
+                                      "expected a readable folder") from e
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:  # os.walk(followlinks=True) would recurse forever
+            raise ImageNetFormatError(f"symlink loop at {os.fsdecode(folder)}; expected class "
+                                      "folders without links to their own ancestors")
+        dirs, images = _listdir(folder)
+        found.append((rel, sorted(images)))
+        stack.extend((rel + _SEP + d if rel else d, ancestors | {key}) for d in dirs)
+    found.sort(key=lambda item: item[0])
+    return [rel + _SEP + name if rel else name for rel, names in found for name in names]
+
+
+def _check_root(root: str | os.PathLike) -> str:
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    if not os.path.exists(root):
+        raise ImageNetFormatError(f"ImageNet root {root} does not exist; expected a folder with "
+                                  "train/ and val/")
+    if not os.path.isdir(root):
+        raise ImageNetFormatError(f"ImageNet root {root} is not a directory; expected a folder "
+                                  "with train/ and val/")
+    return root
+
+
+def _split_folder(root: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise ImageNetFormatError(
+            f"missing folder {folder}; expected {root} to hold train/ and val/ (ImageFolder "
+            f"layout, or torchvision's with {DEVKIT_ARCHIVE} or {META_FILE} beside them)")
+    return folder
+
+
+def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
+    folder = _split_folder(root, split)
+    folder_b = os.fsencode(folder)
+    dirs, top_images = _listdir(folder_b)
+    if top_images and split == "train":
+        raise ImageNetFormatError(f"{folder} holds {len(top_images)} images directly in it; "
+                                  "expected train/<class>/<images>")
+    if top_images and dirs:
+        raise ImageNetFormatError(
+            f"{folder} holds both {len(dirs)} class folders and {len(top_images)} images "
+            "directly in it (a half-sorted val?); expected class folders only, or (with a "
+            "devkit) images only")
+    if top_images:
+        return _index_flat_val(root, folder, sorted(top_images), meta)
+
+    classes_b = sorted(dirs)
+    rel_paths: list[bytes] = []
+    targets: list[int] = []
+    empty: list[str] = []
+    for k, cls in enumerate(classes_b):
+        rels = _walk_images(folder_b + _SEP + cls)
+        if not rels:
+            empty.append(os.fsdecode(cls))
+        rel_paths.extend(cls + _SEP + r for r in rels)
+        targets.extend([k] * len(rels))
+    if not rel_paths:
+        raise ImageNetFormatError(f"{folder} holds no image files in {len(classes_b)} class "
+                                  f"folders; expected {split}/<class>/<images> ({_accepted()})")
+    if empty:
+        raise ImageNetFormatError(
+            f"class folder {os.path.join(folder, empty[0])} holds no image files"
+            f"{f' (nor do {len(empty) - 1} others: {_few(empty[1:])})' if len(empty) > 1 else ''}; "
+            f"expected at least one image per class ({_accepted()})")
+    classes = tuple(os.fsdecode(c) for c in classes_b)
+    return _pack(folder, classes, _class_names(classes, meta, folder), rel_paths, targets)
+
+
+def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | None) -> ImageIndex:
+    if meta is None:
+        raise ImageNetFormatError(
+            f"{folder} is flat ({len(names)} images, no class folders) and {root} has no "
+            f"devkit; expected {os.path.join(root, DEVKIT_ARCHIVE)} (or torchvision's "
+            f"{META_FILE}) to label them, or val/<class>/<images>")
+    if len(meta.val_wnids) != len(names):
+        raise ImageNetFormatError(
+            f"{meta.source} has ground truth for {len(meta.val_wnids)} val images but {folder} "
+            f"holds {len(names)}; expected one label per image (sorted file names are zipped "
+            "with the ground truth)")
+    # As parse_val_archive: the k-th sorted file name gets the k-th ground-truth wnid.
+    classes = tuple(sorted(set(meta.val_wnids)))
+    class_to_idx = {c: k for k, c in enumerate(classes)}
+    labels = np.fromiter((class_to_idx[w] for w in meta.val_wnids), dtype=np.int64,
+                         count=len(names))
+    order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
+    return _pack(folder, classes, _class_names(classes, meta, folder),
+                 [names[i] for i in order], labels[order])
+
+
+def _class_names(classes: tuple[str, ...], meta: _Meta | None, folder: str) -> tuple[str, ...]:
+    if meta is None:
+        return classes
+    unknown = [c for c in classes if c not in meta.wnid_to_classes]
+    if unknown:
+        raise ImageNetFormatError(
+            f"{len(unknown)} class folders of {folder} are not leaf synsets of {meta.source} "
+            f"({_few(unknown)}); expected wnids of its {len(meta.wnid_to_classes)} classes")
+    return tuple(meta.wnid_to_classes[c][0] for c in classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def index_split(root: str | os.PathLike, split: str) -> ImageIndex:
+    """Index one split ("train" or "val") of an ImageNet root in either layout (module doc).
+    Checks the split alone; :func:`index_imagenet` also checks the splits agree."""
+    root = _check_root(root)
+    _split_folder(root, split)
+    return _index_split(root, split, _load_meta(root))
+
+
+def index_imagenet(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
+    """(train, val) indices of an ImageNet root in either layout, checked: both folders exist,
+    every class has images, val has exactly train's classes (so targets mean the same)."""
+    root = _check_root(root)
+    train_folder, val_folder = (_split_folder(root, s) for s in SPLITS)
+    meta = _load_meta(root)
+    train = _index_split(root, "train", meta)
+    val = _index_split(root, "val", meta)
+    if val.classes != train.classes:
+        only_train = set(train.classes) - set(val.classes)
+        only_val = set(val.classes) - set(train.classes)
+        raise ImageNetFormatError(
+            f"val classes differ from train classes: {len(only_train)} of {len(train.classes)} "
+            f"train classes missing from {val_folder} ({_few(only_train) or '-'}), "
+            f"{len(only_val)} of {len(val.classes)} val classes missing from {train_folder} "
+            f"({_few(only_val) or '-'}); expected the same classes in both")
+    return train, val
+
+
+def describe(root: str | os.PathLike) -> str:
+    """Which layout ``root`` has, from two directory listings (no image or devkit is read):
+    "ImageFolder layout" or "torchvision ImageNet layout (<devkit file>, flat val | sorted val)".
+    """
+    root = _check_root(root)
+    source = _meta_source(root)
+    val = os.path.join(root, "val")
+    val_form = "no val/"
+    if os.path.isdir(val):
+        dirs, images = _listdir(os.fsencode(val))
+        val_form = ("half-sorted val" if dirs and images else "flat val" if images
+                    else "sorted val")
+    if source is None:
+        return "ImageFolder layout" + ("" if val_form == "sorted val" else f" ({val_form})")
+    return f"torchvision ImageNet layout ({os.path.basename(source)}, {val_form})"

@@ -1,0 +1,320 @@
+"""How a trial gets its images: one streaming data path at every scale.
+
+Item protocol (every dataset of ``references.datasets`` speaks it)::
+
+    dataset[i] -> (image uint8 (3, S, S), target, image_id int64 scalar)
+
+target : int64 class index (single-label) or float32 (num_classes,) multi-hot (multi-label).
+Images stay uint8 through the loader (4x less to move between processes and to the GPU than
+float32); :func:`normalize` runs per batch on the trial's device.
+
+What crosses the object store is a :class:`TrialData`: the two split *datasets*, each a small
+index (paths or ids, labels) over files every node sees; never decoded images. A trial reads its
+own images through :class:`BatchFeed`:
+
+* **streaming** (the general case): a ``torch.utils.data.DataLoader`` with worker processes
+  sized from the trial's CPU share (persistent workers, prefetching, pinned memory on CUDA).
+  The batch order of an epoch is a permutation drawn from (seed, epoch) in the trial process
+  and handed to the workers as index batches, so a resumed trial sees the same batches.
+* **in memory**: a split whose decoded size is at most ``TrialConfig.in_memory_mb`` and whose
+  augmentation does not need the original file (``augment`` "none" or "flip") is decoded once,
+  through the same loader, into a uint8 :class:`TensorSplit` in the trial's own memory; its
+  batches are then slices of it. Same order, same batches, same augmentation as streaming; it
+  only skips decoding every epoch (``tests/benchmarks/bench_data.py`` measures both).
+
+Augmentation (``TrialData.augment``), a property of the data:
+
+* ``"crop_flip"``: torchvision's classification reference (RandomResizedCrop + horizontal
+  flip), done by the dataset in the loader's workers (ImageNet at paper scale). Image-computed
+  references (Gabor, pretrained) are computed by the trainable on the same augmented batch.
+* ``"flip"``: the dataset yields the evaluation view and the trainable flips half of each batch
+  (draws from (seed, epoch, step)): the simulated single-label world.
+* ``"none"``: images exactly as stored. NSD: a voxel responded to the image as shown, so NSD
+  images are never cropped or flipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TASKS = ("single_label", "multi_label")
+AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) or (3, H, W) in 0..255 -> float32 normalised with ImageNet mean/std,
+    on the input's device."""
+    x = images.to(torch.float32) / 255.0
+    shape = (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(shape)
+    return (x - mean) / std
+
+
+class TensorSplit(Dataset):
+    """A decoded split in memory, with the item protocol.
+
+    images : (N, 3, S, S) uint8; targets : (N,) int64 or (N, C) float32; image_ids : (N,) int64.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor,
+                 image_ids: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, 3, S, S), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if not images.shape[0] == targets.shape[0] == image_ids.shape[0]:
+            raise ValueError(f"images, targets and image_ids differ in length: "
+                             f"{images.shape[0]}, {targets.shape[0]}, {image_ids.shape[0]}")
+        self.images, self.targets, self.image_ids = images, targets, image_ids
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images[index], self.targets[index], self.image_ids[index]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement()
+                   for t in (self.images, self.targets, self.image_ids))
+
+    def take(self, index: torch.Tensor) -> TensorSplit:
+        return TensorSplit(self.images[index], self.targets[index], self.image_ids[index])
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """What the driver prepares once per data source and every trial of it shares: the two
+    split datasets (indices over files, never decoded images) and what they mean.
+
+    train, val : datasets with the item protocol (for NSD, val is the test split).
+    task : "single_label" (cross-entropy, top-1/top-5) or "multi_label" (BCE, mAP).
+    num_classes : logits the model produces.
+    image_size : S of the items.
+    augment : "none", "flip" or "crop_flip" for the training split (module docstring).
+    description : where the data came from, for tags and messages.
+    """
+
+    train: Dataset
+    val: Dataset
+    task: str
+    num_classes: int
+    image_size: int
+    augment: str = "none"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}; accepted: {', '.join(TASKS)}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={self.augment!r}; accepted: {', '.join(AUGMENTATIONS)}")
+
+    @classmethod
+    def from_bundle(cls, bundle, description: str = "") -> TrialData:
+        """Wrap a ``references.datasets.DataBundle``: nothing is decoded."""
+        return cls(bundle.train, bundle.val, bundle.task, bundle.num_classes,
+                   bundle.image_size, bundle.augment, description)
+
+    def subset(self, n_train: int, n_val: int) -> TrialData:
+        """The first n_train / n_val items of each split (smoke tests, benchmarks)."""
+        return replace(self, train=Subset(self.train, range(min(n_train, len(self.train)))),
+                       val=Subset(self.val, range(min(n_val, len(self.val)))))
+
+    def decoded_bytes(self, split: str) -> int:
+        """Bytes of a split's images decoded to uint8."""
+        return len(getattr(self, split)) * 3 * self.image_size ** 2
+
+
+def loader_workers(requested: int, threads: int, device: torch.device) -> int:
+    """DataLoader worker processes for a trial: ``requested`` when >= 0, else from the trial's
+    CPU share: on CUDA every CPU of the share decodes (the trial process mostly waits on the
+    GPU); on CPU, half of them (at least one), the rest compute."""
+    if requested >= 0:
+        return requested
+    cpus = max(1, threads)
+    return cpus if device.type == "cuda" else max(1, cpus // 2)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of an epoch: depends only on (n, seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def flip_mask(batch: int, seed: int, epoch: int, step: int) -> torch.Tensor:
+    """(batch,) bool: which images of a step are flipped under ``augment == "flip"``."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) % 2**63)
+    return torch.rand(batch, generator=gen) < 0.5
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are set before each epoch (``BatchFeed.batches``) and
+    iterated in the trial process, so persistent workers serve every epoch. With
+    ``seeds`` each index travels with the seed of its random augmentation (``_SeededItems``)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+
+    def __iter__(self) -> Iterator[list]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _SeededItems(Dataset):
+    """``dataset[(index, seed)]`` = ``dataset[index]`` with torch's RNG seeded by ``seed`` for
+    that item only: a random augmentation (RandomResizedCrop, flip) depends on the (seed, epoch,
+    step, position) the seed was drawn from, not on which worker made it or how many items it
+    made before, so a resumed trial augments exactly as one that never stopped, and the
+    trial process's own RNG is untouched when items load in it (workers=0)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _item_seeds(batch: torch.Tensor, step_seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(step_seed)
+    return torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
+
+
+class BatchFeed:
+    """Batches of one split for one trial, streamed or from memory (module docstring).
+
+    dataset : the split (item protocol). batch_size : images per batch.
+    workers : DataLoader worker processes (0 = load in the trial process).
+    device : where batches go (pinned memory and non-blocking copies on CUDA).
+    in_memory_bytes : decode the split once into memory when its uint8 size is at most this
+        and ``cacheable``; 0 = always stream. A ``TensorSplit`` is already in memory.
+    image_size : S of the items (for the size estimate).
+    random_items : the dataset's items are random (augmentation in the dataset): each item
+        is then made under its own seed (``_SeededItems``), drawn from the batch's seed.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, workers: int,
+                 device: torch.device, image_size: int, in_memory_bytes: int = 0,
+                 cacheable: bool = True, random_items: bool = False) -> None:
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.random_items = random_items
+        self.workers = workers
+        self._sampler = _EpochBatches()
+        self._loader: DataLoader | None = None
+        self.memory: TensorSplit | None = None
+        decoded = len(dataset) * 3 * image_size ** 2
+        if isinstance(dataset, TensorSplit):
+            self.memory = dataset
+        elif cacheable and 0 < decoded <= in_memory_bytes:
+            self.memory = decode(dataset, workers=workers)
+
+    @property
+    def streaming(self) -> bool:
+        return self.memory is None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _stream(self) -> DataLoader:
+        if self._loader is None:
+            cuda = self.device.type == "cuda"
+            extra = {}
+            if self.workers > 0:
+                extra = dict(persistent_workers=True, prefetch_factor=4 if cuda else 2)
+            ds = _SeededItems(self.dataset) if self.random_items else self.dataset
+            # An explicit generator: the loader's base seed is then not drawn from (and does
+            # not advance) torch's global RNG, which the trial checkpoints.
+            self._loader = DataLoader(ds, batch_sampler=self._sampler, num_workers=self.workers,
+                                      pin_memory=cuda, generator=torch.Generator(), **extra)
+        return self._loader
+
+    def batches(self, index_batches: Sequence[torch.Tensor], seed: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (images uint8, targets, image_ids) on the device for each index batch;
+        ``seed`` (e.g. from (trial seed, epoch)) fixes the random items' augmentation."""
+        nb = self.device.type == "cuda"
+        if self.memory is not None:
+            for idx in index_batches:
+                part = self.memory.take(idx)
+                yield (part.images.to(self.device, non_blocking=nb),
+                       part.targets.to(self.device, non_blocking=nb),
+                       part.image_ids.to(self.device, non_blocking=nb))
+            return
+        if self.random_items:
+            self._sampler.batches = [list(zip(b.tolist(), _item_seeds(b, seed * 1_000_033 + k)))
+                                     for k, b in enumerate(index_batches)]
+        else:
+            self._sampler.batches = [b.tolist() for b in index_batches]
+        for images, targets, ids in self._stream():
+            yield (images.to(self.device, non_blocking=nb), targets.to(self.device, non_blocking=nb),
+                   ids.to(self.device, non_blocking=nb))
+
+    def sequential(self, batch: int | None = None) -> list[torch.Tensor]:
+        """Index batches covering the split in order (evaluation)."""
+        b = batch or self.batch_size
+        n = len(self.dataset)
+        return [torch.arange(lo, min(lo + b, n)) for lo in range(0, n, b)]
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now (they would otherwise live until garbage
+        collection, and a reused Ray actor runs the next trial in the same process)."""
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            it = getattr(loader, "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            del loader
+
+
+def decode(dataset: Dataset, *, workers: int = 0, batch: int = 64) -> TensorSplit:
+    """Every item of ``dataset`` in order, stacked into a :class:`TensorSplit` (uint8 images).
+    Reads through a DataLoader (``workers`` processes), so decoding is parallel."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot decode an empty split")
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
+                        generator=torch.Generator())  # leaves torch's global RNG alone
+    images = targets = ids = None
+    lo = 0
+    for im, tg, ii in loader:
+        if images is None:
+            images = torch.empty((n, *im.shape[1:]), dtype=im.dtype)
+            targets = torch.empty((n, *tg.shape[1:]), dtype=tg.dtype)
+            ids = torch.empty((n,), dtype=torch.int64)
+        k = im.shape[0]
+        images[lo:lo + k], targets[lo:lo + k], ids[lo:lo + k] = im, tg, ii
+        lo += k
+    return TensorSplit(images, targets, ids)
+
+
+def steps_in_epoch(n: int, batch_size: int, min_rows: int, steps_per_epoch: int) -> int:
+    """Training steps of one epoch: full batches, plus the last partial one when it has at
+    least ``min_rows`` images; capped at ``steps_per_epoch`` when that is > 0."""
+    full, rest = divmod(n, batch_size)
+    steps = full + (1 if rest >= max(2, min_rows) else 0)
+    return min(steps, steps_per_epoch) if steps_per_epoch > 0 else steps
+
+
+def train_batches(n: int, batch_size: int, seed: int, epoch: int, steps: int) -> list[torch.Tensor]:
+    """The index batches of a training epoch: the epoch's permutation cut into ``steps``
+    batches of ``batch_size`` (the last may be shorter)."""
+    order = epoch_order(n, seed, epoch)
+    return [order[lo:lo + batch_size] for lo in range(0, min(n, steps * batch_size), batch_size)]
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{math.ceil(nbytes / 2**20)} MiB"
