@@ -38,17 +38,18 @@ def _imagenet(root: str | os.PathLike, **options: Any):
 
 
 def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
-                 subjects, roi: str, image_size: int, progress: bool = True,
+                 roi: str, image_size: int, subjects=None, progress: bool = True,
                  split_seed: int = 0):
-    """A real NSD release: prepare (cached by the inputs' sizes and mtimes), then open."""
+    """A real NSD release: prepare (cached by the inputs' sizes and mtimes), then open.
+    ``subjects`` None = every subject present in the release."""
     from pathlib import Path
 
     from references import datasets, nsd
 
-    table = nsd.prepare_cached(nsd_root, coco_annotations, tuple(subjects), roi,
-                               progress=progress)
+    chosen = nsd.subjects_in_release(nsd_root) if subjects is None else tuple(subjects)
+    table = nsd.prepare_cached(nsd_root, coco_annotations, chosen, roi, progress=progress)
     return datasets.nsd_bundle(table, Path(nsd_root) / nsd.STIMULI, image_size=image_size,
-                               seed=split_seed, subjects=tuple(subjects))
+                               seed=split_seed, subjects=chosen)
 
 
 #: data name (as in a sweep file) -> builder(**options) -> DataBundle

@@ -254,6 +254,17 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--num-samples", "4"], r"--num-samples 4 with --search grid"),
     (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "4", "--seeds", "2"],
      r"--seeds 2 with --search optuna"),
+    (["nsd_conv1_v1", "--set", "lr"], r"--set 'lr'; accepted: KEY=VALUE"),
+    (["nsd_conv1_v1", "--set", "lerning_rate=1"], r"--set lerning_rate: unknown trial setting"),
+    (["nsd_conv1_v1", "--set", "alpha=2"], r"--set alpha: alpha is set by the sweep's grid"),
+    (["nsd_conv1_v1", "--set", "threads=2"], r"threads follows --cpus-per-trial"),
+    (["nsd_conv1_v1", "--set", "lr=\"0.001\""], r"--set: lr='0.001'; accepted: a number"),
+    (["nsd_conv1_v1", "--set", "epochs=0"], r"--set: epochs=0; accepted: an integer >= 1"),
+    (["nsd_conv1_v1", "--set", "rectify=yes"], r"rectify='yes'; accepted: true or false"),
+    (["nsd_conv1_v1", "--set", "epochs=1", "--set", "epochs=2"], r"--set epochs given twice"),
+    (["nsd_conv1_v1", "--only", "gabor*"], r"--only 'gabor\*' matches no trial; trial ids"),
+    (["nsd_conv1_v1", "--only", "x", "--search", "optuna", "--num-samples", "2"],
+     r"--only with --search optuna"),
 ])
 def test_plan_errors_name_the_value(argv, match):
     with pytest.raises(UsageError, match=match) as info:
@@ -270,6 +281,22 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
     assert plan.resume and plan.resume_pointer == str(pointer)
     with pytest.raises(UsageError, match="nothing to resume"):  # the smoke test is apart
         make_plan(parse("nsd_conv1_v1", "--smoke-test", "--resume", "--storage", str(tmp_path)))
+
+
+def test_set_and_only_apply_to_the_plan():
+    plan = make_plan(parse("paper", "--set", "epochs=2", "--set", "steps_per_epoch=5",
+                           "--set", "device=cpu", "--only", "nsd_conv1_v1-max-*",
+                           "--only", "*-none-*"))
+    ids = [t.trial_id for t in plan.trials]
+    assert "nsd_conv1_v1-max-a0.8-b1-s0" in ids and "gabor_conv1-none-a0-b1-s0" in ids
+    assert not any("-min-" in i for i in ids) and len(ids) == 4 + 7
+    assert plan.n_grid == 79 and plan.overrides == {"epochs": 2, "steps_per_epoch": 5,
+                                                    "device": "cpu"}
+    assert all(t.config["epochs"] == 2 and t.config["device"] == "cpu" for t in plan.trials)
+    assert set(plan.conditions) == {t.condition for t in plan.trials}
+    # a paper run of NSD conditions only needs no --imagenet-root
+    with pytest.raises(UsageError, match=r"--nsd-root DIR is required"):
+        make_plan(parse("paper", "--data", "paper", "--only", "nsd_*"))
 
 
 def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):

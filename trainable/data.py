@@ -35,7 +35,6 @@ Augmentation (``TrialData.augment``), a property of the data:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -315,6 +314,3 @@ def train_batches(n: int, batch_size: int, seed: int, epoch: int, steps: int) ->
     order = epoch_order(n, seed, epoch)
     return [order[lo:lo + batch_size] for lo in range(0, min(n, steps * batch_size), batch_size)]
 
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{math.ceil(nbytes / 2**20)} MiB"

@@ -32,19 +32,25 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from references import build_dataset, build_reference
-from references.datasets import IMAGENET_MEAN, IMAGENET_STD, normalize
 from trainable.config import TrialConfig
+from trainable.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchFeed,
+    TrialData,
+    decode,
+    normalize,
+)
 from trainable.models import build_model
 from trainable.train import (
     LocalHooks,
-    TrialData,
     alignment_loss_fn,
     batch_alignment,
     reference_groups,
@@ -75,10 +81,15 @@ class Variant:
         return statistics.median(self.times)
 
 
+def in_memory(data: TrialData) -> TrialData:
+    """Both splits decoded into memory (TensorSplit), as a demo trial holds them."""
+    return replace(data, train=decode(data.train), val=decode(data.val))
+
+
 def _head(data: TrialData, n_steps: int, batch: int) -> TrialData:
-    """Exactly n_steps full batches of training images (no ragged last batch)."""
+    """Exactly n_steps full batches of training images (no ragged last batch), in memory."""
     n = min(n_steps, len(data.train) // batch) * batch
-    return data.subset(n, len(data.val))
+    return replace(data, train=data.train.take(torch.arange(n)))
 
 
 def trainable_variant(name: str, data: TrialData, reference, cfg: TrialConfig,
@@ -91,10 +102,13 @@ def trainable_variant(name: str, data: TrialData, reference, cfg: TrialConfig,
     model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch = [0]
+    feed = BatchFeed(data.train, batch_size=cfg.batch_size, workers=0, device=device,
+                     image_size=data.image_size)
 
     def run() -> float:
         t0 = time.perf_counter()
-        train_one_epoch(model, optimizer, data.train, reference, cfg, data.task, epoch[0], device)
+        train_one_epoch(model, optimizer, feed, reference, cfg, data.task, epoch[0], device,
+                        data.augment)
         epoch[0] += 1
         return (time.perf_counter() - t0) / steps
 
@@ -209,9 +223,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     single_bundle = build_dataset("simulated_single_label", image_size=base.image_size)
-    single = TrialData.from_bundle(single_bundle, "simulated single-label")
+    single = in_memory(TrialData.from_bundle(single_bundle, "simulated single-label"))
     nsd_bundle = build_dataset("simulated_nsd", roi="V1", image_size=base.image_size)
-    multi = TrialData.from_bundle(nsd_bundle, "simulated NSD-like, V1")
+    multi = in_memory(TrialData.from_bundle(nsd_bundle, "simulated NSD-like, V1"))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; alexnet width "
           f"{args.width}, {base.image_size} px, batch {base.batch_size}, layer {base.layer}, "
           f"align_batch_every {base.align_batch_every}; {n_steps} steps per epoch (nsd: "
