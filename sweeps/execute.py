@@ -172,8 +172,8 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             datas[source] = TrialData.from_bundle(bundles[source], source.describe())
             d = datas[source]
             _say(f"data ready: {source.describe()}: {len(d.train)} train / {len(d.val)} "
-                 f"validation images indexed ({time.perf_counter() - t0:.1f} s); trials "
-                 f"stream them")
+                 f"validation images indexed ({time.perf_counter() - t0:.1f} s); each trial "
+                 f"reads its own")
         t0 = time.perf_counter()
         reference = build_reference(
             cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,

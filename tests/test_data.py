@@ -6,6 +6,7 @@ sweep on a local Ray."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -193,7 +194,7 @@ def test_real_imagenet_tree_runs_through_a_real_sweep(layout, tmp_path):
     assert "overrides: batch_size=8,epochs=1," in dry.stdout
     proc = _cli(*argv, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "trials stream them" in proc.stdout
+    assert "validation images indexed" in proc.stdout and "each trial reads its own" in proc.stdout
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("gabor_conv1-paper")
     runs = client.search_runs([exp.experiment_id])
@@ -205,3 +206,34 @@ def test_real_imagenet_tree_runs_through_a_real_sweep(layout, tmp_path):
     assert run.data.tags["overrides"].startswith("batch_size=8,epochs=1,")
     assert run.data.tags["trial_id"] == "gabor_conv1-max-a8-b1-s0"
     assert 0.0 <= run.data.metrics["val_top1"] <= 1.0
+
+
+def test_paper_dry_run_checks_every_dataset_and_the_pretrained_weights(tmp_path, imagenet_tree):
+    """`paper --data paper` as a newcomer runs it: an ImageNet tree and an NSD release in their
+    real layouts, every subject of the release; the pretrained conditions need torchvision's
+    weights file in the local torch hub cache, and say so in one line when it is missing."""
+    import torchvision
+
+    from references.simulated import generate_nsd_like
+
+    sim = generate_nsd_like(image_size=32, n_images=100, n_subjects=2, n_categories=6,
+                            trials_per_session=80, seed=1)
+    argv = ["paper", "--data", "paper", "--imagenet-root", str(imagenet_tree),
+            "--nsd-root", str(sim.nsd_root), "--coco-annotations", str(sim.coco_annotations),
+            "--dry-run", "--storage", str(tmp_path / "ray")]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: condition pretrained_conv1: no ImageNet weights for "
+                                  "alexnet: put alexnet-owt-7be5be79.pth in ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet().state_dict(), hub / "alexnet-owt-7be5be79.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), hub / "resnet18-f37072fd.pth")
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "subjects 1, 2" in proc.stdout.splitlines()[0]  # every subject in the release
+    assert proc.stdout.strip().endswith("79 trials")
