@@ -42,3 +42,9 @@ def test_bench_sweep_quick_measures_a_real_sweep():
     assert set(out) == {"sweep_efficiency", "trial_startup_s"}
     assert 0 < out["sweep_efficiency"] <= 1.0 + 1e-6, out
     assert out["trial_startup_s"] >= 0, out
+
+
+def test_bench_data_quick_prints_memory_growth_and_loader_ratio():
+    out = run_bench("bench_data.py")
+    assert set(out) == {"rss_growth_mb", "loader_ratio"}
+    assert math.isfinite(out["rss_growth_mb"]) and out["loader_ratio"] > 0, out

@@ -35,11 +35,12 @@ Augmentation (``TrialData.augment``), a property of the data:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,11 +51,13 @@ AUGMENTATIONS = ("none", "flip", "crop_flip")
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) or (3, H, W) in 0..255 -> float32 normalised with ImageNet mean/std,
     on the input's device."""
-    x = images.to(torch.float32) / 255.0
+    # One float32 buffer, updated in place: at 224 px a batch's float copy is tens of MB, and
+    # four such temporaries a batch churn the C heap (see ``fix_mmap_threshold``).
+    x = images.to(torch.float32)
     shape = (3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(shape)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(shape)
-    return (x - mean) / std
+    return x.div_(255.0).sub_(mean).div_(std)
 
 
 class TensorSplit(Dataset):
@@ -153,19 +156,82 @@ def flip_mask(batch: int, seed: int, epoch: int, step: int) -> torch.Tensor:
     return torch.rand(batch, generator=gen) < 0.5
 
 
-class _EpochBatches:
-    """A batch sampler whose batches are set before each epoch (``BatchFeed.batches``) and
-    iterated in the trial process, so persistent workers serve every epoch. With
-    ``seeds`` each index travels with the seed of its random augmentation (``_SeededItems``)."""
+#: glibc's mallopt parameters and the mmap threshold trials use
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 16 * 2**20
 
-    def __init__(self) -> None:
-        self.batches: list[list] = []
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve C allocations of ``nbytes`` or more by mmap, returned to the OS when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing happens, returns False).
+
+    Why: glibc raises its mmap threshold to the size of any mmapped chunk that is freed (up to
+    32 MiB), so after the first batch a 224 px batch's float copy (tens of MB) comes from the
+    heap, where chunks that outlive a batch pin the freed space: a trial's resident memory
+    then grew with the number of batches it evaluated, i.e. with the dataset (+0.2 to +0.6 GB
+    from 300 to 3,000 validation images in tests/benchmarks/bench_data.py; flat with this).
+    A fixed threshold also turns that adjustment off, and with it the trim threshold's, which
+    would then stay at 128 KiB and return (and refault) the top of the heap every step: it is
+    set to twice the mmap threshold, as glibc's own adjustment does. Process-wide, so it is set
+    in the trial process (and inherited by its loader workers), never in a library import."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
+#: a worker's batch of images up to this size travels inside its message (a copy through the
+#: pipe); larger ones in shared memory (a file-descriptor exchange per tensor, ~1 ms here)
+INLINE_BATCH_BYTES = 8 * 2**20
+
+
+def _collate(items):
+    """A batch from a worker. Targets and ids are numpy arrays, which travel inside the
+    message; so do the images when small (``INLINE_BATCH_BYTES``: the demo's 50 images at
+    64 px are 0.6 MB), while a large batch is stacked straight into one shared-memory tensor
+    (``default_collate``), so 1,000 images at 224 px (150 MB) are never copied through a
+    pipe. A shared-memory tensor costs the receiving trial process a file-descriptor exchange
+    with the worker, which at the demo's step time was a few per cent of it."""
+    first = items[0][0]
+    if len(items) * first.numel() * first.element_size() <= INLINE_BATCH_BYTES:
+        # C order: np.stack keeps its inputs' layout, and decoded images are channels-last
+        # views; a channels-last batch takes other conv kernels (other rounding) than the
+        # contiguous batches of the in-memory path.
+        images = np.ascontiguousarray(np.stack([np.asarray(item[0]) for item in items]))
+    else:
+        images = default_collate([item[0] for item in items])
+    targets = np.stack([np.asarray(item[1]) for item in items])
+    ids = np.array([int(item[2]) for item in items], dtype=np.int64)
+    return images, targets, ids
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+class _PlannedBatches:
+    """The batch sampler of a streaming feed: every future epoch's batches, one after the
+    other, generated in the trial process as the loader asks for them. One loader iterator
+    then serves the whole trial, so its workers prefetch across epoch boundaries (the next
+    epoch's first batches decode while this one is evaluated) instead of starting cold."""
+
+    def __init__(self, feed: BatchFeed) -> None:
+        self.feed = feed
 
     def __iter__(self) -> Iterator[list]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        epoch = self.feed._first_epoch
+        while True:
+            batches, seed = self.feed.schedule(epoch)
+            for k, b in enumerate(batches):
+                if self.feed.random_items:
+                    yield list(zip(b.tolist(), _item_seeds(b, seed * 1_000_033 + k)))
+                else:
+                    yield b.tolist()
+            epoch += 1
 
 
 class _SeededItems(Dataset):
@@ -193,27 +259,44 @@ def _item_seeds(batch: torch.Tensor, step_seed: int) -> list[int]:
     return torch.randint(0, 2**62, (len(batch),), generator=gen).tolist()
 
 
+#: epoch -> (index batches of that epoch, seed of its random augmentation)
+Schedule = Callable[[int], tuple[list[torch.Tensor], int]]
+
+
+def sequential_schedule(n: int, batch: int) -> Schedule:
+    """Every epoch the same: the split in order, in batches of ``batch`` (evaluation)."""
+    batches = [torch.arange(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+    return lambda epoch: (batches, 0)
+
+
 class BatchFeed:
     """Batches of one split for one trial, streamed or from memory (module docstring).
 
-    dataset : the split (item protocol). batch_size : images per batch.
+    dataset : the split (item protocol).
+    schedule : epoch -> (index batches, augmentation seed); ``epoch(e)`` serves epoch e's.
     workers : DataLoader worker processes (0 = load in the trial process).
     device : where batches go (pinned memory and non-blocking copies on CUDA).
+    image_size : S of the items (for the size estimate).
     in_memory_bytes : decode the split once into memory when its uint8 size is at most this
         and ``cacheable``; 0 = always stream. A ``TensorSplit`` is already in memory.
-    image_size : S of the items (for the size estimate).
     random_items : the dataset's items are random (augmentation in the dataset): each item
         is then made under its own seed (``_SeededItems``), drawn from the batch's seed.
+    first_epoch : the epoch the feed starts at (a resumed trial's).
+
+    Epochs are served in order from ``first_epoch``; a streaming feed keeps one loader
+    iterator (persistent workers) for all of them, created by ``start`` (or the first
+    ``epoch``), so decoding begins while the trial still sets up.
     """
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, workers: int,
+    def __init__(self, dataset: Dataset, *, schedule: Schedule, workers: int,
                  device: torch.device, image_size: int, in_memory_bytes: int = 0,
-                 cacheable: bool = True, random_items: bool = False) -> None:
-        self.dataset, self.batch_size, self.device = dataset, batch_size, device
-        self.random_items = random_items
-        self.workers = workers
-        self._sampler = _EpochBatches()
+                 cacheable: bool = True, random_items: bool = False,
+                 first_epoch: int = 0) -> None:
+        self.dataset, self.schedule, self.device = dataset, schedule, device
+        self.workers, self.random_items = workers, random_items
+        self._first_epoch = self._next_epoch = first_epoch
         self._loader: DataLoader | None = None
+        self._iterator: Iterator | None = None
         self.memory: TensorSplit | None = None
         decoded = len(dataset) * 3 * image_size ** 2
         if isinstance(dataset, TensorSplit):
@@ -228,8 +311,9 @@ class BatchFeed:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _stream(self) -> DataLoader:
-        if self._loader is None:
+    def start(self) -> None:
+        """Start the workers decoding the first epoch's batches (streaming only)."""
+        if self.memory is None and self._iterator is None:
             cuda = self.device.type == "cuda"
             extra = {}
             if self.workers > 0:
@@ -237,14 +321,19 @@ class BatchFeed:
             ds = _SeededItems(self.dataset) if self.random_items else self.dataset
             # An explicit generator: the loader's base seed is then not drawn from (and does
             # not advance) torch's global RNG, which the trial checkpoints.
-            self._loader = DataLoader(ds, batch_sampler=self._sampler, num_workers=self.workers,
-                                      pin_memory=cuda, generator=torch.Generator(), **extra)
-        return self._loader
+            self._loader = DataLoader(ds, batch_sampler=_PlannedBatches(self),
+                                      num_workers=self.workers, pin_memory=cuda,
+                                      collate_fn=_collate, generator=torch.Generator(), **extra)
+            self._iterator = iter(self._loader)
 
-    def batches(self, index_batches: Sequence[torch.Tensor], seed: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (images uint8, targets, image_ids) on the device for each index batch;
-        ``seed`` (e.g. from (trial seed, epoch)) fixes the random items' augmentation."""
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield epoch ``epoch``'s batches, (images uint8, targets, image_ids) on the device.
+        Epochs must be asked for in order (the loader has already prefetched the next)."""
+        if epoch != self._next_epoch:
+            raise ValueError(f"epoch {epoch} asked for, but this feed serves epoch "
+                             f"{self._next_epoch} next (epochs are served in order)")
+        self._next_epoch += 1
+        index_batches, _ = self.schedule(epoch)
         nb = self.device.type == "cuda"
         if self.memory is not None:
             for idx in index_batches:
@@ -253,30 +342,18 @@ class BatchFeed:
                        part.targets.to(self.device, non_blocking=nb),
                        part.image_ids.to(self.device, non_blocking=nb))
             return
-        if self.random_items:
-            self._sampler.batches = [list(zip(b.tolist(), _item_seeds(b, seed * 1_000_033 + k)))
-                                     for k, b in enumerate(index_batches)]
-        else:
-            self._sampler.batches = [b.tolist() for b in index_batches]
-        for images, targets, ids in self._stream():
-            yield (images.to(self.device, non_blocking=nb), targets.to(self.device, non_blocking=nb),
-                   ids.to(self.device, non_blocking=nb))
-
-    def sequential(self, batch: int | None = None) -> list[torch.Tensor]:
-        """Index batches covering the split in order (evaluation)."""
-        b = batch or self.batch_size
-        n = len(self.dataset)
-        return [torch.arange(lo, min(lo + b, n)) for lo in range(0, n, b)]
+        self.start()
+        for _ in index_batches:
+            images, targets, ids = map(_as_tensor, next(self._iterator))
+            yield (images.to(self.device, non_blocking=nb),
+                   targets.to(self.device, non_blocking=nb), ids.to(self.device, non_blocking=nb))
 
     def close(self) -> None:
         """Stop the loader's worker processes now (they would otherwise live until garbage
         collection, and a reused Ray actor runs the next trial in the same process)."""
-        loader, self._loader = self._loader, None
-        if loader is not None:
-            it = getattr(loader, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            del loader
+        it, self._iterator, self._loader = self._iterator, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def decode(dataset: Dataset, *, workers: int = 0, batch: int = 64) -> TensorSplit:

@@ -39,12 +39,15 @@ from trainable.alignment import (
 from trainable.config import TrialConfig
 from trainable.data import (
     BatchFeed,
+    Schedule,
     TensorSplit,
     TrialData,
     decode,
+    fix_mmap_threshold,
     flip_mask,
     loader_workers,
     normalize,
+    sequential_schedule,
     steps_in_epoch,
     train_batches,
 )
@@ -102,12 +105,19 @@ class LocalHooks:
 # ----------------------------------------------------------------------------- metrics
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
-    """Top-k accuracy for each k (capped at the number of classes). logits (n, c), targets (n,)."""
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor,
+              topk: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """How many rows have their target among the k highest logits, for each k (capped at the
+    number of classes). logits (n, c), targets (n,)."""
     maxk = min(max(topk), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
     hit = pred == targets[:, None]
-    return {k: float(hit[:, : min(k, maxk)].any(1).float().mean()) for k in topk}
+    return {k: int(hit[:, : min(k, maxk)].any(1).sum()) for k in topk}
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
+    """Top-k accuracy for each k (capped at the number of classes). logits (n, c), targets (n,)."""
+    return {k: h / logits.shape[0] for k, h in topk_hits(logits, targets, topk).items()}
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -211,6 +221,20 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.T
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
+def training_schedule(n: int, cfg: TrialConfig) -> Schedule:
+    """Epoch -> (index batches, augmentation seed) of the training split: the permutation of
+    (seed, epoch) in batches of cfg.batch_size; the last partial batch is dropped if smaller
+    than the held-out score needs; at most cfg.steps_per_epoch steps when that is > 0."""
+    steps = steps_in_epoch(n, cfg.batch_size, _min_rows(cfg), cfg.steps_per_epoch)
+    if steps == 0:
+        raise ValueError(
+            f"the training split has {n} images, fewer than one batch can use "
+            f"(batch_size={cfg.batch_size}); lower batch_size or add data"
+        )
+    return lambda epoch: (train_batches(n, cfg.batch_size, cfg.seed, epoch, steps),
+                          cfg.seed * 1_000_003 + epoch)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -222,27 +246,18 @@ def train_one_epoch(
     device: torch.device,
     augment: str = "none",
 ) -> dict[str, float]:
-    """One pass over the training split (``feed``) in batches of cfg.batch_size, in the order
-    drawn from (seed, epoch); the last partial batch is dropped if smaller than the held-out
-    score needs; at most cfg.steps_per_epoch steps when that is > 0. Returns means over steps.
+    """One epoch of the training split: ``feed`` serves the batches of its schedule
+    (``training_schedule``). Returns means over steps.
 
     augment "flip": half of each batch is flipped here (``trainable.data.flip_mask``); other
     augmentation happened in the dataset. Image-computed references see the same images."""
     model.train()
-    n_steps_max = steps_in_epoch(len(feed), cfg.batch_size, _min_rows(cfg), cfg.steps_per_epoch)
-    if n_steps_max == 0:
-        raise ValueError(
-            f"the training split has {len(feed)} images, fewer than one batch can use "
-            f"(batch_size={cfg.batch_size}); lower batch_size or add data"
-        )
-    index_batches = train_batches(len(feed), cfg.batch_size, cfg.seed, epoch, n_steps_max)
     score_fn = alignment_loss_fn(cfg)
     sums = {"task_loss": 0.0, "align_loss": 0.0, "batch_alignment": 0.0}
     n_steps = n_align = n_images = 0
     wait = 0.0
     t_wait = time.perf_counter()
-    batches = feed.batches(index_batches, seed=cfg.seed * 1_000_003 + epoch)
-    for step, (images, targets, ids) in enumerate(batches):
+    for step, (images, targets, ids) in enumerate(feed.epoch(epoch)):
         wait += time.perf_counter() - t_wait
         images = normalize(images)
         if augment == "flip":
@@ -289,31 +304,51 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def _forward_all(model, feed: BatchFeed, layer: str | None, cfg, device, batch: int = 256):
-    """Logits (n, c), targets (n, ...) and, if layer, the tap as the alignment sees it
-    (``_layer_features``) for a whole split in order (eval)."""
+def _forward_all(model, feed: BatchFeed, epoch: int, layer: str, cfg, device) -> torch.Tensor:
+    """The tap as the alignment sees it (``_layer_features``) for every item of ``feed``'s
+    epoch, in order (eval). The output is allocated once: growing lists of per-batch results
+    interleaved with the batches' large temporaries fragment the heap, and the trial's memory
+    then grows with the split (measured: tests/benchmarks/bench_data.py)."""
     model.eval()
-    logits, targets, feats = [], [], []
-    for images, tg, _ in feed.batches(feed.sequential(batch)):
+    out, lo = None, 0
+    for images, _, _ in feed.epoch(epoch):
         with _autocast(cfg, device):
-            if layer:
-                out, taps = model(normalize(images), taps=(layer,))
-                feats.append(_layer_features(taps[layer], cfg))
-            else:
-                out = model(normalize(images))
-        logits.append(out.float())
-        targets.append(tg)
-    return torch.cat(logits), torch.cat(targets), (torch.cat(feats) if layer else None)
+            _, taps = model(normalize(images), taps=(layer,))
+        f = _layer_features(taps[layer], cfg)
+        if out is None:
+            out = torch.empty((len(feed), *f.shape[1:]), dtype=f.dtype, device=f.device)
+        out[lo:lo + f.shape[0]] = f
+        lo += f.shape[0]
+    return out
 
 
-def evaluate(model, feed: BatchFeed, task: str, cfg, device) -> dict[str, float]:
+@torch.no_grad()
+def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device) -> dict[str, float]:
     """Validation performance over the whole validation split (streamed like training): top-1
-    (and top-5) accuracy or mAP. ``val_performance`` is the number the Pareto fronts use."""
-    logits, targets, _ = _forward_all(model, feed, None, cfg, device, batch=cfg.batch_size)
+    and top-5 accuracy counted batch by batch, or mAP from the (n, classes) scores, kept in one
+    preallocated array. ``val_performance`` is the number the Pareto fronts use."""
+    model.eval()
+    hits = {1: 0, 5: 0}
+    scores = labels = None
+    lo = 0
+    for images, targets, _ in feed.epoch(epoch):
+        with _autocast(cfg, device):
+            logits = model(normalize(images)).float()
+        k = logits.shape[0]
+        if task == "single_label":
+            for topk, h in topk_hits(logits, targets, (1, 5)).items():
+                hits[topk] += h
+        else:
+            if scores is None:
+                scores = np.empty((len(feed), logits.shape[1]), np.float32)
+                labels = np.empty((len(feed), logits.shape[1]), np.float32)
+            scores[lo:lo + k] = torch.sigmoid(logits).cpu().numpy()
+            labels[lo:lo + k] = targets.float().cpu().numpy()
+        lo += k
     if task == "single_label":
-        acc = accuracy(logits, targets, (1, 5))
-        return {"val_top1": acc[1], "val_top5": acc[5], "val_performance": acc[1]}
-    m = mean_average_precision(torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy())
+        top1, top5 = hits[1] / lo, hits[5] / lo
+        return {"val_top1": top1, "val_top5": top5, "val_performance": top1}
+    m = mean_average_precision(scores, labels)
     return {"val_map": m, "val_performance": m}
 
 
@@ -444,6 +479,7 @@ def train(
     hooks = hooks or LocalHooks(Path(tempfile.mkdtemp(prefix="alignsweep-trial-")))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    fix_mmap_threshold()  # flat memory over many batches (trainable.data.fix_mmap_threshold)
     device = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
@@ -458,17 +494,21 @@ def train(
 
     workers = loader_workers(cfg.loader_workers, cfg.threads or torch.get_num_threads(), device)
     in_memory = cfg.in_memory_mb * 2**20
-    feeds = [BatchFeed(data.train, batch_size=cfg.batch_size, workers=workers, device=device,
-                       image_size=data.image_size, in_memory_bytes=in_memory,
+    common = dict(workers=workers, device=device, image_size=data.image_size,
+                  in_memory_bytes=in_memory, first_epoch=start)
+    feeds = [BatchFeed(data.train, schedule=training_schedule(len(data.train), cfg),
                        cacheable=data.augment != "crop_flip",
-                       random_items=data.augment == "crop_flip"),
-             BatchFeed(data.val, batch_size=cfg.batch_size, workers=workers, device=device,
-                       image_size=data.image_size, in_memory_bytes=in_memory)]
+                       random_items=data.augment == "crop_flip", **common),
+             BatchFeed(data.val, schedule=sequential_schedule(len(data.val), cfg.batch_size),
+                       **common)]
     train_feed, val_feed = feeds
     try:
+        for feed in feeds:
+            feed.start()  # streaming workers decode while the validation subset is prepared
         val_subset = validation_subset(data.val, cfg.val_images, workers)
-        subset_feed = BatchFeed(val_subset, batch_size=cfg.batch_size, workers=0,
-                                device=device, image_size=data.image_size)
+        subset_feed = BatchFeed(val_subset, schedule=sequential_schedule(len(val_subset), 256),
+                                workers=0, device=device, image_size=data.image_size,
+                                first_epoch=start)
         val_groups = _reference_targets(reference, val_subset, cfg, device)
         val_groups = [(r.to(device), y.to(device)) for r, y in val_groups]
 
@@ -478,8 +518,8 @@ def train(
             metrics = train_one_epoch(model, optimizer, train_feed, reference, cfg, data.task,
                                       epoch, device, data.augment)
             train_seconds = time.perf_counter() - t0
-            metrics.update(evaluate(model, val_feed, data.task, cfg, device))
-            _, _, feats = _forward_all(model, subset_feed, cfg.layer, cfg, device)
+            metrics.update(evaluate(model, val_feed, epoch, data.task, cfg, device))
+            feats = _forward_all(model, subset_feed, epoch, cfg.layer, cfg, device)
             metrics.update(validation_alignment(feats, val_groups, cfg))
             metrics["epoch"] = float(epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0

@@ -56,6 +56,7 @@ from trainable.train import (
     reference_groups,
     train,
     train_one_epoch,
+    training_schedule,
 )
 
 DEMO = dict(model="alexnet", layer="conv1", image_size=64, batch_size=50, lr=1e-4, seed=0,
@@ -102,8 +103,8 @@ def trainable_variant(name: str, data: TrialData, reference, cfg: TrialConfig,
     model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch = [0]
-    feed = BatchFeed(data.train, batch_size=cfg.batch_size, workers=0, device=device,
-                     image_size=data.image_size)
+    feed = BatchFeed(data.train, schedule=training_schedule(len(data.train), cfg), workers=0,
+                     device=device, image_size=data.image_size)
 
     def run() -> float:
         t0 = time.perf_counter()
