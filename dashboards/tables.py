@@ -86,6 +86,8 @@ RESULTS_SCHEMA = pa.schema([
     _f("alignment", pa.float64(), "final validation linear alignment (cross-validated ridge)"),
     _f("cka", pa.float64(), "final validation linear CKA"),
     _f("rsa", pa.float64(), "final validation RSA"),
+    _f("dead_units", pa.float64(), "final fraction of the layer's units constant over the "
+                                   "validation set (they get no alignment credit)"),
     _f("baseline_performance", pa.float64(), "performance of the condition's alpha = 0 trial"),
     _f("degradation", pa.float64(), "performance - baseline_performance (paper's y axis)"),
     _f("front_up", pa.bool_(), "on the (performance up, alignment up) front", False),
@@ -95,8 +97,8 @@ RESULTS_SCHEMA = pa.schema([
 
 #: metrics per epoch (trainable.train reports them; val_top1/top5 or val_map by task)
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
-                 "val_top5", "val_map", "val_alignment", "val_cka", "val_rsa", "epoch_seconds",
-                 "images_per_second")
+                 "val_top5", "val_map", "val_alignment", "val_cka", "val_rsa", "dead_units",
+                 "epoch_seconds", "images_per_second", "data_wait_seconds")
 
 EPOCHS_SCHEMA = pa.schema([
     *_TRIAL_KEYS,
@@ -161,7 +163,7 @@ def results_table(record: SweepRecord) -> pa.Table:
             "best_performance": _num(best[1]) if best else None,
             "best_epoch": best[0] if best else None,
             "alignment": _num(t.final("val_alignment")), "cka": _num(t.final("val_cka")),
-            "rsa": _num(t.final("val_rsa")),
+            "rsa": _num(t.final("val_rsa")), "dead_units": _num(t.final("dead_units")),
             "baseline_performance": baseline,
             "degradation": (performance - baseline
                             if performance is not None and baseline is not None else None),

@@ -169,10 +169,12 @@ def test_heldout_loo_equals_brute_force_ridge_refits():
                 atc = a[tr] - a[tr].mean(0)
                 lam = rel * np.trace(atc @ atc.T) / len(tr)
             resid[lo:hi] = b[lo:hi] - Ridge(alpha=lam).fit(a[tr], b[tr]).predict(a[lo:hi])
-        return (1 - (resid**2).sum(0) / ((b - b.mean(0)) ** 2).sum(0)).mean()
+        return (resid**2).sum(0), ((b - b.mean(0)) ** 2).sum(0)
 
     for folds in (None, 3, 5):
-        expect = (brute(x, y, folds) + brute(y, x, folds)) / 2
+        sse_y, sst_y = brute(x, y, folds)  # predicting the reference: uniform over columns
+        sse_x, sst_x = brute(y, x, folds)  # predicting the units: pooled, weights = variance
+        expect = ((1 - sse_y / sst_y).mean() + (1 - sse_x.sum() / sst_x.sum())) / 2
         got = linear_alignment_heldout(x, y, rel=rel, folds=folds)
         assert got == pytest.approx(expect, abs=1e-9), folds
 
@@ -186,11 +188,88 @@ def test_symmetric_forms_are_symmetric(seed):
     assert linear_alignment(x, y, alphas=ALPHAS) == pytest.approx(
         linear_alignment(y, x, alphas=ALPHAS), abs=1e-12
     )
-    assert linear_alignment_heldout(x, y) == pytest.approx(
-        linear_alignment_heldout(y, x), abs=1e-12
-    )
     assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
     assert rsa(x, y) == pytest.approx(rsa(y, x), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reported_forms_are_symmetric_when_every_column_has_the_same_variance(seed):
+    """Both forms weigh the reference's columns equally and the network's units by variance:
+    with equal-variance columns on both sides the two weightings agree, and so do the orders."""
+    x, y = linear_data(60, 30, 12, seed)
+    x, y = ((a - a.mean(0)) / a.std(0) for a in (x, y))
+    assert linear_alignment_heldout(x, y) == pytest.approx(linear_alignment_heldout(y, x),
+                                                           abs=1e-12)
+    assert linear_alignment_scaled(x, y) == pytest.approx(linear_alignment_scaled(y, x),
+                                                          abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- dead units
+
+
+def _with_constant_units(x, count, value):
+    return np.hstack([x, np.full((x.shape[0], count), value)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("count,value", [(24, 0.0), (24, 0.7), (5, -3.0), (200, 0.0)])
+def test_dead_or_constant_units_never_raise_the_score(seed, count, value):
+    """A layer that silences units into constants cannot gain alignment: appending constant
+    columns to the network's side leaves both reported forms unchanged (under scikit-learn's
+    per-column rule each would score R^2 = 1 in the reference -> layer direction)."""
+    rng = np.random.default_rng(seed)
+    n, p, q = 90, 48, 20
+    x = rng.standard_normal((n, p))
+    y = x[:, :6] @ rng.standard_normal((6, q)) + 2.0 * rng.standard_normal((n, q))
+    xd = _with_constant_units(x, count, value)
+    for form in (linear_alignment_scaled,
+                 lambda a, b: linear_alignment_heldout(a, b),
+                 lambda a, b: linear_alignment_heldout(a, b, folds=5)):
+        base, dead = form(x, y), form(xd, y)
+        assert dead <= base + 1e-9 and dead == pytest.approx(base, abs=1e-9), (base, dead)
+    if value == 0.0:  # scikit-learn's rule: a zero column is "predicted exactly", R^2 = 1
+        yx_sklearn = ridge_cv_r2(y, xd, alphas=relative_alphas(y))
+        assert yx_sklearn > ridge_cv_r2(y, x, alphas=relative_alphas(y)) + 0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_known_answer_half_of_the_units_dead(seed):
+    """X: half its units carry a signal unrelated to Y, half are dead (zero). Independent of Y,
+    so the alignment is ~0 in both forms; the old per-column rule gave the dead half R^2 = 1,
+    i.e. ~0.25 overall."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    x = _with_constant_units(rng.standard_normal((n, 24)), 24, 0.0)
+    y = rng.standard_normal((n, 16))
+    assert abs(linear_alignment_scaled(x, y)) < 0.05
+    # the loss form's fixed penalty overfits pure noise a little: slightly negative
+    assert abs(linear_alignment_heldout(x, y)) < 0.1
+    old_rule = (ridge_cv_r2(x, y, alphas=relative_alphas(x))
+                + ridge_cv_r2(y, x, alphas=relative_alphas(y))) / 2
+    assert old_rule > 0.2
+    # a layer whose half is dead and whose live half is Y exactly: perfectly aligned
+    live = rng.standard_normal((n, 24))
+    x2 = _with_constant_units(live, 24, 0.0)
+    y2 = live @ ortho_group.rvs(24, random_state=seed)
+    assert linear_alignment_scaled(x2, y2) > 0.99
+    assert linear_alignment_heldout(x2, y2, rel=1e-4) > 0.99
+
+
+def test_pooled_ridge_cv_r2_equals_sklearn_refits():
+    """column_weights: per fold 1 - sum w SSE / sum w SST of scikit-learn RidgeCV's held-out
+    predictions."""
+    x, y = linear_data(70, 40, 6, seed=3)
+    w = np.array([1.0, 0.0, 2.5, 0.3, 1.0, 4.0])
+    scores = []
+    for tr, te in KFold(5).split(x):
+        pred = RidgeCV(alphas=ALPHAS).fit(x[tr], y[tr]).predict(x[te])
+        sse = ((y[te] - pred) ** 2).sum(0)
+        sst = ((y[te] - y[te].mean(0)) ** 2).sum(0)
+        scores.append(1 - (w * sse).sum() / (w * sst).sum())
+    got = ridge_cv_r2(x, y, alphas=ALPHAS, column_weights=w)
+    assert got == pytest.approx(np.mean(scores), abs=1e-8)
+    with pytest.raises(ValueError, match=r"column_weights must be 6 numbers >= 0"):
+        ridge_cv_r2(x, y, alphas=ALPHAS, column_weights=[1.0, -1.0, 1, 1, 1, 1])
 
 
 @pytest.mark.parametrize("folds", [None, 4])

@@ -153,8 +153,10 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
     final, hooks = _run(cfg, data, responses, tmp_path)
     assert [m["epoch"] for m in hooks.history] == [0.0, 1.0]
     for key in ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_map",
-                "val_alignment", "val_cka", "val_rsa", "epoch_seconds", "images_per_second"):
+                "val_alignment", "val_cka", "val_rsa", "epoch_seconds", "images_per_second",
+                "dead_units", "data_wait_seconds"):
         assert key in final and np.isfinite(final[key]), key
+    assert 0.0 <= final["dead_units"] <= 1.0
     assert 0.0 < final["val_map"] <= 1.0
     png = tmp_path / "artifacts" / "conv1_filters.png"
     assert png.stat().st_size > 1000
@@ -221,3 +223,20 @@ def test_alignment_perturbation_moves_validation_alignment(tmp_path):
     assert lin_max > lin_0 + 0.05, result
     assert lin_min < lin_0 - 0.01, result
     assert cka_max > cka_0 > cka_min, result
+
+
+def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit():
+    from trainable.train import validation_alignment
+
+    g = torch.Generator().manual_seed(3)
+    live = torch.randn(60, 4, 3, 3, generator=g)
+    dead = torch.zeros(60, 4, 3, 3)
+    dead[:, 1] = 0.7  # constant but not zero: dead all the same
+    feats = torch.cat([live, dead], dim=1)  # half of the 72 units constant
+    y = torch.randn(60, 10, generator=g)
+    groups = [(torch.arange(60), y)]
+    cfg = TrialConfig(reference="nsd", val_folds=5, val_images=60)
+    with_dead = validation_alignment(feats, groups, cfg)
+    alone = validation_alignment(live, groups, cfg)
+    assert with_dead["dead_units"] == 0.5 and alone["dead_units"] == 0.0
+    assert with_dead["val_alignment"] == pytest.approx(alone["val_alignment"], abs=1e-9)

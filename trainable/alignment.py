@@ -30,6 +30,7 @@ __all__ = [
     "get_metric",
     "linear_alignment",
     "linear_alignment_heldout",
+    "constant_columns",
     "linear_cka",
     "relative_alphas",
     "ridge_cv_r2",
@@ -140,12 +141,26 @@ def _r2_columns(y_true: torch.Tensor, y_pred: torch.Tensor) -> torch.Tensor:
     return torch.where(const, (sse == 0).to(r2.dtype), r2)
 
 
+def _pooled_r2(y_true: torch.Tensor, y_pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """R^2 pooled over columns with weights w (q,) >= 0: ``1 - sum_j w_j SSE_j / sum_j w_j
+    SST_j`` (SST about the mean of ``y_true``). With w_j = 1/SST_j of a fixed target set this
+    is the uniform mean of per-column R^2; with w = 1 each column weighs its variance. A
+    weighted set with no variance at all scores 0 (nothing to explain, nothing explained)."""
+    sse = ((y_true - y_pred) ** 2).sum(0)
+    sst = ((y_true - y_true.mean(0)) ** 2).sum(0)
+    num, den = (weights * sse).sum(), (weights * sst).sum()
+    if float(den.detach()) <= 0:
+        return torch.zeros((), dtype=y_true.dtype, device=y_true.device)
+    return 1.0 - num / den
+
+
 def ridge_cv_r2(
     X: Any,
     Y: Any,
     *,
     alphas: Sequence[float] | np.ndarray,
     folds: int = 5,
+    column_weights: Any = None,
 ) -> torch.Tensor | float:
     """Cross-validated ridge R^2 of X predicting Y.
 
@@ -162,6 +177,9 @@ def ridge_cv_r2(
     scored as R^2 averaged uniformly over target columns (constant test columns: see
     ``_r2_columns``). Returns the mean over folds, so in float64 it equals
     ``cross_val_score(RidgeCV(alphas=alphas), X, Y, cv=KFold(folds), scoring="r2").mean()``.
+    ``column_weights`` (q,) >= 0 replaces that uniform mean by R^2 pooled over the columns
+    with these weights (``_pooled_r2``): what the trials report (``linear_alignment_scaled``),
+    where a dead or constant unit must add nothing.
 
     Cost: with p > m the dual (kernel) form is used: one n x n Gram matrix for all folds
     (computed once on globally centred X; each fold's centred kernel is a double-centred
@@ -171,6 +189,12 @@ def ridge_cv_r2(
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
     alpha_list = _check_alphas(alphas)
+    weights = None
+    if column_weights is not None:
+        weights = torch.as_tensor(column_weights, dtype=y.dtype, device=y.device).flatten()
+        if weights.numel() != y.shape[1] or bool((weights < 0).any()):
+            raise ValueError(f"column_weights must be {y.shape[1]} numbers >= 0 (one per "
+                             f"column of Y), got shape {tuple(weights.shape)}")
     n, p = x.shape
     # Translation does not change any fold's fit (each fold re-centres); centring globally
     # first keeps the Gram matrix well conditioned when features have a large common offset.
@@ -206,7 +230,8 @@ def ridge_cv_r2(
             w = scores_tr.T @ yc  # (p, q)
             a = alpha_list[_select_primal(scores_tr, evals, w, yc, alpha_list, m)]
             pred = y_mean + (xg[lo:hi] - mu) @ (vecs @ (w / (evals + a)[:, None]))
-        scores.append(_r2_columns(y_te, pred).mean())
+        scores.append(_r2_columns(y_te, pred).mean() if weights is None
+                      else _pooled_r2(y_te, pred, weights))
     return _out(torch.stack(scores).mean(), as_float)
 
 
@@ -359,31 +384,50 @@ def _standardized_columns(x: torch.Tensor) -> torch.Tensor:
     return xc / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def constant_columns(x: torch.Tensor) -> torch.Tensor:
+    """(q,) bool: the columns of ``x`` (n, q) whose values are all equal (a dead unit, a flat
+    voxel). Exact equality: "nearly constant" is handled by the variance weights."""
+    return x.amax(0) == x.amin(0)
+
+
 def linear_alignment_scaled(
     X: Any, Y: Any, *, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, folds: int = 5
 ) -> torch.Tensor | float:
-    """The validation form the trainable reports: ``linear_alignment`` with two scale
-    conventions, neither of which changes what R^2 measures.
+    """The validation form the trainable reports: the mean of X -> Y and Y -> X cross-validated
+    ridge R^2, where X : (n, p) is the network's layer and Y : (n, q) the reference.
 
     - Each direction's alphas are relative to its predictor (``relative_alphas``), so a
       layer's activation scale cannot move the grid.
-    - Each direction's target columns are z-scored. Per-column R^2 is invariant to an affine
-      change of that column (ridge is linear in Y; the intercept absorbs the shift), so only
-      the alpha selection changes: summed LOO error then weighs every column equally, the same
-      weighting as the uniformly averaged R^2 it is selecting for. Without it, a few
-      high-variance units choose an alpha that overfits the many low-variance ones, and a
-      layer with *some* alignment can score below one with none.
+    - Each direction's target columns are z-scored for the alpha selection: summed LOO error
+      then weighs every column equally. (Without it, a few high-variance units choose an alpha
+      that overfits the many low-variance ones.)
+    - The dead-unit rule: R^2 is pooled over target columns, ``1 - sum w SSE / sum w SST``,
+      and a constant column has weight 0. Predicting the reference (X -> Y), its non-constant
+      columns weigh equally (the paper's uniform mean over voxels or filters; the reference is
+      fixed, so the network cannot change the weights). Predicting the network's units
+      (Y -> X), each unit weighs its variance: a dead unit weighs nothing and a nearly
+      silenced one nearly nothing, so a network cannot raise its score by silencing units into
+      constants (a constant target is trivially "predicted" and would score R^2 = 1 under
+      scikit-learn's rule). The same rule holds in the training loss
+      (``linear_alignment_heldout``). Not symmetric in X and Y, by design.
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
-    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel), folds=folds)
-    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel), folds=folds)
+    y_live = (~constant_columns(y)).to(y.dtype)
+    x_var = (x - x.mean(0)).pow(2).mean(0) * (~constant_columns(x)).to(x.dtype)
+    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel), folds=folds,
+                     column_weights=y_live)
+    # z-scored targets with weights var_j: pooled R^2 of the raw units (SSE and SST of a
+    # z-scored column are the raw ones divided by var_j)
+    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel), folds=folds,
+                     column_weights=x_var)
     return _out((xy + yx) / 2, as_float)
 
 
 # ----------------------------------------------------------------------------- loss form
 
 
-def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None) -> torch.Tensor:
+def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
+                uniform: bool) -> torch.Tensor:
     """Predictive R^2 of kernel ridge (unpenalised intercept) from the centred Gram ``kx``
     (n, n, float64) to ``y`` (n, q), with every prediction held out.
 
@@ -399,9 +443,13 @@ def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None
       centring and penalty; for test rows ``R[te, te] = I`` and
       ``R[te, tr] = -(11^T/m + K_et A_tt^-1 J_m)``.
 
-    R^2 per target column j is ``1 - SSE_j / SST_j`` (residuals pooled over the held-out
-    samples, SST about the batch mean), averaged uniformly over columns. SST is floored at 1e-6
-    of the mean column SST so a constant unit cannot produce inf and gradients stay finite.
+    R^2 is pooled over target columns (residuals over the held-out samples, SST about the
+    batch mean): ``1 - sum_j w_j SSE_j / sum_j w_j SST_j``. ``uniform`` (the reference's
+    columns): w_j = 1/SST_j, the uniform mean of per-column R^2, over the columns that are not
+    constant in the batch (w = 0 for those). Otherwise (the network's units): w = 1, each unit
+    weighs its variance, so a dead unit adds nothing and no division by a vanishing SST ever
+    happens (the gradient stays bounded as a unit dies). ``linear_alignment_scaled`` applies
+    the same rule.
     """
     n = kx.shape[0]
     if folds is None:
@@ -433,8 +481,15 @@ def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None
     resid = op.to(y.dtype) @ y
     sse = (resid**2).sum(0)
     sst = ((y - y.mean(0)) ** 2).sum(0)
-    floor = 1e-6 * sst.mean().clamp_min(torch.finfo(sst.dtype).tiny)
-    return (1.0 - sse / torch.maximum(sst, floor)).mean()
+    if uniform:  # w_j = 1/SST_j on the live columns: the mean of their R^2
+        live = ~constant_columns(y)
+        if not bool(live.any()):  # nothing varies: nothing to explain
+            return (sse * 0).sum()
+        return (1.0 - sse[live] / sst[live]).mean()
+    den = sst.sum()
+    if float(den.detach()) <= 0:
+        return (sse * 0).sum()
+    return 1.0 - sse.sum() / den
 
 
 def _double_centre(k: torch.Tensor) -> torch.Tensor:
@@ -448,7 +503,9 @@ def linear_alignment_heldout(
     """Training-loss form of the linear alignment: mean of the held-out R^2 of X -> Y and
     Y -> X on one batch.
 
-    X : (n, p), Y : (n, q) (n = batch size). Predictions are always held out (exact
+    X : (n, p) the network's layer, Y : (n, q) the reference (n = batch size). The dead-unit
+    rule of ``linear_alignment_scaled``: predicting Y, its non-constant columns weigh equally;
+    predicting X, each unit weighs its variance (``_heldout_r2``). Predictions are always held out (exact
     leave-one-out when ``folds`` is None, else contiguous ``folds``-fold): with p > n,
     in-sample R^2 is ~1 whatever the network does. The ridge penalty is relative,
     lam = rel * trace(Kc)/n, so multiplying X or Y by a constant leaves the score unchanged.
@@ -460,8 +517,8 @@ def linear_alignment_heldout(
         raise ValueError(f"rel (relative ridge penalty) must be positive and finite, got {rel}")
     min_n = 3 if folds is None else 2 * _check_folds(folds)
     x, y, as_float = _pair(X, Y, min_n, "the held-out alignment")
-    xy = _heldout_r2(_gram64(x), y, rel, folds)
-    yx = _heldout_r2(_gram64(y), x, rel, folds)
+    xy = _heldout_r2(_gram64(x), y, rel, folds, uniform=True)
+    yx = _heldout_r2(_gram64(y), x, rel, folds, uniform=False)
     return _out(((xy + yx) / 2).to(x.dtype), as_float)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from trainable.alignment import (
+    constant_columns,
     get_metric,
     linear_alignment_heldout,
     linear_alignment_scaled,
@@ -394,7 +395,10 @@ def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int =
 def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig) -> dict[str, float]:
     """Linear alignment (cross-validated ridge, cfg.val_folds folds, penalties relative to each
     predictor's scale), CKA and RSA between the layer and the reference on the fixed validation
-    set, in float64; averaged over groups (subjects) with enough images."""
+    set, in float64; averaged over groups (subjects) with enough images. ``dead_units``: the
+    fraction of the layer's units (as the alignment sees them: rectified, pooled) that are
+    constant over the whole validation set; the alignment gives them no weight
+    (``trainable.alignment.linear_alignment_scaled``), this says how many there are."""
     out: dict[str, list[float]] = {"val_alignment": [], "val_cka": [], "val_rsa": []}
     for rows, y in groups:
         if rows.numel() < 2 * cfg.val_folds:
@@ -409,7 +413,9 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig) -> dict[
             f"no reference group has {2 * cfg.val_folds} validation images with responses; "
             "the validation alignment needs them (check the subjects and the split)"
         )
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    summary = {k: float(np.mean(v)) for k, v in out.items()}
+    summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
+    return summary
 
 
 # ----------------------------------------------------------------------------- checkpoints
