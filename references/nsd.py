@@ -38,12 +38,13 @@ whole (instances_train2017.json takes a few GB of RAM for a few tens of seconds)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,17 +287,24 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
     return [found[s] for s in sorted(found)]
 
 
-def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
-    """Validate one session file against the ROI mask; return its number of trials."""
+@contextlib.contextmanager
+def _h5_dataset(path: Path, name: str) -> Iterator:
+    """The object ``name`` of the HDF5 file ``path`` (open for the block), or an
+    NSDFormatError naming the file: not HDF5, or no such entry (listing what it holds)."""
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise NSDFormatError(f"{path}: cannot read as HDF5 ({exc})") from None
     with f:
-        if BETAS_DATASET not in f:
-            raise NSDFormatError(f"{path}: no dataset '{BETAS_DATASET}' "
+        if name not in f:
+            raise NSDFormatError(f"{path}: no dataset '{name}' "
                                  f"(found: {', '.join(sorted(f.keys())) or 'nothing'})")
-        d = f[BETAS_DATASET]
+        yield f[name]
+
+
+def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
+    """Validate one session file against the ROI mask; return its number of trials."""
+    with _h5_dataset(path, BETAS_DATASET) as d:
         if not isinstance(d, h5py.Dataset) or d.ndim != 4:
             raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be 4-D (trials, z, y, x), got "
                                  f"shape {getattr(d, 'shape', None)}")
@@ -320,15 +328,7 @@ def stimuli_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     path = Path(path)
     if not path.is_file():
         raise NSDFormatError(f"missing file {path}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise NSDFormatError(f"{path}: cannot read as HDF5 ({exc})") from None
-    with f:
-        if STIMULI_DATASET not in f:
-            raise NSDFormatError(f"{path}: no dataset '{STIMULI_DATASET}' "
-                                 f"(found: {', '.join(sorted(f.keys())) or 'nothing'})")
-        d = f[STIMULI_DATASET]
+    with _h5_dataset(path, STIMULI_DATASET) as d:
         shape, dtype = getattr(d, "shape", None), getattr(d, "dtype", None)
         if (not isinstance(d, h5py.Dataset) or d.ndim != 4 or d.shape[3] != 3
                 or d.dtype != np.uint8):
