@@ -53,7 +53,8 @@ def _image(png: Path, alt: str, caption: str) -> str:
 
 
 _RESULT_COLUMNS = ("trial_id", "direction", "alpha", "beta", "seed", "status", "performance",
-                   "best_performance", "alignment", "cka", "rsa", "dead_units", "degradation",
+                   "best_performance", "alignment", "alignment_nc", "cka", "rsa", "dead_units",
+                   "degradation",
                    "front_up", "front_down")
 
 

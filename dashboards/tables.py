@@ -86,6 +86,8 @@ RESULTS_SCHEMA = pa.schema([
     _f("alignment", pa.float64(), "final validation linear alignment (cross-validated ridge)"),
     _f("cka", pa.float64(), "final validation linear CKA"),
     _f("rsa", pa.float64(), "final validation RSA"),
+    _f("alignment_nc", pa.float64(), "final model -> voxel R^2 over the voxels' noise "
+                                     "ceiling (voxel references with ncsnr; else null)"),
     _f("dead_units", pa.float64(), "final fraction of the layer's units constant over the "
                                    "validation set (they get no alignment credit)"),
     _f("baseline_performance", pa.float64(), "performance of the condition's alpha = 0 trial"),
@@ -97,7 +99,8 @@ RESULTS_SCHEMA = pa.schema([
 
 #: metrics per epoch (trainable.train reports them; val_top1/top5 or val_map by task)
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
-                 "val_top5", "val_map", "val_alignment", "val_cka", "val_rsa", "dead_units",
+                 "val_top5", "val_map", "val_alignment", "val_alignment_nc", "val_cka",
+                 "val_rsa", "dead_units",
                  "epoch_seconds", "images_per_second", "data_wait_seconds")
 
 EPOCHS_SCHEMA = pa.schema([
@@ -164,6 +167,7 @@ def results_table(record: SweepRecord) -> pa.Table:
             "best_epoch": best[0] if best else None,
             "alignment": _num(t.final("val_alignment")), "cka": _num(t.final("val_cka")),
             "rsa": _num(t.final("val_rsa")), "dead_units": _num(t.final("dead_units")),
+            "alignment_nc": _num(t.final("val_alignment_nc")),
             "baseline_performance": baseline,
             "degradation": (performance - baseline
                             if performance is not None and baseline is not None else None),

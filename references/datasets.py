@@ -129,10 +129,14 @@ class VoxelResponses:
 
     ``per_subject`` maps subject -> (ids (n,) int64 ascending, Y (n, n_voxels) float32); subjects
     may differ in n (images seen) and n_voxels (their own ROI masks).
+    ``ncsnr`` (optional) maps subject -> (n_voxels,) the release's noise-ceiling SNR per voxel;
+    ``repeats`` (optional) subject -> (n,) how many trials each response averages. With both,
+    :meth:`noise_ceilings` gives each voxel's ceiling for a set of images.
     """
 
     def __init__(self, per_subject: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 roi: str = "") -> None:
+                 roi: str = "", *, ncsnr: dict[int, torch.Tensor] | None = None,
+                 repeats: dict[int, torch.Tensor] | None = None) -> None:
         if not per_subject:
             raise ValueError("VoxelResponses needs at least one subject")
         self._data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -147,6 +151,15 @@ class VoxelResponses:
                 raise ValueError(f"subject {s}: ids must be strictly ascending")
             self._data[int(s)] = (ids, y)
         self.roi = roi
+        self.ncsnr = {int(s): torch.as_tensor(v, dtype=torch.float32)
+                      for s, v in (ncsnr or {}).items() if v is not None}
+        self.repeats = {int(s): torch.as_tensor(v, dtype=torch.float32)
+                        for s, v in (repeats or {}).items()}
+        for s, v in self.ncsnr.items():
+            if s not in self._data or v.shape != (self._data[s][1].shape[1],):
+                raise ValueError(f"subject {s}: ncsnr must have one value per voxel "
+                                 f"({self._data.get(s, (None, torch.empty(0, 0)))[1].shape[1]})"
+                                 f", got shape {tuple(v.shape)}")
 
     @classmethod
     def from_table(cls, table: pa.Table | str | os.PathLike,
@@ -161,14 +174,47 @@ class VoxelResponses:
         if missing or not chosen:
             raise ValueError(f"subjects {missing or chosen} not in the table; available: "
                              f"{available}")
-        per_subject = {}
+        per_subject, repeats = {}, {}
         for s in chosen:
             rows = table.filter(pc.equal(table["subject"], s)).sort_by("nsd_id")
             n_vox = meta["n_voxels"][s]
             values = pc.list_flatten(rows["response"]).to_numpy()
             per_subject[s] = (torch.from_numpy(rows["nsd_id"].to_numpy().copy()),
                               torch.from_numpy(values.reshape(rows.num_rows, n_vox).copy()))
-        return cls(per_subject, roi=meta["roi"])
+            repeats[s] = torch.from_numpy(rows["n_repeats"].to_numpy().astype(np.float32))
+        ncsnr = {s: meta["ncsnr"].get(s) for s in chosen}
+        return cls(per_subject, roi=meta["roi"], ncsnr=ncsnr, repeats=repeats)
+
+    def noise_ceilings(self, subject: int, image_ids: torch.Tensor) -> torch.Tensor | None:
+        """(n_voxels,) float64: each voxel's noise ceiling for the subject's responses to
+        ``image_ids`` (``references.nsd.ceiling_from_ncsnr`` with their repeat counts), or
+        None without an ncsnr for the subject."""
+        if subject not in self.ncsnr or subject not in self.repeats:
+            return None
+        ids, _ = self._data[subject]
+        query = torch.as_tensor(image_ids, dtype=torch.int64).to(ids.device)
+        pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)
+        pos = pos[ids[pos] == query]
+        if pos.numel() == 0:
+            return None
+        n = self.repeats[subject].to(pos.device)[pos].cpu().numpy()
+        return torch.from_numpy(nsd.ceiling_from_ncsnr(self.ncsnr[subject].cpu().numpy(), n))
+
+    def select_voxels(self, ncsnr_min: float) -> VoxelResponses:
+        """The voxels whose ncsnr is at least ``ncsnr_min``, per subject; an error when the
+        data has no ncsnr or a subject keeps no voxel."""
+        if set(self.ncsnr) != set(self._data):
+            raise ValueError(f"voxel_ncsnr_min={ncsnr_min!r} needs each voxel's ncsnr, but "
+                             f"subjects {sorted(set(self._data) - set(self.ncsnr))} have none "
+                             f"(the release has no ncsnr.nii.gz); accepted: 0 (all voxels)")
+        data, ncsnr = {}, {}
+        for s, (ids, y) in self._data.items():
+            keep = self.ncsnr[s].to(y.device) >= ncsnr_min
+            if not bool(keep.any()):
+                raise ValueError(f"voxel_ncsnr_min={ncsnr_min!r} keeps no voxel of subject {s} "
+                                 f"(its largest ncsnr is {float(self.ncsnr[s].max()):.3g})")
+            data[s], ncsnr[s] = (ids, y[:, keep]), self.ncsnr[s][keep.cpu()]
+        return VoxelResponses(data, roi=self.roi, ncsnr=ncsnr, repeats=self.repeats)
 
     @property
     def subjects(self) -> tuple[int, ...]:
@@ -216,7 +262,8 @@ class VoxelResponses:
 
     def to(self, device: torch.device | str) -> VoxelResponses:
         return VoxelResponses({s: (i.to(device), y.to(device)) for s, (i, y) in
-                               self._data.items()}, roi=self.roi)
+                               self._data.items()}, roi=self.roi, ncsnr=self.ncsnr,
+                              repeats=self.repeats)
 
 
 class _Stimuli:

@@ -107,6 +107,47 @@ def betas_dir(nsd_root: Path, subject: int) -> Path:
             / "func1pt8mm/betas_fithrf_GLMdenoise_RR")
 
 
+#: the release's per-voxel noise-ceiling SNR, beside the session files (x, y, z) float
+NCSNR = "ncsnr.nii.gz"
+
+
+def ncsnr_file(nsd_root: Path, subject: int) -> Path:
+    return betas_dir(nsd_root, subject) / NCSNR
+
+
+def load_ncsnr(nsd_root: Path, subject: int, mask: np.ndarray) -> np.ndarray | None:
+    """The subject's ncsnr at the ROI's voxels (C order of the mask's nonzero entries, as the
+    responses), float32, or None when the release has no ncsnr.nii.gz for the subject. A
+    volume of another shape than the mask is an NSDFormatError; NaN (outside the brain) is 0."""
+    import nibabel as nib
+
+    path = ncsnr_file(nsd_root, subject)
+    if not path.is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        shape = tuple(img.shape)
+        if shape[:3] != tuple(mask.shape) or any(d != 1 for d in shape[3:]):
+            raise NSDFormatError(f"{path}: ncsnr volume of shape {shape} does not match the ROI "
+                                 f"mask's (x, y, z) = {tuple(mask.shape)}")
+        vol = np.asarray(img.dataobj, dtype=np.float64).reshape(mask.shape)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, NSDFormatError):
+            raise
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
+    return np.nan_to_num(vol[mask], nan=0.0).astype(np.float32)
+
+
+def ceiling_from_ncsnr(ncsnr: np.ndarray, n_repeats: np.ndarray) -> np.ndarray:
+    """Noise ceiling (fraction of variance, 0..1) of responses averaged over repeats, from the
+    release's ncsnr: ``NC = ncsnr^2 / (ncsnr^2 + mean_i(1 / n_i))`` over the images i of the
+    target set, each an average of n_i trials (NSD's formula, with its A/3 + B/2 + C/1 mix of
+    image counts written as the mean of 1/n). ncsnr : (voxels,); n_repeats : (images,)."""
+    inv = float(np.mean(1.0 / np.asarray(n_repeats, np.float64)))
+    snr2 = np.asarray(ncsnr, np.float64) ** 2
+    return snr2 / (snr2 + inv)
+
+
 def session_file(nsd_root: Path, subject: int, session: int) -> Path:
     return betas_dir(nsd_root, subject) / f"betas_session{session:02d}.hdf5"
 
@@ -573,7 +614,9 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     fast with an :class:`NSDFormatError` naming the file. Rows are ordered by (subject, nsd_id);
     images a subject never saw in the sessions on disk are absent; trials of
     ``masterordering`` beyond those sessions are ignored. The schema metadata key
-    ``alignsweep.nsd`` holds JSON: roi, subjects, n_voxels per subject, category_ids, names.
+    ``alignsweep.nsd`` holds JSON: roi, subjects, n_voxels per subject, ncsnr per subject (the
+    ROI's voxels, from the release's ncsnr.nii.gz; null where it has none), category_ids,
+    names.
     """
     nsd_root, coco_annotations, out = Path(nsd_root), Path(coco_annotations), Path(out)
     subjects = _subject_list(nsd_root, subjects)
@@ -591,8 +634,13 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     with bar:
         for plan in plans:
             parts.append(_average_repeats(plan, seen[plan.subject], bar))
+    ncsnr = {}
+    for p in plans:
+        v = load_ncsnr(nsd_root, p.subject, p.mask)
+        ncsnr[str(p.subject)] = None if v is None else [float(f"{x:.6g}") for x in v]
     meta = {"roi": spec.name, "subjects": subjects,
             "n_voxels": {str(p.subject): int(p.mask.sum()) for p in plans},
+            "ncsnr": ncsnr,
             "category_ids": list(coco.category_ids), "category_names": list(coco.names),
             "nsd_root": str(nsd_root.resolve())}
     table = _to_table(parts, info, coco, meta)
@@ -682,7 +730,8 @@ def _to_table(parts: list[_SubjectPart], info: StimInfo, coco: CocoLabels,
 
 
 def prepared_metadata(table: pa.Table | pa.Schema) -> dict:
-    """The JSON metadata ``prepare`` stores: roi, subjects, n_voxels {subject: n}, category_ids,
+    """The JSON metadata ``prepare`` stores: roi, subjects, n_voxels {subject: n}, ncsnr
+    {subject: [per voxel] or None} ({} for tables written before it), category_ids,
     category_names."""
     schema = table.schema if isinstance(table, pa.Table) else table
     raw = (schema.metadata or {}).get(_META_KEY)
@@ -691,6 +740,7 @@ def prepared_metadata(table: pa.Table | pa.Schema) -> dict:
                              "`python -m references.nsd prepare`")
     meta = json.loads(raw)
     meta["n_voxels"] = {int(k): v for k, v in meta["n_voxels"].items()}
+    meta["ncsnr"] = {int(k): v for k, v in meta.get("ncsnr", {}).items()}
     return meta
 
 
@@ -725,11 +775,13 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
     inputs = [nsd_root / EXPDESIGN, nsd_root / STIM_INFO]
     for s in subjects:
         inputs += [roi_file(nsd_root, s, roi)] + session_files(nsd_root, s)
+        if ncsnr_file(nsd_root, s).is_file():
+            inputs.append(ncsnr_file(nsd_root, s))
     inputs += [_coco_path(coco_annotations, split) for split in COCO_FILES]
     missing = [p for p in inputs if not p.is_file()]
     if missing:
         raise NSDFormatError(f"missing file {missing[0]}")
-    key = content_hash({"kind": "nsd-prepared", "version": 1, "roi": roi, "subjects": subjects,
+    key = content_hash({"kind": "nsd-prepared", "version": 2, "roi": roi, "subjects": subjects,
                         "inputs": _fingerprint(inputs)})
     final = cache_root() / "nsd_prepared" / f"{roi}-{key}"
     with build_once(final) as tmp:

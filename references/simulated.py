@@ -52,7 +52,7 @@ from tqdm import tqdm
 from references import nsd
 from references.cache import build_once, cache_root, content_hash
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: writes each subject's ncsnr.nii.gz
 # Number of real builds per kind in this process: lets tests see that a cached call built nothing.
 BUILD_COUNTS: Counter[str] = Counter()
 
@@ -660,6 +660,9 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
 
     folder = nsd.betas_dir(nsd_root, subject)
     folder.mkdir(parents=True)
+    # The release's ncsnr volume: here the true one (signal sd / noise sd of a trial).
+    nib.save(nib.Nifti1Image(ncsnr.reshape(shape).astype(np.float32), affine),
+             str(nsd.ncsnr_file(nsd_root, subject)))
     roi_cols = {roi: np.flatnonzero(m.reshape(-1)) for roi, m in masks.items()}
     z_trials: dict[str, list[np.ndarray]] = {roi: [] for roi in masks}
     for k, (t0, t1) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -176,3 +176,18 @@ def test_dataset_errors(tmp_path, sim, table):
         NSDDataset(tmp_path / "nope.parquet", sim.stimuli)
     with pytest.raises(nsd.NSDFormatError, match=r"missing file .*nope\.hdf5"):
         NSDDataset(table, tmp_path / "nope.hdf5")
+
+
+def test_prepared_table_carries_the_release_ncsnr_and_its_noise_ceilings(sim, table):
+    """The simulated release writes each subject's true ncsnr as ncsnr.nii.gz, as NSD does;
+    prepare keeps the ROI's voxels and VoxelResponses turns them into noise ceilings for a set
+    of images (subject 1 saw every image the full number of times: the true ceilings)."""
+    responses = VoxelResponses.from_table(table)
+    assert set(responses.ncsnr) == set(sim.subjects)
+    ids = responses.image_ids(1)
+    assert bool((responses.repeats[1] == responses.repeats[1][0]).all())
+    got = responses.noise_ceilings(1, ids).numpy()
+    np.testing.assert_allclose(got, sim.true_noise_ceilings[1]["V1"], rtol=1e-4)
+    # and the ceilings measured from the written betas agree with the truth on average
+    assert abs(got.mean() - sim.noise_ceilings[1]["V1"].mean()) < 0.1
+    assert responses.noise_ceilings(1, torch.tensor([10**6])) is None  # nobody saw it

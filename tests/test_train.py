@@ -20,6 +20,7 @@ from trainable.config import TrialConfig
 from trainable.data import TrialData
 from trainable.train import (
     LocalHooks,
+    validation_alignment,
     TrialDiverged,
     accuracy,
     alignment_loss_fn,
@@ -154,7 +155,7 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
     assert [m["epoch"] for m in hooks.history] == [0.0, 1.0]
     for key in ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_map",
                 "val_alignment", "val_cka", "val_rsa", "epoch_seconds", "images_per_second",
-                "dead_units", "data_wait_seconds"):
+                "dead_units", "data_wait_seconds", "val_alignment_nc"):
         assert key in final and np.isfinite(final[key]), key
     assert 0.0 <= final["dead_units"] <= 1.0
     assert 0.0 < final["val_map"] <= 1.0
@@ -226,8 +227,6 @@ def test_alignment_perturbation_moves_validation_alignment(tmp_path):
 
 
 def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit():
-    from trainable.train import validation_alignment
-
     g = torch.Generator().manual_seed(3)
     live = torch.randn(60, 4, 3, 3, generator=g)
     dead = torch.zeros(60, 4, 3, 3)
@@ -240,3 +239,48 @@ def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit(
     alone = validation_alignment(live, groups, cfg)
     assert with_dead["dead_units"] == 0.5 and alone["dead_units"] == 0.0
     assert with_dead["val_alignment"] == pytest.approx(alone["val_alignment"], abs=1e-9)
+
+
+def test_known_answer_a_model_of_the_generating_features_reaches_the_noise_ceiling():
+    """Voxels = ncsnr x signal + trial noise, averaged over 3 repeats, signal a linear function
+    of 10 features. A model whose layer IS those features explains what the noise allows:
+    model -> voxel R^2 / noise ceiling ~ 1; a model of unrelated features ~ 0."""
+    rng = np.random.default_rng(0)
+    n, v, repeats = 600, 30, 3
+    feats = rng.standard_normal((n, 10))
+    signal = feats @ rng.standard_normal((10, v))
+    signal = (signal - signal.mean(0)) / signal.std(0)
+    ncsnr = rng.uniform(0.5, 1.5, v)
+    noise = rng.standard_normal((repeats, n, v)).mean(0)
+    y = ncsnr * signal + noise
+    ids = torch.arange(n)
+    responses = VoxelResponses({1: (ids, torch.tensor(y, dtype=torch.float32))}, roi="V1",
+                               ncsnr={1: torch.tensor(ncsnr)},
+                               repeats={1: torch.full((n,), float(repeats))})
+    cfg = TrialConfig(reference="nsd", val_folds=5, val_images=n)
+    groups = [(ids, responses.responses(1))]
+    nc = [responses.noise_ceilings(1, ids)]
+    expected_nc = ncsnr**2 / (ncsnr**2 + 1 / repeats)
+    np.testing.assert_allclose(nc[0].numpy(), expected_nc, rtol=1e-5)
+    seen = validation_alignment(torch.tensor(feats), groups, cfg, nc)
+    assert 0.9 < seen["val_alignment_nc"] < 1.1, seen
+    blind = validation_alignment(torch.randn(n, 10, generator=torch.Generator().manual_seed(1)),
+                                 groups, cfg, nc)
+    assert abs(blind["val_alignment_nc"]) < 0.1, blind
+    assert "val_alignment_nc" not in validation_alignment(torch.tensor(feats), groups, cfg)
+
+
+def test_voxel_selection_by_ncsnr():
+    ids = torch.arange(8)
+    y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    vr = VoxelResponses({2: (ids, y)}, ncsnr={2: torch.tensor([0.1, 0.5, 0.9, 0.3])},
+                        repeats={2: torch.full((8,), 3.0)})
+    kept = vr.select_voxels(0.4)
+    assert kept.n_voxels == {2: 2} and torch.equal(kept.responses(2), y[:, [1, 2]])
+    assert kept.ncsnr[2].tolist() == pytest.approx([0.5, 0.9])
+    with pytest.raises(ValueError, match=r"voxel_ncsnr_min=2\.0 keeps no voxel of subject 2"):
+        vr.select_voxels(2.0)
+    with pytest.raises(ValueError, match=r"needs each voxel's ncsnr, but subjects \[2\] have none"):
+        VoxelResponses({2: (ids, y)}).select_voxels(0.4)
+    with pytest.raises(ValueError, match=r"voxel_ncsnr_min=0.2; accepted: 0 with reference"):
+        TrialConfig(reference="gabor", voxel_ncsnr_min=0.2)

@@ -391,8 +391,9 @@ def constant_columns(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_alignment_scaled(
-    X: Any, Y: Any, *, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, folds: int = 5
-) -> torch.Tensor | float:
+    X: Any, Y: Any, *, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, folds: int = 5,
+    parts: bool = False,
+) -> Any:
     """The validation form the trainable reports: the mean of X -> Y and Y -> X cross-validated
     ridge R^2, where X : (n, p) is the network's layer and Y : (n, q) the reference.
 
@@ -410,6 +411,9 @@ def linear_alignment_scaled(
       constants (a constant target is trivially "predicted" and would score R^2 = 1 under
       scikit-learn's rule). The same rule holds in the training loss
       (``linear_alignment_heldout``). Not symmetric in X and Y, by design.
+
+    ``parts=True`` returns ``(score, x_to_y, y_to_x)`` (the model -> reference R^2 is what a
+    noise ceiling normalises).
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
     y_live = (~constant_columns(y)).to(y.dtype)
@@ -420,6 +424,8 @@ def linear_alignment_scaled(
     # z-scored column are the raw ones divided by var_j)
     yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel), folds=folds,
                      column_weights=x_var)
+    if parts:
+        return _out((xy + yx) / 2, as_float), _out(xy, as_float), _out(yx, as_float)
     return _out((xy + yx) / 2, as_float)
 
 

@@ -55,6 +55,8 @@ class TrialConfig:
         ones stream from disk every epoch (``trainable.data``). 0 = always stream.
     loader_workers : DataLoader worker processes per trial; -1 = from the CPU share
         (``trainable.data.loader_workers``), 0 = load in the trial process.
+    voxel_ncsnr_min : voxel references only: keep the voxels whose noise-ceiling SNR (the
+        release's ncsnr) is at least this; 0 = every voxel of the ROI.
     """
 
     model: str = "alexnet"
@@ -82,6 +84,7 @@ class TrialConfig:
     steps_per_epoch: int = 0
     in_memory_mb: int = 1024
     loader_workers: int = -1
+    voxel_ncsnr_min: float = 0.0
 
     def __post_init__(self) -> None:
         from trainable.alignment import METRICS
@@ -103,6 +106,11 @@ class TrialConfig:
                 raise bad(name, "a finite number")
         if self.beta < 0:
             raise bad("beta", "a number >= 0")
+        if not (math.isfinite(self.voxel_ncsnr_min) and self.voxel_ncsnr_min >= 0):
+            raise bad("voxel_ncsnr_min", "a number >= 0 (0 = every voxel)")
+        if self.voxel_ncsnr_min > 0 and self.reference != "nsd":
+            raise bad("voxel_ncsnr_min", f"0 with reference={self.reference!r} (it selects "
+                                         f"voxels of an NSD reference)")
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("alpha=0 and beta=0: the loss would be zero; set either")
         for name in ("lr", "ridge_rel", "width"):

@@ -378,7 +378,8 @@ def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tens
 
 
 def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int = 256):
-    """Reference representation of the fixed validation set, one (rows, Y) per group."""
+    """Reference representation of the fixed validation set, one (key, rows, Y) per group
+    (the key is the subject for voxel data)."""
     rows_by_key: dict[Any, list[torch.Tensor]] = {}
     ys_by_key: dict[Any, list[torch.Tensor]] = {}
     for lo in range(0, len(subset), batch):
@@ -389,31 +390,54 @@ def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int =
         for key, (rows, y) in groups.items():
             rows_by_key.setdefault(key, []).append(rows.to(device) + lo)
             ys_by_key.setdefault(key, []).append(_pooled(y, cfg.pool))
-    return [(torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
+    return [(k, torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
 
 
-def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig) -> dict[str, float]:
+def _group_ceilings(reference, keyed_groups, subset: TensorSplit) -> list[torch.Tensor | None]:
+    """Per validation group, each voxel's noise ceiling for the group's images (a voxel
+    reference with ncsnr: ``VoxelResponses.noise_ceilings``), else None."""
+    if not hasattr(reference, "noise_ceilings"):
+        return [None] * len(keyed_groups)
+    return [reference.noise_ceilings(key, subset.image_ids[rows.cpu()])
+            for key, rows, _ in keyed_groups]
+
+
+def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
+                         ceilings: list | None = None) -> dict[str, float]:
     """Linear alignment (cross-validated ridge, cfg.val_folds folds, penalties relative to each
     predictor's scale), CKA and RSA between the layer and the reference on the fixed validation
     set, in float64; averaged over groups (subjects) with enough images. ``dead_units``: the
     fraction of the layer's units (as the alignment sees them: rectified, pooled) that are
     constant over the whole validation set; the alignment gives them no weight
-    (``trainable.alignment.linear_alignment_scaled``), this says how many there are."""
+    (``trainable.alignment.linear_alignment_scaled``), this says how many there are.
+
+    ``ceilings`` (per group, (n_voxels,) or None): for voxel references with a noise ceiling,
+    ``val_alignment_nc`` = the model -> voxel R^2 (uniform over voxels) divided by the voxels'
+    mean ceiling for those images, averaged over the groups that have one: the field's
+    "fraction of explainable variance explained" (1 = as good as the data allow).
+    """
     out: dict[str, list[float]] = {"val_alignment": [], "val_cka": [], "val_rsa": []}
-    for rows, y in groups:
+    normalised: list[float] = []
+    ceilings = ceilings if ceilings is not None else [None] * len(groups)
+    for (rows, y), nc in zip(groups, ceilings):
         if rows.numel() < 2 * cfg.val_folds:
             continue
         x64 = feats[rows].double().flatten(1)
         y64 = y.double().flatten(1)
-        out["val_alignment"].append(float(linear_alignment_scaled(x64, y64, folds=cfg.val_folds)))
+        score, x_to_y, _ = linear_alignment_scaled(x64, y64, folds=cfg.val_folds, parts=True)
+        out["val_alignment"].append(float(score))
         out["val_cka"].append(float(linear_cka(x64, y64)))
         out["val_rsa"].append(float(rsa(x64, y64)))
+        if nc is not None and float(nc.mean()) > 0:
+            normalised.append(float(x_to_y) / float(nc.mean()))
     if not out["val_alignment"]:
         raise ValueError(
             f"no reference group has {2 * cfg.val_folds} validation images with responses; "
             "the validation alignment needs them (check the subjects and the split)"
         )
     summary = {k: float(np.mean(v)) for k, v in out.items()}
+    if normalised:
+        summary["val_alignment_nc"] = float(np.mean(normalised))
     summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
     return summary
 
@@ -490,6 +514,8 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.voxel_ncsnr_min > 0:
+        reference = reference.select_voxels(cfg.voxel_ncsnr_min)
     if hasattr(reference, "to"):
         reference = reference.to(device)
 
@@ -515,8 +541,9 @@ def train(
         subset_feed = BatchFeed(val_subset, schedule=sequential_schedule(len(val_subset), 256),
                                 workers=0, device=device, image_size=data.image_size,
                                 first_epoch=start)
-        val_groups = _reference_targets(reference, val_subset, cfg, device)
-        val_groups = [(r.to(device), y.to(device)) for r, y in val_groups]
+        keyed = _reference_targets(reference, val_subset, cfg, device)
+        val_ceilings = _group_ceilings(reference, keyed, val_subset)
+        val_groups = [(r.to(device), y.to(device)) for _, r, y in keyed]
 
         metrics: dict[str, float] = {}
         for epoch in range(start, cfg.epochs):
@@ -526,7 +553,7 @@ def train(
             train_seconds = time.perf_counter() - t0
             metrics.update(evaluate(model, val_feed, epoch, data.task, cfg, device))
             feats = _forward_all(model, subset_feed, epoch, cfg.layer, cfg, device)
-            metrics.update(validation_alignment(feats, val_groups, cfg))
+            metrics.update(validation_alignment(feats, val_groups, cfg, val_ceilings))
             metrics["epoch"] = float(epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0
             metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
