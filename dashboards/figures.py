@@ -127,7 +127,7 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
             ax.axhline(0.0, color="#999999", lw=0.8, zorder=1)
         perf_name = _perf_name(rows)
         ax.set_xlabel("achieved alignment (validation, linear)")
-        ax.set_ylabel(f"{perf_name} - baseline" if has_base
+        ax.set_ylabel(f"drop from baseline ({perf_name} points; + = worse)" if has_base
                       else f"{perf_name} (no baseline: not relative)")
         stats = (statistics or {}).get(cond, {}).get("spearman") or {}
         rho = stats.get("rho", math.nan)

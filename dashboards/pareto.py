@@ -76,7 +76,8 @@ def diagnose(record: SweepRecord, results: pa.Table) -> list[str]:
             continue
         if not any(r["direction"] == "none" for r in done):
             notes.append(f"condition {cond}: no finished baseline (alpha = 0) trial, so "
-                         f"baseline_performance and degradation are empty and the front figure "
+                         f"baseline_performance, performance_change and degradation are empty "
+                         f"and the front figure "
                          f"shows raw performance")
         directions = sorted({r["direction"] for r in done} - {"none"})
         if not directions:
@@ -186,7 +187,8 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         figs = [
             (figures.front_figure(results, stats), "front",
-             ("Performance degradation relative to the baseline against achieved alignment "
+             ("Degradation (the drop from the baseline in points; positive = worse) against "
+              "achieved alignment "
               "(validation), coloured by direction, marker area by |alpha|; lines: the two "
               "Pareto fronts (performance up with alignment up, and with alignment down).")),
             (figures.epochs_figure(epochs, results), "epochs",

@@ -54,7 +54,7 @@ def _image(png: Path, alt: str, caption: str) -> str:
 
 _RESULT_COLUMNS = ("trial_id", "direction", "alpha", "beta", "seed", "status", "performance",
                    "best_performance", "alignment", "alignment_nc", "cka", "rsa", "dead_units",
-                   "degradation",
+                   "performance_change", "degradation",
                    "front_up", "front_down")
 
 
@@ -81,7 +81,7 @@ def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
     head = ("<tr><th>condition</th><th>finished / trials</th><th>performance</th>"
             "<th>Spearman rho (alignment, performance)</th><th>95% bootstrap interval</th>"
             "<th>p</th><th>performance in signed alpha</th><th>rho (alpha, performance)</th>"
-            "<th>notes</th></tr>")
+            "<th>most minus least aligned trial (points)</th><th>notes</th></tr>")
     rows = []
     for cond, s in statistics.items():
         sp, mono = s["spearman"], s["monotonicity"]
@@ -95,7 +95,9 @@ def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
             f'<td class="text">{_e(s["performance_metric"] or "")}</td>'
             f"<td>{_e(_fmt(sp['rho'], 3))}</td><td>{_e(ci)}</td>"
             f"<td>{_e(_fmt(sp['p_value'], 3))}</td><td class=\"text\">{_e(trend)}</td>"
-            f"<td>{_e(_fmt(mono['rho_alpha'], 3))}</td><td class=\"text\">{_e(notes)}</td></tr>")
+            f"<td>{_e(_fmt(mono['rho_alpha'], 3))}</td>"
+            f"<td>{_e(_fmt(s.get('gap', {}).get('points'), 2))}</td>"
+            f"<td class=\"text\">{_e(notes)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

@@ -174,11 +174,27 @@ def _at(values: list, rows: list[int]) -> np.ndarray:
     return np.array([np.nan if values[i] is None else values[i] for i in rows], dtype=np.float64)
 
 
+def alignment_gap(alignment, performance) -> dict:
+    """The performance of the most aligned trial minus that of the most misaligned one, in
+    points (x 100: top-1 percentage points or mAP points), over trials with both numbers:
+    the paper's per-condition summary of what alignment buys. Positive: the most aligned
+    trial performs better. None-valued when fewer than two trials have both."""
+    a, p = _finite_pairs(alignment, performance)
+    if a.size < 2:
+        return {"points": None, "most_aligned": None, "most_misaligned": None,
+                "alignment_range": None}
+    hi, lo = int(np.argmax(a)), int(np.argmin(a))
+    return {"points": float(100.0 * (p[hi] - p[lo])), "most_aligned": float(p[hi]),
+            "most_misaligned": float(p[lo]),
+            "alignment_range": [float(a[lo]), float(a[hi])]}
+
+
 def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
     """Per condition of a results table (``dashboards.tables.RESULTS_SCHEMA``), over its
     FINISHED trials: counts, Spearman's rho between alignment and performance with its
-    bootstrap interval, and monotonicity of performance in signed alpha (plain dicts, ready
-    for JSON)."""
+    bootstrap interval, monotonicity of performance in signed alpha, and the gap between the
+    most aligned and the most misaligned trial (``alignment_gap``) (plain dicts, ready for
+    JSON)."""
     cols = {name: results.column(name).to_pylist()
             for name in ("condition", "status", "alpha", "alignment", "performance",
                          "performance_metric")}
@@ -197,5 +213,6 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
                                     n_boot=n_boot, seed=seed).asdict(),
             "monotonicity": monotonicity(_at(cols["alpha"], done),
                                          _at(cols["performance"], done)).asdict(),
+            "gap": alignment_gap(_at(cols["alignment"], done), _at(cols["performance"], done)),
         }
     return out

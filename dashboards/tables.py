@@ -5,14 +5,17 @@
     metric, direction ("max" | "min" | "none"), alpha (signed), beta, seed, status,
     epochs_completed, performance_metric ("top1" | "map"), performance (final validation top-1
     or mAP), best_performance and best_epoch, alignment (final validation linear alignment),
-    cka, rsa, baseline_performance, degradation (= performance - baseline_performance: the
-    paper's y axis), front_up, front_down (``dashboards.fronts``), error.
+    alignment_nc, cka, rsa, dead_units, baseline_performance, performance_change
+    (= performance - baseline_performance, positive = better), degradation (the paper's
+    y axis: the drop from the baseline in points, 100 * (baseline_performance - performance),
+    top-1 percentage points or mAP points, positive = worse), front_up, front_down
+    (``dashboards.fronts``), error.
 ``epochs_table(record)`` (epochs.parquet), one row per trial and epoch: the trial's keys, then
     every metric in ``EPOCH_METRICS`` (null where a trial did not report it).
 
 Baseline: per condition, the finished alpha = 0 trial of the same seed; without one, the mean
-over the condition's finished alpha = 0 trials of other seeds; without any, null (and the
-degradation with it). Missing numbers are nulls in Parquet (NaN in pandas).
+over the condition's finished alpha = 0 trials of other seeds; without any, null (and
+performance_change and degradation with it). Missing numbers are nulls in Parquet (NaN in pandas).
 
 Both files carry the sweep's resolved config as JSON under the schema metadata key
 ``alignsweep.config`` (``sweep_config(record)``), and a description of every column in its
@@ -91,11 +94,18 @@ RESULTS_SCHEMA = pa.schema([
     _f("dead_units", pa.float64(), "final fraction of the layer's units constant over the "
                                    "validation set (they get no alignment credit)"),
     _f("baseline_performance", pa.float64(), "performance of the condition's alpha = 0 trial"),
-    _f("degradation", pa.float64(), "performance - baseline_performance (paper's y axis)"),
+    _f("performance_change", pa.float64(),
+       "performance - baseline_performance (fraction; positive = better)"),
+    _f("degradation", pa.float64(),
+       "drop from the baseline in points, 100 * (baseline_performance - performance): top-1 "
+       "percentage points or mAP points; positive = worse (the paper's y axis)"),
     _f("front_up", pa.bool_(), "on the (performance up, alignment up) front", False),
     _f("front_down", pa.bool_(), "on the (performance up, alignment down) front", False),
     _f("error", pa.string(), "failure message of a failed trial"),
 ])
+
+#: performance is a fraction (top-1, mAP); the paper states drops in points (x 100)
+POINTS = 100.0
 
 #: metrics per epoch (trainable.train reports them; val_top1/top5 or val_map by task)
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
@@ -169,7 +179,10 @@ def results_table(record: SweepRecord) -> pa.Table:
             "rsa": _num(t.final("val_rsa")), "dead_units": _num(t.final("dead_units")),
             "alignment_nc": _num(t.final("val_alignment_nc")),
             "baseline_performance": baseline,
-            "degradation": (performance - baseline
+            "performance_change": (performance - baseline
+                                   if performance is not None and baseline is not None
+                                   else None),
+            "degradation": (POINTS * (baseline - performance)
                             if performance is not None and baseline is not None else None),
             "front_up": False, "front_down": False, "error": t.error,
         })

@@ -308,7 +308,8 @@ def test_results_table_of_a_full_sweep(full_report):
     assert strong["best_performance"] == pytest.approx(0.35) and strong["best_epoch"] == 2
     weak = rows["max0.1"]
     assert weak["best_performance"] == pytest.approx(0.45) and weak["best_epoch"] == 1
-    assert weak["degradation"] == pytest.approx(0.44 - 0.5)
+    assert weak["performance_change"] == pytest.approx(0.44 - 0.5)
+    assert weak["degradation"] == pytest.approx(100 * (0.5 - 0.44))  # points, + = worse
     assert strong["alignment"] == pytest.approx(0.7)
     assert strong["performance_metric"] == "map" and strong["model"] == "alexnet"
     perf = np.array(table.column("performance").to_pylist())
@@ -377,6 +378,7 @@ def test_degenerate_sweeps_get_every_file_and_a_clear_message(fake_store, tmp_pa
     table = read_results(report)
     if name == "no_baseline":
         assert set(table.column("degradation").to_pylist()) == {None}
+        assert set(table.column("performance_change").to_pylist()) == {None}
         assert png_is_not_blank(tmp_path / "front.png")
     if name == "failed":
         failed = [r for r in table.to_pylist() if r["status"] == "FAILED"]
@@ -418,7 +420,8 @@ def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fak
     rows = {r["trial_id"]: r for r in read_results(report).to_pylist()}
     # the same seed's baseline when there is one, else the mean over the condition's seeds
     assert rows["cond_b-max-a1-b1-s1"]["baseline_performance"] == pytest.approx(0.2)
-    assert rows["cond_b-max-a1-b1-s1"]["degradation"] == pytest.approx(0.3)
+    assert rows["cond_b-max-a1-b1-s1"]["performance_change"] == pytest.approx(0.3)
+    assert rows["cond_b-max-a1-b1-s1"]["degradation"] == pytest.approx(-30.0)
     assert rows["cond_b-max-a1-b1-s2"]["baseline_performance"] == pytest.approx(0.4)
     assert rows["cond_a-none-a0-b1-s0"]["baseline_performance"] == pytest.approx(0.5)
     # per condition: cond_b's seed-0 baseline (0.6, 0.1) would dominate nothing of cond_a's
@@ -554,10 +557,11 @@ def test_real_smoke_sweep_from_mlflow(smoke, smoke_report):
         assert row["performance"] == metrics["val_performance"] == metrics["val_map"]
         assert row["alignment"] == metrics["val_alignment"]
         assert row["parent_run_id"] == smoke.parent_run_id
-        assert row["degradation"] == pytest.approx(row["performance"]
-                                                   - row["baseline_performance"])
+        assert row["performance_change"] == pytest.approx(row["performance"]
+                                                          - row["baseline_performance"])
+        assert row["degradation"] == pytest.approx(-100 * row["performance_change"])
     base = next(r for r in table.to_pylist() if r["direction"] == "none")
-    assert base["degradation"] == 0.0
+    assert base["degradation"] == 0.0 and base["performance_change"] == 0.0
     assert any(table.column("front_up").to_pylist())
     assert any(table.column("front_down").to_pylist())
     logged = {a.path for a in client.list_artifacts(smoke.parent_run_id)}
@@ -599,3 +603,22 @@ def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
     assert f"{SWEEP}: 3/3 trials finished, Spearman rho" in proc.stdout
     assert "Downloading artifacts" not in proc.stderr
     assert tables.read_config(tmp_path / "results.parquet")["experiment"] == EXPERIMENT
+
+
+def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
+    import pyarrow as pa
+
+    from dashboards.statistics import sweep_statistics
+
+    t = pa.table({"condition": ["c"] * 5, "status": ["FINISHED"] * 4 + ["FAILED"],
+                  "alpha": [0.0, 0.5, -0.5, 0.1, 1.0],
+                  "alignment": [0.1, 0.6, -0.2, None, 0.9],
+                  "performance": [0.5, 0.45, 0.40, 0.9, 0.9],
+                  "performance_metric": ["top1"] * 5})
+    gap = sweep_statistics(t, n_boot=50)["c"]["gap"]
+    # most aligned finished trial 0.6 -> 0.45, least -0.2 -> 0.40; the failed trial and the
+    # one without alignment do not count
+    assert gap["points"] == pytest.approx(5.0)
+    assert gap["alignment_range"] == pytest.approx([-0.2, 0.6])
+    lone = sweep_statistics(t.slice(0, 1), n_boot=50)["c"]["gap"]
+    assert lone["points"] is None
