@@ -57,6 +57,9 @@ class TrialConfig:
         (``trainable.data.loader_workers``), 0 = load in the trial process.
     voxel_ncsnr_min : voxel references only: keep the voxels whose noise-ceiling SNR (the
         release's ncsnr) is at least this; 0 = every voxel of the ROI.
+    reference_shuffle : the negative control: every response of the reference is paired with
+        another image of the same batch and group (``trainable.train.ShuffledReference``), in
+        training and validation alike, for any reference.
     """
 
     model: str = "alexnet"
@@ -85,6 +88,7 @@ class TrialConfig:
     in_memory_mb: int = 1024
     loader_workers: int = -1
     voxel_ncsnr_min: float = 0.0
+    reference_shuffle: bool = False
 
     def __post_init__(self) -> None:
         from trainable.alignment import METRICS
@@ -129,8 +133,9 @@ class TrialConfig:
         if (isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int)
                 or self.loader_workers < -1):
             raise bad("loader_workers", "-1 (from the CPU share) or an integer >= 0")
-        if not isinstance(self.rectify, bool):
-            raise bad("rectify", "true or false")
+        for name in ("rectify", "reference_shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
         if self.loss_folds == 1 or self.loss_folds < 0:
             raise bad("loss_folds", "0 (exact leave-one-out) or an integer >= 2")
         if self.val_images < 2 * self.val_folds:

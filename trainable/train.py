@@ -370,6 +370,38 @@ def validation_subset(val, n: int, workers: int = 0) -> TensorSplit:
     return decode(torch.utils.data.Subset(val, idx.tolist()), workers=workers)
 
 
+class ShuffledReference:
+    """The negative control (``reference_shuffle``): ``reference``'s responses, each paired
+    with another image of the same group of the same batch.
+
+    Within each group (rows, Y) of a call, the rows are put in a random cycle and every row
+    takes the response of the next one: no row keeps its own response (a derangement), and
+    the pairing is redrawn with every batch, so a network can neither align with the images'
+    responses nor memorise a fixed wrong pairing. The cycle is drawn from (seed, the group's
+    image ids), so the same batch always gets the same pairing (resume, the fixed validation
+    set). Applies to every reference alike: image-computed ones cannot be recomputed for an
+    image that is not in the batch, so "another image" means one of the batch.
+    """
+
+    def __init__(self, reference, seed: int) -> None:
+        self.reference, self.seed = reference, seed
+
+    def targets(self, images: torch.Tensor, image_ids: torch.Tensor):
+        out = {}
+        for key, (rows, y) in reference_groups(self.reference, images, image_ids).items():
+            k = rows.numel()
+            if k >= 2:
+                ids = image_ids[rows.to(image_ids.device)].cpu().to(torch.float64)
+                mix = int(((ids + 1) * (ids + 7)).sum().item()) % 1_000_003
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + mix)
+                cycle = torch.randperm(k, generator=gen)
+                source = torch.empty(k, dtype=torch.int64)
+                source[cycle] = torch.roll(cycle, -1)
+                y = y[source.to(y.device)]
+            out[key] = (rows, y)
+        return out
+
+
 def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
     """``reference.targets`` as a dict keyed by group (the subject for voxel data). References
     may return a dict or a list (a list's groups are keyed by position)."""
@@ -518,6 +550,8 @@ def train(
         reference = reference.select_voxels(cfg.voxel_ncsnr_min)
     if hasattr(reference, "to"):
         reference = reference.to(device)
+    if cfg.reference_shuffle:
+        reference = ShuffledReference(reference, cfg.seed)
 
     start = 0
     restore = hooks.restore()
