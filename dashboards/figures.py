@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from dashboards.fronts import FINISHED, front_line
+from dashboards.tables import mean_interval
 
 __all__ = [
     "COLORS",
@@ -118,10 +119,29 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
                 ax.scatter(align[sel], y[sel], s=160 if d == "none" else sizes[sel],
                            c=COLORS[d], marker="*" if d == "none" else "o", alpha=0.85,
                            edgecolors="white", linewidths=0.6, zorder=3)
+        # Repeated seeds: each configuration's mean with its 95% interval on both axes, and the
+        # fronts (computed on the means, dashboards.fronts) drawn through the means.
+        fx_all, fy_all = align, y
+        signed = _column(rows, "alpha")
+        beta = _column(rows, "beta")
+        keys = np.array([f"{d}|{a}|{b}" for d, a, b in zip(direction, signed, beta)])
+        if any(np.count_nonzero(ok & (keys == k)) > 1 for k in set(keys[ok])):
+            fx_all, fy_all = align.copy(), y.copy()
+            for k in dict.fromkeys(keys[ok].tolist()):
+                sel = ok & (keys == k)
+                xm, xlo, xhi = mean_interval(align[sel].tolist())
+                ym, ylo, yhi = mean_interval(y[sel].tolist())
+                fx_all[sel], fy_all[sel] = xm, ym
+                if xlo is not None:
+                    d = direction[sel][0]
+                    ax.errorbar([xm], [ym], xerr=[[xm - xlo], [xhi - xm]],
+                                yerr=[[ym - ylo], [yhi - ym]], fmt="D", ms=4,
+                                color=COLORS[d], ecolor=COLORS[d], elinewidth=1, capsize=2,
+                                zorder=4)
         for key, col in (("up", "front_up"), ("down", "front_down")):
             mask = np.array(rows.column(col).to_pylist(), dtype=bool) & ok
             if mask.any():
-                fx, fy = front_line(align, y, mask)
+                fx, fy = front_line(fx_all, fy_all, mask)
                 ax.plot(fx, fy, zorder=2, **FRONT_STYLE[key])
         if has_base:
             ax.axhline(0.0, color="#999999", lw=0.8, zorder=1)

@@ -73,14 +73,17 @@ def front_masks(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
     table : needs columns ``condition``, ``status``, ``performance``, ``alignment``. Fronts are
     computed per condition over the FINISHED rows with finite performance and alignment; any
-    other row is on neither front.
+    other row is on neither front. With ``performance_mean`` and ``alignment_mean`` (the
+    across-seed means of each row's configuration, ``dashboards.tables``) the fronts are
+    computed on those: the seeds of a configuration share one point and one front flag.
     """
     missing = {"condition", "status", "performance", "alignment"} - set(table.column_names)
     if missing:
         raise ValueError(f"front_masks needs columns {sorted(missing)}; the table has "
                          f"{table.column_names}")
-    perf = _floats(table, "performance")
-    align = _floats(table, "alignment")
+    means = {"performance_mean", "alignment_mean"} <= set(table.column_names)
+    perf = _floats(table, "performance_mean" if means else "performance")
+    align = _floats(table, "alignment_mean" if means else "alignment")
     ok = np.array([s == FINISHED for s in table.column("status").to_pylist()], dtype=bool)
     perf = np.where(ok, perf, np.nan)
     conditions = np.array(table.column("condition").to_pylist(), dtype=object)

@@ -100,7 +100,8 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Spearman:
+def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                groups=None) -> Spearman:
     """Spearman's rho between x and y (e.g. alignment, performance) with a percentile bootstrap
     interval.
 
@@ -108,11 +109,19 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     with replacement, numpy Generator seeded with ``seed``, so the interval is reproducible).
     level : coverage of the interval, in (0, 1). Resamples whose x or y is constant have no rho
     and are left out; if fewer than half of the resamples are usable the interval is NaN.
+    groups : (n,) configuration labels, when some configuration has several seeds: rho is then
+    computed on the configurations' means, and each resample redraws the seeds *within* every
+    configuration (the configurations are the design's fixed points; the seeds are the
+    sample), recomputing the means.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level!r}; accepted: a number in (0, 1), e.g. 0.95")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r}; accepted: an integer >= 1")
+    if groups is not None:
+        x, y, g = _finite_triples(x, y, groups)
+        if g.size and len(set(g.tolist())) < g.size:
+            return _spearman_by_configuration(x, y, g, n_boot=n_boot, level=level, seed=seed)
     x, y = _finite_pairs(x, y)
     n = int(x.size)
     nan = math.nan
@@ -136,6 +145,49 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     tail = (1 - level) / 2
     low, high = np.quantile(valid, [tail, 1 - tail])
     return Spearman(rho, float(low), float(high), p, n, level, n_boot, int(valid.size))
+
+
+def _finite_triples(x, y, g) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    g = np.array([repr(v) for v in g], dtype=object)  # hashable, comparable labels
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep], g[keep]
+
+
+def _spearman_by_configuration(x, y, g, *, n_boot: int, level: float, seed: int) -> Spearman:
+    """Spearman's rho over configuration means, seeds resampled within configurations."""
+    nan = math.nan
+    labels = list(dict.fromkeys(g.tolist()))
+    members = [np.flatnonzero(g == lab) for lab in labels]
+    k = len(labels)
+    mx = np.array([x[m].mean() for m in members])
+    my = np.array([y[m].mean() for m in members])
+    if k < MIN_TRIALS:
+        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
+                        f"Spearman's rho needs at least {MIN_TRIALS} configurations with "
+                        f"alignment and performance; there are {k}")
+    rho, p = _spearman(mx, my)
+    if math.isnan(rho):
+        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
+                        "alignment or performance is the same for every configuration: "
+                        "Spearman's rho is undefined")
+    rng = np.random.default_rng(seed)
+    bx = np.empty((n_boot, k))
+    by = np.empty((n_boot, k))
+    for j, m in enumerate(members):
+        pick = m[rng.integers(0, m.size, size=(n_boot, m.size))]
+        bx[:, j], by[:, j] = x[pick].mean(1), y[pick].mean(1)
+    boot = _rho_rows(bx, by)
+    valid = boot[np.isfinite(boot)]
+    if valid.size < n_boot / 2:
+        return Spearman(rho, nan, nan, p, k, level, n_boot, int(valid.size),
+                        f"only {valid.size} of {n_boot} resamples have a defined rho; "
+                        f"no interval")
+    tail = (1 - level) / 2
+    low, high = np.quantile(valid, [tail, 1 - tail])
+    return Spearman(rho, float(low), float(high), p, k, level, n_boot, int(valid.size),
+                    f"rho over {k} configuration means; seeds resampled within configurations")
 
 
 def monotonicity(alpha, performance) -> Monotonicity:
@@ -198,6 +250,10 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
     cols = {name: results.column(name).to_pylist()
             for name in ("condition", "status", "alpha", "alignment", "performance",
                          "performance_metric")}
+    has_beta = "beta" in results.column_names and "direction" in results.column_names
+    configs = ([(d, a, b) for d, a, b in zip(results.column("direction").to_pylist(),
+                                              cols["alpha"], results.column("beta").to_pylist())]
+               if has_beta else None)
     out: dict[str, dict] = {}
     for cond in dict.fromkeys(cols["condition"]):
         rows = [i for i, c in enumerate(cols["condition"]) if c == cond]
@@ -210,7 +266,9 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
             "finished": len(done),
             "performance_metric": metric,
             "spearman": spearman_ci(_at(cols["alignment"], done), _at(cols["performance"], done),
-                                    n_boot=n_boot, seed=seed).asdict(),
+                                    n_boot=n_boot, seed=seed,
+                                    groups=[configs[i] for i in done] if configs else None
+                                    ).asdict(),
             "monotonicity": monotonicity(_at(cols["alpha"], done),
                                          _at(cols["performance"], done)).asdict(),
             "gap": alignment_gap(_at(cols["alignment"], done), _at(cols["performance"], done)),

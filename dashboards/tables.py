@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy import stats
 
 from dashboards.fronts import FINISHED, front_masks
 from dashboards.sources import SweepRecord, Trial
@@ -93,6 +94,12 @@ RESULTS_SCHEMA = pa.schema([
                                      "ceiling (voxel references with ncsnr; else null)"),
     _f("dead_units", pa.float64(), "final fraction of the layer's units constant over the "
                                    "validation set (they get no alignment credit)"),
+    _f("seeds_in_configuration", pa.int64(),
+       "finished trials (seeds) of this configuration (condition, direction, alpha, beta)"),
+    *[_f(f"{m}_{k}", pa.float64(), f"{what} of the configuration's finished seeds")
+      for m in ("performance", "alignment")
+      for k, what in (("mean", "mean " + m), ("low", f"95% t-interval low of the mean {m}"),
+                      ("high", f"95% t-interval high of the mean {m}"))],
     _f("baseline_performance", pa.float64(), "performance of the condition's alpha = 0 trial"),
     _f("performance_change", pa.float64(),
        "performance - baseline_performance (fraction; positive = better)"),
@@ -155,6 +162,41 @@ def _with_metadata(table: pa.Table, config: Mapping[str, Any]) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
+def mean_interval(values, level: float = 0.95) -> tuple[float | None, float | None,
+                                                        float | None]:
+    """(mean, low, high): the mean of finite ``values`` and its t-interval (Student's t with
+    n - 1 degrees of freedom); (value, None, None) for one value, Nones for none."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return None, None, None
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, None, None
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
+def configuration_key(row: Mapping[str, Any]) -> tuple:
+    """What makes trials repeats of one configuration: everything but the seed."""
+    return (row["condition"], row["direction"], row["alpha"], row["beta"])
+
+
+def _add_configuration_means(rows: list[dict]) -> None:
+    """Per configuration (``configuration_key``), the across-seed mean and 95% interval of
+    performance and alignment over its FINISHED trials, written into every row of it."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(configuration_key(row), []).append(row)
+    for members in groups.values():
+        done = [r for r in members if r["status"] == FINISHED]
+        summary = {"seeds_in_configuration": len(done)}
+        for m in ("performance", "alignment"):
+            mean, low, high = mean_interval([r[m] for r in done])
+            summary.update({f"{m}_mean": mean, f"{m}_low": low, f"{m}_high": high})
+        for r in members:
+            r.update(summary)
+
+
 def results_table(record: SweepRecord) -> pa.Table:
     """One row per trial (RESULTS_SCHEMA), fronts marked, config in the metadata."""
     base = baselines(record.trials)
@@ -186,8 +228,9 @@ def results_table(record: SweepRecord) -> pa.Table:
                             if performance is not None and baseline is not None else None),
             "front_up": False, "front_down": False, "error": t.error,
         })
+    _add_configuration_means(rows)
     table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
-    up, down = front_masks(table)
+    up, down = front_masks(table)  # on the configurations' means (dashboards.fronts)
     table = table.set_column(table.schema.get_field_index("front_up"),
                              RESULTS_SCHEMA.field("front_up"), pa.array(up, pa.bool_()))
     table = table.set_column(table.schema.get_field_index("front_down"),

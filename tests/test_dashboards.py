@@ -14,6 +14,7 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+from scipy import stats as scipy_stats
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -424,14 +425,27 @@ def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fak
     assert rows["cond_b-max-a1-b1-s1"]["degradation"] == pytest.approx(-30.0)
     assert rows["cond_b-max-a1-b1-s2"]["baseline_performance"] == pytest.approx(0.4)
     assert rows["cond_a-none-a0-b1-s0"]["baseline_performance"] == pytest.approx(0.5)
-    # per condition: cond_b's seed-0 baseline (0.6, 0.1) would dominate nothing of cond_a's
-    # front, and cond_a's fronts are the full sweep's
+    # per condition, on the configurations' across-seed means: cond_b's baseline is
+    # (0.4, 0.1) over seeds 0 and 1, its max configuration (0.475, 0.25) over seeds 1 and 2,
+    # which dominates it; both of its seeds carry the front flag. cond_a has one seed.
     assert {t for t, r in rows.items() if r["front_up"]} == {
         "cond_a-min-a0.1-b1-s0", "cond_a-none-a0-b1-s0", "cond_a-max-a0.1-b1-s0",
-        "cond_a-max-a0.8-b1-s0", "cond_b-none-a0-b1-s0", "cond_b-max-a1-b1-s1"}
+        "cond_a-max-a0.8-b1-s0", "cond_b-max-a1-b1-s1", "cond_b-max-a1-b1-s2"}
+    mx = rows["cond_b-max-a1-b1-s2"]
+    assert mx["seeds_in_configuration"] == 2
+    assert mx["performance_mean"] == pytest.approx(0.475)
+    half = scipy_stats.t.ppf(0.975, 1) * np.std([0.5, 0.45], ddof=1) / np.sqrt(2)
+    assert mx["performance_low"] == pytest.approx(0.475 - half)
+    assert mx["performance_high"] == pytest.approx(0.475 + half)
+    assert mx["alignment_mean"] == pytest.approx(0.25)
+    one = rows["cond_a-max-a0.8-b1-s0"]
+    assert one["seeds_in_configuration"] == 1 and one["performance_low"] is None
+    assert one["performance_mean"] == one["performance"]
     summary = json.loads((tmp_path / "statistics.json").read_text())
     assert list(summary["conditions"]) == ["cond_a", "cond_b"]
     assert summary["conditions"]["cond_b"]["finished"] == 4
+    # with repeated seeds rho counts configurations (cond_b has two: too few for a rho)
+    assert summary["conditions"]["cond_b"]["spearman"]["n"] == 2
     config = tables.read_config(tmp_path / "results.parquet")
     assert config["conditions"]["cond_b"]["seeds"] == [0, 1, 2]
     assert png_is_not_blank(tmp_path / "front.png")
@@ -622,3 +636,34 @@ def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
     assert gap["alignment_range"] == pytest.approx([-0.2, 0.6])
     lone = sweep_statistics(t.slice(0, 1), n_boot=50)["c"]["gap"]
     assert lone["points"] is None
+
+
+def test_seeds_are_resampled_within_configurations():
+    """With repeated seeds, Spearman's rho is over the configurations' means and its interval
+    redraws seeds within each configuration; one seed per configuration keeps the trials
+    bootstrap."""
+    import pyarrow as pa
+
+    from dashboards.statistics import spearman_ci, sweep_statistics
+
+    rng = np.random.default_rng(0)
+    alphas = [-0.8, -0.4, 0.0, 0.4, 0.8]
+    rows = []
+    for a in alphas:
+        for seed in range(3):
+            rows.append({"condition": "c", "status": "FINISHED", "alpha": a, "beta": 1.0,
+                         "direction": "max" if a > 0 else "min" if a < 0 else "none",
+                         "alignment": a + 0.05 * rng.standard_normal(),
+                         "performance": 0.5 + 0.1 * a + 0.02 * rng.standard_normal(),
+                         "performance_metric": "top1"})
+    t = pa.Table.from_pylist(rows)
+    sp = sweep_statistics(t, n_boot=300)["c"]["spearman"]
+    means = [(np.mean([r["alignment"] for r in rows if r["alpha"] == a]),
+              np.mean([r["performance"] for r in rows if r["alpha"] == a])) for a in alphas]
+    expect = scipy_stats.spearmanr(*zip(*means)).statistic
+    assert sp["n"] == 5 and sp["rho"] == pytest.approx(expect)
+    assert "seeds resampled within configurations" in sp["message"]
+    assert sp["low"] - 1e-9 <= sp["rho"] <= sp["high"] + 1e-9
+    single = spearman_ci([r["alignment"] for r in rows], [r["performance"] for r in rows],
+                         n_boot=300, groups=list(range(len(rows))))
+    assert single.n == len(rows) and single.message == ""
