@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dashboards import figures, report, statistics, tables
+from dashboards import figures, paper, report, statistics, tables
 from dashboards.fronts import FINISHED
 from dashboards.sources import (
     SourceError,
@@ -180,10 +180,11 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     stats = statistics.sweep_statistics(results)
     config = tables.sweep_config(record)
     messages = diagnose(record, results)
+    terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
     (out / "statistics.json").write_text(
         json.dumps(_json_safe({"sweep": record.sweep, "experiment": record.experiment,
                                "parent_run_id": record.parent_run_id, "conditions": stats,
-                               "messages": messages}), indent=2) + "\n")
+                               "paper": terms, "messages": messages}), indent=2) + "\n")
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         figs = [
             (figures.front_figure(results, stats), "front",
@@ -208,7 +209,7 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     return report.write_report(
         out / "report.html", title=f"Sweep {record.sweep}: Pareto fronts of performance "
         f"against alignment", meta=meta, messages=messages, statistics=stats,
-        figures=embedded, results=results, config=config, files=FILES[1:])
+        figures=embedded, results=results, config=config, files=FILES[1:], paper=terms)
 
 
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:

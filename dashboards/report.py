@@ -101,10 +101,38 @@ def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _paper_html(terms: Mapping[str, Any] | None) -> str:
+    """The paper's headline numbers beside this run's, and the comparisons it draws."""
+    if not terms or not (terms.get("headlines") or terms.get("comparisons")):
+        return ("<p>None of the paper's headline conditions or comparisons is in this "
+                "sweep.</p>")
+    parts = []
+    if terms["headlines"]:
+        head = ("<tr><th>condition</th><th>the paper</th><th>measured as</th>"
+                "<th>this run</th><th>comparable</th></tr>")
+        rows = "".join(
+            f'<tr><td class="text">{_e(h["condition"])}</td><td class="text">{_e(h["paper"])}'
+            f'</td><td class="text">{_e(h["measured_as"])}</td>'
+            f"<td>{_e(_fmt(h['measured'], 3))}</td>"
+            f'<td class="text">{_e("yes" if h["comparable"] else h["note"])}</td></tr>'
+            for h in terms["headlines"])
+        parts.append(f'<table id="paper-headlines">{head}{rows}</table>')
+    if terms["comparisons"]:
+        head = ("<tr><th>comparison</th><th>most minus least aligned, first (points)</th>"
+                "<th>second (points)</th><th>first minus second</th><th>comparable</th></tr>")
+        rows = "".join(
+            f'<tr><td class="text">{_e(c["what"])}</td><td>{_e(_fmt(c["first_gap"], 3))}</td>'
+            f"<td>{_e(_fmt(c['second_gap'], 3))}</td><td>{_e(_fmt(c['difference'], 3))}</td>"
+            f'<td class="text">{_e("yes" if c["comparable"] else c["note"])}</td></tr>'
+            for c in terms["comparisons"])
+        parts.append(f'<table id="paper-comparisons">{head}{rows}</table>')
+    return "".join(parts)
+
+
 def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str],
                   statistics: Mapping[str, Mapping], figures: Sequence[tuple[Path, str, str]],
                   results: pa.Table, config: Mapping[str, Any],
-                  files: Sequence[str]) -> str:
+                  files: Sequence[str], paper: Mapping[str, Any] | None = None) -> str:
     """The report as one HTML string.
 
     meta : label -> value lines at the top (sweep, experiment, source, ...).
@@ -113,6 +141,8 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
     figures : (png path, alt text, caption), embedded as base64.
     results : the results table; config : the resolved config (shown as JSON);
     files : names of the files written beside the report (linked relatively).
+    paper : ``dashboards.paper.paper_terms`` output (the paper's headline numbers beside
+    this run's).
     """
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
@@ -133,6 +163,13 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
                  "(trials resampled), and whether performance is monotone in signed alpha "
                  "(mean over betas and seeds at each alpha).</p>")
     parts.append(_statistics_html(statistics))
+    parts.append("<h2>In the paper's terms</h2>")
+    parts.append("<p>Degradation is the drop from the baseline in points (top-1 percentage "
+                 "points or mAP points; positive = worse). The seed paper's headline numbers "
+                 "beside what this run measured, and the comparisons between conditions it "
+                 "draws; at demo scale none of them is comparable (simulated world, shrunk "
+                 "networks).</p>")
+    parts.append(_paper_html(paper))
     parts.append("<h2>Figures</h2>")
     parts.extend(_image(png, alt, caption) for png, alt, caption in figures)
     parts.append("<h2>Trials</h2>")

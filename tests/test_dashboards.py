@@ -446,6 +446,9 @@ def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fak
     assert summary["conditions"]["cond_b"]["finished"] == 4
     # with repeated seeds rho counts configurations (cond_b has two: too few for a rho)
     assert summary["conditions"]["cond_b"]["spearman"]["n"] == 2
+    # cond_a and cond_b are none of the paper's conditions: the section says so
+    assert summary["paper"]["headlines"] == [] and summary["paper"]["comparisons"] == []
+    assert "None of the paper's headline conditions" in report.read_text()
     config = tables.read_config(tmp_path / "results.parquet")
     assert config["conditions"]["cond_b"]["seeds"] == [0, 1, 2]
     assert png_is_not_blank(tmp_path / "front.png")
@@ -667,3 +670,37 @@ def test_seeds_are_resampled_within_configurations():
     single = spearman_ci([r["alignment"] for r in rows], [r["performance"] for r in rows],
                          n_boot=300, groups=list(range(len(rows))))
     assert single.n == len(rows) and single.message == ""
+
+
+def test_paper_terms_put_the_headline_numbers_beside_this_runs():
+    import pyarrow as pa
+
+    from dashboards.paper import paper_terms
+    from dashboards.statistics import sweep_statistics
+
+    def row(cond, direction, alpha, perf, align, degr):
+        return {"condition": cond, "status": "FINISHED", "direction": direction,
+                "alpha": alpha, "beta": 1.0, "performance": perf, "alignment": align,
+                "degradation": degr, "performance_metric": "map"}
+
+    rows = [row("nsd_conv1_v1", "none", 0.0, 0.30, 0.0, 0.0),
+            row("nsd_conv1_v1", "min", -0.4, 0.25, -0.2, 5.0),
+            row("nsd_conv1_v1", "min", -0.8, 0.27, -0.4, 3.0),
+            row("nsd_conv1_v1", "max", 0.8, 0.31, 0.5, -1.0),
+            row("nsd_fc1_vvs", "none", 0.0, 0.30, 0.1, 0.0),
+            row("nsd_fc1_vvs", "min", -0.8, 0.10, -0.3, 20.0),
+            row("nsd_fc1_vvs", "max", 0.8, 0.32, 0.6, -2.0)]
+    t = pa.Table.from_pylist(rows)
+    stats = sweep_statistics(t, n_boot=20)
+    terms = paper_terms(t, stats, "paper")
+    by = {h["condition"]: h for h in terms["headlines"]}
+    assert set(by) == {"nsd_conv1_v1", "nsd_fc1_vvs"}
+    assert by["nsd_conv1_v1"]["measured"] == 3.0  # the least aligned trial (-0.4), not the
+    assert by["nsd_fc1_vvs"]["measured"] == 20.0  # largest drop (5.0)
+    assert by["nsd_fc1_vvs"]["comparable"] is True
+    (cmp,) = terms["comparisons"]
+    assert cmp["first_gap"] == pytest.approx(100 * (0.31 - 0.27))
+    assert cmp["second_gap"] == pytest.approx(100 * (0.32 - 0.10))
+    assert cmp["difference"] == pytest.approx(cmp["first_gap"] - cmp["second_gap"])
+    demo = paper_terms(t, stats, "demo")
+    assert all(not h["comparable"] and "demo scale" in h["note"] for h in demo["headlines"])

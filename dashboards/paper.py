@@ -1,0 +1,118 @@
+"""The seed paper's headline numbers and the comparisons it draws, beside what a sweep measured.
+
+One owner for the paper's claims: each ``Headline`` names its condition, what the paper reports
+and how the same number is measured on a results table (``dashboards.tables.RESULTS_SCHEMA``),
+in points (x 100: top-1 percentage points or mAP points). ``COMPARISONS`` are the pairs of
+conditions the paper sets against each other. At demo scale (the simulated world, shrunk
+networks) every number is marked not comparable: the demo shows the mechanism, not the
+paper's magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dashboards.fronts import FINISHED
+
+POINTS = 100.0
+
+
+def _rows(results: pa.Table, condition: str) -> list[dict]:
+    return [r for r in results.to_pylist()
+            if r["condition"] == condition and r["status"] == FINISHED
+            and r["performance"] is not None and math.isfinite(r["performance"])]
+
+
+def largest_drop_when_suppressing(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The largest drop from the baseline (points) among the suppressing trials."""
+    drops = [r["degradation"] for r in rows
+             if r["direction"] == "min" and r.get("degradation") is not None]
+    return float(max(drops)) if drops else None
+
+
+def drop_at_least_alignment(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The drop from the baseline (points) of the least aligned trial ("complete
+    misalignment")."""
+    have = [r for r in rows if r.get("degradation") is not None
+            and r.get("alignment") is not None and math.isfinite(r["alignment"])]
+    return float(min(have, key=lambda r: r["alignment"])["degradation"]) if have else None
+
+
+def promoting_minus_suppressing(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean performance of the promoting trials minus that of the suppressing ones (points);
+    positive: promoting alignment beats suppressing it."""
+    up = [r["performance"] for r in rows if r["direction"] == "max"]
+    down = [r["performance"] for r in rows if r["direction"] == "min"]
+    if not up or not down:
+        return None
+    return float(POINTS * (np.mean(up) - np.mean(down)))
+
+
+@dataclass(frozen=True)
+class Headline:
+    condition: str
+    paper: str
+    measured_as: str
+    measure: Callable[[Sequence[Mapping[str, Any]]], float | None]
+
+
+HEADLINES: tuple[Headline, ...] = (
+    Headline("gabor_conv1", "misalignment costs up to 8 points of top-1",
+             "largest drop from the baseline among suppressing trials (points)",
+             largest_drop_when_suppressing),
+    Headline("nsd_conv1_v1", "about 7 mAP points below the baseline at complete misalignment",
+             "drop from the baseline of the least aligned trial (points)",
+             drop_at_least_alignment),
+    Headline("nsd_fc1_vvs", "nearly 20 mAP points below the baseline at complete misalignment",
+             "drop from the baseline of the least aligned trial (points)",
+             drop_at_least_alignment),
+    Headline("pretrained_conv1", "promoting beats suppressing (more so than at conv5)",
+             "mean performance, promoting minus suppressing trials (points)",
+             promoting_minus_suppressing),
+    Headline("pretrained_conv5", "promoting beats suppressing (less so than at conv1)",
+             "mean performance, promoting minus suppressing trials (points)",
+             promoting_minus_suppressing),
+)
+
+#: pairs of conditions the paper compares: (first, second, what the comparison shows)
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("pretrained_conv1", "pretrained_conv5", "pretrained reference: conv1 against conv5"),
+    ("nsd_conv1_v1", "nsd_fc1_vvs", "brain reference: conv1-V1 against fc1-VVS"),
+    ("nsd_resnet18_block1_v1", "nsd_resnet18_block4_vvs",
+     "brain reference, ResNet-18: block1-V1 against block4-VVS"),
+)
+
+
+def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str) -> dict:
+    """The headline rows and comparisons present in this sweep (plain dicts, for JSON and the
+    report): per headline its condition, the paper's claim, how it is measured, this run's
+    number and whether it is comparable (paper scale only); per comparison of two conditions
+    both present, each one's gap between the most and the least aligned trial
+    (``dashboards.statistics.alignment_gap``) and their difference."""
+    conditions = set(results.column("condition").to_pylist()) if results.num_rows else set()
+    comparable = scale == "paper"
+    why = "" if comparable else f"not comparable: {scale or 'unknown'} scale"
+    headlines = []
+    for h in HEADLINES:
+        if h.condition not in conditions:
+            continue
+        headlines.append({"condition": h.condition, "paper": h.paper,
+                          "measured_as": h.measured_as,
+                          "measured": h.measure(_rows(results, h.condition)),
+                          "comparable": comparable, "note": why})
+    comparisons = []
+    for a, b, what in COMPARISONS:
+        if a in conditions and b in conditions:
+            ga = (statistics.get(a, {}).get("gap") or {}).get("points")
+            gb = (statistics.get(b, {}).get("gap") or {}).get("points")
+            diff = ga - gb if ga is not None and gb is not None else None
+            comparisons.append({"first": a, "second": b, "what": what, "first_gap": ga,
+                                "second_gap": gb, "difference": diff,
+                                "comparable": comparable, "note": why})
+    return {"scale": scale, "headlines": headlines, "comparisons": comparisons}
