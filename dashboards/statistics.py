@@ -136,15 +136,22 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                         f"{which} is the same for all {n} trials: Spearman's rho is undefined")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
-    boot = _rho_rows(x[idx], y[idx])
+    return _with_interval(rho, p, n, _rho_rows(x[idx], y[idx]), level, n_boot,
+                          "(too few distinct trials)")
+
+
+def _with_interval(rho: float, p: float, n: int, boot: np.ndarray, level: float, n_boot: int,
+                   why_few: str, message: str = "") -> Spearman:
+    """A Spearman result with the percentile interval of the resampled rhos ``boot`` (those
+    defined); none when fewer than half of the resamples have a rho."""
     valid = boot[np.isfinite(boot)]
     if valid.size < n_boot / 2:
-        return Spearman(rho, nan, nan, p, n, level, n_boot, int(valid.size),
+        return Spearman(rho, math.nan, math.nan, p, n, level, n_boot, int(valid.size),
                         f"only {valid.size} of {n_boot} bootstrap resamples have a defined rho "
-                        f"(too few distinct trials); no interval")
+                        f"{why_few}; no interval")
     tail = (1 - level) / 2
     low, high = np.quantile(valid, [tail, 1 - tail])
-    return Spearman(rho, float(low), float(high), p, n, level, n_boot, int(valid.size))
+    return Spearman(rho, float(low), float(high), p, n, level, n_boot, int(valid.size), message)
 
 
 def _finite_triples(x, y, g) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -178,16 +185,10 @@ def _spearman_by_configuration(x, y, g, *, n_boot: int, level: float, seed: int)
     for j, m in enumerate(members):
         pick = m[rng.integers(0, m.size, size=(n_boot, m.size))]
         bx[:, j], by[:, j] = x[pick].mean(1), y[pick].mean(1)
-    boot = _rho_rows(bx, by)
-    valid = boot[np.isfinite(boot)]
-    if valid.size < n_boot / 2:
-        return Spearman(rho, nan, nan, p, k, level, n_boot, int(valid.size),
-                        f"only {valid.size} of {n_boot} resamples have a defined rho; "
-                        f"no interval")
-    tail = (1 - level) / 2
-    low, high = np.quantile(valid, [tail, 1 - tail])
-    return Spearman(rho, float(low), float(high), p, k, level, n_boot, int(valid.size),
-                    f"rho over {k} configuration means; seeds resampled within configurations")
+    return _with_interval(rho, p, k, _rho_rows(bx, by), level, n_boot,
+                          "(too few distinct seeds)",
+                          f"rho over {k} configuration means; seeds resampled within "
+                          f"configurations")
 
 
 def monotonicity(alpha, performance) -> Monotonicity:
