@@ -118,26 +118,39 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
         raise ValueError(f"level={level!r}; accepted: a number in (0, 1), e.g. 0.95")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r}; accepted: an integer >= 1")
-    if groups is not None:
-        x, y, g = _finite_triples(x, y, groups)
-        if g.size and len(set(g.tolist())) < g.size:
-            return _spearman_by_configuration(x, y, g, n_boot=n_boot, level=level, seed=seed)
-    x, y = _finite_pairs(x, y)
-    n = int(x.size)
+    n_in = np.asarray(x).size
+    x, y, g = _finite_triples(x, y, range(n_in) if groups is None else groups)
+    labels = list(dict.fromkeys(g.tolist()))
+    members = [np.flatnonzero(g == lab) for lab in labels]
+    k = len(labels)
+    by_trial = k == g.size  # one seed per configuration: the points are the trials
+    unit = "trials" if by_trial else "configurations"
+    mx = np.array([x[m].mean() for m in members])
+    my = np.array([y[m].mean() for m in members])
     nan = math.nan
-    if n < MIN_TRIALS:
-        return Spearman(nan, nan, nan, nan, n, level, n_boot, 0,
-                        f"Spearman's rho needs at least {MIN_TRIALS} finished trials with "
-                        f"alignment and performance; there are {n}")
-    rho, p = _spearman(x, y)
+    if k < MIN_TRIALS:
+        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
+                        f"Spearman's rho needs at least {MIN_TRIALS} "
+                        f"{'finished trials' if by_trial else unit} with alignment and "
+                        f"performance; there are {k}")
+    rho, p = _spearman(mx, my)
     if math.isnan(rho):
-        which = "alignment" if np.ptp(x) == 0 else "performance"
-        return Spearman(nan, nan, nan, nan, n, level, n_boot, 0,
-                        f"{which} is the same for all {n} trials: Spearman's rho is undefined")
+        which = "alignment" if np.ptp(mx) == 0 else "performance"
+        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
+                        f"{which} is the same for all {k} {unit}: Spearman's rho is undefined")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    return _with_interval(rho, p, n, _rho_rows(x[idx], y[idx]), level, n_boot,
-                          "(too few distinct trials)")
+    if by_trial:  # pairs drawn with replacement
+        idx = rng.integers(0, k, size=(n_boot, k))
+        return _with_interval(rho, p, k, _rho_rows(mx[idx], my[idx]), level, n_boot,
+                              "(too few distinct trials)")
+    bx, by = np.empty((n_boot, k)), np.empty((n_boot, k))
+    for j, m in enumerate(members):  # seeds drawn with replacement within each configuration
+        pick = m[rng.integers(0, m.size, size=(n_boot, m.size))]
+        bx[:, j], by[:, j] = x[pick].mean(1), y[pick].mean(1)
+    return _with_interval(rho, p, k, _rho_rows(bx, by), level, n_boot,
+                          "(too few distinct seeds)",
+                          f"rho over {k} configuration means; seeds resampled within "
+                          f"configurations")
 
 
 def _with_interval(rho: float, p: float, n: int, boot: np.ndarray, level: float, n_boot: int,
@@ -155,40 +168,14 @@ def _with_interval(rho: float, p: float, n: int, boot: np.ndarray, level: float,
 
 
 def _finite_triples(x, y, g) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    g = np.array([repr(v) for v in g], dtype=object)  # hashable, comparable labels
+    """``_finite_pairs`` carrying a label per pair (labels made hashable and comparable)."""
+    g = np.array([repr(v) for v in g], dtype=object)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if g.shape != x.shape:
+        raise ValueError(f"groups must give one label per pair, got {g.shape} for {x.shape}")
+    fx, fy = _finite_pairs(x, y)  # validates the shapes
     keep = np.isfinite(x) & np.isfinite(y)
-    return x[keep], y[keep], g[keep]
-
-
-def _spearman_by_configuration(x, y, g, *, n_boot: int, level: float, seed: int) -> Spearman:
-    """Spearman's rho over configuration means, seeds resampled within configurations."""
-    nan = math.nan
-    labels = list(dict.fromkeys(g.tolist()))
-    members = [np.flatnonzero(g == lab) for lab in labels]
-    k = len(labels)
-    mx = np.array([x[m].mean() for m in members])
-    my = np.array([y[m].mean() for m in members])
-    if k < MIN_TRIALS:
-        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
-                        f"Spearman's rho needs at least {MIN_TRIALS} configurations with "
-                        f"alignment and performance; there are {k}")
-    rho, p = _spearman(mx, my)
-    if math.isnan(rho):
-        return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
-                        "alignment or performance is the same for every configuration: "
-                        "Spearman's rho is undefined")
-    rng = np.random.default_rng(seed)
-    bx = np.empty((n_boot, k))
-    by = np.empty((n_boot, k))
-    for j, m in enumerate(members):
-        pick = m[rng.integers(0, m.size, size=(n_boot, m.size))]
-        bx[:, j], by[:, j] = x[pick].mean(1), y[pick].mean(1)
-    return _with_interval(rho, p, k, _rho_rows(bx, by), level, n_boot,
-                          "(too few distinct seeds)",
-                          f"rho over {k} configuration means; seeds resampled within "
-                          f"configurations")
+    return fx, fy, g[keep]
 
 
 def monotonicity(alpha, performance) -> Monotonicity:
