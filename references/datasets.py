@@ -104,7 +104,6 @@ class ImageFolderDataset(Dataset):
         self.index = index if index is not None else imagenet.index_split(root, split)
         self.classes: list[str] = list(self.index.classes)
         self.class_names: tuple[str, ...] = tuple(self.index.class_names)
-        self.targets = torch.from_numpy(np.asarray(self.index.targets, dtype=np.int64).copy())
         self._eval = T.Compose([T.Resize(round(image_size / EVAL_CROP_RATIO)),
                                 T.CenterCrop(image_size)])
         self._train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()])

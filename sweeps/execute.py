@@ -279,9 +279,15 @@ def execute(plan: Plan) -> int:
         if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
             _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")
         resources = _trial_resources(plan.trials, gpus)
+        # Conditions on one data source share its TrialData: put it in the store once.
+        stored: dict[int, Any] = {}
+        for d in datas.values():
+            if id(d) not in stored:
+                stored[id(d)] = ray.put(d)
+        data_refs = {c: stored[id(d)] for c, d in datas.items()}
         payload = Payload(
             specs={t.trial_id: t for t in plan.trials},
-            data_refs={c: ray.put(d) for c, d in datas.items()},
+            data_refs=data_refs,
             reference_refs={c: ray.put(r) for c, r in references.items()},
             mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
         )

@@ -173,17 +173,7 @@ def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
     try:
         if subjects is None:
             subjects = nsd.subjects_in_release(root)
-        for subject in subjects:
-            for roi in sorted(rois):
-                mask = nsd.roi_file(root, subject, roi)
-                if not mask.is_file():
-                    raise UsageError(f"--nsd-root {value}: missing {mask.relative_to(root)} "
-                                     f"(ROI {roi} of subject {subject})")
-            try:
-                nsd.session_files(root, subject)
-            except nsd.NSDFormatError as exc:
-                raise UsageError(f"--nsd-root {value}: subject {subject}: {exc}") from None
-        nsd.check_release(root, subjects, sorted(rois))
+        nsd.check_release(root, subjects, sorted(rois))  # every subject's ROIs and sessions
     except nsd.NSDFormatError as exc:
         raise UsageError(f"--nsd-root {value}: {exc}") from None
     return root, tuple(subjects)
