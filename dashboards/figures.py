@@ -232,11 +232,12 @@ class FilterPanel:
 
 @dataclass(frozen=True)
 class FilterRow:
-    """One condition's row: the trials' grids, then the reference panel."""
+    """One condition's row: the trials' grids, then the reference panels (Figure 1c: the
+    pretrained AlexNet's conv1, the Gabor bank, a note on the condition's own reference)."""
 
     condition: str
     panels: tuple[FilterPanel, ...]
-    reference: FilterPanel
+    references: tuple[FilterPanel, ...]
 
 
 def _image(ax, panel: FilterPanel) -> None:
@@ -260,17 +261,18 @@ def filters_figure(rows: Sequence[FilterRow]) -> Figure:
         fig, axes = _figure(1, panel=(6, 2))
         _empty(axes[0], "no trials: no filters to show")
         return fig
-    ncols = max(len(r.panels) for r in rows) + 1
+    n_trials = max(len(r.panels) for r in rows)
+    ncols = n_trials + max(len(r.references) for r in rows)
     fig = Figure(figsize=(3.2 * ncols, 3.6 * len(rows)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, row in enumerate(rows):
-        for c in range(ncols - 1):
-            if c < len(row.panels):
-                _image(axes[r, c], row.panels[c])
+        cells = list(row.panels) + [None] * (n_trials - len(row.panels)) + list(row.references)
+        for c in range(ncols):
+            if c < len(cells) and cells[c] is not None:
+                _image(axes[r, c], cells[c])
             else:
                 axes[r, c].set_visible(False)
-        _image(axes[r, ncols - 1], row.reference)
         axes[r, 0].set_ylabel(row.condition, fontsize=9)
     return fig
 

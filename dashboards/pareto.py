@@ -35,9 +35,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from dashboards import figures, paper, report, statistics, tables
+from dashboards import effects, figures, paper, report, statistics, tables
 from dashboards.fronts import FINISHED
 from dashboards.sources import (
+    CONTROL_SUFFIX,
+    PREDICTIONS_ARTIFACT,
     SourceError,
     SweepRecord,
     Trial,
@@ -139,24 +141,82 @@ def _filter_rows(record: SweepRecord, results: pa.Table, workdir: Path) -> list[
             panels.append(figures.FilterPanel(role, caption, png,
                                               note if png else "no conv1_filters.png artifact"))
         reference = next(t.config.get("reference") for t in trials if t.condition == cond)
-        rows.append(figures.FilterRow(cond, tuple(panels), _reference_panel(reference, workdir)))
+        rows.append(figures.FilterRow(cond, tuple(panels), _reference_panels(reference, workdir)))
     return rows
 
 
-def _reference_panel(reference: str | None, workdir: Path) -> figures.FilterPanel:
-    if reference == "gabor":
-        from references.gabor import FREQUENCIES, ORIENTATIONS_DEG, bank_png
+def _reference_panels(reference: str | None, workdir: Path) -> tuple[figures.FilterPanel, ...]:
+    """The paper's Figure 1c references beside every condition's grids: the pretrained
+    AlexNet's conv1 filters (torchvision's ImageNet weights, when the file is in the local
+    torch hub cache; never downloaded) and the Gabor bank; then, for a reference that is not a
+    filter bank, a note saying what it is."""
+    from references.gabor import FREQUENCIES, ORIENTATIONS_DEG, bank_png
 
-        png = bank_png(workdir / "gabor_bank.png")
-        return figures.FilterPanel(
-            "reference: Gabor bank",
-            f"{len(ORIENTATIONS_DEG) * len(FREQUENCIES)} filters: rows {len(ORIENTATIONS_DEG)} "
-            f"orientations,\ncolumns {len(FREQUENCIES)} frequencies", png)
+    panels = [_pretrained_alexnet_panel(workdir)]
+    png = bank_png(workdir / "gabor_bank.png")
+    panels.append(figures.FilterPanel(
+        "Gabor bank" + (" (the reference)" if reference == "gabor" else ""),
+        f"{len(ORIENTATIONS_DEG) * len(FREQUENCIES)} filters: rows {len(ORIENTATIONS_DEG)} "
+        f"orientations,\ncolumns {len(FREQUENCIES)} frequencies", png))
     what = {"nsd": "NSD voxel responses", "pretrained": "a pretrained network's activations"}
-    return figures.FilterPanel(
-        f"reference: {reference}", "", None,
-        f"the reference is {what.get(reference, reference)}, not a filter bank: only the "
-        f"trials' conv1 grids are shown")
+    if reference != "gabor":
+        panels.append(figures.FilterPanel(
+            f"reference: {reference}", "", None,
+            f"the reference is {what.get(reference, reference)}, not a filter bank"))
+    return tuple(panels)
+
+
+def _pretrained_alexnet_panel(workdir: Path) -> figures.FilterPanel:
+    import torch
+
+    from references.pretrained import WeightsNotFoundError, find_weights
+    from trainable.models import filter_grid_png, get_model_spec
+
+    role = "pretrained AlexNet conv1"
+    try:
+        path = find_weights("alexnet", "torchvision")
+    except WeightsNotFoundError:
+        from references.pretrained import TORCHVISION_WEIGHT_FILES, hub_checkpoints_dir
+
+        return figures.FilterPanel(role, "", None, (
+            f"not shown: {TORCHVISION_WEIGHT_FILES['alexnet']} is not in "
+            f"{hub_checkpoints_dir()} (torchvision's ImageNet weights; never downloaded)"))
+    spec = get_model_spec("alexnet")
+    key = f"{spec.taps[spec.conv1].path}.weight"
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        weight = sd[key]
+    except Exception as exc:  # an unreadable file is a note in the figure, not a failure
+        return figures.FilterPanel(role, "", None,
+                                   f"not shown: {path} has no readable {key} ({type(exc).__name__})")
+    png = filter_grid_png(weight.float(), workdir / "pretrained_alexnet_conv1.png")
+    return figures.FilterPanel(role, f"{weight.shape[0]} filters, torchvision ImageNet\n"
+                                     f"({path.name})", png)
+
+
+def _controls(record: SweepRecord) -> dict[str, str]:
+    """condition -> its negative control's condition, for the controls in ``record``: a
+    condition whose trials have ``reference_shuffle`` and whose name is another condition's
+    plus ``CONTROL_SUFFIX``."""
+    conds = {t.condition for t in record.trials}
+    shuffled = {t.condition for t in record.trials if t.config.get("reference_shuffle")}
+    return {c[: -len(CONTROL_SUFFIX)]: c for c in sorted(shuffled)
+            if c.endswith(CONTROL_SUFFIX) and c[: -len(CONTROL_SUFFIX)] in conds}
+
+
+def _effects(record: SweepRecord, results: pa.Table, workdir: Path) -> dict[str, dict]:
+    trials = {t.trial_id: t for t in record.trials}
+
+    def load(trial_id: str) -> effects.Predictions | None:
+        trial = trials[trial_id]
+        path = record.fetch(trial, PREDICTIONS_ARTIFACT, workdir / "predictions" / trial.run_id)
+        try:
+            return effects.Predictions.load(path) if path is not None else None
+        except (OSError, ValueError, KeyError):  # unreadable: the condition says so
+            return None
+
+    return effects.direction_effects(results, load, controls=_controls(record))
 
 
 def _json_safe(value: Any) -> Any:
@@ -181,10 +241,13 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     config = tables.sweep_config(record)
     messages = diagnose(record, results)
     terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
+    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
+        sides = _effects(record, results, Path(tmp))
     (out / "statistics.json").write_text(
         json.dumps(_json_safe({"sweep": record.sweep, "experiment": record.experiment,
                                "parent_run_id": record.parent_run_id, "conditions": stats,
-                               "paper": terms, "messages": messages}), indent=2) + "\n")
+                               "effects": sides, "paper": terms, "messages": messages}),
+                   indent=2) + "\n")
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         figs = [
             (figures.front_figure(results, stats), "front",
@@ -197,7 +260,9 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
               "finish), bold lines the mean of each direction.")),
             (figures.filters_figure(_filter_rows(record, results, Path(tmp))), "filters",
              ("conv1 filters of the maximally aligned, minimally aligned and baseline models, "
-              "beside the reference bank where the reference is one (Gabor).")),
+              "beside the pretrained AlexNet's conv1 filters (when torchvision's weights are "
+              "in the local torch hub cache) and the Gabor bank, as in the paper's Figure "
+              "1c.")),
         ]
         embedded = []
         for fig, stem, caption in figs:
@@ -209,7 +274,8 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     return report.write_report(
         out / "report.html", title=f"Sweep {record.sweep}: Pareto fronts of performance "
         f"against alignment", meta=meta, messages=messages, statistics=stats,
-        figures=embedded, results=results, config=config, files=FILES[1:], paper=terms)
+        figures=embedded, results=results, config=config, files=FILES[1:], paper=terms,
+        effects=sides)
 
 
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
@@ -313,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cond}: {s['finished']}/{s['trials']} trials finished, Spearman rho(alignment, "
               f"performance) = {rho}, performance in signed alpha: "
               f"{s['monotonicity']['trend']}")
+    for line in effects.summary_lines(stats.get("effects") or {}):
+        print(line)
     print(f"report: {path.resolve()}")
     return 0
 

@@ -129,10 +129,59 @@ def _paper_html(terms: Mapping[str, Any] | None) -> str:
     return "".join(parts)
 
 
+def _interval_text(e: Mapping[str, Any], key: str) -> str:
+    if e.get(key) is None:
+        return ""
+    if e.get("low") is None:
+        return _fmt(e[key], 3)
+    return f"{_fmt(e[key], 3)} [{_fmt(e['low'], 3)}, {_fmt(e['high'], 3)}]"
+
+
+def _effects_html(sides: Mapping[str, Mapping] | None) -> str:
+    """Each side's drop from the baseline with its paired bootstrap interval, the alignment
+    it moved, and the same for the negative control beside the condition it controls."""
+    if not sides:
+        return "<p>No condition has finished trials.</p>"
+    head = ("<tr><th>condition</th><th>side</th><th>configurations</th>"
+            "<th>drop from baseline, points [95 % CI]</th><th>interval excludes 0</th>"
+            "<th>alignment change</th><th>interval over</th></tr>")
+    rows, lines = [], []
+    for cond, entry in sides.items():
+        for side in ("min", "max"):
+            e = entry.get(side) or {}
+            label = "suppressing (alpha < 0)" if side == "min" else "promoting (alpha > 0)"
+            excl = e.get("excludes_zero")
+            rows.append(
+                f'<tr><td class="text">{_e(cond)}</td><td class="text">{_e(label)}</td>'
+                f"<td>{_e(e.get('configurations', 0))}</td>"
+                f"<td>{_e(_interval_text(e, 'drop'))}</td>"
+                f'<td class="text">{"" if excl is None else ("yes" if excl else "no")}</td>'
+                f"<td>{_e(_fmt(e.get('alignment_change'), 3))}</td>"
+                f'<td class="text">{_e(entry.get("message") or entry.get("over", ""))}</td>'
+                "</tr>")
+        versus = entry.get("versus_control")
+        if versus:
+            for side in ("min", "max"):
+                v = versus[side]
+                if v.get("drop_difference") is None:
+                    continue
+                verb = "suppressing" if side == "min" else "promoting"
+                ci = ("" if v.get("low") is None else
+                      f" (95 % CI {v['low']:.1f} to {v['high']:.1f})")
+                lines.append(
+                    f"{cond}, {verb}: drop minus the control's drop "
+                    f"({versus['control']}) = {v['drop_difference']:.1f} points{ci}: the part "
+                    f"of the effect that the reference's image-specific content explains")
+    extra = "".join(f"<li>{_e(x)}</li>" for x in lines)
+    return (f'<table id="effects">{head}{"".join(rows)}</table>'
+            + (f'<ul id="versus-control">{extra}</ul>' if extra else ""))
+
+
 def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str],
                   statistics: Mapping[str, Mapping], figures: Sequence[tuple[Path, str, str]],
                   results: pa.Table, config: Mapping[str, Any],
-                  files: Sequence[str], paper: Mapping[str, Any] | None = None) -> str:
+                  files: Sequence[str], paper: Mapping[str, Any] | None = None,
+                  effects: Mapping[str, Mapping] | None = None) -> str:
     """The report as one HTML string.
 
     meta : label -> value lines at the top (sweep, experiment, source, ...).
@@ -143,6 +192,8 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
     files : names of the files written beside the report (linked relatively).
     paper : ``dashboards.paper.paper_terms`` output (the paper's headline numbers beside
     this run's).
+    effects : ``dashboards.effects.direction_effects`` output (each side's drop with its
+    interval, and the negative control beside its condition).
     """
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
@@ -163,6 +214,16 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
                  "(trials resampled), and whether performance is monotone in signed alpha "
                  "(mean over betas and seeds at each alpha).</p>")
     parts.append(_statistics_html(statistics))
+    parts.append("<h2>What each side costs, beside the control</h2>")
+    parts.append("<p>Per condition and side: the drop of the side's mean performance from "
+                 "the baseline (points; positive = worse) with a 95 % paired bootstrap "
+                 "interval over the validation images (and the seeds of each configuration "
+                 "when there are several), and the change of validation alignment. A "
+                 "condition ending in <code>_shuffled</code> is a negative control: the same "
+                 "trials against the reference shuffled across images. Promoting a shuffled "
+                 "reference should not raise alignment with it; what suppressing it costs is "
+                 "not explained by what the reference encodes about the images.</p>")
+    parts.append(_effects_html(effects))
     parts.append("<h2>In the paper's terms</h2>")
     parts.append("<p>Degradation is the drop from the baseline in points (top-1 percentage "
                  "points or mAP points; positive = worse). The seed paper's headline numbers "

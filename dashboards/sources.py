@@ -45,6 +45,8 @@ __all__ = [
 
 SCALE_SUFFIXES = ("demo", "smoke", "paper")
 FILTERS_ARTIFACT = "conv1_filters.png"
+PREDICTIONS_ARTIFACT = "val_predictions.npz"  # trainable.train.PREDICTIONS_ARTIFACT
+CONTROL_SUFFIX = "_shuffled"  # sweeps.spec.CONTROL_SUFFIX: <condition>_shuffled
 TRIAL_ID = re.compile(r"^(?P<condition>.+)-(?P<direction>max|min|none)-a(?P<alpha>[^-]+)"
                       r"-b(?P<beta>[^-]+)-s(?P<seed>\d+)$")
 RAY_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})$")
@@ -100,8 +102,9 @@ class SweepRecord:
     experiment : ``<sweep>-<scale>``; source : a human line naming the store and run.
     parent_run_id, parent_status, parent_tags : the MLflow parent run (Ray source: from
         mlflow_parent.json when present, else None / "" / derived tags).
-    fetch_filters : (trial, folder) -> path of the trial's conv1_filters.png in ``folder``, or
-        None when it has none.
+    fetch : (trial, artifact name, folder) -> path of that artifact of the trial (downloaded
+        into ``folder`` when it is remote), or None when the trial has none
+        (``fetch_filters``: its conv1_filters.png).
     label : names this invocation in folder names (the parent run id; Ray: the run folder).
     notes : what could not be read as expected (shown in the report).
     """
@@ -113,13 +116,17 @@ class SweepRecord:
     parent_status: str
     parent_tags: dict[str, str]
     trials: tuple[Trial, ...]
-    fetch_filters: Callable[[Trial, Path], Path | None] = field(repr=False, compare=False)
+    fetch: Callable[[Trial, str, Path], Path | None] = field(repr=False, compare=False)
     label: str = ""
     notes: tuple[str, ...] = ()
 
     @property
     def scale(self) -> str:
         return self.parent_tags.get("scale", "")
+
+    def fetch_filters(self, trial: Trial, folder: Path) -> Path | None:
+        """The trial's conv1_filters.png (in ``folder`` when downloaded), or None."""
+        return self.fetch(trial, FILTERS_ARTIFACT, folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,15 +264,17 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     runs = child_runs(mlflow_uri, parent.info.run_id)
     trials = tuple(sorted((_mlflow_trial(client, run) for run in runs), key=_order))
 
-    def fetch(trial: Trial, folder: Path) -> Path | None:
+    listed: dict[str, set[str]] = {}
+
+    def fetch(trial: Trial, name: str, folder: Path) -> Path | None:
         try:
-            names = {a.path for a in client.list_artifacts(trial.run_id)}
-            if FILTERS_ARTIFACT not in names:
+            if trial.run_id not in listed:
+                listed[trial.run_id] = {a.path for a in client.list_artifacts(trial.run_id)}
+            if name not in listed[trial.run_id]:
                 return None
             folder.mkdir(parents=True, exist_ok=True)
             with quiet_artifacts():
-                return Path(client.download_artifacts(trial.run_id, FILTERS_ARTIFACT,
-                                                      str(folder)))
+                return Path(client.download_artifacts(trial.run_id, name, str(folder)))
         except (MlflowException, OSError):  # unreachable artifacts: the figure says so
             return None
 
@@ -273,7 +282,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
                        source=f"MLflow {mlflow_uri}, experiment {exp_name}, parent run "
                               f"{parent.info.run_id}",
                        parent_run_id=parent.info.run_id, parent_status=parent.info.status,
-                       parent_tags=tags, trials=trials, fetch_filters=fetch,
+                       parent_tags=tags, trials=trials, fetch=fetch,
                        label=parent.info.run_id)
 
 
@@ -438,16 +447,16 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     if not trials and not notes:
         notes.append(f"{run_dir} has no trials yet")
 
-    def fetch(trial: Trial, folder: Path) -> Path | None:
+    def fetch(trial: Trial, name: str, folder: Path) -> Path | None:
         # sweeps.execute copies the artifacts into the checkpoints reported after they are
         # written (the last epoch's); the newest checkpoint that has them wins.
         trial_dir = folders[trial.trial_id]
-        found = sorted(trial_dir.glob(f"checkpoint_*/artifacts/{FILTERS_ARTIFACT}"))
-        found += [p for p in [trial_dir / "artifacts" / FILTERS_ARTIFACT] if p.is_file()]
+        found = sorted(trial_dir.glob(f"checkpoint_*/artifacts/{name}"))
+        found += [p for p in [trial_dir / "artifacts" / name] if p.is_file()]
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
                        parent_run_id=parent.get("run_id"), parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
-                       fetch_filters=fetch, label=run_dir.name, notes=tuple(notes))
+                       fetch=fetch, label=run_dir.name, notes=tuple(notes))

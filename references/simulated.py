@@ -52,7 +52,7 @@ from tqdm import tqdm
 from references import nsd
 from references.cache import build_once, cache_root, content_hash
 
-GENERATOR_VERSION = 2  # 2: writes each subject's ncsnr.nii.gz
+GENERATOR_VERSION = 3  # 2: writes each subject's ncsnr.nii.gz; 3: categories by grating
 # Number of real builds per kind in this process: lets tests see that a cached call built nothing.
 BUILD_COUNTS: Counter[str] = Counter()
 
@@ -69,34 +69,53 @@ TEXTURES: tuple[str, ...] = ("plain", "stripes", "checker", "dots", "radial")
 
 @dataclass(frozen=True)
 class CategorySpec:
-    """The generative statistics of one object category (angles in radians, hue in [0, 1))."""
+    """The generative statistics of one object category (angles in radians).
+
+    What tells categories apart is what V1-like voxels encode: the orientation and spatial
+    frequency of the object's luminance grating (``orientation``, ``texture_freq``), then its
+    shape. Colour is no cue: every object is drawn in a random hue (``hue`` is kept for the
+    record only), so a network cannot solve the task while ignoring oriented energy.
+    """
 
     name: str
     shape: int  # index into SHAPES
-    texture: int  # index into TEXTURES
-    hue: float
+    texture: int  # index into TEXTURES (always "stripes" since GENERATOR_VERSION 3)
+    hue: float  # unused for drawing since version 3 (objects get a random hue)
     saturation: float
     aspect: float  # length / width of the shape's frame
-    texture_freq: float  # texture cycles per object radius
-    orientation: float  # mean object orientation
+    texture_freq: float  # grating cycles per image width (whatever the image size)
+    orientation: float  # the grating's orientation in the image (object orientation follows)
     kappa: float  # von Mises concentration of the orientation (0 = uniform)
     scale: float  # size factor
 
 
+# Grating frequencies in cycles per image width: the simulated V1 bank's 0.06-0.24 cycles per
+# pixel at 64 px spans 3.8-15.4 cycles per image; categories use levels inside it.
+CATEGORY_FREQUENCIES = (5.0, 7.5, 11.0, 15.0)
+
+
 def make_categories(n: int, rng: np.random.Generator) -> list[CategorySpec]:
-    """``n`` categories whose shape, texture and hue are spread as evenly as ``n`` allows."""
+    """``n`` categories, each a distinct (grating orientation, grating frequency) pair on a grid
+    of ``ceil(n / 4)`` orientations x up to 4 frequencies (``CATEGORY_FREQUENCIES``), with
+    shapes spread as evenly as ``n`` allows. Orientations are held to about +-10 degrees
+    (kappa 30), so a category's oriented energy is its signature."""
+    n_freq = min(len(CATEGORY_FREQUENCIES), n)
+    n_ori = -(-n // n_freq)
     shapes = np.resize(rng.permutation(len(SHAPES)), n)
-    textures = np.resize(rng.permutation(len(TEXTURES)), n)
-    hues = (rng.permutation(n) + rng.uniform()) / n % 1.0
+    offset = rng.uniform(0, np.pi / n_ori)
+    cells = rng.permutation(n_ori * n_freq)[:n]
     specs = []
     for c in range(n):
+        i_ori, i_freq = divmod(int(cells[c]), n_freq)
         family, sides = SHAPES[shapes[c]]
-        name = f"{family}{sides or ''}-{TEXTURES[textures[c]]}-h{int(hues[c] * 360):03d}"
+        orientation = (offset + i_ori * np.pi / n_ori) % np.pi
+        freq = CATEGORY_FREQUENCIES[i_freq]
+        name = f"{family}{sides or ''}-o{int(np.degrees(orientation)):03d}-f{freq:g}"
         specs.append(CategorySpec(
-            name=name, shape=int(shapes[c]), texture=int(textures[c]), hue=float(hues[c]),
-            saturation=float(rng.uniform(0.55, 0.95)), aspect=float(rng.uniform(1.0, 1.7)),
-            texture_freq=float(rng.uniform(1.5, 3.5)), orientation=float(rng.uniform(0, np.pi)),
-            kappa=float(rng.choice([0.0, 2.0, 8.0])), scale=float(rng.uniform(0.85, 1.15))))
+            name=name, shape=int(shapes[c]), texture=TEXTURES.index("stripes"),
+            hue=float(rng.uniform()), saturation=float(rng.uniform(0.55, 0.95)),
+            aspect=float(rng.uniform(1.0, 1.5)), texture_freq=float(freq),
+            orientation=float(orientation), kappa=30.0, scale=float(rng.uniform(0.9, 1.1))))
     return specs
 
 
@@ -112,6 +131,7 @@ class SceneObject:
     radius: float  # in the same units (1 = half the image)
     theta: float
     area: float  # visible pixels / image pixels
+    hue: float  # the colour it was drawn in
     bbox: tuple[float, float, float, float]  # x, y, w, h in pixels (COCO convention)
 
 
@@ -188,6 +208,8 @@ def _draw_object(img: np.ndarray, spec: CategorySpec, category: int, cx: float, 
                  yy: np.ndarray) -> SceneObject:
     """Composite one object onto ``img`` (size, size, 3) in place."""
     size = xx.shape[0]
+    # The grating keeps the category's orientation in the image: the object (and its stripes,
+    # across its long axis) turns to theta near it.
     theta = float(rng.vonmises(spec.orientation, spec.kappa)) if spec.kappa > 0 else \
         float(rng.uniform(-np.pi, np.pi))
     dx, dy = xx - cx, yy - cy
@@ -197,17 +219,19 @@ def _draw_object(img: np.ndarray, spec: CategorySpec, category: int, cx: float, 
     family, sides = SHAPES[spec.shape]
     # Margin is in object units; x radius / pixel size gives pixels: a one-pixel soft edge.
     alpha = np.clip(_shape_margin(family, sides, u, v) * radius * size / 2 + 0.5, 0, 1)
-    hue = spec.hue + rng.normal(0, 0.02)
-    light = _hsv(hue, spec.saturation, rng.uniform(0.8, 1.0))
-    dark = _hsv(hue + 0.04, min(1.0, spec.saturation + 0.1), rng.uniform(0.3, 0.5))
-    t = _texture(TEXTURES[spec.texture], spec.texture_freq, rng.uniform(0, 2 * np.pi), u, v)
+    hue = float(rng.uniform())  # colour is no cue to the category
+    light = _hsv(hue, spec.saturation, rng.uniform(0.85, 1.0))
+    dark = _hsv(hue + 0.04, min(1.0, spec.saturation + 0.1), rng.uniform(0.15, 0.35))
+    # texture_freq cycles per image width (2 units) -> cycles per unit of u.
+    per_u = spec.texture_freq * radius * spec.aspect / 2
+    t = _texture(TEXTURES[spec.texture], per_u, rng.uniform(0, 2 * np.pi), u, v)
     colour = light * t[..., None] + dark * (1 - t[..., None])
     img *= 1 - alpha[..., None]
     img += alpha[..., None] * colour
     ys, xs = np.nonzero(alpha > 0.5)
     bbox = ((float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
              float(ys.max() - ys.min() + 1)) if xs.size else (0.0, 0.0, 0.0, 0.0))
-    return SceneObject(category, cx, cy, radius, theta, float(alpha.mean()), bbox)
+    return SceneObject(category, cx, cy, radius, theta, float(alpha.mean()), hue, bbox)
 
 
 def render_scene(rng: np.random.Generator, specs: list[CategorySpec], categories: list[int],
@@ -224,7 +248,7 @@ def render_scene(rng: np.random.Generator, specs: list[CategorySpec], categories
         spec = specs[cat]
         if multi:
             cx, cy = rng.uniform(-0.55, 0.55, 2)
-            radius = spec.scale * rng.uniform(0.22, 0.38)
+            radius = spec.scale * rng.uniform(0.28, 0.42)
         else:
             cx, cy = rng.uniform(-0.2, 0.2, 2)
             radius = spec.scale * rng.uniform(0.4, 0.6)
@@ -403,8 +427,8 @@ def _scene_features(objects: list[list[SceneObject]], specs: list[CategorySpec])
         feats[i, k + 2] = len(objs)
         feats[i, k + 3] = np.mean([np.cos(2 * o.theta) for o in objs])
         feats[i, k + 4] = np.mean([np.sin(2 * o.theta) for o in objs])
-        feats[i, k + 5] = np.mean([np.cos(2 * np.pi * specs[o.category].hue) for o in objs])
-        feats[i, k + 6] = np.mean([np.sin(2 * np.pi * specs[o.category].hue) for o in objs])
+        feats[i, k + 5] = np.mean([np.cos(2 * np.pi * o.hue) for o in objs])
+        feats[i, k + 6] = np.mean([np.sin(2 * np.pi * o.hue) for o in objs])
     return presence, feats
 
 

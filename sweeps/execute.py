@@ -332,6 +332,11 @@ def _report(plan: Plan, parent_id: str) -> None:
         _say(f"retry with: python -m dashboards.pareto {plan.sweep} --mlflow-uri "
              f"{plan.mlflow_uri} --parent-run {parent_id}")
         return
+    from dashboards.effects import summary_lines
+
+    stats = json.loads((Path(path).parent / "statistics.json").read_text())
+    for line in summary_lines(stats.get("effects") or {}):
+        _say(line)
     _say(f"report: {Path(path).resolve()}")
 
 

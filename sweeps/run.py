@@ -109,7 +109,10 @@ def list_lines() -> list[str]:
     out = []
     for name in list_sweeps():
         sweep = load_sweep(name, check_configs=False)
-        extra = f" ({len(sweep.conditions)} conditions)" if sweep.composite else ""
+        mains = [c for c in sweep.conditions if c.control_of is None]
+        extra = f" ({len(mains)} conditions)" if sweep.composite else ""
+        if sweep.control_size():
+            extra += f" (+{sweep.control_size()} negative-control trials in the demo)"
         out.append(f"{name:<26}{sweep.grid_size():>4} trials  {sweep.description}{extra}")
     return out
 

@@ -33,6 +33,12 @@ A condition (one paper condition, one Pareto front)::
     data = "simulated_nsd"       # "simulated_single_label" | "simulated_nsd"
     data_kwargs = { n_images = 1000 }   # generator arguments (references/simulated.py)
 
+    [control]                    # optional: the negative control, run beside the condition
+    alphas = [0.8]               # magnitudes: a baseline and +-a for each, against the
+    scales = ["demo"]            # reference shuffled across images; scales it runs at
+                                 # (default both; never in the smoke test). It is the
+                                 # condition <name>_shuffled.
+
 A composite (``paper``) holds only ``description`` and ``includes`` (condition names).
 
 Loading validates once: unknown keys are errors naming the key and the file, and every scale's
@@ -90,7 +96,11 @@ SMOKE_DATA = {
 }
 
 _CONDITION_KEYS = ("description", "model", "layer", "reference", "roi", "metric", "task",
-                   "grid", "paper", "demo")
+                   "grid", "paper", "demo", "control")
+_CONTROL_KEYS = ("alphas", "scales")
+#: A condition's negative control is the condition ``<name>_shuffled``: the same trials
+#: against the reference shuffled across images (``reference_shuffle``).
+CONTROL_SUFFIX = "_shuffled"
 _COMPOSITE_KEYS = ("description", "includes")
 _GRID_KEYS = ("alphas", "betas")
 _SCALE_KEYS = ("data", "data_kwargs", "epochs", "lr", "batch_size", "image_size", "width",
@@ -307,6 +317,8 @@ class Condition:
     grid: Grid
     paper: Scale
     demo: Scale
+    control_of: str | None = None  # the condition this one is the shuffled control of
+    scales: tuple[str, ...] = SCALES  # the scales it runs at (a control may run at fewer)
 
     def scale(self, scale: str) -> Scale:
         if scale not in SCALES:
@@ -318,6 +330,8 @@ class Condition:
         s = self.scale(scale)
         cfg = {"model": self.model, "layer": self.layer, "reference": self.reference,
                "metric": self.metric, **s.config(), "threads": s.resources.threads}
+        if self.control_of is not None:
+            cfg["reference_shuffle"] = True
         if smoke:
             cfg.update(SMOKE)
         return cfg
@@ -352,6 +366,8 @@ def _expand(cond: Condition, scale: str, seeds: int, smoke: bool,
         raise ValueError(f"seeds={seeds!r}; accepted: an integer >= 1")
     if smoke and scale != "demo":
         raise ValueError("the smoke test runs on tiny simulated data; accepted: scale='demo'")
+    if scale not in cond.scales or (smoke and cond.control_of is not None):
+        return []  # a control runs at its scales, never in the smoke test (no new component)
     base = cond.base_config(scale, smoke=smoke)
     points = cond.grid.smoke_points() if smoke else cond.grid.points()
     out = []
@@ -380,7 +396,8 @@ class Sweep:
 
     @property
     def composite(self) -> bool:
-        return len(self.conditions) != 1 or self.conditions[0].name != self.name
+        mains = [c for c in self.conditions if c.control_of is None]
+        return len(mains) != 1 or mains[0].name != self.name
 
     def condition(self, name: str) -> Condition:
         for cond in self.conditions:
@@ -390,8 +407,13 @@ class Sweep:
                          f"{', '.join(c.name for c in self.conditions)}")
 
     def grid_size(self) -> int:
-        """Trials of one seed of the full grid."""
-        return sum(len(c.grid) for c in self.conditions)
+        """Trials of one seed of the full grid (the paper's conditions; controls apart)."""
+        return sum(len(c.grid) for c in self.conditions if c.control_of is None)
+
+    def control_size(self) -> int:
+        """Trials of one seed of the negative controls at demo scale."""
+        return sum(len(c.grid) for c in self.conditions
+                   if c.control_of is not None and "demo" in c.scales)
 
     def trials(self, *, scale: str = "demo", seeds: int = 1,
                smoke: bool = False) -> list[TrialSpec]:
@@ -525,12 +547,48 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
             if "includes" in sub_raw:
                 raise SweepFileError(f"{path}: includes {inc!r}, itself a composite; "
                                      f"accepted: condition sweeps only")
-            conditions.append(_parse_condition(inc, sub, sub_raw, check_configs))
+            conditions += _with_control(_parse_condition(inc, sub, sub_raw, check_configs),
+                                        sub_raw, check_configs)
         if len({c.name for c in conditions}) != len(conditions):
             raise SweepFileError(f"{path}: includes a condition twice: {includes}")
         return Sweep(name, path, _description(raw, path), tuple(conditions))
     cond = _parse_condition(name, path, raw, check_configs)
-    return Sweep(name, path, cond.description, (cond,))
+    return Sweep(name, path, cond.description, tuple(_with_control(cond, raw, check_configs)))
+
+
+def control_name(condition: str) -> str:
+    """The name of ``condition``'s negative control."""
+    return f"{condition}{CONTROL_SUFFIX}"
+
+
+def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> list[Condition]:
+    """``[cond]``, plus its negative control when the file has a ``[control]`` table: the same
+    condition with ``reference_shuffle = true``, the control's alphas, the condition's betas."""
+    if "control" not in raw:
+        return [cond]
+    path = cond.path
+    table = _table(raw, "control", path, "")
+    _check_keys(table, _CONTROL_KEYS, path, " in [control]")
+    _require(table, ("alphas",), path, " in [control]")
+    alphas = _numbers(table, "alphas", path, positive=True, where="control")
+    scales = table.get("scales", list(SCALES))
+    if (not isinstance(scales, list) or not scales
+            or not all(isinstance(x, str) and x in SCALES for x in scales)):
+        raise SweepFileError(f"{path}: scales={scales!r} in [control]; accepted: a non-empty "
+                             f"list of {', '.join(repr(x) for x in SCALES)}")
+    for scale in SCALES:
+        if dict(cond.scale(scale).trial).get("reference_shuffle"):
+            raise SweepFileError(f"{path}: [control] with trial.reference_shuffle = true in "
+                                 f"[{scale}]: the condition itself is shuffled; accepted: "
+                                 f"[control] on an unshuffled condition")
+    control = replace(cond, name=control_name(cond.name),
+                      description=f"negative control of {cond.name}: {cond.description}, the "
+                                  f"reference shuffled across images",
+                      grid=Grid(alphas, cond.grid.betas), control_of=cond.name,
+                      scales=tuple(x for x in SCALES if x in scales))
+    if check_configs:
+        _check_configs(control)
+    return [cond, control]
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -578,13 +636,14 @@ def _table(raw: Mapping[str, Any], key: str, path: Path, where: str) -> dict[str
     return value
 
 
-def _numbers(raw: Mapping[str, Any], key: str, path: Path, *, positive: bool) -> tuple[float, ...]:
+def _numbers(raw: Mapping[str, Any], key: str, path: Path, *, positive: bool,
+             where: str = "grid") -> tuple[float, ...]:
     value = raw[key]
     ok = isinstance(value, list) and value and all(
         _is_number(v) and math.isfinite(v) and (v > 0 if positive else v >= 0) for v in value)
     if not ok or len(set(value)) != len(value):
         what = "> 0 (magnitudes: the sign comes from the direction)" if positive else ">= 0"
-        raise SweepFileError(f"{path}: {key}={value!r} in [grid]; accepted: a non-empty list "
+        raise SweepFileError(f"{path}: {key}={value!r} in [{where}]; accepted: a non-empty list "
                              f"of distinct numbers {what}")
     return tuple(float(v) for v in value)
 

@@ -180,10 +180,10 @@ def test_monotonicity_averages_trials_sharing_an_alpha():
 
 
 def fake_trial(direction, alpha, *, perf, align, beta=1.0, seed=0, status="FINISHED",
-               filters=True, condition=None):
+               filters=True, condition=None, predictions=None, config=None):
     return {"direction": direction, "alpha": alpha, "beta": beta, "seed": seed,
             "status": status, "perf": perf, "align": align, "filters": filters,
-            "condition": condition}
+            "condition": condition, "predictions": predictions, "config": config or {}}
 
 
 def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="nsd",
@@ -210,7 +210,8 @@ def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="
         config = {"model": "alexnet", "layer": "conv1", "reference": reference,
                   "metric": "linear", "alpha": t["alpha"], "beta": t["beta"],
                   "seed": t["seed"], "epochs": len(t["perf"]), "lr": 1e-4,
-                  "batch_size": 16, "image_size": 64, "width": 0.125, "threads": 1}
+                  "batch_size": 16, "image_size": 64, "width": 0.125, "threads": 1,
+                  **t.get("config", {})}
         perf_key = "val_map" if multi_label else "val_top1"
         metrics = []
         for epoch, (p, a) in enumerate(zip(t["perf"], t["align"])):
@@ -225,6 +226,11 @@ def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="
             client.log_batch(run, tags=[RunTag("error", "TrialDiverged: non-finite loss")])
         if t["filters"]:
             client.log_artifact(run, str(png))
+        if t.get("predictions") is not None:  # as trainable.train writes it
+            folder = Path(tmp) / run
+            folder.mkdir()
+            np.savez_compressed(folder / "val_predictions.npz", **t["predictions"])
+            client.log_artifact(run, str(folder / "val_predictions.npz"))
         client.set_terminated(run, status=t["status"])
     client.set_terminated(parent, status="FINISHED")
     return parent
@@ -246,6 +252,35 @@ COMPOSITE = [
     fake_trial("max", 1.0, perf=[0.5], align=[0.3], condition="cond_b", seed=1),
     fake_trial("max", 1.0, perf=[0.45], align=[0.2], condition="cond_b", seed=2),
 ]
+
+
+def _multi_label_outcome(skill, seed, n=160, classes=6):
+    """A trial's val_predictions.npz content: mAP grows with ``skill``; the same images and
+    targets for every trial (targets from seed 0), scores from ``seed``."""
+    targets = np.random.default_rng(0).random((n, classes)) < 0.3
+    scores = skill * targets + np.random.default_rng(seed).normal(0, 1, (n, classes))
+    return {"image_ids": np.arange(1000, 1000 + n), "scores": scores.astype(np.float32),
+            "targets": targets.astype(np.uint8)}
+
+
+def _controlled():
+    """A condition and its negative control, with per-image outcomes: suppressing costs much
+    in the condition, little in the control."""
+    from dashboards.effects import Predictions, performance
+
+    out = []
+    for cond, shuffle, skills in (("ctl", False, {"none": 2.5, "max": 2.4, "min": 0.4}),
+                                  ("ctl_shuffled", True, {"none": 2.5, "max": 2.3, "min": 2.2})):
+        for k, (direction, alpha) in enumerate((("none", 0.0), ("max", 0.8), ("min", -0.8))):
+            pred = _multi_label_outcome(skills[direction], seed=10 * k + 1 + 100 * shuffle)
+            perf = float(performance(Predictions(pred["image_ids"], scores=pred["scores"],
+                                                 targets=pred["targets"] > 0),
+                                     np.ones((1, 160)))[0])
+            out.append(fake_trial(direction, alpha, perf=[perf], align=[0.1 * k],
+                                  condition=cond, predictions=pred,
+                                  config={"reference_shuffle": shuffle}))
+    return out
+
 
 DEGENERATE = {
     "no_baseline": ([t for t in FULL if t["direction"] != "none"], "no finished baseline"),
@@ -272,6 +307,7 @@ def fake_store(tmp_path_factory):
     parents["gabor"] = write_sweep(client, "gabor", FULL[:3], reference="gabor",
                                    multi_label=False, tmp=tmp)
     parents["paper"] = write_sweep(client, "paper", COMPOSITE, tmp=tmp)
+    parents["ctl"] = write_sweep(client, "ctl", _controlled(), tmp=tmp)
     # two invocations of one sweep at two scales: the later one is the default
     t0 = int(time.time() * 1000)
     parents["older"] = write_sweep(client, "twice", FULL[:2], scale="demo", start=t0 - 60_000,
@@ -393,7 +429,8 @@ def test_degenerate_sweeps_get_every_file_and_a_clear_message(fake_store, tmp_pa
         assert table.num_rows == 0 and summary["conditions"] == {}
 
 
-def test_filter_grids_beside_the_gabor_bank_or_a_note(fake_store, tmp_path):
+def test_filter_grids_beside_the_gabor_bank_or_a_note(fake_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no AlexNet weights
     uri, _ = fake_store
     for sweep, reference in (("gabor", "gabor"), ("full", "nsd")):
         record = load_mlflow(sweep, mlflow_uri=uri)
@@ -406,12 +443,71 @@ def test_filter_grids_beside_the_gabor_bank_or_a_note(fake_store, tmp_path):
             "gabor": ["gabor-max-a0.8-b1-s0", "gabor-max-a0.1-b1-s0", "gabor-none-a0-b1-s0"],
             "full": ["full-max-a0.8-b1-s0", "full-min-a0.8-b1-s0", "full-none-a0-b1-s0"],
         }[sweep]
+        alexnet, bank, *rest = row.references  # Figure 1c: pretrained AlexNet, Gabor bank
+        assert alexnet.role == "pretrained AlexNet conv1"
+        assert alexnet.png is None and "alexnet-owt-7be5be79.pth is not in" in alexnet.note
+        assert bank.png is not None and bank.png.is_file() and "108 filters" in bank.caption
         if reference == "gabor":
-            assert row.reference.png is not None and row.reference.png.is_file()
-            assert "108 filters" in row.reference.caption
+            assert bank.role == "Gabor bank (the reference)" and rest == []
         else:
-            assert row.reference.png is None
-            assert "not a filter bank" in row.reference.note
+            (note,) = rest
+            assert note.png is None and "not a filter bank" in note.note
+
+
+def test_pretrained_alexnet_conv1_beside_the_grids_when_its_weights_are_cached(
+        fake_store, tmp_path, monkeypatch):
+    """Figure 1c: with torchvision's AlexNet file in the torch hub cache, its 64 conv1
+    filters are drawn beside the trials' grids (here a file of the real shapes, saved by the
+    test: the real weights cannot be downloaded here)."""
+    import torch
+
+    from trainable.models import build_model
+
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    net = build_model("alexnet", num_classes=1000, seed=0).net
+    torch.save(net.state_dict(), checkpoints / "alexnet-owt-7be5be79.pth")
+    uri, _ = fake_store
+    record = load_mlflow("gabor", mlflow_uri=uri)
+    (row,) = pareto._filter_rows(record, tables.results_table(record), tmp_path / "out")
+    alexnet = row.references[0]
+    assert alexnet.png is not None and alexnet.png.is_file(), alexnet.note
+    assert alexnet.caption.startswith("64 filters")
+    import matplotlib.image
+
+    grid = matplotlib.image.imread(str(alexnet.png))
+    assert grid.shape[0] > 8 * 11 and grid.std() > 0  # 64 tiles of 11 x 11, not blank
+
+
+def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store, tmp_path):
+    """Trials that logged their per-image outcome get each side's drop with a paired
+    bootstrap interval, in statistics.json and the report, and the condition is set beside
+    its control (<name>_shuffled, reference_shuffle on): suppressing costs far more than in
+    the control, an interval that excludes zero."""
+    uri, _ = fake_store
+    report = pareto.postprocess("ctl", mlflow_uri=uri, out=tmp_path, log=False)
+    stats = json.loads((report.parent / "statistics.json").read_text())
+    ctl = stats["effects"]["ctl"]
+    rows = {r["trial_id"]: r["performance"] for r in read_results(report).to_pylist()}
+    assert ctl["min"]["drop"] == pytest.approx(
+        100 * (rows["ctl-none-a0-b1-s0"] - rows["ctl-min-a0.8-b1-s0"]), abs=1e-6)
+    assert ctl["min"]["low"] > 0 and ctl["min"]["excludes_zero"] is True
+    assert ctl["validation_images"] == 160 and "one seed" in ctl["over"]
+    versus = ctl["versus_control"]
+    assert versus["control"] == "ctl_shuffled" and versus["min"]["low"] > 0
+    assert "versus_control" not in stats["effects"]["ctl_shuffled"]
+    html = report.read_text()
+    assert 'id="effects"' in html and 'id="versus-control"' in html
+    assert "suppressing (alpha &lt; 0)" in html and "ctl_shuffled" in html
+
+
+def test_without_per_image_outcomes_the_sides_have_no_interval(full_report):
+    stats = json.loads((full_report.parent / "statistics.json").read_text())
+    full = stats["effects"]["full"]
+    assert full["min"]["drop"] == pytest.approx(100 * (0.5 - (0.52 + 0.40) / 2))
+    assert full["min"]["low"] is None and "no per-image validation outcome" in full["message"]
 
 
 def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fake_store,

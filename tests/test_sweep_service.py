@@ -57,7 +57,7 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
         for key in ("val_performance", "val_cka", "val_rsa", "task_loss", "epoch_seconds"):
             assert key in run.data.metrics, key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert "conv1_filters.png" in artifacts
+        assert "conv1_filters.png" in artifacts and "val_predictions.npz" in artifacts
     # the end of the run says where the results are and how to browse them
     assert f"mlflow ui --backend-store-uri {uri}" in proc.stdout
 

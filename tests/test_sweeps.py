@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 COUNTS = {"gabor_conv1": 33, "pretrained_conv1": 9, "pretrained_conv5": 9, "nsd_conv1_v1": 9,
           "nsd_fc1_vvs": 13, "nsd_resnet18_block1_v1": 3, "nsd_resnet18_block4_vvs": 3,
           "paper": 79}
+# Negative controls run beside a condition at demo scale (not in the paper): trials per sweep.
+CONTROLS = {"nsd_conv1_v1": 3, "paper": 3}
 # name: (model, layer, reference, roi, task, alphas, betas, paper epochs)
 PAPER = {
     "gabor_conv1": ("alexnet", "conv1", "gabor", None, "single_label", (1, 2, 4, 8),
@@ -60,15 +62,17 @@ def test_the_sweep_files_are_the_papers_table():
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_every_sweep_loads_with_the_papers_trial_count(name):
     sweep = load_sweep(name)
-    assert sweep.name == name and sweep.grid_size() == COUNTS[name]
-    for scale in ("demo", "paper"):
-        assert len(sweep.trials(scale=scale)) == COUNTS[name]
+    mains = [c for c in sweep.conditions if c.control_of is None]
+    assert sweep.name == name and sum(len(c.grid) for c in mains) == COUNTS[name]
+    assert len(sweep.trials(scale="paper")) == COUNTS[name]
+    assert len(sweep.trials(scale="demo")) == COUNTS[name] + CONTROLS.get(name, 0)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_grid_and_settings_are_verbatim(name):
     model, layer, reference, roi, task, alphas, betas, epochs = PAPER[name]
-    (cond,) = load_sweep(name).conditions
+    cond = load_sweep(name).conditions[0]
+    assert cond.name == name and cond.control_of is None
     assert (cond.model, cond.layer, cond.reference, cond.roi, cond.task, cond.metric) == (
         model, layer, reference, roi, task, "linear")
     assert cond.grid.alphas == alphas and cond.grid.betas == betas
@@ -79,7 +83,8 @@ def test_grid_and_settings_are_verbatim(name):
 
 
 def test_paper_composes_every_condition(paper_sweep):
-    assert [c.name for c in paper_sweep.conditions] == [n for n in COUNTS if n != "paper"]
+    assert [c.name for c in paper_sweep.conditions if c.control_of is None] == [
+        n for n in COUNTS if n != "paper"]
     by_condition = {}
     for t in paper_sweep.trials(scale="paper"):
         by_condition[t.condition] = by_condition.get(t.condition, 0) + 1
@@ -87,7 +92,7 @@ def test_paper_composes_every_condition(paper_sweep):
 
 
 def test_seeds_repeat_every_configuration(paper_sweep):
-    trials = paper_sweep.trials(seeds=3)
+    trials = paper_sweep.trials(seeds=3, scale="paper")
     assert len(trials) == 3 * 79
     assert sorted({t.seed for t in trials}) == [0, 1, 2]
     for seed in range(3):
@@ -97,13 +102,16 @@ def test_seeds_repeat_every_configuration(paper_sweep):
         paper_sweep.trials(seeds=0)
 
 
-def test_directions_signs_and_the_baseline(paper_sweep):
-    trials = paper_sweep.trials(scale="paper")
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_directions_signs_and_the_baseline(paper_sweep, scale):
+    trials = paper_sweep.trials(scale=scale)
     for t in trials:
         assert t.direction in ("max", "min", "none")
         assert (t.alpha > 0) == (t.direction == "max") and (t.alpha < 0) == (t.direction == "min")
         assert t.config["alpha"] == t.alpha and t.config["beta"] == t.beta
     for cond in paper_sweep.conditions:
+        if scale not in cond.scales:  # the demo's negative control
+            continue
         mine = [t for t in trials if t.condition == cond.name]
         baselines = [t for t in mine if t.direction == "none"]
         assert [(t.alpha, t.beta) for t in baselines] == [(0.0, 1.0)]
@@ -135,7 +143,8 @@ def test_every_trial_config_validates(paper_sweep, scale):
 
 def test_smoke_keeps_every_direction_on_tiny_data(paper_sweep):
     trials = paper_sweep.trials(smoke=True)
-    for cond in paper_sweep.conditions:
+    assert not [t for t in trials if t.condition.endswith("_shuffled")]  # controls: not in smoke
+    for cond in (c for c in paper_sweep.conditions if c.control_of is None):
         mine = [t for t in trials if t.condition == cond.name]
         assert sorted(t.direction for t in mine) == ["max", "min", "none"]
         assert {abs(t.alpha) for t in mine if t.direction != "none"} == {max(cond.grid.alphas)}
@@ -146,6 +155,45 @@ def test_smoke_keeps_every_direction_on_tiny_data(paper_sweep):
         assert (cfg.epochs, cfg.image_size) == (1, 64) and cfg.batch_size <= 32
     with pytest.raises(ValueError, match="smoke"):
         paper_sweep.trials(scale="paper", smoke=True)
+
+
+def test_the_negative_control_is_the_condition_against_a_shuffled_reference():
+    """nsd_conv1_v1's [control]: the same condition, named <name>_shuffled, with
+    reference_shuffle on, a baseline and +-0.8, at demo scale only; same data source, so the
+    run prepares it once."""
+    sweep = load_sweep("nsd_conv1_v1")
+    assert not sweep.composite
+    main, control = sweep.conditions
+    assert (control.name, control.control_of, control.scales) == (
+        "nsd_conv1_v1_shuffled", "nsd_conv1_v1", ("demo",))
+    assert (control.model, control.layer, control.reference, control.roi) == (
+        main.model, main.layer, main.reference, main.roi)
+    assert control.grid.alphas == (0.8,) and control.grid.betas == main.grid.betas
+    assert control.data_source("demo") == main.data_source("demo")
+    trials = control.trials(scale="demo")
+    assert [(t.direction, t.alpha) for t in trials] == [("none", 0.0), ("max", 0.8),
+                                                        ("min", -0.8)]
+    assert all(t.config["reference_shuffle"] is True for t in trials)
+    assert all("reference_shuffle" not in t.config for t in main.trials(scale="demo"))
+    assert control.trials(scale="paper") == [] and control.trials(smoke=True) == []
+    assert [t.trial_id for t in trials][0] == "nsd_conv1_v1_shuffled-none-a0-b1-s0"
+
+
+@pytest.mark.parametrize("table, match", [
+    ("[control]\nalphas = [-0.8]\n", r"alphas=\[-0.8\] in \[control\]"),
+    ("[control]\nalphas = [0.8]\nscales = [\"tiny\"]\n", r"scales=\['tiny'\] in \[control\]"),
+    ("[control]\nalphas = [0.8]\nbetas = [1]\n", r"unknown key 'betas' in \[control\]"),
+    ("[control]\nscales = [\"demo\"]\n", r"alphas"),
+])
+def test_a_malformed_control_names_the_file_and_the_key(tmp_path, table, match):
+    folder = tmp_path / "conditions"
+    shutil.copytree(SWEEP_DIR, folder)
+    path = folder / "pretrained_conv1.toml"  # a condition without a control of its own
+    text = path.read_text()
+    path.write_text(text.replace("[demo]", table + "\n[demo]", 1))
+    with pytest.raises(SweepFileError, match=match) as info:
+        load_sweep("pretrained_conv1", folder)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_unknown_sweep_lists_the_known_ones():
@@ -196,7 +244,7 @@ def test_plan_of_a_demo_run(tmp_path, monkeypatch):
     assert plan.data["nsd_conv1_v1"].roi == "V1"
     assert plan.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert plan.storage == str(tmp_path / "ray_results")
-    assert plan.experiment == "nsd_conv1_v1-demo" and plan.n_trials == 9
+    assert plan.experiment == "nsd_conv1_v1-demo" and plan.n_trials == 9 + 3  # + control
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -205,7 +253,7 @@ def test_cli_overrides_resources_and_env_sets_mlflow(monkeypatch):
     plan = make_plan(parse("paper", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2",
                            "--seeds", "2"))
     assert plan.mlflow_uri == "http://tracking.example:5000"
-    assert len(plan.trials) == 158
+    assert len(plan.trials) == 2 * (79 + 3)  # two seeds, with the demo's control
     assert {(t.resources.cpus, t.resources.gpus) for t in plan.trials} == {(2.0, 0.25)}
     assert {t.config["threads"] for t in plan.trials} == {2}
     assert set(plan.resources) == set(plan.conditions)
@@ -289,8 +337,8 @@ def test_set_and_only_apply_to_the_plan():
                            "--only", "*-none-*"))
     ids = [t.trial_id for t in plan.trials]
     assert "nsd_conv1_v1-max-a0.8-b1-s0" in ids and "gabor_conv1-none-a0-b1-s0" in ids
-    assert not any("-min-" in i for i in ids) and len(ids) == 4 + 7
-    assert plan.n_grid == 79 and plan.overrides == {"epochs": 2, "steps_per_epoch": 5,
+    assert not any("-min-" in i for i in ids) and len(ids) == 4 + 7 + 1  # + the control baseline
+    assert plan.n_grid == 79 + 3 and plan.overrides == {"epochs": 2, "steps_per_epoch": 5,
                                                     "device": "cpu"}
     assert all(t.config["epochs"] == 2 and t.config["device"] == "cpu" for t in plan.trials)
     assert set(plan.conditions) == {t.condition for t in plan.trials}
@@ -391,7 +439,7 @@ def test_cli_dry_run_ends_with_the_trial_count(name):
     lines = out.stdout.splitlines()
     assert lines[0] == f"{name}: demo scale on the simulated world (no real data configured)"
     assert lines[1].split() == ["trial_id", "direction", "alpha", "beta", "seed", "cpus", "gpus"]
-    assert lines[-1] == f"{COUNTS[name]} trials"
+    assert lines[-1] == f"{COUNTS[name] + CONTROLS.get(name, 0)} trials"
     rows = [line.split() for line in lines[2:2 + COUNTS[name]]]
     assert {r[-1] for r in rows} == {"0.25"}
     assert any(line.startswith("data: simulated NSD-like world, ROI V1") for line in lines)

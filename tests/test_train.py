@@ -19,6 +19,7 @@ from trainable.alignment import linear_alignment_heldout
 from trainable.config import TrialConfig
 from trainable.data import TrialData
 from trainable.train import (
+    PREDICTIONS_ARTIFACT,
     LocalHooks,
     validation_alignment,
     TrialDiverged,
@@ -162,6 +163,12 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
     png = tmp_path / "artifacts" / "conv1_filters.png"
     assert png.stat().st_size > 1000
     assert json.loads((tmp_path / "artifacts" / "final_metrics.json").read_text()) == final
+    # the per-image outcome behind the report's paired intervals reproduces the reported mAP
+    with np.load(tmp_path / "artifacts" / PREDICTIONS_ARTIFACT) as z:
+        assert z["scores"].shape == z["targets"].shape == (len(data.val), z["scores"].shape[1])
+        assert len(set(z["image_ids"].tolist())) == len(data.val)
+        assert mean_average_precision(z["scores"], z["targets"]) == pytest.approx(
+            final["val_map"], abs=1e-12)
 
 
 def test_resume_is_bit_exact(nsd_like, tmp_path):
@@ -320,3 +327,9 @@ def test_shuffled_reference_trial_loses_its_alignment(single_label, tmp_path):
                    tmp_path / "null")
     assert null["val_alignment"] < real["val_alignment"] - 0.05, (null, real)
     assert null["val_alignment"] < 0.05, null
+    # single-label trials record per-image hits that reproduce the reported top-1 / top-5
+    with np.load(tmp_path / "real" / "artifacts" / PREDICTIONS_ARTIFACT) as z:
+        assert z["top1"].dtype == bool and z["top1"].shape == (len(single_label.val),)
+        assert z["top1"].mean() == pytest.approx(real["val_top1"])
+        assert z["top5"].mean() == pytest.approx(real["val_top5"])
+        assert np.all(z["top5"] >= z["top1"])

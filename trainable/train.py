@@ -106,14 +106,19 @@ class LocalHooks:
 # ----------------------------------------------------------------------------- metrics
 
 
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor,
+                 topk: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Per row, whether its target is among the k highest logits: {k: (n,) bool}."""
+    maxk = min(max(topk), logits.shape[1])
+    hit = logits.topk(maxk, dim=1).indices == targets[:, None]
+    return {k: hit[:, : min(k, maxk)].any(1) for k in topk}
+
+
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor,
               topk: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """How many rows have their target among the k highest logits, for each k (capped at the
     number of classes). logits (n, c), targets (n,)."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred == targets[:, None]
-    return {k: int(hit[:, : min(k, maxk)].any(1).sum()) for k in topk}
+    return {k: int(hit.sum()) for k, hit in topk_correct(logits, targets, topk).items()}
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
@@ -323,31 +328,53 @@ def _forward_all(model, feed: BatchFeed, epoch: int, layer: str, cfg, device) ->
     return out
 
 
+#: The final epoch's per-image validation outcome, an artifact of every trial: what lets a
+#: report put a paired bootstrap interval (over validation images) on a difference between
+#: trials (``dashboards.effects``).
+PREDICTIONS_ARTIFACT = "val_predictions.npz"
+
+
 @torch.no_grad()
-def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device) -> dict[str, float]:
+def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
+             record: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Validation performance over the whole validation split (streamed like training): top-1
     and top-5 accuracy counted batch by batch, or mAP from the (n, classes) scores, kept in one
-    preallocated array. ``val_performance`` is the number the Pareto fronts use."""
+    preallocated array. ``val_performance`` is the number the Pareto fronts use.
+
+    record : when given, filled with the per-image outcome (``PREDICTIONS_ARTIFACT``):
+    ``image_ids`` (n,) and, single-label, ``top1`` / ``top5`` (n,) bool; multi-label,
+    ``scores`` (n, classes) float32 sigmoid scores and ``targets`` (n, classes) uint8.
+    """
     model.eval()
-    hits = {1: 0, 5: 0}
+    n = len(feed)
+    hits = {1: np.zeros(n, bool), 5: np.zeros(n, bool)}
+    ids = np.empty(n, np.int64)
     scores = labels = None
     lo = 0
-    for images, targets, _ in feed.epoch(epoch):
+    for images, targets, image_ids in feed.epoch(epoch):
         with _autocast(cfg, device):
             logits = model(normalize(images)).float()
         k = logits.shape[0]
+        ids[lo:lo + k] = np.asarray(image_ids).reshape(-1)
         if task == "single_label":
-            for topk, h in topk_hits(logits, targets, (1, 5)).items():
-                hits[topk] += h
+            for topk, h in topk_correct(logits, targets, (1, 5)).items():
+                hits[topk][lo:lo + k] = h.cpu().numpy()
         else:
             if scores is None:
-                scores = np.empty((len(feed), logits.shape[1]), np.float32)
-                labels = np.empty((len(feed), logits.shape[1]), np.float32)
+                scores = np.empty((n, logits.shape[1]), np.float32)
+                labels = np.empty((n, logits.shape[1]), np.float32)
             scores[lo:lo + k] = torch.sigmoid(logits).cpu().numpy()
             labels[lo:lo + k] = targets.float().cpu().numpy()
         lo += k
+    if record is not None:
+        record["image_ids"] = ids[:lo]
+        if task == "single_label":
+            record["top1"], record["top5"] = hits[1][:lo], hits[5][:lo]
+        else:
+            record["scores"] = scores[:lo]
+            record["targets"] = labels[:lo].astype(np.uint8)
     if task == "single_label":
-        top1, top5 = hits[1] / lo, hits[5] / lo
+        top1, top5 = float(hits[1][:lo].mean()), float(hits[5][:lo].mean())
         return {"val_top1": top1, "val_top5": top5, "val_performance": top1}
     m = mean_average_precision(scores, labels)
     return {"val_map": m, "val_performance": m}
@@ -434,11 +461,26 @@ def _group_ceilings(reference, keyed_groups, subset: TensorSplit) -> list[torch.
             for key, rows, _ in keyed_groups]
 
 
+def _secondary(metric, x: torch.Tensor, y: torch.Tensor) -> float:
+    """A reported-only metric (CKA, RSA); NaN where it is undefined (a stimulus whose units are
+    all silent has no correlation distance): the trial goes on and the linear score stands."""
+    try:
+        return float(metric(x, y))
+    except ValueError:
+        return float("nan")
+
+
+def _mean_defined(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
                          ceilings: list | None = None) -> dict[str, float]:
     """Linear alignment (cross-validated ridge, cfg.val_folds folds, penalties relative to each
     predictor's scale), CKA and RSA between the layer and the reference on the fixed validation
-    set, in float64; averaged over groups (subjects) with enough images. ``dead_units``: the
+    set, in float64; averaged over groups (subjects) with enough images (CKA and RSA over the
+    groups where they are defined, else NaN: see ``_secondary``). ``dead_units``: the
     fraction of the layer's units (as the alignment sees them: rectified, pooled) that are
     constant over the whole validation set; the alignment gives them no weight
     (``trainable.alignment.linear_alignment_scaled``), this says how many there are.
@@ -458,8 +500,8 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
         y64 = y.double().flatten(1)
         score, x_to_y, _ = linear_alignment_scaled(x64, y64, folds=cfg.val_folds, parts=True)
         out["val_alignment"].append(float(score))
-        out["val_cka"].append(float(linear_cka(x64, y64)))
-        out["val_rsa"].append(float(rsa(x64, y64)))
+        out["val_cka"].append(_secondary(linear_cka, x64, y64))
+        out["val_rsa"].append(_secondary(rsa, x64, y64))
         if nc is not None and float(nc.mean()) > 0:
             normalised.append(float(x_to_y) / float(nc.mean()))
     if not out["val_alignment"]:
@@ -467,7 +509,7 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
             f"no reference group has {2 * cfg.val_folds} validation images with responses; "
             "the validation alignment needs them (check the subjects and the split)"
         )
-    summary = {k: float(np.mean(v)) for k, v in out.items()}
+    summary = {k: _mean_defined(v) for k, v in out.items()}
     if normalised:
         summary["val_alignment_nc"] = float(np.mean(normalised))
     summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
@@ -585,7 +627,10 @@ def train(
             metrics = train_one_epoch(model, optimizer, train_feed, reference, cfg, data.task,
                                       epoch, device, data.augment)
             train_seconds = time.perf_counter() - t0
-            metrics.update(evaluate(model, val_feed, epoch, data.task, cfg, device))
+            last = epoch == cfg.epochs - 1
+            predictions: dict[str, np.ndarray] | None = {} if last else None
+            metrics.update(evaluate(model, val_feed, epoch, data.task, cfg, device,
+                                    predictions))
             feats = _forward_all(model, subset_feed, epoch, cfg.layer, cfg, device)
             metrics.update(validation_alignment(feats, val_groups, cfg, val_ceilings))
             metrics["epoch"] = float(epoch)
@@ -593,11 +638,13 @@ def train(
             metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
             with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
-                if epoch == cfg.epochs - 1 and cfg.model in ("alexnet", "resnet18"):
+                if last:
                     art = hooks.artifact_dir()
-                    filter_grid_png(conv1_weight(model).detach().cpu(),
-                                    art / "conv1_filters.png")
+                    if cfg.model in ("alexnet", "resnet18"):
+                        filter_grid_png(conv1_weight(model).detach().cpu(),
+                                        art / "conv1_filters.png")
                     (art / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+                    np.savez_compressed(art / PREDICTIONS_ARTIFACT, **predictions)
                 hooks.report(metrics, Path(tmp))
     finally:
         for feed in feeds:

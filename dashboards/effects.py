@@ -1,0 +1,304 @@
+"""What each side of a sweep does to performance, with intervals, and what its control shows.
+
+Per condition and direction ("min": alpha < 0, suppressing alignment; "max": promoting it):
+
+* ``drop``: the paper's degradation of that side, 100 * (baseline performance - mean
+  performance of the side's trials), in top-1 percentage points or mAP points (positive =
+  the side performs worse than the baseline), with a 95 % percentile bootstrap interval;
+* ``alignment_change``: the side's mean validation alignment minus the baseline's.
+
+The interval is a paired bootstrap over the validation images: every trial of a condition
+(and of its control) is scored on the same resample of images, so what is resampled is the
+evaluation set, the same for all, as in a paired comparison of classifiers. With several
+seeds each configuration's seeds are resampled too (within the configuration), so the
+interval then also covers training noise; with one seed it cannot, and says so (``over``).
+Performance on a resample is computed from each trial's per-image outcome, the
+``val_predictions.npz`` artifact (``trainable.train.PREDICTIONS_ARTIFACT``): top-1 hits, or
+sigmoid scores and targets for mAP (average precision with weights: scikit-learn's rule with
+each image counted as often as the resample draws it).
+
+A condition with a negative control (``<name>_shuffled``, the same trials against the
+reference shuffled across images) also gets ``versus_control``: per direction, over the
+configurations both ran (the same alphas and betas), the condition's drop minus the control's,
+with its interval from the same resamples: the part of the cost that the reference's
+image-specific content explains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Predictions", "direction_effects", "performance", "summary_lines"]
+
+LEVEL = 0.95
+N_BOOT = 2000
+SIDES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One trial's per-image validation outcome, rows ordered by ``image_ids`` (as strings;
+    sorted on construction).
+
+    hits : (n,) float top-1 hits (single-label), or None; scores, targets : (n, c) (multi-label)
+    or None."""
+
+    image_ids: np.ndarray
+    hits: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.image_ids).astype(str)
+        order = np.argsort(ids, kind="stable")
+        object.__setattr__(self, "image_ids", ids[order])
+        for name in ("hits", "scores", "targets"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, np.asarray(value)[order])
+
+    @classmethod
+    def load(cls, path) -> Predictions:
+        """Read a trial's ``val_predictions.npz``."""
+        with np.load(path) as z:
+            if "top1" in z:
+                return cls(z["image_ids"], hits=np.asarray(z["top1"], np.float64))
+            return cls(z["image_ids"], scores=np.asarray(z["scores"], np.float64),
+                       targets=np.asarray(z["targets"]) > 0)
+
+    def rows(self, ids: np.ndarray) -> Predictions:
+        """The outcome on ``ids`` (each in ``image_ids``), rows sorted by id."""
+        pos = np.searchsorted(self.image_ids, ids)
+        take = (lambda a: None if a is None else a[pos])
+        return Predictions(ids, take(self.hits), take(self.scores), take(self.targets))
+
+
+def performance(pred: Predictions, weights: np.ndarray) -> np.ndarray:
+    """Performance of one trial under image weights (B, n) (bootstrap counts; ones = the
+    plain score): top-1 accuracy, or mAP over the classes with a positive of nonzero weight.
+    Returns (B,)."""
+    w = np.asarray(weights, np.float64)
+    if pred.hits is not None:
+        return (w @ pred.hits) / w.sum(1)
+    aps = np.full((w.shape[0], pred.scores.shape[1]), np.nan)
+    for c in range(pred.scores.shape[1]):
+        y = pred.targets[:, c]
+        if not y.any():
+            continue
+        order = np.argsort(-pred.scores[:, c], kind="mergesort")
+        s, t = pred.scores[order, c], y[order]
+        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # tied scores: one threshold
+        wo = w[:, order]
+        tp = np.cumsum(wo * t, axis=1)[:, last]
+        seen = np.cumsum(wo, axis=1)[:, last]
+        total = tp[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(seen > 0, tp / seen, 0.0)
+            recall = tp / total
+            steps = np.diff(np.concatenate([np.zeros_like(total), recall], axis=1), axis=1)
+            ap = np.sum(steps * precision, axis=1)
+        aps[:, c] = np.where(total[:, 0] > 0, ap, np.nan)
+    with np.errstate(invalid="ignore"):
+        counted = np.isfinite(aps).sum(1)
+        return np.where(counted > 0, np.nansum(aps, 1) / np.maximum(counted, 1), np.nan)
+
+
+def _configurations(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["direction"], r["alpha"], r["beta"], r["seed"])):
+        out.setdefault((r["direction"], r["alpha"], r["beta"]), []).append(r)
+    return out
+
+
+def _interval(draws: np.ndarray) -> tuple[float | None, float | None]:
+    finite = draws[np.isfinite(draws)]
+    if finite.size < 2:
+        return None, None
+    tail = 100 * (1 - LEVEL) / 2
+    return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
+
+
+def direction_effects(results, load: Callable[[str], Predictions | None], *,
+                      controls: Mapping[str, str] | None = None, n_boot: int = N_BOOT,
+                      seed: int = 0) -> dict[str, dict]:
+    """Per condition of ``results`` (``dashboards.tables.RESULTS_SCHEMA``), over its FINISHED
+    trials: each side's drop and alignment change against the baseline, with the paired
+    bootstrap interval (module docstring).
+
+    load : trial_id -> its Predictions, or None when the trial has no per-image outcome (the
+    condition then gets point values without an interval, and a message).
+    controls : condition -> its negative control's condition (``versus_control``).
+    """
+    rows = [r for r in results.to_pylist() if r["status"] == "FINISHED"]
+    by_cond: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cond.setdefault(r["condition"], []).append(r)
+    controls = dict(controls or {})
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict] = {}
+    draws: dict[str, dict] = {}
+    # Conditions that are compared share one set of image resamples.
+    families: list[list[str]] = []
+    for cond in by_cond:
+        if any(cond in f for f in families):
+            continue
+        fam = [cond] + [c for c in (controls.get(cond),) if c in by_cond]
+        fam += [m for m, c in controls.items() if c == cond and m in by_cond and m not in fam]
+        families.append(fam)
+    for fam in families:
+        loaded = {r["trial_id"]: load(r["trial_id"]) for c in fam for r in by_cond[c]}
+        complete = all(p is not None for p in loaded.values())
+        weights = ids = None
+        if complete and loaded:
+            common = None
+            for p in loaded.values():
+                common = p.image_ids if common is None else np.intersect1d(common, p.image_ids)
+            ids = common
+            loaded = {k: p.rows(ids) for k, p in loaded.items()}
+            n = ids.size
+            weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), n_boot)])
+        for cond in fam:
+            out[cond], draws[cond] = _condition_effects(
+                by_cond[cond], loaded if complete else None, weights, rng, n_boot)
+            if not complete:
+                missing = sorted(k for k, p in loaded.items() if p is None)
+                out[cond]["message"] = (
+                    f"no per-image validation outcome for {len(missing)} trial(s) "
+                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): point "
+                    f"values only, no interval")
+            elif ids is not None:
+                out[cond]["validation_images"] = int(ids.size)
+    for cond, control in controls.items():
+        if cond in out and control in out:
+            out[cond]["versus_control"] = _versus(by_cond[cond], by_cond[control], control,
+                                                  draws.get(cond, {}), draws.get(control, {}))
+    return out
+
+
+def _versus(rows: list[dict], control_rows: list[dict], control: str, draws: dict,
+            control_draws: dict) -> dict:
+    """Per side, the condition's drop minus its control's over the configurations both ran
+    (like against like: the same alphas and betas), each against its own baseline."""
+    mine, theirs = _configurations(rows), _configurations(control_rows)
+    out: dict = {"control": control}
+    for side in SIDES:
+        shared = sorted(k for k in mine if k[0] == side and k in theirs)
+        entry: dict = {"configurations": len(shared), "drop_difference": None, "low": None,
+                       "high": None, "excludes_zero": None}
+        b_mine = [r for k, v in mine.items() if k[0] == "none" for r in v]
+        b_theirs = [r for k, v in theirs.items() if k[0] == "none" for r in v]
+        if shared and b_mine and b_theirs:
+            def drop(configs, base):
+                return 100 * (np.mean([r["performance"] for r in base]) - np.mean(
+                    [np.mean([r["performance"] for r in configs[k]]) for k in shared]))
+
+            entry["drop_difference"] = float(drop(mine, b_mine) - drop(theirs, b_theirs))
+            if "baseline" in draws and "baseline" in control_draws:
+                def drop_draws(d):
+                    return 100 * (d["baseline"] - np.mean([d[("config", k)] for k in shared],
+                                                          axis=0))
+
+                diff = drop_draws(draws) - drop_draws(control_draws)
+                entry["drop_difference"] = float(diff[0])
+                entry["low"], entry["high"] = _interval(diff[1:])
+                entry["excludes_zero"] = _excludes_zero(entry["low"], entry["high"])
+        out[side] = entry
+    return out
+
+
+def _excludes_zero(low: float | None, high: float | None) -> bool | None:
+    if low is None or high is None:
+        return None
+    return bool(low > 0 or high < 0)
+
+
+def _condition_effects(rows: list[dict], loaded: dict[str, Predictions] | None,
+                       weights: np.ndarray | None, rng: np.random.Generator,
+                       n_boot: int) -> tuple[dict, dict[str, np.ndarray]]:
+    configs = _configurations(rows)
+    seeds = max((len(v) for v in configs.values()), default=0)
+    metric = next((r["performance_metric"] for r in rows if r["performance_metric"]), None)
+    entry: dict = {"performance_metric": metric, "seeds": seeds}
+    n_images = None if weights is None else weights.shape[1]
+    entry["over"] = (
+        "no interval (per-image outcomes missing)" if weights is None else
+        f"{n_images} validation images, paired across trials" + (
+            f", and the seeds of each configuration ({seeds})" if seeds > 1 else
+            "; one seed: training noise is not in the interval"))
+    base = configs.get(("none", 0.0, 1.0)) or [r for k, v in configs.items()
+                                                 if k[0] == "none" for r in v]
+    side_draws: dict = {}  # side -> drop draws; ("config", key) -> performance draws (1 + B)
+    if weights is not None:
+        perf = {r["trial_id"]: performance(loaded[r["trial_id"]], weights) for r in rows}
+        seed_pick = rng.integers(0, 1 << 31, size=1)[0]
+
+        def config_draws(trials: list[dict], salt: int) -> np.ndarray:
+            stack = np.vstack([perf[r["trial_id"]] for r in trials])  # (seeds, 1 + B)
+            if len(trials) == 1:
+                return stack[0]
+            pick = np.random.default_rng([int(seed_pick), salt]).integers(
+                0, len(trials), (n_boot, len(trials)))
+            boot = stack[:, 1:][pick, np.arange(n_boot)[:, None]].mean(1)
+            return np.concatenate([[stack[:, 0].mean()], boot])
+
+    for side in SIDES:
+        trials = [k for k in configs if k[0] == side]
+        e: dict = {"configurations": len(trials), "drop": None, "low": None, "high": None,
+                   "alignment_change": None}
+        if trials and base:
+            mean_perf = np.mean([np.mean([r["performance"] for r in configs[k]])
+                                 for k in trials])
+            base_perf = np.mean([r["performance"] for r in base])
+            e["drop"] = float(100 * (base_perf - mean_perf))
+            aligns = [r["alignment"] for k in trials for r in configs[k]
+                      if r["alignment"] is not None]
+            base_align = [r["alignment"] for r in base if r["alignment"] is not None]
+            if aligns and base_align:
+                e["alignment_change"] = float(np.mean(aligns) - np.mean(base_align))
+            if weights is not None:
+                b = config_draws(base, 0)
+                per = {k: config_draws(configs[k], i + 1) for i, k in enumerate(trials)}
+                d = 100 * (b - np.mean(list(per.values()), axis=0))
+                side_draws["baseline"] = b
+                side_draws.update({("config", k): v for k, v in per.items()})
+                e["drop"] = float(d[0])  # the same number, from the per-image outcomes
+                e["low"], e["high"] = _interval(d[1:])
+        e["excludes_zero"] = _excludes_zero(e["low"], e["high"])
+        entry[side] = e
+    if not base:
+        entry["message"] = "no finished baseline (alpha = 0) trial: no drop"
+    return entry, side_draws
+
+
+def summary_lines(effects: Mapping[str, Mapping]) -> list[str]:
+    """One line per condition (both sides' drops with intervals) and one per control
+    comparison, for the console: "nsd_conv1_v1: suppressing alignment costs 16.8 mAP points
+    (95 % CI 13.8 to 20.4); promoting costs 3.4 (0.1 to 7.2)"."""
+    lines = []
+    for cond, entry in effects.items():
+        unit = "mAP points" if entry.get("performance_metric") == "map" else "top-1 points"
+        parts = []
+        for side in SIDES:
+            e = entry.get(side) or {}
+            if e.get("drop") is None:
+                continue
+            verb = "suppressing" if side == "min" else "promoting"
+            what = "costs" if e["drop"] >= 0 else "gains"
+            ci = "" if e.get("low") is None else f" (95 % CI {e['low']:.1f} to {e['high']:.1f})"
+            parts.append(f"{verb} alignment {what} {abs(e['drop']):.1f} {unit}{ci}")
+        if parts:
+            lines.append(f"{cond}: " + "; ".join(parts))
+        versus = entry.get("versus_control") or {}
+        for side in SIDES:
+            v = versus.get(side) or {}
+            if v.get("drop_difference") is None:
+                continue
+            verb = "suppressing" if side == "min" else "promoting"
+            ci = "" if v.get("low") is None else f" (95 % CI {v['low']:.1f} to {v['high']:.1f})"
+            lines.append(f"{cond} against its control {versus['control']}, {verb} at the same "
+                         f"alphas: drop minus the control's = {v['drop_difference']:.1f} "
+                         f"{unit}{ci}")
+    return lines
