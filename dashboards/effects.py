@@ -30,8 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-__all__ = ["Predictions", "direction_effects", "performance", "summary_lines"]
+__all__ = ["EFFECTS_SCHEMA", "Predictions", "direction_effects", "effects_metrics",
+           "effects_table", "performance", "summary_lines"]
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -302,3 +304,63 @@ def summary_lines(effects: Mapping[str, Mapping]) -> list[str]:
                          f"alphas: drop minus the control's = {v['drop_difference']:.1f} "
                          f"{unit}{ci}")
     return lines
+
+
+def _field(name: str, dtype: pa.DataType, description: str) -> pa.Field:
+    return pa.field(name, dtype, metadata={"description": description})
+
+
+#: effects.parquet: one row per condition and side.
+EFFECTS_SCHEMA = pa.schema([
+    _field("condition", pa.string(), "the condition"),
+    _field("side", pa.string(), "min (alpha < 0, suppressing) or max (alpha > 0, promoting)"),
+    _field("configurations", pa.int64(), "(alpha, beta) configurations of the side"),
+    _field("performance_metric", pa.string(), "top1 or map"),
+    _field("drop", pa.float64(), "100 * (baseline - mean performance of the side), points; "
+                                 "positive = worse"),
+    _field("drop_low", pa.float64(), "95 % paired bootstrap interval of drop, low end"),
+    _field("drop_high", pa.float64(), "95 % paired bootstrap interval of drop, high end"),
+    _field("excludes_zero", pa.bool_(), "the interval excludes 0"),
+    _field("alignment_change", pa.float64(), "mean validation alignment of the side minus "
+                                             "the baseline's"),
+    _field("over", pa.string(), "what the interval resamples"),
+    _field("control", pa.string(), "the condition's negative control, if any"),
+    _field("drop_minus_control", pa.float64(), "drop minus the control's drop over the "
+                                               "configurations both ran, points"),
+    _field("drop_minus_control_low", pa.float64(), "its 95 % interval, low end"),
+    _field("drop_minus_control_high", pa.float64(), "its 95 % interval, high end"),
+])
+
+
+def effects_table(effects: Mapping[str, Mapping]) -> pa.Table:
+    """``direction_effects`` output as rows (``EFFECTS_SCHEMA``)."""
+    rows = []
+    for cond, entry in effects.items():
+        versus = entry.get("versus_control") or {}
+        for side in SIDES:
+            e, v = entry.get(side) or {}, versus.get(side) or {}
+            rows.append({
+                "condition": cond, "side": side, "configurations": e.get("configurations"),
+                "performance_metric": entry.get("performance_metric"), "drop": e.get("drop"),
+                "drop_low": e.get("low"), "drop_high": e.get("high"),
+                "excludes_zero": e.get("excludes_zero"),
+                "alignment_change": e.get("alignment_change"), "over": entry.get("over"),
+                "control": versus.get("control"),
+                "drop_minus_control": v.get("drop_difference"),
+                "drop_minus_control_low": v.get("low"),
+                "drop_minus_control_high": v.get("high")})
+    return pa.Table.from_pylist(rows, schema=EFFECTS_SCHEMA)
+
+
+def effects_metrics(effects: Mapping[str, Mapping]) -> dict[str, float]:
+    """The numbers as MLflow metrics of the sweep's parent run:
+    ``effect/<condition>/<side>/drop`` (and ``drop_low``, ``drop_high``,
+    ``alignment_change``, ``drop_minus_control`` and its ends); undefined ones left out."""
+    out: dict[str, float] = {}
+    for row in effects_table(effects).to_pylist():
+        for key in ("drop", "drop_low", "drop_high", "alignment_change", "drop_minus_control",
+                    "drop_minus_control_low", "drop_minus_control_high"):
+            value = row[key]
+            if value is not None and np.isfinite(value):
+                out[f"effect/{row['condition']}/{row['side']}/{key}"] = float(value)
+    return out

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ from dashboards.sources import (
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
 
-FILES = ("report.html", "results.parquet", "epochs.parquet", "statistics.json", "front.png",
+FILES = ("report.html", "results.parquet", "epochs.parquet", "effects.parquet",
+         "statistics.json", "front.png",
          "front.svg", "epochs.png", "epochs.svg", "filters.png", "filters.svg")
 
 
@@ -243,6 +245,7 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         sides = _effects(record, results, Path(tmp))
+    tables.write_parquet(effects.effects_table(sides), out / "effects.parquet")
     (out / "statistics.json").write_text(
         json.dumps(_json_safe({"sweep": record.sweep, "experiment": record.experiment,
                                "parent_run_id": record.parent_run_id, "conditions": stats,
@@ -281,11 +284,19 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from mlflow.entities import Metric
+
     client = MlflowClient(mlflow_uri)
     with quiet_artifacts():
         for name in FILES:
             if (out / name).is_file():
                 client.log_artifact(run_id, str(out / name))
+    stats = json.loads((out / "statistics.json").read_text())
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0)
+               for k, v in effects.effects_metrics(stats.get("effects") or {}).items()]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
 
 
 def _default_out(record: SweepRecord) -> Path:

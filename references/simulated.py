@@ -1,7 +1,11 @@
 """The simulated world: the embedded default data, needing no download.
 
-Procedural scenes of known object categories -- each category has its own shape family, colour,
-surface texture and orientation statistics -- on textured backgrounds, in two variants:
+Procedural scenes of known object categories on textured backgrounds. A category is its
+objects' luminance grating (orientation x spatial frequency, on a grid of orientations and the
+``CATEGORY_FREQUENCIES``) and shape family; every object is drawn in a random hue, so colour is
+no cue. The task therefore needs what the V1-like voxels below encode (oriented Gabor energy):
+the world was built so that misalignment with V1 can cost performance (the demo's positive
+control; README, "What the demo demonstrates"). Two variants:
 
 * single-label (one object per image), written as an ImageFolder tree
   ``root/train/<class>/*.png``, ``root/val/<class>/*.png`` (:func:`generate_single_label`);
@@ -714,7 +718,7 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
 # CLI
 
 DEMO_SINGLE_LABEL = dict(image_size=64, n_categories=10, n_train_per_class=100, n_val_per_class=25)
-DEMO_NSD = dict(image_size=64, n_images=1000, n_subjects=2, n_categories=20, repeats=3)
+DEMO_NSD = dict(image_size=64, n_images=1000, n_subjects=2, n_categories=10, repeats=3)  # nsd_conv1_v1 [demo]
 
 
 def main(argv: list[str] | None = None) -> int:

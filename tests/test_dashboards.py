@@ -486,8 +486,8 @@ def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store
     bootstrap interval, in statistics.json and the report, and the condition is set beside
     its control (<name>_shuffled, reference_shuffle on): suppressing costs far more than in
     the control, an interval that excludes zero."""
-    uri, _ = fake_store
-    report = pareto.postprocess("ctl", mlflow_uri=uri, out=tmp_path, log=False)
+    uri, parents = fake_store
+    report = pareto.postprocess("ctl", mlflow_uri=uri, out=tmp_path)
     stats = json.loads((report.parent / "statistics.json").read_text())
     ctl = stats["effects"]["ctl"]
     rows = {r["trial_id"]: r["performance"] for r in read_results(report).to_pylist()}
@@ -498,6 +498,15 @@ def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store
     versus = ctl["versus_control"]
     assert versus["control"] == "ctl_shuffled" and versus["min"]["low"] > 0
     assert "versus_control" not in stats["effects"]["ctl_shuffled"]
+    # the same numbers in effects.parquet and as metrics of the parent MLflow run
+    table = pq.read_table(report.parent / "effects.parquet")
+    row = next(r for r in table.to_pylist() if r["condition"] == "ctl" and r["side"] == "min")
+    assert (row["drop"], row["drop_low"], row["control"]) == (
+        ctl["min"]["drop"], ctl["min"]["low"], "ctl_shuffled")
+    assert row["drop_minus_control"] == versus["min"]["drop_difference"]
+    logged = MlflowClient(uri).get_run(parents["ctl"]).data.metrics
+    assert logged["effect/ctl/min/drop"] == pytest.approx(ctl["min"]["drop"])
+    assert logged["effect/ctl/min/drop_minus_control_low"] == pytest.approx(versus["min"]["low"])
     html = report.read_text()
     assert 'id="effects"' in html and 'id="versus-control"' in html
     assert "suppressing (alpha &lt; 0)" in html and "ctl_shuffled" in html

@@ -248,6 +248,19 @@ def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit(
     assert with_dead["val_alignment"] == pytest.approx(alone["val_alignment"], abs=1e-9)
 
 
+def test_a_silent_stimulus_leaves_rsa_undefined_not_the_trial():
+    """A stimulus whose units are all silent (seen in a suppressing NSD trial) has no
+    correlation distance: RSA is NaN for it, the linear score and CKA are still reported."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.relu(torch.randn(60, 8, 2, 2, generator=g))
+    feats[7] = 0.0
+    groups = [(torch.arange(60), torch.randn(60, 10, generator=g))]
+    cfg = TrialConfig(reference="nsd", val_folds=5, val_images=60)
+    out = validation_alignment(feats, groups, cfg)
+    assert np.isnan(out["val_rsa"])
+    assert np.isfinite(out["val_alignment"]) and np.isfinite(out["val_cka"])
+
+
 def test_known_answer_a_model_of_the_generating_features_reaches_the_noise_ceiling():
     """Voxels = ncsnr x signal + trial noise, averaged over 3 repeats, signal a linear function
     of 10 features. A model whose layer IS those features explains what the noise allows:
