@@ -190,8 +190,8 @@ def _pretrained_alexnet_panel(workdir: Path) -> figures.FilterPanel:
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         weight = sd[key]
     except Exception as exc:  # an unreadable file is a note in the figure, not a failure
-        return figures.FilterPanel(role, "", None,
-                                   f"not shown: {path} has no readable {key} ({type(exc).__name__})")
+        return figures.FilterPanel(
+            role, "", None, f"not shown: {path} has no readable {key} ({type(exc).__name__})")
     png = filter_grid_png(weight.float(), workdir / "pretrained_alexnet_conv1.png")
     return figures.FilterPanel(role, f"{weight.shape[0]} filters, torchvision ImageNet\n"
                                      f"({path.name})", png)
@@ -293,8 +293,15 @@ def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
                 client.log_artifact(run_id, str(out / name))
     stats = json.loads((out / "statistics.json").read_text())
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0)
-               for k, v in effects.effects_metrics(stats.get("effects") or {}).items()]
+    values = effects.effects_metrics(stats.get("effects") or {})
+    for cond, st in (stats.get("conditions") or {}).items():
+        for key, value in (("spearman_rho", st["spearman"]["rho"]),
+                           ("spearman_low", st["spearman"]["low"]),
+                           ("spearman_high", st["spearman"]["high"]),
+                           ("gap_points", st["gap"]["points"])):
+            if value is not None and math.isfinite(value):
+                values[f"stat/{cond}/{key}"] = float(value)
+    metrics = [Metric(k, v, now, 0) for k, v in values.items()]
     if metrics:
         client.log_batch(run_id, metrics=metrics)
 

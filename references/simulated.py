@@ -718,7 +718,8 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
 # CLI
 
 DEMO_SINGLE_LABEL = dict(image_size=64, n_categories=10, n_train_per_class=100, n_val_per_class=25)
-DEMO_NSD = dict(image_size=64, n_images=1000, n_subjects=2, n_categories=10, repeats=3)  # nsd_conv1_v1 [demo]
+# as nsd_conv1_v1's [demo] data_kwargs
+DEMO_NSD = dict(image_size=64, n_images=1000, n_subjects=2, n_categories=10, repeats=3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,8 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     bundles: dict[Any, Any] = {}
     datas: dict[Any, TrialData] = {}
     per_condition_data, per_condition_ref = {}, {}
-    for name in plan.conditions:
+    running = {t.condition for t in plan.trials}
+    for name in (c for c in plan.conditions if c in running):  # a plan narrowed to fewer
         source = plan.data[name]
         cond = plan.spec.condition(name)
         if source not in bundles:

@@ -507,6 +507,8 @@ def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store
     logged = MlflowClient(uri).get_run(parents["ctl"]).data.metrics
     assert logged["effect/ctl/min/drop"] == pytest.approx(ctl["min"]["drop"])
     assert logged["effect/ctl/min/drop_minus_control_low"] == pytest.approx(versus["min"]["low"])
+    gap = stats["conditions"]["ctl"]["gap"]["points"]
+    assert logged["stat/ctl/gap_points"] == pytest.approx(gap)
     html = report.read_text()
     assert 'id="effects"' in html and 'id="versus-control"' in html
     assert "suppressing (alpha &lt; 0)" in html and "ctl_shuffled" in html

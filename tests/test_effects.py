@@ -35,7 +35,8 @@ def test_weighted_map_equals_map_of_the_resampled_images(seed):
     trial's own number."""
     rng, targets = _world(seed)
     scores = np.round(_scores(rng, targets, 1.0), 1)  # coarse: many ties
-    pred = Predictions(np.array([f"{i:04d}" for i in range(N_IMAGES)]), scores=scores, targets=targets)
+    ids = np.array([f"{i:04d}" for i in range(N_IMAGES)])
+    pred = Predictions(ids, scores=scores, targets=targets)
     counts = rng.multinomial(N_IMAGES, np.full(N_IMAGES, 1 / N_IMAGES), 3)
     got = performance(pred, np.vstack([np.ones(N_IMAGES), counts]))
     assert got[0] == pytest.approx(mean_average_precision(scores, targets), abs=1e-12)
