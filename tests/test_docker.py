@@ -1,14 +1,24 @@
-"""docker/: the compose file validates, and everything it and the Dockerfile use exists."""
+"""docker/: the compose file validates, everything it and the Dockerfile use exists, no value
+reaches a shell, MLflow asks for credentials, every container has a memory limit, and the
+image's base and packages are pinned to what the tests ran against."""
 
+import ast
+import importlib.metadata
+import importlib.util
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from sweeps.plan import make_plan
 from sweeps.run import build_parser
@@ -18,17 +28,57 @@ yaml = pytest.importorskip("yaml")  # PyYAML comes with mlflow and ray
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+ENV_EXAMPLE = REPO / "docker" / ".env.example"
 SERVICES = {"mlflow", "ray-head", "ray-worker", "sweep"}
+MLFLOW_CLIENTS = {"ray-head", "ray-worker", "sweep"}  # the driver, and trials on every node
+SECRETS = {"RAY_AUTH_TOKEN": "test-token", "MLFLOW_TRACKING_USERNAME": "test-user",
+           "MLFLOW_TRACKING_PASSWORD": "test-password-0123"}
 VENV_BIN = Path(sys.executable).parent
+SHELLS = {"sh", "bash", "dash", "ash", "zsh", "/bin/sh", "/bin/bash", "/usr/bin/env"}
+IMAGE_ROOT = "/app"  # the Dockerfile's WORKDIR: docker/x in the repository is /app/docker/x
+
+
+def _load(name: str):
+    """A script of docker/ as a module (docker/ is no package: the image copies single files)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "docker" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ON_RAY_NODE = _load("on_ray_node")
+FREEZE = _load("freeze_constraints")
 
 
 def _compose_cli() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
-                                                 capture_output=True).returncode == 0:
+                                                 capture_output=True, check=False).returncode == 0:
         return ["docker", "compose"]
     return None
+
+
+def _compose_config(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """`compose config` with exactly ``env`` as the variables (never the developer's
+    docker/.env): the file as compose itself reads it."""
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
+                    "CI installs it")
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run([*cli, "--env-file", str(empty), "-f", str(COMPOSE), "config"],
+                          capture_output=True, text=True, env={**base, **env}, timeout=120,
+                          check=False)
+
+
+def _rendered(tmp_path, **env: str) -> dict:
+    out = _compose_config(tmp_path, **{**SECRETS, **env})
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)["services"]
 
 
 def _interpolate(text: str) -> str:
@@ -42,39 +92,76 @@ def _services() -> dict:
     return yaml.safe_load(_interpolate(COMPOSE.read_text()))["services"]
 
 
+def _argv(service: dict) -> list[str]:
+    """What a container runs: the entrypoint, then the command (the image has no ENTRYPOINT)."""
+    def as_list(value) -> list[str]:
+        return value if isinstance(value, list) else shlex.split(value) if value else []
+    return as_list(service.get("entrypoint")) + as_list(service.get("command"))
+
+
 def _commands(service: dict) -> list[list[str]]:
-    """The programs a service runs, as argv lists (a `sh -c` script split at &&)."""
-    command = service["command"]
-    if isinstance(command, list) and command[:2] == ["sh", "-c"]:
-        return [shlex.split(part) for part in command[2].split("&&")]
-    return [command if isinstance(command, list) else shlex.split(command)]
+    """The programs a service runs, as argv lists: docker/on_ray_node.py runs `ray start`
+    with the options before its `--`, then the program after it."""
+    argv = _argv(service)
+    if argv[:2] == ["python", "docker/on_ray_node.py"]:
+        options, program = ON_RAY_NODE.split_argv(argv[2:])
+        return [["ray", "start", *options], program]
+    return [argv]
+
+
+def _bytes(size: str) -> int:
+    """A compose size ("2g", "2gb", "512m", "1000000000") in bytes (binary multiples)."""
+    match = re.fullmatch(r"(\d+)([kmgt]?)b?", str(size).strip().lower())
+    assert match, f"not a compose size: {size!r}"
+    return int(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
+
+
+def _image_path(path: str) -> Path:
+    """The repository file that the image holds at ``path``."""
+    assert path.startswith(IMAGE_ROOT + "/"), path
+    return REPO / path.removeprefix(IMAGE_ROOT + "/")
 
 
 def test_compose_config_validates(tmp_path):
-    cli = _compose_cli()
-    if cli is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
-                    "CI installs it")
-    env = {**os.environ, "RAY_AUTH_TOKEN": "test-token"}
-    out = subprocess.run([*cli, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
-                         env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    config = yaml.safe_load(out.stdout)
-    assert set(config["services"]) == SERVICES
-    for name, service in config["services"].items():
+    config = _rendered(tmp_path)
+    assert set(config) == SERVICES
+    for name, service in config.items():
         for port in service.get("ports", []):  # published on the loopback only
             host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", (name, port)
         if name.startswith("ray") or name == "sweep":
             assert service["environment"]["RAY_AUTH_MODE"] == "token"
             assert service["environment"]["RAY_AUTH_TOKEN"] == "test-token"
-    # Ray's token is required: without it compose refuses, naming the variable.
-    env.pop("RAY_AUTH_TOKEN")
-    empty = tmp_path / "empty.env"  # not the developer's docker/.env
-    empty.write_text("")
-    out = subprocess.run([*cli, "--env-file", str(empty), "-f", str(COMPOSE), "config"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode != 0 and "RAY_AUTH_TOKEN" in out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SECRETS))
+def test_every_secret_is_required(tmp_path, name):
+    """Without it compose refuses, naming the variable; an empty value counts as unset."""
+    for value in (None, ""):
+        env = {k: v for k, v in SECRETS.items() if k != name}
+        if value is not None:
+            env[name] = value
+        out = _compose_config(tmp_path, **env)
+        assert out.returncode != 0 and name in out.stderr, (name, value, out.stderr)
+
+
+def test_env_example_lists_every_required_variable_and_its_one_liner_fills_them():
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", COMPOSE.read_text()))
+    assert required == set(SECRETS)
+    example = ENV_EXAMPLE.read_text()
+    listed = dict(re.findall(r"^([A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
+    assert required <= set(listed)
+    for name in required & {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"}:
+        assert listed[name] == "", f"{name}: a copied example must not carry a known secret"
+    # The generator in .env.example is the one the compose header shows, and it writes every
+    # required variable, with a password MLflow accepts (>= 12 characters).
+    generators = re.findall(r"^#\s+(python3 -c .*) > docker/\.env$", example, flags=re.MULTILINE)
+    assert len(generators) == 1 and generators[0] in COMPOSE.read_text()
+    _python3, *args = shlex.split(generators[0])
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
+    written = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert set(written) == required and all(written.values())
+    assert len(written["MLFLOW_TRACKING_PASSWORD"]) >= 12
 
 
 def test_health_checks_and_start_order():
@@ -89,6 +176,78 @@ def test_health_checks_and_start_order():
     assert "ports" not in services["ray-worker"]
 
 
+def test_no_service_runs_a_shell():
+    """Exec form everywhere: a string command would be split by compose, and `sh -c` would run
+    whatever shell code a variable or an argument holds."""
+    assert not re.search(r"^\s*ENTRYPOINT", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    for name, service in _services().items():
+        for key in ("entrypoint", "command"):
+            assert isinstance(service.get(key, []), list), f"{name}.{key} is not exec form"
+        for argv in _commands(service):
+            assert argv[0] not in SHELLS and "-c" not in argv[:2], (name, argv)
+
+
+def test_a_hostile_value_stays_one_argument(tmp_path):
+    """What compose substitutes lands in one argv element, as given; nothing else changes."""
+    hostile = "1; touch /tmp/pwned && `id`"  # no $: `config` prints $ as $$, its own escape
+    plain = _rendered(tmp_path)
+    config = _rendered(tmp_path, RAY_OBJECT_STORE_MEMORY=hostile,
+                       MLFLOW_TRACKING_PASSWORD="`touch /tmp/pwned`; x")
+    for name in ("ray-head", "ray-worker", "sweep"):
+        before, after = _argv(plain[name]), _argv(config[name])
+        assert len(after) == len(before), name
+        changed = [(b, a) for b, a in zip(before, after) if b != a]
+        assert changed == [("--object-store-memory=1000000000",
+                            f"--object-store-memory={hostile}")], name
+    assert config["sweep"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "`touch /tmp/pwned`; x"
+
+
+def _fake_ray(tmp_path, status: int) -> dict[str, str]:
+    """A `ray` on PATH that records its arguments and exits with ``status``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ray = bin_dir / "ray"
+    ray.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                   f"open({str(tmp_path / 'ray.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+                   f"sys.exit({status})\n")
+    ray.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_the_sweep_entrypoint_passes_user_arguments_through_unchanged(tmp_path):
+    """`run --rm sweep ARGS` appends ARGS to the entrypoint: on_ray_node.py joins Ray with the
+    compose file's options, then execs the program with ARGS as given (a stand-in for
+    sweeps/run.py here, which prints its argv)."""
+    argv = _argv(_services()["sweep"])
+    assert argv[:2] == ["python", "docker/on_ray_node.py"]
+    options, _program = ON_RAY_NODE.split_argv(argv[2:])
+    pwned = tmp_path / "pwned"
+    user_args = [f"x; touch {pwned}", f"$(touch {pwned})", "--seeds", "2", "--", "-c"]
+    echo = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
+    cmd = [sys.executable, str(REPO / "docker" / "on_ray_node.py"), *options, "--", *echo,
+           *user_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_fake_ray(tmp_path, 0),
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == user_args
+    assert json.loads((tmp_path / "ray.json").read_text()) == ["start", *options]
+    assert not pwned.exists()
+
+
+def test_the_sweep_does_not_start_when_ray_start_fails(tmp_path):
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, str(REPO / "docker" / "on_ray_node.py"), "--address=nowhere:1",
+           "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_fake_ray(tmp_path, 3),
+                         timeout=60, check=False)
+    assert out.returncode != 0 and "exited with 3" in out.stderr
+    assert not marker.exists()
+    with pytest.raises(SystemExit, match="no `--` before the program"):
+        ON_RAY_NODE.split_argv(["--address=x", "python"])
+    with pytest.raises(SystemExit, match="no program after"):
+        ON_RAY_NODE.split_argv(["--address=x", "--"])
+
+
 def test_the_sweep_command_is_accepted_by_run_py():
     runs = [argv for argv in _commands(_services()["sweep"]) if "sweeps/run.py" in argv]
     assert len(runs) == 1
@@ -98,7 +257,12 @@ def test_the_sweep_command_is_accepted_by_run_py():
     assert (args.sweep, args.address, args.mlflow_uri) == ("nsd_conv1_v1", "ray-head:6379",
                                                            "http://mlflow:5000")
     plan = make_plan(args)  # the sweep, the address, the URI and the storage all validate
-    assert plan.n_trials == 9 and plan.storage == "/ray_results"
+    assert plan.storage == "/ray_results"
+    # The cluster options change where the sweep runs, not what it runs.
+    assert plan.n_trials == make_plan(build_parser().parse_args(["nsd_conv1_v1"])).n_trials
+    # What the README shows: the user's arguments replace the default command.
+    user = build_parser().parse_args([*argv[:-1], "nsd_conv1_v1", "--seeds", "2"])
+    assert (user.sweep, user.seeds, user.address) == ("nsd_conv1_v1", 2, "ray-head:6379")
 
 
 def test_every_program_and_option_the_compose_file_runs_exists():
@@ -107,13 +271,12 @@ def test_every_program_and_option_the_compose_file_runs_exists():
     wanted: dict[tuple[str, ...], set[str]] = {}
     for service in _services().values():
         for argv in _commands(service):
-            argv = argv[1:] if argv[0] == "exec" else argv
             if argv[0] == "python":
                 continue  # checked by test_the_sweep_command_is_accepted_by_run_py
             assert (VENV_BIN / argv[0]).is_file(), f"{argv[0]} is not installed by the project"
             sub = tuple(argv[:2])
             wanted.setdefault(sub, set()).update(
-                a.split("=", 1)[0] for a in argv if a.startswith("--"))
+                a.split("=", 1)[0] for a in argv if a.startswith("--") and a != "--")
         test = service.get("healthcheck", {}).get("test", [])
         if test[1:3] == ["python", "-c"]:
             compile(test[3], "healthcheck", "exec")
@@ -130,28 +293,183 @@ def test_every_program_and_option_the_compose_file_runs_exists():
         assert proc.returncode == 0, help_text
         for option in wanted[sub]:
             assert re.search(rf"{re.escape(option)}\b", help_text), (sub, option)
+        if sub == ("mlflow", "server"):  # the app is one this mlflow offers
+            assert re.search(r"--app-name \[[^]]*\bbasic-auth\b", help_text), help_text
 
 
-def test_dockerfile_copies_what_exists_and_pins_what_pyproject_allows():
-    from packaging.requirements import Requirement
+# mlflow.server.auth's own reader of the config file and the environment, loaded from its files:
+# importing the package runs the app module, which needs Flask-WTF (only the image has it).
+_READ_AUTH_CONFIG = """
+import importlib.util, json, sys
+from pathlib import Path
+import mlflow
+auth = Path(mlflow.__file__).parent / "server" / "auth"
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"auth_{name}", auth / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+config = load("config").read_auth_config()
+load("permissions").get_permission(config.default_permission)  # KeyError if not one
+print(json.dumps(config._asdict()))
+"""
 
+
+def test_mlflow_asks_for_credentials_that_every_client_has(tmp_path):
+    services = _rendered(tmp_path)
+    mlflow = services["mlflow"]
+    argv = _argv(mlflow)
+    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    assert argv[argv.index("--workers") + 1] == "1" and "--allowed-hosts" in argv
+    env = mlflow["environment"]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # The server's admin is the user the clients log in as, both from docker/.env.
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (
+        SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    for name in MLFLOW_CLIENTS:
+        client = services[name]["environment"]
+        assert {k: client.get(k) for k in ("MLFLOW_TRACKING_USERNAME",
+                                           "MLFLOW_TRACKING_PASSWORD")} == {
+            k: SECRETS[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}, name
+    # The auth config is a checked-in file the image holds, with no secret in it.
+    config = _image_path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert config.is_file()
+    assert not re.search(r"^\s*admin_(username|password)\s*=", config.read_text(),
+                         flags=re.MULTILINE)
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(rf"^COPY .*\s{re.escape(str(config.relative_to(REPO)))}$", dockerfile,
+                     flags=re.MULTILINE)
+    assert '"mlflow[auth]"' in dockerfile  # Flask-WTF: the basic-auth app imports it
+    # MLflow itself reads the file and the environment as compose sets them: the admin comes
+    # from the environment, the user store sits on the mlflow-data volume.
+    out = subprocess.run([sys.executable, "-c", _READ_AUTH_CONFIG], capture_output=True,
+                         text=True, timeout=120, check=False,
+                         env={**os.environ, **env, "MLFLOW_AUTH_CONFIG_PATH": str(config)})
+    assert out.returncode == 0, out.stderr
+    read = json.loads(out.stdout)
+    assert (read["admin_username"], read["admin_password"]) == (
+        SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    volume = next(v.split(":")[1] for v in mlflow["volumes"] if v.startswith("mlflow-data:"))
+    assert read["database_uri"].startswith(f"sqlite:///{volume}/"), read["database_uri"]
+
+
+def test_the_health_check_needs_no_credentials():
+    """The basic-auth app leaves /health open (read from the installed source: importing the
+    app needs Flask-WTF, which only the image installs)."""
+    test = _services()["mlflow"]["healthcheck"]["test"]
+    assert re.search(r"http://localhost:5000/health\b", test[3])
+    # find_spec of the top-level package imports nothing; mlflow.server would import a lot.
+    mlflow_dir = Path(importlib.util.find_spec("mlflow").origin).parent
+    source = (mlflow_dir / "server" / "auth" / "__init__.py").read_text()
+    prefixes = re.search(r"^_UNPROTECTED_PATH_PREFIXES = (\(.*?\))$", source, flags=re.MULTILINE)
+    assert prefixes and "/health" in ast.literal_eval(prefixes[1])
+
+
+def test_every_container_has_a_configurable_memory_limit_that_holds_its_object_store(tmp_path):
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, service in raw.items():
+        assert re.fullmatch(r"\$\{[A-Z_]+_MEM_LIMIT:-[0-9]+[kmg]b?\}",
+                            str(service.get("mem_limit"))), (name, service.get("mem_limit"))
+    config = _rendered(tmp_path)
+    for name, service in config.items():
+        limit = _bytes(service["mem_limit"])
+        assert limit >= 1 << 30, (name, service["mem_limit"])
+        starts = [argv for argv in _commands(service) if argv[:2] == ["ray", "start"]]
+        for argv in starts:
+            store = int(next(a for a in argv if a.startswith("--object-store-memory="))
+                        .split("=", 1)[1])
+            # The object store lives in /dev/shm, which the container's limit also counts.
+            assert store < _bytes(service["shm_size"]) < limit, (name, store, service)
+            assert limit - store >= 2 << 30, f"{name}: < 2 GiB besides the object store"
+    assert _bytes(_rendered(tmp_path, MLFLOW_MEM_LIMIT="1g")["mlflow"]["mem_limit"]) == 1 << 30
+
+
+def test_the_base_image_is_pinned_by_version_and_digest():
+    dockerfile = DOCKERFILE.read_text()
+    default = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, flags=re.MULTILINE)[1]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", default)
+    froms = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert froms == ["${BASE_IMAGE}"]
+    # Compose always passes the argument, so its default must be the same pinned image.
+    args = yaml.safe_load(_interpolate(COMPOSE.read_text()))["x-image"]["build"]["args"]
+    assert args["BASE_IMAGE"] == default
+
+
+def _pins() -> tuple[dict[str, str], dict[str, str]]:
+    """docker/constraints.txt as (from the environment, image only): {name: version}."""
+    env: dict[str, str] = {}
+    image_only: dict[str, str] = {}
+    current = env
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.startswith(FREEZE.IMAGE_ONLY_HEADER):
+            current = image_only
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.]+)", line)
+        assert match, f"constraints.txt: {line!r} is not an exact pin NAME==VERSION"
+        name = canonicalize_name(match[1])
+        assert name not in env and name not in image_only, f"{name} pinned twice"
+        current[name] = match[2]
+    assert env and image_only
+    return env, image_only
+
+
+def test_constraints_pin_exactly_what_the_tested_environment_has():
+    """Every package pyproject's dependencies need is pinned at the version installed here (a
+    new dependency, or an upgrade, without `python docker/freeze_constraints.py` fails)."""
+    env, image_only = _pins()
+    closure = FREEZE.dependency_closure(FREEZE.project_dependencies())
+    assert set(env) == set(closure), (set(env) ^ set(closure))
+    assert env == closure
+    for name, version in {**env, **image_only}.items():
+        assert not FREEZE.CUDA_ONLY.match(name), f"{name}: CUDA build only"
+        try:
+            installed = Version(importlib.metadata.version(name)).public
+        except importlib.metadata.PackageNotFoundError:
+            assert name in image_only, f"{name} is pinned but not installed here"
+            continue
+        assert installed == version, (name, version, installed)
+    deps = {canonicalize_name(Requirement(d).name): Requirement(d)
+            for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+                "dependencies"]}
+    for name, requirement in deps.items():
+        assert requirement.specifier.contains(env[name]), (name, env[name])
+    # The CPU index names its builds 2.14.1+cpu: a pin without a local label matches them.
+    assert "+" not in env["torch"] and "+" not in env["torchvision"]
+
+
+def test_the_dockerfile_installs_everything_under_the_constraints():
+    text = DOCKERFILE.read_text()
+    workdir = re.search(r"^WORKDIR\s+(\S+)$", text, flags=re.MULTILINE)[1]
+    assert workdir == IMAGE_ROOT
+    copy = re.search(r"^COPY\s+docker/constraints\.txt\s+(\S+)$", text, flags=re.MULTILINE)
+    assert copy, "the Dockerfile does not copy docker/constraints.txt"
+    in_image = f"{workdir}/{copy[1]}"
+    # PIP_CONSTRAINT, unlike `pip install -c`, also reaches pip's isolated build environment.
+    env = re.search(r"^ENV\s[^\n]*?(?:\\\n[^\n]*?)*\bPIP_CONSTRAINT=(\S+)", text,
+                    flags=re.MULTILINE)
+    assert env and env[1] == in_image
+    installs = [m.start() for m in re.finditer(r"^[ \t]*(?:&&[ \t]*)?pip install\b", text,
+                                               flags=re.MULTILINE)]
+    assert installs and min(installs) > copy.start()
+    # The extras the image adds are the ones the constraints were resolved with.
+    extras = re.findall(r'"([a-z]+\[[a-z]+\])"', text)
+    assert sorted(extras) == sorted(FREEZE.IMAGE_EXTRAS)
+    assert len(installs) == 2 and not re.search(r"pip install\b[^\n]*==", text), \
+        "pins belong in constraints.txt"
+
+
+def test_dockerfile_copies_what_exists():
     text = DOCKERFILE.read_text()
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    copies = re.findall(r"^COPY\s+(?!--from)(.+)$", text, flags=re.M)
+    copies = re.findall(r"^COPY\s+(?!--from)(.+)$", text, flags=re.MULTILINE)
     assert copies
     for line in copies:
         *sources, _dest = line.split()
         for src in sources:
             assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
             assert src.rstrip("/") not in ignored, f"COPY {src} is excluded by .dockerignore"
-    import tomllib
-
-    deps = {Requirement(d).name: Requirement(d)
-            for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-                "dependencies"]}
-    for name, version in re.findall(r"\b(torch|torchvision)==([\w.]+)", text):
-        assert deps[name].specifier.contains(version), (name, version)
-    args = set(re.findall(r"^ARG\s+(\w+)", text, flags=re.M))
+    args = set(re.findall(r"^ARG\s+(\w+)", text, flags=re.MULTILINE))
     for service in _services().values():
         assert set(service["build"]["args"]) <= args
