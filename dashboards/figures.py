@@ -13,6 +13,7 @@ figure state shared between calls, threads or tests), saved as PNG and SVG.
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from matplotlib.lines import Line2D
 
 from dashboards.fronts import FINISHED, front_line
 from dashboards.tables import mean_interval
+from references.cache import atomic_write_bytes
 
 __all__ = [
     "COLORS",
@@ -278,10 +280,14 @@ def filters_figure(rows: Sequence[FilterRow]) -> Figure:
 
 
 def save_figure(fig: Figure, folder: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (110 dpi) and ``<stem>.svg`` (no timestamp: reproducible files)."""
+    """Write ``<stem>.png`` (110 dpi) and ``<stem>.svg`` (no timestamp: reproducible files),
+    each atomically (rendered in memory, then ``atomic_write_bytes``): never a truncated
+    image under the final name."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     png, svg = folder / f"{stem}.png", folder / f"{stem}.svg"
-    fig.savefig(png, dpi=110, metadata={"Software": None})
-    fig.savefig(svg, metadata={"Date": None})
+    for path, kwargs in ((png, {"format": "png", "dpi": 110, "metadata": {"Software": None}}),
+                         (svg, {"format": "svg", "metadata": {"Date": None}})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, **kwargs)
+        atomic_write_bytes(path, buffer.getvalue())
     return png, svg

@@ -16,11 +16,16 @@ unless ``--parent-run`` is given too.
 
 Files (in ``--out``, default outputs/<experiment>/<parent run id or Ray folder>/):
 results.parquet, epochs.parquet, statistics.json, front.{png,svg}, epochs.{png,svg},
-filters.{png,svg}, report.html. The command prints the report's path last.
+filters.{png,svg}, report.html. The command prints the report's path last. Each file is
+written atomically (``references.cache.atomic_write_bytes``): rerunning into the same folder,
+or being killed, leaves the previous version or the new one, never a truncated file.
 
 Degenerate sweeps (no baseline, failed trials, one direction, one trial, no trials) still get
 every file; what could not be computed is said in the report's notes and printed. Missing
 results (no such store, experiment or run) are one line, ``error: <message>``, exit status 2.
+The store is only read (and the files logged to the parent run, unless ``--no-log``): a
+``sqlite:`` file that is not an MLflow store of this MLflow's schema is refused that way,
+before MLflow would create or migrate its tables in it (``sources.mlflow_client``).
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ from dashboards.sources import (
     Trial,
     load_mlflow,
     load_ray,
+    mlflow_client,
     quiet_artifacts,
 )
+from references.cache import atomic_write_text
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
 
@@ -246,11 +253,11 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         sides = _effects(record, results, Path(tmp))
     tables.write_parquet(effects.effects_table(sides), out / "effects.parquet")
-    (out / "statistics.json").write_text(
-        json.dumps(_json_safe({"sweep": record.sweep, "experiment": record.experiment,
-                               "parent_run_id": record.parent_run_id, "conditions": stats,
-                               "effects": sides, "paper": terms, "messages": messages}),
-                   indent=2) + "\n")
+    atomic_write_text(out / "statistics.json", json.dumps(
+        _json_safe({"sweep": record.sweep, "experiment": record.experiment,
+                    "parent_run_id": record.parent_run_id, "conditions": stats,
+                    "effects": sides, "paper": terms, "messages": messages}),
+        indent=2) + "\n")
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         figs = [
             (figures.front_figure(results, stats), "front",
@@ -282,11 +289,11 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
 
 
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
     from mlflow.entities import Metric
 
-    client = MlflowClient(mlflow_uri)
+    # Logging writes by design, but only into an existing store: a file that is not one (or
+    # one of another MLflow schema) is refused before MLflow would create or migrate it.
+    client = mlflow_client(mlflow_uri)
     with quiet_artifacts():
         for name in FILES:
             if (out / name).is_file():

@@ -15,6 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from references.cache import atomic_write_text
+
 __all__ = ["render_report", "write_report"]
 
 _CSS = """
@@ -245,8 +247,6 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
 
 
 def write_report(path: str | Path, **kwargs: Any) -> Path:
-    """``render_report(**kwargs)`` written to ``path`` (UTF-8); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(**kwargs), encoding="utf-8")
-    return path
+    """``render_report(**kwargs)`` written to ``path`` (UTF-8, atomically: the previous
+    report or this one, never a truncated one); returns the path."""
+    return atomic_write_text(path, render_report(**kwargs))

@@ -10,7 +10,8 @@ params = the trial config; metrics per epoch with step = epoch; artifact conv1_f
 By default the latest parent run (by start time, whatever its status: the post-processor also
 runs at the end of a sweep, while the parent is still RUNNING) among the experiments
 ``<sweep>-demo``, ``<sweep>-smoke`` and ``<sweep>-paper``; ``experiment`` picks one of them (or
-any name), ``parent_run_id`` one run.
+any name), ``parent_run_id`` one run. A ``sqlite:`` store is checked before MLflow opens it
+(``mlflow_client``): reading never creates or migrates a database.
 
 Ray (what ``sweeps.execute`` writes under ``--storage``, default ./ray_results):
 ``<experiment>_<YYYYmmdd-HHMMSS>/`` with the latest ``experiment_state-*.json`` (trial status and
@@ -40,6 +41,7 @@ __all__ = [
     "Trial",
     "load_mlflow",
     "load_ray",
+    "mlflow_client",
     "resolve_config",
 ]
 
@@ -197,16 +199,91 @@ def quiet_artifacts():
         os.environ.pop(key, None)
 
 
-def _client(uri: str):
+SQLITE_HEADER = b"SQLite format 3\x00"
+_STORE_ACCEPTED = ("accepted: the store a sweep wrote (sqlite:///PATH/mlflow.db), a tracking "
+                   "server (http://HOST:PORT), or --ray-results DIR")
+
+
+def mlflow_client(uri: str):
+    """The MLflow client of the store at ``uri``; a ``sqlite:`` store is checked first
+    (``_check_sqlite_store``), so that reading never creates or migrates one."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():  # MLflow would silently create an empty store
-            raise SourceError(f"--mlflow-uri {uri}: no such SQLite file; accepted: the store "
-                              f"a sweep wrote (sqlite:///PATH/mlflow.db), a tracking server "
-                              f"(http://HOST:PORT), or --ray-results DIR")
+    if uri.split(":", 1)[0].split("+", 1)[0].lower() == "sqlite":
+        _check_sqlite_store(uri)
     return MlflowClient(uri)
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """Refuse a ``sqlite:`` URI that does not name an MLflow store of this MLflow's schema.
+
+    MLflow's SqlAlchemyStore, on open, creates its tables in any SQLite file that lacks one of
+    them (an empty file, a text file it then fails on, another program's database) and then
+    migrates it to its schema (``mlflow.store.db.utils._all_tables_exist`` /
+    ``_initialize_tables``): a read would write. So before MLflow sees the file: it must exist,
+    start with the SQLite header, and (opened read-only by Python's sqlite3, which writes
+    nothing) hold every table MLflow checks for, at the schema revision this MLflow expects
+    (an older one would be migrated, or refused with a traceback). On such a store MLflow's
+    open only reads (its default experiment exists; measured on MLflow 3.17: the file's bytes
+    and mtime are unchanged). The check reads MLflow's own lists (private names, pinned by
+    mlflow<4; a rename fails here loudly, not silently).
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        name = make_url(uri).database
+    except ArgumentError:
+        name = None
+    if not name or name == ":memory:":
+        raise SourceError(f"--mlflow-uri {uri}: not a SQLite file path; {_STORE_ACCEPTED}")
+    db = Path(name).expanduser()
+    if not db.is_file():  # MLflow would silently create an empty store
+        raise SourceError(f"--mlflow-uri {uri}: no such SQLite file; {_STORE_ACCEPTED}")
+    with db.open("rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        what = "an empty file" if not header else "not a SQLite database (no SQLite header)"
+        raise SourceError(f"--mlflow-uri {uri}: {db} is {what}, so not an MLflow store (left "
+                          f"as it is: MLflow would create its tables in it); {_STORE_ACCEPTED}")
+    try:
+        # mode=ro: SQLite opens the file read-only, so this look cannot write either. The
+        # timeout waits out a trial writing to the store meanwhile, as MLflow's busy_timeout.
+        con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True,
+                              timeout=20)
+        try:
+            tables = {row[0] for row in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = None
+            if "alembic_version" in tables:
+                row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+                revision = row[0] if row else None
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise SourceError(f"--mlflow-uri {uri}: {db} cannot be read as a SQLite database "
+                          f"({exc}); {_STORE_ACCEPTED}") from None
+    if not {"experiments", "runs", "alembic_version"} <= tables:
+        found = ", ".join(sorted(tables)[:8]) or "none"
+        raise SourceError(f"--mlflow-uri {uri}: {db} is a SQLite database but not an MLflow "
+                          f"store (tables: {found}; an MLflow store has experiments, runs, "
+                          f"alembic_version); {_STORE_ACCEPTED}")
+    from mlflow.store.db import utils as mlflow_db
+
+    missing = sorted(set(mlflow_db.Base.metadata.tables) - tables)
+    head = mlflow_db._get_latest_schema_revision()
+    if missing or revision != head:
+        import mlflow
+
+        raise SourceError(f"--mlflow-uri {uri}: {db} is an MLflow store of another schema "
+                          f"(revision {revision}; MLflow {mlflow.__version__} reads {head}"
+                          + (f", and lacks tables {', '.join(missing[:4])}" if missing else "")
+                          + "), which opening it would migrate; accepted: a store of this "
+                            "MLflow version (upgrade a copy with `mlflow db upgrade "
+                            "sqlite:///COPY`), or read it with the MLflow that wrote it")
 
 
 def _experiments(client, sweep: str, experiment: str | None) -> list:
@@ -244,7 +321,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
 
     from sweeps.tracking import PARENT_TAG, child_runs
 
-    client = _client(mlflow_uri)
+    client = mlflow_client(mlflow_uri)
     if parent_run_id:
         try:
             parent = client.get_run(parent_run_id)

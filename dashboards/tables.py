@@ -37,6 +37,7 @@ from scipy import stats
 
 from dashboards.fronts import FINISHED, front_masks
 from dashboards.sources import SweepRecord, Trial
+from references.cache import atomic_write_bytes
 
 __all__ = [
     "CONFIG_KEY",
@@ -297,11 +298,12 @@ def sweep_config(record: SweepRecord) -> dict[str, Any]:
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> Path:
-    """Write ``table`` as Parquet (schema and metadata as built); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    return path
+    """Write ``table`` as Parquet (schema and metadata as built), atomically: a reader, or a
+    kill mid-write, sees the previous file or this one, never a truncated one (Parquet keeps
+    its footer at the end, so a truncated file is unreadable). Returns the path."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return atomic_write_bytes(path, buffer.getvalue().to_pybytes())
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

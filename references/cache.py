@@ -9,9 +9,11 @@ drivers on one machine agree on paths. Writers hold a file lock and publish atom
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,10 +46,18 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
     temporary directory beside it, which is renamed to ``final_dir`` when the block exits
     without an exception (and removed if it raises). A file lock serialises concurrent builders,
     so the second one waits and then sees the finished entry.
+
+    A builder killed outright (SIGKILL, out of memory, a node lost) leaves its
+    ``<name>.tmp-*`` folder behind, possibly gigabytes; whoever takes the lock next removes
+    every such folder of this entry. That is safe only under the lock: a live builder of the
+    entry holds it, so every ``<name>.tmp-*`` seen while holding it belongs to a dead one.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final_dir) + ".lock"):
+        for stale in final_dir.parent.glob(glob.escape(final_dir.name) + ".tmp-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         if final_dir.exists():
             yield None
             return
@@ -62,10 +72,17 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader (or a kill mid-write) sees the old file or
-    the new one, never a truncated one: a temporary sibling, fsync, then rename."""
+    the new one, never a truncated one: a temporary sibling, fsync, then rename.
+
+    An exception removes the temporary file; a kill between its creation and the rename leaves
+    it behind as a hidden ``.<name>.tmp-XXXXXXXX`` beside ``path``. Such a file is never read
+    (readers open ``path``) and its name is unique, so it cannot collide with a later write;
+    it is left for the user to delete rather than guessed at here (with no lock, a file of
+    that pattern may be another process's write in progress).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = _new_sibling(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -77,6 +94,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _new_sibling(path: Path) -> tuple[int, Path]:
+    """A new ``.<name>.tmp-<random>`` file beside ``path``, opened for writing. Not
+    ``tempfile.mkstemp``: its files are mode 0600, and the rename would give the published
+    file (a report, a table others read) that mode instead of the umask's usual 0644."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # a name taken by another writer (or a killed one): redraw
+            continue
+    raise FileExistsError(f"no free temporary name beside {path} after 100 tries")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,10 +1,14 @@
 """The post-processor: fronts against brute force, statistics against scipy, tables and files
 from MLflow stores written here in the exact structure sweeps/tracking.py writes, degenerate
-sweeps, and a real smoke sweep read from MLflow and from Ray's result folder."""
+sweeps, stores that are only read (never created or migrated), outputs replaced whole or not
+at all, and a real smoke sweep read from MLflow and from Ray's result folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,13 +18,13 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
-from scipy import stats as scipy_stats
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
+from scipy import stats as scipy_stats
 from smoke_store import EXPERIMENT, REPO, SWEEP, finished_smoke_sweep
 
 from dashboards import pareto, statistics, tables
@@ -652,6 +656,170 @@ def test_trial_run_is_not_taken_for_a_parent(fake_store):
         filter_string=f"tags.`{PARENT_TAG}` = '{parents['full']}'")[0]
     with pytest.raises(SourceError, match=f"is a trial run \\(its parent is {parents['full']}"):
         load_mlflow("full", mlflow_uri=uri, parent_run_id=child.info.run_id)
+
+
+# ------------------------------------------- a store is only read; outputs are replaced whole
+
+
+def _not_a_store(kind, folder):
+    """A file a user may point --mlflow-uri at by mistake, alone in a folder."""
+    import sqlite3
+
+    path = folder / "store" / f"{kind}.db"
+    path.parent.mkdir()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("experiment_id,name\n0,Default\n")
+    else:  # another program's SQLite database
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE measurements (t REAL, value REAL)")
+        con.execute("INSERT INTO measurements VALUES (0.0, 1.5)")
+        con.commit()
+        con.close()
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # an mtime a write would move
+    return path
+
+
+def _snapshot(path):
+    """(bytes, mtime) of ``path`` and the names of its folder (a -journal file, a new db)."""
+    return path.read_bytes(), path.stat().st_mtime_ns, sorted(p.name for p in path.parent.iterdir())
+
+
+NOT_A_STORE = {"empty": "is an empty file, so not an MLflow store",
+               "text": "is not a SQLite database (no SQLite header)",
+               "sqlite": "is a SQLite database but not an MLflow store (tables: measurements"}
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_STORE))
+def test_a_file_that_is_not_an_mlflow_store_is_refused_and_left_as_it_is(kind, tmp_path):
+    # Before, MLflow created its tables in the empty file and in the other program's database
+    # (about 950 kB each), and read the text file with a SQLAlchemy traceback.
+    path = _not_a_store(kind, tmp_path)
+    before = _snapshot(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "full", "--mlflow-uri", f"sqlite:///{path}",
+         "--out", str(tmp_path / "out"), "--no-log"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert f"{path} {NOT_A_STORE[kind]}" in proc.stderr and "accepted: " in proc.stderr
+    assert _snapshot(path) == before
+    with pytest.raises(SourceError, match=re.escape(NOT_A_STORE[kind])):
+        load_mlflow("full", mlflow_uri=f"sqlite:///{path}")
+    assert _snapshot(path) == before
+
+
+@pytest.fixture
+def store_copy(fake_store, tmp_path):
+    """A copy of the fake store's file (its artifacts stay where they are), with an old mtime."""
+    uri, parents = fake_store
+    copy = tmp_path / "store" / "copy.db"
+    copy.parent.mkdir()
+    shutil.copyfile(uri[len("sqlite:///"):], copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    return copy, parents
+
+
+def test_reading_a_store_writes_nothing_to_it(store_copy, tmp_path):
+    copy, parents = store_copy
+    before = _snapshot(copy)
+    report = pareto.postprocess("full", mlflow_uri=f"sqlite:///{copy}", out=tmp_path / "out",
+                                log=False)
+    assert read_results(report).column("parent_run_id").to_pylist() == [parents["full"]] * 5
+    assert _snapshot(copy) == before
+
+
+@pytest.mark.parametrize("change, match", [
+    ("UPDATE alembic_version SET version_num = '0a8213491aaa'",
+     "of another schema (revision 0a8213491aaa; MLflow"),
+    ("DROP TABLE webhooks", "lacks tables webhooks"),
+])
+def test_a_store_of_another_mlflow_schema_is_refused_not_migrated(store_copy, change, match):
+    import sqlite3
+
+    copy, _ = store_copy
+    con = sqlite3.connect(copy)
+    con.execute(change)  # what a store written by an older MLflow looks like to this one
+    con.commit()
+    con.close()
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    before = _snapshot(copy)
+    with pytest.raises(SourceError, match=re.escape(match)):
+        load_mlflow("full", mlflow_uri=f"sqlite:///{copy}")
+    assert _snapshot(copy) == before
+
+
+def test_logging_from_ray_results_refuses_a_file_that_is_not_a_store(tmp_path, capsys):
+    path = _not_a_store("sqlite", tmp_path)
+    storage = tmp_path / "ray_results"
+    (storage / "full-smoke_20260101-000000").mkdir(parents=True)
+    before = _snapshot(path)
+    assert pareto.main(["full", "--ray-results", str(storage), "--parent-run", "0123",
+                        "--mlflow-uri", f"sqlite:///{path}", "--out", str(tmp_path / "out")]) == 2
+    assert "is a SQLite database but not an MLflow store" in capsys.readouterr().err
+    assert _snapshot(path) == before
+
+
+def assert_complete(folder):
+    """Every output file in ``folder`` parses to its end; no temporary file is left."""
+    for name in ("results.parquet", "epochs.parquet", "effects.parquet"):
+        pq.read_table(folder / name)  # the footer is at the end: a truncated file fails
+    json.loads((folder / "statistics.json").read_text())
+    for stem in ("front", "epochs", "filters"):
+        assert (folder / f"{stem}.png").read_bytes().endswith(b"IEND\xaeB`\x82"), stem
+        matplotlib.image.imread(str(folder / f"{stem}.png"))
+        ET.parse(folder / f"{stem}.svg")
+    assert (folder / "report.html").read_text().rstrip().endswith("</html>")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pareto.FILES)
+
+
+@pytest.mark.parametrize("failing", ["results.parquet", "statistics.json", "front.png",
+                                     "filters.svg", "report.html"])
+def test_an_output_write_that_fails_midway_leaves_the_previous_file(fake_store, full_report,
+                                                                    tmp_path, monkeypatch,
+                                                                    failing):
+    from references import cache
+
+    uri, _ = fake_store
+    out = tmp_path / "out"
+    shutil.copytree(full_report.parent, out)  # the previous run's files
+    assert_complete(out)  # build_outputs' own files are whole
+    previous = (out / failing).read_bytes()
+    record = load_mlflow("full", mlflow_uri=uri)
+    new_sibling, fdopen, doomed = cache._new_sibling, os.fdopen, set()
+
+    def tracking_sibling(path):
+        fd, tmp = new_sibling(path)
+        if path.name == failing:
+            doomed.add(fd)
+        return fd, tmp
+
+    class HalfThenFull:
+        """Writes half of the data, then fails as a full disk would."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "_new_sibling", tracking_sibling)
+    monkeypatch.setattr(cache.os, "fdopen", lambda fd, *args, **kwargs: HalfThenFull(
+        fdopen(fd, *args, **kwargs)) if fd in doomed else fdopen(fd, *args, **kwargs))
+    with pytest.raises(OSError, match="No space left on device"):
+        pareto.build_outputs(record, out)
+    assert doomed, f"{failing} was never written"
+    assert (out / failing).read_bytes() == previous
+    assert_complete(out)  # the files before it new, after it old: each one whole
 
 
 # ---------------------------------------------------------------------- a real smoke sweep

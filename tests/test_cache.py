@@ -1,0 +1,142 @@
+"""The cache's publishing primitives under the failures they exist for: a writer killed by
+SIGKILL mid-write, a write that fails halfway, a builder killed inside build_once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from references import cache
+from references.cache import atomic_write_bytes, atomic_write_text, build_once
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def test_atomic_write_replaces_the_file_with_the_usual_mode(tmp_path):
+    path = tmp_path / "sub" / "report.html"
+    assert atomic_write_text(path, "old") == path
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+    # the mode a plain open() gives (0666 less the umask), not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert _temporaries(path.parent) == []
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.parquet"
+    atomic_write_bytes(path, b"previous, complete")
+    fdopen = os.fdopen
+
+    class HalfThenFull:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.os, "fdopen", lambda *a, **k: HalfThenFull(fdopen(*a, **k)))
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(path, b"x" * 1_000_000)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"previous, complete"
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    # Two 8 MB payloads rewritten in turn until SIGKILL lands, wherever it lands. A plain
+    # write_bytes killed the same way leaves a truncated file under the final name.
+    path = tmp_path / "epochs.parquet"
+    size = 8 << 20
+    proc = _python(f"""
+        from references.cache import atomic_write_bytes
+        print("ready", flush=True)
+        for i in range(10**6):
+            atomic_write_bytes({str(path)!r}, (b"A" if i % 2 else b"B") * {size})
+    """)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    data = path.read_bytes()
+    assert len(data) == size and data in (b"A" * size, b"B" * size)
+    # at most the one write that was cut short is left, hidden; a later write is unaffected
+    assert len(_temporaries(tmp_path)) <= 1
+    assert all(n.startswith(".epochs.parquet.tmp-") for n in _temporaries(tmp_path))
+    atomic_write_bytes(path, b"after")
+    assert path.read_bytes() == b"after"
+
+
+def test_a_taken_temporary_name_is_redrawn(tmp_path, monkeypatch):
+    path = tmp_path / "statistics.json"
+    (tmp_path / ".statistics.json.tmp-00000000").write_text("a killed writer's leftover")
+    names = iter(["00000000", "11111111"])
+    monkeypatch.setattr(cache.secrets, "token_hex", lambda n: next(names))
+    atomic_write_text(path, "{}")
+    assert path.read_text() == "{}"
+    assert (tmp_path / ".statistics.json.tmp-00000000").read_text() == "a killed writer's leftover"
+
+
+def test_build_once_removes_the_temporary_folder_of_a_killed_builder(tmp_path):
+    final = tmp_path / "world-0123abcd"
+    proc = _python(f"""
+        import time
+        from pathlib import Path
+        from references.cache import build_once
+        with build_once(Path({str(final)!r})) as tmp:
+            (tmp / "half.npy").write_bytes(b"0" * 4096)
+            print(tmp, flush=True)
+            time.sleep(600)
+    """)
+    leftover = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)  # no finally, no cleanup: the folder stays
+    proc.wait(timeout=30)
+    assert leftover.name.startswith("world-0123abcd.tmp-") and (leftover / "half.npy").is_file()
+    # another entry's folders, and a name that only shares a prefix, are not this entry's
+    others = [tmp_path / "world-0123abcd-v2.tmp-x", tmp_path / "other.tmp-y"]
+    for folder in others:
+        folder.mkdir()
+
+    with build_once(final) as tmp:  # the lock died with the builder: taken at once
+        assert not leftover.exists()
+        (tmp / "done").write_text("ok")
+    assert (final / "done").read_text() == "ok"
+    assert all(folder.is_dir() for folder in others)
+
+
+def test_build_once_cleans_up_also_when_the_entry_exists(tmp_path):
+    final = tmp_path / "entry"
+    final.mkdir()
+    stale = tmp_path / "entry.tmp-dead"
+    (stale / "x").mkdir(parents=True)
+    with build_once(final) as tmp:
+        assert tmp is None
+    assert not stale.exists() and final.is_dir()
