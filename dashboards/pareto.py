@@ -281,9 +281,17 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
             "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
             "data": record.parent_tags.get("data_description", "")}
+    # An interrupted invocation (parent KILLED or tagged so by the driver) is labelled partial.
+    partial = (record.parent_status == "KILLED"
+               or record.parent_tags.get("interrupted") == "true")
+    if partial:
+        state = record.parent_status or "interrupted"
+        messages = [f"PARTIAL: this sweep was interrupted (parent run {state}); the report "
+                    f"covers the trials that finished. Continue it with sweeps/run.py "
+                    f"{record.sweep} --resume", *messages]
     return report.write_report(
-        out / "report.html", title=f"Sweep {record.sweep}: Pareto fronts of performance "
-        f"against alignment", meta=meta, messages=messages, statistics=stats,
+        out / "report.html", title=("PARTIAL (interrupted) " if partial else "")
+        + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,
         figures=embedded, results=results, config=config, files=FILES[1:], paper=terms,
         effects=sides)
 

@@ -51,7 +51,8 @@ PREDICTIONS_ARTIFACT = "val_predictions.npz"  # trainable.train.PREDICTIONS_ARTI
 CONTROL_SUFFIX = "_shuffled"  # sweeps.spec.CONTROL_SUFFIX: <condition>_shuffled
 TRIAL_ID = re.compile(r"^(?P<condition>.+)-(?P<direction>max|min|none)-a(?P<alpha>[^-]+)"
                       r"-b(?P<beta>[^-]+)-s(?P<seed>\d+)$")
-RAY_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})$")
+# sweeps.execute._run_dir: <experiment>_<YYYYmmdd-HHMMSS>, "-2", "-3" for a second in one second
+RAY_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?$")
 RAY_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
 
 
@@ -413,7 +414,7 @@ def _ray_run_dir(directory: Path, sweep: str, experiment: str | None) -> Path:
     for sub in directory.iterdir():
         m = RAY_FOLDER.match(sub.name)
         if sub.is_dir() and m and m.group("experiment") in wanted:
-            runs.append((m.group("stamp"), sub))
+            runs.append(((m.group("stamp"), int(m.group("n") or 1)), sub))
     if not runs:
         raise SourceError(f"--ray-results {directory}: no run folder of {' or '.join(sorted(wanted))}"
                           f" (<experiment>_<YYYYmmdd-HHMMSS>); accepted: Ray's storage folder "

@@ -267,9 +267,42 @@ def render_scene(rng: np.random.Generator, specs: list[CategorySpec], categories
 
 
 def _check(name: str, value, lo, hi=None) -> None:
-    if not (value >= lo and (hi is None or value <= hi)):
-        accepted = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not (ok and value >= lo and (hi is None or value <= hi)):
+        accepted = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
         raise ValueError(f"{name}={value!r}; accepted: {accepted}")
+
+
+# Upper bounds of the generators' sizes: a typo must not start rendering for days.
+MAX_IMAGES = 1_000_000
+
+
+def check_single_label_args(*, image_size: int = 64, n_categories: int = 10,
+                            n_train_per_class: int = 100, n_val_per_class: int = 25) -> None:
+    """``generate_single_label``'s argument checks (ValueError naming the value)."""
+    _check("image_size", image_size, 16, 1024)
+    _check("n_categories", n_categories, 2, 80)
+    _check("n_train_per_class", n_train_per_class, 1, MAX_IMAGES)
+    _check("n_val_per_class", n_val_per_class, 1, MAX_IMAGES)
+
+
+def check_nsd_like_args(*, image_size: int = 64, n_images: int = 1000, n_subjects: int = 2,
+                        n_categories: int = 20, repeats: int = 3, trials_per_session: int = 320,
+                        n_shared: int | None = None) -> tuple[int, int]:
+    """``generate_nsd_like``'s argument checks; returns (n_shared, n_unique per subject)."""
+    _check("image_size", image_size, 16, 1024)
+    _check("n_subjects", n_subjects, 1, 8)
+    _check("n_categories", n_categories, 2, 80)
+    _check("repeats", repeats, 2, 10)
+    _check("n_images", n_images, 10, MAX_IMAGES)
+    _check("trials_per_session", trials_per_session, 1, MAX_IMAGES)
+    n_shared = n_images // 5 if n_shared is None else n_shared
+    _check("n_shared", n_shared, 0, n_images)
+    n_unique = (n_images - n_shared) // n_subjects
+    if n_shared + n_unique < 2:
+        raise ValueError(f"n_images={n_images} leaves {n_shared + n_unique} images per subject; "
+                         f"accepted: at least 2")
+    return n_shared, n_unique
 
 
 def generate_single_label(*, image_size: int = 64, n_categories: int = 10,
@@ -283,10 +316,8 @@ def generate_single_label(*, image_size: int = 64, n_categories: int = 10,
     records each category's statistics. Cached: a second call with the same arguments returns
     the same path without rendering.
     """
-    _check("image_size", image_size, 16, 1024)
-    _check("n_categories", n_categories, 2, 80)
-    _check("n_train_per_class", n_train_per_class, 1)
-    _check("n_val_per_class", n_val_per_class, 1)
+    check_single_label_args(image_size=image_size, n_categories=n_categories,
+                            n_train_per_class=n_train_per_class, n_val_per_class=n_val_per_class)
     params = {"kind": "single_label", "version": GENERATOR_VERSION, "image_size": image_size,
               "n_categories": n_categories, "n_train_per_class": n_train_per_class,
               "n_val_per_class": n_val_per_class, "seed": seed}
@@ -507,18 +538,10 @@ def generate_nsd_like(*, image_size: int = 64, n_images: int = 1000, n_subjects:
     Layout written under ``root/nsd`` as in the release, COCO files under
     ``root/coco_annotations``. Cached by the parameters; see :class:`SimulatedNSD`.
     """
-    _check("image_size", image_size, 16, 1024)
-    _check("n_subjects", n_subjects, 1, 8)
-    _check("n_categories", n_categories, 2, 80)
-    _check("repeats", repeats, 2, 10)
-    _check("n_images", n_images, 10)
-    _check("trials_per_session", trials_per_session, 1)
-    n_shared = n_images // 5 if n_shared is None else n_shared
-    _check("n_shared", n_shared, 0, n_images)
-    n_unique = (n_images - n_shared) // n_subjects
-    if n_shared + n_unique < 2:
-        raise ValueError(f"n_images={n_images} leaves {n_shared + n_unique} images per subject; "
-                         f"accepted: at least 2")
+    n_shared, n_unique = check_nsd_like_args(
+        image_size=image_size, n_images=n_images, n_subjects=n_subjects,
+        n_categories=n_categories, repeats=repeats, trials_per_session=trials_per_session,
+        n_shared=n_shared)
     params = {"kind": "nsd_like", "version": GENERATOR_VERSION, "image_size": image_size,
               "n_images": n_images, "n_subjects": n_subjects, "n_categories": n_categories,
               "repeats": repeats, "trials_per_session": trials_per_session,

@@ -11,18 +11,23 @@ and to the trial's nested MLflow run. All Ray imports of the project live in ``s
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from references.cache import atomic_write_text
 from sweeps import tracking
-from sweeps.plan import Plan, check_services
+from sweeps.plan import Plan, UsageError, _object_store_bytes, check_services, redact
 from sweeps.spec import Resources, TrialSpec, format_overrides
 
 # `ray start` (2.60) turns token authentication on by default, but a driver only presents its
@@ -37,6 +42,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 PARENT_FILE = "mlflow_parent.json"
+FINGERPRINT_FILE = "sweep_fingerprint.json"
 LATEST_FILE = "latest"
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
@@ -66,30 +72,41 @@ class RayHooks:
     """
 
     ARTIFACTS = "artifacts"
+    JOURNAL = "tracking_journal.json"  # every epoch's metrics reported so far
 
     def __init__(self, run: tracking.TrialRun) -> None:
         from ray import tune
 
         self._tune = tune
         self.run = run
+        self.journal: dict[int, dict[str, float]] = {}
         self._restored: tempfile.TemporaryDirectory | None = None
         self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-")
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        self.run.log_epoch(metrics, int(metrics["epoch"]))
+        epoch = int(metrics["epoch"])
+        self.journal[epoch] = {k: float(v) for k, v in metrics.items()}
+        # The journal travels with the checkpoint: a restored trial (or the driver, at the
+        # end) knows every epoch it reported and sends MLflow only what it lacks.
+        (Path(checkpoint_dir) / self.JOURNAL).write_text(json.dumps(self.journal))
         art = self.artifact_dir()
         if any(art.iterdir()):
             shutil.copytree(art, Path(checkpoint_dir) / self.ARTIFACTS, dirs_exist_ok=True)
-        # Ray persists the checkpoint directory to the run's storage before report returns.
+        # Ray persists the checkpoint directory to the run's storage before report returns;
+        # the metrics then go to MLflow in the background (tracking.TrialRun).
         self._tune.report(dict(metrics),
                           checkpoint=self._tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        self.run.log_epoch(metrics, epoch)
 
     def restore(self) -> Path | None:
         ckpt = self._tune.get_checkpoint()
         if ckpt is None:
             return None
         self._restored = tempfile.TemporaryDirectory(prefix="restore-")
-        return Path(ckpt.to_directory(self._restored.name))
+        path = Path(ckpt.to_directory(self._restored.name))
+        self.journal = read_journal(path)
+        self.run.reconcile(self.journal)
+        return path
 
     def artifact_dir(self) -> Path:
         return Path(self._artifacts.name)
@@ -100,8 +117,24 @@ class RayHooks:
             self._restored.cleanup()
 
 
+def read_journal(checkpoint_dir: Path) -> dict[int, dict[str, float]]:
+    """A checkpoint's metrics journal ({} when it has none)."""
+    path = Path(checkpoint_dir) / RayHooks.JOURNAL
+    if not path.is_file():
+        return {}
+    return {int(e): m for e, m in json.loads(path.read_text()).items()}
+
+
+def _flush_timeout() -> float:
+    """How long a finished trial waits for MLflow to take what it queued
+    (``ALIGNSWEEP_TRACKING_FLUSH_S``, default 900 s: an outage of minutes loses nothing)."""
+    return float(os.environ.get("ALIGNSWEEP_TRACKING_FLUSH_S", 900))
+
+
 def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
-    """The Ray Tune function trainable: one grid point, by its trial id."""
+    """The Ray Tune function trainable: one grid point, by its trial id. Tracking goes through
+    a background queue (``tracking.TrialRun``): an unreachable MLflow never stalls or fails the
+    trial, and a failure's own error is what the trial raises."""
     import ray
 
     from trainable.train import train
@@ -121,13 +154,14 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
         run.log_artifacts(hooks.artifact_dir())
+        run.finish("FINISHED")
     except BaseException as exc:
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED")
         raise
     finally:
+        run.close(_flush_timeout())  # queued operations only: nothing here can mask `exc`
         hooks.close()
-    run.finish("FINISHED")
 
 
 def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
@@ -143,8 +177,12 @@ def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
     base = payload.specs[config["trial_id"]]
     sign = 1.0 if base.direction == "max" else -1.0
     alpha = sign * float(config["alpha_mag"])
-    trial_id = f"{base.condition}-{base.direction}-a{abs(alpha):.4g}-optuna-{tune.get_context().get_trial_id()}"
+    trial_id = _optuna_trial_id(base, abs(alpha), tune.get_context().get_trial_id())
     return replace(base, trial_id=trial_id, alpha=alpha, config={**base.config, "alpha": alpha})
+
+
+def _optuna_trial_id(base: TrialSpec, alpha_mag: float, tune_trial_id: str) -> str:
+    return f"{base.condition}-{base.direction}-a{alpha_mag:.4g}-optuna-{tune_trial_id}"
 
 
 # ----------------------------------------------------------------------------- driver
@@ -198,7 +236,7 @@ def _init_ray(plan: Plan) -> None:
         # A local Ray sized to this machine; an explicit object store keeps two Ray nodes on one
         # machine from each claiming all of its memory.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 object_store_memory=int(os.environ.get("ALIGNSWEEP_OBJECT_STORE", 1 << 30)),
+                 object_store_memory=_object_store_bytes(),
                  runtime_env={"env_vars": _worker_env()})
     else:
         ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()},
@@ -220,24 +258,133 @@ def _loopback_node(address: str) -> dict[str, str]:
 
 
 def _worker_env() -> dict[str, str]:
-    """Settings trials must share with the driver (the cache of generated data)."""
-    keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    """Settings trials must share with the driver (the cache of generated data, tracking
+    credentials). MLflow's HTTP client retries a request for minutes by default; a trial's
+    tracking thread does its own backoff, so each request fails fast instead."""
+    keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "ALIGNSWEEP_TRACKING_FLUSH_S")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                   os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"))
+    env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT",
+                   os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))
+    return env
 
 
 def _run_dir(plan: Plan) -> Path:
-    """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten);
-    ``--resume`` continues the latest one, recorded in ``<storage>/<experiment>.latest``."""
+    """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten;
+    two in one second get ``-2``, ``-3``: the driver lock serialises them); ``--resume``
+    continues the latest one, recorded in ``<storage>/<experiment>.latest``, after checking
+    that it was started by the same sweep (``_check_fingerprint``)."""
     storage = Path(plan.storage)
     pointer = storage / f"{plan.experiment}.{LATEST_FILE}"
     if plan.resume:
         if not pointer.is_file():
-            raise ValueError(f"--resume: no earlier run of {plan.experiment} under {storage}")
-        return Path(pointer.read_text().strip())
+            raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
+        run_dir = Path(pointer.read_text().strip())
+        _check_fingerprint(plan, run_dir)
+        return run_dir
     storage.mkdir(parents=True, exist_ok=True)
-    run_dir = storage / f"{plan.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
-    pointer.write_text(str(run_dir))
+    base = f"{plan.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, k = storage / base, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = storage / f"{base}-{k}"
+    run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
+    atomic_write_text(pointer, str(run_dir))
     return run_dir
+
+
+def fingerprint(plan: Plan) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the sweep files' content,
+    seeds, scale, overrides, selection, search, and the tracking store (as a hash: the URI
+    may hold a password)."""
+    files = sorted({plan.spec.path, *(c.path for c in plan.spec.conditions)})
+    return {
+        "sweep": plan.sweep,
+        "sweep_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+        "scale": plan.scale, "smoke": plan.smoke, "seeds": plan.seeds,
+        "data": plan.data_kind, "overrides": {k: repr(v) for k, v in plan.overrides.items()},
+        "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
+        "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
+    }
+
+
+def _check_fingerprint(plan: Plan, run_dir: Path) -> None:
+    path = run_dir / FINGERPRINT_FILE
+    if not path.is_file():  # a run started before fingerprints existed: nothing to check
+        return
+    was, now = json.loads(path.read_text()), fingerprint(plan)
+    names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
+             "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
+             "data": "--data", "smoke": "--smoke-test", "search": "--search",
+             "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep"}
+    for key, label in names.items():
+        if was.get(key) != now.get(key):
+            show = (lambda v: "(hidden)") if key == "tracking_uri_sha256" else repr
+            raise UsageError(f"--resume: {run_dir.name} was started with a different {label} "
+                             f"({show(was.get(key))}, now {show(now.get(key))}); accepted: "
+                             f"the same sweep file, seeds, overrides, selection and tracking "
+                             f"URI, or a new run without --resume")
+
+
+@contextlib.contextmanager
+def driver_lock(plan: Plan):
+    """One driver per experiment and storage at a time: a second one is refused in one line
+    naming the holder (its pid, host and start), never interleaved with the first."""
+    from filelock import FileLock, Timeout
+
+    storage = Path(plan.storage)
+    storage.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(storage / f"{plan.experiment}.lock"))
+    holder = storage / f"{plan.experiment}.driver.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+            said = (f"pid {who.get('pid')} on {who.get('host')} since {who.get('since')}")
+        except (OSError, ValueError):
+            said = "a process that has not written its name yet"
+        raise UsageError(f"another driver is running {plan.experiment} with storage {storage}: "
+                         f"{said} (lock {lock.lock_file}); wait for it to end, or stop it "
+                         f"and use --resume") from None
+    try:
+        atomic_write_text(holder, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "sweep": plan.sweep}))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
+def check_fits(plan: Plan, nodes: list[dict]) -> None:
+    """Refuse, in one line, a plan that the cluster cannot run: a trial asking for more CPUs
+    or GPUs than any one alive node has (Ray would keep it PENDING forever), or a SQLite
+    tracking store with trials on other machines (each would write its own node's file)."""
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    most_cpu = max((float(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0.0)
+    most_gpu = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
+    for t in plan.trials:
+        r = t.resources
+        if r.cpus > most_cpu:
+            raise UsageError(f"trial {t.trial_id} asks for {r.cpus:g} CPUs but the largest "
+                             f"node of the Ray cluster has {most_cpu:g}; accepted: "
+                             f"--cpus-per-trial <= {most_cpu:g}")
+        if r.gpus > 0 and most_gpu > 0 and r.gpus > most_gpu:
+            raise UsageError(f"trial {t.trial_id} asks for {r.gpus:g} GPUs but the largest "
+                             f"node has {most_gpu:g}; accepted: --gpus-per-trial <= "
+                             f"{most_gpu:g}")
+    hosts = {n.get("NodeManagerAddress") for n in alive}
+    if plan.mlflow_uri.startswith("sqlite:") and len(hosts) > 1:
+        raise UsageError(f"--mlflow-uri {plan.mlflow_uri} is a SQLite file on this machine but "
+                         f"the Ray cluster spans {len(hosts)} machines "
+                         f"({', '.join(sorted(map(str, hosts))[:4])}): trials elsewhere would "
+                         f"write their own copy; accepted: an MLflow server (--mlflow-uri "
+                         f"http://HOST:PORT) reachable from every node")
 
 
 def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> dict[str, Resources]:
@@ -253,12 +400,26 @@ def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> di
 
 
 def execute(plan: Plan) -> int:
-    """Run the plan; returns the process exit code (0: every trial finished)."""
+    """Run the plan; returns the process exit code (0: every trial finished, 1: a trial
+    failed, 130: interrupted). One driver per experiment at a time (``driver_lock``)."""
+    check_services(plan)
+    with driver_lock(plan):
+        return _execute(plan)
+
+
+def _execute(plan: Plan) -> int:
     import ray
     from ray import tune
 
-    check_services(plan)
     run_dir = _run_dir(plan)
+    # Ray before anything is recorded: a trial no node can hold is refused in one line, with
+    # no parent run left behind.
+    _init_ray(plan)
+    try:
+        check_fits(plan, ray.nodes())
+    except UsageError:
+        ray.shutdown()
+        raise
     parent_file = run_dir / PARENT_FILE
     reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
     run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
@@ -269,13 +430,19 @@ def execute(plan: Plan) -> int:
         run_tags["only"] = " ".join(plan.only)
     parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse)
     run_dir.mkdir(parents=True, exist_ok=True)
-    parent_file.write_text(json.dumps({"run_id": parent_id, "mlflow_uri": plan.mlflow_uri}))
-    _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} ({plan.mlflow_uri})")
+    # Secrets never reach a file or the console: the URI is written and shown redacted.
+    atomic_write_text(parent_file, json.dumps({"run_id": parent_id,
+                                               "mlflow_uri": redact(plan.mlflow_uri)}))
+    _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} "
+         f"({redact(plan.mlflow_uri)})")
 
-    status = "FAILED"
+    status, failed, unfinished = "FAILED", [], []
+    outcomes: list[Outcome] = []
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         datas, references = _prepare(plan)
-        _init_ray(plan)
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
             _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")
@@ -308,30 +475,103 @@ def execute(plan: Plan) -> int:
         else:
             grid = [t.trial_id for t in plan.trials]
             results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)}).fit())
-        failed = [r for r in results if r.error is not None]
-        _summary(plan, results, run_dir, parent_id)
-        status = "FINISHED" if not failed else "FAILED"
+        outcomes = [_outcome(plan, r) for r in results]
+        failed = [o for o in outcomes if o.state == "ERROR"]
+        # A trial that is neither finished nor errored did not run to its end: Tune stopped
+        # on Ctrl-C / SIGTERM (or a trial was never scheduled). The sweep is incomplete.
+        unfinished = [o for o in outcomes if o.state not in ("done", "ERROR")]
+        _summary(plan, outcomes, run_dir, parent_id)
+        status = "KILLED" if unfinished else ("FINISHED" if not failed else "FAILED")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over the signal
+        status, unfinished = "KILLED", [None]
+        _say("interrupted")
     finally:
-        tracking.finish(plan.mlflow_uri, parent_id, status)
+        signal.signal(signal.SIGTERM, previous)
+        # Ray first: no trial worker may write to MLflow after the driver's last word.
         if ray.is_initialized():
             ray.shutdown()
+        try:
+            _replay(plan, outcomes, parent_id)
+            tags = {"interrupted": "true" if unfinished else "false"}
+            tracking.finish(plan.mlflow_uri, parent_id, status, tags)
+        except Exception as exc:  # an unreachable store: say so in one line, lose nothing
+            _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
+                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; every "
+                 f"trial's metrics journal is in its checkpoint under {run_dir}")
+    if unfinished:
+        names = [o.trial_id for o in unfinished if o is not None]
+        _say(f"sweep interrupted: {len(names)} trial(s) did not finish"
+             + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names
+                else "")
+             + f"; the parent run is KILLED and the report is partial. Continue with: python "
+               f"sweeps/run.py {plan.sweep} --resume (and the same options)")
     _report(plan, parent_id)
+    if unfinished:
+        return 130  # the shell's code for a run ended by SIGINT
     return 0 if not failed else 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one trial of the run ended: state "done" (every epoch), "ERROR", or "stopped at
+    epoch k of n" / "not started" (interrupted); its last metrics and checkpoint."""
+
+    trial_id: str
+    state: str
+    metrics: dict
+    checkpoint: Any
+
+
+def _outcome(plan: Plan, result) -> Outcome:
+    cfg = result.config or {}
+    metrics = result.metrics or {}
+    spec = next((t for t in plan.trials if t.trial_id == cfg.get("trial_id")), None)
+    trial_id = cfg.get("trial_id", "?")
+    if "alpha_mag" in cfg and spec is not None:  # an Optuna sample: its own id
+        trial_id = _optuna_trial_id(spec, float(cfg["alpha_mag"]), str(metrics.get(
+            "trial_id", "?")))
+    epochs = int(spec.config["epochs"]) if spec is not None else None
+    last = metrics.get("epoch")
+    if result.error is not None:
+        state = "ERROR"
+    elif last is not None and epochs is not None and int(last) == epochs - 1:
+        state = "done"
+    elif last is None:
+        state = "not started"
+    else:
+        state = f"stopped at epoch {int(last) + 1} of {epochs}"
+    return Outcome(trial_id, state, dict(metrics), result.checkpoint)
+
+
+def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str) -> None:
+    """After the trials: send MLflow whatever of each trial's journal (in its last checkpoint)
+    it lacks (a trial whose tracking could not drain before it ended), and mark the child runs
+    of interrupted trials KILLED (their workers were stopped mid-run)."""
+    for o in outcomes:
+        stopped = o.state not in ("done", "ERROR")
+        journal = {}
+        if o.checkpoint is not None:
+            with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
+                journal = read_journal(Path(o.checkpoint.to_directory(tmp)))
+        if journal or stopped:
+            tracking.replay_journal(plan.mlflow_uri, parent_id, o.trial_id, journal,
+                                    status="KILLED" if stopped else None, timeout=60.0,
+                                    say=_say)
 
 
 def _report(plan: Plan, parent_id: str) -> None:
     """Post-process the finished sweep (tables, fronts, figures, HTML report, logged to the
     parent run). A failure here is reported in one line and does not fail the sweep: every
     trial's results are already in MLflow and `python -m dashboards.pareto` can be rerun."""
-    from dashboards.pareto import postprocess
-
     try:
+        from dashboards.pareto import postprocess
+
         path = postprocess(plan.sweep, mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id,
                            experiment=plan.experiment)
     except Exception as exc:  # the sweep itself succeeded; say why the report did not
         _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
         _say(f"retry with: python -m dashboards.pareto {plan.sweep} --mlflow-uri "
-             f"{plan.mlflow_uri} --parent-run {parent_id}")
+             f"{redact(plan.mlflow_uri)} --parent-run {parent_id}")
         return
     from dashboards.effects import summary_lines
 
@@ -403,25 +643,19 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
     return results
 
 
-def _summary(plan: Plan, results, run_dir: Path, parent_id: str) -> None:
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        cfg = r.config or {}
-        tid = cfg.get("trial_id", "?")
-        if "alpha_mag" in cfg:
-            tid = f"{tid.split('-a')[0]}-a{cfg['alpha_mag']:.4g} (optuna)"
-        state = "ERROR" if r.error is not None else "done"
-        rows.append((tid, state, m.get("val_performance", float("nan")),
-                     m.get("val_alignment", float("nan"))))
+def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str) -> None:
+    rows = [(o.trial_id, o.state, o.metrics.get("val_performance", float("nan")),
+             o.metrics.get("val_alignment", float("nan"))) for o in outcomes]
     rows.sort()
     width = max(len(r[0]) for r in rows) if rows else 10
     _say("")
-    _say(f"{'trial':<{width}}  state  performance  alignment")
+    states = max([len(r[1]) for r in rows] + [5])
+    _say(f"{'trial':<{width}}  {'state':<{states}}  performance  alignment")
     for tid, state, perf, align in rows:
-        _say(f"{tid:<{width}}  {state:<5}  {perf:11.4f}  {align:9.4f}")
+        _say(f"{tid:<{width}}  {state:<{states}}  {perf:11.4f}  {align:9.4f}")
     _say("")
     where = f"{run_dir}-*" if plan.search == "optuna" else str(run_dir)
     _say(f"Ray Tune results: {where}")
-    _say(f"MLflow: {plan.mlflow_uri} (experiment {plan.experiment}, parent run {parent_id})")
-    _say(f"browse them: mlflow ui --backend-store-uri {plan.mlflow_uri}")
+    uri = redact(plan.mlflow_uri)
+    _say(f"MLflow: {uri} (experiment {plan.experiment}, parent run {parent_id})")
+    _say(f"browse them: mlflow ui --backend-store-uri {uri}")

@@ -48,6 +48,20 @@ _ADDRESS_ACCEPTED = ("auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray:
                      "omit --address to start a local Ray")
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
+_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
+                           r"credential|key)[^=&;\s]*=)[^&;\s]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secrets of any URI in it replaced: ``user:password@`` becomes
+    ``user:***@`` and secret-looking query values ``***`` (tracking, storage and database
+    URIs are printed, tagged and written to files)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{':***' if m.group(3) else ''}@",
+                         str(text))
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
 class UsageError(ValueError):
     """A bad command line or input: one line naming the value and what is accepted (exit 2)."""
 
@@ -232,7 +246,7 @@ def _mlflow_uri(value: str | None) -> str:
         return f"sqlite:///{Path.cwd() / DEFAULT_MLFLOW_DB}"
 
     def bad(why: str) -> UsageError:
-        return UsageError(f"{source} {value!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
+        return UsageError(f"{source} {redact(value)!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
 
     parts = urlsplit(value)
     scheme = parts.scheme.lower()
@@ -270,9 +284,37 @@ def _mlflow_uri(value: str | None) -> str:
     raise bad(f"unsupported scheme {parts.scheme!r}")
 
 
+OBJECT_STORE_ENV = "ALIGNSWEEP_OBJECT_STORE"
+_MIN_OBJECT_STORE = 75 * 2**20  # Ray refuses less
+
+
+def _object_store_bytes() -> int:
+    """The local Ray's object store size: ``$ALIGNSWEEP_OBJECT_STORE`` bytes (default 1 GiB)."""
+    text = os.environ.get(OBJECT_STORE_ENV, str(1 << 30))
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < _MIN_OBJECT_STORE:
+        raise UsageError(f"{OBJECT_STORE_ENV}={text!r}; accepted: an integer number of bytes "
+                         f">= {_MIN_OBJECT_STORE}")
+    return value
+
+
 def _storage(value: str | None) -> str:
+    """--storage as a local folder path. ``file:///PATH`` is that folder. Cloud URIs
+    (``s3://``, ``gs://``, ...) are refused: the run's lock, resume pointer and parent-run
+    file are written with local file operations, which would turn ``s3://b`` into a local
+    folder ``s3:/b``; use a shared file system mounted on every node instead."""
     if value is not None and "://" in value:
-        return value  # cloud storage (s3://, gs://): Ray Tune checks it
+        parts = urlsplit(value)
+        if parts.scheme.lower() != "file":
+            raise UsageError(f"--storage {redact(value)}: {parts.scheme}:// storage is not "
+                             f"supported; accepted: a folder path (a shared file system on a "
+                             f"cluster) or file:///PATH")
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise UsageError(f"--storage {value}: a file URI is file:///ABSOLUTE/PATH")
+        value = parts.path
     path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--storage {value}: not a directory")
@@ -430,6 +472,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         base = cond.scale(scale).resources
         resources[cond.name] = Resources(base.cpus if cpus is None else cpus,
                                          base.gpus if gpus is None else gpus)
+    for cond, res in resources.items():
+        if res.cpus == 0 and res.gpus == 0:
+            raise UsageError(f"condition {cond}: 0 CPUs and 0 GPUs per trial; accepted: "
+                             f"--cpus-per-trial > 0 (or --gpus-per-trial > 0)")
+        # More CPUs than any node has is refused when the run meets its cluster
+        # (sweeps.execute.check_fits): a dry run does not know where it will run.
+    if address is None:
+        _object_store_bytes()
     trials = [t.with_resources(resources[t.condition]) for t in trials]
     data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
             for c in conditions}
@@ -480,8 +530,11 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
                              f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
                              f"--head --port {port}` or omit --address to start a local Ray"
                              ) from None
-    if urlsplit(plan.mlflow_uri).scheme in ("http", "https"):
-        url = f"{plan.mlflow_uri}/health"
+    parts = urlsplit(plan.mlflow_uri)
+    if parts.scheme in ("http", "https"):
+        # /health needs no credentials (MLflow's basic-auth app leaves it open): drop them.
+        url = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
+              f"{parts.path.rstrip('/')}/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 ok = response.status == 200
@@ -492,6 +545,6 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             ok, why = False, str(getattr(reason, "strerror", None) or reason)
         if not ok:
-            raise UsageError(f"--mlflow-uri {plan.mlflow_uri}: tracking server unreachable "
+            raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: tracking server unreachable "
                              f"({why}); start it (mlflow server --port 5000) or omit "
                              f"--mlflow-uri for the local SQLite store")

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.plan import (  # noqa: E402
+    redact,
     DATA_CHOICES,
     SEARCH_CHOICES,
     Plan,
@@ -136,7 +137,7 @@ def service_lines(plan: Plan) -> list[str]:
     search = (f"optuna, {plan.num_samples} samples per condition" if plan.search == "optuna"
               else "grid")
     return [f"ray: {ray}",
-            f"mlflow: {plan.mlflow_uri} (experiment {plan.experiment})",
+            f"mlflow: {redact(plan.mlflow_uri)} (experiment {plan.experiment})",
             f"storage: {plan.storage}{' (resuming the latest run)' if plan.resume else ''}",
             f"search: {search}",
             *([f"overrides: {format_overrides(plan.overrides)}"] if plan.overrides else []),
@@ -167,6 +168,40 @@ def optuna_lines(plan: Plan) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: every error ends as one line on stderr and a non-zero status, never a
+    traceback on the console (an unexpected one is written to a log file the line names)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`... --list | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
+        log = _traceback_file(exc)
+        print(f"error: {type(exc).__name__}: {redact(_one_line(exc))[:300]} (full traceback: "
+              f"{log})", file=sys.stderr)
+        return 1
+
+
+def _traceback_file(exc: BaseException) -> Path:
+    import time
+    import traceback
+
+    from references.cache import atomic_write_text, cache_root
+
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = redact("".join(traceback.format_exception(exc)))
+    try:
+        return atomic_write_text(cache_root() / "logs" / name, text)
+    except OSError:  # the cache itself may be what failed
+        import tempfile
+
+        return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.sweep_dir is not None:

@@ -592,11 +592,17 @@ def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> 
 
 
 def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise SweepFileError(f"{path}: a folder, not a sweep file; accepted: a TOML file")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise SweepFileError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SweepFileError(f"{path}: not UTF-8 text; accepted: a TOML file") from None
+    except OSError as exc:
+        raise SweepFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _check_keys(table: Mapping[str, Any], accepted: Sequence[str], path: Path,
@@ -733,6 +739,29 @@ def _data_kwarg_names(kind: str) -> tuple[str, ...]:
     return tuple(sorted(names - {"image_size", "roi", "subjects", "progress"}))
 
 
+def _data_kwarg_defaults(kind: str) -> dict[str, Any]:
+    from references import datasets, simulated
+
+    out: dict[str, Any] = {}
+    for fn in {"simulated_single_label": (datasets.simulated_single_label_bundle,
+                                          simulated.generate_single_label),
+               "simulated_nsd": (datasets.simulated_nsd_bundle,
+                                 simulated.generate_nsd_like)}[kind]:
+        out.update({p.name: p.default for p in inspect.signature(fn).parameters.values()
+                    if p.kind == p.KEYWORD_ONLY and p.default is not p.empty})
+    return out
+
+
+def _probe_data_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
+    """Run the generator's argument checks on ``kwargs`` (ValueError naming the value)."""
+    from references import simulated
+
+    check = {"simulated_single_label": simulated.check_single_label_args,
+             "simulated_nsd": simulated.check_nsd_like_args}[kind]
+    names = set(inspect.signature(check).parameters)
+    check(**{k: v for k, v in kwargs.items() if k in names})
+
+
 def _check_configs(cond: Condition) -> None:
     """Everything that needs the project's registries: the ROI against references.nsd, the
     demo's generator arguments, and each scale's trial config through TrialConfig."""
@@ -743,10 +772,20 @@ def _check_configs(cond: Condition) -> None:
     if cond.roi is not None and cond.roi not in nsd.ROIS:
         raise SweepFileError(f"{path}: roi={cond.roi!r}; accepted: {', '.join(nsd.ROIS)}")
     accepted = _data_kwarg_names(cond.demo.data)
-    for key, _ in cond.demo.data_kwargs:
+    defaults = _data_kwarg_defaults(cond.demo.data)
+    for key, value in cond.demo.data_kwargs:
         if key not in accepted:
             raise SweepFileError(f"{path}: unknown key {key!r} in [demo.data_kwargs] for "
                                  f"{cond.demo.data}; accepted: {', '.join(accepted)}")
+        default = defaults.get(key)
+        if isinstance(default, int) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise SweepFileError(f"{path}: {key}={value!r} in [demo.data_kwargs]; accepted: "
+                                 f"an integer")
+    try:  # the generator's own range checks, before anything is generated
+        _probe_data_kwargs(cond.demo.data, dict(cond.demo.data_kwargs))
+    except ValueError as exc:
+        raise SweepFileError(f"{path}: [demo.data_kwargs]: {exc}") from None
     for scale in SCALES:
         for smoke in (False, True) if scale == "demo" else (False,):
             probe = {**cond.base_config(scale, smoke=smoke), "alpha": max(cond.grid.alphas),

@@ -9,6 +9,8 @@ a resumed sweep, logs into the same run and never duplicates it.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from sweeps.plan import redact
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -59,8 +63,12 @@ def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
     return run.info.run_id
 
 
-def finish(uri: str, run_id: str, status: str) -> None:
-    _retry(lambda: MlflowClient(uri).set_terminated(run_id, status=status))
+def finish(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
+    client = MlflowClient(uri)
+    if tags:
+        _retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v))
+                                                      for k, v in tags.items()]))
+    _retry(lambda: client.set_terminated(run_id, status=status))
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
@@ -79,43 +87,187 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 
 
 class TrialRun:
-    """A trial's child run, found by ``trial_id`` under the parent or created once."""
+    """A trial's child run, written by a background thread so that tracking never stalls or
+    fails the trial (issue 12): every call only queues an operation; the thread finds or
+    creates the run (by ``trial_id`` under the parent), logs params, metrics, tags and
+    artifacts in order, and retries each operation with backoff (0.5 s doubling to 30 s)
+    while the store is unreachable, for as long as the trial lives.
+
+    Each (metric, step) is logged exactly once: after a failed attempt (the server may have
+    stored the batch before the connection broke) the batch is resent without what the store
+    already has; a restored trial passes the journal of epochs it had reported
+    (``reconcile``) and only what the store lacks is sent. ``close(timeout)`` waits for the
+    queue to drain and says what could not be delivered; the journal stays in the trial's
+    checkpoint for the driver to replay (``replay_journal``).
+    """
+
+    BACKOFF_MAX = 30.0
 
     def __init__(self, uri: str, parent_run_id: str, trial_id: str,
-                 params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        self.client = MlflowClient(uri)
+                 params: Mapping[str, Any], tags: Mapping[str, str],
+                 *, say: Callable[[str], None] = print, create: bool = True) -> None:
         self.uri = uri
-        parent = self.client.get_run(parent_run_id)
-        exp_id = parent.info.experiment_id
-        found = _retry(lambda: self.client.search_runs(
-            [exp_id],
-            filter_string=(f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
-                           f"tags.trial_id = '{trial_id}'"),
-            max_results=2))
-        if found:
-            self.run_id = found[0].info.run_id
-            _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
-        else:
-            all_tags = {**tags, PARENT_TAG: parent_run_id, "trial_id": trial_id,
-                        "mlflow.runName": trial_id}
-            run = _retry(lambda: self.client.create_run(exp_id, tags=all_tags))
-            self.run_id = run.info.run_id
-            params_list = [Param(k, str(v)) for k, v in sorted(params.items())]
-            _retry(lambda: self.client.log_batch(self.run_id, params=params_list))
+        self._create = create
+        self.parent_run_id = parent_run_id
+        self.trial_id = trial_id
+        self.run_id: str | None = None
+        self._params = dict(params)
+        self._tags = dict(tags)
+        self._say = say
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._logged: set[tuple[str, int]] = set()  # confirmed in the store
+        self._outage_since: float | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"mlflow-{trial_id}",
+                                        daemon=True)
+        self._put(("open",))
+        self._thread.start()
+
+    # -- the trial's side: never blocks on the store, never raises because of it
 
     def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in sorted(metrics.items())
-                 if v == v]  # NaN (e.g. no alignment measured) is skipped, not logged as 0
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        values = {k: float(v) for k, v in metrics.items() if v == v}  # NaN: not logged
+        self._put(("metrics", {epoch: values}))
+
+    def reconcile(self, journal: Mapping[int, Mapping[str, float]]) -> None:
+        """A restored trial's reported epochs: send whatever of them the store lacks."""
+        if journal:
+            self._put(("metrics", {int(e): dict(m) for e, m in journal.items()}, True))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        _retry(lambda: self.client.log_batch(
-            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        self._put(("tags", {k: str(v) for k, v in tags.items()}))
 
     def log_artifacts(self, directory: Path) -> None:
+        """Queue ``directory``'s files; the caller keeps the folder until ``close``."""
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
-            _retry(lambda: self.client.log_artifacts(self.run_id, str(directory)))
+            self._put(("artifacts", str(directory)))
 
     def finish(self, status: str) -> None:
-        finish(self.uri, self.run_id, status)
+        self._put(("finish", status))
+
+    def close(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every queued operation; True when all were delivered.
+        The thread is a daemon: what is left is dropped with the process (and said)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending and time.monotonic() < deadline:
+                self._idle.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            left = self._pending
+        self._stop = True
+        if left:
+            self._say(f"tracking: {left} operation(s) of trial {self.trial_id} not delivered "
+                      f"to {redact(self.uri)} within {timeout:.0f} s; its metrics journal is "
+                      f"in its checkpoint (the driver replays it)")
+        return left == 0
+
+    # -- the background thread
+
+    def _put(self, op: tuple) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(op)
+
+    def _loop(self) -> None:
+        client = MlflowClient(self.uri)
+        while True:
+            op = self._queue.get()
+            delay, doubtful = 0.5, len(op) > 2 and op[2]
+            while not self._stop:
+                try:
+                    self._apply(client, op, doubtful)
+                    if self._outage_since is not None:
+                        self._say(f"tracking: {redact(self.uri)} reachable again after "
+                                  f"{time.monotonic() - self._outage_since:.0f} s; trial "
+                                  f"{self.trial_id} catches up")
+                        self._outage_since = None
+                    break
+                except Exception as exc:  # any failure of the store: retry, never raise
+                    if self._outage_since is None:
+                        self._outage_since = time.monotonic()
+                        self._say(f"tracking: {redact(self.uri)} failed for trial "
+                                  f"{self.trial_id} ({type(exc).__name__}: "
+                                  f"{redact(' '.join(str(exc).split()))[:200]}); the trial "
+                                  f"goes on, retrying in the background")
+                    doubtful = True  # the store may have applied part of it
+                    time.sleep(delay)
+                    delay = min(self.BACKOFF_MAX, delay * 2)
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def _apply(self, client: MlflowClient, op: tuple, doubtful: bool) -> None:
+        kind = op[0]
+        if kind == "open":
+            self.run_id = _find_or_create(client, self.parent_run_id, self.trial_id,
+                                          self._params, self._tags, create=self._create)
+            return
+        if self.run_id is None:  # create=False and the trial never made its run
+            return
+        if kind == "metrics":
+            batch = self._unlogged(client, op[1], doubtful)
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, e) for e, m in sorted(batch.items())
+                       for k, v in sorted(m.items())]
+            for i in range(0, len(metrics), 900):  # MLflow's log_batch takes <= 1000
+                client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+            self._logged |= {(m.key, m.step) for m in metrics}
+        elif kind == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
+        elif kind == "artifacts":
+            client.log_artifacts(self.run_id, op[1])
+        elif kind == "finish":
+            client.set_terminated(self.run_id, status=op[1])
+
+    def _unlogged(self, client: MlflowClient, epochs: Mapping[int, Mapping[str, float]],
+                  doubtful: bool) -> dict[int, dict[str, float]]:
+        """``epochs`` less what is known (or, when ``doubtful``, found) to be in the store."""
+        present = set(self._logged)
+        if doubtful:
+            keys = {k for m in epochs.values() for k in m}
+            for key in keys:
+                present |= {(key, h.step) for h in client.get_metric_history(self.run_id, key)}
+            self._logged |= present & {(k, e) for e, m in epochs.items() for k in m}
+        return {e: {k: v for k, v in m.items() if (k, e) not in present}
+                for e, m in epochs.items()}
+
+
+def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
+                    params: Mapping[str, Any], tags: Mapping[str, str],
+                    create: bool = True) -> str | None:
+    """The child run tagged ``trial_id`` under the parent (set back to RUNNING), or a new one
+    with the trial's params (None when there is none and ``create`` is False)."""
+    parent = client.get_run(parent_run_id)
+    exp_id = parent.info.experiment_id
+    found = _retry(lambda: client.search_runs(
+        [exp_id],
+        filter_string=(f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                       f"tags.trial_id = '{trial_id}'"),
+        max_results=2))
+    if found:
+        run_id = found[0].info.run_id
+        if create:
+            _retry(lambda: client.update_run(run_id, status="RUNNING"))
+        return run_id
+    if not create:
+        return None
+    all_tags = {**tags, PARENT_TAG: parent_run_id, "trial_id": trial_id,
+                "mlflow.runName": trial_id}
+    run_id = _retry(lambda: client.create_run(exp_id, tags=all_tags)).info.run_id
+    params_list = [Param(k, str(v)) for k, v in sorted(params.items())]
+    _retry(lambda: client.log_batch(run_id, params=params_list))
+    return run_id
+
+
+def replay_journal(uri: str, parent_run_id: str, trial_id: str,
+                   journal: Mapping[int, Mapping[str, float]], *, status: str | None = None,
+                   timeout: float = 60.0, say: Callable[[str], None] = print) -> bool:
+    """The driver's replay of a trial's journal (from its last checkpoint) after the trial
+    ended: sends what the store lacks, sets ``status`` when given. A trial that never made
+    its child run gets none. True when delivered."""
+    run = TrialRun(uri, parent_run_id, trial_id, params={}, tags={}, say=say, create=False)
+    run.reconcile(journal)
+    if status:
+        run.finish(status)
+    return run.close(timeout)

@@ -257,14 +257,32 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
     done_before = {d.name for d in trial_dirs(storage)
                    if '"done": true' in (d / "result.json").read_text()}
     assert len(done_before) < 3, out[-3000:]
+    # An honest end state: exit 130, the parent run KILLED and tagged, the unfinished trials
+    # named and their child runs KILLED, the report built from what finished and marked so.
+    assert popen.returncode == 130, out[-3000:]
+    assert "sweep interrupted:" in out and "--resume" in out, out[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("faults-demo").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
+    stopped = [r for r in child_runs(uri, "faults-demo") if r.info.status != "FINISHED"]
+    assert stopped and all(r.info.status == "KILLED" for r in stopped), [
+        (r.data.tags["trial_id"], r.info.status) for r in stopped]
+    for r in stopped:
+        assert r.data.tags["trial_id"] in out
+    report = Path(out.rsplit("report: ", 1)[1].split()[0])
+    assert "PARTIAL (interrupted)" in report.read_text()
 
     again = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],
                     cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout
+    parent = MlflowClient(uri).get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"  # the resumed invocation completed it
     runs = child_runs(uri, "faults-demo")
     assert len(runs) == 3  # one child run per trial, never duplicates
     assert all(r.info.status == "FINISHED" for r in runs)
     for run in runs:
         epochs = MlflowClient(uri).get_metric_history(run.info.run_id, "val_alignment")
-        assert sorted(m.step for m in epochs)[-1] == 3
+        assert sorted(m.step for m in epochs) == [0, 1, 2, 3]  # each epoch exactly once

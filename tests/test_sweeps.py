@@ -196,6 +196,12 @@ def test_a_malformed_control_names_the_file_and_the_key(tmp_path, table, match):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_sweep_file_that_is_a_folder_is_one_error(tmp_path):
+    (tmp_path / "odd.toml").mkdir()
+    with pytest.raises(SweepFileError, match=r"odd.toml: a folder, not a sweep file"):
+        load_sweep("odd", tmp_path)
+
+
 def test_unknown_sweep_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown sweep 'nope'; known: gabor_conv1, "):
         load_sweep("nope")
@@ -216,6 +222,13 @@ def test_unknown_sweep_lists_the_known_ones():
                          1), r"trial.epochs"),
     (lambda s: s.replace('roi = "V1"', 'roi = "V4"'), r"roi='V4'"),
     (lambda s: s.replace("[grid]", "[grid"), r"not valid TOML"),
+    (lambda s: s.replace("n_images = 1000", 'n_images = "1000"'),
+     r"n_images='1000' in \[demo.data_kwargs\]; accepted: an integer"),
+    (lambda s: s.replace("n_images = 1000", "n_images = 10000000000"),
+     r"\[demo.data_kwargs\]: n_images=10000000000; accepted: an integer in 10..1000000"),
+    (lambda s: s.replace("epochs = 25", "epochs = 9223372036854775807"),
+     r"epochs=9223372036854775807; accepted: an integer in 1..100000"),
+    (lambda s: s.replace('lr = 2e-3', 'lr = "0.002"'), r"lr='0.002'; accepted: a number"),
 ])
 def test_a_malformed_sweep_file_names_the_file_and_the_key(tmp_path, edit, match):
     folder = tmp_path / "conditions"
@@ -307,7 +320,12 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--set", "alpha=2"], r"--set alpha: alpha is set by the sweep's grid"),
     (["nsd_conv1_v1", "--set", "threads=2"], r"threads follows --cpus-per-trial"),
     (["nsd_conv1_v1", "--set", "lr=\"0.001\""], r"--set: lr='0.001'; accepted: a number"),
-    (["nsd_conv1_v1", "--set", "epochs=0"], r"--set: epochs=0; accepted: an integer >= 1"),
+    (["nsd_conv1_v1", "--set", "epochs=0"], r"--set: epochs=0; accepted: an integer in 1..100000"),
+    (["nsd_conv1_v1", "--set", "epochs=9223372036854775807"],
+     r"--set: epochs=9223372036854775807; accepted: an integer in 1..100000"),
+    (["nsd_conv1_v1", "--set", "batch_size=1000000000000"], r"batch_size=1000000000000; accepted"),
+    (["nsd_conv1_v1", "--set", "image_size=100000"], r"image_size=100000; accepted: an integer in"),
+    (["nsd_conv1_v1", "--storage", "s3://bucket/x"], r"s3:// storage is not supported"),
     (["nsd_conv1_v1", "--set", "rectify=yes"], r"rectify='yes'; accepted: true or false"),
     (["nsd_conv1_v1", "--set", "epochs=1", "--set", "epochs=2"], r"--set epochs given twice"),
     (["nsd_conv1_v1", "--only", "gabor*"], r"--only 'gabor\*' matches no trial; trial ids"),

@@ -16,6 +16,14 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+# Upper bounds: far beyond any real run, low enough that a typo (epochs 2**63, a batch of
+# 1e12, a 100000-px image) is refused in one line instead of hanging or exhausting memory.
+UPPER = {"batch_size": 65536, "epochs": 100_000, "image_size": 4096, "val_folds": 100,
+         "val_images": 1_000_000, "align_batch_every": 1_000_000, "seed": 2**31 - 1,
+         "pool": 4096, "threads": 1024, "steps_per_epoch": 10_000_000,
+         "in_memory_mb": 1 << 22, "lr": 10.0, "width": 16.0, "alpha": 1e6, "beta": 1e6}
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial needs besides its data and reference.
@@ -124,12 +132,15 @@ class TrialConfig:
         for name, low in (("batch_size", 4), ("epochs", 1), ("image_size", 16),
                           ("val_folds", 2), ("val_images", 10), ("align_batch_every", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise bad(name, f"an integer >= {low}")
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= UPPER[name]:
+                raise bad(name, f"an integer in {low}..{UPPER[name]}")
         for name in ("seed", "pool", "threads", "steps_per_epoch", "in_memory_mb"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, "an integer >= 0")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= UPPER[name]:
+                raise bad(name, f"an integer in 0..{UPPER[name]}")
+        for name in ("lr", "width", "alpha", "beta"):
+            if abs(getattr(self, name)) > UPPER[name]:
+                raise bad(name, f"a number of magnitude <= {UPPER[name]:g}")
         if (isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int)
                 or self.loader_workers < -1):
             raise bad("loader_workers", "-1 (from the CPU share) or an integer >= 0")

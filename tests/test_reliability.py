@@ -1,0 +1,267 @@
+"""Faults a sweep must survive honestly (issue 12), with real processes: a real `mlflow
+server` stopped mid-sweep and started again, secrets on the command line, storage URIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = "nsd_conv1_v1"
+EPOCHS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:port over a SQLite file; stop() and start() again on the
+    same port and store, as an operator restarting it would."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.db = work / "server.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]
+        self.starts += 1
+        log = open(self.work / f"server-{self.starts}.log", "w")
+        self.proc = subprocess.Popen(
+            [*cmd, "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--default-artifact-root", str(self.work / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.work / f"server-{self.starts}.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+
+def _reported_epochs(db: Path) -> int:
+    """Validation metrics rows in the store (read straight from the file while the server
+    may be down)."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        try:
+            return con.execute("select count(*) from metrics where key = 'val_map'"
+                               ).fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
+    """The MLflow server goes down after the first epochs are logged and comes back 25 s
+    later, while the trials train on: the sweep exits 0, every trial is FINISHED, and every
+    metric of every epoch is in the store exactly once (no gap, no duplicate step)."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    env = {**os.environ, "ALIGNSWEEP_TRACKING_FLUSH_S": "300"}
+    popen = subprocess.Popen(
+        [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test",
+         "--set", f"epochs={EPOCHS}", "--mlflow-uri", server.url,
+         "--storage", str(tmp_path / "ray")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _reported_epochs(server.db) < 1:
+            assert popen.poll() is None, popen.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no epoch reached MLflow"
+            time.sleep(0.5)
+        server.stop()
+        time.sleep(25)  # the trials train on while nothing answers
+        assert popen.poll() is None, "the sweep ended during the outage: it did not wait"
+        server.start()
+        out, _ = popen.communicate(timeout=600)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        server.stop()
+    assert popen.returncode == 0, out[-4000:]
+    assert "tracking:" in out and "retrying in the background" in out, out[-4000:]
+    client = MlflowClient(f"sqlite:///{server.db}")
+    exp = client.get_experiment_by_name(f"{SWEEP}-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3, [r.data.tags.get("trial_id") for r in children]
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags["trial_id"]
+        assert "error" not in run.data.tags
+        for key in ("val_map", "val_alignment", "task_loss", "epoch_seconds", "dead_units"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(EPOCHS)), (run.data.tags["trial_id"], key, steps)
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+            "conv1_filters.png", "val_predictions.npz"}
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("uri", [
+    "postgresql://sweeper:hunter2pass@db.example:5432/mlflow",
+    "http://alice:hunter2pass@127.0.0.1:9/",
+])
+def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path, uri):
+    """The dry run prints the store, an unreachable server is one error line: neither shows
+    the password (user names stay, they help)."""
+    proc = run_cli(SWEEP, "--dry-run", "--mlflow-uri", uri, cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert "hunter2pass" not in text, text
+    assert ":***@" in text
+    if uri.startswith("http"):  # the dry run asks the server, which is not there
+        assert proc.returncode == 2 and "tracking server unreachable" in proc.stderr
+
+
+def test_the_parent_run_file_holds_no_secret(tmp_path):
+    from sweeps.plan import redact
+
+    assert redact("mysql+pymysql://u:p4ss@h/db?ssl_key=abc&password=x") == (
+        "mysql+pymysql://u:***@h/db?ssl_key=***&password=***")
+    assert redact("s3://b/k?X-Amz-Signature=s1g&X-Amz-Credential=c") == (
+        "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***")
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    text = json.dumps({"mlflow_uri": redact("http://u:pw@host:5000")})
+    assert "pw" not in text.replace("http", "")
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_file_uri_storage_is_that_folder_and_cloud_uris_are_refused(tmp_path):
+    folder = tmp_path / "results"
+    proc = run_cli(SWEEP, "--dry-run", "--storage", f"file://{folder}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"storage: {folder}" in proc.stdout
+    proc = run_cli(SWEEP, "--dry-run", "--storage", "s3://bucket/results", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "--storage s3://bucket/results: s3:// storage is not supported" in proc.stderr
+    assert not (tmp_path / "s3:").exists()
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _smoke(*extra: str, tmp: Path) -> list[str]:
+    return [SWEEP, "--smoke-test", "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--storage", str(tmp / "ray"), *extra]
+
+
+def test_a_second_driver_of_the_same_experiment_is_refused_while_the_first_runs(tmp_path):
+    """Two real drivers, one experiment, one storage: the second is refused in one line that
+    names the first (its pid), starts nothing and records nothing; the first finishes."""
+    first = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "run.py"),
+                              *_smoke("--set", "epochs=3", tmp=tmp_path)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    holder = tmp_path / "ray" / f"{SWEEP}-smoke.driver.json"
+    deadline = time.monotonic() + 120
+    while not holder.is_file():
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    second = run_cli(*_smoke(tmp=tmp_path), cwd=tmp_path)
+    out, _ = first.communicate(timeout=600)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert second.stderr.strip().count("\n") == 0
+    assert f"another driver is running {SWEEP}-smoke" in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert first.returncode == 0, out[-3000:]
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name(
+            f"{SWEEP}-smoke").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert len(list((tmp_path / "ray").glob(f"{SWEEP}-smoke_*"))) == 1
+    assert not holder.exists()  # released
+
+
+def test_resume_refuses_a_run_started_with_other_settings(tmp_path):
+    """--resume continues the latest run only with the same sweep file, seeds, overrides and
+    tracking store: anything else is one line naming what differs."""
+    first = run_cli(*_smoke(tmp=tmp_path), cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for extra, what in ((["--seeds", "2"], "--seeds"),
+                        (["--set", "epochs=2"], "--set overrides")):
+        proc = run_cli(*_smoke("--resume", *extra, tmp=tmp_path), cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"was started with a different {what}" in proc.stderr
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    proc = run_cli(SWEEP, "--smoke-test", "--resume", "--mlflow-uri", other, "--storage",
+                   str(tmp_path / "ray"), cwd=tmp_path)
+    assert proc.returncode == 2 and "different tracking URI" in proc.stderr, proc.stderr
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path):
+    """--cpus-per-trial above what the (local) cluster's largest node has used to leave every
+    trial PENDING forever: now one line, exit 2, no MLflow run."""
+    cpus = (os.cpu_count() or 1) + 1
+    proc = run_cli(*_smoke("--cpus-per-trial", str(cpus), tmp=tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # Ray's INFO apart
+    assert f"asks for {cpus} CPUs but the largest node of the Ray cluster has" in line
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name(f"{SWEEP}-smoke")
+        assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
+    """An environment fault nobody validates (the data cache is a file, not a folder): one
+    line with the exception and where its full traceback was written; exit 1."""
+    cache = tmp_path / "cache-is-a-file"
+    cache.write_text("")
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"),
+                           *_smoke(tmp=tmp_path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "ALIGNSWEEP_CACHE": str(cache)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # Ray's INFO apart
+    assert proc.stderr.strip().endswith(line)
+    assert line.startswith("error: FileExistsError") and "full traceback: " in line
+    log = Path(line.rsplit("full traceback: ", 1)[1].rstrip(")"))
+    assert log.is_file() and "Traceback (most recent call last)" in log.read_text()
