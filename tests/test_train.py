@@ -248,6 +248,34 @@ def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit(
     assert with_dead["val_alignment"] == pytest.approx(alone["val_alignment"], abs=1e-9)
 
 
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint.pt would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    from trainable.models import build_model
+    from trainable.train import CHECKPOINT_FILE, load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(marker)}, tmp_path / CHECKPOINT_FILE)
+    model = build_model("alexnet", num_classes=4, width=0.125)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="holds more than tensors and plain data; refused"):
+        load_checkpoint(tmp_path, model, opt, TrialConfig())
+    assert not marker.exists()
+    # the same file unpickled the unsafe way would have run it: the test can fail
+    torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert marker.exists()
+
+
 def test_a_silent_stimulus_leaves_rsa_undefined_not_the_trial():
     """A stimulus whose units are all silent (seen in a suppressing NSD trial) has no
     correlation distance: RSA is NaN for it, the linear score and CKA are still reported."""

@@ -17,6 +17,7 @@ one group per subject for voxel data and one group for image-computable referenc
 from __future__ import annotations
 
 import json
+import pickle
 import math
 import tempfile
 import time
@@ -540,7 +541,11 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise ValueError(f"no {CHECKPOINT_FILE} in checkpoint directory {directory}")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # shared storage: never unpickle code
+    try:  # shared storage (NFS, a bucket, a compose volume): never unpickle code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint {path} holds more than tensors and plain data; refused "
+                         f"(weights_only): {' '.join(str(exc).split())[:200]}") from None
     # Settings that change how a trial runs but not what it computes may differ on resume.
     free = ("device", "threads", "epochs", "in_memory_mb", "loader_workers")
     saved = {k: v for k, v in state["config"].items() if k not in free}
