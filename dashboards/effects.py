@@ -13,7 +13,7 @@ evaluation set, the same for all, as in a paired comparison of classifiers. With
 seeds each configuration's seeds are resampled too (within the configuration), so the
 interval then also covers training noise; with one seed it cannot, and says so (``over``).
 Performance on a resample is computed from each trial's per-image outcome, the
-``val_predictions.npz`` artifact (``trainable.train.PREDICTIONS_ARTIFACT``): top-1 hits, or
+``val_predictions.npz`` artifact (``records.PREDICTIONS_ARTIFACT``): top-1 hits, or
 sigmoid scores and targets for mAP (average precision with weights: scikit-learn's rule with
 each image counted as often as the resample draws it).
 
@@ -193,13 +193,13 @@ def _versus(rows: list[dict], control_rows: list[dict], control: str, draws: dic
         b_mine = [r for k, v in mine.items() if k[0] == "none" for r in v]
         b_theirs = [r for k, v in theirs.items() if k[0] == "none" for r in v]
         if shared and b_mine and b_theirs:
-            def drop(configs, base):
+            def drop(configs, base, shared=shared):
                 return 100 * (np.mean([r["performance"] for r in base]) - np.mean(
                     [np.mean([r["performance"] for r in configs[k]]) for k in shared]))
 
             entry["drop_difference"] = float(drop(mine, b_mine) - drop(theirs, b_theirs))
             if "baseline" in draws and "baseline" in control_draws:
-                def drop_draws(d):
+                def drop_draws(d, shared=shared):
                     return 100 * (d["baseline"] - np.mean([d[("config", k)] for k in shared],
                                                           axis=0))
 

@@ -44,8 +44,6 @@ import pyarrow as pa
 from dashboards import effects, figures, paper, report, statistics, tables
 from dashboards.fronts import FINISHED
 from dashboards.sources import (
-    CONTROL_SUFFIX,
-    PREDICTIONS_ARTIFACT,
     SourceError,
     SweepRecord,
     Trial,
@@ -54,6 +52,8 @@ from dashboards.sources import (
     mlflow_client,
     quiet_artifacts,
 )
+from records import CONTROL_SUFFIX, PREDICTIONS_ARTIFACT
+from records.uris import tracking_uri
 from references.cache import atomic_write_text
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
@@ -419,10 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _uri(value: str | None) -> str:
-    # sweeps.plan is the one place the project resolves a tracking URI
-    from sweeps.plan import _mlflow_uri
-
-    return _mlflow_uri(value)
+    # records.uris is the one place the project resolves a tracking URI (ValueError: one line)
+    return tracking_uri(value)
 
 
 if __name__ == "__main__":

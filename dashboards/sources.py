@@ -28,14 +28,27 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from records import (
+    ARTIFACTS_DIR,
+    FILTERS_ARTIFACT,
+    MANIFEST_FILE,
+    PARENT_FILE,
+    PARENT_TAG,
+    SCALE_SUFFIXES,
+    TrialKey,
+    child_runs,
+    experiment_name,
+    parse_experiment,
+    parse_run_folder,
+    read_manifest,
+)
+
 __all__ = [
-    "SCALE_SUFFIXES",
     "SourceError",
     "SweepRecord",
     "Trial",
@@ -45,15 +58,6 @@ __all__ = [
     "resolve_config",
 ]
 
-SCALE_SUFFIXES = ("demo", "smoke", "paper")
-FILTERS_ARTIFACT = "conv1_filters.png"
-PREDICTIONS_ARTIFACT = "val_predictions.npz"  # trainable.train.PREDICTIONS_ARTIFACT
-CONTROL_SUFFIX = "_shuffled"  # sweeps.spec.CONTROL_SUFFIX: <condition>_shuffled
-TRIAL_ID = re.compile(r"^(?P<condition>.+)-(?P<direction>max|min|none)-a(?P<alpha>[^-]+)"
-                      r"-b(?P<beta>[^-]+)-s(?P<seed>\d+)$")
-# sweeps.execute._run_dir: <experiment>_<YYYYmmdd-HHMMSS>, "-2", "-3" for a second in one second
-RAY_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?$")
-RAY_STATUS = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
 
 
 class SourceError(ValueError):
@@ -288,7 +292,7 @@ def _check_sqlite_store(uri: str) -> None:
 
 
 def _experiments(client, sweep: str, experiment: str | None) -> list:
-    names = [experiment] if experiment else [f"{sweep}-{s}" for s in SCALE_SUFFIXES]
+    names = [experiment] if experiment else [experiment_name(sweep, s) for s in SCALE_SUFFIXES]
     found = [e for e in (client.get_experiment_by_name(n) for n in names) if e is not None]
     if not found:
         known = sorted(e.name for e in client.search_experiments())
@@ -298,7 +302,6 @@ def _experiments(client, sweep: str, experiment: str | None) -> list:
 
 
 def _latest_parent(client, experiments: list) -> Any:
-    from sweeps.tracking import PARENT_TAG
 
     token = None
     while True:
@@ -320,7 +323,6 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     """The trials of one sweep invocation from MLflow (see the module docstring for which)."""
     from mlflow.exceptions import MlflowException
 
-    from sweeps.tracking import PARENT_TAG, child_runs
 
     client = mlflow_client(mlflow_uri)
     if parent_run_id:
@@ -339,7 +341,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
         raise SourceError(f"parent run {parent.info.run_id} belongs to sweep {tags['sweep']!r}, "
                           f"not {sweep!r}; accepted: the sweep name the run was started with")
     exp_name = client.get_experiment(parent.info.experiment_id).name
-    runs = child_runs(mlflow_uri, parent.info.run_id)
+    runs = child_runs(client, parent.info.run_id)
     trials = tuple(sorted((_mlflow_trial(client, run) for run in runs), key=_order))
 
     listed: dict[str, set[str]] = {}
@@ -407,43 +409,19 @@ def _ray_run_dir(directory: Path, sweep: str, experiment: str | None) -> Path:
     folder in it for this sweep (any of its scales, or ``experiment``)."""
     if not directory.is_dir():
         raise SourceError(f"--ray-results {directory}: no such directory")
-    if any(directory.glob("experiment_state-*.json")) or any(directory.glob("*/params.json")):
+    if (directory / MANIFEST_FILE).is_file() or parse_run_folder(directory.name):
         return directory
-    wanted = {experiment} if experiment else {f"{sweep}-{s}" for s in SCALE_SUFFIXES}
+    wanted = {experiment} if experiment else {experiment_name(sweep, s) for s in SCALE_SUFFIXES}
     runs = []
     for sub in directory.iterdir():
-        m = RAY_FOLDER.match(sub.name)
-        if sub.is_dir() and m and m.group("experiment") in wanted:
-            runs.append(((m.group("stamp"), int(m.group("n") or 1)), sub))
+        parsed = parse_run_folder(sub.name)
+        if sub.is_dir() and parsed and parsed[0] in wanted:
+            runs.append(((parsed[1], parsed[2]), sub))
     if not runs:
         raise SourceError(f"--ray-results {directory}: no run folder of {' or '.join(sorted(wanted))}"
                           f" (<experiment>_<YYYYmmdd-HHMMSS>); accepted: Ray's storage folder "
                           f"(--storage of the sweep, default ./ray_results) or one run's folder")
     return max(runs)[1]
-
-
-def _ray_trials(run_dir: Path) -> list[tuple[str, str, str, Path]]:
-    """(trial_id, Ray's trial id, Ray status, trial folder) from the latest experiment_state
-    file, or from the trial folders' params.json when there is none."""
-    states = sorted(run_dir.glob("experiment_state-*.json"))
-    out = []
-    if states:
-        state = json.loads(states[-1].read_text())
-        for entry in state.get("trial_data", []):
-            info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-            tid = (info.get("config") or {}).get("trial_id")
-            folder = run_dir / str(info.get("relative_logdir", ""))
-            if tid:
-                out.append((tid, str(info.get("trial_id", folder.name)),
-                            str(info.get("status", "")), folder))
-        return out
-    for params in sorted(run_dir.glob("*/params.json")):
-        tid = json.loads(params.read_text()).get("trial_id")
-        if tid:
-            failed = (params.parent / "error.txt").exists()
-            out.append((tid, params.parent.name, "ERROR" if failed else "TERMINATED",
-                        params.parent))
-    return out
 
 
 def _ray_history(folder: Path) -> dict[str, tuple[tuple[int, float], ...]]:
@@ -471,66 +449,58 @@ _RAY_BOOKKEEPING = {"timestamp", "training_iteration", "time_this_iter_s", "time
 
 def load_ray(directory: str | os.PathLike, sweep: str, *,
              experiment: str | None = None) -> SweepRecord:
-    """The trials of one sweep invocation from Ray Tune's result folder (module docstring)."""
-    from sweeps.spec import load_sweep
-
+    """The trials of one sweep invocation from Ray Tune's result folder (module docstring):
+    the driver's manifest (``records.MANIFEST_FILE``: every trial's key, state, folder, MLflow
+    run and config) and each trial folder's ``result.json``; never Ray's private state."""
     run_dir = _ray_run_dir(Path(directory).expanduser().resolve(), sweep, experiment)
-    m = RAY_FOLDER.match(run_dir.name)
-    exp_name = m.group("experiment") if m else run_dir.name
-    suffix = exp_name.rsplit("-", 1)[-1]
+    parsed_dir = parse_run_folder(run_dir.name)
+    exp_name = parsed_dir[0] if parsed_dir else run_dir.name
+    name, suffix = parse_experiment(exp_name)
     smoke = suffix == "smoke"
     scale = "paper" if suffix == "paper" else "demo"
-    name = exp_name.rsplit("-", 1)[0] if suffix in SCALE_SUFFIXES else exp_name
     if name != sweep:
         raise SourceError(f"--ray-results {run_dir} holds sweep {name!r}, not {sweep!r}")
-    parent_file = run_dir / "mlflow_parent.json"
+    parent_file = run_dir / PARENT_FILE
     parent = json.loads(parent_file.read_text()) if parent_file.is_file() else {}
     notes = []
-    bases: dict[str, dict[str, Any] | None] = {}
-
-    def base_config(condition: str) -> dict[str, Any] | None:
-        if condition not in bases:
-            try:
-                cond = load_sweep(condition, check_configs=False).conditions[0]
-                bases[condition] = cond.base_config(scale, smoke=smoke)
-            except ValueError as exc:
-                bases[condition] = None
-                notes.append(f"config of condition {condition} not rebuilt from its sweep "
-                             f"file ({' '.join(str(exc).split())}); model, layer, reference "
-                             f"and metric are TrialConfig's defaults")
-        return bases[condition]
-
+    entries = read_manifest(run_dir)
+    if not entries:
+        notes.append(f"{run_dir} has no {MANIFEST_FILE} (written by the driver when it starts "
+                     f"its trials): no trials to read")
     trials = []
-    folders = {}
-    for tid, ray_id, status, folder in _ray_trials(run_dir):
-        parsed = TRIAL_ID.match(tid)
-        if not parsed:
-            notes.append(f"trial {tid} in {run_dir}: not a sweep trial id "
+    folders: dict[str, Path | None] = {}
+    for entry in entries:
+        try:
+            key = TrialKey.parse(entry.key)
+        except ValueError:
+            notes.append(f"trial {entry.key} in {run_dir}: not a sweep trial key "
                          f"(<condition>-<direction>-a<|alpha|>-b<beta>-s<seed>); skipped")
             continue
-        sign = {"max": 1.0, "min": -1.0, "none": 0.0}[parsed["direction"]]
-        alpha = sign * float(parsed["alpha"])
-        beta, seed = float(parsed["beta"]), int(parsed["seed"])
-        base = base_config(parsed["condition"]) or {}
-        history = {k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
-        error_file = folder / "error.txt"
-        error = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else None
+        folder = run_dir.parent / entry.folder if entry.folder else None
+        present = folder is not None and folder.is_dir()
+        history = ({k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
+                   if present else {})
+        error_file = folder / "error.txt" if present else None
+        error = (error_file.read_text().strip().splitlines()[-1]
+                 if error_file is not None and error_file.is_file() else None)
         trials.append(Trial(
-            run_id=ray_id,
-            trial_id=tid, condition=parsed["condition"], direction=parsed["direction"],
-            alpha=alpha, beta=beta, seed=seed, status=RAY_STATUS.get(status, "RUNNING"),
-            config=resolve_config({**base, "alpha": alpha, "beta": beta, "seed": seed}),
+            run_id=entry.run_id or entry.key,
+            trial_id=entry.key, condition=key.condition, direction=key.direction,
+            alpha=key.signed_alpha, beta=key.beta, seed=key.seed,
+            status=_manifest_status(entry.state, bool(history), error),
+            config=resolve_config({**entry.config, "alpha": key.signed_alpha,
+                                   "beta": key.beta, "seed": key.seed}),
             history=history, error=error))
-        folders[tid] = folder
-    if not trials and not notes:
-        notes.append(f"{run_dir} has no trials yet")
+        folders[entry.key] = folder if present else None
 
     def fetch(trial: Trial, name: str, folder: Path) -> Path | None:
         # sweeps.execute copies the artifacts into the checkpoints reported after they are
         # written (the last epoch's); the newest checkpoint that has them wins.
-        trial_dir = folders[trial.trial_id]
-        found = sorted(trial_dir.glob(f"checkpoint_*/artifacts/{name}"))
-        found += [p for p in [trial_dir / "artifacts" / name] if p.is_file()]
+        trial_dir = folders.get(trial.trial_id)
+        if trial_dir is None:
+            return None
+        found = sorted(trial_dir.glob(f"checkpoint_*/{ARTIFACTS_DIR}/{name}"))
+        found += [p for p in [trial_dir / ARTIFACTS_DIR / name] if p.is_file()]
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
@@ -538,3 +508,16 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
                        parent_run_id=parent.get("run_id"), parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
                        fetch=fetch, label=run_dir.name, notes=tuple(notes))
+
+
+def _manifest_status(state: str, reported: bool, error: str | None) -> str:
+    """A manifest state as an MLflow run status: "done" FINISHED, "ERROR" FAILED, stopped
+    KILLED; "pending" (the driver has not ended) RUNNING once the trial reported, else
+    SCHEDULED; a trial folder with error.txt FAILED whatever the manifest says."""
+    if error is not None or state == "ERROR":
+        return "FAILED"
+    if state == "done":
+        return "FINISHED"
+    if state == "pending":
+        return "RUNNING" if reported else "SCHEDULED"
+    return "KILLED"

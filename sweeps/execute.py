@@ -12,6 +12,7 @@ and to the trial's nested MLflow run. All Ray imports of the project live in ``s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,15 +20,31 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from records import (
+    ARTIFACTS_DIR,
+    FINGERPRINT_FILE,
+    JOURNAL_FILE,
+    PARENT_FILE,
+    RESUME_POINTER_SUFFIX,
+    ManifestEntry,
+    TrialKey,
+    child_runs,
+    read_manifest,
+    run_folder_name,
+    write_manifest,
+)
+from records.uris import redact
 from references.cache import atomic_write_text
 from sweeps import tracking
-from sweeps.plan import Plan, UsageError, _object_store_bytes, check_services, redact
+from sweeps.plan import Plan, UsageError, _object_store_bytes, check_services
 from sweeps.spec import Resources, TrialSpec, format_overrides
 
 # `ray start` (2.60) turns token authentication on by default, but a driver only presents its
@@ -41,9 +58,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # three-line warning each time; the snapshot itself is small (~20 ms). Silence the warning only.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-PARENT_FILE = "mlflow_parent.json"
-FINGERPRINT_FILE = "sweep_fingerprint.json"
-LATEST_FILE = "latest"
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
 
@@ -58,6 +72,7 @@ class Payload:
     mlflow_uri: str
     parent_run_id: str
     run_tags: dict[str, str]
+    datasets: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 class RayHooks:
@@ -71,8 +86,8 @@ class RayHooks:
     copies to storage.
     """
 
-    ARTIFACTS = "artifacts"
-    JOURNAL = "tracking_journal.json"  # every epoch's metrics reported so far
+    ARTIFACTS = ARTIFACTS_DIR
+    JOURNAL = JOURNAL_FILE  # every epoch's metrics reported so far
 
     def __init__(self, run: tracking.TrialRun) -> None:
         from ray import tune
@@ -146,7 +161,8 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
     run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
-                            params=spec.config, tags={**payload.run_tags, **spec.tags()})
+                            params=spec.config, tags={**payload.run_tags, **spec.tags()},
+                            dataset=payload.datasets.get(spec.condition))
     hooks = RayHooks(run)
     # Where it ran (multi-node checks) and which process to signal (fault-injection tests).
     run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id(),
@@ -182,7 +198,10 @@ def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
 
 
 def _optuna_trial_id(base: TrialSpec, alpha_mag: float, tune_trial_id: str) -> str:
-    return f"{base.condition}-{base.direction}-a{alpha_mag:.4g}-optuna-{tune_trial_id}"
+    """A sampled trial's key: its grid direction's, at the sampled |alpha|, with the sample's
+    id (Tune's trial id) so that samples never share a name."""
+    return TrialKey(base.condition, base.direction, float(f"{alpha_mag:.4g}"), base.beta,
+                    base.seed, sample=tune_trial_id).format()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -277,7 +296,7 @@ def _run_dir(plan: Plan) -> Path:
     continues the latest one, recorded in ``<storage>/<experiment>.latest``, after checking
     that it was started by the same sweep (``_check_fingerprint``)."""
     storage = Path(plan.storage)
-    pointer = storage / f"{plan.experiment}.{LATEST_FILE}"
+    pointer = storage / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
     if plan.resume:
         if not pointer.is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
@@ -285,11 +304,11 @@ def _run_dir(plan: Plan) -> Path:
         _check_fingerprint(plan, run_dir)
         return run_dir
     storage.mkdir(parents=True, exist_ok=True)
-    base = f"{plan.experiment}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, k = storage / base, 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, k = storage / run_folder_name(plan.experiment, stamp), 1
     while run_dir.exists():
         k += 1
-        run_dir = storage / f"{base}-{k}"
+        run_dir = storage / run_folder_name(plan.experiment, stamp, k)
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
     atomic_write_text(pointer, str(run_dir))
@@ -428,13 +447,21 @@ def _execute(plan: Plan) -> int:
         run_tags["overrides"] = format_overrides(plan.overrides)
     if plan.only:
         run_tags["only"] = " ".join(plan.only)
-    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse)
+    about = (f"{plan.spec.description} ({plan.scale} scale; sweep file "
+             f"{plan.spec.path.name}). Trials are the nested runs, named by their keys "
+             f"(condition-direction-alpha-beta-seed). When the sweep ends, its report "
+             f"(Pareto fronts, statistics, figures) is in this run's artifacts (report.html) "
+             f"and under outputs/{plan.experiment}/ where the driver ran.")
+    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse,
+                                      description=about)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Secrets never reach a file or the console: the URI is written and shown redacted.
     atomic_write_text(parent_file, json.dumps({"run_id": parent_id,
                                                "mlflow_uri": redact(plan.mlflow_uri)}))
     _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} "
          f"({redact(plan.mlflow_uri)})")
+    if not (plan.resume and read_manifest(run_dir)):
+        _write_manifest(plan, run_dir, parent_id, [])
 
     status, failed, unfinished = "FAILED", [], []
     outcomes: list[Outcome] = []
@@ -458,6 +485,7 @@ def _execute(plan: Plan) -> int:
             data_refs=data_refs,
             reference_refs={c: ray.put(r) for c, r in references.items()},
             mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
+            datasets={c: _dataset(plan.data[c]) for c in plan.conditions},
         )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, payload=payload),
@@ -471,16 +499,18 @@ def _execute(plan: Plan) -> int:
                                        resume_unfinished=True, resume_errored=True)
             results = list(tuner.fit())
         elif plan.search == "optuna":
-            results = _optuna_fits(plan, trainable, run_dir)
+            results = _optuna_fits(plan, trainable, run_dir, TrialNamer(payload.specs))
         else:
             grid = [t.trial_id for t in plan.trials]
-            results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)}).fit())
+            results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
+                                  namer=TrialNamer(payload.specs)).fit())
         outcomes = [_outcome(plan, r) for r in results]
         failed = [o for o in outcomes if o.state == "ERROR"]
         # A trial that is neither finished nor errored did not run to its end: Tune stopped
         # on Ctrl-C / SIGTERM (or a trial was never scheduled). The sweep is incomplete.
         unfinished = [o for o in outcomes if o.state not in ("done", "ERROR")]
         _summary(plan, outcomes, run_dir, parent_id)
+        _write_manifest(plan, run_dir, parent_id, outcomes)
         status = "KILLED" if unfinished else ("FINISHED" if not failed else "FAILED")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over the signal
         status, unfinished = "KILLED", [None]
@@ -520,6 +550,7 @@ class Outcome:
     state: str
     metrics: dict
     checkpoint: Any
+    folder: str | None = None  # the trial's Ray result folder
 
 
 def _outcome(plan: Plan, result) -> Outcome:
@@ -540,7 +571,59 @@ def _outcome(plan: Plan, result) -> Outcome:
         state = "not started"
     else:
         state = f"stopped at epoch {int(last) + 1} of {epochs}"
-    return Outcome(trial_id, state, dict(metrics), result.checkpoint)
+    return Outcome(trial_id, state, dict(metrics), result.checkpoint,
+                   getattr(result, "path", None))
+
+
+def _dataset(source) -> dict[str, str]:
+    """A condition's data as an MLflow dataset input: its description, a digest of where it
+    comes from, and that origin as JSON (paths of real data; generator arguments of the
+    simulated world)."""
+    origin = json.dumps(dataclasses.asdict(source), sort_keys=True, default=str)
+    return {"name": source.describe()[:500], "source": origin, "source_type": "local",
+            "digest": hashlib.sha256(origin.encode()).hexdigest()[:16]}
+
+
+def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
+                    outcomes: list[Outcome]) -> None:
+    """``<run_dir>/manifest.jsonl`` (``records.ManifestEntry``): at the start every planned
+    trial ("pending", its folder named by its key), at the end how each ended, its Ray folder
+    (relative to the storage folder) and its MLflow child run. What the dashboards' Ray
+    source reads; Ray's own experiment state is private to Ray."""
+    run_ids: dict[str, str] = {}
+    if outcomes:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            run_ids = {r.data.tags.get("trial_id"): r.info.run_id
+                       for r in child_runs(MlflowClient(plan.mlflow_uri), parent_id)}
+        except Exception:  # an unreachable store: the manifest says None, nothing is lost
+            run_ids = {}
+    specs = {t.trial_id: t for t in plan.trials}
+    previous = {e.key: e for e in read_manifest(run_dir)}
+    entries = dict(previous)
+    for key, spec in specs.items():
+        # An adaptive search runs the baselines and samples it draws, not the grid's points.
+        if plan.search == "optuna" and spec.direction != "none":
+            continue
+        if key not in entries:
+            entries[key] = ManifestEntry(key, "pending", f"{run_dir.name}/{key}", None,
+                                         dict(spec.config))
+    for o in outcomes:
+        try:
+            key = TrialKey.parse(o.trial_id)
+        except ValueError:  # a result without its config: nothing to name
+            continue
+        base = specs.get(o.trial_id) or next(
+            (t for t in plan.trials if t.condition == key.condition
+             and t.direction == key.direction), None)
+        config = dict(base.config) if base is not None else {}
+        if base is not None and key.sample is not None:
+            config["alpha"] = key.signed_alpha
+        folder = (os.path.relpath(o.folder, run_dir.parent) if o.folder else None)
+        entries[o.trial_id] = ManifestEntry(o.trial_id, o.state, folder,
+                                            run_ids.get(o.trial_id), config)
+    write_manifest(run_dir, entries.values(), write_text=atomic_write_text)
 
 
 def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str) -> None:
@@ -561,31 +644,37 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str) -> None:
 
 def _report(plan: Plan, parent_id: str) -> None:
     """Post-process the finished sweep (tables, fronts, figures, HTML report, logged to the
-    parent run). A failure here is reported in one line and does not fail the sweep: every
-    trial's results are already in MLflow and `python -m dashboards.pareto` can be rerun."""
-    try:
-        from dashboards.pareto import postprocess
-
-        path = postprocess(plan.sweep, mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id,
-                           experiment=plan.experiment)
-    except Exception as exc:  # the sweep itself succeeded; say why the report did not
-        _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
-        _say(f"retry with: python -m dashboards.pareto {plan.sweep} --mlflow-uri "
+    parent run) with the post-processor's own CLI, in its own process: ``sweeps`` never
+    imports ``dashboards`` (records/__init__.py). Its lines are relayed; a failure is one line
+    and does not fail the sweep: every trial's results are already in MLflow and the same
+    command can be rerun."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": plan.mlflow_uri,  # not on the command line
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo),
+                                                       os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "dashboards.pareto", plan.sweep, "--parent-run", parent_id,
+           "--experiment", plan.experiment]
+    retry = (f"python -m dashboards.pareto {plan.sweep} --mlflow-uri "
              f"{redact(plan.mlflow_uri)} --parent-run {parent_id}")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
+        _say(f"retry with: {retry}")
         return
-    from dashboards.effects import summary_lines
-
-    stats = json.loads((Path(path).parent / "statistics.json").read_text())
-    for line in summary_lines(stats.get("effects") or {}):
+    for line in proc.stdout.splitlines():
         _say(line)
-    _say(f"report: {Path(path).resolve()}")
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        _say(f"report not written: {redact(why)}")
+        _say(f"retry with: {retry}")
 
 
 def _run_config(run_dir: Path):
     from ray import tune
 
     reporter = tune.CLIReporter(metric_columns=list(PROGRESS_METRICS),
-                                parameter_columns=["trial_id"], max_report_frequency=30)
+                                parameter_columns=[], max_report_frequency=30)
     return tune.RunConfig(
         name=run_dir.name, storage_path=str(run_dir.parent),
         failure_config=tune.FailureConfig(max_failures=2),
@@ -594,18 +683,41 @@ def _run_config(run_dir: Path):
     )
 
 
-def _tuner(trainable, run_dir: Path, param_space: dict, **tune_kwargs):
+def _tuner(trainable, run_dir: Path, param_space: dict, namer=None, **tune_kwargs):
     """A Tuner over ``param_space``. Actors are reused between trials (Tune restarts the
     trainable function in the same worker process): a fresh worker first pays ~7-10 s of
     imports (torch, torchvision, MLflow) on a small machine, which at demo scale is as long as
-    a trial's training, so reuse is what keeps the trial slots busy (bench_sweep.py)."""
+    a trial's training, so reuse is what keeps the trial slots busy (bench_sweep.py).
+    ``namer`` (a Tune Trial -> its key) names the trials in Tune's progress table and their
+    result folders (``TrialNamer``)."""
     from ray import tune
 
+    names = {} if namer is None else {"trial_name_creator": namer,
+                                      "trial_dirname_creator": namer}
     return tune.Tuner(trainable, param_space=param_space, run_config=_run_config(run_dir),
-                      tune_config=tune.TuneConfig(reuse_actors=True, **tune_kwargs))
+                      tune_config=tune.TuneConfig(reuse_actors=True, **names, **tune_kwargs))
 
 
-def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
+class TrialNamer:
+    """A Tune trial's key (``records.TrialKey``): ``nsd_conv1_v1-max-a0.4-b1-s0``, or for an
+    adaptive sample its direction's key at the sampled |alpha| with ``-o<Tune's id>``; what
+    Tune's progress table and the trial's result folder are called (picklable: Tune keeps it
+    in its experiment state for --resume)."""
+
+    def __init__(self, specs: dict[str, TrialSpec]) -> None:
+        self.specs = specs
+
+    def __call__(self, trial) -> str:
+        cfg = trial.config
+        spec = self.specs.get(cfg.get("trial_id"))
+        if spec is None:
+            return str(trial.trial_id)
+        if "alpha_mag" in cfg:
+            return _optuna_trial_id(spec, float(cfg["alpha_mag"]), str(trial.trial_id))
+        return spec.trial_id
+
+
+def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> list:
     """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
     between the two directions, each side sampled by Optuna (NSGA-II) with |alpha| log-uniform
     in the grid's range and two objectives: performance up and alignment down on the
@@ -622,7 +734,7 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
         baseline = [t.trial_id for t in trials if t.direction == "none"]
         sub = run_dir.parent / f"{run_dir.name}-{name}"
         results += list(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
-                               {"trial_id": tune.grid_search(baseline)}).fit())
+                               {"trial_id": tune.grid_search(baseline)}, namer=namer).fit())
         lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
         if lo == hi:  # a one-point grid: sample around it
             lo, hi = lo / 4, hi * 4
@@ -638,7 +750,7 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path) -> list:
             )
             space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
             tuner = _tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
-                           search_alg=search, num_samples=n)
+                           namer=namer, search_alg=search, num_samples=n)
             results += list(tuner.fit())
     return results
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from records import RESUME_POINTER_SUFFIX, experiment_name
+from records.uris import redact, tracking_uri
 from sweeps.spec import (
     PAPER_DATA,
     DataSource,
@@ -40,26 +42,8 @@ DATA_CHOICES = ("demo", "imagenet", "nsd", "paper")
 SEARCH_CHOICES = ("grid", "optuna")
 NSD_SUBJECTS = range(1, 9)
 DEFAULT_STORAGE = "ray_results"
-DEFAULT_MLFLOW_DB = "mlflow.db"
-RESUME_POINTER_SUFFIX = ".latest"
-_MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
-                    "postgresql://..., mysql://..., mssql://..., databricks")
 _ADDRESS_ACCEPTED = ("auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray://HOST:PORT; "
                      "omit --address to start a local Ray")
-
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
-_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
-                           r"credential|key)[^=&;\s]*=)[^&;\s]*")
-
-
-def redact(text: str) -> str:
-    """``text`` with the secrets of any URI in it replaced: ``user:password@`` becomes
-    ``user:***@`` and secret-looking query values ``***`` (tracking, storage and database
-    URIs are printed, tagged and written to files)."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{':***' if m.group(3) else ''}@",
-                         str(text))
-    return _SECRET_QUERY.sub(r"\1***", text)
 
 
 class UsageError(ValueError):
@@ -119,8 +103,8 @@ class Plan:
     @property
     def n_trials(self) -> int:
         """Trials the run will launch."""
-        if self.search == "optuna":
-            return self.num_samples * len(self.conditions)
+        if self.search == "optuna":  # per condition its baseline, then the samples
+            return (self.num_samples + 1) * len(self.conditions)
         return len(self.trials)
 
     @property
@@ -236,52 +220,11 @@ def _host_port(flag: str, value: str, hostport: str, accepted: str) -> tuple[str
 
 
 def _mlflow_uri(value: str | None) -> str:
-    """The tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db;
-    sqlite paths are made absolute (Ray workers run in other folders)."""
-    source = "--mlflow-uri"
-    if value is None:
-        value = os.environ.get("MLFLOW_TRACKING_URI") or None
-        source = "MLFLOW_TRACKING_URI"
-    if value is None:
-        return f"sqlite:///{Path.cwd() / DEFAULT_MLFLOW_DB}"
-
-    def bad(why: str) -> UsageError:
-        return UsageError(f"{source} {redact(value)!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
-
-    parts = urlsplit(value)
-    scheme = parts.scheme.lower()
-    dialect = scheme.split("+", 1)[0]
-    if scheme == "sqlite":
-        if not value.startswith("sqlite:///") or value == "sqlite:///":
-            raise bad("a SQLite URI is sqlite:/// followed by a file path")
-        db = Path(value[len("sqlite:///"):]).expanduser()
-        db = db if db.is_absolute() else Path.cwd() / db
-        if not db.parent.is_dir():
-            raise bad(f"folder {db.parent} does not exist")
-        if db.is_dir():
-            raise bad(f"{db} is a folder, not a database file")
-        return f"sqlite:///{db}"
-    if scheme in ("http", "https"):
-        try:
-            parts.port  # raises for a port that is not a number in range
-        except ValueError:
-            raise bad("the port is not a number in 1..65535") from None
-        if not parts.hostname:
-            raise bad("no host")
-        return value.rstrip("/")
-    if scheme == "file":
-        if not parts.path.startswith("/"):
-            raise bad("a file URI needs an absolute path (file:///...)")
-        return value
-    if dialect in ("postgresql", "mysql", "mssql"):
-        if not parts.hostname:
-            raise bad("no host")
-        return value
-    if scheme == "databricks":
-        return value
-    if not scheme or len(scheme) == 1:  # a bare path, or a Windows drive letter
-        raise bad("a bare path is not a tracking URI (write sqlite:///PATH.db)")
-    raise bad(f"unsupported scheme {parts.scheme!r}")
+    """The tracking URI (``records.uris.tracking_uri``) or a UsageError."""
+    try:
+        return tracking_uri(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 OBJECT_STORE_ENV = "ALIGNSWEEP_OBJECT_STORE"
@@ -344,7 +287,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     Cheap checks come first (names, numbers, paths), the sweep's full validation (which
     imports torch for TrialConfig) last, so most usage errors are instant.
     """
-    known = list_sweeps()
+    folder = getattr(args, "sweep_dir", None)  # --sweep-dir (None: the default folder)
+    known = list_sweeps(folder)
     if not args.sweep:
         raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
                          f"NAME, or --list)")
@@ -413,7 +357,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     # The sweep file's structure (no torch) tells which datasets a paper run needs.
     try:
-        shallow = load_sweep(args.sweep, check_configs=False)
+        shallow = load_sweep(args.sweep, folder, check_configs=False)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     scale = "demo" if data_kind == "demo" else "paper"
@@ -456,7 +400,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
 
     try:
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.sweep, folder)
         trials = sweep.trials(scale=scale, seeds=args.seeds, smoke=args.smoke_test)
         trials = apply_overrides(trials, overrides)
         n_grid = len(trials)
@@ -487,12 +431,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
 
     if args.smoke_test:
-        experiment = f"{args.sweep}-smoke"
+        experiment = experiment_name(args.sweep, "smoke")
         per = len(trials) // len(conditions)
         line = (f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
                 f"(demo scale)")
     else:
-        experiment = f"{args.sweep}-{scale}"
+        experiment = experiment_name(args.sweep, scale)
         line = ("demo scale on the simulated world (no real data configured)"
                 if scale == "demo" else _paper_data_line(data))
     pointer = Path(storage) / f"{experiment}{RESUME_POINTER_SUFFIX}"

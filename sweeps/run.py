@@ -24,16 +24,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.plan import (  # noqa: E402
-    redact,
     DATA_CHOICES,
     SEARCH_CHOICES,
     Plan,
     UsageError,
     check_services,
     make_plan,
+    redact,
 )
 from sweeps.spec import (  # noqa: E402
-    SWEEP_DIR_ENV,
     fmt_number,
     format_overrides,
     list_sweeps,
@@ -106,10 +105,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def list_lines() -> list[str]:
+def list_lines(directory: str | None = None) -> list[str]:
     out = []
-    for name in list_sweeps():
-        sweep = load_sweep(name, check_configs=False)
+    for name in list_sweeps(directory):
+        sweep = load_sweep(name, directory, check_configs=False)
         mains = [c for c in sweep.conditions if c.control_of is None]
         extra = f" ({len(mains)} conditions)" if sweep.composite else ""
         if sweep.control_size():
@@ -122,7 +121,7 @@ def data_lines(plan: Plan) -> list[str]:
     """One line per distinct data source, naming the conditions of a composite using it."""
     lines = []
     seen = []
-    for cond, src in plan.data.items():
+    for src in plan.data.values():
         if src not in seen:
             seen.append(src)
             users = [c for c, s in plan.data.items() if s == src]
@@ -209,9 +208,9 @@ def _main(argv: list[str] | None) -> int:
             if not folder.is_dir():
                 raise UsageError(f"--sweep-dir {args.sweep_dir}: no such directory; accepted: "
                                  f"a folder of sweep .toml files")
-            os.environ[SWEEP_DIR_ENV] = str(folder.resolve())
+            args.sweep_dir = str(folder.resolve())  # passed down, never through os.environ
         if args.list:
-            print("\n".join(list_lines()))
+            print("\n".join(list_lines(args.sweep_dir)))
             return 0
         plan = make_plan(args)
         check_services(plan)

@@ -56,23 +56,23 @@ import dataclasses
 import fnmatch
 import inspect
 import math
-import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from records import CONTROL_SUFFIX, DIRECTIONS, TrialKey, control_name, fmt_number  # noqa: F401
+
 SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
-SWEEP_DIR_ENV = "ALIGNSWEEP_SWEEP_DIR"  # a folder of your own sweep files (--sweep-dir)
 
 
 def sweep_dir() -> Path:
-    """Where sweep files are read from: ``$ALIGNSWEEP_SWEEP_DIR`` if set, else the project's
-    ``sweeps/conditions``."""
-    return Path(os.environ.get(SWEEP_DIR_ENV) or SWEEP_DIR)
+    """The project's sweep files (``--sweep-dir`` passes another folder explicitly)."""
+    return SWEEP_DIR
+
+
 SCALES = ("paper", "demo")
-DIRECTIONS = ("max", "min", "none")
 ROIS = ("V1", "VVS")  # references.nsd.ROIS; checked against it when a sweep is loaded
 # data kind -> task it serves; "responses": whether it carries voxel responses (NSD reference)
 PAPER_DATA = {"imagenet": "single_label", "nsd": "multi_label"}
@@ -98,9 +98,8 @@ SMOKE_DATA = {
 _CONDITION_KEYS = ("description", "model", "layer", "reference", "roi", "metric", "task",
                    "grid", "paper", "demo", "control")
 _CONTROL_KEYS = ("alphas", "scales")
-#: A condition's negative control is the condition ``<name>_shuffled``: the same trials
-#: against the reference shuffled across images (``reference_shuffle``).
-CONTROL_SUFFIX = "_shuffled"
+# A condition's negative control is the condition ``<name>_shuffled`` (records.control_name):
+# the same trials against the reference shuffled across images (``reference_shuffle``).
 _COMPOSITE_KEYS = ("description", "includes")
 _GRID_KEYS = ("alphas", "betas")
 _SCALE_KEYS = ("data", "data_kwargs", "epochs", "lr", "batch_size", "image_size", "width",
@@ -117,11 +116,6 @@ class SweepFileError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 # Small frozen pieces
-
-
-def fmt_number(x: float) -> str:
-    """Short, exact-enough number for ids and tables: 1.0 -> '1', 0.05 -> '0.05'."""
-    return f"{x:.10g}"
 
 
 def _is_number(value: Any) -> bool:
@@ -378,8 +372,7 @@ def _expand(cond: Condition, scale: str, seeds: int, smoke: bool,
                 from trainable.config import TrialConfig
 
                 TrialConfig.from_dict(config)
-            trial_id = (f"{cond.name}-{direction}-a{fmt_number(abs(alpha))}"
-                        f"-b{fmt_number(beta)}-s{seed}")
+            trial_id = TrialKey(cond.name, direction, abs(alpha), beta, seed).format()
             out.append(TrialSpec(trial_id, cond.name, direction, alpha, beta, seed, config,
                                  cond.scale(scale).resources))
     return out
@@ -554,11 +547,6 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
         return Sweep(name, path, _description(raw, path), tuple(conditions))
     cond = _parse_condition(name, path, raw, check_configs)
     return Sweep(name, path, cond.description, tuple(_with_control(cond, raw, check_configs)))
-
-
-def control_name(condition: str) -> str:
-    """The name of ``condition``'s negative control."""
-    return f"{condition}{CONTROL_SUFFIX}"
 
 
 def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> list[Condition]:

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from sweeps.plan import redact
+from records import PARENT_TAG
+from records import child_runs as _child_runs
+from records.uris import redact
 
 T = TypeVar("T")
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def _retry(fn: Callable[[], T], attempts: int = 5, delay: float = 0.5) -> T:
@@ -47,19 +48,31 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name)
 
 
+#: What the MLflow UI shows a sweep's experiment as: model training, not a GenAI app (MLflow
+#: 3.17 opens an untagged experiment on an empty "Traces" overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE_TAG = "mlflow.note.content"  # the description the UI shows for an experiment or a run
+
+
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
-                 reuse_run_id: str | None = None) -> str:
+                 reuse_run_id: str | None = None, description: str | None = None) -> str:
     """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING), else a new
-    run tagged with ``tags``. Returns its run id."""
+    run tagged with ``tags``. The experiment is tagged as model training and, like the run,
+    described by ``description``. Returns the run id."""
     client = MlflowClient(uri)
     exp_id = experiment_id(client, experiment)
+    for key, value in {**EXPERIMENT_KIND, **({NOTE_TAG: description} if description else {})
+                       }.items():
+        _retry(lambda k=key, v=value: client.set_experiment_tag(exp_id, k, v))
     if reuse_run_id:
         run = client.get_run(reuse_run_id)
         if run.info.experiment_id != exp_id:
             raise ValueError(f"run {reuse_run_id} belongs to another experiment")
         client.update_run(reuse_run_id, status="RUNNING")
         return reuse_run_id
-    run = client.create_run(exp_id, tags={**tags, "mlflow.runName": tags.get("sweep", "sweep")})
+    note = {NOTE_TAG: description} if description else {}
+    run = client.create_run(exp_id, tags={**tags, **note,
+                                          "mlflow.runName": tags.get("sweep", "sweep")})
     return run.info.run_id
 
 
@@ -73,17 +86,7 @@ def finish(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
     """Every child run of a parent (all pages)."""
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_run_id)
-    runs, token = [], None
-    while True:
-        page = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return _child_runs(MlflowClient(uri), parent_run_id)
 
 
 class TrialRun:
@@ -105,9 +108,11 @@ class TrialRun:
 
     def __init__(self, uri: str, parent_run_id: str, trial_id: str,
                  params: Mapping[str, Any], tags: Mapping[str, str],
-                 *, say: Callable[[str], None] = print, create: bool = True) -> None:
+                 *, say: Callable[[str], None] = print, create: bool = True,
+                 dataset: Mapping[str, str] | None = None) -> None:
         self.uri = uri
         self._create = create
+        self._dataset = dict(dataset) if dataset else None
         self.parent_run_id = parent_run_id
         self.trial_id = trial_id
         self.run_id: str | None = None
@@ -202,6 +207,8 @@ class TrialRun:
         if kind == "open":
             self.run_id = _find_or_create(client, self.parent_run_id, self.trial_id,
                                           self._params, self._tags, create=self._create)
+            if self.run_id is not None and self._dataset:
+                _log_dataset(client, self.run_id, self._dataset)
             return
         if self.run_id is None:  # create=False and the trial never made its run
             return
@@ -258,6 +265,20 @@ def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
     params_list = [Param(k, str(v)) for k, v in sorted(params.items())]
     _retry(lambda: client.log_batch(run_id, params=params_list))
     return run_id
+
+
+def _log_dataset(client: MlflowClient, run_id: str, dataset: Mapping[str, str]) -> None:
+    """The data the trial read, as the run's dataset input (the runs table's Dataset column):
+    ``dataset`` has name, digest, source (JSON) and source_type. Logged once per run."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    run = client.get_run(run_id)
+    if run.inputs and run.inputs.dataset_inputs:
+        return
+    client.log_inputs(run_id, [DatasetInput(
+        Dataset(name=dataset["name"], digest=dataset["digest"],
+                source_type=dataset.get("source_type", "local"), source=dataset["source"]),
+        tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def replay_journal(uri: str, parent_run_id: str, trial_id: str,

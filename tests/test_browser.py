@@ -93,7 +93,8 @@ class Browser:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return json.loads(resp.read())["value"]
         except urllib.error.HTTPError as exc:
-            raise AssertionError(f"WebDriver {method} {path}: {exc.read().decode()[:500]}")
+            raise AssertionError(
+                f"WebDriver {method} {path}: {exc.read().decode()[:500]}") from None
 
     def call(self, method: str, path: str, body: dict | None = None):
         return self._call(method, self.session + path, body)

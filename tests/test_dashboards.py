@@ -565,39 +565,44 @@ def test_composite_sweep_has_a_front_a_baseline_and_statistics_per_condition(fak
     assert png_is_not_blank(tmp_path / "front.png")
 
 
-def write_ray_run(folder, trials):
-    """A Ray Tune run folder as sweeps/execute.py leaves it: experiment_state (status and
-    folder per trial), trial folders with result.json lines, error.txt for a failed one."""
+def write_ray_run(folder, trials, config=None):
+    """A run folder as sweeps/execute.py leaves it, through the writer it uses
+    (``records.write_manifest``: key, state, folder, run id, config per trial), with trial
+    folders named by key holding Ray's result.json lines, error.txt for a failed one."""
+    from records import ManifestEntry, write_manifest
+    from references.cache import atomic_write_text
+
     folder.mkdir(parents=True)
     (folder / "mlflow_parent.json").write_text(json.dumps({"run_id": "p123", "mlflow_uri": "x"}))
     entries = []
-    for k, (tid, status, perf) in enumerate(trials):
-        trial_dir = folder / f"run_trial_ab_{k:05d}_{k}_trial_id={tid}"
+    for k, (tid, state, perf) in enumerate(trials):
+        trial_dir = folder / tid
         trial_dir.mkdir()
         (trial_dir / "result.json").write_text("".join(
             json.dumps({"epoch": float(e), "val_performance": p, "val_top1": p,
                         "val_alignment": 0.1 * e + k, "training_iteration": e + 1}) + "\n"
             for e, p in enumerate(perf)))
-        if status == "ERROR":
+        if state == "ERROR":
             (trial_dir / "error.txt").write_text("Traceback...\nTrialDiverged: non-finite loss")
-        entries.append([json.dumps({"trial_id": f"ab_{k:05d}", "status": status,
-                                    "config": {"trial_id": tid},
-                                    "relative_logdir": trial_dir.name}), "{}"])
-    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(
-        json.dumps({"trial_data": entries}))
+        entries.append(ManifestEntry(tid, state, f"{folder.name}/{tid}", None,
+                                     dict(config or {})))
+    write_manifest(folder, entries, write_text=atomic_write_text)
 
 
 def test_ray_results_folder_statuses_config_and_newest_run(tmp_path):
     storage = tmp_path / "ray_results"
+    config = {"model": "alexnet", "layer": "conv1", "reference": "gabor", "width": 0.25,
+              "epochs": 10}
     write_ray_run(storage / "gabor_conv1-demo_20260101-000000",
-                  [("gabor_conv1-none-a0-b1-s0", "TERMINATED", [0.3])])
+                  [("gabor_conv1-none-a0-b1-s0", "done", [0.3])], config)
     write_ray_run(storage / "gabor_conv1-demo_20260102-000000", [
-        ("gabor_conv1-none-a0-b1-s0", "TERMINATED", [0.3, 0.4]),
-        ("gabor_conv1-max-a8-b2-s0", "TERMINATED", [0.2, 0.35]),
+        ("gabor_conv1-none-a0-b1-s0", "done", [0.3, 0.4]),
+        ("gabor_conv1-max-a8-b2-s0", "done", [0.2, 0.35]),
         ("gabor_conv1-min-a8-b2-s0", "ERROR", [0.1]),
-        ("gabor_conv1-min-a4-b1-s0", "RUNNING", []),
-        ("not-a-sweep-trial", "TERMINATED", [0.5]),
-    ])
+        ("gabor_conv1-min-a4-b1-s0", "pending", [0.2]),
+        ("gabor_conv1-min-a2-b1-s0", "stopped at epoch 1 of 10", [0.2]),
+        ("not-a-sweep-trial", "done", [0.5]),
+    ], config)
     from dashboards.sources import load_ray
 
     record = load_ray(storage, "gabor_conv1")
@@ -610,9 +615,10 @@ def test_ray_results_folder_statuses_config_and_newest_run(tmp_path):
     assert by_id["gabor_conv1-min-a8-b2-s0"].alpha == -8.0
     assert by_id["gabor_conv1-min-a8-b2-s0"].status == "FAILED"
     assert by_id["gabor_conv1-min-a8-b2-s0"].error == "TrialDiverged: non-finite loss"
-    assert by_id["gabor_conv1-min-a4-b1-s0"].status == "RUNNING"
+    assert by_id["gabor_conv1-min-a4-b1-s0"].status == "RUNNING"  # the driver has not ended
+    assert by_id["gabor_conv1-min-a2-b1-s0"].status == "KILLED"  # an interrupted run
     assert by_id["gabor_conv1-none-a0-b1-s0"].history["val_performance"] == ((0, 0.3), (1, 0.4))
-    # the config comes from sweeps/conditions/gabor_conv1.toml at demo scale
+    # the config is the one the driver recorded in its manifest
     config = by_id["gabor_conv1-max-a8-b2-s0"].config
     assert (config["reference"], config["width"], config["epochs"]) == ("gabor", 0.25, 10)
     assert any("not-a-sweep-trial" in n and "skipped" in n for n in record.notes)
@@ -928,7 +934,7 @@ def test_seeds_are_resampled_within_configurations():
     alphas = [-0.8, -0.4, 0.0, 0.4, 0.8]
     rows = []
     for a in alphas:
-        for seed in range(3):
+        for _ in range(3):
             rows.append({"condition": "c", "status": "FINISHED", "alpha": a, "beta": 1.0,
                          "direction": "max" if a > 0 else "min" if a < 0 else "none",
                          "alignment": a + 0.05 * rng.standard_normal(),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagenet_tree import write_imagenet_tree
 from mlflow.tracking import MlflowClient
 
-from imagenet_tree import write_imagenet_tree
 from references.datasets import (
     imagefolder_bundle,
     simulated_nsd_bundle,

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from references import imagenet, nsd
-from references.datasets import (ImageFolderDataset, NSDDataset, VoxelResponses,
-                                 imagefolder_bundle, nsd_split, simulated_nsd_bundle)
+from references.datasets import (
+    ImageFolderDataset,
+    NSDDataset,
+    VoxelResponses,
+    imagefolder_bundle,
+    nsd_split,
+    simulated_nsd_bundle,
+)
 from references.simulated import generate_nsd_like, generate_single_label
 from trainable.data import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
 

@@ -22,7 +22,6 @@ from references.gabor import (
 )
 from trainable.models import build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

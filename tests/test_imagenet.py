@@ -21,8 +21,14 @@ import torchvision.datasets.imagenet as tv_imagenet
 from imagenet_tree import DEVKIT_ARCHIVE, LAYOUTS, tree_truth, val_name, write_imagenet_tree
 from PIL import Image
 
-from references.imagenet import (IMAGE_EXTENSIONS, ImageIndex, ImageNetFormatError, describe,
-                                 index_imagenet, index_split)
+from references.imagenet import (
+    IMAGE_EXTENSIONS,
+    ImageIndex,
+    ImageNetFormatError,
+    describe,
+    index_imagenet,
+    index_split,
+)
 
 SIZES = ((500, 375), (375, 500), (320, 240))
 SPLITS = ("train", "val")

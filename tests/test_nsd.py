@@ -18,8 +18,13 @@ import pytest
 import scipy.io
 
 from references import nsd
-from references.nsd import (NSDFormatError, check_release, noise_ceiling, prepare,
-                            subjects_in_release)
+from references.nsd import (
+    NSDFormatError,
+    check_release,
+    noise_ceiling,
+    prepare,
+    subjects_in_release,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

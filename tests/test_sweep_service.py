@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from records import TrialKey
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,4 +88,20 @@ def test_optuna_search_samples_both_directions_and_the_baseline(tmp_path):
         alpha = float(by_direction[direction].data.params["alpha"])
         # sampled log-uniformly within the grid's |alpha| range {0.1 .. 0.8}
         assert sign * alpha > 0 and 0.1 <= abs(alpha) <= 0.8
-        assert "optuna" in by_direction[direction].data.tags["trial_id"]
+        key = TrialKey.parse(by_direction[direction].data.tags["trial_id"])
+        assert key.sample is not None and key.signed_alpha == pytest.approx(alpha, rel=1e-3)
+    # Regression: the dashboards' Ray source found no trial of an Optuna sweep (its folders
+    # and ids matched none of its patterns); it reads the driver's manifest now.
+    from dashboards.pareto import postprocess_ray
+
+    report = postprocess_ray("nsd_conv1_v1", tmp_path / "ray", out=tmp_path / "from-ray")
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(report.parent / "results.parquet").to_pylist()
+    assert sorted(r["trial_id"] for r in rows) == sorted(
+        r.data.tags["trial_id"] for r in children)
+    assert all(r["status"] == "FINISHED" for r in rows)
+    # Tune's progress table and result folders are named by the trials' keys
+    for r in children:
+        assert r.data.tags["trial_id"] in proc.stdout
+        assert list((tmp_path / "ray").glob(f"*/{r.data.tags['trial_id']}"))

@@ -196,6 +196,17 @@ def test_a_malformed_control_names_the_file_and_the_key(tmp_path, table, match):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_optuna_dry_run_counts_each_conditions_baseline():
+    """Regression: --search optuna launches per condition its baseline and N samples; the
+    dry run said N per condition (one baseline short each)."""
+    plan = make_plan(parse("paper", "--search", "optuna", "--num-samples", "4"))
+    assert plan.n_trials == (4 + 1) * len(plan.conditions)
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
+                           "--search", "optuna", "--num-samples", "4", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "10 trials"  # 2 conditions x (1 + 4)
+
+
 def test_a_sweep_file_that_is_a_folder_is_one_error(tmp_path):
     (tmp_path / "odd.toml").mkdir()
     with pytest.raises(SweepFileError, match=r"odd.toml: a folder, not a sweep file"):

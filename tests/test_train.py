@@ -21,13 +21,13 @@ from trainable.data import TrialData
 from trainable.train import (
     PREDICTIONS_ARTIFACT,
     LocalHooks,
-    validation_alignment,
     TrialDiverged,
     accuracy,
     alignment_loss_fn,
     batch_alignment,
     mean_average_precision,
     train,
+    validation_alignment,
 )
 
 TINY = dict(model="alexnet", layer="conv1", image_size=64, width=0.25, batch_size=32,
@@ -110,7 +110,7 @@ def test_mixed_subject_batch_averages_per_subject_scores():
     groups = list(responses.targets(None, batch_ids).values())
     got = batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg)
     expect = []
-    for s, (sid, y) in per_subject.items():
+    for sid, y in per_subject.values():
         rows = [i for i, b in enumerate(batch_ids.tolist()) if b in sid.tolist()]
         yy = y[[sid.tolist().index(int(batch_ids[r])) for r in rows]]
         expect.append(linear_alignment_heldout(feats[rows].flatten(1), yy))
@@ -251,7 +251,7 @@ def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit(
 class _Payload:
     """Unpickling this runs a shell command: what a crafted checkpoint.pt would hold."""
 
-    def __init__(self, marker: Path) -> None:
+    def __init__(self, marker) -> None:
         self.marker = marker
 
     def __reduce__(self):

@@ -100,7 +100,7 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         from trainable.alignment import METRICS
-        from trainable.models import model_layers, MODELS
+        from trainable.models import MODELS, model_layers
 
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r}; accepted: {accepted}")

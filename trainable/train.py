@@ -17,8 +17,8 @@ one group per subject for voxel data and one group for image-computable referenc
 from __future__ import annotations
 
 import json
-import pickle
 import math
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from records import FILTERS_ARTIFACT, FINAL_METRICS_ARTIFACT, PREDICTIONS_ARTIFACT
 from trainable.alignment import (
     constant_columns,
     get_metric,
@@ -329,10 +330,9 @@ def _forward_all(model, feed: BatchFeed, epoch: int, layer: str, cfg, device) ->
     return out
 
 
-#: The final epoch's per-image validation outcome, an artifact of every trial: what lets a
-#: report put a paired bootstrap interval (over validation images) on a difference between
-#: trials (``dashboards.effects``).
-PREDICTIONS_ARTIFACT = "val_predictions.npz"
+# The final epoch's per-image validation outcome (records.PREDICTIONS_ARTIFACT), an artifact
+# of every trial: what lets a report put a paired bootstrap interval (over validation images)
+# on a difference between trials (dashboards.effects).
 
 
 @torch.no_grad()
@@ -577,7 +577,7 @@ def train(
     data : the split datasets (``TrialData``); the trial streams them (``BatchFeed``).
     reference : the reference representation (``references.build_reference``).
     hooks : reporting, checkpoint restore and artifact location; default ``LocalHooks`` in a
-        temporary directory.
+        temporary directory, removed when the trial ends.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(dict(config))
     if data.image_size != cfg.image_size:
@@ -585,7 +585,10 @@ def train(
             f"data was prepared at {data.image_size} px but the config asks image_size="
             f"{cfg.image_size}; prepare the data at the trial's image size"
         )
-    hooks = hooks or LocalHooks(Path(tempfile.mkdtemp(prefix="alignsweep-trial-")))
+    own = None
+    if hooks is None:  # a private folder for checkpoints and artifacts, removed at the end
+        own = tempfile.TemporaryDirectory(prefix="alignsweep-trial-")
+        hooks = LocalHooks(Path(own.name))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fix_mmap_threshold()  # flat memory over many batches (trainable.data.fix_mmap_threshold)
@@ -647,11 +650,13 @@ def train(
                     art = hooks.artifact_dir()
                     if cfg.model in ("alexnet", "resnet18"):
                         filter_grid_png(conv1_weight(model).detach().cpu(),
-                                        art / "conv1_filters.png")
-                    (art / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+                                        art / FILTERS_ARTIFACT)
+                    (art / FINAL_METRICS_ARTIFACT).write_text(json.dumps(metrics, indent=2))
                     np.savez_compressed(art / PREDICTIONS_ARTIFACT, **predictions)
                 hooks.report(metrics, Path(tmp))
     finally:
         for feed in feeds:
             feed.close()
+        if own is not None:
+            own.cleanup()
     return metrics

@@ -50,9 +50,10 @@ def bench_ridge(shapes, alphas, repeats: int) -> tuple[float, float]:
     speedups, diffs = [], []
     for n, p, q in shapes:
         x, y = _data(n, p, q, seed=n + p + q)
-        t_ours, ours = _best_of(lambda: ridge_cv_r2(x, y, alphas=alphas, folds=5), repeats)
+        t_ours, ours = _best_of(lambda x=x, y=y: ridge_cv_r2(x, y, alphas=alphas, folds=5),
+                                repeats)
         t_skl, ref = _best_of(
-            lambda: cross_val_score(
+            lambda x=x, y=y: cross_val_score(
                 RidgeCV(alphas=alphas), x, y, cv=KFold(5), scoring="r2"
             ).mean(),
             repeats,

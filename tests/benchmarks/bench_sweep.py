@@ -233,10 +233,10 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, n_trials: int, epochs: int | None, workdir: Path) -> None:
-    import sweeps.execute as ex  # first: it sets RAY_AUTH_MODE, which Ray reads on import
-
     import ray
     from ray import tune
+
+    import sweeps.execute as ex  # first: it sets RAY_AUTH_MODE, which Ray reads on import
 
     plan = demo_plan(args.sweep, n_trials, epochs, workdir)
     load = os.getloadavg()

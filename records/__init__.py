@@ -1,0 +1,229 @@
+"""What a sweep writes, in one place: the on-disk and in-MLflow contract between the driver
+(``sweeps``), which writes through this module, and the post-processor (``dashboards``), which
+reads through it and MLflow. Standard library only (MLflow is imported inside the one helper
+that queries it), so every layer may import it.
+
+The layering (lower never imports higher, through any chain, function-level imports
+included; ``tests/test_layers.py`` checks it)::
+
+    records      names, keys, files            (standard library)
+    trainable    the one trainable             (records)
+    references   references and data           (trainable, records)
+    sweeps       plan, Ray Tune, MLflow        (references, trainable, records)
+    dashboards   tables, fronts, report        (references, trainable, records)
+
+``sweeps`` and ``dashboards`` never import each other: the driver runs the post-processor as
+its own process (``python -m dashboards.pareto``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT",
+    "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
+    "PARENT_TAG", "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "TrialKey",
+    "control_name", "experiment_name", "fmt_number", "parse_experiment", "parse_run_folder",
+    "read_manifest", "run_folder_name", "write_manifest",
+]
+
+# -------------------------------------------------------------------------- names and files
+
+#: "max": alpha > 0 (promoting alignment), "min": alpha < 0 (suppressing), "none": baseline.
+DIRECTIONS = ("max", "min", "none")
+#: Experiment name suffixes: the scale a sweep ran at (smoke: the shrunk demo).
+SCALE_SUFFIXES = ("demo", "smoke", "paper")
+#: A condition's negative control is ``<condition>_shuffled`` (reference shuffled).
+CONTROL_SUFFIX = "_shuffled"
+
+#: In Ray's storage: ``<storage>/<experiment>.latest`` names the latest run folder.
+RESUME_POINTER_SUFFIX = ".latest"
+#: In a run folder: the MLflow parent run of the invocation (URI redacted).
+PARENT_FILE = "mlflow_parent.json"
+#: In a run folder: what --resume checks (sweep files' content, seeds, overrides, store).
+FINGERPRINT_FILE = "sweep_fingerprint.json"
+#: In a run folder: one JSON line per trial (``ManifestEntry``), written by the driver.
+MANIFEST_FILE = "manifest.jsonl"
+
+#: A trial's artifacts (MLflow artifacts of its child run, and ``<checkpoint>/artifacts/``).
+ARTIFACTS_DIR = "artifacts"
+FILTERS_ARTIFACT = "conv1_filters.png"
+FINAL_METRICS_ARTIFACT = "final_metrics.json"
+PREDICTIONS_ARTIFACT = "val_predictions.npz"
+#: In every checkpoint: each epoch's metrics reported so far (the tracking journal).
+JOURNAL_FILE = "tracking_journal.json"
+
+#: MLflow's tag that nests a trial's run under the sweep's parent run.
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def fmt_number(x: float) -> str:
+    """Short, exact-enough number for keys and tables: 1.0 -> '1', 0.05 -> '0.05'."""
+    return f"{x:.10g}"
+
+
+def control_name(condition: str) -> str:
+    """The name of ``condition``'s negative control."""
+    return f"{condition}{CONTROL_SUFFIX}"
+
+
+def experiment_name(sweep: str, scale: str) -> str:
+    """The MLflow experiment (and Ray run-folder prefix) of ``sweep`` at ``scale``."""
+    if scale not in SCALE_SUFFIXES:
+        raise ValueError(f"scale={scale!r}; accepted: {', '.join(SCALE_SUFFIXES)}")
+    return f"{sweep}-{scale}"
+
+
+def parse_experiment(name: str) -> tuple[str, str | None]:
+    """``experiment_name``'s inverse: (sweep, scale); scale None for a foreign name."""
+    sweep, _, suffix = name.rpartition("-")
+    if sweep and suffix in SCALE_SUFFIXES:
+        return sweep, suffix
+    return name, None
+
+
+_RUN_FOLDER = re.compile(r"^(?P<experiment>.+)_(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?$")
+
+
+def run_folder_name(experiment: str, stamp: str, n: int = 1) -> str:
+    """``<experiment>_<YYYYmmdd-HHMMSS>``, then ``-2``, ``-3`` for more in the same second."""
+    return f"{experiment}_{stamp}" + (f"-{n}" if n > 1 else "")
+
+
+def parse_run_folder(name: str) -> tuple[str, str, int] | None:
+    """(experiment, stamp, n) of a run folder's name, or None."""
+    m = _RUN_FOLDER.match(name)
+    return (m["experiment"], m["stamp"], int(m["n"] or 1)) if m else None
+
+
+# -------------------------------------------------------------------------- trial keys
+
+
+_KEY = re.compile(r"^(?P<condition>.+?)-(?P<direction>max|min|none)-a(?P<alpha>[0-9.e+-]+?)"
+                  r"-b(?P<beta>[0-9.e+-]+?)-s(?P<seed>\d+)(?:-o(?P<sample>[A-Za-z0-9_]+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class TrialKey:
+    """A trial's identity: its condition, direction, |alpha|, beta, seed and, for a trial an
+    adaptive search sampled, the sample's id. ``format()`` is what runs, folders and tables
+    are named by (``nsd_conv1_v1-max-a0.4-b1-s0``; a sample: ``...-s0-o<id>``)."""
+
+    condition: str
+    direction: str
+    alpha: float  # the magnitude; the sign comes from the direction
+    beta: float
+    seed: int
+    sample: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction={self.direction!r}; accepted: {', '.join(DIRECTIONS)}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha={self.alpha!r}; accepted: a magnitude >= 0")
+
+    @property
+    def signed_alpha(self) -> float:
+        return {"max": 1.0, "min": -1.0, "none": 0.0}[self.direction] * self.alpha
+
+    def format(self) -> str:
+        alpha = f"{self.alpha:.4g}" if self.sample is not None else fmt_number(self.alpha)
+        out = (f"{self.condition}-{self.direction}-a{alpha}-b{fmt_number(self.beta)}"
+               f"-s{self.seed}")
+        return out + (f"-o{self.sample}" if self.sample is not None else "")
+
+    def __str__(self) -> str:
+        return self.format()
+
+    @classmethod
+    def parse(cls, text: str) -> TrialKey:
+        """``format()``'s inverse; ValueError naming the text and the accepted form."""
+        m = _KEY.match(text)
+        if not m:
+            raise ValueError(f"{text!r} is not a trial key; accepted: <condition>-<max|min|none>"
+                             f"-a<|alpha|>-b<beta>-s<seed>[-o<sample>]")
+        return cls(m["condition"], m["direction"], float(m["alpha"]), float(m["beta"]),
+                   int(m["seed"]), m["sample"])
+
+    @classmethod
+    def of(cls, condition: str, alpha: float, beta: float, seed: int,
+           sample: str | None = None) -> TrialKey:
+        """The key of a trial at signed ``alpha``."""
+        direction = "max" if alpha > 0 else "min" if alpha < 0 else "none"
+        return cls(condition, direction, abs(float(alpha)), float(beta), int(seed), sample)
+
+
+# -------------------------------------------------------------------------- the manifest
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One trial of a run as the driver saw it end: its key, state ("done", "ERROR",
+    "stopped at epoch k of n", "not started"), its Ray trial folder (relative to the run
+    folder, None when it never started), its MLflow child run id (None when it has none),
+    and the resolved trial config."""
+
+    key: str
+    state: str
+    folder: str | None
+    run_id: str | None
+    config: dict
+
+    def trial_key(self) -> TrialKey:
+        return TrialKey.parse(self.key)
+
+
+def write_manifest(run_dir: Path, entries: Iterable[ManifestEntry], *, write_text) -> Path:
+    """``<run_dir>/manifest.jsonl``, written with ``write_text(path, text)`` (atomic)."""
+    text = "".join(json.dumps(asdict(e), sort_keys=True, default=str) + "\n" for e in entries)
+    path = Path(run_dir) / MANIFEST_FILE
+    write_text(path, text)
+    return path
+
+
+def read_manifest(run_dir: Path) -> list[ManifestEntry]:
+    """The entries of ``<run_dir>/manifest.jsonl`` ([] when the run wrote none yet)."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return []
+    return [ManifestEntry(**json.loads(line)) for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+# -------------------------------------------------------------------------- MLflow
+
+
+def child_runs(client: Any, parent_run_id: str) -> list:
+    """Every child run of a parent (all pages), with an ``MlflowClient``."""
+    parent = client.get_run(parent_run_id)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def iter_keys(values: Iterable[str]) -> Iterator[TrialKey]:
+    """The values that parse as trial keys."""
+    for v in values:
+        try:
+            yield TrialKey.parse(v)
+        except ValueError:
+            continue
+
+
+def tags_of(key: TrialKey) -> Mapping[str, str]:
+    """The MLflow tags that name a trial's child run."""
+    return {"condition": key.condition, "direction": key.direction,
+            "alpha": fmt_number(key.signed_alpha), "beta": fmt_number(key.beta),
+            "seed": str(key.seed), "trial_id": key.format()}

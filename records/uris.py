@@ -1,0 +1,78 @@
+"""Tracking URIs as users give them: resolved once (``tracking_uri``) and never shown with
+their secrets (``redact``). Shared by the driver and the post-processor."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_uri"]
+
+DEFAULT_MLFLOW_DB = "mlflow.db"
+_MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
+                    "postgresql://..., mysql://..., mssql://..., databricks")
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
+_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
+                           r"credential|key)[^=&;\s]*=)[^&;\s]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secrets of any URI in it replaced: ``user:password@`` becomes
+    ``user:***@`` and secret-looking query values ``***`` (tracking, storage and database
+    URIs are printed, tagged and written to files)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{':***' if m.group(3) else ''}@",
+                         str(text))
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+
+def tracking_uri(value: str | None) -> str:
+    """The tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db;
+    sqlite paths are made absolute (Ray workers run in other folders)."""
+    source = "--mlflow-uri"
+    if value is None:
+        value = os.environ.get("MLFLOW_TRACKING_URI") or None
+        source = "MLFLOW_TRACKING_URI"
+    if value is None:
+        return f"sqlite:///{Path.cwd() / DEFAULT_MLFLOW_DB}"
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{source} {redact(value)!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
+
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    dialect = scheme.split("+", 1)[0]
+    if scheme == "sqlite":
+        if not value.startswith("sqlite:///") or value == "sqlite:///":
+            raise bad("a SQLite URI is sqlite:/// followed by a file path")
+        db = Path(value[len("sqlite:///"):]).expanduser()
+        db = db if db.is_absolute() else Path.cwd() / db
+        if not db.parent.is_dir():
+            raise bad(f"folder {db.parent} does not exist")
+        if db.is_dir():
+            raise bad(f"{db} is a folder, not a database file")
+        return f"sqlite:///{db}"
+    if scheme in ("http", "https"):
+        try:
+            _ = parts.port  # raises for a port that is not a number in range
+        except ValueError:
+            raise bad("the port is not a number in 1..65535") from None
+        if not parts.hostname:
+            raise bad("no host")
+        return value.rstrip("/")
+    if scheme == "file":
+        if not parts.path.startswith("/"):
+            raise bad("a file URI needs an absolute path (file:///...)")
+        return value
+    if dialect in ("postgresql", "mysql", "mssql"):
+        if not parts.hostname:
+            raise bad("no host")
+        return value
+    if scheme == "databricks":
+        return value
+    if not scheme or len(scheme) == 1:  # a bare path, or a Windows drive letter
+        raise bad("a bare path is not a tracking URI (write sqlite:///PATH.db)")
+    raise bad(f"unsupported scheme {parts.scheme!r}")
