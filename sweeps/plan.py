@@ -282,20 +282,60 @@ def _paper_data_line(data: dict[str, DataSource]) -> str:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    """Validate the parsed command line (``sweeps.run.build_parser``) into a ``Plan``.
-
-    Cheap checks come first (names, numbers, paths), the sweep's full validation (which
-    imports torch for TrialConfig) last, so most usage errors are instant.
-    """
+    """Validate the parsed command line (``sweeps.run.build_parser``) into a ``Plan``, in
+    named steps. Cheap checks come first (names, numbers, paths), the sweep's full validation
+    (which imports torch for TrialConfig) last, so most usage errors are instant."""
     folder = getattr(args, "sweep_dir", None)  # --sweep-dir (None: the default folder)
-    known = list_sweeps(folder)
-    if not args.sweep:
-        raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
-                         f"NAME, or --list)")
-    if args.sweep not in known:
-        raise UsageError(f"unknown sweep {args.sweep!r}; known: {', '.join(known)}")
+    _check_sweep_name(args.sweep, list_sweeps(folder))
     cpus = _amount("--cpus-per-trial", args.cpus_per_trial)
     gpus = _amount("--gpus-per-trial", args.gpus_per_trial)
+    _check_search(args)
+    roots = _check_data_flags(args)
+    asked = tuple(sorted(set(args.subject or ())))
+    only = tuple(args.only or ())
+    overrides = _overrides(args.set or ())
+    address = _address(args.address)
+    mlflow_uri = _mlflow_uri(args.mlflow_uri)
+    storage = _storage(args.storage)
+
+    scale = "demo" if args.data == "demo" else "paper"
+    chosen = _chosen_conditions(args, folder, scale, only)
+    paths, subjects = (_paper_paths(args, chosen, roots, asked) if scale == "paper"
+                       else ({}, asked or (1,)))
+    sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
+    conditions = tuple(c for c in sweep.conditions if c.name in chosen)
+    if scale == "paper":
+        check_pretrained_weights(conditions)
+    resources = _resources(conditions, scale, cpus, gpus)
+    if address is None:
+        _object_store_bytes()
+    trials = [t.with_resources(resources[t.condition]) for t in trials]
+    data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
+            for c in conditions}
+    if "image_size" in overrides:  # the data is read at the size the trials train at
+        data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
+    experiment, line = _experiment(args, scale, trials, conditions, data)
+    _check_resume(args.resume, storage, experiment)
+    return Plan(
+        sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
+        scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
+        data=data, data_description=line, trials=tuple(trials), resources=resources,
+        search=args.search, num_samples=args.num_samples, address=address,
+        mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
+        experiment=experiment, overrides=overrides, only=only, n_grid=n_grid,
+    )
+
+
+def _check_sweep_name(name: str | None, known: list[str]) -> None:
+    if not name:
+        raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
+                         f"NAME, or --list)")
+    if name not in known:
+        raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known)}")
+
+
+def _check_search(args: argparse.Namespace) -> None:
+    """--seeds, --search, --num-samples and what an adaptive search excludes."""
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}; accepted: an integer >= 1")
     if args.search not in SEARCH_CHOICES:
@@ -312,37 +352,42 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.resume:
             raise UsageError("--resume with --search optuna; accepted: --resume with --search "
                              "grid (a sampler's study is not checkpointed: rerun the search)")
+        if args.only:
+            raise UsageError("--only with --search optuna; accepted: --only with --search grid "
+                             "(a sampler chooses its own trials)")
     elif args.num_samples is not None:
         raise UsageError(f"--num-samples {args.num_samples} with --search grid; accepted: "
                          f"--num-samples with --search optuna (the grid runs every "
                          f"configuration)")
 
-    data_kind = args.data
-    if data_kind not in DATA_CHOICES:
-        raise UsageError(f"--data {data_kind!r}; accepted: {', '.join(DATA_CHOICES)}")
+
+def _check_data_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """--data, the data paths and --subject that go with it; returns flag -> path given."""
+    if args.data not in DATA_CHOICES:
+        raise UsageError(f"--data {args.data!r}; accepted: {', '.join(DATA_CHOICES)}")
     roots = {"--imagenet-root": args.imagenet_root, "--nsd-root": args.nsd_root,
              "--coco-annotations": args.coco_annotations}
     given = [flag for flag, value in roots.items() if value is not None]
-    if args.smoke_test and data_kind != "demo":
-        raise UsageError(f"--smoke-test with --data {data_kind}; accepted: --smoke-test alone "
+    if args.smoke_test and args.data != "demo":
+        raise UsageError(f"--smoke-test with --data {args.data}; accepted: --smoke-test alone "
                          f"(it runs on tiny simulated data)")
-    if data_kind == "demo" and given:
+    if args.data == "demo" and given:
         raise UsageError(f"{given[0]} is given but --data is demo, which would ignore it; add "
                          f"--data imagenet, nsd or paper to train on real data")
-    if args.subject and data_kind not in ("nsd", "paper"):
-        raise UsageError(f"--subject with --data {data_kind}; accepted: --subject with --data "
+    if args.subject and args.data not in ("nsd", "paper"):
+        raise UsageError(f"--subject with --data {args.data}; accepted: --subject with --data "
                          f"nsd or paper (the demo uses every simulated subject)")
-    asked = tuple(sorted(set(args.subject or ())))
-    for s in asked:
+    for s in sorted(set(args.subject or ())):
         if s not in NSD_SUBJECTS:
             raise UsageError(f"--subject {s}; accepted: NSD subjects 1..8")
-    only = tuple(args.only or ())
-    if only and args.search == "optuna":
-        raise UsageError("--only with --search optuna; accepted: --only with --search grid "
-                         "(a sampler chooses its own trials)")
+    return roots
+
+
+def _overrides(texts) -> dict:
+    """--set KEY=VALUE, each key once."""
+    overrides: dict = {}
     try:
-        overrides: dict = {}
-        for text in args.set or ():
+        for text in texts:
             key, value = parse_override(text)
             if key in overrides and overrides[key] != value:
                 raise UsageError(f"--set {key} given twice ({overrides[key]!r} and {value!r}); "
@@ -350,109 +395,107 @@ def make_plan(args: argparse.Namespace) -> Plan:
             overrides[key] = value
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return overrides
 
-    address = _address(args.address)
-    mlflow_uri = _mlflow_uri(args.mlflow_uri)
-    storage = _storage(args.storage)
 
-    # The sweep file's structure (no torch) tells which datasets a paper run needs.
+def _chosen_conditions(args: argparse.Namespace, folder, scale: str,
+                       only: tuple[str, ...]) -> set[str]:
+    """The conditions with a trial the run will launch: --only narrows the conditions too, so a
+    paper run of one condition needs only its data. Reads the sweep file's structure only."""
     try:
         shallow = load_sweep(args.sweep, folder, check_configs=False)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    scale = "demo" if data_kind == "demo" else "paper"
-    # --only narrows the conditions too, so a paper run of one condition needs only its data.
-    try:
         grid = [t for c in shallow.conditions for t in c.trials(
             scale=scale, seeds=args.seeds, smoke=args.smoke_test, check=False)]
-        chosen = {t.condition for t in select_trials(grid, only)}
+        return {t.condition for t in select_trials(grid, only)}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _paper_paths(args: argparse.Namespace, chosen: set[str], roots: dict[str, str | None],
+                 asked: tuple[int, ...]) -> tuple[dict[str, str], tuple[int, ...]]:
+    """At paper scale: the data the chosen conditions train on, its paths checked as the
+    trials will read them; returns the paths and the NSD subjects."""
+    shallow = load_sweep(args.sweep, getattr(args, "sweep_dir", None), check_configs=False)
     selected = [c for c in shallow.conditions if c.name in chosen]
+    needs = {c.name: c.paper.data for c in selected}
+    kinds = set(needs.values())
+    for cond, kind in needs.items():
+        if args.data in PAPER_DATA and kind != args.data:
+            hint = "paper" if len(kinds) > 1 else kind
+            raise UsageError(f"--data {args.data}: condition {cond} of sweep {args.sweep} "
+                             f"trains on {kind}; accepted: --data {hint}")
+    flags = {"imagenet": ["--imagenet-root"], "nsd": ["--nsd-root", "--coco-annotations"]}
+    for kind in sorted(kinds):
+        for flag in flags[kind]:
+            if roots[flag] is None:
+                raise UsageError(f"sweep {args.sweep} at paper scale trains on {kind}: "
+                                 f"{flag} DIR is required")
+    for flag in (f for f, v in roots.items() if v is not None):
+        if not any(flag in flags[k] for k in kinds):
+            raise UsageError(f"{flag} is given but sweep {args.sweep} does not train on "
+                             f"{'ImageNet' if flag == '--imagenet-root' else 'NSD'}")
+    if args.subject and "nsd" not in kinds:
+        raise UsageError(f"--subject is given but sweep {args.sweep} does not train on NSD")
     paths: dict[str, str] = {}
     subjects = asked or (1,)
-    if scale == "paper":
-        needs = {c.name: c.paper.data for c in selected}
-        kinds = set(needs.values())
-        for cond, kind in needs.items():
-            if data_kind in PAPER_DATA and kind != data_kind:
-                hint = "paper" if len(kinds) > 1 else kind
-                raise UsageError(f"--data {data_kind}: condition {cond} of sweep {args.sweep} "
-                                 f"trains on {kind}; accepted: --data {hint}")
-        flags = {"imagenet": ["--imagenet-root"], "nsd": ["--nsd-root", "--coco-annotations"]}
-        for kind in sorted(kinds):
-            for flag in flags[kind]:
-                if roots[flag] is None:
-                    raise UsageError(f"sweep {args.sweep} at paper scale trains on {kind}: "
-                                     f"{flag} DIR is required")
-        for flag in given:
-            if not any(flag in flags[k] for k in kinds):
-                raise UsageError(f"{flag} is given but sweep {args.sweep} does not train on "
-                                 f"{'ImageNet' if flag == '--imagenet-root' else 'NSD'}")
-        if args.subject and "nsd" not in kinds:
-            raise UsageError(f"--subject is given but sweep {args.sweep} does not train on NSD")
-        if "imagenet" in kinds:
-            paths["imagenet_root"] = str(check_imagenet_root(args.imagenet_root))
-        if "nsd" in kinds:
-            rois = {c.roi for c in selected if c.paper.data == "nsd"}
-            root, subjects = check_nsd_root(args.nsd_root, asked or None, rois)
-            paths["nsd_root"] = str(root)
-            paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
+    if "imagenet" in kinds:
+        paths["imagenet_root"] = str(check_imagenet_root(args.imagenet_root))
+    if "nsd" in kinds:
+        rois = {c.roi for c in selected if c.paper.data == "nsd"}
+        root, subjects = check_nsd_root(args.nsd_root, asked or None, rois)
+        paths["nsd_root"] = str(root)
+        paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
+    return paths, subjects
 
+
+def _trials(args: argparse.Namespace, folder, scale: str, overrides: dict,
+            only: tuple[str, ...]):
+    """The sweep fully validated, its trials with the overrides, then --only: (sweep, trials,
+    trials before --only)."""
     try:
         sweep = load_sweep(args.sweep, folder)
-        trials = sweep.trials(scale=scale, seeds=args.seeds, smoke=args.smoke_test)
-        trials = apply_overrides(trials, overrides)
-        n_grid = len(trials)
-        trials = select_trials(trials, only)
+        trials = apply_overrides(sweep.trials(scale=scale, seeds=args.seeds,
+                                              smoke=args.smoke_test), overrides)
+        return sweep, select_trials(trials, only), len(trials)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    conditions = tuple(c for c in sweep.conditions if c.name in chosen)
-    if scale == "paper":
-        check_pretrained_weights(conditions)
 
+
+def _resources(conditions, scale: str, cpus: float | None,
+               gpus: float | None) -> dict[str, Resources]:
+    """Per condition what a trial asks Ray for: the sweep file's, or the command line's."""
     resources: dict[str, Resources] = {}
     for cond in conditions:
         base = cond.scale(scale).resources
-        resources[cond.name] = Resources(base.cpus if cpus is None else cpus,
-                                         base.gpus if gpus is None else gpus)
-    for cond, res in resources.items():
+        res = Resources(base.cpus if cpus is None else cpus, base.gpus if gpus is None else gpus)
         if res.cpus == 0 and res.gpus == 0:
-            raise UsageError(f"condition {cond}: 0 CPUs and 0 GPUs per trial; accepted: "
+            raise UsageError(f"condition {cond.name}: 0 CPUs and 0 GPUs per trial; accepted: "
                              f"--cpus-per-trial > 0 (or --gpus-per-trial > 0)")
         # More CPUs than any node has is refused when the run meets its cluster
         # (sweeps.execute.check_fits): a dry run does not know where it will run.
-    if address is None:
-        _object_store_bytes()
-    trials = [t.with_resources(resources[t.condition]) for t in trials]
-    data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
-            for c in conditions}
-    if "image_size" in overrides:  # the data is read at the size the trials train at
-        data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
+        resources[cond.name] = res
+    return resources
 
+
+def _experiment(args: argparse.Namespace, scale: str, trials, conditions,
+                data) -> tuple[str, str]:
+    """The experiment's name and the line that says which scale and data the run is on."""
     if args.smoke_test:
-        experiment = experiment_name(args.sweep, "smoke")
-        per = len(trials) // len(conditions)
-        line = (f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
+        per = len(trials) // max(1, len(conditions))
+        return (experiment_name(args.sweep, "smoke"),
+                f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
                 f"(demo scale)")
-    else:
-        experiment = experiment_name(args.sweep, scale)
-        line = ("demo scale on the simulated world (no real data configured)"
-                if scale == "demo" else _paper_data_line(data))
+    line = ("demo scale on the simulated world (no real data configured)"
+            if scale == "demo" else _paper_data_line(data))
+    return experiment_name(args.sweep, scale), line
+
+
+def _check_resume(resume: bool, storage: str, experiment: str) -> None:
     pointer = Path(storage) / f"{experiment}{RESUME_POINTER_SUFFIX}"
-    if args.resume and "://" not in storage and not pointer.is_file():
+    if resume and not pointer.is_file():
         raise UsageError(f"--resume: nothing to resume, no earlier run of {experiment} under "
                          f"{storage} (no {pointer.name}; run without --resume first, or give "
                          f"the --storage it used)")
-
-    return Plan(
-        sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
-        scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=data_kind,
-        data=data, data_description=line, trials=tuple(trials), resources=resources,
-        search=args.search, num_samples=args.num_samples, address=address,
-        mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
-        experiment=experiment, overrides=overrides, only=only, n_grid=n_grid,
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,21 +245,19 @@ class DataSource:
                 f"COCO annotations {self.coco_annotations} at {px}")
 
     def build(self, *, progress: bool = True):
-        """Generate / prepare (cached) and open the data: a ``references.datasets.DataBundle``."""
-        from references import datasets, nsd
+        """Generate / prepare (cached) and open the data: a ``references.datasets.DataBundle``,
+        built by the data registry (``references.DATASETS``) from this source's fields."""
+        from references import build_dataset
 
-        kwargs = dict(self.options)
-        if self.kind == "simulated_single_label":
-            return datasets.simulated_single_label_bundle(image_size=self.image_size, **kwargs)
+        opts: dict[str, Any] = {"image_size": self.image_size, **dict(self.options)}
         if self.kind == "simulated_nsd":
-            return datasets.simulated_nsd_bundle(roi=self.roi, image_size=self.image_size,
-                                                 **kwargs)
-        if self.kind == "imagenet":
-            return datasets.imagefolder_bundle(self.imagenet_root, image_size=self.image_size)
-        table = nsd.prepare_cached(self.nsd_root, self.coco_annotations, self.subjects,
-                                   self.roi, progress=progress)
-        return datasets.nsd_bundle(table, Path(self.nsd_root) / nsd.STIMULI,
-                                   image_size=self.image_size, subjects=self.subjects)
+            opts["roi"] = self.roi
+        elif self.kind == "imagenet":
+            opts["root"] = self.imagenet_root
+        elif self.kind == "nsd":
+            opts.update(nsd_root=self.nsd_root, coco_annotations=self.coco_annotations,
+                        roi=self.roi, subjects=self.subjects, progress=progress)
+        return build_dataset(self.kind, **opts)
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from records import FILTERS_ARTIFACT, FINAL_METRICS_ARTIFACT, PREDICTIONS_ARTIFACT
-from trainable.alignment import (
-    constant_columns,
-    get_metric,
-    linear_alignment_heldout,
-    linear_alignment_scaled,
-    linear_cka,
-    rsa,
-)
+from trainable.alignment import constant_columns, get_metric, linear_alignment_heldout
 from trainable.config import TrialConfig
 from trainable.data import (
     BatchFeed,
@@ -54,7 +47,7 @@ from trainable.data import (
     steps_in_epoch,
     train_batches,
 )
-from trainable.models import build_model, conv1_weight, filter_grid_png
+from trainable.models import build_model, conv1_weight, filter_grid_png, get_model_spec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -499,10 +492,13 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
             continue
         x64 = feats[rows].double().flatten(1)
         y64 = y.double().flatten(1)
-        score, x_to_y, _ = linear_alignment_scaled(x64, y64, folds=cfg.val_folds, parts=True)
+        # The reported alignment is the paper's (linear) whatever metric the loss uses; CKA and
+        # RSA beside it. Each is its registry entry's validation form (trainable.alignment).
+        score, x_to_y, _ = get_metric("linear").validate(x64, y64, folds=cfg.val_folds,
+                                                         parts=True)
         out["val_alignment"].append(float(score))
-        out["val_cka"].append(_secondary(linear_cka, x64, y64))
-        out["val_rsa"].append(_secondary(rsa, x64, y64))
+        out["val_cka"].append(_secondary(get_metric("cka").validate, x64, y64))
+        out["val_rsa"].append(_secondary(get_metric("rsa").validate, x64, y64))
         if nc is not None and float(nc.mean()) > 0:
             normalised.append(float(x_to_y) / float(nc.mean()))
     if not out["val_alignment"]:
@@ -648,7 +644,7 @@ def train(
                 save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
                 if last:
                     art = hooks.artifact_dir()
-                    if cfg.model in ("alexnet", "resnet18"):
+                    if get_model_spec(cfg.model).conv1:  # the registry knows its first conv
                         filter_grid_png(conv1_weight(model).detach().cpu(),
                                         art / FILTERS_ARTIFACT)
                     (art / FINAL_METRICS_ARTIFACT).write_text(json.dumps(metrics, indent=2))
