@@ -33,6 +33,25 @@ __all__ = [
     "read_manifest", "run_folder_name", "write_manifest",
 ]
 
+# -------------------------------------------------------------------------- the vocabulary
+# One source for each enumeration every layer shares (the registries that build the things
+# named here check their keys against these: tests/test_registry.py).
+
+#: Reference kinds (``references.REFERENCES``): an oracle Gabor bank, a frozen pretrained
+#: network, voxel responses.
+REFERENCE_KINDS = ("gabor", "pretrained", "nsd")
+#: Tasks: ImageNet-style single-label (top-1), COCO-style multi-label (mAP).
+TASKS = ("single_label", "multi_label")
+#: NSD regions of interest (``references.nsd.ROIS`` says which labels of which file).
+ROIS = ("V1", "VVS")
+#: The scales of a sweep file.
+SCALES = ("paper", "demo")
+#: Data kinds (``references.DATASETS``) -> the task they serve, at paper and at demo scale.
+PAPER_DATA = {"imagenet": "single_label", "nsd": "multi_label"}
+DEMO_DATA = {"simulated_single_label": "single_label", "simulated_nsd": "multi_label"}
+#: Data kinds that carry voxel responses (what an NSD reference needs).
+VOXEL_DATA = ("nsd", "simulated_nsd")
+
 # -------------------------------------------------------------------------- names and files
 
 #: "max": alpha > 0 (promoting alignment), "min": alpha < 0 (suppressing), "none": baseline.

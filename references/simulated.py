@@ -277,8 +277,8 @@ def _check(name: str, value, lo, hi=None) -> None:
 MAX_IMAGES = 1_000_000
 
 
-def check_single_label_args(*, image_size: int = 64, n_categories: int = 10,
-                            n_train_per_class: int = 100, n_val_per_class: int = 25) -> None:
+def check_single_label_args(*, image_size: int, n_categories: int, n_train_per_class: int,
+                            n_val_per_class: int) -> None:
     """``generate_single_label``'s argument checks (ValueError naming the value)."""
     _check("image_size", image_size, 16, 1024)
     _check("n_categories", n_categories, 2, 80)
@@ -286,9 +286,9 @@ def check_single_label_args(*, image_size: int = 64, n_categories: int = 10,
     _check("n_val_per_class", n_val_per_class, 1, MAX_IMAGES)
 
 
-def check_nsd_like_args(*, image_size: int = 64, n_images: int = 1000, n_subjects: int = 2,
-                        n_categories: int = 20, repeats: int = 3, trials_per_session: int = 320,
-                        n_shared: int | None = None) -> tuple[int, int]:
+def check_nsd_like_args(*, image_size: int, n_images: int, n_subjects: int, n_categories: int,
+                        repeats: int, trials_per_session: int,
+                        n_shared: int | None) -> tuple[int, int]:
     """``generate_nsd_like``'s argument checks; returns (n_shared, n_unique per subject)."""
     _check("image_size", image_size, 16, 1024)
     _check("n_subjects", n_subjects, 1, 8)

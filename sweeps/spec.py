@@ -62,7 +62,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from records import CONTROL_SUFFIX, DIRECTIONS, TrialKey, control_name, fmt_number  # noqa: F401
+from records import (  # noqa: F401  (re-exported: the sweep file's vocabulary)
+    CONTROL_SUFFIX,
+    DEMO_DATA,
+    DIRECTIONS,
+    PAPER_DATA,
+    REFERENCE_KINDS,
+    ROIS,
+    SCALES,
+    TASKS,
+    VOXEL_DATA,
+    TrialKey,
+    control_name,
+    fmt_number,
+)
 
 SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
 
@@ -72,12 +85,7 @@ def sweep_dir() -> Path:
     return SWEEP_DIR
 
 
-SCALES = ("paper", "demo")
-ROIS = ("V1", "VVS")  # references.nsd.ROIS; checked against it when a sweep is loaded
 # data kind -> task it serves; "responses": whether it carries voxel responses (NSD reference)
-PAPER_DATA = {"imagenet": "single_label", "nsd": "multi_label"}
-DEMO_DATA = {"simulated_single_label": "single_label", "simulated_nsd": "multi_label"}
-VOXEL_DATA = ("nsd", "simulated_nsd")
 
 # The smoke test: one short epoch of a narrow network on tiny simulated worlds, through every
 # real component. Sizes are the smallest that still exercise each code path:
@@ -645,7 +653,7 @@ def _parse_condition(name: str, path: Path, raw: dict[str, Any],
     _check_keys(raw, _CONDITION_KEYS, path, "")
     _require(raw, ("model", "layer", "reference", "metric", "task", "grid", "paper", "demo"),
              path, "")
-    reference = _string(raw, "reference", path, ("gabor", "pretrained", "nsd"))
+    reference = _string(raw, "reference", path, REFERENCE_KINDS)
     roi = None
     if reference == "nsd":
         _require(raw, ("roi",), path, " (an NSD reference needs it)")
@@ -653,7 +661,7 @@ def _parse_condition(name: str, path: Path, raw: dict[str, Any],
     elif "roi" in raw:
         raise SweepFileError(f"{path}: roi={raw['roi']!r} but reference={reference!r}; "
                              f"accepted: roi only with reference = \"nsd\"")
-    task = _string(raw, "task", path, ("single_label", "multi_label"))
+    task = _string(raw, "task", path, TASKS)
     grid_raw = _table(raw, "grid", path, "")
     _check_keys(grid_raw, _GRID_KEYS, path, " in [grid]")
     _require(grid_raw, _GRID_KEYS, path, " in [grid]")
@@ -744,8 +752,8 @@ def _probe_data_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
 
     check = {"simulated_single_label": simulated.check_single_label_args,
              "simulated_nsd": simulated.check_nsd_like_args}[kind]
-    names = set(inspect.signature(check).parameters)
-    check(**{k: v for k, v in kwargs.items() if k in names})
+    defaults = _data_kwarg_defaults(kind)  # the generator's own, the one source
+    check(**{k: kwargs.get(k, defaults[k]) for k in inspect.signature(check).parameters})
 
 
 def _check_configs(cond: Condition) -> None:

@@ -64,3 +64,20 @@ def test_unknown_names_list_the_accepted_ones():
         build_dataset("coco")
     with pytest.raises(ValueError, match=r"unknown reference 'v4'; accepted: gabor, nsd"):
         build_reference("v4")
+
+
+def test_the_registries_build_exactly_the_shared_vocabulary():
+    """One source for each enumeration (records): every reference kind, data kind and ROI a
+    sweep file may name has a builder, and every builder is named there."""
+    import records
+    from references import nsd
+    from trainable.alignment import METRICS
+    from trainable.config import TrialConfig
+
+    assert set(REFERENCES) == set(records.REFERENCE_KINDS)
+    assert set(DATASETS) == set(records.PAPER_DATA) | set(records.DEMO_DATA)
+    assert set(records.PAPER_DATA.values()) | set(records.DEMO_DATA.values()) == set(
+        records.TASKS)
+    assert set(records.VOXEL_DATA) <= set(DATASETS)
+    assert set(nsd.ROIS) == set(records.ROIS)
+    assert TrialConfig().metric in METRICS

@@ -157,10 +157,10 @@ def test_voxels_carry_their_roi_signal():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n_categories=81), r"n_categories=81; accepted: in 2\.\.80"),
-    (dict(n_subjects=9), r"n_subjects=9; accepted: in 1\.\.8"),
-    (dict(repeats=1), r"repeats=1; accepted: in 2\.\.10"),
-    (dict(image_size=8), r"image_size=8; accepted: in 16\.\.1024"),
+    (dict(n_categories=81), r"n_categories=81; accepted: an integer in 2\.\.80"),
+    (dict(n_subjects=9), r"n_subjects=9; accepted: an integer in 1\.\.8"),
+    (dict(repeats=1), r"repeats=1; accepted: an integer in 2\.\.10"),
+    (dict(image_size=8), r"image_size=8; accepted: an integer in 16\.\.1024"),
 ])
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):

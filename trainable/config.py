@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-REFERENCE_KINDS = ("gabor", "pretrained", "nsd")
+from records import REFERENCE_KINDS  # noqa: E402,F401  (one source: records)
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 

@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TASKS = ("single_label", "multi_label")
+from records import TASKS  # noqa: E402  (one source: records)
+
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
 
