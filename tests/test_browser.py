@@ -198,6 +198,34 @@ def browser(tmp_path_factory):
         stop(proc)
 
 
+def _by_text(browser, text: str, selector: str = "*") -> str:
+    """The innermost visible element matching ``selector`` whose text is exactly ``text``
+    (what a user clicks: the label, not the page that contains it)."""
+    found = browser.script(
+        "return Array.from(document.querySelectorAll(arguments[1]))"
+        ".filter(e => e.textContent.trim() === arguments[0] && e.offsetParent !== null"
+        " && !Array.from(e.children).some(c => c.textContent.trim() === arguments[0]))",
+        text, selector)
+    assert found, f"no element {selector!r} reading {text!r}:\n{browser.text()[:2000]}"
+    return found[0][ELEMENT]
+
+
+def test_a_user_starts_at_the_experiment_list_and_reaches_the_sweeps_runs(
+        sweep, server, browser):
+    """Where a user starts: MLflow's home page, which lists the sweep's experiment with its
+    description. MLflow 3.17 opens experiments in its GenAI view unless the user picks
+    "Model training" (one click, remembered by the browser); then one click on the
+    experiment shows the runs table with the sweep's parent run."""
+    browser.open(f"{server}/")
+    text = browser.wait_for([EXPERIMENT, "Model training"])
+    assert "AlexNet conv1 vs NSD V1" in text  # the experiment's description (the sweep's)
+    browser.screenshot("mlflow-home.png")
+    browser.click(_by_text(browser, "Model training"))
+    browser.click(_by_text(browser, EXPERIMENT, "a"))
+    browser.wait_for([SWEEP, "matching runs"])
+    browser.screenshot("mlflow-experiment-after-click.png")
+
+
 def test_experiment_page_shows_the_parent_run_with_its_nested_trial_runs(sweep, server, browser):
     _, _, exp_id, _ = sweep
     browser.open(f"{server}/#/experiments/{exp_id}/runs")

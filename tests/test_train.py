@@ -199,10 +199,11 @@ def test_resume_refuses_a_checkpoint_of_another_config(nsd_like, tmp_path):
 
 
 def test_divergence_stops_with_epoch_and_step_and_reports_nothing(single_label, tmp_path):
-    # Adam moves every weight by ~lr per step: lr=1e30 makes the logits overflow on step 1.
+    # Adam moves every weight by ~lr per step: lr=1000 (the largest accepted) makes the logits
+    # overflow on step 1.
     hooks = LocalHooks(tmp_path)
     with pytest.raises(TrialDiverged, match=r"non-finite loss \(nan\) at epoch 0 step 1"):
-        train(dict(TINY, reference="gabor", lr=1e30), data=single_label,
+        train(dict(TINY, reference="gabor", lr=1000.0), data=single_label,
               reference=GaborReference(), hooks=hooks)
     assert hooks.history == [] and hooks.checkpoints == []
 

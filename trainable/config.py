@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 UPPER = {"batch_size": 65536, "epochs": 100_000, "image_size": 4096, "val_folds": 100,
          "val_images": 1_000_000, "align_batch_every": 1_000_000, "seed": 2**31 - 1,
          "pool": 4096, "threads": 1024, "steps_per_epoch": 10_000_000,
-         "in_memory_mb": 1 << 22, "lr": 10.0, "width": 16.0, "alpha": 1e6, "beta": 1e6}
+         "in_memory_mb": 1 << 22, "lr": 1000.0, "width": 16.0, "alpha": 1e6, "beta": 1e6}
 
 
 @dataclass(frozen=True)
