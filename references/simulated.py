@@ -522,7 +522,7 @@ def _write_expdesign(path: Path, masterordering: np.ndarray, subjectim: np.ndarr
 
 
 def generate_nsd_like(*, image_size: int = 64, n_images: int = 1000, n_subjects: int = 2,
-                      n_categories: int = 20, repeats: int = 3, trials_per_session: int = 320,
+                      n_categories: int = 10, repeats: int = 3, trials_per_session: int = 320,
                       n_shared: int | None = None, seed: int = 0,
                       progress: bool = False) -> SimulatedNSD:
     """A miniature NSD release of multi-label scenes with simulated voxel responses.
@@ -740,9 +740,8 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
 # --------------------------------------------------------------------------------------------
 # CLI
 
-DEMO_SINGLE_LABEL = dict(image_size=64, n_categories=10, n_train_per_class=100, n_val_per_class=25)
-# as nsd_conv1_v1's [demo] data_kwargs
-DEMO_NSD = dict(image_size=64, n_images=1000, n_subjects=2, n_categories=10, repeats=3)
+# The demo-size worlds are the generators' defaults (one source; the sweep files' [demo]
+# data_kwargs state the same values where they use them).
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,9 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    single = generate_single_label(seed=args.seed, progress=True, **DEMO_SINGLE_LABEL)
+    single = generate_single_label(seed=args.seed, progress=True)
     t1 = time.perf_counter()
-    sim = generate_nsd_like(seed=args.seed, progress=True, **DEMO_NSD)
+    sim = generate_nsd_like(seed=args.seed, progress=True)
     t2 = time.perf_counter()
     print(f"single-label ImageFolder: {single}  ({t1 - t0:.1f} s)")
     print(f"NSD-like release:         --nsd-root {sim.nsd_root} "

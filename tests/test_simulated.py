@@ -113,8 +113,8 @@ def test_demo_size_generation_and_noise_ceilings():
     """Demo-size generation stays well under a minute; measured noise ceilings lie between 0 and
     1 and track the simulated ones (so both signal and noise are real)."""
     start = time.perf_counter()
-    sim = generate_nsd_like(seed=0, **simulated.DEMO_NSD)
-    single = generate_single_label(seed=0, **simulated.DEMO_SINGLE_LABEL)
+    sim = generate_nsd_like(seed=0)
+    single = generate_single_label(seed=0)
     elapsed = time.perf_counter() - start
     assert elapsed < 60, f"demo-size generation took {elapsed:.1f} s"
     assert sum(1 for _ in single.rglob("*.png")) == 1250
@@ -137,7 +137,7 @@ def _heldout_r2(x: np.ndarray, y: np.ndarray) -> float:
 def test_voxels_carry_their_roi_signal():
     """V1-like responses follow Gabor energy and not categories; VVS-like ones follow
     categories and much less Gabor energy: the dissociation the references rely on."""
-    sim = generate_nsd_like(seed=0, **simulated.DEMO_NSD)
+    sim = generate_nsd_like(seed=0)
     r2 = {}
     for roi in ("V1", "VVS"):
         table = pq.read_table(nsd.prepare_cached(sim.nsd_root, sim.coco_annotations, [1], roi,
