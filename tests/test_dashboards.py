@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -21,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 from scipy import stats as scipy_stats
@@ -192,51 +192,46 @@ def fake_trial(direction, alpha, *, perf, align, beta=1.0, seed=0, status="FINIS
 
 def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="nsd",
                 multi_label=True, tmp=None):
-    """A parent run and one child per trial, tagged, parametrised and logged the way
-    sweeps/tracking.py and sweeps/execute.py do it. Returns the parent run id."""
-    name = f"{sweep}-{scale}"
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    """A parent run and one child per trial, written by the driver's own writer
+    (sweeps.tracking: start_parent, TrialRun, finish), named by records. Returns the parent
+    run id. ``start`` is ignored (runs are ordered by when they are written)."""
+    from records import TrialKey, experiment_name, tags_of
+    from sweeps import tracking
+
+    uri = client.tracking_uri
     tags = {"sweep": sweep, "scale": "demo", "data": "demo", "smoke": "true",
             "data_description": "fake store written by the test"}
-    start = start or int(time.time() * 1000)
-    parent = client.create_run(exp_id, start_time=start,
-                               tags={**tags, "mlflow.runName": sweep}).info.run_id
+    parent = tracking.start_parent(uri, experiment_name(sweep, scale), tags,
+                                   description=f"test sweep {sweep}")
     png = Path(tmp) / "conv1_filters.png"
     matplotlib.image.imsave(png, np.random.default_rng(0).random((24, 24, 3)))
-    for k, t in enumerate(trials):
-        cond = t["condition"] or sweep
-        tid = (f"{cond}-{t['direction']}-a{abs(t['alpha']):g}-b{t['beta']:g}-s{t['seed']}")
-        run = client.create_run(exp_id, start_time=start + 1 + k, tags={
-            **tags, PARENT_TAG: parent, "condition": cond, "direction": t["direction"],
-            "alpha": f"{t['alpha']:g}", "beta": f"{t['beta']:g}", "seed": str(t["seed"]),
-            "trial_id": tid, "mlflow.runName": tid}).info.run_id
+    for t in trials:
+        key = TrialKey.of(t["condition"] or sweep, t["alpha"], t["beta"], t["seed"])
         config = {"model": "alexnet", "layer": "conv1", "reference": reference,
                   "metric": "linear", "alpha": t["alpha"], "beta": t["beta"],
                   "seed": t["seed"], "epochs": len(t["perf"]), "lr": 1e-4,
                   "batch_size": 16, "image_size": 64, "width": 0.125, "threads": 1,
                   **t.get("config", {})}
+        run = tracking.TrialRun(uri, parent, key.format(), params=config,
+                                tags={**tags, **tags_of(key)}, say=lambda _: None)
         perf_key = "val_map" if multi_label else "val_top1"
-        metrics = []
         for epoch, (p, a) in enumerate(zip(t["perf"], t["align"])):
             values = {"val_performance": p, perf_key: p, "val_cka": 0.3, "val_rsa": 0.1,
                       "task_loss": 1.0 - p, "epoch": float(epoch)}
             if a is not None:
                 values["val_alignment"] = a
-            metrics += [Metric(k2, v, start, epoch) for k2, v in values.items()]
-        client.log_batch(run, metrics=metrics,
-                         params=[Param(k2, str(v)) for k2, v in sorted(config.items())])
+            run.log_epoch(values, epoch)
         if t["status"] == "FAILED":
-            client.log_batch(run, tags=[RunTag("error", "TrialDiverged: non-finite loss")])
+            run.set_tags({"error": "TrialDiverged: non-finite loss"})
+        art = Path(tempfile.mkdtemp(prefix="artifacts-", dir=tmp))
         if t["filters"]:
-            client.log_artifact(run, str(png))
+            shutil.copy(png, art / "conv1_filters.png")
         if t.get("predictions") is not None:  # as trainable.train writes it
-            folder = Path(tmp) / run
-            folder.mkdir()
-            np.savez_compressed(folder / "val_predictions.npz", **t["predictions"])
-            client.log_artifact(run, str(folder / "val_predictions.npz"))
-        client.set_terminated(run, status=t["status"])
-    client.set_terminated(parent, status="FINISHED")
+            np.savez_compressed(art / "val_predictions.npz", **t["predictions"])
+        run.log_artifacts(art)
+        run.finish(t["status"])
+        assert run.close(60), key
+    tracking.finish(uri, parent, "FINISHED")
     return parent
 
 
