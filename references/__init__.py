@@ -9,8 +9,9 @@ The sweep files name both; tests parametrise over the registries.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
+
+from trainable.registry import Registry
 
 __all__ = ["DATASETS", "REFERENCES", "build_dataset", "build_reference"]
 
@@ -53,19 +54,16 @@ def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.Path
 
 
 #: data name (as in a sweep file) -> builder(**options) -> DataBundle
-DATASETS: dict[str, Callable[..., Any]] = {
-    "simulated_single_label": _simulated_single_label,
-    "simulated_nsd": _simulated_nsd,
-    "imagenet": _imagenet,
-    "nsd": _nsd_release,
-}
+DATASETS: Registry = Registry("data")
+DATASETS.register("simulated_single_label", _simulated_single_label)
+DATASETS.register("simulated_nsd", _simulated_nsd)
+DATASETS.register("imagenet", _imagenet)
+DATASETS.register("nsd", _nsd_release)
 
 
 def build_dataset(name: str, **options: Any):
     """Build data set ``name`` (see ``DATASETS``); unknown names list the accepted ones."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown data {name!r}; accepted: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](**options)
+    return DATASETS.build(name, **options)
 
 
 def _gabor(**_: Any):
@@ -98,19 +96,14 @@ def _voxels(*, bundle, **_: Any):
 
 
 #: reference name (as in a sweep file) -> builder(bundle=..., model=..., layer=..., ...)
-REFERENCES: dict[str, Callable[..., Any]] = {
-    "gabor": _gabor,
-    "pretrained": _pretrained,
-    "nsd": _voxels,
-}
+REFERENCES: Registry = Registry("reference")
+REFERENCES.register("gabor", _gabor)
+REFERENCES.register("pretrained", _pretrained)
+REFERENCES.register("nsd", _voxels)
 
 
 def build_reference(name: str, **options: Any):
     """Build reference ``name`` (see ``REFERENCES``) for one condition; the options are the
     condition's data bundle, model, layer, width and image size (and weights for
     "pretrained"). Unknown names list the accepted ones."""
-    if name not in REFERENCES:
-        raise ValueError(
-            f"unknown reference {name!r}; accepted: {', '.join(sorted(REFERENCES))}"
-        )
-    return REFERENCES[name](**options)
+    return REFERENCES.build(name, **options)

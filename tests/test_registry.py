@@ -81,3 +81,17 @@ def test_the_registries_build_exactly_the_shared_vocabulary():
     assert set(records.VOXEL_DATA) <= set(DATASETS)
     assert set(nsd.ROIS) == set(records.ROIS)
     assert TrialConfig().metric in METRICS
+
+
+def test_one_registry_style_for_models_metrics_datasets_and_references():
+    from trainable.alignment import METRICS
+    from trainable.models import MODELS
+    from trainable.registry import Registry
+
+    for registry in (MODELS, METRICS, DATASETS, REFERENCES):
+        assert isinstance(registry, Registry)
+        with pytest.raises(ValueError, match=rf"unknown {registry.kind} 'nope'; accepted: "):
+            registry.get("nope")
+        name = next(iter(registry))
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(name, registry[name])

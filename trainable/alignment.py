@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainable.registry import Registry
+
 __all__ = [
     "METRICS",
     "Metric",
@@ -604,25 +606,19 @@ class Metric:
     description: str
 
 
-METRICS: dict[str, Metric] = {
-    "linear": Metric(
-        "linear",
-        loss=linear_alignment_heldout,
-        validate=linear_alignment_scaled,
-        description="symmetric cross-validated ridge R^2 (the paper's metric)",
-    ),
-    "cka": Metric("cka", loss=linear_cka, validate=linear_cka, description="linear CKA"),
-    "rsa": Metric(
-        "rsa", loss=rsa, validate=rsa, description="Pearson correlation of correlation-distance RDMs"
-    ),
-}
+METRICS: Registry[Metric] = Registry("alignment metric")
+METRICS.register("linear", Metric(
+    "linear",
+    loss=linear_alignment_heldout,
+    validate=linear_alignment_scaled,
+    description="symmetric cross-validated ridge R^2 (the paper's metric)",
+))
+METRICS.register("cka", Metric("cka", loss=linear_cka, validate=linear_cka,
+                               description="linear CKA"))
+METRICS.register("rsa", Metric("rsa", loss=rsa, validate=rsa,
+                               description="Pearson correlation of correlation-distance RDMs"))
 
 
 def get_metric(name: str) -> Metric:
     """Registry lookup; unknown names raise ValueError listing the accepted ones."""
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown alignment metric {name!r}; accepted: {', '.join(sorted(METRICS))}"
-        ) from None
+    return METRICS.get(name)

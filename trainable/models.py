@@ -47,6 +47,8 @@ import torch
 import torchvision
 from torch import nn
 
+from trainable.registry import Registry
+
 __all__ = [
     "MODELS",
     "ModelSpec",
@@ -99,25 +101,17 @@ class ModelSpec:
         object.__setattr__(self, "layers", tuple(self.taps))
 
 
-MODELS: dict[str, ModelSpec] = {}
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
     """Add ``spec`` to :data:`MODELS` (names are unique)."""
-    if spec.name in MODELS:
-        raise ValueError(f"model {spec.name!r} is already registered")
-    MODELS[spec.name] = spec
-    return spec
+    return MODELS.register(spec.name, spec)
 
 
 def get_model_spec(name: str) -> ModelSpec:
     """Registry lookup; unknown names raise ValueError listing the accepted ones."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; accepted: {', '.join(sorted(MODELS))}"
-        ) from None
+    return MODELS.get(name)
 
 
 def model_layers(name: str) -> tuple[str, ...]:
