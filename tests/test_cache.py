@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import HalfThenFull
 
 from references import cache
 from references.cache import atomic_write_bytes, atomic_write_text, build_once
@@ -44,21 +45,6 @@ def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatc
     path = tmp_path / "results.parquet"
     atomic_write_bytes(path, b"previous, complete")
     fdopen = os.fdopen
-
-    class HalfThenFull:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache.os, "fdopen", lambda *a, **k: HalfThenFull(fdopen(*a, **k)))
     with pytest.raises(OSError, match="No space left"):

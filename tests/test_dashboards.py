@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from faults import HalfThenFull
 from mlflow.tracking import MlflowClient
 from scipy import stats
 from scipy import stats as scipy_stats
@@ -795,23 +796,6 @@ def test_an_output_write_that_fails_midway_leaves_the_previous_file(fake_store, 
         if path.name == failing:
             doomed.add(fd)
         return fd, tmp
-
-    class HalfThenFull:
-        """Writes half of the data, then fails as a full disk would."""
-
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache, "_new_sibling", tracking_sibling)
     monkeypatch.setattr(cache.os, "fdopen", lambda fd, *args, **kwargs: HalfThenFull(
