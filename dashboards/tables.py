@@ -37,6 +37,7 @@ from scipy import stats
 
 from dashboards.fronts import FINISHED, front_masks
 from dashboards.sources import SweepRecord, Trial
+from records import EPOCH_METRICS
 from references.cache import atomic_write_bytes
 
 __all__ = [
@@ -116,10 +117,6 @@ RESULTS_SCHEMA = pa.schema([
 POINTS = 100.0
 
 #: metrics per epoch (trainable.train reports them; val_top1/top5 or val_map by task)
-EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
-                 "val_top5", "val_map", "val_alignment", "val_alignment_nc", "val_cka",
-                 "val_rsa", "dead_units",
-                 "epoch_seconds", "images_per_second", "data_wait_seconds")
 
 EPOCHS_SCHEMA = pa.schema([
     *_TRIAL_KEYS,

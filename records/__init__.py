@@ -78,6 +78,14 @@ PREDICTIONS_ARTIFACT = "val_predictions.npz"
 #: In every checkpoint: each epoch's metrics reported so far (the tracking journal).
 JOURNAL_FILE = "tracking_journal.json"
 
+#: What every trial reports each epoch (MLflow metrics with step = epoch, Ray's result rows),
+#: besides the counter "epoch": the trainable writes these names, the post-processor reads
+#: them. val_performance is the number the fronts use (val_top1 or val_map).
+EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
+                 "val_top5", "val_map", "val_alignment", "val_alignment_nc", "val_cka",
+                 "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
+                 "data_wait_seconds")
+
 #: MLflow's tag that nests a trial's run under the sweep's parent run.
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -160,6 +160,11 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
         assert key in final and np.isfinite(final[key]), key
     assert 0.0 <= final["dead_units"] <= 1.0
     assert 0.0 < final["val_map"] <= 1.0
+    # what the trainable reports is what records names (and the post-processor reads)
+    import records
+
+    assert set(final) - {"epoch"} <= set(records.EPOCH_METRICS), set(final) - set(
+        records.EPOCH_METRICS)
     png = tmp_path / "artifacts" / "conv1_filters.png"
     assert png.stat().st_size > 1000
     assert json.loads((tmp_path / "artifacts" / "final_metrics.json").read_text()) == final
