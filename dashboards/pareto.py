@@ -52,7 +52,7 @@ from dashboards.sources import (
     mlflow_client,
     quiet_artifacts,
 )
-from records import CONTROL_SUFFIX, PREDICTIONS_ARTIFACT
+from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
 from records.uris import tracking_uri
 from references.cache import atomic_write_text
 
@@ -319,6 +319,22 @@ def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
     metrics = [Metric(k, v, now, 0) for k, v in values.items()]
     if metrics:
         client.log_batch(run_id, metrics=metrics)
+    client.set_tag(run_id, NOTE_TAG, _described(client.get_run(run_id).data.tags.get(NOTE_TAG),
+                                                run_id, out))
+
+
+def _described(note: str | None, run_id: str, out: Path) -> str:
+    """The parent run's description with the front figure (shown by the MLflow UI from the
+    run's own artifact) and where the report is; said once however often the run is
+    post-processed."""
+    base = (note or "").split(REPORT_MARK)[0].rstrip()
+    return (f"{base}\n\n{REPORT_MARK}\n\n![Pareto fronts](get-artifact?path=front.png&"
+            f"run_uuid={run_id})\n\nThe report: report.html in this run's artifacts (and "
+            f"{(out / 'report.html').resolve()} where it was written).").lstrip()
+
+
+#: Where the post-processor's part of a parent run's description starts.
+REPORT_MARK = "**Pareto fronts of this invocation**"
 
 
 def _default_out(record: SweepRecord) -> Path:

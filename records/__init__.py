@@ -86,6 +86,9 @@ EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance"
                  "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
                  "data_wait_seconds")
 
+#: MLflow's tag holding the description the UI shows for an experiment or a run.
+NOTE_TAG = "mlflow.note.content"
+
 #: MLflow's tag that nests a trial's run under the sweep's parent run.
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import PARENT_TAG
+from records import NOTE_TAG, PARENT_TAG
 from records import child_runs as _child_runs
 from records.uris import redact
 
@@ -51,7 +51,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 #: What the MLflow UI shows a sweep's experiment as: model training, not a GenAI app (MLflow
 #: 3.17 opens an untagged experiment on an empty "Traces" overview).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-NOTE_TAG = "mlflow.note.content"  # the description the UI shows for an experiment or a run
 
 
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],

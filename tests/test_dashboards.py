@@ -504,7 +504,13 @@ def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store
     assert (row["drop"], row["drop_low"], row["control"]) == (
         ctl["min"]["drop"], ctl["min"]["low"], "ctl_shuffled")
     assert row["drop_minus_control"] == versus["min"]["drop_difference"]
-    logged = MlflowClient(uri).get_run(parents["ctl"]).data.metrics
+    parent = MlflowClient(uri).get_run(parents["ctl"])
+    logged = parent.data.metrics
+    # the parent run's description shows the front figure and says where the report is
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("test sweep ctl")
+    assert f"get-artifact?path=front.png&run_uuid={parents['ctl']}" in note
+    assert str(report.resolve()) in note
     assert logged["effect/ctl/min/drop"] == pytest.approx(ctl["min"]["drop"])
     assert logged["effect/ctl/min/drop_minus_control_low"] == pytest.approx(versus["min"]["low"])
     gap = stats["conditions"]["ctl"]["gap"]["points"]
