@@ -254,7 +254,10 @@ def _init_ray(plan: Plan) -> None:
     if plan.address is None:
         # A local Ray sized to this machine; an explicit object store keeps two Ray nodes on one
         # machine from each claiming all of its memory.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        # address="local": a new instance even when another Ray runs on this machine (with
+        # no address, ray.init joins the latest cluster started here, e.g. a `ray start`).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=True,
                  object_store_memory=_object_store_bytes(),
                  runtime_env={"env_vars": _worker_env()})
     else:
