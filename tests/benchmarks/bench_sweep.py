@@ -233,10 +233,13 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, n_trials: int, epochs: int | None, workdir: Path) -> None:
+    # As sweeps.execute does on import: Ray reads RAY_AUTH_MODE when it is first imported, and
+    # the import sorter puts `import ray` first.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import tune
 
-    import sweeps.execute as ex  # first: it sets RAY_AUTH_MODE, which Ray reads on import
+    import sweeps.execute as ex
 
     plan = demo_plan(args.sweep, n_trials, epochs, workdir)
     load = os.getloadavg()
