@@ -85,27 +85,9 @@ def performance(pred: Predictions, weights: np.ndarray) -> np.ndarray:
     w = np.asarray(weights, np.float64)
     if pred.hits is not None:
         return (w @ pred.hits) / w.sum(1)
-    aps = np.full((w.shape[0], pred.scores.shape[1]), np.nan)
-    for c in range(pred.scores.shape[1]):
-        y = pred.targets[:, c]
-        if not y.any():
-            continue
-        order = np.argsort(-pred.scores[:, c], kind="mergesort")
-        s, t = pred.scores[order, c], y[order]
-        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # tied scores: one threshold
-        wo = w[:, order]
-        tp = np.cumsum(wo * t, axis=1)[:, last]
-        seen = np.cumsum(wo, axis=1)[:, last]
-        total = tp[:, -1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(seen > 0, tp / seen, 0.0)
-            recall = tp / total
-            steps = np.diff(np.concatenate([np.zeros_like(total), recall], axis=1), axis=1)
-            ap = np.sum(steps * precision, axis=1)
-        aps[:, c] = np.where(total[:, 0] > 0, ap, np.nan)
-    with np.errstate(invalid="ignore"):
-        counted = np.isfinite(aps).sum(1)
-        return np.where(counted > 0, np.nansum(aps, 1) / np.maximum(counted, 1), np.nan)
+    from trainable.train import weighted_mean_average_precision  # the trials' own mAP
+
+    return weighted_mean_average_precision(pred.scores, pred.targets, w)
 
 
 def _configurations(rows: list[dict]) -> dict[tuple, list[dict]]:

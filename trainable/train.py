@@ -128,22 +128,39 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     thresholds (tied scores form one threshold), scikit-learn's ``average_precision_score``;
     classes without positives in the evaluation set are left out (their AP is undefined).
     """
-    aps = []
+    m = float(weighted_mean_average_precision(scores, targets, np.ones((1, len(scores))))[0])
+    if not np.isfinite(m):
+        raise ValueError("no class has a positive in the evaluation set: mAP is undefined")
+    return m
+
+
+def weighted_mean_average_precision(scores: np.ndarray, targets: np.ndarray,
+                                    weights: np.ndarray) -> np.ndarray:
+    """``mean_average_precision`` with each image counted ``weights[b, i]`` times, for B
+    weightings at once (bootstrap counts: dashboards.effects). (n, c), (n, c), (B, n) ->
+    (B,); NaN for a weighting under which no class has a positive."""
+    w = np.asarray(weights, np.float64)
+    y_all = np.asarray(targets) > 0.5
+    aps = np.full((w.shape[0], scores.shape[1]), np.nan)
     for c in range(scores.shape[1]):
-        y = targets[:, c] > 0.5
+        y = y_all[:, c]
         if not y.any():
             continue
         order = np.argsort(-scores[:, c], kind="mergesort")
         s, t = scores[order, c], y[order]
-        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-        tps = np.cumsum(t)[last]
-        fps = last + 1 - tps
-        precision = tps / (tps + fps)
-        recall = tps / tps[-1]
-        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
-    if not aps:
-        raise ValueError("no class has a positive in the evaluation set: mAP is undefined")
-    return float(np.mean(aps))
+        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # tied scores: one threshold
+        wo = w[:, order]
+        tp = np.cumsum(wo * t, axis=1)[:, last]
+        seen = np.cumsum(wo, axis=1)[:, last]
+        total = tp[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(seen > 0, tp / seen, 0.0)
+            recall = tp / total
+            steps = np.diff(np.concatenate([np.zeros_like(total), recall], axis=1), axis=1)
+            ap = np.sum(steps * precision, axis=1)
+        aps[:, c] = np.where(total[:, 0] > 0, ap, np.nan)
+    counted = np.isfinite(aps).sum(1)
+    return np.where(counted > 0, np.nansum(aps, 1) / np.maximum(counted, 1), np.nan)
 
 
 # ----------------------------------------------------------------------------- pieces
