@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,15 +241,6 @@ def child_runs(client: Any, parent_run_id: str) -> list:
         token = page.token
         if not token:
             return runs
-
-
-def iter_keys(values: Iterable[str]) -> Iterator[TrialKey]:
-    """The values that parse as trial keys."""
-    for v in values:
-        try:
-            yield TrialKey.parse(v)
-        except ValueError:
-            continue
 
 
 def tags_of(key: TrialKey) -> Mapping[str, str]:

@@ -299,8 +299,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     storage = _storage(args.storage)
 
     scale = "demo" if args.data == "demo" else "paper"
-    chosen = _chosen_conditions(args, folder, scale, only)
-    paths, subjects = (_paper_paths(args, chosen, roots, asked) if scale == "paper"
+    shallow, chosen = _chosen_conditions(args, folder, scale, only)
+    paths, subjects = (_paper_paths(args, shallow, chosen, roots, asked) if scale == "paper"
                        else ({}, asked or (1,)))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
@@ -399,23 +399,24 @@ def _overrides(texts) -> dict:
 
 
 def _chosen_conditions(args: argparse.Namespace, folder, scale: str,
-                       only: tuple[str, ...]) -> set[str]:
+                       only: tuple[str, ...]):
     """The conditions with a trial the run will launch: --only narrows the conditions too, so a
-    paper run of one condition needs only its data. Reads the sweep file's structure only."""
+    paper run of one condition needs only its data. Reads the sweep file's structure only:
+    returns (that shallow sweep, the chosen condition names)."""
     try:
         shallow = load_sweep(args.sweep, folder, check_configs=False)
         grid = [t for c in shallow.conditions for t in c.trials(
             scale=scale, seeds=args.seeds, smoke=args.smoke_test, check=False)]
-        return {t.condition for t in select_trials(grid, only)}
+        return shallow, {t.condition for t in select_trials(grid, only)}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
-def _paper_paths(args: argparse.Namespace, chosen: set[str], roots: dict[str, str | None],
+def _paper_paths(args: argparse.Namespace, shallow, chosen: set[str],
+                 roots: dict[str, str | None],
                  asked: tuple[int, ...]) -> tuple[dict[str, str], tuple[int, ...]]:
     """At paper scale: the data the chosen conditions train on, its paths checked as the
     trials will read them; returns the paths and the NSD subjects."""
-    shallow = load_sweep(args.sweep, getattr(args, "sweep_dir", None), check_configs=False)
     selected = [c for c in shallow.conditions if c.name in chosen]
     needs = {c.name: c.paper.data for c in selected}
     kinds = set(needs.values())

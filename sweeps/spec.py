@@ -75,6 +75,7 @@ from records import (  # noqa: F401  (re-exported: the sweep file's vocabulary)
     TrialKey,
     control_name,
     fmt_number,
+    tags_of,
 )
 
 SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
@@ -291,9 +292,9 @@ class TrialSpec:
 
     def tags(self) -> dict[str, str]:
         """MLflow tags of the trial (the run adds scale and data)."""
-        return {"condition": self.condition, "direction": self.direction,
-                "alpha": fmt_number(self.alpha), "beta": fmt_number(self.beta),
-                "seed": str(self.seed), "trial_id": self.trial_id}
+        sample = TrialKey.parse(self.trial_id).sample
+        return dict(tags_of(TrialKey.of(self.condition, self.alpha, self.beta, self.seed,
+                                        sample)))
 
     def with_resources(self, resources: Resources) -> TrialSpec:
         """The same trial asking for ``resources`` (torch threads follow the CPU share)."""

@@ -20,7 +20,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from records import NOTE_TAG, PARENT_TAG
-from records import child_runs as _child_runs
 from records.uris import redact
 
 T = TypeVar("T")
@@ -81,11 +80,6 @@ def finish(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = 
         _retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v))
                                                       for k, v in tags.items()]))
     _retry(lambda: client.set_terminated(run_id, status=status))
-
-
-def child_runs(uri: str, parent_run_id: str) -> list:
-    """Every child run of a parent (all pages)."""
-    return _child_runs(MlflowClient(uri), parent_run_id)
 
 
 class TrialRun:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from records import REFERENCE_KINDS  # noqa: E402,F401  (one source: records)
+from records import REFERENCE_KINDS  # one source: records
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from records import TASKS  # one source: records
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-from records import TASKS  # noqa: E402  (one source: records)
 
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 
