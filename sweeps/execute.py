@@ -632,17 +632,21 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
 def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str) -> None:
     """After the trials: send MLflow whatever of each trial's journal (in its last checkpoint)
     it lacks (a trial whose tracking could not drain before it ended), and mark the child runs
-    of interrupted trials KILLED (their workers were stopped mid-run)."""
-    for o in outcomes:
+    of interrupted trials KILLED (their workers were stopped mid-run). A store that does not
+    answer within a minute ends the replay (one line), instead of a minute per trial: the
+    journals stay in the checkpoints, and a later --resume of the run replays them."""
+    for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
         journal = {}
         if o.checkpoint is not None:
             with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
                 journal = read_journal(Path(o.checkpoint.to_directory(tmp)))
-        if journal or stopped:
-            tracking.replay_journal(plan.mlflow_uri, parent_id, o.trial_id, journal,
-                                    status="KILLED" if stopped else None, timeout=60.0,
-                                    say=_say)
+        if (journal or stopped) and not tracking.replay_journal(
+                plan.mlflow_uri, parent_id, o.trial_id, journal,
+                status="KILLED" if stopped else None, timeout=60.0, say=_say):
+            _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
+                 f"{len(outcomes) - k} trial(s) stay in their checkpoints")
+            return
 
 
 def _report(plan: Plan, parent_id: str) -> None:
