@@ -170,8 +170,12 @@ class GaborReference(ImageReference):
             raise ValueError(f"images must be at least {KERNEL_SIZE - 2 * PADDING} px for the "
                              f"11x11 stride-4 bank, got {tuple(images.shape[-2:])}")
         with torch.no_grad():
-            bank = self._bank_on(images.device, images.dtype)
-            return F.conv2d(images, bank, stride=STRIDE, padding=PADDING)
+            # Every filter applies the same luminance kernel to the three channels (weights
+            # 1/sqrt(3)), so the response is that kernel on the channel sum: one input channel,
+            # a third of the multiply-adds of the (108, 3, 11, 11) convolution, the same numbers
+            # to float rounding (tests/test_gabor.py).
+            lum = self._bank_on(images.device, images.dtype)[:, :1]
+            return F.conv2d(images.sum(1, keepdim=True), lum, stride=STRIDE, padding=PADDING)
 
 
 def bank_png(path: str | os.PathLike) -> Path:

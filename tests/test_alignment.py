@@ -16,6 +16,7 @@ from trainable.alignment import (
     get_metric,
     linear_alignment,
     linear_alignment_heldout,
+    linear_alignment_heldout_definition,
     linear_alignment_scaled,
     linear_cka,
     relative_alphas,
@@ -177,6 +178,90 @@ def test_heldout_loo_equals_brute_force_ridge_refits():
         expect = ((1 - sse_y / sst_y).mean() + (1 - sse_x.sum() / sst_x.sum())) / 2
         got = linear_alignment_heldout(x, y, rel=rel, folds=folds)
         assert got == pytest.approx(expect, abs=1e-9), folds
+
+
+# ----------------------------------------------------------------------------- Gram-only form
+
+
+def _mixed_pair(seed, n=40, p=300, q=90, dead=0):
+    """A layer (dead units, a common offset, mixed scales) and a reference (flat columns)."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 4, dtype=torch.float64, generator=g)
+    x = latent @ torch.randn(4, p, dtype=torch.float64, generator=g)
+    x = x + 0.5 * torch.randn(n, p, dtype=torch.float64, generator=g)
+    x = torch.relu(x * torch.linspace(0.1, 3, p, dtype=torch.float64) + 0.3) + 5.0
+    x[:, :dead] = 0.25
+    y = latent @ torch.randn(4, q, dtype=torch.float64, generator=g)
+    y = y + torch.randn(n, q, dtype=torch.float64, generator=g)
+    y[:, :3] = -1.5  # voxels that never move in this batch
+    return x, y
+
+
+@pytest.mark.parametrize("folds", [None, 4])
+@pytest.mark.parametrize("dead", [0, 60])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gram_only_form_equals_the_explicit_residual_definition(folds, dead, seed):
+    """Score and gradient of the Gram-only form (what the trainable runs) equal the
+    explicit-residual definition in float64, dead units and flat voxels included."""
+    x, y = _mixed_pair(seed, dead=dead)
+    grads = []
+    scores = []
+    for fn in (linear_alignment_heldout, linear_alignment_heldout_definition):
+        xg = x.clone().requires_grad_(True)
+        score = fn(xg, y, folds=folds)
+        score.backward()
+        scores.append(float(score.detach()))
+        grads.append(xg.grad)
+    assert scores[0] == pytest.approx(scores[1], abs=1e-10)
+    assert 0.05 < scores[0] < 0.95  # an interior score, not a degenerate one
+    scale = float(grads[1].abs().max())
+    assert scale > 0
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-9 * scale
+    if dead:
+        assert float(grads[0][:, :dead].abs().max()) == 0.0  # a constant unit gets no push
+
+
+def test_gram_only_form_in_float32_stays_within_tolerance_of_float64():
+    """The trainable's precision: float32 layer and reference, Grams in float32, solves in
+    float64. Stated tolerance: 1e-5 on the score, 1e-3 relative on the gradient."""
+    x, y = _mixed_pair(3, n=64, p=2000, q=400, dead=100)
+    exact = linear_alignment_heldout_definition(x.clone().requires_grad_(True), y)
+    x64 = x.clone().requires_grad_(True)
+    linear_alignment_heldout_definition(x64, y).backward()
+    x32 = x.float().requires_grad_(True)
+    got = linear_alignment_heldout(x32, y.float())
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(exact.detach()), abs=1e-5)
+    err = (x32.grad.double() - x64.grad).norm() / x64.grad.norm()
+    assert float(err) <= 1e-3
+
+
+def test_column_chunks_change_nothing(monkeypatch):
+    """Chunked Grams (the memory bound at the paper's shape) give the unchunked numbers."""
+    import trainable.alignment as alignment
+
+    x, y = _mixed_pair(4, dead=10)
+    expect_x = x.clone().requires_grad_(True)
+    expect = linear_alignment_heldout(expect_x, y)
+    expect.backward()
+    monkeypatch.setattr(alignment, "GRAM_CHUNK_BYTES", 40 * 8 * 7)  # 7 columns a chunk
+    assert len(alignment._column_chunks(x)) == -(-x.shape[1] // 7)
+    got_x = x.clone().requires_grad_(True)
+    got = linear_alignment_heldout(got_x, y)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(expect.detach()), abs=1e-12)
+    assert torch.allclose(got_x.grad, expect_x.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_loss_form_refuses_non_finite_input_with_the_count():
+    x, y = _mixed_pair(5)
+    x[3, 4] = float("nan")
+    x[5, 6] = float("inf")
+    with pytest.raises(ValueError, match="X contains 2 NaN or inf values"):
+        linear_alignment_heldout(x, y)
+    big = torch.full((6, 5), 1e307, dtype=torch.float64)  # the sum overflows; every entry finite
+    big[:, 0] = torch.arange(6.0)
+    assert np.isfinite(float(linear_alignment_heldout(big, torch.randn(6, 3).double())))
 
 
 # ----------------------------------------------------------------------------- symmetry, scale

@@ -124,6 +124,11 @@ def test_reference_is_the_fixed_convolution_without_gradient():
     assert not y.requires_grad and y.dtype == torch.float64 and y.device == images.device
     expected = F.conv2d(images.detach(), gabor_bank(torch.float64), stride=4, padding=2)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    # computed as one luminance channel (the bank's structure): in float32 the same numbers as
+    # the (108, 3, 11, 11) convolution in float64, to float32 rounding
+    y32 = ref.representation(images.detach().float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), expected, rtol=0, atol=1e-5)
     # a uniform image (any colour) gives zero response away from the zero-padded border
     flat = torch.ones(1, 3, 64, 64) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
     assert ref.representation(flat)[..., 1:-1, 1:-1].abs().max() < 1e-5

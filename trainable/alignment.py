@@ -32,6 +32,7 @@ __all__ = [
     "get_metric",
     "linear_alignment",
     "linear_alignment_heldout",
+    "linear_alignment_heldout_definition",
     "constant_columns",
     "linear_cka",
     "relative_alphas",
@@ -68,9 +69,13 @@ def _as_tensor(a: Any, name: str) -> tuple[torch.Tensor, bool]:
     t = t.reshape(t.shape[0], -1)
     if t.shape[1] == 0:
         raise ValueError(f"{name} has shape {tuple(t.shape)}: it needs at least one feature")
-    if not bool(torch.isfinite(t).all()):
+    # One reduction instead of an elementwise test: a sum is finite when every entry is (the
+    # count runs only when it is not, which an overflowing sum of finite values also reaches)
+    if not bool(torch.isfinite(t.detach().sum())):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or inf values; all entries must be finite")
+        if bad:
+            raise ValueError(f"{name} contains {bad} NaN or inf values; all entries must be "
+                             f"finite")
     return t, was_numpy
 
 
@@ -433,15 +438,105 @@ def linear_alignment_scaled(
 
 # ----------------------------------------------------------------------------- loss form
 
+#: The Gram matrices of the loss form are built over column chunks of at most this many bytes
+#: (n rows x chunk columns x itemsize) on the CPU: a centred copy of the whole (n, p) layer or
+#: (n, q) reference is never made (AlexNet conv1 at 224 px and batch 1000 is 0.8 GB, the Gabor
+#: responses 1.3 GB), each chunk's temporaries stay in the CPU's cache (measured at batch 128
+#: with the Gabor responses at 224 px: 4 MiB chunks 175 ms, 64 MiB chunks 302 ms), and each
+#: chunk's partial Gram is added up in float64.
+GRAM_CHUNK_BYTES = 4 << 20
+#: The same bound on a GPU, where large products are what keeps it busy.
+GRAM_CHUNK_BYTES_CUDA = 256 << 20
 
-def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
-                uniform: bool) -> torch.Tensor:
-    """Predictive R^2 of kernel ridge (unpenalised intercept) from the centred Gram ``kx``
-    (n, n, float64) to ``y`` (n, q), with every prediction held out.
 
-    The held-out residuals are linear in y, ``E = R @ y``, with an n x n residual operator R
-    built in float64 from the kernel alone; only the final product touches the q columns of y,
-    in y's own dtype. With lam = rel * trace(Kc)/n_train and A = Kc + lam I:
+def _column_chunks(x: torch.Tensor) -> list[slice]:
+    n, cols = x.shape
+    limit = GRAM_CHUNK_BYTES if x.device.type == "cpu" else GRAM_CHUNK_BYTES_CUDA
+    width = max(1, limit // max(1, n * x.element_size()))
+    return [slice(lo, min(cols, lo + width)) for lo in range(0, cols, width)]
+
+
+def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``(x - mean)(x - mean)^T`` (n, n) float64, products in x's dtype, chunk by chunk."""
+    n = x.shape[0]
+    k = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for cols in _column_chunks(x):
+        xc = x[:, cols] - mean[cols]
+        k += (xc @ xc.T).to(torch.float64)
+    return k
+
+
+class _CentredGram(torch.autograd.Function):
+    """``K = Xc Xc^T`` (n, n, float64) for X (n, p), Xc = X minus its column means.
+
+    Backward: with S = G + G^T, dL/dX = J S J X = (J S J) Xc (J the centring matrix): one
+    (n, n) x (n, p) product, chunk by chunk. (Autograd's rule for ``xc @ xc.T`` would do two
+    products and keep a centred copy of X.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(0)
+        ctx.save_for_backward(x, mean)
+        return _chunked_gram(x, mean)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
+        s = _double_centre(grad + grad.T).to(x.dtype)
+        out = torch.empty_like(x)
+        for cols in _column_chunks(x):
+            out[:, cols] = s @ (x[:, cols] - mean[cols])
+        return out
+
+
+def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """Centred Gram matrix ``Xc Xc^T`` (n, n) in float64, differentiable in x.
+
+    The p-dimensional contraction (the expensive part) runs in x's own dtype: float32 rounding
+    there is ~1e-7 relative per entry once centring has removed any common offset. Everything
+    n x n downstream runs in float64, where the conditioning matters."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _CentredGram.apply(x)
+    return _chunked_gram(x, x.mean(0))
+
+
+def _target_grams(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What the loss form needs of the reference Y (n, q), in one pass over its columns:
+    ``(Ky, Kw, live)`` with Ky = Yc Yc^T, Kw = Yw Yw^T where Yw = Yc's non-constant columns
+    each divided by its root SST (constant columns: zero), and ``live`` the number of
+    non-constant columns. Both (n, n) float64. Differentiable in y when y requires grad."""
+    if y.requires_grad and torch.is_grad_enabled():  # the plain form: autograd's own rules
+        yc = y - y.mean(0)
+        live = ~constant_columns(y)
+        sst = (yc * yc).sum(0)
+        w = torch.where(live, torch.where(live, sst, torch.ones_like(sst)).rsqrt(),
+                        torch.zeros_like(sst))
+        yw = yc * w
+        return ((yc @ yc.T).to(torch.float64), (yw @ yw.T).to(torch.float64),
+                int(live.sum()))
+    with torch.no_grad():
+        n = y.shape[0]
+        mean = y.mean(0)
+        ky = torch.zeros(n, n, dtype=torch.float64, device=y.device)
+        kw = torch.zeros_like(ky)
+        live_total = 0
+        for cols in _column_chunks(y):
+            block = y[:, cols]
+            live = block.amax(0) != block.amin(0)  # constant_columns, chunk-wise
+            yc = block - mean[cols]
+            ky += (yc @ yc.T).to(torch.float64)
+            # 1/root SST on the live columns, 0 on the constant ones (whose SST may be ~1e-32)
+            yc.mul_((yc * yc).sum(0).clamp_min_(torch.finfo(yc.dtype).tiny).rsqrt_().mul_(live))
+            kw += (yc @ yc.T).to(torch.float64)
+            live_total += int(live.sum())
+        return ky, kw, live_total
+
+
+def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.Tensor:
+    """The held-out residual operator R (n, n, float64) of kernel ridge (unpenalised
+    intercept) with predictor Gram ``kx`` (n, n, float64): the held-out residuals of any
+    target y are ``R @ y``. With lam = rel * trace(Kc)/n_train and A = Kc + lam I:
 
     - folds=None, exact leave-one-out: ``E_i = c_i / d_i`` with ``c = A^-1 Yc`` and
       ``d_i = (A^-1)_ii - 1/(lam n)`` (see ``_select_dual``); since A 1 = lam 1 for a centred
@@ -451,14 +546,7 @@ def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None
       centring and penalty; for test rows ``R[te, te] = I`` and
       ``R[te, tr] = -(11^T/m + K_et A_tt^-1 J_m)``.
 
-    R^2 is pooled over target columns (residuals over the held-out samples, SST about the
-    batch mean): ``1 - sum_j w_j SSE_j / sum_j w_j SST_j``. ``uniform`` (the reference's
-    columns): w_j = 1/SST_j, the uniform mean of per-column R^2, over the columns that are not
-    constant in the batch (w = 0 for those). Otherwise (the network's units): w = 1, each unit
-    weighs its variance, so a dead unit adds nothing and no division by a vanishing SST ever
-    happens (the gradient stays bounded as a unit dies). ``linear_alignment_scaled`` applies
-    the same rule.
-    """
+    R annihilates constant vectors (R 1 = 0), so whether y is centred does not matter."""
     n = kx.shape[0]
     if folds is None:
         kc = _double_centre(kx)
@@ -466,30 +554,64 @@ def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None
         eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
         a_inv = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
         d = torch.diagonal(a_inv) - 1.0 / (lam * n)
-        op = (a_inv - 1.0 / (lam * n)) / d[:, None]
-    else:
-        rows = []
-        for lo, hi in _fold_bounds(n, folds):
-            tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
-            m = tr.numel()
-            g_tt = kx[tr][:, tr]
-            row = g_tt.mean(1)
-            k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
-            g_et = kx[lo:hi][:, tr]
-            k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
-            lam = rel * torch.diagonal(k_tt).sum() / m
-            eye = torch.eye(m, dtype=kx.dtype, device=kx.device)
-            w = torch.linalg.solve(k_tt + lam * eye, k_et.T).T  # K_et A^-1, (n_te, m)
-            w = w - w.mean(1, keepdim=True)  # @ J_m
-            block = torch.zeros(hi - lo, n, dtype=kx.dtype, device=kx.device)
-            block[:, tr] = -(w + 1.0 / m)
-            block[:, lo:hi] = torch.eye(hi - lo, dtype=kx.dtype, device=kx.device)
-            rows.append(block)
-        op = torch.cat(rows)
-    resid = op.to(y.dtype) @ y
+        return (a_inv - 1.0 / (lam * n)) / d[:, None]
+    rows = []
+    for lo, hi in _fold_bounds(n, folds):
+        tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
+        m = tr.numel()
+        g_tt = kx[tr][:, tr]
+        row = g_tt.mean(1)
+        k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
+        g_et = kx[lo:hi][:, tr]
+        k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+        lam = rel * torch.diagonal(k_tt).sum() / m
+        eye = torch.eye(m, dtype=kx.dtype, device=kx.device)
+        w = torch.linalg.solve(k_tt + lam * eye, k_et.T).T  # K_et A^-1, (n_te, m)
+        w = w - w.mean(1, keepdim=True)  # @ J_m
+        block = torch.zeros(hi - lo, n, dtype=kx.dtype, device=kx.device)
+        block[:, tr] = -(w + 1.0 / m)
+        block[:, lo:hi] = torch.eye(hi - lo, dtype=kx.dtype, device=kx.device)
+        rows.append(block)
+    return torch.cat(rows)
+
+
+def _heldout_r2_from_grams(k_pred: torch.Tensor, k_target: torch.Tensor,
+                           total: torch.Tensor | float, rel: float,
+                           folds: int | None) -> torch.Tensor:
+    """Pooled held-out R^2, ``1 - sum_j w_j SSE_j / total``, from Gram matrices alone.
+
+    ``k_target = Z Z^T`` with Z the target columns, each already multiplied by sqrt(w_j): the
+    weighted SSE is ``||R Z||_F^2 = <R^T R, k_target>_F``, so no (n, n) x (n, q) product is
+    needed. ``total`` is sum_j w_j SST_j. A target set with nothing to explain scores 0."""
+    if float(total.detach() if isinstance(total, torch.Tensor) else total) <= 0:
+        return (k_pred * 0).sum() + (k_target * 0).sum()
+    op = _heldout_operator(k_pred, rel, folds)
+    return 1.0 - ((op @ k_target) * op).sum() / total
+
+
+def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
+                uniform: bool) -> torch.Tensor:
+    """The loss form's definition, with explicit residuals: predictive R^2 of kernel ridge
+    from the centred Gram ``kx`` (n, n, float64) to ``y`` (n, q), every prediction held out
+    (``_heldout_operator``), ``E = R @ y`` computed in float64.
+
+    R^2 is pooled over target columns (residuals over the held-out samples, SST about the
+    batch mean): ``1 - sum_j w_j SSE_j / sum_j w_j SST_j``. ``uniform`` (the reference's
+    columns): w_j = 1/SST_j, the uniform mean of per-column R^2, over the columns that are not
+    constant in the batch (w = 0 for those). Otherwise (the network's units): w = 1, each unit
+    weighs its variance, so a dead unit adds nothing and no division by a vanishing SST ever
+    happens (the gradient stays bounded as a unit dies). ``linear_alignment_scaled`` applies
+    the same rule.
+
+    Not what the trainable runs: ``linear_alignment_heldout`` computes the same number from
+    Gram matrices alone (``_heldout_r2_from_grams``); this form is the reference the tests and
+    ``tests/benchmarks/bench_paper_shape.py`` hold it to.
+    """
+    y = y.to(torch.float64)
+    resid = _heldout_operator(kx, rel, folds) @ y
     sse = (resid**2).sum(0)
     sst = ((y - y.mean(0)) ** 2).sum(0)
-    if uniform:  # w_j = 1/SST_j on the live columns: the mean of their R^2
+    if uniform:
         live = ~constant_columns(y)
         if not bool(live.any()):  # nothing varies: nothing to explain
             return (sse * 0).sum()
@@ -505,6 +627,13 @@ def _double_centre(k: torch.Tensor) -> torch.Tensor:
     return k - row[:, None] - row[None, :] + row.mean()
 
 
+def _heldout_args(X: Any, Y: Any, rel: float, folds: int | None):
+    if rel <= 0 or not math.isfinite(rel):
+        raise ValueError(f"rel (relative ridge penalty) must be positive and finite, got {rel}")
+    min_n = 3 if folds is None else 2 * _check_folds(folds)
+    return _pair(X, Y, min_n, "the held-out alignment")
+
+
 def linear_alignment_heldout(
     X: Any, Y: Any, *, rel: float = DEFAULT_LOSS_REL, folds: int | None = None
 ) -> torch.Tensor | float:
@@ -513,32 +642,40 @@ def linear_alignment_heldout(
 
     X : (n, p) the network's layer, Y : (n, q) the reference (n = batch size). The dead-unit
     rule of ``linear_alignment_scaled``: predicting Y, its non-constant columns weigh equally;
-    predicting X, each unit weighs its variance (``_heldout_r2``). Predictions are always held out (exact
-    leave-one-out when ``folds`` is None, else contiguous ``folds``-fold): with p > n,
-    in-sample R^2 is ~1 whatever the network does. The ridge penalty is relative,
-    lam = rel * trace(Kc)/n, so multiplying X or Y by a constant leaves the score unchanged.
-    Cost: two Gram matrices and two (n, n) x (n, q|p) products in the inputs' dtype; the n x n
-    solves run in float64 (cheap at batch sizes, and the numerically fragile part). Gradients
-    flow to X and Y.
+    predicting X, each unit weighs its variance (``_heldout_r2``, the definition).
+    Predictions are always held out (exact leave-one-out when ``folds`` is None, else
+    contiguous ``folds``-fold): with p > n, in-sample R^2 is ~1 whatever the network does.
+    The ridge penalty is relative, lam = rel * trace(Kc)/n, so multiplying X or Y by a
+    constant leaves the score unchanged. Gradients flow to X and Y.
+
+    Cost: everything goes through three (n, n) Gram matrices -- Kx of the layer, and Ky and
+    Kw (Y's columns weighted 1/SST) of the reference -- built over column chunks in the inputs'
+    dtype. The held-out residual operators are (n, n) float64 (the numerically fragile part,
+    cheap at batch sizes), and each direction's pooled SSE is ``<R^T R, K_target>``: exact
+    for both directions because the reference's weights 1/SST_j do not depend on the network
+    and the layer's units are weighted by their variance. So no (n, n) x (n, p|q) product is
+    formed, and the backward pass is one (n, n) x (n, p) product for Kx (none for a reference
+    without gradient). Equal to the explicit-residual definition to float rounding (tested in
+    float64 to 1e-10, and in float32 against float64 in ``bench_paper_shape.py``).
     """
-    if rel <= 0 or not math.isfinite(rel):
-        raise ValueError(f"rel (relative ridge penalty) must be positive and finite, got {rel}")
-    min_n = 3 if folds is None else 2 * _check_folds(folds)
-    x, y, as_float = _pair(X, Y, min_n, "the held-out alignment")
-    xy = _heldout_r2(_gram64(x), y, rel, folds, uniform=True)
-    yx = _heldout_r2(_gram64(y), x, rel, folds, uniform=False)
+    x, y, as_float = _heldout_args(X, Y, rel, folds)
+    kx = _centred_gram(x)
+    ky, kw, live = _target_grams(y)
+    xy = _heldout_r2_from_grams(kx, kw, float(live), rel, folds)
+    yx = _heldout_r2_from_grams(ky, kx, torch.diagonal(kx).sum(), rel, folds)
     return _out(((xy + yx) / 2).to(x.dtype), as_float)
 
 
-def _gram64(x: torch.Tensor) -> torch.Tensor:
-    """Centred Gram matrix ``xc xc^T`` (n, n), returned in float64.
-
-    The product runs in x's own dtype (the p-dimensional contraction is the expensive part and
-    float32 rounding there is ~1e-7 relative per entry, after centring removes any large common
-    offset); the n x n solves downstream run in float64, where the conditioning matters.
-    """
-    xc = x - x.mean(0)
-    return (xc @ xc.T).to(torch.float64)
+def linear_alignment_heldout_definition(
+    X: Any, Y: Any, *, rel: float = DEFAULT_LOSS_REL, folds: int | None = None
+) -> torch.Tensor | float:
+    """``linear_alignment_heldout`` by its definition: explicit held-out residuals of both
+    directions in float64 (``_heldout_r2``). Slower (two (n, n) x (n, p|q) products and
+    their backward); the reference the fast form is tested against."""
+    x, y, as_float = _heldout_args(X, Y, rel, folds)
+    xy = _heldout_r2(_centred_gram(x), y, rel, folds, uniform=True)
+    yx = _heldout_r2(_centred_gram(y), x, rel, folds, uniform=False)
+    return _out(((xy + yx) / 2).to(x.dtype), as_float)
 
 
 # ----------------------------------------------------------------------------- CKA and RSA
@@ -554,7 +691,7 @@ def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
     transforms; symmetric.
     """
     x, y, as_float = _pair(X, Y, 2, "CKA")
-    kx, ky = _gram64(x), _gram64(y)
+    kx, ky = _centred_gram(x), _centred_gram(y)
     nx, ny = torch.linalg.norm(kx), torch.linalg.norm(ky)
     for name, norm in (("X", nx), ("Y", ny)):
         if float(norm.detach()) == 0:

@@ -229,7 +229,10 @@ def batch_alignment(
     for rows, y in groups:
         if rows.numel() < _min_rows(cfg):
             continue
-        scores.append(score_fn(feats[rows], _pooled(y, cfg.pool)))
+        # one group holding the whole batch in order (image references): no (n, p) gather copy
+        whole = rows.numel() == feats.shape[0] and bool(
+            (rows == torch.arange(rows.numel(), device=rows.device)).all())
+        scores.append(score_fn(feats if whole else feats[rows], _pooled(y, cfg.pool)))
     return torch.stack(scores).mean() if scores else None
 
 
@@ -280,14 +283,18 @@ def train_one_epoch(
         images = normalize(images)
         if augment == "flip":
             flip = flip_mask(images.shape[0], cfg.seed, epoch, step).to(device)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            # in place, the flipped half only (``normalize`` made this buffer for the batch)
+            images[flip] = images[flip].flip(-1)
         measure = cfg.alpha != 0 or step % cfg.align_batch_every == 0
         with _autocast(cfg, device):
             logits, taps = model(images, taps=(cfg.layer,))
             l_task = task_loss(logits, targets, task)
+            # an image-computed reference (the Gabor bank, a frozen network) runs in the
+            # network's precision (bf16 on CUDA by default); the alignment math after it does
+            # not (``_pooled`` casts to float32)
+            groups = list(reference_groups(reference, images, ids).values()) if measure else []
         score = None
         if measure:
-            groups = list(reference_groups(reference, images, ids).values())
             with torch.set_grad_enabled(cfg.alpha != 0):
                 score = batch_alignment(taps[cfg.layer], groups, score_fn, cfg)
         loss = cfg.beta * l_task

@@ -46,6 +46,7 @@ from trainable.data import (
     BatchFeed,
     TrialData,
     decode,
+    fix_mmap_threshold,
     normalize,
 )
 from trainable.models import build_model
@@ -215,6 +216,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    # what train() does first in a trial process (process-wide, so the plain loop runs under
+    # the same allocator settings): without it every batch's fresh buffers are page-faulted
+    # anew, which on this VM cost the alignment step more than its arithmetic
+    fix_mmap_threshold()
     # Epochs of align_batch_every (10) steps: each holds exactly one step where the alpha = 0
     # trainable measures the batch alignment, the demo's own proportion (2 in its 20-step
     # epoch). Many short rounds rather than few long ones: on a shared machine the best of
