@@ -218,7 +218,7 @@ def test_gram_only_form_equals_the_explicit_residual_definition(folds, dead, see
     assert scale > 0
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-9 * scale
     if dead:
-        assert float(grads[0][:, :dead].abs().max()) == 0.0  # a constant unit gets no push
+        assert float(grads[0][:, :dead].abs().max()) <= 1e-12 * scale  # no push, to rounding
 
 
 def test_gram_only_form_in_float32_stays_within_tolerance_of_float64():

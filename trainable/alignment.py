@@ -469,9 +469,10 @@ def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 class _CentredGram(torch.autograd.Function):
     """``K = Xc Xc^T`` (n, n, float64) for X (n, p), Xc = X minus its column means.
 
-    Backward: with S = G + G^T, dL/dX = J S J X = (J S J) Xc (J the centring matrix): one
-    (n, n) x (n, p) product, chunk by chunk. (Autograd's rule for ``xc @ xc.T`` would do two
-    products and keep a centred copy of X.)"""
+    Backward: with S = G + G^T and Sc = J S J (J the centring matrix), dL/dX = Sc X: one
+    (n, n) x (n, p) product on X itself (Sc 1 = 0, so centring X first changes nothing; the
+    rank-one term ``(Sc 1) mean^T`` is still subtracted, for Sc's rounding). Autograd's rule
+    for ``xc @ xc.T`` would do two products and keep a centred copy of X."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -484,10 +485,7 @@ class _CentredGram(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, mean = ctx.saved_tensors
         s = _double_centre(grad + grad.T).to(x.dtype)
-        out = torch.empty_like(x)
-        for cols in _column_chunks(x):
-            out[:, cols] = s @ (x[:, cols] - mean[cols])
-        return out
+        return (s @ x).addr_(s.sum(1), mean, alpha=-1)
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:
