@@ -419,6 +419,17 @@ def test_gradcheck_float64(fn):
     assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dead", [0, 2])
+def test_gradcheck_float64_reference_without_gradient(dead):
+    """The training step's case (a reference without gradient) has its leave-one-out gradient
+    written out (``_LeaveOneOutScore``): checked against finite differences."""
+    x, y = _small_pair(seed=3)
+    y = y.detach().clone()
+    y[:, :dead] = 0.5  # flat voxels
+    assert torch.autograd.gradcheck(lambda a: linear_alignment_heldout(a, y), (x,), eps=1e-6,
+                                    atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(METRICS))
 def test_gradient_ascent_step_raises_score(name):
     """One step along the gradient of the loss form on X raises the score: the signal the
@@ -513,3 +524,17 @@ def test_flat_test_fold_column_is_constant_even_when_its_mean_rounds():
     # The one documented departure from scikit-learn, whose r2_score tests SST == 0 and so
     # scores this fold at about -5e29.
     assert sklearn_cv_r2(x, y) < -1e20
+
+
+def test_gram_products_switch_to_tf32_on_cuda_only_and_restore_the_setting():
+    """The TF32 switch is scoped: a CPU tensor changes nothing; a CUDA device sets TF32 for the
+    block and restores the process's own setting after it (a flag, settable without a GPU)."""
+    import trainable.alignment as alignment
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with alignment._gram_products(torch.device("cpu")):
+        assert matmul.fp32_precision == before
+    with alignment._gram_products(torch.device("cuda")):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before

@@ -16,6 +16,7 @@ sweep files use.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -449,6 +450,31 @@ GRAM_CHUNK_BYTES = 4 << 20
 GRAM_CHUNK_BYTES_CUDA = 256 << 20
 
 
+#: On a CUDA device the Gram products (forward and the layer's backward) run in TF32: the
+#: network already runs in bf16 there, and float32 products without tensor cores would cost
+#: more than the network (2.1 TFLOP for the Gabor term at batch 1000 against 4.1). Emulated on
+#: the CPU at the paper's geometry (AlexNet conv1 and the Gabor bank, batch 128): the score
+#: moves by 4e-9 and the gradient by 7e-5 relative against float64 (bf16 products: 3e-8 and
+#: 6e-4); bench_paper_shape.py checks every condition against the float64 definition.
+GRAM_TF32_ON_CUDA = True
+
+
+@contextlib.contextmanager
+def _gram_products(device: torch.device):
+    """TF32 matmuls on CUDA while the Grams are built (``GRAM_TF32_ON_CUDA``), the
+    process's setting restored afterwards; nothing elsewhere."""
+    if device.type != "cuda" or not GRAM_TF32_ON_CUDA:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def _column_chunks(x: torch.Tensor) -> list[slice]:
     n, cols = x.shape
     limit = GRAM_CHUNK_BYTES if x.device.type == "cpu" else GRAM_CHUNK_BYTES_CUDA
@@ -460,9 +486,10 @@ def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``(x - mean)(x - mean)^T`` (n, n) float64, products in x's dtype, chunk by chunk."""
     n = x.shape[0]
     k = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for cols in _column_chunks(x):
-        xc = x[:, cols] - mean[cols]
-        k += (xc @ xc.T).to(torch.float64)
+    with _gram_products(x.device):
+        for cols in _column_chunks(x):
+            xc = x[:, cols] - mean[cols]
+            k += (xc @ xc.T).to(torch.float64)
     return k
 
 
@@ -485,7 +512,8 @@ class _CentredGram(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, mean = ctx.saved_tensors
         s = _double_centre(grad + grad.T).to(x.dtype)
-        return (s @ x).addr_(s.sum(1), mean, alpha=-1)
+        with _gram_products(x.device):
+            return (s @ x).addr_(s.sum(1), mean, alpha=-1)
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:
@@ -513,7 +541,7 @@ def _target_grams(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         yw = yc * w
         return ((yc @ yc.T).to(torch.float64), (yw @ yw.T).to(torch.float64),
                 int(live.sum()))
-    with torch.no_grad():
+    with torch.no_grad(), _gram_products(y.device):
         n = y.shape[0]
         mean = y.mean(0)
         ky = torch.zeros(n, n, dtype=torch.float64, device=y.device)
@@ -585,6 +613,62 @@ def _heldout_r2_from_grams(k_pred: torch.Tensor, k_target: torch.Tensor,
         return (k_pred * 0).sum() + (k_target * 0).sum()
     op = _heldout_operator(k_pred, rel, folds)
     return 1.0 - ((op @ k_target) * op).sum() / total
+
+
+class _LeaveOneOutScore(torch.autograd.Function):
+    """The exact leave-one-out score of both directions from the layer's Gram ``kx`` with a
+    reference that has no gradient (what every training step computes), with its gradient
+    with respect to kx written out, in float64: the same numbers as autograd through
+    ``_heldout_r2_from_grams``, for a fraction of its operations (the step's fixed cost at
+    small batches; tests/test_alignment.py compares both).
+
+    Predicting the reference (``kw``, ``live`` columns): with A = Kc + lam I, B = A^-1,
+    c = 1/(lam n), P = B - c 11^T, d = diag(B) - c, the pooled SSE is
+    f = sum_i (P Kw P)_ii / d_i^2; score_xy = 1 - f / live. Predicting the layer
+    (``rtr_y`` = R_y^T R_y, a constant): score_yx = 1 - <rtr_y, kx> / tr(kx)."""
+
+    @staticmethod
+    def forward(ctx, kx: torch.Tensor, kw: torch.Tensor, live: int, rtr_y: torch.Tensor,
+                rel: float) -> torch.Tensor:
+        n = kx.shape[0]
+        kc = _double_centre(kx)
+        lam = rel * torch.diagonal(kc).sum() / n
+        eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
+        b = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
+        c = 1.0 / (lam * n)
+        p = b - c
+        d = torch.diagonal(b) - c
+        wp = kw @ p
+        q_diag = (p * wp).sum(0)  # diag(P Kw P), P symmetric
+        xy = 1.0 - (q_diag / d**2).sum() / live if live > 0 else kx.new_zeros(())
+        t = torch.diagonal(kx).sum()
+        inner = (rtr_y * kx).sum()
+        yx = 1.0 - inner / t if float(t) > 0 else kx.new_zeros(())
+        ctx.save_for_backward(b, p, d, wp, q_diag, rtr_y, lam, t, inner)
+        ctx.live, ctx.rel = live, rel
+        return (xy + yx) / 2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        b, p, d, wp, q_diag, rtr_y, lam, t, inner = ctx.saved_tensors
+        n = b.shape[0]
+        grad_k = torch.zeros_like(b)
+        if ctx.live > 0:  # d f / d kx, then score_xy = 1 - f / live
+            e = 1.0 / d**2
+            m = wp * e[None, :]  # Kw P E; the gradient in P is M = Kw P E + E P Kw = m + m^T
+            m = m + m.T
+            g_d = -2.0 * q_diag / d**3
+            g_b = m + torch.diag(g_d)
+            bgb = b @ g_b @ b
+            scale = (ctx.rel / n) * (-torch.diagonal(bgb).sum()
+                                     + (m.sum() + g_d.sum()) / (lam * lam * n))
+            g_kc = -bgb + scale * torch.eye(n, dtype=b.dtype, device=b.device)
+            grad_k = grad_k - _double_centre(g_kc) / ctx.live
+        if float(t) > 0:
+            eye = torch.eye(n, dtype=b.dtype, device=b.device)
+            grad_k = grad_k - (rtr_y / t - (inner / (t * t)) * eye)
+        return grad_k * (grad / 2), None, None, None, None
 
 
 def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
@@ -659,6 +743,12 @@ def linear_alignment_heldout(
     x, y, as_float = _heldout_args(X, Y, rel, folds)
     kx = _centred_gram(x)
     ky, kw, live = _target_grams(y)
+    if folds is None and not (ky.requires_grad or kw.requires_grad):  # every training step
+        with torch.no_grad():
+            op_y = _heldout_operator(ky, rel, None)
+            rtr_y = op_y.T @ op_y
+        score = _LeaveOneOutScore.apply(kx, kw, live, rtr_y, rel)
+        return _out(score.to(x.dtype), as_float)
     xy = _heldout_r2_from_grams(kx, kw, float(live), rel, folds)
     yx = _heldout_r2_from_grams(ky, kx, torch.diagonal(kx).sum(), rel, folds)
     return _out(((xy + yx) / 2).to(x.dtype), as_float)

@@ -12,7 +12,7 @@ voxel-like responses (``VoxelResponses`` of one subject who saw every image: the
 is one group, the most expensive case; ``--v1-voxels`` / ``--vvs-voxels`` voxels).
 
 On a CUDA device the batch is the paper's (1000) and the trainable's own precision applies
-(bf16 autocast for the network and an image-computed reference, float32 Gram products,
+(bf16 autocast for the network and an image-computed reference, TF32 Gram products,
 float64 solves). On a CPU the default batch is 128. Images and labels are random (uint8,
 224 px): only the step's cost is measured.
 
