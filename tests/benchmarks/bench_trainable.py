@@ -14,11 +14,11 @@ filter grid excluded).
    without gradient every ``align_batch_every`` steps, flip augmentation, conv1 tap) against a
    minimal plain loop on the same torchvision network (``build_model(...).net``), the same
    uint8 images normalised per batch, Adam, cross-entropy, the same batch size and steps.
-   Goal: trainable / plain >= 0.95.
+   Goal: trainable / plain >= 0.97.
 2. step time at alpha != 0 over alpha = 0 for each reference kind: gabor (the 108-filter bank),
    pretrained (a frozen, freshly initialised AlexNet of the same width loaded from a state-dict
    file through the reference registry) and nsd (the simulated NSD-like world, ROI V1, its
-   voxel responses; multi-label data).
+   voxel responses; multi-label data). Goals: gabor <= 1.25, pretrained and nsd <= 1.15.
 
 The last line is
 ``plain_loop_ratio=<x> align_overhead_gabor=<x> align_overhead_pretrained=<x>
@@ -273,7 +273,7 @@ def main() -> None:
     plain_ratio = plain.best / trainable0.best
     print(f"\ntrainable (alpha=0, gabor) {trainable0.images_per_step / trainable0.best:.0f} "
           f"images/s vs plain loop {plain.images_per_step / plain.best:.0f} images/s: ratio "
-          f"{plain_ratio:.3f} (goal >= 0.95; median-based {plain.median / trainable0.median:.3f})")
+          f"{plain_ratio:.3f} (goal >= 0.97; median-based {plain.median / trainable0.median:.3f})")
     per_round = statistics.median(p / t for p, t in zip(plain.times, trainable0.times))
     print(f"  median of per-round ratios {per_round:.3f}; the alpha = 0 trainable measures the "
           f"batch alignment (gabor, no gradient) on 1 step in {base.align_batch_every}: "
@@ -285,8 +285,10 @@ def main() -> None:
     overhead = {}
     for kind, (v0, v1) in pairs.items():
         overhead[kind] = v1.best / v0.best
+        goal = 1.25 if kind == "gabor" else 1.15
         print(f"align overhead {kind:<10}: {v1.best * 1e3:.1f} / {v0.best * 1e3:.1f} ms = "
-              f"{overhead[kind]:.2f}x (median-based {v1.median / v0.median:.2f}x)")
+              f"{overhead[kind]:.2f}x (goal <= {goal}; median-based "
+              f"{v1.median / v0.median:.2f}x)")
     print(f"plain_loop_ratio={plain_ratio:.2f} align_overhead_gabor={overhead['gabor']:.2f} "
           f"align_overhead_pretrained={overhead['pretrained']:.2f} "
           f"align_overhead_nsd={overhead['nsd']:.2f}")
