@@ -467,8 +467,12 @@ def _gram_products(device: torch.device):
         yield
         return
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    try:
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+    except (AttributeError, RuntimeError):  # an older torch, or the process uses the legacy
+        yield  # allow_tf32 flag (torch refuses to mix the two): its own setting then applies
+        return
     try:
         yield
     finally:

@@ -349,6 +349,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default 3)")
     parser.add_argument("--steps", type=int, default=0, help="steps per round (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="only the side-by-side steps (no equality check, no breakdown)")
     parser.add_argument("--v1-voxels", type=int, default=2000,
                         help="voxels of a V1-like reference (one subject)")
     parser.add_argument("--vvs-voxels", type=int, default=8000,
@@ -397,11 +399,13 @@ def main() -> int:
                   f"{' ' + cond.roi + f' ({voxels[cond.roi]} voxels)' if cond.roi else ''}, "
                   f"{cond.image_size} px, width {cond.width:g}, trial options {cond.trial}",
                   flush=True)
-            torch.manual_seed(0)
-            model = build_model(cond.model, num_classes=NUM_CLASSES[cond.task],
-                                width=cond.width).to(device)
-            all_ok &= check_and_break_down(cond, cfg1, model, reference, split, device, repeats)
-            del model
+            if not args.no_breakdown:
+                torch.manual_seed(0)
+                model = build_model(cond.model, num_classes=NUM_CLASSES[cond.task],
+                                    width=cond.width).to(device)
+                all_ok &= check_and_break_down(cond, cfg1, model, reference, split, device,
+                                               repeats)
+                del model
             pair = [step_variant("without the term", cond, cfg0, reference, split, device),
                     step_variant("with the term", cond, cfg1, reference, split, device)]
             for r in range(warmup + rounds):
