@@ -579,12 +579,8 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
     R annihilates constant vectors (R 1 = 0), so whether y is centred does not matter."""
     n = kx.shape[0]
     if folds is None:
-        kc = _double_centre(kx)
-        lam = rel * torch.diagonal(kc).sum() / n
-        eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
-        a_inv = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
-        d = torch.diagonal(a_inv) - 1.0 / (lam * n)
-        return (a_inv - 1.0 / (lam * n)) / d[:, None]
+        a_inv, _, c, d = _loo_inverse(kx, rel)
+        return (a_inv - c) / d[:, None]
     rows = []
     for lo, hi in _fold_bounds(n, folds):
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
@@ -603,6 +599,19 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
         block[:, lo:hi] = torch.eye(hi - lo, dtype=kx.dtype, device=kx.device)
         rows.append(block)
     return torch.cat(rows)
+
+
+def _loo_inverse(kx: torch.Tensor, rel: float):
+    """The exact leave-one-out pieces of kernel ridge with Gram ``kx`` (n, n, float64):
+    ``(B, lam, c, d)`` with Kc the double-centred kernel, lam = rel * trace(Kc)/n,
+    B = (Kc + lam I)^-1, c = 1/(lam n) and d = diag(B) - c (``_heldout_operator``)."""
+    n = kx.shape[0]
+    kc = _double_centre(kx)
+    lam = rel * torch.diagonal(kc).sum() / n
+    eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
+    b = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
+    c = 1.0 / (lam * n)
+    return b, lam, c, torch.diagonal(b) - c
 
 
 def _heldout_r2_from_grams(k_pred: torch.Tensor, k_target: torch.Tensor,
@@ -634,14 +643,8 @@ class _LeaveOneOutScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kx: torch.Tensor, kw: torch.Tensor, live: int, rtr_y: torch.Tensor,
                 rel: float) -> torch.Tensor:
-        n = kx.shape[0]
-        kc = _double_centre(kx)
-        lam = rel * torch.diagonal(kc).sum() / n
-        eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
-        b = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
-        c = 1.0 / (lam * n)
+        b, lam, c, d = _loo_inverse(kx, rel)
         p = b - c
-        d = torch.diagonal(b) - c
         wp = kw @ p
         q_diag = (p * wp).sum(0)  # diag(P Kw P), P symmetric
         xy = 1.0 - (q_diag / d**2).sum() / live if live > 0 else kx.new_zeros(())

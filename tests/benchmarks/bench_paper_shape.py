@@ -43,7 +43,6 @@ measured conditions of that reference kind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import statistics
 import sys
@@ -136,7 +135,7 @@ def build_reference(cond: Condition, n_images: int, voxels: dict[str, int], tmp:
     g = torch.Generator().manual_seed(1)
     responses = VoxelResponses({1: (torch.arange(n_images), torch.randn(n_images, q, generator=g))},
                                roi=cond.roi)
-    return responses.to(device) if hasattr(responses, "to") else responses
+    return responses.to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -437,5 +436,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())
