@@ -92,6 +92,9 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrialConfig(reference="fmri")
     with pytest.raises(ValueError, match=r"rectify='yes'; accepted: true or false"):
         TrialConfig(rectify="yes")
+    with pytest.raises(ValueError, match=r"align_batch_every=-1; accepted: an integer in "
+                                         r"0\.\.1000000"):
+        TrialConfig(align_batch_every=-1)
     assert TrialConfig.from_dict({"epochs": 3.0, "alpha": 1}).epochs == 3
 
 
@@ -135,22 +138,27 @@ class _SeenImages(GaborReference):
         return super().representation(images)
 
 
+def _one_epoch_seen(data: TrialData, cfg: TrialConfig, epoch: int = 2):
+    """One epoch of train_one_epoch with augment "flip" (epoch ``epoch``); returns the
+    reference that saw its images, the epoch's index batches and the epoch's metrics."""
+    train_split = decode(data.train)
+    reference = _SeenImages()
+    model = build_model("alexnet", num_classes=data.num_classes, width=cfg.width, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = training_schedule(len(train_split), cfg)
+    feed = BatchFeed(train_split, schedule=schedule, workers=0, device=torch.device("cpu"),
+                     image_size=cfg.image_size, first_epoch=epoch)
+    metrics = train_one_epoch(model, optimizer, feed, reference, cfg, data.task, epoch,
+                              torch.device("cpu"), "flip")
+    return reference, train_split, schedule(epoch)[0], metrics
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_flip_augmentation_flips_exactly_the_masked_images(single_label, alpha):
     """What the network and an image-computed reference see under augment "flip": the
     epoch's batches, normalised, with exactly ``flip_mask``'s rows mirrored left-right."""
     cfg = TrialConfig(**{**TINY, "reference": "gabor", "alpha": alpha, "align_batch_every": 1})
-    train_split = decode(single_label.train)
-    reference = _SeenImages()
-    model = build_model("alexnet", num_classes=single_label.num_classes, width=cfg.width,
-                        seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = training_schedule(len(train_split), cfg)
-    feed = BatchFeed(train_split, schedule=schedule, workers=0, device=torch.device("cpu"),
-                     image_size=cfg.image_size, first_epoch=2)
-    train_one_epoch(model, optimizer, feed, reference, cfg, single_label.task, 2,
-                    torch.device("cpu"), "flip")
-    batches, _ = schedule(2)
+    reference, train_split, batches, _ = _one_epoch_seen(single_label, cfg)
     assert len(reference.seen) == len(batches) > 1
     flipped = 0
     for step, (idx, seen) in enumerate(zip(batches, reference.seen, strict=True)):
@@ -160,6 +168,22 @@ def test_flip_augmentation_flips_exactly_the_masked_images(single_label, alpha):
         assert torch.equal(seen, expect)
         flipped += int(mask.sum())
     assert 0 < flipped < sum(len(i) for i in batches)
+
+
+@pytest.mark.parametrize("every", [0, 1, 2, 1000])
+def test_alpha_zero_measures_the_batch_alignment_on_every_kth_step_of_an_epoch(single_label,
+                                                                            every):
+    """At alpha = 0 the reference is computed (and the batch alignment measured) on steps
+    0, k, 2k, ... of each epoch; k = 0 never (the epoch's batch_alignment is then NaN)."""
+    cfg = TrialConfig(**{**TINY, "reference": "gabor", "alpha": 0.0, "batch_size": 16,
+                         "align_batch_every": every})
+    reference, _, batches, metrics = _one_epoch_seen(single_label, cfg)
+    measured = [] if every == 0 else list(range(0, len(batches), every))
+    assert len(batches) >= 4 and len(reference.seen) == len(measured)
+    for step, seen in zip(measured, reference.seen, strict=True):
+        assert seen.shape[0] == len(batches[step])
+    assert np.isnan(metrics["batch_alignment"]) == (every == 0)
+    assert np.isnan(metrics["align_loss"]) == (every == 0)
 
 
 def test_rectify_aligns_the_relu_of_the_layer_and_pool_averages_it():

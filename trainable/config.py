@@ -56,7 +56,9 @@ class TrialConfig:
     threads : torch intra-op threads; 0 = leave as is (the sweep sets it from the trial's CPU
         share, since Ray sets OMP_NUM_THREADS=1 in workers).
     align_batch_every : for alpha == 0 the batch alignment is only measured (no gradient) on
-        every k-th step, so the baseline does not pay for a loss it does not use.
+        every k-th step of an epoch (steps 0, k, 2k, ...), so the baseline does not pay for a
+        loss it does not use; 0 = never (the epoch's batch_alignment and align_loss are then
+        NaN; the validation alignment is measured as always).
     steps_per_epoch : 0 = a whole pass over the training split per epoch; k > 0 = at most k
         steps (to try real data quickly: ``--set epochs=1 --set steps_per_epoch=20``).
     in_memory_mb : a split whose decoded uint8 images take at most this many MiB (and whose
@@ -131,11 +133,12 @@ class TrialConfig:
             if not (math.isfinite(v) and v > 0):
                 raise bad(name, "a positive number")
         for name, low in (("batch_size", 4), ("epochs", 1), ("image_size", 16),
-                          ("val_folds", 2), ("val_images", 10), ("align_batch_every", 1)):
+                          ("val_folds", 2), ("val_images", 10)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= UPPER[name]:
                 raise bad(name, f"an integer in {low}..{UPPER[name]}")
-        for name in ("seed", "pool", "threads", "steps_per_epoch", "in_memory_mb"):
+        for name in ("seed", "pool", "threads", "steps_per_epoch", "in_memory_mb",
+                     "align_batch_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= UPPER[name]:
                 raise bad(name, f"an integer in 0..{UPPER[name]}")
