@@ -481,6 +481,13 @@ def test_error_nan_inf(bad, where):
         ridge_cv_r2(x, y, alphas=[1.0])
     with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or inf"):
         linear_cka(x, y)
+    # the loss form checks on its Grams' traces instead of a pass over the inputs: every path
+    # (the training step's, k-fold, a reference with gradient) still names the bad input
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for kwargs, y_grad in (({}, False), ({"folds": 4}, False), ({}, True)):
+        with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or inf values"):
+            linear_alignment_heldout(xt.clone().requires_grad_(), yt.clone().requires_grad_(y_grad),
+                                     **kwargs)
 
 
 def test_error_alphas():
