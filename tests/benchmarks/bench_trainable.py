@@ -14,7 +14,8 @@ filter grid excluded).
    without gradient every ``align_batch_every`` steps, flip augmentation, conv1 tap) against a
    minimal plain loop on the same torchvision network (``build_model(...).net``), the same
    uint8 images normalised per batch, Adam, cross-entropy, the same batch size and steps.
-   Goal: trainable / plain >= 0.97.
+   Goal: trainable / plain >= 0.97. Beside it, the same trainable without the measurement
+   (``align_batch_every = 0``): what its machinery and the flips cost alone.
 2. step time at alpha != 0 over alpha = 0 for each reference kind: gabor (the 108-filter bank),
    pretrained (a frozen, freshly initialised AlexNet of the same width loaded from a state-dict
    file through the reference registry) and nsd (the simulated NSD-like world, ROI V1, its
@@ -247,13 +248,19 @@ def main() -> None:
             "nsd": (multi, build_reference("nsd", bundle=nsd_bundle)),
         }
         plain = plain_variant(single, base, n_steps)
+        # what bounds plain_loop_ratio: the same trainable without the batch-alignment
+        # measurement (align_batch_every = 0), i.e. its machinery and the flips alone
+        never = trainable_variant(
+            "gabor a=0 never", single, refs["gabor"][1],
+            TrialConfig(**{**base.asdict(), "reference": "gabor", "alpha": 0.0,
+                           "align_batch_every": 0}), n_steps)
         pairs: dict[str, tuple[Variant, Variant]] = {}
         for kind, (data, ref) in refs.items():
             cfg0 = TrialConfig(**{**base.asdict(), "reference": kind, "alpha": 0.0})
             cfg1 = TrialConfig(**{**base.asdict(), "reference": kind, "alpha": ALPHA})
             pairs[kind] = (trainable_variant(f"{kind} a=0", data, ref, cfg0, n_steps),
                            trainable_variant(f"{kind} a={ALPHA:g}", data, ref, cfg1, n_steps))
-        variants = [plain] + [v for pair in pairs.values() for v in pair]
+        variants = [plain, never] + [v for pair in pairs.values() for v in pair]
         measure(variants, rounds, warmup)
 
         extra_ms = measured_step_ms(single, refs["gabor"][1], base, repeats=3 if args.quick else 10)
@@ -279,6 +286,9 @@ def main() -> None:
           f"batch alignment (gabor, no gradient) on 1 step in {base.align_batch_every}: "
           f"{extra_ms:.1f} ms each, {extra_ms / base.align_batch_every:.1f} ms/step amortised "
           f"= {extra_ms / base.align_batch_every / (plain.best * 1e3):.1%} of the plain step")
+    print(f"  without the measurement (align_batch_every = 0: the trainable's machinery and "
+          f"its flips only) the ratio is {plain.best / never.best:.3f} (median-based "
+          f"{plain.median / never.median:.3f})")
     if reported is not None:
         print(f"train() itself reports {reported:.0f} images/s for one epoch of the same "
               f"configuration (one run, not best-of; includes its alignment measurement)")
