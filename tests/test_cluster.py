@@ -60,22 +60,61 @@ def _wait_for(address: str, cpus: float, timeout: float = 90) -> None:
     assert out.returncode == 0 and float(out.stdout.split()[-1]) >= cpus, out.stderr[-2000:]
 
 
+def _start_head(head_cpus: int, head_gpus: int, tmp: str, attempts: int = 3):
+    """Start the head node; returns ``(process, address)`` once its GCS port accepts
+    connections. The ports are picked free just before ``ray start`` binds them, so another
+    process can take one in between (seen once in a full suite run: the GCS never came up and
+    a client waited 150 s); a head that exits before its GCS listens is restarted on fresh
+    ports, and one that neither exits nor listens fails the test with its log's tail."""
+    for attempt in range(attempts):
+        port = free_port()
+        log = Path(tmp) / f"head-{attempt}.log"
+        cmd = [RAY, "start", "--head", "--block", "--port", str(port),
+               "--node-ip-address", LOOPBACK, "--num-cpus", str(head_cpus),
+               "--num-gpus", str(head_gpus), "--object-store-memory", str(200 << 20),
+               "--include-dashboard", "false", "--temp-dir", f"{tmp}/head{attempt}",
+               *_node_ports()]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex((LOOPBACK, port)) == 0:
+                    return proc, f"{LOOPBACK}:{port}"
+            time.sleep(0.5)
+        if proc.poll() is None:  # alive but not listening: not a port race; stop and report
+            _stop([proc])
+            raise AssertionError(f"ray head on port {port} did not listen within 120 s: "
+                                 f"{log.read_text(errors='replace')[-2000:]}")
+        print(f"ray head on port {port} exited ({proc.returncode}) before listening; "
+              f"retrying on fresh ports: {log.read_text(errors='replace')[-500:]}")
+    raise AssertionError(f"ray head failed to start {attempts} times")
+
+
+def _stop(procs) -> None:
+    for p in reversed(procs):
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 @contextmanager
 def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
     """A head node (and optionally one worker node) on this machine, each a blocking
     `ray start` process with its own temp dir, ports and object store size."""
     procs = []
-    port = free_port()
-    address = f"{LOOPBACK}:{port}"
     with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
         try:
-            head = [RAY, "start", "--head", "--block", "--port", str(port),
-                    "--node-ip-address", LOOPBACK, "--num-cpus", str(head_cpus),
-                    "--num-gpus", str(head_gpus), "--object-store-memory", str(200 << 20),
-                    "--include-dashboard", "false", "--temp-dir", f"{tmp}/head",
-                    *_node_ports()]
-            procs.append(subprocess.Popen(head, env=ENV, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))
+            head, address = _start_head(head_cpus, head_gpus, tmp)
+            procs.append(head)
             _wait_for(address, head_cpus)
             if worker_cpus:
                 worker = [RAY, "start", "--address", address, "--block",
@@ -88,16 +127,7 @@ def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
                 _wait_for(address, head_cpus + worker_cpus)
             yield address
         finally:
-            for p in reversed(procs):
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-            for p in procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            _stop(procs)
 
 
 def run_cli(args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
