@@ -673,7 +673,11 @@ class _LeaveOneOutScore(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, ky: torch.Tensor, kw: torch.Tensor, live: int,
                 rel: float) -> torch.Tensor:
         mean = x.mean(0)
-        kx = _check_finite_by_trace(_chunked_gram(x, mean), x, "X")
+        kx = _chunked_gram(x, mean)
+        t = kx.trace()
+        t_value = float(t)  # one host sync for both uses
+        if not math.isfinite(t_value):  # the trace is finite when every entry of x is
+            _check_finite(x, "X")
         # both leave-one-out inverses (the layer's and the reference's) in one batched pass
         b2, lam2, c2, d2 = _loo_inverse(torch.stack((kx, ky)), rel)
         b, lam, c, d = b2[0], lam2[0], c2[0], d2[0]
@@ -683,11 +687,10 @@ class _LeaveOneOutScore(torch.autograd.Function):
         wp = kw @ p
         q_diag = (p * wp).sum(0)  # diag(P Kw P), P symmetric
         xy = 1.0 - (q_diag / d**2).sum() / live if live > 0 else kx.new_zeros(())
-        t = kx.trace()
-        inner = torch.vdot(rtr_y.view(-1), kx.view(-1))
-        yx = 1.0 - inner / t if float(t) > 0 else kx.new_zeros(())
+        inner = torch.vdot(rtr_y.reshape(-1), kx.reshape(-1))
+        yx = 1.0 - inner / t if t_value > 0 else kx.new_zeros(())
         ctx.save_for_backward(x, mean, b, p, d, wp, q_diag, rtr_y, lam, t, inner)
-        ctx.live, ctx.rel = live, rel
+        ctx.live, ctx.rel, ctx.t_value = live, rel, t_value
         return ((xy + yx) / 2).to(x.dtype)
 
     @staticmethod
@@ -705,8 +708,8 @@ class _LeaveOneOutScore(torch.autograd.Function):
             h = b @ g_b @ b  # -df/dKc, but for lam's dependence on tr(Kc):
             h.diagonal().add_((ctx.rel / n) * (h.trace() - g_b.sum() / (lam * lam * n)))
             h /= ctx.live
-        if float(t) > 0:  # score_yx = 1 - <R_y^T R_y, Kx> / tr(Kx)
-            h.sub_(rtr_y, alpha=1.0 / float(t)).diagonal().add_(inner / (t * t))
+        if ctx.t_value > 0:  # score_yx = 1 - <R_y^T R_y, Kx> / tr(Kx)
+            h.sub_(rtr_y, alpha=1.0 / ctx.t_value).diagonal().add_(inner / (t * t))
         s = _double_centre(h).mul_(grad.to(h.dtype)).to(x.dtype)
         with _gram_products(x.device):
             dx = (s @ x).addr_(s.sum(1), mean, alpha=-1)
