@@ -129,6 +129,14 @@ def test_reference_is_the_fixed_convolution_without_gradient():
     y32 = ref.representation(images.detach().float())
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), expected, rtol=0, atol=1e-5)
+    # the channel sum is taken by two additions: bit for bit ``sum(1)`` in float32, and
+    # reduced-precision images keep ``sum(1)`` (one rounding)
+    x32 = images.detach().float()
+    lum = gabor_bank(torch.float32)[:, :1]
+    assert torch.equal(y32, F.conv2d(x32.sum(1, keepdim=True), lum, stride=4, padding=2))
+    x16 = x32.bfloat16()
+    assert torch.equal(ref.representation(x16), F.conv2d(
+        x16.sum(1, keepdim=True), lum.bfloat16(), stride=4, padding=2))
     # a uniform image (any colour) gives zero response away from the zero-padded border
     flat = torch.ones(1, 3, 64, 64) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
     assert ref.representation(flat)[..., 1:-1, 1:-1].abs().max() < 1e-5

@@ -289,7 +289,8 @@ def train_one_epoch(
         every = cfg.align_batch_every
         measure = cfg.alpha != 0 or (every > 0 and step % every == 0)
         with _autocast(cfg, device):
-            logits, taps = model(images, taps=(cfg.layer,))
+            # the tap only when this step measures (a tap costs a clone and two hooks)
+            logits, taps = model(images, taps=(cfg.layer,)) if measure else (model(images), {})
             l_task = task_loss(logits, targets, task)
             # an image-computed reference (the Gabor bank, a frozen network) runs in the
             # network's precision (bf16 on CUDA by default); the alignment math after it does
