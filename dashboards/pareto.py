@@ -53,7 +53,7 @@ from dashboards.sources import (
     quiet_artifacts,
 )
 from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
-from records.uris import tracking_uri
+from records.uris import redact, tracking_uri
 from references.cache import atomic_write_text
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
@@ -403,8 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: bad input is one line and exit 2; any other failure one line naming the file
+    that holds its traceback, exit 1 (``references.cache.traceback_file``)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
+        from references.cache import traceback_file
+
+        log = traceback_file(exc)
+        text = redact(" ".join(str(exc).split()))[:300]
+        print(f"error: {type(exc).__name__}: {text} (full traceback: {log})", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise SourceError(f"--out {args.out}: not a folder; accepted: a folder for the "
+                              f"report (created when missing)")
         if args.ray_results:
             uri = _uri(args.mlflow_uri) if args.parent_run and not args.no_log else None
             path = postprocess_ray(args.sweep, args.ray_results, out=args.out,

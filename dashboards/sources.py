@@ -47,6 +47,7 @@ from records import (
     parse_run_folder,
     read_manifest,
 )
+from records.stores import sqlite_path, sqlite_store_problem
 
 __all__ = [
     "SourceError",
@@ -204,7 +205,6 @@ def quiet_artifacts():
         os.environ.pop(key, None)
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
 _STORE_ACCEPTED = ("accepted: the store a sweep wrote (sqlite:///PATH/mlflow.db), a tracking "
                    "server (http://HOST:PORT), or --ray-results DIR")
 
@@ -220,75 +220,22 @@ def mlflow_client(uri: str):
 
 
 def _check_sqlite_store(uri: str) -> None:
-    """Refuse a ``sqlite:`` URI that does not name an MLflow store of this MLflow's schema.
-
-    MLflow's SqlAlchemyStore, on open, creates its tables in any SQLite file that lacks one of
-    them (an empty file, a text file it then fails on, another program's database) and then
-    migrates it to its schema (``mlflow.store.db.utils._all_tables_exist`` /
-    ``_initialize_tables``): a read would write. So before MLflow sees the file: it must exist,
-    start with the SQLite header, and (opened read-only by Python's sqlite3, which writes
-    nothing) hold every table MLflow checks for, at the schema revision this MLflow expects
-    (an older one would be migrated, or refused with a traceback). On such a store MLflow's
-    open only reads (its default experiment exists; measured on MLflow 3.17: the file's bytes
-    and mtime are unchanged). The check reads MLflow's own lists (private names, pinned by
-    mlflow<4; a rename fails here loudly, not silently).
-    """
-    import sqlite3
-    from urllib.parse import quote
-
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        name = make_url(uri).database
-    except ArgumentError:
-        name = None
-    if not name or name == ":memory:":
+    """Refuse a ``sqlite:`` URI that does not name an MLflow store of this MLflow's schema:
+    no file (MLflow would silently create an empty store), or a file that is not such a store
+    (``records.stores.sqlite_store_problem``: opening it would write)."""
+    db = sqlite_path(uri)
+    if db is None:
         raise SourceError(f"--mlflow-uri {uri}: not a SQLite file path; {_STORE_ACCEPTED}")
-    db = Path(name).expanduser()
     if not db.is_file():  # MLflow would silently create an empty store
         raise SourceError(f"--mlflow-uri {uri}: no such SQLite file; {_STORE_ACCEPTED}")
-    with db.open("rb") as fh:
-        header = fh.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        what = "an empty file" if not header else "not a SQLite database (no SQLite header)"
-        raise SourceError(f"--mlflow-uri {uri}: {db} is {what}, so not an MLflow store (left "
-                          f"as it is: MLflow would create its tables in it); {_STORE_ACCEPTED}")
-    try:
-        # mode=ro: SQLite opens the file read-only, so this look cannot write either. The
-        # timeout waits out a trial writing to the store meanwhile, as MLflow's busy_timeout.
-        con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True,
-                              timeout=20)
-        try:
-            tables = {row[0] for row in con.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            revision = None
-            if "alembic_version" in tables:
-                row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-                revision = row[0] if row else None
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise SourceError(f"--mlflow-uri {uri}: {db} cannot be read as a SQLite database "
-                          f"({exc}); {_STORE_ACCEPTED}") from None
-    if not {"experiments", "runs", "alembic_version"} <= tables:
-        found = ", ".join(sorted(tables)[:8]) or "none"
-        raise SourceError(f"--mlflow-uri {uri}: {db} is a SQLite database but not an MLflow "
-                          f"store (tables: {found}; an MLflow store has experiments, runs, "
-                          f"alembic_version); {_STORE_ACCEPTED}")
-    from mlflow.store.db import utils as mlflow_db
-
-    missing = sorted(set(mlflow_db.Base.metadata.tables) - tables)
-    head = mlflow_db._get_latest_schema_revision()
-    if missing or revision != head:
-        import mlflow
-
-        raise SourceError(f"--mlflow-uri {uri}: {db} is an MLflow store of another schema "
-                          f"(revision {revision}; MLflow {mlflow.__version__} reads {head}"
-                          + (f", and lacks tables {', '.join(missing[:4])}" if missing else "")
-                          + "), which opening it would migrate; accepted: a store of this "
-                            "MLflow version (upgrade a copy with `mlflow db upgrade "
-                            "sqlite:///COPY`), or read it with the MLflow that wrote it")
+    problem = sqlite_store_problem(db)
+    if problem is None:
+        return
+    if "another schema" in problem:
+        raise SourceError(f"--mlflow-uri {uri}: {problem}; accepted: a store of this MLflow "
+                          f"version (upgrade a copy with `mlflow db upgrade sqlite:///COPY`), "
+                          f"or read it with the MLflow that wrote it")
+    raise SourceError(f"--mlflow-uri {uri}: {problem}; {_STORE_ACCEPTED}")
 
 
 def _experiments(client, sweep: str, experiment: str | None) -> list:

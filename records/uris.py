@@ -42,7 +42,12 @@ def tracking_uri(value: str | None) -> str:
     def bad(why: str) -> ValueError:
         return ValueError(f"{source} {redact(value)!r}: {why}; accepted: {_MLFLOW_ACCEPTED}")
 
-    parts = urlsplit(value)
+    if value.lower() == "databricks":  # MLflow's name for the default Databricks profile
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+        raise bad(f"not a URI ({exc})") from None
     scheme = parts.scheme.lower()
     dialect = scheme.split("+", 1)[0]
     if scheme == "sqlite":

@@ -112,3 +112,20 @@ def _new_sibling(path: Path) -> tuple[int, Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``atomic_write_bytes`` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def traceback_file(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback, secrets redacted, to ``<cache>/logs/error-<time>-<pid>.log``
+    (or the temporary folder's ``alignsweep-logs`` when the cache is what failed); returns the
+    path. What a command line names in its one-line error for an unexpected failure."""
+    import time
+    import traceback
+
+    from records.uris import redact
+
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = redact("".join(traceback.format_exception(exc)))
+    try:
+        return atomic_write_text(cache_root() / "logs" / name, text)
+    except OSError:  # the cache itself may be what failed
+        return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)

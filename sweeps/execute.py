@@ -44,7 +44,15 @@ from records import (
 from records.uris import redact
 from references.cache import atomic_write_text
 from sweeps import tracking
-from sweeps.plan import Plan, UsageError, _object_store_bytes, check_services
+from sweeps.plan import (
+    DEFAULT_FLUSH_S,
+    FLUSH_ENV,
+    Plan,
+    UsageError,
+    _object_store_bytes,
+    check_services,
+    flush_seconds,
+)
 from sweeps.spec import Resources, TrialSpec, format_overrides
 
 # `ray start` (2.60) turns token authentication on by default, but a driver only presents its
@@ -142,8 +150,16 @@ def read_journal(checkpoint_dir: Path) -> dict[int, dict[str, float]]:
 
 def _flush_timeout() -> float:
     """How long a finished trial waits for MLflow to take what it queued
-    (``ALIGNSWEEP_TRACKING_FLUSH_S``, default 900 s: an outage of minutes loses nothing)."""
-    return float(os.environ.get("ALIGNSWEEP_TRACKING_FLUSH_S", 900))
+    (``ALIGNSWEEP_TRACKING_FLUSH_S``, default 900 s: an outage of minutes loses nothing).
+    Never raises (it runs in the trial's ``finally``): the driver refused a bad value before
+    starting (``plan.flush_seconds``); one set otherwise on a node is warned about and the
+    default used."""
+    try:
+        return flush_seconds(os.environ.get(FLUSH_ENV))
+    except ValueError as exc:
+        logging.getLogger(__name__).warning("%s; waiting the default %.0f s", exc,
+                                            DEFAULT_FLUSH_S)
+        return DEFAULT_FLUSH_S
 
 
 def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
@@ -284,7 +300,7 @@ def _worker_env() -> dict[str, str]:
     credentials). MLflow's HTTP client retries a request for minutes by default; a trial's
     tracking thread does its own backoff, so each request fails fast instead."""
     keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "ALIGNSWEEP_TRACKING_FLUSH_S")
+            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", FLUSH_ENV)
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                    os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"))
@@ -554,6 +570,7 @@ class Outcome:
     metrics: dict
     checkpoint: Any
     folder: str | None = None  # the trial's Ray result folder
+    error: str | None = None  # an errored trial's error, one line (``error_line``)
 
 
 def _outcome(plan: Plan, result) -> Outcome:
@@ -575,7 +592,23 @@ def _outcome(plan: Plan, result) -> Outcome:
     else:
         state = f"stopped at epoch {int(last) + 1} of {epochs}"
     return Outcome(trial_id, state, dict(metrics), result.checkpoint,
-                   getattr(result, "path", None))
+                   getattr(result, "path", None),
+                   error_line(result.error) if result.error is not None else None)
+
+
+def error_line(error: BaseException) -> str:
+    """What ended an errored trial, in one line: the innermost ``Type: message`` of the error
+    as it reached the driver. Ray wraps a trial's exception (``cause``: the original), and a
+    DataLoader re-raises a worker's with ``Caught X in DataLoader worker process 0`` and the
+    worker's traceback as its text, whose last line is the original ``Type: message``."""
+    cause = getattr(error, "cause", None)
+    inner = cause if isinstance(cause, BaseException) else error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in str(inner):
+        line = lines[-1]
+    else:
+        line = f"{type(inner).__name__}: {' '.join(lines)}" if lines else type(inner).__name__
+    return redact(line)[:300]
 
 
 def _dataset(source) -> dict[str, str]:
@@ -772,6 +805,11 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
     _say(f"{'trial':<{width}}  {'state':<{states}}  performance  alignment")
     for tid, state, perf, align in rows:
         _say(f"{tid:<{width}}  {state:<{states}}  {perf:11.4f}  {align:9.4f}")
+    errored = sorted((o.trial_id, o.error) for o in outcomes if o.error)
+    if errored:
+        _say("")
+        for tid, why in errored:
+            _say(f"{tid}: {why}")
     _say("")
     where = f"{run_dir}-*" if plan.search == "optuna" else str(run_dir)
     _say(f"Ray Tune results: {where}")

@@ -13,6 +13,7 @@ one-line message naming the bad value and what is accepted; ``sweeps/run.py`` pr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -23,7 +24,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from records import RESUME_POINTER_SUFFIX, experiment_name
+from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import redact, tracking_uri
+from references.cache import ENV_VAR as CACHE_ENV
 from sweeps.spec import (
     PAPER_DATA,
     DataSource,
@@ -220,27 +223,75 @@ def _host_port(flag: str, value: str, hostport: str, accepted: str) -> tuple[str
 
 
 def _mlflow_uri(value: str | None) -> str:
-    """The tracking URI (``records.uris.tracking_uri``) or a UsageError."""
+    """The tracking URI (``records.uris.tracking_uri``) or a UsageError. A ``sqlite:`` file
+    that exists must already be an MLflow store of this MLflow's schema (or be empty):
+    MLflow would otherwise add its tables to another program's database, or migrate an old
+    store, on the run's first write (``records.stores``)."""
     try:
-        return tracking_uri(value)
+        uri = tracking_uri(value)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    db = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if db is not None and db.is_file() and db.stat().st_size > 0:
+        problem = sqlite_store_problem(db)
+        if problem is not None:
+            flag = "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
+            raise UsageError(f"{flag} {redact(uri)}: {problem}; accepted: a new or empty "
+                             f"file, or a store this MLflow ({_mlflow_version()}) wrote")
+    return uri
+
+
+def _mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
 
 
 OBJECT_STORE_ENV = "ALIGNSWEEP_OBJECT_STORE"
 _MIN_OBJECT_STORE = 75 * 2**20  # Ray refuses less
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
 def _object_store_bytes() -> int:
-    """The local Ray's object store size: ``$ALIGNSWEEP_OBJECT_STORE`` bytes (default 1 GiB)."""
+    """The local Ray's object store size: ``$ALIGNSWEEP_OBJECT_STORE`` bytes (default 1 GiB),
+    at least Ray's minimum and at most this machine's memory."""
     text = os.environ.get(OBJECT_STORE_ENV, str(1 << 30))
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < _MIN_OBJECT_STORE:
+    ram = _physical_memory()
+    if value < _MIN_OBJECT_STORE or (ram is not None and value > ram):
         raise UsageError(f"{OBJECT_STORE_ENV}={text!r}; accepted: an integer number of bytes "
-                         f">= {_MIN_OBJECT_STORE}")
+                         f">= {_MIN_OBJECT_STORE}"
+                         + (f" and <= this machine's memory ({ram})" if ram else ""))
+    return value
+
+
+FLUSH_ENV = "ALIGNSWEEP_TRACKING_FLUSH_S"
+DEFAULT_FLUSH_S = 900.0
+MAX_FLUSH_S = 7 * 24 * 3600.0
+
+
+def flush_seconds(text: str | None) -> float:
+    """``$ALIGNSWEEP_TRACKING_FLUSH_S``: how long a finished trial waits for MLflow to take
+    what it queued (default 900 s). ValueError (one line) for anything but a number of
+    seconds in 0..one week."""
+    if text is None:
+        return DEFAULT_FLUSH_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_FLUSH_S:
+        raise UsageError(f"{FLUSH_ENV}={text!r}; accepted: a number of seconds from 0 to "
+                         f"{MAX_FLUSH_S:.0f} (default {DEFAULT_FLUSH_S:.0f})")
     return value
 
 
@@ -261,7 +312,42 @@ def _storage(value: str | None) -> str:
     path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--storage {value}: not a directory")
+    problem = _unwritable(path)
+    if problem:
+        raise UsageError(f"--storage {value if value is not None else path}: {problem}; "
+                         f"accepted: a folder this user can create or write")
     return str(path)
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (to be created if missing) cannot be written, or None. Creates nothing:
+    the nearest existing ancestor must be a writable folder (a dry run writes nothing)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing folder above {folder}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def _check_cache() -> None:
+    """``$ALIGNSWEEP_CACHE`` (the generated worlds, logs): a folder that can be written. Read
+    by the driver and every trial, so refused here rather than by each of them."""
+    text = os.environ.get(CACHE_ENV)
+    if not text:
+        return
+    folder = Path(text).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        problem: str | None = f"{folder} is not a folder"
+    else:
+        problem = _unwritable(folder)
+    if problem:
+        raise UsageError(f"{CACHE_ENV}={text!r}: {problem}; accepted: a folder this user can "
+                         f"create or write (default ~/.cache/alignsweep)")
 
 
 def _paper_data_line(data: dict[str, DataSource]) -> str:
@@ -309,7 +395,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     resources = _resources(conditions, scale, cpus, gpus)
     if address is None:
         _object_store_bytes()
+    flush_seconds(os.environ.get(FLUSH_ENV))  # read by every trial when it ends
+    _check_cache()
     trials = [t.with_resources(resources[t.condition]) for t in trials]
+    for t in trials:
+        if t.config.get("device") == "cuda" and t.resources.gpus == 0:
+            # Ray would give the trial no GPU: it would fail when it starts
+            raise UsageError(f"condition {t.condition}: device=cuda with 0 GPUs per trial; "
+                             f"accepted: --gpus-per-trial > 0 with device=cuda, or device=auto "
+                             f"(the trial's GPU when it has one) or cpu")
     data = {c.name: c.data_source(scale, smoke=args.smoke_test, subjects=subjects, **paths)
             for c in conditions}
     if "image_size" in overrides:  # the data is read at the size the trials train at
@@ -334,18 +428,25 @@ def _check_sweep_name(name: str | None, known: list[str]) -> None:
         raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known)}")
 
 
+#: Far beyond any real sweep (the paper's 79 configurations x 1,000 seeds is 79,000 trials),
+#: low enough that a typo is refused at once rather than planning millions of trials.
+MAX_SEEDS = 1000
+MAX_SAMPLES = 100_000
+
+
 def _check_search(args: argparse.Namespace) -> None:
     """--seeds, --search, --num-samples and what an adaptive search excludes."""
-    if args.seeds < 1:
-        raise UsageError(f"--seeds {args.seeds}; accepted: an integer >= 1")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds {args.seeds}; accepted: an integer in 1..{MAX_SEEDS}")
     if args.search not in SEARCH_CHOICES:
         raise UsageError(f"--search {args.search!r}; accepted: {', '.join(SEARCH_CHOICES)}")
     if args.search == "optuna":
         if args.num_samples is None:
             raise UsageError("--search optuna needs --num-samples N (trials sampled per "
                              "condition)")
-        if args.num_samples < 1:
-            raise UsageError(f"--num-samples {args.num_samples}; accepted: an integer >= 1")
+        if not 1 <= args.num_samples <= MAX_SAMPLES:
+            raise UsageError(f"--num-samples {args.num_samples}; accepted: an integer in "
+                             f"1..{MAX_SAMPLES}")
         if args.seeds != 1:
             raise UsageError(f"--seeds {args.seeds} with --search optuna; accepted: --seeds "
                              f"with --search grid (optuna samples alpha, each sample once)")

@@ -178,26 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
-        log = _traceback_file(exc)
+        from references.cache import traceback_file
+
+        log = traceback_file(exc)
         print(f"error: {type(exc).__name__}: {redact(_one_line(exc))[:300]} (full traceback: "
               f"{log})", file=sys.stderr)
         return 1
-
-
-def _traceback_file(exc: BaseException) -> Path:
-    import time
-    import traceback
-
-    from references.cache import atomic_write_text, cache_root
-
-    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    text = redact("".join(traceback.format_exception(exc)))
-    try:
-        return atomic_write_text(cache_root() / "logs" / name, text)
-    except OSError:  # the cache itself may be what failed
-        import tempfile
-
-        return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
 
 
 def _main(argv: list[str] | None) -> int:

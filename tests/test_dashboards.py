@@ -970,3 +970,17 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
     assert cmp["difference"] == pytest.approx(cmp["first_gap"] - cmp["second_gap"])
     demo = paper_terms(t, stats, "demo")
     assert all(not h["comparable"] and "demo scale" in h["note"] for h in demo["headlines"])
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
+    # Before: a 17-line FileExistsError traceback from build_outputs' mkdir.
+    taken = tmp_path / "report.txt"
+    taken.write_text("keep me\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
+         str(tmp_path), "--out", str(taken)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: --out {taken}: not a folder; accepted: a folder for the "
+                           f"report (created when missing)\n")
+    assert taken.read_text() == "keep me\n"

@@ -304,7 +304,17 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--gpus-per-trial", "1.5"], r"--gpus-per-trial='1.5'; accepted: a fraction"),
     (["nsd_conv1_v1", "--gpus-per-trial", "nan"], r"--gpus-per-trial='nan'"),
     (["nsd_conv1_v1", "--cpus-per-trial", "0.00001"], r"at least 0.0001"),
-    (["nsd_conv1_v1", "--seeds", "0"], r"--seeds 0; accepted: an integer >= 1"),
+    (["nsd_conv1_v1", "--seeds", "0"], r"--seeds 0; accepted: an integer in 1\.\.1000"),
+    (["nsd_conv1_v1", "--seeds", "1000000"], r"--seeds 1000000; accepted: an integer in 1\.\."),
+    (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "1000000000000"],
+     r"--num-samples 1000000000000; accepted: an integer in 1\.\.100000"),
+    (["nsd_conv1_v1", "--set", "loader_workers=1000000000000"],
+     r"loader_workers=1000000000000; accepted: -1 \(from the CPU share\) or an integer in"),
+    (["nsd_conv1_v1", "--set", "loss_folds=1000000000000"],
+     r"loss_folds=1000000000000; accepted: 0 \(exact leave-one-out\) or an integer in "
+     r"2\.\.batch_size/2 = 16"),
+    (["nsd_conv1_v1", "--mlflow-uri", "http://[::1"], r"--mlflow-uri 'http://\[::1': not a URI "
+     r"\(Invalid IPv6 URL\); accepted: sqlite"),
     (["nsd_conv1_v1", "--data", "nsd", "--nsd-root", "/no/such/nsd", "--coco-annotations",
       "/no/such/coco"], r"--nsd-root /no/such/nsd: no such directory"),
     (["nsd_conv1_v1", "--data", "nsd"], r"--nsd-root DIR is required"),
@@ -492,3 +502,128 @@ def test_cli_errors_are_one_line_with_exit_2(argv, match):
     assert "Traceback" not in out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], out.stderr
+
+
+def test_environment_settings_are_checked_before_anything_starts(monkeypatch):
+    """Settings read from the environment by the driver or by every trial are refused in one
+    line by the plan (the dry run too), not found bad by each trial after it has trained."""
+    from sweeps.execute import _flush_timeout
+    from sweeps.plan import DEFAULT_FLUSH_S
+
+    for text in ("abc", "-1", "nan", "inf", "1e9"):
+        monkeypatch.setenv("ALIGNSWEEP_TRACKING_FLUSH_S", text)
+        with pytest.raises(UsageError, match=rf"ALIGNSWEEP_TRACKING_FLUSH_S='{text}'; "
+                                             r"accepted: a number of seconds from 0 to 604800"):
+            make_plan(parse("nsd_conv1_v1", "--dry-run"))
+        # a trial that still meets one (set on a node) waits the default; it never raises
+        assert _flush_timeout() == DEFAULT_FLUSH_S
+    monkeypatch.setenv("ALIGNSWEEP_TRACKING_FLUSH_S", "30")
+    make_plan(parse("nsd_conv1_v1", "--dry-run"))
+    assert _flush_timeout() == 30.0
+    monkeypatch.setenv("ALIGNSWEEP_OBJECT_STORE", str(10**20))
+    with pytest.raises(UsageError, match=r"ALIGNSWEEP_OBJECT_STORE='100000000000000000000'; "
+                                         r"accepted: .* and <= this machine's memory"):
+        make_plan(parse("nsd_conv1_v1", "--dry-run"))
+
+
+def test_an_existing_sqlite_file_must_be_an_mlflow_store(tmp_path):
+    """MLflow would add its tables to any SQLite file it opens (another program's database)
+    or fail on a non-database after Ray started: the plan refuses such a file and leaves it
+    as it was; a new file, an empty one and a store MLflow wrote are accepted."""
+    import sqlite3
+
+    other = tmp_path / "labnotes.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE labnotes (day TEXT, note TEXT)")
+    con.commit()
+    con.close()
+    image = tmp_path / "photo.db"
+    image.write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    for path, why in ((other, r"is a SQLite database but not an MLflow store \(tables: "
+                              r"labnotes"),
+                      (image, r"is not a SQLite database")):
+        before = path.read_bytes()
+        with pytest.raises(UsageError, match=rf"--mlflow-uri sqlite:///{re.escape(str(path))}: "
+                                             rf"{re.escape(str(path))} {why}.*accepted: a new "
+                                             r"or empty file, or a store this MLflow"):
+            make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{path}"))
+        assert path.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for path in (tmp_path / "new.db", empty):
+        plan = make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{path}"))
+        assert plan.mlflow_uri == f"sqlite:///{path}"
+    store = tmp_path / "store.db"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # MLflow creates its schema
+    assert make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{store}")).mlflow_uri
+    # MLflow's name for the default Databricks profile is a tracking URI
+    assert make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "databricks")).mlflow_uri == \
+        "databricks"
+
+
+def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_path, monkeypatch):
+    """What the dry run used to accept and a real run (or each trial) then tripped on."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    # (a folder without write permission is refused the same way; not testable as root)
+    for storage, why in ((a_file / "results", rf"{re.escape(str(a_file))} is not a folder"),
+                         (a_file / "a" / "b", rf"{re.escape(str(a_file))} is not a folder")):
+        with pytest.raises(UsageError, match=rf"--storage {re.escape(str(storage))}: {why}; "
+                                             r"accepted: a folder this user can create or write"):
+            make_plan(parse("nsd_conv1_v1", "--storage", str(storage)))
+    assert not (tmp_path / "new" / "results").exists()
+    make_plan(parse("nsd_conv1_v1", "--storage", str(tmp_path / "new" / "results")))
+    assert not (tmp_path / "new").exists()  # checking created nothing
+    for cache, why in ((a_file, "is not a folder"), (a_file / "sub", "is not a folder")):
+        monkeypatch.setenv("ALIGNSWEEP_CACHE", str(cache))
+        with pytest.raises(UsageError, match=rf"ALIGNSWEEP_CACHE='{re.escape(str(cache))}': "
+                                             rf".*{why}; accepted: a folder"):
+            make_plan(parse("nsd_conv1_v1", "--dry-run"))
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UsageError, match=r"condition nsd_conv1_v1: device=cuda with 0 GPUs per "
+                                         r"trial; accepted: --gpus-per-trial > 0"):
+        make_plan(parse("nsd_conv1_v1", "--set", "device=cuda"))
+    plan = make_plan(parse("nsd_conv1_v1", "--set", "device=cuda", "--gpus-per-trial", "0.5"))
+    assert {t.config["device"] for t in plan.trials} == {"cuda"}
+
+
+def test_an_errored_trial_is_named_with_its_error_in_one_line():
+    """The driver's summary names each errored trial's error by its innermost Type: message,
+    through the wrappers a real failure comes in: a DataLoader worker's, then Ray's."""
+    import torch
+
+    from sweeps.execute import error_line  # first: it sets how Ray authenticates
+
+    import ray  # noqa: I001
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError(f"cannot decode /data/train/n01/{i}.JPEG (truncated); replace it")
+
+    loader = torch.utils.data.DataLoader(Broken(), num_workers=1)
+    with pytest.raises(ValueError) as info:
+        next(iter(loader))
+    assert "\n" in str(info.value)  # the worker's traceback is the message
+    assert error_line(info.value) == ("ValueError: cannot decode /data/train/n01/0.JPEG "
+                                      "(truncated); replace it")
+    assert error_line(RuntimeError("two\nlines")) == "RuntimeError: two lines"
+    assert error_line(KeyError()) == "KeyError"
+
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20,
+             log_to_driver=False)
+    try:
+        @ray.remote
+        def trial():
+            raise ZeroDivisionError("lr=1000 diverged; store http://ann:s3cret@host:5000")
+
+        with pytest.raises(ZeroDivisionError) as info:
+            ray.get(trial.remote())
+        assert error_line(info.value) == ("ZeroDivisionError: lr=1000 diverged; store "
+                                          "http://ann:***@host:5000")
+    finally:
+        ray.shutdown()

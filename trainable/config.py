@@ -22,7 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 UPPER = {"batch_size": 65536, "epochs": 100_000, "image_size": 4096, "val_folds": 100,
          "val_images": 1_000_000, "align_batch_every": 1_000_000, "seed": 2**31 - 1,
          "pool": 4096, "threads": 1024, "steps_per_epoch": 10_000_000,
-         "in_memory_mb": 1 << 22, "lr": 1000.0, "width": 16.0, "alpha": 1e6, "beta": 1e6}
+         "in_memory_mb": 1 << 22, "lr": 1000.0, "width": 16.0, "alpha": 1e6, "beta": 1e6,
+         "loader_workers": 1024}
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,17 @@ class TrialConfig:
             if abs(getattr(self, name)) > UPPER[name]:
                 raise bad(name, f"a number of magnitude <= {UPPER[name]:g}")
         if (isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int)
-                or self.loader_workers < -1):
-            raise bad("loader_workers", "-1 (from the CPU share) or an integer >= 0")
+                or not -1 <= self.loader_workers <= UPPER["loader_workers"]):
+            raise bad("loader_workers", f"-1 (from the CPU share) or an integer in "
+                                        f"0..{UPPER['loader_workers']}")
         for name in ("rectify", "reference_shuffle"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
-        if self.loss_folds == 1 or self.loss_folds < 0:
-            raise bad("loss_folds", "0 (exact leave-one-out) or an integer >= 2")
+        if (isinstance(self.loss_folds, bool) or self.loss_folds == 1 or self.loss_folds < 0
+                or 2 * self.loss_folds > self.batch_size):
+            # k folds of a batch need 2k rows (a fold's model is fitted on the rest)
+            raise bad("loss_folds", f"0 (exact leave-one-out) or an integer in "
+                                    f"2..batch_size/2 = {self.batch_size // 2}")
         if self.val_images < 2 * self.val_folds:
             raise bad("val_images", f"at least 2 * val_folds = {2 * self.val_folds}")
         if self.device not in DEVICES:
