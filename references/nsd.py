@@ -12,7 +12,9 @@ Reads the release exactly as published (paths relative to ``--nsd-root``)::
     nsddata/ppdata/subjNN/func1pt8mm/roi/prf-visualrois.nii.gz   (x, y, z); V1 = labels 1, 2
     nsddata/ppdata/subjNN/func1pt8mm/roi/streams.nii.gz          (x, y, z); VVS = label 5
 
-plus ``instances_train2017.json`` / ``instances_val2017.json`` in ``--coco-annotations``.
+plus ``instances_train2017.json`` / ``instances_val2017.json`` in ``--coco-annotations``. Each
+NIfTI file (ncsnr.nii.gz beside the betas too) may be stored uncompressed, as ``.nii``; both
+forms at once are refused, since which one is meant cannot be told.
 
 What is fixed by the release is checked strictly (dataset names, axis order, 1-based indices);
 what legitimately varies is read from disk: image size, trials per session (a file's first
@@ -62,6 +64,11 @@ class NSDFormatError(ValueError):
 
     The message is one line and names the offending file.
     """
+
+
+def _oneline(exc: BaseException) -> str:
+    """An exception's message on one line (nibabel's and h5py's may span several)."""
+    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,12 +124,13 @@ def ncsnr_file(nsd_root: Path, subject: int) -> Path:
 
 def load_ncsnr(nsd_root: Path, subject: int, mask: np.ndarray) -> np.ndarray | None:
     """The subject's ncsnr at the ROI's voxels (C order of the mask's nonzero entries, as the
-    responses), float32, or None when the release has no ncsnr.nii.gz for the subject. A
-    volume of another shape than the mask is an NSDFormatError; NaN (outside the brain) is 0."""
+    responses), float32, or None when the release has no ncsnr.nii.gz (or uncompressed
+    ncsnr.nii) for the subject. A file nibabel cannot read, or a volume of another shape than
+    the mask, is an NSDFormatError naming the file; NaN (outside the brain) is 0."""
     import nibabel as nib
 
-    path = ncsnr_file(nsd_root, subject)
-    if not path.is_file():
+    path = _nifti_on_disk(ncsnr_file(nsd_root, subject))
+    if path is None:
         return None
     try:
         img = nib.load(str(path))
@@ -131,10 +139,11 @@ def load_ncsnr(nsd_root: Path, subject: int, mask: np.ndarray) -> np.ndarray | N
             raise NSDFormatError(f"{path}: ncsnr volume of shape {shape} does not match the ROI "
                                  f"mask's (x, y, z) = {tuple(mask.shape)}")
         vol = np.asarray(img.dataobj, dtype=np.float64).reshape(mask.shape)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, NSDFormatError):
-            raise
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
+    except NSDFormatError:
+        raise
+    except Exception as exc:  # nibabel's ImageFileError derives from Exception, not OSError
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(exc)}); expected the "
+                             f"release's ncsnr volume (x, y, z) = {tuple(mask.shape)}") from None
     return np.nan_to_num(vol[mask], nan=0.0).astype(np.float32)
 
 
@@ -155,6 +164,26 @@ def session_file(nsd_root: Path, subject: int, session: int) -> Path:
 def roi_file(nsd_root: Path, subject: int, roi: str) -> Path:
     return (Path(nsd_root) / "nsddata/ppdata" / subject_dir(subject) / "func1pt8mm/roi"
             / roi_spec(roi).filename)
+
+
+def _nifti_on_disk(path: Path) -> Path | None:
+    """The NIfTI volume ``path`` (``NAME.nii.gz``, the release's name) as stored: ``NAME.nii.gz``
+    or uncompressed ``NAME.nii``, or None when neither is a file. Both present is an
+    NSDFormatError naming the two: which one is meant cannot be told."""
+    plain = path.with_suffix("")  # NAME.nii.gz -> NAME.nii
+    found = [p for p in (path, plain) if p.is_file()]
+    if len(found) == 2:
+        raise NSDFormatError(f"both {path} and {plain} present; expected one of them (the same "
+                             f"volume gzip-compressed or not): remove the other")
+    return found[0] if found else None
+
+
+def _nifti_required(path: Path) -> Path:
+    """:func:`_nifti_on_disk`, with a missing file an NSDFormatError."""
+    found = _nifti_on_disk(path)
+    if found is None:
+        raise NSDFormatError(f"missing file {path} (or uncompressed {path.with_suffix('').name})")
+    return found
 
 
 def roi_spec(roi: str) -> ROISpec:
@@ -206,7 +235,7 @@ def _loadmat(path: Path) -> dict[str, np.ndarray]:
         raise NSDFormatError(f"{path}: MATLAB v7.3 file; expected the release's format, which "
                              f"scipy.io.loadmat reads") from None
     except Exception as exc:  # scipy raises a zoo of types for a corrupt file
-        raise NSDFormatError(f"{path}: cannot read as a MATLAB file ({exc})") from None
+        raise NSDFormatError(f"{path}: cannot read as a MATLAB file ({_oneline(exc)})") from None
 
 
 def load_expdesign(nsd_root: Path) -> ExpDesign:
@@ -250,31 +279,72 @@ class StimInfo:
     coco_split: np.ndarray
 
 
+def _csv_int(path: Path, line: int, column: str, text: str) -> int:
+    """One integer cell of the stim info (``12``, or ``12.0`` as a float-writing tool puts it)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value == int(value)):
+        raise NSDFormatError(f"{path}: line {line}: {column} {text!r} is not an integer; "
+                             f"expected an integer in column {column}")
+    return int(value)
+
+
 def load_stim_info(nsd_root: Path) -> StimInfo:
+    """Read nsd_stim_info_merged.csv: every row must have as many fields as the header, with
+    integer nsdId (unique, >= 0) and cocoId; a malformed row is an NSDFormatError naming its
+    line."""
     path = Path(nsd_root) / STIM_INFO
     if not path.is_file():
         raise NSDFormatError(f"missing file {path}")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        needed = ("nsdId", "cocoId", "cocoSplit")
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise NSDFormatError(f"{path}: missing column(s) {', '.join(missing)} "
-                                 f"(need {', '.join(needed)})")
-        rows = [(r["nsdId"], r["cocoId"], r["cocoSplit"]) for r in reader]
+    needed = ("nsdId", "cocoId", "cocoSplit")
+    nsd, coco, split = [], [], []
+    first_line: dict[int, int] = {}
     try:
-        nsd = np.array([int(float(r[0])) for r in rows], np.int64)
-        coco = np.array([int(float(r[1])) for r in rows], np.int64)
-    except ValueError as exc:
-        raise NSDFormatError(f"{path}: nsdId and cocoId must be integers ({exc})") from None
-    if len(nsd) == 0 or nsd.min() < 0 or len(np.unique(nsd)) != len(nsd):
-        raise NSDFormatError(f"{path}: nsdId must be unique 0-based integers")
-    n = int(nsd.max()) + 1
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            missing = [c for c in needed if c not in header]
+            if missing:
+                raise NSDFormatError(f"{path}: missing column(s) {', '.join(missing)} "
+                                     f"(need {', '.join(needed)})")
+            col = {c: header.index(c) for c in needed}
+            line = reader.line_num + 1  # where the next record starts
+            for row in reader:
+                if row:  # a blank line is no row (as csv.DictReader has it)
+                    if len(row) != len(header):
+                        raise NSDFormatError(
+                            f"{path}: line {line} has {len(row)} field(s), expected "
+                            f"{len(header)} as in its header ({', '.join(needed)} among them); "
+                            f"truncated or malformed row")
+                    nsd_id = _csv_int(path, line, "nsdId", row[col["nsdId"]])
+                    if nsd_id < 0:
+                        raise NSDFormatError(f"{path}: line {line}: nsdId {nsd_id}; expected a "
+                                             f"0-based index (>= 0)")
+                    if nsd_id in first_line:
+                        raise NSDFormatError(f"{path}: line {line}: nsdId {nsd_id} already on "
+                                             f"line {first_line[nsd_id]}; expected each once")
+                    first_line[nsd_id] = line
+                    nsd.append(nsd_id)
+                    coco.append(_csv_int(path, line, "cocoId", row[col["cocoId"]]))
+                    split.append(row[col["cocoSplit"]])
+                line = reader.line_num + 1
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise NSDFormatError(f"{path}: cannot read as CSV ({_oneline(exc)})") from None
+    if not nsd:
+        raise NSDFormatError(f"{path}: no rows; expected one per image (nsdId 0..)")
+    nsd_arr = np.array(nsd, np.int64)
+    n = int(nsd_arr.max()) + 1
     coco_id = np.full(n, -1, np.int64)
-    split = np.full(n, "", object)
-    coco_id[nsd] = coco
-    split[nsd] = [r[2] for r in rows]
-    return StimInfo(coco_id, split)
+    coco_split = np.full(n, "", object)
+    coco_id[nsd_arr] = coco
+    coco_split[nsd_arr] = split
+    return StimInfo(coco_id, coco_split)
 
 
 def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
@@ -282,13 +352,11 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
     import nibabel as nib
 
     spec = roi_spec(roi)
-    path = roi_file(nsd_root, subject, roi)
-    if not path.is_file():
-        raise NSDFormatError(f"missing file {path}")
+    path = _nifti_required(roi_file(nsd_root, subject, roi))
     try:
         img = nib.load(str(path))
-    except Exception as exc:
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
+    except Exception as exc:  # nibabel's ImageFileError derives from Exception
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(exc)})") from None
     # The shape comes from the header, so a wrong volume fails before its data is decoded.
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
@@ -298,9 +366,10 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
                              f"{tuple(img.shape)}")
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
-    except Exception as exc:
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({exc})") from None
-    mask = np.isin(np.rint(np.nan_to_num(data, nan=0.0)).astype(np.int64), spec.labels)
+        mask = np.isin(np.rint(np.nan_to_num(data, nan=0.0)).astype(np.int64), spec.labels)
+    except Exception as exc:  # truncated data, or a dtype that holds no numbers (RGB)
+        raise NSDFormatError(f"{path}: cannot read as a NIfTI label volume "
+                             f"({_oneline(exc)})") from None
     if not mask.any():
         raise NSDFormatError(f"{path}: no voxel carries the {spec.name} label(s) "
                              f"{list(spec.labels)}")
@@ -308,15 +377,24 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
 
 
 def session_files(nsd_root: Path, subject: int) -> list[Path]:
-    """The subject's betas_sessionSS.hdf5 files on disk, in session order (1..N, no gaps)."""
+    """The subject's betas_sessionSS.hdf5 files on disk, in session order (1..N, no gaps, one
+    file per session: betas_session01.hdf5 beside betas_session1.hdf5 is an NSDFormatError)."""
     folder = betas_dir(nsd_root, subject)
     if not folder.is_dir():
         raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject})")
-    found = {}
-    for p in folder.iterdir():
+    found: dict[int, Path] = {}
+    for p in sorted(folder.iterdir()):
         m = _SESSION_RE.match(p.name)
-        if m:
-            found[int(m.group(1))] = p
+        if not m:
+            continue
+        s = int(m.group(1))
+        if s == 0:  # would otherwise be read silently as the first session
+            raise NSDFormatError(f"{p}: session 0; sessions are numbered from 1 "
+                                 f"(betas_session01.hdf5 .. betas_sessionNN.hdf5)")
+        if s in found:  # betas_session01.hdf5 and betas_session1.hdf5: which is meant?
+            raise NSDFormatError(f"{found[s]} and {p.name}: both are session {s}; expected one "
+                                 f"file per session (betas_session{s:02d}.hdf5)")
+        found[s] = p
     if not found:
         raise NSDFormatError(f"missing file {session_file(nsd_root, subject, 1)} "
                              f"(no betas_sessionSS.hdf5 in {folder})")
@@ -335,7 +413,7 @@ def _h5_dataset(path: Path, name: str) -> Iterator:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise NSDFormatError(f"{path}: cannot read as HDF5 ({exc})") from None
+        raise NSDFormatError(f"{path}: cannot read as HDF5 ({_oneline(exc)})") from None
     with f:
         if name not in f:
             raise NSDFormatError(f"{path}: no dataset '{name}' "
@@ -503,15 +581,15 @@ def _read_coco(path: Path) -> tuple[dict, dict[int, str]]:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise NSDFormatError(f"{path}: cannot read as JSON ({exc})") from None
+        raise NSDFormatError(f"{path}: cannot read as JSON ({_oneline(exc)})") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise NSDFormatError(f"{path}: no '{key}' list (a COCO instances file has images, "
                                  f"annotations, categories)")
-    try:
+    try:  # OverflowError: an id of Infinity (json reads it)
         cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NSDFormatError(f"{path}: malformed 'categories' ({exc})") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise NSDFormatError(f"{path}: malformed 'categories' ({_oneline(exc)})") from None
     if len(cats) != N_COCO_CATEGORIES:
         raise NSDFormatError(f"{path}: {len(cats)} categories, expected {N_COCO_CATEGORIES} "
                              f"(COCO-80)")
@@ -542,8 +620,8 @@ def load_coco_labels(coco_annotations: Path, wanted: dict[str, set[int]]) -> Coc
         want = wanted.get(split, set())
         try:
             present = {int(im["id"]) for im in data["images"]} & want
-        except (KeyError, TypeError, ValueError) as exc:
-            raise NSDFormatError(f"{paths[split]}: malformed 'images' ({exc})") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise NSDFormatError(f"{paths[split]}: malformed 'images' ({_oneline(exc)})") from None
         if present != want:
             absent = sorted(want - present)
             raise NSDFormatError(f"{paths[split]}: {len(absent)} image(s) that "
@@ -554,8 +632,9 @@ def load_coco_labels(coco_annotations: Path, wanted: dict[str, set[int]]) -> Coc
         for ann in data["annotations"]:
             try:
                 image_id, cid = int(ann["image_id"]), int(ann["category_id"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise NSDFormatError(f"{paths[split]}: malformed annotation ({exc})") from None
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                raise NSDFormatError(f"{paths[split]}: malformed annotation "
+                                     f"({_oneline(exc)})") from None
             if image_id in want:
                 if cid not in column:
                     raise NSDFormatError(f"{paths[split]}: annotation {ann.get('id')} has "
@@ -593,7 +672,7 @@ def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> 
                              f"'subjectim' (rows 1..{design.subjectim.shape[0]})")
     sessions = session_files(nsd_root, subject)
     mask = load_roi_mask(nsd_root, subject, roi)
-    mask_path = roi_file(nsd_root, subject, roi)
+    mask_path = _nifti_on_disk(roi_file(nsd_root, subject, roi))  # the file the mask came from
     trials = [_betas_shape(p, mask.shape, mask_path) for p in sessions]
     total = 0
     for p, n in zip(sessions, trials):
@@ -615,8 +694,8 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     images a subject never saw in the sessions on disk are absent; trials of
     ``masterordering`` beyond those sessions are ignored. The schema metadata key
     ``alignsweep.nsd`` holds JSON: roi, subjects, n_voxels per subject, ncsnr per subject (the
-    ROI's voxels, from the release's ncsnr.nii.gz; null where it has none), category_ids,
-    names.
+    ROI's voxels, from the release's ncsnr.nii.gz or ncsnr.nii; null where it has none),
+    category_ids, names.
     """
     nsd_root, coco_annotations, out = Path(nsd_root), Path(coco_annotations), Path(out)
     subjects = _subject_list(nsd_root, subjects)
@@ -627,6 +706,10 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     plans = [_plan_subject(nsd_root, design, s, spec.name) for s in subjects]
     seen = {p.subject: _images_seen(nsd_root, design, info, p) for p in plans}
     coco = load_coco_labels(coco_annotations, _coco_wanted(nsd_root, info, seen))
+    ncsnr = {}  # read before streaming, so a bad ncsnr file fails in seconds, not hours
+    for p in plans:
+        v = load_ncsnr(nsd_root, p.subject, p.mask)
+        ncsnr[str(p.subject)] = None if v is None else [float(f"{x:.6g}") for x in v]
 
     parts = []
     bar = tqdm(total=sum(len(p.sessions) for p in plans), desc=f"NSD {spec.name} sessions",
@@ -634,10 +717,6 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     with bar:
         for plan in plans:
             parts.append(_average_repeats(plan, seen[plan.subject], bar))
-    ncsnr = {}
-    for p in plans:
-        v = load_ncsnr(nsd_root, p.subject, p.mask)
-        ncsnr[str(p.subject)] = None if v is None else [float(f"{x:.6g}") for x in v]
     meta = {"roi": spec.name, "subjects": subjects,
             "n_voxels": {str(p.subject): int(p.mask.sum()) for p in plans},
             "ncsnr": ncsnr,
@@ -774,9 +853,11 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
     subjects = _subject_list(nsd_root, subjects)
     inputs = [nsd_root / EXPDESIGN, nsd_root / STIM_INFO]
     for s in subjects:
-        inputs += [roi_file(nsd_root, s, roi)] + session_files(nsd_root, s)
-        if ncsnr_file(nsd_root, s).is_file():
-            inputs.append(ncsnr_file(nsd_root, s))
+        inputs += [_nifti_required(roi_file(nsd_root, s, roi))]
+        inputs += session_files(nsd_root, s)
+        ncsnr = _nifti_on_disk(ncsnr_file(nsd_root, s))
+        if ncsnr is not None:
+            inputs.append(ncsnr)
     inputs += [_coco_path(coco_annotations, split) for split in COCO_FILES]
     missing = [p for p in inputs if not p.is_file()]
     if missing:
@@ -803,11 +884,13 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
     Checks: nsd_expdesign.mat and nsd_stim_info_merged.csv (read whole; they are small);
     nsd_stimuli.hdf5's ``imgBrick`` header is (images, H, W, 3) uint8 with more images than the
     largest nsdId in ``subjectim``; every subject asked for (``None``: all present, see
-    :func:`subjects_in_release`) is present; per subject and ROI, the ROI NIfTI is a 3-D volume
-    with at least one voxel of the ROI's labels (the mask is small and is read), and every
-    session file's ``betas`` header is 4-D numeric with spatial shape (z, y, x) = the mask's
-    (x, y, z) reversed and no more trials in total than ``masterordering``; the stim info has a
-    row, with a known cocoSplit, for every image the sessions on disk show.
+    :func:`subjects_in_release`) is present; per subject and ROI, the ROI NIfTI (``.nii.gz`` or
+    ``.nii``, not both) is a 3-D volume with at least one voxel of the ROI's labels (the mask is
+    small and is read), and every session file (one per session number, numbered 1..N) has a
+    ``betas`` header that is 4-D numeric with spatial shape (z, y, x) = the mask's (x, y, z)
+    reversed and no more trials in total than ``masterordering``; per subject, its ncsnr NIfTI,
+    when present, is readable with the mask's shape (read whole: it is as small as a mask); the
+    stim info has a row, with a known cocoSplit, for every image the sessions on disk show.
 
     Not checked: betas values, image pixels, the COCO annotation files.
     Raises NSDFormatError, one line naming the file, on the first problem found.
@@ -838,8 +921,10 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
     for s in subjects:
         for spec in specs:
             plan = _plan_subject(nsd_root, design, s, spec.name)
-        # The sessions, hence the trials, are the subject's whatever the ROI: any plan will do.
+        # The sessions, hence the trials, are the subject's whatever the ROI, and every mask has
+        # the betas' volume: any plan will do.
         seen[s] = _images_seen(nsd_root, design, info, plan)
+        load_ncsnr(nsd_root, s, plan.mask)
     _coco_wanted(nsd_root, info, seen)
 
 

@@ -4,7 +4,9 @@ betas, so the expected table is computed independently (explicit loops, no loade
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -462,3 +464,275 @@ def test_check_release_names_the_file(tmp_path, broken, subjects, match):
     with pytest.raises(NSDFormatError, match=match) as exc:
         check_release(nsd_root, subjects, ["VVS", "V1"])
     _one_line(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Files as a lab's copy may hold them: ncsnr, uncompressed NIfTI, session names, stim info rows
+
+
+def _write_ncsnr(nsd_root: Path, subject: int, *, suffix: str = ".nii.gz",
+                 shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The release's ncsnr volume (x, y, z) float32 beside the subject's betas, NaN at one
+    voxel (outside the brain); returns it."""
+    vol = np.random.default_rng(500 + subject).uniform(0, 1.5, shape or VOLUME[subject])
+    vol = vol.astype(np.float32)
+    vol[0, 1, 0] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(nsd.betas_dir(nsd_root, subject)
+                                                  / f"ncsnr{suffix}"))
+    return vol
+
+
+def _uncompress(path: Path) -> Path:
+    """Store the NIfTI file NAME.nii.gz as NAME.nii (the same bytes, uncompressed) instead."""
+    plain = path.with_suffix("")
+    plain.write_bytes(gzip.decompress(path.read_bytes()))
+    path.unlink()
+    return plain
+
+
+def _unreadable_betas(nsd_root: Path) -> None:
+    """Every session file keeps its header but its data points to a missing external file, so
+    streaming any session fails (as in test_check_release_reads_headers_only)."""
+    for s, trials in TRIALS.items():
+        for k in range(1, len(trials) + 1):
+            path = nsd.session_file(nsd_root, s, k)
+            with h5py.File(path, "r") as f:
+                shape, dtype = f["betas"].shape, f["betas"].dtype
+            path.unlink()
+            with h5py.File(path, "w") as f:
+                f.create_dataset("betas", shape=shape, dtype=dtype,
+                                 external=[("nowhere.bin", 0, h5py.h5f.UNLIMITED)])
+
+
+def _bad_ncsnr(nsd_root: Path, how: str) -> None:
+    path = nsd.betas_dir(nsd_root, 1) / "ncsnr.nii.gz"
+    if how == "shape":
+        _write_ncsnr(nsd_root, 1, shape=VOLUME[2])
+        return
+    _write_ncsnr(nsd_root, 1)
+    data = path.read_bytes()
+    path.write_bytes({"garbage": b"not a NIfTI volume " * 20, "empty": b"",
+                      "truncated": data[:len(data) // 2]}[how])
+
+
+BAD_NCSNR = [
+    ("garbage", r"cannot read as NIfTI \(.*not a gzip file.*\); expected the release's ncsnr "
+                r"volume \(x, y, z\) = \(4, 3, 2\)"),
+    ("empty", r"cannot read as NIfTI \(.*[Ee]mpty file"),
+    ("truncated", r"cannot read as NIfTI \("),
+    ("shape", r"ncsnr volume of shape \(3, 5, 2\) does not match the ROI mask's \(x, y, z\) = "
+              r"\(4, 3, 2\)"),
+]
+
+
+@pytest.mark.parametrize("how, match", BAD_NCSNR, ids=[h for h, _ in BAD_NCSNR])
+def test_check_release_refuses_a_bad_ncsnr(tmp_path, how, match):
+    """The dry run reads each subject's ncsnr (as small as a mask), so a bad one fails before any
+    MLflow run exists, not after every session was streamed."""
+    nsd_root, _ = write_tree(tmp_path)
+    _write_ncsnr(nsd_root, 2)
+    check_release(nsd_root, [1, 2], ["V1"])
+    _bad_ncsnr(nsd_root, how)
+    with pytest.raises(NSDFormatError, match=r"subj01.*ncsnr\.nii\.gz: " + match) as exc:
+        check_release(nsd_root, [1, 2], ["V1", "VVS"])
+    _one_line(exc)
+    check_release(nsd_root, [2], ["V1"])  # subject 2's own ncsnr is fine
+
+
+def test_prepare_reads_ncsnr_before_streaming(tmp_path):
+    """Streaming would fail on the betas' data; the bad ncsnr must be found first."""
+    nsd_root, coco = write_tree(tmp_path)
+    _bad_ncsnr(nsd_root, "garbage")
+    _unreadable_betas(nsd_root)
+    with pytest.raises(NSDFormatError, match=r"subj01.*ncsnr\.nii\.gz: cannot read as NIfTI"):
+        prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def _edit_stim_info(nsd_root: Path, edit) -> None:
+    """Rewrite nsd_stim_info_merged.csv: ``edit`` gets its rows (lists, the header first) and
+    returns rows, a str being written as a raw line."""
+    path = nsd_root / nsd.STIM_INFO
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    with open(path, "w", newline="") as fh:
+        for row in edit(rows):
+            if isinstance(row, str):
+                fh.write(row + "\n")
+            else:
+                csv.writer(fh).writerow(row)
+
+
+def _set(rows: list, line: int, column: str, value: str) -> list:
+    rows[line - 1][rows[0].index(column)] = value
+    return rows
+
+
+BAD_STIM_INFO = {  # the header is line 1, nsdId i on line i + 2 (12 images: lines 2..13)
+    "truncated_last_line": (lambda r: r + ["12"],
+                            r"line 14 has 1 field\(s\), expected 6 as in its header"),
+    "columns_missing": (lambda r: r[:-1] + [f"11,{r[-1][1]}"],
+                        r"line 13 has 2 field\(s\), expected 6 as in its header"),
+    "extra_field": (lambda r: r[:4] + [r[4] + ["x"]] + r[5:],
+                    r"line 5 has 7 field\(s\), expected 6 as in its header"),
+    "not_integer": (lambda r: _set(r, 4, "cocoId", "abc"),
+                    r"line 4: cocoId 'abc' is not an integer; expected an integer"),
+    "infinite": (lambda r: _set(r, 4, "cocoId", "inf"), r"line 4: cocoId 'inf' is not an "
+                                                          r"integer"),
+    "fractional": (lambda r: _set(r, 5, "nsdId", "3.5"), r"line 5: nsdId '3\.5' is not an "
+                                                           r"integer"),
+    "duplicate": (lambda r: _set(r, 6, "nsdId", "2"), r"line 6: nsdId 2 already on line 4; "
+                                                        r"expected each once"),
+    "negative": (lambda r: _set(r, 3, "nsdId", "-1"), r"line 3: nsdId -1; expected a 0-based "
+                                                        r"index"),
+    "not_utf8": (None, r"cannot read as CSV \("),  # a byte \xff in a cropBox
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BAD_STIM_INFO))
+def test_malformed_stim_info_row_names_the_line(tmp_path, broken):
+    nsd_root, coco = write_tree(tmp_path)
+    edit, match = BAD_STIM_INFO[broken]
+    if edit is None:
+        path = nsd_root / nsd.STIM_INFO
+        path.write_bytes(path.read_bytes().replace(b"(0, 0, 0, 0)", b"(0, 0, 0, \xff)", 1))
+    else:
+        _edit_stim_info(nsd_root, edit)
+    match = r"nsd_stim_info_merged\.csv: " + match
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, [1, 2], ["V1"])  # the dry run reads the whole file
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_stim_info_ids_written_as_floats_still_read(tmp_path):
+    """12.0 for 12 (a float-writing tool's way): the same table as integers give."""
+    nsd_root, coco = write_tree(tmp_path)
+    want = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "a.parquet",
+                                 progress=False))
+    _edit_stim_info(nsd_root, lambda rows: rows[:1] + [
+        [f"{float(v)}" if i in (1, 4) else v for i, v in enumerate(r)] for r in rows[1:]])
+    assert "5.0" in (nsd_root / nsd.STIM_INFO).read_text()
+    got = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "b.parquet",
+                                progress=False))
+    assert got.equals(want)
+
+
+def _cli_prepare(nsd_root: Path, coco: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "references.nsd", "prepare", "--nsd-root", str(nsd_root),
+         "--coco-annotations", str(coco), "--subject", "1", "--roi", "V1", "--out", str(out),
+         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("broken, match", [
+    ("ncsnr", r"^error: .*subj01.*ncsnr\.nii\.gz: cannot read as NIfTI \(.*not a gzip file"),
+    ("stim_info", r"^error: .*nsd_stim_info_merged\.csv: line 14 has 1 field\(s\), expected 6"),
+])
+def test_cli_bad_file_is_one_line_exit_2(tmp_path, broken, match):
+    nsd_root, coco = write_tree(tmp_path)
+    if broken == "ncsnr":
+        _bad_ncsnr(nsd_root, "garbage")
+    else:
+        _edit_stim_info(nsd_root, BAD_STIM_INFO["truncated_last_line"][0])
+    proc = _cli_prepare(nsd_root, coco, tmp_path / "o.parquet")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.search(match, lines[0]), lines[0]
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_run_dry_run_refuses_a_malformed_stim_info_row(tmp_path):
+    """Through sweeps/run.py: the dry run names the file and line, exit status 2."""
+    nsd_root, coco = write_tree(tmp_path)
+    _edit_stim_info(nsd_root, BAD_STIM_INFO["columns_missing"][0])
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1", "--data", "nsd",
+         "--nsd-root", str(nsd_root), "--coco-annotations", str(coco), "--dry-run",
+         "--storage", str(tmp_path / "ray")], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.search(r"^error: .*nsd_stim_info_merged\.csv: line 13 has 2 field\(s\), "
+                     r"expected 6", lines[0]), lines[0]
+
+
+def test_uncompressed_nifti_files_give_the_same_table(tmp_path):
+    """Masks and ncsnr stored as .nii read as their .nii.gz do: the same table, bit for bit, and
+    the ncsnr of the mask's voxels (NaN -> 0), to the 6 significant digits stored."""
+    gz_root, coco = write_tree(tmp_path / "gz")
+    nii_root, _ = write_tree(tmp_path / "nii")
+    vols = {s: _write_ncsnr(gz_root, s) for s in TRIALS}
+    for s in TRIALS:
+        _write_ncsnr(nii_root, s, suffix=".nii")
+        for roi in nsd.ROIS:
+            _uncompress(nsd.roi_file(nii_root, s, roi))
+    check_release(nii_root, [1, 2], ["V1", "VVS"])
+    for roi in nsd.ROIS:
+        want = pq.read_table(prepare(gz_root, coco, [1, 2], roi, tmp_path / "gz.parquet",
+                                     progress=False))
+        got = pq.read_table(prepare(nii_root, coco, [1, 2], roi, tmp_path / "nii.parquet",
+                                    progress=False))
+        assert got.equals(want)
+        meta = nsd.prepared_metadata(got)
+        assert meta["ncsnr"] == nsd.prepared_metadata(want)["ncsnr"]
+        for s in TRIALS:
+            prf, streams = _mask_volumes(s)
+            labels = np.where(np.isin(prf if roi == "V1" else streams,
+                                      {"V1": (1, 2), "VVS": (5,)}[roi]))
+            expected = [0.0 if np.isnan(vols[s][v]) else float(vols[s][v])
+                        for v in zip(*labels)]  # np.where is C order, as the responses
+            np.testing.assert_allclose(meta["ncsnr"][s], expected, rtol=1e-5, atol=0)
+    cached = nsd.prepare_cached(nii_root, coco, [1], "V1", progress=False)
+    assert nsd.prepared_metadata(pq.read_schema(cached))["ncsnr"][1] is not None
+
+
+@pytest.mark.parametrize("which", ["roi", "ncsnr"])
+def test_nifti_stored_both_ways_is_refused(tmp_path, which):
+    nsd_root, coco = write_tree(tmp_path)
+    if which == "roi":
+        gz = nsd.roi_file(nsd_root, 1, "V1")
+    else:
+        gz = nsd.betas_dir(nsd_root, 1) / "ncsnr.nii.gz"
+        _write_ncsnr(nsd_root, 1)
+    gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+    name = re.escape(gz.name[:-3])
+    match = rf"both .*subj01.*{name}\.gz and .*subj01.*{name} present; expected one of them"
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, [1, 2], ["V1"])
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("betas_session1.hdf5", r"subj01.*betas_session01\.hdf5 and betas_session1\.hdf5: both are "
+                            r"session 1; expected one file per session"),
+    ("betas_session002.hdf5", r"subj01.*betas_session002\.hdf5 and betas_session02\.hdf5: both "
+                              r"are session 2"),
+    ("betas_session00.hdf5", r"subj01.*betas_session00\.hdf5: session 0; sessions are numbered "
+                             r"from 1"),
+])
+def test_session_file_named_twice_is_refused(tmp_path, extra, match):
+    """Which file is read must not depend on the directory listing's order."""
+    nsd_root, coco = write_tree(tmp_path)
+    folder = nsd.betas_dir(nsd_root, 1)
+    (folder / extra).write_bytes((folder / "betas_session01.hdf5").read_bytes())
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, [1, 2], ["V1"])
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_coco_infinite_id_is_a_format_error(tmp_path):
+    """json reads Infinity; int() of it is an OverflowError, which must not escape."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = coco / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["category_id"] = float("inf")
+    path.write_text(json.dumps(data))
+    with pytest.raises(NSDFormatError, match=r"instances_val2017\.json: malformed annotation"):
+        prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet", progress=False)
