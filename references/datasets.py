@@ -44,7 +44,6 @@ import pyarrow.compute as pc
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 
 from references import imagenet, nsd
@@ -91,6 +90,8 @@ class ImageFolderDataset(Dataset):
     = RandomResizedCrop(S) + RandomHorizontalFlip here; otherwise resize to S * 256/224 and
     centre-crop. Augmentation draws from torch's global RNG (each DataLoader worker seeds its
     own). ``index``: an already built ``ImageIndex`` of the split (the driver builds it once).
+    Images are decoded by ``references.imagenet.read_rgb`` (8-bit RGB, 16-bit grey scaled; a
+    corrupt file is an ``ImageNetFormatError`` naming it).
     """
 
     def __init__(self, root: str | os.PathLike, *, split: str = "train", image_size: int = 224,
@@ -112,8 +113,8 @@ class ImageFolderDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with Image.open(self.index.path(index)) as f:
-            img = TF.pil_to_tensor(f.convert("RGB"))
+        # A file Pillow cannot decode is a one-line ImageNetFormatError naming it, never skipped.
+        img = TF.pil_to_tensor(imagenet.read_rgb(self.index.path(index)))
         img = (self._train if self.augment == "crop_flip" else self._eval)(img)
         return (img, torch.tensor(self.index.target(index), dtype=torch.int64),
                 torch.tensor(index, dtype=torch.int64))

@@ -19,10 +19,26 @@ Samples are ordered as torchvision's ``ImageFolder`` orders them (``make_dataset
 in one of torchvision's ``IMG_EXTENSIONS``, case-insensitively. A flat val is ordered as the
 sorted tree it would become.
 
+Hidden entries are skipped at every level, unlike torchvision's ``ImageFolder``: a folder or file
+whose name starts with "." is not a class, not searched and not an image (``.ipynb_checkpoints/``,
+``.Trash-1000/``, ``.DS_Store``, the ``._n01440764_10026.JPEG`` AppleDouble files of a copy from
+macOS). Symbolic links are followed; a dangling one named as an image, or a link loop, is refused
+at index time (``broken symbolic link PATH ...``); a dangling one with another name is ignored
+like any non-image.
+
+Decoding (:func:`read_rgb`, what ``ImageFolderDataset`` calls in the DataLoader workers): an
+image Pillow cannot open or decode (corrupt, truncated, zero bytes, a decompression bomb) is an
+:class:`ImageNetFormatError` naming the file, never skipped. Pixels become 8-bit RGB with
+Pillow's ``convert("RGB")`` (RGBA: alpha dropped, not composited), except integer grey images
+wider than 8 bits, which ``convert`` would clip at 255: 16-bit ("I;16*", and "I" -- how Pillow
+opens 16-bit PGM and 32-bit TIFF -- holding values in 0..65535) are scaled by 255/65535
+(``round(v / 257)``); an "I" image with values outside 0..65535 is refused.
+
 What is read: directory listings (``os.scandir``, no per-file ``stat`` on file systems that report
 entry types), ``meta.bin`` or two members of the devkit archive (``data/meta.mat`` and
 ``data/ILSVRC2012_validation_ground_truth.txt``, extracted with tarfile's "data" filter into a
-temporary folder that is removed afterwards). Image files are never opened. Nothing is ever
+temporary folder that is removed afterwards; a symbolic link costs one ``stat``, which also tells
+a broken one). Image files are never opened by indexing. Nothing is ever
 written under the root (lab mounts are read-only; torchvision's ``parse_devkit_archive`` would
 write ``meta.bin`` there), and the split folders are never reorganised.
 
@@ -38,6 +54,7 @@ buffers, small and fast, for Ray's object store.
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -47,6 +64,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.io
 import torch
+from PIL import Image
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -267,19 +285,51 @@ def _is_image(name: bytes) -> bool:
 
 
 def _listdir(folder: bytes) -> tuple[list[bytes], list[bytes]]:
-    """(sub-folder names, image file names) of one folder, unsorted; symlinks followed."""
+    """(sub-folder names, image file names) of one folder, unsorted; hidden entries (name
+    starting with ".") skipped, symlinks followed (a broken one refused, unless it is dangling
+    and not named as an image: ``_link_target_is_dir``).
+    Plain entries cost no ``stat`` (``DirEntry`` types from the listing); a symlink costs one."""
     dirs, images = [], []
     try:
         with os.scandir(folder) as it:
             for entry in it:
-                if entry.is_dir():
-                    dirs.append(entry.name)
-                elif _is_image(entry.name):
-                    images.append(entry.name)
+                name = entry.name
+                if name.startswith(b"."):
+                    continue
+                if entry.is_symlink():
+                    is_dir = _link_target_is_dir(entry)
+                    if is_dir is None:  # broken, and not named as an image: ignored
+                        continue
+                else:
+                    is_dir = entry.is_dir()
+                if is_dir:
+                    dirs.append(name)
+                elif _is_image(name):
+                    images.append(name)
     except OSError as e:
         raise ImageNetFormatError(f"cannot list {os.fsdecode(folder)} ({e.strerror}); expected "
                                   "a readable folder") from e
     return dirs, images
+
+
+def _link_target_is_dir(entry: os.DirEntry) -> bool | None:
+    """Whether a symlink leads to a folder. None for a dangling one not named as an image
+    (ignored like any non-image, as ``DirEntry.is_dir`` does); a dangling one named as an image
+    (it would fail only when a worker decodes it), a link loop or a target that cannot be
+    stat'ed is an error."""
+    try:
+        return stat.S_ISDIR(entry.stat().st_mode)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and not _is_image(entry.name):
+            return None
+        try:
+            target = os.fsdecode(os.readlink(entry.path))
+        except OSError:
+            target = "?"
+        raise ImageNetFormatError(
+            f"broken symbolic link {os.fsdecode(entry.path)} -> {target} ({e.strerror}); "
+            "expected images and folders, or links to existing ones -- fix or remove the "
+            "link") from e
 
 
 def _walk_images(class_dir: bytes) -> list[bytes]:
@@ -307,6 +357,9 @@ def _walk_images(class_dir: bytes) -> list[bytes]:
 
 
 def _check_root(root: str | os.PathLike) -> str:
+    if isinstance(root, str) and not root:  # abspath("") would be the working folder
+        raise ImageNetFormatError(f"ImageNet root {root!r} is empty; expected the path of a "
+                                  "folder with train/ and val/")
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.exists(root):
         raise ImageNetFormatError(f"ImageNet root {root} does not exist; expected a folder with "
@@ -443,3 +496,40 @@ def describe(root: str | os.PathLike) -> str:
     if source is None:
         return "ImageFolder layout" + ("" if val_form == "sorted val" else f" ({val_form})")
     return f"torchvision ImageNet layout ({os.path.basename(source)}, {val_form})"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding one sample (in DataLoader workers)
+
+_FIX_IMAGE = "replace or remove the file, then rerun with --resume"
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The image at ``path`` decoded as 8-bit RGB (module doc: Pillow's ``convert("RGB")``,
+    16-bit grey scaled by 255/65535). Any failure to open or decode it is an
+    :class:`ImageNetFormatError` naming the file: a plain ValueError subclass, so it crosses a
+    DataLoader worker's pickling with its type and message (torch prefixes the worker's
+    traceback; the message is its last line)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img, path)
+    except ImageNetFormatError:
+        raise
+    except Exception as e:  # Pillow raises many types on bad data (OSError, ValueError,
+        # SyntaxError, DecompressionBombError, struct.error, ...); the reason names it
+        raise ImageNetFormatError(f"cannot decode image {path} ({_reason(e)}); expected an image "
+                                  f"file Pillow can read -- {_FIX_IMAGE}") from e
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # convert("RGB") clips these at 255 (a 16-bit photo turns almost white).
+        grey = np.asarray(img)
+        if grey.size and (int(grey.min()) < 0 or int(grey.max()) > 65535):
+            raise ImageNetFormatError(
+                f"image {path} is {img.mode!r} (32-bit integer) with values in "
+                f"{int(grey.min())}..{int(grey.max())}; expected 8-bit images or 16-bit grey "
+                f"(0..65535) -- convert it to 8 bits, or {_FIX_IMAGE}")
+        img = Image.fromarray(((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    return img.convert("RGB")

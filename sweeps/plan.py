@@ -138,6 +138,8 @@ def _amount(flag: str, value: str | None) -> float | None:
 
 
 def _check_dir(flag: str, value: str) -> Path:
+    if not value.strip():  # Path("") is the working folder
+        raise UsageError(f"{flag} {value!r}: an empty path; accepted: a directory")
     path = Path(value).expanduser()
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"

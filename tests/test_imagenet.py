@@ -10,17 +10,22 @@ import pickle
 import pickletools
 import re
 import shutil
+import struct
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.utils.data
 import torchvision
 import torchvision.datasets.imagenet as tv_imagenet
 from imagenet_tree import DEVKIT_ARCHIVE, LAYOUTS, tree_truth, val_name, write_imagenet_tree
 from PIL import Image
 
+from references.datasets import ImageFolderDataset
 from references.imagenet import (
     IMAGE_EXTENSIONS,
     ImageIndex,
@@ -28,6 +33,7 @@ from references.imagenet import (
     describe,
     index_imagenet,
     index_split,
+    read_rgb,
 )
 
 SIZES = ((500, 375), (375, 500), (320, 240))
@@ -452,3 +458,221 @@ def test_bad_root(make, tmp_path):
 def test_unknown_split_is_a_value_error(tree):
     with pytest.raises(ValueError, match=r"split='test'; accepted: train, val"):
         index_split(tree, "test")
+
+
+def test_empty_root_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    # A working folder that is itself an ImageNet tree: "" must not silently become it.
+    monkeypatch.chdir(write_imagenet_tree(tmp_path / "cwd", sizes=SMALL))
+    for call in (index_imagenet, lambda r: index_split(r, "train"), describe,
+                 lambda r: ImageFolderDataset(r, split="val")):
+        with pytest.raises(ImageNetFormatError, match="ImageNet root '' is empty; expected the "
+                                                      "path of a folder with train/ and val/"):
+            call("")
+
+
+# --------------------------------------------------------------------------------------------
+# Entries a lab's tree carries besides the images: hidden files and folders, symbolic links
+
+
+def _apple_double(path: Path) -> None:
+    """The '._NAME' resource-fork file a copy from macOS leaves beside NAME (AppleDouble v2
+    header, no image data)."""
+    path.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x02"
+                     + bytes(4070))
+
+
+def _hidden_folders(t: Path) -> None:
+    for split in SPLITS:  # empty, beside the classes (flat val: beside the images)
+        (t / split / ".ipynb_checkpoints").mkdir()
+
+
+def _hidden_folder_with_image(t: Path) -> None:
+    (t / "train" / ".trash").mkdir()  # would be a class sorting first, and not in val
+    shutil.copy(next((t / "train" / "n00000000").iterdir()), t / "train" / ".trash" / "a.JPEG")
+
+
+def _hidden_subfolder_of_a_class(t: Path) -> None:
+    (t / "train" / "n00000002" / ".thumbs").mkdir()
+    shutil.copy(next((t / "train" / "n00000000").iterdir()),
+                t / "train" / "n00000002" / ".thumbs" / "a.JPEG")
+
+
+def _apple_double_files(t: Path) -> None:
+    for f in [*(t / "train").glob("*/*.JPEG"), *(t / "val").rglob("*.JPEG")]:
+        _apple_double(f.with_name("._" + f.name))
+    for split in SPLITS:
+        (t / split / ".DS_Store").write_bytes(bytes(64))
+
+
+def _hidden_broken_link(t: Path) -> None:
+    os.symlink(t / "gone.JPEG", t / "train" / "n00000001" / ".n00000001_9.JPEG")
+
+
+HIDDEN = [_hidden_folders, _hidden_folder_with_image, _hidden_subfolder_of_a_class,
+          _apple_double_files, _hidden_broken_link]
+
+
+@pytest.mark.parametrize("hide", HIDDEN, ids=lambda f: f.__name__.lstrip("_"))
+def test_hidden_entries_are_skipped_at_every_level(hide, layout, tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", layout=layout, sizes=SMALL)
+    expected = index_imagenet(tree), describe(tree)
+    hide(tree)
+    assert index_imagenet(tree) == expected[0]
+    assert describe(tree) == expected[1]
+
+
+def test_broken_image_link_is_refused_and_other_links_are_followed(tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    expected = index_imagenet(tree)
+    kept = tree / "train" / "n00000001" / "n00000001_2.JPEG"
+    (tmp_path / "store").mkdir()
+    kept.rename(tmp_path / "store" / kept.name)
+    os.symlink(tmp_path / "store" / kept.name, kept)  # a link to an image is that image
+    os.symlink(tmp_path / "gone.txt", tree / "train" / "n00000001" / "notes.txt")  # not an image
+    assert index_imagenet(tree) == expected
+    link = tree / "train" / "n00000001" / "n00000001_9.JPEG"
+    os.symlink(tmp_path / "gone" / "x.JPEG", link)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"broken symbolic link {link} -> {tmp_path / 'gone' / 'x.JPEG'} (No such file or "
+            "directory); expected images and folders, or links to existing ones -- fix or "
+            "remove the link")) as err:
+        index_imagenet(tree)
+    assert "\n" not in str(err.value)
+
+
+@malformed("imagefolder")
+def link_loop_in_a_class(t):
+    os.symlink("again", t / "train" / "n00000001" / "again")  # not an image name: still refused
+    return [f"broken symbolic link {t / 'train' / 'n00000001' / 'again'} -> again (Too many "
+            "levels of symbolic links); expected images and folders, or links to existing ones"]
+
+
+@malformed("torchvision_flat_val")
+def image_link_loop_in_flat_val(t):
+    (t / "val" / val_name(2)).unlink()
+    os.symlink(val_name(2), t / "val" / val_name(2))  # a link to itself
+    return [f"broken symbolic link {t / 'val' / val_name(2)} -> {val_name(2)} (Too many levels "
+            "of symbolic links); expected images and folders, or links to existing ones"]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: bad files are named in one line (also across DataLoader workers); 16-bit grey
+
+
+def _truncated_jpeg(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _bomb_png(path: Path) -> None:
+    """A valid 4x4 PNG whose header claims 30000 x 30000 pixels (CRC fixed): Pillow refuses it
+    on open, before any pixel is decoded."""
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+BAD_IMAGES = {
+    "zero_bytes": (lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
+    "html_page": (lambda p: p.write_text("<html>404 Not Found</html>"), "UnidentifiedImageError"),
+    "truncated_jpeg": (_truncated_jpeg, "OSError"),
+    "decompression_bomb": (_bomb_png, "DecompressionBombError"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_undecodable_image_is_one_line_naming_it_also_from_a_worker(kind, tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SIZES)
+    bad = tree / "train" / "n00000001" / "n00000001_2.JPEG"
+    spoil, reason = BAD_IMAGES[kind]
+    spoil(bad)
+    train, _ = index_imagenet(tree)  # indexing never opens images
+    ds = ImageFolderDataset(tree, split="train", image_size=16, index=train)
+    i = [train.path(k) for k in range(len(train))].index(str(bad))
+    ds[i - 1]  # its neighbours read fine
+    message = (f"cannot decode image {bad} ({reason}: ", "); expected an image file Pillow can "
+               "read -- replace or remove the file, then rerun with --resume")
+    with pytest.raises(ImageNetFormatError, match=".*".join(map(re.escape, message))) as err:
+        ds[i]
+    line = str(err.value)
+    assert "\n" not in line
+    # torch re-raises the worker's error as the same type, its traceback first: the message
+    # survives intact as the last line.
+    kind, text = _worker_error(torch.utils.data.Subset(ds, [i - 1, i]))
+    assert kind is ImageNetFormatError
+    assert text.splitlines()[-1] == f"references.imagenet.ImageNetFormatError: {line}"
+
+
+def _worker_error(dataset) -> tuple[type, str]:
+    """(type, message) of the error a DataLoader with one worker process raises reading
+    ``dataset``; the loader's workers are shut down before it returns."""
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1))
+    try:
+        for _ in batches:
+            pass
+    except Exception as e:  # noqa: BLE001 -- the caller checks the type
+        # The re-raised error's traceback is a reference cycle that holds the iterator: break it
+        # so that the iterator's worker is shut down below, not by some later garbage collection
+        # (which takes 5 s, or leaves the worker to the next test's fork).
+        e.__traceback__ = None
+        return type(e), str(e)
+    finally:
+        del batches
+    return type(None), ""
+
+
+def _grey16(shape=(24, 32)) -> np.ndarray:
+    """(H, W) uint16 covering the range, with the values where clipping or a wrong scale shows."""
+    values = np.linspace(0, 65535, shape[0] * shape[1]).round().astype(np.uint16)
+    values[:6] = [0, 128, 129, 257, 32768, 65535]
+    return values.reshape(shape)
+
+
+@pytest.mark.parametrize("ext, mode", [(".png", "I;16"), (".pgm", "I"), (".tif", "I;16")])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(ext, mode, tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    path = tree / "train" / "n00000000" / f"deep{ext}"
+    grey = _grey16()
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode  # as Pillow reads it back
+    expected = np.floor(grey / 257 + 0.5).astype(np.uint8)  # round(v * 255 / 65535)
+    assert expected[0, :6].tolist() == [0, 0, 1, 1, 128, 255]
+    rgb = read_rgb(str(path))
+    assert rgb.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=2))
+    # Through the dataset: a uniform 16-bit image stays uniform at its scaled value.
+    Image.fromarray(np.full((40, 50), 40000, np.uint16)).save(path)
+    train, _ = index_imagenet(tree)
+    ds = ImageFolderDataset(tree, split="train", image_size=16, index=train)
+    item = ds[[train.path(k) for k in range(len(train))].index(str(path))][0]
+    assert item.shape == (3, 16, 16) and set(item.unique().tolist()) == {round(40000 / 257)}
+
+
+def test_32_bit_integer_image_beyond_16_bits_is_refused(tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    path = tree / "train" / "n00000000" / "wide.tif"
+    Image.fromarray(np.array([[0, 70000], [5, 6]], np.int32)).save(path)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"image {path} is 'I' (32-bit integer) with values in 0..70000; expected 8-bit "
+            "images or 16-bit grey (0..65535) -- convert it to 8 bits, or replace or remove the "
+            "file, then rerun with --resume")):
+        read_rgb(str(path))
+
+
+@pytest.mark.parametrize("mode, ext", [("L", ".png"), ("LA", ".png"), ("P", ".png"),
+                                       ("RGBA", ".png"), ("CMYK", ".jpg"), ("1", ".png"),
+                                       ("RGB", ".JPEG")])
+def test_8_bit_modes_convert_as_pillow_does(mode, ext, tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (24, 32, 4), np.uint8), "RGBA")
+    path = tmp_path / f"x{ext}"
+    (rgba if mode == "RGBA" else rgba.convert("RGB").convert(mode)).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+        expected = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(read_rgb(str(path))), expected)
+    if mode == "RGBA":  # alpha is dropped, not composited over a background
+        np.testing.assert_array_equal(expected, np.asarray(rgba)[..., :3])

@@ -321,6 +321,10 @@ def test_plan_of_a_smoke_test():
     (["gabor_conv1", "--data", "imagenet", "--imagenet-root", "/no/such/imagenet"],
      r"--imagenet-root /no/such/imagenet: no such directory"),
     (["gabor_conv1", "--data", "nsd"], r"condition gabor_conv1 .* trains on imagenet"),
+    (["gabor_conv1", "--data", "imagenet", "--imagenet-root", ""],
+     r"--imagenet-root '': an empty path; accepted: a directory"),
+    (["nsd_conv1_v1", "--data", "nsd", "--nsd-root", " ", "--coco-annotations", "/tmp"],
+     r"--nsd-root ' ': an empty path; accepted: a directory"),
     (["paper", "--data", "nsd"], r"accepted: --data paper"),
     (["nsd_conv1_v1", "--nsd-root", "/tmp"], r"--nsd-root is given but --data is demo"),
     (["nsd_conv1_v1", "--subject", "2"], r"--subject with --data demo"),
@@ -592,11 +596,13 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
 def test_an_errored_trial_is_named_with_its_error_in_one_line():
     """The driver's summary names each errored trial's error by its innermost Type: message,
     through the wrappers a real failure comes in: a DataLoader worker's, then Ray's."""
+    import importlib
+
     import torch
 
-    from sweeps.execute import error_line  # first: it sets how Ray authenticates
+    from sweeps.execute import error_line
 
-    import ray  # noqa: I001
+    ray = importlib.import_module("ray")  # after sweeps.execute, which sets Ray's auth mode
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self):
