@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -422,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.parent_run is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}",
+                                                            args.parent_run):
+            raise SourceError(f"--parent-run {args.parent_run!r}: not an MLflow run id; "
+                              f"accepted: a run id, letters and digits (the driver prints its "
+                              f"parent run's)")
         if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
             raise SourceError(f"--out {args.out}: not a folder; accepted: a folder for the "
                               f"report (created when missing)")

@@ -8,6 +8,7 @@ drivers on one machine agree on paths. Writers hold a file lock and publish atom
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -15,9 +16,11 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from filelock import FileLock
 
@@ -129,3 +132,12 @@ def traceback_file(exc: BaseException) -> Path:
         return atomic_write_text(cache_root() / "logs" / name, text)
     except OSError:  # the cache itself may be what failed
         return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (``error: ...``) and exit status 2,
+    as every command line of the project ends a bad input (argparse prints its usage block)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)

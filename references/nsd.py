@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from references.cache import build_once, cache_root, content_hash
+from references.cache import OneLineParser, build_once, cache_root, content_hash
 
 
 class NSDFormatError(ValueError):
@@ -697,7 +697,8 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     ROI's voxels, from the release's ncsnr.nii.gz or ncsnr.nii; null where it has none),
     category_ids, names.
     """
-    nsd_root, coco_annotations, out = Path(nsd_root), Path(coco_annotations), Path(out)
+    nsd_root, coco_annotations = Path(nsd_root).expanduser(), Path(coco_annotations).expanduser()
+    out = Path(out).expanduser()
     subjects = _subject_list(nsd_root, subjects)
     spec = roi_spec(roi)
     _release_root(nsd_root)
@@ -933,8 +934,8 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m references.nsd",
-                                     description="NSD native release -> prepared Parquet table")
+    parser = OneLineParser(prog="python -m references.nsd",
+                           description="NSD native release -> prepared Parquet table")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="z-score, average repeats, select ROI voxels, attach "
                                        "COCO-80 labels; write Parquet")
@@ -951,6 +952,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.out = args.out.expanduser()
+    if args.out.is_dir() or not str(args.out).strip():
+        print(f"error: --out {args.out}: a folder; accepted: the path of the .parquet file to "
+              f"write", file=sys.stderr)
+        return 2
     try:
         out = prepare(args.nsd_root, args.coco_annotations, args.subject, args.roi, args.out,
                       progress=not args.no_progress)

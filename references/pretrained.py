@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -100,6 +101,11 @@ def find_weights(model_name: str, weights: str | os.PathLike = "torchvision") ->
                 f"or --weights auto to train the project's own reference network")
         return path
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise WeightsNotFoundError(
+            f"weights {str(path)!r} for {model_name} is a folder; pass --weights PATH to a "
+            f"state dict file (torch.save(model.state_dict(), PATH)), --weights torchvision or "
+            f"--weights auto")
     if not path.is_file():
         raise WeightsNotFoundError(
             f"weights file {str(path)!r} for {model_name} does not exist; pass --weights PATH "
@@ -109,21 +115,80 @@ def find_weights(model_name: str, weights: str | os.PathLike = "torchvision") ->
     return path
 
 
+#: Key prefixes a wrapper puts on a network's state dict: a TappedModel (``net.``),
+#: DataParallel / DistributedDataParallel (``module.``), a LightningModule holding the network
+#: as ``self.model`` (``model.``). Stripped while every key has one, in any nesting.
+_WRAPPER_PREFIXES = ("net.", "module.", "model.")
+_SAVE_HINT = "save the network's weights with torch.save(model.state_dict(), PATH)"
+
+
+def _read_weights(path: Path) -> object:
+    """``torch.load(path, weights_only=True)``; whatever it raises (a truncated or empty
+    file, a text file, a whole pickled model, which weights_only refuses) is a ValueError in
+    one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        if found:
+            why = (f"it holds pickled Python objects ({found.group(1)}: e.g. a whole model "
+                   f"saved with torch.save(model)), which are never unpickled here")
+        elif "Weights only load failed" in text:
+            why = ("not a file torch.save wrote"
+                   + (f": {' '.join(detail.group(1).split())}" if detail else ""))
+        else:
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+            why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            if isinstance(exc, EOFError) or path.stat().st_size == 0:
+                why = f"empty or truncated file ({why})"
+        raise ValueError(f"{path}: cannot read as a state dict ({why[:300]}); {_SAVE_HINT}"
+                         ) from None
+
+
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The network's state dict inside what a file holds: itself, or under a "state_dict" /
+    "model" key (a training checkpoint, e.g. Lightning's), wrapper prefixes stripped."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
-                                               for v in obj.values()):
+    if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
-                         f"{type(obj).__name__}")
+                         f"{type(obj).__name__}; {_SAVE_HINT}")
+    other = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), but entry "
+                         f"{other!r} is a {type(obj[other]).__name__}; {_SAVE_HINT}")
     sd = dict(obj)
-    for prefix in ("net.", "module."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    while sd:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str:
+    """What differs between a model's state dict and a file's, in a few words."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if expected[k].shape != got[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing {some(missing)}")
+    if extra:
+        parts.append(f"unexpected {some(extra)}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape(s) differ, e.g. {k}: file {tuple(got[k].shape)}, "
+                     f"model {tuple(expected[k].shape)}")
+    return "; ".join(parts) or "the values do not load"
 
 
 def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
@@ -133,20 +198,29 @@ def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
     (conv1 channels / the model's base width) -- pass ``width`` if that does not round-trip."""
     spec = get_model_spec(model_name)
     path = find_weights(model_name, weights)
-    sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    sd = _unwrap_state_dict(_read_weights(path), path)
     head_key = f"{spec.head}.weight"
     conv1_key = f"{spec.taps[spec.conv1].path}.weight"
     if head_key not in sd or conv1_key not in sd:
-        raise ValueError(f"{path} is not a {model_name} state dict: missing "
-                         f"{head_key!r} or {conv1_key!r}")
+        some = ", ".join(list(sd)[:3]) or "none"
+        raise ValueError(f"{path} is not a state dict of {model_name}: missing {head_key!r} or "
+                         f"{conv1_key!r} (its keys: {some}, ...)")
+    given = width is not None
     if width is None:
         width = sd[conv1_key].shape[0] / spec.base_width
-    model = build_model(model_name, num_classes=int(sd[head_key].shape[0]), width=width)
+    classes = int(sd[head_key].shape[0])
+    try:
+        model = build_model(model_name, num_classes=classes, width=width)
+    except ValueError as e:
+        raise ValueError(f"{path}: {conv1_key} has {sd[conv1_key].shape[0]} channels, width "
+                         f"{width:g} of {model_name}: {e}") from None
     try:
         model.net.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit {model_name} at width {width}: "
-                         f"{str(e).splitlines()[0]} (pass width= explicitly)") from e
+    except RuntimeError:
+        raise ValueError(f"{path} does not fit {model_name} (width {width:g}"
+                         f"{' as given' if given else ''}, {classes} classes, read off the "
+                         f"file): "
+                         f"{_mismatch(model.net.state_dict(), sd)}") from None
     return model.eval()
 
 

@@ -38,10 +38,10 @@ the parameters (and ``GENERATOR_VERSION``); concurrent callers build once.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import csv
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,7 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from references import nsd
-from references.cache import build_once, cache_root, content_hash
+from references.cache import OneLineParser, build_once, cache_root, content_hash
 
 GENERATOR_VERSION = 3  # 2: writes each subject's ncsnr.nii.gz; 3: categories by grating
 # Number of real builds per kind in this process: lets tests see that a cached call built nothing.
@@ -277,9 +277,14 @@ def _check(name: str, value, lo, hi=None) -> None:
 MAX_IMAGES = 1_000_000
 
 
+#: numpy's seed sequences take non-negative integers; bounded to 32 bits for a readable range
+MAX_SEED = 2**32 - 1
+
+
 def check_single_label_args(*, image_size: int, n_categories: int, n_train_per_class: int,
-                            n_val_per_class: int) -> None:
+                            n_val_per_class: int, seed: int = 0) -> None:
     """``generate_single_label``'s argument checks (ValueError naming the value)."""
+    _check("seed", seed, 0, MAX_SEED)
     _check("image_size", image_size, 16, 1024)
     _check("n_categories", n_categories, 2, 80)
     _check("n_train_per_class", n_train_per_class, 1, MAX_IMAGES)
@@ -288,8 +293,9 @@ def check_single_label_args(*, image_size: int, n_categories: int, n_train_per_c
 
 def check_nsd_like_args(*, image_size: int, n_images: int, n_subjects: int, n_categories: int,
                         repeats: int, trials_per_session: int,
-                        n_shared: int | None) -> tuple[int, int]:
+                        n_shared: int | None, seed: int = 0) -> tuple[int, int]:
     """``generate_nsd_like``'s argument checks; returns (n_shared, n_unique per subject)."""
+    _check("seed", seed, 0, MAX_SEED)
     _check("image_size", image_size, 16, 1024)
     _check("n_subjects", n_subjects, 1, 8)
     _check("n_categories", n_categories, 2, 80)
@@ -317,7 +323,8 @@ def generate_single_label(*, image_size: int = 64, n_categories: int = 10,
     the same path without rendering.
     """
     check_single_label_args(image_size=image_size, n_categories=n_categories,
-                            n_train_per_class=n_train_per_class, n_val_per_class=n_val_per_class)
+                            n_train_per_class=n_train_per_class, n_val_per_class=n_val_per_class,
+                            seed=seed)
     params = {"kind": "single_label", "version": GENERATOR_VERSION, "image_size": image_size,
               "n_categories": n_categories, "n_train_per_class": n_train_per_class,
               "n_val_per_class": n_val_per_class, "seed": seed}
@@ -541,7 +548,7 @@ def generate_nsd_like(*, image_size: int = 64, n_images: int = 1000, n_subjects:
     n_shared, n_unique = check_nsd_like_args(
         image_size=image_size, n_images=n_images, n_subjects=n_subjects,
         n_categories=n_categories, repeats=repeats, trials_per_session=trials_per_session,
-        n_shared=n_shared)
+        n_shared=n_shared, seed=seed)
     params = {"kind": "nsd_like", "version": GENERATOR_VERSION, "image_size": image_size,
               "n_images": n_images, "n_subjects": n_subjects, "n_categories": n_categories,
               "repeats": repeats, "trials_per_session": trials_per_session,
@@ -745,15 +752,19 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m references.simulated",
-                                     description="Generate (or find in the cache) the demo-size "
-                                                 "simulated datasets and print where they are.")
+    parser = OneLineParser(prog="python -m references.simulated",
+                           description="Generate (or find in the cache) the demo-size "
+                                       "simulated datasets and print where they are.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    single = generate_single_label(seed=args.seed, progress=True)
-    t1 = time.perf_counter()
-    sim = generate_nsd_like(seed=args.seed, progress=True)
+    try:
+        single = generate_single_label(seed=args.seed, progress=True)
+        t1 = time.perf_counter()
+        sim = generate_nsd_like(seed=args.seed, progress=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t2 = time.perf_counter()
     print(f"single-label ImageFolder: {single}  ({t1 - t0:.1f} s)")
     print(f"NSD-like release:         --nsd-root {sim.nsd_root} "

@@ -253,7 +253,7 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,
             width=next(t.config["width"] for t in plan.trials if t.condition == name),
             image_size=source.image_size,
-            weights="auto" if source.simulated else "torchvision",
+            weights=plan.weights or ("auto" if source.simulated else "torchvision"),
             dataset_key=source.describe(),
         )
         _say(f"reference ready for {name}: {cond.reference} "
@@ -346,6 +346,7 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
         "data": plan.data_kind, "overrides": {k: repr(v) for k, v in plan.overrides.items()},
         "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
         "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
+        **({"weights": plan.weights} if plan.weights is not None else {}),
     }
 
 
@@ -357,7 +358,8 @@ def _check_fingerprint(plan: Plan, run_dir: Path) -> None:
     names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
              "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
              "data": "--data", "smoke": "--smoke-test", "search": "--search",
-             "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep"}
+             "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
+             "weights": "--weights"}
     for key, label in names.items():
         if was.get(key) != now.get(key):
             show = (lambda v: "(hidden)") if key == "tracking_uri_sha256" else repr

@@ -102,6 +102,7 @@ class Plan:
     overrides: dict = field(default_factory=dict, hash=False)
     only: tuple[str, ...] = ()
     n_grid: int = 0
+    weights: str | None = None  # --weights (pretrained conditions); None: the scale's default
 
     @property
     def n_trials(self) -> int:
@@ -182,18 +183,41 @@ def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
     return root, tuple(subjects)
 
 
-def check_pretrained_weights(conditions) -> None:
-    """At paper scale a pretrained reference is torchvision's ImageNet weights file in the
-    local torch hub cache (never downloaded): it must be there before anything starts."""
-    from references.pretrained import WeightsNotFoundError, find_weights
+def _weights(value: str | None, conditions, scale: str) -> str | None:
+    """--weights: the pretrained conditions' frozen network ("torchvision", "auto" or a state
+    dict file, made absolute: trials run in other folders); None = the scale's default
+    (torchvision's file at paper scale, the project's own trained network at demo scale)."""
+    if value is None:
+        return None
+    if not any(c.reference == "pretrained" for c in conditions):
+        raise UsageError(f"--weights {value} but no selected condition has a pretrained "
+                         f"reference; accepted: --weights with a pretrained_* condition")
+    if value in ("torchvision", "auto"):
+        return value
+    if not value.strip():
+        raise UsageError(f"--weights {value!r}: an empty path; accepted: a state dict file, "
+                         f"torchvision or auto")
+    return str(Path(value).expanduser().resolve())
 
+
+def check_pretrained_weights(conditions, weights: str | None, scale: str) -> None:
+    """A pretrained reference's weights file (torchvision's in the local torch hub cache at
+    paper scale, never downloaded; or --weights PATH) must be there and load as a state dict
+    of the condition's model before anything starts: it is read, as the run will read it."""
+    from references.pretrained import load_network
+
+    spec = weights if weights is not None else ("torchvision" if scale == "paper" else "auto")
+    if spec == "auto":
+        return
+    loaded: set[str] = set()
     for cond in conditions:
-        if cond.reference != "pretrained":
+        if cond.reference != "pretrained" or cond.model in loaded:
             continue
         try:
-            find_weights(cond.model, "torchvision")
-        except WeightsNotFoundError as exc:
-            raise UsageError(f"condition {cond.name}: {exc}") from None
+            load_network(cond.model, spec)
+        except ValueError as exc:  # WeightsNotFoundError included
+            raise UsageError(f"condition {cond.name}: {' '.join(str(exc).split())}") from None
+        loaded.add(cond.model)
 
 
 def check_coco_annotations(value: str) -> Path:
@@ -392,8 +416,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                        else ({}, asked or (1,)))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
-    if scale == "paper":
-        check_pretrained_weights(conditions)
+    weights = _weights(getattr(args, "weights", None), conditions, scale)
+    check_pretrained_weights(conditions, weights, scale)
     resources = _resources(conditions, scale, cpus, gpus)
     if address is None:
         _object_store_bytes()
@@ -418,7 +442,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         data=data, data_description=line, trials=tuple(trials), resources=resources,
         search=args.search, num_samples=args.num_samples, address=address,
         mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
-        experiment=experiment, overrides=overrides, only=only, n_grid=n_grid,
+        experiment=experiment, overrides=overrides, only=only, n_grid=n_grid, weights=weights,
     )
 
 

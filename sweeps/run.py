@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="GLOB",
                    help="run only the trials whose id matches (shell pattern, repeatable), "
                         "e.g. --only 'nsd_conv1_v1-max-a0.8-*'")
+    p.add_argument("--weights", metavar="PATH",
+                   help="pretrained conditions: the frozen network's weights, a state dict "
+                        "file (a checkpoint holding one loads too), 'torchvision' (its ImageNet "
+                        "file in the torch hub cache; the paper-scale default) or 'auto' (the "
+                        "project trains its own; the demo default)")
     p.add_argument("--storage", metavar="DIR",
                    help="folder for Ray Tune's results (default: ./ray_results)")
     return p
@@ -140,6 +145,7 @@ def service_lines(plan: Plan) -> list[str]:
             f"storage: {plan.storage}{' (resuming the latest run)' if plan.resume else ''}",
             f"search: {search}",
             *([f"overrides: {format_overrides(plan.overrides)}"] if plan.overrides else []),
+            *([f"weights: {plan.weights} (pretrained conditions)"] if plan.weights else []),
             *([f"selected: {len(plan.trials)} of {plan.n_grid} trials by --only "
                f"{' '.join(plan.only)}"] if plan.only else [])]
 

@@ -510,10 +510,16 @@ def select_trials(trials: Sequence[TrialSpec], patterns: Sequence[str]) -> list[
 # Loading
 
 
+#: The longest sweep (file) name: names are parts of folder names (run folders, trial keys).
+MAX_NAME_BYTES = 100
+
+
 def list_sweeps(directory: str | Path | None = None) -> list[str]:
     """Names of the sweep files in ``directory`` (default ``sweeps/conditions``), sorted."""
     folder = Path(directory) if directory is not None else sweep_dir()
-    return sorted(p.stem for p in folder.glob("*.toml"))
+    # hidden files are an editor's or a copy's (Emacs' .#NAME.toml lock links, macOS' ._NAME.toml
+    # AppleDouble files), never sweeps
+    return sorted(p.stem for p in folder.glob("*.toml") if not p.name.startswith("."))
 
 
 def load_sweep(name: str, directory: str | Path | None = None, *,
@@ -529,6 +535,11 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
     if name not in known:
         raise ValueError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
     path = folder / f"{name}.toml"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        # its run folders (NAME-demo_YYYYmmdd-HHMMSS) and Ray's trial folders must stay under
+        # the file system's 255 bytes a name
+        raise SweepFileError(f"{path}: the name {name[:40]!r}... is {len(name.encode())} bytes; "
+                             f"accepted: a sweep file name of at most {MAX_NAME_BYTES} bytes")
     raw = _read(path)
     if "includes" in raw:
         _check_keys(raw, _COMPOSITE_KEYS, path, "")
@@ -590,8 +601,9 @@ def _read(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise SweepFileError(f"{path}: a folder, not a sweep file; accepted: a TOML file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # utf-8-sig: a UTF-8 byte-order mark (Windows editors, PowerShell's Out-File) is not
+        # part of the TOML; CRLF line ends are TOML's own
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise SweepFileError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:

@@ -984,3 +984,11 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     assert proc.stderr == (f"error: --out {taken}: not a folder; accepted: a folder for the "
                            f"report (created when missing)\n")
     assert taken.read_text() == "keep me\n"
+    # a malformed --parent-run was ignored with --ray-results and the report built anyway
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
+         str(tmp_path), "--parent-run", "zz!!", "--no-log"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: --parent-run 'zz!!': not an MLflow run id; accepted: a run id, letters and "
+        "digits (the driver prints its parent run's)\n"), proc.stderr

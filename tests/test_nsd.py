@@ -736,3 +736,23 @@ def test_coco_infinite_id_is_a_format_error(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(NSDFormatError, match=r"instances_val2017\.json: malformed annotation"):
         prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_cli_usage_errors_and_an_output_folder_are_one_line(tmp_path):
+    """The prepare command's own usage errors (argparse printed its usage block) and an --out
+    that is a folder (found only after hours of streaming, naming a temporary file) are one
+    line, exit 2, before anything is read."""
+    nsd_root, coco = write_tree(tmp_path)
+    proc = _cli_prepare(nsd_root, coco, tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --out {tmp_path}: a folder; accepted: the path of the .parquet file to "
+        f"write\n"), proc.stderr
+    for argv, match in ((["prepare", "--nsd-root", str(nsd_root)], r"the following arguments "
+                         r"are required: --coco-annotations"),
+                        (["prepare", "--nsd-root", str(nsd_root), "--coco-annotations", str(coco),
+                          "--subject", "one", "--roi", "V1", "--out", "x.parquet"],
+                         r"argument --subject: invalid int value: 'one'")):
+        proc = subprocess.run([sys.executable, "-m", "references.nsd", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert re.match(rf"error: python -m references.nsd prepare: {match}", proc.stderr)

@@ -166,7 +166,7 @@ def test_missing_weights_file_path(tmp_path):
 def test_a_file_of_the_wrong_model(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(build_model("resnet18", num_classes=3, width=0.25).net.state_dict(), path)
-    with pytest.raises(ValueError, match="is not a alexnet state dict"):
+    with pytest.raises(ValueError, match="is not a state dict of alexnet: missing"):
         load_network("alexnet", path)
 
 
@@ -295,3 +295,62 @@ def test_two_concurrent_builders_train_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrained, "train_reference_network", refuse)
     assert _auto(tiny_data(seed=20)).source in sources
+
+
+def test_checkpoints_labs_save_load_and_bad_files_are_one_line(tmp_path):
+    """What a lab brings as a frozen network's weights: a Lightning checkpoint (the network
+    as ``self.model``, optimizer state beside it) and a DataParallel-wrapped state dict load;
+    an empty, truncated or text file, a whole pickled model, a folder, a state dict of
+    another shape or with extra entries are each one line naming the file and what is
+    expected."""
+    model = build_model("alexnet", num_classes=4, width=0.25, seed=3).eval()
+    sd = model.net.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    good = {
+        "lightning.ckpt": {"state_dict": {f"model.{k}": v for k, v in sd.items()},
+                           "epoch": 7, "global_step": 70, "optimizer_states": [{}]},
+        "ddp.pt": {f"module.{k}": v for k, v in sd.items()},
+        "lightning_tapped.ckpt": {"state_dict": {f"model.net.{k}": v for k, v in sd.items()}},
+    }
+    for name, obj in good.items():
+        torch.save(obj, tmp_path / name)
+        net = load_network("alexnet", tmp_path / name)
+        assert torch.equal(net(x), model(x)), name
+    full = tmp_path / "full_model.pt"
+    torch.save(model.net, full)
+    text = tmp_path / "notes.pt"
+    text.write_text("weights are on the other server\n")
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    truncated = tmp_path / "truncated.pt"
+    torch.save(sd, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    other_width = tmp_path / "width_half.pt"
+    torch.save(build_model("alexnet", num_classes=4, width=0.5).net.state_dict(), other_width)
+    extra = tmp_path / "extra.pt"
+    torch.save({**sd, "features.99.weight": torch.zeros(1)}, extra)
+    tagged = tmp_path / "tagged.pt"
+    torch.save({**sd, "note": "run 12"}, tagged)
+    cases = {
+        full: r"cannot read as a state dict \(it holds pickled Python objects \(torchvision.models"
+              r".alexnet.AlexNet: e.g. a whole model saved with torch.save\(model\)\), which are "
+              r"never unpickled here\); save the network's weights with "
+              r"torch.save\(model.state_dict\(\), PATH\)",
+        text: r"cannot read as a state dict \(not a file torch.save wrote: Unsupported operand "
+              r"119\); save the network's weights",
+        empty: r"cannot read as a state dict \(empty or truncated file",
+        truncated: r"cannot read as a state dict \(",
+        extra: r"does not fit alexnet \(width 0.25, 4 classes, read off the file\): unexpected "
+               r"features.99.weight",
+        tagged: r"expected a state dict \(name -> tensor\), but entry 'note' is a str",
+        tmp_path: r"is a folder; pass --weights PATH to a state dict file",
+    }
+    for path, match in cases.items():
+        with pytest.raises(ValueError, match=rf"{path}.*{match}") as info:
+            load_network("alexnet", path)
+        assert "\n" not in str(info.value), path
+    with pytest.raises(ValueError, match=r"does not fit alexnet \(width 0.25 as given, 4 "
+                                         r"classes, read off the file\): 15 shape\(s\) differ, "
+                                         r"e.g. classifier.1.bias: file \(2048,\), model "
+                                         r"\(1024,\)"):
+        load_network("alexnet", other_width, width=0.25)

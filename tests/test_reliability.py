@@ -250,10 +250,12 @@ def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path
 
 
 def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
-    """An environment fault nobody validates (the data cache is a file, not a folder): one
-    line with the exception and where its full traceback was written; exit 1."""
-    cache = tmp_path / "cache-is-a-file"
-    cache.write_text("")
+    """An environment fault nobody validates (the data cache's folder of generated worlds is
+    a file; the cache folder itself is checked by the plan since): one line with the exception
+    and where its full traceback was written; exit 1."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "simulated").write_text("")
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"),
                            *_smoke(tmp=tmp_path)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300,

@@ -240,6 +240,8 @@ def test_unknown_sweep_lists_the_known_ones():
     (lambda s: s.replace("epochs = 25", "epochs = 9223372036854775807"),
      r"epochs=9223372036854775807; accepted: an integer in 1..100000"),
     (lambda s: s.replace('lr = 2e-3', 'lr = "0.002"'), r"lr='0.002'; accepted: a number"),
+    (lambda s: s.replace("repeats = 3, seed = 0", "repeats = 3, seed = -1"),
+     r"\[demo.data_kwargs\]: seed=-1; accepted: an integer in 0..4294967295"),
 ])
 def test_a_malformed_sweep_file_names_the_file_and_the_key(tmp_path, edit, match):
     folder = tmp_path / "conditions"
@@ -633,3 +635,62 @@ def test_an_errored_trial_is_named_with_its_error_in_one_line():
                                           "http://ann:***@host:5000")
     finally:
         ray.shutdown()
+
+
+def test_weights_name_the_pretrained_conditions_network_and_are_read_by_the_dry_run(tmp_path):
+    """--weights PATH (what the weights messages always told users to pass) selects the frozen
+    network of the pretrained conditions; the plan reads the file as the run will, so an
+    unreadable one is refused before Ray or MLflow start (only its existence was checked)."""
+    import torch
+
+    from trainable.models import build_model
+
+    good = tmp_path / "lab_alexnet.ckpt"
+    sd = build_model("alexnet", num_classes=10, width=0.5, seed=1).net.state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}, good)
+    plan = make_plan(parse("pretrained_conv1", "--weights", str(good)))
+    assert plan.weights == str(good)
+    assert make_plan(parse("pretrained_conv1", "--weights", "auto")).weights == "auto"
+    assert make_plan(parse("pretrained_conv1")).weights is None  # the demo default: "auto"
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    with pytest.raises(UsageError, match=rf"condition pretrained_conv1: {re.escape(str(empty))}: "
+                                         r"cannot read as a state dict \(empty or truncated"):
+        make_plan(parse("pretrained_conv1", "--weights", str(empty)))
+    resnet = tmp_path / "resnet.pt"
+    torch.save(build_model("resnet18", num_classes=3, width=0.25).net.state_dict(), resnet)
+    with pytest.raises(UsageError, match=r"condition pretrained_conv1: .*resnet.pt is not a state "
+                                         r"dict of alexnet"):
+        make_plan(parse("pretrained_conv1", "--weights", str(resnet)))
+    with pytest.raises(UsageError, match=r"--weights .* but no selected condition has a "
+                                         r"pretrained reference"):
+        make_plan(parse("nsd_conv1_v1", "--weights", str(good)))
+    # the same through the command line: one line, exit 2, and the dry run names the file
+    proc = subprocess.run([sys.executable, "sweeps/run.py", "pretrained_conv1", "--dry-run",
+                           "--weights", str(good)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and f"weights: {good} (pretrained conditions)" in proc.stdout
+
+
+def test_sweep_files_from_other_editors_and_copies_load(tmp_path):
+    """A UTF-8 byte-order mark (Windows editors) and CRLF line ends are not the TOML's; hidden
+    files beside the sweeps (an Emacs lock link, a macOS AppleDouble file) are not sweeps."""
+    folder = tmp_path / "conditions"
+    shutil.copytree(SWEEP_DIR, folder)
+    path = folder / "gabor_conv1.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    (folder / ".#gabor_conv1.toml").symlink_to("root@host.1234:1700000000")  # dangling
+    (folder / "._gabor_conv1.toml").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert list_sweeps(folder) == list_sweeps(SWEEP_DIR)
+    assert load_sweep("gabor_conv1", folder).grid_size() == load_sweep(
+        "gabor_conv1", SWEEP_DIR).grid_size()
+    proc = subprocess.run([sys.executable, "sweeps/run.py", "--list", "--sweep-dir",
+                           str(folder)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("gabor_conv1"), proc.stderr
+    # a name too long to become a run folder (NAME-demo_YYYYmmdd-HHMMSS, 255 bytes at most)
+    long = "\u03b2" * 60
+    shutil.copyfile(folder / "gabor_conv1.toml", folder / f"{long}.toml")
+    with pytest.raises(SweepFileError, match=r"is 120 bytes; accepted: a sweep file name of at "
+                                             r"most 100 bytes"):
+        load_sweep(long, folder)
