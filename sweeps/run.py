@@ -110,10 +110,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def list_lines(directory: str | None = None) -> list[str]:
+def list_lines(directory: str | None = None,
+               errors: list[str] | None = None) -> list[str]:
+    """One line per sweep. A sweep file that does not load is left out of the list and its
+    one-line error appended to ``errors`` (raised when ``errors`` is None): one bad file in a
+    folder does not hide the others."""
     out = []
     for name in list_sweeps(directory):
-        sweep = load_sweep(name, directory, check_configs=False)
+        try:
+            sweep = load_sweep(name, directory, check_configs=False)
+        except ValueError as exc:
+            if errors is None:
+                raise
+            errors.append(_one_line(exc))
+            continue
         mains = [c for c in sweep.conditions if c.control_of is None]
         extra = f" ({len(mains)} conditions)" if sweep.composite else ""
         if sweep.control_size():
@@ -202,8 +212,11 @@ def _main(argv: list[str] | None) -> int:
                                  f"a folder of sweep .toml files")
             args.sweep_dir = str(folder.resolve())  # passed down, never through os.environ
         if args.list:
-            print("\n".join(list_lines(args.sweep_dir)))
-            return 0
+            errors: list[str] = []
+            print("\n".join(list_lines(args.sweep_dir, errors)))
+            for line in errors:
+                print(f"error: {line}", file=sys.stderr)
+            return 2 if errors else 0
         plan = make_plan(args)
         check_services(plan)
     except ValueError as exc:  # UsageError, a malformed sweep file, any validation

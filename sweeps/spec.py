@@ -658,6 +658,13 @@ def _numbers(raw: Mapping[str, Any], key: str, path: Path, *, positive: bool,
         what = "> 0 (magnitudes: the sign comes from the direction)" if positive else ">= 0"
         raise SweepFileError(f"{path}: {key}={value!r} in [{where}]; accepted: a non-empty list "
                              f"of distinct numbers {what}")
+    shown: dict[str, float] = {}
+    for v in value:  # trial ids name each value by fmt_number: two may not print alike
+        twin = shown.setdefault(fmt_number(v), v)
+        if twin != v:
+            raise SweepFileError(f"{path}: {key} {twin!r} and {v!r} in [{where}] are the same "
+                                 f"to 10 significant digits, as trial ids name them; accepted: "
+                                 f"values that differ there")
     return tuple(float(v) for v in value)
 
 
@@ -795,10 +802,12 @@ def _check_configs(cond: Condition) -> None:
         raise SweepFileError(f"{path}: [demo.data_kwargs]: {exc}") from None
     for scale in SCALES:
         for smoke in (False, True) if scale == "demo" else (False,):
-            probe = {**cond.base_config(scale, smoke=smoke), "alpha": max(cond.grid.alphas),
-                     "beta": cond.grid.betas[0], "seed": 0}
-            try:
-                TrialConfig.from_dict(probe)
-            except ValueError as exc:
-                where = "smoke settings of [demo]" if smoke else f"[{scale}]"
-                raise SweepFileError(f"{path}: {where}: {exc}") from None
+            base = cond.base_config(scale, smoke=smoke)
+            for beta in dict.fromkeys(cond.grid.betas):  # every beta: each is a trial's
+                probe = {**base, "alpha": max(cond.grid.alphas), "beta": beta, "seed": 0}
+                try:
+                    TrialConfig.from_dict(probe)
+                except ValueError as exc:
+                    where = ("[grid] betas" if "beta=" in str(exc) else
+                             "smoke settings of [demo]" if smoke else f"[{scale}]")
+                    raise SweepFileError(f"{path}: {where}: {exc}") from None

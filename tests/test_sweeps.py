@@ -240,6 +240,10 @@ def test_unknown_sweep_lists_the_known_ones():
     (lambda s: s.replace("epochs = 25", "epochs = 9223372036854775807"),
      r"epochs=9223372036854775807; accepted: an integer in 1..100000"),
     (lambda s: s.replace('lr = 2e-3', 'lr = "0.002"'), r"lr='0.002'; accepted: a number"),
+    (lambda s: s.replace("alphas = [0.1,", "alphas = [0.10000000001, 0.1,"),
+     r"alphas 0.10000000001 and 0.1 in \[grid\] are the same to 10 significant digits"),
+    (lambda s: s.replace("betas = [1]", "betas = [1, 1e9]"),
+     r"\[grid\] betas: beta=1000000000.0; accepted"),
     (lambda s: s.replace("repeats = 3, seed = 0", "repeats = 3, seed = -1"),
      r"\[demo.data_kwargs\]: seed=-1; accepted: an integer in 0..4294967295"),
 ])
@@ -694,3 +698,10 @@ def test_sweep_files_from_other_editors_and_copies_load(tmp_path):
     with pytest.raises(SweepFileError, match=r"is 120 bytes; accepted: a sweep file name of at "
                                              r"most 100 bytes"):
         load_sweep(long, folder)
+    # --list lists the sweeps that load and names the one that does not
+    proc = subprocess.run([sys.executable, "sweeps/run.py", "--list", "--sweep-dir",
+                           str(folder)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 2 and proc.stdout.startswith("gabor_conv1")
+    assert len(proc.stdout.splitlines()) == len(list_sweeps(SWEEP_DIR))
+    assert proc.stderr.count("\n") == 1 and "is 120 bytes" in proc.stderr
