@@ -1,6 +1,6 @@
 """ImageNet as labs keep it on disk, indexed compactly so DataLoader workers stream it by index.
 
-Two layouts are read (:func:`describe` says which one a root has):
+Three layouts are read (:func:`describe` says which one a root has):
 
 * **ImageFolder layout**: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>``,
   no devkit. Class names are the folder names.
@@ -12,6 +12,12 @@ Two layouts are read (:func:`describe` says which one a root has):
   labelled as ``parse_val_archive`` labels them: sorted file names zipped with the devkit's
   ground-truth wnids. ``class_names`` are the devkit's first synonym ("tench" for n01440764);
   they are not unique (ImageNet has two "crane" and two "maillot" classes), ``classes`` are.
+
+* **Kaggle's ImageNet layout** (its imagenet-object-localization-challenge download):
+  ``--imagenet-root .../ILSVRC/Data/CLS-LOC`` holding ``train/<wnid>/*.JPEG`` and a flat
+  ``val/``, labelled by ``LOC_val_solution.csv`` (found in the root or up to three folders
+  above it; each image id's first wnid), class names from ``LOC_synset_mapping.txt`` beside it
+  (else the wnids). A devkit or meta.bin in the root wins over it.
 
 Samples are ordered as torchvision's ``ImageFolder`` orders them (``make_dataset``): by class
 (sorted folder names), then within a class folder by the sorted walk of its subfolders
@@ -73,6 +79,9 @@ SPLITS = ("train", "val")
 DEVKIT_ARCHIVE = tv_imagenet.ARCHIVE_META["devkit"][0]  # "ILSVRC2012_devkit_t12.tar.gz"
 META_FILE = tv_imagenet.META_FILE  # "meta.bin"
 DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
+#: Kaggle's ImageNet download (imagenet-object-localization-challenge): ground truth by image id
+KAGGLE_SOLUTION = "LOC_val_solution.csv"
+KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 META_MAT = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 
@@ -193,9 +202,11 @@ def _pack(root: str, classes: tuple[str, ...], class_names: tuple[str, ...],
 
 
 class _Meta(NamedTuple):
-    source: str  # the file read: meta.bin or the devkit archive
+    source: str  # the file read: meta.bin, the devkit archive or Kaggle's LOC_val_solution.csv
     wnid_to_classes: dict[str, tuple[str, ...]]
     val_wnids: list[str]  # ground truth, one per val image in sorted file-name order
+    # Kaggle's ground truth is by image id (the file name without its extension) instead
+    val_by_id: dict[str, str] | None = None
 
 
 def _parse_meta_mat(devkit_root: str) -> tuple[dict[int, str], dict[str, tuple[str, ...]]]:
@@ -262,17 +273,77 @@ def _read_meta_bin(path: str) -> _Meta:
     return _Meta(path, wnid_to_classes, val_wnids)
 
 
+def _read_kaggle(path: str) -> _Meta:
+    """Kaggle's ImageNet download: ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the
+    string's first token the image's wnid) and, beside it, ``LOC_synset_mapping.txt``
+    (``<wnid> <words>`` per line; without it the class names are the wnids)."""
+    import csv
+
+    by_id: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            if "ImageId" not in header or "PredictionString" not in header:
+                raise ImageNetFormatError(
+                    f"{path}: header {','.join(header)!r}; expected Kaggle's "
+                    f"ImageId,PredictionString")
+            col_id, col_pred = header.index("ImageId"), header.index("PredictionString")
+            for row in reader:
+                if not row:
+                    continue
+                tokens = row[col_pred].split() if len(row) > max(col_id, col_pred) else []
+                if not tokens or not row[col_id]:
+                    raise ImageNetFormatError(
+                        f"{path}: line {reader.line_num} ({','.join(row)[:80]!r}) has no "
+                        f"ImageId or no wnid; expected ImageId,<wnid> <box> ...")
+                by_id[row[col_id]] = tokens[0]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ImageNetFormatError(f"cannot read {path} ({_reason(e)}); expected Kaggle's "
+                                  f"{KAGGLE_SOLUTION}") from e
+    wnid_to_classes: dict[str, tuple[str, ...]] = {}
+    mapping = os.path.join(os.path.dirname(path), KAGGLE_SYNSETS)
+    if os.path.isfile(mapping):
+        try:
+            with open(mapping, encoding="utf-8-sig") as fh:
+                for line in fh:
+                    wnid, _, words = line.strip().partition(" ")
+                    if wnid:
+                        wnid_to_classes[wnid] = tuple(w.strip() for w in words.split(",")
+                                                      if w.strip()) or (wnid,)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ImageNetFormatError(f"cannot read {mapping} ({_reason(e)}); expected "
+                                      f"Kaggle's <wnid> <words> lines") from e
+    else:  # names are the wnids
+        wnid_to_classes = {w: (w,) for w in sorted(set(by_id.values()))}
+    return _Meta(path, wnid_to_classes, [], by_id)
+
+
+def _kaggle_source(root: str) -> str | None:
+    """Kaggle's ground truth for a root inside its download (``--imagenet-root
+    .../ILSVRC/Data/CLS-LOC``, the CSV three folders up), or beside train/ and val/."""
+    folder = root
+    for _ in range(4):
+        candidate = os.path.join(folder, KAGGLE_SOLUTION)
+        if os.path.isfile(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
 def _meta_source(root: str) -> str | None:
     for name in (META_FILE, DEVKIT_ARCHIVE):  # meta.bin first, as torchvision does
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
-    return None
+    return _kaggle_source(root)
 
 
 def _load_meta(root: str) -> _Meta | None:
     source = _meta_source(root)
     if source is None:
         return None
+    if source.endswith(KAGGLE_SOLUTION):
+        return _read_kaggle(source)
     return _read_meta_bin(source) if source.endswith(META_FILE) else _read_devkit(source)
 
 
@@ -423,7 +494,10 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
         raise ImageNetFormatError(
             f"{folder} is flat ({len(names)} images, no class folders) and {root} has no "
             f"devkit; expected {os.path.join(root, DEVKIT_ARCHIVE)} (or torchvision's "
-            f"{META_FILE}) to label them, or val/<class>/<images>")
+            f"{META_FILE}, or Kaggle's {KAGGLE_SOLUTION}) to label them, or "
+            f"val/<class>/<images>")
+    if meta.val_by_id is not None:
+        return _index_flat_val_by_id(folder, names, meta)
     if len(meta.val_wnids) != len(names):
         raise ImageNetFormatError(
             f"{meta.source} has ground truth for {len(meta.val_wnids)} val images but {folder} "
@@ -434,6 +508,24 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
     class_to_idx = {c: k for k, c in enumerate(classes)}
     labels = np.fromiter((class_to_idx[w] for w in meta.val_wnids), dtype=np.int64,
                          count=len(names))
+    order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
+    return _pack(folder, classes, _class_names(classes, meta, folder),
+                 [names[i] for i in order], labels[order])
+
+
+def _index_flat_val_by_id(folder: str, names: list[bytes], meta: _Meta) -> ImageIndex:
+    """A flat val labelled by image id (Kaggle): each file's name without its extension is
+    looked up; the ground truth may name more images than the folder holds, never fewer."""
+    ids = [os.fsdecode(n).rsplit(".", 1)[0] for n in names]
+    unlabelled = [os.fsdecode(n) for n, i in zip(names, ids) if i not in meta.val_by_id]
+    if unlabelled:
+        raise ImageNetFormatError(
+            f"{len(unlabelled)} of {len(names)} images in {folder} have no row in "
+            f"{meta.source} ({_few(unlabelled)}); expected an ImageId row for every image")
+    wnids = [meta.val_by_id[i] for i in ids]
+    classes = tuple(sorted(set(wnids)))
+    class_to_idx = {c: k for k, c in enumerate(classes)}
+    labels = np.fromiter((class_to_idx[w] for w in wnids), dtype=np.int64, count=len(names))
     order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
     return _pack(folder, classes, _class_names(classes, meta, folder),
                  [names[i] for i in order], labels[order])
@@ -495,6 +587,8 @@ def describe(root: str | os.PathLike) -> str:
                     else "sorted val")
     if source is None:
         return "ImageFolder layout" + ("" if val_form == "sorted val" else f" ({val_form})")
+    if source.endswith(KAGGLE_SOLUTION):
+        return f"Kaggle ImageNet layout ({source}, {val_form})"
     return f"torchvision ImageNet layout ({os.path.basename(source)}, {val_form})"
 
 

@@ -347,7 +347,8 @@ def val_classes_differ(t):
 def flat_val_without_devkit(t):
     (t / DEVKIT_ARCHIVE).unlink()
     return [f"{t / 'val'} is flat (6 images, no class folders) and {t} has no devkit; expected "
-            f"{t / DEVKIT_ARCHIVE} (or torchvision's meta.bin) to label them"]
+            f"{t / DEVKIT_ARCHIVE} (or torchvision's meta.bin, or Kaggle's LOC_val_solution.csv) "
+            "to label them"]
 
 
 @malformed("torchvision_flat_val")
@@ -676,3 +677,57 @@ def test_8_bit_modes_convert_as_pillow_does(mode, ext, tmp_path):
     np.testing.assert_array_equal(np.asarray(read_rgb(str(path))), expected)
     if mode == "RGBA":  # alpha is dropped, not composited over a background
         np.testing.assert_array_equal(expected, np.asarray(rgba)[..., :3])
+
+
+def _kaggle_tree(tmp_path: Path, *, mapping: bool = True) -> tuple[Path, Path]:
+    """The same images as the torchvision flat-val tree, arranged as Kaggle's download:
+    ILSVRC/Data/CLS-LOC/{train,val} with a flat val, LOC_val_solution.csv and
+    LOC_synset_mapping.txt at the top. Returns (the torchvision tree, the CLS-LOC root)."""
+    tv = write_imagenet_tree(tmp_path / "tv", layout="torchvision_flat_val", sizes=SMALL)
+    truth = tree_truth()
+    kaggle = tmp_path / "kaggle"
+    root = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    root.mkdir(parents=True)
+    shutil.copytree(tv / "train", root / "train")
+    shutil.copytree(tv / "val", root / "val")
+    rows = ["ImageId,PredictionString"] + [
+        f"{name.rsplit('.', 1)[0]},{wnid} 10 20 30 40 {wnid} 1 2 3 4 "
+        for name, wnid in reversed(sorted(truth.val_labels.items()))]  # any row order
+    (kaggle / "LOC_val_solution.csv").write_text("\r\n".join(rows) + "\r\n")
+    if mapping:
+        (kaggle / "LOC_synset_mapping.txt").write_text("".join(
+            f"{w} {words}\n" for w, words in zip(truth.wnids, truth.words)))
+    return tv, root
+
+
+def test_kaggle_layout_indexes_as_the_torchvision_one(tmp_path):
+    """Kaggle's download labels its flat val by image id in LOC_val_solution.csv, three
+    folders above the root a lab passes: the same classes, names, samples and targets as the
+    same images in torchvision's layout."""
+    tv, root = _kaggle_tree(tmp_path)
+    for a, b in zip(index_imagenet(tv), index_imagenet(root)):
+        assert (a.classes, a.class_names) == (b.classes, b.class_names)
+        assert [os.path.relpath(a.path(i), a.root) for i in range(len(a))] == \
+            [os.path.relpath(b.path(i), b.root) for i in range(len(b))]
+        assert np.array_equal(a.targets, b.targets)
+    assert describe(root) == (f"Kaggle ImageNet layout "
+                              f"({tmp_path / 'kaggle' / 'LOC_val_solution.csv'}, flat val)")
+    # without the synset mapping the class names are the wnids
+    _, bare = _kaggle_tree(tmp_path / "bare", mapping=False)
+    train, val = index_imagenet(bare)
+    assert train.class_names == train.classes == val.classes
+    # an image without a row, and a malformed row, are one line naming them
+    extra = root / "val" / "ILSVRC2012_val_99999999.JPEG"
+    shutil.copyfile(next((root / "val").iterdir()), extra)
+    with pytest.raises(ImageNetFormatError, match=r"1 of 7 images in .*val have no row in "
+                                                  r".*LOC_val_solution.csv \(ILSVRC2012_val_"
+                                                  r"99999999.JPEG\); expected an ImageId row"):
+        index_imagenet(root)
+    extra.unlink()
+    csv = tmp_path / "kaggle" / "LOC_val_solution.csv"
+    csv.write_text(csv.read_text() + "ILSVRC2012_val_00000042,\r\n")
+    with pytest.raises(ImageNetFormatError, match=r"LOC_val_solution.csv: line 8 "
+                                                  r"\('ILSVRC2012_val_00000042,'\) has no "
+                                                  r"ImageId or no wnid"):
+        index_imagenet(root)
+
