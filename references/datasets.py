@@ -405,7 +405,7 @@ def imagenet_index(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
 
 def imagefolder_bundle(root: str | os.PathLike, *, image_size: int,
                        augment: str = "crop_flip") -> DataBundle:
-    """An ImageNet tree in either layout (``references.imagenet.index_imagenet``: both splits
+    """An ImageNet tree in any of its layouts (``references.imagenet.index_imagenet``: both splits
     indexed once, classes checked equal): train with ``augment``, val with the evaluation view.
     """
     _check_augment(augment)

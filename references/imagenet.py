@@ -547,7 +547,7 @@ def _class_names(classes: tuple[str, ...], meta: _Meta | None, folder: str) -> t
 
 
 def index_split(root: str | os.PathLike, split: str) -> ImageIndex:
-    """Index one split ("train" or "val") of an ImageNet root in either layout (module doc).
+    """Index one split ("train" or "val") of an ImageNet root in any layout the module reads (module doc).
     Checks the split alone; :func:`index_imagenet` also checks the splits agree."""
     root = _check_root(root)
     _split_folder(root, split)
@@ -555,7 +555,7 @@ def index_split(root: str | os.PathLike, split: str) -> ImageIndex:
 
 
 def index_imagenet(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
-    """(train, val) indices of an ImageNet root in either layout, checked: both folders exist,
+    """(train, val) indices of an ImageNet root in any layout the module reads, checked: both folders exist,
     every class has images, val has exactly train's classes (so targets mean the same)."""
     root = _check_root(root)
     train_folder, val_folder = (_split_folder(root, s) for s in SPLITS)

@@ -149,7 +149,7 @@ def _check_dir(flag: str, value: str) -> Path:
 
 
 def check_imagenet_root(value: str) -> Path:
-    """An ImageNet tree as the run will read it (``references.imagenet``: either layout, both
+    """An ImageNet tree as the run will read it (``references.imagenet``: any of its layouts, both
     splits indexed, images present, the same classes in train and val)."""
     from references import datasets, imagenet
 

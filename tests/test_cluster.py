@@ -93,6 +93,33 @@ def _start_head(head_cpus: int, head_gpus: int, tmp: str, attempts: int = 3):
     raise AssertionError(f"ray head failed to start {attempts} times")
 
 
+def _start_worker(address: str, cpus: int, total: float, tmp: str, attempts: int = 3):
+    """Start a worker node and wait until the cluster counts ``total`` CPUs. Like the head, a
+    worker whose freshly picked ports were taken meanwhile exits before it joins (a full suite
+    run once waited out the join with the worker's output discarded): it is restarted on fresh
+    ports; one that stays up without joining fails the test with its log's tail."""
+    for attempt in range(attempts):
+        log = Path(tmp) / f"worker-{attempt}.log"
+        cmd = [RAY, "start", "--address", address, "--block", "--node-ip-address", LOOPBACK,
+               "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory",
+               str(200 << 20), *_node_ports()]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            _wait_for(address, total, timeout=120)
+            return proc
+        except AssertionError as exc:
+            if proc.poll() is None:  # up but not joined: not a port race; stop and report
+                _stop([proc])
+                raise AssertionError(f"ray worker did not join {address} within 120 s "
+                                     f"({exc}); its log: "
+                                     f"{log.read_text(errors='replace')[-2000:]}") from None
+            print(f"ray worker exited ({proc.returncode}) before joining; retrying on fresh "
+                  f"ports: {log.read_text(errors='replace')[-500:]}")
+    raise AssertionError(f"ray worker failed to join {attempts} times")
+
+
 def _stop(procs) -> None:
     for p in reversed(procs):
         try:
@@ -117,14 +144,7 @@ def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
             procs.append(head)
             _wait_for(address, head_cpus)
             if worker_cpus:
-                worker = [RAY, "start", "--address", address, "--block",
-                          "--node-ip-address", LOOPBACK, "--num-cpus", str(worker_cpus),
-                          "--num-gpus", "0", "--object-store-memory", str(200 << 20),
-                          *_node_ports()]
-                procs.append(subprocess.Popen(worker, env=ENV, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL,
-                                              start_new_session=True))
-                _wait_for(address, head_cpus + worker_cpus)
+                procs.append(_start_worker(address, worker_cpus, head_cpus + worker_cpus, tmp))
             yield address
         finally:
             _stop(procs)
