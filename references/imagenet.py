@@ -497,23 +497,23 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
             f"{META_FILE}, or Kaggle's {KAGGLE_SOLUTION}) to label them, or "
             f"val/<class>/<images>")
     if meta.val_by_id is not None:
-        return _index_flat_val_by_id(folder, names, meta)
-    if len(meta.val_wnids) != len(names):
+        wnids = _wnids_by_id(folder, names, meta)
+    elif len(meta.val_wnids) != len(names):
         raise ImageNetFormatError(
             f"{meta.source} has ground truth for {len(meta.val_wnids)} val images but {folder} "
             f"holds {len(names)}; expected one label per image (sorted file names are zipped "
             "with the ground truth)")
-    # As parse_val_archive: the k-th sorted file name gets the k-th ground-truth wnid.
-    classes = tuple(sorted(set(meta.val_wnids)))
+    else:  # as parse_val_archive: the k-th sorted file name gets the k-th ground-truth wnid
+        wnids = meta.val_wnids
+    classes = tuple(sorted(set(wnids)))
     class_to_idx = {c: k for k, c in enumerate(classes)}
-    labels = np.fromiter((class_to_idx[w] for w in meta.val_wnids), dtype=np.int64,
-                         count=len(names))
+    labels = np.fromiter((class_to_idx[w] for w in wnids), dtype=np.int64, count=len(names))
     order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
     return _pack(folder, classes, _class_names(classes, meta, folder),
                  [names[i] for i in order], labels[order])
 
 
-def _index_flat_val_by_id(folder: str, names: list[bytes], meta: _Meta) -> ImageIndex:
+def _wnids_by_id(folder: str, names: list[bytes], meta: _Meta) -> list[str]:
     """A flat val labelled by image id (Kaggle): each file's name without its extension is
     looked up; the ground truth may name more images than the folder holds, never fewer."""
     ids = [os.fsdecode(n).rsplit(".", 1)[0] for n in names]
@@ -522,13 +522,7 @@ def _index_flat_val_by_id(folder: str, names: list[bytes], meta: _Meta) -> Image
         raise ImageNetFormatError(
             f"{len(unlabelled)} of {len(names)} images in {folder} have no row in "
             f"{meta.source} ({_few(unlabelled)}); expected an ImageId row for every image")
-    wnids = [meta.val_by_id[i] for i in ids]
-    classes = tuple(sorted(set(wnids)))
-    class_to_idx = {c: k for k, c in enumerate(classes)}
-    labels = np.fromiter((class_to_idx[w] for w in wnids), dtype=np.int64, count=len(names))
-    order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
-    return _pack(folder, classes, _class_names(classes, meta, folder),
-                 [names[i] for i in order], labels[order])
+    return [meta.val_by_id[i] for i in ids]
 
 
 def _class_names(classes: tuple[str, ...], meta: _Meta | None, folder: str) -> tuple[str, ...]:

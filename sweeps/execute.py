@@ -52,6 +52,7 @@ from sweeps.plan import (
     _object_store_bytes,
     check_services,
     flush_seconds,
+    weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec, format_overrides
 
@@ -253,7 +254,7 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,
             width=next(t.config["width"] for t in plan.trials if t.condition == name),
             image_size=source.image_size,
-            weights=plan.weights or ("auto" if source.simulated else "torchvision"),
+            weights=weights_spec(plan.weights, simulated=source.simulated),
             dataset_key=source.describe(),
         )
         _say(f"reference ready for {name}: {cond.reference} "

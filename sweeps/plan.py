@@ -183,7 +183,7 @@ def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
     return root, tuple(subjects)
 
 
-def _weights(value: str | None, conditions, scale: str) -> str | None:
+def _weights(value: str | None, conditions) -> str | None:
     """--weights: the pretrained conditions' frozen network ("torchvision", "auto" or a state
     dict file, made absolute: trials run in other folders); None = the scale's default
     (torchvision's file at paper scale, the project's own trained network at demo scale)."""
@@ -200,13 +200,21 @@ def _weights(value: str | None, conditions, scale: str) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
+def weights_spec(weights: str | None, *, simulated: bool) -> str:
+    """The pretrained reference's weights: --weights, else torchvision's ImageNet file for
+    real data and the project's own trained network ("auto") for the simulated world."""
+    if weights is not None:
+        return weights
+    return "auto" if simulated else "torchvision"
+
+
 def check_pretrained_weights(conditions, weights: str | None, scale: str) -> None:
     """A pretrained reference's weights file (torchvision's in the local torch hub cache at
     paper scale, never downloaded; or --weights PATH) must be there and load as a state dict
     of the condition's model before anything starts: it is read, as the run will read it."""
     from references.pretrained import load_network
 
-    spec = weights if weights is not None else ("torchvision" if scale == "paper" else "auto")
+    spec = weights_spec(weights, simulated=scale != "paper")
     if spec == "auto":
         return
     loaded: set[str] = set()
@@ -416,7 +424,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                        else ({}, asked or (1,)))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
-    weights = _weights(getattr(args, "weights", None), conditions, scale)
+    weights = _weights(getattr(args, "weights", None), conditions)
     check_pretrained_weights(conditions, weights, scale)
     resources = _resources(conditions, scale, cpus, gpus)
     if address is None:

@@ -802,12 +802,15 @@ def _check_configs(cond: Condition) -> None:
         raise SweepFileError(f"{path}: [demo.data_kwargs]: {exc}") from None
     for scale in SCALES:
         for smoke in (False, True) if scale == "demo" else (False,):
-            base = cond.base_config(scale, smoke=smoke)
-            for beta in dict.fromkeys(cond.grid.betas):  # every beta: each is a trial's
-                probe = {**base, "alpha": max(cond.grid.alphas), "beta": beta, "seed": 0}
-                try:
-                    TrialConfig.from_dict(probe)
-                except ValueError as exc:
-                    where = ("[grid] betas" if "beta=" in str(exc) else
-                             "smoke settings of [demo]" if smoke else f"[{scale}]")
-                    raise SweepFileError(f"{path}: {where}: {exc}") from None
+            probe = {**cond.base_config(scale, smoke=smoke), "alpha": max(cond.grid.alphas),
+                     "beta": cond.grid.betas[0], "seed": 0}
+            try:
+                TrialConfig.from_dict(probe)
+            except ValueError as exc:
+                where = "smoke settings of [demo]" if smoke else f"[{scale}]"
+                raise SweepFileError(f"{path}: {where}: {exc}") from None
+    for beta in cond.grid.betas[1:]:  # the first passed above: a failure is the beta's own
+        try:
+            TrialConfig.from_dict({**probe, "beta": beta})
+        except ValueError as exc:
+            raise SweepFileError(f"{path}: [grid] betas: {exc}") from None
