@@ -38,7 +38,8 @@ image Pillow cannot open or decode (corrupt, truncated, zero bytes, a decompress
 Pillow's ``convert("RGB")`` (RGBA: alpha dropped, not composited), except integer grey images
 wider than 8 bits, which ``convert`` would clip at 255: 16-bit ("I;16*", and "I" -- how Pillow
 opens 16-bit PGM and 32-bit TIFF -- holding values in 0..65535) are scaled by 255/65535
-(``round(v / 257)``); an "I" image with values outside 0..65535 is refused.
+(``round(v / 257)``); an "I" image with values outside 0..65535 is refused, and so is a float
+("F") image, whose scale (0..1 or 0..255) the file does not tell (``convert`` would clip it).
 
 What is read: directory listings (``os.scandir``, no per-file ``stat`` on file systems that report
 entry types), ``meta.bin`` or two members of the devkit archive (``data/meta.mat`` and
@@ -620,4 +621,13 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
                 f"{int(grey.min())}..{int(grey.max())}; expected 8-bit images or 16-bit grey "
                 f"(0..65535) -- convert it to 8 bits, or {_FIX_IMAGE}")
         img = Image.fromarray(((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    elif img.mode == "F":
+        # convert("RGB") truncates and clips at 0..255, so a float image scaled 0..1 (the
+        # usual) turns black; which scale a file means cannot be told from it.
+        grey = np.asarray(img)
+        lo, hi = (float(np.nanmin(grey)), float(np.nanmax(grey))) if grey.size else (0.0, 0.0)
+        raise ImageNetFormatError(
+            f"image {path} is 'F' (32-bit float, values {lo:g}..{hi:g}), whose scale (0..1 or "
+            f"0..255) is ambiguous; expected 8-bit images or 16-bit grey -- convert it to 8 "
+            f"bits, or {_FIX_IMAGE}")
     return img.convert("RGB")

@@ -273,10 +273,21 @@ def load_expdesign(nsd_root: Path) -> ExpDesign:
 
 @dataclass(frozen=True)
 class StimInfo:
-    """nsd_stim_info_merged.csv, indexed by nsdId: coco_id (n,) int64, coco_split (n,) str."""
+    """nsd_stim_info_merged.csv, one entry per row sorted by nsdId: nsd_id (rows,) int64
+    ascending, coco_id (rows,) int64, coco_split (rows,) str. Looked up by nsdId with
+    :meth:`rows_of`, so a sparse or very large nsdId costs nothing (no array sized by the
+    largest id)."""
 
+    nsd_id: np.ndarray
     coco_id: np.ndarray
     coco_split: np.ndarray
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, known) for each nsdId in ``ids``: ``known`` is False where the file has no row
+        for that id (and ``row`` is then meaningless)."""
+        ids = np.asarray(ids, np.int64)
+        row = np.minimum(np.searchsorted(self.nsd_id, ids), self.nsd_id.size - 1)
+        return row, self.nsd_id[row] == ids
 
 
 def _csv_int(path: Path, line: int, column: str, text: str) -> int:
@@ -339,12 +350,9 @@ def load_stim_info(nsd_root: Path) -> StimInfo:
     if not nsd:
         raise NSDFormatError(f"{path}: no rows; expected one per image (nsdId 0..)")
     nsd_arr = np.array(nsd, np.int64)
-    n = int(nsd_arr.max()) + 1
-    coco_id = np.full(n, -1, np.int64)
-    coco_split = np.full(n, "", object)
-    coco_id[nsd_arr] = coco
-    coco_split[nsd_arr] = split
-    return StimInfo(coco_id, coco_split)
+    order = np.argsort(nsd_arr, kind="stable")
+    return StimInfo(nsd_arr[order], np.array(coco, np.int64)[order],
+                    np.array(split, object)[order])
 
 
 def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
@@ -502,20 +510,36 @@ def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
 
     ``mask`` is (x, y, z); the file's betas are (trials, z, y, x). Reads only the ROI's bounding
     box, in chunks of trials, then picks the voxels in C order of the mask's nonzero entries.
+    A read that fails part-way (a truncated or corrupt file: h5py's OSError) and a NaN or
+    infinite ROI value (float betas; the release's int16 have none) are NSDFormatErrors naming
+    the file: z-scoring would otherwise turn the voxel's whole session into zeros unannounced.
     """
     xi, yi, zi = np.nonzero(mask)
     lo = (zi.min(), yi.min(), xi.min())
     hi = (zi.max() + 1, yi.max() + 1, xi.max() + 1)
     rz, ry, rx = zi - lo[0], yi - lo[1], xi - lo[2]
-    with h5py.File(path, "r") as f:
-        d = f[BETAS_DATASET]
+    with _h5_dataset(path, BETAS_DATASET) as d:
         n_trials = d.shape[0]
         box_bytes = int(np.prod(np.subtract(hi, lo))) * d.dtype.itemsize
         step = max(1, _READ_CHUNK_BYTES // max(box_bytes, 1))
         out = np.empty((n_trials, len(xi)), np.float64)
-        for t0 in range(0, n_trials, step):
-            block = d[t0:t0 + step, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            out[t0:t0 + step] = block[:, rz, ry, rx]
+        t0 = 0
+        try:
+            for t0 in range(0, n_trials, step):
+                block = d[t0:t0 + step, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                out[t0:t0 + step] = block[:, rz, ry, rx]
+        except (OSError, RuntimeError) as exc:  # h5py: bad chunk, truncated file, filter
+            raise NSDFormatError(
+                f"{path}: cannot read '{BETAS_DATASET}' trials {t0}..{min(t0 + step, n_trials) - 1}"
+                f" ({_oneline(exc)}); expected a complete HDF5 file -- copy it again from the "
+                f"release") from None
+    bad = ~np.isfinite(out)
+    if bad.any():
+        trial, voxel = np.argwhere(bad)[0]
+        raise NSDFormatError(
+            f"{path}: {int(bad.any(axis=0).sum())} ROI voxel(s) hold NaN or infinite betas "
+            f"(first: trial {int(trial)}, voxel ({xi[voxel]}, {yi[voxel]}, {zi[voxel]}) in (x, y, z)"
+            f"); expected finite betas -- leave the voxel out of the ROI mask, or fill it")
     return out / BETAS_SCALE
 
 
@@ -738,8 +762,7 @@ def _images_seen(nsd_root: Path, design: ExpDesign, info: StimInfo,
                  plan: _SubjectPlan) -> np.ndarray:
     """nsdIds (0-based) of the subject's trials on disk, in trial order: (trials,) int64."""
     ids = design.images_of_trials(plan.subject, sum(plan.trials))
-    known = ids < info.coco_id.size
-    known[known] = info.coco_id[ids[known]] >= 0
+    _, known = info.rows_of(ids)
     if not known.all():
         raise NSDFormatError(f"{nsd_root / STIM_INFO}: no row for nsdId "
                              f"{int(ids[~known][0])} (seen by subject {plan.subject})")
@@ -749,9 +772,9 @@ def _images_seen(nsd_root: Path, design: ExpDesign, info: StimInfo,
 def _coco_wanted(nsd_root: Path, info: StimInfo,
                  seen: dict[int, np.ndarray]) -> dict[str, set[int]]:
     """cocoIds per COCO split of every image any subject saw."""
-    all_ids = np.unique(np.concatenate(list(seen.values())))
+    rows, _ = info.rows_of(np.unique(np.concatenate(list(seen.values()))))
     wanted: dict[str, set[int]] = {split: set() for split in COCO_FILES}
-    for split, coco_id in zip(info.coco_split[all_ids], info.coco_id[all_ids]):
+    for split, coco_id in zip(info.coco_split[rows], info.coco_id[rows]):
         if split not in wanted:
             raise NSDFormatError(f"{nsd_root / STIM_INFO}: cocoSplit {split!r} for cocoId "
                                  f"{coco_id}; accepted: {', '.join(COCO_FILES)}")
@@ -785,7 +808,7 @@ def _average_repeats(plan: _SubjectPlan, trial_ids: np.ndarray, bar: tqdm) -> _S
 def _to_table(parts: list[_SubjectPart], info: StimInfo, coco: CocoLabels,
               meta: dict) -> pa.Table:
     nsd_ids = np.concatenate([p.nsd_ids for p in parts])
-    coco_ids = info.coco_id[nsd_ids]
+    coco_ids = info.coco_id[info.rows_of(nsd_ids)[0]]
     labels = np.stack([coco.labels[int(c)] for c in coco_ids])
     lengths = np.concatenate([np.full(p.nsd_ids.size, p.response.shape[1], np.int64)
                               for p in parts])

@@ -663,6 +663,20 @@ def test_32_bit_integer_image_beyond_16_bits_is_refused(tmp_path):
         read_rgb(str(path))
 
 
+def test_float_image_is_refused_not_clipped(tmp_path):
+    """A 0..1 float TIFF: convert("RGB") would make it black. Refused, naming the range."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    path = tree / "train" / "n00000000" / "float.tif"
+    Image.fromarray(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "F" and np.asarray(img.convert("RGB")).max() <= 1  # the clipping
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"image {path} is 'F' (32-bit float, values 0..1), whose scale (0..1 or 0..255) is "
+            "ambiguous; expected 8-bit images or 16-bit grey -- convert it to 8 bits, or replace "
+            "or remove the file, then rerun with --resume")):
+        read_rgb(str(path))
+
+
 @pytest.mark.parametrize("mode, ext", [("L", ".png"), ("LA", ".png"), ("P", ".png"),
                                        ("RGBA", ".png"), ("CMYK", ".jpg"), ("1", ".png"),
                                        ("RGB", ".JPEG")])

@@ -756,3 +756,86 @@ def test_cli_usage_errors_and_an_output_folder_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert re.match(rf"error: python -m references.nsd prepare: {match}", proc.stderr)
+
+
+def test_stim_info_row_order_and_huge_unseen_ids_change_nothing(tmp_path):
+    """Rows out of order, and a row for an nsdId far beyond the release (no subject saw it):
+    the same table, and no array sized by the largest id (1e15 would need petabytes)."""
+    nsd_root, coco = write_tree(tmp_path)
+    want = pq.read_table(prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "a.parquet",
+                                 progress=False))
+    _edit_stim_info(nsd_root, lambda rows: rows[:1] + rows[:0:-1]
+                    + [["99", "123", "val2017", "(0, 0, 0, 0)", str(10**15), "False"]])
+    check_release(nsd_root, [1, 2], ["V1"])
+    got = pq.read_table(prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "b.parquet",
+                                progress=False))
+    assert got.equals(want)
+
+
+def test_stim_info_without_a_seen_image_names_the_id(tmp_path):
+    nsd_root, coco = write_tree(tmp_path)
+    # nsdId 9 (0-based) is subject 2's only image not shared; subject 1 never sees it
+    _edit_stim_info(nsd_root, lambda rows: [r for r in rows if r[4] != "8"])
+    prepare(nsd_root, coco, [1], "V1", tmp_path / "a.parquet", progress=False)
+    with pytest.raises(NSDFormatError, match=r"no row for nsdId 8 \(seen by subject 2\)"):
+        prepare(nsd_root, coco, [1, 2], "V1", tmp_path / "b.parquet", progress=False)
+
+
+def _rewrite_session(nsd_root: Path, subject: int, session: int, edit, **create) -> Path:
+    path = nsd.session_file(nsd_root, subject, session)
+    with h5py.File(path, "r") as f:
+        betas = f["betas"][()]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("betas", data=edit(betas), **create)
+    return path
+
+
+def test_nan_betas_in_the_roi_are_refused_naming_the_file(tmp_path):
+    """Float betas with a NaN in one V1 voxel: z-scoring used to zero that voxel's whole
+    session silently. A NaN outside the ROI is never read and changes nothing."""
+    nsd_root, coco = write_tree(tmp_path)
+    want = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "a.parquet",
+                                 progress=False))
+    prf, _ = _mask_volumes(1)
+    x, y, z = np.argwhere(~np.isin(prf, (1, 2)))[0]
+
+    def outside(b):
+        b = b.astype(np.float32)
+        b[2, z, y, x] = np.nan
+        return b
+    _rewrite_session(nsd_root, 1, 2, outside)
+    got = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "b.parquet",
+                                progress=False))
+    assert got.equals(want)
+
+    x, y, z = np.argwhere(np.isin(prf, (1, 2)))[1]
+
+    def inside(b):
+        b[3, z, y, x] = np.inf
+        return b
+    path = _rewrite_session(nsd_root, 1, 2, inside)
+    with pytest.raises(NSDFormatError, match=(
+            re.escape(f"{path}: 1 ROI voxel(s) hold NaN or infinite betas (first: trial 3, "
+                      f"voxel ({x}, {y}, {z}) in (x, y, z)); expected finite betas"))) as exc:
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "c.parquet", progress=False)
+    _one_line(exc)
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_a_corrupt_chunk_mid_session_names_the_file_and_trials(tmp_path):
+    """The header reads (the dry run passes) but one compressed chunk is garbage: h5py's
+    error is raised while streaming, and must name the session file."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = _rewrite_session(nsd_root, 1, 2, lambda b: b, chunks=(1, *VOLUME[1][::-1]),
+                            compression="gzip")
+    with h5py.File(path, "r") as f:
+        info = f["betas"].id.get_chunk_info(4)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    check_release(nsd_root, [1], ["V1"])
+    with pytest.raises(NSDFormatError, match=(
+            re.escape(f"{path}: cannot read 'betas' trials 0..6 (") + r".*\); expected a "
+            r"complete HDF5 file")) as exc:
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+    _one_line(exc)
