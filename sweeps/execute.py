@@ -264,6 +264,16 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     return per_condition_data, per_condition_ref
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What preparing the data and references raises for bad input (a malformed file, missing
+    weights): the user's to fix, so one line and exit 2 like the plan's own checks."""
+    from references.imagenet import ImageNetFormatError
+    from references.nsd import NSDFormatError
+    from references.pretrained import WeightsNotFoundError
+
+    return (UsageError, ImageNetFormatError, NSDFormatError, WeightsNotFoundError)
+
+
 def _init_ray(plan: Plan) -> None:
     import ray
 
@@ -448,19 +458,9 @@ def execute(plan: Plan) -> int:
         return _execute(plan)
 
 
-def _execute(plan: Plan) -> int:
-    import ray
-    from ray import tune
-
-    run_dir = _run_dir(plan)
-    # Ray before anything is recorded: a trial no node can hold is refused in one line, with
-    # no parent run left behind.
-    _init_ray(plan)
-    try:
-        check_fits(plan, ray.nodes())
-    except UsageError:
-        ray.shutdown()
-        raise
+def _start_records(plan: Plan, run_dir: Path) -> tuple[str, dict[str, str]]:
+    """The sweep's parent run (reused on --resume), its pointer file and the manifest:
+    ``(parent run id, the tags every run of the sweep carries)``."""
     parent_file = run_dir / PARENT_FILE
     reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
     run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
@@ -484,14 +484,35 @@ def _execute(plan: Plan) -> int:
          f"({redact(plan.mlflow_uri)})")
     if not (plan.resume and read_manifest(run_dir)):
         _write_manifest(plan, run_dir, parent_id, [])
+    return parent_id, run_tags
 
+
+def _execute(plan: Plan) -> int:
+    import ray
+    from ray import tune
+
+    run_dir = _run_dir(plan)
+    # Ray, the data and the references before anything is recorded: a trial no node can hold,
+    # or a data file found malformed only once it is read in full (a COCO annotation file, a
+    # session's betas), is refused in one line with no parent run left behind. Until the main
+    # block below owns them, any failure shuts Ray down and restores the SIGTERM handler here.
+    previous = signal.getsignal(signal.SIGTERM)
+    # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    _init_ray(plan)
+    try:
+        check_fits(plan, ray.nodes())
+        datas, references = _prepare(plan)
+        parent_id, run_tags = _start_records(plan, run_dir)
+    except BaseException as exc:
+        signal.signal(signal.SIGTERM, previous)
+        ray.shutdown()
+        if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
+            raise UsageError(" ".join(str(exc).split())) from None
+        raise
     status, failed, unfinished = "FAILED", [], []
     outcomes: list[Outcome] = []
-    previous = signal.getsignal(signal.SIGTERM)
     try:
-        # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-        datas, references = _prepare(plan)
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
             _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")

@@ -249,6 +249,45 @@ def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path
         assert exp is None or not client.search_runs([exp.experiment_id])
 
 
+def test_a_data_file_found_malformed_only_when_read_in_full_records_nothing(tmp_path):
+    """The dry run reads NSD headers only, not the COCO annotation files (hundreds of MB).
+    One of those found malformed while the run prepares its data: one line naming the file,
+    exit 2, no traceback file, and no MLflow run (the data is prepared before the parent run
+    is created)."""
+    import shutil
+
+    from references.simulated import generate_nsd_like
+
+    sim = generate_nsd_like(n_images=30, n_subjects=1, n_categories=4, repeats=2)
+    coco = tmp_path / "coco"
+    shutil.copytree(sim.coco_annotations, coco)
+    train = coco / "instances_train2017.json"
+    data = json.loads(train.read_text())
+    data["images"] = data["images"][1:]  # an image the stim info puts in train2017
+    train.write_text(json.dumps(data))
+    argv = [SWEEP, "--data", "nsd", "--nsd-root", str(sim.nsd_root), "--coco-annotations",
+            str(coco), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage",
+            str(tmp_path / "ray"), "--set", "epochs=1", "--set", "steps_per_epoch=1",
+            "--only", f"{SWEEP}-none-*", "--cpus-per-trial", "1", "--gpus-per-trial", "0"]
+    env = {**os.environ, "ALIGNSWEEP_CACHE": str(tmp_path / "cache")}  # nothing prepared yet
+    dry = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv, "--dry-run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # Ray's INFO apart
+    assert line.startswith(f"error: {train}: 1 image(s) that nsd_stim_info_merged.csv puts in "
+                           f"train2017 are not in its 'images'"), line
+    assert "full traceback" not in line
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name(SWEEP)
+        assert exp is None or not client.search_runs([exp.experiment_id])
+
+
 def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
     """An environment fault nobody validates (the data cache's folder of generated worlds is
     a file; the cache folder itself is checked by the plan since): one line with the exception
