@@ -30,6 +30,7 @@ nonzero entries) and ``labels`` (uint8, 80 COCO categories ordered by ascending 
 
     python -m references.nsd prepare --nsd-root DIR --coco-annotations DIR \\
         --subject 1 --subject 2 --roi V1 --out nsd_v1.parquet
+    python -m references.nsd check --nsd-root DIR [--subject N] [--roi V1]   # headers only
 
 Memory: one session's ROI voxels are read at a time, as trial chunks of the ROI's bounding box
 (at most ``_READ_CHUNK_BYTES``); the running per-image sums of one subject are float64,
@@ -40,6 +41,7 @@ whole (instances_train2017.json takes a few GB of RAM for a few tens of seconds)
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import json
@@ -317,7 +319,7 @@ def load_stim_info(nsd_root: Path) -> StimInfo:
     nsd, coco, split = [], [], []
     first_line: dict[int, int] = {}
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, [])
             missing = [c for c in needed if c not in header]
@@ -374,10 +376,23 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
                              f"{tuple(img.shape)}")
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
-        mask = np.isin(np.rint(np.nan_to_num(data, nan=0.0)).astype(np.int64), spec.labels)
+        labels = np.rint(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0))
     except Exception as exc:  # truncated data, or a dtype that holds no numbers (RGB)
         raise NSDFormatError(f"{path}: cannot read as a NIfTI label volume "
                              f"({_oneline(exc)})") from None
+    if data.dtype.kind == "f":
+        # A label volume resampled with interpolation holds values between labels (2.5 between
+        # V1d and V2v): rounding would move those voxels into a neighbouring label. Values
+        # within 1e-3 of an integer (float storage of integer labels) are accepted.
+        off = np.abs(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0) - labels) > 1e-3
+        if off.any():
+            x, y, z = (int(v) for v in np.argwhere(off)[0])
+            raise NSDFormatError(
+                f"{path}: {int(off.sum())} voxel(s) hold non-integer labels (e.g. "
+                f"{float(data[x, y, z]):g} at (x, y, z) = ({x}, {y}, {z})); expected an integer "
+                f"label volume, as the release's -- resample label volumes with nearest "
+                f"neighbour, not interpolation")
+    mask = np.isin(labels.astype(np.int64), spec.labels)
     if not mask.any():
         raise NSDFormatError(f"{path}: no voxel carries the {spec.name} label(s) "
                              f"{list(spec.labels)}")
@@ -429,15 +444,41 @@ def _h5_dataset(path: Path, name: str) -> Iterator:
         yield f[name]
 
 
+def _unwritten(d) -> str:
+    """What of the HDF5 dataset ``d`` has no storage ("" when all of it has): a writer that
+    stopped part-way leaves chunks (or a contiguous block) unallocated, and h5py reads those as
+    the fill value without a word. Read from the file's index; no data is decoded."""
+    layout = d.id.get_create_plist().get_layout()
+    if d.size == 0 or layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
+        return ""  # compact data lives in the header; virtual data is another file's
+    if layout == h5py.h5d.CONTIGUOUS:
+        if not d.external and d.id.get_storage_size() == 0:
+            return "its data block is unallocated"
+        return ""
+    per_axis = [-(-n // c) for n, c in zip(d.shape, d.chunks)]
+    expected = int(np.prod(per_axis))
+    stored = d.id.get_num_chunks()
+    if stored < expected:
+        return f"{expected - stored} of its {expected} chunks hold no data"
+    return ""
+
+
 def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
     """Validate one session file against the ROI mask; return its number of trials."""
     with _h5_dataset(path, BETAS_DATASET) as d:
         if not isinstance(d, h5py.Dataset) or d.ndim != 4:
             raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be 4-D (trials, z, y, x), got "
                                  f"shape {getattr(d, 'shape', None)}")
-        if d.dtype.kind not in "iuf":
-            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be numeric (int16 in the "
-                                 f"release), got {d.dtype}")
+        if d.dtype.kind not in "if":
+            # unsigned betas are not the release's encoding (percent signal change x 300 is
+            # signed): most likely int16 data reinterpreted, whose negatives would wrap
+            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be signed numbers (int16 in "
+                                 f"the release, or float), got {d.dtype}")
+        missing = _unwritten(d)
+        if missing:
+            raise NSDFormatError(f"{path}: '{BETAS_DATASET}' was never written in full ({missing}"
+                                 f"); reading it would give the fill value for those trials -- "
+                                 f"copy the file again from the release")
         expected = tuple(mask_shape[::-1])
         if tuple(d.shape[1:]) != expected:
             raise NSDFormatError(
@@ -690,6 +731,23 @@ class _SubjectPlan:
     trials: list[int]
 
 
+def _check_session_lengths(sessions: list[Path], trials: list[int]) -> None:
+    """Every session holds the same number of trials (750 in the release), the last at most
+    that many (a copy cut short at its end). Trials are located by summing earlier sessions'
+    lengths, so one short session in the middle would shift every later trial onto another
+    image: refused, naming the session that differs from the others (with two sessions of
+    equal standing, the shorter)."""
+    counts = collections.Counter(trials)
+    usual = max(counts, key=lambda n: (counts[n], n))
+    for i, (p, n) in enumerate(zip(sessions, trials)):
+        last = i == len(sessions) - 1
+        if n > usual or (n < usual and not last):
+            raise NSDFormatError(
+                f"{p}: {n} trials where the subject's other sessions hold {usual}; expected "
+                f"every session to hold the same number (750 in the release), the last at most "
+                f"as many -- a session cut short would shift every later trial's image")
+
+
 def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> _SubjectPlan:
     if not 1 <= subject <= design.subjectim.shape[0]:
         raise NSDFormatError(f"{Path(nsd_root) / EXPDESIGN}: subject {subject} not in "
@@ -698,6 +756,7 @@ def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> 
     mask = load_roi_mask(nsd_root, subject, roi)
     mask_path = _nifti_on_disk(roi_file(nsd_root, subject, roi))  # the file the mask came from
     trials = [_betas_shape(p, mask.shape, mask_path) for p in sessions]
+    _check_session_lengths(sessions, trials)
     total = 0
     for p, n in zip(sessions, trials):
         total += n
@@ -911,8 +970,10 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
     :func:`subjects_in_release`) is present; per subject and ROI, the ROI NIfTI (``.nii.gz`` or
     ``.nii``, not both) is a 3-D volume with at least one voxel of the ROI's labels (the mask is
     small and is read), and every session file (one per session number, numbered 1..N) has a
-    ``betas`` header that is 4-D numeric with spatial shape (z, y, x) = the mask's (x, y, z)
-    reversed and no more trials in total than ``masterordering``; per subject, its ncsnr NIfTI,
+    ``betas`` header that is 4-D, signed integer or float, with spatial shape (z, y, x) = the
+    mask's (x, y, z) reversed, every chunk written (from the file's chunk index), as many
+    trials as the subject's other sessions (the last at most as many) and no more trials in
+    total than ``masterordering``; per subject, its ncsnr NIfTI,
     when present, is readable with the mask's shape (read whole: it is as small as a mask); the
     stim info has a row, with a known cocoSplit, for every image the sessions on disk show.
 
@@ -965,16 +1026,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
     p.add_argument("--coco-annotations", required=True, type=Path,
                    help="folder with instances_train2017.json and instances_val2017.json")
-    p.add_argument("--subject", required=True, type=int, action="append",
-                   help="subject number (1..8); repeat for several")
+    p.add_argument("--subject", type=int, action="append",
+                   help="subject number (1..8); repeat for several (default: every subject "
+                        "in the release)")
     p.add_argument("--roi", required=True, choices=sorted(ROIS))
     p.add_argument("--out", required=True, type=Path, help="output .parquet file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c = sub.add_parser("check", help="validate the release from file headers, as a sweep's "
+                                     "dry run does (reads no betas or COCO annotations)")
+    c.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
+    c.add_argument("--subject", type=int, action="append",
+                   help="subject number (1..8); repeat for several (default: every subject "
+                        "in the release)")
+    c.add_argument("--roi", choices=sorted(ROIS), action="append",
+                   help="ROI to check; repeat for several (default: all)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check":
+        try:
+            check_release(args.nsd_root.expanduser(), args.subject, args.roi or sorted(ROIS))
+        except (NSDFormatError, OSError) as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        subjects = args.subject or subjects_in_release(args.nsd_root.expanduser())
+        print(f"{args.nsd_root}: ok (subjects {', '.join(map(str, subjects))}; ROI "
+              f"{', '.join(args.roi or sorted(ROIS))})")
+        return 0
     args.out = args.out.expanduser()
     if args.out.is_dir() or not str(args.out).strip():
         print(f"error: --out {args.out}: a folder; accepted: the path of the .parquet file to "

@@ -30,9 +30,10 @@ from references.nsd import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Subject 1: sessions of 5 and 7 trials; subject 2: a single session of 8 trials. masterordering
-# has 20 trials, so trials 13..20 (subject 1) and 9..20 (subject 2) are ignored.
-TRIALS = {1: [5, 7], 2: [8]}
+# Subject 1: sessions of 7 and 5 trials (the last may be shorter); subject 2: a single session
+# of 8 trials. masterordering has 20 trials, so trials 13..20 (subject 1) and 9..20 (subject 2)
+# are ignored.
+TRIALS = {1: [7, 5], 2: [8]}
 # Volumes (x, y, z), different per subject and never symmetric.
 VOLUME = {1: (4, 3, 2), 2: (3, 5, 2)}
 N_IMAGES = 12
@@ -262,7 +263,7 @@ def test_prepare_subset_of_subjects_and_cli(tree, tmp_path):
     ("csv_column", r"nsd_stim_info_merged\.csv: missing column\(s\) cocoSplit"),
     ("gap", r"missing file .*subj01.*betas_session01\.hdf5"),
     ("dataset_name", r"subj02.*betas_session01\.hdf5: no dataset 'betas' \(found: data\)"),
-    ("xyz_order", r"betas_session01\.hdf5: betas shape \(5, 4, 3, 2\) does not match ROI mask "
+    ("xyz_order", r"betas_session01\.hdf5: betas shape \(7, 4, 3, 2\) does not match ROI mask "
                   r".*prf-visualrois\.nii\.gz"),
     ("roi", r"missing file .*subj01.*prf-visualrois\.nii\.gz"),
     ("too_many_trials", r"subj02.*betas_session01\.hdf5: .*24 trials but 'masterordering' has "
@@ -439,7 +440,7 @@ BROKEN_RELEASES = [
     ("stim_missing", [1, 2], r"missing file .*nsd_stimuli\.hdf5"),
     ("expdesign", [1, 2], r"missing file .*nsd_expdesign\.mat"),
     ("csv_column", [1, 2], r"nsd_stim_info_merged\.csv: missing column\(s\) cocoSplit"),
-    ("xyz_order", [1, 2], r"subj01.*betas_session01\.hdf5: betas shape \(5, 4, 3, 2\) does not "
+    ("xyz_order", [1, 2], r"subj01.*betas_session01\.hdf5: betas shape \(7, 4, 3, 2\) does not "
                           r"match ROI mask .*streams\.nii\.gz of shape \(x, y, z\) = "
                           r"\(4, 3, 2\); expected \(trials, z, y, x\) = \(trials, 2, 3, 4\)"),
     ("dataset_name", [1, 2], r"subj02.*betas_session01\.hdf5: no dataset 'betas'"),
@@ -835,7 +836,124 @@ def test_a_corrupt_chunk_mid_session_names_the_file_and_trials(tmp_path):
         fh.write(b"\xff" * info.size)
     check_release(nsd_root, [1], ["V1"])
     with pytest.raises(NSDFormatError, match=(
-            re.escape(f"{path}: cannot read 'betas' trials 0..6 (") + r".*\); expected a "
+            re.escape(f"{path}: cannot read 'betas' trials 0..4 (") + r".*\); expected a "
             r"complete HDF5 file")) as exc:
         prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
     _one_line(exc)
+
+
+def test_a_session_cut_short_in_the_middle_is_refused(tmp_path):
+    """Subject 1's sessions hold 7 and 5 trials (the last may be shorter). A first session cut
+    to 4 would shift every trial of the second onto another image: refused by the dry run and
+    by prepare, naming the short session (of two differing sessions, the shorter)."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = _rewrite_session(nsd_root, 1, 1, lambda b: b[:4])  # 4 and 5
+    match = re.escape(f"{path}: 4 trials where the subject's other sessions hold 5; expected "
+                      f"every session to hold the same number (750 in the release), the last "
+                      f"at most as many")
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, [1], ["V1"])
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_a_last_session_longer_than_the_others_is_refused(tmp_path):
+    nsd_root, _ = write_tree(tmp_path)
+    _rewrite_session(nsd_root, 1, 1, lambda b: b[:5])  # sessions of 5 and 5: accepted
+    check_release(nsd_root, [1], ["V1"])
+    path = nsd.session_file(nsd_root, 1, 3)
+    with h5py.File(path, "w") as f:  # sessions of 5, 5 and 6
+        f["betas"] = _betas(1, 3, 6)
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 6 trials where the subject's other sessions hold 5;")):
+        check_release(nsd_root, [1], ["V1"])
+
+
+@pytest.mark.parametrize("value, accepted", [(2.0005, True), (2.5, False), (1.2, False)])
+def test_roi_labels_between_integers_are_refused(tmp_path, value, accepted):
+    """A label volume resampled with interpolation: 2.5 used to round to 2 (V1) and 0.5 to 0.
+    Float storage of integer labels (within 1e-3) still reads."""
+    nsd_root, _ = write_tree(tmp_path)
+    path = nsd.roi_file(nsd_root, 1, "V1")
+    prf, _ = _mask_volumes(1)
+    want = nsd.load_roi_mask(nsd_root, 1, "V1")
+    data = prf.astype(np.float32)
+    x, y, z = np.argwhere(prf == 3)[0]
+    data[prf == 2] = 2.0001
+    data[x, y, z] = value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    if accepted:
+        got = nsd.load_roi_mask(nsd_root, 1, "V1")
+        assert got.sum() == want.sum() + 1 and got[x, y, z]
+        return
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 1 voxel(s) hold non-integer labels (e.g. {np.float32(value):g} at "
+            f"(x, y, z) = ({x}, {y}, {z})); expected an integer label volume")) as exc:
+        check_release(nsd_root, [1], ["V1"])
+    _one_line(exc)
+
+
+def test_unsigned_betas_are_refused(tmp_path):
+    """int16 betas reinterpreted as uint16: negatives would wrap to ~65000."""
+    nsd_root, _ = write_tree(tmp_path)
+    path = _rewrite_session(nsd_root, 2, 1, lambda b: b.view(np.uint16))
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 'betas' must be signed numbers (int16 in the release, or float), "
+            f"got uint16")):
+        check_release(nsd_root, [2], ["V1"])
+
+
+def test_a_partly_written_session_is_refused_from_its_chunk_index(tmp_path):
+    """A writer that stopped after 3 of 8 trials: the other chunks read as the fill value (0)
+    without a word. The chunk index tells, so the dry run refuses it."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = nsd.session_file(nsd_root, 2, 1)
+    with h5py.File(path, "r") as f:
+        betas = f["betas"][()]
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("betas", shape=betas.shape, dtype=betas.dtype,
+                             chunks=(1, *betas.shape[1:]))
+        d[:3] = betas[:3]
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 'betas' was never written in full (5 of its 8 chunks hold no data)")):
+        check_release(nsd_root, [2], ["V1"])
+    with pytest.raises(NSDFormatError, match="was never written in full"):
+        prepare(nsd_root, coco, [2], "V1", tmp_path / "o.parquet", progress=False)
+    with h5py.File(path, "a") as f:
+        f["betas"][3:] = betas[3:]
+    check_release(nsd_root, [2], ["V1"])
+
+
+def test_stim_info_with_a_byte_order_mark_before_nsd_id(tmp_path):
+    """Saved by a spreadsheet with nsdId as its first column and a UTF-8 BOM: the same table."""
+    nsd_root, coco = write_tree(tmp_path)
+    want = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "a.parquet",
+                                 progress=False))
+    _edit_stim_info(nsd_root, lambda rows: [[r[4], *r[:4], *r[5:]] for r in rows])
+    path = nsd_root / nsd.STIM_INFO
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert path.read_text(encoding="utf-8").startswith("\ufeffnsdId,")
+    got = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "b.parquet",
+                                progress=False))
+    assert got.equals(want)
+
+
+def test_cli_check_and_prepare_without_subject(tree, tmp_path):
+    nsd_root, coco = tree
+    cli = [sys.executable, "-m", "references.nsd"]
+    proc = subprocess.run([*cli, "check", "--nsd-root", str(nsd_root)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{nsd_root}: ok (subjects 1, 2; ROI V1, VVS)"
+    out = tmp_path / "all.parquet"
+    proc = subprocess.run([*cli, "prepare", "--nsd-root", str(nsd_root), "--coco-annotations",
+                           str(coco), "--roi", "V1", "--out", str(out), "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert set(pq.read_table(out)["subject"].to_pylist()) == {1, 2}
+    _rewrite_session(nsd_root, 1, 2, lambda b: b.astype(np.uint16))
+    proc = subprocess.run([*cli, "check", "--nsd-root", str(nsd_root), "--subject", "1",
+                           "--roi", "V1"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "got uint16" in proc.stderr, proc.stderr
