@@ -356,6 +356,9 @@ def test_plan_of_a_smoke_test():
      r"--set: epochs=9223372036854775807; accepted: an integer in 1..100000"),
     (["nsd_conv1_v1", "--set", "batch_size=1000000000000"], r"batch_size=1000000000000; accepted"),
     (["nsd_conv1_v1", "--set", "image_size=100000"], r"image_size=100000; accepted: an integer in"),
+    # the trial used to fail at its first forward pass, three times (Tune's retries)
+    (["gabor_conv1", "--set", "image_size=32"],
+     r"--set: image_size=32; accepted: an integer in 63\.\.4096 for alexnet \(its smallest"),
     (["nsd_conv1_v1", "--storage", "s3://bucket/x"], r"s3:// storage is not supported"),
     (["nsd_conv1_v1", "--set", "rectify=yes"], r"rectify='yes'; accepted: true or false"),
     (["nsd_conv1_v1", "--set", "epochs=1", "--set", "epochs=2"], r"--set epochs given twice"),

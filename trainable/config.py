@@ -104,7 +104,7 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         from trainable.alignment import METRICS
-        from trainable.models import MODELS, model_layers
+        from trainable.models import MODELS, get_model_spec, model_layers
 
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r}; accepted: {accepted}")
@@ -138,6 +138,10 @@ class TrialConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= UPPER[name]:
                 raise bad(name, f"an integer in {low}..{UPPER[name]}")
+        smallest = get_model_spec(self.model).min_image_size
+        if self.image_size < smallest:  # the first forward pass would fail, in every retry
+            raise bad("image_size", f"an integer in {max(16, smallest)}..{UPPER['image_size']} "
+                                    f"for {self.model} (its smallest input)")
         for name in ("seed", "pool", "threads", "steps_per_epoch", "in_memory_mb",
                      "align_batch_every"):
             v = getattr(self, name)
