@@ -161,6 +161,27 @@ def check_imagenet_root(value: str) -> Path:
     return root
 
 
+def _check_imagenet_splits(trials, data: dict) -> None:
+    """An ImageNet tree's validation split must hold the images the validation alignment
+    folds over (2 * val_folds); a smaller one (a lab's tiny subset) failed every trial after
+    its first epoch. Reads the index the root's check built (kept for the process)."""
+    from references import datasets
+    from trainable.config import TrialConfig
+
+    for t in trials:
+        src = data.get(t.condition)
+        if src is None or src.kind != "imagenet":
+            continue
+        _, val = datasets.imagenet_index(src.imagenet_root)
+        folds = TrialConfig.from_dict(t.config).val_folds  # the sweep's, or the default
+        if len(val) < 2 * folds:
+            raise UsageError(
+                f"--imagenet-root {src.imagenet_root}: its val split holds {len(val)} images; "
+                f"trial {t.trial_id}'s validation alignment folds over val_folds={folds} and "
+                f"needs at least {2 * folds}; accepted: a val split of at least {2 * folds} "
+                f"images (or --set val_folds=N with 2N <= {len(val)})")
+
+
 def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
                    rois: set[str]) -> tuple[Path, tuple[int, ...]]:
     """The files of an NSD release that preparing ``rois`` for ``subjects`` reads, checked from
@@ -442,6 +463,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             for c in conditions}
     if "image_size" in overrides:  # the data is read at the size the trials train at
         data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
+    _check_imagenet_splits(trials, data)
     experiment, line = _experiment(args, scale, trials, conditions, data)
     _check_resume(args.resume, storage, experiment)
     return Plan(

@@ -417,7 +417,19 @@ def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):
         good / "val" / "n99999999")
     with pytest.raises(UsageError, match=r"val.*classes.*differ|differ.*classes"):
         make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(good)))
-    tree = write_imagenet_tree(tmp_path / "tree", n_classes=2, n_train=2, n_val=1)
+    # A val split smaller than the validation alignment's folds need (2 * val_folds = 10 by
+    # default) used to fail every trial after its first epoch.
+    small = write_imagenet_tree(tmp_path / "small", n_classes=2, n_train=2, n_val=4,
+                                sizes=((32, 24),))
+    argv = ("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(small))
+    with pytest.raises(UsageError, match=re.escape(
+            f"--imagenet-root {small}: its val split holds 8 images; trial gabor_conv1-none-a0-b1-s0's "
+            f"validation alignment folds over val_folds=5 and needs at least 10; "
+            f"accepted: a val split of at least 10 images (or --set val_folds=N with "
+            f"2N <= 8)")):
+        make_plan(parse(*argv))
+    make_plan(parse(*argv, "--set", "val_folds=4"))
+    tree = write_imagenet_tree(tmp_path / "tree", n_classes=2, n_train=2, n_val=5)
     plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tree)))
     assert plan.scale == "paper" and plan.data["gabor_conv1"].imagenet_root == str(tree)
     assert plan.data_description.startswith("paper scale on ImageNet")

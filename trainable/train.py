@@ -531,7 +531,8 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     if not out["val_alignment"]:
         raise ValueError(
             f"no reference group has {2 * cfg.val_folds} validation images with responses; "
-            "the validation alignment needs them (check the subjects and the split)"
+            "the validation alignment needs them (check the validation split's size, and for "
+            "NSD the subjects)"
         )
     summary = {k: _mean_defined(v) for k, v in out.items()}
     if normalised:
