@@ -145,7 +145,10 @@ def _check_dir(flag: str, value: str) -> Path:
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise UsageError(f"{flag} {value}: {what}")
-    return path.resolve()
+    # Absolute (trials run in other folders) but not resolved: a data folder reached through a
+    # symbolic link keeps the path given, so what sits beside or above it there (Kaggle's
+    # LOC_*.csv above Data/CLS-LOC) is found where the user put it, and messages name that path.
+    return Path(os.path.abspath(path))
 
 
 def check_imagenet_root(value: str) -> Path:

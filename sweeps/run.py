@@ -202,8 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _check_utf8(argv: list[str]) -> None:
+    """Every argument must be UTF-8: Python carries other bytes (a path named in Latin-1) as
+    surrogates, which Ray's start-up and any UTF-8 console fail to encode, mid-run."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            raise UsageError(f"argument '{shown}' is not valid UTF-8 (a path named in another "
+                             f"encoding?); accepted: UTF-8 arguments -- reach such a folder "
+                             f"through a symbolic link with a UTF-8 name") from None
+
+
 def _main(argv: list[str] | None) -> int:
     try:
+        _check_utf8(sys.argv[1:] if argv is None else list(argv))
         args = build_parser().parse_args(argv)
         if args.sweep_dir is not None:
             folder = Path(args.sweep_dir)

@@ -720,3 +720,27 @@ def test_sweep_files_from_other_editors_and_copies_load(tmp_path):
     assert proc.returncode == 2 and proc.stdout.startswith("gabor_conv1")
     assert len(proc.stdout.splitlines()) == len(list_sweeps(SWEEP_DIR))
     assert proc.stderr.count("\n") == 1 and "is 120 bytes" in proc.stderr
+
+
+def test_a_path_not_in_utf8_is_refused_and_a_utf8_link_to_it_works(tmp_path):
+    """A folder named in Latin-1: Python carries its bytes as surrogates, which Ray's start-up
+    (and a strict UTF-8 console) failed to encode mid-run. Refused in one line; a symbolic
+    link with a UTF-8 name is accepted and kept as given (not resolved back to the bytes)."""
+    from imagenet_tree import write_imagenet_tree
+
+    root = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9 data"))
+    write_imagenet_tree(root, n_classes=2, n_train=2, n_val=5, sizes=((32, 24),))
+    link = tmp_path / "imagenet"
+    link.symlink_to(root)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict UTF-8 console
+    argv = ["gabor_conv1", "--data", "imagenet", "--dry-run", "--imagenet-root"]
+    proc = subprocess.run([sys.executable, "sweeps/run.py", *argv, str(root)], cwd=REPO,
+                          capture_output=True, text=True, env=env, errors="replace")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == (f"error: argument '{tmp_path}/caf\\xe9 data' is not valid UTF-8 (a "
+                           f"path named in another encoding?); accepted: UTF-8 arguments -- "
+                           f"reach such a folder through a symbolic link with a UTF-8 name\n")
+    proc = subprocess.run([sys.executable, "sweeps/run.py", *argv, str(link)], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"data: ImageNet folder {link} at 224 px" in proc.stdout
