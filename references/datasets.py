@@ -399,8 +399,12 @@ def _imagenet_index(root: str) -> tuple[ImageIndex, ImageIndex]:
 
 def imagenet_index(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
     """``references.imagenet.index_imagenet`` of ``root``, kept for the process (the dry run's
-    check and the run's data preparation scan a large tree once)."""
-    return _imagenet_index(str(Path(root).resolve()))
+    check and the run's data preparation scan a large tree once). Keyed by ``root`` made
+    absolute but not resolved: Kaggle's files are searched above the root as given, so a root
+    that is a symbolic link finds them beside the link, not above its target."""
+    root = os.fspath(root)
+    # "" stays "" (refused by index_imagenet, not read as the working folder)
+    return _imagenet_index(os.path.abspath(os.path.expanduser(root)) if root else root)
 
 
 def imagefolder_bundle(root: str | os.PathLike, *, image_size: int,

@@ -3,7 +3,8 @@
 Three layouts are read (:func:`describe` says which one a root has):
 
 * **ImageFolder layout**: ``root/train/<class>/**/<image>`` and ``root/val/<class>/**/<image>``,
-  no devkit. Class names are the folder names.
+  no devkit. Class names are the folder names (or, where Kaggle's files below are found and
+  every class folder is a wnid of its ``LOC_synset_mapping.txt``, the mapping's names).
 * **torchvision ImageNet layout** (what ``torchvision.datasets.ImageNet(root)`` reads): the devkit
   archive ``root/ILSVRC2012_devkit_t12.tar.gz`` or torchvision's parsed ``root/meta.bin`` (which
   wins when both are present, as in torchvision) beside ``train/<wnid>/*.JPEG`` and ``val/``.
@@ -16,14 +17,21 @@ Three layouts are read (:func:`describe` says which one a root has):
 * **Kaggle's ImageNet layout** (its imagenet-object-localization-challenge download):
   ``--imagenet-root .../ILSVRC/Data/CLS-LOC`` holding ``train/<wnid>/*.JPEG`` and a flat
   ``val/``, labelled by ``LOC_val_solution.csv`` (found in the root or up to three folders
-  above it; each image id's first wnid), class names from ``LOC_synset_mapping.txt`` beside it
-  (else the wnids). A devkit or meta.bin in the root wins over it.
+  above it, above the root as given -- made absolute, not resolved, so a ``CLS-LOC`` that is a
+  symbolic link finds the files beside the link; each image id's first wnid, an id repeated
+  with another wnid refused), class names from ``LOC_synset_mapping.txt`` beside it (else the
+  wnids). A devkit or meta.bin in the root wins over it. The CSV labels only a val with images
+  directly in it: a val sorted into class folders is the ImageFolder layout, which files found
+  by this upward search never make fail (their names are used only if they fit every folder).
 
 Samples are ordered as torchvision's ``ImageFolder`` orders them (``make_dataset``): by class
 (sorted folder names), then within a class folder by the sorted walk of its subfolders
 (followlinks=True), file names sorted within each folder; image files are those whose name ends
-in one of torchvision's ``IMG_EXTENSIONS``, case-insensitively. A flat val is ordered as the
-sorted tree it would become.
+in one of torchvision's ``IMG_EXTENSIONS``, case-insensitively. Names are sorted as the str
+torchvision sees (``os.fsdecode``: bytes that are not UTF-8 become surrogates, which sort after
+most non-ASCII text), so class indices match ``ImageFolder.class_to_idx``. A flat val is ordered
+as the sorted tree it would become. A split folder holding ``.tar`` archives that have no class
+folder of their name (``ILSVRC2012_img_train.tar`` extracted one level) is refused.
 
 Hidden entries are skipped at every level, unlike torchvision's ``ImageFolder``: a folder or file
 whose name starts with "." is not a class, not searched and not an image (``.ipynb_checkpoints/``,
@@ -45,7 +53,8 @@ What is read: directory listings (``os.scandir``, no per-file ``stat`` on file s
 entry types), ``meta.bin`` or two members of the devkit archive (``data/meta.mat`` and
 ``data/ILSVRC2012_validation_ground_truth.txt``, extracted with tarfile's "data" filter into a
 temporary folder that is removed afterwards; a symbolic link costs one ``stat``, which also tells
-a broken one). Image files are never opened by indexing. Nothing is ever
+a broken one), Kaggle's ``LOC_val_solution.csv`` (for a flat val) and ``LOC_synset_mapping.txt``.
+Image files are never opened by indexing. Nothing is ever
 written under the root (lab mounts are read-only; torchvision's ``parse_devkit_archive`` would
 write ``meta.bin`` there), and the split folders are never reorganised.
 
@@ -206,8 +215,23 @@ class _Meta(NamedTuple):
     source: str  # the file read: meta.bin, the devkit archive or Kaggle's LOC_val_solution.csv
     wnid_to_classes: dict[str, tuple[str, ...]]
     val_wnids: list[str]  # ground truth, one per val image in sorted file-name order
-    # Kaggle's ground truth is by image id (the file name without its extension) instead
-    val_by_id: dict[str, str] | None = None
+    # Kaggle's ground truth is by image id (the file name without its extension) instead:
+    # image id -> (wnid, line of the CSV)
+    val_by_id: dict[str, tuple[str, int]] | None = None
+    # the file wnid_to_classes comes from, where it is not source (Kaggle's synset mapping)
+    names_source: str | None = None
+
+    @property
+    def names_from(self) -> str:
+        return self.names_source or self.source
+
+    def unknown_wnids(self, what: str, unknown) -> str:
+        """The end of a message: ``what`` (wnids ``unknown``) is not among the classes."""
+        if self.names_from.endswith(KAGGLE_SYNSETS):
+            return (f"{what} not listed in {self.names_from} ({_few(unknown)}); expected one of "
+                    f"the {len(self.wnid_to_classes)} wnids it lists")
+        return (f"{what} not leaf synsets of {self.names_from} ({_few(unknown)}); expected "
+                f"wnids of its {len(self.wnid_to_classes)} classes")
 
 
 def _parse_meta_mat(devkit_root: str) -> tuple[dict[int, str], dict[str, tuple[str, ...]]]:
@@ -280,7 +304,7 @@ def _read_kaggle(path: str) -> _Meta:
     (``<wnid> <words>`` per line; without it the class names are the wnids)."""
     import csv
 
-    by_id: dict[str, str] = {}
+    by_id: dict[str, tuple[str, int]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -298,31 +322,44 @@ def _read_kaggle(path: str) -> _Meta:
                     raise ImageNetFormatError(
                         f"{path}: line {reader.line_num} ({','.join(row)[:80]!r}) has no "
                         f"ImageId or no wnid; expected ImageId,<wnid> <box> ...")
-                by_id[row[col_id]] = tokens[0]
+                image_id, wnid, line = row[col_id], tokens[0], reader.line_num
+                seen = by_id.setdefault(image_id, (wnid, line))
+                if seen[0] != wnid:  # a later row would silently relabel the image
+                    raise ImageNetFormatError(
+                        f"{path}: ImageId {image_id} has wnid {seen[0]} on line {seen[1]} and "
+                        f"{wnid} on line {line}; expected one wnid per image -- remove the "
+                        "wrong row")
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ImageNetFormatError(f"cannot read {path} ({_reason(e)}); expected Kaggle's "
                                   f"{KAGGLE_SOLUTION}") from e
-    wnid_to_classes: dict[str, tuple[str, ...]] = {}
     mapping = os.path.join(os.path.dirname(path), KAGGLE_SYNSETS)
     if os.path.isfile(mapping):
-        try:
-            with open(mapping, encoding="utf-8-sig") as fh:
-                for line in fh:
-                    wnid, _, words = line.strip().partition(" ")
-                    if wnid:
-                        wnid_to_classes[wnid] = tuple(w.strip() for w in words.split(",")
-                                                      if w.strip()) or (wnid,)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ImageNetFormatError(f"cannot read {mapping} ({_reason(e)}); expected "
-                                      f"Kaggle's <wnid> <words> lines") from e
-    else:  # names are the wnids
-        wnid_to_classes = {w: (w,) for w in sorted(set(by_id.values()))}
-    return _Meta(path, wnid_to_classes, [], by_id)
+        return _Meta(path, _read_synset_mapping(mapping), [], by_id, mapping)
+    # names are the wnids
+    return _Meta(path, {w: (w,) for w in sorted({w for w, _ in by_id.values()})}, [], by_id)
+
+
+def _read_synset_mapping(mapping: str) -> dict[str, tuple[str, ...]]:
+    """Kaggle's ``LOC_synset_mapping.txt``: {wnid: synonyms}."""
+    wnid_to_classes: dict[str, tuple[str, ...]] = {}
+    try:
+        with open(mapping, encoding="utf-8-sig") as fh:
+            for line in fh:
+                wnid, _, words = line.strip().partition(" ")
+                if wnid:
+                    wnid_to_classes[wnid] = tuple(w.strip() for w in words.split(",")
+                                                  if w.strip()) or (wnid,)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageNetFormatError(f"cannot read {mapping} ({_reason(e)}); expected "
+                                  f"Kaggle's <wnid> <words> lines") from e
+    return wnid_to_classes
 
 
 def _kaggle_source(root: str) -> str | None:
     """Kaggle's ground truth for a root inside its download (``--imagenet-root
-    .../ILSVRC/Data/CLS-LOC``, the CSV three folders up), or beside train/ and val/."""
+    .../ILSVRC/Data/CLS-LOC``, the CSV three folders up), or beside train/ and val/. Searched
+    above ``root`` as given (absolute, not resolved): a CLS-LOC that is a symbolic link finds
+    the files beside the link, not above its target."""
     folder = root
     for _ in range(4):
         candidate = os.path.join(folder, KAGGLE_SOLUTION)
@@ -332,20 +369,54 @@ def _kaggle_source(root: str) -> str | None:
     return None
 
 
-def _meta_source(root: str) -> str | None:
+def _devkit_source(root: str) -> str | None:
     for name in (META_FILE, DEVKIT_ARCHIVE):  # meta.bin first, as torchvision does
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
-    return _kaggle_source(root)
+    return None
+
+
+def _val_form(root: str) -> str:
+    """"flat val", "half-sorted val", "sorted val" or "no val/" (one listing of root/val)."""
+    val = os.path.join(root, "val")
+    if not os.path.isdir(val):
+        return "no val/"
+    dirs, images = _listdir(os.fsencode(val))
+    return "half-sorted val" if dirs and images else "flat val" if images else "sorted val"
+
+
+def _kaggle_names(root: str, solution: str) -> _Meta | None:
+    """For a root whose val/ holds no images directly in it (an ImageFolder tree): the class
+    names of Kaggle's ``LOC_synset_mapping.txt`` beside ``solution``, found by the upward search,
+    only if every class folder of train/ and val/ is a wnid it lists (else None: the folder
+    names). Its labels are not needed, and a file found above an unrelated tree (or unreadable)
+    must not make that tree fail."""
+    mapping = os.path.join(os.path.dirname(solution), KAGGLE_SYNSETS)
+    if not os.path.isfile(mapping):
+        return None
+    try:
+        wnid_to_classes = _read_synset_mapping(mapping)
+    except ImageNetFormatError:
+        return None
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if os.path.isdir(folder):
+            dirs, _ = _listdir(os.fsencode(folder))
+            if not all(os.fsdecode(d) in wnid_to_classes for d in dirs):
+                return None
+    return _Meta(mapping, wnid_to_classes, [])
 
 
 def _load_meta(root: str) -> _Meta | None:
-    source = _meta_source(root)
-    if source is None:
+    source = _devkit_source(root)
+    if source is not None:
+        return _read_meta_bin(source) if source.endswith(META_FILE) else _read_devkit(source)
+    solution = _kaggle_source(root)
+    if solution is None:
         return None
-    if source.endswith(KAGGLE_SOLUTION):
-        return _read_kaggle(source)
-    return _read_meta_bin(source) if source.endswith(META_FILE) else _read_devkit(source)
+    if _val_form(root) in ("flat val", "half-sorted val"):  # the CSV labels val
+        return _read_kaggle(solution)
+    return _kaggle_names(root, solution)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +427,12 @@ def _is_image(name: bytes) -> bool:
     return name.lower().endswith(_IMAGE_EXTENSIONS_B)
 
 
-def _listdir(folder: bytes) -> tuple[list[bytes], list[bytes]]:
+def _listdir(folder: bytes, archives: list[bytes] | None = None
+             ) -> tuple[list[bytes], list[bytes]]:
     """(sub-folder names, image file names) of one folder, unsorted; hidden entries (name
     starting with ".") skipped, symlinks followed (a broken one refused, unless it is dangling
-    and not named as an image: ``_link_target_is_dir``).
+    and not named as an image: ``_link_target_is_dir``). Names of files ending in ".tar" (any
+    case) are appended to ``archives`` when given.
     Plain entries cost no ``stat`` (``DirEntry`` types from the listing); a symlink costs one."""
     dirs, images = [], []
     try:
@@ -378,6 +451,8 @@ def _listdir(folder: bytes) -> tuple[list[bytes], list[bytes]]:
                     dirs.append(name)
                 elif _is_image(name):
                     images.append(name)
+                elif archives is not None and name.lower().endswith(b".tar"):
+                    archives.append(name)
     except OSError as e:
         raise ImageNetFormatError(f"cannot list {os.fsdecode(folder)} ({e.strerror}); expected "
                                   "a readable folder") from e
@@ -406,7 +481,8 @@ def _link_target_is_dir(entry: os.DirEntry) -> bool | None:
 
 def _walk_images(class_dir: bytes) -> list[bytes]:
     """Image paths under class_dir relative to it, in make_dataset's order: folders by sorted
-    full path (os.walk roots sorted), file names sorted within each folder."""
+    full path (os.walk roots sorted), file names sorted within each folder, both as the str
+    torchvision sees (``os.fsdecode``)."""
     found: list[tuple[bytes, list[bytes]]] = []
     stack = [(b"", frozenset())]
     while stack:
@@ -422,9 +498,9 @@ def _walk_images(class_dir: bytes) -> list[bytes]:
             raise ImageNetFormatError(f"symlink loop at {os.fsdecode(folder)}; expected class "
                                       "folders without links to their own ancestors")
         dirs, images = _listdir(folder)
-        found.append((rel, sorted(images)))
+        found.append((rel, sorted(images, key=os.fsdecode)))
         stack.extend((rel + _SEP + d if rel else d, ancestors | {key}) for d in dirs)
-    found.sort(key=lambda item: item[0])
+    found.sort(key=lambda item: os.fsdecode(item[0]))
     return [rel + _SEP + name if rel else name for rel, names in found for name in names]
 
 
@@ -447,16 +523,43 @@ def _split_folder(root: str, split: str) -> str:
         raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise ImageNetFormatError(
-            f"missing folder {folder}; expected {root} to hold train/ and val/ (ImageFolder "
-            f"layout, or torchvision's with {DEVKIT_ARCHIVE} or {META_FILE} beside them)")
+        raise ImageNetFormatError(f"missing folder {folder}; expected {root} to hold train/ and "
+                                  f"val/ {_root_hint(root)}")
     return folder
+
+
+def _root_hint(root: str) -> str:
+    """How to fix a root without a split folder: the root to pass where it can be told."""
+    parent = os.path.dirname(root)
+    for below in ("CLS-LOC", os.path.join("Data", "CLS-LOC"),
+                  os.path.join("ILSVRC", "Data", "CLS-LOC")):  # Kaggle's download
+        if os.path.isdir(os.path.join(root, below)):
+            return (f"-- pass {os.path.join(root, below)} instead (Kaggle's CLS-LOC folder "
+                    "below it, which holds them)")
+    if os.path.basename(root) in SPLITS:
+        return f"-- {root} is itself a split folder: pass its parent {parent}"
+    if os.path.basename(parent) in SPLITS:
+        return (f"-- {root} is a class folder of the split folder {parent}: pass "
+                f"{os.path.dirname(parent)}")
+    return (f"(ImageFolder layout, or torchvision's with {DEVKIT_ARCHIVE} or {META_FILE} beside "
+            "them)")
 
 
 def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     folder = _split_folder(root, split)
     folder_b = os.fsencode(folder)
-    dirs, top_images = _listdir(folder_b)
+    archives: list[bytes] = []
+    dirs, top_images = _listdir(folder_b, archives)
+    # ILSVRC2012_img_train.tar extracted one level: one n01440764.tar per class, whose classes
+    # would be missing. Fine: an archive kept beside its extracted folder, the official
+    # ILSVRC2012_img_*.tar themselves (not per class), archives among a flat val's images.
+    unextracted = [os.fsdecode(a) for a in archives
+                   if a[:-4] not in dirs and not a.startswith(b"ILSVRC")]
+    if unextracted and not top_images:
+        raise ImageNetFormatError(
+            f"{folder} holds {len(unextracted)} .tar archives not extracted into class folders "
+            f"({_few(unextracted)}); expected {split}/<class>/<images> -- extract each archive "
+            "into a folder of its name (ILSVRC2012_img_train.tar holds one per class)")
     if top_images and split == "train":
         raise ImageNetFormatError(f"{folder} holds {len(top_images)} images directly in it; "
                                   "expected train/<class>/<images>")
@@ -465,10 +568,12 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
             f"{folder} holds both {len(dirs)} class folders and {len(top_images)} images "
             "directly in it (a half-sorted val?); expected class folders only, or (with a "
             "devkit) images only")
+    # Names are sorted as torchvision sorts them, as str: bytes that are not UTF-8 decode to
+    # surrogates (U+DC80..U+DCFF), which sort after most non-ASCII text, unlike their bytes.
     if top_images:
-        return _index_flat_val(root, folder, sorted(top_images), meta)
+        return _index_flat_val(root, folder, sorted(top_images, key=os.fsdecode), meta)
 
-    classes_b = sorted(dirs)
+    classes_b = sorted(dirs, key=os.fsdecode)
     rel_paths: list[bytes] = []
     targets: list[int] = []
     empty: list[str] = []
@@ -498,7 +603,8 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
             f"{META_FILE}, or Kaggle's {KAGGLE_SOLUTION}) to label them, or "
             f"val/<class>/<images>")
     if meta.val_by_id is not None:
-        wnids = _wnids_by_id(folder, names, meta)
+        wnids, lines = _wnids_by_id(folder, names, meta)
+        where = [f"{meta.source} line {line}" for line in lines]
     elif len(meta.val_wnids) != len(names):
         raise ImageNetFormatError(
             f"{meta.source} has ground truth for {len(meta.val_wnids)} val images but {folder} "
@@ -506,6 +612,17 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
             "with the ground truth)")
     else:  # as parse_val_archive: the k-th sorted file name gets the k-th ground-truth wnid
         wnids = meta.val_wnids
+        where = [f"{meta.source} (ground truth entry {k + 1})" for k in range(len(names))]
+    unknown = [k for k, w in enumerate(wnids) if w not in meta.wnid_to_classes]
+    if unknown:
+        k = unknown[0]
+        others = {wnids[j] for j in unknown[1:]}
+        raise ImageNetFormatError(
+            f"{where[k]} labels {os.path.join(folder, os.fsdecode(names[k]))} {wnids[k]}, which "
+            f"{meta.names_from} does not list"
+            + (f" ({len(unknown) - 1} more images have wnids it lacks: {_few(others)})"
+               if others else "")
+            + f"; expected one of the {len(meta.wnid_to_classes)} wnids it lists")
     classes = tuple(sorted(set(wnids)))
     class_to_idx = {c: k for k, c in enumerate(classes)}
     labels = np.fromiter((class_to_idx[w] for w in wnids), dtype=np.int64, count=len(names))
@@ -514,26 +631,28 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
                  [names[i] for i in order], labels[order])
 
 
-def _wnids_by_id(folder: str, names: list[bytes], meta: _Meta) -> list[str]:
+def _wnids_by_id(folder: str, names: list[bytes], meta: _Meta) -> tuple[list[str], list[int]]:
     """A flat val labelled by image id (Kaggle): each file's name without its extension is
-    looked up; the ground truth may name more images than the folder holds, never fewer."""
+    looked up; the ground truth may name more images than the folder holds, never fewer.
+    Returns the wnid and the CSV line of each image."""
     ids = [os.fsdecode(n).rsplit(".", 1)[0] for n in names]
     unlabelled = [os.fsdecode(n) for n, i in zip(names, ids) if i not in meta.val_by_id]
     if unlabelled:
         raise ImageNetFormatError(
             f"{len(unlabelled)} of {len(names)} images in {folder} have no row in "
             f"{meta.source} ({_few(unlabelled)}); expected an ImageId row for every image")
-    return [meta.val_by_id[i] for i in ids]
+    rows = [meta.val_by_id[i] for i in ids]
+    return [wnid for wnid, _ in rows], [line for _, line in rows]
 
 
 def _class_names(classes: tuple[str, ...], meta: _Meta | None, folder: str) -> tuple[str, ...]:
     if meta is None:
         return classes
+    # (a flat val's classes are its labels, already checked against the metadata)
     unknown = [c for c in classes if c not in meta.wnid_to_classes]
     if unknown:
         raise ImageNetFormatError(
-            f"{len(unknown)} class folders of {folder} are not leaf synsets of {meta.source} "
-            f"({_few(unknown)}); expected wnids of its {len(meta.wnid_to_classes)} classes")
+            meta.unknown_wnids(f"{len(unknown)} class folders of {folder} are", unknown))
     return tuple(meta.wnid_to_classes[c][0] for c in classes)
 
 
@@ -569,22 +688,24 @@ def index_imagenet(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
 
 
 def describe(root: str | os.PathLike) -> str:
-    """Which layout ``root`` has, from two directory listings (no image or devkit is read):
-    "ImageFolder layout" or "torchvision ImageNet layout (<devkit file>, flat val | sorted val)".
+    """Which layout ``root`` has, from directory listings (no image, devkit or CSV is read;
+    Kaggle's synset mapping is, for a tree whose val is not flat): "ImageFolder layout",
+    "ImageFolder layout (class names from <LOC_synset_mapping.txt>)", "torchvision ImageNet
+    layout (<devkit file>, flat val | sorted val)" or "Kaggle ImageNet layout (<CSV>, flat val)".
     """
     root = _check_root(root)
-    source = _meta_source(root)
-    val = os.path.join(root, "val")
-    val_form = "no val/"
-    if os.path.isdir(val):
-        dirs, images = _listdir(os.fsencode(val))
-        val_form = ("half-sorted val" if dirs and images else "flat val" if images
-                    else "sorted val")
-    if source is None:
-        return "ImageFolder layout" + ("" if val_form == "sorted val" else f" ({val_form})")
-    if source.endswith(KAGGLE_SOLUTION):
-        return f"Kaggle ImageNet layout ({source}, {val_form})"
-    return f"torchvision ImageNet layout ({os.path.basename(source)}, {val_form})"
+    val_form = _val_form(root)
+    source = _devkit_source(root)
+    if source is not None:
+        return f"torchvision ImageNet layout ({os.path.basename(source)}, {val_form})"
+    solution = _kaggle_source(root)
+    if solution is not None and val_form in ("flat val", "half-sorted val"):
+        return f"Kaggle ImageNet layout ({solution}, {val_form})"
+    notes = [] if val_form == "sorted val" else [val_form]
+    names = _kaggle_names(root, solution) if solution is not None else None
+    if names is not None:
+        notes.append(f"class names from {names.source}")
+    return "ImageFolder layout" + (f" ({', '.join(notes)})" if notes else "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torchvision.datasets.imagenet as tv_imagenet
 from imagenet_tree import DEVKIT_ARCHIVE, LAYOUTS, tree_truth, val_name, write_imagenet_tree
 from PIL import Image
 
-from references.datasets import ImageFolderDataset
+from references.datasets import ImageFolderDataset, imagefolder_bundle, imagenet_index
 from references.imagenet import (
     IMAGE_EXTENSIONS,
     ImageIndex,
@@ -745,3 +745,249 @@ def test_kaggle_layout_indexes_as_the_torchvision_one(tmp_path):
                                                   r"ImageId or no wnid"):
         index_imagenet(root)
 
+
+
+def _same_reading(a: tuple[ImageIndex, ImageIndex], b: tuple[ImageIndex, ImageIndex]) -> None:
+    """Both (train, val) pairs hold the same classes, names, relative paths and targets."""
+    for x, y in zip(a, b, strict=True):
+        assert (x.classes, x.class_names) == (y.classes, y.class_names)
+        assert _relpaths(x) == _relpaths(y)
+        assert np.array_equal(x.targets, y.targets)
+
+
+def _kaggle_files(tmp_path: Path) -> tuple[Path, Path]:
+    """(LOC_val_solution.csv, LOC_synset_mapping.txt) of a _kaggle_tree(tmp_path)."""
+    return (tmp_path / "kaggle" / "LOC_val_solution.csv",
+            tmp_path / "kaggle" / "LOC_synset_mapping.txt")
+
+
+def test_kaggle_repeated_image_id_must_agree(tmp_path):
+    """A second row for an image id would relabel it (the last row won): refused naming both
+    rows; a repeated row that agrees changes nothing."""
+    _, root = _kaggle_tree(tmp_path)
+    csv, _ = _kaggle_files(tmp_path)
+    expected = index_imagenet(root)
+    text = csv.read_bytes().decode()
+    first = text.split("\r\n")[1]  # line 2: ILSVRC2012_val_00000006
+    image_id, wnid = first.split(",")[0], first.split(",")[1].split()[0]
+    other = next(w for w in tree_truth().wnids if w != wnid)
+    csv.write_text(text + first + "\r\n")
+    assert index_imagenet(root) == expected
+    csv.write_text(text + f"{image_id},{other} 1 2 3 4\r\n")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{csv}: ImageId {image_id} has wnid {wnid} on line 2 and {other} on line 8; "
+            "expected one wnid per image -- remove the wrong row")) as err:
+        index_imagenet(root)
+    assert "\n" not in str(err.value)
+
+
+def test_kaggle_files_are_found_above_the_root_as_given_not_its_link_target(tmp_path,
+                                                                             monkeypatch):
+    """/home/lab/imagenet/CLS-LOC -> /mnt/fast/CLS-LOC with the CSV and the mapping in
+    /home/lab/imagenet: found above the link, through every entry point, also relative."""
+    tv, root = _kaggle_tree(tmp_path)
+    lab, fast = tmp_path / "home" / "lab" / "imagenet", tmp_path / "mnt" / "fast"
+    lab.mkdir(parents=True)
+    fast.mkdir(parents=True)
+    root.rename(fast / "CLS-LOC")
+    for f in _kaggle_files(tmp_path):
+        f.rename(lab / f.name)
+    link = lab / "CLS-LOC"
+    os.symlink(fast / "CLS-LOC", link)
+    expected = index_imagenet(tv)
+    bundle = imagefolder_bundle(link, image_size=8)
+    monkeypatch.chdir(lab)
+    for got in (index_imagenet(link), imagenet_index(link), imagenet_index("CLS-LOC"),
+                (bundle.train.index, bundle.val.index)):
+        _same_reading(got, expected)
+        assert got[0].root == str(link / "train")
+    assert describe(link) == f"Kaggle ImageNet layout ({lab / 'LOC_val_solution.csv'}, flat val)"
+    assert bundle.class_names == ("thing 0", "thing 1", "thing 2")
+
+
+def _rename_classes(tree: Path, names: dict[str, str]) -> None:
+    for split in SPLITS:
+        for old, new in names.items():
+            (tree / split / old).rename(tree / split / new)
+
+
+def test_kaggle_files_above_a_sorted_val_only_name_classes_they_list(tmp_path):
+    """Kaggle's files found by the upward search label a flat val; a val sorted into class
+    folders is an ImageFolder tree, which they never make fail: they name its classes only
+    when every class folder is a wnid of the synset mapping."""
+    labdata = tmp_path / "labdata"
+    labdata.mkdir()
+    csv = labdata / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n09999999 1 2 3 4\n")
+    mapping = labdata / "LOC_synset_mapping.txt"
+    truth = tree_truth()
+    mapping.write_text("".join(f"{w} {words}\n" for w, words in zip(truth.wnids, truth.words)))
+    # an unrelated subset: cat/dog/fox folders, not wnids
+    subset = write_imagenet_tree(labdata / "subsets" / "animals", sizes=SMALL)
+    plain = write_imagenet_tree(tmp_path / "plain", sizes=SMALL)
+    for tree in (subset, plain):
+        _rename_classes(tree, dict(zip(truth.wnids, ("cat", "dog", "fox"))))
+    train, val = index_imagenet(subset)
+    assert train.classes == val.classes == train.class_names == ("cat", "dog", "fox")
+    _same_reading((train, val), index_imagenet(plain))
+    assert index_split(subset, "val") == val
+    assert describe(subset) == "ImageFolder layout"
+    # one class folder of many not in the mapping: the mapping is ignored, nothing refused
+    _rename_classes(plain, {"cat": truth.wnids[0], "dog": truth.wnids[1]})
+    shutil.move(plain, labdata / "subsets" / "mixed")
+    train, _ = index_imagenet(labdata / "subsets" / "mixed")
+    assert train.class_names == train.classes == ("fox", *truth.wnids[:2])
+    assert describe(labdata / "subsets" / "mixed") == "ImageFolder layout"
+    # every class folder a wnid of the mapping: its names (the CSV's labels are not read)
+    sorted_kaggle = write_imagenet_tree(labdata / "ILSVRC" / "Data" / "CLS-LOC", sizes=SMALL)
+    train, val = index_imagenet(sorted_kaggle)
+    assert train.class_names == val.class_names == ("thing 0", "thing 1", "thing 2")
+    assert train.classes == truth.wnids
+    assert describe(sorted_kaggle) == f"ImageFolder layout (class names from {mapping})"
+    # ... and without a mapping, the folder names
+    mapping.unlink()
+    assert index_imagenet(sorted_kaggle)[0].class_names == truth.wnids
+    assert describe(sorted_kaggle) == "ImageFolder layout"
+
+
+def test_kaggle_mapping_lacking_wnids_is_named(tmp_path):
+    """A synset mapping without some wnids is the file named, with its own count."""
+    _, root = _kaggle_tree(tmp_path)
+    csv, mapping = _kaggle_files(tmp_path)
+    mapping.write_text("n00000000 thing 0, alias 0\n")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"2 class folders of {root / 'train'} are not listed in {mapping} (n00000001, "
+            "n00000002); expected one of the 1 wnids it lists")):
+        index_imagenet(root)
+    # val alone: the first image (by name) whose wnid the mapping lacks, with its CSV line (the
+    # rows are in reverse name order)
+    labels = tree_truth().val_labels
+    first = next(j for j in range(6) if labels[val_name(j)] != "n00000000")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{csv} line {7 - first} labels {root / 'val' / val_name(first)} "
+            f"{labels[val_name(first)]}, which {mapping} does not list (3 more images have wnids "
+            "it lacks: n00000001, n00000002); expected one of the 1 wnids it lists")):
+        index_split(root, "val")
+
+
+def test_kaggle_row_with_an_unknown_wnid_names_the_image_and_line(tmp_path):
+    _, root = _kaggle_tree(tmp_path)
+    csv, mapping = _kaggle_files(tmp_path)
+    lines = csv.read_bytes().decode().split("\r\n")
+    assert lines[4].startswith("ILSVRC2012_val_00000003,")  # line 5
+    lines[4] = "ILSVRC2012_val_00000003,n99999999 1 2 3 4"
+    csv.write_text("\r\n".join(lines))
+    for call in (index_imagenet, lambda r: index_split(r, "val")):
+        with pytest.raises(ImageNetFormatError, match=re.escape(
+                f"{csv} line 5 labels {root / 'val' / val_name(2)} n99999999, which {mapping} "
+                "does not list; expected one of the 3 wnids it lists")) as err:
+            call(root)
+        assert "\n" not in str(err.value)
+
+
+def test_meta_bin_label_of_an_unknown_synset_names_the_image(tmp_path):
+    tree = write_imagenet_tree(tmp_path / "t", layout="torchvision_flat_val", sizes=SMALL)
+    truth = tree_truth()
+    wnid_to_classes = {w: (words.split(", ")[0],) for w, words in zip(truth.wnids, truth.words)}
+    val_wnids = [truth.val_labels[name] for name in sorted(truth.val_labels)]
+    val_wnids[3] = "n99999999"
+    torch.save((wnid_to_classes, val_wnids), tree / "meta.bin")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{tree / 'meta.bin'} (ground truth entry 4) labels {tree / 'val' / val_name(3)} "
+            f"n99999999, which {tree / 'meta.bin'} does not list; expected one of the 3 wnids "
+            "it lists")):
+        index_split(tree, "val")
+
+
+@pytest.mark.parametrize("below", ["ILSVRC", "ILSVRC/Data", "."])
+def test_root_above_kaggle_cls_loc_points_to_it(below, tmp_path):
+    _, root = _kaggle_tree(tmp_path)
+    given = (tmp_path / "kaggle" / below).resolve()
+    for split, call in (("train", index_imagenet), ("val", lambda r: index_split(r, "val"))):
+        with pytest.raises(ImageNetFormatError, match=re.escape(
+                f"missing folder {given / split}; expected {given} to hold train/ and val/ -- "
+                f"pass {root} instead (Kaggle's CLS-LOC folder below it, which holds them)")):
+            call(given)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_root_at_a_split_folder_points_to_its_parent(split, tmp_path):
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    given = tree / split
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"missing folder {given / 'train'}; expected {given} to hold train/ and val/ -- "
+            f"{given} is itself a split folder: pass its parent {tree}")):
+        index_imagenet(given)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"hold train/ and val/ -- {given / 'n00000000'} is a class folder of the split "
+            f"folder {given}: pass {tree}")):
+        index_imagenet(given / "n00000000")
+
+
+def test_train_of_unextracted_class_archives_is_refused(tmp_path):
+    """ILSVRC2012_img_train.tar extracted one level leaves one .tar per class in train/."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    expected = index_imagenet(tree)
+    train = tree / "train"
+    for folder in sorted(train.iterdir()):
+        with tarfile.open(folder.with_suffix(".tar"), "w") as tar:
+            for f in sorted(folder.iterdir()):
+                tar.add(f, arcname=f.name)
+    (train / "n00000000.tar").rename(train / "n00000000.TAR")
+    extracted = {f: f.read_bytes() for f in train.rglob("*.JPEG")}
+    for folder in [f for f in train.iterdir() if f.is_dir()]:
+        shutil.rmtree(folder)
+    message = (f"{train} holds 3 .tar archives not extracted into class folders (n00000000.TAR, "
+               "n00000001.tar, n00000002.tar); expected train/<class>/<images> -- extract each "
+               "archive into a folder of its name (ILSVRC2012_img_train.tar holds one per class)")
+    for call in (index_imagenet, lambda r: index_split(r, "train")):
+        with pytest.raises(ImageNetFormatError, match=re.escape(message)):
+            call(tree)
+    # half done: the archives left are named; an extracted one kept beside its folder is fine
+    for f, data in extracted.items():
+        if f.parent.name == "n00000000":
+            f.parent.mkdir(exist_ok=True)
+            f.write_bytes(data)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{train} holds 2 .tar archives not extracted into class folders (n00000001.tar, "
+            "n00000002.tar)")):
+        index_imagenet(tree)
+    for f, data in extracted.items():
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(data)
+    (train / "ILSVRC2012_img_train.tar").write_bytes(b"")  # the download itself, kept
+    assert index_imagenet(tree) == expected
+    # a flat val with its archive kept among the images is not a tree of class archives
+    flat = write_imagenet_tree(tmp_path / "flat", layout="torchvision_flat_val", sizes=SMALL)
+    expected = index_imagenet(flat)
+    (flat / "val" / "val_images.tar").write_bytes(b"")
+    assert index_imagenet(flat) == expected
+
+
+def test_non_utf8_names_are_ordered_as_torchvision_orders_them(tmp_path):
+    """torchvision sorts str names (os.fsdecode: undecodable bytes become surrogates
+    U+DC80..U+DCFF), which orders them after most non-ASCII text, unlike their bytes."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    names = [b"x\x80", "x\u4e2d".encode(), b"x\xe9t\xe9", "x\u00e9".encode()]
+    assert sorted(names) != sorted(names, key=os.fsdecode)  # the case that differs
+    image = next((tree / "train" / "n00000000").iterdir()).read_bytes()
+    for split in SPLITS:
+        for name in names:
+            folder = os.path.join(os.fsencode(tree / split), name)
+            os.mkdir(folder)
+            for file_name in (b"a\x80.JPEG", "a\u4e2d.JPEG".encode(), b"a.JPEG"):
+                with open(os.path.join(folder, file_name), "wb") as fh:
+                    fh.write(image)
+        sub = os.path.join(os.fsencode(tree / split), names[0], b"sub\x80")
+        os.mkdir(sub)
+        for file_name in (b"z.JPEG", "\u4e2d.JPEG".encode()):
+            with open(os.path.join(sub, file_name), "wb") as fh:
+                fh.write(image)
+        os.mkdir(os.path.join(os.fsencode(tree / split), names[0], "sub\u4e2d".encode()))
+        with open(os.path.join(os.fsencode(tree / split), names[0], "sub\u4e2d".encode(),
+                               b"b.JPEG"), "wb") as fh:
+            fh.write(image)
+    for split, index in zip(SPLITS, index_imagenet(tree)):
+        ds = torchvision.datasets.ImageFolder(str(tree / split))
+        assert dict(zip(index.classes, range(len(index.classes)))) == ds.class_to_idx
+        assert [(index.path(i), index.target(i)) for i in range(len(index))] == ds.samples
