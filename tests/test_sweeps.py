@@ -744,3 +744,19 @@ def test_a_path_not_in_utf8_is_refused_and_a_utf8_link_to_it_works(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"data: ImageNet folder {link} at 224 px" in proc.stdout
+
+
+def test_a_symlinked_kaggle_cls_loc_is_planned_from_the_path_given(tmp_path):
+    """Kaggle's CLS-LOC moved to fast storage and linked back beside its LOC_*.csv files: the
+    plan keeps the link (the CSV three folders above it labels the flat val), as the library
+    does. It used to resolve the link and refuse a 'flat val without a devkit'."""
+    from test_imagenet import _kaggle_tree
+
+    _, root = _kaggle_tree(tmp_path)
+    fast = tmp_path / "fast" / "CLS-LOC"
+    fast.parent.mkdir()
+    root.rename(fast)
+    root.symlink_to(fast)
+    plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(root),
+                           "--set", "val_folds=2"))
+    assert plan.data["gabor_conv1"].imagenet_root == str(root)
