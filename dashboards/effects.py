@@ -270,9 +270,13 @@ def summary_lines(effects: Mapping[str, Mapping]) -> list[str]:
             if e.get("drop") is None:
                 continue
             verb = "suppressing" if side == "min" else "promoting"
-            what = "costs" if e["drop"] >= 0 else "gains"
-            ci = "" if e.get("low") is None else f" (95 % CI {e['low']:.1f} to {e['high']:.1f})"
-            parts.append(f"{verb} alignment {what} {abs(e['drop']):.1f} {unit}{ci}")
+            # A gain is the negated drop, and so is its interval (bounds swapped): the
+            # interval always brackets the number printed beside it.
+            sign, what = (1, "costs") if e["drop"] >= 0 else (-1, "gains")
+            ci = "" if e.get("low") is None else (
+                f" (95 % CI {min(sign * e['low'], sign * e['high']):.1f} to "
+                f"{max(sign * e['low'], sign * e['high']):.1f})")
+            parts.append(f"{verb} alignment {what} {sign * e['drop']:.1f} {unit}{ci}")
         if parts:
             lines.append(f"{cond}: " + "; ".join(parts))
         versus = entry.get("versus_control") or {}

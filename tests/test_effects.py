@@ -170,3 +170,16 @@ def test_no_baseline_no_drop():
     results, preds = _sweep({("c", "min", 0.8, 0): 0.5, ("c", "max", 0.8, 0): 1.0})
     out = direction_effects(results, preds.get, n_boot=100)["c"]
     assert out["min"]["drop"] is None and "no finished baseline" in out["message"]
+
+
+def test_console_lines_bracket_the_number_they_print():
+    """A gain is printed as a positive number: its interval is the drop's, negated (it used to
+    be printed unnegated, so 'gains 7.4 (95 % CI -14.4 to -1.7)' excluded its own point)."""
+    from dashboards.effects import summary_lines
+
+    effects = {"c": {"performance_metric": "map",
+                     "min": {"drop": 0.5, "low": -0.25, "high": 1.25},
+                     "max": {"drop": -7.4, "low": -14.4, "high": -1.7}}}
+    (line,) = summary_lines(effects)
+    assert line == ("c: suppressing alignment costs 0.5 mAP points (95 % CI -0.2 to 1.2); "
+                    "promoting alignment gains 7.4 mAP points (95 % CI 1.7 to 14.4)")
