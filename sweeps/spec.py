@@ -432,8 +432,11 @@ class Sweep:
 # Command-line overrides and selection
 
 # Keys a --set override may not change: they define the grid point or the condition (a trial's
-# identity), or follow from its resources (threads: use --cpus-per-trial).
-OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads")
+# identity), follow from its resources (threads: use --cpus-per-trial), or tell a condition from
+# its negative control (reference_shuffle: one value for every trial would turn the control
+# into a copy of the condition, or the condition into a control).
+OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads",
+                      "reference_shuffle")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -451,6 +454,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set {text!r}; accepted: KEY=VALUE, e.g. --set epochs=1")
     if key in OVERRIDE_FORBIDDEN:
         how = ("follows --cpus-per-trial" if key == "threads"
+               else "is set by the sweep file (its [control] section runs the shuffled "
+                    "negative control)" if key == "reference_shuffle"
                else "is set by the sweep's grid and condition")
         raise ValueError(f"--set {key}: {key} {how}; accepted keys: {', '.join(accepted)}")
     if key not in accepted:
@@ -459,12 +464,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if not raw.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"--set {text!r}: {raw!r} is not a value; accepted: a number, "
-                             f"true/false or a word") from None
-        value = raw
+        try:  # numbers TOML refuses but Python and shells write: .001, 1., 5E-4
+            value = float(raw)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            if not raw.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"--set {text!r}: {raw!r} is not a value; accepted: a number, "
+                                 f"true/false or a word") from None
+            value = raw
     if isinstance(value, (dict, list)):
         raise ValueError(f"--set {text!r}; accepted: a single number, true/false or a word")
+    default = next(f.default for f in dataclasses.fields(TrialConfig) if f.name == key)
+    if (isinstance(value, float) and value.is_integer() and isinstance(default, int)
+            and not isinstance(default, bool)):
+        value = int(value)  # epochs=1.0 is epochs=1: recorded, and compared on --resume, alike
     return key, value
 
 

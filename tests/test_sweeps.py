@@ -399,6 +399,27 @@ def test_set_and_only_apply_to_the_plan():
         make_plan(parse("paper", "--data", "paper", "--only", "nsd_*"))
 
 
+def test_set_reads_numbers_as_written_and_records_integers_alike():
+    """.001 (refused by TOML) is a number; epochs=1.0 is epochs=1, so a --resume with
+    --set epochs=1 is the same override."""
+    plan = make_plan(parse("nsd_conv1_v1", "--set", "lr=.001", "--set", "epochs=1.0",
+                           "--set", "val_images=5E1"))
+    assert plan.overrides == {"lr": 0.001, "epochs": 1, "val_images": 50}
+    assert type(plan.overrides["epochs"]) is int
+    assert {(t.config["lr"], t.config["epochs"]) for t in plan.trials} == {(0.001, 1)}
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_set_cannot_change_which_trials_are_the_negative_control(value):
+    """One reference_shuffle for every trial made the control a copy of the condition (false)
+    or the condition a control (true), and the report still called them condition and
+    control."""
+    with pytest.raises(UsageError, match=re.escape(
+            "--set reference_shuffle: reference_shuffle is set by the sweep file (its [control] "
+            "section runs the shuffled negative control); accepted keys: ")):
+        make_plan(parse("nsd_conv1_v1", "--set", f"reference_shuffle={value}"))
+
+
 def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):
     """The dry run indexes the tree the way the trials will read it: one line naming the path
     and what was expected, before anything starts."""
