@@ -448,6 +448,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
                        else ({}, asked or (1,)))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
+    controlled = sorted(c.control_of or c.name for c in sweep.conditions
+                        if c.control_of is not None and (c.name in chosen
+                                                         or c.control_of in chosen))
+    if "reference_shuffle" in overrides and controlled:
+        # one value for every trial would train the control against the real reference
+        # (false) or shuffle the condition (true), and both would still be reported as such
+        raise UsageError(f"--set reference_shuffle with {controlled[0]}, whose sweep file runs "
+                         f"its shuffled negative control ([control]); accepted: --set "
+                         f"reference_shuffle with a sweep that has no [control] (the control "
+                         f"here runs as {controlled[0]}_shuffled)")
     weights = _weights(getattr(args, "weights", None), conditions)
     check_pretrained_weights(conditions, weights, scale)
     resources = _resources(conditions, scale, cpus, gpus)

@@ -432,11 +432,9 @@ class Sweep:
 # Command-line overrides and selection
 
 # Keys a --set override may not change: they define the grid point or the condition (a trial's
-# identity), follow from its resources (threads: use --cpus-per-trial), or tell a condition from
-# its negative control (reference_shuffle: one value for every trial would turn the control
-# into a copy of the condition, or the condition into a control).
-OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads",
-                      "reference_shuffle")
+# identity), or follow from its resources (threads: use --cpus-per-trial). reference_shuffle is
+# refused by the plan where the sweep file has a [control] (it tells the two apart).
+OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -454,8 +452,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set {text!r}; accepted: KEY=VALUE, e.g. --set epochs=1")
     if key in OVERRIDE_FORBIDDEN:
         how = ("follows --cpus-per-trial" if key == "threads"
-               else "is set by the sweep file (its [control] section runs the shuffled "
-                    "negative control)" if key == "reference_shuffle"
                else "is set by the sweep's grid and condition")
         raise ValueError(f"--set {key}: {key} {how}; accepted keys: {', '.join(accepted)}")
     if key not in accepted:

@@ -414,10 +414,16 @@ def test_set_cannot_change_which_trials_are_the_negative_control(value):
     """One reference_shuffle for every trial made the control a copy of the condition (false)
     or the condition a control (true), and the report still called them condition and
     control."""
-    with pytest.raises(UsageError, match=re.escape(
-            "--set reference_shuffle: reference_shuffle is set by the sweep file (its [control] "
-            "section runs the shuffled negative control); accepted keys: ")):
-        make_plan(parse("nsd_conv1_v1", "--set", f"reference_shuffle={value}"))
+    match = re.escape("--set reference_shuffle with nsd_conv1_v1, whose sweep file runs its "
+                      "shuffled negative control ([control]); accepted: --set reference_shuffle "
+                      "with a sweep that has no [control] (the control here runs as "
+                      "nsd_conv1_v1_shuffled)")
+    for only in ([], ["--only", "nsd_conv1_v1_shuffled-*"], ["--only", "nsd_conv1_v1-*"]):
+        with pytest.raises(UsageError, match=match):
+            make_plan(parse("nsd_conv1_v1", *only, "--set", f"reference_shuffle={value}"))
+    # a sweep without a control may be run shuffled as a whole (README: negative control)
+    plan = make_plan(parse("gabor_conv1", "--set", f"reference_shuffle={value}"))
+    assert {t.config["reference_shuffle"] for t in plan.trials} == {value == "true"}
 
 
 def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):
