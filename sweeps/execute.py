@@ -50,7 +50,9 @@ from sweeps.plan import (
     Plan,
     UsageError,
     _object_store_bytes,
+    check_fingerprint,
     check_services,
+    fingerprint,
     flush_seconds,
     weights_spec,
 )
@@ -324,14 +326,14 @@ def _run_dir(plan: Plan) -> Path:
     """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten;
     two in one second get ``-2``, ``-3``: the driver lock serialises them); ``--resume``
     continues the latest one, recorded in ``<storage>/<experiment>.latest``, after checking
-    that it was started by the same sweep (``_check_fingerprint``)."""
+    that it was started by the same sweep (``check_fingerprint``)."""
     storage = Path(plan.storage)
     pointer = storage / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
     if plan.resume:
         if not pointer.is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
         run_dir = Path(pointer.read_text().strip())
-        _check_fingerprint(plan, run_dir)
+        check_fingerprint(plan, run_dir)
         return run_dir
     storage.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -343,41 +345,6 @@ def _run_dir(plan: Plan) -> Path:
     atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
     atomic_write_text(pointer, str(run_dir))
     return run_dir
-
-
-def fingerprint(plan: Plan) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues: the sweep files' content,
-    seeds, scale, overrides, selection, search, and the tracking store (as a hash: the URI
-    may hold a password)."""
-    files = sorted({plan.spec.path, *(c.path for c in plan.spec.conditions)})
-    return {
-        "sweep": plan.sweep,
-        "sweep_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
-        "scale": plan.scale, "smoke": plan.smoke, "seeds": plan.seeds,
-        "data": plan.data_kind, "overrides": {k: repr(v) for k, v in plan.overrides.items()},
-        "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
-        "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
-        **({"weights": plan.weights} if plan.weights is not None else {}),
-    }
-
-
-def _check_fingerprint(plan: Plan, run_dir: Path) -> None:
-    path = run_dir / FINGERPRINT_FILE
-    if not path.is_file():  # a run started before fingerprints existed: nothing to check
-        return
-    was, now = json.loads(path.read_text()), fingerprint(plan)
-    names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
-             "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
-             "data": "--data", "smoke": "--smoke-test", "search": "--search",
-             "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
-             "weights": "--weights"}
-    for key, label in names.items():
-        if was.get(key) != now.get(key):
-            show = (lambda v: "(hidden)") if key == "tracking_uri_sha256" else repr
-            raise UsageError(f"--resume: {run_dir.name} was started with a different {label} "
-                             f"({show(was.get(key))}, now {show(now.get(key))}); accepted: "
-                             f"the same sweep file, seeds, overrides, selection and tracking "
-                             f"URI, or a new run without --resume")
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ one-line message naming the bad value and what is accepted; ``sweeps/run.py`` pr
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import re
@@ -21,9 +23,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from records import RESUME_POINTER_SUFFIX, experiment_name
+from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
 from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import redact, tracking_uri
 from references.cache import ENV_VAR as CACHE_ENV
@@ -479,7 +482,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _check_imagenet_splits(trials, data)
     experiment, line = _experiment(args, scale, trials, conditions, data)
     _check_resume(args.resume, storage, experiment)
-    return Plan(
+    plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
         data=data, data_description=line, trials=tuple(trials), resources=resources,
@@ -487,6 +490,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
         experiment=experiment, overrides=overrides, only=only, n_grid=n_grid, weights=weights,
     )
+    _check_resumed_run(plan)
+    return plan
 
 
 def _check_sweep_name(name: str | None, known: list[str]) -> None:
@@ -667,6 +672,57 @@ def _check_resume(resume: bool, storage: str, experiment: str) -> None:
         raise UsageError(f"--resume: nothing to resume, no earlier run of {experiment} under "
                          f"{storage} (no {pointer.name}; run without --resume first, or give "
                          f"the --storage it used)")
+
+
+def _check_resumed_run(plan: Plan) -> None:
+    """The run --resume would continue was started as this plan would start it."""
+    if plan.resume:
+        pointer = Path(plan.storage) / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
+        check_fingerprint(plan, Path(pointer.read_text().strip()))
+
+
+def fingerprint(plan: Plan) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the sweep files' content,
+    seeds, scale, overrides, selection, search, and the tracking store (as a hash: the URI
+    may hold a password)."""
+    files = sorted({plan.spec.path, *(c.path for c in plan.spec.conditions)})
+    return {
+        "sweep": plan.sweep,
+        "sweep_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+        "scale": plan.scale, "smoke": plan.smoke, "seeds": plan.seeds,
+        "data": plan.data_kind, "overrides": {k: repr(v) for k, v in plan.overrides.items()},
+        "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
+        "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
+        **({"weights": plan.weights} if plan.weights is not None else {}),
+    }
+
+
+def check_fingerprint(plan: Plan, run_dir: Path) -> None:
+    """--resume continues ``run_dir`` only with what started it (``fingerprint``); the dry run
+    and the run both ask, so a refused resume is never reported as fine by --dry-run."""
+    path = run_dir / FINGERPRINT_FILE
+    if not path.is_file():  # a run started before fingerprints existed: nothing to check
+        return
+    was, now = json.loads(path.read_text()), fingerprint(plan)
+    names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
+             "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
+             "data": "--data", "smoke": "--smoke-test", "search": "--search",
+             "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
+             "weights": "--weights"}
+    for key, label in names.items():
+        if was.get(key) != now.get(key):
+            before, after = repr(was.get(key)), repr(now.get(key))
+            if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it
+                parent = run_dir / PARENT_FILE  # redacted, as the console does
+                try:
+                    before = json.loads(parent.read_text())["mlflow_uri"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    before = "(not recorded)"
+                after = redact(plan.mlflow_uri)
+            raise UsageError(f"--resume: {run_dir.name} was started with a different {label} "
+                             f"({before}, now {after}); accepted: "
+                             f"the same sweep file, seeds, overrides, selection and tracking "
+                             f"URI, or a new run without --resume")
 
 
 # --------------------------------------------------------------------------------------------

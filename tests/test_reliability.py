@@ -221,16 +221,22 @@ def test_resume_refuses_a_run_started_with_other_settings(tmp_path):
     tracking store: anything else is one line naming what differs."""
     first = run_cli(*_smoke(tmp=tmp_path), cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    for extra, what in ((["--seeds", "2"], "--seeds"),
-                        (["--set", "epochs=2"], "--set overrides")):
-        proc = run_cli(*_smoke("--resume", *extra, tmp=tmp_path), cwd=tmp_path)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert f"was started with a different {what}" in proc.stderr
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    proc = run_cli(SWEEP, "--smoke-test", "--resume", "--mlflow-uri", other, "--storage",
-                   str(tmp_path / "ray"), cwd=tmp_path)
-    assert proc.returncode == 2 and "different tracking URI" in proc.stderr, proc.stderr
-    assert not (tmp_path / "other.db").exists()
+    for dry in ([], ["--dry-run"]):  # the dry run refuses what the run would refuse
+        for extra, what in ((["--seeds", "2"], "--seeds"),
+                            (["--set", "epochs=2"], "--set overrides")):
+            proc = run_cli(*_smoke("--resume", *extra, *dry, tmp=tmp_path), cwd=tmp_path)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert f"was started with a different {what}" in proc.stderr
+        other = f"sqlite:///{tmp_path / 'other.db'}"
+        proc = run_cli(SWEEP, "--smoke-test", "--resume", "--mlflow-uri", other, "--storage",
+                       str(tmp_path / "ray"), *dry, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        # both stores named (redacted), not hidden: the user must see which one to pass
+        assert (f"different tracking URI (--mlflow-uri) (sqlite:///{tmp_path / 'mlflow.db'}, "
+                f"now {other})") in proc.stderr, proc.stderr
+        assert not (tmp_path / "other.db").exists()
+    proc = run_cli(*_smoke("--resume", "--dry-run", tmp=tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path):
