@@ -48,6 +48,7 @@ from records import (
     read_manifest,
 )
 from records.stores import sqlite_path, sqlite_store_problem
+from records.uris import redact, tracking_unreachable
 
 __all__ = [
     "SourceError",
@@ -216,6 +217,10 @@ def mlflow_client(uri: str):
 
     if uri.split(":", 1)[0].split("+", 1)[0].lower() == "sqlite":
         _check_sqlite_store(uri)
+    why = tracking_unreachable(uri)  # MLflow's client would retry for minutes
+    if why is not None:
+        raise SourceError(f"--mlflow-uri {redact(uri)}: tracking server unreachable ({why}); "
+                          f"start it, or name a store that answers ({_STORE_ACCEPTED})")
     return MlflowClient(uri)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_uri"]
+__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_unreachable", "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
 _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
@@ -53,6 +56,11 @@ def tracking_uri(value: str | None) -> str:
     if scheme == "sqlite":
         if not value.startswith("sqlite:///") or value == "sqlite:///":
             raise bad("a SQLite URI is sqlite:/// followed by a file path")
+        if value[len("sqlite:///"):] == ":memory:":
+            raise bad("an in-memory store keeps nothing once the driver ends, and trials in "
+                      "other processes cannot reach it")
+        if "?" in value:
+            raise bad("query parameters are not supported in a SQLite URI")
         db = Path(value[len("sqlite:///"):]).expanduser()
         db = db if db.is_absolute() else Path.cwd() / db
         if not db.parent.is_dir():
@@ -75,9 +83,65 @@ def tracking_uri(value: str | None) -> str:
     if dialect in ("postgresql", "mysql", "mssql"):
         if not parts.hostname:
             raise bad("no host")
+        missing = _missing_db_driver(value)
+        if missing:
+            raise bad(f"its database driver is not installed (no module {missing!r}); install "
+                      f"it in this environment (and on every Ray node), e.g. pip install "
+                      f"{_DRIVER_PACKAGES.get(missing, missing)}")
         return value
     if scheme == "databricks":
         return value
     if not scheme or len(scheme) == 1:  # a bare path, or a Windows drive letter
         raise bad("a bare path is not a tracking URI (write sqlite:///PATH.db)")
     raise bad(f"unsupported scheme {parts.scheme!r}")
+
+
+# SQLAlchemy's default DBAPI module per dialect -> the pip package that provides it
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary",
+                    "MySQLdb": "mysqlclient", "pymysql": "pymysql", "pyodbc": "pyodbc",
+                    "pymssql": "pymssql"}
+
+
+def _missing_db_driver(uri: str) -> str | None:
+    """The DBAPI module SQLAlchemy would import for ``uri`` when it is not installed (MLflow
+    would fail on the run's first write, after Ray had started and the data was prepared)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri).get_dialect().import_dbapi()
+    except ModuleNotFoundError as exc:
+        return exc.name or str(exc)
+    except Exception:  # an unknown driver name etc.: SQLAlchemy's own error, left to MLflow
+        return None
+    return None
+
+
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def tracking_unreachable(uri: str, *, timeout: float = 5.0) -> str | None:
+    """Why the tracking store at ``uri`` does not answer, or None: an http(s) server is asked
+    for ``/health`` (no credentials needed: MLflow's basic-auth app leaves it open), a database
+    server for a TCP connection; SQLite files and other stores are not contacted."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    dialect = scheme.split("+", 1)[0]
+    if scheme in ("http", "https"):
+        url = f"{scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
+              f"{parts.path.rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return None if response.status == 200 else f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return str(getattr(reason, "strerror", None) or reason)
+    if dialect in _DB_PORTS and parts.hostname:
+        try:
+            with socket.create_connection((parts.hostname, parts.port or _DB_PORTS[dialect]),
+                                          timeout=timeout):
+                return None
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None

@@ -19,8 +19,6 @@ import math
 import os
 import re
 import socket
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from urllib.parse import urlsplit
 
 from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
 from records.stores import sqlite_path, sqlite_store_problem
-from records.uris import redact, tracking_uri
+from records.uris import redact, tracking_unreachable, tracking_uri
 from references.cache import ENV_VAR as CACHE_ENV
 from sweeps.spec import (
     PAPER_DATA,
@@ -731,8 +729,9 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
 
 def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
     """Ask the services named on the command line whether they answer: the Ray head's GCS
-    port (TCP connect) and an http(s) MLflow server (GET /health). Local Ray, "auto" (Ray
-    resolves it itself) and non-HTTP tracking stores are not contacted."""
+    port (TCP connect), an http(s) MLflow server (GET /health) and a database tracking store's
+    server (TCP connect; ``records.uris.tracking_unreachable``). Local Ray, "auto" (Ray
+    resolves it itself) and SQLite files are not contacted."""
     if plan.address is not None and plan.address != "auto":
         hostport = plan.address.removeprefix("ray://")
         host, port = _host_port("--address", plan.address, hostport, _ADDRESS_ACCEPTED)
@@ -744,21 +743,9 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
                              f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
                              f"--head --port {port}` or omit --address to start a local Ray"
                              ) from None
-    parts = urlsplit(plan.mlflow_uri)
-    if parts.scheme in ("http", "https"):
-        # /health needs no credentials (MLflow's basic-auth app leaves it open): drop them.
-        url = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}" \
-              f"{parts.path.rstrip('/')}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                ok = response.status == 200
-            why = "" if ok else f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            ok, why = False, f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            ok, why = False, str(getattr(reason, "strerror", None) or reason)
-        if not ok:
-            raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: tracking server unreachable "
-                             f"({why}); start it (mlflow server --port 5000) or omit "
-                             f"--mlflow-uri for the local SQLite store")
+    why = tracking_unreachable(plan.mlflow_uri, timeout=timeout)
+    if why is not None:
+        how = ("start it (mlflow server --port 5000)" if plan.mlflow_uri.startswith("http")
+               else "start the database server")
+        raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: tracking server unreachable "
+                         f"({why}); {how} or omit --mlflow-uri for the local SQLite store")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -992,3 +993,21 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr == (
         "error: --parent-run 'zz!!': not an MLflow run id; accepted: a run id, letters and "
         "digits (the driver prints its parent run's)\n"), proc.stderr
+
+
+def test_a_tracking_server_that_is_down_is_one_line_at_once(tmp_path):
+    """MLflow's client retried a refused connection for about four minutes, then exit 1 with
+    a traceback file. Now /health is asked first, as the driver does: one line, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--mlflow-uri",
+         f"http://u:secret@127.0.0.1:{port}", "--no-log"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: --mlflow-uri http://u:***@127.0.0.1:{port}: tracking "
+                                  f"server unreachable (Connection refused); start it")
+    assert proc.stderr.count("\n") == 1 and "secret" not in proc.stderr
+    assert time.monotonic() - t0 < 60

@@ -787,3 +787,25 @@ def test_a_symlinked_kaggle_cls_loc_is_planned_from_the_path_given(tmp_path):
     plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(root),
                            "--set", "val_folds=2"))
     assert plan.data["gabor_conv1"].imagenet_root == str(root)
+
+
+def test_database_tracking_stores_are_checked_before_anything_starts():
+    """A postgresql:// store passed the plan, then failed on its missing driver after Ray had
+    started and the data was prepared. Refused by the plan; a database that does not answer
+    is refused by the service check (TCP connect to its port)."""
+    import importlib.util
+
+    from records.uris import tracking_unreachable
+
+    if importlib.util.find_spec("pymssql") is None:
+        with pytest.raises(UsageError, match=re.escape(
+                "--mlflow-uri 'mssql+pymssql://u:***@db.example/x': its database driver is not "
+                "installed (no module 'pymssql'); install it in this environment (and on every "
+                "Ray node), e.g. pip install pymssql")):
+            make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "mssql+pymssql://u:pw@db.example/x"))
+    port = _closed_port()
+    assert tracking_unreachable(f"postgresql://u:pw@127.0.0.1:{port}/db",
+                                timeout=2) == "Connection refused"
+    assert tracking_unreachable("sqlite:////tmp/x.db") is None
+    with pytest.raises(UsageError, match="in-memory store keeps nothing"):
+        make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "sqlite:///:memory:"))
