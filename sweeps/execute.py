@@ -567,8 +567,11 @@ class Outcome:
 def _outcome(plan: Plan, result) -> Outcome:
     cfg = result.config or {}
     metrics = result.metrics or {}
-    spec = next((t for t in plan.trials if t.trial_id == cfg.get("trial_id")), None)
-    trial_id = cfg.get("trial_id", "?")
+    # A trial that never started has no config in its result: its folder is named by its key
+    # (TrialNamer), so it is still named in the summary and the manifest.
+    folder = getattr(result, "path", None)
+    trial_id = cfg.get("trial_id") or (Path(folder).name if folder else "?")
+    spec = next((t for t in plan.trials if t.trial_id == trial_id), None)
     if "alpha_mag" in cfg and spec is not None:  # an Optuna sample: its own id
         trial_id = _optuna_trial_id(spec, float(cfg["alpha_mag"]), str(metrics.get(
             "trial_id", "?")))

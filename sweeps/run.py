@@ -175,10 +175,14 @@ def optuna_lines(plan: Plan) -> list[str]:
     out = []
     for cond in plan.spec.conditions:
         lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
-        betas = ", ".join(num(b) for b in cond.grid.betas)
+        # each side's samples train at the beta of its first grid trial (sweeps.execute.
+        # _optuna_fits): say that one, not the grid's list
+        beta = next((t.config["beta"] for t in plan.trials
+                     if t.condition == cond.name and t.direction != "none"), cond.grid.betas[0])
         res = plan.resources[cond.name]
         out.append(f"{cond.name}: {plan.num_samples} samples, alpha = +-[{num(lo)}, {num(hi)}] "
-                   f"log-uniform, beta in {{{betas}}}, cpus {num(res.cpus)}, gpus {num(res.gpus)}")
+                   f"log-uniform, beta = {num(beta)} (the grid's first), cpus {num(res.cpus)}, "
+                   f"gpus {num(res.gpus)}")
     return out
 
 

@@ -205,6 +205,13 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
                            "--search", "optuna", "--num-samples", "4", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "10 trials"  # 2 conditions x (1 + 4)
+    # the beta the samples train at, not the grid's list (it had said "beta in {1, 2, 4, 8}"
+    # for gabor_conv1, whose samples all train at 1)
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
+                           "--search", "optuna", "--num-samples", "3", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert ("gabor_conv1: 3 samples, alpha = +-[1, 8] log-uniform, beta = 1 (the grid's "
+            "first), cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
 
 
 def test_a_sweep_file_that_is_a_folder_is_one_error(tmp_path):
@@ -809,3 +816,18 @@ def test_database_tracking_stores_are_checked_before_anything_starts():
     assert tracking_unreachable("sqlite:////tmp/x.db") is None
     with pytest.raises(UsageError, match="in-memory store keeps nothing"):
         make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "sqlite:///:memory:"))
+
+
+def test_a_trial_that_never_started_is_named_by_its_folder(tmp_path):
+    """Interrupted before a trial started, Tune's result for it has no config: the summary said
+    '?'. Its folder is named by its key (TrialNamer), which names it now."""
+    from types import SimpleNamespace
+
+    from sweeps.execute import _outcome
+
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test"))
+    key = "nsd_conv1_v1-min-a0.8-b1-s0"
+    result = SimpleNamespace(config={}, metrics={}, path=str(tmp_path / key), error=None,
+                             checkpoint=None)
+    outcome = _outcome(plan, result)
+    assert (outcome.trial_id, outcome.state) == (key, "not started")
