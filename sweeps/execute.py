@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -544,7 +545,7 @@ def _execute(plan: Plan) -> int:
              + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names
                 else "")
              + f"; the parent run is KILLED and the report is partial. Continue with: python "
-               f"sweeps/run.py {plan.sweep} --resume (and the same options)")
+               f"sweeps/run.py {shlex.quote(plan.sweep)} --resume (and the same options)")
     _report(plan, parent_id)
     if unfinished:
         return 130  # the shell's code for a run ended by SIGINT
@@ -688,8 +689,8 @@ def _report(plan: Plan, parent_id: str) -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "dashboards.pareto", plan.sweep, "--parent-run", parent_id,
            "--experiment", plan.experiment]
-    retry = (f"python -m dashboards.pareto {plan.sweep} --mlflow-uri "
-             f"{redact(plan.mlflow_uri)} --parent-run {parent_id}")
+    retry = (f"python -m dashboards.pareto {shlex.quote(plan.sweep)} --mlflow-uri "
+             f"{shlex.quote(redact(plan.mlflow_uri))} --parent-run {parent_id}")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -809,4 +810,4 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
     _say(f"Ray Tune results: {where}")
     uri = redact(plan.mlflow_uri)
     _say(f"MLflow: {uri} (experiment {plan.experiment}, parent run {parent_id})")
-    _say(f"browse them: mlflow ui --backend-store-uri {uri}")
+    _say(f"browse them: mlflow ui --backend-store-uri {shlex.quote(uri)}")  # pasted as is

@@ -368,6 +368,11 @@ def _storage(value: str | None) -> str:
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise UsageError(f"--storage {value}: a file URI is file:///ABSOLUTE/PATH")
         value = parts.path
+    elif value is not None and value.lower().startswith("file:"):  # file:relative, file:/x
+        raise UsageError(f"--storage {value}: a file URI is file:///ABSOLUTE/PATH; accepted: "
+                         f"that, or a folder path")
+    if value is not None and not value.strip():  # Path("") is the working folder
+        raise UsageError(f"--storage {value!r}: an empty path; accepted: a folder path")
     path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--storage {value}: not a directory")

@@ -367,6 +367,10 @@ def test_plan_of_a_smoke_test():
     (["gabor_conv1", "--set", "image_size=32"],
      r"--set: image_size=32; accepted: an integer in 63\.\.4096 for alexnet \(its smallest"),
     (["nsd_conv1_v1", "--storage", "s3://bucket/x"], r"s3:// storage is not supported"),
+    # the working folder, and a folder literally named "file:relative", were used before
+    (["nsd_conv1_v1", "--storage", ""], r"--storage '': an empty path; accepted: a folder"),
+    (["nsd_conv1_v1", "--storage", "file:relative"],
+     r"--storage file:relative: a file URI is file:///ABSOLUTE/PATH; accepted: that, or a"),
     (["nsd_conv1_v1", "--set", "rectify=yes"], r"rectify='yes'; accepted: true or false"),
     (["nsd_conv1_v1", "--set", "epochs=1", "--set", "epochs=2"], r"--set epochs given twice"),
     (["nsd_conv1_v1", "--only", "gabor*"], r"--only 'gabor\*' matches no trial; trial ids"),
