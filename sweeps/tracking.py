@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from records import NOTE_TAG, PARENT_TAG
+from records.stores import sqlite_path
 from records.uris import redact
 
 T = TypeVar("T")
@@ -39,12 +40,19 @@ def _retry(fn: Callable[[], T], attempts: int = 5, delay: float = 0.5) -> T:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment ``name`` (restored if deleted; created if missing). A SQLite store's new
+    experiment keeps its artifacts beside the database, in ``mlruns/<name>`` of the database's
+    folder: MLflow's default, ``./mlruns/<id>`` of whichever folder the first run started in,
+    mixed the artifacts of every store used from that folder."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name)
+    db = sqlite_path(client.tracking_uri) if client.tracking_uri.startswith("sqlite:") else None
+    if db is None:
+        return client.create_experiment(name)
+    return client.create_experiment(name, artifact_location=str(db.parent / "mlruns" / name))
 
 
 #: What the MLflow UI shows a sweep's experiment as: model training, not a GenAI app (MLflow

@@ -312,3 +312,22 @@ def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
     assert line.startswith("error: FileExistsError") and "full traceback: " in line
     log = Path(line.rsplit("full traceback: ", 1)[1].rstrip(")"))
     assert log.is_file() and "Traceback (most recent call last)" in log.read_text()
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """Two stores used from one folder used to share ./mlruns/<id> of that folder (MLflow's
+    default); each store's experiments now keep theirs in mlruns/ beside the database."""
+    from sweeps import tracking
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        uri = f"sqlite:///{tmp_path / folder / 'x.db'}"
+        run_id = tracking.start_parent(uri, "exp one", {"sweep": "s"})
+        client = MlflowClient(uri)
+        client.log_text(run_id, "hello", "note.txt")
+        exp = client.get_experiment_by_name("exp one")
+        assert exp.artifact_location == str(tmp_path / folder / "mlruns" / "exp one")
+        assert (tmp_path / folder / "mlruns" / "exp one" / run_id / "artifacts" /
+                "note.txt").read_text() == "hello"
+    assert not (tmp_path / "mlruns").exists()
