@@ -171,12 +171,16 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     a background queue (``tracking.TrialRun``): an unreachable MLflow never stalls or fails the
     trial, and a failure's own error is what the trial raises."""
     import ray
+    from ray import tune
 
     from trainable.train import train
 
     # Ray's storage module logs "Checkpoint successfully created at: ..." at INFO for every
     # report (every epoch of every trial), which buries the progress table; warnings still show.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
+    if marker.is_file():  # Tune's retry of a trial whose error repeats itself: end at once
+        raise RepeatedFailure(marker.read_text().strip())
     spec = _trial_spec(config, payload)
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
@@ -194,10 +198,39 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     except BaseException as exc:
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED")
+        if isinstance(exc, _repeating_errors()):
+            atomic_write_text(marker, error_line(exc))
         raise
     finally:
         run.close(_flush_timeout())  # queued operations only: nothing here can mask `exc`
         hooks.close()
+
+
+#: In a trial's folder: the error of an attempt that would fail the same way again.
+FAILED_MARKER = "failed_for_good.txt"
+
+
+class RepeatedFailure(RuntimeError):
+    """Tune retries a failed trial (``FailureConfig(max_failures=2)``: a lost node, a killed
+    worker). A trial that diverged, or met a malformed file or missing weights, would fail the
+    same way at the same cost: its retry ends at once with this, whose message is the first
+    attempt's error (``error_line`` shows that). ``--resume`` clears the marker (the user
+    fixed the cause)."""
+
+
+def _repeating_errors() -> tuple[type[BaseException], ...]:
+    from references.imagenet import ImageNetFormatError
+    from references.nsd import NSDFormatError
+    from references.pretrained import WeightsNotFoundError
+    from trainable.train import TrialDiverged
+
+    return (TrialDiverged, ImageNetFormatError, NSDFormatError, WeightsNotFoundError)
+
+
+def _clear_failure_markers(run_dir: Path) -> None:
+    """--resume reruns errored trials: forget which errors were thought permanent."""
+    for marker in run_dir.glob(f"**/{FAILED_MARKER}"):
+        marker.unlink(missing_ok=True)
 
 
 def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
@@ -506,6 +539,7 @@ def _execute(plan: Plan) -> int:
         )
         if plan.resume and tune.Tuner.can_restore(str(run_dir)):
             _say(f"resuming {run_dir}: only unfinished trials run")
+            _clear_failure_markers(run_dir)
             tuner = tune.Tuner.restore(str(run_dir), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
             results = list(tuner.fit())
@@ -598,6 +632,8 @@ def error_line(error: BaseException) -> str:
     worker's traceback as its text, whose last line is the original ``Type: message``."""
     cause = getattr(error, "cause", None)
     inner = cause if isinstance(cause, BaseException) else error
+    if isinstance(inner, RepeatedFailure):  # its message is the first attempt's error line
+        return str(inner)[:300]
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     if len(lines) > 1 and "Traceback (most recent call last)" in str(inner):
         line = lines[-1]

@@ -331,3 +331,24 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
         assert (tmp_path / folder / "mlruns" / "exp one" / run_id / "artifacts" /
                 "note.txt").read_text() == "hello"
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
+    """Tune retries a failed trial twice (for lost nodes). A divergence repeats itself: the
+    retries now end at once with the first attempt's error, which the summary shows, and
+    the trial's MLflow run keeps it."""
+    proc = run_cli(*_smoke("--set", "lr=1000", "--only", f"{SWEEP}-none-*", tmp=tmp_path),
+                   cwd=tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    key = f"{SWEEP}-none-a0-b1-s0"
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"{key}: ")]
+    assert line.startswith(f"{key}: TrialDiverged: non-finite loss"), line
+    (folder,) = (tmp_path / "ray").glob(f"{SWEEP}-smoke_*/{key}")
+    assert (folder / "failed_for_good.txt").read_text() == line.removeprefix(f"{key}: ")
+    # the last attempt's error is the retry's, raised before training
+    assert "RepeatedFailure: TrialDiverged: non-finite loss" in (folder / "error.txt").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FAILED"
+    assert child.data.tags["error"].startswith("TrialDiverged: non-finite loss")
