@@ -148,7 +148,8 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
         if has_base:
             ax.axhline(0.0, color="#999999", lw=0.8, zorder=1)
         perf_name = _perf_name(rows)
-        ax.set_xlabel("achieved alignment (validation, linear)")
+        metrics = sorted({m for m in rows.column("metric").to_pylist() if m} or {"linear"})
+        ax.set_xlabel(f"achieved alignment (validation, {', '.join(metrics)})")
         ax.set_ylabel(f"drop from baseline ({perf_name} points; + = worse)" if has_base
                       else f"{perf_name} (no baseline: not relative)")
         stats = (statistics or {}).get(cond, {}).get("spearman") or {}

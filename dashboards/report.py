@@ -55,9 +55,8 @@ def _image(png: Path, alt: str, caption: str) -> str:
 
 
 _RESULT_COLUMNS = ("trial_id", "direction", "alpha", "beta", "seed", "status", "performance",
-                   "best_performance", "alignment", "alignment_nc", "cka", "rsa", "dead_units",
-                   "performance_change", "degradation",
-                   "front_up", "front_down")
+                   "best_performance", "alignment", "linear", "alignment_nc", "cka", "rsa",
+                   "dead_units", "performance_change", "degradation", "front_up", "front_down")
 
 
 def _results_html(results: pa.Table) -> str:

@@ -4,8 +4,8 @@
     sweep, experiment, parent_run_id, run_id, trial_id, condition, model, layer, reference,
     metric, direction ("max" | "min" | "none"), alpha (signed), beta, seed, status,
     epochs_completed, performance_metric ("top1" | "map"), performance (final validation top-1
-    or mAP), best_performance and best_epoch, alignment (final validation linear alignment),
-    alignment_nc, cka, rsa, dead_units, baseline_performance, performance_change
+    or mAP), best_performance and best_epoch, alignment (final validation alignment by the
+    trial's metric: linear by default), linear, alignment_nc, cka, rsa, dead_units, baseline_performance, performance_change
     (= performance - baseline_performance, positive = better), degradation (the paper's
     y axis: the drop from the baseline in points, 100 * (baseline_performance - performance),
     top-1 percentage points or mAP points, positive = worse), front_up, front_down
@@ -89,7 +89,10 @@ RESULTS_SCHEMA = pa.schema([
     _f("performance", pa.float64(), "final validation top-1 accuracy or mAP"),
     _f("best_performance", pa.float64(), "best validation performance over epochs"),
     _f("best_epoch", pa.int64(), "epoch of best_performance"),
-    _f("alignment", pa.float64(), "final validation linear alignment (cross-validated ridge)"),
+    _f("alignment", pa.float64(), "final validation alignment by the trial's metric (the "
+                                  "loss's; linear, the paper's cross-validated ridge, by "
+                                  "default): what the fronts use"),
+    _f("linear", pa.float64(), "final validation linear alignment (cross-validated ridge)"),
     _f("cka", pa.float64(), "final validation linear CKA"),
     _f("rsa", pa.float64(), "final validation RSA"),
     _f("alignment_nc", pa.float64(), "final model -> voxel R^2 over the voxels' noise "
@@ -215,7 +218,11 @@ def results_table(record: SweepRecord) -> pa.Table:
             "performance_metric": _performance_metric(t), "performance": performance,
             "best_performance": _num(best[1]) if best else None,
             "best_epoch": best[0] if best else None,
-            "alignment": _num(t.final("val_alignment")), "cka": _num(t.final("val_cka")),
+            "alignment": _num(t.final("val_alignment")),
+            # runs from before val_linear existed had val_alignment linear whatever the metric
+            "linear": _num(t.final("val_alignment") if math.isnan(t.final("val_linear"))
+                           else t.final("val_linear")),
+            "cka": _num(t.final("val_cka")),
             "rsa": _num(t.final("val_rsa")), "dead_units": _num(t.final("dead_units")),
             "alignment_nc": _num(t.final("val_alignment_nc")),
             "baseline_performance": baseline,

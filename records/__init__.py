@@ -80,10 +80,11 @@ JOURNAL_FILE = "tracking_journal.json"
 
 #: What every trial reports each epoch (MLflow metrics with step = epoch, Ray's result rows),
 #: besides the counter "epoch": the trainable writes these names, the post-processor reads
-#: them. val_performance is the number the fronts use (val_top1 or val_map).
+#: them. val_performance is the number the fronts use (val_top1 or val_map); val_alignment is
+#: the alignment they use: the trial's metric (the loss's), val_linear (the paper's) by default.
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
-                 "val_top5", "val_map", "val_alignment", "val_alignment_nc", "val_cka",
-                 "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
+                 "val_top5", "val_map", "val_alignment", "val_linear", "val_alignment_nc",
+                 "val_cka", "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
                  "data_wait_seconds")
 
 #: MLflow's tag holding the description the UI shows for an experiment or a run.

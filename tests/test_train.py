@@ -361,6 +361,26 @@ def test_a_silent_stimulus_leaves_rsa_undefined_not_the_trial():
     assert np.isfinite(out["val_alignment"]) and np.isfinite(out["val_cka"])
 
 
+@pytest.mark.parametrize("metric", ["linear", "cka", "rsa"])
+def test_validation_alignment_is_the_trials_own_metric(metric):
+    """A sweep whose loss pushes CKA (or RSA) is judged by it: val_alignment, which the
+    fronts, statistics and Optuna use, was linear R^2 whatever the loss. The paper's linear
+    score is val_linear, always reported beside CKA and RSA."""
+    from trainable.alignment import linear_alignment_scaled
+
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(60, 6, 2, 2, generator=g)
+    y = feats.flatten(1)[:, :10] @ torch.randn(10, 12, generator=g) \
+        + 0.5 * torch.randn(60, 12, generator=g)
+    cfg = TrialConfig(reference="nsd", metric=metric, val_folds=5, val_images=60)
+    out = validation_alignment(feats, [(torch.arange(60), y)], cfg)
+    x64, y64 = feats.double().flatten(1), y.double()
+    assert out["val_linear"] == pytest.approx(float(
+        linear_alignment_scaled(x64, y64, folds=5)), abs=1e-12)
+    assert out["val_alignment"] == out[f"val_{metric}"]
+    assert len({out["val_linear"], out["val_cka"], out["val_rsa"]}) == 3  # the test can fail
+
+
 def test_known_answer_a_model_of_the_generating_features_reaches_the_noise_ceiling():
     """Voxels = ncsnr x signal + trial noise, averaged over 3 repeats, signal a linear function
     of 10 features. A model whose layer IS those features explains what the noise allows:

@@ -498,10 +498,12 @@ def _mean_defined(values: list[float]) -> float:
 
 def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
                          ceilings: list | None = None) -> dict[str, float]:
-    """Linear alignment (cross-validated ridge, cfg.val_folds folds, penalties relative to each
-    predictor's scale), CKA and RSA between the layer and the reference on the fixed validation
-    set, in float64; averaged over groups (subjects) with enough images (CKA and RSA over the
-    groups where they are defined, else NaN: see ``_secondary``). ``dead_units``: the
+    """Linear alignment (``val_linear``: cross-validated ridge, cfg.val_folds folds, penalties
+    relative to each predictor's scale), CKA and RSA between the layer and the reference on
+    the fixed validation set, in float64; averaged over groups (subjects) with enough images
+    (CKA and RSA over the groups where they are defined, else NaN: see ``_secondary``).
+    ``val_alignment``, what the fronts, statistics and searches use, is the trial's own metric
+    (``cfg.metric``, the one its loss pushes): ``val_linear`` by default. ``dead_units``: the
     fraction of the layer's units (as the alignment sees them: rectified, pooled) that are
     constant over the whole validation set; the alignment gives them no weight
     (``trainable.alignment.linear_alignment_scaled``), this says how many there are.
@@ -511,7 +513,9 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     mean ceiling for those images, averaged over the groups that have one: the field's
     "fraction of explainable variance explained" (1 = as good as the data allow).
     """
-    out: dict[str, list[float]] = {"val_alignment": [], "val_cka": [], "val_rsa": []}
+    out: dict[str, list[float]] = {"val_linear": [], "val_cka": [], "val_rsa": []}
+    own = f"val_{cfg.metric}" if f"val_{cfg.metric}" in out else None  # else a registered one
+    own_values: list[float] = []
     normalised: list[float] = []
     ceilings = ceilings if ceilings is not None else [None] * len(groups)
     for (rows, y), nc in zip(groups, ceilings):
@@ -523,18 +527,23 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
         # RSA beside it. Each is its registry entry's validation form (trainable.alignment).
         score, x_to_y, _ = get_metric("linear").validate(x64, y64, folds=cfg.val_folds,
                                                          parts=True)
-        out["val_alignment"].append(float(score))
+        out["val_linear"].append(float(score))
         out["val_cka"].append(_secondary(get_metric("cka").validate, x64, y64))
         out["val_rsa"].append(_secondary(get_metric("rsa").validate, x64, y64))
+        if own is None:
+            own_values.append(_secondary(get_metric(cfg.metric).validate, x64, y64))
         if nc is not None and float(nc.mean()) > 0:
             normalised.append(float(x_to_y) / float(nc.mean()))
-    if not out["val_alignment"]:
+    if not out["val_linear"]:
         raise ValueError(
             f"no reference group has {2 * cfg.val_folds} validation images with responses; "
             "the validation alignment needs them (check the validation split's size, and for "
             "NSD the subjects)"
         )
     summary = {k: _mean_defined(v) for k, v in out.items()}
+    # the alignment the fronts, statistics and searches use: the trial's own metric (the one
+    # its loss pushes), the paper's linear score by default
+    summary["val_alignment"] = summary[own] if own else _mean_defined(own_values)
     if normalised:
         summary["val_alignment_nc"] = float(np.mean(normalised))
     summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
