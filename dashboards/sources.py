@@ -435,12 +435,16 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         error_file = folder / "error.txt" if present else None
         error = (error_file.read_text().strip().splitlines()[-1]
                  if error_file is not None and error_file.is_file() else None)
+        # an Optuna sample's key rounds its alpha; the manifest's config has it as trained
+        alpha = key.signed_alpha
+        if key.sample is not None:
+            alpha = _number(str(entry.config.get("alpha")), alpha)
         trials.append(Trial(
             run_id=entry.run_id or entry.key,
             trial_id=entry.key, condition=key.condition, direction=key.direction,
-            alpha=key.signed_alpha, beta=key.beta, seed=key.seed,
+            alpha=alpha, beta=key.beta, seed=key.seed,
             status=_manifest_status(entry.state, bool(history), error),
-            config=resolve_config({**entry.config, "alpha": key.signed_alpha,
+            config=resolve_config({**entry.config, "alpha": alpha,
                                    "beta": key.beta, "seed": key.seed}),
             history=history, error=error))
         folders[entry.key] = folder if present else None

@@ -597,6 +597,7 @@ class Outcome:
     checkpoint: Any
     folder: str | None = None  # the trial's Ray result folder
     error: str | None = None  # an errored trial's error, one line (``error_line``)
+    alpha: float | None = None  # an Optuna sample's signed alpha, exact (its key rounds it)
 
 
 def _outcome(plan: Plan, result) -> Outcome:
@@ -607,9 +608,11 @@ def _outcome(plan: Plan, result) -> Outcome:
     folder = getattr(result, "path", None)
     trial_id = cfg.get("trial_id") or (Path(folder).name if folder else "?")
     spec = next((t for t in plan.trials if t.trial_id == trial_id), None)
+    alpha = None
     if "alpha_mag" in cfg and spec is not None:  # an Optuna sample: its own id
         trial_id = _optuna_trial_id(spec, float(cfg["alpha_mag"]), str(metrics.get(
             "trial_id", "?")))
+        alpha = float(cfg["alpha_mag"]) * (-1.0 if spec.direction == "min" else 1.0)
     epochs = int(spec.config["epochs"]) if spec is not None else None
     last = metrics.get("epoch")
     if result.error is not None:
@@ -622,7 +625,7 @@ def _outcome(plan: Plan, result) -> Outcome:
         state = f"stopped at epoch {int(last) + 1} of {epochs}"
     return Outcome(trial_id, state, dict(metrics), result.checkpoint,
                    getattr(result, "path", None),
-                   error_line(result.error) if result.error is not None else None)
+                   error_line(result.error) if result.error is not None else None, alpha)
 
 
 def error_line(error: BaseException) -> str:
@@ -686,7 +689,7 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
              and t.direction == key.direction), None)
         config = dict(base.config) if base is not None else {}
         if base is not None and key.sample is not None:
-            config["alpha"] = key.signed_alpha
+            config["alpha"] = o.alpha if o.alpha is not None else key.signed_alpha
         folder = (os.path.relpath(o.folder, run_dir.parent) if o.folder else None)
         entries[o.trial_id] = ManifestEntry(o.trial_id, o.state, folder,
                                             run_ids.get(o.trial_id), config)

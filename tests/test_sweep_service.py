@@ -101,6 +101,9 @@ def test_optuna_search_samples_both_directions_and_the_baseline(tmp_path):
     assert sorted(r["trial_id"] for r in rows) == sorted(
         r.data.tags["trial_id"] for r in children)
     assert all(r["status"] == "FINISHED" for r in rows)
+    # the manifest keeps each sample's alpha as trained, not its key's 4 significant digits
+    trained = {r.data.tags["trial_id"]: float(r.data.params["alpha"]) for r in children}
+    assert {r["trial_id"]: r["alpha"] for r in rows} == trained
     # Tune's progress table and result folders are named by the trials' keys
     for r in children:
         assert r.data.tags["trial_id"] in proc.stdout
