@@ -504,16 +504,25 @@ def apply_overrides(trials: Sequence[TrialSpec], overrides: Mapping[str, Any]) -
 def select_trials(trials: Sequence[TrialSpec], patterns: Sequence[str]) -> list[TrialSpec]:
     """The trials whose id matches any of the shell-style ``patterns`` (``fnmatch``: ``*``,
     ``?``, ``[...]``), in their order; all of them when ``patterns`` is empty. A pattern that
-    matches nothing is an error that shows some ids."""
+    matches nothing as written but does with its ``[`` read literally (a sweep named
+    ``a[1]``) is read so; one that matches nothing either way is an error that shows some
+    ids."""
     if not patterns:
         return list(trials)
+    chosen = []
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(t.trial_id, pattern) for t in trials):
-            ids = [t.trial_id for t in trials]
-            more = f", ... ({len(ids)} in all)" if len(ids) > 4 else ""
-            raise ValueError(f"--only {pattern!r} matches no trial; trial ids look like "
-                             f"{', '.join(ids[:4])}{more} (see --dry-run)")
-    return [t for t in trials if any(fnmatch.fnmatchcase(t.trial_id, p) for p in patterns)]
+            # A sweep named with brackets (a[1].toml): '[' read literally, as the user meant
+            literal = pattern.replace("[", "[[]")
+            if "[" in pattern and any(fnmatch.fnmatchcase(t.trial_id, literal) for t in trials):
+                pattern = literal
+            else:
+                ids = [t.trial_id for t in trials]
+                more = f", ... ({len(ids)} in all)" if len(ids) > 4 else ""
+                raise ValueError(f"--only {pattern!r} matches no trial; trial ids look like "
+                                 f"{', '.join(ids[:4])}{more} (see --dry-run)")
+        chosen.append(pattern)
+    return [t for t in trials if any(fnmatch.fnmatchcase(t.trial_id, p) for p in chosen)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -835,3 +835,19 @@ def test_a_trial_that_never_started_is_named_by_its_folder(tmp_path):
                              checkpoint=None)
     outcome = _outcome(plan, result)
     assert (outcome.trial_id, outcome.state) == (key, "not started")
+
+
+def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
+    """A lab's sweep file a[1].toml: --only 'a[1]-none-*' read [1] as a character class and
+    matched nothing; it is read literally when that is what matches. A class still works
+    where it matches, and a pattern matching nothing either way is still refused."""
+    shutil.copy(SWEEP_DIR / "gabor_conv1.toml", tmp_path / "a[1].toml")
+    argv = ("a[1]", "--sweep-dir", str(tmp_path))
+    plan = make_plan(parse(*argv, "--only", "a[1]-none-*"))
+    assert [t.trial_id for t in plan.trials] == ["a[1]-none-a0-b1-s0"]
+    plan = make_plan(parse(*argv, "--only", "a[1]-m??-a8-b1-*"))
+    assert sorted(t.trial_id for t in plan.trials) == ["a[1]-max-a8-b1-s0", "a[1]-min-a8-b1-s0"]
+    plan = make_plan(parse("gabor_conv1", "--only", "gabor_conv1-m[a]x-a8-b1-*"))  # a class
+    assert [t.trial_id for t in plan.trials] == ["gabor_conv1-max-a8-b1-s0"]
+    with pytest.raises(UsageError, match=r"--only 'a\[2\]-\*' matches no trial"):
+        make_plan(parse(*argv, "--only", "a[2]-*"))
