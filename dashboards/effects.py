@@ -109,14 +109,15 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
                       controls: Mapping[str, str] | None = None, n_boot: int = N_BOOT,
                       seed: int = 0) -> dict[str, dict]:
     """Per condition of ``results`` (``dashboards.tables.RESULTS_SCHEMA``), over its FINISHED
-    trials: each side's drop and alignment change against the baseline, with the paired
+    trials with a final performance (a NaN last epoch has none): each side's drop and alignment change against the baseline, with the paired
     bootstrap interval (module docstring).
 
     load : trial_id -> its Predictions, or None when the trial has no per-image outcome (the
     condition then gets point values without an interval, and a message).
     controls : condition -> its negative control's condition (``versus_control``).
     """
-    rows = [r for r in results.to_pylist() if r["status"] == "FINISHED"]
+    rows = [r for r in results.to_pylist()
+            if r["status"] == "FINISHED" and r["performance"] is not None]
     by_cond: dict[str, list[dict]] = {}
     for r in rows:
         by_cond.setdefault(r["condition"], []).append(r)

@@ -85,6 +85,9 @@ def front_masks(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     perf = _floats(table, "performance_mean" if means else "performance")
     align = _floats(table, "alignment_mean" if means else "alignment")
     ok = np.array([s == FINISHED for s in table.column("status").to_pylist()], dtype=bool)
+    if means:  # a row is flagged only if it is itself one of the trials its point averages
+        ok &= np.isfinite(_floats(table, "performance")) & np.isfinite(
+            _floats(table, "alignment"))
     perf = np.where(ok, perf, np.nan)
     conditions = np.array(table.column("condition").to_pylist(), dtype=object)
     up = np.zeros(table.num_rows, dtype=bool)

@@ -55,7 +55,7 @@ from dashboards.sources import (
 )
 from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
 from records.uris import redact, tracking_uri
-from references.cache import atomic_write_text
+from references.cache import atomic_write_text, unwritable
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
 
@@ -97,9 +97,10 @@ def diagnose(record: SweepRecord, results: pa.Table) -> list[str]:
                          f"no front beyond one point")
         elif len(directions) == 1:
             other = "min" if directions[0] == "max" else "max"
+            has_base = any(r["direction"] == "none" for r in done)
             notes.append(f"condition {cond}: finished trials in one direction only "
                          f"({directions[0]}); no {other} trial, so that side of the front has "
-                         f"only the baseline")
+                         + ("only the baseline" if has_base else "no point"))
         if len(done) == 1:
             notes.append(f"condition {cond}: one finished trial ({done[0]['trial_id']}): "
                          f"fronts are that point, statistics are undefined")
@@ -317,11 +318,19 @@ def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
                            ("gap_points", st["gap"]["points"])):
             if value is not None and math.isfinite(value):
                 values[f"stat/{cond}/{key}"] = float(value)
-    metrics = [Metric(k, v, now, 0) for k, v in values.items()]
+    metrics = [Metric(_metric_name(k), v, now, 0) for k, v in values.items()]
     if metrics:
         client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, NOTE_TAG, _described(client.get_run(run_id).data.tags.get(NOTE_TAG),
                                                 run_id, out))
+
+
+def _metric_name(key: str) -> str:
+    """``key`` as MLflow accepts a metric name (ASCII letters, digits, ``_ - . / :`` and
+    spaces): a condition named in other letters (``nsd_çé_v1``, a lab's own sweep file) had
+    its every metric refused; those characters become ``_`` (statistics.json keeps the
+    names as they are)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", key)
 
 
 def _described(note: str | None, run_id: str, out: Path) -> str:
@@ -431,6 +440,11 @@ def _main(argv: list[str] | None) -> int:
         if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
             raise SourceError(f"--out {args.out}: not a folder; accepted: a folder for the "
                               f"report (created when missing)")
+        if args.out is not None:  # checked before the store is read, not after
+            problem = unwritable(Path(args.out).expanduser().absolute())
+            if problem:
+                raise SourceError(f"--out {args.out}: {problem}; accepted: a folder this user "
+                                  f"can create or write")
         if args.ray_results:
             uri = _uri(args.mlflow_uri) if args.parent_run and not args.no_log else None
             path = postprocess_ray(args.sweep, args.ray_results, out=args.out,

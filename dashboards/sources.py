@@ -94,9 +94,11 @@ class Trial:
     error: str | None = None
 
     def final(self, metric: str) -> float:
-        """The metric at the last reported epoch (NaN when never reported)."""
+        """The metric at the trial's last reported epoch: NaN when it was not reported then
+        (never, or NaN that epoch: the tracker does not log NaN), not an older epoch's."""
         values = self.history.get(metric, ())
-        return values[-1][1] if values else math.nan
+        last = max((e for v in self.history.values() for e, _ in v), default=None)
+        return values[-1][1] if values and values[-1][0] == last else math.nan
 
     @property
     def epochs_completed(self) -> int:

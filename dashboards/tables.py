@@ -100,7 +100,8 @@ RESULTS_SCHEMA = pa.schema([
     _f("dead_units", pa.float64(), "final fraction of the layer's units constant over the "
                                    "validation set (they get no alignment credit)"),
     _f("seeds_in_configuration", pa.int64(),
-       "finished trials (seeds) of this configuration (condition, direction, alpha, beta)"),
+       "finished trials (seeds) of this configuration (condition, direction, alpha, beta) "
+       "with both a performance and an alignment: the ones its means average"),
     *[_f(f"{m}_{k}", pa.float64(), f"{what} of the configuration's finished seeds")
       for m in ("performance", "alignment")
       for k, what in (("mean", "mean " + m), ("low", f"95% t-interval low of the mean {m}"),
@@ -184,12 +185,15 @@ def configuration_key(row: Mapping[str, Any]) -> tuple:
 
 def _add_configuration_means(rows: list[dict]) -> None:
     """Per configuration (``configuration_key``), the across-seed mean and 95% interval of
-    performance and alignment over its FINISHED trials, written into every row of it."""
+    performance and alignment over its FINISHED trials that have both (the trials the fronts
+    and statistics use: one without an alignment would move only the performance mean),
+    written into every row of it."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(configuration_key(row), []).append(row)
     for members in groups.values():
-        done = [r for r in members if r["status"] == FINISHED]
+        done = [r for r in members if r["status"] == FINISHED
+                and r["performance"] is not None and r["alignment"] is not None]
         summary = {"seeds_in_configuration": len(done)}
         for m in ("performance", "alignment"):
             mean, low, high = mean_interval([r[m] for r in done])
@@ -203,8 +207,8 @@ def results_table(record: SweepRecord) -> pa.Table:
     base = baselines(record.trials)
     rows = []
     for t in record.trials:
-        perf = t.history.get("val_performance", ())
-        best = max(perf, key=lambda ev: ev[1]) if perf else None
+        perf = [ev for ev in t.history.get("val_performance", ()) if math.isfinite(ev[1])]
+        best = max(perf, key=lambda ev: ev[1]) if perf else None  # NaN epochs never best
         performance = _num(t.final("val_performance"))
         baseline = base.get(t.trial_id)
         rows.append({

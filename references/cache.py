@@ -73,6 +73,22 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
             raise
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (to be created if missing) cannot be written, or None. Creates nothing:
+    the nearest existing ancestor must be a writable folder (a dry run writes nothing).
+    Shared by the driver's plan and the post-processor's --out."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing folder above {folder}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader (or a kill mid-write) sees the old file or
     the new one, never a truncated one: a temporary sibling, fsync, then rename.

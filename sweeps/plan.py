@@ -28,6 +28,7 @@ from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experi
 from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import redact, tracking_unreachable, tracking_uri
 from references.cache import ENV_VAR as CACHE_ENV
+from references.cache import unwritable
 from sweeps.spec import (
     PAPER_DATA,
     DataSource,
@@ -376,26 +377,11 @@ def _storage(value: str | None) -> str:
     path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--storage {value}: not a directory")
-    problem = _unwritable(path)
+    problem = unwritable(path)
     if problem:
         raise UsageError(f"--storage {value if value is not None else path}: {problem}; "
                          f"accepted: a folder this user can create or write")
     return str(path)
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why ``folder`` (to be created if missing) cannot be written, or None. Creates nothing:
-    the nearest existing ancestor must be a writable folder (a dry run writes nothing)."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            return f"no existing folder above {folder}"
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
-    return None
 
 
 def _check_cache() -> None:
@@ -408,7 +394,7 @@ def _check_cache() -> None:
     if folder.exists() and not folder.is_dir():
         problem: str | None = f"{folder} is not a folder"
     else:
-        problem = _unwritable(folder)
+        problem = unwritable(folder)
     if problem:
         raise UsageError(f"{CACHE_ENV}={text!r}: {problem}; accepted: a folder this user can "
                          f"create or write (default ~/.cache/alignsweep)")

@@ -985,6 +985,15 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     assert proc.stderr == (f"error: --out {taken}: not a folder; accepted: a folder for the "
                            f"report (created when missing)\n")
     assert taken.read_text() == "keep me\n"
+    # a folder below that file: a NotADirectoryError traceback file and exit 1, after the
+    # whole store had been read
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
+         str(tmp_path), "--out", str(taken / "sub")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --out {taken / 'sub'}: {taken} is not a folder; accepted: a folder this user "
+        f"can create or write\n"), proc.stderr
     # a malformed --parent-run was ignored with --ray-results and the report built anyway
     proc = subprocess.run(
         [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
@@ -1011,3 +1020,83 @@ def test_a_tracking_server_that_is_down_is_one_line_at_once(tmp_path):
                                   f"server unreachable (Connection refused); start it")
     assert proc.stderr.count("\n") == 1 and "secret" not in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+# ------------------------------------------------------------- NaN epochs and lone seeds
+
+
+def _record(trials):
+    from dashboards.sources import SweepRecord, Trial
+
+    made = []
+    for i, (direction, alpha, seed, perf, align) in enumerate(trials):
+        history = {"val_performance": tuple((e, v) for e, v in enumerate(perf)),
+                   "val_map": tuple((e, v) for e, v in enumerate(perf)),
+                   # the tracker does not log NaN: an epoch without it is simply missing
+                   "val_alignment": tuple((e, v) for e, v in enumerate(align)
+                                          if v is not None and v == v),
+                   "task_loss": tuple((e, 1.0) for e in range(len(perf)))}
+        history = {k: tuple(ev for ev in v if ev[1] == ev[1]) for k, v in history.items()}
+        made.append(Trial(run_id=f"r{i}", trial_id=f"c-{direction}-a{abs(alpha)}-b1-s{seed}",
+                          condition="c", direction=direction, alpha=alpha, beta=1.0,
+                          seed=seed, status="FINISHED", config={"metric": "linear"},
+                          history=history))
+    return SweepRecord("c", "c-smoke", "test", None, "FINISHED", {}, tuple(made),
+                       fetch=lambda *a: None)
+
+
+def test_a_nan_last_epoch_is_no_value_and_not_an_older_epochs():
+    """The tracker does not log NaN, so an older epoch's value used to stand in for the last
+    epoch's (performance 0.30 beside the last epoch's alignment) and entered the effects;
+    best_performance ignored every epoch after a leading NaN. A trial without a final
+    performance then crashed the effects."""
+    from dashboards.effects import direction_effects
+
+    nan = float("nan")
+    record = _record([("none", 0.0, 0, [0.4, 0.5], [0.1, 0.2]),
+                      ("min", -0.4, 0, [0.3, nan], [0.0, -0.2]),
+                      ("min", -0.8, 0, [nan, 0.4, 0.45], [0.0, -0.1, -0.3]),
+                      ("max", 0.8, 0, [0.4, 0.44], [0.3, 0.5])])
+    rows = {r["trial_id"]: r for r in tables.results_table(record).to_pylist()}
+    stale = rows["c-min-a0.4-b1-s0"]
+    assert stale["performance"] is None and stale["alignment"] == -0.2
+    assert not stale["front_up"] and not stale["front_down"]
+    late = rows["c-min-a0.8-b1-s0"]
+    assert (late["best_performance"], late["best_epoch"]) == (0.45, 2)
+    effects = direction_effects(tables.results_table(record), lambda _: None)
+    assert effects["c"]["min"]["drop"] == pytest.approx(100 * (0.5 - 0.45))  # without 0.30
+
+
+def test_a_seed_without_alignment_moves_no_configuration_mean_and_is_off_the_fronts():
+    record = _record([("none", 0.0, 0, [0.5], [0.1]), ("none", 0.0, 1, [0.5], [0.1]),
+                      ("max", 0.5, 0, [0.6], [None]), ("max", 0.5, 1, [0.2], [0.9])])
+    rows = {r["trial_id"]: r for r in tables.results_table(record).to_pylist()}
+    lone, kept = rows["c-max-a0.5-b1-s0"], rows["c-max-a0.5-b1-s1"]
+    assert kept["performance_mean"] == 0.2 and kept["alignment_mean"] == 0.9
+    assert kept["seeds_in_configuration"] == 1
+    assert kept["front_up"] and not lone["front_up"] and not lone["front_down"]
+
+
+def test_a_sweep_named_in_other_letters_logs_its_statistics(tmp_path):
+    """A lab's sweep file nsd_çé_v1.toml: MLflow refused every effect/<condition>/... metric
+    name, so the report was logged but no statistic, the run's note, nor the console lines
+    (and the printed retry failed the same way)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = write_sweep(client, "nsd_çé_v1", FULL, tmp=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "nsd_çé_v1", "--mlflow-uri", uri,
+         "--out", str(tmp_path / "out")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "nsd_çé_v1: suppressing alignment" in proc.stdout
+    metrics = client.get_run(parent).data.metrics
+    assert "effect/nsd____v1/min/drop" in metrics and "stat/nsd____v1/spearman_rho" in metrics
+
+
+def test_one_direction_without_a_baseline_is_not_said_to_have_one():
+    record = _record([("max", 0.5, 0, [0.6], [0.3]), ("max", 0.8, 0, [0.5], [0.4])])
+    notes = pareto.diagnose(record, tables.results_table(record))
+    assert any("no finished baseline" in n for n in notes)
+    (side,) = [n for n in notes if "one direction only" in n]
+    assert side.endswith("no min trial, so that side of the front has no point"), side
