@@ -845,7 +845,10 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
         for tid, why in errored:
             _say(f"{tid}: {why}")
     _say("")
-    where = f"{run_dir}-*" if plan.search == "optuna" else str(run_dir)
+    # an adaptive search runs one Tune experiment per condition and side beside run_dir; the
+    # manifest --ray-results reads stays in run_dir
+    where = (f"{run_dir} (its manifest; the searches in {run_dir.name}-*)"
+             if plan.search == "optuna" else str(run_dir))
     _say(f"Ray Tune results: {where}")
     uri = redact(plan.mlflow_uri)
     _say(f"MLflow: {uri} (experiment {plan.experiment}, parent run {parent_id})")
