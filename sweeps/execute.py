@@ -212,19 +212,23 @@ FAILED_MARKER = "failed_for_good.txt"
 
 class RepeatedFailure(RuntimeError):
     """Tune retries a failed trial (``FailureConfig(max_failures=2)``: a lost node, a killed
-    worker). A trial that diverged, or met a malformed file or missing weights, would fail the
-    same way at the same cost: its retry ends at once with this, whose message is the first
-    attempt's error (``error_line`` shows that). ``--resume`` clears the marker (the user
-    fixed the cause)."""
+    worker). A trial that diverged, or met a malformed file, missing weights or a setting its
+    data cannot meet (``_repeating_errors``), would fail the same way at the same cost: its
+    retry ends at once with this, whose message is the first attempt's error (``error_line``
+    shows that). ``--resume`` clears the marker (the user fixed the cause)."""
 
 
 def _repeating_errors() -> tuple[type[BaseException], ...]:
-    from references.imagenet import ImageNetFormatError
-    from references.nsd import NSDFormatError
-    from references.pretrained import WeightsNotFoundError
+    """What a trial raises that its retry would raise again: a divergence, bad input (a
+    malformed file, missing weights, a setting the data cannot meet: ValueError and its
+    kin), a failed solve. Not retried-away transients: OSError (a flaky mount), MemoryError
+    and other RuntimeErrors (CUDA out of memory beside another trial) keep Tune's retries."""
+    import torch
+
     from trainable.train import TrialDiverged
 
-    return (TrialDiverged, ImageNetFormatError, NSDFormatError, WeightsNotFoundError)
+    return (TrialDiverged, ValueError, TypeError, ArithmeticError, LookupError,
+            NotImplementedError, AssertionError, torch.linalg.LinAlgError)
 
 
 def _clear_failure_markers(run_dir: Path) -> None:
@@ -297,7 +301,34 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
              f"({time.perf_counter() - t0:.1f} s)")
         per_condition_data[name] = datas[source]
         per_condition_ref[name] = reference
+        _check_trials_fit(plan, name, datas[source], reference)
     return per_condition_data, per_condition_ref
+
+
+def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
+    """Settings the prepared data cannot meet, refused before anything is recorded (each
+    used to fail every trial after its first epoch, or to be clipped while MLflow recorded
+    the value asked for): a batch larger than the training split, validation folds the
+    validation split cannot fill, a voxel reliability threshold that keeps no voxel."""
+    from trainable.config import TrialConfig
+
+    n_train, n_val = len(data.train), len(data.val)
+    for t in (t for t in plan.trials if t.condition == condition):
+        cfg = TrialConfig.from_dict(t.config)
+        if cfg.batch_size > n_train:
+            raise UsageError(f"trial {t.trial_id}: batch_size={cfg.batch_size} but the training "
+                             f"split of {data.description} holds {n_train} images; accepted: "
+                             f"batch_size <= {n_train} (--set batch_size=N)")
+        if 2 * cfg.val_folds > n_val:
+            raise UsageError(f"trial {t.trial_id}: val_folds={cfg.val_folds} needs "
+                             f"{2 * cfg.val_folds} validation images but the validation split "
+                             f"holds {n_val}; accepted: val_folds <= {n_val // 2} "
+                             f"(--set val_folds=N)")
+        if cfg.voxel_ncsnr_min > 0 and hasattr(reference, "select_voxels"):
+            try:
+                reference.select_voxels(cfg.voxel_ncsnr_min)
+            except ValueError as exc:
+                raise UsageError(f"trial {t.trial_id}: {exc}") from None
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -545,3 +545,19 @@ def test_gram_products_switch_to_tf32_on_cuda_only_and_restore_the_setting():
     with alignment._gram_products(torch.device("cuda")):
         assert matmul.fp32_precision == "tf32"
     assert matmul.fp32_precision == before
+
+
+def test_a_fold_of_units_silent_but_for_one_image_scores_no_absurd_r2():
+    """Units flat on every image but one (a collapsing suppressing trial): the four test folds
+    without that image have units of one value whose float SST is ~1e-32, not 0, and the
+    pooled R^2 divided by it (-6.8e31 seen in a trial). Such a fold has nothing to explain."""
+    from trainable.alignment import linear_alignment_scaled
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(25, 30, dtype=torch.float64, generator=g)
+    x = torch.full((25, 4), 1.1585, dtype=torch.float64)
+    x[3] = 7.4479
+    score, x_to_y, y_to_x = linear_alignment_scaled(x, y, folds=5, parts=True)
+    assert -1.0 <= float(y_to_x) <= 1.0 and -1.0 <= float(score) <= 1.0
+    # the four silent folds score 0; the fold holding image 3 its own (negative) R^2
+    assert float(y_to_x) < 0

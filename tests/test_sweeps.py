@@ -851,3 +851,23 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
     assert [t.trial_id for t in plan.trials] == ["gabor_conv1-max-a8-b1-s0"]
     with pytest.raises(UsageError, match=r"--only 'a\[2\]-\*' matches no trial"):
         make_plan(parse(*argv, "--only", "a[2]-*"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["nsd_conv1_v1", "--set", "voxel_ncsnr_min=50"],
+     r"trial nsd_conv1_v1-none-a0-b1-s0: voxel_ncsnr_min=50\.0 keeps no voxel of subject 1 "),
+    (["gabor_conv1", "--set", "batch_size=500"],
+     r"batch_size=500 but the training split of .* holds 64 images; accepted: batch_size <= 64"),
+    (["gabor_conv1", "--set", "val_folds=20", "--set", "val_images=40"],
+     r"val_folds=20 needs 40 validation images but the validation split holds 32; accepted: "
+     r"val_folds <= 16"),
+])
+def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match):
+    """Each passed the plan, then failed every trial after an epoch (three times over), or
+    (batch_size) trained on the whole split while MLflow recorded 500. The driver prepares
+    the data before it records anything, and checks them there (no Ray needed)."""
+    from sweeps.execute import _prepare
+
+    plan = make_plan(parse(*argv, "--smoke-test"))
+    with pytest.raises(UsageError, match=match):
+        _prepare(plan)

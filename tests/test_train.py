@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -466,3 +467,39 @@ def test_shuffled_reference_trial_loses_its_alignment(single_label, tmp_path):
         assert z["top1"].mean() == pytest.approx(real["val_top1"])
         assert z["top5"].mean() == pytest.approx(real["val_top5"])
         assert np.all(z["top5"] >= z["top1"])
+
+
+@pytest.mark.parametrize("metric", ["linear", "cka", "rsa"])
+def test_a_layer_silent_on_every_image_is_no_alignment_not_a_failed_trial(metric):
+    """A suppressing trial can silence its layer: the layer's Gram is then zero, so was the
+    ridge penalty, and the Cholesky solve failed the trial (retried twice); validation raised
+    'X is constant across stimuli'. The batch now feeds only the task term and validation
+    reports no alignment (NaN, not logged) with dead_units = 1."""
+    cfg = TrialConfig(reference="nsd", metric=metric, val_folds=5, val_images=40, alpha=-1.0)
+    g = torch.Generator().manual_seed(6)
+    feats = torch.zeros(40, 8, 3, 3, requires_grad=True)
+    groups = [(torch.arange(40), torch.randn(40, 12, generator=g))]
+    assert batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg) is None
+    out = validation_alignment(feats.detach(), groups, cfg)
+    assert out["dead_units"] == 1.0
+    assert all(np.isnan(out[k]) for k in ("val_linear", "val_cka", "val_rsa", "val_alignment"))
+    # a layer that is not silent still fails loudly on a bad input
+    with pytest.raises(ValueError):
+        batch_alignment(torch.full((40, 8, 3, 3), float("nan")), groups,
+                        alignment_loss_fn(cfg), cfg)
+
+
+def test_loss_folds_no_subject_group_can_hold_is_refused_on_the_first_step():
+    """Two subjects in a batch of 16 with loss_folds=8 (16 rows per group needed): every
+    group was skipped on every step, so alpha = +-0.8 trained like the baseline, silently."""
+    from trainable.train import check_groups_usable
+
+    cfg = TrialConfig(reference="nsd", batch_size=16, loss_folds=8, alpha=0.8)
+    groups = [(torch.arange(0, 9), torch.randn(9, 5)), (torch.arange(9, 16), torch.randn(7, 5))]
+    with pytest.raises(ValueError, match=re.escape(
+            "loss_folds=8 needs 16 rows of a reference group (subject) in a batch, but this "
+            "batch's groups hold [9, 7] (batch_size=16): the alignment term would never apply; "
+            "accepted: loss_folds <= 4 here")):
+        check_groups_usable(groups, cfg)
+    check_groups_usable(groups, TrialConfig(reference="nsd", batch_size=16, loss_folds=4,
+                                            alpha=0.8))

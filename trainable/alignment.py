@@ -161,11 +161,15 @@ def _pooled_r2(y_true: torch.Tensor, y_pred: torch.Tensor, weights: torch.Tensor
     """R^2 pooled over columns with weights w (q,) >= 0: ``1 - sum_j w_j SSE_j / sum_j w_j
     SST_j`` (SST about the mean of ``y_true``). With w_j = 1/SST_j of a fixed target set this
     is the uniform mean of per-column R^2; with w = 1 each column weighs its variance. A
-    weighted set with no variance at all scores 0 (nothing to explain, nothing explained)."""
+    weighted set with no variance at all scores 0 (nothing to explain, nothing explained):
+    "no variance" means every weighted column holds one value (``constant_columns``), not a
+    float SST of zero -- a column of equal values whose float mean is one ulp off has an SST
+    of ~1e-32, and dividing by it scored a fold of silent units -7e31."""
     sse = ((y_true - y_pred) ** 2).sum(0)
     sst = ((y_true - y_true.mean(0)) ** 2).sum(0)
     num, den = (weights * sse).sum(), (weights * sst).sum()
-    if float(den.detach()) <= 0:
+    varying = (weights > 0) & ~constant_columns(y_true)
+    if float(den.detach()) <= 0 or not bool(varying.any()):
         return torch.zeros((), dtype=y_true.dtype, device=y_true.device)
     return 1.0 - num / den
 

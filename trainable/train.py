@@ -232,8 +232,32 @@ def batch_alignment(
         # one group holding the whole batch in order (image references): no (n, p) gather copy
         whole = rows.numel() == feats.shape[0] and bool(
             (rows == torch.arange(rows.numel(), device=rows.device)).all())
-        scores.append(score_fn(feats if whole else feats[rows], _pooled(y, cfg.pool)))
+        x = feats if whole else feats[rows]
+        try:
+            scores.append(score_fn(x, _pooled(y, cfg.pool)))
+        except (torch.linalg.LinAlgError, ValueError):
+            # A layer silent on every image of the group (a suppressing trial can drive it
+            # there) has no alignment to measure or push: its Gram is zero, so the ridge
+            # penalty is too, and the solve fails. Skipped like a group too small; anything
+            # else is re-raised. Checked only on failure (a pass over the layer costs).
+            if not bool(constant_columns(x.detach().flatten(1)).all()):
+                raise
     return torch.stack(scores).mean() if scores else None
+
+
+def check_groups_usable(groups: list[tuple[torch.Tensor, torch.Tensor]],
+                        cfg: TrialConfig) -> None:
+    """On a trial's first step with alpha != 0: some reference group (one per subject for
+    voxel data) must have the rows the held-out score needs, or the alignment term would be
+    skipped on every batch without a word (loss_folds=8 with two subjects in a batch of 16)."""
+    need = _min_rows(cfg)
+    sizes = [int(rows.numel()) for rows, _ in groups]
+    if not any(n >= need for n in sizes):
+        raise ValueError(
+            f"loss_folds={cfg.loss_folds} needs {need} rows of a reference group (subject) in "
+            f"a batch, but this batch's groups hold {sizes} (batch_size={cfg.batch_size}): the "
+            f"alignment term would never apply; accepted: loss_folds <= {max(sizes) // 2} "
+            f"here (0: exact leave-one-out), or a larger batch_size")
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -298,6 +322,8 @@ def train_one_epoch(
             groups = list(reference_groups(reference, images, ids).values()) if measure else []
         score = None
         if measure:
+            if epoch == 0 and step == 0 and cfg.alpha != 0:
+                check_groups_usable(groups, cfg)
             with torch.set_grad_enabled(cfg.alpha != 0):
                 score = batch_alignment(taps[cfg.layer], groups, score_fn, cfg)
         loss = cfg.beta * l_task
@@ -525,14 +551,21 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
         y64 = y.double().flatten(1)
         # The reported alignment is the paper's (linear) whatever metric the loss uses; CKA and
         # RSA beside it. Each is its registry entry's validation form (trainable.alignment).
-        score, x_to_y, _ = get_metric("linear").validate(x64, y64, folds=cfg.val_folds,
-                                                         parts=True)
+        try:
+            score, x_to_y, _ = get_metric("linear").validate(x64, y64, folds=cfg.val_folds,
+                                                             parts=True)
+        except ValueError:
+            # a layer silent on every validation image (dead_units = 1): no alignment to
+            # report (NaN, as CKA and RSA), not a failed trial
+            if not bool(constant_columns(x64).all()):
+                raise
+            score = x_to_y = float("nan")
         out["val_linear"].append(float(score))
         out["val_cka"].append(_secondary(get_metric("cka").validate, x64, y64))
         out["val_rsa"].append(_secondary(get_metric("rsa").validate, x64, y64))
         if own is None:
             own_values.append(_secondary(get_metric(cfg.metric).validate, x64, y64))
-        if nc is not None and float(nc.mean()) > 0:
+        if nc is not None and float(nc.mean()) > 0 and math.isfinite(float(x_to_y)):
             normalised.append(float(x_to_y) / float(nc.mean()))
     if not out["val_linear"]:
         raise ValueError(
