@@ -1,11 +1,12 @@
 """The sweep's figures, as matplotlib ``Figure`` objects (Agg canvas, no pyplot: no global
 figure state shared between calls, threads or tests), saved as PNG and SVG.
 
-* ``front_figure``: performance degradation relative to the baseline against achieved
-  alignment, coloured by direction, sized by |alpha|, both Pareto fronts drawn; one panel per
-  condition (the paper's Figures 1b and 2a-d).
-* ``epochs_figure``: validation performance per epoch, one line per trial coloured by direction,
-  the mean of each direction bold (Figure A.1).
+* ``front_figure``: the drop from the condition's mean baseline against achieved alignment,
+  coloured by direction, sized by |alpha|, each configuration's mean over its seeds, both
+  Pareto fronts drawn through those means, above the points; one panel per condition (the
+  paper's Figures 1b and 2a-d).
+* ``epochs_figure``: validation performance per epoch (integer epoch ticks), one line per trial
+  coloured by direction, the mean of each direction bold (Figure A.1).
 * ``filters_figure``: conv1 filter grids of the maximally aligned, minimally aligned and
   baseline models beside the reference bank; one row per condition (Figure 1c). Only the Gabor
   reference is a filter bank; for the others the panel says so.
@@ -26,9 +27,10 @@ import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from dashboards.fronts import FINISHED, front_line
-from dashboards.tables import mean_interval
+from dashboards.tables import POINTS, mean_interval
 from references.cache import atomic_write_bytes
 
 __all__ = [
@@ -85,13 +87,50 @@ def _perf_name(rows: pa.Table) -> str:
     return PERF_NAMES.get(names[0] if names else None, "performance")
 
 
+def _baseline(rows: pa.Table) -> tuple[float | None, int]:
+    """The condition's mean baseline and how many trials it averages: the mean performance
+    of its finished alpha = 0 trials (the pool ``dashboards.tables.baselines`` falls back on);
+    (None, 0) without one."""
+    perf = _column(rows, "performance")
+    ok = (_column(rows, "direction") == "none") & (_column(rows, "status") == FINISHED)
+    ok &= np.isfinite(perf)
+    return (float(perf[ok].mean()) if ok.any() else None), int(ok.sum())
+
+
+def _configurations(rows: pa.Table) -> np.ndarray:
+    """Per row, a label of its configuration (everything but the seed)."""
+    return np.array([repr(k) for k in zip(*(rows.column(c).to_pylist()
+                                            for c in ("direction", "alpha", "beta")))])
+
+
+def _configuration_means(rows: pa.Table, ok: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row, its configuration's across-seed mean and interval of performance and
+    alignment: the table's columns (what the fronts use) when it has them, else computed here
+    over the ``ok`` rows (``mean_interval``, as ``dashboards.tables`` does)."""
+    names = [f"{m}_{k}" for m in ("performance", "alignment") for k in ("mean", "low", "high")]
+    if set(names) <= set(rows.column_names):
+        return {n: _column(rows, n) for n in names}
+    keys = _configurations(rows)
+    out = {n: np.full(rows.num_rows, np.nan) for n in names}
+    for k in set(keys[ok]):
+        sel = keys == k
+        for m in ("performance", "alignment"):
+            stats = mean_interval(_column(rows, m)[sel & ok].tolist())
+            for name, v in zip(("mean", "low", "high"), stats):
+                out[f"{m}_{name}"][sel] = np.nan if v is None else v
+    return out
+
+
 def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = None) -> Figure:
     """Degradation vs alignment per condition, with both fronts.
 
     results : a results table (``dashboards.tables.RESULTS_SCHEMA``). Only FINISHED trials with
-    finite alignment and performance are drawn. Without a baseline the y axis is the raw
-    performance (and says so). statistics : condition -> ``sweep_statistics`` entry; its
-    Spearman rho and interval go in the panel title.
+    finite alignment and performance are drawn. The y axis is the drop from the condition's
+    mean baseline (``_baseline``) in points, the same baseline for every trial and seed, so a
+    configuration's point, 100 * (mean baseline - performance_mean), is the mean of its seeds'
+    and orders the configurations as the fronts do (on performance_mean, alignment_mean).
+    Without a baseline it is the raw performance (and says so). statistics : condition ->
+    ``sweep_statistics`` entry; its Spearman rho and interval go in the panel title.
     """
     conds = _conditions(results) or ["(no trials)"]
     fig, axes = _figure(len(conds), panel=(5.4, 4.4))
@@ -103,10 +142,13 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
         rows = results.filter(pc.equal(results.column("condition"), cond))
         status = _column(rows, "status")
         align = _column(rows, "alignment")
-        perf = _column(rows, "performance")
-        degr = _column(rows, "degradation")
-        has_base = bool(np.isfinite(degr).any())
-        y = degr if has_base else perf
+        base, n_base = _baseline(rows)
+        has_base = base is not None
+
+        def to_y(perf, base=base):
+            return POINTS * (base - perf) if base is not None else perf
+
+        y = to_y(_column(rows, "performance"))
         ok = (status == FINISHED) & np.isfinite(align) & np.isfinite(y)
         if not ok.any():
             _empty(ax, "no finished trial with alignment and performance")
@@ -121,36 +163,36 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
                 ax.scatter(align[sel], y[sel], s=160 if d == "none" else sizes[sel],
                            c=COLORS[d], marker="*" if d == "none" else "o", alpha=0.85,
                            edgecolors="white", linewidths=0.6, zorder=3)
-        # Repeated seeds: each configuration's mean with its 95% interval on both axes, and the
-        # fronts (computed on the means, dashboards.fronts) drawn through the means.
-        fx_all, fy_all = align, y
-        signed = _column(rows, "alpha")
-        beta = _column(rows, "beta")
-        keys = np.array([f"{d}|{a}|{b}" for d, a, b in zip(direction, signed, beta)])
-        if any(np.count_nonzero(ok & (keys == k)) > 1 for k in set(keys[ok])):
-            fx_all, fy_all = align.copy(), y.copy()
-            for k in dict.fromkeys(keys[ok].tolist()):
-                sel = ok & (keys == k)
-                xm, xlo, xhi = mean_interval(align[sel].tolist())
-                ym, ylo, yhi = mean_interval(y[sel].tolist())
-                fx_all[sel], fy_all[sel] = xm, ym
-                if xlo is not None:
-                    d = direction[sel][0]
-                    ax.errorbar([xm], [ym], xerr=[[xm - xlo], [xhi - xm]],
-                                yerr=[[ym - ylo], [yhi - ym]], fmt="D", ms=4,
-                                color=COLORS[d], ecolor=COLORS[d], elinewidth=1, capsize=2,
-                                zorder=4)
+        # A configuration with several seeds: its mean with its 95% interval on both axes. The
+        # fronts (computed on the means, dashboards.fronts) go through every one's mean.
+        means = _configuration_means(rows, ok)
+        fx_all, fy_all = means["alignment_mean"], to_y(means["performance_mean"])
+        keys, seen = _configurations(rows), set()
+        for i in np.flatnonzero(ok & np.isfinite(means["performance_low"])
+                                & np.isfinite(means["alignment_low"])):
+            if keys[i] in seen:
+                continue
+            seen.add(keys[i])
+            xm, ym = fx_all[i], fy_all[i]
+            ys = sorted(to_y(np.array([means["performance_low"][i],
+                                       means["performance_high"][i]])))
+            ax.errorbar([xm], [ym], xerr=[[xm - means["alignment_low"][i]],
+                                          [means["alignment_high"][i] - xm]],
+                        yerr=[[ym - ys[0]], [ys[1] - ym]], fmt="D", ms=4,
+                        color=COLORS[direction[i]], ecolor=COLORS[direction[i]], elinewidth=1,
+                        capsize=2, zorder=4)
         for key, col in (("up", "front_up"), ("down", "front_down")):
             mask = np.array(rows.column(col).to_pylist(), dtype=bool) & ok
-            if mask.any():
+            if mask.any():  # above the points and means: a one-point front stays visible
                 fx, fy = front_line(fx_all, fy_all, mask)
-                ax.plot(fx, fy, zorder=2, **FRONT_STYLE[key])
+                ax.plot(fx, fy, zorder=5, gid=col, **FRONT_STYLE[key])
         if has_base:
             ax.axhline(0.0, color="#999999", lw=0.8, zorder=1)
         perf_name = _perf_name(rows)
         metrics = sorted({m for m in rows.column("metric").to_pylist() if m} or {"linear"})
         ax.set_xlabel(f"achieved alignment (validation, {', '.join(metrics)})")
-        ax.set_ylabel(f"drop from baseline ({perf_name} points; + = worse)" if has_base
+        ax.set_ylabel(f"drop from {'mean ' if n_base > 1 else ''}baseline\n({perf_name} "
+                      f"points; + = worse)" if has_base
                       else f"{perf_name} (no baseline: not relative)")
         stats = (statistics or {}).get(cond, {}).get("spearman") or {}
         rho = stats.get("rho", math.nan)
@@ -216,6 +258,8 @@ def epochs_figure(epochs: pa.Table, results: pa.Table) -> Figure:
         ax.set_ylabel(f"validation {_perf_name(cond_results)}")
         if single:
             ax.set_xticks(np.unique(epoch))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")

@@ -1,5 +1,6 @@
 """One self-contained HTML report per sweep: figures embedded (base64 PNG), the statistics, the
-messages about degenerate sweeps, the per-trial results table and the resolved config. No
+messages about degenerate sweeps, the per-trial results table (with repeated seeds, beside each
+trial the means of its configuration, on which the fronts are) and the resolved config. No
 external CSS, script or image: the file opens anywhere, including as an MLflow artifact."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,12 +59,31 @@ def _image(png: Path, alt: str, caption: str) -> str:
 _RESULT_COLUMNS = ("trial_id", "direction", "alpha", "beta", "seed", "status", "performance",
                    "best_performance", "alignment", "linear", "alignment_nc", "cka", "rsa",
                    "dead_units", "performance_change", "degradation", "front_up", "front_down")
+# With repeated seeds the fronts are on these (dashboards.tables), shown before the flags.
+_MEAN_COLUMNS = ("seeds_in_configuration", "performance_mean", "alignment_mean")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _configurations(results: pa.Table, *, usable: bool) -> Counter:
+    """(condition, direction, alpha, beta) -> its trials; with ``usable`` only the FINISHED
+    ones with a finite alignment and performance (those the statistics use)."""
+    return Counter((r["condition"], r["direction"], r["alpha"], r["beta"])
+                   for r in results.to_pylist()
+                   if not usable or (r["status"] == "FINISHED" and _finite(r["alignment"])
+                                     and _finite(r["performance"])))
 
 
 def _results_html(results: pa.Table) -> str:
     if results.num_rows == 0:
         return "<p>No trials.</p>"
-    cols = [c for c in _RESULT_COLUMNS if c in results.column_names]
+    repeated = any(n > 1 for n in _configurations(results, usable=False).values())
+    order = list(_RESULT_COLUMNS)
+    if repeated:
+        order[order.index("front_up"):order.index("front_up")] = _MEAN_COLUMNS
+    cols = [c for c in order if c in results.column_names]
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = []
     for row in results.to_pylist():
@@ -72,8 +93,34 @@ def _results_html(results: pa.Table) -> str:
             f'<td class="text">{_e(_fmt(row[c]))}</td>' if isinstance(row[c], str)
             else f"<td>{_e(_fmt(row[c]))}</td>" for c in cols)
         body.append(f'<tr class="{cls}">{cells}</tr>')
+    why = ("Fronts are computed on each configuration's means over its finished seeds "
+           "(performance_mean, alignment_mean; seeds_in_configuration of them): a row is "
+           "shaded when its configuration's means are on a front, whatever its own numbers; "
+           if repeated else "Rows on a front are shaded; ")
     return (f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            "<p>Rows on a front are shaded; trials that did not finish are red.</p>")
+            f"<p>{why}trials that did not finish are red.</p>")
+
+
+def _statistics_intro(statistics: Mapping[str, Mapping], results: pa.Table) -> str:
+    """What the rho and its interval are over: with several seeds of a configuration,
+    ``dashboards.statistics`` takes the configurations' means and resamples seeds within them."""
+    grouped = list(dict.fromkeys(
+        k[0] for k, n in _configurations(results, usable=True).items() if n > 1))
+    if not grouped:
+        over = ("across the finished trials of each condition, with a percentile bootstrap "
+                "interval (trials resampled)")
+    elif set(statistics) <= set(grouped):
+        over = ("across the configurations of each condition (direction, alpha, beta: each "
+                "the mean of its finished seeds), with a percentile bootstrap interval (seeds "
+                "resampled within configurations)")
+    else:
+        over = (f"across the finished trials of each condition, or, where a configuration "
+                f"has several seeds ({', '.join(grouped)}), across the configurations' "
+                f"means; with a percentile bootstrap interval (trials resampled, or seeds "
+                f"resampled within configurations)")
+    return (f"<p>Does achieved alignment go with task performance? Spearman's rho {over}, and "
+            "whether performance is monotone in signed alpha (mean over betas and seeds at "
+            "each alpha).</p>")
 
 
 def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
@@ -210,10 +257,7 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
         parts.append(f'<div class="messages" id="messages"><strong>Notes on this sweep'
                      f"</strong><ul>{items}</ul></div>")
     parts.append("<h2>Statistics</h2>")
-    parts.append("<p>Does achieved alignment go with task performance? Spearman's rho across "
-                 "the finished trials of each condition, with a percentile bootstrap interval "
-                 "(trials resampled), and whether performance is monotone in signed alpha "
-                 "(mean over betas and seeds at each alpha).</p>")
+    parts.append(_statistics_intro(statistics, results))
     parts.append(_statistics_html(statistics))
     parts.append("<h2>What each side costs, beside the control</h2>")
     parts.append("<p>Per condition and side: the drop of the side's mean performance from "
