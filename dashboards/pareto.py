@@ -263,10 +263,12 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         figs = [
             (figures.front_figure(results, stats), "front",
-             ("Degradation (the drop from the baseline in points; positive = worse) against "
-              "achieved alignment "
-              "(validation), coloured by direction, marker area by |alpha|; lines: the two "
-              "Pareto fronts (performance up with alignment up, and with alignment down).")),
+             ("Degradation (the drop from the condition's mean baseline, the mean over its "
+              "alpha = 0 trials, in points; positive = worse) against achieved alignment "
+              "(validation, by the trials' metric), coloured by direction, marker area by "
+              "|alpha|; with several seeds each configuration's mean is drawn with its 95 % "
+              "interval and the fronts go through those means; lines: the two Pareto fronts "
+              "(performance up with alignment up, and with alignment down).")),
             (figures.epochs_figure(epochs, results), "epochs",
              ("Validation performance per epoch: thin lines one trial each (dotted: did not "
               "finish), bold lines the mean of each direction.")),

@@ -3,7 +3,9 @@
 Per condition, over its finished trials:
 
 * ``spearman_ci``: Spearman's rho between achieved alignment and performance, with a
-  percentile bootstrap 95 % interval (trials resampled with replacement).
+  percentile bootstrap 95 % interval (trials resampled with replacement; where a
+  configuration has several seeds, rho is over the configurations' means and the seeds are
+  resampled within each configuration).
 * ``monotonicity``: whether performance is monotone in signed alpha (mean over betas and seeds
   at each alpha), and Spearman's rho between signed alpha and performance.
 
