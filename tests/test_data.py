@@ -166,7 +166,7 @@ def test_the_driver_puts_no_image_tensor_in_the_object_store(source, imagenet_tr
 
     if source == "imagenet":
         argv = ["gabor_conv1", "--data", "imagenet", "--imagenet-root", str(imagenet_tree),
-                "--set", "image_size=64"]
+                "--set", "image_size=64", "--set", "batch_size=8"]  # a 36-image tree
     else:
         argv = ["nsd_conv1_v1", "--smoke-test"]
     plan = make_plan(build_parser().parse_args([*argv, "--storage", str(tmp_path)]))
