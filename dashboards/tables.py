@@ -5,8 +5,9 @@
     metric, direction ("max" | "min" | "none"), alpha (signed), beta, seed, status,
     epochs_completed, performance_metric ("top1" | "map"), performance (final validation top-1
     or mAP), best_performance and best_epoch, alignment (final validation alignment by the
-    trial's metric: linear by default), linear, alignment_nc, cka, rsa, dead_units, baseline_performance, performance_change
-    (= performance - baseline_performance, positive = better), degradation (the paper's
+    trial's metric: linear by default), linear, alignment_nc, cka, rsa, dead_units,
+    baseline_performance, performance_change (= performance - baseline_performance,
+    positive = better), degradation (the paper's
     y axis: the drop from the baseline in points, 100 * (baseline_performance - performance),
     top-1 percentage points or mAP points, positive = worse), front_up, front_down
     (``dashboards.fronts``), error.

@@ -55,6 +55,7 @@ from sweeps.plan import (
     check_services,
     fingerprint,
     flush_seconds,
+    split_size_problem,
     weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec, format_overrides
@@ -306,27 +307,18 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
-    """Settings the prepared data cannot meet, refused before anything is recorded (each
-    used to fail every trial after its first epoch, or to be clipped while MLflow recorded
-    the value asked for): a batch larger than the training split, validation folds the
-    validation split cannot fill, a voxel reliability threshold that keeps no voxel."""
-    from trainable.config import TrialConfig
-
+    """Settings the prepared data cannot meet, refused before anything is recorded: the
+    splits' sizes (``split_size_problem``) and a voxel reliability threshold that keeps no
+    voxel (it failed every trial after its first epoch)."""
     n_train, n_val = len(data.train), len(data.val)
     for t in (t for t in plan.trials if t.condition == condition):
-        cfg = TrialConfig.from_dict(t.config)
-        if cfg.batch_size > n_train:
-            raise UsageError(f"trial {t.trial_id}: batch_size={cfg.batch_size} but the training "
-                             f"split of {data.description} holds {n_train} images; accepted: "
-                             f"batch_size <= {n_train} (--set batch_size=N)")
-        if 2 * cfg.val_folds > n_val:
-            raise UsageError(f"trial {t.trial_id}: val_folds={cfg.val_folds} needs "
-                             f"{2 * cfg.val_folds} validation images but the validation split "
-                             f"holds {n_val}; accepted: val_folds <= {n_val // 2} "
-                             f"(--set val_folds=N)")
-        if cfg.voxel_ncsnr_min > 0 and hasattr(reference, "select_voxels"):
+        problem = split_size_problem(t, n_train, n_val, data.description)
+        if problem:
+            raise UsageError(problem)
+        threshold = float(t.config.get("voxel_ncsnr_min", 0.0))
+        if threshold > 0 and hasattr(reference, "select_voxels"):
             try:
-                reference.select_voxels(cfg.voxel_ncsnr_min)
+                reference.select_voxels(threshold)
             except ValueError as exc:
                 raise UsageError(f"trial {t.trial_id}: {exc}") from None
 

@@ -166,25 +166,40 @@ def check_imagenet_root(value: str) -> Path:
     return root
 
 
-def _check_imagenet_splits(trials, data: dict) -> None:
-    """An ImageNet tree's validation split must hold the images the validation alignment
-    folds over (2 * val_folds); a smaller one (a lab's tiny subset) failed every trial after
-    its first epoch. Reads the index the root's check built (kept for the process)."""
-    from references import datasets
+def split_size_problem(t, n_train: int, n_val: int, what: str) -> str | None:
+    """Why trial ``t``'s settings cannot be met by splits of ``n_train`` / ``n_val`` images
+    (``what`` names the data), or None: a batch larger than the training split (it would
+    train on the whole split while MLflow recorded the batch asked for), or validation folds
+    the validation split cannot fill (every trial failed after its first epoch). Asked by
+    the plan of an ImageNet tree (its index is built by the dry run) and by the driver of
+    every data source once it is prepared."""
     from trainable.config import TrialConfig
+
+    cfg = TrialConfig.from_dict(t.config)  # the sweep's values, or the defaults
+    if cfg.batch_size > n_train:
+        return (f"trial {t.trial_id}: batch_size={cfg.batch_size} but the training split of "
+                f"{what} holds {n_train} images; accepted: batch_size <= {n_train} "
+                f"(--set batch_size=N)")
+    if 2 * cfg.val_folds > n_val:
+        return (f"trial {t.trial_id}: val_folds={cfg.val_folds} needs {2 * cfg.val_folds} "
+                f"validation images but the validation split of {what} holds {n_val}; "
+                f"accepted: val_folds <= {n_val // 2} (--set val_folds=N)")
+    return None
+
+
+def _check_imagenet_splits(trials, data: dict) -> None:
+    """``split_size_problem`` for the ImageNet conditions, from the index the root's check
+    built (kept for the process), so the dry run says it."""
+    from references import datasets
 
     for t in trials:
         src = data.get(t.condition)
-        if src is None or src.kind != "imagenet":
-            continue
-        _, val = datasets.imagenet_index(src.imagenet_root)
-        folds = TrialConfig.from_dict(t.config).val_folds  # the sweep's, or the default
-        if len(val) < 2 * folds:
-            raise UsageError(
-                f"--imagenet-root {src.imagenet_root}: its val split holds {len(val)} images; "
-                f"trial {t.trial_id}'s validation alignment folds over val_folds={folds} and "
-                f"needs at least {2 * folds}; accepted: a val split of at least {2 * folds} "
-                f"images (or --set val_folds=N with 2N <= {len(val)})")
+        if src is not None and src.kind == "imagenet":
+            train, val = datasets.imagenet_index(src.imagenet_root)
+            problem = split_size_problem(t, len(train), len(val),
+                                         f"--imagenet-root {src.imagenet_root}")
+            if problem:
+                raise UsageError(problem)
 
 
 def check_nsd_root(value: str, subjects: tuple[int, ...] | None,

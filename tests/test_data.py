@@ -235,7 +235,8 @@ def test_paper_dry_run_checks_every_dataset_and_the_pretrained_weights(tmp_path,
                             trials_per_session=80, seed=1)
     argv = ["paper", "--data", "paper", "--imagenet-root", str(imagenet_tree),
             "--nsd-root", str(sim.nsd_root), "--coco-annotations", str(sim.coco_annotations),
-            "--dry-run", "--storage", str(tmp_path / "ray")]
+            "--dry-run", "--storage", str(tmp_path / "ray"),
+            "--set", "batch_size=16"]  # the paper's 1000 is refused for a 36-image tree
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)

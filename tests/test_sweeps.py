@@ -460,15 +460,21 @@ def test_imagenet_root_is_checked_as_the_run_reads_it(tmp_path):
     small = write_imagenet_tree(tmp_path / "small", n_classes=2, n_train=2, n_val=4,
                                 sizes=((32, 24),))
     argv = ("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(small))
+    where = f"the training split of --imagenet-root {small}"
+    # the paper's batch of 1000 on a 4-image subset: the dry run says so
     with pytest.raises(UsageError, match=re.escape(
-            f"--imagenet-root {small}: its val split holds 8 images; trial gabor_conv1-none-a0-b1-s0's "
-            f"validation alignment folds over val_folds=5 and needs at least 10; "
-            f"accepted: a val split of at least 10 images (or --set val_folds=N with "
-            f"2N <= 8)")):
+            f"trial gabor_conv1-none-a0-b1-s0: batch_size=1000 but {where} holds 4 images; "
+            f"accepted: batch_size <= 4 (--set batch_size=N)")):
         make_plan(parse(*argv))
-    make_plan(parse(*argv, "--set", "val_folds=4"))
+    with pytest.raises(UsageError, match=re.escape(
+            f"trial gabor_conv1-none-a0-b1-s0: val_folds=5 needs 10 validation images but the "
+            f"validation split of --imagenet-root {small} holds 8; accepted: val_folds <= 4 "
+            f"(--set val_folds=N)")):
+        make_plan(parse(*argv, "--set", "batch_size=4"))
+    make_plan(parse(*argv, "--set", "batch_size=4", "--set", "val_folds=4"))
     tree = write_imagenet_tree(tmp_path / "tree", n_classes=2, n_train=2, n_val=5)
-    plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tree)))
+    plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(tree),
+                           "--set", "batch_size=4"))
     assert plan.scale == "paper" and plan.data["gabor_conv1"].imagenet_root == str(tree)
     assert plan.data_description.startswith("paper scale on ImageNet")
     assert {t.config["image_size"] for t in plan.trials} == {224}
@@ -771,7 +777,8 @@ def test_a_path_not_in_utf8_is_refused_and_a_utf8_link_to_it_works(tmp_path):
     link = tmp_path / "imagenet"
     link.symlink_to(root)
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict UTF-8 console
-    argv = ["gabor_conv1", "--data", "imagenet", "--dry-run", "--imagenet-root"]
+    argv = ["gabor_conv1", "--data", "imagenet", "--dry-run", "--set", "batch_size=4",
+            "--imagenet-root"]
     proc = subprocess.run([sys.executable, "sweeps/run.py", *argv, str(root)], cwd=REPO,
                           capture_output=True, text=True, env=env, errors="replace")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -796,7 +803,7 @@ def test_a_symlinked_kaggle_cls_loc_is_planned_from_the_path_given(tmp_path):
     root.rename(fast)
     root.symlink_to(fast)
     plan = make_plan(parse("gabor_conv1", "--data", "imagenet", "--imagenet-root", str(root),
-                           "--set", "val_folds=2"))
+                           "--set", "val_folds=2", "--set", "batch_size=8"))
     assert plan.data["gabor_conv1"].imagenet_root == str(root)
 
 
@@ -859,8 +866,8 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
     (["gabor_conv1", "--set", "batch_size=500"],
      r"batch_size=500 but the training split of .* holds 64 images; accepted: batch_size <= 64"),
     (["gabor_conv1", "--set", "val_folds=20", "--set", "val_images=40"],
-     r"val_folds=20 needs 40 validation images but the validation split holds 32; accepted: "
-     r"val_folds <= 16"),
+     r"val_folds=20 needs 40 validation images but the validation split of simulated "
+     r"single-label world .* holds 32; accepted: val_folds <= 16"),
 ])
 def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match):
     """Each passed the plan, then failed every trial after an epoch (three times over), or
