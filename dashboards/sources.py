@@ -36,6 +36,7 @@ from typing import Any
 from records import (
     ARTIFACTS_DIR,
     FILTERS_ARTIFACT,
+    FINGERPRINT_FILE,
     MANIFEST_FILE,
     PARENT_FILE,
     PARENT_TAG,
@@ -396,6 +397,28 @@ def _ray_history(folder: Path) -> dict[str, tuple[tuple[int, float], ...]]:
     return {k: tuple(sorted(v.items())) for k, v in by_metric.items()}
 
 
+def _recorded_experiment(run_dir: Path) -> str | None:
+    """The experiment of a run folder whose name is not ``<experiment>_<stamp>`` (a copy kept
+    under another name): the sweep and scale its fingerprint recorded when it started
+    (``records.FINGERPRINT_FILE``); None without a readable one."""
+    try:
+        recorded = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+        scale = "smoke" if recorded.get("smoke") else recorded["scale"]
+        return experiment_name(str(recorded["sweep"]), scale)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _trial_folder(run_dir: Path, recorded: str | None) -> Path | None:
+    """A trial's folder from the manifest's ``<run folder>/<trial folder>``, always inside
+    ``run_dir``: a copy kept under another name reads its own trial folders, not those of
+    the folder it was copied from."""
+    if not recorded:
+        return None
+    parts = Path(recorded).parts
+    return run_dir.joinpath(*parts[1:]) if len(parts) > 1 else run_dir.parent / recorded
+
+
 _RAY_BOOKKEEPING = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
                     "time_since_restore", "iterations_since_restore", "done",
                     "should_checkpoint"}
@@ -408,7 +431,12 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     run and config) and each trial folder's ``result.json``; never Ray's private state."""
     run_dir = _ray_run_dir(Path(directory).expanduser().resolve(), sweep, experiment)
     parsed_dir = parse_run_folder(run_dir.name)
-    exp_name = parsed_dir[0] if parsed_dir else run_dir.name
+    exp_name = parsed_dir[0] if parsed_dir else _recorded_experiment(run_dir)
+    if exp_name is None:
+        raise SourceError(f"--ray-results {run_dir}: which sweep ran here is unknown (the name "
+                          f"is not <experiment>_<YYYYmmdd-HHMMSS> and there is no "
+                          f"{FINGERPRINT_FILE}); accepted: a run folder the driver wrote, "
+                          f"under any name")
     name, suffix = parse_experiment(exp_name)
     smoke = suffix == "smoke"
     scale = "paper" if suffix == "paper" else "demo"
@@ -430,7 +458,7 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
             notes.append(f"trial {entry.key} in {run_dir}: not a sweep trial key "
                          f"(<condition>-<direction>-a<|alpha|>-b<beta>-s<seed>); skipped")
             continue
-        folder = run_dir.parent / entry.folder if entry.folder else None
+        folder = _trial_folder(run_dir, entry.folder)
         present = folder is not None and folder.is_dir()
         history = ({k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
                    if present else {})

@@ -629,6 +629,38 @@ def test_ray_results_folder_statuses_config_and_newest_run(tmp_path):
         load_ray(storage / "gabor_conv1-demo_20260101-000000", "nsd_conv1_v1")
 
 
+def test_a_run_folder_copied_under_another_name_reads_its_own_trials(tmp_path):
+    import shutil
+
+    from dashboards.sources import load_ray
+
+    original = tmp_path / "ray_results" / "gabor_conv1-demo_20260102-000000"
+    write_ray_run(original, [("gabor_conv1-none-a0-b1-s0", "done", [0.3, 0.4]),
+                             ("gabor_conv1-max-a8-b2-s0", "done", [0.2, 0.35])],
+                  {"model": "alexnet", "epochs": 2})
+    (original / "sweep_fingerprint.json").write_text(json.dumps(
+        {"sweep": "gabor_conv1", "scale": "demo", "smoke": False}))
+    copy = tmp_path / "ray_results" / "kept for the paper"
+    shutil.copytree(original, copy)
+    # the original moves on after the copy (a resume): the copy must not read its trials
+    (original / "gabor_conv1-none-a0-b1-s0" / "result.json").write_text("")
+    record = load_ray(copy, "gabor_conv1")
+    assert record.label == "kept for the paper" and record.experiment == "gabor_conv1-demo"
+    by_id = {t.trial_id: t for t in record.trials}
+    assert by_id["gabor_conv1-none-a0-b1-s0"].history["val_performance"] == ((0, 0.3), (1, 0.4))
+    assert by_id["gabor_conv1-max-a8-b2-s0"].status == "FINISHED"
+    with pytest.raises(SourceError, match="holds sweep 'gabor_conv1', not 'nsd_conv1_v1'"):
+        load_ray(copy, "nsd_conv1_v1")
+    # a smoke run's fingerprint names its experiment too
+    (copy / "sweep_fingerprint.json").write_text(json.dumps(
+        {"sweep": "gabor_conv1", "scale": "demo", "smoke": True}))
+    assert load_ray(copy, "gabor_conv1").experiment == "gabor_conv1-smoke"
+    # without the fingerprint nothing says which sweep ran: refused, saying so
+    (copy / "sweep_fingerprint.json").unlink()
+    with pytest.raises(SourceError, match="which sweep ran here is unknown"):
+        load_ray(copy, "gabor_conv1")
+
+
 def test_latest_parent_run_by_default_or_the_one_asked_for(fake_store):
     uri, parents = fake_store
     assert load_mlflow("twice", mlflow_uri=uri).parent_run_id == parents["newer"]
