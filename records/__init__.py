@@ -82,10 +82,12 @@ JOURNAL_FILE = "tracking_journal.json"
 #: besides the counter "epoch": the trainable writes these names, the post-processor reads
 #: them. val_performance is the number the fronts use (val_top1 or val_map); val_alignment is
 #: the alignment they use: the trial's metric (the loss's), val_linear (the paper's) by default.
+#: train_images, val_alignment_images and layer_units say what was measured where a setting
+#: asks for more than the data hold (steps_per_epoch, val_images, pool above the layer's map).
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
                  "val_top5", "val_map", "val_alignment", "val_linear", "val_alignment_nc",
                  "val_cka", "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
-                 "data_wait_seconds")
+                 "data_wait_seconds", "train_images", "val_alignment_images", "layer_units")
 
 #: MLflow's tag holding the description the UI shows for an experiment or a run.
 NOTE_TAG = "mlflow.note.content"

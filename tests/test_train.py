@@ -243,6 +243,18 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
             final["val_map"], abs=1e-12)
 
 
+def test_each_epoch_reports_what_it_measured_where_settings_ask_for_more(single_label,
+                                                                         tmp_path):
+    """val_images above the validation split, steps_per_epoch below the split's steps, pool
+    above conv1's 15 x 15 map: the params say what was asked, the metrics what ran."""
+    cfg = dict(TINY, reference="gabor", val_images=1000, steps_per_epoch=3, pool=64)
+    final, _ = _run(cfg, single_label, GaborReference(), tmp_path)
+    assert len(single_label.val) == 60 and len(single_label.train) // 32 > 3
+    assert final["train_images"] == 3 * 32  # three steps of 32, not the split's five
+    assert final["val_alignment_images"] == 60  # the whole split, not 1000
+    assert final["layer_units"] == 16 * 15 * 15  # width 0.25: 16 channels, unpooled
+
+
 def test_resume_is_bit_exact(nsd_like, tmp_path):
     """2 epochs straight == 1 epoch, checkpoint, restore, 1 epoch (CPU)."""
     data, responses = nsd_like

@@ -544,9 +544,11 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     own_values: list[float] = []
     normalised: list[float] = []
     ceilings = ceilings if ceilings is not None else [None] * len(groups)
+    used = 0
     for (rows, y), nc in zip(groups, ceilings):
         if rows.numel() < 2 * cfg.val_folds:
             continue
+        used += rows.numel()
         x64 = feats[rows].double().flatten(1)
         y64 = y.double().flatten(1)
         # The reported alignment is the paper's (linear) whatever metric the loss uses; CKA and
@@ -580,6 +582,10 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     if normalised:
         summary["val_alignment_nc"] = float(np.mean(normalised))
     summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
+    # what was measured, where the settings asked for more than the data hold (val_images
+    # above the split, a subject with too few images skipped, pool above the layer's map)
+    summary["val_alignment_images"] = float(used)
+    summary["layer_units"] = float(feats[0].numel())
     return summary
 
 
@@ -709,7 +715,7 @@ def train(
             metrics.update(validation_alignment(feats, val_groups, cfg, val_ceilings))
             metrics["epoch"] = float(epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0
-            metrics["images_per_second"] = metrics.pop("train_images") / train_seconds
+            metrics["images_per_second"] = metrics["train_images"] / train_seconds
             with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
                 if last:
