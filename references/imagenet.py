@@ -131,6 +131,8 @@ class ImageIndex:
 
     root : absolute split folder; classes : (n_classes,) sorted class folder names (wnids);
     class_names : (n_classes,) human-readable names (devkit first synonym, else the folder name).
+    skipped : how many other files were found beside the images (not hidden, not folders, not
+    ``.tar`` archives) and left out as torchvision leaves them; skipped_example : one of them.
     Storage (private): ``_paths`` the relative paths concatenated, ``_offsets`` (N + 1,) int64
     so that path i is ``_paths[_offsets[i]:_offsets[i + 1]]``, ``_targets`` (N,) int64.
     """
@@ -141,6 +143,10 @@ class ImageIndex:
     _paths: bytes = field(repr=False)
     _offsets: np.ndarray = field(repr=False)
     _targets: np.ndarray = field(repr=False)
+    #: files found among the images that are not images torchvision reads (by extension), and
+    #: one of them (a path relative to ``root``), so a user learns what was left out
+    skipped: int = 0
+    skipped_example: str = ""
 
     def __post_init__(self) -> None:
         n = len(self._targets)
@@ -199,12 +205,27 @@ class ImageIndex:
 
 
 def _pack(root: str, classes: tuple[str, ...], class_names: tuple[str, ...],
-          rel_paths: list[bytes], targets: list[int]) -> ImageIndex:
+          rel_paths: list[bytes], targets: list[int],
+          others: list[bytes] | None = None) -> ImageIndex:
     lengths = np.fromiter(map(len, rel_paths), dtype=np.int64, count=len(rel_paths))
     offsets = np.zeros(len(rel_paths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    others = others or []
+    example = os.fsdecode(min(others, key=os.fsdecode)) if others else ""
     return ImageIndex(root, classes, class_names, b"".join(rel_paths), offsets,
-                      np.asarray(targets, dtype=np.int64).reshape(-1))
+                      np.asarray(targets, dtype=np.int64).reshape(-1), len(others), example)
+
+
+def skipped_note(*indices: ImageIndex) -> str:
+    """'' or '; N other files skipped (e.g. PATH; accepted image extensions: ...)' for
+    split indices whose folders held files that are not images torchvision reads."""
+    total = sum(i.skipped for i in indices)
+    if not total:
+        return ""
+    first = next(i for i in indices if i.skipped)
+    example = os.path.join(first.root, first.skipped_example)
+    return (f"; {total} other file{'s' if total > 1 else ''} skipped, as torchvision skips "
+            f"them (e.g. {example}; {_accepted()})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,12 +448,12 @@ def _is_image(name: bytes) -> bool:
     return name.lower().endswith(_IMAGE_EXTENSIONS_B)
 
 
-def _listdir(folder: bytes, archives: list[bytes] | None = None
-             ) -> tuple[list[bytes], list[bytes]]:
+def _listdir(folder: bytes, archives: list[bytes] | None = None,
+             others: list[bytes] | None = None) -> tuple[list[bytes], list[bytes]]:
     """(sub-folder names, image file names) of one folder, unsorted; hidden entries (name
     starting with ".") skipped, symlinks followed (a broken one refused, unless it is dangling
     and not named as an image: ``_link_target_is_dir``). Names of files ending in ".tar" (any
-    case) are appended to ``archives`` when given.
+    case) are appended to ``archives`` when given, the names of other files to ``others``.
     Plain entries cost no ``stat`` (``DirEntry`` types from the listing); a symlink costs one."""
     dirs, images = [], []
     try:
@@ -453,6 +474,8 @@ def _listdir(folder: bytes, archives: list[bytes] | None = None
                     images.append(name)
                 elif archives is not None and name.lower().endswith(b".tar"):
                     archives.append(name)
+                elif others is not None and not name.lower().endswith(b".tar"):
+                    others.append(name)
     except OSError as e:
         raise ImageNetFormatError(f"cannot list {os.fsdecode(folder)} ({e.strerror}); expected "
                                   "a readable folder") from e
@@ -479,10 +502,11 @@ def _link_target_is_dir(entry: os.DirEntry) -> bool | None:
             "link") from e
 
 
-def _walk_images(class_dir: bytes) -> list[bytes]:
+def _walk_images(class_dir: bytes, others: list[bytes] | None = None) -> list[bytes]:
     """Image paths under class_dir relative to it, in make_dataset's order: folders by sorted
     full path (os.walk roots sorted), file names sorted within each folder, both as the str
-    torchvision sees (``os.fsdecode``)."""
+    torchvision sees (``os.fsdecode``). Other files' paths (relative to class_dir) are
+    appended to ``others`` when given."""
     found: list[tuple[bytes, list[bytes]]] = []
     stack = [(b"", frozenset())]
     while stack:
@@ -497,7 +521,10 @@ def _walk_images(class_dir: bytes) -> list[bytes]:
         if key in ancestors:  # os.walk(followlinks=True) would recurse forever
             raise ImageNetFormatError(f"symlink loop at {os.fsdecode(folder)}; expected class "
                                       "folders without links to their own ancestors")
-        dirs, images = _listdir(folder)
+        skipped: list[bytes] | None = [] if others is not None else None
+        dirs, images = _listdir(folder, others=skipped)
+        if others is not None and skipped:
+            others.extend(rel + _SEP + name if rel else name for name in skipped)
         found.append((rel, sorted(images, key=os.fsdecode)))
         stack.extend((rel + _SEP + d if rel else d, ancestors | {key}) for d in dirs)
     found.sort(key=lambda item: os.fsdecode(item[0]))
@@ -549,7 +576,8 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     folder = _split_folder(root, split)
     folder_b = os.fsencode(folder)
     archives: list[bytes] = []
-    dirs, top_images = _listdir(folder_b, archives)
+    others: list[bytes] = []
+    dirs, top_images = _listdir(folder_b, archives, others)
     # ILSVRC2012_img_train.tar extracted one level: one n01440764.tar per class, whose classes
     # would be missing. Fine: an archive kept beside its extracted folder, the official
     # ILSVRC2012_img_*.tar themselves (not per class), archives among a flat val's images.
@@ -571,14 +599,17 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     # Names are sorted as torchvision sorts them, as str: bytes that are not UTF-8 decode to
     # surrogates (U+DC80..U+DCFF), which sort after most non-ASCII text, unlike their bytes.
     if top_images:
-        return _index_flat_val(root, folder, sorted(top_images, key=os.fsdecode), meta)
+        return _index_flat_val(root, folder, sorted(top_images, key=os.fsdecode), meta, others)
 
     classes_b = sorted(dirs, key=os.fsdecode)
+    others = []  # files beside the class folders are no class's (torchvision ignores them)
     rel_paths: list[bytes] = []
     targets: list[int] = []
     empty: list[str] = []
     for k, cls in enumerate(classes_b):
-        rels = _walk_images(folder_b + _SEP + cls)
+        found: list[bytes] = []
+        rels = _walk_images(folder_b + _SEP + cls, found)
+        others.extend(cls + _SEP + r for r in found)
         if not rels:
             empty.append(os.fsdecode(cls))
         rel_paths.extend(cls + _SEP + r for r in rels)
@@ -592,10 +623,12 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
             f"{f' (nor do {len(empty) - 1} others: {_few(empty[1:])})' if len(empty) > 1 else ''}; "
             f"expected at least one image per class ({_accepted()})")
     classes = tuple(os.fsdecode(c) for c in classes_b)
-    return _pack(folder, classes, _class_names(classes, meta, folder), rel_paths, targets)
+    return _pack(folder, classes, _class_names(classes, meta, folder), rel_paths, targets,
+                 others)
 
 
-def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | None) -> ImageIndex:
+def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | None,
+                    others: list[bytes] | None = None) -> ImageIndex:
     if meta is None:
         raise ImageNetFormatError(
             f"{folder} is flat ({len(names)} images, no class folders) and {root} has no "
@@ -628,7 +661,7 @@ def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | No
     labels = np.fromiter((class_to_idx[w] for w in wnids), dtype=np.int64, count=len(names))
     order = np.argsort(labels, kind="stable")  # names are sorted: order by (class, name)
     return _pack(folder, classes, _class_names(classes, meta, folder),
-                 [names[i] for i in order], labels[order])
+                 [names[i] for i in order], labels[order], others)
 
 
 def _wnids_by_id(folder: str, names: list[bytes], meta: _Meta) -> tuple[list[str], list[int]]:

@@ -289,7 +289,7 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             d = datas[source]
             _say(f"data ready: {source.describe()}: {len(d.train)} train / {len(d.val)} "
                  f"validation images indexed ({time.perf_counter() - t0:.1f} s); each trial "
-                 f"reads its own")
+                 f"reads its own{source.skipped_note()}")
         t0 = time.perf_counter()
         reference = build_reference(
             cond.reference, bundle=bundles[source], model=cond.model, layer=cond.layer,

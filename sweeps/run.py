@@ -141,7 +141,7 @@ def data_lines(plan: Plan) -> list[str]:
             seen.append(src)
             users = [c for c, s in plan.data.items() if s == src]
             who = f" [{', '.join(users)}]" if len(plan.data) > 1 else ""
-            lines.append(f"data: {src.describe()}{who}")
+            lines.append(f"data: {src.describe()}{who}{src.skipped_note()}")
     return lines
 
 

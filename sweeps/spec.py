@@ -253,6 +253,15 @@ class DataSource:
         return (f"NSD release {self.nsd_root}, ROI {self.roi}, subjects {subjects}, "
                 f"COCO annotations {self.coco_annotations} at {px}")
 
+    def skipped_note(self) -> str:
+        """For an ImageNet folder: '' or what its index left out (files that are not images
+        torchvision reads, ``references.imagenet.skipped_note``), from the cached index."""
+        if self.kind != "imagenet":
+            return ""
+        from references import datasets, imagenet
+
+        return imagenet.skipped_note(*datasets.imagenet_index(self.imagenet_root))
+
     def build(self, *, progress: bool = True):
         """Generate / prepare (cached) and open the data: a ``references.datasets.DataBundle``,
         built by the data registry (``references.DATASETS``) from this source's fields."""

@@ -34,6 +34,7 @@ from references.imagenet import (
     index_imagenet,
     index_split,
     read_rgb,
+    skipped_note,
 )
 
 SIZES = ((500, 375), (375, 500), (320, 240))
@@ -520,6 +521,36 @@ def test_hidden_entries_are_skipped_at_every_level(hide, layout, tmp_path):
     hide(tree)
     assert index_imagenet(tree) == expected[0]
     assert describe(tree) == expected[1]
+
+
+def test_files_that_are_not_images_are_left_out_and_counted(layout, tmp_path):
+    """As torchvision's ImageFolder, files whose extension it does not read are no samples;
+    unlike it, the index says how many there were and names one (hidden ones not counted,
+    nor files beside the class folders, which are no class's)."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", layout=layout, sizes=SMALL)
+    expected = index_imagenet(tree)
+    assert [i.skipped for i in expected] == [0, 0] and skipped_note(*expected) == ""
+    (tree / "train" / "n00000001" / ".DS_Store").write_bytes(bytes(64))  # hidden: uncounted
+    (tree / "train" / "n00000001" / "n00000001_7.heic").write_bytes(b"x")
+    (tree / "train" / "n00000002" / "sub").mkdir()
+    (tree / "train" / "n00000002" / "sub" / "notes.txt").write_text("x")
+    (tree / "train" / "README").write_text("beside the classes: no class's file")
+    val_dir = (tree / "val" / "n00000000") if layout != "torchvision_flat_val" else tree / "val"
+    (val_dir / "labels.json").write_text("{}")
+    train, val = index_imagenet(tree)
+    assert (train, val) == expected  # the samples are the same
+    assert (train.skipped, val.skipped) == (2, 1)
+    assert train.skipped_example == os.path.join("n00000001", "n00000001_7.heic")
+    note = skipped_note(train, val)
+    assert note.startswith(f"; 3 other files skipped, as torchvision skips them (e.g. "
+                           f"{tree / 'train' / 'n00000001' / 'n00000001_7.heic'}; accepted "
+                           f"image extensions: ")
+    assert skipped_note(val) == (f"; 1 other file skipped, as torchvision skips them (e.g. "
+                                 f"{val_dir / 'labels.json'}; accepted image extensions: "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
+    # torchvision's own ImageFolder makes the same samples of the sorted splits
+    if layout == "imagefolder":
+        assert len(torchvision.datasets.ImageFolder(tree / "train")) == len(train)
 
 
 def test_broken_image_link_is_refused_and_other_links_are_followed(tmp_path):

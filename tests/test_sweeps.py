@@ -785,10 +785,13 @@ def test_a_path_not_in_utf8_is_refused_and_a_utf8_link_to_it_works(tmp_path):
     assert proc.stderr == (f"error: argument '{tmp_path}/caf\\xe9 data' is not valid UTF-8 (a "
                            f"path named in another encoding?); accepted: UTF-8 arguments -- "
                            f"reach such a folder through a symbolic link with a UTF-8 name\n")
+    stray = next((link / "train").iterdir()) / "notes.txt"  # no image: left out, and said
+    stray.write_text("x")
     proc = subprocess.run([sys.executable, "sweeps/run.py", *argv, str(link)], cwd=REPO,
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert f"data: ImageNet folder {link} at 224 px" in proc.stdout
+    assert (f"data: ImageNet folder {link} at 224 px; 1 other file skipped, as torchvision "
+            f"skips them (e.g. {stray}; accepted image extensions: ") in proc.stdout
 
 
 def test_a_symlinked_kaggle_cls_loc_is_planned_from_the_path_given(tmp_path):
