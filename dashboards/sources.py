@@ -43,6 +43,7 @@ from records import (
     SCALE_SUFFIXES,
     TrialKey,
     child_runs,
+    error_summary,
     experiment_name,
     parse_experiment,
     parse_run_folder,
@@ -331,7 +332,8 @@ def _mlflow_trial(client, run) -> Trial:
             by_step[int(m.step)] = float(m.value)  # a retried epoch: the last value wins
         history[key] = tuple(sorted(by_step.items()))
     config = resolve_config(run.data.params)
-    alpha = _number(tags.get("alpha"), _number(str(config.get("alpha"))))
+    # the param is the alpha as trained (repr of the float); the tag is rounded for display
+    alpha = _number(run.data.params.get("alpha"), _number(tags.get("alpha")))
     return Trial(
         run_id=run.info.run_id,
         trial_id=tags.get("trial_id", run.info.run_name or run.info.run_id),
@@ -463,8 +465,9 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         history = ({k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
                    if present else {})
         error_file = folder / "error.txt" if present else None
-        error = (error_file.read_text().strip().splitlines()[-1]
-                 if error_file is not None and error_file.is_file() else None)
+        lines = (error_file.read_text(errors="replace").strip().splitlines()
+                 if error_file is not None and error_file.is_file() else [])
+        error = error_summary(lines[-1]) if lines else None
         # an Optuna sample's key rounds its alpha; the manifest's config has it as trained
         alpha = key.signed_alpha
         if key.sample is not None:

@@ -29,8 +29,8 @@ __all__ = [
     "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT",
     "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
     "PARENT_TAG", "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "TrialKey",
-    "control_name", "experiment_name", "fmt_number", "parse_experiment", "parse_run_folder",
-    "read_manifest", "run_folder_name", "write_manifest",
+    "control_name", "error_summary", "experiment_name", "fmt_number", "parse_experiment",
+    "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
 ]
 
 # -------------------------------------------------------------------------- the vocabulary
@@ -94,6 +94,24 @@ NOTE_TAG = "mlflow.note.content"
 
 #: MLflow's tag that nests a trial's run under the sweep's parent run.
 PARENT_TAG = "mlflow.parentRunId"
+
+
+_QUALIFIED_ERROR = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?P<type>[A-Za-z_]\w*): (?P<message>.*)$")
+#: The retry marker's exception (``sweeps.execute.RepeatedFailure``): its message is the first
+#: attempt's ``Type: message``.
+REPEATED_FAILURE = "RepeatedFailure"
+
+
+def error_summary(line: str) -> str:
+    """A trial error's last traceback line as MLflow's ``error`` tag has it: ``Type: message``
+    with the type unqualified (a traceback writes ``trainable.train.TrialDiverged: ...``), a
+    retry's ``RepeatedFailure`` unwrapped to the first attempt's error it carries."""
+    line = line.strip()
+    m = _QUALIFIED_ERROR.match(line)
+    if m:
+        line = f"{m['type']}: {m['message']}"
+    prefix = f"{REPEATED_FAILURE}: "
+    return line[len(prefix):] if line.startswith(prefix) else line
 
 
 def fmt_number(x: float) -> str:

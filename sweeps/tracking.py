@@ -134,13 +134,14 @@ class TrialRun:
     # -- the trial's side: never blocks on the store, never raises because of it
 
     def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> None:
-        values = {k: float(v) for k, v in metrics.items() if v == v}  # NaN: not logged
-        self._put(("metrics", {epoch: values}))
+        self._put(("metrics", {epoch: _defined(metrics)}))
 
     def reconcile(self, journal: Mapping[int, Mapping[str, float]]) -> None:
-        """A restored trial's reported epochs: send whatever of them the store lacks."""
+        """A restored trial's reported epochs: send whatever of them the store lacks (NaN is
+        never logged, as by ``log_epoch``: the journal keeps every value the trial reported,
+        the store only the defined ones, whichever path they take)."""
         if journal:
-            self._put(("metrics", {int(e): dict(m) for e, m in journal.items()}, True))
+            self._put(("metrics", {int(e): _defined(m) for e, m in journal.items()}, True))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._put(("tags", {k: str(v) for k, v in tags.items()}))
@@ -239,6 +240,12 @@ class TrialRun:
             self._logged |= present & {(k, e) for e, m in epochs.items() for k in m}
         return {e: {k: v for k, v in m.items() if (k, e) not in present}
                 for e, m in epochs.items()}
+
+
+def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
+    """An epoch's metrics less NaN (a metric with no value that epoch: no alignment measured,
+    a silent layer): MLflow would plot it as a point."""
+    return {k: float(v) for k, v in metrics.items() if float(v) == float(v)}
 
 
 def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,

@@ -661,6 +661,58 @@ def test_a_run_folder_copied_under_another_name_reads_its_own_trials(tmp_path):
         load_ray(copy, "gabor_conv1")
 
 
+@pytest.mark.parametrize("last_line, summary", [
+    ("trainable.train.TrialDiverged: non-finite loss (alpha=8.0: stopped)",
+     "TrialDiverged: non-finite loss (alpha=8.0: stopped)"),
+    # a retry that ended at once carries the first attempt's error
+    ("sweeps.execute.RepeatedFailure: ValueError: loss_folds=16 needs 32 rows",
+     "ValueError: loss_folds=16 needs 32 rows"),
+    ("ValueError: bad: value", "ValueError: bad: value"),
+    ("ray.exceptions.RayTaskError(OSError): ray::run_trial()", "ray.exceptions.RayTaskError("
+     "OSError): ray::run_trial()"),
+])
+def test_a_ray_error_line_reads_as_mlflows_error_tag(last_line, summary):
+    from records import REPEATED_FAILURE, error_summary
+    from sweeps.execute import RepeatedFailure, error_line
+
+    assert error_summary(last_line) == summary
+    assert RepeatedFailure.__name__ == REPEATED_FAILURE
+    # what the driver tags in MLflow for the same exception
+    if last_line.startswith("sweeps.execute.RepeatedFailure"):
+        assert error_line(RepeatedFailure("ValueError: loss_folds=16 needs 32 rows")) == summary
+
+
+def test_nan_reaches_the_store_by_neither_path(fake_store):
+    """A trial's NaN (no alignment measured that epoch) is not logged live, nor when a
+    restored trial or the driver replays its journal."""
+    from records import experiment_name
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("nan_paths", "demo"), {"sweep": "x"})
+    client = MlflowClient(uri)
+    for i, send in enumerate([lambda r, m: r.log_epoch(m, 0), lambda r, m: r.reconcile({0: m})]):
+        run = tracking.TrialRun(uri, parent, f"x-none-a0-b1-s{i}", params={}, tags={},
+                                say=lambda _: None)
+        send(run, {"align_loss": float("nan"), "task_loss": 1.5, "epoch": 0.0})
+        run.finish("FINISHED")
+        assert run.close(60)
+        metrics = client.get_run(run.run_id).data.metrics
+        assert metrics == {"task_loss": 1.5, "epoch": 0.0}, i
+
+
+def test_an_alpha_is_read_as_trained_not_as_its_rounded_tag(fake_store, tmp_path):
+    """An Optuna sample's alpha (1/3 here): the tag shows 10 digits, the param is exact; the
+    tables from MLflow and from Ray's folder must agree."""
+    from dashboards.sources import load_mlflow
+
+    uri, _ = fake_store
+    write_sweep(MlflowClient(uri), "thirds", [fake_trial("max", 1 / 3, perf=[0.3], align=[0.2])],
+                tmp=tmp_path)
+    record = load_mlflow("thirds", mlflow_uri=uri)
+    assert [t.alpha for t in record.trials] == [1 / 3]
+
+
 def test_latest_parent_run_by_default_or_the_one_asked_for(fake_store):
     uri, parents = fake_store
     assert load_mlflow("twice", mlflow_uri=uri).parent_run_id == parents["newer"]
