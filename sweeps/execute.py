@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from records import (
     ManifestEntry,
     TrialKey,
     child_runs,
+    fmt_number,
     read_manifest,
     run_folder_name,
     write_manifest,
@@ -139,6 +141,10 @@ class RayHooks:
     def artifact_dir(self) -> Path:
         return Path(self._artifacts.name)
 
+    def describe(self, facts: dict[str, str]) -> None:
+        """``trainable.train.trial_facts`` as the child run's ``ran.*`` tags."""
+        self.run.set_tags({f"{FACT_TAG_PREFIX}{k}": v for k, v in facts.items()})
+
     def close(self) -> None:
         self._artifacts.cleanup()
         if self._restored is not None:
@@ -186,12 +192,17 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
     run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
-                            params=spec.config, tags={**payload.run_tags, **spec.tags()},
+                            params=resolved_config(spec.config),
+                            tags={**payload.run_tags, **spec.tags()},
                             dataset=payload.datasets.get(spec.condition))
     hooks = RayHooks(run)
-    # Where it ran (multi-node checks) and which process to signal (fault-injection tests).
-    run.set_tags({"ray_node_id": ray.get_runtime_context().get_node_id(),
-                  "worker_pid": str(os.getpid())})
+    # Where it ran (multi-node checks), which process to signal (fault-injection tests), and
+    # the share of the node Ray gave it (a GPU request is dropped on a cluster without one).
+    context = ray.get_runtime_context()
+    assigned = context.get_assigned_resources()
+    run.set_tags({"ray_node_id": context.get_node_id(), "worker_pid": str(os.getpid()),
+                  f"{FACT_TAG_PREFIX}cpus": fmt_number(assigned.get("CPU", 0.0)),
+                  f"{FACT_TAG_PREFIX}gpus": fmt_number(assigned.get("GPU", 0.0))})
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
         run.log_artifacts(hooks.artifact_dir())
@@ -206,6 +217,9 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         run.close(_flush_timeout())  # queued operations only: nothing here can mask `exc`
         hooks.close()
 
+
+#: A child run's tags for what the trial resolved when it started (``trial_facts``).
+FACT_TAG_PREFIX = "ran."
 
 #: In a trial's folder: the error of an attempt that would fail the same way again.
 FAILED_MARKER = "failed_for_good.txt"
@@ -236,6 +250,15 @@ def _clear_failure_markers(run_dir: Path) -> None:
     """--resume reruns errored trials: forget which errors were thought permanent."""
     for marker in run_dir.glob(f"**/{FAILED_MARKER}"):
         marker.unlink(missing_ok=True)
+
+
+def resolved_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a trial records (MLflow params, the manifest): every TrialConfig setting as the
+    trial runs it, the sweep's and --set's values over the defaults, so a record read after a
+    default has changed still says what ran."""
+    from trainable.config import TrialConfig
+
+    return TrialConfig.from_dict(dict(config)).asdict()
 
 
 def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
@@ -482,9 +505,52 @@ def execute(plan: Plan) -> int:
         return _execute(plan)
 
 
-def _start_records(plan: Plan, run_dir: Path) -> tuple[str, dict[str, str]]:
+def code_version(repo: Path | None = None) -> dict[str, str]:
+    """MLflow's tags for the code that ran: the git commit of this checkout
+    (``mlflow.source.git.commit``) and whether tracked files differed from it; {} outside a
+    git checkout (an installed copy, an image without .git)."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {"mlflow.source.git.commit": head.stdout.strip()}
+    if dirty.returncode == 0:
+        out["code_modified"] = str(bool(dirty.stdout.strip())).lower()
+    return out
+
+
+def _weights_tags(references: dict[str, Any]) -> dict[str, str]:
+    """``reference_weights``: each pretrained condition's network file (with its sha256, so a
+    file replaced at the same path is told apart) or cache entry."""
+    lines = []
+    for name, ref in references.items():
+        source = str(getattr(ref, "source", "") or "")
+        if not source:
+            continue
+        path = Path(source)
+        if not source.startswith("auto:") and path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            source = f"{source} (sha256 {digest.hexdigest()})"
+        lines.append(f"{name}: {source}")
+    return {"reference_weights": "; ".join(lines)} if lines else {}
+
+
+def _start_records(plan: Plan, run_dir: Path,
+                   references: dict[str, Any] | None = None) -> tuple[str, dict[str, str]]:
     """The sweep's parent run (reused on --resume), its pointer file and the manifest:
-    ``(parent run id, the tags every run of the sweep carries)``."""
+    ``(parent run id, the tags every run of the sweep carries)``. The parent alone also
+    carries the sweep's own settings: search, seeds, where Ray and its results are, the
+    code's commit and the pretrained networks' files."""
     parent_file = run_dir / PARENT_FILE
     reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
     run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
@@ -493,12 +559,17 @@ def _start_records(plan: Plan, run_dir: Path) -> tuple[str, dict[str, str]]:
         run_tags["overrides"] = format_overrides(plan.overrides)
     if plan.only:
         run_tags["only"] = " ".join(plan.only)
+    parent_tags = {**run_tags, "search": plan.search, "seeds": str(plan.seeds),
+                   **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
+                   "ray": plan.address or "local (started by the driver)",
+                   "run_folder": str(run_dir), **code_version(),
+                   **_weights_tags(references or {})}
     about = (f"{plan.spec.description} ({plan.scale} scale; sweep file "
              f"{plan.spec.path.name}). Trials are the nested runs, named by their keys "
              f"(condition-direction-alpha-beta-seed). When the sweep ends, its report "
              f"(Pareto fronts, statistics, figures) is in this run's artifacts (report.html) "
              f"and under outputs/{plan.experiment}/ where the driver ran.")
-    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, run_tags, reuse,
+    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags, reuse,
                                       description=about)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Secrets never reach a file or the console: the URI is written and shown redacted.
@@ -527,7 +598,7 @@ def _execute(plan: Plan) -> int:
     try:
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
-        parent_id, run_tags = _start_records(plan, run_dir)
+        parent_id, run_tags = _start_records(plan, run_dir, references)
     except BaseException as exc:
         signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
@@ -701,7 +772,7 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
             continue
         if key not in entries:
             entries[key] = ManifestEntry(key, "pending", f"{run_dir.name}/{key}", None,
-                                         dict(spec.config))
+                                         resolved_config(spec.config))
     for o in outcomes:
         try:
             key = TrialKey.parse(o.trial_id)
@@ -710,7 +781,7 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
         base = specs.get(o.trial_id) or next(
             (t for t in plan.trials if t.condition == key.condition
              and t.direction == key.direction), None)
-        config = dict(base.config) if base is not None else {}
+        config = resolved_config(base.config) if base is not None else {}
         if base is not None and key.sample is not None:
             config["alpha"] = o.alpha if o.alpha is not None else key.signed_alpha
         folder = (os.path.relpath(o.folder, run_dir.parent) if o.folder else None)

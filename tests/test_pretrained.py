@@ -354,3 +354,25 @@ def test_checkpoints_labs_save_load_and_bad_files_are_one_line(tmp_path):
                                          r"e.g. classifier.1.bias: file \(2048,\), model "
                                          r"\(1024,\)"):
         load_network("alexnet", other_width, width=0.25)
+
+
+def test_the_sweep_records_each_network_file_with_its_digest(tmp_path):
+    """The parent run's ``reference_weights`` names the file each pretrained condition loaded
+    and its sha256 (a file replaced at the same path is told apart); the child runs'
+    ``ran.reference`` names it too. The Gabor bank has no file."""
+    import hashlib
+
+    from references.gabor import GaborReference
+    from sweeps.execute import _weights_tags
+    from trainable.train import ShuffledReference, describe_reference
+
+    path = tmp_path / "weights.pt"
+    torch.save(build_model("alexnet", num_classes=5, width=0.25, seed=0).net.state_dict(), path)
+    ref = pretrained_reference("alexnet", "conv5", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    tags = _weights_tags({"pretrained_conv5": ref, "gabor_conv1": GaborReference()})
+    assert tags == {"reference_weights": f"pretrained_conv5: {path} (sha256 {digest})"}
+    assert _weights_tags({"gabor_conv1": GaborReference()}) == {}
+    assert describe_reference(ref) == f"pretrained alexnet conv5 from {path}"
+    assert describe_reference(ShuffledReference(GaborReference(), 0)) == (
+        "shuffled across images: gabor")

@@ -48,12 +48,40 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
     assert len(children) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
     assert sorted(r.data.tags["direction"] for r in children) == ["max", "min", "none"]
+    # the parent says how the sweep ran: its search, seeds, Ray, run folder and code
+    parent_tags = parents[0].data.tags
+    assert (parent_tags["search"], parent_tags["seeds"]) == ("grid", "1")
+    assert parent_tags["ray"] == "local (started by the driver)"
+    run_folder = Path(parent_tags["run_folder"])
+    assert run_folder.parent == work / "ray_results" and (run_folder / "manifest.jsonl").is_file()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one)
+        assert parent_tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert parent_tags["code_modified"] in ("true", "false")
+    # params are every setting as the trial ran it (defaults included), here and in the
+    # manifest, so a default changed later does not rewrite what ran
+    import dataclasses
+    import json
+
+    from trainable.config import TrialConfig
+
+    every = {f.name for f in dataclasses.fields(TrialConfig)}
+    manifest = [json.loads(line)
+                for line in (run_folder / "manifest.jsonl").read_text().splitlines()]
+    assert all(set(entry["config"]) == every for entry in manifest)
     for run in children:
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
         assert tags["condition"] == "nsd_conv1_v1" and tags["data"] == "demo"
         assert float(params["alpha"]) == float(tags["alpha"])
         assert params["layer"] == "conv1" and params["reference"] == "nsd"
+        assert set(params) == every and params["ridge_rel"] == str(TrialConfig.ridge_rel)
+        # what the trial resolved: the machine's share, device, precision, its data, voxels
+        assert (tags["ran.device"], tags["ran.precision"]) == ("cpu", "float32")
+        assert float(tags["ran.cpus"]) == float(params["threads"])
+        assert tags["ran.gpus"] == "0" and tags["ran.reference"].startswith("voxels of V1 (")
+        assert tags["ran.train_split"].endswith(("in memory", "streamed"))
         history = client.get_metric_history(run.info.run_id, "val_alignment")
         assert [m.step for m in history] == [0]
         for key in ("val_performance", "val_cka", "val_rsa", "task_loss", "epoch_seconds"):

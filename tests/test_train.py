@@ -227,6 +227,19 @@ def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
         assert key in final and np.isfinite(final[key]), key
     assert 0.0 <= final["dead_units"] <= 1.0
     assert 0.0 < final["val_map"] <= 1.0
+    # images of the fixed validation subset, not subject-image pairs (subjects share images)
+    from trainable.train import validation_subset
+
+    groups = responses.groups(validation_subset(data.val, 40).image_ids).values()
+    counted = [rows for rows, _ in groups if rows.numel() >= 2 * TINY["val_folds"]]
+    assert final["val_alignment_images"] == torch.unique(torch.cat(counted)).numel()
+    assert final["val_alignment_images"] <= 40 < sum(r.numel() for r in counted)
+    # what the trial resolved, beside its params (Ray's trials tag their MLflow run with it)
+    subjects = ", ".join(f"subject {s}: {n}" for s, n in responses.n_voxels.items())
+    assert hooks.facts["reference"] == f"voxels of V1 ({subjects})"
+    assert (hooks.facts["device"], hooks.facts["precision"]) == ("cpu", "float32")
+    assert hooks.facts["threads"] == "2" and hooks.facts["val_split"].startswith(
+        f"{len(data.val)} images, ")
     # what the trainable reports is what records names (and the post-processor reads)
     import records
 

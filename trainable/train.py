@@ -63,7 +63,9 @@ class Reference(Protocol):
 
 
 class Hooks(Protocol):
-    """How a trial talks to whoever runs it (Ray Tune or plain Python)."""
+    """How a trial talks to whoever runs it (Ray Tune or plain Python). ``describe`` (optional:
+    train() calls it when present) receives ``trial_facts``, what the trial resolved when it
+    started."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None: ...
 
@@ -80,6 +82,10 @@ class LocalHooks:
     resume_from: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, facts: dict[str, str]) -> None:
+        self.facts.update(facts)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
         self.history.append(dict(metrics))
@@ -172,6 +178,43 @@ def resolve_device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def trial_facts(cfg: TrialConfig, device: torch.device, workers: int, train_feed: BatchFeed,
+                val_feed: BatchFeed, reference) -> dict[str, str]:
+    """What a trial resolved when it started, where its settings leave it to the machine or
+    the data (``device``/``precision`` "auto", ``loader_workers`` -1, ``in_memory_mb``,
+    ``voxel_ncsnr_min``, the reference's source): recorded beside its params (the MLflow
+    run's ``ran.*`` tags)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return {
+        "device": f"{device}{f' ({name})' if name else ''}",
+        "precision": "bf16 autocast (alignment math in float32/float64)" if bf16 else "float32",
+        "threads": str(torch.get_num_threads()),
+        "loader_workers": str(workers),
+        "train_split": f"{len(train_feed)} images, "
+                       f"{'streamed' if train_feed.streaming else 'in memory'}",
+        "val_split": f"{len(val_feed)} images, "
+                     f"{'streamed' if val_feed.streaming else 'in memory'}",
+        "reference": describe_reference(reference),
+    }
+
+
+def describe_reference(reference) -> str:
+    """One line naming what a trial aligns with: the network file (or cache entry) of a
+    pretrained reference, the voxels kept per subject of a voxel one."""
+    if isinstance(reference, ShuffledReference):
+        return f"shuffled across images: {describe_reference(reference.reference)}"
+    if hasattr(reference, "n_voxels"):
+        kept = ", ".join(f"subject {s}: {n}" for s, n in reference.n_voxels.items())
+        roi = getattr(reference, "roi", "")
+        return f"voxels{f' of {roi}' if roi else ''} ({kept})"
+    source = getattr(reference, "source", "")
+    layer = getattr(reference, "layer", "")
+    what = getattr(reference, "name", type(reference).__name__)
+    model = getattr(reference, "model_name", "")
+    return " ".join(x for x in (what, model, layer, f"from {source}" if source else "") if x)
 
 
 def _autocast(cfg: TrialConfig, device: torch.device):
@@ -544,11 +587,11 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     own_values: list[float] = []
     normalised: list[float] = []
     ceilings = ceilings if ceilings is not None else [None] * len(groups)
-    used = 0
+    used = []
     for (rows, y), nc in zip(groups, ceilings):
         if rows.numel() < 2 * cfg.val_folds:
             continue
-        used += rows.numel()
+        used.append(rows)
         x64 = feats[rows].double().flatten(1)
         y64 = y.double().flatten(1)
         # The reported alignment is the paper's (linear) whatever metric the loss uses; CKA and
@@ -584,7 +627,8 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
     summary["dead_units"] = float(constant_columns(feats.flatten(1)).double().mean())
     # what was measured, where the settings asked for more than the data hold (val_images
     # above the split, a subject with too few images skipped, pool above the layer's map)
-    summary["val_alignment_images"] = float(used)
+    # (images, not subject-image pairs: NSD subjects share images)
+    summary["val_alignment_images"] = float(torch.unique(torch.cat(used)).numel())
     summary["layer_units"] = float(feats[0].numel())
     return summary
 
@@ -698,6 +742,8 @@ def train(
                                 workers=0, device=device, image_size=data.image_size,
                                 first_epoch=start)
         keyed = _reference_targets(reference, val_subset, cfg, device)
+        if hasattr(hooks, "describe"):
+            hooks.describe(trial_facts(cfg, device, workers, train_feed, val_feed, reference))
         val_ceilings = _group_ceilings(reference, keyed, val_subset)
         val_groups = [(r.to(device), y.to(device)) for _, r, y in keyed]
 
