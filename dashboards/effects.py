@@ -4,8 +4,12 @@ Per condition and direction ("min": alpha < 0, suppressing alignment; "max": pro
 
 * ``drop``: the paper's degradation of that side, 100 * (baseline performance - mean
   performance of the side's trials), in top-1 percentage points or mAP points (positive =
-  the side performs worse than the baseline), with a 95 % percentile bootstrap interval;
-* ``alignment_change``: the side's mean validation alignment minus the baseline's.
+  the side performs worse than the baseline), with a 95 % percentile bootstrap interval.
+  Each trial is compared with the baseline of its own seed (else the baselines' mean, as
+  ``dashboards.tables`` does), a configuration's drop is its trials' mean and the side's the
+  mean over configurations: with balanced seeds, the baselines' mean minus the side's;
+* ``alignment_change``: the side's validation alignment minus the baseline's, paired the
+  same way.
 
 The interval is a paired bootstrap over the validation images: every trial of a condition
 (and of its control) is scored on the same resample of images, so what is resampled is the
@@ -166,25 +170,25 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
 def _versus(rows: list[dict], control_rows: list[dict], control: str, draws: dict,
             control_draws: dict) -> dict:
     """Per side, the condition's drop minus its control's over the configurations both ran
-    (like against like: the same alphas and betas), each against its own baseline."""
+    (like against like: the same alphas and betas), each against its own baseline, trial by
+    trial as in ``_condition_effects``."""
     mine, theirs = _configurations(rows), _configurations(control_rows)
     out: dict = {"control": control}
     for side in SIDES:
         shared = sorted(k for k in mine if k[0] == side and k in theirs)
         entry: dict = {"configurations": len(shared), "drop_difference": None, "low": None,
                        "high": None, "excludes_zero": None}
-        b_mine = [r for k, v in mine.items() if k[0] == "none" for r in v]
-        b_theirs = [r for k, v in theirs.items() if k[0] == "none" for r in v]
+        b_mine = _baseline_rows(mine)
+        b_theirs = _baseline_rows(theirs)
         if shared and b_mine and b_theirs:
             def drop(configs, base, shared=shared):
-                return 100 * (np.mean([r["performance"] for r in base]) - np.mean(
-                    [np.mean([r["performance"] for r in configs[k]]) for k in shared]))
+                return 100 * np.mean([_paired_mean(configs[k], base, "performance")
+                                      for k in shared])
 
             entry["drop_difference"] = float(drop(mine, b_mine) - drop(theirs, b_theirs))
-            if "baseline" in draws and "baseline" in control_draws:
+            if all(("diff", k) in draws and ("diff", k) in control_draws for k in shared):
                 def drop_draws(d, shared=shared):
-                    return 100 * (d["baseline"] - np.mean([d[("config", k)] for k in shared],
-                                                          axis=0))
+                    return 100 * np.mean([d[("diff", k)] for k in shared], axis=0)
 
                 diff = drop_draws(draws) - drop_draws(control_draws)
                 entry["drop_difference"] = float(diff[0])
@@ -192,6 +196,25 @@ def _versus(rows: list[dict], control_rows: list[dict], control: str, draws: dic
                 entry["excludes_zero"] = _excludes_zero(entry["low"], entry["high"])
         out[side] = entry
     return out
+
+
+def _baseline_rows(configs: dict[tuple, list[dict]]) -> list[dict]:
+    """The baseline trials (alpha = 0): beta 1's, else any beta's."""
+    return configs.get(("none", 0.0, 1.0)) or [r for k, v in configs.items()
+                                                 if k[0] == "none" for r in v]
+
+
+def _paired_mean(trials: list[dict], base: list[dict], key: str) -> float | None:
+    """Mean over a configuration's trials of (its baseline's ``key`` - the trial's): each
+    trial against the baseline of its own seed (the same initialisation and data order),
+    else the mean of the baselines' (``dashboards.tables``' rule). None when no trial or no
+    baseline has the value. Balanced seeds: the baselines' mean minus the trials' mean."""
+    base_vals = {r["seed"]: r[key] for r in base if r[key] is not None}
+    if not base_vals:
+        return None
+    fallback = float(np.mean(list(base_vals.values())))
+    diffs = [base_vals.get(r["seed"], fallback) - r[key] for r in trials if r[key] is not None]
+    return float(np.mean(diffs)) if diffs else None
 
 
 def _excludes_zero(low: float | None, high: float | None) -> bool | None:
@@ -202,26 +225,38 @@ def _excludes_zero(low: float | None, high: float | None) -> bool | None:
 
 def _condition_effects(rows: list[dict], loaded: dict[str, Predictions] | None,
                        weights: np.ndarray | None, rng: np.random.Generator,
-                       n_boot: int) -> tuple[dict, dict[str, np.ndarray]]:
+                       n_boot: int) -> tuple[dict, dict]:
+    """One condition's sides. Each trial is compared with the baseline of its own seed (the
+    same initialisation and data order; the mean baseline when its seed has none, as
+    ``dashboards.tables`` does), each configuration's drop is the mean of its trials', and a
+    side's is the mean over its configurations: with seeds missing on one side (an
+    interrupted run, a failed trial) no seed's training noise is passed off as an effect.
+    The bootstrap resamples the images (all trials alike) and, within each configuration,
+    its trials, each with its own baseline."""
     configs = _configurations(rows)
-    seeds = max((len(v) for v in configs.values()), default=0)
+    counts = sorted({len(v) for k, v in configs.items()})
+    seeds = counts[-1] if counts else 0
     metric = next((r["performance_metric"] for r in rows if r["performance_metric"]), None)
     entry: dict = {"performance_metric": metric, "seeds": seeds}
     n_images = None if weights is None else weights.shape[1]
+    span = f"{counts[0]} to {seeds}" if len(counts) > 1 else f"{seeds}"
     entry["over"] = (
         "no interval (per-image outcomes missing)" if weights is None else
         f"{n_images} validation images, paired across trials" + (
-            f", and the seeds of each configuration ({seeds})" if seeds > 1 else
+            f", and the seeds of each configuration ({span}), each trial against the "
+            f"baseline of its own seed" if seeds > 1 else
             "; one seed: training noise is not in the interval"))
-    base = configs.get(("none", 0.0, 1.0)) or [r for k, v in configs.items()
-                                                 if k[0] == "none" for r in v]
-    side_draws: dict = {}  # side -> drop draws; ("config", key) -> performance draws (1 + B)
-    if weights is not None:
+    base = _baseline_rows(configs)
+    side_draws: dict = {}  # ("diff", config) -> baseline - performance draws (1 + B)
+    if weights is not None and base:
         perf = {r["trial_id"]: performance(loaded[r["trial_id"]], weights) for r in rows}
+        base_by_seed = {r["seed"]: perf[r["trial_id"]] for r in base}
+        base_mean = np.mean(list(base_by_seed.values()), axis=0)
         seed_pick = rng.integers(0, 1 << 31, size=1)[0]
 
-        def config_draws(trials: list[dict], salt: int) -> np.ndarray:
-            stack = np.vstack([perf[r["trial_id"]] for r in trials])  # (seeds, 1 + B)
+        def diff_draws(trials: list[dict], salt: int) -> np.ndarray:
+            stack = np.vstack([base_by_seed.get(r["seed"], base_mean) - perf[r["trial_id"]]
+                               for r in trials])  # (trials, 1 + B)
             if len(trials) == 1:
                 return stack[0]
             pick = np.random.default_rng([int(seed_pick), salt]).integers(
@@ -230,25 +265,20 @@ def _condition_effects(rows: list[dict], loaded: dict[str, Predictions] | None,
             return np.concatenate([[stack[:, 0].mean()], boot])
 
     for side in SIDES:
-        trials = [k for k in configs if k[0] == side]
-        e: dict = {"configurations": len(trials), "drop": None, "low": None, "high": None,
+        keys = [k for k in configs if k[0] == side]
+        e: dict = {"configurations": len(keys), "drop": None, "low": None, "high": None,
                    "alignment_change": None}
-        if trials and base:
-            mean_perf = np.mean([np.mean([r["performance"] for r in configs[k]])
-                                 for k in trials])
-            base_perf = np.mean([r["performance"] for r in base])
-            e["drop"] = float(100 * (base_perf - mean_perf))
-            aligns = [r["alignment"] for k in trials for r in configs[k]
-                      if r["alignment"] is not None]
-            base_align = [r["alignment"] for r in base if r["alignment"] is not None]
-            if aligns and base_align:
-                e["alignment_change"] = float(np.mean(aligns) - np.mean(base_align))
+        if keys and base:
+            e["drop"] = float(100 * np.mean([_paired_mean(configs[k], base, "performance")
+                                             for k in keys]))
+            aligned = [a for a in (_paired_mean(configs[k], base, "alignment") for k in keys)
+                       if a is not None]
+            if aligned:
+                e["alignment_change"] = -float(np.mean(aligned))
             if weights is not None:
-                b = config_draws(base, 0)
-                per = {k: config_draws(configs[k], i + 1) for i, k in enumerate(trials)}
-                d = 100 * (b - np.mean(list(per.values()), axis=0))
-                side_draws["baseline"] = b
-                side_draws.update({("config", k): v for k, v in per.items()})
+                per = {k: diff_draws(configs[k], i + 1) for i, k in enumerate(keys)}
+                d = 100 * np.mean(list(per.values()), axis=0)
+                side_draws.update({("diff", k): v for k, v in per.items()})
                 e["drop"] = float(d[0])  # the same number, from the per-image outcomes
                 e["low"], e["high"] = _interval(d[1:])
         e["excludes_zero"] = _excludes_zero(e["low"], e["high"])

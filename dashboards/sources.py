@@ -412,13 +412,18 @@ def _recorded_experiment(run_dir: Path) -> str | None:
 
 
 def _trial_folder(run_dir: Path, recorded: str | None) -> Path | None:
-    """A trial's folder from the manifest's ``<run folder>/<trial folder>``, always inside
-    ``run_dir``: a copy kept under another name reads its own trial folders, not those of
-    the folder it was copied from."""
+    """A trial's folder from the manifest's ``<folder>/<trial folder>`` (relative to the
+    storage folder): inside ``run_dir`` when it is there, so a copy kept under another name
+    reads its own trial folders, not those of the folder it was copied from; else as
+    recorded, beside it (an Optuna search's trials live in sibling folders
+    ``<run folder>-<condition>-<side>``)."""
     if not recorded:
         return None
     parts = Path(recorded).parts
-    return run_dir.joinpath(*parts[1:]) if len(parts) > 1 else run_dir.parent / recorded
+    inside = run_dir.joinpath(*parts[1:]) if len(parts) > 1 else None
+    if inside is not None and parts[0] != run_dir.name and inside.is_dir():
+        return inside
+    return run_dir.parent / recorded
 
 
 _RAY_BOOKKEEPING = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
@@ -449,8 +454,10 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     notes = []
     entries = read_manifest(run_dir)
     if not entries:
-        notes.append(f"{run_dir} has no {MANIFEST_FILE} (written by the driver when it starts "
-                     f"its trials): no trials to read")
+        notes.append(f"{run_dir / MANIFEST_FILE} "
+                     + ("lists no trial" if (run_dir / MANIFEST_FILE).is_file() else
+                        "does not exist (the driver writes it when it starts its trials)")
+                     + ": no trials to read")
     trials = []
     folders: dict[str, Path | None] = {}
     for entry in entries:
@@ -468,6 +475,11 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         lines = (error_file.read_text(errors="replace").strip().splitlines()
                  if error_file is not None and error_file.is_file() else [])
         error = error_summary(lines[-1]) if lines else None
+        if entry.state == "done" and not history and error is None:
+            # the driver saw it finish, but its results are not where the manifest says
+            where = folder if folder is not None else "(no folder recorded)"
+            error = f"results not found: {where} holds no result.json (moved or deleted?)"
+            notes.append(f"trial {entry.key}: {error}; counted as failed")
         # an Optuna sample's key rounds its alpha; the manifest's config has it as trained
         alpha = key.signed_alpha
         if key.sample is not None:

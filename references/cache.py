@@ -86,6 +86,14 @@ def unwritable(folder: Path) -> str | None:
         return f"{probe} is not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable"
+    # os.access answers from permission bits, which say yes to root on /proc, /sys or a
+    # mount that refuses files: try one (an unnamed file where the system has them, else a
+    # named one removed at once; nothing is left)
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"{probe} does not take files ({exc.strerror or type(exc).__name__})"
     return None
 
 

@@ -57,6 +57,8 @@ from sweeps.plan import (
     check_services,
     fingerprint,
     flush_seconds,
+    optuna_bounds,
+    optuna_split,
     split_size_problem,
     weights_spec,
 )
@@ -903,13 +905,8 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> lis
         sub = run_dir.parent / f"{run_dir.name}-{name}"
         results += list(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
                                {"trial_id": tune.grid_search(baseline)}, namer=namer).fit())
-        lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
-        if lo == hi:  # a one-point grid: sample around it
-            lo, hi = lo / 4, hi * 4
-        for i, direction in enumerate(("max", "min")):
-            n = plan.num_samples // 2 + (plan.num_samples % 2 if direction == "max" else 0)
-            if n == 0:
-                continue
+        lo, hi, _ = optuna_bounds(cond.grid.alphas)
+        for i, (direction, n) in enumerate(optuna_split(plan.num_samples).items()):
             base = next(t for t in trials if t.direction == direction)
             search = OptunaSearch(
                 metric=["val_performance", "val_alignment"],

@@ -509,7 +509,25 @@ def _check_sweep_name(name: str | None, known: list[str]) -> None:
 #: Far beyond any real sweep (the paper's 79 configurations x 1,000 seeds is 79,000 trials),
 #: low enough that a typo is refused at once rather than planning millions of trials.
 MAX_SEEDS = 1000
+#: Trials one invocation may plan (grid x seeds): the paper's 79 configurations are far below;
+#: a sweep file of 1000 alphas x 1000 betas took minutes just to plan.
+MAX_TRIALS = 10_000
 MAX_SAMPLES = 100_000
+
+
+def optuna_bounds(alphas) -> tuple[float, float, bool]:
+    """The |alpha| range an adaptive search samples log-uniformly for a grid's alphas:
+    ``(lo, hi, widened)``, the grid's smallest and largest, or, for a one-point grid a,
+    [a/4, 4a] (``widened`` True): a search over one point would be no search."""
+    lo, hi = min(alphas), max(alphas)
+    if lo == hi:
+        return lo / 4, hi * 4, True
+    return lo, hi, False
+
+
+def optuna_split(num_samples: int) -> dict[str, int]:
+    """How many samples each side gets: the promoting one the odd one out."""
+    return {"max": num_samples // 2 + num_samples % 2, "min": num_samples // 2}
 
 
 def _check_search(args: argparse.Namespace) -> None:
@@ -522,9 +540,10 @@ def _check_search(args: argparse.Namespace) -> None:
         if args.num_samples is None:
             raise UsageError("--search optuna needs --num-samples N (trials sampled per "
                              "condition)")
-        if not 1 <= args.num_samples <= MAX_SAMPLES:
+        if not 2 <= args.num_samples <= MAX_SAMPLES:
             raise UsageError(f"--num-samples {args.num_samples}; accepted: an integer in "
-                             f"1..{MAX_SAMPLES}")
+                             f"2..{MAX_SAMPLES} (split between the promoting and the "
+                             f"suppressing side: 1 would sample only the promoting one)")
         if args.seeds != 1:
             raise UsageError(f"--seeds {args.seeds} with --search optuna; accepted: --seeds "
                              f"with --search grid (optuna samples alpha, each sample once)")
@@ -634,6 +653,12 @@ def _trials(args: argparse.Namespace, folder, scale: str, overrides: dict,
     trials before --only)."""
     try:
         sweep = load_sweep(args.sweep, folder)
+        planned = args.seeds * sum(len(c.grid) for c in sweep.conditions if scale in c.scales)
+        if planned > MAX_TRIALS and not args.smoke_test:  # before building them (minutes)
+            raise UsageError(
+                f"sweep {args.sweep} with --seeds {args.seeds} plans {planned} trials at "
+                f"{scale} scale; accepted: at most {MAX_TRIALS} in one invocation -- fewer "
+                f"alphas, betas or seeds, or the conditions split over several sweep files")
         trials = apply_overrides(sweep.trials(scale=scale, seeds=args.seeds,
                                               smoke=args.smoke_test), overrides)
         return sweep, select_trials(trials, only), len(trials)

@@ -30,6 +30,8 @@ from sweeps.plan import (  # noqa: E402
     UsageError,
     check_services,
     make_plan,
+    optuna_bounds,
+    optuna_split,
     redact,
 )
 from sweeps.spec import (  # noqa: E402
@@ -173,16 +175,21 @@ def trial_table(plan: Plan) -> list[str]:
 def optuna_lines(plan: Plan) -> list[str]:
     num = fmt_number
     out = []
-    for cond in plan.spec.conditions:
-        lo, hi = min(cond.grid.alphas), max(cond.grid.alphas)
+    split = optuna_split(plan.num_samples)
+    for name in plan.conditions:  # those that run at this scale (a demo-only control is not)
+        cond = plan.spec.condition(name)
+        lo, hi, widened = optuna_bounds(cond.grid.alphas)
+        around = (f" (around the grid's one alpha {num(cond.grid.alphas[0])}: a/4 to 4a)"
+                  if widened else "")
         # each side's samples train at the beta of its first grid trial (sweeps.execute.
         # _optuna_fits): say that one, not the grid's list
         beta = next((t.config["beta"] for t in plan.trials
-                     if t.condition == cond.name and t.direction != "none"), cond.grid.betas[0])
-        res = plan.resources[cond.name]
-        out.append(f"{cond.name}: {plan.num_samples} samples, alpha = +-[{num(lo)}, {num(hi)}] "
-                   f"log-uniform, beta = {num(beta)} (the grid's first), cpus {num(res.cpus)}, "
-                   f"gpus {num(res.gpus)}")
+                     if t.condition == name and t.direction != "none"), cond.grid.betas[0])
+        res = plan.resources[name]
+        out.append(f"{name}: {plan.num_samples} samples ({split['max']} promoting, "
+                   f"{split['min']} suppressing), alpha = +-[{num(lo)}, {num(hi)}] "
+                   f"log-uniform{around}, beta = {num(beta)} (the grid's first), cpus "
+                   f"{num(res.cpus)}, gpus {num(res.gpus)}")
     return out
 
 

@@ -661,6 +661,39 @@ def test_a_run_folder_copied_under_another_name_reads_its_own_trials(tmp_path):
         load_ray(copy, "gabor_conv1")
 
 
+def test_an_optuna_runs_trials_in_sibling_folders_are_read_and_lost_ones_said(tmp_path):
+    """An adaptive search keeps each side's trials in sibling folders
+    (<run folder>-<condition>-<side>/<trial>, as the manifest records them); a trial the
+    manifest says is done but whose folder is gone is a failure saying so, not a FINISHED
+    trial without numbers."""
+    from dashboards.sources import load_ray
+    from records import ManifestEntry, write_manifest
+    from references.cache import atomic_write_text
+
+    run = tmp_path / "ray_results" / "gabor_conv1-smoke_20260102-000000"
+    run.mkdir(parents=True)
+    entries = []
+    for side, key in (("baseline", "gabor_conv1-none-a0-b1-s0"),
+                      ("max", "gabor_conv1-max-a2.5-b1-s0-o0001"),
+                      ("min", "gabor_conv1-min-a3-b1-s0-o0002")):
+        folder = run.parent / f"{run.name}-gabor_conv1-{side}" / key
+        if side != "min":  # the suppressing sample's folder was deleted
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps(
+                {"epoch": 0.0, "val_performance": 0.4, "val_alignment": 0.2}) + "\n")
+        entries.append(ManifestEntry(key, "done", str(folder.relative_to(run.parent)), None,
+                                     {"alpha": 0.0 if side == "baseline" else 2.5}))
+    write_manifest(run, entries, write_text=atomic_write_text)
+    record = load_ray(run, "gabor_conv1")
+    by_id = {t.trial_id: t for t in record.trials}
+    assert by_id["gabor_conv1-none-a0-b1-s0"].history["val_performance"] == ((0, 0.4),)
+    assert by_id["gabor_conv1-max-a2.5-b1-s0-o0001"].status == "FINISHED"
+    lost = by_id["gabor_conv1-min-a3-b1-s0-o0002"]
+    assert lost.status == "FAILED" and lost.error.startswith("results not found: ")
+    assert any("gabor_conv1-min-a3-b1-s0-o0002" in n and "counted as failed" in n
+               for n in record.notes)
+
+
 @pytest.mark.parametrize("last_line, summary", [
     ("trainable.train.TrialDiverged: non-finite loss (alpha=8.0: stopped)",
      "TrialDiverged: non-finite loss (alpha=8.0: stopped)"),
@@ -1078,6 +1111,14 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr == (
         f"error: --out {taken / 'sub'}: {taken} is not a folder; accepted: a folder this user "
         f"can create or write\n"), proc.stderr
+    # a folder whose permission bits say yes but which takes no file (root on /proc): a
+    # FileNotFoundError traceback and exit 1, after the whole store had been read
+    if Path("/proc/self").is_dir():
+        from references.cache import unwritable
+
+        # (as root: "does not take files (<the system's reason>)"; else "is not writable")
+        assert (unwritable(Path("/proc/x")) or "").startswith("/proc ")
+        assert unwritable(tmp_path / "new" / "deeper") is None and not (tmp_path / "new").exists()
     # a malformed --parent-run was ignored with --ray-results and the report built anyway
     proc = subprocess.run(
         [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",

@@ -157,6 +157,31 @@ def test_seeds_widen_the_interval_and_are_named():
     assert b["min"]["high"] - b["min"]["low"] > a["min"]["high"] - a["min"]["low"]
 
 
+def test_a_side_missing_a_seed_is_compared_with_its_own_seeds_baseline():
+    """Two baseline seeds far apart, the suppressing side finished for seed 0 only (an
+    interrupted run): its drop is against seed 0's baseline, as results.parquet's
+    degradation is, not against the mean of both seeds (which passed seed 1's training
+    noise off as an effect). Balanced seeds give the baselines' mean minus the side's."""
+    skills = {("c", "none", 0.0, 0): 2.0, ("c", "none", 0.0, 1): 0.4,
+              ("c", "min", 0.8, 0): 1.8, ("c", "max", 0.8, 0): 2.2, ("c", "max", 0.8, 1): 0.6}
+    results, preds = _sweep(skills)
+    perf = {r["trial_id"]: r["performance"] for r in results.to_pylist()}
+    out = direction_effects(results, preds.get, n_boot=300)["c"]
+    want = 100 * (perf["c-none-a0-b1-s0"] - perf["c-min-a0.8-b1-s0"])
+    assert out["min"]["drop"] == pytest.approx(want, abs=1e-9)
+    pooled = 100 * ((perf["c-none-a0-b1-s0"] + perf["c-none-a0-b1-s1"]) / 2
+                    - perf["c-min-a0.8-b1-s0"])
+    assert abs(want - pooled) > 5  # the old number, far from the paired one
+    both = (perf["c-none-a0-b1-s0"] + perf["c-none-a0-b1-s1"]
+            - perf["c-max-a0.8-b1-s0"] - perf["c-max-a0.8-b1-s1"]) / 2
+    assert out["max"]["drop"] == pytest.approx(100 * both, abs=1e-9)
+    assert out["min"]["low"] <= out["min"]["drop"] <= out["min"]["high"]
+    assert "seeds of each configuration (1 to 2), each trial against the baseline of its own " \
+        "seed" in out["over"]
+    # the alignment change is paired the same way (all alignments equal here: exact)
+    assert out["min"]["alignment_change"] == pytest.approx(-0.1)
+
+
 def test_missing_predictions_give_point_values_and_say_so():
     results, preds = _sweep({("c", "none", 0.0, 0): 2.0, ("c", "min", 0.8, 0): 0.5})
     del preds["c-min-a0.8-b1-s0"]

@@ -12,7 +12,7 @@ import pytest
 
 from sweeps.plan import UsageError, check_services, make_plan
 from sweeps.run import build_parser
-from sweeps.spec import SWEEP_DIR, SweepFileError, list_sweeps, load_sweep
+from sweeps.spec import SWEEP_DIR, SweepFileError, fmt_number, list_sweeps, load_sweep
 from trainable.config import TrialConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,8 +210,35 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
                            "--search", "optuna", "--num-samples", "3", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
-    assert ("gabor_conv1: 3 samples, alpha = +-[1, 8] log-uniform, beta = 1 (the grid's "
-            "first), cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
+    assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing), alpha = +-[1, 8] "
+            "log-uniform, beta = 1 (the grid's first), cpus 1, gpus 0"
+            ) in proc.stdout.splitlines(), proc.stdout
+
+
+def test_the_optuna_dry_run_of_a_one_point_grid_and_a_control_that_does_not_run():
+    """A one-point grid is searched from a/4 to 4a (the range the search uses, from the one
+    helper both call); a sweep whose [control] does not run at this scale (the smoke test)
+    is planned, not a KeyError."""
+    from sweeps.plan import optuna_bounds, optuna_split
+
+    assert optuna_bounds([2.0]) == (0.5, 8.0, True)
+    assert optuna_bounds([0.5, 8.0, 2.0]) == (0.5, 8.0, False)
+    assert optuna_split(5) == {"max": 3, "min": 2}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
+                           "--smoke-test", "--search", "optuna", "--num-samples", "2",
+                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()
+            if " samples (" in line] == ["nsd_conv1_v1"]
+    one_point = make_plan(parse("nsd_resnet18_block1_v1"))
+    alphas = one_point.spec.condition("nsd_resnet18_block1_v1").grid.alphas
+    assert len(alphas) == 1
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"),
+                           "nsd_resnet18_block1_v1", "--search", "optuna", "--num-samples", "2",
+                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    a = fmt_number(alphas[0])
+    assert (f"alpha = +-[{fmt_number(alphas[0] / 4)}, {fmt_number(alphas[0] * 4)}] log-uniform "
+            f"(around the grid's one alpha {a}: a/4 to 4a)") in proc.stdout, proc.stdout
 
 
 def test_a_sweep_file_that_is_a_folder_is_one_error(tmp_path):
@@ -320,7 +347,10 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--seeds", "0"], r"--seeds 0; accepted: an integer in 1\.\.1000"),
     (["nsd_conv1_v1", "--seeds", "1000000"], r"--seeds 1000000; accepted: an integer in 1\.\."),
     (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "1000000000000"],
-     r"--num-samples 1000000000000; accepted: an integer in 1\.\.100000"),
+     r"--num-samples 1000000000000; accepted: an integer in 2\.\.100000"),
+    (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "1"],
+     r"--num-samples 1; accepted: an integer in 2\.\.100000 \(split between the promoting "
+     r"and the suppressing side: 1 would sample only the promoting one\)"),
     (["nsd_conv1_v1", "--set", "loader_workers=1000000000000"],
      r"loader_workers=1000000000000; accepted: -1 \(from the CPU share\) or an integer in"),
     (["nsd_conv1_v1", "--set", "loss_folds=1000000000000"],
@@ -845,6 +875,32 @@ def test_a_trial_that_never_started_is_named_by_its_folder(tmp_path):
                              checkpoint=None)
     outcome = _outcome(plan, result)
     assert (outcome.trial_id, outcome.state) == (key, "not started")
+
+
+def test_a_grid_too_large_to_run_is_refused_before_it_is_built(tmp_path):
+    """1000 alphas x 1000 betas planned 2,002,002 trials over minutes; a plan above
+    MAX_TRIALS is refused before its trials are built, counting the seeds (the smoke test
+    runs 3 a condition)."""
+    from sweeps.plan import MAX_TRIALS
+
+    text = (SWEEP_DIR / "nsd_conv1_v1.toml").read_text()
+    alphas = ", ".join(str(0.01 * (k + 1)) for k in range(200))
+    betas = ", ".join(str(k + 1) for k in range(30))
+    text = text.replace("alphas = [0.1, 0.2, 0.4, 0.8]\nbetas = [1]",
+                        f"alphas = [{alphas}]\nbetas = [{betas}]")
+    assert "betas = [1, 2," in text
+    (tmp_path / "huge.toml").write_text(text)
+    # 2 x 200 x 30 + 1, and the demo control's 2 x 1 x 30 + 1
+    with pytest.raises(UsageError, match=(
+            rf"^sweep huge with --seeds 1 plans 12062 trials at demo scale; accepted: at most "
+            rf"{MAX_TRIALS} in one invocation -- fewer alphas, betas or seeds, or the "
+            rf"conditions split over several sweep files$")):
+        make_plan(parse("huge", "--sweep-dir", str(tmp_path)))
+    # the paper's sweep with seeds up to the cap plans; the smoke test is never refused
+    assert make_plan(parse("paper", "--seeds", str(MAX_TRIALS // 82))).n_trials <= MAX_TRIALS
+    with pytest.raises(UsageError, match=r"plans 10086 trials at demo scale"):
+        make_plan(parse("paper", "--seeds", "123"))
+    assert len(make_plan(parse("huge", "--sweep-dir", str(tmp_path), "--smoke-test")).trials) == 3
 
 
 def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
