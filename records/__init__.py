@@ -239,12 +239,23 @@ def write_manifest(run_dir: Path, entries: Iterable[ManifestEntry], *, write_tex
 
 
 def read_manifest(run_dir: Path) -> list[ManifestEntry]:
-    """The entries of ``<run_dir>/manifest.jsonl`` ([] when the run wrote none yet)."""
+    """The entries of ``<run_dir>/manifest.jsonl`` ([] when the run wrote none yet); a line
+    that is not one is a ValueError naming the file and line."""
     path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
         return []
-    return [ManifestEntry(**json.loads(line)) for line in path.read_text().splitlines()
-            if line.strip()]
+    entries = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = ManifestEntry(**json.loads(line))
+        except (ValueError, TypeError) as exc:  # a truncated copy, an edit gone wrong
+            raise ValueError(f"{path} line {n}: not a manifest entry "
+                             f"({' '.join(str(exc).split())}); accepted: the file as the "
+                             f"driver wrote it, one JSON object per trial") from None
+        entries.append(entry)
+    return entries
 
 
 # -------------------------------------------------------------------------- MLflow

@@ -59,6 +59,8 @@ from sweeps.plan import (
     flush_seconds,
     optuna_bounds,
     optuna_split,
+    read_run_json,
+    resumed_run_dir,
     split_size_problem,
     weights_spec,
 )
@@ -209,8 +211,11 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         train(spec.config, data=data, reference=reference, hooks=hooks)
         run.log_artifacts(hooks.artifact_dir())
         run.finish("FINISHED")
+    except (KeyboardInterrupt, SystemExit):  # Tune stopping the trial (Ctrl-C): no error
+        run.finish("KILLED")
+        raise
     except BaseException as exc:
-        run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.set_tags({tracking.ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED")
         if isinstance(exc, _repeating_errors()):
             atomic_write_text(marker, error_line(exc))
@@ -414,7 +419,7 @@ def _run_dir(plan: Plan) -> Path:
     if plan.resume:
         if not pointer.is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
-        run_dir = Path(pointer.read_text().strip())
+        run_dir = resumed_run_dir(plan)
         check_fingerprint(plan, run_dir)
         return run_dir
     storage.mkdir(parents=True, exist_ok=True)
@@ -425,7 +430,7 @@ def _run_dir(plan: Plan) -> Path:
         run_dir = storage / run_folder_name(plan.experiment, stamp, k)
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
-    atomic_write_text(pointer, str(run_dir))
+    atomic_write_text(pointer, run_dir.name)  # relative: the storage folder may move
     return run_dir
 
 
@@ -554,7 +559,19 @@ def _start_records(plan: Plan, run_dir: Path,
     carries the sweep's own settings: search, seeds, where Ray and its results are, the
     code's commit and the pretrained networks' files."""
     parent_file = run_dir / PARENT_FILE
-    reuse = json.loads(parent_file.read_text())["run_id"] if plan.resume and parent_file.is_file() else None
+    reuse, resumed = None, []
+    if plan.resume:  # the run folder's records are read before the parent run is reopened
+        if parent_file.is_file():
+            reuse = read_run_json(parent_file, "the run's MLflow parent").get("run_id")
+            if not isinstance(reuse, str) or not reuse:
+                raise UsageError(f"{parent_file}: no run_id of the MLflow parent run; "
+                                 f"accepted: the file as the driver wrote it -- restore it, or "
+                                 f"start a new run without --resume")
+        try:
+            resumed = read_manifest(run_dir)
+        except ValueError as exc:
+            raise UsageError(f"{exc} -- restore it, or start a new run without --resume") \
+                from None
     run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
                 "data_description": plan.data_description, "smoke": str(plan.smoke).lower()}
     if plan.overrides:
@@ -579,7 +596,7 @@ def _start_records(plan: Plan, run_dir: Path,
                                                "mlflow_uri": redact(plan.mlflow_uri)}))
     _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} "
          f"({redact(plan.mlflow_uri)})")
-    if not (plan.resume and read_manifest(run_dir)):
+    if not resumed:
         _write_manifest(plan, run_dir, parent_id, [])
     return parent_id, run_tags
 
@@ -594,16 +611,27 @@ def _execute(plan: Plan) -> int:
     # session's betas), is refused in one line with no parent run left behind. Until the main
     # block below owns them, any failure shuts Ray down and restores the SIGTERM handler here.
     previous = signal.getsignal(signal.SIGTERM)
-    # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    _init_ray(plan)
+    previous_int = signal.getsignal(signal.SIGINT)
+    parent_id = None
     try:
+        _init_ray(plan)
+        # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
+        # Set after ray.init, which installs its own SIGTERM handler (sys.exit: the run then
+        # ended FAILED, its trials' runs left RUNNING, and Ray aborted with exit 134).
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
-        parent_id, run_tags = _start_records(plan, run_dir, references)
+        # Creating a new SQLite store runs MLflow's migrations: a signal in their middle left
+        # a half-migrated store every later run refused. It waits for them to finish.
+        with _signals_deferred():
+            parent_id, run_tags = _start_records(plan, run_dir, references)
     except BaseException as exc:
         signal.signal(signal.SIGTERM, previous)
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        if parent_id is not None:  # interrupted right after the parent run was created
+            with contextlib.suppress(Exception):
+                tracking.finish(plan.mlflow_uri, parent_id, "KILLED", {"interrupted": "true"})
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
             raise UsageError(" ".join(str(exc).split())) from None
         raise
@@ -658,11 +686,14 @@ def _execute(plan: Plan) -> int:
         _say("interrupted")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # Tune leaves its SIGINT handler installed after fit() returns (it only sets an event
+        # nobody reads any more): Ctrl-C during the report would be swallowed.
+        signal.signal(signal.SIGINT, previous_int)
         # Ray first: no trial worker may write to MLflow after the driver's last word.
         if ray.is_initialized():
             ray.shutdown()
         try:
-            _replay(plan, outcomes, parent_id)
+            _replay(plan, outcomes, parent_id, run_tags)
             tags = {"interrupted": "true" if unfinished else "false"}
             tracking.finish(plan.mlflow_uri, parent_id, status, tags)
         except Exception as exc:  # an unreachable store: say so in one line, lose nothing
@@ -680,6 +711,27 @@ def _execute(plan: Plan) -> int:
     if unfinished:
         return 130  # the shell's code for a run ended by SIGINT
     return 0 if not failed else 1
+
+
+def _sigterm_as_sigint(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back while the block runs (MLflow's store migrations), then
+    acted on as Ctrl-C: KeyboardInterrupt once the block is done."""
+    caught: list[int] = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in before:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -792,21 +844,51 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
     write_manifest(run_dir, entries.values(), write_text=atomic_write_text)
 
 
-def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str) -> None:
+def _outcome_spec(plan: Plan, o: Outcome) -> TrialSpec | None:
+    """The trial an outcome ran: its grid point, or an adaptive search's sample (its base
+    spec with the sampled alpha, as ``_trial_spec`` builds it in the trial)."""
+    specs = {t.trial_id: t for t in plan.trials}
+    if o.trial_id in specs:
+        return specs[o.trial_id]
+    try:
+        key = TrialKey.parse(o.trial_id)
+    except ValueError:
+        return None
+    base = next((t for t in plan.trials
+                 if t.condition == key.condition and t.direction == key.direction), None)
+    if base is None:
+        return None
+    alpha = o.alpha if o.alpha is not None else key.signed_alpha
+    return dataclasses.replace(base, trial_id=o.trial_id, alpha=alpha,
+                               config={**base.config, "alpha": alpha})
+
+
+def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
+            run_tags: Mapping[str, str] | None = None) -> None:
     """After the trials: send MLflow whatever of each trial's journal (in its last checkpoint)
-    it lacks (a trial whose tracking could not drain before it ended), and mark the child runs
-    of interrupted trials KILLED (their workers were stopped mid-run). A store that does not
-    answer within a minute ends the replay (one line), instead of a minute per trial: the
-    journals stay in the checkpoints, and a later --resume of the run replays them."""
+    it lacks (a trial whose tracking could not drain before it ended; one whose child run
+    was never made, the store being down for its whole life, gets it now), and mark the
+    child runs of interrupted trials KILLED (their workers were stopped mid-run). A store
+    that does not answer within a minute ends the replay (one line), instead of a minute per
+    trial: the journals stay in the checkpoints, and a later --resume of the run replays
+    them."""
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
         journal = {}
         if o.checkpoint is not None:
             with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
                 journal = read_journal(Path(o.checkpoint.to_directory(tmp)))
+        spec = _outcome_spec(plan, o) if journal else None
+        record = ({} if spec is None else dict(
+            params=resolved_config(spec.config),
+            tags={**(run_tags or {}), **spec.tags(),
+                  **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error else {})},
+            dataset=_dataset(plan.data[spec.condition])))
+        status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
         if (journal or stopped) and not tracking.replay_journal(
                 plan.mlflow_uri, parent_id, o.trial_id, journal,
-                status="KILLED" if stopped else None, timeout=60.0, say=_say):
+                status=status if (stopped or spec is not None) else None, timeout=60.0,
+                say=_say, **record):
             _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
                  f"{len(outcomes) - k} trial(s) stay in their checkpoints")
             return

@@ -706,8 +706,31 @@ def _check_resume(resume: bool, storage: str, experiment: str) -> None:
 def _check_resumed_run(plan: Plan) -> None:
     """The run --resume would continue was started as this plan would start it."""
     if plan.resume:
-        pointer = Path(plan.storage) / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
-        check_fingerprint(plan, Path(pointer.read_text().strip()))
+        check_fingerprint(plan, resumed_run_dir(plan))
+
+
+def resumed_run_dir(plan: Plan) -> Path:
+    """The run folder ``<storage>/<experiment>.latest`` names: a folder name, resolved in
+    the storage folder as given now (so a storage folder moved or copied elsewhere resumes
+    its own runs); an absolute path as older runs wrote it. A folder that is gone is
+    refused: resuming it would start the whole grid again, outside --storage."""
+    storage = Path(plan.storage)
+    pointer = storage / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
+    try:
+        recorded = pointer.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"--resume: {pointer} cannot be read ({exc.strerror}); accepted: a "
+                         f"storage folder with an earlier run of {plan.experiment}") from None
+    run_dir = Path(recorded)
+    if not run_dir.is_absolute():
+        run_dir = storage / run_dir
+    elif not run_dir.is_dir() and (storage / run_dir.name).is_dir():
+        run_dir = storage / run_dir.name  # an absolute path of a storage folder since moved
+    if not recorded or not run_dir.is_dir():
+        raise UsageError(f"--resume: {pointer} names {recorded or '(nothing)'}, which is not a "
+                         f"run folder under {storage}; accepted: a storage folder with its "
+                         f"latest run of {plan.experiment}, or a new run without --resume")
+    return run_dir
 
 
 def fingerprint(plan: Plan) -> dict[str, Any]:
@@ -723,7 +746,25 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
         "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
         "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
         **({"weights": plan.weights} if plan.weights is not None else {}),
+        # which data: the roots, annotations and subjects of real data, the generator's
+        # arguments of the simulated world (a resume on another copy would mix two datasets)
+        "data_sources": sorted({src.describe() for src in plan.data.values()}),
     }
+
+
+def read_run_json(path: Path, what: str) -> dict:
+    """A JSON object the driver wrote in a run folder, or a one-line refusal naming the file
+    (a truncated copy, an edit gone wrong) before anything is reopened or recorded."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {what} cannot be read ({' '.join(str(exc).split())}); "
+                         f"accepted: the file as the driver wrote it -- restore it, or start "
+                         f"a new run without --resume") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: {what} is not a JSON object; accepted: the file as the "
+                         f"driver wrote it -- restore it, or start a new run without --resume")
+    return value
 
 
 def check_fingerprint(plan: Plan, run_dir: Path) -> None:
@@ -732,13 +773,17 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
     path = run_dir / FINGERPRINT_FILE
     if not path.is_file():  # a run started before fingerprints existed: nothing to check
         return
-    was, now = json.loads(path.read_text()), fingerprint(plan)
+    was, now = read_run_json(path, "the run's fingerprint"), fingerprint(plan)
     names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
              "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
              "data": "--data", "smoke": "--smoke-test", "search": "--search",
              "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
-             "weights": "--weights"}
+             "weights": "--weights",
+             "data_sources": "data (--imagenet-root, --nsd-root, --coco-annotations, "
+                             "--subject)"}
     for key, label in names.items():
+        if key == "data_sources" and key not in was:  # recorded since this key exists
+            continue
         if was.get(key) != now.get(key):
             before, after = repr(was.get(key)), repr(now.get(key))
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it

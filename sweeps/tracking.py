@@ -227,6 +227,10 @@ class TrialRun:
         elif kind == "artifacts":
             client.log_artifacts(self.run_id, op[1])
         elif kind == "finish":
+            if op[1] == "FINISHED":  # an earlier attempt's error no longer describes the run
+                tags = client.get_run(self.run_id).data.tags
+                if ERROR_TAG in tags:
+                    client.delete_tag(self.run_id, ERROR_TAG)
             client.set_terminated(self.run_id, status=op[1])
 
     def _unlogged(self, client: MlflowClient, epochs: Mapping[int, Mapping[str, float]],
@@ -240,6 +244,10 @@ class TrialRun:
             self._logged |= present & {(k, e) for e, m in epochs.items() for k in m}
         return {e: {k: v for k, v in m.items() if (k, e) not in present}
                 for e, m in epochs.items()}
+
+
+#: A child run's tag holding what ended its trial's last failed attempt (one line).
+ERROR_TAG = "error"
 
 
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -291,11 +299,17 @@ def _log_dataset(client: MlflowClient, run_id: str, dataset: Mapping[str, str]) 
 
 def replay_journal(uri: str, parent_run_id: str, trial_id: str,
                    journal: Mapping[int, Mapping[str, float]], *, status: str | None = None,
-                   timeout: float = 60.0, say: Callable[[str], None] = print) -> bool:
+                   timeout: float = 60.0, say: Callable[[str], None] = print,
+                   params: Mapping[str, Any] | None = None,
+                   tags: Mapping[str, str] | None = None,
+                   dataset: Mapping[str, str] | None = None) -> bool:
     """The driver's replay of a trial's journal (from its last checkpoint) after the trial
-    ended: sends what the store lacks, sets ``status`` when given. A trial that never made
-    its child run gets none. True when delivered."""
-    run = TrialRun(uri, parent_run_id, trial_id, params={}, tags={}, say=say, create=False)
+    ended: sends what the store lacks, sets ``status`` when given. A trial that reported
+    epochs but never made its child run (the store was down for its whole life) gets one,
+    with ``params``, ``tags`` and ``dataset``; a trial that reported nothing gets none. True
+    when delivered."""
+    run = TrialRun(uri, parent_run_id, trial_id, params=params or {}, tags=tags or {},
+                   say=say, create=bool(journal) and params is not None, dataset=dataset)
     run.reconcile(journal)
     if status:
         run.finish(status)

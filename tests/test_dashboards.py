@@ -734,6 +734,34 @@ def test_nan_reaches_the_store_by_neither_path(fake_store):
         assert metrics == {"task_loss": 1.5, "epoch": 0.0}, i
 
 
+def test_a_trial_the_store_never_saw_gets_its_run_from_the_replay(fake_store):
+    """An outage over a trial's whole life: it trained, its journal is in its checkpoint,
+    but it never made its child run. The driver's replay (and --resume's) used to drop the
+    journal; it now makes the run, with its params and tags, and sends every epoch once. A
+    trial that reported nothing still gets no run."""
+    from records import child_runs, experiment_name
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("outage", "demo"), {"sweep": "outage"})
+    journal = {0: {"val_alignment": 0.1, "epoch": 0.0}, 1: {"val_alignment": 0.2, "epoch": 1.0}}
+    params = {"alpha": 0.8, "epochs": 2}
+    tags = {"sweep": "outage", "condition": "outage", "error": "ValueError: x"}
+    for _ in range(2):  # the second replay (a --resume) finds the run: nothing twice
+        assert tracking.replay_journal(uri, parent, "outage-max-a0.8-b1-s0", journal,
+                                       status="FAILED", say=lambda _: None, params=params,
+                                       tags=tags)
+    assert tracking.replay_journal(uri, parent, "outage-min-a0.8-b1-s0", {}, status="KILLED",
+                                   say=lambda _: None, params=params, tags=tags)
+    client = MlflowClient(uri)
+    (run,) = child_runs(client, parent)
+    assert run.data.tags["trial_id"] == "outage-max-a0.8-b1-s0" and run.info.status == "FAILED"
+    assert run.data.params == {"alpha": "0.8", "epochs": "2"}
+    assert run.data.tags["error"] == "ValueError: x"
+    history = client.get_metric_history(run.info.run_id, "val_alignment")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.1), (1, 0.2)]
+
+
 def test_an_alpha_is_read_as_trained_not_as_its_rounded_tag(fake_store, tmp_path):
     """An Optuna sample's alpha (1/3 here): the tag shows 10 digits, the param is exact; the
     tables from MLflow and from Ray's folder must agree."""

@@ -424,6 +424,79 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
         make_plan(parse("nsd_conv1_v1", "--smoke-test", "--resume", "--storage", str(tmp_path)))
 
 
+def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(tmp_path):
+    """A truncated manifest (or parent file) used to reopen the finished parent run as
+    RUNNING, then fail with an unnamed JSONDecodeError, leaving it RUNNING for good; a
+    truncated fingerprint failed unnamed too. Each is one line naming the file, and the
+    parent run is left as it was."""
+    import dataclasses
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps import tracking
+    from sweeps.execute import _start_records
+    from sweeps.plan import check_fingerprint, fingerprint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test", "--mlflow-uri", uri,
+                           "--storage", str(tmp_path / "ray")))
+    run_dir = tmp_path / "ray" / "nsd_conv1_v1-smoke_20260101-000000"
+    run_dir.mkdir(parents=True)
+    parent_id, _ = _start_records(plan, run_dir)  # the first invocation's records
+    tracking.finish(uri, parent_id, "FINISHED")
+    resumed = dataclasses.replace(plan, resume=True)
+    accepted = "; accepted: the file as the driver wrote it"
+    manifest = run_dir / "manifest.jsonl"
+    whole = manifest.read_text()
+    manifest.write_text(whole[:60])
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(manifest))} line 1: not a manifest "
+                                         rf"entry \(.+\){accepted}.* -- restore it, or start a "
+                                         rf"new run without --resume$"):
+        _start_records(resumed, run_dir)
+    manifest.write_text(whole)
+    parent_file = run_dir / "mlflow_parent.json"
+    parent_file.write_text('{"run_id": ')
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(parent_file))}: the run's MLflow "
+                                         rf"parent cannot be read \(.+\){accepted}"):
+        _start_records(resumed, run_dir)
+    assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
+    # the fingerprint: unreadable, then another copy of the data
+    stamp = run_dir / "sweep_fingerprint.json"
+    stamp.write_text('{"sweep": "nsd_c')
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(stamp))}: the run's fingerprint "
+                                         rf"cannot be read"):
+        check_fingerprint(plan, run_dir)
+    recorded = fingerprint(plan)
+    stamp.write_text(json.dumps({**recorded, "data_sources": ["ImageNet folder /a at 224 px"]}))
+    with pytest.raises(UsageError, match=r"was started with a different data \(--imagenet-root"):
+        check_fingerprint(plan, run_dir)
+    del recorded["data_sources"]  # a run fingerprinted before data sources were recorded
+    stamp.write_text(json.dumps(recorded))
+    check_fingerprint(plan, run_dir)
+
+
+def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(tmp_path):
+    """The pointer holds the run folder's name, resolved in the storage given now; an older
+    absolute pointer into a moved storage folder finds the folder of that name there; a
+    pointer to a folder that is gone is refused (the run would have started the whole
+    grid outside --storage)."""
+    from sweeps.plan import resumed_run_dir
+
+    storage = tmp_path / "moved"
+    (storage / "nsd_conv1_v1-demo_20260101-000000").mkdir(parents=True)
+    pointer = storage / "nsd_conv1_v1-demo.latest"
+    pointer.write_text("nsd_conv1_v1-demo_20260101-000000")
+    plan = make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(storage)))
+    assert resumed_run_dir(plan) == storage / "nsd_conv1_v1-demo_20260101-000000"
+    pointer.write_text(str(tmp_path / "before" / "nsd_conv1_v1-demo_20260101-000000"))
+    assert resumed_run_dir(plan) == storage / "nsd_conv1_v1-demo_20260101-000000"
+    pointer.write_text("nsd_conv1_v1-demo_20250101-000000")
+    with pytest.raises(UsageError, match=r"names nsd_conv1_v1-demo_20250101-000000, which is "
+                                         r"not a run folder under "):
+        resumed_run_dir(plan)
+
+
 def test_set_and_only_apply_to_the_plan():
     plan = make_plan(parse("paper", "--set", "epochs=2", "--set", "steps_per_epoch=5",
                            "--set", "device=cpu", "--only", "nsd_conv1_v1-max-*",
