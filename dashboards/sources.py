@@ -50,7 +50,7 @@ from records import (
     read_manifest,
 )
 from records.stores import sqlite_path, sqlite_store_problem
-from records.uris import redact, tracking_unreachable
+from records.uris import redact, tracking_refuses, tracking_unreachable
 
 __all__ = [
     "SourceError",
@@ -225,6 +225,11 @@ def mlflow_client(uri: str):
     if why is not None:
         raise SourceError(f"--mlflow-uri {redact(uri)}: tracking server unreachable ({why}); "
                           f"start it, or name a store that answers ({_STORE_ACCEPTED})")
+    refused = tracking_refuses(uri)
+    if refused is not None:
+        raise SourceError(f"--mlflow-uri {redact(uri)}: the tracking server refuses this client "
+                          f"({refused}); accepted: its user's MLFLOW_TRACKING_USERNAME and "
+                          f"MLFLOW_TRACKING_PASSWORD, through a host it allows (--allowed-hosts)")
     return MlflowClient(uri)
 
 

@@ -11,7 +11,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_unreachable", "tracking_uri"]
+__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_refuses", "tracking_unreachable",
+           "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
 _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
@@ -145,3 +146,45 @@ def tracking_unreachable(uri: str, *, timeout: float = 5.0) -> str | None:
         except OSError as exc:
             return str(exc.strerror or exc)
     return None
+
+
+def tracking_refuses(uri: str, *, timeout: float = 5.0) -> str | None:
+    """Why an http(s) MLflow server that answers ``/health`` refuses this client's requests,
+    or None: one search of its experiments with the credentials MLflow's client would send
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``MLFLOW_TRACKING_TOKEN``). ``/health`` is
+    exempt from the server's host check and its authentication, so a server that rejects the
+    Host header this URI sends (started without ``--allowed-hosts`` naming it) or the
+    credentials passed the reachability check and failed once Ray had started. Only 401 and
+    403 count; anything else is left to the run."""
+    import base64
+    import json
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    base = (f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+            f"{parts.path.rstrip('/')}")
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search",
+                                     data=json.dumps({"max_results": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or parts.password
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return None
+        try:
+            said = " ".join(exc.read(300).decode(errors="replace").split())
+        except OSError:
+            said = ""
+        return f"HTTP {exc.code}{f': {said}' if said else ''}"
+    except (urllib.error.URLError, OSError):
+        return None

@@ -377,8 +377,18 @@ def _init_ray(plan: Plan) -> None:
                  object_store_memory=_object_store_bytes(),
                  runtime_env={"env_vars": _worker_env()})
     else:
-        ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()},
-                 **_loopback_node(plan.address))
+        try:
+            ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()},
+                     **_loopback_node(plan.address))
+        except ConnectionError as exc:
+            # check_services found the head's port open: what refuses a driver then is its
+            # token (Ray 2.60's authentication) or another Ray version
+            first = " ".join(str(exc).split())[:200]
+            raise UsageError(
+                f"--address {plan.address}: the Ray cluster there did not let this driver join "
+                f"({type(exc).__name__}: {first}); accepted: the cluster's token in "
+                f"RAY_AUTH_TOKEN (token authentication is on by default) and Ray "
+                f"{ray.__version__} on both sides") from None
 
 
 def _loopback_node(address: str) -> dict[str, str]:
@@ -552,6 +562,19 @@ def _weights_tags(references: dict[str, Any]) -> dict[str, str]:
     return {"reference_weights": "; ".join(lines)} if lines else {}
 
 
+def _ray_cluster(plan: Plan) -> str:
+    """The parent's ``ray`` tag: the cluster joined, by the address it answered at."""
+    if plan.address is None:
+        return "local (started by the driver)"
+    try:
+        import ray
+
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # not connected (a test calling this without Ray): what was asked
+        return plan.address
+    return gcs if gcs == plan.address else f"{plan.address} ({gcs})"
+
+
 def _start_records(plan: Plan, run_dir: Path,
                    references: dict[str, Any] | None = None) -> tuple[str, dict[str, str]]:
     """The sweep's parent run (reused on --resume), its pointer file and the manifest:
@@ -580,7 +603,7 @@ def _start_records(plan: Plan, run_dir: Path,
         run_tags["only"] = " ".join(plan.only)
     parent_tags = {**run_tags, "search": plan.search, "seeds": str(plan.seeds),
                    **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
-                   "ray": plan.address or "local (started by the driver)",
+                   "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),
                    **_weights_tags(references or {})}
     about = (f"{plan.spec.description} ({plan.scale} scale; sweep file "
@@ -1025,4 +1048,8 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
     _say(f"Ray Tune results: {where}")
     uri = redact(plan.mlflow_uri)
     _say(f"MLflow: {uri} (experiment {plan.experiment}, parent run {parent_id})")
-    _say(f"browse them: mlflow ui --backend-store-uri {shlex.quote(uri)}")  # pasted as is
+    if uri.split(":", 1)[0].lower() in ("http", "https"):  # the server is the UI
+        _say(f"browse them: open {uri.rstrip('/')}/#/experiments in a browser (the MLflow "
+             f"server's own UI)")
+    else:
+        _say(f"browse them: mlflow ui --backend-store-uri {shlex.quote(uri)}")  # pasted as is

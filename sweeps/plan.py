@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
 from records.stores import sqlite_path, sqlite_store_problem
-from records.uris import redact, tracking_unreachable, tracking_uri
+from records.uris import redact, tracking_refuses, tracking_unreachable, tracking_uri
 from references.cache import ENV_VAR as CACHE_ENV
 from references.cache import unwritable
 from sweeps.spec import (
@@ -283,10 +283,15 @@ def check_coco_annotations(value: str) -> Path:
 
 
 def _address(value: str | None) -> str | None:
+    """--address, else ``RAY_ADDRESS`` (what `ray job submit` sets for the job it runs): a
+    job submitted to a cluster joins it instead of starting a Ray of its own."""
+    flag = "--address"
+    if value is None and os.environ.get("RAY_ADDRESS"):
+        value, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if value is None or value == "auto":
         return value
     hostport = value[len("ray://"):] if value.startswith("ray://") else value
-    _host_port("--address", value, hostport, _ADDRESS_ACCEPTED)
+    _host_port(flag, value, hostport, _ADDRESS_ACCEPTED)
     return value
 
 
@@ -803,19 +808,38 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
 # Reachability (no Ray started, nothing written)
 
 
+def resolve_auto_address() -> str:
+    """The cluster ``--address auto`` joins, found as ray.init finds it (RAY_ADDRESS, a
+    running GCS on this machine, the address the last `ray start` here wrote): a stale
+    address file of a cluster since stopped made ray.init retry for ever."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        found = None
+    if not found or found == "auto":
+        raise UsageError("--address auto: no Ray cluster found on this machine (no RAY_ADDRESS, "
+                         "no `ray start` here); start one with `ray start --head` or omit "
+                         "--address to start a local Ray")
+    return found
+
+
 def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
     """Ask the services named on the command line whether they answer: the Ray head's GCS
     port (TCP connect), an http(s) MLflow server (GET /health) and a database tracking store's
-    server (TCP connect; ``records.uris.tracking_unreachable``). Local Ray, "auto" (Ray
-    resolves it itself) and SQLite files are not contacted."""
-    if plan.address is not None and plan.address != "auto":
-        hostport = plan.address.removeprefix("ray://")
-        host, port = _host_port("--address", plan.address, hostport, _ADDRESS_ACCEPTED)
+    server (TCP connect; ``records.uris.tracking_unreachable``). "auto" is resolved first
+    (``resolve_auto_address``); a local Ray and SQLite files are not contacted."""
+    if plan.address is not None:
+        address = resolve_auto_address() if plan.address == "auto" else plan.address
+        hostport = address.removeprefix("ray://")
+        host, port = _host_port("--address", address, hostport, _ADDRESS_ACCEPTED)
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass
         except OSError as exc:
-            raise UsageError(f"--address {plan.address}: no Ray cluster answers at "
+            said = f"{plan.address} ({address})" if address != plan.address else address
+            raise UsageError(f"--address {said}: no Ray cluster answers at "
                              f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
                              f"--head --port {port}` or omit --address to start a local Ray"
                              ) from None
@@ -825,3 +849,11 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
                else "start the database server")
         raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: tracking server unreachable "
                          f"({why}); {how} or omit --mlflow-uri for the local SQLite store")
+    refused = tracking_refuses(plan.mlflow_uri, timeout=timeout)
+    if refused is not None:
+        host = urlsplit(plan.mlflow_uri).netloc.rsplit("@", 1)[-1]
+        raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: the tracking server refuses "
+                         f"this client ({refused}); accepted: a server started with "
+                         f"--allowed-hosts naming {host} (and --host 0.0.0.0 to be reached "
+                         f"from other machines), with MLFLOW_TRACKING_USERNAME and "
+                         f"MLFLOW_TRACKING_PASSWORD of one of its users when it asks for them")

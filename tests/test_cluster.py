@@ -199,9 +199,28 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--address", address,
                         "--cpus-per-trial", "1", "--mlflow-uri", uri,
                         "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+        # a driver with another token (Ray's authentication is on): one line, exit 2, naming
+        # the token, instead of a ConnectionError traceback that blamed a crashed instance
+        refused = subprocess.run(
+            [sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1", "--smoke-test",
+             "--address", address, "--mlflow-uri", f"sqlite:///{tmp_path / 'other.db'}",
+             "--storage", str(tmp_path / "other")], cwd=tmp_path, capture_output=True,
+            text=True, timeout=300,
+            # (Ray's window for reaching the GCS, ~20 s by default, shortened for the test)
+            env={**ENV, "RAY_AUTH_TOKEN": "0" * 64, "RAY_gcs_server_port_wait_time_s": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     nodes = {r.data.tags["ray_node_id"] for r in child_runs(uri, "nsd_conv1_v1-smoke")}
     assert len(nodes) == 2, nodes
+    parent_tags = [r for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("nsd_conv1_v1-smoke").experiment_id])
+                   if "mlflow.parentRunId" not in r.data.tags][0].data.tags
+    assert parent_tags["ray"].startswith(address)  # the cluster joined, as it answered
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    # (before it, Ray's own C++ log lines of its connection attempts, which it writes itself)
+    last = refused.stderr.splitlines()[-1]
+    assert last.startswith(f"error: --address {address}: the Ray cluster there did not let "
+                           f"this driver join ("), refused.stderr[-2000:]
+    assert "RAY_AUTH_TOKEN" in last and "Traceback" not in refused.stderr
 
 
 FAULT_SWEEP = textwrap.dedent("""

@@ -33,6 +33,7 @@ class MlflowServer:
 
     def __init__(self, work: Path) -> None:
         self.work = work
+        self.extra: list[str] = []  # more `mlflow server` options
         self.db = work / "server.db"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,7 +48,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [*cmd, "server", "--backend-store-uri", f"sqlite:///{self.db}",
              "--default-artifact-root", str(self.work / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
+             "--port", str(self.port), "--workers", "1", *self.extra],
             cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + timeout
@@ -114,6 +115,8 @@ def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
         server.stop()
     assert popen.returncode == 0, out[-4000:]
     assert "tracking:" in out and "retrying in the background" in out, out[-4000:]
+    # the server is the UI (`mlflow ui --backend-store-uri http://...` serves nothing)
+    assert f"browse them: open {server.url}/#/experiments in a browser" in out, out[-2000:]
     client = MlflowClient(f"sqlite:///{server.db}")
     exp = client.get_experiment_by_name(f"{SWEEP}-smoke")
     runs = client.search_runs([exp.experiment_id])
@@ -137,6 +140,33 @@ def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
 def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_path):
+    """A server whose /health answers but whose API refuses the Host header this URI sends
+    (started without --allowed-hosts naming it): the run had started Ray, then died with a
+    403 traceback and exit 1. The dry run, the run and the post-processor refuse it in one
+    line saying what the server needs; the allowed name passes."""
+    server = MlflowServer(tmp_path)
+    server.extra = ["--allowed-hosts", f"localhost:{server.port}"]  # not 127.0.0.1:port
+    server.start()
+    try:
+        refused = f"http://127.0.0.1:{server.port}"
+        for argv in (["sweeps/run.py", "gabor_conv1", "--smoke-test", "--dry-run"],
+                     ["sweeps/run.py", "gabor_conv1", "--smoke-test"],
+                     ["-m", "dashboards.pareto", "gabor_conv1"]):
+            proc = subprocess.run([sys.executable, *argv, "--mlflow-uri", refused], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.startswith(
+                f"error: --mlflow-uri {refused}: the tracking server refuses this client "
+                f"(HTTP 403: Invalid Host header"), proc.stderr
+            assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
+        from records.uris import tracking_refuses
+
+        assert tracking_refuses(f"http://localhost:{server.port}") is None
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("uri", [
