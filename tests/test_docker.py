@@ -473,3 +473,76 @@ def test_dockerfile_copies_what_exists():
     args = set(re.findall(r"^ARG\s+(\w+)", text, flags=re.MULTILINE))
     for service in _services().values():
         assert set(service["build"]["args"]) <= args
+
+
+def test_the_image_holds_every_package_the_project_installs():
+    """records/ was added after the Dockerfile's last change: the image had no such package,
+    so every compose sweep failed on its first import. Each package setuptools finds is an
+    empty package before the dependency install (so the editable install maps it) and is
+    copied in afterwards."""
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    top = sorted({p.split(".")[0] for p in find_packages(str(REPO), include=include)})
+    assert "records" in top and "sweeps" in top
+    text = DOCKERFILE.read_text()
+    loop = re.search(r"for p in ([\w ]+); do", text)[1].split()
+    assert sorted(loop) == top
+    for name in top:
+        assert re.search(rf"^COPY {name}/ {name}/$", text, flags=re.MULTILINE), name
+
+
+def test_the_sweep_writes_its_report_where_its_user_may_write_and_it_is_kept():
+    """The driver runs in /app (root's, from WORKDIR) as the image's unprivileged user, and
+    the post-processor writes to outputs/ beside it: the report was never written ("report
+    not written", exit 0). /app/outputs is made and owned by that user, and a named volume
+    keeps it after `run --rm`."""
+    text = DOCKERFILE.read_text()
+    user = re.search(r"^USER\s+(\S+)$", text, flags=re.MULTILINE)[1]
+    owned = re.search(rf"chown {user}:{user} ([^\n]+)$", text, flags=re.MULTILINE)[1].split()
+    sweep = _services()["sweep"]
+    assert sweep.get("working_dir", IMAGE_ROOT) == IMAGE_ROOT
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in sweep["volumes"]}
+    assert f"{IMAGE_ROOT}/outputs" in mounts and f"{IMAGE_ROOT}/outputs" in owned
+    # every named volume of the sweep mounts on a folder that user owns
+    assert set(mounts) <= set(owned), set(mounts) - set(owned)
+    # the post-processor's default folder is relative to the driver's: /app/outputs/...
+    from types import SimpleNamespace
+
+    from dashboards.pareto import _default_out
+
+    out = _default_out(SimpleNamespace(experiment="nsd_conv1_v1-demo", label="run"))
+    assert not out.is_absolute() and out.parts[0] == "outputs"
+
+
+def test_the_gpu_override_gives_the_ray_nodes_gpus_on_a_cuda_build(tmp_path):
+    """compose.yaml alone gives no container a GPU (Ray then sees none and the driver runs
+    trials on the CPU); docker/compose.gpu.yaml on top of it reserves the host's GPUs for the
+    Ray nodes and builds the image on a CUDA base with CUDA wheels."""
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
+                    "CI installs it")
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()))
+    base = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    out = subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE), "-f",
+                          str(REPO / "docker" / "compose.gpu.yaml"), "config"],
+                         capture_output=True, text=True, env=base, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert set(services) == SERVICES
+    for name, service in services.items():
+        devices = (service.get("deploy") or {}).get("resources", {}).get(
+            "reservations", {}).get("devices", [])
+        if name.startswith("ray-"):
+            assert devices and devices[0]["driver"] == "nvidia", name
+            assert "gpu" in devices[0]["capabilities"]
+        else:
+            assert not devices, name
+        assert service["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
+        assert "/whl/cu" in service["build"]["args"]["TORCH_INDEX_URL"]
+    plain = _rendered(tmp_path)
+    assert not any((s.get("deploy") or {}).get("resources", {}).get("reservations")
+                   for s in plain.values())
