@@ -9,7 +9,7 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_refuses", "tracking_unreachable",
            "tracking_uri"]
@@ -167,8 +167,11 @@ def tracking_refuses(uri: str, *, timeout: float = 5.0) -> str | None:
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search",
                                      data=json.dumps({"max_results": 1}).encode(),
                                      headers={"Content-Type": "application/json"})
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or parts.password
+    if os.environ.get("MLFLOW_TRACKING_AUTH"):  # a plugin's authentication: not ours to try
+        return None
+    # URI credentials as MLflow's client sends them (requests decodes %40 into @)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(parts.username or "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or unquote(parts.password or "")
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     if user and password:
         pair = base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -611,8 +611,27 @@ def _start_records(plan: Plan, run_dir: Path,
              f"(condition-direction-alpha-beta-seed). When the sweep ends, its report "
              f"(Pareto fronts, statistics, figures) is in this run's artifacts (report.html) "
              f"and under outputs/{plan.experiment}/ where the driver ran.")
-    parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags, reuse,
-                                      description=about)
+    # Creating a new SQLite store runs MLflow's migrations: a signal in their middle left a
+    # half-migrated store every later run refused. Ctrl-C / SIGTERM wait for them (a second
+    # one is not needed: they are acted on right after), and nothing slower is held back.
+    parent_id = None
+    try:
+        with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):
+            parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags,
+                                              reuse, description=about)
+        return _record_run_folder(plan, run_dir, parent_id, resumed), run_tags
+    except BaseException as exc:
+        if parent_id is not None:  # interrupted (or failed) right after the parent opened
+            with contextlib.suppress(Exception):
+                tracking.finish(plan.mlflow_uri, parent_id,
+                                "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                                {"interrupted": str(isinstance(exc, KeyboardInterrupt)).lower()})
+        raise
+
+
+def _record_run_folder(plan: Plan, run_dir: Path, parent_id: str, resumed: list) -> str:
+    """The run folder's pointer to its parent run, and a new run's pending manifest."""
+    parent_file = run_dir / PARENT_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     # Secrets never reach a file or the console: the URI is written and shown redacted.
     atomic_write_text(parent_file, json.dumps({"run_id": parent_id,
@@ -621,7 +640,7 @@ def _start_records(plan: Plan, run_dir: Path,
          f"({redact(plan.mlflow_uri)})")
     if not resumed:
         _write_manifest(plan, run_dir, parent_id, [])
-    return parent_id, run_tags
+    return parent_id
 
 
 def _execute(plan: Plan) -> int:
@@ -644,10 +663,7 @@ def _execute(plan: Plan) -> int:
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
-        # Creating a new SQLite store runs MLflow's migrations: a signal in their middle left
-        # a half-migrated store every later run refused. It waits for them to finish.
-        with _signals_deferred():
-            parent_id, run_tags = _start_records(plan, run_dir, references)
+        parent_id, run_tags = _start_records(plan, run_dir, references)
     except BaseException as exc:
         signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():
@@ -741,9 +757,12 @@ def _sigterm_as_sigint(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _signals_deferred():
+def _signals_deferred(enabled: bool = True):
     """SIGINT and SIGTERM held back while the block runs (MLflow's store migrations), then
     acted on as Ctrl-C: KeyboardInterrupt once the block is done."""
+    if not enabled:
+        yield
+        return
     caught: list[int] = []
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in before:
@@ -897,24 +916,26 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
     them."""
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
-        journal = {}
-        if o.checkpoint is not None:
-            with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
-                journal = read_journal(Path(o.checkpoint.to_directory(tmp)))
-        spec = _outcome_spec(plan, o) if journal else None
-        record = ({} if spec is None else dict(
-            params=resolved_config(spec.config),
-            tags={**(run_tags or {}), **spec.tags(),
-                  **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error else {})},
-            dataset=_dataset(plan.data[spec.condition])))
-        status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
-        if (journal or stopped) and not tracking.replay_journal(
-                plan.mlflow_uri, parent_id, o.trial_id, journal,
-                status=status if (stopped or spec is not None) else None, timeout=60.0,
-                say=_say, **record):
-            _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
-                 f"{len(outcomes) - k} trial(s) stay in their checkpoints")
-            return
+        with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
+            journal, artifacts = {}, None
+            if o.checkpoint is not None:
+                folder = Path(o.checkpoint.to_directory(tmp))
+                journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
+            spec = _outcome_spec(plan, o) if journal else None
+            record = ({} if spec is None else dict(
+                params=resolved_config(spec.config),
+                tags={**(run_tags or {}), **spec.tags(),
+                      **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
+                         else {})},
+                dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))
+            status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
+            if (journal or stopped) and not tracking.replay_journal(
+                    plan.mlflow_uri, parent_id, o.trial_id, journal,
+                    status=status if (stopped or spec is not None) else None, timeout=60.0,
+                    say=_say, **record):
+                _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
+                     f"{len(outcomes) - k} trial(s) stay in their checkpoints")
+                return
 
 
 def _report(plan: Plan, parent_id: str) -> None:

@@ -110,9 +110,11 @@ class TrialRun:
     def __init__(self, uri: str, parent_run_id: str, trial_id: str,
                  params: Mapping[str, Any], tags: Mapping[str, str],
                  *, say: Callable[[str], None] = print, create: bool = True,
-                 dataset: Mapping[str, str] | None = None) -> None:
+                 reopen: bool = True, dataset: Mapping[str, str] | None = None) -> None:
         self.uri = uri
         self._create = create
+        self._reopen = reopen
+        self.created = False  # whether "open" made the run (a replay then also logs artifacts)
         self._dataset = dict(dataset) if dataset else None
         self.parent_run_id = parent_run_id
         self.trial_id = trial_id
@@ -151,8 +153,10 @@ class TrialRun:
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
             self._put(("artifacts", str(directory)))
 
-    def finish(self, status: str) -> None:
-        self._put(("finish", status))
+    def finish(self, status: str, *, if_open: bool = False) -> None:
+        """End the run with ``status``; with ``if_open``, only a run this object created or
+        one still RUNNING/SCHEDULED (a replay's rule)."""
+        self._put(("finish", status, False, if_open))
 
     def close(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every queued operation; True when all were delivered.
@@ -207,8 +211,9 @@ class TrialRun:
     def _apply(self, client: MlflowClient, op: tuple, doubtful: bool) -> None:
         kind = op[0]
         if kind == "open":
-            self.run_id = _find_or_create(client, self.parent_run_id, self.trial_id,
-                                          self._params, self._tags, create=self._create)
+            self.run_id, self.created = _find_or_create(
+                client, self.parent_run_id, self.trial_id, self._params, self._tags,
+                create=self._create, reopen=self._reopen)
             if self.run_id is not None and self._dataset:
                 _log_dataset(client, self.run_id, self._dataset)
             return
@@ -226,7 +231,15 @@ class TrialRun:
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
         elif kind == "artifacts":
             client.log_artifacts(self.run_id, op[1])
+        elif kind == "artifacts_if_created":
+            if self.created:
+                client.log_artifacts(self.run_id, op[1])
         elif kind == "finish":
+            if len(op) > 3 and op[3] and not self.created:
+                # a replay after the trial ended: close only a run left open (its worker was
+                # stopped, or the store missed its end), never reopen or re-time a closed one
+                if client.get_run(self.run_id).info.status not in ("RUNNING", "SCHEDULED"):
+                    return
             if op[1] == "FINISHED":  # an earlier attempt's error no longer describes the run
                 tags = client.get_run(self.run_id).data.tags
                 if ERROR_TAG in tags:
@@ -258,9 +271,10 @@ def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
                     params: Mapping[str, Any], tags: Mapping[str, str],
-                    create: bool = True) -> str | None:
-    """The child run tagged ``trial_id`` under the parent (set back to RUNNING), or a new one
-    with the trial's params (None when there is none and ``create`` is False)."""
+                    create: bool = True, reopen: bool = True) -> tuple[str | None, bool]:
+    """``(run id, created)``: the child run tagged ``trial_id`` under the parent (set back to
+    RUNNING when ``create`` and ``reopen``: a trial starting again), or a new one with the
+    trial's params (None when there is none and ``create`` is False)."""
     parent = client.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
     found = _retry(lambda: client.search_runs(
@@ -270,17 +284,17 @@ def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
         max_results=2))
     if found:
         run_id = found[0].info.run_id
-        if create:
+        if create and reopen:
             _retry(lambda: client.update_run(run_id, status="RUNNING"))
-        return run_id
+        return run_id, False
     if not create:
-        return None
+        return None, False
     all_tags = {**tags, PARENT_TAG: parent_run_id, "trial_id": trial_id,
                 "mlflow.runName": trial_id}
     run_id = _retry(lambda: client.create_run(exp_id, tags=all_tags)).info.run_id
     params_list = [Param(k, str(v)) for k, v in sorted(params.items())]
     _retry(lambda: client.log_batch(run_id, params=params_list))
-    return run_id
+    return run_id, True
 
 
 def _log_dataset(client: MlflowClient, run_id: str, dataset: Mapping[str, str]) -> None:
@@ -302,15 +316,20 @@ def replay_journal(uri: str, parent_run_id: str, trial_id: str,
                    timeout: float = 60.0, say: Callable[[str], None] = print,
                    params: Mapping[str, Any] | None = None,
                    tags: Mapping[str, str] | None = None,
-                   dataset: Mapping[str, str] | None = None) -> bool:
+                   dataset: Mapping[str, str] | None = None,
+                   artifacts: Path | None = None) -> bool:
     """The driver's replay of a trial's journal (from its last checkpoint) after the trial
-    ended: sends what the store lacks, sets ``status`` when given. A trial that reported
-    epochs but never made its child run (the store was down for its whole life) gets one,
-    with ``params``, ``tags`` and ``dataset``; a trial that reported nothing gets none. True
-    when delivered."""
+    ended: sends what the store lacks, and ends with ``status`` a run still open (a stopped
+    worker's; one whose end the store missed): a closed run is never reopened or re-timed. A
+    trial that reported epochs but never made its child run (the store was down for its whole
+    life) gets one, with ``params``, ``tags``, ``dataset`` and the checkpoint's
+    ``artifacts``; a trial that reported nothing gets none. True when delivered."""
     run = TrialRun(uri, parent_run_id, trial_id, params=params or {}, tags=tags or {},
-                   say=say, create=bool(journal) and params is not None, dataset=dataset)
+                   say=say, create=bool(journal) and params is not None, reopen=False,
+                   dataset=dataset)
     run.reconcile(journal)
+    if artifacts is not None and Path(artifacts).is_dir() and any(Path(artifacts).iterdir()):
+        run._put(("artifacts_if_created", str(artifacts)))
     if status:
-        run.finish(status)
+        run.finish(status, if_open=True)
     return run.close(timeout)

@@ -762,6 +762,49 @@ def test_a_trial_the_store_never_saw_gets_its_run_from_the_replay(fake_store):
     assert sorted((m.step, m.value) for m in history) == [(0, 0.1), (1, 0.2)]
 
 
+def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts(fake_store,
+                                                                                tmp_path):
+    """The end-of-run replay sees every trial's journal: a run its trial closed keeps its
+    status and end time (it had reopened each one and re-timed it to the sweep's end); a run
+    a stopped worker left RUNNING is closed; a run the replay creates gets the checkpoint's
+    artifacts."""
+    from records import child_runs, experiment_name
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("replayed", "demo"), {"sweep": "x"})
+    journal = {0: {"val_alignment": 0.1, "epoch": 0.0}}
+    quiet = dict(say=lambda _: None)
+    closed = tracking.TrialRun(uri, parent, "replayed-none-a0-b1-s0", params={}, tags={},
+                               **quiet)
+    closed.log_epoch(journal[0], 0)
+    closed.finish("FINISHED")
+    assert closed.close(60)
+    left_open = tracking.TrialRun(uri, parent, "replayed-max-a1-b1-s0", params={}, tags={},
+                                  **quiet)
+    left_open.log_epoch(journal[0], 0)
+    assert left_open.close(60)  # a worker stopped before its end: RUNNING
+    client = MlflowClient(uri)
+    before = client.get_run(closed.run_id).info
+    art = tmp_path / "artifacts"
+    art.mkdir()
+    (art / "val_predictions.npz").write_bytes(b"x")
+    for trial_id, status in (("replayed-none-a0-b1-s0", "FINISHED"),
+                             ("replayed-max-a1-b1-s0", "KILLED"),
+                             ("replayed-min-a1-b1-s0", "FINISHED")):
+        assert tracking.replay_journal(uri, parent, trial_id, journal, status=status,
+                                       params={"alpha": 1.0}, tags={}, artifacts=art, **quiet)
+    runs = {r.data.tags["trial_id"]: r for r in child_runs(client, parent)}
+    after = runs["replayed-none-a0-b1-s0"].info
+    assert (after.status, after.end_time) == (before.status, before.end_time) == (
+        "FINISHED", before.end_time)
+    assert runs["replayed-max-a1-b1-s0"].info.status == "KILLED"
+    assert runs["replayed-min-a1-b1-s0"].info.status == "FINISHED"
+    listed = {r: {a.path for a in client.list_artifacts(runs[r].info.run_id)} for r in runs}
+    assert listed == {"replayed-none-a0-b1-s0": set(), "replayed-max-a1-b1-s0": set(),
+                      "replayed-min-a1-b1-s0": {"val_predictions.npz"}}
+
+
 def test_an_alpha_is_read_as_trained_not_as_its_rounded_tag(fake_store, tmp_path):
     """An Optuna sample's alpha (1/3 here): the tag shows 10 digits, the param is exact; the
     tables from MLflow and from Ray's folder must agree."""

@@ -169,6 +169,46 @@ def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_pat
         server.stop()
 
 
+def test_the_refusal_check_sends_the_credentials_mlflows_client_sends(monkeypatch):
+    """A password with '@' or ':' is written percent-encoded in --mlflow-uri, and MLflow's
+    client decodes it; the check sent it encoded and was refused where the run would have
+    been let in. A server that accepts only the decoded pair, and refuses anything else."""
+    import base64
+    import http.server
+    import threading
+
+    from records.uris import tracking_refuses
+
+    want = "Basic " + base64.b64encode(b"alice:p@ss:w%rd").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            ok = self.headers.get("Authorization") == want
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"{}" if ok else b"You are not authenticated.")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_AUTH"):
+            monkeypatch.delenv(name, raising=False)
+        assert tracking_refuses(f"http://alice:p%40ss%3Aw%25rd@127.0.0.1:{port}") is None
+        assert tracking_refuses(f"http://alice:wrong@127.0.0.1:{port}") == (
+            "HTTP 401: You are not authenticated.")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:w%rd")
+        assert tracking_refuses(f"http://127.0.0.1:{port}") is None
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("uri", [
     "postgresql://sweeper:hunter2pass@db.example:5432/mlflow",
     "http://alice:hunter2pass@127.0.0.1:9/",

@@ -417,7 +417,8 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
     with pytest.raises(UsageError, match="--resume: nothing to resume"):
         make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
     pointer = tmp_path / "nsd_conv1_v1-demo.latest"
-    pointer.write_text(str(tmp_path / "nsd_conv1_v1-demo_20260101-000000"))
+    pointer.write_text("nsd_conv1_v1-demo_20260101-000000")
+    (tmp_path / "nsd_conv1_v1-demo_20260101-000000").mkdir()  # (a missing one is refused)
     plan = make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
     assert plan.resume and plan.resume_pointer == str(pointer)
     with pytest.raises(UsageError, match="nothing to resume"):  # the smoke test is apart

@@ -276,7 +276,8 @@ def run(args: argparse.Namespace, n_trials: int, epochs: int | None, workdir: Pa
     (fit_start, fit_end), = spans["fit"]
     wall = fit_end - fit_start
     concurrency = concurrency_of(plan, cluster)
-    run_dir = Path(Path(plan.resume_pointer).read_text().strip())
+    # the pointer names the run folder inside the storage folder (an older one: its path)
+    run_dir = Path(plan.storage) / Path(plan.resume_pointer).read_text().strip()
     trials = read_trials(run_dir)
     end_idle = assign_slots(trials, concurrency, fit_start, fit_end)
 
