@@ -553,11 +553,8 @@ def _weights_tags(references: dict[str, Any]) -> dict[str, str]:
             continue
         path = Path(source)
         if not source.startswith("auto:") and path.is_file():
-            digest = hashlib.sha256()
             with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            source = f"{source} (sha256 {digest.hexdigest()})"
+                source = f"{source} (sha256 {hashlib.file_digest(f, 'sha256').hexdigest()})"
         lines.append(f"{name}: {source}")
     return {"reference_weights": "; ".join(lines)} if lines else {}
 
@@ -654,7 +651,6 @@ def _execute(plan: Plan) -> int:
     # block below owns them, any failure shuts Ray down and restores the SIGTERM handler here.
     previous = signal.getsignal(signal.SIGTERM)
     previous_int = signal.getsignal(signal.SIGINT)
-    parent_id = None
     try:
         _init_ray(plan)
         # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
@@ -668,9 +664,6 @@ def _execute(plan: Plan) -> int:
         signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():
             ray.shutdown()
-        if parent_id is not None:  # interrupted right after the parent run was created
-            with contextlib.suppress(Exception):
-                tracking.finish(plan.mlflow_uri, parent_id, "KILLED", {"interrupted": "true"})
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
             raise UsageError(" ".join(str(exc).split())) from None
         raise
@@ -874,22 +867,19 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
             key = TrialKey.parse(o.trial_id)
         except ValueError:  # a result without its config: nothing to name
             continue
-        base = specs.get(o.trial_id) or next(
-            (t for t in plan.trials if t.condition == key.condition
-             and t.direction == key.direction), None)
-        config = resolved_config(base.config) if base is not None else {}
-        if base is not None and key.sample is not None:
-            config["alpha"] = o.alpha if o.alpha is not None else key.signed_alpha
+        spec = _outcome_spec(plan, o, specs)
+        config = resolved_config(spec.config) if spec is not None else {}
         folder = (os.path.relpath(o.folder, run_dir.parent) if o.folder else None)
         entries[o.trial_id] = ManifestEntry(o.trial_id, o.state, folder,
                                             run_ids.get(o.trial_id), config)
     write_manifest(run_dir, entries.values(), write_text=atomic_write_text)
 
 
-def _outcome_spec(plan: Plan, o: Outcome) -> TrialSpec | None:
-    """The trial an outcome ran: its grid point, or an adaptive search's sample (its base
-    spec with the sampled alpha, as ``_trial_spec`` builds it in the trial)."""
-    specs = {t.trial_id: t for t in plan.trials}
+def _outcome_spec(plan: Plan, o: Outcome,
+                  specs: Mapping[str, TrialSpec]) -> TrialSpec | None:
+    """The trial an outcome ran (``specs``: the plan's, by trial id): its grid point, or an
+    adaptive search's sample (its base spec with the sampled alpha, as ``_trial_spec`` builds
+    it in the trial)."""
     if o.trial_id in specs:
         return specs[o.trial_id]
     try:
@@ -914,6 +904,7 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
     that does not answer within a minute ends the replay (one line), instead of a minute per
     trial: the journals stay in the checkpoints, and a later --resume of the run replays
     them."""
+    specs = {t.trial_id: t for t in plan.trials}
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
         with tempfile.TemporaryDirectory(prefix="journal-") as tmp:
@@ -921,7 +912,7 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
             if o.checkpoint is not None:
                 folder = Path(o.checkpoint.to_directory(tmp))
                 journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
-            spec = _outcome_spec(plan, o) if journal else None
+            spec = _outcome_spec(plan, o, specs) if journal else None
             record = ({} if spec is None else dict(
                 params=resolved_config(spec.config),
                 tags={**(run_tags or {}), **spec.tags(),

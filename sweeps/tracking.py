@@ -153,6 +153,12 @@ class TrialRun:
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
             self._put(("artifacts", str(directory)))
 
+    def log_artifacts_if_created(self, directory: Path) -> None:
+        """Queue ``directory``'s files for a run this object creates (a replay's rule: a run
+        its trial made has them already)."""
+        if Path(directory).is_dir() and any(Path(directory).iterdir()):
+            self._put(("artifacts_if_created", str(directory)))
+
     def finish(self, status: str, *, if_open: bool = False) -> None:
         """End the run with ``status``; with ``if_open``, only a run this object created or
         one still RUNNING/SCHEDULED (a replay's rule)."""
@@ -235,15 +241,13 @@ class TrialRun:
             if self.created:
                 client.log_artifacts(self.run_id, op[1])
         elif kind == "finish":
-            if len(op) > 3 and op[3] and not self.created:
+            run = client.get_run(self.run_id)
+            if op[3] and not self.created and run.info.status not in ("RUNNING", "SCHEDULED"):
                 # a replay after the trial ended: close only a run left open (its worker was
                 # stopped, or the store missed its end), never reopen or re-time a closed one
-                if client.get_run(self.run_id).info.status not in ("RUNNING", "SCHEDULED"):
-                    return
-            if op[1] == "FINISHED":  # an earlier attempt's error no longer describes the run
-                tags = client.get_run(self.run_id).data.tags
-                if ERROR_TAG in tags:
-                    client.delete_tag(self.run_id, ERROR_TAG)
+                return
+            if op[1] == "FINISHED" and ERROR_TAG in run.data.tags:
+                client.delete_tag(self.run_id, ERROR_TAG)  # an earlier attempt's error
             client.set_terminated(self.run_id, status=op[1])
 
     def _unlogged(self, client: MlflowClient, epochs: Mapping[int, Mapping[str, float]],
@@ -328,8 +332,8 @@ def replay_journal(uri: str, parent_run_id: str, trial_id: str,
                    say=say, create=bool(journal) and params is not None, reopen=False,
                    dataset=dataset)
     run.reconcile(journal)
-    if artifacts is not None and Path(artifacts).is_dir() and any(Path(artifacts).iterdir()):
-        run._put(("artifacts_if_created", str(artifacts)))
+    if artifacts is not None:
+        run.log_artifacts_if_created(artifacts)
     if status:
         run.finish(status, if_open=True)
     return run.close(timeout)

@@ -187,7 +187,7 @@ def trial_facts(cfg: TrialConfig, device: torch.device, workers: int, train_feed
     ``voxel_ncsnr_min``, the reference's source): recorded beside its params (the MLflow
     run's ``ran.*`` tags)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = _uses_bf16(cfg, device)
     return {
         "device": f"{device}{f' ({name})' if name else ''}",
         "precision": "bf16 autocast (alignment math in float32/float64)" if bf16 else "float32",
@@ -217,9 +217,14 @@ def describe_reference(reference) -> str:
     return " ".join(x for x in (what, model, layer, f"from {source}" if source else "") if x)
 
 
+def _uses_bf16(cfg: TrialConfig, device: torch.device) -> bool:
+    """The network (and an image-computed reference) in bf16 autocast: asked for, or "auto"
+    on CUDA."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrialConfig, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(cfg, device))
 
 
 def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
