@@ -204,16 +204,36 @@ class ImageIndex:
                 f"classes={len(self.classes)}, nbytes={self.nbytes})")
 
 
+class _Tally:
+    """The files found beside the images, kept as a count and the least name (as torchvision
+    sorts, by ``os.fsdecode``) rather than a list, so a tree with millions of them costs no
+    memory while it is indexed. ``prefix`` is prepended to every name appended."""
+
+    __slots__ = ("count", "least", "_key", "prefix")
+
+    def __init__(self, prefix: bytes = b"") -> None:
+        self.count = 0
+        self.least = b""
+        self._key: str | None = None
+        self.prefix = prefix
+
+    def append(self, name: bytes) -> None:
+        name = self.prefix + name
+        self.count += 1
+        key = os.fsdecode(name)
+        if self._key is None or key < self._key:
+            self.least, self._key = name, key
+
+
 def _pack(root: str, classes: tuple[str, ...], class_names: tuple[str, ...],
           rel_paths: list[bytes], targets: list[int],
-          others: list[bytes] | None = None) -> ImageIndex:
+          others: _Tally | None = None) -> ImageIndex:
     lengths = np.fromiter(map(len, rel_paths), dtype=np.int64, count=len(rel_paths))
     offsets = np.zeros(len(rel_paths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    others = others or []
-    example = os.fsdecode(min(others, key=os.fsdecode)) if others else ""
+    count, example = (others.count, os.fsdecode(others.least)) if others is not None else (0, "")
     return ImageIndex(root, classes, class_names, b"".join(rel_paths), offsets,
-                      np.asarray(targets, dtype=np.int64).reshape(-1), len(others), example)
+                      np.asarray(targets, dtype=np.int64).reshape(-1), count, example)
 
 
 def skipped_note(*indices: ImageIndex) -> str:
@@ -449,7 +469,7 @@ def _is_image(name: bytes) -> bool:
 
 
 def _listdir(folder: bytes, archives: list[bytes] | None = None,
-             others: list[bytes] | None = None) -> tuple[list[bytes], list[bytes]]:
+             others: _Tally | None = None) -> tuple[list[bytes], list[bytes]]:
     """(sub-folder names, image file names) of one folder, unsorted; hidden entries (name
     starting with ".") skipped, symlinks followed (a broken one refused, unless it is dangling
     and not named as an image: ``_link_target_is_dir``). Names of files ending in ".tar" (any
@@ -502,12 +522,13 @@ def _link_target_is_dir(entry: os.DirEntry) -> bool | None:
             "link") from e
 
 
-def _walk_images(class_dir: bytes, others: list[bytes] | None = None) -> list[bytes]:
+def _walk_images(class_dir: bytes, others: _Tally | None = None) -> list[bytes]:
     """Image paths under class_dir relative to it, in make_dataset's order: folders by sorted
     full path (os.walk roots sorted), file names sorted within each folder, both as the str
-    torchvision sees (``os.fsdecode``). Other files' paths (relative to class_dir) are
-    appended to ``others`` when given."""
+    torchvision sees (``os.fsdecode``). Other files' paths (relative to class_dir, after
+    ``others.prefix``) are tallied in ``others`` when given."""
     found: list[tuple[bytes, list[bytes]]] = []
+    base = others.prefix if others is not None else b""
     stack = [(b"", frozenset())]
     while stack:
         rel, ancestors = stack.pop()
@@ -521,12 +542,13 @@ def _walk_images(class_dir: bytes, others: list[bytes] | None = None) -> list[by
         if key in ancestors:  # os.walk(followlinks=True) would recurse forever
             raise ImageNetFormatError(f"symlink loop at {os.fsdecode(folder)}; expected class "
                                       "folders without links to their own ancestors")
-        skipped: list[bytes] | None = [] if others is not None else None
-        dirs, images = _listdir(folder, others=skipped)
-        if others is not None and skipped:
-            others.extend(rel + _SEP + name if rel else name for name in skipped)
+        if others is not None:
+            others.prefix = base + rel + _SEP if rel else base
+        dirs, images = _listdir(folder, others=others)
         found.append((rel, sorted(images, key=os.fsdecode)))
         stack.extend((rel + _SEP + d if rel else d, ancestors | {key}) for d in dirs)
+    if others is not None:
+        others.prefix = base
     found.sort(key=lambda item: os.fsdecode(item[0]))
     return [rel + _SEP + name if rel else name for rel, names in found for name in names]
 
@@ -576,7 +598,7 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     folder = _split_folder(root, split)
     folder_b = os.fsencode(folder)
     archives: list[bytes] = []
-    others: list[bytes] = []
+    others = _Tally()
     dirs, top_images = _listdir(folder_b, archives, others)
     # ILSVRC2012_img_train.tar extracted one level: one n01440764.tar per class, whose classes
     # would be missing. Fine: an archive kept beside its extracted folder, the official
@@ -602,14 +624,13 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
         return _index_flat_val(root, folder, sorted(top_images, key=os.fsdecode), meta, others)
 
     classes_b = sorted(dirs, key=os.fsdecode)
-    others = []  # files beside the class folders are no class's (torchvision ignores them)
+    others = _Tally()  # files beside the class folders are no class's (torchvision ignores them)
     rel_paths: list[bytes] = []
     targets: list[int] = []
     empty: list[str] = []
     for k, cls in enumerate(classes_b):
-        found: list[bytes] = []
-        rels = _walk_images(folder_b + _SEP + cls, found)
-        others.extend(cls + _SEP + r for r in found)
+        others.prefix = cls + _SEP
+        rels = _walk_images(folder_b + _SEP + cls, others)
         if not rels:
             empty.append(os.fsdecode(cls))
         rel_paths.extend(cls + _SEP + r for r in rels)
@@ -628,7 +649,7 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
 
 
 def _index_flat_val(root: str, folder: str, names: list[bytes], meta: _Meta | None,
-                    others: list[bytes] | None = None) -> ImageIndex:
+                    others: _Tally | None = None) -> ImageIndex:
     if meta is None:
         raise ImageNetFormatError(
             f"{folder} is flat ({len(names)} images, no class folders) and {root} has no "

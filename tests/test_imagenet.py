@@ -1022,3 +1022,20 @@ def test_non_utf8_names_are_ordered_as_torchvision_orders_them(tmp_path):
         ds = torchvision.datasets.ImageFolder(str(tree / split))
         assert dict(zip(index.classes, range(len(index.classes)))) == ds.class_to_idx
         assert [(index.path(i), index.target(i)) for i in range(len(index))] == ds.samples
+
+
+def test_skipped_files_are_counted_with_the_least_name_without_a_list(tmp_path):
+    """The index keeps a count and the least path (as torchvision sorts: ``os.fsdecode``, so
+    bytes that are not UTF-8 sort after text) of the files it leaves out, at any depth."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    cls = tree / "train" / "n00000001"
+    names = [b"zz.txt", b"sub/b.txt", b"sub/deeper/a.txt", b"\xff.txt", b"\xc3\xa9.txt"]
+    for name in names:
+        path = os.fsencode(cls) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"x")
+    train, _ = index_imagenet(tree)
+    assert train.skipped == len(names)
+    rels = [os.fsdecode(b"n00000001/" + n) for n in names]
+    assert train.skipped_example == min(rels) == os.path.join("n00000001", "sub", "b.txt")

@@ -99,6 +99,22 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert TrialConfig.from_dict({"epochs": 3.0, "alpha": 1}).epochs == 3
 
 
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+def test_a_weight_the_float32_loss_would_multiply_as_zero_is_refused(name):
+    """A weight below float32's normal range is 0 (or a few bits) in the float32 loss: the
+    trial would run the baseline while its records call it promoting or suppressing."""
+    tiny = float(np.finfo(np.float32).tiny)
+    assert float(torch.tensor(1e-320, dtype=torch.float32)) == 0  # what refusing it avoids
+    for value in (1e-320, tiny / 2 if name == "beta" else -tiny / 2):
+        with pytest.raises(ValueError, match=rf"{name}={value!r}; accepted: 0 or a number of "
+                                             r"magnitude 1\.175e-38\.\.1e\+06"):
+            TrialConfig(**{name: value, ("beta" if name == "alpha" else "alpha"): 1.0})
+    for value in (tiny, -tiny, 1e-30):
+        if name == "beta" and value < 0:
+            continue
+        assert getattr(TrialConfig(**{name: value}), name) == value
+
+
 # ----------------------------------------------------------------------------- grouping
 
 

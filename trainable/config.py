@@ -14,6 +14,7 @@ from typing import Any
 from records import REFERENCE_KINDS  # one source: records
 
 DEVICES = ("auto", "cpu", "cuda")
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32 (numpy.finfo's tiny)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -150,6 +151,12 @@ class TrialConfig:
         for name in ("lr", "width", "alpha", "beta"):
             if abs(getattr(self, name)) > UPPER[name]:
                 raise bad(name, f"a number of magnitude <= {UPPER[name]:g}")
+        for name in ("alpha", "beta"):
+            # the loss is float32 (or bf16): a smaller weight would multiply as 0, running the
+            # term off while the records call the trial promoting or suppressing
+            if 0 < abs(getattr(self, name)) < FLOAT32_TINY:
+                raise bad(name, f"0 or a number of magnitude {FLOAT32_TINY:.4g}..{UPPER[name]:g} "
+                                f"(float32's normal range: the loss's precision)")
         if (isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int)
                 or not -1 <= self.loader_workers <= UPPER["loader_workers"]):
             raise bad("loader_workers", f"-1 (from the CPU share) or an integer in "
