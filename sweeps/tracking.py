@@ -60,6 +60,20 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+RESUMES_TAG = "resumes"
+RESUMES_KEPT = 20  # the latest lines: a tag value is capped (5,000 characters in older stores)
+_RESUME_KEYS = ("mlflow.source.git.commit", "code_modified", "ray", "overrides", "only")
+
+
+def resume_entry(tags: Mapping[str, str]) -> str:
+    """One line of the parent's ``resumes`` tag: when a resume started (UTC) and the tags of
+    the invocation that it would otherwise lose (commit, modified code, cluster, --set,
+    --only)."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    said = ", ".join(f"{k.rsplit('.', 1)[-1]}={tags[k]}" for k in _RESUME_KEYS if k in tags)
+    return f"{when} {said}".strip()
+
+
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
                  reuse_run_id: str | None = None, description: str | None = None) -> str:
     """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING), else a new
@@ -75,6 +89,12 @@ def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
         if run.info.experiment_id != exp_id:
             raise ValueError(f"run {reuse_run_id} belongs to another experiment")
         client.update_run(reuse_run_id, status="RUNNING")
+        # The run keeps the tags of the invocation that created it; each resume says what
+        # ran it (its commit may differ) in one more line of ``resumes``.
+        entry = resume_entry(tags)
+        lines = [*filter(None, run.data.tags.get(RESUMES_TAG, "").split("\n")), entry]
+        _retry(lambda: client.set_tag(reuse_run_id, RESUMES_TAG,
+                                      "\n".join(lines[-RESUMES_KEPT:])))
         return reuse_run_id
     note = {NOTE_TAG: description} if description else {}
     run = client.create_run(exp_id, tags={**tags, **note,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -403,6 +404,29 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
         assert (tmp_path / folder / "mlruns" / "exp one" / run_id / "artifacts" /
                 "note.txt").read_text() == "hello"
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_resumed_parent_keeps_its_tags_and_records_each_resume(tmp_path):
+    """The parent keeps the tags of the invocation that created it; each resume adds a line
+    naming its own commit and cluster to ``resumes`` (the latest RESUMES_KEPT lines)."""
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    first = {"sweep": "s", "mlflow.source.git.commit": "aaa", "ray": "local"}
+    run_id = tracking.start_parent(uri, "exp", first)
+    client = MlflowClient(uri)
+    assert tracking.RESUMES_TAG not in client.get_run(run_id).data.tags
+    for k in range(tracking.RESUMES_KEPT + 2):
+        again = {**first, "mlflow.source.git.commit": f"c{k}", "code_modified": "true",
+                 "ray": "10.0.0.1:6379"}
+        assert tracking.start_parent(uri, "exp", again, reuse_run_id=run_id) == run_id
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.source.git.commit"] == "aaa" and tags["ray"] == "local"
+        lines = tags[tracking.RESUMES_TAG].split("\n")
+        assert len(lines) == min(k + 1, tracking.RESUMES_KEPT)
+        assert re.fullmatch(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ commit=c{k}, "
+                            rf"code_modified=true, ray=10\.0\.0\.1:6379", lines[-1]), lines[-1]
+    assert lines[0].split(" ", 1)[1].startswith("commit=c2,")
 
 
 def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
