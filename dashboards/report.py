@@ -281,13 +281,32 @@ def render_report(*, title: str, meta: Mapping[str, Any], messages: Sequence[str
     parts.extend(_image(png, alt, caption) for png, alt, caption in figures)
     parts.append("<h2>Trials</h2>")
     parts.append(_results_html(results))
-    parts.append("<h2>Files</h2><ul>")
-    parts.extend(f'<li><a href="{_e(name)}">{_e(name)}</a></li>' for name in files)
+    parts.append('<h2>Files</h2><p id="files-where">Beside this report (in the sweep\'s '
+                 'output folder, and in its MLflow parent run\'s artifacts):</p><ul>')
+    parts.extend(f'<li><a class="beside" href="{_e(name)}">{_e(name)}</a></li>'
+                 for name in files)
     parts.append("</ul>")
+    parts.append(_ARTIFACT_VIEW_SCRIPT)
     parts.append("<h2>Resolved config</h2>")
     parts.append(f"<pre>{_e(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# MLflow's artifact view shows an HTML artifact as a blob: document in a sandboxed frame, where
+# relative links resolve to nothing (and downloads are blocked): the files are then named as
+# text, pointing at the artifact list the report sits in.
+_ARTIFACT_VIEW_SCRIPT = """<script>
+if (location.protocol === "blob:") {
+  for (const a of document.querySelectorAll("a.beside")) {
+    const name = document.createElement("code");
+    name.textContent = a.textContent;
+    a.replaceWith(name);
+  }
+  document.getElementById("files-where").textContent =
+    "In this run's artifacts, listed beside this report (and in the sweep's output folder):";
+}
+</script>"""
 
 
 def write_report(path: str | Path, **kwargs: Any) -> Path:

@@ -250,6 +250,32 @@ def test_parent_run_page_lists_the_trial_runs_and_the_report(sweep, server, brow
     browser.screenshot("mlflow-parent-run-artifacts.png")
 
 
+def test_the_report_in_mlflows_artifact_view_names_its_files_instead_of_dead_links(
+        sweep, server, browser):
+    """MLflow shows report.html as a blob: document in a sandboxed frame, where the report's
+    relative links to the files beside it led nowhere: there it names them as text and says
+    where they are; opened from the output folder the links stay (test_report_figures_render)."""
+    smoke, _, exp_id, _ = sweep
+    browser.open(f"{server}/#/experiments/{exp_id}/runs/{smoke.parent_run_id}/artifacts")
+    browser.wait_for(["report.html"])
+    browser.click(_by_text(browser, "report.html"))
+    deadline = time.monotonic() + 60
+    while not (frames := browser.elements("iframe.mlflow-html-iframe")):
+        assert time.monotonic() < deadline, f"no report frame:\n{browser.text()[:2000]}"
+        time.sleep(0.5)
+    browser.call("POST", "/frame", {"id": {ELEMENT: frames[0]}})
+    try:
+        text = browser.wait_for(["Files", "In this run's artifacts, listed beside this report"])
+        assert browser.script("return location.protocol") == "blob:"
+        assert browser.elements("a.beside") == []
+        names = browser.script("return Array.from(document.querySelectorAll('ul code'))"
+                               ".map(c => c.textContent)")
+        assert set(pareto.FILES[1:]) == set(names), (names, text[-2000:])
+    finally:
+        browser.call("POST", "/frame", {"id": None})
+    browser.screenshot("mlflow-report-artifact-view.png")
+
+
 def test_trial_run_page_shows_its_metrics_and_filter_grid(sweep, server, browser):
     _, _, exp_id, children = sweep
     run = children[f"{SWEEP}-max-a0.8-b1-s0"]
@@ -279,5 +305,8 @@ def test_report_figures_render(sweep, browser):
         assert pixels.std() > 0.05, f"{info['alt']} renders blank (std {pixels.std():.3f})"
         colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
         assert colours > 50, f"{info['alt']} renders only {colours} colours"
+    links = browser.script("return Array.from(document.querySelectorAll('a.beside'))"
+                           ".map(a => a.getAttribute('href'))")
+    assert set(pareto.FILES[1:]) == set(links)  # opened from the output folder: links stay
     browser.script("window.scrollTo(0, 0)")
     browser.screenshot("report.png")
