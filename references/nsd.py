@@ -9,6 +9,8 @@ Reads the release exactly as published (paths relative to ``--nsd-root``)::
     nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5     imgBrick (images, H, W, 3) uint8
     nsddata_betas/ppdata/subjNN/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_sessionSS.hdf5
                                                      betas (trials, z, y, x) int16 = % signal x 300
+                                                     (or betas_sessionSS.nii.gz, as the release
+                                                     also ships them: (x, y, z, trials))
     nsddata/ppdata/subjNN/func1pt8mm/roi/prf-visualrois.nii.gz   (x, y, z); V1 = labels 1, 2
     nsddata/ppdata/subjNN/func1pt8mm/roi/streams.nii.gz          (x, y, z); VVS = label 5
 
@@ -86,7 +88,11 @@ BETAS_SCALE = 300.0  # int16 betas are percent signal change x 300
 COCO_FILES = {"train2017": "instances_train2017.json", "val2017": "instances_val2017.json"}
 N_COCO_CATEGORIES = 80
 
-_SESSION_RE = re.compile(r"^betas_session(\d+)\.hdf5$")
+_SESSION_RE = re.compile(r"^betas_session(\d+)\.(hdf5|nii\.gz|nii)$")
+#: A session stored in several forms is read from the first of these: HDF5 reads the ROI's
+#: bounding box alone, a .nii.gz must be decompressed whole.
+SESSION_FORMATS = ("hdf5", "nii", "nii.gz")
+SESSION_NAMES = "betas_sessionSS.hdf5 (or .nii.gz / .nii)"
 # Upper bound on one h5py read (a trial chunk of the ROI bounding box); keeps VVS, whose bounding
 # box is large, from pulling hundreds of MB of int16 at once.
 _READ_CHUNK_BYTES = 64 * 2**20
@@ -400,27 +406,35 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
 
 
 def session_files(nsd_root: Path, subject: int) -> list[Path]:
-    """The subject's betas_sessionSS.hdf5 files on disk, in session order (1..N, no gaps, one
-    file per session: betas_session01.hdf5 beside betas_session1.hdf5 is an NSDFormatError)."""
+    """The subject's session files on disk, in session order (1..N, no gaps): per session its
+    betas_sessionSS.hdf5, else its .nii (uncompressed) or .nii.gz (the release ships the
+    .hdf5 and the .nii.gz of every session side by side; either may be all a copy holds).
+    Two names for one session in one form (betas_session01.hdf5 beside betas_session1.hdf5)
+    is an NSDFormatError: which is meant cannot be told."""
     folder = betas_dir(nsd_root, subject)
     if not folder.is_dir():
-        raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject})")
-    found: dict[int, Path] = {}
+        elsewhere = _betas_elsewhere(nsd_root, subject)
+        raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject}"
+                             f"{f'; its betas are in {elsewhere}' if elsewhere else ''})")
+    forms: dict[int, dict[str, Path]] = {}
     for p in sorted(folder.iterdir()):
         m = _SESSION_RE.match(p.name)
         if not m:
             continue
-        s = int(m.group(1))
+        s, form = int(m.group(1)), m.group(2)
         if s == 0:  # would otherwise be read silently as the first session
             raise NSDFormatError(f"{p}: session 0; sessions are numbered from 1 "
                                  f"(betas_session01.hdf5 .. betas_sessionNN.hdf5)")
-        if s in found:  # betas_session01.hdf5 and betas_session1.hdf5: which is meant?
-            raise NSDFormatError(f"{found[s]} and {p.name}: both are session {s}; expected one "
-                                 f"file per session (betas_session{s:02d}.hdf5)")
-        found[s] = p
+        held = forms.setdefault(s, {})
+        if form in held:  # betas_session01.hdf5 and betas_session1.hdf5: which is meant?
+            raise NSDFormatError(f"{held[form]} and {p.name}: both are session {s}; expected "
+                                 f"one file per session (betas_session{s:02d}.{form})")
+        held[form] = p
+    found = {s: held[next(f for f in SESSION_FORMATS if f in held)]
+             for s, held in forms.items()}
     if not found:
         raise NSDFormatError(f"missing file {session_file(nsd_root, subject, 1)} "
-                             f"(no betas_sessionSS.hdf5 in {folder})")
+                             f"(no {SESSION_NAMES} in {folder})")
     for s in range(1, max(found) + 1):
         if s not in found:
             # Trials are located by summing earlier sessions' lengths, so a gap is unreadable.
@@ -463,8 +477,63 @@ def _unwritten(d) -> str:
     return ""
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def _nifti_betas(path: Path):
+    """The session's NIfTI image (header read, data not), or an NSDFormatError naming the
+    file. Its data scaling must be the identity: the betas are read as stored (int16 =
+    percent signal change x 300), as from the HDF5 files."""
+    import nibabel as nib
+
+    img, first = None, None
+    for kind in (nib.Nifti1Image, nib.Nifti2Image):  # named by suffix: no sniffing (which
+        try:                                           # reads past the header of a cut file)
+            img = kind.from_filename(str(path))
+            break
+        except Exception as exc:  # nibabel's errors derive from Exception, not OSError
+            first = first or exc
+    if img is None:
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(first)}); expected the "
+                             f"release's betas volume (x, y, z, trials)")
+    # loaded images keep their scaling in the proxy (the header's fields are reset to NaN)
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    if slope != 1.0 or inter != 0.0:
+        raise NSDFormatError(f"{path}: NIfTI scaling scl_slope={slope} scl_inter={inter}; "
+                             f"expected none (the release's betas are stored as int16 = "
+                             f"percent signal change x {BETAS_SCALE:g})")
+    return img
+
+
+def _nifti_betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
+    img = _nifti_betas(path)
+    shape, dtype = tuple(img.shape), img.get_data_dtype()
+    if len(shape) != 4:
+        raise NSDFormatError(f"{path}: betas must be 4-D (x, y, z, trials), got shape {shape}")
+    if dtype.kind not in "if":
+        raise NSDFormatError(f"{path}: betas must be signed numbers (int16 in the release, or "
+                             f"float), got {dtype}")
+    if shape[:3] != tuple(mask_shape):
+        raise NSDFormatError(
+            f"{path}: betas shape {shape} does not match ROI mask {mask_path} of shape "
+            f"(x, y, z) = {tuple(mask_shape)}; expected (x, y, z, trials) = "
+            f"({', '.join(map(str, mask_shape))}, trials)")
+    if shape[3] == 0:
+        raise NSDFormatError(f"{path}: betas hold no trials")
+    if path.name.endswith(".nii"):  # uncompressed: a copy cut short is told from its size
+        need = int(img.dataobj.offset) + int(np.prod(shape)) * dtype.itemsize
+        size = path.stat().st_size
+        if size < need:
+            raise NSDFormatError(f"{path}: {size} bytes where its header needs {need}; "
+                                 f"expected a complete file -- copy it again from the release")
+    return int(shape[3])
+
+
 def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
     """Validate one session file against the ROI mask; return its number of trials."""
+    if _is_nifti(path):
+        return _nifti_betas_shape(path, mask_shape, mask_path)
     with _h5_dataset(path, BETAS_DATASET) as d:
         if not isinstance(d, h5py.Dataset) or d.ndim != 4:
             raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be 4-D (trials, z, y, x), got "
@@ -509,10 +578,21 @@ def _has_sessions(folder: Path) -> bool:
     return folder.is_dir() and any(_SESSION_RE.match(p.name) for p in folder.iterdir())
 
 
-def _subjects_present(nsd_root: Path, design: ExpDesign) -> tuple[int, ...]:
-    """Subjects with a row in ``subjectim`` and at least one betas_sessionSS.hdf5, ascending."""
+def _subjects_present(nsd_root: Path, design: ExpDesign, *, every: bool = False
+                      ) -> tuple[int, ...]:
+    """Subjects with a row in ``subjectim`` and at least one session file, ascending. For
+    ``every`` subject to be used, one whose betas are only in another space or GLM version is
+    an NSDFormatError naming it (it would be left out without a word)."""
     n_rows = design.subjectim.shape[0]
     present = tuple(s for s in range(1, n_rows + 1) if _has_sessions(betas_dir(nsd_root, s)))
+    for s in range(1, n_rows + 1) if every else ():
+        elsewhere = None if s in present else _betas_elsewhere(nsd_root, s)
+        if elsewhere is not None:  # "every subject" would leave it out without a word
+            raise NSDFormatError(
+                f"subject {s} has betas only in {elsewhere}; expected them in "
+                f"{betas_dir(nsd_root, s)} (the space of the ROI masks, func1pt8mm, and the "
+                f"GLM read, betas_fithrf_GLMdenoise_RR) -- add them there, or pass --subject "
+                f"for the subjects to use")
     if not present:
         raise NSDFormatError(f"{nsd_root / BETAS_ROOT}: no subject has betas; expected e.g. "
                              f"{session_file(nsd_root, 1, 1)} for a subject in 1..{n_rows} "
@@ -520,13 +600,26 @@ def _subjects_present(nsd_root: Path, design: ExpDesign) -> tuple[int, ...]:
     return present
 
 
+def _betas_elsewhere(nsd_root: Path, subject: int) -> Path | None:
+    """A folder of the subject's betas in another space or GLM version than the one read
+    (``subjNN/<space>/<version>/`` holding session files: func1mm, betas_fithrf, ...), or None."""
+    top = Path(nsd_root) / BETAS_ROOT / subject_dir(subject)
+    if not top.is_dir():
+        return None
+    for space in sorted(p for p in top.iterdir() if p.is_dir()):
+        for version in sorted(p for p in space.iterdir() if p.is_dir()):
+            if _has_sessions(version):
+                return version
+    return None
+
+
 def subjects_in_release(nsd_root: str | os.PathLike) -> tuple[int, ...]:
     """The subjects a release holds, ascending: those with a row in nsd_expdesign.mat's
     ``subjectim`` whose betas folder (:func:`betas_dir`) holds at least one
-    betas_sessionSS.hdf5. The published release has all eight; a lab's copy may hold a subset.
+    session file (betas_sessionSS.hdf5, .nii.gz or .nii). The published release has all eight; a lab's copy may hold a subset.
     Only file names and the small design file are read."""
     nsd_root = _release_root(nsd_root)
-    return _subjects_present(nsd_root, load_expdesign(nsd_root))
+    return _subjects_present(nsd_root, load_expdesign(nsd_root), every=True)
 
 
 def _release_root(nsd_root: str | os.PathLike) -> Path:
@@ -549,13 +642,52 @@ def _subject_list(nsd_root: Path, subjects: Sequence[int] | None) -> list[int]:
 def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
     """ROI voxels of one session, in percent signal change: (trials, n_voxels) float64.
 
-    ``mask`` is (x, y, z); the file's betas are (trials, z, y, x). Reads only the ROI's bounding
-    box, in chunks of trials, then picks the voxels in C order of the mask's nonzero entries.
+    ``mask`` is (x, y, z); an HDF5 file's betas are (trials, z, y, x), of which only the ROI's
+    bounding box is read, in chunks of trials; a NIfTI file's are (x, y, z, trials), read in
+    chunks of whole volumes. The voxels are picked in C order of the mask's nonzero entries.
     A read that fails part-way (a truncated or corrupt file: h5py's OSError) and a NaN or
     infinite ROI value (float betas; the release's int16 have none) are NSDFormatErrors naming
     the file: z-scoring would otherwise turn the voxel's whole session into zeros unannounced.
     """
     xi, yi, zi = np.nonzero(mask)
+    if _is_nifti(path):
+        out = _read_nifti_roi(path, xi, yi, zi)
+    else:
+        out = _read_hdf5_roi(path, xi, yi, zi)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        trial, voxel = np.argwhere(bad)[0]
+        raise NSDFormatError(
+            f"{path}: {int(bad.any(axis=0).sum())} ROI voxel(s) hold NaN or infinite betas "
+            f"(first: trial {int(trial)}, voxel ({xi[voxel]}, {yi[voxel]}, {zi[voxel]}) in (x, y, z)"
+            f"); expected finite betas -- leave the voxel out of the ROI mask, or fill it")
+    return out / BETAS_SCALE
+
+
+def _read_nifti_roi(path: Path, xi: np.ndarray, yi: np.ndarray, zi: np.ndarray) -> np.ndarray:
+    """(trials, voxels) float64 of a NIfTI session (x, y, z, trials), read in chunks of whole
+    volumes (a .nii.gz is decompressed once, front to back)."""
+    img = _nifti_betas(path)
+    n_trials = int(img.shape[3])
+    frame_bytes = int(np.prod(img.shape[:3])) * img.get_data_dtype().itemsize
+    step = max(1, _READ_CHUNK_BYTES // max(frame_bytes, 1))
+    out = np.empty((n_trials, len(xi)), np.float64)
+    t0 = 0
+    try:
+        for t0 in range(0, n_trials, step):
+            block = np.asarray(img.dataobj[..., t0:t0 + step])
+            out[t0:t0 + step] = block[xi, yi, zi, :].T
+    except Exception as exc:  # gzip's EOFError / BadGzipFile, zlib.error, a short .nii
+        raise NSDFormatError(
+            f"{path}: cannot read betas trials {t0}..{min(t0 + step, n_trials) - 1} "
+            f"({_oneline(exc) or type(exc).__name__}); expected a complete NIfTI file -- copy "
+            f"it again from the release") from None
+    return out
+
+
+def _read_hdf5_roi(path: Path, xi: np.ndarray, yi: np.ndarray, zi: np.ndarray) -> np.ndarray:
+    """(trials, voxels) float64 of an HDF5 session (trials, z, y, x): trial chunks of the ROI's
+    bounding box."""
     lo = (zi.min(), yi.min(), xi.min())
     hi = (zi.max() + 1, yi.max() + 1, xi.max() + 1)
     rz, ry, rx = zi - lo[0], yi - lo[1], xi - lo[2]
@@ -574,14 +706,7 @@ def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
                 f"{path}: cannot read '{BETAS_DATASET}' trials {t0}..{min(t0 + step, n_trials) - 1}"
                 f" ({_oneline(exc)}); expected a complete HDF5 file -- copy it again from the "
                 f"release") from None
-    bad = ~np.isfinite(out)
-    if bad.any():
-        trial, voxel = np.argwhere(bad)[0]
-        raise NSDFormatError(
-            f"{path}: {int(bad.any(axis=0).sum())} ROI voxel(s) hold NaN or infinite betas "
-            f"(first: trial {int(trial)}, voxel ({xi[voxel]}, {yi[voxel]}, {zi[voxel]}) in (x, y, z)"
-            f"); expected finite betas -- leave the voxel out of the ROI mask, or fill it")
-    return out / BETAS_SCALE
+    return out
 
 
 def zscore_session(values: np.ndarray) -> np.ndarray:
@@ -995,12 +1120,15 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
         raise NSDFormatError(f"{stimuli}: '{STIMULI_DATASET}' holds {n_images} images but "
                              f"'subjectim' in {nsd_root / EXPDESIGN} uses nsdIds up to "
                              f"{n_needed} (1-based); expected at least {n_needed} images")
-    present = _subjects_present(nsd_root, design)
+    present = _subjects_present(nsd_root, design, every=subjects is None)
     subjects = present if subjects is None else subjects
     for s in subjects:
         if s not in present:
-            raise NSDFormatError(f"{betas_dir(nsd_root, s)}: no betas_sessionSS.hdf5 for "
-                                 f"subject {s}; subjects present: "
+            elsewhere = _betas_elsewhere(nsd_root, s)
+            raise NSDFormatError(f"{betas_dir(nsd_root, s)}: no {SESSION_NAMES} for "
+                                 f"subject {s}"
+                                 f"{f' (its betas are in {elsewhere})' if elsewhere else ''}"
+                                 f"; subjects present: "
                                  f"{', '.join(map(str, present))}")
     seen = {}
     for s in subjects:

@@ -136,7 +136,7 @@ def write_tree(root: Path, *, skip=()) -> tuple[Path, Path]:
             name = "data" if "dataset_name" in skip and subject == 2 else "betas"
             with h5py.File(bdir / f"betas_session{session:02d}.hdf5", "w") as f:
                 f[name] = betas
-        (bdir / "betas_session01.nii.gz").write_bytes(b"")  # other files in the folder: ignored
+        (bdir / "R2_session01.nii.gz").write_bytes(b"")  # other files in the folder: ignored
 
     coco.mkdir()
     cats = [{"id": c, "name": f"cat{c}", "supercategory": "x"} for c in CATEGORY_IDS]
@@ -346,9 +346,9 @@ def _one_line(exc: pytest.ExceptionInfo) -> None:
 def test_subjects_in_release_needs_betas_and_a_subjectim_row(tmp_path):
     nsd_root, _ = write_tree(tmp_path)
     assert subjects_in_release(nsd_root) == (1, 2)
-    # subj03: a folder with no betas_sessionSS.hdf5; subj09: betas but no row in subjectim (8).
+    # subj03: a folder with no session file; subj09: betas but no row in subjectim (8).
     nsd.betas_dir(nsd_root, 3).mkdir(parents=True)
-    (nsd.betas_dir(nsd_root, 3) / "betas_session01.nii.gz").write_bytes(b"")
+    (nsd.betas_dir(nsd_root, 3) / "meanbeta_session01.nii.gz").write_bytes(b"")
     nsd.betas_dir(nsd_root, 9).mkdir(parents=True)
     nsd.session_file(nsd_root, 9, 1).write_bytes(b"")
     assert subjects_in_release(nsd_root) == (1, 2)
@@ -450,11 +450,11 @@ BROKEN_RELEASES = [
                        r"volume, got shape \(4, 3, 2, 2\)"),
     ("roi_empty", [1, 2], r"subj01.*prf-visualrois\.nii\.gz: no voxel carries the V1 "
                           r"label\(s\) \[1, 2\]"),
-    ("no_betas_2", [1, 2], r"subj02.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 for "
+    ("no_betas_2", [1, 2], r"subj02.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 \(or \.nii\.gz / \.nii\) for "
                            r"subject 2; subjects present: 1$"),
-    ("", [1, 3], r"subj03.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 for subject 3; "
+    ("", [1, 3], r"subj03.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 \(or \.nii\.gz / \.nii\) for subject 3; "
                  r"subjects present: 1, 2$"),
-    ("", [9], r"subj09.*: no betas_sessionSS\.hdf5 for subject 9; subjects present: 1, 2$"),
+    ("", [9], r"subj09.*: no betas_sessionSS\.hdf5 \(or \.nii\.gz / \.nii\) for subject 9; subjects present: 1, 2$"),
 ]
 
 
@@ -957,3 +957,143 @@ def test_cli_check_and_prepare_without_subject(tree, tmp_path):
                            "--roi", "V1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "got uint16" in proc.stderr, proc.stderr
+
+
+def _as_nifti(path: Path, suffix: str = ".nii.gz", edit=None, keep: bool = False) -> Path:
+    """Store the session file ``path`` (HDF5, (trials, z, y, x)) as the release's NIfTI
+    (x, y, z, trials) beside it; the HDF5 file is removed unless ``keep``."""
+    with h5py.File(path, "r") as f:
+        betas = f["betas"][()].transpose(3, 2, 1, 0)
+    img = nib.Nifti1Image(betas if edit is None else edit(betas), np.eye(4))
+    out = path.with_name(path.name.replace(".hdf5", suffix))
+    nib.save(img, str(out))
+    if not keep:
+        path.unlink()
+    return out
+
+
+@pytest.mark.parametrize("form", [".nii.gz", ".nii", "mixed"])
+def test_sessions_stored_as_nifti_give_the_same_table(tmp_path, form):
+    """The release ships every session as .hdf5 and as .nii.gz; a copy holding only the NIfTI
+    files (what nsd_access reads) gives the same table, bit for bit. A subject with only NIfTI
+    sessions was left out of "every subject" without a word."""
+    h5_root, coco = write_tree(tmp_path / "h5")
+    ni_root, _ = write_tree(tmp_path / "ni")
+    for s, trials in TRIALS.items():
+        for k in range(1, len(trials) + 1):
+            if form != "mixed" or (s, k) == (1, 2):
+                _as_nifti(nsd.session_file(ni_root, s, k), ".nii" if form == ".nii" else ".nii.gz")
+    assert subjects_in_release(ni_root) == (1, 2)
+    check_release(ni_root, None, ["V1", "VVS"])
+    for roi in nsd.ROIS:
+        want = pq.read_table(prepare(h5_root, coco, None, roi, tmp_path / "h5.parquet",
+                                     progress=False))
+        got = pq.read_table(prepare(ni_root, coco, None, roi, tmp_path / "ni.parquet",
+                                    progress=False))
+        assert got.num_rows > 0 and got.equals(want)
+
+
+def test_a_session_in_both_forms_is_read_from_its_hdf5(tmp_path):
+    """As the release ships it: both files per session. The HDF5 one is read (the ROI's box
+    alone); the NIfTI beside it, here holding other numbers, changes nothing."""
+    nsd_root, coco = write_tree(tmp_path / "both")
+    plain, _ = write_tree(tmp_path / "plain")
+    for s, trials in TRIALS.items():
+        for k in range(1, len(trials) + 1):
+            _as_nifti(nsd.session_file(nsd_root, s, k), edit=lambda b: b // 2, keep=True)
+    assert nsd.session_files(nsd_root, 1) == [nsd.session_file(nsd_root, 1, k) for k in (1, 2)]
+    want = pq.read_table(prepare(plain, coco, None, "V1", tmp_path / "a.parquet", progress=False))
+    got = pq.read_table(prepare(nsd_root, coco, None, "V1", tmp_path / "b.parquet",
+                                progress=False))
+    assert got.equals(want)
+
+
+def _scaled(betas):
+    """Percent signal change saved as int16 with nibabel's own scaling (scl_slope)."""
+    img = nib.Nifti1Image(betas / 300.0, np.eye(4))
+    img.set_data_dtype(np.int16)
+    return img
+
+
+BAD_NIFTI_SESSIONS = {
+    "scaled": (lambda p: _scaled(_read_nifti(p)),
+               r"betas_session02\.nii\.gz: NIfTI scaling scl_slope=\S+ scl_inter=\S+; "
+               r"expected none \(the release's betas are stored as int16"),
+    "hdf5_order": (lambda p: nib.Nifti1Image(_read_nifti(p).transpose(3, 2, 1, 0), np.eye(4)),
+                   r"betas_session02\.nii\.gz: betas shape \(5, 2, 3, 4\) does not match ROI "
+                   r"mask .*prf-visualrois\.nii\.gz of shape \(x, y, z\) = \(4, 3, 2\); "
+                   r"expected \(x, y, z, trials\) = \(4, 3, 2, trials\)"),
+    "unsigned": (lambda p: nib.Nifti1Image(_read_nifti(p).astype(np.uint16), np.eye(4)),
+                 r"betas_session02\.nii\.gz: betas must be signed numbers .* got uint16"),
+    "not_nifti": (lambda p: p.write_bytes(b"not a nifti file") and None,
+                  r"betas_session02\.nii\.gz: cannot read as NIfTI"),
+}
+
+
+def _read_nifti(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.parametrize("broken", BAD_NIFTI_SESSIONS, ids=str)
+def test_a_malformed_nifti_session_is_refused_naming_it(tmp_path, broken):
+    nsd_root, coco = write_tree(tmp_path)
+    path = _as_nifti(nsd.session_file(nsd_root, 1, 2))
+    make, match = BAD_NIFTI_SESSIONS[broken]
+    img = make(path)
+    if img is not None:
+        nib.save(img, str(path))
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, None, ["V1"])
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_nifti_session_cut_short_is_refused_naming_it(tmp_path, suffix):
+    """A copy that stopped part-way: an uncompressed file is told from its size before any run;
+    a gzip one when it is read, naming the trials."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = _as_nifti(nsd.session_file(nsd_root, 1, 1), suffix)
+    if suffix == ".nii.gz":  # stored blocks: the header stays readable, as in a large file
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=0))
+    path.write_bytes(path.read_bytes()[:-40])
+    if suffix == ".nii":
+        with pytest.raises(NSDFormatError, match=r"betas_session01\.nii: \d+ bytes where its "
+                                                 r"header needs \d+; expected a complete file"):
+            check_release(nsd_root, None, ["V1"])
+    else:
+        check_release(nsd_root, None, ["V1"])  # headers only: the gzip stream is not read
+    want = (r"cannot read betas trials 0\.\.6 \(.*\); expected a complete NIfTI file"
+            if suffix == ".nii.gz" else r"\d+ bytes where")
+    with pytest.raises(NSDFormatError, match=rf"betas_session01{re.escape(suffix)}: {want}"
+                       ) as exc:
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+    _one_line(exc)
+
+
+@pytest.mark.parametrize("where", ["func1mm/betas_fithrf_GLMdenoise_RR",
+                                   "func1pt8mm/betas_fithrf"])
+def test_a_subject_with_betas_only_in_another_space_or_glm_is_named(tmp_path, where):
+    """"Every subject" left such a subject out without a word (the paper pools all eight)."""
+    nsd_root, coco = write_tree(tmp_path)
+    moved = nsd_root / nsd.BETAS_ROOT / "subj02" / where
+    moved.parent.mkdir(parents=True, exist_ok=True)
+    nsd.betas_dir(nsd_root, 2).rename(moved)
+    match = (rf"subject 2 has betas only in .*subj02/{where}; expected them in "
+             r".*subj02/func1pt8mm/betas_fithrf_GLMdenoise_RR \(the space of the ROI masks")
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        subjects_in_release(nsd_root)
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        check_release(nsd_root, None, ["V1"])
+    check_release(nsd_root, [1], ["V1"])  # named subjects: the others are not asked for
+    with pytest.raises(NSDFormatError, match=rf"no betas_sessionSS.* for subject 2 \(its "
+                                             rf"betas are in .*subj02/{where}\); subjects "
+                                             r"present: 1$"):
+        check_release(nsd_root, [2], ["V1"])
+    with pytest.raises(NSDFormatError, match=rf"missing directory .* \(no betas for subject 2; "
+                                             rf"its betas are in .*subj02/{where}\)"):
+        prepare(nsd_root, coco, [2], "V1", tmp_path / "o.parquet", progress=False)
+    assert pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet",
+                                 progress=False)).num_rows > 0
