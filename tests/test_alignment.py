@@ -508,7 +508,10 @@ def test_error_folds_and_metric_name_and_degenerate_inputs():
         get_metric("pearson")
     flat = x.copy()
     flat[2] = 1.0
-    with pytest.raises(ValueError, match=r"1 stimuli have constant features"):
+    # a stimulus with constant features has no correlation distance: left out of both RDMs
+    assert rsa(flat, y) == pytest.approx(rsa(np.delete(x, 2, 0), np.delete(y, 2, 0)), abs=1e-12)
+    flat[3:] = 0.0
+    with pytest.raises(ValueError, match=r"18 of 20 stimuli have constant features: RSA needs 3"):
         rsa(flat, y)
     with pytest.raises(ValueError, match="X is constant across stimuli"):
         linear_cka(np.ones((20, 4)), y)
@@ -561,3 +564,36 @@ def test_a_fold_of_units_silent_but_for_one_image_scores_no_absurd_r2():
     assert -1.0 <= float(y_to_x) <= 1.0 and -1.0 <= float(score) <= 1.0
     # the four silent folds score 0; the fold holding image 3 its own (negative) R^2
     assert float(y_to_x) < 0
+
+
+@pytest.mark.parametrize("score", [rsa, linear_cka], ids=["rsa", "cka"])
+def test_every_stimulus_the_same_is_undefined_not_rounding_noise(score):
+    """A layer whose units are all dead gives every image its bias: centring leaves ulp noise,
+    which RSA scored as about -0.003 (and -1 in a trial on constant images) and CKA as 1."""
+    bias = np.random.default_rng(0).standard_normal((1, 205)) * 0.05
+    x = np.repeat(bias, 40, axis=0)
+    y = np.random.default_rng(1).standard_normal((40, 30))
+    for a, b, name in ((x, y, "X"), (y, x, "Y"), (x, 2 * x, "X")):
+        with pytest.raises(ValueError, match=rf"{name} is constant across stimuli"):
+            score(a, b)
+
+
+def test_kfold_loss_with_a_layer_silent_on_a_training_fold_is_finite():
+    """Silent on the rows a fold trains on, not on the batch: the fold's penalty was 0 and the
+    solve singular (LinAlgError), in the fast and the definition form alike. Any penalty
+    predicts the fold's training mean there."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    x[:4] = 0.0
+    y = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    x.requires_grad_(True)
+    fast = linear_alignment_heldout(x, y, folds=2)
+    slow = linear_alignment_heldout_definition(x, y, folds=2)
+    assert torch.isfinite(fast) and float(fast.detach()) == pytest.approx(float(slow), abs=1e-10)
+    (gx,) = torch.autograd.grad(fast, x)
+    assert torch.isfinite(gx).all()
+    # a reference column that varies only in one test fold
+    y3 = torch.zeros(9, 2, dtype=torch.float64)
+    y3[0, 0] = 1.0
+    x3 = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    assert torch.isfinite(linear_alignment_heldout(x3, y3, folds=3))

@@ -390,17 +390,32 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-def test_a_silent_stimulus_leaves_rsa_undefined_not_the_trial():
+def test_a_silent_stimulus_is_left_out_of_rsa_not_the_trial():
     """A stimulus whose units are all silent (seen in a suppressing NSD trial) has no
-    correlation distance: RSA is NaN for it, the linear score and CKA are still reported."""
+    correlation distance: RSA leaves it out of both RDMs. It made RSA NaN (and, with
+    metric = rsa and rectify, failed the trial's training step); the linear score and CKA
+    were and are reported."""
+    from trainable.alignment import rsa
+
     g = torch.Generator().manual_seed(4)
     feats = torch.relu(torch.randn(60, 8, 2, 2, generator=g))
     feats[7] = 0.0
-    groups = [(torch.arange(60), torch.randn(60, 10, generator=g))]
+    y = torch.randn(60, 10, generator=g)
+    groups = [(torch.arange(60), y)]
     cfg = TrialConfig(reference="nsd", val_folds=5, val_images=60)
     out = validation_alignment(feats, groups, cfg)
-    assert np.isnan(out["val_rsa"])
+    keep = torch.arange(60) != 7
+    assert out["val_rsa"] == pytest.approx(float(rsa(feats[keep].double().flatten(1),
+                                                     y[keep].double())), abs=1e-12)
     assert np.isfinite(out["val_alignment"]) and np.isfinite(out["val_cka"])
+    rcfg = TrialConfig(reference="nsd", metric="rsa", rectify=True, alpha=-0.5, batch_size=8)
+    batch = torch.randn(8, 8, 2, 2, generator=g, requires_grad=True)
+    with torch.no_grad():
+        batch[2] = -1.0  # rectified: silent on image 2
+    score = batch_alignment(batch, [(torch.arange(8), y[:8])], alignment_loss_fn(rcfg), rcfg)
+    assert torch.isfinite(score)
+    score.backward()
+    assert torch.isfinite(batch.grad).all()
 
 
 @pytest.mark.parametrize("metric", ["linear", "cka", "rsa"])
@@ -530,6 +545,35 @@ def test_a_layer_silent_on_every_image_is_no_alignment_not_a_failed_trial(metric
                         alignment_loss_fn(cfg), cfg)
 
 
+@pytest.mark.parametrize("metric", ["linear", "cka", "rsa"])
+def test_a_reference_constant_over_the_images_is_no_alignment_not_a_failed_trial(metric):
+    """Responses equal on every image: even the alpha = 0 measurement failed the trial with a
+    raw LinAlgError, and validation blamed 'X' (the layer). Like a silent layer: the batch
+    feeds only the task term, validation reports no alignment."""
+    cfg = TrialConfig(reference="nsd", metric=metric, val_folds=5, val_images=40, alpha=-1.0)
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(40, 8, 3, 3, generator=g, requires_grad=True)
+    groups = [(torch.arange(40), torch.full((40, 12), 2.0))]
+    assert batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg) is None
+    out = validation_alignment(feats.detach(), groups, cfg)
+    assert out["dead_units"] == 0.0
+    assert all(np.isnan(out[k]) for k in ("val_linear", "val_cka", "val_rsa", "val_alignment"))
+    from trainable.alignment import linear_alignment_scaled
+    with pytest.raises(ValueError, match=r"Y \(the reference\) is constant across stimuli"):
+        linear_alignment_scaled(feats.detach().flatten(1).double(), groups[0][1].double())
+
+
+def test_numpy_scalars_are_the_numbers_they_hold():
+    """A grid built with numpy: 'alpha=np.float32(0.1); accepted: a number' said a number was
+    not one."""
+    cfg = TrialConfig.from_dict({"alpha": np.float64(0.1), "batch_size": np.int64(8),
+                                 "rectify": np.bool_(True), "epochs": np.float32(3.0)})
+    assert (cfg.alpha, cfg.batch_size, cfg.rectify, cfg.epochs) == (0.1, 8, True, 3)
+    assert type(cfg.batch_size) is int and type(cfg.rectify) is bool
+    with pytest.raises(ValueError, match=r"rectify=1; accepted: true or false"):
+        TrialConfig.from_dict({"rectify": np.int64(1)})
+
+
 def test_loss_folds_no_subject_group_can_hold_is_refused_on_the_first_step():
     """Two subjects in a batch of 16 with loss_folds=8 (16 rows per group needed): every
     group was skipped on every step, so alpha = +-0.8 trained like the baseline, silently."""
@@ -538,9 +582,20 @@ def test_loss_folds_no_subject_group_can_hold_is_refused_on_the_first_step():
     cfg = TrialConfig(reference="nsd", batch_size=16, loss_folds=8, alpha=0.8)
     groups = [(torch.arange(0, 9), torch.randn(9, 5)), (torch.arange(9, 16), torch.randn(7, 5))]
     with pytest.raises(ValueError, match=re.escape(
-            "loss_folds=8 needs 16 rows of a reference group (subject) in a batch, but this "
-            "batch's groups hold [9, 7] (batch_size=16): the alignment term would never apply; "
-            "accepted: loss_folds <= 4 here")):
+            "loss_folds=8 needs 16 rows of a reference group (subject) in a batch, but the "
+            "first batch's groups hold [9, 7] (batch_size=16): the alignment term would apply "
+            "to no group of batches like it; accepted: loss_folds=0 (exact leave-one-out, 3 "
+            "rows) or 2..4 or a larger batch_size")):
         check_groups_usable(groups, cfg)
+    # the advice fits the setting: never the value that failed, nor loss_folds for CKA
+    small = [(torch.arange(0, 2), torch.randn(2, 5)), (torch.arange(2, 4), torch.randn(2, 5))]
+    for kw, what in (({}, "the linear loss (exact leave-one-out)"),
+                     ({"metric": "cka"}, "the cka loss")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"{what} needs 3 rows of a reference group (subject) in a batch, but the first "
+                f"batch's groups hold [2, 2] (batch_size=8): the alignment term would apply to "
+                f"no group of batches like it; accepted: a larger batch_size")):
+            check_groups_usable(small, TrialConfig(reference="nsd", batch_size=8, alpha=0.8,
+                                                   **kw))
     check_groups_usable(groups, TrialConfig(reference="nsd", batch_size=16, loss_folds=4,
                                             alpha=0.8))

@@ -382,7 +382,8 @@ def linear_alignment(
     return (xy + yx) / 2
 
 
-def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS) -> list[float]:
+def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, *,
+                    name: str = "X") -> list[float]:
     """Absolute ridge penalties ``rel * trace(Xc Xc^T) / n`` for predictor X : (n, p).
 
     trace(Xc Xc^T)/n is the mean squared norm of a centred sample; penalties proportional to
@@ -393,7 +394,7 @@ def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS) -> l
     xc = x - x.mean(0)
     energy = float((xc * xc).sum().detach()) / x.shape[0]
     if energy == 0:
-        raise ValueError("X is constant across stimuli: its alignment is undefined")
+        raise ValueError(f"{name} is constant across stimuli: its alignment is undefined")
     return [r * energy for r in _check_alphas(rel)]
 
 
@@ -438,12 +439,12 @@ def linear_alignment_scaled(
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
     y_live = (~constant_columns(y)).to(y.dtype)
     x_var = (x - x.mean(0)).pow(2).mean(0) * (~constant_columns(x)).to(x.dtype)
-    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel), folds=folds,
-                     column_weights=y_live)
+    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel, name="X (the "
+                     "layer)"), folds=folds, column_weights=y_live)
     # z-scored targets with weights var_j: pooled R^2 of the raw units (SSE and SST of a
     # z-scored column are the raw ones divided by var_j)
-    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel), folds=folds,
-                     column_weights=x_var)
+    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel, name="Y (the "
+                     "reference)"), folds=folds, column_weights=x_var)
     if parts:
         return _out((xy + yx) / 2, as_float), _out(xy, as_float), _out(yx, as_float)
     return _out((xy + yx) / 2, as_float)
@@ -616,6 +617,9 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
         g_et = kx[lo:hi][:, tr]
         k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
         lam = rel * torch.diagonal(k_tt).sum() / m
+        # a layer silent on the fold's training rows (not on the batch): K = 0, so any penalty
+        # gives the same prediction (the training mean); 0 would make the solve singular
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         eye = torch.eye(m, dtype=kx.dtype, device=kx.device)
         w = torch.linalg.solve(k_tt + lam * eye, k_et.T).T  # K_et A^-1, (n_te, m)
         w = w - w.mean(1, keepdim=True)  # @ J_m
@@ -836,6 +840,7 @@ def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
     transforms; symmetric.
     """
     x, y, as_float = _pair(X, Y, 2, "CKA")
+    _refuse_identical_rows(x, y, "CKA")
     kx, ky = _centred_gram(x), _centred_gram(y)
     nx, ny = torch.linalg.norm(kx), torch.linalg.norm(ky)
     for name, norm in (("X", nx), ("Y", ny)):
@@ -844,15 +849,25 @@ def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
     return _out(((kx * ky).sum() / (nx * ny)).to(x.dtype), as_float)
 
 
+def _refuse_identical_rows(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    """Every stimulus the same (a layer whose units are all dead: each image gives its bias):
+    undefined. Checked exactly, before centring, whose rounding would leave ulp noise that
+    scores as a number (the rule of ``constant_columns``)."""
+    for name, v in (("X", x), ("Y", y)):
+        if bool((v == v[:1]).all()):
+            raise ValueError(f"{name} is constant across stimuli: {what} is undefined")
+
+
+def _silent_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: stimuli whose features are all equal (their correlation distance to any other
+    is undefined: a rectified layer silent on that image)."""
+    return x.amax(1) == x.amin(1)
+
+
 def _rdm_upper(x: torch.Tensor) -> torch.Tensor:
     """Upper triangle (i < j) of the correlation-distance RDM 1 - corr(x_i, x_j), (n(n-1)/2,)."""
     xc = x - x.mean(1, keepdim=True)
     norm = torch.linalg.norm(xc, dim=1, keepdim=True)
-    if bool((norm == 0).any()):
-        bad = int((norm == 0).sum())
-        raise ValueError(
-            f"{bad} stimuli have constant features: their correlation distance is undefined"
-        )
     z = xc / norm
     rdm = 1.0 - z @ z.T
     i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
@@ -862,8 +877,19 @@ def _rdm_upper(x: torch.Tensor) -> torch.Tensor:
 def rsa(X: Any, Y: Any) -> torch.Tensor | float:
     """RSA score: Pearson correlation of the upper triangles of the two correlation-distance
     RDMs. X : (n, p), Y : (n, q); RDM_ij = 1 - corr(x_i, x_j) across features. In [-1, 1],
-    symmetric, differentiable; needs n >= 3."""
+    symmetric, differentiable; needs n >= 3. A stimulus whose features are all equal in X or
+    in Y (a rectified layer silent on that image) has no correlation distance: it is left out
+    of both RDMs, and the score is undefined (ValueError) when fewer than 3 stimuli remain or
+    every stimulus is the same."""
     x, y, as_float = _pair(X, Y, 3, "RSA")
+    _refuse_identical_rows(x, y, "RSA")
+    silent = _silent_rows(x) | _silent_rows(y)
+    if bool(silent.any()):
+        keep = ~silent
+        if int(keep.sum()) < 3:
+            raise ValueError(f"{int(silent.sum())} of {x.shape[0]} stimuli have constant "
+                             f"features: RSA needs 3 with a correlation distance")
+        x, y = x[keep], y[keep]
     dx = _rdm_upper(x.to(torch.float64))
     dy = _rdm_upper(y.to(torch.float64))
     dx, dy = dx - dx.mean(), dy - dy.mean()

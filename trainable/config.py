@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from records import REFERENCE_KINDS  # one source: records
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -198,7 +200,11 @@ class TrialConfig:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """``value`` as the type of the field's default: integral floats become ints for integer
     fields (search spaces produce floats), ints become floats for float fields; any other type
-    mismatch (a string where a number belongs, a number for a flag) is a one-line error."""
+    mismatch (a string where a number belongs, a number for a flag) is a one-line error.
+    NumPy scalars (a search space or a user's grid built with numpy) count as the Python
+    numbers and flags they hold."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        value = value.item()
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{key}={value!r}; accepted: true or false")

@@ -288,7 +288,9 @@ def batch_alignment(
             # there) has no alignment to measure or push: its Gram is zero, so the ridge
             # penalty is too, and the solve fails. Skipped like a group too small; anything
             # else is re-raised. Checked only on failure (a pass over the layer costs).
-            if not bool(constant_columns(x.detach().flatten(1)).all()):
+            # The same for a reference constant over the group (nothing to align with).
+            if not (bool(constant_columns(x.detach().flatten(1)).all())
+                    or bool(constant_columns(y.flatten(1)).all())):
                 raise
     return torch.stack(scores).mean() if scores else None
 
@@ -301,11 +303,18 @@ def check_groups_usable(groups: list[tuple[torch.Tensor, torch.Tensor]],
     need = _min_rows(cfg)
     sizes = [int(rows.numel()) for rows, _ in groups]
     if not any(n >= need for n in sizes):
+        most = max(sizes, default=0)
+        what = (f"loss_folds={cfg.loss_folds}" if cfg.metric == "linear" and cfg.loss_folds
+                else f"the {cfg.metric} loss" + (" (exact leave-one-out)"
+                                                 if cfg.metric == "linear" else ""))
+        fixes = ["a larger batch_size"]
+        if cfg.metric == "linear" and cfg.loss_folds and most >= 3:
+            fixes.insert(0, "loss_folds=0 (exact leave-one-out, 3 rows)"
+                         + (f" or 2..{most // 2}" if most >= 4 else ""))
         raise ValueError(
-            f"loss_folds={cfg.loss_folds} needs {need} rows of a reference group (subject) in "
-            f"a batch, but this batch's groups hold {sizes} (batch_size={cfg.batch_size}): the "
-            f"alignment term would never apply; accepted: loss_folds <= {max(sizes) // 2} "
-            f"here (0: exact leave-one-out), or a larger batch_size")
+            f"{what} needs {need} rows of a reference group (subject) in a batch, but the "
+            f"first batch's groups hold {sizes} (batch_size={cfg.batch_size}): the alignment "
+            f"term would apply to no group of batches like it; accepted: {' or '.join(fixes)}")
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -605,9 +614,10 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
             score, x_to_y, _ = get_metric("linear").validate(x64, y64, folds=cfg.val_folds,
                                                              parts=True)
         except ValueError:
-            # a layer silent on every validation image (dead_units = 1): no alignment to
-            # report (NaN, as CKA and RSA), not a failed trial
-            if not bool(constant_columns(x64).all()):
+            # a layer silent on every validation image (dead_units = 1), or a reference
+            # constant over them: no alignment to report (NaN, as CKA and RSA), not a failed
+            # trial
+            if not (bool(constant_columns(x64).all()) or bool(constant_columns(y64).all())):
                 raise
             score = x_to_y = float("nan")
         out["val_linear"].append(float(score))
