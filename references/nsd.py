@@ -1171,6 +1171,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inside_inputs(out: Path, *roots: Path) -> bool:
+    """Whether ``out`` is an existing file (not a Parquet table) under one of the input
+    folders: writing it would replace part of the release, e.g. nsd_expdesign.mat."""
+    if not out.is_file() or out.suffix.lower() == ".parquet":
+        return False
+    target = out.resolve()
+    return any(target.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
@@ -1187,6 +1196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.is_dir() or not str(args.out).strip():
         print(f"error: --out {args.out}: a folder; accepted: the path of the .parquet file to "
               f"write", file=sys.stderr)
+        return 2
+    if _inside_inputs(args.out, args.nsd_root, args.coco_annotations):
+        print(f"error: --out {args.out}: a file of the release or the COCO annotations, which "
+              f"it would replace; accepted: the path of a new .parquet file (or a table "
+              f"prepared before)", file=sys.stderr)
         return 2
     try:
         out = prepare(args.nsd_root, args.coco_annotations, args.subject, args.roi, args.out,

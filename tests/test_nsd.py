@@ -759,6 +759,23 @@ def test_cli_usage_errors_and_an_output_folder_are_one_line(tmp_path):
         assert re.match(rf"error: python -m references.nsd prepare: {match}", proc.stderr)
 
 
+def test_cli_out_naming_a_file_of_the_inputs_is_refused(tmp_path):
+    """`--out .../nsd_expdesign.mat` replaced the design file with Parquet (the next check then
+    failed on it); an input's file is refused before anything is read, and kept."""
+    nsd_root, coco = write_tree(tmp_path)
+    for target in (nsd_root / nsd.EXPDESIGN, coco / "instances_val2017.json"):
+        before = target.read_bytes()
+        proc = _cli_prepare(nsd_root, coco, target)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: --out {target}: a file of the release or the COCO annotations, which it "
+            f"would replace; accepted: the path of a new .parquet file (or a table prepared "
+            f"before)\n"), proc.stderr
+        assert target.read_bytes() == before
+    again = tmp_path / "nsd" / "v1.parquet"  # a table inside the root, prepared twice: fine
+    assert _cli_prepare(nsd_root, coco, again).returncode == 0
+    assert _cli_prepare(nsd_root, coco, again).returncode == 0
+
+
 def test_stim_info_row_order_and_huge_unseen_ids_change_nothing(tmp_path):
     """Rows out of order, and a row for an nsdId far beyond the release (no subject saw it):
     the same table, and no array sized by the largest id (1e15 would need petabytes)."""
