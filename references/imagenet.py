@@ -294,35 +294,49 @@ def _parse_val_groundtruth_txt(devkit_root: str) -> list[int]:
 
 
 def _read_devkit(archive: str) -> _Meta:
+    """The devkit's labels, from the archive or from the folder it extracts to
+    (``ILSVRC2012_devkit_t12/``, kept by many labs instead of the archive)."""
     members = [f"{DEVKIT_FOLDER}/{META_MAT}", f"{DEVKIT_FOLDER}/{GROUND_TRUTH}"]
+    what = "devkit folder" if os.path.isdir(archive) else "devkit archive"
     try:
-        with tempfile.TemporaryDirectory(prefix="imagenet-devkit-") as tmp:
-            with tarfile.open(archive, "r:*") as tar:
-                names = set(tar.getnames())
-                missing = [m for m in members if m not in names]
-                if missing:
-                    raise ImageNetFormatError(f"devkit archive {archive} lacks {_few(missing)}; "
-                                              f"expected the official {DEVKIT_ARCHIVE}")
-                # "data" filter: no absolute paths, no escaping links, no device files.
-                tar.extractall(tmp, members=[tar.getmember(m) for m in members], filter="data")
-            devkit_root = os.path.join(tmp, DEVKIT_FOLDER)
-            idx_to_wnid, wnid_to_classes = _parse_meta_mat(devkit_root)
-            val_idcs = _parse_val_groundtruth_txt(devkit_root)
+        if os.path.isdir(archive):
+            idx_to_wnid, wnid_to_classes = _parse_meta_mat(archive)
+            val_idcs = _parse_val_groundtruth_txt(archive)
+        else:
+            idx_to_wnid, wnid_to_classes, val_idcs = _extract_devkit(archive, members)
     except ImageNetFormatError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error, scipy.io.matlab.MatReadError,
             ValueError, KeyError, TypeError, IndexError) as e:
         # corrupt gzip/tar, unparsable meta.mat or ground truth
-        raise ImageNetFormatError(f"cannot read devkit archive {archive} ({_reason(e)}); "
+        raise ImageNetFormatError(f"cannot read {what} {archive} ({_reason(e)}); "
                                   f"expected the official {DEVKIT_ARCHIVE} (tar.gz with "
-                                  f"{DEVKIT_FOLDER}/{META_MAT} and {GROUND_TRUTH})") from e
+                                  f"{DEVKIT_FOLDER}/{META_MAT} and {GROUND_TRUTH}) or the "
+                                  f"folder it extracts to") from e
     unknown = sorted({i for i in val_idcs if i not in idx_to_wnid})
     if unknown:
         raise ImageNetFormatError(
-            f"devkit archive {archive}: ground truth uses {len(unknown)} ILSVRC2012_IDs that are "
+            f"{what} {archive}: ground truth uses {len(unknown)} ILSVRC2012_IDs that are "
             f"not leaf synsets of {META_MAT} ({_few(map(str, unknown))}); expected ids of the "
             f"{len(idx_to_wnid)} leaf synsets")
     return _Meta(archive, wnid_to_classes, [idx_to_wnid[i] for i in val_idcs])
+
+
+def _extract_devkit(archive: str, members: list[str]):
+    """({ILSVRC2012_ID: wnid}, {wnid: synonyms}, val ids) from the two members of the devkit
+    archive, extracted to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="imagenet-devkit-") as tmp:
+        with tarfile.open(archive, "r:*") as tar:
+            names = set(tar.getnames())
+            missing = [m for m in members if m not in names]
+            if missing:
+                raise ImageNetFormatError(f"devkit archive {archive} lacks {_few(missing)}; "
+                                          f"expected the official {DEVKIT_ARCHIVE}")
+            # "data" filter: no absolute paths, no escaping links, no device files.
+            tar.extractall(tmp, members=[tar.getmember(m) for m in members], filter="data")
+        devkit_root = os.path.join(tmp, DEVKIT_FOLDER)
+        idx_to_wnid, wnid_to_classes = _parse_meta_mat(devkit_root)
+        return idx_to_wnid, wnid_to_classes, _parse_val_groundtruth_txt(devkit_root)
 
 
 def _read_meta_bin(path: str) -> _Meta:
@@ -414,6 +428,9 @@ def _devkit_source(root: str) -> str | None:
     for name in (META_FILE, DEVKIT_ARCHIVE):  # meta.bin first, as torchvision does
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
+    folder = os.path.join(root, DEVKIT_FOLDER)  # the archive extracted in place
+    if os.path.isfile(os.path.join(folder, META_MAT)):
+        return folder
     return None
 
 

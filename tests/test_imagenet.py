@@ -254,6 +254,23 @@ def test_meta_bin_alone_gives_the_same_index(tmp_path):
     assert index_imagenet(tree) == from_devkit
 
 
+def test_an_extracted_devkit_folder_gives_the_same_index(tmp_path):
+    """The devkit kept extracted (ILSVRC2012_devkit_t12/ beside train/ and val/) was reported
+    as no devkit at all."""
+    tree = write_imagenet_tree(tmp_path / "t", layout="torchvision_flat_val", sizes=SMALL)
+    from_archive = index_imagenet(tree)
+    with tarfile.open(tree / DEVKIT_ARCHIVE) as tar:
+        tar.extractall(tree, filter="data")
+    (tree / DEVKIT_ARCHIVE).unlink()
+    assert describe(tree) == "torchvision ImageNet layout (ILSVRC2012_devkit_t12, flat val)"
+    assert index_imagenet(tree) == from_archive
+    (tree / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt").unlink()
+    with pytest.raises(ImageNetFormatError, match=r"cannot read devkit folder .*"
+                                                  r"ILSVRC2012_devkit_t12 \(.*\); expected the "
+                                                  r"official .* or the folder it extracts to"):
+        index_imagenet(tree)
+
+
 def test_indexing_writes_nothing(tmp_path, monkeypatch):
     tree = write_imagenet_tree(tmp_path / "t", layout="torchvision_flat_val", sizes=SMALL)
     before = {p: p.stat().st_mtime_ns for p in tree.rglob("*")}
