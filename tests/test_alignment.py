@@ -597,3 +597,17 @@ def test_kfold_loss_with_a_layer_silent_on_a_training_fold_is_finite():
     y3[0, 0] = 1.0
     x3 = torch.randn(9, 4, dtype=torch.float64, generator=g)
     assert torch.isfinite(linear_alignment_heldout(x3, y3, folds=3))
+
+
+def test_definition_is_exact_for_a_nearly_flat_column_far_from_zero():
+    """The tests' oracle applied R to the uncentred column: 1 + 1e-12 noise left its rounding
+    in the residuals, and the definition read -1.2633 where the Gram form read -1.2643 (the
+    column itself is the offset-free one quantised by float64, so both move a little)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 6, dtype=torch.float64, generator=g)
+    y = torch.randn(12, 2, dtype=torch.float64, generator=g)
+    noise = torch.randn(12, 1, dtype=torch.float64, generator=g)
+    for offset in (0.0, 1.0, 1e3):
+        shifted = torch.cat([offset + 1e-12 * noise, y], 1)
+        assert float(linear_alignment_heldout_definition(x, shifted)) == pytest.approx(
+            float(linear_alignment_heldout(x, shifted)), abs=1e-10)
