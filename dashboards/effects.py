@@ -30,18 +30,25 @@ image-specific content explains.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["EFFECTS_SCHEMA", "Predictions", "direction_effects", "effects_metrics",
+__all__ = ["EFFECTS_SCHEMA", "UNREADABLE", "Predictions", "direction_effects", "effects_metrics",
            "effects_table", "performance", "summary_lines"]
 
 LEVEL = 0.95
 N_BOOT = 2000
 SIDES = ("min", "max")
+
+#: What ``Predictions.load`` raises for a file that is not a readable val_predictions.npz
+#: (np.load: BadZipFile for a truncated archive, EOFError / zlib.error for a cut or corrupt
+#: member, ValueError for a pickled or malformed array, KeyError for a missing one).
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class Predictions:
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.image_ids).astype(str)
+        if ids.ndim != 1:
+            raise ValueError(f"image_ids of shape {ids.shape}; accepted: one id per image (n,)")
+        # one row per image in every array (else the rows taken below raise IndexError, or
+        # silently pair the wrong images)
+        shapes = {name: np.shape(getattr(self, name)) for name in ("hits", "scores", "targets")
+                  if getattr(self, name) is not None}
+        if any(len(shape) < 1 or shape[0] != ids.size for shape in shapes.values()) or (
+                "scores" in shapes and shapes["scores"] != shapes.get("targets")):
+            raise ValueError(f"{ids.size} image ids but arrays of shapes "
+                             f"{', '.join(f'{k} {v}' for k, v in shapes.items())}; accepted: "
+                             f"hits (n,), or scores and targets (n, classes)")
         order = np.argsort(ids, kind="stable")
         object.__setattr__(self, "image_ids", ids[order])
         for name in ("hits", "scores", "targets"):
@@ -68,8 +86,13 @@ class Predictions:
 
     @classmethod
     def load(cls, path) -> Predictions:
-        """Read a trial's ``val_predictions.npz``."""
-        with np.load(path) as z:
+        """Read a trial's ``val_predictions.npz``. A file that is not one raises one of
+        ``UNREADABLE`` (a truncated zip, a bad compressed stream, a missing array, arrays of
+        unequal length)."""
+        z = np.load(path)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with z:
             if "top1" in z:
                 return cls(z["image_ids"], hits=np.asarray(z["top1"], np.float64))
             return cls(z["image_ids"], scores=np.asarray(z["scores"], np.float64),
@@ -111,7 +134,8 @@ def _interval(draws: np.ndarray) -> tuple[float | None, float | None]:
 
 def direction_effects(results, load: Callable[[str], Predictions | None], *,
                       controls: Mapping[str, str] | None = None, n_boot: int = N_BOOT,
-                      seed: int = 0) -> dict[str, dict]:
+                      seed: int = 0, unreadable: Mapping[str, str] | None = None
+                      ) -> dict[str, dict]:
     """Per condition of ``results`` (``dashboards.tables.RESULTS_SCHEMA``), over its FINISHED
     trials with a final performance (a NaN last epoch has none): each side's drop and alignment change against the baseline, with the paired
     bootstrap interval (module docstring).
@@ -119,6 +143,8 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
     load : trial_id -> its Predictions, or None when the trial has no per-image outcome (the
     condition then gets point values without an interval, and a message).
     controls : condition -> its negative control's condition (``versus_control``).
+    unreadable : trial_id -> why ``load`` gave None for it (the file and its fault), said in
+    the condition's message.
     """
     rows = [r for r in results.to_pylist()
             if r["status"] == "FINISHED" and r["performance"] is not None]
@@ -141,23 +167,34 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
         loaded = {r["trial_id"]: load(r["trial_id"]) for c in fam for r in by_cond[c]}
         complete = all(p is not None for p in loaded.values())
         weights = ids = None
+        disjoint = False
         if complete and loaded:
             common = None
             for p in loaded.values():
                 common = p.image_ids if common is None else np.intersect1d(common, p.image_ids)
-            ids = common
-            loaded = {k: p.rows(ids) for k, p in loaded.items()}
-            n = ids.size
-            weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), n_boot)])
+            disjoint = common.size == 0  # nothing to pair (outcomes of different val sets)
+            if not disjoint:
+                ids = common
+                loaded = {k: p.rows(ids) for k, p in loaded.items()}
+                n = ids.size
+                weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), n_boot)])
+        usable = complete and not disjoint
         for cond in fam:
             out[cond], draws[cond] = _condition_effects(
-                by_cond[cond], loaded if complete else None, weights, rng, n_boot)
+                by_cond[cond], loaded if usable else None, weights, rng, n_boot)
             if not complete:
                 missing = sorted(k for k, p in loaded.items() if p is None)
+                bad = [f"{k}: {unreadable[k]}" for k in missing if k in (unreadable or {})]
                 out[cond]["message"] = (
                     f"no per-image validation outcome for {len(missing)} trial(s) "
                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): point "
-                    f"values only, no interval")
+                    f"values only, no interval"
+                    + (f"; unreadable: {'; '.join(bad)}" if bad else ""))
+            elif disjoint:
+                out[cond]["message"] = (
+                    f"the per-image validation outcomes of its {len(loaded)} trial(s) share "
+                    f"no image id (scored on different validation sets?): point values only, "
+                    f"no interval")
             elif ids is not None:
                 out[cond]["validation_images"] = int(ids.size)
     for cond, control in controls.items():

@@ -16,9 +16,12 @@ unless ``--parent-run`` is given too.
 
 Files (in ``--out``, default outputs/<experiment>/<parent run id or Ray folder>/):
 results.parquet, epochs.parquet, statistics.json, front.{png,svg}, epochs.{png,svg},
-filters.{png,svg}, report.html. The command prints the report's path last. Each file is
-written atomically (``references.cache.atomic_write_bytes``): rerunning into the same folder,
-or being killed, leaves the previous version or the new one, never a truncated file.
+filters.{png,svg}, report.html. The command prints the report's path last. The files are
+built in a hidden ``.building-*`` folder inside ``--out`` and moved into place once all are
+written (``build_outputs``): a step that fails leaves the previous set as it was; each file
+is written atomically (``references.cache.atomic_write_bytes``): rerunning into the same
+folder, or being killed, leaves the previous version or the new one, never a truncated file
+(a kill mid-build can leave the hidden folder behind, to delete).
 
 Degenerate sweeps (no baseline, failed trials, one direction, one trial, no trials) still get
 every file; what could not be computed is said in the report's notes and printed. Missing
@@ -33,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -104,6 +109,11 @@ def diagnose(record: SweepRecord, results: pa.Table) -> list[str]:
         if len(done) == 1:
             notes.append(f"condition {cond}: one finished trial ({done[0]['trial_id']}): "
                          f"fronts are that point, statistics are undefined")
+        no_perf = [r["trial_id"] for r in done if r["performance"] is None]
+        if no_perf:
+            notes.append(f"condition {cond}: finished without a final validation performance "
+                         f"(NaN or infinite at the last epoch): {', '.join(no_perf)}; off the "
+                         f"fronts and statistics")
         no_align = [r["trial_id"] for r in done if r["alignment"] is None]
         if no_align:
             notes.append(f"condition {cond}: finished without a validation alignment: "
@@ -216,18 +226,30 @@ def _controls(record: SweepRecord) -> dict[str, str]:
             if c.endswith(CONTROL_SUFFIX) and c[: -len(CONTROL_SUFFIX)] in conds}
 
 
-def _effects(record: SweepRecord, results: pa.Table, workdir: Path) -> dict[str, dict]:
+def _effects(record: SweepRecord, results: pa.Table,
+             workdir: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """The sides' effects (``effects.direction_effects``) and trial_id -> why its per-image
+    outcome could not be read (the file and its fault)."""
     trials = {t.trial_id: t for t in record.trials}
+    unreadable: dict[str, str] = {}
 
     def load(trial_id: str) -> effects.Predictions | None:
         trial = trials[trial_id]
-        path = record.fetch(trial, PREDICTIONS_ARTIFACT, workdir / "predictions" / trial.run_id)
+        folder = workdir / "predictions" / trial.run_id
+        path = record.fetch(trial, PREDICTIONS_ARTIFACT, folder)
         try:
             return effects.Predictions.load(path) if path is not None else None
-        except (OSError, ValueError, KeyError):  # unreadable: the condition says so
+        except effects.UNREADABLE as exc:  # unreadable: the condition says so, naming it
+            # a downloaded copy's path is gone once the report is built: name the run's
+            where = (f"{PREDICTIONS_ARTIFACT} of run {trial.run_id}"
+                     if path.is_relative_to(workdir) else str(path))
+            why = " ".join(str(exc).split())[:160]
+            unreadable[trial_id] = f"{where} ({type(exc).__name__}{f': {why}' if why else ''})"
             return None
 
-    return effects.direction_effects(results, load, controls=_controls(record))
+    sides = effects.direction_effects(results, load, controls=_controls(record),
+                                      unreadable=unreadable)
+    return sides, unreadable
 
 
 def _json_safe(value: Any) -> Any:
@@ -241,9 +263,25 @@ def _json_safe(value: Any) -> Any:
 
 
 def build_outputs(record: SweepRecord, out: str | Path) -> Path:
-    """Every file of the post-processor for ``record`` into ``out``; returns report.html."""
+    """Every file of the post-processor for ``record`` into ``out``; returns report.html.
+
+    The files are built in a hidden folder inside ``out`` and moved into place only once all
+    of them are written (report.html last): a step that fails leaves ``out`` as it was, not
+    new tables beside an older report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
+    try:
+        _build_outputs(record, stage)
+        for name in sorted(FILES, key=lambda n: n == "report.html"):
+            if (stage / name).is_file():
+                os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / "report.html"
+
+
+def _build_outputs(record: SweepRecord, out: Path) -> Path:
     results = tables.results_table(record)
     epochs = tables.epochs_table(record)
     tables.write_parquet(results, out / "results.parquet")
@@ -253,7 +291,10 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     messages = diagnose(record, results)
     terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
-        sides = _effects(record, results, Path(tmp))
+        sides, unreadable = _effects(record, results, Path(tmp))
+    messages += [f"trial {tid}: unreadable per-image validation outcome, {why}; its "
+                 f"condition's effects have point values only, no interval"
+                 for tid, why in unreadable.items()]
     tables.write_parquet(effects.effects_table(sides), out / "effects.parquet")
     atomic_write_text(out / "statistics.json", json.dumps(
         _json_safe({"sweep": record.sweep, "experiment": record.experiment,
@@ -350,7 +391,24 @@ REPORT_MARK = "**Pareto fronts of this invocation**"
 
 
 def _default_out(record: SweepRecord) -> Path:
-    return Path("outputs") / record.experiment / record.label
+    """outputs/<experiment>/<run> under the working folder, or a SourceError when it cannot
+    be made (a file named outputs there, a folder this user cannot write): checked as --out
+    is, before anything is written."""
+    out = Path("outputs") / record.experiment / record.label
+    problem = _out_problem(out)
+    if problem:
+        raise SourceError(f"output folder {out.absolute()} (the default, outputs/<experiment>/"
+                          f"<run> in the working folder): {problem}; accepted: a folder this "
+                          f"user can create or write (name one with --out DIR)")
+    return out
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the output folder ``out`` cannot be used, or None."""
+    out = out.expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        return f"{out} is not a folder"
+    return unwritable(out)
 
 
 def postprocess(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None,

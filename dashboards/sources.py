@@ -386,15 +386,30 @@ def _ray_run_dir(directory: Path, sweep: str, experiment: str | None) -> Path:
     return max(runs)[1]
 
 
-def _ray_history(folder: Path) -> dict[str, tuple[tuple[int, float], ...]]:
+def _ray_history(folder: Path, notes: list[str]) -> dict[str, tuple[tuple[int, float], ...]]:
+    """metric -> ((epoch, value), ...) from a trial's result.json (one JSON object per
+    reported epoch). Its last line cut short (a kill mid-write) is an epoch not reported, said
+    in ``notes``; a broken line before it is a SourceError naming the file and line."""
     by_metric: dict[str, dict[int, float]] = {}
     path = folder / "result.json"
     if not path.is_file():
         return {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    lines = [(n, line) for n, line in enumerate(
+        path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as exc:  # json.JSONDecodeError is one
+            if n == lines[-1][0]:
+                notes.append(f"{path}: its last line ({n}) is cut short or not a result "
+                             f"({exc}), as a trial killed mid-write leaves it; read as not "
+                             f"reported, the trial's earlier epochs are kept")
+                break
+            raise SourceError(f"{path} line {n}: not a Ray result ({exc}); accepted: one JSON "
+                              f"object per line, as Ray Tune writes it (only the last line may "
+                              f"be cut short)") from None
         if "epoch" not in row:
             continue
         epoch = int(row["epoch"])
@@ -454,9 +469,8 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     scale = "paper" if suffix == "paper" else "demo"
     if name != sweep:
         raise SourceError(f"--ray-results {run_dir} holds sweep {name!r}, not {sweep!r}")
-    parent_file = run_dir / PARENT_FILE
-    parent = json.loads(parent_file.read_text()) if parent_file.is_file() else {}
     notes = []
+    parent = _ray_parent(run_dir / PARENT_FILE, notes)
     entries = read_manifest(run_dir)
     if not entries:
         notes.append(f"{run_dir / MANIFEST_FILE} "
@@ -474,8 +488,8 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
             continue
         folder = _trial_folder(run_dir, entry.folder)
         present = folder is not None and folder.is_dir()
-        history = ({k: v for k, v in _ray_history(folder).items() if k not in _RAY_BOOKKEEPING}
-                   if present else {})
+        history = ({k: v for k, v in _ray_history(folder, notes).items()
+                    if k not in _RAY_BOOKKEEPING} if present else {})
         error_file = folder / "error.txt" if present else None
         lines = (error_file.read_text(errors="replace").strip().splitlines()
                  if error_file is not None and error_file.is_file() else [])
@@ -483,7 +497,9 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         if entry.state == "done" and not history and error is None:
             # the driver saw it finish, but its results are not where the manifest says
             where = folder if folder is not None else "(no folder recorded)"
-            error = f"results not found: {where} holds no result.json (moved or deleted?)"
+            error = (f"results not found: {where} holds no complete line in result.json"
+                     if present and (folder / "result.json").is_file() else
+                     f"results not found: {where} holds no result.json (moved or deleted?)")
             notes.append(f"trial {entry.key}: {error}; counted as failed")
         # an Optuna sample's key rounds its alpha; the manifest's config has it as trained
         alpha = key.signed_alpha
@@ -514,6 +530,22 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
                        parent_run_id=parent.get("run_id"), parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
                        fetch=fetch, label=run_dir.name, notes=tuple(notes))
+
+
+def _ray_parent(path: Path, notes: list[str]) -> dict:
+    """The driver's mlflow_parent.json (it only names the MLflow parent run): {} when it is
+    absent, as when it is unreadable (a kill mid-write), which ``notes`` then says."""
+    if not path.is_file():
+        return {}
+    try:
+        parent = json.loads(path.read_text(errors="replace"))
+        if not isinstance(parent, dict):
+            raise ValueError(f"a JSON {type(parent).__name__}, not an object")
+    except (OSError, ValueError) as exc:
+        notes.append(f"{path}: unreadable ({' '.join(str(exc).split())}); read as absent: no "
+                     f"MLflow parent run is named")
+        return {}
+    return parent
 
 
 def _manifest_status(state: str, reported: bool, error: str | None) -> str:

@@ -15,8 +15,9 @@ __all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_refuses", "tracking_unreacha
            "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
-_MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH, "
-                    "postgresql://..., mysql://..., mssql://..., databricks")
+_MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH (with "
+                    "MLFLOW_ALLOW_FILE_STORE=true), postgresql://..., mysql://..., mssql://..., "
+                    "databricks")
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
 _SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
@@ -80,6 +81,14 @@ def tracking_uri(value: str | None) -> str:
     if scheme == "file":
         if not parts.path.startswith("/"):
             raise bad("a file URI needs an absolute path (file:///...)")
+        if not _file_store_allowed():
+            # MLflow 3 refuses its file store on first use (an MlflowException, after Ray had
+            # started or the whole command had run); say so here, with its own way out
+            raise ValueError(
+                f"{source} {redact(value)!r}: MLflow's file store is in maintenance mode and "
+                f"refused unless MLFLOW_ALLOW_FILE_STORE=true is set; accepted: "
+                f"sqlite:///PATH.db or http(s)://HOST:PORT (move a file store's runs into one "
+                f"with `mlflow migrate-filestore`), or set MLFLOW_ALLOW_FILE_STORE=true")
         return value
     if dialect in ("postgresql", "mysql", "mssql"):
         if not parts.hostname:
@@ -95,6 +104,20 @@ def tracking_uri(value: str | None) -> str:
     if not scheme or len(scheme) == 1:  # a bare path, or a Windows drive letter
         raise bad("a bare path is not a tracking URI (write sqlite:///PATH.db)")
     raise bad(f"unsupported scheme {parts.scheme!r}")
+
+
+def _file_store_allowed() -> bool:
+    """Whether this MLflow opens a ``file:`` tracking store: MLflow 3 refuses it unless
+    MLFLOW_ALLOW_FILE_STORE is true (read as MLflow reads it; a value MLflow cannot read
+    counts as not set)."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow without the switch still opens its file store
+        return True
+    try:
+        return bool(MLFLOW_ALLOW_FILE_STORE.get())
+    except ValueError:
+        return False
 
 
 # SQLAlchemy's default DBAPI module per dialect -> the pip package that provides it

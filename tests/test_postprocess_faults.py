@@ -1,0 +1,184 @@
+"""The post-processor on damaged inputs: a trial's per-image outcome file that cannot be read,
+a result.json or mlflow_parent.json cut short by a kill, a file: tracking URI MLflow refuses,
+a default output folder that cannot be made, trials without a final performance; and a step
+that fails midway leaving the previous outputs as they were. Each case was a traceback, a
+refusal of the whole report or a silent omission before."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_dashboards import _record, write_ray_run
+
+from dashboards import pareto, report, tables
+from dashboards.sources import SourceError, load_ray
+from records import ARTIFACTS_DIR, PARENT_FILE, PREDICTIONS_ARTIFACT
+from records.uris import tracking_uri
+
+SWEEP = "gabor_conv1"
+RUN = f"{SWEEP}-demo_20260102-000000"
+TRIALS = [(f"{SWEEP}-none-a0-b1-s0", "done", [0.3, 0.5]),
+          (f"{SWEEP}-max-a8-b1-s0", "done", [0.3, 0.45]),
+          (f"{SWEEP}-min-a8-b1-s0", "done", [0.2, 0.3])]
+CONFIG = {"model": "alexnet", "layer": "conv1", "reference": "gabor", "epochs": 2}
+
+
+def _hits(p, n=120):
+    return (np.arange(n) < round(p * n)).astype(np.float32)
+
+
+def _ray_run(tmp_path, *, predictions=True):
+    """A finished three-trial run folder; each trial's final checkpoint holds its
+    val_predictions.npz (top-1 hits on the same 120 images) when ``predictions``."""
+    run = tmp_path / "ray_results" / RUN
+    write_ray_run(run, TRIALS, CONFIG)
+    if predictions:
+        for tid, _, perf in TRIALS:
+            art = run / tid / "checkpoint_000001" / ARTIFACTS_DIR
+            art.mkdir(parents=True)
+            np.savez_compressed(art / PREDICTIONS_ARTIFACT, image_ids=np.arange(120),
+                                top1=_hits(perf[-1]))
+    return run
+
+
+def _damage(path, how):
+    if how == "truncated":  # a copy cut short: np.load raised BadZipFile
+        path.write_bytes(path.read_bytes()[:200])
+    elif how == "unequal_lengths":  # IndexError in Predictions.rows
+        np.savez_compressed(path, image_ids=np.arange(120), top1=_hits(0.3, n=60))
+    elif how == "no_common_images":  # ZeroDivisionError building the resample weights
+        np.savez_compressed(path, image_ids=np.arange(5000, 5120), top1=_hits(0.3))
+
+
+@pytest.mark.parametrize("how", ["truncated", "unequal_lengths", "no_common_images"])
+def test_an_unreadable_predictions_file_is_a_note_naming_it_and_the_report_is_built(
+        tmp_path, capsys, how):
+    run = _ray_run(tmp_path)
+    bad = run / TRIALS[2][0] / "checkpoint_000001" / ARTIFACTS_DIR / PREDICTIONS_ARTIFACT
+    _damage(bad, how)
+    out = tmp_path / "out"
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    summary = json.loads((out / "statistics.json").read_text())
+    effect = summary["effects"][SWEEP]
+    assert effect["min"]["drop"] == pytest.approx(100 * (0.5 - 0.3))  # point values kept
+    assert effect["min"]["low"] is None
+    if how == "no_common_images":
+        assert "share no image id" in effect["message"]
+    else:
+        assert str(bad) in effect["message"]
+        assert f"note: trial {TRIALS[2][0]}: unreadable per-image validation outcome, " \
+               f"{bad}" in captured.out
+    assert (out / "report.html").read_text().rstrip().endswith("</html>")
+    assert sorted(p.name for p in out.iterdir()) == sorted(pareto.FILES)
+
+
+def test_a_step_that_fails_leaves_the_previous_outputs_not_half_new(tmp_path, monkeypatch):
+    """The tables were written first: a failure in the report left new results.parquet
+    beside the previous report, statistics and figures."""
+    out = tmp_path / "out"
+    pareto.build_outputs(_record([("none", 0.0, 0, [0.5], [0.1]),
+                                  ("max", 0.5, 0, [0.4], [0.3])]), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == sorted(pareto.FILES)
+
+    def broken(**kwargs):
+        raise RuntimeError("the report failed")
+
+    monkeypatch.setattr(report, "render_report", broken)
+    changed = _record([("none", 0.0, 0, [0.6], [0.1]), ("min", -0.5, 0, [0.2], [-0.3])])
+    with pytest.raises(RuntimeError, match="the report failed"):
+        pareto.build_outputs(changed, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else left
+    monkeypatch.undo()
+    path = pareto.build_outputs(changed, out)
+    assert path == out / "report.html"
+    assert pq.read_table(out / "results.parquet").column("trial_id").to_pylist() == \
+        tables.results_table(changed).column("trial_id").to_pylist()
+    assert sorted(p.name for p in out.iterdir()) == sorted(pareto.FILES)
+
+
+def test_a_result_json_cut_short_on_its_last_line_keeps_the_earlier_epochs(tmp_path, capsys):
+    run = _ray_run(tmp_path, predictions=False)
+    result = run / TRIALS[1][0] / "result.json"
+    result.write_text(result.read_text() + '{"epoch": 2.0, "val_performance": 0.4, "val_al')
+    record = load_ray(run, SWEEP)
+    trial = {t.trial_id: t for t in record.trials}[TRIALS[1][0]]
+    assert trial.status == "FINISHED"
+    assert trial.history["val_performance"] == ((0, 0.3), (1, 0.45))
+    assert any(n.startswith(f"{result}: its last line (3) is cut short") for n in record.notes)
+    out = tmp_path / "out"
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 0
+    assert f"note: {result}: its last line (3)" in capsys.readouterr().out
+
+
+def test_a_broken_line_inside_result_json_is_one_line_naming_the_file_and_line(tmp_path,
+                                                                                capsys):
+    run = _ray_run(tmp_path, predictions=False)
+    result = run / TRIALS[1][0] / "result.json"
+    lines = result.read_text().splitlines()
+    result.write_text(lines[0][:30] + "\n" + lines[1] + "\n")
+    with pytest.raises(SourceError, match=rf"^{result} line 1: not a Ray result \("):
+        load_ray(run, SWEEP)
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {result} line 1: not a Ray result") and err.count("\n") == 1
+
+
+def test_a_cut_mlflow_parent_json_reads_as_absent_and_says_so(tmp_path):
+    run = _ray_run(tmp_path, predictions=False)
+    assert load_ray(run, SWEEP).parent_run_id == "p123"
+    (run / PARENT_FILE).write_text('{"run_id": "p1')
+    record = load_ray(run, SWEEP)
+    assert record.parent_run_id is None and len(record.trials) == 3
+    assert any(n.startswith(f"{run / PARENT_FILE}: unreadable (") for n in record.notes)
+    (run / PARENT_FILE).unlink()  # absent: the same, without a note
+    record = load_ray(run, SWEEP)
+    assert record.parent_run_id is None and not record.notes
+
+
+def test_a_file_tracking_uri_that_mlflow_refuses_is_one_line_with_its_way_out(
+        tmp_path, capsys, monkeypatch):
+    """MLflow 3 refuses its file store: an MlflowException traceback file and exit 1, its
+    advice (MLFLOW_ALLOW_FILE_STORE=true) cut off, for a URI listed as accepted."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = f"file://{tmp_path / 'mlruns'}"
+    assert pareto.main([SWEEP, "--mlflow-uri", uri, "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --mlflow-uri {uri!r}: MLflow's file store is in maintenance mode "
+                   f"and refused unless MLFLOW_ALLOW_FILE_STORE=true is set; accepted: "
+                   f"sqlite:///PATH.db or http(s)://HOST:PORT (move a file store's runs into "
+                   f"one with `mlflow migrate-filestore`), or set MLFLOW_ALLOW_FILE_STORE=true\n")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own way out still works
+    assert tracking_uri(uri) == uri
+
+
+def test_a_default_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys,
+                                                                  monkeypatch):
+    run = _ray_run(tmp_path, predictions=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "outputs").write_text("keep me\n")
+    monkeypatch.chdir(work)
+    assert pareto.main([SWEEP, "--ray-results", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: output folder {work}/outputs/{SWEEP}-demo/{RUN} (the default, "
+                   f"outputs/<experiment>/<run> in the working folder): {work}/outputs is not "
+                   f"a folder; accepted: a folder this user can create or write (name one "
+                   f"with --out DIR)\n")
+    assert (work / "outputs").read_text() == "keep me\n"
+
+
+def test_finished_trials_without_a_final_performance_are_said_to_be_left_out():
+    nan, inf = float("nan"), float("inf")
+    record = _record([("none", 0.0, 0, [0.5], [0.1]), ("max", 0.5, 0, [0.4, nan], [0.2, 0.3]),
+                      ("min", -0.5, 0, [0.3, -inf], [0.0, -0.2]),
+                      ("min", -0.8, 0, [0.3], [-0.3])])
+    notes = pareto.diagnose(record, tables.results_table(record))
+    assert ("condition c: finished without a final validation performance (NaN or infinite "
+            "at the last epoch): c-max-a0.5-b1-s0, c-min-a0.5-b1-s0; off the fronts and "
+            "statistics") in notes
