@@ -289,6 +289,9 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     stats = statistics.sweep_statistics(results)
     config = tables.sweep_config(record)
     messages = diagnose(record, results)
+    partial = _partial_note(record)  # (title, note) or None
+    if partial:  # first, in the report, statistics.json and on the console
+        messages = [partial[1], *messages]
     terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         sides, unreadable = _effects(record, results, Path(tmp))
@@ -326,19 +329,35 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
             "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
             "data": record.parent_tags.get("data_description", "")}
-    # An interrupted invocation (parent KILLED or tagged so by the driver) is labelled partial.
-    partial = (record.parent_status == "KILLED"
-               or record.parent_tags.get("interrupted") == "true")
-    if partial:
-        state = record.parent_status or "interrupted"
-        messages = [f"PARTIAL: this sweep was interrupted (parent run {state}); the report "
-                    f"covers the trials that finished. Continue it with sweeps/run.py "
-                    f"{record.sweep} --resume", *messages]
     return report.write_report(
-        out / "report.html", title=("PARTIAL (interrupted) " if partial else "")
+        out / "report.html", title=(f"PARTIAL ({partial[0]}) " if partial else "")
         + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,
         figures=embedded, results=results, config=config, files=FILES[1:], paper=terms,
         effects=sides)
+
+
+#: Trial states of a sweep that has not run to its end (interrupted, crashed, or running).
+_UNFINISHED = ("RUNNING", "SCHEDULED", "KILLED")
+
+
+def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
+    """(title word, note) that label a report partial, or None: the parent run KILLED or tagged
+    interrupted by the driver, or trials left unfinished (stopped, never started, still
+    running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
+    and a Ray run folder has no parent status, only its manifest)."""
+    unfinished = [t for t in record.trials if t.status in _UNFINISHED]
+    interrupted = (record.parent_status == "KILLED"
+                   or record.parent_tags.get("interrupted") == "true")
+    if not (interrupted or unfinished):
+        return None
+    why = [f"parent run {record.parent_status or 'interrupted'}"] if interrupted else []
+    if unfinished:
+        why.append(f"{len(unfinished)} of {len(record.trials)} trials unfinished, e.g. "
+                   f"{unfinished[0].trial_id} {unfinished[0].status}")
+    return ("interrupted" if interrupted else "unfinished",
+            f"PARTIAL: this sweep did not run to its end ({'; '.join(why)}); the report "
+            f"covers the trials that finished. Continue it with sweeps/run.py {record.sweep} "
+            f"--resume")
 
 
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:

@@ -526,6 +526,8 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
+    if any(e.state == "not started" or e.state.startswith("stopped at") for e in entries):
+        tags["interrupted"] = "true"  # what the driver tags its parent run when it stops
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
                        parent_run_id=parent.get("run_id"), parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),

@@ -6,6 +6,7 @@ refusal of the whole report or a silent omission before."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -182,3 +183,45 @@ def test_finished_trials_without_a_final_performance_are_said_to_be_left_out():
     assert ("condition c: finished without a final validation performance (NaN or infinite "
             "at the last epoch): c-max-a0.5-b1-s0, c-min-a0.5-b1-s0; off the fronts and "
             "statistics") in notes
+
+
+@pytest.mark.parametrize("state, title", [
+    ("stopped at epoch 1 of 2", "interrupted"), ("not started", "interrupted"),
+    ("pending", "unfinished"), ("done", None)])
+def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, capsys, state,
+                                                                    title):
+    """Read from the run folder, an interrupted sweep's report was titled as complete, with no
+    --resume hint (only the MLflow parent's KILLED status labelled it); the note now also
+    reaches statistics.json and the console."""
+    run = tmp_path / "ray_results" / RUN
+    write_ray_run(run, [*TRIALS[:2], (TRIALS[2][0], state, [0.2])], CONFIG)
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    messages = json.loads((tmp_path / "out" / "statistics.json").read_text())["messages"]
+    printed = capsys.readouterr().out
+    if title is None:
+        assert "PARTIAL" not in html and not any("PARTIAL" in m for m in messages)
+        return
+    assert f"PARTIAL ({title}) Sweep {SWEEP}" in html
+    (note,) = [m for m in messages if m.startswith("PARTIAL")]
+    assert f"1 of 3 trials unfinished, e.g. {TRIALS[2][0]} " in note
+    assert note.endswith(f"Continue it with sweeps/run.py {SWEEP} --resume")
+    assert f"note: {note}" in printed
+
+
+def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
+    """A FAILED parent (the driver crashed) with trials left RUNNING was reported as a
+    complete sweep."""
+    record = _record([("none", 0, 0, [0.5], [0.0]), ("max", 0.5, 0, [0.4], [0.3]),
+                      ("min", -0.5, 0, [0.3], [-0.3])])
+    trials = list(record.trials)
+    trials[2] = dataclasses.replace(trials[2], status="RUNNING")
+    record = dataclasses.replace(record, trials=tuple(trials), parent_status="FAILED")
+    title, note = pareto._partial_note(record)
+    assert title == "unfinished" and "parent run" not in note
+    assert f"1 of 3 trials unfinished, e.g. {trials[2].trial_id} RUNNING" in note
+    done = dataclasses.replace(record, trials=tuple(
+        dataclasses.replace(t, status="FINISHED") for t in trials), parent_status="FINISHED")
+    assert pareto._partial_note(done) is None
+    killed = dataclasses.replace(done, parent_status="KILLED")
+    assert pareto._partial_note(killed)[0] == "interrupted"
