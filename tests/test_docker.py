@@ -395,20 +395,25 @@ def test_the_base_image_is_pinned_by_version_and_digest():
     assert args["BASE_IMAGE"] == default
 
 
-def _pins() -> tuple[dict[str, str], dict[str, str]]:
-    """docker/constraints.txt as (from the environment, image only): {name: version}."""
+def _pins(test_tools: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """docker/constraints.txt as (from the environment, image only): {name: version}; the
+    test tools' section into ``test_tools`` when given."""
     env: dict[str, str] = {}
     image_only: dict[str, str] = {}
+    tools: dict[str, str] = {} if test_tools is None else test_tools
     current = env
     for line in CONSTRAINTS.read_text().splitlines():
         if line.startswith(FREEZE.IMAGE_ONLY_HEADER):
             current = image_only
+        if line.startswith(FREEZE.TEST_HEADER):
+            current = tools
         if not line.strip() or line.startswith("#"):
             continue
         match = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.]+)", line)
         assert match, f"constraints.txt: {line!r} is not an exact pin NAME==VERSION"
         name = canonicalize_name(match[1])
-        assert name not in env and name not in image_only, f"{name} pinned twice"
+        assert name not in env and name not in image_only and name not in tools, \
+            f"{name} pinned twice"
         current[name] = match[2]
     assert env and image_only
     return env, image_only
@@ -417,10 +422,13 @@ def _pins() -> tuple[dict[str, str], dict[str, str]]:
 def test_constraints_pin_exactly_what_the_tested_environment_has():
     """Every package pyproject's dependencies need is pinned at the version installed here (a
     new dependency, or an upgrade, without `python docker/freeze_constraints.py` fails)."""
-    env, image_only = _pins()
+    tools: dict[str, str] = {}
+    env, image_only = _pins(tools)
     closure = FREEZE.dependency_closure(FREEZE.project_dependencies())
     assert set(env) == set(closure), (set(env) ^ set(closure))
     assert env == closure
+    # CI's pytest and ruff are pinned too (a new release cannot change what CI runs)
+    assert tools == FREEZE.test_tools(env) and {"pytest", "ruff"} <= set(tools)
     for name, version in {**env, **image_only}.items():
         assert not FREEZE.CUDA_ONLY.match(name), f"{name}: CUDA build only"
         try:
