@@ -31,6 +31,7 @@ NSD) the voxel responses together for the reference registry.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -390,6 +391,34 @@ class DataBundle:
     image_size: int
     augment: str = "none"
     responses: VoxelResponses | None = None
+
+
+def content_identity(bundle: DataBundle) -> str:
+    """A digest of what ``bundle`` holds, cheap to compute (no image is read): for each split,
+    its kind, where it lives (resolved: a simulated world's cache folder is named by the
+    generator's version and arguments, a prepared NSD table by its sources) and its samples
+    (an image folder's file list and labels; an NSD split's image ids and labels, and the
+    size and time of its table and stimuli files). What a cached reference network trained
+    on the data is keyed by, so other data at the same path (a regenerated world, another
+    ImageNet copy) trains another."""
+    h = hashlib.sha256()
+    for split in (bundle.train, bundle.val):
+        h.update(type(split).__name__.encode())
+        if isinstance(split, ImageFolderDataset):
+            h.update(os.fsencode(os.path.realpath(split.index.root)))
+            h.update(split.index._paths)
+            h.update(split.index._targets.tobytes())
+        elif isinstance(split, NSDDataset):
+            for path in (split.table_path, split.stimuli.path):
+                st = path.stat()
+                h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(split.image_ids.numpy().tobytes())
+            h.update(split.labels.numpy().tobytes())
+        else:  # in-memory data (tests, user code): by content
+            from references.pretrained import dataset_fingerprint
+
+            h.update(dataset_fingerprint(split).encode())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=4)

@@ -303,6 +303,7 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     """Index each distinct data source once and build each condition's reference once
     (driver). Nothing here decodes a split: trials stream their own images."""
     from references import build_reference
+    from references.datasets import content_identity
     from trainable.data import TrialData
 
     bundles: dict[Any, Any] = {}
@@ -326,7 +327,10 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
             width=next(t.config["width"] for t in plan.trials if t.condition == name),
             image_size=source.image_size,
             weights=weights_spec(plan.weights, simulated=source.simulated),
-            dataset_key=source.describe(),
+            # the content too: a regenerated world or another copy at the same path has
+            # the same description, and a network trained on the old one was reused
+            dataset_key={"data": source.describe(),
+                         "content": content_identity(bundles[source])},
         )
         _say(f"reference ready for {name}: {cond.reference} "
              f"({time.perf_counter() - t0:.1f} s)")

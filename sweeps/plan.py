@@ -751,10 +751,23 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
         "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
         "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
         **({"weights": plan.weights} if plan.weights is not None else {}),
+        # a file replaced at the same path (best.ckpt overwritten) is another reference
+        **({"weights_sha256": digest} if (digest := _weights_digest(plan.weights)) else {}),
         # which data: the roots, annotations and subjects of real data, the generator's
         # arguments of the simulated world (a resume on another copy would mix two datasets)
         "data_sources": sorted({src.describe() for src in plan.data.values()}),
     }
+
+
+def _weights_digest(weights: str | None) -> str | None:
+    """sha256 of a --weights file (None for auto, torchvision, or no file there)."""
+    if weights is None or weights in ("auto", "torchvision"):
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_run_json(path: Path, what: str) -> dict:
@@ -783,12 +796,12 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
              "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
              "data": "--data", "smoke": "--smoke-test", "search": "--search",
              "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
-             "weights": "--weights",
+             "weights": "--weights", "weights_sha256": "--weights file content (sha256)",
              "data_sources": "data (--imagenet-root, --nsd-root, --coco-annotations, "
                              "--subject)"}
     for key, label in names.items():
-        if key == "data_sources" and key not in was:  # recorded since this key exists
-            continue
+        if key in ("data_sources", "weights_sha256") and key not in was:
+            continue  # recorded since these keys exist
         if was.get(key) != now.get(key):
             before, after = repr(was.get(key)), repr(now.get(key))
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it

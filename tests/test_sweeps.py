@@ -1033,3 +1033,31 @@ def test_a_signal_while_the_first_records_are_written_is_acted_on_after_them():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     with _signals_deferred():  # no signal: nothing raised
         pass
+
+
+def test_a_resume_refuses_a_weights_file_replaced_at_the_same_path(tmp_path):
+    """Only --weights' path was fingerprinted: a best.ckpt overwritten between invocations
+    gave the resumed trials another reference network than the finished ones."""
+    import dataclasses
+    import json
+
+    from sweeps.plan import FINGERPRINT_FILE, check_fingerprint, fingerprint
+
+    weights = tmp_path / "best.ckpt"
+    weights.write_bytes(b"first network")
+    plan = dataclasses.replace(
+        make_plan(parse("pretrained_conv5", "--smoke-test", "--storage", str(tmp_path / "r"))),
+        weights=str(weights))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(plan)))
+    check_fingerprint(plan, run_dir)
+    weights.write_bytes(b"another network")
+    with pytest.raises(UsageError, match=r"run was started with a different --weights file "
+                                         r"content \(sha256\) \('[0-9a-f]{64}', now "
+                                         r"'[0-9a-f]{64}'\)"):
+        check_fingerprint(plan, run_dir)
+    recorded = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+    del recorded["weights_sha256"]  # fingerprinted before the content was: not checked
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(recorded))
+    check_fingerprint(plan, run_dir)
