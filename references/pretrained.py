@@ -24,6 +24,7 @@ returns a single group with every row.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -122,12 +124,41 @@ _WRAPPER_PREFIXES = ("net.", "module.", "model.")
 _SAVE_HINT = "save the network's weights with torch.save(model.state_dict(), PATH)"
 
 
-def _read_weights(path: Path) -> object:
-    """``torch.load(path, weights_only=True)``; whatever it raises (a truncated or empty
-    file, a text file, a whole pickled model, which weights_only refuses) is a ValueError in
-    one line naming the file."""
+#: Objects a training checkpoint carries beside its weights (Lightning's hyper_parameters: an
+#: argparse.Namespace of the script's arguments, numpy scalars and arrays) that only hold data:
+#: weights_only refuses them by default, and a file whose only such objects are these is read
+#: with them allowed (anything else, e.g. a whole pickled model, is still refused).
+_DATA_GLOBALS = re.compile(r"argparse\.Namespace|numpy\.(?:_core|core)\.multiarray\."
+                           r"(?:scalar|_reconstruct)|numpy\.ndarray|numpy\.dtype|"
+                           r"numpy\.dtypes\.\w+DType")
+
+
+def _load_allowing_data(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: the first error says what it is
+            raise exc from None
+        if not names or not all(_DATA_GLOBALS.fullmatch(n) for n in names):
+            raise
+        allowed = []
+        for name in names:
+            module, _, attr = name.rpartition(".")
+            allowed.append(getattr(importlib.import_module(module), attr))
+        if any(n.startswith("numpy.") for n in names):  # a scalar's dtype class, met only
+            allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_weights(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` (a checkpoint's data-only objects allowed:
+    ``_DATA_GLOBALS``); whatever it raises (a truncated or empty file, a text file, a whole
+    pickled model, which weights_only refuses) is a ValueError in one line naming the file."""
+    try:
+        return _load_allowing_data(path)
     except Exception as exc:
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -147,14 +178,29 @@ def _read_weights(path: Path) -> object:
                          ) from None
 
 
-def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """The network's state dict inside what a file holds: itself, or under a "state_dict" /
-    "model" key (a training checkpoint, e.g. Lightning's), wrapper prefixes stripped."""
+#: Where a training checkpoint keeps the network's state dict: Lightning's and most scripts'
+#: "state_dict", PyTorch's tutorial "model_state_dict", "model".
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _unwrap_state_dict(obj: object, path: Path,
+                       wanted: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The network's state dict inside what a file holds: itself, or under one of
+    ``_CHECKPOINT_KEYS`` (a training checkpoint), wrapper prefixes stripped. When the keys
+    ``wanted`` are found only under a wrapper prefix that some keys lack (a Lightning module
+    holding the network as ``self.model`` beside a loss's buffer), the prefixed entries are
+    the network's and the others are left out."""
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in _CHECKPOINT_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
+        else:
+            if any(isinstance(v, Mapping) for v in obj.values()):  # a checkpoint's nesting
+                raise ValueError(
+                    f"{path}: a checkpoint without the network's state dict under any of "
+                    f"{', '.join(map(repr, _CHECKPOINT_KEYS))} (its keys: "
+                    f"{', '.join(map(str, list(obj)[:5]))}); {_SAVE_HINT}")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
                          f"{type(obj).__name__}; {_SAVE_HINT}")
@@ -166,8 +212,12 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     while sd:
         prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
         if prefix is None:
-            break
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
+            if wanted and not all(k in sd for k in wanted):
+                prefix = next((p for p in _WRAPPER_PREFIXES
+                               if all(p + k in sd for k in wanted)), None)
+            if prefix is None:
+                break
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
@@ -191,24 +241,59 @@ def _mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tens
     return "; ".join(parts) or "the values do not load"
 
 
+def _infer_width(model_name: str, sd: Mapping[str, torch.Tensor], classes: int,
+                 guess: float) -> float:
+    """The width multiplier whose layers have the file's channel counts: every scaled output
+    dimension (one that differs between the model at width 1 and 0.5) of width-1 size c holds
+    ``max(1, round(c * w))`` channels in the file. conv1 alone (``guess``) does not round-trip:
+    width 0.3 gives conv1 round(19.2) = 19 channels, read back as 0.296875, which gives conv2
+    57 channels where the file has round(57.6) = 58. Returns ``guess`` when it fits, else the
+    shortest decimal that fits every layer, else ``guess`` (the load then says what differs)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        one = build_model(model_name, num_classes=classes, width=1.0).net.state_dict()
+        half = build_model(model_name, num_classes=classes, width=0.5).net.state_dict()
+    pairs = []  # (width-1 channels, the file's)
+    for key, t in one.items():
+        got = sd.get(key)
+        if got is None or got.dim() != t.dim():
+            continue
+        # output channels / units only: an input size can be derived (AlexNet's fc1 takes
+        # round(256 w) x 36 inputs, not round(9216 w))
+        if t.dim() and half[key].shape[0] != t.shape[0]:
+            pairs.append((t.shape[0], got.shape[0]))
+
+    def fits(w: float) -> bool:
+        return w > 0 and all(max(1, round(c * w)) == f for c, f in pairs)
+
+    if not pairs or fits(guess):
+        return guess
+    lo = max((f - 0.5) / c if f > 1 else 0.0 for c, f in pairs)
+    hi = min((f + 0.5) / c for c, f in pairs)
+    for digits in range(1, 9):
+        for w in (round((lo + hi) / 2, digits), round(lo, digits), round(hi, digits)):
+            if fits(w):
+                return w
+    return guess
+
+
 def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
                  width: float | None = None) -> TappedModel:
     """A :class:`TappedModel` with the weights of a file ("torchvision" or a path), CPU,
-    eval mode. num_classes is read from the head's rows; width (None) from conv1's channels
-    (conv1 channels / the model's base width) -- pass ``width`` if that does not round-trip."""
+    eval mode. num_classes is read from the head's rows; width (None) from the layers' channel
+    counts (``_infer_width``)."""
     spec = get_model_spec(model_name)
     path = find_weights(model_name, weights)
-    sd = _unwrap_state_dict(_read_weights(path), path)
     head_key = f"{spec.head}.weight"
     conv1_key = f"{spec.taps[spec.conv1].path}.weight"
+    sd = _unwrap_state_dict(_read_weights(path), path, (head_key, conv1_key))
     if head_key not in sd or conv1_key not in sd:
         some = ", ".join(list(sd)[:3]) or "none"
         raise ValueError(f"{path} is not a state dict of {model_name}: missing {head_key!r} or "
                          f"{conv1_key!r} (its keys: {some}, ...)")
     given = width is not None
-    if width is None:
-        width = sd[conv1_key].shape[0] / spec.base_width
     classes = int(sd[head_key].shape[0])
+    if width is None:
+        width = _infer_width(model_name, sd, classes, sd[conv1_key].shape[0] / spec.base_width)
     try:
         model = build_model(model_name, num_classes=classes, width=width)
     except ValueError as e:

@@ -376,3 +376,56 @@ def test_the_sweep_records_each_network_file_with_its_digest(tmp_path):
     assert describe_reference(ref) == f"pretrained alexnet conv5 from {path}"
     assert describe_reference(ShuffledReference(GaborReference(), 0)) == (
         "shuffled across images: gabor")
+
+
+def test_more_checkpoint_layouts_labs_save_load(tmp_path):
+    """PyTorch's tutorial layout (model_state_dict), a Lightning module with a buffer beside
+    its network (criterion.pos_weight outside model.), and Lightning's hyper_parameters holding
+    an argparse.Namespace or numpy scalars were each refused; a checkpoint with the network
+    under another key names the keys it looked for. A whole model stays refused."""
+    import argparse
+
+    import numpy as np
+
+    model = build_model("alexnet", num_classes=4, width=0.25, seed=3).eval()
+    sd = model.net.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    prefixed = {f"model.{k}": v for k, v in sd.items()}
+    good = {
+        "tutorial.pt": {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {},
+                        "loss": 0.4},
+        "buffer_beside.ckpt": {"state_dict": {**prefixed,
+                                              "criterion.pos_weight": torch.ones(4)}},
+        "namespace.ckpt": {"state_dict": prefixed,
+                           "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}},
+        "numpy.ckpt": {"state_dict": prefixed, "hyper_parameters": {
+            "lr": np.float64(0.1), "steps": np.int64(3), "grid": np.arange(3)}},
+    }
+    for name, obj in good.items():
+        torch.save(obj, tmp_path / name)
+        assert torch.equal(load_network("alexnet", tmp_path / name)(x), model(x)), name
+    other_key = tmp_path / "other_key.pt"
+    torch.save({"epoch": 3, "weights": sd}, other_key)
+    with pytest.raises(ValueError, match=r"other_key.pt: a checkpoint without the network's "
+                                         r"state dict under any of 'state_dict', "
+                                         r"'model_state_dict', 'model' \(its keys: epoch, "
+                                         r"weights\)"):
+        load_network("alexnet", other_key)
+    sneaky = tmp_path / "sneaky.ckpt"  # a whole model beside an allowed Namespace
+    torch.save({"state_dict": prefixed, "args": argparse.Namespace(lr=0.1),
+                "net": model.net}, sneaky)
+    with pytest.raises(ValueError, match=r"it holds pickled Python objects"):
+        load_network("alexnet", sneaky)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet18"])
+@pytest.mark.parametrize("width", [0.1, 0.2, 0.3, 0.6, 1.3])
+def test_weights_of_any_width_load(tmp_path, name, width):
+    """The width was read off conv1 alone, which does not round-trip: width 0.3 has 19 conv1
+    channels (0.296875), whose conv2 would have 57 where the file has 58. A trial's own
+    checkpoint at such a width could not serve as a reference."""
+    model = build_model(name, num_classes=5, width=width, seed=1).eval()
+    torch.save(model.net.state_dict(), tmp_path / "w.pt")
+    got = load_network(name, tmp_path / "w.pt")
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(got(x), model(x))
