@@ -73,6 +73,14 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
             raise
 
 
+def damaged_entry(entry: Path, why: str) -> str:
+    """One line for a cache entry that exists but cannot be read (a disk that filled, a copy
+    cut short, a file deleted by hand): ``build_once`` takes an existing folder as built, so
+    the way out is to delete it."""
+    return (f"cache entry {entry} is damaged ({' '.join(why.split())[:200]}); delete it to "
+            f"rebuild it: rm -r '{entry}'")
+
+
 def unwritable(folder: Path) -> str | None:
     """Why ``folder`` (to be created if missing) cannot be written, or None. Creates nothing:
     the nearest existing ancestor must be a writable folder (a dry run writes nothing).

@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from references.cache import OneLineParser, build_once, cache_root, content_hash
+from references.cache import OneLineParser, build_once, cache_root, content_hash, damaged_entry
 
 
 class NSDFormatError(ValueError):
@@ -1077,7 +1077,13 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
         if tmp is not None:
             prepare(nsd_root, coco_annotations, subjects, roi, tmp / "prepared.parquet",
                     progress=progress)
-    return final / "prepared.parquet"
+    table = final / "prepared.parquet"
+    try:  # the footer (at the file's end) and the metadata: a cut or emptied file fails here
+        prepared_metadata(pq.read_schema(table))
+        pq.read_metadata(table)
+    except Exception as exc:  # pyarrow's ArrowInvalid, OSError, a missing file, bad metadata
+        raise NSDFormatError(damaged_entry(final, f"{table.name}: {exc}")) from None
+    return table
 
 
 # --------------------------------------------------------------------------------------------

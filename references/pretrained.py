@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from references.base import ImageReference
-from references.cache import build_once, cache_root, content_hash
+from references.cache import build_once, cache_root, content_hash, damaged_entry
 from trainable.data import flip_mask, normalize
 from trainable.models import TappedModel, build_model, get_model_spec
 
@@ -526,7 +526,11 @@ def auto_reference_network(
             meta = {"key": key, "train_seconds": time.perf_counter() - start,
                     "device": str(device), "torch": torch.__version__}
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    return load_network(model_name, entry / _WEIGHTS_FILE, width=training.width), entry
+    try:
+        return load_network(model_name, entry / _WEIGHTS_FILE, width=training.width), entry
+    except ValueError as exc:  # the file a finished build wrote cannot be read back
+        raise ValueError(damaged_entry(entry, str(exc).replace(str(entry / _WEIGHTS_FILE),
+                                                               _WEIGHTS_FILE))) from None
 
 
 def pretrained_reference(

@@ -1114,3 +1114,24 @@ def test_a_subject_with_betas_only_in_another_space_or_glm_is_named(tmp_path, wh
         prepare(nsd_root, coco, [2], "V1", tmp_path / "o.parquet", progress=False)
     assert pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet",
                                  progress=False)).num_rows > 0
+
+
+def test_a_damaged_prepared_table_in_the_cache_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """A cached prepared.parquet cut short gave a raw ArrowInvalid; deleted, it pointed at
+    `python -m references.nsd prepare`, which does not rebuild the entry."""
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", str(tmp_path / "cache"))
+    nsd_root, coco = write_tree(tmp_path)
+    table = nsd.prepare_cached(nsd_root, coco, [1], "V1", progress=False)
+    whole = table.read_bytes()
+    for damage in (lambda: table.write_bytes(whole[: len(whole) // 2]),
+                   lambda: table.write_bytes(b""), table.unlink):
+        damage()
+        with pytest.raises(NSDFormatError, match=rf"^cache entry {re.escape(str(table.parent))} "
+                                                 r"is damaged \(prepared\.parquet: .*\); delete "
+                                                 r"it to rebuild it: rm -r") as exc:
+            nsd.prepare_cached(nsd_root, coco, [1], "V1", progress=False)
+        _one_line(exc)
+    import shutil
+
+    shutil.rmtree(table.parent)
+    assert nsd.prepare_cached(nsd_root, coco, [1], "V1", progress=False).read_bytes() == whole

@@ -5,6 +5,8 @@ from a file or the torch hub cache (never a download), the missing-weights messa
 import copy
 import multiprocessing
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -236,6 +238,18 @@ def test_auto_trains_once_and_reuses_the_cache(monkeypatch):
     assert calls == [TINY.seed, 4, TINY.seed]
     entry = Path(first.source.removeprefix("auto:"))
     assert (entry / "weights.pt").is_file() and (entry / "meta.json").is_file()
+    # an entry damaged after it was built (cut short, deleted by hand) is named with the way
+    # out, not "save the weights with torch.save" or "pass --weights auto"
+    whole = (entry / "weights.pt").read_bytes()
+    for damage in (lambda: (entry / "weights.pt").write_bytes(whole[:500]),
+                   lambda: (entry / "weights.pt").unlink()):
+        damage()
+        with pytest.raises(ValueError, match=rf"^cache entry {re.escape(str(entry))} is "
+                                             rf"damaged \(.*weights\.pt.*\); delete it to "
+                                             rf"rebuild it: rm -r '{re.escape(str(entry))}'$"):
+            _auto(data)
+    shutil.rmtree(entry)
+    assert _auto(data).source == first.source and calls[-1] == TINY.seed
 
 
 def test_auto_needs_data_and_a_key_for_other_datasets():
