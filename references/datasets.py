@@ -399,8 +399,8 @@ def content_identity(bundle: DataBundle) -> str:
     generator's version and arguments, a prepared NSD table by its sources) and its samples
     (an image folder's file list and labels; an NSD split's image ids and labels, and the
     size and time of its table and stimuli files). What a cached reference network trained
-    on the data is keyed by, so other data at the same path (a regenerated world, another
-    ImageNet copy) trains another."""
+    on the data is keyed by, so other data at the same path (a regenerated world, an ImageNet
+    copy with other files or labels) trains another."""
     h = hashlib.sha256()
     for split in (bundle.train, bundle.val):
         h.update(type(split).__name__.encode())

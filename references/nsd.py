@@ -407,8 +407,9 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
 
 def session_files(nsd_root: Path, subject: int) -> list[Path]:
     """The subject's session files on disk, in session order (1..N, no gaps): per session its
-    betas_sessionSS.hdf5, else its .nii (uncompressed) or .nii.gz (the release ships the
-    .hdf5 and the .nii.gz of every session side by side; either may be all a copy holds).
+    betas_sessionSS.hdf5, else its .nii.gz or .nii (uncompressed; both is an NSDFormatError)
+    (the release ships the .hdf5 and the .nii.gz of every session side by side; either may
+    be all a copy holds).
     Two names for one session in one form (betas_session01.hdf5 beside betas_session1.hdf5)
     is an NSDFormatError: which is meant cannot be told."""
     folder = betas_dir(nsd_root, subject)
@@ -430,6 +431,11 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
             raise NSDFormatError(f"{held[form]} and {p.name}: both are session {s}; expected "
                                  f"one file per session (betas_session{s:02d}.{form})")
         held[form] = p
+    for held in forms.values():
+        if "nii" in held and "nii.gz" in held:  # as _nifti_on_disk: which is meant?
+            raise NSDFormatError(f"both {held['nii.gz']} and {held['nii'].name} present; "
+                                 f"expected one of them (the same volume gzip-compressed or "
+                                 f"not): remove the other")
     found = {s: held[next(f for f in SESSION_FORMATS if f in held)]
              for s, held in forms.items()}
     if not found:
@@ -484,13 +490,15 @@ def _is_nifti(path: Path) -> bool:
 def _nifti_betas(path: Path):
     """The session's NIfTI image (header read, data not), or an NSDFormatError naming the
     file. Its data scaling must be the identity: the betas are read as stored (int16 =
-    percent signal change x 300), as from the HDF5 files."""
+    percent signal change x 300), as from the HDF5 files. The file is kept open between
+    reads: a .nii.gz opened anew for every chunk of volumes is decompressed from its start
+    each time (8x the work for a 750-trial session read in 16 chunks)."""
     import nibabel as nib
 
     img, first = None, None
     for kind in (nib.Nifti1Image, nib.Nifti2Image):  # named by suffix: no sniffing (which
         try:                                           # reads past the header of a cut file)
-            img = kind.from_filename(str(path))
+            img = kind.from_filename(str(path), keep_file_open=True)
             break
         except Exception as exc:  # nibabel's errors derive from Exception, not OSError
             first = first or exc

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from references.base import ImageReference
 from references.cache import build_once, cache_root, content_hash, damaged_entry
 from trainable.data import flip_mask, normalize
-from trainable.models import TappedModel, build_model, get_model_spec
+from trainable.models import TappedModel, _scaled, build_model, get_model_spec
 
 __all__ = [
     "TORCHVISION_WEIGHT_FILES",
@@ -141,13 +141,16 @@ def _load_allowing_data(path: Path) -> object:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # not a zip checkpoint: the first error says what it is
             raise exc from None
-        if not names or not all(_DATA_GLOBALS.fullmatch(n) for n in names):
+        data = [n for n in names if _DATA_GLOBALS.fullmatch(n)]
+        if not data:
             raise
+        # Loaded again with them allowed: anything else is refused as before, and named as
+        # the first such object the file holds (not the allowed one met first).
         allowed = []
-        for name in names:
+        for name in data:
             module, _, attr = name.rpartition(".")
             allowed.append(getattr(importlib.import_module(module), attr))
-        if any(n.startswith("numpy.") for n in names):  # a scalar's dtype class, met only
+        if any(n.startswith("numpy.") for n in data):  # a scalar's dtype class, met only
             allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -263,7 +266,7 @@ def _infer_width(model_name: str, sd: Mapping[str, torch.Tensor], classes: int,
             pairs.append((t.shape[0], got.shape[0]))
 
     def fits(w: float) -> bool:
-        return w > 0 and all(max(1, round(c * w)) == f for c, f in pairs)
+        return w > 0 and all(_scaled(c, w) == f for c, f in pairs)
 
     if not pairs or fits(guess):
         return guess

@@ -45,7 +45,7 @@ from records import (
     write_manifest,
 )
 from records.uris import redact
-from references.cache import atomic_write_text
+from references.cache import atomic_write_text, file_sha256
 from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
@@ -557,8 +557,7 @@ def _weights_tags(references: dict[str, Any]) -> dict[str, str]:
             continue
         path = Path(source)
         if not source.startswith("auto:") and path.is_file():
-            with path.open("rb") as f:
-                source = f"{source} (sha256 {hashlib.file_digest(f, 'sha256').hexdigest()})"
+            source = f"{source} (sha256 {file_sha256(path)})"
         lines.append(f"{name}: {source}")
     return {"reference_weights": "; ".join(lines)} if lines else {}
 

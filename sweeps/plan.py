@@ -28,7 +28,7 @@ from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experi
 from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import redact, tracking_refuses, tracking_unreachable, tracking_uri
 from references.cache import ENV_VAR as CACHE_ENV
-from references.cache import unwritable
+from references.cache import file_sha256, unwritable
 from sweeps.spec import (
     PAPER_DATA,
     DataSource,
@@ -764,10 +764,7 @@ def _weights_digest(weights: str | None) -> str | None:
     if weights is None or weights in ("auto", "torchvision"):
         return None
     path = Path(weights).expanduser()
-    if not path.is_file():
-        return None
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(path) if path.is_file() else None
 
 
 def read_run_json(path: Path, what: str) -> dict:

@@ -61,14 +61,16 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 RESUMES_TAG = "resumes"
-RESUMES_KEPT = 20  # the latest lines: a tag value is capped (5,000 characters in older stores)
-_RESUME_KEYS = ("mlflow.source.git.commit", "code_modified", "ray", "overrides", "only")
+RESUMES_KEPT = 20  # the latest lines, within RESUMES_CHARS
+RESUMES_CHARS = 4000  # a tag value is capped (5,000 characters in older stores; MLflow 3
+#                       truncates longer ones, losing the newest line)
+# what a resume may change (the fingerprint holds the settings, --set and --only, equal)
+_RESUME_KEYS = ("mlflow.source.git.commit", "code_modified", "ray")
 
 
 def resume_entry(tags: Mapping[str, str]) -> str:
     """One line of the parent's ``resumes`` tag: when a resume started (UTC) and the tags of
-    the invocation that it would otherwise lose (commit, modified code, cluster, --set,
-    --only)."""
+    the invocation that it would otherwise lose (commit, modified code, cluster)."""
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     said = ", ".join(f"{k.rsplit('.', 1)[-1]}={tags[k]}" for k in _RESUME_KEYS if k in tags)
     return f"{when} {said}".strip()
@@ -92,9 +94,11 @@ def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
         # The run keeps the tags of the invocation that created it; each resume says what
         # ran it (its commit may differ) in one more line of ``resumes``.
         entry = resume_entry(tags)
-        lines = [*filter(None, run.data.tags.get(RESUMES_TAG, "").split("\n")), entry]
-        _retry(lambda: client.set_tag(reuse_run_id, RESUMES_TAG,
-                                      "\n".join(lines[-RESUMES_KEPT:])))
+        lines = [*filter(None, run.data.tags.get(RESUMES_TAG, "").split("\n")),
+                 entry[:RESUMES_CHARS]][-RESUMES_KEPT:]
+        while len("\n".join(lines)) > RESUMES_CHARS:
+            lines.pop(0)  # the oldest
+        _retry(lambda: client.set_tag(reuse_run_id, RESUMES_TAG, "\n".join(lines)))
         return reuse_run_id
     note = {NOTE_TAG: description} if description else {}
     run = client.create_run(exp_id, tags={**tags, **note,

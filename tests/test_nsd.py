@@ -1135,3 +1135,44 @@ def test_a_damaged_prepared_table_in_the_cache_is_named_with_the_way_out(tmp_pat
 
     shutil.rmtree(table.parent)
     assert nsd.prepare_cached(nsd_root, coco, [1], "V1", progress=False).read_bytes() == whole
+
+
+def test_a_session_as_nii_and_nii_gz_is_refused_as_masks_are(tmp_path):
+    nsd_root, _ = write_tree(tmp_path)
+    gz = _as_nifti(nsd.session_file(nsd_root, 1, 2))
+    gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+    with pytest.raises(NSDFormatError, match=r"both .*betas_session02\.nii\.gz and "
+                                             r"betas_session02\.nii present; expected one of "
+                                             r"them") as exc:
+        check_release(nsd_root, None, ["V1"])
+    _one_line(exc)
+
+
+def test_nifti_sessions_read_in_many_chunks_give_the_same_table(tmp_path, monkeypatch):
+    """Chunks of one volume each (the release's sessions are read in about 16): the same
+    table as the HDF5 files', and the .nii.gz is decompressed once, not once per chunk."""
+    import nibabel.openers
+
+    h5_root, coco = write_tree(tmp_path / "h5")
+    ni_root, _ = write_tree(tmp_path / "ni")
+    for s, trials in TRIALS.items():
+        for k in range(1, len(trials) + 1):
+            _as_nifti(nsd.session_file(ni_root, s, k))
+    x, y, z = nsd.load_roi_mask(ni_root, 1, "V1").shape
+    monkeypatch.setattr(nsd, "_READ_CHUNK_BYTES", x * y * z * 2)  # one int16 volume
+    opened = []
+    real = nibabel.openers.Opener.__init__
+
+    def counting(self, fileish, *args, **kwargs):
+        opened.append(str(fileish))
+        real(self, fileish, *args, **kwargs)
+
+    monkeypatch.setattr(nibabel.openers.Opener, "__init__", counting)
+    got = pq.read_table(prepare(ni_root, coco, [1], "V1", tmp_path / "n.parquet",
+                                progress=False))
+    session = str(nsd.session_file(ni_root, 1, 1).with_suffix(".nii.gz"))
+    # its header when checked, and when read, then its data once: not once per volume (7)
+    assert 1 <= opened.count(session) <= 3, opened.count(session)
+    want = pq.read_table(prepare(h5_root, coco, [1], "V1", tmp_path / "h.parquet",
+                                 progress=False))
+    assert got.equals(want)

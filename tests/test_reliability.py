@@ -448,3 +448,20 @@ def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FAILED"
     assert child.data.tags["error"].startswith("TrialDiverged: non-finite loss")
+
+
+def test_the_resumes_tag_stays_within_a_tag_values_length(tmp_path):
+    """Capped by line count only, long lines (a cluster's address) overflowed the older
+    stores' 5,000 characters, and MLflow 3 truncates a long value at its end: the newest
+    line was the one lost."""
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    tags = {"sweep": "s", "mlflow.source.git.commit": "a" * 40}
+    run_id = tracking.start_parent(uri, "exp", tags)
+    for k in range(12):
+        again = {**tags, "ray": f"cluster-{k}-" + "x" * 900}
+        tracking.start_parent(uri, "exp", again, reuse_run_id=run_id)
+        value = MlflowClient(uri).get_run(run_id).data.tags[tracking.RESUMES_TAG]
+        assert len(value) <= tracking.RESUMES_CHARS
+        assert f"ray=cluster-{k}-" in value.split("\n")[-1]

@@ -599,3 +599,18 @@ def test_loss_folds_no_subject_group_can_hold_is_refused_on_the_first_step():
                                                    **kw))
     check_groups_usable(groups, TrialConfig(reference="nsd", batch_size=16, loss_folds=4,
                                             alpha=0.8))
+
+
+def test_an_rsa_group_left_with_fewer_than_3_images_is_skipped_not_the_trial():
+    """An NSD subject's group of 3 images, one of which the rectified layer is silent on: RSA
+    has no value there, and the step failed with 'ValueError: 1 of 3 stimuli have constant
+    features'. The group is skipped like a group too small."""
+    cfg = TrialConfig(reference="nsd", metric="rsa", rectify=True, alpha=-0.5, batch_size=8)
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(8, 4, 2, 2, generator=g, requires_grad=True)
+    with torch.no_grad():
+        feats[1] = -1.0  # rectified: silent
+    groups = [(torch.tensor([0, 1, 2]), torch.randn(3, 6, generator=g))]
+    assert batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg) is None
+    groups.append((torch.arange(3, 8), torch.randn(5, 6, generator=g)))
+    assert torch.isfinite(batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg))

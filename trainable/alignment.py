@@ -87,6 +87,11 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                          f"finite")
 
 
+class UndefinedScore(ValueError):
+    """The score is undefined for these inputs (every stimulus the same, too few stimuli with
+    a correlation distance): a training batch skips the group, validation reports NaN."""
+
+
 def _pair(X: Any, Y: Any, min_n: int, why: str,
           check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
     x, x_np = _as_tensor(X, "X", check_finite)
@@ -609,6 +614,7 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
         a_inv, _, c, d = _loo_inverse(kx, rel)
         return (a_inv - c) / d[:, None]
     rows = []
+    batch_energy = torch.diagonal(kx).sum() / n
     for lo, hi in _fold_bounds(n, folds):
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
         m = tr.numel()
@@ -617,10 +623,13 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
         k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
         g_et = kx[lo:hi][:, tr]
         k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
-        lam = rel * torch.diagonal(k_tt).sum() / m
-        # a layer silent on the fold's training rows (not on the batch): K = 0, so any penalty
-        # gives the same prediction (the training mean); 0 would make the solve singular
-        lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+        energy = torch.diagonal(k_tt).sum() / m
+        # A layer silent on the fold's training rows (not on the batch): K_tt is 0, or the
+        # rounding noise the batch's centring leaves (1e-17 where the batch's energy is 1).
+        # Any penalty then predicts the training mean; one of the noise's size gave scores of
+        # -3.6e7. Such a fold gets the batch's penalty.
+        silent = energy <= 1e-10 * batch_energy
+        lam = rel * torch.where(silent, batch_energy, energy)
         eye = torch.eye(m, dtype=kx.dtype, device=kx.device)
         w = torch.linalg.solve(k_tt + lam * eye, k_et.T).T  # K_et A^-1, (n_te, m)
         w = w - w.mean(1, keepdim=True)  # @ J_m
@@ -845,37 +854,48 @@ def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
     transforms; symmetric.
     """
     x, y, as_float = _pair(X, Y, 2, "CKA")
-    _refuse_identical_rows(x, y, "CKA")
     kx, ky = _centred_gram(x), _centred_gram(y)
     nx, ny = torch.linalg.norm(kx), torch.linalg.norm(ky)
-    for name, norm in (("X", nx), ("Y", ny)):
-        if float(norm.detach()) == 0:
-            raise ValueError(f"{name} is constant across stimuli: CKA is undefined")
+    for name, v, norm in (("X", x, nx), ("Y", y, ny)):
+        if _constant_across_stimuli(v, float(norm.detach())):
+            raise UndefinedScore(f"{name} is constant across stimuli: CKA is undefined")
     return _out(((kx * ky).sum() / (nx * ny)).to(x.dtype), as_float)
 
 
-def _refuse_identical_rows(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-    """Every stimulus the same (a layer whose units are all dead: each image gives its bias):
-    undefined. Checked exactly, before centring, whose rounding would leave ulp noise that
-    scores as a number (the rule of ``constant_columns``)."""
-    for name, v in (("X", x), ("Y", y)):
-        if bool((v == v[:1]).all()):
-            raise ValueError(f"{name} is constant across stimuli: {what} is undefined")
+def _constant_across_stimuli(v: torch.Tensor, gram_norm: float) -> bool:
+    """Whether every stimulus (row) of ``v`` is the same (a layer whose units are all dead:
+    each image gives its bias), given the norm of its centred Gram. Exact equality, as
+    ``constant_columns``: centring identical rows leaves rounding noise that would score as
+    a number. The pass over ``v`` is made only when the Gram is as small as that noise
+    (relative to the first row's energy), not on every training step."""
+    if gram_norm == 0:
+        return True
+    first = float((v[0] @ v[0]).detach())
+    return gram_norm <= 1e-9 * v.shape[0] * first and bool((v == v[:1]).all())
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm (their correlation with each other is the dot
+    product)."""
+    xc = x - x.mean(1, keepdim=True)
+    return xc / torch.linalg.norm(xc, dim=1, keepdim=True)
 
 
 def _silent_rows(x: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: stimuli whose features are all equal (their correlation distance to any other
-    is undefined: a rectified layer silent on that image)."""
-    return x.amax(1) == x.amin(1)
+    """(n,) bool: stimuli whose features are all equal, to rounding (their correlation distance
+    to any other is undefined: a rectified layer silent on that image, or a row of its bias)."""
+    with torch.no_grad():
+        mean = x.mean(1)
+        norm = torch.linalg.norm(x - mean[:, None], dim=1)
+        scale = 64 * torch.finfo(x.dtype).eps * mean.abs() * x.shape[1] ** 0.5
+        return norm <= scale
 
 
-def _rdm_upper(x: torch.Tensor) -> torch.Tensor:
-    """Upper triangle (i < j) of the correlation-distance RDM 1 - corr(x_i, x_j), (n(n-1)/2,)."""
-    xc = x - x.mean(1, keepdim=True)
-    norm = torch.linalg.norm(xc, dim=1, keepdim=True)
-    z = xc / norm
+def _rdm_upper(z: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (i < j) of the correlation-distance RDM 1 - z_i . z_j of unit rows z,
+    (n(n-1)/2,)."""
     rdm = 1.0 - z @ z.T
-    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+    i, j = torch.triu_indices(z.shape[0], z.shape[0], offset=1, device=z.device)
     return rdm[i, j]
 
 
@@ -884,24 +904,28 @@ def rsa(X: Any, Y: Any) -> torch.Tensor | float:
     RDMs. X : (n, p), Y : (n, q); RDM_ij = 1 - corr(x_i, x_j) across features. In [-1, 1],
     symmetric, differentiable; needs n >= 3. A stimulus whose features are all equal in X or
     in Y (a rectified layer silent on that image) has no correlation distance: it is left out
-    of both RDMs, and the score is undefined (ValueError) when fewer than 3 stimuli remain or
-    every stimulus is the same."""
+    of both RDMs (selected before any division, so no NaN reaches the gradient), and the
+    score is undefined (``UndefinedScore``) when fewer than 3 stimuli remain or an RDM is the
+    same for every pair (every stimulus the same)."""
     x, y, as_float = _pair(X, Y, 3, "RSA")
-    _refuse_identical_rows(x, y, "RSA")
+    dtype = x.dtype
+    x, y = x.to(torch.float64), y.to(torch.float64)
     silent = _silent_rows(x) | _silent_rows(y)
     if bool(silent.any()):
         keep = ~silent
         if int(keep.sum()) < 3:
-            raise ValueError(f"{int(silent.sum())} of {x.shape[0]} stimuli have constant "
-                             f"features: RSA needs 3 with a correlation distance")
+            raise UndefinedScore(f"{int(silent.sum())} of {x.shape[0]} stimuli have constant "
+                                 f"features: RSA needs 3 with a correlation distance")
         x, y = x[keep], y[keep]
-    dx = _rdm_upper(x.to(torch.float64))
-    dy = _rdm_upper(y.to(torch.float64))
+    dx, dy = _rdm_upper(_unit_rows(x)), _rdm_upper(_unit_rows(y))
+    for name, d in (("X", dx), ("Y", dy)):
+        # RDM entries lie in [0, 2]: a spread at rounding's scale is every stimulus the same
+        if float((d.max() - d.min()).detach()) <= 1e-12:
+            raise UndefinedScore(f"{name} gives every pair of stimuli the same correlation "
+                                 f"distance (constant across stimuli): RSA is undefined")
     dx, dy = dx - dx.mean(), dy - dy.mean()
     den = torch.linalg.norm(dx) * torch.linalg.norm(dy)
-    if float(den.detach()) == 0:
-        raise ValueError("an RDM is constant: RSA is undefined")
-    return _out(((dx * dy).sum() / den).to(x.dtype), as_float)
+    return _out(((dx * dy).sum() / den).to(dtype), as_float)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -16,7 +16,7 @@ import numpy as np
 from records import REFERENCE_KINDS  # one source: records
 
 DEVICES = ("auto", "cpu", "cuda")
-FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32 (numpy.finfo's tiny)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -154,8 +154,9 @@ class TrialConfig:
             if abs(getattr(self, name)) > UPPER[name]:
                 raise bad(name, f"a number of magnitude <= {UPPER[name]:g}")
         for name in ("alpha", "beta"):
-            # the loss is float32 (or bf16): a smaller weight would multiply as 0, running the
-            # term off while the records call the trial promoting or suppressing
+            # the loss is float32 (or bf16): a smaller weight multiplies as a subnormal of a
+            # few bits or as 0, running the term (nearly) off while the records call the
+            # trial promoting or suppressing
             if 0 < abs(getattr(self, name)) < FLOAT32_TINY:
                 raise bad(name, f"0 or a number of magnitude {FLOAT32_TINY:.4g}..{UPPER[name]:g} "
                                 f"(float32's normal range: the loss's precision)")

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from records import FILTERS_ARTIFACT, FINAL_METRICS_ARTIFACT, PREDICTIONS_ARTIFACT
-from trainable.alignment import constant_columns, get_metric, linear_alignment_heldout
+from trainable.alignment import (
+    UndefinedScore,
+    constant_columns,
+    get_metric,
+    linear_alignment_heldout,
+)
 from trainable.config import TrialConfig
 from trainable.data import (
     BatchFeed,
@@ -283,6 +288,10 @@ def batch_alignment(
         x = feats if whole else feats[rows]
         try:
             scores.append(score_fn(x, _pooled(y, cfg.pool)))
+        except UndefinedScore:
+            # the metric has no value on this group (RSA: fewer than 3 images the layer is
+            # not silent on): skipped like a group too small
+            continue
         except (torch.linalg.LinAlgError, ValueError):
             # A layer silent on every image of the group (a suppressing trial can drive it
             # there) has no alignment to measure or push: its Gram is zero, so the ridge
