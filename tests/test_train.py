@@ -77,6 +77,83 @@ def test_topk_accuracy():
     assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
 
 
+def test_topk_counts_tied_logits_at_chance_whatever_the_class_order():
+    """torch.topk picks among tied logits by position: a constant network scored top-1 0.03
+    or 0.57 on a set whose majority class sat at one index or another, where chance is 0.1.
+    Ties now count in expectation (the target's share of the places the tie takes)."""
+    targets = torch.tensor([9] * 8 + [0, 3])
+    flat = torch.zeros(10, 10)
+    acc = accuracy(flat, targets, (1, 5, 20))
+    assert acc == {1: pytest.approx(0.1), 5: pytest.approx(0.5), 20: pytest.approx(1.0)}
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0],   # target 1 tied with 2 others, 1 above
+                           [2.0, 2.0, 5.0, 0.0, 0.0]])  # target 0 tied with 1, 1 above
+    acc = accuracy(logits, torch.tensor([1, 0]), (1, 2, 3))
+    assert acc == {1: 0.0, 2: pytest.approx((1 / 3 + 1 / 2) / 2), 3: pytest.approx((2 / 3 + 1) / 2)}
+
+
+class _Lookup(torch.nn.Module):
+    """Outputs ``table[i]`` for the image whose first two pixels encode i (base 256)."""
+
+    def __init__(self, table) -> None:
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        from trainable.data import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        raw = torch.round((x.float() * std + mean) * 255)
+        return self.table[(raw[:, 0, 0, 0] * 256 + raw[:, 1, 0, 0]).long()] + 0 * self.p
+
+
+def _evaluate_table(table, targets, task):
+    import types
+
+    from trainable.data import BatchFeed, TensorSplit, sequential_schedule
+    from trainable.train import evaluate
+
+    n = len(table)
+    images = torch.zeros((n, 3, 2, 2), dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 1, 0, 0] = torch.arange(n) // 256, torch.arange(n) % 256
+    split = TensorSplit(images, torch.as_tensor(targets), torch.arange(n))
+    feed = BatchFeed(split, schedule=sequential_schedule(n, 7), workers=0,
+                     device=torch.device("cpu"), image_size=2)
+    record: dict = {}
+    out = evaluate(_Lookup(table), feed, 0, task, types.SimpleNamespace(precision="fp32"),
+                   torch.device("cpu"), record)
+    return out, record
+
+
+def test_map_ranks_the_logits_not_their_saturated_sigmoid():
+    """float32 sigmoid is 1.0 for every logit above about 17: logits 40, 30, 20, -5 with
+    positives at 40 and -5 scored mAP 0.42 (three tied at 1.0) where their ranking gives
+    0.75; the saved predictions carried the same ties."""
+    from dashboards.effects import Predictions, performance
+
+    table = np.array([[40.0], [30.0], [20.0], [-5.0]])
+    targets = np.array([[1.0], [0.0], [0.0], [1.0]])
+    out, record = _evaluate_table(table, targets, "multi_label")
+    assert out["val_map"] == pytest.approx(0.75)
+    assert mean_average_precision(table, targets) == pytest.approx(0.75)
+    predictions = Predictions(record["image_ids"], scores=record["scores"],
+                              targets=record["targets"])
+    assert float(performance(predictions, np.ones((1, 4)))[0]) == pytest.approx(0.75)
+
+
+def test_non_finite_outputs_are_a_diverged_trial_not_a_score():
+    """Weights turned NaN by the last step (the loss before it was finite) gave top-1 1.0 (topk
+    takes NaN as the largest) or a row-order-dependent mAP."""
+    table = np.zeros((6, 4))
+    table[2, 1] = np.nan
+    for task, targets in (("single_label", np.arange(6) % 4),
+                          ("multi_label", np.eye(4)[np.arange(6) % 4])):
+        with pytest.raises(TrialDiverged, match=r"non-finite outputs on the validation images "
+                                                r"after epoch 0"):
+            _evaluate_table(table, targets, task)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -519,7 +596,7 @@ def test_shuffled_reference_trial_loses_its_alignment(single_label, tmp_path):
     assert null["val_alignment"] < 0.05, null
     # single-label trials record per-image hits that reproduce the reported top-1 / top-5
     with np.load(tmp_path / "real" / "artifacts" / PREDICTIONS_ARTIFACT) as z:
-        assert z["top1"].dtype == bool and z["top1"].shape == (len(single_label.val),)
+        assert z["top1"].dtype == np.float32 and z["top1"].shape == (len(single_label.val),)
         assert z["top1"].mean() == pytest.approx(real["val_top1"])
         assert z["top5"].mean() == pytest.approx(real["val_top5"])
         assert np.all(z["top5"] >= z["top1"])

@@ -114,17 +114,27 @@ class LocalHooks:
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor,
                  topk: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
-    """Per row, whether its target is among the k highest logits: {k: (n,) bool}."""
-    maxk = min(max(topk), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices == targets[:, None]
-    return {k: hit[:, : min(k, maxk)].any(1) for k in topk}
+    """Per row, whether its target is among the k highest logits: {k: (n,) float in [0, 1]}.
+
+    Ties are broken at random, in expectation: with a classes above the target's logit and t
+    equal to it (the target included), the hit is ``clamp(k - a, 0, t) / t``. ``torch.topk``
+    picks among tied logits by position, so a network that outputs a constant (dead, or bf16
+    rounding) scored 0.03 or 0.57 top-1 on a set whose majority class sits at the wrong or
+    the right index, where chance is 0.1."""
+    k_max = logits.shape[1]
+    target = logits.gather(1, targets[:, None])
+    above = (logits > target).sum(1)
+    tied = (logits == target).sum(1)
+    return {k: (min(k, k_max) - above).clamp(min=0).minimum(tied).double() / tied
+            for k in topk}
 
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor,
-              topk: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+              topk: tuple[int, ...] = (1, 5)) -> dict[int, float]:
     """How many rows have their target among the k highest logits, for each k (capped at the
-    number of classes). logits (n, c), targets (n,)."""
-    return {k: int(hit.sum()) for k, hit in topk_correct(logits, targets, topk).items()}
+    number of classes; ties counted in expectation, ``topk_correct``). logits (n, c),
+    targets (n,)."""
+    return {k: float(hit.sum()) for k, hit in topk_correct(logits, targets, topk).items()}
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: tuple[int, ...] = (1, 5)):
@@ -455,18 +465,27 @@ def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
     preallocated array. ``val_performance`` is the number the Pareto fronts use.
 
     record : when given, filled with the per-image outcome (``PREDICTIONS_ARTIFACT``):
-    ``image_ids`` (n,) and, single-label, ``top1`` / ``top5`` (n,) bool; multi-label,
-    ``scores`` (n, classes) float32 sigmoid scores and ``targets`` (n, classes) uint8.
+    ``image_ids`` (n,) and, single-label, ``top1`` / ``top5`` (n,) float32 hits (1, 0, or
+    the share of a tie: ``topk_correct``); multi-label, ``scores`` (n, classes) float32
+    logits and ``targets`` (n, classes) uint8. mAP ranks the logits themselves: AP depends on
+    the ranking alone, and float32 sigmoid scores of logits above about 17 are all 1.0, ties
+    the network never made (mAP 0.42 where the logits rank at 0.75).
+
+    Outputs that are not finite (the last step's update turned the weights NaN: the loss
+    before it was checked) are a ``TrialDiverged``: topk and the AP ranking would score them.
     """
     model.eval()
     n = len(feed)
-    hits = {1: np.zeros(n, bool), 5: np.zeros(n, bool)}
+    hits = {1: np.zeros(n, np.float32), 5: np.zeros(n, np.float32)}
     ids = np.empty(n, np.int64)
     scores = labels = None
     lo = 0
     for images, targets, image_ids in feed.epoch(epoch):
         with _autocast(cfg, device):
             logits = model(normalize(images)).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise TrialDiverged(f"non-finite outputs on the validation images after epoch "
+                                f"{epoch} (the weights became NaN or inf)")
         k = logits.shape[0]
         ids[lo:lo + k] = np.asarray(image_ids).reshape(-1)
         if task == "single_label":
@@ -476,7 +495,7 @@ def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
             if scores is None:
                 scores = np.empty((n, logits.shape[1]), np.float32)
                 labels = np.empty((n, logits.shape[1]), np.float32)
-            scores[lo:lo + k] = torch.sigmoid(logits).cpu().numpy()
+            scores[lo:lo + k] = logits.cpu().numpy()
             labels[lo:lo + k] = targets.float().cpu().numpy()
         lo += k
     if record is not None:
