@@ -583,6 +583,29 @@ def test_shuffled_reference_pairs_every_image_with_another_ones_response():
     assert any(not torch.equal(other[k][1], mixed[k][1]) for k in mixed)
 
 
+def test_the_controls_validation_pairing_is_drawn_over_each_whole_group():
+    """The validation set's responses are computed in chunks of images: the control shuffled
+    each chunk alone, and a subject with one image in a chunk kept its own response there,
+    inside a group large enough to be scored. The pairing is now the group's, whatever the
+    chunk size."""
+    from trainable.data import TensorSplit
+    from trainable.train import ShuffledReference, _reference_targets
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.arange(37)
+    y = torch.randn(37, 6, generator=g)
+    # subject 1 saw one image in every chunk of 8, subject 2 all of them
+    voxels = VoxelResponses({1: (ids[::8], y[::8]), 2: (ids, y)})
+    subset = TensorSplit(torch.zeros(37, 3, 4, 4, dtype=torch.uint8), torch.zeros(37), ids)
+    cfg = TrialConfig(reference="nsd")
+    plain = {k: y0 for k, _, y0 in _reference_targets(voxels, subset, cfg, "cpu")}
+    whole = _reference_targets(ShuffledReference(voxels, 0), subset, cfg, "cpu")
+    chunked = _reference_targets(ShuffledReference(voxels, 0), subset, cfg, "cpu", batch=8)
+    for (k, rows, y_whole), (k1, rows1, y_chunked) in zip(whole, chunked):
+        assert k == k1 and torch.equal(rows, rows1) and torch.equal(y_whole, y_chunked)
+        assert not bool((y_whole == plain[k]).all(1).any()), k  # nobody keeps its own
+
+
 def test_shuffled_reference_trial_loses_its_alignment(single_label, tmp_path):
     """The negative control end to end: with the Gabor reference shuffled across images the
     validation alignment of a promoting trial is at or below zero (held-out predictions of

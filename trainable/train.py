@@ -487,7 +487,7 @@ def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
             raise TrialDiverged(f"non-finite outputs on the validation images after epoch "
                                 f"{epoch} (the weights became NaN or inf)")
         k = logits.shape[0]
-        ids[lo:lo + k] = np.asarray(image_ids).reshape(-1)
+        ids[lo:lo + k] = image_ids.reshape(-1).cpu().numpy()  # on the device (CUDA) too
         if task == "single_label":
             for topk, h in topk_correct(logits, targets, (1, 5)).items():
                 hits[topk][lo:lo + k] = h.cpu().numpy()
@@ -546,19 +546,24 @@ class ShuffledReference:
         self.reference, self.seed = reference, seed
 
     def targets(self, images: torch.Tensor, image_ids: torch.Tensor):
-        out = {}
-        for key, (rows, y) in reference_groups(self.reference, images, image_ids).items():
-            k = rows.numel()
-            if k >= 2:
-                ids = image_ids[rows.to(image_ids.device)].cpu().to(torch.float64)
-                mix = int(((ids + 1) * (ids + 7)).sum().item()) % 1_000_003
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + mix)
-                cycle = torch.randperm(k, generator=gen)
-                source = torch.empty(k, dtype=torch.int64)
-                source[cycle] = torch.roll(cycle, -1)
-                y = y[source.to(y.device)]
-            out[key] = (rows, y)
-        return out
+        return {key: (rows, self.derange(image_ids[rows.to(image_ids.device)], y))
+                for key, (rows, y) in reference_groups(self.reference, images,
+                                                       image_ids).items()}
+
+    def derange(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The responses ``y`` of the images ``ids`` (one group), each moved to the next
+        image of a random cycle drawn from (seed, ids); a group of one is left as it is
+        (nothing to pair it with: too small to be scored)."""
+        k = ids.numel()
+        if k < 2:
+            return y
+        ids = ids.cpu().to(torch.float64)
+        mix = int(((ids + 1) * (ids + 7)).sum().item()) % 1_000_003
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + mix)
+        cycle = torch.randperm(k, generator=gen)
+        source = torch.empty(k, dtype=torch.int64)
+        source[cycle] = torch.roll(cycle, -1)
+        return y[source.to(y.device)]
 
 
 def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
@@ -570,18 +575,26 @@ def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tens
 
 def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int = 256):
     """Reference representation of the fixed validation set, one (key, rows, Y) per group
-    (the key is the subject for voxel data)."""
+    (the key is the subject for voxel data), computed in chunks of ``batch`` images. The
+    negative control's pairing is drawn over each whole group, not per chunk: a subject with
+    one image in a chunk kept its own response there, inside a group large enough to score."""
+    shuffled = reference if isinstance(reference, ShuffledReference) else None
+    inner = shuffled.reference if shuffled is not None else reference
     rows_by_key: dict[Any, list[torch.Tensor]] = {}
     ys_by_key: dict[Any, list[torch.Tensor]] = {}
     for lo in range(0, len(subset), batch):
         images = normalize(subset.images[lo : lo + batch].to(device))
         ids = subset.image_ids[lo : lo + batch].to(device)
         with torch.no_grad():
-            groups = reference_groups(reference, images, ids)
+            groups = reference_groups(inner, images, ids)
         for key, (rows, y) in groups.items():
             rows_by_key.setdefault(key, []).append(rows.to(device) + lo)
             ys_by_key.setdefault(key, []).append(_pooled(y, cfg.pool))
-    return [(k, torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
+    keyed = [(k, torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
+    if shuffled is not None:
+        keyed = [(k, rows, shuffled.derange(subset.image_ids[rows.cpu()], y))
+                 for k, rows, y in keyed]
+    return keyed
 
 
 def _group_ceilings(reference, keyed_groups, subset: TensorSplit) -> list[torch.Tensor | None]:
