@@ -451,6 +451,23 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_checkpoint_keeps_only_its_own_devices_generator(tmp_path):
+    """All visible GPUs' generator states were saved, and restoring them where fewer GPUs are
+    visible raised IndexError (counted as permanent: the trial failed for good). A CPU trial
+    saves none; a checkpoint in the old form (a list) still loads."""
+    from trainable.train import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+
+    cfg = TrialConfig()
+    model = build_model("alexnet", num_classes=3, width=0.25, seed=0).net
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path, model, opt, 2, cfg)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["cuda_rng"] is None
+    state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)] * 3  # written with 3 GPUs
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    assert load_checkpoint(tmp_path, model, opt, cfg) == 3
+
+
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     from trainable.models import build_model
     from trainable.train import CHECKPOINT_FILE, load_checkpoint

@@ -56,10 +56,20 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     # One float32 buffer, updated in place: at 224 px a batch's float copy is tens of MB, and
     # four such temporaries a batch churn the C heap (see ``fix_mmap_threshold``).
     x = images.to(torch.float32)
-    shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(shape)
+    mean, std = _mean_std(x.device)
     return x.div_(255.0).sub_(mean).div_(std)
+
+
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (3, 1, 1) float32 on ``device``, made once per device (on a
+    GPU a fresh copy per batch is two blocking host-to-device transfers)."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
+                                  .view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _MEAN_STD[device]
 
 
 class TensorSplit(Dataset):

@@ -575,17 +575,22 @@ def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tens
 
 def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int = 256):
     """Reference representation of the fixed validation set, one (key, rows, Y) per group
-    (the key is the subject for voxel data), computed in chunks of ``batch`` images. The
+    (the key is the subject for voxel data), computed in chunks of ``batch`` images, in the
+    trial's precision (``_autocast``, as training computes it; ``_pooled`` then casts to
+    float32). The
     negative control's pairing is drawn over each whole group, not per chunk: a subject with
     one image in a chunk kept its own response there, inside a group large enough to score."""
     shuffled = reference if isinstance(reference, ShuffledReference) else None
     inner = shuffled.reference if shuffled is not None else reference
+    device = torch.device(device)
     rows_by_key: dict[Any, list[torch.Tensor]] = {}
     ys_by_key: dict[Any, list[torch.Tensor]] = {}
     for lo in range(0, len(subset), batch):
         images = normalize(subset.images[lo : lo + batch].to(device))
         ids = subset.image_ids[lo : lo + batch].to(device)
-        with torch.no_grad():
+        # in the network's precision, as in training (bf16 autocast on CUDA): the validation
+        # layer is computed so too (``_forward_all``)
+        with torch.no_grad(), _autocast(cfg, device):
             groups = reference_groups(inner, images, ids)
         for key, (rows, y) in groups.items():
             rows_by_key.setdefault(key, []).append(rows.to(device) + lo)
@@ -692,15 +697,22 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _trial_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def save_checkpoint(directory: Path, model, optimizer, epoch: int, cfg: TrialConfig) -> Path:
     """Model, optimizer, the last finished epoch and RNG states, so a restored trial continues
-    exactly as one that never stopped."""
+    as one that never stopped (exactly on the CPU). The CUDA generator saved is the trial's
+    own device's only: all visible GPUs' states could not be restored where fewer are
+    visible, and a CPU trial does not start CUDA to save them."""
+    device = _trial_device(model)
     state = {
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "config": cfg.asdict(),
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -728,8 +740,12 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    device = _trial_device(model)
+    cuda_rng = state["cuda_rng"]
+    if isinstance(cuda_rng, (list, tuple)):  # checkpoints before this: every visible GPU's
+        cuda_rng = cuda_rng[0] if cuda_rng else None
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, device)
     return int(state["epoch"]) + 1
 
 
