@@ -1056,3 +1056,24 @@ def test_skipped_files_are_counted_with_the_least_name_without_a_list(tmp_path):
     assert train.skipped == len(names)
     rels = [os.fsdecode(b"n00000001/" + n) for n in names]
     assert train.skipped_example == min(rels) == os.path.join("n00000001", "sub", "b.txt")
+
+
+def test_a_damaged_image_of_a_generated_world_names_its_cache_entry(tmp_path, monkeypatch):
+    """A truncated PNG in the cached simulated world was advised to be replaced or removed by
+    hand and the run resumed; it is a cache entry, rebuilt by deleting it."""
+    from references.simulated import generate_single_label
+
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", str(tmp_path / "cache"))
+    world = generate_single_label(image_size=32, n_categories=2, n_train_per_class=2,
+                                  n_val_per_class=1, seed=0, progress=False)
+    png = sorted(world.rglob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:40])
+    entry = os.path.realpath(world)
+    with pytest.raises(ImageNetFormatError, match=rf"^cache entry {re.escape(entry)} is damaged "
+                                                  rf"\(cannot decode image .*\); delete it to "
+                                                  rf"rebuild it: rm -r '{re.escape(entry)}'$"):
+        read_rgb(str(png))
+    outside = tmp_path / "mine.png"  # a user's file: the advice stays the user's
+    outside.write_bytes(png.read_bytes())
+    with pytest.raises(ImageNetFormatError, match=r"replace or remove the file"):
+        read_rgb(str(outside))
