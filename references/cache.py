@@ -28,12 +28,25 @@ from filelock import FileLock
 ENV_VAR = "ALIGNSWEEP_CACHE"
 
 
-def cache_root() -> Path:
-    """The cache directory: ``$ALIGNSWEEP_CACHE`` if set, else ``~/.cache/alignsweep``."""
+def cache_root(*, create: bool = True) -> Path:
+    """The cache directory: ``$ALIGNSWEEP_CACHE`` if set, else ``~/.cache/alignsweep``
+    (created unless ``create`` is False)."""
     root = os.environ.get(ENV_VAR)
     path = Path(root).expanduser() if root else Path.home() / ".cache" / "alignsweep"
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_entry_of(path: str | os.PathLike) -> Path | None:
+    """The cache entry (``cache_root()/<kind>/<entry>``) holding ``path``, or None (a file of
+    the user's); creates nothing."""
+    root = Path(os.path.realpath(cache_root(create=False)))
+    rel = Path(os.path.realpath(path))
+    if not rel.is_relative_to(root):
+        return None
+    parts = rel.relative_to(root).parts
+    return root / parts[0] / parts[1] if len(parts) >= 3 else None
 
 
 def content_hash(params: dict, length: int = 16) -> str:

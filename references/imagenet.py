@@ -799,31 +799,14 @@ def read_rgb(path: str) -> Image.Image:
         raise
     except Exception as e:  # Pillow raises many types on bad data (OSError, ValueError,
         # SyntaxError, DecompressionBombError, struct.error, ...); the reason names it
-        entry = _cache_entry_of(path)
-        if entry is not None:  # a generated world's file: rebuilt, not edited by hand
-            from references.cache import damaged_entry
+        from references.cache import cache_entry_of, damaged_entry
 
+        entry = cache_entry_of(path)
+        if entry is not None:  # a generated world's file: rebuilt, not edited by hand
             raise ImageNetFormatError(
                 damaged_entry(entry, f"cannot decode image {path}: {_reason(e)}")) from e
         raise ImageNetFormatError(f"cannot decode image {path} ({_reason(e)}); expected an image "
                                   f"file Pillow can read -- {_FIX_IMAGE}") from e
-
-
-def _cache_entry_of(path: str) -> str | None:
-    """The cache entry (``cache_root()/<kind>/<entry>``) holding ``path``, or None (a user's
-    tree). Asked only when an image fails."""
-    from references.cache import ENV_VAR
-
-    root = os.path.realpath(os.path.expanduser(
-        os.environ.get(ENV_VAR) or os.path.join("~", ".cache", "alignsweep")))  # cache_root's
-    try:
-        rel = os.path.relpath(os.path.realpath(path), root)
-    except ValueError:
-        return None
-    parts = rel.split(os.sep)
-    if rel.startswith(os.pardir) or len(parts) < 3:
-        return None
-    return os.path.join(root, parts[0], parts[1])
 
 
 def _to_rgb(img: Image.Image, path: str) -> Image.Image:

@@ -577,9 +577,9 @@ def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int =
     """Reference representation of the fixed validation set, one (key, rows, Y) per group
     (the key is the subject for voxel data), computed in chunks of ``batch`` images, in the
     trial's precision (``_autocast``, as training computes it; ``_pooled`` then casts to
-    float32). The
-    negative control's pairing is drawn over each whole group, not per chunk: a subject with
-    one image in a chunk kept its own response there, inside a group large enough to score."""
+    float32). The negative control's pairing is drawn over each whole group, not per chunk:
+    a subject with one image in a chunk kept its own response there, inside a group large
+    enough to score."""
     shuffled = reference if isinstance(reference, ShuffledReference) else None
     inner = shuffled.reference if shuffled is not None else reference
     device = torch.device(device)
