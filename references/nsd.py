@@ -181,9 +181,14 @@ def _nifti_on_disk(path: Path) -> Path | None:
     plain = path.with_suffix("")  # NAME.nii.gz -> NAME.nii
     found = [p for p in (path, plain) if p.is_file()]
     if len(found) == 2:
-        raise NSDFormatError(f"both {path} and {plain} present; expected one of them (the same "
-                             f"volume gzip-compressed or not): remove the other")
+        raise _stored_both_ways(path, plain)
     return found[0] if found else None
+
+
+def _stored_both_ways(gz: Path, plain: Path) -> NSDFormatError:
+    """A NIfTI volume present as NAME.nii.gz and NAME.nii: which one is meant cannot be told."""
+    return NSDFormatError(f"both {gz} and {plain} present; expected one of them (the same "
+                          f"volume gzip-compressed or not): remove the other")
 
 
 def _nifti_required(path: Path) -> Path:
@@ -433,9 +438,7 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
         held[form] = p
     for held in forms.values():
         if "nii" in held and "nii.gz" in held:  # as _nifti_on_disk: which is meant?
-            raise NSDFormatError(f"both {held['nii.gz']} and {held['nii'].name} present; "
-                                 f"expected one of them (the same volume gzip-compressed or "
-                                 f"not): remove the other")
+            raise _stored_both_ways(held["nii.gz"], held["nii"])
     found = {s: held[next(f for f in SESSION_FORMATS if f in held)]
              for s, held in forms.items()}
     if not found:
