@@ -59,7 +59,7 @@ from dashboards.sources import (
     quiet_artifacts,
 )
 from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
-from records.uris import redact, tracking_uri
+from records.uris import expand_user, redact, tracking_uri
 from references.cache import atomic_write_text, unwritable
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
@@ -424,7 +424,7 @@ def _default_out(record: SweepRecord) -> Path:
 
 def _out_problem(out: Path) -> str | None:
     """Why the output folder ``out`` cannot be used, or None."""
-    out = out.expanduser().absolute()
+    out = expand_user(out, "--out").absolute()
     if out.exists() and not out.is_dir():
         return f"{out} is not a folder"
     return unwritable(out)
@@ -516,11 +516,13 @@ def _main(argv: list[str] | None) -> int:
             raise SourceError(f"--parent-run {args.parent_run!r}: not an MLflow run id; "
                               f"accepted: a run id, letters and digits (the driver prints its "
                               f"parent run's)")
+        if args.out is not None:
+            expand_user(args.out, "--out")  # ~name naming no user: one line, exit 2
         if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
             raise SourceError(f"--out {args.out}: not a folder; accepted: a folder for the "
                               f"report (created when missing)")
         if args.out is not None:  # checked before the store is read, not after
-            problem = unwritable(Path(args.out).expanduser().absolute())
+            problem = unwritable(expand_user(args.out).absolute())
             if problem:
                 raise SourceError(f"--out {args.out}: {problem}; accepted: a folder this user "
                                   f"can create or write")

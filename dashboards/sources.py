@@ -50,7 +50,7 @@ from records import (
     read_manifest,
 )
 from records.stores import sqlite_path, sqlite_store_problem
-from records.uris import redact, tracking_refuses, tracking_unreachable
+from records.uris import expand_user, redact, tracking_refuses, tracking_unreachable
 
 __all__ = [
     "SourceError",
@@ -456,7 +456,7 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     """The trials of one sweep invocation from Ray Tune's result folder (module docstring):
     the driver's manifest (``records.MANIFEST_FILE``: every trial's key, state, folder, MLflow
     run and config) and each trial folder's ``result.json``; never Ray's private state."""
-    run_dir = _ray_run_dir(Path(directory).expanduser().resolve(), sweep, experiment)
+    run_dir = _ray_run_dir(expand_user(directory, "--ray-results").resolve(), sweep, experiment)
     parsed_dir = parse_run_folder(run_dir.name)
     exp_name = parsed_dir[0] if parsed_dir else _recorded_experiment(run_dir)
     if exp_name is None:

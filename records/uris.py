@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["DEFAULT_MLFLOW_DB", "redact", "tracking_refuses", "tracking_unreachable",
-           "tracking_uri"]
+__all__ = ["DEFAULT_MLFLOW_DB", "expand_user", "redact", "tracking_refuses",
+           "tracking_unreachable", "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
 _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH (with "
@@ -22,6 +22,20 @@ _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PA
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
 _SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
                            r"credential|key)[^=&;\s]*=)[^&;\s]*")
+
+
+def expand_user(value: str | os.PathLike, what: str | None = None) -> Path:
+    """``Path(value).expanduser()``, except that a ``~name`` naming no user of this machine
+    (pathlib raises RuntimeError, "Could not determine home directory") is a ValueError naming
+    the path and ``what`` gave it (a flag or an environment variable)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        head = os.fspath(value).split(os.sep, 1)[0]
+        shown = f"{what} {os.fspath(value)}" if what else os.fspath(value)
+        raise ValueError(f"{shown}: {head} names no user of this machine (no home directory "
+                         f"found for it); accepted: a path, or ~/... for your own "
+                         f"home") from None
 
 
 def redact(text: str) -> str:
@@ -63,7 +77,10 @@ def tracking_uri(value: str | None) -> str:
                       "other processes cannot reach it")
         if "?" in value:
             raise bad("query parameters are not supported in a SQLite URI")
-        db = Path(value[len("sqlite:///"):]).expanduser()
+        try:
+            db = expand_user(value[len("sqlite:///"):])
+        except ValueError:
+            raise bad("the path's ~name names no user of this machine") from None
         db = db if db.is_absolute() else Path.cwd() / db
         if not db.parent.is_dir():
             raise bad(f"folder {db.parent} does not exist")

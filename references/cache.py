@@ -31,8 +31,10 @@ ENV_VAR = "ALIGNSWEEP_CACHE"
 def cache_root(*, create: bool = True) -> Path:
     """The cache directory: ``$ALIGNSWEEP_CACHE`` if set, else ``~/.cache/alignsweep``
     (created unless ``create`` is False)."""
+    from records.uris import expand_user
+
     root = os.environ.get(ENV_VAR)
-    path = Path(root).expanduser() if root else Path.home() / ".cache" / "alignsweep"
+    path = expand_user(root, ENV_VAR) if root else Path.home() / ".cache" / "alignsweep"
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -190,7 +192,8 @@ def traceback_file(exc: BaseException) -> Path:
     text = redact("".join(traceback.format_exception(exc)))
     try:
         return atomic_write_text(cache_root() / "logs" / name, text)
-    except OSError:  # the cache itself may be what failed
+    except (OSError, ValueError, RuntimeError):  # the cache itself may be what failed (its
+        # folder, or ALIGNSWEEP_CACHE=~name naming no user)
         return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
 
 

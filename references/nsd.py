@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from records.uris import expand_user
 from references.cache import OneLineParser, build_once, cache_root, content_hash, damaged_entry
 
 
@@ -916,8 +917,9 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     ROI's voxels, from the release's ncsnr.nii.gz or ncsnr.nii; null where it has none),
     category_ids, names.
     """
-    nsd_root, coco_annotations = Path(nsd_root).expanduser(), Path(coco_annotations).expanduser()
-    out = Path(out).expanduser()
+    nsd_root = expand_user(nsd_root, "--nsd-root")
+    coco_annotations = expand_user(coco_annotations, "--coco-annotations")
+    out = expand_user(out, "--out")
     subjects = _subject_list(nsd_root, subjects)
     spec = roi_spec(roi)
     _release_root(nsd_root)
@@ -1194,22 +1196,29 @@ def _inside_inputs(out: Path, *roots: Path) -> bool:
     if not out.is_file() or out.suffix.lower() == ".parquet":
         return False
     target = out.resolve()
-    return any(target.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
+    return any(target.is_relative_to(expand_user(r).resolve()) for r in roots)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # ~name naming no user of this machine: one line, as any bad path
+        for name in ("nsd_root", "coco_annotations", "out"):
+            if getattr(args, name, None) is not None:
+                setattr(args, name, expand_user(getattr(args, name),
+                                                "--" + name.replace("_", "-")))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "check":
         try:
-            check_release(args.nsd_root.expanduser(), args.subject, args.roi or sorted(ROIS))
+            check_release(args.nsd_root, args.subject, args.roi or sorted(ROIS))
         except (NSDFormatError, OSError) as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
-        subjects = args.subject or subjects_in_release(args.nsd_root.expanduser())
+        subjects = args.subject or subjects_in_release(args.nsd_root)
         print(f"{args.nsd_root}: ok (subjects {', '.join(map(str, subjects))}; ROI "
               f"{', '.join(args.roi or sorted(ROIS))})")
         return 0
-    args.out = args.out.expanduser()
     if args.out.is_dir() or not str(args.out).strip():
         print(f"error: --out {args.out}: a folder; accepted: the path of the .parquet file to "
               f"write", file=sys.stderr)

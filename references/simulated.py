@@ -266,7 +266,7 @@ def render_scene(rng: np.random.Generator, specs: list[CategorySpec], categories
 # Single-label ImageFolder tree
 
 
-def _check(name: str, value, lo, hi=None) -> None:
+def check_arg(name: str, value, lo, hi=None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool)
     if not (ok and value >= lo and (hi is None or value <= hi)):
         accepted = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
@@ -284,26 +284,26 @@ MAX_SEED = 2**32 - 1
 def check_single_label_args(*, image_size: int, n_categories: int, n_train_per_class: int,
                             n_val_per_class: int, seed: int = 0) -> None:
     """``generate_single_label``'s argument checks (ValueError naming the value)."""
-    _check("seed", seed, 0, MAX_SEED)
-    _check("image_size", image_size, 16, 1024)
-    _check("n_categories", n_categories, 2, 80)
-    _check("n_train_per_class", n_train_per_class, 1, MAX_IMAGES)
-    _check("n_val_per_class", n_val_per_class, 1, MAX_IMAGES)
+    check_arg("seed", seed, 0, MAX_SEED)
+    check_arg("image_size", image_size, 16, 1024)
+    check_arg("n_categories", n_categories, 2, 80)
+    check_arg("n_train_per_class", n_train_per_class, 1, MAX_IMAGES)
+    check_arg("n_val_per_class", n_val_per_class, 1, MAX_IMAGES)
 
 
 def check_nsd_like_args(*, image_size: int, n_images: int, n_subjects: int, n_categories: int,
                         repeats: int, trials_per_session: int,
                         n_shared: int | None, seed: int = 0) -> tuple[int, int]:
     """``generate_nsd_like``'s argument checks; returns (n_shared, n_unique per subject)."""
-    _check("seed", seed, 0, MAX_SEED)
-    _check("image_size", image_size, 16, 1024)
-    _check("n_subjects", n_subjects, 1, 8)
-    _check("n_categories", n_categories, 2, 80)
-    _check("repeats", repeats, 2, 10)
-    _check("n_images", n_images, 10, MAX_IMAGES)
-    _check("trials_per_session", trials_per_session, 1, MAX_IMAGES)
+    check_arg("seed", seed, 0, MAX_SEED)
+    check_arg("image_size", image_size, 16, 1024)
+    check_arg("n_subjects", n_subjects, 1, 8)
+    check_arg("n_categories", n_categories, 2, 80)
+    check_arg("repeats", repeats, 2, 10)
+    check_arg("n_images", n_images, 10, MAX_IMAGES)
+    check_arg("trials_per_session", trials_per_session, 1, MAX_IMAGES)
     n_shared = n_images // 5 if n_shared is None else n_shared
-    _check("n_shared", n_shared, 0, n_images)
+    check_arg("n_shared", n_shared, 0, n_images)
     n_unique = (n_images - n_shared) // n_subjects
     if n_shared + n_unique < 2:
         raise ValueError(f"n_images={n_images} leaves {n_shared + n_unique} images per subject; "

@@ -482,8 +482,10 @@ def driver_lock(plan: Plan):
 
 def check_fits(plan: Plan, nodes: list[dict]) -> None:
     """Refuse, in one line, a plan that the cluster cannot run: a trial asking for more CPUs
-    or GPUs than any one alive node has (Ray would keep it PENDING forever), or a SQLite
-    tracking store with trials on other machines (each would write its own node's file)."""
+    or GPUs than any one alive node has (Ray would keep it PENDING forever), a trial set to
+    device=cuda where no node has a GPU (GPU requests are dropped there, and every trial would
+    fail as it starts), or a SQLite tracking store with trials on other machines (each would
+    write its own node's file)."""
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
     most_cpu = max((float(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0.0)
     most_gpu = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
@@ -493,6 +495,10 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
             raise UsageError(f"trial {t.trial_id} asks for {r.cpus:g} CPUs but the largest "
                              f"node of the Ray cluster has {most_cpu:g}; accepted: "
                              f"--cpus-per-trial <= {most_cpu:g}")
+        if t.config.get("device") == "cuda" and most_gpu == 0:
+            raise UsageError(f"trial {t.trial_id} sets device=cuda but no node of the Ray "
+                             f"cluster has a GPU; accepted: device=auto (a trial's GPU when "
+                             f"it has one, else the CPU) or cpu, or a cluster with GPUs")
         if r.gpus > 0 and most_gpu > 0 and r.gpus > most_gpu:
             raise UsageError(f"trial {t.trial_id} asks for {r.gpus:g} GPUs but the largest "
                              f"node has {most_gpu:g}; accepted: --gpus-per-trial <= "

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import socket
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ from urllib.parse import urlsplit
 
 from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
 from records.stores import sqlite_path, sqlite_store_problem
-from records.uris import redact, tracking_refuses, tracking_unreachable, tracking_uri
+from records.uris import (
+    expand_user,
+    redact,
+    tracking_refuses,
+    tracking_unreachable,
+    tracking_uri,
+)
 from references.cache import ENV_VAR as CACHE_ENV
 from references.cache import file_sha256, unwritable
 from sweeps.spec import (
@@ -105,6 +112,13 @@ class Plan:
     only: tuple[str, ...] = ()
     n_grid: int = 0
     weights: str | None = None  # --weights (pretrained conditions); None: the scale's default
+    # where address and mlflow_uri came from, as errors name them: the flag, or the
+    # environment variable read in its absence (RAY_ADDRESS, MLFLOW_TRACKING_URI)
+    address_from: str = "--address"
+    mlflow_from: str = "--mlflow-uri"
+    # negative controls the plan leaves out: under --search optuna the sampler draws the
+    # condition's alphas afresh, so a control's fixed alphas would never meet one to compare
+    left_out: tuple[str, ...] = ()
 
     @property
     def n_trials(self) -> int:
@@ -143,7 +157,7 @@ def _amount(flag: str, value: str | None) -> float | None:
 def _check_dir(flag: str, value: str) -> Path:
     if not value.strip():  # Path("") is the working folder
         raise UsageError(f"{flag} {value!r}: an empty path; accepted: a directory")
-    path = Path(value).expanduser()
+    path = _expand_user(value, flag)
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise UsageError(f"{flag} {value}: {what}")
@@ -238,7 +252,7 @@ def _weights(value: str | None, conditions) -> str | None:
     if not value.strip():
         raise UsageError(f"--weights {value!r}: an empty path; accepted: a state dict file, "
                          f"torchvision or auto")
-    return str(Path(value).expanduser().resolve())
+    return str(_expand_user(value, "--weights").resolve())
 
 
 def weights_spec(weights: str | None, *, simulated: bool) -> str:
@@ -293,6 +307,25 @@ def _address(value: str | None) -> str | None:
     hostport = value[len("ray://"):] if value.startswith("ray://") else value
     _host_port(flag, value, hostport, _ADDRESS_ACCEPTED)
     return value
+
+
+def _expand_user(value: str, what: str | None = None) -> Path:
+    """``records.uris.expand_user`` with its refusal a UsageError."""
+    try:
+        return expand_user(value, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _source(flag: str, value: str | None, env: str) -> str:
+    """The name a setting came by: ``flag`` when given, else ``env`` when that is set (what
+    ``_address`` and ``records.uris.tracking_uri`` read in the flag's absence)."""
+    return env if value is None and os.environ.get(env) else flag
+
+
+def _omit(source: str) -> str:
+    """How to drop a setting that came by ``source``: omit the flag, or unset the variable."""
+    return f"omit {source}" if source.startswith("--") else f"unset {source}"
 
 
 def _host_port(flag: str, value: str, hostport: str, accepted: str) -> tuple[str, int]:
@@ -394,7 +427,8 @@ def _storage(value: str | None) -> str:
                          f"that, or a folder path")
     if value is not None and not value.strip():  # Path("") is the working folder
         raise UsageError(f"--storage {value!r}: an empty path; accepted: a folder path")
-    path = (Path(value).expanduser() if value is not None else Path(DEFAULT_STORAGE)).resolve()
+    path = (_expand_user(value, "--storage") if value is not None
+            else Path(DEFAULT_STORAGE)).resolve()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--storage {value}: not a directory")
     problem = unwritable(path)
@@ -410,7 +444,7 @@ def _check_cache() -> None:
     text = os.environ.get(CACHE_ENV)
     if not text:
         return
-    folder = Path(text).expanduser().resolve()
+    folder = _expand_user(text, CACHE_ENV).resolve()
     if folder.exists() and not folder.is_dir():
         problem: str | None = f"{folder} is not a folder"
     else:
@@ -460,6 +494,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
                        else ({}, asked or (1,)))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
+    left_out: tuple[str, ...] = ()
+    if args.search == "optuna":  # (Plan.left_out)
+        left_out = tuple(c.name for c in conditions if c.control_of is not None)
+        conditions = tuple(c for c in conditions if c.name not in left_out)
+        trials = [t for t in trials if t.condition not in left_out]
     controlled = sorted(c.control_of or c.name for c in sweep.conditions
                         if c.control_of is not None and (c.name in chosen
                                                          or c.control_of in chosen))
@@ -498,6 +537,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         search=args.search, num_samples=args.num_samples, address=address,
         mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
         experiment=experiment, overrides=overrides, only=only, n_grid=n_grid, weights=weights,
+        address_from=_source("--address", args.address, "RAY_ADDRESS"),
+        mlflow_from=_source("--mlflow-uri", args.mlflow_uri, "MLFLOW_TRACKING_URI"),
+        left_out=left_out,
     )
     _check_resumed_run(plan)
     return plan
@@ -508,7 +550,22 @@ def _check_sweep_name(name: str | None, known: list[str]) -> None:
         raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
                          f"NAME, or --list)")
     if name not in known:
-        raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known)}")
+        same = [k for k in known if unicodedata.normalize("NFC", k)
+                == unicodedata.normalize("NFC", name)]
+        if same:  # e.g. a file named on macOS (NFD), the name typed (NFC): they look alike
+            raise UsageError(f"unknown sweep {name!r}: the file {same[0]}.toml spells it in "
+                             f"another Unicode form ({_form(same[0])} against "
+                             f"{_form(name)}); accepted: the name as the file spells it, or "
+                             f"the file renamed to the name as typed")
+        raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
+
+
+def _form(text: str) -> str:
+    """The Unicode normal form ``text`` is in (NFC, NFD, or mixed)."""
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, text):
+            return form
+    return "mixed"
 
 
 #: Far beyond any real sweep (the paper's 79 configurations x 1,000 seeds is 79,000 trials),
@@ -608,6 +665,13 @@ def _chosen_conditions(args: argparse.Namespace, folder, scale: str,
     returns (that shallow sweep, the chosen condition names)."""
     try:
         shallow = load_sweep(args.sweep, folder, check_configs=False)
+        planned = args.seeds * sum(len(c.grid) for c in shallow.conditions if scale in c.scales)
+        if planned > MAX_TRIALS and not args.smoke_test:  # before any is built (1,000 x 1,000
+            # took 20 s and 1.7 GB to expand, a limit of seeds ten times that)
+            raise UsageError(
+                f"sweep {args.sweep} with --seeds {args.seeds} plans {planned} trials at "
+                f"{scale} scale; accepted: at most {MAX_TRIALS} in one invocation -- fewer "
+                f"alphas, betas or seeds, or the conditions split over several sweep files")
         grid = [t for c in shallow.conditions for t in c.trials(
             scale=scale, seeds=args.seeds, smoke=args.smoke_test, check=False)]
         return shallow, {t.condition for t in select_trials(grid, only)}
@@ -658,12 +722,6 @@ def _trials(args: argparse.Namespace, folder, scale: str, overrides: dict,
     trials before --only)."""
     try:
         sweep = load_sweep(args.sweep, folder)
-        planned = args.seeds * sum(len(c.grid) for c in sweep.conditions if scale in c.scales)
-        if planned > MAX_TRIALS and not args.smoke_test:  # before building them (minutes)
-            raise UsageError(
-                f"sweep {args.sweep} with --seeds {args.seeds} plans {planned} trials at "
-                f"{scale} scale; accepted: at most {MAX_TRIALS} in one invocation -- fewer "
-                f"alphas, betas or seeds, or the conditions split over several sweep files")
         trials = apply_overrides(sweep.trials(scale=scale, seeds=args.seeds,
                                               smoke=args.smoke_test), overrides)
         return sweep, select_trials(trials, only), len(trials)
@@ -691,7 +749,8 @@ def _experiment(args: argparse.Namespace, scale: str, trials, conditions,
                 data) -> tuple[str, str]:
     """The experiment's name and the line that says which scale and data the run is on."""
     if args.smoke_test:
-        per = len(trials) // max(1, len(conditions))
+        per = (args.num_samples + 1 if args.search == "optuna"  # the baseline, the samples
+               else len(trials) // max(1, len(conditions)))
         return (experiment_name(args.sweep, "smoke"),
                 f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
                 f"(demo scale)")
@@ -763,7 +822,7 @@ def _weights_digest(weights: str | None) -> str | None:
     """sha256 of a --weights file (None for auto, torchvision, or no file there)."""
     if weights is None or weights in ("auto", "torchvision"):
         return None
-    path = Path(weights).expanduser()
+    path = _expand_user(weights)
     return file_sha256(path) if path.is_file() else None
 
 
@@ -818,10 +877,11 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
 # Reachability (no Ray started, nothing written)
 
 
-def resolve_auto_address() -> str:
+def resolve_auto_address(source: str = "--address") -> str:
     """The cluster ``--address auto`` joins, found as ray.init finds it (RAY_ADDRESS, a
     running GCS on this machine, the address the last `ray start` here wrote): a stale
-    address file of a cluster since stopped made ray.init retry for ever."""
+    address file of a cluster since stopped made ray.init retry for ever. ``source``: where
+    "auto" came from (the flag, or RAY_ADDRESS), as the error names it."""
     from ray._private.services import get_ray_address_from_environment
 
     try:
@@ -829,9 +889,10 @@ def resolve_auto_address() -> str:
     except ConnectionError:
         found = None
     if not found or found == "auto":
-        raise UsageError("--address auto: no Ray cluster found on this machine (no RAY_ADDRESS, "
-                         "no `ray start` here); start one with `ray start --head` or omit "
-                         "--address to start a local Ray")
+        none = "no `ray start` here" if source == "RAY_ADDRESS" else \
+            "no RAY_ADDRESS, no `ray start` here"
+        raise UsageError(f"{source} auto: no Ray cluster found on this machine ({none}); start "
+                         f"one with `ray start --head` or {_omit(source)} to start a local Ray")
     return found
 
 
@@ -841,28 +902,30 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
     server (TCP connect; ``records.uris.tracking_unreachable``). "auto" is resolved first
     (``resolve_auto_address``); a local Ray and SQLite files are not contacted."""
     if plan.address is not None:
-        address = resolve_auto_address() if plan.address == "auto" else plan.address
+        source = plan.address_from
+        address = resolve_auto_address(source) if plan.address == "auto" else plan.address
         hostport = address.removeprefix("ray://")
-        host, port = _host_port("--address", address, hostport, _ADDRESS_ACCEPTED)
+        host, port = _host_port(source, address, hostport, _ADDRESS_ACCEPTED)
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass
         except OSError as exc:
             said = f"{plan.address} ({address})" if address != plan.address else address
-            raise UsageError(f"--address {said}: no Ray cluster answers at "
+            raise UsageError(f"{source} {said}: no Ray cluster answers at "
                              f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
-                             f"--head --port {port}` or omit --address to start a local Ray"
+                             f"--head --port {port}` or {_omit(source)} to start a local Ray"
                              ) from None
     why = tracking_unreachable(plan.mlflow_uri, timeout=timeout)
     if why is not None:
-        how = ("start it (mlflow server --port 5000)" if plan.mlflow_uri.startswith("http")
-               else "start the database server")
-        raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: tracking server unreachable "
-                         f"({why}); {how} or omit --mlflow-uri for the local SQLite store")
+        how = ("start it (mlflow server --port 5000)"
+               if plan.mlflow_uri.lower().startswith("http") else "start the database server")
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: tracking server "
+                         f"unreachable ({why}); {how} or {_omit(plan.mlflow_from)} for the local "
+                         f"SQLite store")
     refused = tracking_refuses(plan.mlflow_uri, timeout=timeout)
     if refused is not None:
         host = urlsplit(plan.mlflow_uri).netloc.rsplit("@", 1)[-1]
-        raise UsageError(f"--mlflow-uri {redact(plan.mlflow_uri)}: the tracking server refuses "
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the tracking server refuses "
                          f"this client ({refused}); accepted: a server started with "
                          f"--allowed-hosts naming {host} (and --host 0.0.0.0 to be reached "
                          f"from other machines), with MLFLOW_TRACKING_USERNAME and "

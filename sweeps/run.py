@@ -159,7 +159,10 @@ def service_lines(plan: Plan) -> list[str]:
             *([f"overrides: {format_overrides(plan.overrides)}"] if plan.overrides else []),
             *([f"weights: {plan.weights} (pretrained conditions)"] if plan.weights else []),
             *([f"selected: {len(plan.trials)} of {plan.n_grid} trials by --only "
-               f"{' '.join(plan.only)}"] if plan.only else [])]
+               f"{' '.join(plan.only)}"] if plan.only else []),
+            *([f"left out: {', '.join(plan.left_out)} (a negative control runs with --search "
+               f"grid only: the sampler draws the condition's alphas afresh, so none would "
+               f"meet the control's to compare)"] if plan.left_out else [])]
 
 
 def trial_table(plan: Plan) -> list[str]:
@@ -231,6 +234,9 @@ def _main(argv: list[str] | None) -> int:
         _check_utf8(sys.argv[1:] if argv is None else list(argv))
         args = build_parser().parse_args(argv)
         if args.sweep_dir is not None:
+            if not args.sweep_dir.strip():  # Path("") is the working folder
+                raise UsageError(f"--sweep-dir {args.sweep_dir!r}: an empty path; accepted: "
+                                 f"a folder of sweep .toml files")
             folder = Path(args.sweep_dir)
             if not folder.is_dir():
                 raise UsageError(f"--sweep-dir {args.sweep_dir}: no such directory; accepted: "

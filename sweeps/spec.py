@@ -77,6 +77,7 @@ from records import (  # noqa: F401  (re-exported: the sweep file's vocabulary)
     fmt_number,
     tags_of,
 )
+from trainable.config import UPPER
 
 SWEEP_DIR = Path(__file__).resolve().with_name("conditions")
 
@@ -140,6 +141,8 @@ def check_amount(name: str, value: Any, *, gpu: bool = False) -> float:
                          + (" (fractions below 1, e.g. 0.25, share a GPU)" if gpu else ""))
     if 0 < value < 1e-4:
         raise ValueError(f"{name}={value!r}; accepted: 0 or at least 0.0001 (Ray's precision)")
+    if not gpu and value > UPPER["threads"]:  # a trial's torch threads follow its CPU share
+        raise ValueError(f"{name}={value!r}; accepted: a number from 0 to {UPPER['threads']}")
     if gpu and value > 1 and not float(value).is_integer():
         raise ValueError(f"{name}={value!r}; accepted: a fraction below 1 or a whole number "
                          f"(Ray cannot split more than one GPU)")
@@ -550,6 +553,18 @@ def list_sweeps(directory: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml") if not p.name.startswith("."))
 
 
+def _check_name(name: str, path: Path) -> None:
+    """A sweep's name names its run folders (NAME-demo_YYYYmmdd-HHMMSS), its conditions' trials
+    and Ray's trial folders: at most MAX_NAME_BYTES (a file system allows 255 bytes a name),
+    and no control characters (a newline or tab broke the dry run's table)."""
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise SweepFileError(f"{path}: the name {name[:40]!r}... is {len(name.encode())} bytes; "
+                             f"accepted: a sweep file name of at most {MAX_NAME_BYTES} bytes")
+    if not name.isprintable():
+        raise SweepFileError(f"{path}: the name {name!r} holds a control character; accepted: "
+                             f"a sweep file name of printable characters")
+
+
 def load_sweep(name: str, directory: str | Path | None = None, *,
                check_configs: bool = True) -> Sweep:
     """Read and validate sweep ``name`` from ``directory`` (default ``sweeps/conditions``).
@@ -563,11 +578,7 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
     if name not in known:
         raise ValueError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
     path = folder / f"{name}.toml"
-    if len(name.encode()) > MAX_NAME_BYTES:
-        # its run folders (NAME-demo_YYYYmmdd-HHMMSS) and Ray's trial folders must stay under
-        # the file system's 255 bytes a name
-        raise SweepFileError(f"{path}: the name {name[:40]!r}... is {len(name.encode())} bytes; "
-                             f"accepted: a sweep file name of at most {MAX_NAME_BYTES} bytes")
+    _check_name(name, path)
     raw = _read(path)
     if "includes" in raw:
         _check_keys(raw, _COMPOSITE_KEYS, path, "")
@@ -582,6 +593,7 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
                 raise SweepFileError(f"{path}: includes {inc!r}, not a sweep; known: "
                                      f"{', '.join(known)}")
             sub = folder / f"{inc}.toml"
+            _check_name(inc, sub)  # its conditions name trials and folders as its own would
             sub_raw = _read(sub)
             if "includes" in sub_raw:
                 raise SweepFileError(f"{path}: includes {inc!r}, itself a composite; "
@@ -593,6 +605,12 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
         return Sweep(name, path, _description(raw, path), tuple(conditions))
     cond = _parse_condition(name, path, raw, check_configs)
     return Sweep(name, path, cond.description, tuple(_with_control(cond, raw, check_configs)))
+
+
+def _listed(values: Sequence[float], most: int = 8) -> str:
+    """Numbers for a message: the first ``most``, then how many more."""
+    shown = ", ".join(fmt_number(v) for v in values[:most])
+    return shown + (f", ... ({len(values) - most} more)" if len(values) > most else "")
 
 
 def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> list[Condition]:
@@ -610,6 +628,14 @@ def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> 
             or not all(isinstance(x, str) and x in SCALES for x in scales)):
         raise SweepFileError(f"{path}: scales={scales!r} in [control]; accepted: a non-empty "
                              f"list of {', '.join(repr(x) for x in SCALES)}")
+    foreign = [a for a in alphas if not any(math.isclose(a, g, rel_tol=1e-12)
+                                            for g in cond.grid.alphas)]
+    if foreign:  # the control is read beside the condition at the same alpha (effects)
+        raise SweepFileError(f"{path}: alphas=[{', '.join(map(fmt_number, foreign))}] in "
+                             f"[control] are not alphas of [grid] "
+                             f"({_listed(cond.grid.alphas)}); "
+                             f"accepted: alphas of the grid, with which the control is "
+                             f"compared")
     for scale in SCALES:
         if dict(cond.scale(scale).trial).get("reference_shuffle"):
             raise SweepFileError(f"{path}: [control] with trial.reference_shuffle = true in "
@@ -795,13 +821,25 @@ def _data_kwarg_defaults(kind: str) -> dict[str, Any]:
 
 
 def _probe_data_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
-    """Run the generator's argument checks on ``kwargs`` (ValueError naming the value)."""
+    """Run the generator's and the bundle builder's argument checks on ``kwargs`` (ValueError
+    naming the key as written): the generator renders at ``render_size`` (its image_size), the
+    single-label world is augmented by ``augment``, the NSD-like world split by
+    ``split_seed``."""
     from references import simulated
+    from trainable.data import AUGMENTATIONS
 
     check = {"simulated_single_label": simulated.check_single_label_args,
              "simulated_nsd": simulated.check_nsd_like_args}[kind]
     defaults = _data_kwarg_defaults(kind)  # the generator's own, the one source
-    check(**{k: kwargs.get(k, defaults[k]) for k in inspect.signature(check).parameters})
+    merged = {**defaults, **kwargs}
+    simulated.check_arg("render_size", merged["render_size"], 16, 1024)
+    if "split_seed" in merged:
+        simulated.check_arg("split_seed", merged["split_seed"], 0, simulated.MAX_SEED)
+    if "augment" in merged and merged["augment"] not in AUGMENTATIONS:
+        raise ValueError(f"augment={merged['augment']!r}; accepted: "
+                         f"{', '.join(AUGMENTATIONS)}")
+    check(**{k: merged["render_size"] if k == "image_size" else merged[k]
+             for k in inspect.signature(check).parameters})
 
 
 def _check_configs(cond: Condition) -> None:
@@ -828,16 +866,24 @@ def _check_configs(cond: Condition) -> None:
         _probe_data_kwargs(cond.demo.data, dict(cond.demo.data_kwargs))
     except ValueError as exc:
         raise SweepFileError(f"{path}: [demo.data_kwargs]: {exc}") from None
-    for scale in SCALES:
+    for scale in SCALES:  # each scale's settings, at alpha = beta = 1 (any grid's point)
         for smoke in (False, True) if scale == "demo" else (False,):
-            probe = {**cond.base_config(scale, smoke=smoke), "alpha": max(cond.grid.alphas),
-                     "beta": cond.grid.betas[0], "seed": 0}
+            probe = {**cond.base_config(scale, smoke=smoke), "alpha": 1.0, "beta": 1.0,
+                     "seed": 0}
             try:
                 TrialConfig.from_dict(probe)
             except ValueError as exc:
                 where = "smoke settings of [demo]" if smoke else f"[{scale}]"
                 raise SweepFileError(f"{path}: {where}: {exc}") from None
-    for beta in cond.grid.betas[1:]:  # the first passed above: a failure is the beta's own
+    # then the grid's own values, named as the table that holds them (an alpha out of range
+    # was reported as the [paper] table's)
+    table = "[control]" if cond.control_of is not None else "[grid]"
+    for alpha in cond.grid.alphas:
+        try:
+            TrialConfig.from_dict({**probe, "alpha": alpha})
+        except ValueError as exc:
+            raise SweepFileError(f"{path}: {table} alphas: {exc}") from None
+    for beta in cond.grid.betas:
         try:
             TrialConfig.from_dict({**probe, "beta": beta})
         except ValueError as exc:

@@ -204,7 +204,19 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
                            "--search", "optuna", "--num-samples", "4", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip().splitlines()[-1] == "10 trials"  # 2 conditions x (1 + 4)
+    # its negative control is left out: the sampler draws the condition's alphas afresh, so
+    # the control's would never meet one to compare (it had sampled the control on its own)
+    assert proc.stdout.strip().splitlines()[-1] == "5 trials", proc.stdout  # 1 + 4
+    assert "left out: nsd_conv1_v1_shuffled (a negative control runs with --search grid " \
+        "only" in proc.stdout, proc.stdout
+    plan = make_plan(parse("nsd_conv1_v1", "--search", "optuna", "--num-samples", "4"))
+    assert plan.conditions == ("nsd_conv1_v1",) and plan.left_out == ("nsd_conv1_v1_shuffled",)
+    assert {t.condition for t in plan.trials} == {"nsd_conv1_v1"}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
+                           "--smoke-test", "--search", "optuna", "--num-samples", "4",
+                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert "smoke test on tiny simulated data: 5 trials per condition" in proc.stdout, \
+        proc.stdout  # it said 3, the grid's smoke count
     # the beta the samples train at, not the grid's list (it had said "beta in {1, 2, 4, 8}"
     # for gabor_conv1, whose samples all train at 1)
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
@@ -280,6 +292,21 @@ def test_unknown_sweep_lists_the_known_ones():
      r"\[grid\] betas: beta=1000000000.0; accepted"),
     (lambda s: s.replace("repeats = 3, seed = 0", "repeats = 3, seed = -1"),
      r"\[demo.data_kwargs\]: seed=-1; accepted: an integer in 0..4294967295"),
+    # the bundle builder's keys, checked as the generator's are (they passed the dry run and
+    # failed after Ray had started, exit 1; render_size was named as image_size)
+    (lambda s: s.replace("repeats = 3, seed = 0", "repeats = 3, seed = 0, render_size = 0"),
+     r"\[demo.data_kwargs\]: render_size=0; accepted: an integer in 16..1024"),
+    (lambda s: s.replace("repeats = 3, seed = 0", "repeats = 3, seed = 0, split_seed = -1"),
+     r"\[demo.data_kwargs\]: split_seed=-1; accepted: an integer in 0..4294967295"),
+    # a value of the grid is named as the grid's, not as a scale's table
+    (lambda s: s.replace("alphas = [0.1, 0.2, 0.4, 0.8]", "alphas = [0.1, 0.2, 0.4, 0.8, 1e300]"),
+     r"\[grid\] alphas: alpha=1e\+300; accepted"),
+    # a control is read beside its condition at the same alpha: one the grid lacks is never
+    # compared (it was run, and silently missing from the effects)
+    (lambda s: s.replace("alphas = [0.8]", "alphas = [5.0]"),
+     r"alphas=\[5\] in \[control\] are not alphas of \[grid\] \(0.1, 0.2, 0.4, 0.8\)"),
+    (lambda s: s.replace("cpus = 4, gpus = 0.25", "cpus = 1e9, gpus = 0.25"),
+     r"cpus=1000000000.0; accepted: a number from 0 to 1024 \(in \[paper.resources\]\)"),
 ])
 def test_a_malformed_sweep_file_names_the_file_and_the_key(tmp_path, edit, match):
     folder = tmp_path / "conditions"
@@ -760,6 +787,17 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
         make_plan(parse("nsd_conv1_v1", "--set", "device=cuda"))
     plan = make_plan(parse("nsd_conv1_v1", "--set", "device=cuda", "--gpus-per-trial", "0.5"))
     assert {t.config["device"] for t in plan.trials} == {"cuda"}
+    # ... and on a cluster without a GPU (nodes as ray.nodes() lists them), where GPU requests
+    # are dropped: refused before any record, not every trial failing as it starts (exit 1)
+    from sweeps.execute import check_fits
+
+    node = {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 8.0}}
+    with pytest.raises(UsageError, match=r"trial nsd_conv1_v1-none-a0-b1-s0 sets device=cuda "
+                                         r"but no node of the Ray cluster has a GPU; accepted: "
+                                         r"device=auto"):
+        check_fits(plan, [node])
+    check_fits(plan, [{**node, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
+    check_fits(make_plan(parse("nsd_conv1_v1", "--gpus-per-trial", "0.5")), [node])  # auto
 
 
 def test_an_errored_trial_is_named_with_its_error_in_one_line():
@@ -1061,3 +1099,92 @@ def test_a_resume_refuses_a_weights_file_replaced_at_the_same_path(tmp_path):
     del recorded["weights_sha256"]  # fingerprinted before the content was: not checked
     (run_dir / FINGERPRINT_FILE).write_text(json.dumps(recorded))
     check_fingerprint(plan, run_dir)
+
+
+def test_a_home_of_no_user_and_an_environment_setting_are_named_as_given(tmp_path, monkeypatch):
+    """``~name`` naming no user made pathlib raise RuntimeError: exit 1 with a traceback file,
+    and with ALIGNSWEEP_CACHE so two tracebacks on the console. A setting read from the
+    environment was blamed on the flag, with advice ("omit --address") that changed nothing."""
+    from dashboards import pareto
+    from references import nsd
+    from references.cache import traceback_file
+
+    nobody = "~alignsweep_no_such_user"
+    for argv, flag in (([f"--storage={nobody}/r"], "--storage"),
+                       ([f"--weights={nobody}/w.pt", "--dry-run"], "--weights"),
+                       ([f"--mlflow-uri=sqlite:///{nobody}/m.db"], "--mlflow-uri")):
+        name = "pretrained_conv1" if flag == "--weights" else "nsd_conv1_v1"
+        with pytest.raises(UsageError, match=rf"^{flag} '?(sqlite:///)?{nobody}/.*names no "
+                                             r"user of this machine"):
+            make_plan(parse(name, *argv))
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", f"{nobody}/cache")
+    with pytest.raises(UsageError, match=rf"^ALIGNSWEEP_CACHE {nobody}/cache: {nobody} names"):
+        make_plan(parse("nsd_conv1_v1"))
+    log = traceback_file(RuntimeError("boom"))  # falls back to the temporary folder
+    assert log.is_file() and "alignsweep-logs" in str(log)
+    monkeypatch.delenv("ALIGNSWEEP_CACHE")
+    assert pareto.main(["nsd_conv1_v1", "--out", f"{nobody}/report"]) == 2
+    assert nsd.main(["prepare", "--nsd-root", f"{nobody}/nsd", "--coco-annotations",
+                     str(tmp_path), "--roi", "V1", "--out", str(tmp_path / "t.parquet")]) == 2
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    plan = make_plan(parse("nsd_conv1_v1"))
+    assert (plan.address_from, plan.mlflow_from) == ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+    with pytest.raises(UsageError, match=r"^RAY_ADDRESS 127.0.0.1:1: no Ray cluster answers "
+                                         r".* or unset RAY_ADDRESS to start a local Ray$"):
+        check_services(plan, timeout=2)
+    plan = make_plan(parse("nsd_conv1_v1", "--address", "127.0.0.1:1"))
+    assert plan.address_from == "--address"
+    with pytest.raises(UsageError, match=r"^--address 127.0.0.1:1: .* or omit --address"):
+        check_services(plan, timeout=2)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(UsageError, match=r"^MLFLOW_TRACKING_URI http://127.0.0.1:1: tracking "
+                                         r"server unreachable .*; start it \(mlflow server "
+                                         r".* or unset MLFLOW_TRACKING_URI for the local"):
+        check_services(make_plan(parse("nsd_conv1_v1")), timeout=2)
+    with pytest.raises(UsageError, match=r"^--mlflow-uri HTTP://127.0.0.1:1: .*; start it "
+                                         r"\(mlflow server"):  # the scheme in any case
+        check_services(make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "HTTP://127.0.0.1:1")),
+                       timeout=2)
+
+
+def test_sweep_names_a_lab_may_give_are_refused_or_found_as_written(tmp_path):
+    """A file named in another Unicode form than the name typed (a Mac's NFD) was "unknown
+    sweep 'café'; known: café"; an empty --sweep-dir was the working folder; a composite's
+    member escaped the name-length limit; a control character broke the dry run's table;
+    a grid past the trial cap was expanded (20 s, 1.7 GB) before being refused."""
+    import unicodedata
+
+    from sweeps.run import main
+
+    text = (SWEEP_DIR / "gabor_conv1.toml").read_text()
+    nfd = unicodedata.normalize("NFD", "café")
+    (tmp_path / f"{nfd}.toml").write_text(text)
+    with pytest.raises(UsageError, match=rf"unknown sweep 'café': the file {nfd}.toml spells it "
+                                         r"in another Unicode form \(NFD against NFC\)"):
+        make_plan(parse("café", "--sweep-dir", str(tmp_path)))
+    assert make_plan(parse(nfd, "--sweep-dir", str(tmp_path))).n_trials == 33
+    assert main(["--sweep-dir", "", "--list"]) == 2
+    long = "m" * 101
+    (tmp_path / f"{long}.toml").write_text(text)
+    (tmp_path / "c.toml").write_text(f'description = "x"\nincludes = ["{long}"]\n')
+    with pytest.raises(SweepFileError, match=rf"{long}.toml: the name 'm+'\.\.\. is 101 bytes"):
+        load_sweep("c", tmp_path)
+    (tmp_path / "tab\there.toml").write_text(text)
+    with pytest.raises(SweepFileError, match=r"the name 'tab\\there' holds a control character"):
+        load_sweep("tab\there", tmp_path)
+    huge = (SWEEP_DIR / "nsd_conv1_v1.toml").read_text().replace(
+        "alphas = [0.1, 0.2, 0.4, 0.8]\nbetas = [1]",
+        f"alphas = [{', '.join(str((k + 1) / 10) for k in range(1000))}]\n"
+        f"betas = [{', '.join(str(k + 1) for k in range(1000))}]")
+    (tmp_path / "huge.toml").write_text(huge)
+    from sweeps import spec
+
+    def expanded(*args, **kwargs):
+        raise AssertionError("the grid was expanded before the trial cap refused it")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spec, "_expand", expanded)
+        with pytest.raises(UsageError, match=r"plans 2002002 trials at demo scale"):
+            make_plan(parse("huge", "--sweep-dir", str(tmp_path)))
