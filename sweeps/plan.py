@@ -635,8 +635,10 @@ def _check_data_flags(args: argparse.Namespace) -> dict[str, str | None]:
         raise UsageError(f"{given[0]} is given but --data is demo, which would ignore it; add "
                          f"--data imagenet, nsd or paper to train on real data")
     if args.subject and args.data not in ("nsd", "paper"):
+        why = ("the demo uses every simulated subject" if args.data == "demo"
+               else "ImageNet has no subjects")
         raise UsageError(f"--subject with --data {args.data}; accepted: --subject with --data "
-                         f"nsd or paper (the demo uses every simulated subject)")
+                         f"nsd or paper ({why})")
     for s in sorted(set(args.subject or ())):
         if s not in NSD_SUBJECTS:
             raise UsageError(f"--subject {s}; accepted: NSD subjects 1..8")

@@ -180,23 +180,26 @@ def test_fractional_gpus_run_four_trials_at_once_on_cpu(tmp_path):
     """Ray declares 1 GPU; --gpus-per-trial 0.25 lets 4 trials share it. There is no CUDA
     here, so each trial falls back to the CPU, but all four must be scheduled together."""
     with ray_cluster(head_cpus=4, head_gpus=1) as address:
-        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--address", address,
+        # four trials (of the six two seeds make): as many as share the GPU
+        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--only", "*-s0",
+                        "--only", "*-none-*", "--address", address,
                         "--gpus-per-trial", "0.25", "--cpus-per-trial", "1",
                         "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "--storage", str(tmp_path / "ray")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(trial_dirs(tmp_path / "ray")) == 6
+    assert len(trial_dirs(tmp_path / "ray")) == 4
     times = spans(tmp_path / "ray")
-    assert len(times) == 6
+    assert len(times) == 4
     most = max(sum(s <= t < e for s, e in times) for t, _ in times)
     assert most >= 4, times
     assert "no GPU" not in proc.stdout  # the cluster has one; trials just cannot use CUDA
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    """Three one-CPU trials on two one-CPU nodes: two run at once, one on each node."""
     with ray_cluster(head_cpus=1, worker_cpus=1) as address:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--address", address,
+        proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--address", address,
                         "--cpus-per-trial", "1", "--mlflow-uri", uri,
                         "--storage", str(tmp_path / "ray")], cwd=tmp_path)
         # a driver with another token (Ray's authentication is on): one line, exit 2, naming
