@@ -33,7 +33,8 @@ ENV_EXAMPLE = REPO / "docker" / ".env.example"
 SERVICES = {"mlflow", "ray-head", "ray-worker", "sweep"}
 MLFLOW_CLIENTS = {"ray-head", "ray-worker", "sweep"}  # the driver, and trials on every node
 SECRETS = {"RAY_AUTH_TOKEN": "test-token", "MLFLOW_TRACKING_USERNAME": "test-user",
-           "MLFLOW_TRACKING_PASSWORD": "test-password-0123"}
+           "MLFLOW_TRACKING_PASSWORD": "test-password-0123",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
 VENV_BIN = Path(sys.executable).parent
 SHELLS = {"sh", "bash", "dash", "ash", "zsh", "/bin/sh", "/bin/bash", "/usr/bin/env"}
 IMAGE_ROOT = "/app"  # the Dockerfile's WORKDIR: docker/x in the repository is /app/docker/x
@@ -151,7 +152,8 @@ def test_env_example_lists_every_required_variable_and_its_one_liner_fills_them(
     example = ENV_EXAMPLE.read_text()
     listed = dict(re.findall(r"^([A-Z_]+)=(.*)$", example, flags=re.MULTILINE))
     assert required <= set(listed)
-    for name in required & {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"}:
+    for name in required & {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+                            "MLFLOW_FLASK_SERVER_SECRET_KEY"}:
         assert listed[name] == "", f"{name}: a copied example must not carry a known secret"
     # The generator in .env.example is the one the compose header shows, and it writes every
     # required variable, with a password MLflow accepts (>= 12 characters).
@@ -323,6 +325,14 @@ def test_mlflow_asks_for_credentials_that_every_client_has(tmp_path):
     assert argv[argv.index("--workers") + 1] == "1" and "--allowed-hosts" in argv
     env = mlflow["environment"]
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # The basic-auth app of the pinned MLflow refuses to start without its CSRF key (read from
+    # the installed source, as below: the app itself needs Flask-WTF, which only the image
+    # has); the stack never started while compose did not set it.
+    auth_source = (Path(importlib.util.find_spec("mlflow").origin).parent / "server" / "auth"
+                   / "__init__.py").read_text()
+    assert "A static secret key needs to be set" in auth_source
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" in auth_source
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == SECRETS["MLFLOW_FLASK_SERVER_SECRET_KEY"]
     # The server's admin is the user the clients log in as, both from docker/.env.
     assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (
         SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
