@@ -487,8 +487,10 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
     fail as it starts), or a SQLite tracking store with trials on other machines (each would
     write its own node's file)."""
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
-    most_cpu = max((float(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0.0)
-    most_gpu = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
+    shapes = [(float(n.get("Resources", {}).get("CPU", 0)),
+               float(n.get("Resources", {}).get("GPU", 0))) for n in alive]
+    most_cpu = max((c for c, _ in shapes), default=0.0)
+    most_gpu = max((g for _, g in shapes), default=0.0)
     for t in plan.trials:
         r = t.resources
         if r.cpus > most_cpu:
@@ -503,6 +505,17 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
             raise UsageError(f"trial {t.trial_id} asks for {r.gpus:g} GPUs but the largest "
                              f"node has {most_gpu:g}; accepted: --gpus-per-trial <= "
                              f"{most_gpu:g}")
+        # one node must hold both at once (the GPUs asked for are dropped where no node has
+        # one: _trial_resources): CPUs on one node and the GPU on another left every trial
+        # PENDING for ever
+        gpus = r.gpus if most_gpu > 0 else 0.0
+        if not any(c >= r.cpus and g >= gpus for c, g in shapes):
+            have = ", ".join(f"{c:g} CPUs + {g:g} GPUs" for c, g in sorted(set(shapes))[:6])
+            fit = max((c for c, g in shapes if g >= gpus), default=0.0)
+            raise UsageError(f"trial {t.trial_id} asks for {r.cpus:g} CPUs and {gpus:g} GPUs "
+                             f"on one node, but no node of the Ray cluster has both (nodes: "
+                             f"{have}); accepted: --cpus-per-trial <= {fit:g} with "
+                             f"--gpus-per-trial {gpus:g}, or fewer GPUs per trial")
     hosts = {n.get("NodeManagerAddress") for n in alive}
     if plan.mlflow_uri.startswith("sqlite:") and len(hosts) > 1:
         raise UsageError(f"--mlflow-uri {plan.mlflow_uri} is a SQLite file on this machine but "

@@ -345,12 +345,24 @@ def _mlflow_uri(value: str | None) -> str:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     db = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    flag = "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
         if problem is not None:
-            flag = "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
             raise UsageError(f"{flag} {redact(uri)}: {problem}; accepted: a new or empty "
                              f"file, or a store this MLflow ({_mlflow_version()}) wrote")
+    if db is not None:  # SQLite writes the file and its journal beside it: found after Ray
+        # started (MLflow retried for two minutes, then exit 1)
+        problem = unwritable(db.parent)
+        if problem is None and db.is_file():
+            try:  # append mode changes nothing; it fails on a read-only or immutable file
+                with open(db, "ab"):
+                    pass
+            except OSError as exc:
+                problem = f"{db} cannot be written ({exc.strerror or type(exc).__name__})"
+        if problem is not None:
+            raise UsageError(f"{flag} {redact(uri)}: {problem}; accepted: a SQLite file in a "
+                             f"folder this user can write")
     return uri
 
 

@@ -798,6 +798,33 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
         check_fits(plan, [node])
     check_fits(plan, [{**node, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
     check_fits(make_plan(parse("nsd_conv1_v1", "--gpus-per-trial", "0.5")), [node])  # auto
+    # the CPUs on one node and the GPU on another: no node holds a trial, which stayed
+    # PENDING for ever (each was compared with the largest node separately)
+    split = [{**node, "Resources": {"CPU": 2.0}},
+             {**node, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    two = make_plan(parse("nsd_conv1_v1", "--cpus-per-trial", "2", "--gpus-per-trial", "1",
+                          "--mlflow-uri", "http://tracking.example:5000"))
+    with pytest.raises(UsageError, match=r"asks for 2 CPUs and 1 GPUs on one node, but no node "
+                                         r"of the Ray cluster has both \(nodes: 1 CPUs \+ 1 "
+                                         r"GPUs, 2 CPUs \+ 0 GPUs\); accepted: "
+                                         r"--cpus-per-trial <= 1 with --gpus-per-trial 1"):
+        check_fits(two, split)
+    check_fits(make_plan(parse("nsd_conv1_v1", "--cpus-per-trial", "1", "--gpus-per-trial", "1",
+                               "--mlflow-uri", "http://tracking.example:5000")), split)
+    # a SQLite store where it cannot be written: MLflow retried for two minutes after Ray had
+    # started, then exit 1
+    with pytest.raises(UsageError, match=r"--mlflow-uri sqlite:////proc/alignsweep.db: /proc "
+                                         r"does not take files .*accepted: a SQLite file in a "
+                                         r"folder this user can write"):
+        make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "sqlite:////proc/alignsweep.db"))
+    frozen = tmp_path / "frozen.db"
+    frozen.touch()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode == 0:
+        try:  # immutable: even root cannot write it
+            with pytest.raises(UsageError, match=rf"{re.escape(str(frozen))} cannot be written"):
+                make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{frozen}"))
+        finally:
+            subprocess.run(["chattr", "-i", str(frozen)], check=True)
 
 
 def test_an_errored_trial_is_named_with_its_error_in_one_line():
