@@ -123,10 +123,11 @@ class TrialRun:
 
     Each (metric, step) is logged exactly once: after a failed attempt (the server may have
     stored the batch before the connection broke) the batch is resent without what the store
-    already has; a restored trial passes the journal of epochs it had reported
-    (``reconcile``) and only what the store lacks is sent. ``close(timeout)`` waits for the
-    queue to drain and says what could not be delivered; the journal stays in the trial's
-    checkpoint for the driver to replay (``replay_journal``).
+    already has; a run found in the store (an earlier attempt's) keeps what it holds, and an
+    epoch trained again is not logged again; a restored trial passes the journal of epochs it
+    had reported (``reconcile``) and only what the store lacks is sent. ``close(timeout)``
+    waits for the queue to drain and says what could not be delivered; the journal stays in
+    the trial's checkpoint for the driver to replay (``replay_journal``).
     """
 
     BACKOFF_MAX = 30.0
@@ -244,6 +245,14 @@ class TrialRun:
             self.run_id, self.created = _find_or_create(
                 client, self.parent_run_id, self.trial_id, self._params, self._tags,
                 create=self._create, reopen=self._reopen)
+            if self.run_id is not None and not self.created:
+                # A run an earlier attempt made: what it holds is logged already. A trial
+                # restored from a checkpoint older than its last report (the driver killed
+                # between a report and Tune's next snapshot) trains those epochs again, and
+                # each (metric, step) was logged twice.
+                for key in client.get_run(self.run_id).data.metrics:
+                    self._logged |= {(key, h.step)
+                                     for h in client.get_metric_history(self.run_id, key)}
             if self.run_id is not None and self._dataset:
                 _log_dataset(client, self.run_id, self._dataset)
             return

@@ -805,6 +805,34 @@ def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts
                       "replayed-min-a1-b1-s0": {"val_predictions.npz"}}
 
 
+def test_a_trial_restored_from_an_older_checkpoint_logs_no_epoch_twice(fake_store):
+    """The driver killed (SIGKILL) between a trial's report and Tune's next snapshot: --resume
+    restored the trial from the checkpoint before, it trained that epoch again, and its run
+    held step 1 twice for every metric (another epoch_seconds the second time). The store
+    keeps each (metric, step) once: the first attempt's."""
+    from records import experiment_name
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("restored", "demo"), {"sweep": "x"})
+    quiet = dict(say=lambda _: None)
+    first = tracking.TrialRun(uri, parent, "restored-max-a1-b1-s0", params={}, tags={}, **quiet)
+    for epoch in (0, 1):
+        first.log_epoch({"val_performance": 0.5 + epoch, "epoch_seconds": 0.4}, epoch)
+    assert first.close(60)  # killed here: the last snapshot holds epoch 0 only
+    again = tracking.TrialRun(uri, parent, "restored-max-a1-b1-s0", params={}, tags={}, **quiet)
+    for epoch in (1, 2):
+        again.log_epoch({"val_performance": 0.5 + epoch, "epoch_seconds": 1.5}, epoch)
+    again.finish("FINISHED")
+    assert again.close(60)
+    assert again.run_id == first.run_id and not again.created
+    client = MlflowClient(uri)
+    for key, want in (("val_performance", [(0, 0.5), (1, 1.5), (2, 2.5)]),
+                      ("epoch_seconds", [(0, 0.4), (1, 0.4), (2, 1.5)])):
+        history = client.get_metric_history(again.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == want, key
+
+
 def test_an_alpha_is_read_as_trained_not_as_its_rounded_tag(fake_store, tmp_path):
     """An Optuna sample's alpha (1/3 here): the tag shows 10 digits, the param is exact; the
     tables from MLflow and from Ray's folder must agree."""
