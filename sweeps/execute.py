@@ -633,6 +633,14 @@ def _start_records(plan: Plan, run_dir: Path,
     # Creating a new SQLite store runs MLflow's migrations: a signal in their middle left a
     # half-migrated store every later run refused. Ctrl-C / SIGTERM wait for them (a second
     # one is not needed: they are acted on right after), and nothing slower is held back.
+    if reuse is not None:  # MLflow refuses to reopen a deleted run (exit 1 after Ray started)
+        stage = tracking.run_lifecycle(plan.mlflow_uri, reuse)
+        if stage != "active":
+            where = (f"is deleted in {redact(plan.mlflow_uri)}" if stage == "deleted" else
+                     f"is not in {redact(plan.mlflow_uri)}")
+            raise UsageError(f"--resume: the parent run {reuse} of {run_dir} {where}; "
+                             f"accepted: the run restored (mlflow runs restore --run-id "
+                             f"{reuse}) and --resume, or a new run without --resume")
     parent_id = None
     try:
         with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):

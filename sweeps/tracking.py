@@ -106,6 +106,19 @@ def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
     return run.info.run_id
 
 
+def run_lifecycle(uri: str, run_id: str) -> str | None:
+    """``run_id``'s lifecycle stage in the store ("active", "deleted"), None when the store
+    has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _retry(lambda: MlflowClient(uri).get_run(run_id)).info.lifecycle_stage
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 def finish(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
     client = MlflowClient(uri)
     if tags:

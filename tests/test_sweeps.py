@@ -484,6 +484,7 @@ def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(
         _start_records(resumed, run_dir)
     manifest.write_text(whole)
     parent_file = run_dir / "mlflow_parent.json"
+    whole_parent = parent_file.read_text()
     parent_file.write_text('{"run_id": ')
     with pytest.raises(UsageError, match=rf"^{re.escape(str(parent_file))}: the run's MLflow "
                                          rf"parent cannot be read \(.+\){accepted}"):
@@ -502,6 +503,19 @@ def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(
     del recorded["data_sources"]  # a run fingerprinted before data sources were recorded
     stamp.write_text(json.dumps(recorded))
     check_fingerprint(plan, run_dir)
+    # the parent run deleted in the MLflow UI: MLflow refused to reopen it (exit 1, after Ray
+    # had started); one line naming it and how to restore it, the run left as it was
+    parent_file.write_text(whole_parent)
+    client = MlflowClient(uri)
+    client.delete_run(parent_id)
+    with pytest.raises(UsageError, match=rf"^--resume: the parent run {parent_id} of "
+                                         rf"{re.escape(str(run_dir))} is deleted in "
+                                         rf".*accepted: the run restored \(mlflow runs restore "
+                                         rf"--run-id {parent_id}\) and --resume"):
+        _start_records(resumed, run_dir)
+    assert client.get_run(parent_id).info.lifecycle_stage == "deleted"
+    client.restore_run(parent_id)
+    assert _start_records(resumed, run_dir)[0] == parent_id
 
 
 def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(tmp_path):
