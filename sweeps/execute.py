@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from records import (
     ARTIFACTS_DIR,
@@ -648,12 +649,32 @@ def _start_records(plan: Plan, run_dir: Path,
                                               reuse, description=about)
         return _record_run_folder(plan, run_dir, parent_id, resumed), run_tags
     except BaseException as exc:
+        if parent_id is None and _permission_denied(exc):
+            # a user of the server without permission on this experiment (its default for
+            # other users' experiments is none or read): exit 1 with MLflow's 403 traceback
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(
+                plan.mlflow_uri).username or "(none given)"
+            raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the tracking "
+                             f"server denies user {user} the experiment {plan.experiment} "
+                             f"(HTTP 403: Permission denied); accepted: "
+                             f"MLFLOW_TRACKING_USERNAME of a user with EDIT or MANAGE "
+                             f"permission on it (its creator or an admin grants it)") from None
         if parent_id is not None:  # interrupted (or failed) right after the parent opened
             with contextlib.suppress(Exception):
                 tracking.finish(plan.mlflow_uri, parent_id,
                                 "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                 {"interrupted": str(isinstance(exc, KeyboardInterrupt)).lower()})
         raise
+
+
+def _permission_denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is an MLflow server's refusal of this user (HTTP 403 "Permission
+    denied", what its basic-auth app answers)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and (
+        getattr(exc, "error_code", "") == "PERMISSION_DENIED"
+        or ("403" in str(exc) and "permission denied" in str(exc).lower()))
 
 
 def _record_run_folder(plan: Plan, run_dir: Path, parent_id: str, resumed: list) -> str:

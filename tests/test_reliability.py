@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sweeps.plan import UsageError, make_plan
+from sweeps.run import build_parser
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "nsd_conv1_v1"
 EPOCHS = 6
@@ -206,6 +209,50 @@ def test_the_refusal_check_sends_the_credentials_mlflows_client_sends(monkeypatc
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:w%rd")
         assert tracking_refuses(f"http://127.0.0.1:{port}") is None
+    finally:
+        server.shutdown()
+
+
+def test_a_user_the_server_denies_the_experiment_is_one_line_and_nothing_recorded(tmp_path,
+                                                                                monkeypatch):
+    """A valid user of an MLflow basic-auth server without permission on the sweep's
+    experiment (the server's default for others' experiments is none, or read): the run died
+    with MLflow's 403 traceback, exit 1. A server that answers as the basic-auth app does for
+    such a user ("Permission denied", 403) on every experiment call."""
+    import http.server
+    import threading
+
+    from sweeps.execute import _start_records
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _deny(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            self.send_response(403)
+            self.end_headers()
+            self.wfile.write(b"Permission denied")
+
+        do_GET = do_POST = do_PATCH = _deny  # noqa: N815 (http.server's names)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bob-password-0123")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        plan = make_plan(build_parser().parse_args(
+            [SWEEP, "--smoke-test", "--mlflow-uri", uri, "--storage", str(tmp_path / "ray")]))
+        run_dir = tmp_path / "ray" / "run"
+        with pytest.raises(UsageError, match=rf"^--mlflow-uri {re.escape(uri)}: the tracking "
+                                             rf"server denies user bob the experiment "
+                                             rf"{SWEEP}-smoke \(HTTP 403: Permission denied\); "
+                                             rf"accepted: MLFLOW_TRACKING_USERNAME of a user "
+                                             rf"with EDIT or MANAGE permission"):
+            _start_records(plan, run_dir)
+        assert not run_dir.exists()
     finally:
         server.shutdown()
 
