@@ -9,6 +9,7 @@ a resumed sweep, logs into the same run and never duplicates it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -76,13 +77,27 @@ def resume_entry(tags: Mapping[str, str]) -> str:
     return f"{when} {said}".strip()
 
 
+def _first_open(uri: str):
+    """A lock beside a SQLite store (``.<name>.lock``) held while a driver first reaches it:
+    MLflow creates (or migrates) a new store's tables on that first call, and two drivers
+    starting at once on one new file collided in it ("table _alembic_tmp_experiments already
+    exists": the second died, exit 1). Nothing for a server or a database server."""
+    db = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
+    if db is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(str(db.parent / f".{db.name}.lock"))
+
+
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
                  reuse_run_id: str | None = None, description: str | None = None) -> str:
     """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING), else a new
     run tagged with ``tags``. The experiment is tagged as model training and, like the run,
     described by ``description``. Returns the run id."""
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, experiment)
+    with _first_open(uri):  # (the client opens the store as it is made)
+        client = MlflowClient(uri)
+        exp_id = experiment_id(client, experiment)
     for key, value in {**EXPERIMENT_KIND, **({NOTE_TAG: description} if description else {})
                        }.items():
         _retry(lambda k=key, v=value: client.set_experiment_tag(exp_id, k, v))

@@ -512,3 +512,21 @@ def test_the_resumes_tag_stays_within_a_tag_values_length(tmp_path):
         value = MlflowClient(uri).get_run(run_id).data.tags[tracking.RESUMES_TAG]
         assert len(value) <= tracking.RESUMES_CHARS
         assert f"ray=cluster-{k}-" in value.split("\n")[-1]
+
+
+def test_drivers_starting_at_once_on_one_new_sqlite_store_all_open_it(tmp_path):
+    """Two sweeps started together on one new SQLite file (MLflow creates its tables on the
+    first call): the second died in the first's migration ("table _alembic_tmp_experiments
+    already exists", exit 1). Three drivers' first calls, at once, each in its own process."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("import sys; from sweeps import tracking; "
+            "print(tracking.start_parent(sys.argv[1], sys.argv[2], {'sweep': sys.argv[2]}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, f"sweep{i}-demo"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outs]
+    client = MlflowClient(uri)
+    for i, (out, _) in enumerate(outs):
+        run = client.get_run(out.split()[-1])
+        assert client.get_experiment(run.info.experiment_id).name == f"sweep{i}-demo"
