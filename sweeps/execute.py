@@ -647,6 +647,7 @@ def _start_records(plan: Plan, run_dir: Path,
         with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):
             parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags,
                                               reuse, description=about)
+        _log_sweep_files(plan, parent_id)
         return _record_run_folder(plan, run_dir, parent_id, resumed), run_tags
     except BaseException as exc:
         if parent_id is None and _permission_denied(exc):
@@ -665,6 +666,30 @@ def _start_records(plan: Plan, run_dir: Path,
                                 "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                 {"interrupted": str(isinstance(exc, KeyboardInterrupt)).lower()})
         raise
+
+
+def _log_sweep_files(plan: Plan, parent_id: str) -> None:
+    """The sweep's files (the file named, and a composite's members) as the parent run's
+    ``sweep/`` artifacts: what ran, beside its results, and the first write to the artifact
+    store, made before any trial. A store this machine cannot write (a server started with
+    --no-serve-artifacts and a root only it can reach, an experiment whose artifact location
+    is elsewhere) was found by each trial instead: each waited out the tracking flush (900 s
+    by default) and the run ended 'FINISHED' without artifacts or a report."""
+    from mlflow.tracking import MlflowClient
+
+    files = {plan.spec.path, *(c.path for c in plan.spec.conditions)}
+    client = MlflowClient(plan.mlflow_uri)
+    try:
+        for path in sorted(p for p in files if p.is_file()):
+            client.log_artifact(parent_id, str(path), "sweep")
+    except Exception as exc:  # the store's own error, whatever its kind
+        where = client.get_run(parent_id).info.artifact_uri
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the artifact store of "
+                         f"experiment {plan.experiment} ({redact(where)}) cannot be written "
+                         f"from this machine ({type(exc).__name__}: "
+                         f"{redact(' '.join(str(exc).split()))[:200]}); accepted: a server that "
+                         f"serves artifacts (mlflow server --serve-artifacts) or an artifact "
+                         f"location every Ray node can write") from None
 
 
 def _permission_denied(exc: BaseException) -> bool:

@@ -530,3 +530,31 @@ def test_drivers_starting_at_once_on_one_new_sqlite_store_all_open_it(tmp_path):
     for i, (out, _) in enumerate(outs):
         run = client.get_run(out.split()[-1])
         assert client.get_experiment(run.info.experiment_id).name == f"sweep{i}-demo"
+
+
+def test_an_artifact_store_this_machine_cannot_write_is_found_before_any_trial(tmp_path):
+    """An experiment whose artifact location this machine cannot write (here one made
+    elsewhere, under /proc): each trial found it, waited out the tracking flush (900 s by
+    default) and the run ended 'FINISHED' without artifacts or report. The driver's first
+    write, the sweep's files to the parent run, finds it: one line, the parent FAILED."""
+    from sweeps.execute import _start_records
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment(f"{SWEEP}-smoke", artifact_location="/proc/alignsweep-artifacts")
+    plan = make_plan(build_parser().parse_args(
+        [SWEEP, "--smoke-test", "--mlflow-uri", uri, "--storage", str(tmp_path / "ray")]))
+    with pytest.raises(UsageError, match=rf"^--mlflow-uri {re.escape(uri)}: the artifact store "
+                                         rf"of experiment {SWEEP}-smoke \(/proc/alignsweep-"
+                                         rf"artifacts/.*\) cannot be written from this machine "
+                                         rf"\(.*accepted: a server that serves artifacts"):
+        _start_records(plan, tmp_path / "ray" / "run")
+    (parent,) = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke")
+                                    .experiment_id])
+    assert parent.info.status == "FAILED"
+    # where it can be written, the parent holds the sweep's file
+    ok = make_plan(build_parser().parse_args(
+        ["paper", "--smoke-test", "--mlflow-uri", uri, "--storage", str(tmp_path / "ray")]))
+    parent_id, _ = _start_records(ok, tmp_path / "ray" / "run2")
+    listed = {a.path for a in client.list_artifacts(parent_id, "sweep")}
+    assert {"sweep/paper.toml", f"sweep/{SWEEP}.toml", "sweep/gabor_conv1.toml"} <= listed
