@@ -63,6 +63,7 @@ from sweeps.plan import (
     read_run_json,
     resumed_run_dir,
     split_size_problem,
+    sweep_files,
     weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec, format_overrides
@@ -390,7 +391,8 @@ def _init_ray(plan: Plan) -> None:
             # token (Ray 2.60's authentication) or another Ray version
             first = " ".join(str(exc).split())[:200]
             raise UsageError(
-                f"--address {plan.address}: the Ray cluster there did not let this driver join "
+                f"{plan.address_from} {plan.address}: the Ray cluster there did not let this "
+                f"driver join "
                 f"({type(exc).__name__}: {first}); accepted: the cluster's token in "
                 f"RAY_AUTH_TOKEN (token authentication is on by default) and Ray "
                 f"{ray.__version__} on both sides") from None
@@ -519,7 +521,7 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
                              f"--gpus-per-trial {gpus:g}, or fewer GPUs per trial")
     hosts = {n.get("NodeManagerAddress") for n in alive}
     if plan.mlflow_uri.startswith("sqlite:") and len(hosts) > 1:
-        raise UsageError(f"--mlflow-uri {plan.mlflow_uri} is a SQLite file on this machine but "
+        raise UsageError(f"{plan.mlflow_from} {plan.mlflow_uri} is a SQLite file on this machine but "
                          f"the Ray cluster spans {len(hosts)} machines "
                          f"({', '.join(sorted(map(str, hosts))[:4])}): trials elsewhere would "
                          f"write their own copy; accepted: an MLflow server (--mlflow-uri "
@@ -634,16 +636,21 @@ def _start_records(plan: Plan, run_dir: Path,
     # Creating a new SQLite store runs MLflow's migrations: a signal in their middle left a
     # half-migrated store every later run refused. Ctrl-C / SIGTERM wait for them (a second
     # one is not needed: they are acted on right after), and nothing slower is held back.
-    if reuse is not None:  # MLflow refuses to reopen a deleted run (exit 1 after Ray started)
-        stage = tracking.run_lifecycle(plan.mlflow_uri, reuse)
-        if stage != "active":
-            where = (f"is deleted in {redact(plan.mlflow_uri)}" if stage == "deleted" else
-                     f"is not in {redact(plan.mlflow_uri)}")
-            raise UsageError(f"--resume: the parent run {reuse} of {run_dir} {where}; "
-                             f"accepted: the run restored (mlflow runs restore --run-id "
-                             f"{reuse}) and --resume, or a new run without --resume")
     parent_id = None
     try:
+        if reuse is not None:  # MLflow refuses to reopen a deleted run (exit 1 after Ray
+            # started)
+            stage = tracking.run_lifecycle(plan.mlflow_uri, reuse)
+            if stage == "deleted":
+                raise UsageError(f"--resume: the parent run {reuse} of {run_dir} is deleted in "
+                                 f"{redact(plan.mlflow_uri)}; accepted: the run restored "
+                                 f"(mlflow runs restore --run-id {reuse}) and --resume, or a "
+                                 f"new run without --resume")
+            if stage is None:
+                raise UsageError(f"--resume: the parent run {reuse} of {run_dir} is not in "
+                                 f"{redact(plan.mlflow_uri)} (removed for good, e.g. by mlflow "
+                                 f"gc, or the store replaced); accepted: a new run without "
+                                 f"--resume")
         with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):
             parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags,
                                               reuse, description=about)
@@ -677,19 +684,19 @@ def _log_sweep_files(plan: Plan, parent_id: str) -> None:
     by default) and the run ended 'FINISHED' without artifacts or a report."""
     from mlflow.tracking import MlflowClient
 
-    files = {plan.spec.path, *(c.path for c in plan.spec.conditions)}
     client = MlflowClient(plan.mlflow_uri)
+    where = client.get_run(parent_id).info.artifact_uri  # (a failure here: the store's own)
     try:
-        for path in sorted(p for p in files if p.is_file()):
+        for path in (p for p in sweep_files(plan) if p.is_file()):
             client.log_artifact(parent_id, str(path), "sweep")
-    except Exception as exc:  # the store's own error, whatever its kind
-        where = client.get_run(parent_id).info.artifact_uri
+    except Exception as exc:  # the artifact store's error, whatever its kind
         raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the artifact store of "
                          f"experiment {plan.experiment} ({redact(where)}) cannot be written "
                          f"from this machine ({type(exc).__name__}: "
                          f"{redact(' '.join(str(exc).split()))[:200]}); accepted: a server that "
                          f"serves artifacts (mlflow server --serve-artifacts) or an artifact "
-                         f"location every Ray node can write") from None
+                         f"location every Ray node can write (this checks the driver's machine; "
+                         f"a server error that passes, retry)") from None
 
 
 def _permission_denied(exc: BaseException) -> bool:

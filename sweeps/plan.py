@@ -302,6 +302,8 @@ def _address(value: str | None) -> str | None:
     flag = "--address"
     if value is None and os.environ.get("RAY_ADDRESS"):
         value, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if value == "local":  # Ray's own word for a new local instance, as with no address
+        return None
     if value is None or value == "auto":
         return value
     hostport = value[len("ray://"):] if value.startswith("ray://") else value
@@ -811,11 +813,16 @@ def resumed_run_dir(plan: Plan) -> Path:
     return run_dir
 
 
+def sweep_files(plan: Plan) -> list[Path]:
+    """The sweep's files: the one named, and a composite's members (sorted)."""
+    return sorted({plan.spec.path, *(c.path for c in plan.spec.conditions)})
+
+
 def fingerprint(plan: Plan) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: the sweep files' content,
     seeds, scale, overrides, selection, search, and the tracking store (as a hash: the URI
     may hold a password)."""
-    files = sorted({plan.spec.path, *(c.path for c in plan.spec.conditions)})
+    files = sweep_files(plan)
     return {
         "sweep": plan.sweep,
         "sweep_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},

@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from records.uris import expand_user  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,
     SEARCH_CHOICES,
@@ -237,7 +238,7 @@ def _main(argv: list[str] | None) -> int:
             if not args.sweep_dir.strip():  # Path("") is the working folder
                 raise UsageError(f"--sweep-dir {args.sweep_dir!r}: an empty path; accepted: "
                                  f"a folder of sweep .toml files")
-            folder = Path(args.sweep_dir)
+            folder = expand_user(args.sweep_dir, "--sweep-dir")
             if not folder.is_dir():
                 raise UsageError(f"--sweep-dir {args.sweep_dir}: no such directory; accepted: "
                                  f"a folder of sweep .toml files")

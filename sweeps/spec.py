@@ -57,6 +57,7 @@ import fnmatch
 import inspect
 import math
 import tomllib
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -560,7 +561,7 @@ def _check_name(name: str, path: Path) -> None:
     if len(name.encode()) > MAX_NAME_BYTES:
         raise SweepFileError(f"{path}: the name {name[:40]!r}... is {len(name.encode())} bytes; "
                              f"accepted: a sweep file name of at most {MAX_NAME_BYTES} bytes")
-    if not name.isprintable():
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise SweepFileError(f"{path}: the name {name!r} holds a control character; accepted: "
                              f"a sweep file name of printable characters")
 

@@ -83,11 +83,24 @@ def _first_open(uri: str):
     starting at once on one new file collided in it ("table _alembic_tmp_experiments already
     exists": the second died, exit 1). Nothing for a server or a database server."""
     db = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
-    if db is None:
+    if db is None or (db.is_file() and db.stat().st_size > 0):  # made already: no lock
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    return FileLock(str(db.parent / f".{db.name}.lock"))
+    lock = FileLock(str(db.parent / f".{db.name}.lock"), mode=0o666)  # other users' too
+    try:
+        lock.acquire()
+    except OSError:  # a lock file another user left unwritable: go on without it
+        return contextlib.nullcontext()
+    return _released(lock)
+
+
+@contextlib.contextmanager
+def _released(lock):
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
@@ -126,6 +139,9 @@ def run_lifecycle(uri: str, run_id: str) -> str | None:
     has no such run."""
     from mlflow.exceptions import MlflowException
 
+    db = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
+    if db is not None and not db.is_file():  # no store there (opening it would make one)
+        return None
     try:
         return _retry(lambda: MlflowClient(uri).get_run(run_id)).info.lifecycle_stage
     except MlflowException as exc:

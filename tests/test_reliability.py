@@ -530,6 +530,15 @@ def test_drivers_starting_at_once_on_one_new_sqlite_store_all_open_it(tmp_path):
     for i, (out, _) in enumerate(outs):
         run = client.get_run(out.split()[-1])
         assert client.get_experiment(run.info.experiment_id).name == f"sweep{i}-demo"
+    # a store made already is opened without the lock (another user's lock file there must
+    # not stand in the way of a shared store)
+    from sweeps import tracking
+
+    made = tmp_path / "shared" / "mlflow.db"
+    made.parent.mkdir()
+    MlflowClient(f"sqlite:///{made}").search_experiments()
+    tracking.start_parent(f"sqlite:///{made}", "shared-demo", {"sweep": "shared"})
+    assert not (made.parent / ".mlflow.db.lock").exists()
 
 
 def test_an_artifact_store_this_machine_cannot_write_is_found_before_any_trial(tmp_path):

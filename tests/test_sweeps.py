@@ -516,6 +516,12 @@ def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(
     assert client.get_run(parent_id).info.lifecycle_stage == "deleted"
     client.restore_run(parent_id)
     assert _start_records(resumed, run_dir)[0] == parent_id
+    # a parent the store no longer holds (mlflow gc, a replaced store): nothing to restore
+    parent_file.write_text(whole_parent.replace(parent_id, "0" * 32))
+    with pytest.raises(UsageError, match=r"^--resume: the parent run 0{32} of .* is not in "
+                                         r".*accepted: a new run without --resume$"):
+        _start_records(resumed, run_dir)
+    parent_file.write_text(whole_parent)
 
 
 def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(tmp_path):
@@ -1179,6 +1185,8 @@ def test_a_home_of_no_user_and_an_environment_setting_are_named_as_given(tmp_pat
     assert plan.address_from == "--address"
     with pytest.raises(UsageError, match=r"^--address 127.0.0.1:1: .* or omit --address"):
         check_services(plan, timeout=2)
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for a new local instance
+    assert make_plan(parse("nsd_conv1_v1")).address is None
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(UsageError, match=r"^MLFLOW_TRACKING_URI http://127.0.0.1:1: tracking "
                                          r"server unreachable .*; start it \(mlflow server "
@@ -1215,6 +1223,11 @@ def test_sweep_names_a_lab_may_give_are_refused_or_found_as_written(tmp_path):
     (tmp_path / "tab\there.toml").write_text(text)
     with pytest.raises(SweepFileError, match=r"the name 'tab\\there' holds a control character"):
         load_sweep("tab\there", tmp_path)
+    (tmp_path / "no\u00a0break.toml").write_text(text)  # printable or not, no control character
+    assert load_sweep("no\u00a0break", tmp_path).name == "no\u00a0break"
+    with pytest.MonkeyPatch.context() as mp:  # ~ in --sweep-dir, as in every path flag
+        mp.setenv("HOME", str(tmp_path.parent))
+        assert main(["--sweep-dir", f"~/{tmp_path.name}", "no\u00a0break", "--dry-run"]) == 0
     huge = (SWEEP_DIR / "nsd_conv1_v1.toml").read_text().replace(
         "alphas = [0.1, 0.2, 0.4, 0.8]\nbetas = [1]",
         f"alphas = [{', '.join(str((k + 1) / 10) for k in range(1000))}]\n"
