@@ -653,7 +653,7 @@ def _start_records(plan: Plan, run_dir: Path,
                                  f"--resume")
         with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):
             parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags,
-                                              reuse, description=about)
+                                              reuse, description=about, say=_say)
         _log_sweep_files(plan, parent_id)
         return _record_run_folder(plan, run_dir, parent_id, resumed), run_tags
     except BaseException as exc:

@@ -40,8 +40,10 @@ def _retry(fn: Callable[[], T], attempts: int = 5, delay: float = 0.5) -> T:
     raise AssertionError("unreachable")
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment ``name`` (restored if deleted; created if missing). A SQLite store's new
+def experiment_id(client: MlflowClient, name: str,
+                  say: Callable[[str], None] | None = None) -> str:
+    """The experiment ``name`` (restored if deleted, which ``say`` tells; created if missing).
+    A SQLite store's new
     experiment keeps its artifacts beside the database, in ``mlruns/<name>`` of the database's
     folder: MLflow's default, ``./mlruns/<id>`` of whichever folder the first run started in,
     mixed the artifacts of every store used from that folder."""
@@ -49,6 +51,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage != "active":
             client.restore_experiment(exp.experiment_id)
+            if say is not None:  # its deleted runs stay deleted; its others reappear with it
+                say(f"MLflow: experiment {name} had been deleted; restored, with the runs it "
+                    f"held (delete those in the UI, or use another --mlflow-uri, to keep this "
+                    f"run apart from them)")
         return exp.experiment_id
     db = sqlite_path(client.tracking_uri) if client.tracking_uri.startswith("sqlite:") else None
     if db is None:
@@ -104,13 +110,14 @@ def _released(lock):
 
 
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
-                 reuse_run_id: str | None = None, description: str | None = None) -> str:
+                 reuse_run_id: str | None = None, description: str | None = None,
+                 say: Callable[[str], None] | None = None) -> str:
     """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING), else a new
     run tagged with ``tags``. The experiment is tagged as model training and, like the run,
     described by ``description``. Returns the run id."""
     with _first_open(uri):  # (the client opens the store as it is made)
         client = MlflowClient(uri)
-        exp_id = experiment_id(client, experiment)
+        exp_id = experiment_id(client, experiment, say)
     for key, value in {**EXPERIMENT_KIND, **({NOTE_TAG: description} if description else {})
                        }.items():
         _retry(lambda k=key, v=value: client.set_experiment_tag(exp_id, k, v))

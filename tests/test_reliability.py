@@ -567,3 +567,23 @@ def test_an_artifact_store_this_machine_cannot_write_is_found_before_any_trial(t
     parent_id, _ = _start_records(ok, tmp_path / "ray" / "run2")
     listed = {a.path for a in client.list_artifacts(parent_id, "sweep")}
     assert {"sweep/paper.toml", f"sweep/{SWEEP}.toml", "sweep/gabor_conv1.toml"} <= listed
+
+
+def test_a_deleted_experiment_restored_by_a_new_run_is_said(tmp_path):
+    """MLflow deletes an experiment's runs with it and restores them with it: a sweep run
+    into an experiment deleted in the UI brought its old runs back without a word."""
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    old = tracking.start_parent(uri, f"{SWEEP}-demo", {"sweep": SWEEP})
+    client = MlflowClient(uri)
+    client.delete_experiment(client.get_experiment_by_name(f"{SWEEP}-demo").experiment_id)
+    said: list[str] = []
+    tracking.start_parent(uri, f"{SWEEP}-demo", {"sweep": SWEEP}, say=said.append)
+    assert said == [f"MLflow: experiment {SWEEP}-demo had been deleted; restored, with the runs "
+                    f"it held (delete those in the UI, or use another --mlflow-uri, to keep "
+                    f"this run apart from them)"]
+    assert client.get_run(old).info.lifecycle_stage == "active"
+    said.clear()
+    tracking.start_parent(uri, f"{SWEEP}-demo", {"sweep": SWEEP}, say=said.append)
+    assert said == []  # an active experiment: nothing to say
