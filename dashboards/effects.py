@@ -39,8 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = ["EFFECTS_SCHEMA", "UNREADABLE", "Predictions", "direction_effects", "effects_metrics",
-           "effects_table", "performance", "performances", "resample_counts", "summary_lines",
-           "weighted_map"]
+           "effects_table", "performance", "performances", "resample_counts", "summary_lines"]
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -109,7 +108,7 @@ class Predictions:
 def performance(pred: Predictions, weights: np.ndarray) -> np.ndarray:
     """Performance of one trial under image weights (B, n) (bootstrap counts; ones = the
     plain score): top-1 accuracy, or mAP over the classes with a positive of nonzero weight
-    (``weighted_map``). Returns (B,). ``direction_effects`` passes the transpose of an (n, B)
+    (``trainable.train.weighted_mean_average_precision``). Returns (B,). ``direction_effects`` passes the transpose of an (n, B)
     array (``resample_counts``), which is read without a copy."""
     return performances({"trial": pred}, weights)["trial"]
 
@@ -131,9 +130,12 @@ def performances(preds: Mapping[str, Predictions], weights: np.ndarray) -> dict[
             acc += w.T @ hits[lo:lo + _BLOCK]
             total += w.sum(0)
         out.update({k: acc[:, j] / total for j, k in enumerate(top1)})
-    for k, p in preds.items():
-        if p.hits is None:
-            out[k] = weighted_map(p.scores, p.targets, wt)
+    if len(top1) < len(preds):
+        from trainable.train import weighted_mean_average_precision  # the trials' own mAP
+
+        for k, p in preds.items():
+            if p.hits is None:
+                out[k] = weighted_mean_average_precision(p.scores, p.targets, wt.T)
     return out
 
 
@@ -158,51 +160,6 @@ def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray
         # (converted first: a transposed int64 view written to float32 took 1 s a chunk)
         counts[:, 1 + lo:1 + lo + k] = rng.multinomial(n, p, k).astype(np.float32).T
     return counts
-
-
-def weighted_map(scores: np.ndarray, targets: np.ndarray, wt: np.ndarray) -> np.ndarray:
-    """``trainable.train.weighted_mean_average_precision`` (the trials' own mAP, scikit-learn's
-    rule with each image counted as often as it is weighted) for the weightings in the
-    columns of ``wt`` (n, B): the same numbers to rounding, in a fraction of its time.
-
-    Per class only the thresholds holding a positive matter (elsewhere recall does not
-    step). Each image falls in the bin of the highest such threshold at or below its score;
-    one sparse product sums every weighting's counts per bin (no (B, n) reordering, cumsum
-    or copy per class, which took 1.4 s a class at 14,000 images x 2,001 weightings: 52
-    minutes for the paper's NSD trials), and cumulative sums over the bins give each
-    threshold's seen and true-positive weight. (n, c), (n, c), (n, B) -> (B,)."""
-    from scipy import sparse
-
-    n, n_w = wt.shape
-    y_all = np.asarray(targets) > 0.5
-    aps = np.full((n_w, scores.shape[1]), np.nan)
-    for c in range(scores.shape[1]):
-        y = y_all[:, c]
-        if not y.any():
-            continue
-        s = scores[:, c]
-        thresholds = np.unique(s[y])  # ascending
-        bins = np.searchsorted(thresholds, s, side="right") - 1  # -1: below every positive
-
-        def per_bin(mask: np.ndarray, bins=bins, k=thresholds.size) -> np.ndarray:
-            """(k, B) weight of the images in ``mask`` per bin, highest threshold first."""
-            cols = np.flatnonzero(mask)
-            summing = sparse.csr_matrix((np.ones(cols.size, wt.dtype), (bins[cols], cols)),
-                                        shape=(k, n))
-            return np.asarray(summing @ wt)[::-1]
-
-        above = bins >= 0
-        seen = np.cumsum(per_bin(above), axis=0, dtype=np.float64)  # score >= the threshold
-        tp = np.cumsum(per_bin(above & y), axis=0, dtype=np.float64)
-        total = tp[-1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(seen > 0, tp / seen, 0.0)
-            recall = tp / total
-            steps = np.diff(np.concatenate([np.zeros_like(total), recall]), axis=0)
-            ap = np.sum(steps * precision, axis=0)
-        aps[:, c] = np.where(total[0] > 0, ap, np.nan)
-    counted = np.isfinite(aps).sum(1)
-    return np.where(counted > 0, np.nansum(aps, 1) / np.maximum(counted, 1), np.nan)
 
 
 def _configurations(rows: list[dict]) -> dict[tuple, list[dict]]:

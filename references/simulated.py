@@ -277,6 +277,8 @@ def check_arg(name: str, value, lo, hi=None) -> None:
 MAX_IMAGES = 1_000_000
 
 
+#: The sizes a world is rendered at (image_size of the generators; render_size of a sweep).
+RENDER_SIZES = (16, 1024)
 #: numpy's seed sequences take non-negative integers; bounded to 32 bits for a readable range
 MAX_SEED = 2**32 - 1
 
@@ -285,7 +287,7 @@ def check_single_label_args(*, image_size: int, n_categories: int, n_train_per_c
                             n_val_per_class: int, seed: int = 0) -> None:
     """``generate_single_label``'s argument checks (ValueError naming the value)."""
     check_arg("seed", seed, 0, MAX_SEED)
-    check_arg("image_size", image_size, 16, 1024)
+    check_arg("image_size", image_size, *RENDER_SIZES)
     check_arg("n_categories", n_categories, 2, 80)
     check_arg("n_train_per_class", n_train_per_class, 1, MAX_IMAGES)
     check_arg("n_val_per_class", n_val_per_class, 1, MAX_IMAGES)
@@ -296,7 +298,7 @@ def check_nsd_like_args(*, image_size: int, n_images: int, n_subjects: int, n_ca
                         n_shared: int | None, seed: int = 0) -> tuple[int, int]:
     """``generate_nsd_like``'s argument checks; returns (n_shared, n_unique per subject)."""
     check_arg("seed", seed, 0, MAX_SEED)
-    check_arg("image_size", image_size, 16, 1024)
+    check_arg("image_size", image_size, *RENDER_SIZES)
     check_arg("n_subjects", n_subjects, 1, 8)
     check_arg("n_categories", n_categories, 2, 80)
     check_arg("repeats", repeats, 2, 10)

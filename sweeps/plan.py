@@ -299,9 +299,9 @@ def check_coco_annotations(value: str) -> Path:
 def _address(value: str | None) -> str | None:
     """--address, else ``RAY_ADDRESS`` (what `ray job submit` sets for the job it runs): a
     job submitted to a cluster joins it instead of starting a Ray of its own."""
-    flag = "--address"
-    if value is None and os.environ.get("RAY_ADDRESS"):
-        value, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    flag = _source("--address", value, "RAY_ADDRESS")
+    if flag == "RAY_ADDRESS":
+        value = os.environ["RAY_ADDRESS"]
     if value == "local":  # Ray's own word for a new local instance, as with no address
         return None
     if value is None or value == "auto":
@@ -347,7 +347,7 @@ def _mlflow_uri(value: str | None) -> str:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     db = sqlite_path(uri) if uri.startswith("sqlite:") else None
-    flag = "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
+    flag = _source("--mlflow-uri", value, "MLFLOW_TRACKING_URI")
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
         if problem is not None:

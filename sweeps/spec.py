@@ -833,7 +833,7 @@ def _probe_data_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
              "simulated_nsd": simulated.check_nsd_like_args}[kind]
     defaults = _data_kwarg_defaults(kind)  # the generator's own, the one source
     merged = {**defaults, **kwargs}
-    simulated.check_arg("render_size", merged["render_size"], 16, 1024)
+    simulated.check_arg("render_size", merged["render_size"], *simulated.RENDER_SIZES)
     if "split_seed" in merged:
         simulated.check_arg("split_seed", merged["split_seed"], 0, simulated.MAX_SEED)
     if "augment" in merged and merged["augment"] not in AUGMENTATIONS:

@@ -83,6 +83,7 @@ def resume_entry(tags: Mapping[str, str]) -> str:
     return f"{when} {said}".strip()
 
 
+@contextlib.contextmanager
 def _first_open(uri: str):
     """A lock beside a SQLite store (``.<name>.lock``) held while a driver first reaches it:
     MLflow creates (or migrates) a new store's tables on that first call, and two drivers
@@ -90,19 +91,16 @@ def _first_open(uri: str):
     exists": the second died, exit 1). Nothing for a server or a database server."""
     db = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
     if db is None or (db.is_file() and db.stat().st_size > 0):  # made already: no lock
-        return contextlib.nullcontext()
+        yield
+        return
     from filelock import FileLock
 
     lock = FileLock(str(db.parent / f".{db.name}.lock"), mode=0o666)  # other users' too
     try:
         lock.acquire()
     except OSError:  # a lock file another user left unwritable: go on without it
-        return contextlib.nullcontext()
-    return _released(lock)
-
-
-@contextlib.contextmanager
-def _released(lock):
+        yield
+        return
     try:
         yield
     finally:
