@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from dashboards.fronts import FINISHED
+from dashboards.tables import configuration_key
 
 POINTS = 100.0
 
@@ -29,26 +30,51 @@ def _rows(results: pa.Table, condition: str) -> list[dict]:
             and r["performance"] is not None and math.isfinite(r["performance"])]
 
 
+def configurations(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """One row per configuration (``dashboards.tables.configuration_key``: everything but the
+    seed) with its direction and the means over its seeds of performance, alignment and
+    degradation (each over the seeds that have it; None where none has). With one seed per
+    configuration these are the trials' own numbers. The headlines read these, as the fronts
+    and rho do: a maximum or minimum over single seeds would pick one seed's noise (and a
+    baseline seed, whose drop is 0 by definition, could be "the least aligned")."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(configuration_key(r), []).append(r)
+
+    def mean(members, name):
+        v = [m[name] for m in members if m.get(name) is not None and math.isfinite(m[name])]
+        return float(np.mean(v)) if v else None
+
+    return [{"direction": members[0]["direction"], "seeds": len(members),
+             **{name: mean(members, name) for name in ("performance", "alignment",
+                                                       "degradation")}}
+            for members in groups.values()]
+
+
 def largest_drop_when_suppressing(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """The largest drop from the baseline (points) among the suppressing trials."""
-    drops = [r["degradation"] for r in rows
-             if r["direction"] == "min" and r.get("degradation") is not None]
+    """The largest drop from the baseline (points) among the suppressing configurations (mean
+    over seeds)."""
+    drops = [c["degradation"] for c in configurations(rows)
+             if c["direction"] == "min" and c["degradation"] is not None]
     return float(max(drops)) if drops else None
 
 
 def drop_at_least_alignment(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """The drop from the baseline (points) of the least aligned trial ("complete
-    misalignment")."""
-    have = [r for r in rows if r.get("degradation") is not None
-            and r.get("alignment") is not None and math.isfinite(r["alignment"])]
-    return float(min(have, key=lambda r: r["alignment"])["degradation"]) if have else None
+    """The drop from the baseline (points) of the least aligned suppressing configuration
+    (means over seeds): "complete misalignment" is what suppressing reaches, so the baseline
+    and promoting trials are not candidates."""
+    have = [c for c in configurations(rows) if c["direction"] == "min"
+            and c["degradation"] is not None and c["alignment"] is not None]
+    return float(min(have, key=lambda c: c["alignment"])["degradation"]) if have else None
 
 
 def promoting_minus_suppressing(rows: Sequence[Mapping[str, Any]]) -> float | None:
-    """Mean performance of the promoting trials minus that of the suppressing ones (points);
-    positive: promoting alignment beats suppressing it."""
-    up = [r["performance"] for r in rows if r["direction"] == "max"]
-    down = [r["performance"] for r in rows if r["direction"] == "min"]
+    """Mean performance of the promoting configurations minus that of the suppressing ones
+    (points; each configuration its mean over seeds, so an unbalanced seed count weighs no
+    configuration more); positive: promoting alignment beats suppressing it."""
+    confs = configurations(rows)
+    up = [c["performance"] for c in confs if c["direction"] == "max"]
+    down = [c["performance"] for c in confs if c["direction"] == "min"]
     if not up or not down:
         return None
     return float(POINTS * (np.mean(up) - np.mean(down)))
@@ -64,19 +90,24 @@ class Headline:
 
 HEADLINES: tuple[Headline, ...] = (
     Headline("gabor_conv1", "misalignment costs up to 8 points of top-1",
-             "largest drop from the baseline among suppressing trials (points)",
+             "largest drop from the baseline among suppressing configurations (points; "
+             "means over seeds)",
              largest_drop_when_suppressing),
     Headline("nsd_conv1_v1", "about 7 mAP points below the baseline at complete misalignment",
-             "drop from the baseline of the least aligned trial (points)",
+             "drop from the baseline of the least aligned suppressing configuration "
+             "(points; means over seeds)",
              drop_at_least_alignment),
     Headline("nsd_fc1_vvs", "nearly 20 mAP points below the baseline at complete misalignment",
-             "drop from the baseline of the least aligned trial (points)",
+             "drop from the baseline of the least aligned suppressing configuration "
+             "(points; means over seeds)",
              drop_at_least_alignment),
     Headline("pretrained_conv1", "promoting beats suppressing (more so than at conv5)",
-             "mean performance, promoting minus suppressing trials (points)",
+             "mean performance, promoting minus suppressing configurations (points; "
+             "means over seeds)",
              promoting_minus_suppressing),
     Headline("pretrained_conv5", "promoting beats suppressing (less so than at conv1)",
-             "mean performance, promoting minus suppressing trials (points)",
+             "mean performance, promoting minus suppressing configurations (points; "
+             "means over seeds)",
              promoting_minus_suppressing),
 )
 
@@ -93,7 +124,7 @@ def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str
     """The headline rows and comparisons present in this sweep (plain dicts, for JSON and the
     report): per headline its condition, the paper's claim, how it is measured, this run's
     number and whether it is comparable (paper scale only); per comparison of two conditions
-    both present, each one's gap between the most and the least aligned trial
+    both present, each one's gap between the most and the least aligned configuration
     (``dashboards.statistics.alignment_gap``) and their difference."""
     conditions = set(results.column("condition").to_pylist()) if results.num_rows else set()
     comparable = scale == "paper"

@@ -129,7 +129,8 @@ def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
     head = ("<tr><th>condition</th><th>finished / trials</th><th>performance</th>"
             "<th>Spearman rho (alignment, performance)</th><th>95% bootstrap interval</th>"
             "<th>p</th><th>performance in signed alpha</th><th>rho (alpha, performance)</th>"
-            "<th>most minus least aligned trial (points)</th><th>notes</th></tr>")
+            "<th>most minus least aligned trial or, with seeds, configuration (points)</th>"
+            "<th>notes</th></tr>")
     rows = []
     for cond, s in statistics.items():
         sp, mono = s["spearman"], s["monotonicity"]

@@ -216,12 +216,20 @@ def _at(values: list, rows: list[int]) -> np.ndarray:
     return np.array([np.nan if values[i] is None else values[i] for i in rows], dtype=np.float64)
 
 
-def alignment_gap(alignment, performance) -> dict:
+def alignment_gap(alignment, performance, groups=None) -> dict:
     """The performance of the most aligned trial minus that of the most misaligned one, in
     points (x 100: top-1 percentage points or mAP points), over trials with both numbers:
     the paper's per-condition summary of what alignment buys. Positive: the most aligned
-    trial performs better. None-valued when fewer than two trials have both."""
-    a, p = _finite_pairs(alignment, performance)
+    trial performs better. None-valued when fewer than two trials have both.
+
+    groups : (n,) configuration labels, as for ``spearman_ci``: with several seeds per
+    configuration the gap is between configurations' means (one seed's noise would otherwise
+    pick the ends; a baseline seed could be "the most misaligned")."""
+    a, p, g = _finite_triples(alignment, performance,
+                              range(np.asarray(alignment).size) if groups is None else groups)
+    members = [np.flatnonzero(g == lab) for lab in dict.fromkeys(g.tolist())]
+    a = np.array([a[m].mean() for m in members])
+    p = np.array([p[m].mean() for m in members])
     if a.size < 2:
         return {"points": None, "most_aligned": None, "most_misaligned": None,
                 "alignment_range": None}
@@ -235,8 +243,8 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
     """Per condition of a results table (``dashboards.tables.RESULTS_SCHEMA``), over its
     FINISHED trials: counts, Spearman's rho between alignment and performance with its
     bootstrap interval, monotonicity of performance in signed alpha, and the gap between the
-    most aligned and the most misaligned trial (``alignment_gap``) (plain dicts, ready for
-    JSON)."""
+    most aligned and the most misaligned trial (``alignment_gap``; configurations' means where
+    a configuration has several seeds, as rho) (plain dicts, ready for JSON)."""
     cols = {name: results.column(name).to_pylist()
             for name in ("condition", "status", "alpha", "alignment", "performance",
                          "performance_metric")}
@@ -261,6 +269,7 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
                                     ).asdict(),
             "monotonicity": monotonicity(_at(cols["alpha"], done),
                                          _at(cols["performance"], done)).asdict(),
-            "gap": alignment_gap(_at(cols["alignment"], done), _at(cols["performance"], done)),
+            "gap": alignment_gap(_at(cols["alignment"], done), _at(cols["performance"], done),
+                                 groups=[configs[i] for i in done] if configs else None),
         }
     return out

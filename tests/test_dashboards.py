@@ -1189,6 +1189,45 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
     assert all(not h["comparable"] and "demo scale" in h["note"] for h in demo["headlines"])
 
 
+def test_with_seeds_the_paper_terms_and_the_gap_read_configuration_means():
+    """Two seeds: a baseline seed happened to be the least aligned trial, and per trial the
+    headline read its drop (0 by definition) as "complete misalignment"; the largest drop and
+    the gap read single seeds' noise. They now read the suppressing configurations' (and, for
+    the gap, every configuration's) means over seeds."""
+    import pyarrow as pa
+
+    from dashboards.paper import paper_terms
+    from dashboards.statistics import sweep_statistics
+
+    def row(cond, direction, alpha, seed, perf, align, degr):
+        return {"condition": cond, "status": "FINISHED", "direction": direction,
+                "alpha": alpha, "beta": 1.0, "seed": seed, "performance": perf,
+                "alignment": align, "degradation": degr, "performance_metric": "map"}
+
+    rows = []
+    for cond in ("nsd_conv1_v1", "pretrained_conv1", "gabor_conv1"):
+        rows += [row(cond, "none", 0.0, 0, 0.30, -0.50, 0.0),  # the least aligned trial
+                 row(cond, "none", 0.0, 1, 0.32, 0.20, 0.0),
+                 row(cond, "min", -0.8, 0, 0.26, -0.30, 4.0),
+                 row(cond, "min", -0.8, 1, 0.30, -0.10, 2.0),
+                 row(cond, "min", -0.4, 0, 0.21, -0.05, 9.0),   # the largest single drop
+                 row(cond, "min", -0.4, 1, 0.31, -0.01, 1.0),
+                 row(cond, "max", 0.8, 0, 0.33, 0.60, -3.0),
+                 row(cond, "max", 0.8, 1, 0.35, 0.40, -3.0),
+                 row(cond, "max", 0.8, 2, 0.20, 0.50, 12.0)]    # three seeds here
+    t = pa.Table.from_pylist(rows)
+    stats = sweep_statistics(t, n_boot=20)
+    by = {h["condition"]: h["measured"] for h in paper_terms(t, stats, "paper")["headlines"]}
+    assert by["nsd_conv1_v1"] == pytest.approx(3.0)      # alpha -0.8: mean alignment -0.2
+    assert by["gabor_conv1"] == pytest.approx(5.0)       # alpha -0.4: mean drop 5, not 9
+    up, down = np.mean([0.33, 0.35, 0.20]), np.mean([np.mean([0.26, 0.30]),
+                                                     np.mean([0.21, 0.31])])
+    assert by["pretrained_conv1"] == pytest.approx(100 * (up - down))
+    gap = stats["nsd_conv1_v1"]["gap"]                    # most aligned: alpha 0.8 (0.5);
+    assert gap["points"] == pytest.approx(100 * (up - 0.28))  # least: alpha -0.8 (-0.2)
+    assert gap["alignment_range"] == pytest.approx([-0.2, 0.5])
+
+
 def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     # Before: a 17-line FileExistsError traceback from build_outputs' mkdir.
     taken = tmp_path / "report.txt"
