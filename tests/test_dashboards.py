@@ -734,6 +734,38 @@ def test_nan_reaches_the_store_by_neither_path(fake_store):
         assert metrics == {"task_loss": 1.5, "epoch": 0.0}, i
 
 
+def test_a_closed_trial_run_ends_its_thread(fake_store, monkeypatch):
+    """Tune reuses a trial's worker process for the next trial. close() used to leave the
+    tracking thread waiting on its queue for the life of the process (a reused actor kept one
+    thread, its client and 60-120 MB of C heap per trial run in it). Now it ends, both after
+    a delivered run and while a dead store's retries are backing off."""
+    import threading
+
+    from records import experiment_name
+    from sweeps import tracking
+
+    def threads():
+        return {t for t in threading.enumerate() if t.name.startswith("mlflow-")}
+
+    before = threads()
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("threads", "demo"), {"sweep": "x"})
+    for i in range(3):
+        run = tracking.TrialRun(uri, parent, f"x-none-a0-b1-s{i}", params={}, tags={},
+                                say=lambda _: None)
+        run.log_epoch({"epoch": 0.0}, 0)
+        run.finish("FINISHED")
+        assert run.close(60)
+    assert threads() == before
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as trials set it: 1 (execute)
+    dead = tracking.TrialRun("http://127.0.0.1:9", parent, "x-none-a0-b1-s9", params={},
+                             tags={}, say=lambda _: None)
+    dead.log_epoch({"epoch": 0.0}, 0)
+    t0 = time.monotonic()
+    assert not dead.close(2.0)
+    assert threads() == before and time.monotonic() - t0 < 6
+
+
 def test_a_trial_the_store_never_saw_gets_its_run_from_the_replay(fake_store):
     """An outage over a trial's whole life: it trained, its journal is in its checkpoint,
     but it never made its child run. The driver's replay (and --resume's) used to drop the
