@@ -354,10 +354,13 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     if unfinished:
         why.append(f"{len(unfinished)} of {len(record.trials)} trials unfinished, e.g. "
                    f"{unfinished[0].trial_id} {unfinished[0].status}")
+    again = (f"An Optuna search cannot be resumed (its study is not checkpointed): run "
+             f"sweeps/run.py {record.sweep} --search optuna again"
+             if record.parent_tags.get("search") == "optuna" else
+             f"Continue it with sweeps/run.py {record.sweep} --resume")
     return ("interrupted" if interrupted else "unfinished",
             f"PARTIAL: this sweep did not run to its end ({'; '.join(why)}); the report "
-            f"covers the trials that finished. Continue it with sweeps/run.py {record.sweep} "
-            f"--resume")
+            f"covers the trials that finished. {again}")
 
 
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:

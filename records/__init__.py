@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT",
-    "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
+    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FACTS_FILE", "FILTERS_ARTIFACT",
+    "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
     "PARENT_TAG", "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "TrialKey",
     "control_name", "error_summary", "experiment_name", "fmt_number", "parse_experiment",
     "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
@@ -77,6 +77,9 @@ FINAL_METRICS_ARTIFACT = "final_metrics.json"
 PREDICTIONS_ARTIFACT = "val_predictions.npz"
 #: In every checkpoint: each epoch's metrics reported so far (the tracking journal).
 JOURNAL_FILE = "tracking_journal.json"
+#: In every checkpoint: what the trial resolved where it ran (its child run's ``ran.*`` tags),
+#: with each change from a restored attempt on (``sweeps.execute.merge_facts``).
+FACTS_FILE = "trial_facts.json"
 
 #: What every trial reports each epoch (MLflow metrics with step = epoch, Ray's result rows),
 #: besides the counter "epoch": the trainable writes these names, the post-processor reads

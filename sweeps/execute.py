@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from records import (
     ARTIFACTS_DIR,
+    FACTS_FILE,
     FINGERPRINT_FILE,
     JOURNAL_FILE,
     PARENT_FILE,
@@ -110,12 +111,16 @@ class RayHooks:
     ARTIFACTS = ARTIFACTS_DIR
     JOURNAL = JOURNAL_FILE  # every epoch's metrics reported so far
 
-    def __init__(self, run: tracking.TrialRun) -> None:
+    def __init__(self, run: tracking.TrialRun, placed: Mapping[str, str] | None = None) -> None:
         from ray import tune
 
         self._tune = tune
         self.run = run
         self.journal: dict[int, dict[str, float]] = {}
+        # the child run's ran.* tags as the checkpoints carry them (a restored attempt on
+        # another share of the node adds to them, ``merge_facts``); ``placed``: Ray's share
+        self.facts: dict[str, str] = {}
+        self._placed = dict(placed or {})
         self._restored: tempfile.TemporaryDirectory | None = None
         self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-")
 
@@ -125,6 +130,7 @@ class RayHooks:
         # The journal travels with the checkpoint: a restored trial (or the driver, at the
         # end) knows every epoch it reported and sends MLflow only what it lacks.
         (Path(checkpoint_dir) / self.JOURNAL).write_text(json.dumps(self.journal))
+        (Path(checkpoint_dir) / FACTS_FILE).write_text(json.dumps(self.facts))
         art = self.artifact_dir()
         if any(art.iterdir()):
             shutil.copytree(art, Path(checkpoint_dir) / self.ARTIFACTS, dirs_exist_ok=True)
@@ -141,6 +147,7 @@ class RayHooks:
         self._restored = tempfile.TemporaryDirectory(prefix="restore-")
         path = Path(ckpt.to_directory(self._restored.name))
         self.journal = read_journal(path)
+        self.facts = read_facts(path)
         self.run.reconcile(self.journal)
         return path
 
@@ -148,13 +155,42 @@ class RayHooks:
         return Path(self._artifacts.name)
 
     def describe(self, facts: dict[str, str]) -> None:
-        """``trainable.train.trial_facts`` as the child run's ``ran.*`` tags."""
-        self.run.set_tags({f"{FACT_TAG_PREFIX}{k}": v for k, v in facts.items()})
+        """``trainable.train.trial_facts`` and Ray's share of the node as the child run's
+        ``ran.*`` tags; a restored attempt's changes are added from the epoch it starts at
+        (``merge_facts``), not written over the first attempt's."""
+        since = max(self.journal) + 1 if self.journal else 0
+        now = {f"{FACT_TAG_PREFIX}{k}": v for k, v in {**facts, **self._placed}.items()}
+        self.facts = merge_facts(self.facts, now, since)
+        self.run.set_tags(self.facts)
 
     def close(self) -> None:
         self._artifacts.cleanup()
         if self._restored is not None:
             self._restored.cleanup()
+
+
+def merge_facts(before: Mapping[str, str], now: Mapping[str, str], since: int) -> dict[str, str]:
+    """A trial's ``ran.*`` tags after an attempt that starts at epoch ``since`` resolved
+    ``now``: a value that changed from the one in force reads ``"1, then 2 from epoch 3"``.
+    Threads set the order of float reductions, so a trial resumed on another CPU share is
+    no longer bit-equal to one that never stopped, and its record says from which epoch."""
+    merged = dict(before)
+    for key, value in now.items():
+        old = before.get(key)
+        if old is None or since == 0:
+            merged[key] = value
+        elif old.rsplit(", then ", 1)[-1].split(" from epoch ")[0] != value:
+            merged[key] = f"{old}, then {value} from epoch {since}"
+    return merged
+
+
+def read_facts(checkpoint_dir: Path) -> dict[str, str]:
+    """A checkpoint's ``ran.*`` tags ({} for one written before they were kept)."""
+    path = Path(checkpoint_dir) / FACTS_FILE
+    if not path.is_file():
+        return {}
+    value = json.loads(path.read_text())
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def read_journal(checkpoint_dir: Path) -> dict[int, dict[str, float]]:
@@ -201,14 +237,18 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
                             params=resolved_config(spec.config),
                             tags={**payload.run_tags, **spec.tags()},
                             dataset=payload.datasets.get(spec.condition))
-    hooks = RayHooks(run)
     # Where it ran (multi-node checks), which process to signal (fault-injection tests), and
     # the share of the node Ray gave it (a GPU request is dropped on a cluster without one).
     context = ray.get_runtime_context()
     assigned = context.get_assigned_resources()
+    placed = {"cpus": fmt_number(assigned.get("CPU", 0.0)),
+              "gpus": fmt_number(assigned.get("GPU", 0.0))}
+    hooks = RayHooks(run, placed=placed)
     run.set_tags({"ray_node_id": context.get_node_id(), "worker_pid": str(os.getpid()),
-                  f"{FACT_TAG_PREFIX}cpus": fmt_number(assigned.get("CPU", 0.0)),
-                  f"{FACT_TAG_PREFIX}gpus": fmt_number(assigned.get("GPU", 0.0))})
+                  # at once for a trial that fails before it describes itself; a restored
+                  # one's are merged with its earlier attempts' (RayHooks.describe)
+                  **({f"{FACT_TAG_PREFIX}{k}": v for k, v in placed.items()}
+                     if tune.get_checkpoint() is None else {})})
     try:
         train(spec.config, data=data, reference=reference, hooks=hooks)
         run.log_artifacts(hooks.artifact_dir())
@@ -438,6 +478,14 @@ def _run_dir(plan: Plan) -> Path:
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
         run_dir = resumed_run_dir(plan)
         check_fingerprint(plan, run_dir)
+        lost = _lost_checkpoints(run_dir)
+        if lost:
+            trial_id, path = lost[0]
+            more = f" (and {len(lost) - 1} more trial(s))" if len(lost) > 1 else ""
+            raise UsageError(
+                f"--resume: {run_dir} no longer holds trial {trial_id}'s checkpoint {path}"
+                f"{more}, which Tune would restore it from (and fail each time); put it back, "
+                f"or run the sweep again without --resume")
         return run_dir
     storage.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -447,8 +495,48 @@ def _run_dir(plan: Plan) -> Path:
         run_dir = storage / run_folder_name(plan.experiment, stamp, k)
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
-    atomic_write_text(pointer, run_dir.name)  # relative: the storage folder may move
     return run_dir
+
+
+def _point_at(plan: Plan, run_dir: Path) -> None:
+    """``<storage>/<experiment>.latest`` names ``run_dir``: the run ``--resume`` continues.
+    Written once the run's records exist, so a new run refused at its start (a trial no node
+    holds, data found malformed, a store that refuses the user) leaves the pointer on the
+    run it had: a ``--resume`` after it continued that empty folder, a whole new sweep under
+    a new parent run, and the interrupted run's trials were never resumed."""
+    if not plan.resume:
+        pointer = Path(plan.storage) / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
+        atomic_write_text(pointer, run_dir.name)  # relative: the storage folder may move
+
+
+def _forget_run_dir(plan: Plan, run_dir: Path) -> None:
+    """A new run refused before its records were made: its folder holds only the
+    fingerprint; remove it (anything more, e.g. a parent-run file, stays)."""
+    if plan.resume:
+        return
+    try:
+        if [p.name for p in run_dir.iterdir()] == [FINGERPRINT_FILE]:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def _lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
+    """(trial id, checkpoint path) of each trial Tune would resume (not TERMINATED) from a
+    checkpoint its state records but the storage no longer holds (a deleted trial folder)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(run_dir)).trials
+    except (ValueError, OSError):  # no Tune state yet: nothing to restore from
+        return []
+    lost = []
+    for trial in trials:
+        ckpt = trial.checkpoint
+        if (trial.status != "TERMINATED" and ckpt is not None
+                and not Path(ckpt.path).exists()):  # storage: a local folder
+            lost.append((str(trial.config.get("trial_id", trial.trial_id)), ckpt.path))
+    return lost
 
 
 @contextlib.contextmanager
@@ -743,10 +831,12 @@ def _execute(plan: Plan) -> int:
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
         parent_id, run_tags = _start_records(plan, run_dir, references)
+        _point_at(plan, run_dir)
     except BaseException as exc:
         signal.signal(signal.SIGTERM, previous)
         if ray.is_initialized():
             ray.shutdown()
+        _forget_run_dir(plan, run_dir)
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
             raise UsageError(" ".join(str(exc).split())) from None
         raise
@@ -809,19 +899,28 @@ def _execute(plan: Plan) -> int:
             ray.shutdown()
         try:
             _replay(plan, outcomes, parent_id, run_tags)
-            tags = {"interrupted": "true" if unfinished else "false"}
-            tracking.finish(plan.mlflow_uri, parent_id, status, tags)
         except Exception as exc:  # an unreachable store: say so in one line, lose nothing
             _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
-                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; every "
-                 f"trial's metrics journal is in its checkpoint under {run_dir}")
+                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; the "
+                 f"trials' metrics journals stay in their checkpoints under {run_dir}")
+        try:  # the parent is ended whatever the replay met (it stayed RUNNING for good)
+            tags = {"interrupted": "true" if unfinished else "false"}
+            tracking.finish(plan.mlflow_uri, parent_id, status, tags)
+        except Exception as exc:
+            _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
+                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; "
+                 f"--resume of the run ends it")
     if unfinished:
         names = [o.trial_id for o in unfinished if o is not None]
-        _say(f"sweep interrupted: {len(names)} trial(s) did not finish"
-             + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names
-                else "")
-             + f"; the parent run is KILLED and the report is partial. Continue with: python "
-               f"sweeps/run.py {shlex.quote(plan.sweep)} --resume (and the same options)")
+        again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
+                 "again" if plan.search == "optuna" else
+                 f"Continue with: python sweeps/run.py {shlex.quote(plan.sweep)} --resume (and "
+                 f"the same options)")
+        _say(("sweep interrupted: " + (
+                 f"{len(names)} trial(s) did not finish ({', '.join(names[:10])}"
+                 f"{', ...' if len(names) > 10 else ''})" if names else
+                 "before the trials' outcomes were collected (a second Ctrl-C)"))
+             + f"; the parent run is KILLED and the report is partial. {again}")
     _report(plan, parent_id)
     if unfinished:
         return 130  # the shell's code for a run ended by SIGINT
@@ -991,17 +1090,21 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
         with contextlib.ExitStack() as stack:
-            journal, artifacts = {}, None
-            if o.checkpoint is not None:
+            journal, artifacts, facts = {}, None, {}
+            if o.checkpoint is not None and not Path(o.checkpoint.path).is_dir():
+                _say(f"{o.trial_id}: its checkpoint {o.checkpoint.path} is no longer in the "
+                     f"storage (deleted?): nothing of it to replay to MLflow")
+            elif o.checkpoint is not None:
                 # read in place (the storage is a local folder, plan._storage): a copy took
                 # the whole checkpoint, weights and optimizer state (~700 MB for AlexNet at
                 # the paper's size), per trial, to read a journal of kilobytes
                 folder = Path(stack.enter_context(o.checkpoint.as_directory()))
                 journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
+                facts = read_facts(folder)
             spec = _outcome_spec(plan, o, specs) if journal else None
             record = ({} if spec is None else dict(
                 params=resolved_config(spec.config),
-                tags={**(run_tags or {}), **spec.tags(),
+                tags={**(run_tags or {}), **spec.tags(), **facts,
                       **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
                          else {})},
                 dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))

@@ -828,7 +828,7 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
         "sweep_files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
         "scale": plan.scale, "smoke": plan.smoke, "seeds": plan.seeds,
         "data": plan.data_kind, "overrides": {k: repr(v) for k, v in plan.overrides.items()},
-        "only": list(plan.only), "search": plan.search, "num_samples": plan.num_samples,
+        "only": sorted(set(plan.only)), "search": plan.search, "num_samples": plan.num_samples,
         "tracking_uri_sha256": hashlib.sha256(plan.mlflow_uri.encode()).hexdigest(),
         **({"weights": plan.weights} if plan.weights is not None else {}),
         # a file replaced at the same path (best.ckpt overwritten) is another reference
@@ -879,7 +879,10 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
     for key, label in names.items():
         if key in ("data_sources", "weights_sha256") and key not in was:
             continue  # recorded since these keys exist
-        if was.get(key) != now.get(key):
+        old = was.get(key)
+        if key == "only" and isinstance(old, list):  # a selection, in any order (runs
+            old = sorted(set(old))  # started before the fingerprint sorted it)
+        if old != now.get(key):
             before, after = repr(was.get(key)), repr(now.get(key))
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it
                 parent = run_dir / PARENT_FILE  # redacted, as the console does

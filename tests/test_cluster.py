@@ -313,6 +313,14 @@ def test_killed_trial_worker_resumes_from_checkpoint_with_the_same_result(tmp_pa
         for key in ("val_performance", "val_alignment", "task_loss", "batch_alignment"):
             assert got[tid][key] == want[tid][key], (tid, key)
     assert len(child_runs(uri, "faults-demo")) == 3  # the retried trial kept its one run
+    # the checkpoints carry the ran.* tags; the restored attempt ran on the same share, so
+    # they read as one value each (a changed one would say from which epoch)
+    (kept,) = [r for r in child_runs(uri, "faults-demo")
+               if r.data.tags["trial_id"].startswith("faults-max-a1")]
+    last = sorted(trial.glob("checkpoint_*"))[-1]
+    facts = json.loads((last / "trial_facts.json").read_text())
+    assert facts["ran.cpus"] == kept.data.tags["ran.cpus"] == "1", facts
+    assert {k: v for k, v in kept.data.tags.items() if k.startswith("ran.")} == facts
 
 
 def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
@@ -349,6 +357,29 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
         assert r.data.tags["trial_id"] in out
     report = Path(out.rsplit("report: ", 1)[1].split()[0])
     assert "PARTIAL (interrupted)" in report.read_text()
+
+    # A new run refused after Ray started (no node holds its trials) leaves the resume
+    # pointer on the interrupted run: it used to point --resume at its own empty folder, and
+    # the resume then ran the whole sweep anew under a new parent run.
+    pointer = storage / "faults-demo.latest"
+    before = (pointer.read_text(), sorted(p.name for p in storage.iterdir()))
+    refused = run_cli([*args, "--cpus-per-trial", "1024", "--mlflow-uri", uri, "--storage",
+                       str(storage)], cwd=tmp_path)
+    assert refused.returncode == 2 and "1024" in refused.stderr, refused.stderr[-2000:]
+    assert (pointer.read_text(), sorted(p.name for p in storage.iterdir())) == before
+    # A trial folder deleted from the storage: Tune would restore the trial from its missing
+    # checkpoint and fail it at every --resume (the parent run was left RUNNING). Refused
+    # in one line naming the trial, before anything is reopened.
+    lost = next(d for d in trial_dirs(storage)
+                if d.name not in done_before and list(d.glob("checkpoint_*")))
+    aside = tmp_path / "aside"
+    lost.rename(aside)
+    gone = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],
+                   cwd=tmp_path)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr, gone.stderr[-2000:]
+    assert f"no longer holds trial {lost.name}'s checkpoint" in gone.stderr, gone.stderr
+    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
+    aside.rename(lost)
 
     again = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],
                     cwd=tmp_path)

@@ -225,3 +225,8 @@ def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
     assert pareto._partial_note(done) is None
     killed = dataclasses.replace(done, parent_status="KILLED")
     assert pareto._partial_note(killed)[0] == "interrupted"
+    assert pareto._partial_note(killed)[1].endswith("--resume")
+    # an Optuna search cannot be resumed (it is refused): the note said to --resume it
+    searched = dataclasses.replace(killed, parent_tags={"search": "optuna"})
+    assert "--resume" not in pareto._partial_note(searched)[1]
+    assert "--search optuna again" in pareto._partial_note(searched)[1]

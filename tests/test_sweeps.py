@@ -545,6 +545,48 @@ def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(t
         resumed_run_dir(plan)
 
 
+def test_a_resume_takes_the_same_selection_in_any_order(tmp_path):
+    """--only patterns given in another order select the same trials: the resume was
+    refused ("started with a different --only"), as a differing selection still is."""
+    import dataclasses
+    import json
+
+    from sweeps.plan import FINGERPRINT_FILE, check_fingerprint, fingerprint
+
+    def plan_of(*only):
+        return make_plan(parse("nsd_conv1_v1", "--smoke-test", "--storage",
+                               str(tmp_path / "ray"), "--mlflow-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               *[a for o in only for a in ("--only", o)]))
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = plan_of("*-none-*", "*-max-*")
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(first)))
+    check_fingerprint(dataclasses.replace(plan_of("*-max-*", "*-none-*"), resume=True), run_dir)
+    old = {**fingerprint(first), "only": ["*-none-*", "*-max-*"]}  # as runs recorded it
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(old))
+    check_fingerprint(dataclasses.replace(plan_of("*-max-*", "*-none-*"), resume=True), run_dir)
+    with pytest.raises(UsageError, match="was started with a different --only"):
+        check_fingerprint(dataclasses.replace(plan_of("*-max-*"), resume=True), run_dir)
+
+
+def test_a_trial_resumed_on_another_share_records_both():
+    """Threads set the order of float reductions: a trial resumed with another CPU share is
+    not bit-equal to one that never stopped. Its ran.* tags were overwritten by the last
+    attempt's; they now say what changed and from which epoch."""
+    from sweeps.execute import merge_facts
+
+    first = merge_facts({}, {"ran.threads": "1", "ran.device": "cpu"}, 0)
+    assert first == {"ran.threads": "1", "ran.device": "cpu"}
+    second = merge_facts(first, {"ran.threads": "2", "ran.device": "cpu"}, 3)
+    assert second == {"ran.threads": "1, then 2 from epoch 3", "ran.device": "cpu"}
+    assert merge_facts(second, {"ran.threads": "2", "ran.device": "cpu"}, 5) == second
+    third = merge_facts(second, {"ran.threads": "1", "ran.gpus": "0"}, 6)
+    assert third["ran.threads"] == "1, then 2 from epoch 3, then 1 from epoch 6"
+    assert third["ran.gpus"] == "0"
+
+
 def test_set_and_only_apply_to_the_plan():
     plan = make_plan(parse("paper", "--set", "epochs=2", "--set", "steps_per_epoch=5",
                            "--set", "device=cpu", "--only", "nsd_conv1_v1-max-*",
