@@ -33,7 +33,8 @@ def _rows(results: pa.Table, condition: str) -> list[dict]:
 def configurations(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """One row per configuration (``dashboards.tables.configuration_key``: everything but the
     seed) with its direction and the means over its seeds of performance, alignment and
-    degradation (each over the seeds that have it; None where none has). With one seed per
+    degradation (over the seeds with both a performance and an alignment, as the tables'
+    means; all of them where none has both; None where none has the number). With one seed per
     configuration these are the trials' own numbers. The headlines read these, as the fronts
     and rho do: a maximum or minimum over single seeds would pick one seed's noise (and a
     baseline seed, whose drop is 0 by definition, could be "the least aligned")."""
@@ -45,9 +46,13 @@ def configurations(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
         v = [m[name] for m in members if m.get(name) is not None and math.isfinite(m[name])]
         return float(np.mean(v)) if v else None
 
-    return [{"direction": members[0]["direction"], "seeds": len(members),
-             **{name: mean(members, name) for name in ("performance", "alignment",
-                                                       "degradation")}}
+    def both(members):  # the seeds the tables' and fronts' means use (tables.py)
+        return [m for m in members if all(m.get(k) is not None and math.isfinite(m[k])
+                                          for k in ("performance", "alignment"))] or members
+
+    return [{"direction": members[0]["direction"], "seeds": len(both(members)),
+             **{name: mean(both(members), name) for name in ("performance", "alignment",
+                                                             "degradation")}}
             for members in groups.values()]
 
 

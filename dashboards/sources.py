@@ -431,6 +431,15 @@ def _recorded_experiment(run_dir: Path) -> str | None:
         return None
 
 
+def _recorded_search(run_dir: Path) -> str | None:
+    """The search (grid, optuna) a run folder's fingerprint recorded; None without one."""
+    try:
+        search = json.loads((run_dir / FINGERPRINT_FILE).read_text()).get("search")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return search if isinstance(search, str) else None
+
+
 def _trial_folder(run_dir: Path, recorded: str | None) -> Path | None:
     """A trial's folder from the manifest's ``<folder>/<trial folder>`` (relative to the
     storage folder): inside ``run_dir`` when it is there, so a copy kept under another name
@@ -526,6 +535,9 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
+    search = _recorded_search(run_dir)
+    if search:  # as the driver tags its parent run (an Optuna search cannot be resumed)
+        tags["search"] = search
     if any(e.state == "not started" or e.state.startswith("stopped at") for e in entries):
         tags["interrupted"] = "true"  # what the driver tags its parent run when it stops
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",

@@ -55,6 +55,7 @@ from sweeps.plan import (
     Plan,
     UsageError,
     _object_store_bytes,
+    check_checkpoints,
     check_fingerprint,
     check_services,
     fingerprint,
@@ -119,7 +120,7 @@ class RayHooks:
         self.journal: dict[int, dict[str, float]] = {}
         # the child run's ran.* tags as the checkpoints carry them (a restored attempt on
         # another share of the node adds to them, ``merge_facts``); ``placed``: Ray's share
-        self.facts: dict[str, str] = {}
+        self.facts: dict[str, list] = {}
         self._placed = dict(placed or {})
         self._restored: tempfile.TemporaryDirectory | None = None
         self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-")
@@ -161,7 +162,7 @@ class RayHooks:
         since = max(self.journal) + 1 if self.journal else 0
         now = {f"{FACT_TAG_PREFIX}{k}": v for k, v in {**facts, **self._placed}.items()}
         self.facts = merge_facts(self.facts, now, since)
-        self.run.set_tags(self.facts)
+        self.run.set_tags(facts_tags(self.facts))
 
     def close(self) -> None:
         self._artifacts.cleanup()
@@ -169,28 +170,41 @@ class RayHooks:
             self._restored.cleanup()
 
 
-def merge_facts(before: Mapping[str, str], now: Mapping[str, str], since: int) -> dict[str, str]:
-    """A trial's ``ran.*`` tags after an attempt that starts at epoch ``since`` resolved
-    ``now``: a value that changed from the one in force reads ``"1, then 2 from epoch 3"``.
-    Threads set the order of float reductions, so a trial resumed on another CPU share is
-    no longer bit-equal to one that never stopped, and its record says from which epoch."""
-    merged = dict(before)
+def merge_facts(before: Mapping[str, list], now: Mapping[str, str],
+                since: int) -> dict[str, list]:
+    """A trial's ``ran.*`` facts after an attempt that starts at epoch ``since`` resolved
+    ``now``: per tag the values in force and the epoch each took over from, ``[[value,
+    epoch], ...]``; a value that changed is appended, not written over (``facts_tags``
+    renders them). Threads set the order of float reductions, so a trial resumed on another
+    CPU share is no longer bit-equal to one that never stopped, and its record says so."""
+    merged = {k: [list(step) for step in v] for k, v in before.items()}
     for key, value in now.items():
-        old = before.get(key)
-        if old is None or since == 0:
-            merged[key] = value
-        elif old.rsplit(", then ", 1)[-1].split(" from epoch ")[0] != value:
-            merged[key] = f"{old}, then {value} from epoch {since}"
+        history = merged.get(key)
+        if not history or since == 0:
+            merged[key] = [[value, 0]]
+        elif history[-1][0] != value:
+            history.append([value, since])
     return merged
 
 
-def read_facts(checkpoint_dir: Path) -> dict[str, str]:
-    """A checkpoint's ``ran.*`` tags ({} for one written before they were kept)."""
+def facts_tags(facts: Mapping[str, list]) -> dict[str, str]:
+    """The child run's ``ran.*`` tags: one value, or ``"1, then 2 from epoch 3"``."""
+    return {k: ", then ".join(str(v) if i == 0 else f"{v} from epoch {e}"
+                              for i, (v, e) in enumerate(history))
+            for k, history in facts.items() if history}
+
+
+def read_facts(checkpoint_dir: Path) -> dict[str, list]:
+    """A checkpoint's ``ran.*`` facts (``merge_facts``; {} for one written before they were
+    kept)."""
     path = Path(checkpoint_dir) / FACTS_FILE
     if not path.is_file():
         return {}
     value = json.loads(path.read_text())
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): [[str(v), int(e)] for v, e in h] for k, h in value.items()
+            if isinstance(h, list) and all(isinstance(x, list) and len(x) == 2 for x in h)}
 
 
 def read_journal(checkpoint_dir: Path) -> dict[int, dict[str, float]]:
@@ -478,14 +492,7 @@ def _run_dir(plan: Plan) -> Path:
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
         run_dir = resumed_run_dir(plan)
         check_fingerprint(plan, run_dir)
-        lost = _lost_checkpoints(run_dir)
-        if lost:
-            trial_id, path = lost[0]
-            more = f" (and {len(lost) - 1} more trial(s))" if len(lost) > 1 else ""
-            raise UsageError(
-                f"--resume: {run_dir} no longer holds trial {trial_id}'s checkpoint {path}"
-                f"{more}, which Tune would restore it from (and fail each time); put it back, "
-                f"or run the sweep again without --resume")
+        check_checkpoints(run_dir)
         return run_dir
     storage.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -519,24 +526,6 @@ def _forget_run_dir(plan: Plan, run_dir: Path) -> None:
             shutil.rmtree(run_dir)
     except OSError:
         pass
-
-
-def _lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
-    """(trial id, checkpoint path) of each trial Tune would resume (not TERMINATED) from a
-    checkpoint its state records but the storage no longer holds (a deleted trial folder)."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        trials = ExperimentAnalysis(str(run_dir)).trials
-    except (ValueError, OSError):  # no Tune state yet: nothing to restore from
-        return []
-    lost = []
-    for trial in trials:
-        ckpt = trial.checkpoint
-        if (trial.status != "TERMINATED" and ckpt is not None
-                and not Path(ckpt.path).exists()):  # storage: a local folder
-            lost.append((str(trial.config.get("trial_id", trial.trial_id)), ckpt.path))
-    return lost
 
 
 @contextlib.contextmanager
@@ -908,8 +897,8 @@ def _execute(plan: Plan) -> int:
             tracking.finish(plan.mlflow_uri, parent_id, status, tags)
         except Exception as exc:
             _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
-                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; "
-                 f"--resume of the run ends it")
+                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}"
+                 + ("" if plan.search == "optuna" else "; --resume of the run ends it"))
     if unfinished:
         names = [o.trial_id for o in unfinished if o is not None]
         again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
@@ -919,7 +908,7 @@ def _execute(plan: Plan) -> int:
         _say(("sweep interrupted: " + (
                  f"{len(names)} trial(s) did not finish ({', '.join(names[:10])}"
                  f"{', ...' if len(names) > 10 else ''})" if names else
-                 "before the trials' outcomes were collected (a second Ctrl-C)"))
+                 "before the trials' outcomes were collected"))
              + f"; the parent run is KILLED and the report is partial. {again}")
     _report(plan, parent_id)
     if unfinished:
@@ -1104,7 +1093,7 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
             spec = _outcome_spec(plan, o, specs) if journal else None
             record = ({} if spec is None else dict(
                 params=resolved_config(spec.config),
-                tags={**(run_tags or {}), **spec.tags(), **facts,
+                tags={**(run_tags or {}), **spec.tags(), **facts_tags(facts),
                       **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
                          else {})},
                 dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))

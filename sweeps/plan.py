@@ -784,9 +784,53 @@ def _check_resume(resume: bool, storage: str, experiment: str) -> None:
 
 
 def _check_resumed_run(plan: Plan) -> None:
-    """The run --resume would continue was started as this plan would start it."""
+    """The run --resume would continue was started as this plan would start it, and still
+    holds the checkpoints Tune would restore its trials from."""
     if plan.resume:
-        check_fingerprint(plan, resumed_run_dir(plan))
+        run_dir = resumed_run_dir(plan)
+        check_fingerprint(plan, run_dir)
+        check_checkpoints(run_dir)
+
+
+def check_checkpoints(run_dir: Path) -> None:
+    """Each trial Tune would resume (not TERMINATED) from a checkpoint its experiment state
+    records must still have it: a trial folder deleted from the storage made Tune fail that
+    trial at every --resume (refused here in one line, naming it)."""
+    lost = lost_checkpoints(run_dir)
+    if lost:
+        trial_id, path = lost[0]
+        more = f" (and {len(lost) - 1} more trial(s))" if len(lost) > 1 else ""
+        raise UsageError(
+            f"--resume: {run_dir} no longer holds trial {trial_id}'s checkpoint {path}{more}, "
+            f"which Tune would restore it from (and fail each time); put it back, or run the "
+            f"sweep again without --resume")
+
+
+def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
+    """(trial id, checkpoint path) of each trial Tune would resume from a checkpoint its
+    state records (``ExperimentAnalysis``: Tune's own reading of it, paths resolved in the
+    folder as it is now) but the storage no longer holds. [] without a Tune state."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    # it also loads each trial's results, and warns about a deleted folder in two lines
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(str(run_dir)).trials
+    except Exception:  # no (readable) Tune state: nothing it would restore from
+        return []
+    finally:
+        quiet.setLevel(level)
+    lost = []
+    for trial in trials:
+        ckpt = trial.checkpoint
+        if (trial.status != "TERMINATED" and ckpt is not None
+                and not Path(ckpt.path).exists()):  # the storage is a local folder
+            lost.append((str(trial.config.get("trial_id", trial.trial_id)), ckpt.path))
+    return lost
 
 
 def resumed_run_dir(plan: Plan) -> Path:

@@ -318,7 +318,9 @@ def test_killed_trial_worker_resumes_from_checkpoint_with_the_same_result(tmp_pa
     (kept,) = [r for r in child_runs(uri, "faults-demo")
                if r.data.tags["trial_id"].startswith("faults-max-a1")]
     last = sorted(trial.glob("checkpoint_*"))[-1]
-    facts = json.loads((last / "trial_facts.json").read_text())
+    from sweeps.execute import facts_tags, read_facts
+
+    facts = facts_tags(read_facts(last))
     assert facts["ran.cpus"] == kept.data.tags["ran.cpus"] == "1", facts
     assert {k: v for k, v in kept.data.tags.items() if k.startswith("ran.")} == facts
 
@@ -378,6 +380,10 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
                    cwd=tmp_path)
     assert gone.returncode == 2 and "Traceback" not in gone.stderr, gone.stderr[-2000:]
     assert f"no longer holds trial {lost.name}'s checkpoint" in gone.stderr, gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr  # no Ray warning either
+    dry = run_cli([*args, "--resume", "--dry-run", "--mlflow-uri", uri, "--storage",
+                   str(storage)], cwd=tmp_path)
+    assert dry.returncode == 2 and dry.stderr == gone.stderr, dry.stdout + dry.stderr
     assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
     aside.rename(lost)
 

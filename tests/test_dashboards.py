@@ -1212,6 +1212,12 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
     assert set(by) == {"nsd_conv1_v1", "nsd_fc1_vvs"}
     assert by["nsd_conv1_v1"]["measured"] == 3.0  # the least aligned trial (-0.4), not the
     assert by["nsd_fc1_vvs"]["measured"] == 20.0  # largest drop (5.0)
+    # a baseline (or promoting) trial less aligned than every suppressing one is no
+    # "complete misalignment": its drop was read as the headline (0.0 for a baseline)
+    low = t.set_column(t.schema.get_field_index("alignment"), "alignment",
+                       pa.array([-0.9, -0.2, -0.4, 0.5, 0.1, -0.3, -0.8]))
+    low_by = {h["condition"]: h for h in paper_terms(low, stats, "paper")["headlines"]}
+    assert low_by["nsd_conv1_v1"]["measured"] == 3.0 and low_by["nsd_fc1_vvs"]["measured"] == 20.0
     assert by["nsd_fc1_vvs"]["comparable"] is True
     (cmp,) = terms["comparisons"]
     assert cmp["first_gap"] == pytest.approx(100 * (0.31 - 0.27))

@@ -207,6 +207,12 @@ def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, caps
     assert f"1 of 3 trials unfinished, e.g. {TRIALS[2][0]} " in note
     assert note.endswith(f"Continue it with sweeps/run.py {SWEEP} --resume")
     assert f"note: {note}" in printed
+    # an Optuna search (its fingerprint says so) cannot be resumed: the note said to
+    (run / "sweep_fingerprint.json").write_text(json.dumps({"sweep": SWEEP, "search": "optuna"}))
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "o2")]) == 0
+    messages = json.loads((tmp_path / "o2" / "statistics.json").read_text())["messages"]
+    (note,) = [m for m in messages if m.startswith("PARTIAL")]
+    assert "--resume" not in note and "--search optuna again" in note
 
 
 def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):

@@ -571,20 +571,46 @@ def test_a_resume_takes_the_same_selection_in_any_order(tmp_path):
         check_fingerprint(dataclasses.replace(plan_of("*-max-*"), resume=True), run_dir)
 
 
-def test_a_trial_resumed_on_another_share_records_both():
+def test_a_trial_resumed_on_another_share_records_both(tmp_path):
     """Threads set the order of float reductions: a trial resumed with another CPU share is
     not bit-equal to one that never stopped. Its ran.* tags were overwritten by the last
-    attempt's; they now say what changed and from which epoch."""
-    from sweeps.execute import merge_facts
+    attempt's; they now say what changed and from which epoch (a restored attempt reads the
+    facts its checkpoint carries). A value that itself reads like a history (a reference
+    file path with ', then ') is not taken for one."""
+    import json
 
-    first = merge_facts({}, {"ran.threads": "1", "ran.device": "cpu"}, 0)
-    assert first == {"ran.threads": "1", "ran.device": "cpu"}
-    second = merge_facts(first, {"ran.threads": "2", "ran.device": "cpu"}, 3)
-    assert second == {"ran.threads": "1, then 2 from epoch 3", "ran.device": "cpu"}
-    assert merge_facts(second, {"ran.threads": "2", "ran.device": "cpu"}, 5) == second
+    from mlflow.tracking import MlflowClient
+
+    from records import experiment_name
+    from sweeps import tracking
+    from sweeps.execute import RayHooks, facts_tags, merge_facts, read_facts
+
+    path = "AlexNet from /m/a, then b from epoch 3.pt"
+    first = merge_facts({}, {"ran.threads": "1", "ran.reference": path}, 0)
+    assert facts_tags(first) == {"ran.threads": "1", "ran.reference": path}
+    second = merge_facts(first, {"ran.threads": "2", "ran.reference": path}, 3)
+    assert facts_tags(second) == {"ran.threads": "1, then 2 from epoch 3", "ran.reference": path}
+    assert merge_facts(second, {"ran.threads": "2", "ran.reference": path}, 5) == second
     third = merge_facts(second, {"ran.threads": "1", "ran.gpus": "0"}, 6)
-    assert third["ran.threads"] == "1, then 2 from epoch 3, then 1 from epoch 6"
-    assert third["ran.gpus"] == "0"
+    assert facts_tags(third)["ran.threads"] == "1, then 2 from epoch 3, then 1 from epoch 6"
+    assert facts_tags(third)["ran.gpus"] == "0"
+    # through a checkpoint, as a restored attempt reads it and describes itself
+    (tmp_path / "trial_facts.json").write_text(json.dumps(first))
+    assert read_facts(tmp_path) == first
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.start_parent(uri, experiment_name("facts", "demo"), {"sweep": "x"})
+    run = tracking.TrialRun(uri, parent, "x-none-a0-b1-s0", params={}, tags={},
+                            say=lambda _: None)
+    hooks = RayHooks(run, placed={"cpus": "2"})
+    hooks.journal, hooks.facts = {0: {}, 1: {}}, read_facts(tmp_path)
+    hooks.describe({"threads": "2", "reference": path})
+    assert run.close(60)
+    tags = MlflowClient(uri).get_run(run.run_id).data.tags
+    assert tags["ran.threads"] == "1, then 2 from epoch 2" and tags["ran.reference"] == path
+    assert tags["ran.cpus"] == "2"  # a fact the first attempt's checkpoint did not carry
+    hooks.close()
+    (tmp_path / "trial_facts.json").write_text(json.dumps({"ran.threads": "1"}))  # not ours
+    assert read_facts(tmp_path) == {}
 
 
 def test_set_and_only_apply_to_the_plan():
