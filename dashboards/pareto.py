@@ -96,6 +96,15 @@ def diagnose(record: SweepRecord, results: pa.Table) -> list[str]:
                          f"baseline_performance, performance_change and degradation are empty "
                          f"and the front figure "
                          f"shows raw performance")
+        based = {r["seed"] for r in done if r["direction"] == "none"
+                 and r["performance"] is not None}
+        unpaired = sorted({r["seed"] for r in done if r["direction"] != "none"} - based,
+                          key=str)
+        if based and unpaired:
+            notes.append(f"condition {cond}: no finished baseline of seed(s) "
+                         f"{', '.join(map(str, unpaired))}: their trials' degradation is from "
+                         f"the mean baseline of seed(s) "
+                         f"{', '.join(map(str, sorted(based, key=str)))}, not paired by seed")
         directions = sorted({r["direction"] for r in done} - {"none"})
         if not directions:
             notes.append(f"condition {cond}: only the baseline finished: no perturbed trial, "

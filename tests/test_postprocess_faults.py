@@ -174,6 +174,19 @@ def test_a_default_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsy
     assert (work / "outputs").read_text() == "keep me\n"
 
 
+def test_a_seed_without_its_baseline_is_said_to_be_unpaired():
+    """Seed 1's baseline did not finish: its trials' degradation falls back on seed 0's
+    baseline, silently (the effects and the tables pair by seed elsewhere)."""
+    record = _record([("none", 0.0, 0, [0.5], [0.1]), ("min", -0.5, 0, [0.3], [-0.2]),
+                      ("min", -0.5, 1, [0.35], [-0.1]), ("max", 0.5, 1, [0.45], [0.3])])
+    notes = pareto.diagnose(record, tables.results_table(record))
+    assert ("condition c: no finished baseline of seed(s) 1: their trials' degradation is "
+            "from the mean baseline of seed(s) 0, not paired by seed") in notes
+    paired = _record([("none", 0.0, 0, [0.5], [0.1]), ("min", -0.5, 0, [0.3], [-0.2])])
+    assert not [n for n in pareto.diagnose(paired, tables.results_table(paired))
+                if "not paired" in n]
+
+
 def test_finished_trials_without_a_final_performance_are_said_to_be_left_out():
     nan, inf = float("nan"), float("inf")
     record = _record([("none", 0.0, 0, [0.5], [0.1]), ("max", 0.5, 0, [0.4, nan], [0.2, 0.3]),
