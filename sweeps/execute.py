@@ -70,11 +70,7 @@ from sweeps.plan import (
 )
 from sweeps.spec import Resources, TrialSpec, format_overrides
 
-# `ray start` (2.60) turns token authentication on by default, but a driver only presents its
-# token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) when RAY_AUTH_MODE says so, and Ray reads that
-# when it is first imported: set it before any Ray import. Authentication stays on; a cluster
-# started with it disabled needs RAY_AUTH_MODE=disabled in the environment.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# RAY_AUTH_MODE=token is set by the package (sweeps/__init__.py), before any Ray import.
 # With CheckpointConfig(num_to_keep=2) Tune snapshots its experiment state whenever a trial has
 # saved two checkpoints since the last snapshot, so the state never names a deleted checkpoint.
 # At demo scale an epoch takes seconds, so that is every few seconds, and Tune prints a
@@ -903,8 +899,7 @@ def _execute(plan: Plan) -> int:
         names = [o.trial_id for o in unfinished if o is not None]
         again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
                  "again" if plan.search == "optuna" else
-                 f"Continue with: python sweeps/run.py {shlex.quote(plan.sweep)} --resume (and "
-                 f"the same options)")
+                 f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same options)")
         _say(("sweep interrupted: " + (
                  f"{len(names)} trial(s) did not finish ({', '.join(names[:10])}"
                  f"{', ...' if len(names) > 10 else ''})" if names else
@@ -914,6 +909,19 @@ def _execute(plan: Plan) -> int:
     if unfinished:
         return 130  # the shell's code for a run ended by SIGINT
     return 0 if not failed else 1
+
+
+def pasteable(*words: str, module: bool = False) -> str:
+    """A command line the user can paste where they ran the driver: this interpreter (a venv's
+    ``.venv/bin/python``, relative to the working folder where it lies below it; a bare
+    ``python`` or ``mlflow`` is not on a PATH the README never activates) and this
+    repository's ``sweeps/run.py`` the same way, or ``-m MODULE`` with ``module``."""
+    def here(path: str) -> str:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else path
+
+    script = [] if module else [here(str(Path(__file__).resolve().parent / "run.py"))]
+    return " ".join(shlex.quote(w) for w in [here(sys.executable or "python"), *script, *words])
 
 
 def _sigterm_as_sigint(signum, frame) -> None:
@@ -1119,8 +1127,8 @@ def _report(plan: Plan, parent_id: str) -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "dashboards.pareto", plan.sweep, "--parent-run", parent_id,
            "--experiment", plan.experiment]
-    retry = (f"python -m dashboards.pareto {shlex.quote(plan.sweep)} --mlflow-uri "
-             f"{shlex.quote(redact(plan.mlflow_uri))} --parent-run {parent_id}")
+    retry = pasteable("-m", "dashboards.pareto", plan.sweep, "--mlflow-uri",
+                      redact(plan.mlflow_uri), "--parent-run", parent_id, module=True)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -1242,4 +1250,5 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
         _say(f"browse them: open {uri.rstrip('/')}/#/experiments in a browser (the MLflow "
              f"server's own UI)")
     else:
-        _say(f"browse them: mlflow ui --backend-store-uri {shlex.quote(uri)}")  # pasted as is
+        ui = pasteable("-m", "mlflow", "ui", "--backend-store-uri", uri, module=True)
+        _say(f"browse them: {ui}")

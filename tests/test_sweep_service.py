@@ -3,6 +3,7 @@ trainable on the simulated world (`python sweeps/run.py NAME --smoke-test`)."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,11 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "conv1_filters.png" in artifacts and "val_predictions.npz" in artifacts
     # the end of the run says where the results are and how to browse them
-    assert f"mlflow ui --backend-store-uri {uri}" in proc.stdout
+    # as a command that runs where it was printed (no bare `mlflow`: the venv is not on PATH)
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("browse them: ")]
+    assert line.endswith(f" -m mlflow ui --backend-store-uri {uri}"), line
+    python = shlex.split(line.removeprefix("browse them: "))[0]
+    assert Path(work, python).resolve() == Path(sys.executable).resolve(), line
 
 
 def test_resume_of_a_finished_sweep_adds_no_runs(smoke):

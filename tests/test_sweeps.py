@@ -545,6 +545,24 @@ def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(t
         resumed_run_dir(plan)
 
 
+def test_two_runs_in_one_second_get_their_own_folders_and_the_newest_is_read(tmp_path,
+                                                                              monkeypatch):
+    """Two invocations in the same second: ``..._HHMMSS`` and ``..._HHMMSS-2`` (nothing
+    earlier is overwritten), and the post-processor's Ray source takes the second as the
+    newest, also past -9 (a string order would put -10 first)."""
+    from dashboards.sources import _ray_run_dir
+    from records import parse_run_folder
+    from sweeps import execute
+
+    monkeypatch.setattr(execute.time, "strftime", lambda fmt: "20260101-000000")
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test", "--storage", str(tmp_path)))
+    made = [execute._run_dir(plan) for _ in range(10)]
+    assert [parse_run_folder(d.name) for d in made] == [
+        ("nsd_conv1_v1-smoke", "20260101-000000", k) for k in range(1, 11)]
+    assert made[-1].name.endswith("_20260101-000000-10")
+    assert _ray_run_dir(tmp_path, "nsd_conv1_v1", None) == made[-1]
+
+
 def test_a_resume_takes_the_same_selection_in_any_order(tmp_path):
     """--only patterns given in another order select the same trials: the resume was
     refused ("started with a different --only"), as a differing selection still is."""
@@ -899,6 +917,14 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
         check_fits(two, split)
     check_fits(make_plan(parse("nsd_conv1_v1", "--cpus-per-trial", "1", "--gpus-per-trial", "1",
                                "--mlflow-uri", "http://tracking.example:5000")), split)
+    # a SQLite file with trials on several machines: each would write its own copy
+    local = make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"))
+    with pytest.raises(UsageError, match=rf"^--mlflow-uri sqlite:///{tmp_path}/m.db is a "
+                                         rf"SQLite file on this machine but the Ray cluster "
+                                         rf"spans 2 machines \(10.0.0.1, 10.0.0.2\).*accepted: "
+                                         rf"an MLflow server"):
+        check_fits(local, [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
+    check_fits(local, [node, node])  # two Ray nodes on one machine share the file
     # a SQLite store where it cannot be written: MLflow retried for two minutes after Ray had
     # started, then exit 1
     with pytest.raises(UsageError, match=r"--mlflow-uri sqlite:////proc/alignsweep.db: /proc "
