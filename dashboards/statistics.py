@@ -22,11 +22,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["MIN_TRIALS", "Monotonicity", "Spearman", "monotonicity", "spearman_ci",
+__all__ = ["MIN_INTERVAL", "MIN_TRIALS", "Monotonicity", "Spearman", "monotonicity", "spearman_ci",
            "sweep_statistics"]
 
 #: Spearman's rho of fewer points is not worth a number (two points give +-1 by construction).
 MIN_TRIALS = 3
+#: Points (trials, or configurations with seeds) below which rho gets no bootstrap interval:
+#: resamples of 3 or 4 points repeat one so often that the rhos they give are few and mostly
+#: +-1 (3 points: 22 % of resamples hold all three; the interval then read "[1.000, 1.000]").
+MIN_INTERVAL = 5
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,11 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
         which = "alignment" if np.ptp(mx) == 0 else "performance"
         return Spearman(nan, nan, nan, nan, k, level, n_boot, 0,
                         f"{which} is the same for all {k} {unit}: Spearman's rho is undefined")
+    if k < MIN_INTERVAL:
+        return Spearman(rho, nan, nan, p, k, level, n_boot, 0,
+                        ("" if by_trial else f"rho over {k} configuration means; ")
+                        + f"no bootstrap interval over {k} {unit}: their resamples give only "
+                          f"a few distinct rhos (an interval needs at least {MIN_INTERVAL})")
     rng = np.random.default_rng(seed)
     if by_trial:  # pairs drawn with replacement
         idx = rng.integers(0, k, size=(n_boot, k))

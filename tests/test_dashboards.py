@@ -152,6 +152,17 @@ def test_spearman_undefined_cases_say_why(x, y, match):
     assert match in res.message
 
 
+def test_spearman_over_fewer_than_five_points_has_no_interval():
+    """Resamples of 3 points hold all three only 22 % of the time; the rest give +-1 or
+    nothing, and the interval of a perfectly ordered control read "[1.000, 1.000]"."""
+    three = statistics.spearman_ci([0.1, 0.2, 0.3], [0.5, 0.6, 0.7], n_boot=500)
+    assert three.rho == pytest.approx(1.0) and np.isnan(three.low) and np.isnan(three.high)
+    assert three.message.startswith("no bootstrap interval over 3 trials")
+    five = statistics.spearman_ci([0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.7, 0.6, 0.9, 0.8],
+                                  n_boot=500)
+    assert five.low < five.rho and five.message == ""
+
+
 def test_spearman_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"level=1\.5; accepted: a number in \(0, 1\)"):
         statistics.spearman_ci([1, 2, 3], [1, 2, 3], level=1.5)

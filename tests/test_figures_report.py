@@ -132,7 +132,9 @@ def trials_table(html):
 
 def test_report_says_seeds_are_resampled_and_shows_the_means_the_fronts_use(lone_seed):
     html, stats = render(lone_seed)
-    assert "seeds resampled within configurations" in stats["c"]["spearman"]["message"]
+    # three configurations: rho over their means, too few for a bootstrap interval
+    assert stats["c"]["spearman"]["message"].startswith("rho over 3 configuration means; no "
+                                                        "bootstrap interval over 3")
     text = intro(html)
     assert "seeds resampled within configurations" in text
     assert "trials resampled" not in text
@@ -155,7 +157,7 @@ def test_report_with_one_seed_per_configuration_resamples_trials():
                                            trial("max", 0.5, 0, [0.4], [0.6]),
                                            trial("min", -0.5, 0, [0.45], [-0.2])]))
     html, stats = render(results)
-    assert stats["c"]["spearman"]["message"] == ""
+    assert stats["c"]["spearman"]["message"].startswith("no bootstrap interval over 3 trials")
     text = intro(html)
     assert "(trials resampled)" in text and "within configurations" not in text
     head, rows, part = trials_table(html)
@@ -170,8 +172,9 @@ def test_report_names_the_conditions_whose_seeds_are_resampled():
                 for d, a, p, x in (("none", 0.0, 0.5, 0.1), ("max", 0.5, 0.4, 0.6),
                                    ("min", -0.5, 0.45, -0.2)) for s in (0, 1)]
     html, stats = render(tables.results_table(record(single + repeated)))
-    assert stats["one"]["spearman"]["message"] == ""
-    assert "within configurations" in stats["two"]["spearman"]["message"]
+    # three points each: no interval, but "two" is over its configurations' means
+    assert stats["one"]["spearman"]["message"].startswith("no bootstrap interval over 3 trials")
+    assert stats["two"]["spearman"]["message"].startswith("rho over 3 configuration means")
     text = intro(html)
     assert "several seeds (two)" in text
     assert "trials resampled, or seeds resampled within configurations" in text
