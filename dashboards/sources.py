@@ -419,25 +419,25 @@ def _ray_history(folder: Path, notes: list[str]) -> dict[str, tuple[tuple[int, f
     return {k: tuple(sorted(v.items())) for k, v in by_metric.items()}
 
 
-def _recorded_experiment(run_dir: Path) -> str | None:
-    """The experiment of a run folder whose name is not ``<experiment>_<stamp>`` (a copy kept
-    under another name): the sweep and scale its fingerprint recorded when it started
-    (``records.FINGERPRINT_FILE``); None without a readable one."""
+def _recorded(run_dir: Path) -> dict:
+    """The fingerprint a run folder recorded when it started (``records.FINGERPRINT_FILE``);
+    {} without a readable one."""
     try:
         recorded = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _recorded_experiment(run_dir: Path) -> str | None:
+    """The experiment of a run folder whose name is not ``<experiment>_<stamp>`` (a copy kept
+    under another name): the sweep and scale its fingerprint recorded; None without them."""
+    recorded = _recorded(run_dir)
+    try:
         scale = "smoke" if recorded.get("smoke") else recorded["scale"]
         return experiment_name(str(recorded["sweep"]), scale)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, ValueError):
         return None
-
-
-def _recorded_search(run_dir: Path) -> str | None:
-    """The search (grid, optuna) a run folder's fingerprint recorded; None without one."""
-    try:
-        search = json.loads((run_dir / FINGERPRINT_FILE).read_text()).get("search")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return search if isinstance(search, str) else None
 
 
 def _trial_folder(run_dir: Path, recorded: str | None) -> Path | None:
@@ -535,9 +535,9 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
-    search = _recorded_search(run_dir)
-    if search:  # as the driver tags its parent run (an Optuna search cannot be resumed)
-        tags["search"] = search
+    search = _recorded(run_dir).get("search")
+    if isinstance(search, str):  # as the driver tags its parent run (an Optuna search
+        tags["search"] = search  # cannot be resumed)
     if any(e.state == "not started" or e.state.startswith("stopped at") for e in entries):
         tags["interrupted"] = "true"  # what the driver tags its parent run when it stops
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",

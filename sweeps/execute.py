@@ -37,7 +37,6 @@ from records import (
     FINGERPRINT_FILE,
     JOURNAL_FILE,
     PARENT_FILE,
-    RESUME_POINTER_SUFFIX,
     ManifestEntry,
     TrialKey,
     child_runs,
@@ -482,9 +481,8 @@ def _run_dir(plan: Plan) -> Path:
     continues the latest one, recorded in ``<storage>/<experiment>.latest``, after checking
     that it was started by the same sweep (``check_fingerprint``)."""
     storage = Path(plan.storage)
-    pointer = storage / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
     if plan.resume:
-        if not pointer.is_file():
+        if not Path(plan.resume_pointer).is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
         run_dir = resumed_run_dir(plan)
         check_fingerprint(plan, run_dir)
@@ -507,9 +505,8 @@ def _point_at(plan: Plan, run_dir: Path) -> None:
     holds, data found malformed, a store that refuses the user) leaves the pointer on the
     run it had: a ``--resume`` after it continued that empty folder, a whole new sweep under
     a new parent run, and the interrupted run's trials were never resumed."""
-    if not plan.resume:
-        pointer = Path(plan.storage) / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
-        atomic_write_text(pointer, run_dir.name)  # relative: the storage folder may move
+    if not plan.resume:  # relative: the storage folder may move
+        atomic_write_text(Path(plan.resume_pointer), run_dir.name)
 
 
 def _forget_run_dir(plan: Plan, run_dir: Path) -> None:
@@ -1086,33 +1083,32 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
     specs = {t.trial_id: t for t in plan.trials}
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
-        with contextlib.ExitStack() as stack:
-            journal, artifacts, facts = {}, None, {}
-            if o.checkpoint is not None and not Path(o.checkpoint.path).is_dir():
-                _say(f"{o.trial_id}: its checkpoint {o.checkpoint.path} is no longer in the "
-                     f"storage (deleted?): nothing of it to replay to MLflow")
-            elif o.checkpoint is not None:
-                # read in place (the storage is a local folder, plan._storage): a copy took
-                # the whole checkpoint, weights and optimizer state (~700 MB for AlexNet at
-                # the paper's size), per trial, to read a journal of kilobytes
-                folder = Path(stack.enter_context(o.checkpoint.as_directory()))
-                journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
-                facts = read_facts(folder)
-            spec = _outcome_spec(plan, o, specs) if journal else None
-            record = ({} if spec is None else dict(
-                params=resolved_config(spec.config),
-                tags={**(run_tags or {}), **spec.tags(), **facts_tags(facts),
-                      **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
-                         else {})},
-                dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))
-            status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
-            if (journal or stopped) and not tracking.replay_journal(
-                    plan.mlflow_uri, parent_id, o.trial_id, journal,
-                    status=status if (stopped or spec is not None) else None, timeout=60.0,
-                    say=_say, **record):
-                _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
-                     f"{len(outcomes) - k} trial(s) stay in their checkpoints")
-                return
+        journal, artifacts, facts = {}, None, {}
+        # read in place: the storage is a local folder (plan._storage); a copy took the
+        # whole checkpoint, weights and optimizer state (~700 MB for AlexNet at the
+        # paper's size), per trial, to read a journal of kilobytes
+        folder = Path(o.checkpoint.path) if o.checkpoint is not None else None
+        if folder is not None and not folder.is_dir():
+            _say(f"{o.trial_id}: its checkpoint {folder} is no longer in the storage "
+                 f"(deleted?): nothing of it to replay to MLflow")
+        elif folder is not None:
+            journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
+            facts = read_facts(folder)
+        spec = _outcome_spec(plan, o, specs) if journal else None
+        record = ({} if spec is None else dict(
+            params=resolved_config(spec.config),
+            tags={**(run_tags or {}), **spec.tags(), **facts_tags(facts),
+                  **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
+                     else {})},
+            dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))
+        status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
+        if (journal or stopped) and not tracking.replay_journal(
+                plan.mlflow_uri, parent_id, o.trial_id, journal,
+                status=status if (stopped or spec is not None) else None, timeout=60.0,
+                say=_say, **record):
+            _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
+                 f"{len(outcomes) - k} trial(s) stay in their checkpoints")
+            return
 
 
 def _report(plan: Plan, parent_id: str) -> None:
