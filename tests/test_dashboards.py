@@ -320,11 +320,13 @@ def fake_store(tmp_path_factory):
                                    multi_label=False, tmp=tmp)
     parents["paper"] = write_sweep(client, "paper", COMPOSITE, tmp=tmp)
     parents["ctl"] = write_sweep(client, "ctl", _controlled(), tmp=tmp)
-    # two invocations of one sweep at two scales: the later one is the default
+    # two invocations of one sweep at two scales: the later one is the default. The later is
+    # at the scale listed first (demo, smoke, paper), so "the newest run" and "the last scale
+    # that has runs" pick different ones
     t0 = int(time.time() * 1000)
-    parents["older"] = write_sweep(client, "twice", FULL[:2], scale="demo", start=t0 - 60_000,
+    parents["older"] = write_sweep(client, "twice", FULL[:2], scale="smoke", start=t0 - 60_000,
                                    tmp=tmp)
-    parents["newer"] = write_sweep(client, "twice", FULL[:3], scale="smoke", start=t0, tmp=tmp)
+    parents["newer"] = write_sweep(client, "twice", FULL[:3], scale="demo", start=t0, tmp=tmp)
     return uri, parents
 
 
@@ -890,11 +892,12 @@ def test_an_alpha_is_read_as_trained_not_as_its_rounded_tag(fake_store, tmp_path
 
 def test_latest_parent_run_by_default_or_the_one_asked_for(fake_store):
     uri, parents = fake_store
-    assert load_mlflow("twice", mlflow_uri=uri).parent_run_id == parents["newer"]
-    older = load_mlflow("twice", mlflow_uri=uri, experiment="twice-demo")
+    newest = load_mlflow("twice", mlflow_uri=uri)
+    assert newest.parent_run_id == parents["newer"] and newest.experiment == "twice-demo"
+    older = load_mlflow("twice", mlflow_uri=uri, experiment="twice-smoke")
     assert older.parent_run_id == parents["older"] and len(older.trials) == 2
     assert load_mlflow("twice", mlflow_uri=uri,
-                       parent_run_id=parents["older"]).experiment == "twice-demo"
+                       parent_run_id=parents["older"]).experiment == "twice-smoke"
 
 
 @pytest.mark.parametrize("args, match", [
@@ -1169,8 +1172,8 @@ def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
 
 def test_seeds_are_resampled_within_configurations():
     """With repeated seeds, Spearman's rho is over the configurations' means and its interval
-    redraws seeds within each configuration; one seed per configuration keeps the trials
-    bootstrap."""
+    redraws seeds within each configuration (checked resample by resample against a loop
+    over scipy); one seed per configuration keeps the trials bootstrap."""
     import pyarrow as pa
 
     from dashboards.statistics import spearman_ci, sweep_statistics
@@ -1180,19 +1183,37 @@ def test_seeds_are_resampled_within_configurations():
     rows = []
     for a in alphas:
         for _ in range(3):
+            # seed noise about as large as the configurations' spacing in performance: the
+            # means can swap order in a resample, so the interval has a width to check
             rows.append({"condition": "c", "status": "FINISHED", "alpha": a, "beta": 1.0,
                          "direction": "max" if a > 0 else "min" if a < 0 else "none",
                          "alignment": a + 0.05 * rng.standard_normal(),
-                         "performance": 0.5 + 0.1 * a + 0.02 * rng.standard_normal(),
+                         "performance": 0.5 + 0.1 * a + 0.06 * rng.standard_normal(),
                          "performance_metric": "top1"})
     t = pa.Table.from_pylist(rows)
-    sp = sweep_statistics(t, n_boot=300)["c"]["spearman"]
-    means = [(np.mean([r["alignment"] for r in rows if r["alpha"] == a]),
-              np.mean([r["performance"] for r in rows if r["alpha"] == a])) for a in alphas]
-    expect = scipy_stats.spearmanr(*zip(*means)).statistic
+    n_boot = 300
+    sp = sweep_statistics(t, n_boot=n_boot)["c"]["spearman"]
+    al = np.array([r["alignment"] for r in rows])
+    pe = np.array([r["performance"] for r in rows])
+    members = [np.flatnonzero([r["alpha"] == a for r in rows]) for a in alphas]
+    expect = scipy_stats.spearmanr([al[m].mean() for m in members],
+                                   [pe[m].mean() for m in members]).statistic
     assert sp["n"] == 5 and sp["rho"] == pytest.approx(expect)
     assert "seeds resampled within configurations" in sp["message"]
-    assert sp["low"] - 1e-9 <= sp["rho"] <= sp["high"] + 1e-9
+    # the same resamples, drawn configuration by configuration, each through scipy
+    draw = np.random.default_rng(0)
+    picks = [m[draw.integers(0, m.size, size=(n_boot, m.size))] for m in members]
+    boots = np.array([scipy_stats.spearmanr([al[p[b]].mean() for p in picks],
+                                            [pe[p[b]].mean() for p in picks]).statistic
+                      for b in range(n_boot)])
+    boots = boots[np.isfinite(boots)]
+    assert (sp["low"], sp["high"]) == pytest.approx(
+        tuple(np.quantile(boots, [0.025, 0.975])), abs=1e-12)
+    assert sp["high"] - sp["low"] > 0.1  # the seeds' noise reaches the interval
+    assert sp["low"] <= sp["rho"] <= sp["high"]
+    # redrawing trials instead of seeds within configurations gives another interval
+    trials = spearman_ci(al, pe, n_boot=n_boot)
+    assert (trials.low, trials.high) != pytest.approx((sp["low"], sp["high"]), abs=1e-3)
     single = spearman_ci([r["alignment"] for r in rows], [r["performance"] for r in rows],
                          n_boot=300, groups=list(range(len(rows))))
     assert single.n == len(rows) and single.message == ""

@@ -302,6 +302,17 @@ def test_file_uri_storage_is_that_folder_and_cloud_uris_are_refused(tmp_path):
 # ----------------------------------------------------------------------------- drivers
 
 
+def _runs_in(db: Path) -> list[str]:
+    """Every run of every experiment in the SQLite store ``db`` (none when it was never made),
+    as "experiment/run name": what a refused run must not have left, whatever its experiment
+    is called (a sweep's experiment carries its scale, e.g. nsd_conv1_v1-paper)."""
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    return [f"{e.name}/{r.info.run_name}" for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id])]
+
+
 def _smoke(*extra: str, tmp: Path) -> list[str]:
     return [SWEEP, "--smoke-test", "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}",
             "--storage", str(tmp / "ray"), *extra]
@@ -368,11 +379,7 @@ def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # Ray's INFO apart
     assert f"asks for {cpus} CPUs but the largest node of the Ray cluster has" in line
-    db = tmp_path / "mlflow.db"
-    if db.exists():
-        client = MlflowClient(f"sqlite:///{db}")
-        exp = client.get_experiment_by_name(f"{SWEEP}-smoke")
-        assert exp is None or not client.search_runs([exp.experiment_id])
+    assert _runs_in(tmp_path / "mlflow.db") == []
 
 
 def test_a_data_file_found_malformed_only_when_read_in_full_records_nothing(tmp_path):
@@ -407,11 +414,7 @@ def test_a_data_file_found_malformed_only_when_read_in_full_records_nothing(tmp_
     assert line.startswith(f"error: {train}: 1 image(s) that nsd_stim_info_merged.csv puts in "
                            f"train2017 are not in its 'images'"), line
     assert "full traceback" not in line
-    db = tmp_path / "mlflow.db"
-    if db.exists():
-        client = MlflowClient(f"sqlite:///{db}")
-        exp = client.get_experiment_by_name(SWEEP)
-        assert exp is None or not client.search_runs([exp.experiment_id])
+    assert _runs_in(tmp_path / "mlflow.db") == []
 
 
 def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):

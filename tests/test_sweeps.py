@@ -1336,3 +1336,28 @@ def test_sweep_names_a_lab_may_give_are_refused_or_found_as_written(tmp_path):
         mp.setattr(spec, "_expand", expanded)
         with pytest.raises(UsageError, match=r"plans 2002002 trials at demo scale"):
             make_plan(parse("huge", "--sweep-dir", str(tmp_path)))
+
+
+def test_code_version_tells_a_clean_checkout_from_an_edited_one(tmp_path):
+    """The parent run's ``code_modified`` tag: "false" on the commit as it is, "true" once a
+    tracked file differs from it (untracked files do not count: a run's outputs land in the
+    working folder), and no tags at all outside a git checkout."""
+    from sweeps.execute import code_version
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert code_version(tmp_path) == {}
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("alpha = 1\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "one")
+    commit = git("rev-parse", "HEAD")
+    assert code_version(tmp_path) == {"mlflow.source.git.commit": commit,
+                                      "code_modified": "false"}
+    (tmp_path / "outputs.txt").write_text("a run's output\n")  # untracked
+    assert code_version(tmp_path)["code_modified"] == "false"
+    (tmp_path / "train.py").write_text("alpha = 2\n")
+    assert code_version(tmp_path) == {"mlflow.source.git.commit": commit,
+                                      "code_modified": "true"}

@@ -468,6 +468,38 @@ def test_a_checkpoint_keeps_only_its_own_devices_generator(tmp_path):
     assert load_checkpoint(tmp_path, model, opt, cfg) == 3
 
 
+@pytest.mark.parametrize("saved", ["one", "list", "empty list", "none"])
+def test_a_cuda_trial_restores_one_generator_state_from_any_checkpoint_form(tmp_path,
+                                                                            monkeypatch, saved):
+    """On a CUDA trial the restore sets its own device's generator, once: from the state
+    saved, or from the first of an older checkpoint's list of every visible GPU's states
+    (restoring all of them where fewer GPUs are visible raised IndexError); nothing when none
+    was saved. The branch runs here without a GPU: the model's device is reported as cuda:1
+    and the generator setter recorded."""
+    import trainable.train as train_mod
+
+    cfg = TrialConfig()
+    model = build_model("alexnet", num_classes=3, width=0.25, seed=0).net
+    opt = torch.optim.Adam(model.parameters())
+    train_mod.save_checkpoint(tmp_path, model, opt, 4, cfg)
+    path = tmp_path / train_mod.CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    first, other = torch.full((16,), 7, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    state["cuda_rng"] = {"one": first, "list": [first, other, other], "empty list": [],
+                         "none": None}[saved]
+    torch.save(state, path)
+    calls = []
+    monkeypatch.setattr(train_mod, "_trial_device", lambda m: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": calls.append((s.clone(), device)))
+    assert train_mod.load_checkpoint(tmp_path, model, opt, cfg) == 5
+    if saved in ("one", "list"):
+        assert len(calls) == 1
+        assert torch.equal(calls[0][0], first) and calls[0][1] == torch.device("cuda", 1)
+    else:
+        assert calls == []
+
+
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     from trainable.models import build_model
     from trainable.train import CHECKPOINT_FILE, load_checkpoint
@@ -657,7 +689,7 @@ def test_a_layer_silent_on_every_image_is_no_alignment_not_a_failed_trial(metric
     assert out["dead_units"] == 1.0
     assert all(np.isnan(out[k]) for k in ("val_linear", "val_cka", "val_rsa", "val_alignment"))
     # a layer that is not silent still fails loudly on a bad input
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^X contains 2880 NaN or inf values; all entries"):
         batch_alignment(torch.full((40, 8, 3, 3), float("nan")), groups,
                         alignment_loss_fn(cfg), cfg)
 
