@@ -27,15 +27,19 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from smoke_store import EXPERIMENT, REPO, SWEEP, finished_smoke_sweep
+from tools import missing
 
 from dashboards import pareto
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless Chromium not installed: apt-get install -y chromium chromium-driver "
-           "(Debian's packages)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium():  # module scope: before the module's sweep and server are started for nothing
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        missing("headless Chromium not installed: apt-get install -y chromium chromium-driver "
+                "(Debian's packages)")
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element reference key
 SCREENSHOTS = Path(os.environ.get("ALIGNSWEEP_ARTIFACTS") or REPO / "test-artifacts") / "browser"
