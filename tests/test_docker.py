@@ -19,6 +19,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from tools import missing
 
 from sweeps.plan import make_plan
 from sweeps.run import build_parser
@@ -66,8 +67,8 @@ def _compose_config(tmp_path, **env: str) -> subprocess.CompletedProcess:
     docker/.env): the file as compose itself reads it."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
-                    "CI installs it")
+        missing("docker-compose is not installed (apt-get install docker-compose); "
+                "CI installs it")
     empty = tmp_path / "empty.env"
     empty.write_text("")
     base = {k: v for k, v in os.environ.items() if k not in SECRETS}
@@ -159,11 +160,27 @@ def test_env_example_lists_every_required_variable_and_its_one_liner_fills_them(
     # required variable, with a password MLflow accepts (>= 12 characters).
     generators = re.findall(r"^#\s+(python3 -c .*) > docker/\.env$", example, flags=re.MULTILINE)
     assert len(generators) == 1 and generators[0] in COMPOSE.read_text()
+    assert f"{generators[0]} > docker/.env" in (REPO / "README.md").read_text()
     _python3, *args = shlex.split(generators[0])
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
     written = dict(line.split("=", 1) for line in out.stdout.splitlines())
-    assert set(written) == required and all(written.values())
+    assert set(written) == required | {"COMPOSE_PROJECT_NAME"} and all(written.values())
     assert len(written["MLFLOW_TRACKING_PASSWORD"]) >= 12
+    # the project's name prefixes its volumes: not "docker" (the compose file's folder), which
+    # any other project kept in a docker/ folder would share
+    assert written["COMPOSE_PROJECT_NAME"] == listed["COMPOSE_PROJECT_NAME"] == "alignsweep"
+
+
+def test_env_example_names_every_variable_the_compose_files_read():
+    """Each ${VAR} of compose.yaml and compose.gpu.yaml is in .env.example (set or in a
+    comment), and .env.example names no variable the files do not read (compose's own
+    COMPOSE_PROJECT_NAME apart)."""
+    text = COMPOSE.read_text() + (REPO / "docker" / "compose.gpu.yaml").read_text()
+    read = set(re.findall(r"\$\{([A-Z_]+)", text))
+    example = ENV_EXAMPLE.read_text()
+    named = set(re.findall(r"^#?\s?([A-Z][A-Z_]+)=", example, flags=re.MULTILINE))
+    assert read - named == set(), "not in .env.example"
+    assert named - read == {"COMPOSE_PROJECT_NAME"}, "in .env.example, read by nothing"
 
 
 def test_health_checks_and_start_order():
@@ -521,7 +538,9 @@ def test_the_sweep_writes_its_report_where_its_user_may_write_and_it_is_kept():
     owned = re.search(rf"chown {user}:{user} ([^\n]+)$", text, flags=re.MULTILINE)[1].split()
     sweep = _services()["sweep"]
     assert sweep.get("working_dir", IMAGE_ROOT) == IMAGE_ROOT
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in sweep["volumes"]}
+    named_volumes = set(yaml.safe_load(COMPOSE.read_text())["volumes"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in sweep["volumes"]
+              if v.split(":")[0] in named_volumes}  # not the read-only bind mount of /data
     assert f"{IMAGE_ROOT}/outputs" in mounts and f"{IMAGE_ROOT}/outputs" in owned
     # every named volume of the sweep mounts on a folder that user owns
     assert set(mounts) <= set(owned), set(mounts) - set(owned)
@@ -534,14 +553,56 @@ def test_the_sweep_writes_its_report_where_its_user_may_write_and_it_is_kept():
     assert not out.is_absolute() and out.parts[0] == "outputs"
 
 
-def test_the_gpu_override_gives_the_ray_nodes_gpus_on_a_cuda_build(tmp_path):
+def test_each_ray_node_offers_its_own_share_of_the_host(tmp_path):
+    """Every container of one host sees all its cores, and `ray start` counts them per node:
+    a head and two workers offered three times the host's CPUs to the trials. Each node
+    offers what docker/.env gives it; workers never offer GPUs."""
+    def ray_start(config, name):
+        (argv,) = [a for a in _commands(config[name]) if a[:2] == ["ray", "start"]]
+        return argv
+
+    config = _rendered(tmp_path)
+    assert "--num-cpus=2" in ray_start(config, "ray-head")
+    assert {"--num-cpus=2", "--num-gpus=0"} <= set(ray_start(config, "ray-worker"))
+    assert {"--num-cpus=0", "--num-gpus=0"} <= set(ray_start(config, "sweep"))  # the driver
+    config = _rendered(tmp_path, RAY_HEAD_CPUS="16", RAY_WORKER_CPUS="4")
+    assert "--num-cpus=16" in ray_start(config, "ray-head")
+    assert "--num-cpus=4" in ray_start(config, "ray-worker")
+    for name in ("ray-head", "ray-worker"):
+        assert len([a for a in ray_start(config, name) if a.startswith("--num-cpus")]) == 1
+
+
+def test_real_data_is_at_the_same_path_on_every_node(tmp_path):
+    """The driver checks --nsd-root / --imagenet-root / --weights where it runs, and the
+    trials read them on every node: one host folder (ALIGNSWEEP_DATA) is /data, read-only, in
+    the sweep job and every Ray node, and torch's hub cache (torchvision's weight files at
+    paper scale) is its torch/ folder."""
+    def at_data(service):
+        return [v for v in service.get("volumes", [])
+                if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/data"]
+
+    for env, source in (({}, str(REPO / "data")), ({"ALIGNSWEEP_DATA": str(tmp_path)},
+                                                   str(tmp_path))):
+        config = _rendered(tmp_path, **env)
+        for name in ("ray-head", "ray-worker", "sweep"):
+            (mount,) = at_data(config[name])
+            if isinstance(mount, dict):
+                assert mount["source"] == source and mount.get("read_only"), (name, mount)
+            else:
+                assert mount == f"{source}:/data:ro", (name, mount)
+            assert config[name]["environment"]["TORCH_HOME"] == "/data/torch", name
+        assert at_data(config["mlflow"]) == []
+
+
+def test_the_gpu_override_gives_the_head_the_gpus_and_cuda_wheels(tmp_path):
     """compose.yaml alone gives no container a GPU (Ray then sees none and the driver runs
     trials on the CPU); docker/compose.gpu.yaml on top of it reserves the host's GPUs for the
-    Ray nodes and builds the image on a CUDA base with CUDA wheels."""
+    Ray head alone (every container of a host would see the same GPUs, and Ray count each
+    once per node) and builds the image from the same pinned base with CUDA wheels."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose); "
-                    "CI installs it")
+        missing("docker-compose is not installed (apt-get install docker-compose); "
+                "CI installs it")
     env_file = tmp_path / "secrets.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()))
     base = {k: v for k, v in os.environ.items() if k not in SECRETS}
@@ -551,16 +612,27 @@ def test_the_gpu_override_gives_the_ray_nodes_gpus_on_a_cuda_build(tmp_path):
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     assert set(services) == SERVICES
+    pinned = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)[1]
     for name, service in services.items():
         devices = (service.get("deploy") or {}).get("resources", {}).get(
             "reservations", {}).get("devices", [])
-        if name.startswith("ray-"):
+        if name == "ray-head":
             assert devices and devices[0]["driver"] == "nvidia", name
-            assert "gpu" in devices[0]["capabilities"]
+            assert devices[0]["count"] == "all" and "gpu" in devices[0]["capabilities"]
+            assert service["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
         else:
             assert not devices, name
-        assert service["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
-        assert "/whl/cu" in service["build"]["args"]["TORCH_INDEX_URL"]
+        assert service["build"]["args"]["BASE_IMAGE"] == pinned
+        assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+",
+                            service["build"]["args"]["TORCH_INDEX_URL"])
+    # the GPU wheels' index has its own variable: a TORCH_INDEX_URL set for the CPU image in
+    # docker/.env does not replace it
+    out = subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE), "-f",
+                          str(REPO / "docker" / "compose.gpu.yaml"), "config"],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**base, "TORCH_INDEX_URL": "https://example.org/cpu"})
+    head = yaml.safe_load(out.stdout)["services"]["ray-head"]
+    assert "/whl/cu" in head["build"]["args"]["TORCH_INDEX_URL"]
     plain = _rendered(tmp_path)
     assert not any((s.get("deploy") or {}).get("resources", {}).get("reservations")
                    for s in plain.values())
