@@ -178,3 +178,30 @@ def test_report_names_the_conditions_whose_seeds_are_resampled():
     text = intro(html)
     assert "several seeds (two)" in text
     assert "trials resampled, or seeds resampled within configurations" in text
+
+
+@pytest.mark.parametrize("name", ["budget_$1k_vs_$2k", "cost $5-$10", "a" * 60 + "_" + "b" * 39])
+def test_a_condition_name_is_shown_as_written(name, tmp_path):
+    """Sweep files may name a condition with dollar signs (the loader accepts them): matplotlib
+    read the text between two ``$`` as TeX, so ``budget_$1k_vs_$2k`` raised a parse error and
+    the sweep got no report, and ``cost $5-$10`` was drawn as "cost 5 - 10". A name of up to
+    100 bytes is wrapped to its panel. Every figure is drawn and saved."""
+    rec = record([trial("none", 0.0, 0, [0.3, 0.4], [0.1, 0.2], condition=name),
+                  trial("max", 0.5, 0, [0.2, 0.3], [0.2, 0.6], condition=name),
+                  trial("min", 0.5, 0, [0.25, 0.2], [0.0, -0.1], condition=name)])
+    results = tables.results_table(rec)
+    row = figures.FilterRow(name, (figures.FilterPanel("max-aligned", f"{name}-max", None,
+                                                       "no image"),), ())
+    made = [figures.front_figure(results, statistics.sweep_statistics(results, n_boot=20)),
+            figures.epochs_figure(tables.epochs_table(rec), results),
+            figures.filters_figure([row])]
+    for i, fig in enumerate(made):
+        figures.save_figure(fig, tmp_path, f"f{i}")  # draws every text
+        texts = [t for ax in fig.axes for t in (ax.title, ax.yaxis.label) if t.get_text()]
+        shown = "".join("".join(t.get_text().split("\n")) for t in texts)
+        assert name in shown, (i, [t.get_text() for t in texts])
+        # drawn as written: a text read as TeX would lose its dollar signs when drawn
+        for t in texts:
+            assert not t._preprocess_math(t.get_text())[1], t.get_text()
+        assert all(len(line) <= figures.TITLE_WIDTH for t in texts
+                   for line in t.get_text().split("\n") if name[:10] in line), i
