@@ -262,21 +262,29 @@ def _experiments(client, sweep: str, experiment: str | None) -> list:
     return found
 
 
-def _latest_parent(client, experiments: list) -> Any:
-
+def _latest_parent(client, experiments: list, sweep: str) -> Any:
+    """The newest run of ``experiments`` that is a parent run of sweep ``sweep``: no
+    ``mlflow.parentRunId``, and its ``sweep`` tag is the sweep's name. Another tool's run in
+    the experiment (a notebook's evaluation) is no parent: taken for one, the report said "no
+    trial runs" and was logged into that run, over its description."""
     token = None
+    others = 0
     while True:
         page = client.search_runs([e.experiment_id for e in experiments],
                                   order_by=["attributes.start_time DESC"], max_results=1000,
                                   page_token=token)
         for run in page:  # a parent starts before its children: at most one page of them first
             if PARENT_TAG not in run.data.tags:
-                return run
+                if run.data.tags.get("sweep") == sweep:
+                    return run
+                others += 1
         token = page.token
         if not token:
             names = ", ".join(e.name for e in experiments)
-            raise SourceError(f"experiment {names} has no parent run (a run without tag "
-                              f"{PARENT_TAG}); run the sweep first")
+            also = (f" ({others} other top-level run(s), without tag sweep={sweep}, are not "
+                    f"this sweep's)" if others else "")
+            raise SourceError(f"experiment {names} has no parent run of sweep {sweep!r}{also}; "
+                              f"run the sweep first")
 
 
 def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None,
@@ -290,20 +298,31 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
         try:
             parent = client.get_run(parent_run_id)
         except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
-            raise SourceError(f"--parent-run {parent_run_id}: no such run in {mlflow_uri} "
+            raise SourceError(f"--parent-run {parent_run_id}: no such run in {redact(mlflow_uri)} "
                               f"({' '.join(str(exc).split())[:200]})") from None
         if PARENT_TAG in parent.data.tags:
             raise SourceError(f"--parent-run {parent_run_id} is a trial run (its parent is "
                               f"{parent.data.tags[PARENT_TAG]}); accepted: a sweep's parent run")
     else:
-        parent = _latest_parent(client, _experiments(client, sweep, experiment))
+        parent = _latest_parent(client, _experiments(client, sweep, experiment), sweep)
     tags = dict(parent.data.tags)
-    if tags.get("sweep") and tags["sweep"] != sweep:
+    if "sweep" not in tags:
+        raise SourceError(f"--parent-run {parent.info.run_id} has no tag 'sweep': not the "
+                          f"parent run of a sweep; accepted: a run sweeps/run.py started")
+    if tags["sweep"] != sweep:
         raise SourceError(f"parent run {parent.info.run_id} belongs to sweep {tags['sweep']!r}, "
                           f"not {sweep!r}; accepted: the sweep name the run was started with")
     exp_name = client.get_experiment(parent.info.experiment_id).name
     runs = child_runs(client, parent.info.run_id)
-    trials = tuple(sorted((_mlflow_trial(client, run) for run in runs), key=_order))
+    # runs another tool nested under the parent (an evaluation a lab groups with the sweep)
+    # are no trials: without the trial's tags they became a condition named ""
+    foreign = [r for r in runs if not {"trial_id", "condition"} <= set(r.data.tags)]
+    trials = tuple(sorted((_mlflow_trial(client, run) for run in runs if run not in foreign),
+                          key=_order))
+    notes = ((f"{len(foreign)} run(s) nested under the parent run are not trials of the sweep "
+              f"(no trial_id / condition tags) and are left out: "
+              f"{', '.join(r.info.run_name or r.info.run_id for r in foreign[:5])}"
+              f"{', ...' if len(foreign) > 5 else ''}",) if foreign else ())
 
     listed: dict[str, set[str]] = {}
 
@@ -320,11 +339,11 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
             return None
 
     return SweepRecord(sweep=sweep, experiment=exp_name,
-                       source=f"MLflow {mlflow_uri}, experiment {exp_name}, parent run "
-                              f"{parent.info.run_id}",
+                       source=f"MLflow {redact(mlflow_uri)}, experiment {exp_name}, parent "
+                              f"run {parent.info.run_id}",
                        parent_run_id=parent.info.run_id, parent_status=parent.info.status,
                        parent_tags=tags, trials=trials, fetch=fetch,
-                       label=parent.info.run_id)
+                       label=parent.info.run_id, notes=notes)
 
 
 def _mlflow_trial(client, run) -> Trial:

@@ -314,3 +314,21 @@ def test_report_figures_render(sweep, browser):
     assert set(pareto.FILES[1:]) == set(links)  # opened from the output folder: links stay
     browser.script("window.scrollTo(0, 0)")
     browser.screenshot("report.png")
+
+
+def test_a_password_in_the_server_uri_reaches_no_output(sweep, server, tmp_path):
+    """A tracking URI with credentials (a server behind basic auth): the post-processor's
+    report, tables and statistics name the server as user:***@ (its source line went into
+    report.html and the parquet metadata in plain text, then into the parent run's
+    artifacts). This server asks for no password, so any is accepted."""
+    uri = server.replace("http://", "http://alice:hunter2pass@")
+    proc = subprocess.run([sys.executable, "-m", "dashboards.pareto", SWEEP, "--mlflow-uri", uri,
+                           "--out", str(tmp_path), "--no-log"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hunter2pass" not in proc.stdout + proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"report.html", "results.parquet", "epochs.parquet"} <= {p.name for p in written}
+    for path in written:
+        assert b"hunter2pass" not in path.read_bytes(), path
+    assert "alice:***@127.0.0.1" in (tmp_path / "report.html").read_text()

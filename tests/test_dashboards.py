@@ -327,6 +327,16 @@ def fake_store(tmp_path_factory):
     parents["older"] = write_sweep(client, "twice", FULL[:2], scale="smoke", start=t0 - 60_000,
                                    tmp=tmp)
     parents["newer"] = write_sweep(client, "twice", FULL[:3], scale="demo", start=t0, tmp=tmp)
+    # another tool's runs in a sweep's experiment, after the sweep: a notebook's top-level run
+    # and an evaluation nested under the sweep's parent run
+    parents["lab"] = write_sweep(client, "lab", FULL[:3], tmp=tmp)
+    lab = client.get_experiment_by_name("lab-smoke").experiment_id
+    for name, tags in (("notebook-eval", {}),
+                       ("eval on held-out", {"mlflow.parentRunId": parents["lab"]})):
+        run = client.create_run(lab, run_name=name, tags=tags)
+        client.log_metric(run.info.run_id, "accuracy", 0.5)
+        client.set_terminated(run.info.run_id)
+        parents[name] = run.info.run_id
     return uri, parents
 
 
@@ -898,6 +908,21 @@ def test_latest_parent_run_by_default_or_the_one_asked_for(fake_store):
     assert older.parent_run_id == parents["older"] and len(older.trials) == 2
     assert load_mlflow("twice", mlflow_uri=uri,
                        parent_run_id=parents["older"]).experiment == "twice-smoke"
+
+
+def test_another_tools_runs_in_the_experiment_are_not_the_sweeps(fake_store):
+    """A notebook's run started after the sweep in its experiment was taken as the sweep's
+    parent: the report said "no trial runs" and was logged into the notebook's run. A run
+    another tool nested under the parent became a condition named "". Both are left out now,
+    the nested one named in a note, and neither can be asked for as the parent."""
+    uri, parents = fake_store
+    record = load_mlflow("lab", mlflow_uri=uri)
+    assert record.parent_run_id == parents["lab"]
+    assert len(record.trials) == 3 and {t.condition for t in record.trials} == {"lab"}
+    (note,) = [n for n in record.notes if "not trials of the sweep" in n]
+    assert note.startswith("1 run(s) nested under the parent run") and "eval on held-out" in note
+    with pytest.raises(SourceError, match=r"has no tag 'sweep': not the parent run of a sweep"):
+        load_mlflow("lab", mlflow_uri=uri, parent_run_id=parents["notebook-eval"])
 
 
 @pytest.mark.parametrize("args, match", [
