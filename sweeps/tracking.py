@@ -59,7 +59,10 @@ def experiment_id(client: MlflowClient, name: str,
     db = sqlite_path(client.tracking_uri) if client.tracking_uri.startswith("sqlite:") else None
     if db is None:
         return client.create_experiment(name)
-    return client.create_experiment(name, artifact_location=str(db.parent / "mlruns" / name))
+    # a file: URI, percent-encoded: MLflow reads a plain path as a URI and decodes it, so a
+    # name with %41 stored its files under "A", and one with %2e%2e%2f outside mlruns/
+    return client.create_experiment(name,
+                                    artifact_location=(db.parent / "mlruns" / name).as_uri())
 
 
 #: What the MLflow UI shows a sweep's experiment as: model training, not a GenAI app (MLflow

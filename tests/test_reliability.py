@@ -437,23 +437,29 @@ def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
     assert log.is_file() and "Traceback (most recent call last)" in log.read_text()
 
 
-def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["exp one", "run #2 (50%41?)", "%2e%2e%2f%2e%2e%2fescaped"])
+def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch, name):
     """Two stores used from one folder used to share ./mlruns/<id> of that folder (MLflow's
-    default); each store's experiments now keep theirs in mlruns/ beside the database."""
+    default); each store's experiments now keep theirs in mlruns/<experiment> beside the
+    database, named as the experiment is: MLflow decoded %xx in a plain path, so "50%41"
+    wrote under "50A" and "%2e%2e%2f..." outside mlruns/ (sweep names may hold both)."""
     from sweeps import tracking
 
     monkeypatch.chdir(tmp_path)
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         uri = f"sqlite:///{tmp_path / folder / 'x.db'}"
-        run_id = tracking.start_parent(uri, "exp one", {"sweep": "s"})
+        run_id = tracking.start_parent(uri, name, {"sweep": "s"})
         client = MlflowClient(uri)
         client.log_text(run_id, "hello", "note.txt")
-        exp = client.get_experiment_by_name("exp one")
-        assert exp.artifact_location == str(tmp_path / folder / "mlruns" / "exp one")
-        assert (tmp_path / folder / "mlruns" / "exp one" / run_id / "artifacts" /
+        exp = client.get_experiment_by_name(name)
+        assert exp.artifact_location == (tmp_path / folder / "mlruns" / name).as_uri()
+        assert (tmp_path / folder / "mlruns" / name / run_id / "artifacts" /
                 "note.txt").read_text() == "hello"
-    assert not (tmp_path / "mlruns").exists()
+        assert [p.name for p in (tmp_path / folder / "mlruns").iterdir()] == [name]
+    # nothing anywhere else: not in the working folder's mlruns/, not above the stores
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir() and "mlruns" not in
+                  p.relative_to(tmp_path).parts) == ["a", "b"]
 
 
 def test_a_resumed_parent_keeps_its_tags_and_records_each_resume(tmp_path):
