@@ -34,6 +34,7 @@ before MLflow would create or migrate its tables in it (``sources.mlflow_client`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from dashboards.sources import (
     quiet_artifacts,
 )
 from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
-from records.uris import expand_user, redact, tracking_uri
+from records.uris import expand_user, not_utf8, redact, tracking_uri
 from references.cache import atomic_write_text, unwritable
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
@@ -400,11 +401,17 @@ def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
 
 
 def _metric_name(key: str) -> str:
-    """``key`` as MLflow accepts a metric name (ASCII letters, digits, ``_ - . / :`` and
-    spaces): a condition named in other letters (``nsd_çé_v1``, a lab's own sweep file) had
-    its every metric refused; those characters become ``_`` (statistics.json keeps the
-    names as they are)."""
-    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", key)
+    """``<kind>/<condition>/<rest>`` as MLflow accepts a metric name (letters and digits of
+    any script, ``_ - . / :`` and spaces). A condition's name with other characters (an
+    emoji, ``$``, ``<``: sweep files may hold them) had its every metric refused; those become
+    ``_``, followed by a short digest of the name as written, so two conditions that differ
+    only there (``v1_$``, ``v1_%``) keep a metric each. statistics.json keeps the names as
+    they are."""
+    kind, condition, rest = key.split("/", 2)
+    safe = re.sub(r"[^\w\-. :]", "_", condition)
+    if safe != condition or safe in ("", ".", ".."):
+        safe = f"{safe}-{hashlib.sha256(condition.encode()).hexdigest()[:8]}"
+    return f"{kind}/{safe}/{rest}"
 
 
 def _described(note: str | None, run_id: str, out: Path) -> str:
@@ -425,13 +432,20 @@ def _default_out(record: SweepRecord) -> Path:
     """outputs/<experiment>/<run> under the working folder, or a SourceError when it cannot
     be made (a file named outputs there, a folder this user cannot write): checked as --out
     is, before anything is written."""
-    out = Path("outputs") / record.experiment / record.label
+    out = Path("outputs") / _component(record.experiment) / _component(record.label)
     problem = _out_problem(out)
     if problem:
         raise SourceError(f"output folder {out.absolute()} (the default, outputs/<experiment>/"
                           f"<run> in the working folder): {problem}; accepted: a folder this "
                           f"user can create or write (name one with --out DIR)")
     return out
+
+
+def _component(name: str) -> str:
+    """``name`` as one folder name: an experiment renamed in MLflow to a path-like name
+    (``/srv/x``, ``a/../..``) sent the default output outside outputs/."""
+    safe = re.sub(r"[/\\\x00]", "_", name)
+    return "_" + safe[1:] if safe.startswith(".") else safe or "_"
 
 
 def _out_problem(out: Path) -> str | None:
@@ -522,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     try:
+        problem = not_utf8(sys.argv[1:] if argv is None else list(argv))
+        if problem:  # the files were written, then the run's description failed to encode
+            raise SourceError(problem)
         args = build_parser().parse_args(argv)
         if args.parent_run is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}",
                                                             args.parent_run):

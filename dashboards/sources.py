@@ -484,7 +484,9 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     """The trials of one sweep invocation from Ray Tune's result folder (module docstring):
     the driver's manifest (``records.MANIFEST_FILE``: every trial's key, state, folder, MLflow
     run and config) and each trial folder's ``result.json``; never Ray's private state."""
-    run_dir = _ray_run_dir(expand_user(directory, "--ray-results").resolve(), sweep, experiment)
+    # absolute, not resolved: a UTF-8 link the user named to a folder named in another
+    # encoding (the README's remedy) stays the link, which the report can write
+    run_dir = _ray_run_dir(expand_user(directory, "--ray-results").absolute(), sweep, experiment)
     parsed_dir = parse_run_folder(run_dir.name)
     exp_name = parsed_dir[0] if parsed_dir else _recorded_experiment(run_dir)
     if exp_name is None:

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["DEFAULT_MLFLOW_DB", "expand_user", "redact", "tracking_refuses",
+__all__ = ["DEFAULT_MLFLOW_DB", "expand_user", "not_utf8", "redact", "tracking_refuses",
            "tracking_unreachable", "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
@@ -22,6 +22,21 @@ _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PA
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(:[^/@\s]*)?@")
 _SECRET_QUERY = re.compile(r"(?i)([?&;][^=&;\s]*(?:passw|pwd|token|secret|signature|"
                            r"credential|key)[^=&;\s]*=)[^&;\s]*")
+
+
+def not_utf8(argv: list[str]) -> str | None:
+    """Why the command line ``argv`` cannot be used, or None: every argument must be UTF-8.
+    Python carries other bytes (a path named in Latin-1) as surrogates, which Ray's start-up,
+    a UTF-8 console, a report or an MLflow request fail to encode, mid-run."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            return (f"argument '{shown}' is not valid UTF-8 (a path named in another "
+                    f"encoding?); accepted: UTF-8 arguments -- reach such a folder through a "
+                    f"symbolic link with a UTF-8 name")
+    return None
 
 
 def expand_user(value: str | os.PathLike, what: str | None = None) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from records.uris import expand_user  # noqa: E402
+from records.uris import expand_user, not_utf8  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,
     SEARCH_CHOICES,
@@ -218,16 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_utf8(argv: list[str]) -> None:
-    """Every argument must be UTF-8: Python carries other bytes (a path named in Latin-1) as
-    surrogates, which Ray's start-up and any UTF-8 console fail to encode, mid-run."""
-    for arg in argv:
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
-            raise UsageError(f"argument '{shown}' is not valid UTF-8 (a path named in another "
-                             f"encoding?); accepted: UTF-8 arguments -- reach such a folder "
-                             f"through a symbolic link with a UTF-8 name") from None
+    problem = not_utf8(argv)
+    if problem:
+        raise UsageError(problem)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -554,16 +554,30 @@ def list_sweeps(directory: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml") if not p.name.startswith("."))
 
 
+#: format characters that scripts write with (Persian, Indic, emoji sequences): allowed
+JOINERS = frozenset("\u200c\u200d")  # zero-width non-joiner, zero-width joiner
+
+
 def _check_name(name: str, path: Path) -> None:
     """A sweep's name names its run folders (NAME-demo_YYYYmmdd-HHMMSS), its conditions' trials
     and Ray's trial folders: at most MAX_NAME_BYTES (a file system allows 255 bytes a name),
-    and no control characters (a newline or tab broke the dry run's table)."""
+    and no control characters (a newline or tab broke the dry run's table) nor invisible
+    format characters other than the joiners scripts need (``JOINERS``): a right-to-left
+    override showed ``rtl\u202eevil`` as "rtllive" in the figures and the console, and
+    ``a\u200bb`` (a zero-width space) looked like ``ab``, a different condition."""
     if len(name.encode()) > MAX_NAME_BYTES:
         raise SweepFileError(f"{path}: the name {name[:40]!r}... is {len(name.encode())} bytes; "
                              f"accepted: a sweep file name of at most {MAX_NAME_BYTES} bytes")
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise SweepFileError(f"{path}: the name {name!r} holds a control character; accepted: "
                              f"a sweep file name of printable characters")
+    hidden = sorted({f"U+{ord(ch):04X}" for ch in name if unicodedata.category(ch) == "Cf"
+                     and ch not in JOINERS})
+    if hidden:
+        raise SweepFileError(f"{path.parent}: the file {path.name!r}: the name {name!r} holds "
+                             f"invisible format character(s) "
+                             f"{', '.join(hidden)} (text direction, zero width); accepted: a "
+                             f"sweep file name of visible characters")
 
 
 def load_sweep(name: str, directory: str | Path | None = None, *,

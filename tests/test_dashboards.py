@@ -1438,7 +1438,9 @@ def test_a_seed_without_alignment_moves_no_configuration_mean_and_is_off_the_fro
 def test_a_sweep_named_in_other_letters_logs_its_statistics(tmp_path):
     """A lab's sweep file nsd_çé_v1.toml: MLflow refused every effect/<condition>/... metric
     name, so the report was logged but no statistic, the run's note, nor the console lines
-    (and the printed retry failed the same way)."""
+    (and the printed retry failed the same way). Letters of any script are kept as they are;
+    characters MLflow refuses become "_" and a digest of the name, so conditions that differ
+    only there keep one metric each (they were merged: one's rho overwrote the other's)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     parent = write_sweep(client, "nsd_çé_v1", FULL, tmp=tmp_path)
@@ -1449,7 +1451,23 @@ def test_a_sweep_named_in_other_letters_logs_its_statistics(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "nsd_çé_v1: suppressing alignment" in proc.stdout
     metrics = client.get_run(parent).data.metrics
-    assert "effect/nsd____v1/min/drop" in metrics and "stat/nsd____v1/spearman_rho" in metrics
+    assert "effect/nsd_çé_v1/min/drop" in metrics and "stat/nsd_çé_v1/spearman_rho" in metrics
+    # two conditions whose names differ only in characters MLflow refuses, opposite trends
+    flipped = [{**t, "align": [-a for a in t["align"]]} for t in FULL]
+    trials = ([{**t, "condition": "v1_$"} for t in FULL]
+              + [{**t, "condition": "v1_%"} for t in flipped])
+    parent = write_sweep(client, "both", trials, tmp=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "both", "--mlflow-uri", uri,
+         "--out", str(tmp_path / "both")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "both" / "statistics.json").read_text())["conditions"]
+    rhos = {k: v for k, v in client.get_run(parent).data.metrics.items()
+            if k.endswith("/spearman_rho")}
+    assert len(rhos) == 2 and all(k.startswith("stat/v1__-") for k in rhos), rhos
+    assert sorted(rhos.values()) == sorted(stats[c]["spearman"]["rho"] for c in stats)
+    assert stats["v1_$"]["spearman"]["rho"] == -stats["v1_%"]["spearman"]["rho"] != 0
 
 
 def test_one_direction_without_a_baseline_is_not_said_to_have_one():
@@ -1458,3 +1476,43 @@ def test_one_direction_without_a_baseline_is_not_said_to_have_one():
     assert any("no finished baseline" in n for n in notes)
     (side,) = [n for n in notes if "one direction only" in n]
     assert side.endswith("no min trial, so that side of the front has no point"), side
+
+
+@pytest.mark.parametrize("experiment", ["/srv/elsewhere/lab smoke", "../../up", "a\\b", ".hidden"])
+def test_the_default_output_folder_stays_under_outputs(experiment, tmp_path, monkeypatch):
+    """An experiment renamed in MLflow to a path-like name is one folder of outputs/."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    out = pareto._default_out(SimpleNamespace(experiment=experiment, label="run"))
+    assert out.parent.parent == Path("outputs") and out.name == "run"
+    assert not out.parent.name.startswith(".") and "/" not in out.parent.name
+    assert (tmp_path / out).resolve().is_relative_to(tmp_path / "outputs")
+
+
+def test_a_folder_named_in_another_encoding_is_read_through_a_utf8_link(tmp_path, capsys):
+    """Ray's storage in a folder named in Latin-1, reached through a UTF-8 link (the README's
+    remedy): the link was resolved to the Latin-1 name, which the report could not encode
+    ("'utf-8' codec can't encode character", no path named). A Latin-1 --out was written, then
+    failed on the run's description: refused first, in one line, as sweeps/run.py does."""
+    import os
+
+    storage = tmp_path / os.fsdecode(b"caf\xe9 runs")
+    write_ray_run(storage / "gabor_conv1-demo_20260102-000000",
+                  [("gabor_conv1-none-a0-b1-s0", "done", [0.3, 0.4]),
+                   ("gabor_conv1-max-a8-b2-s0", "done", [0.2, 0.35])],
+                  {"model": "alexnet", "layer": "conv1", "reference": "gabor", "epochs": 2})
+    link = tmp_path / "cafe"
+    link.symlink_to(storage)
+    out = tmp_path / "out"
+    assert pareto.main(["gabor_conv1", "--ray-results", str(link), "--out", str(out),
+                        "--no-log"]) == 0, capsys.readouterr().err
+    assert str(link) in (out / "report.html").read_text()
+    capsys.readouterr()
+    bad = str(tmp_path / os.fsdecode(b"r\xe9sultats"))
+    assert pareto.main(["gabor_conv1", "--ray-results", str(link), "--out", bad]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: argument '{tmp_path}/r\\xe9sultats' is not valid UTF-8 (a path "
+                   f"named in another encoding?); accepted: UTF-8 arguments -- reach such a "
+                   f"folder through a symbolic link with a UTF-8 name\n")
+    assert not os.path.exists(bad)

@@ -1319,6 +1319,19 @@ def test_sweep_names_a_lab_may_give_are_refused_or_found_as_written(tmp_path):
         load_sweep("tab\there", tmp_path)
     (tmp_path / "no\u00a0break.toml").write_text(text)  # printable or not, no control character
     assert load_sweep("no\u00a0break", tmp_path).name == "no\u00a0break"
+    # invisible format characters: a right-to-left override showed "rtl\u202eevil" as
+    # "rtllive"; a zero-width space made a name look like another's
+    for name, code in (("rtl\u202eevil", "U+202E"), ("a\u200bb", "U+200B")):
+        (tmp_path / f"{name}.toml").write_text(text)
+        with pytest.raises(SweepFileError, match=r"holds invisible format character\(s\) "
+                                                 rf"{re.escape(code)} \(text direction, zero "
+                                                 r"width\)") as refused:
+            load_sweep(name, tmp_path)
+        assert name not in str(refused.value)  # shown escaped, not applied to the line
+        (tmp_path / f"{name}.toml").unlink()
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # the joiner a word is written with
+    (tmp_path / f"{persian}.toml").write_text(text)
+    assert load_sweep(persian, tmp_path).name == persian
     with pytest.MonkeyPatch.context() as mp:  # ~ in --sweep-dir, as in every path flag
         mp.setenv("HOME", str(tmp_path.parent))
         assert main(["--sweep-dir", f"~/{tmp_path.name}", "no\u00a0break", "--dry-run"]) == 0
