@@ -15,9 +15,12 @@ pinned by mlflow<4; a rename fails here loudly, not silently).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SQLITE_HEADER", "sqlite_path", "sqlite_store_problem"]
+__all__ = ["SQLITE_HEADER", "first_open_lock", "first_open_lock_path", "sqlite_path",
+           "sqlite_store_problem"]
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -82,3 +85,28 @@ def sqlite_store_problem(db: Path) -> str | None:
                 + (f", and lacks tables {', '.join(missing[:4])}" if missing else "")
                 + "), which opening it would migrate")
     return None
+
+
+def first_open_lock_path(db: Path) -> Path:
+    """The lock file of ``first_open_lock``: ``.<name>.lock`` beside the store."""
+    return db.parent / f".{db.name}.lock"
+
+
+@contextlib.contextmanager
+def first_open_lock(db: Path) -> Iterator[None]:
+    """The lock beside a SQLite store (``.<name>.lock``) that a driver holds while it first
+    opens the file and MLflow makes (or migrates) its tables there: another driver, or another
+    driver's plan, waits on it rather than finding a store half made. An flock: released when
+    its holder dies. A lock file another user left unwritable: no lock."""
+    from filelock import FileLock
+
+    lock = FileLock(str(first_open_lock_path(db)), mode=0o666)  # other users' too
+    try:
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -26,7 +26,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
-from records.stores import sqlite_path, sqlite_store_problem
+from records.stores import (
+    first_open_lock,
+    first_open_lock_path,
+    sqlite_path,
+    sqlite_store_problem,
+)
 from records.uris import (
     expand_user,
     redact,
@@ -350,6 +355,9 @@ def _mlflow_uri(value: str | None) -> str:
     flag = _source("--mlflow-uri", value, "MLFLOW_TRACKING_URI")
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
+        if problem is not None and first_open_lock_path(db).exists():
+            with first_open_lock(db):  # a driver may be making it: wait for it, look again
+                problem = sqlite_store_problem(db)
         if problem is not None:
             raise UsageError(f"{flag} {redact(uri)}: {problem}; accepted: a new or empty "
                              f"file, or a store this MLflow ({_mlflow_version()}) wrote")

@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from records import NOTE_TAG, PARENT_TAG
-from records.stores import sqlite_path
+from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
 T = TypeVar("T")
@@ -56,13 +56,21 @@ def experiment_id(client: MlflowClient, name: str,
                     f"held (delete those in the UI, or use another --mlflow-uri, to keep this "
                     f"run apart from them)")
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     db = sqlite_path(client.tracking_uri) if client.tracking_uri.startswith("sqlite:") else None
-    if db is None:
-        return client.create_experiment(name)
     # a file: URI, percent-encoded: MLflow reads a plain path as a URI and decodes it, so a
     # name with %41 stored its files under "A", and one with %2e%2e%2f outside mlruns/
-    return client.create_experiment(name,
-                                    artifact_location=(db.parent / "mlruns" / name).as_uri())
+    where = {} if db is None else {"artifact_location": (db.parent / "mlruns" / name).as_uri()}
+    try:
+        return client.create_experiment(name, **where)
+    except MlflowException as exc:
+        # another driver (a colleague's, on a shared server) made it since the look above
+        made = (client.get_experiment_by_name(name)
+                if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None)
+        if made is None:
+            raise
+        return made.experiment_id
 
 
 #: What the MLflow UI shows a sweep's experiment as: model training, not a GenAI app (MLflow
@@ -88,26 +96,20 @@ def resume_entry(tags: Mapping[str, str]) -> str:
 
 @contextlib.contextmanager
 def _first_open(uri: str):
-    """A lock beside a SQLite store (``.<name>.lock``) held while a driver first reaches it:
-    MLflow creates (or migrates) a new store's tables on that first call, and two drivers
-    starting at once on one new file collided in it ("table _alembic_tmp_experiments already
-    exists": the second died, exit 1). Nothing for a server or a database server."""
+    """``records.stores.first_open_lock`` held while a driver first reaches a SQLite store
+    that is not yet a complete MLflow store: MLflow creates (or migrates) a new store's tables
+    on that first call, and two drivers starting at once on one new file collided in it
+    ("table _alembic_tmp_experiments already exists"; a driver arriving while the file was
+    non-empty but half made: "Online migration expected to match one row"; the second died,
+    exit 1). A complete store is opened without the lock. Nothing for a server or a database
+    server."""
     db = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
-    if db is None or (db.is_file() and db.stat().st_size > 0):  # made already: no lock
+    if db is None or (db.is_file() and db.stat().st_size > 0
+                      and sqlite_store_problem(db) is None):
         yield
         return
-    from filelock import FileLock
-
-    lock = FileLock(str(db.parent / f".{db.name}.lock"), mode=0o666)  # other users' too
-    try:
-        lock.acquire()
-    except OSError:  # a lock file another user left unwritable: go on without it
+    with first_open_lock(db):
         yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],

@@ -539,6 +539,35 @@ def test_drivers_starting_at_once_on_one_new_sqlite_store_all_open_it(tmp_path):
     for i, (out, _) in enumerate(outs):
         run = client.get_run(out.split()[-1])
         assert client.get_experiment(run.info.experiment_id).name == f"sweep{i}-demo"
+    # Drivers arriving while the first is making the store (the file is there, not empty,
+    # its tables half made): they took no lock and died ("Online migration expected to match
+    # one row"), and a driver's plan called the store "another schema". Each waits, ready
+    # (imported), for the file to appear, then opens it at once.
+    late = tmp_path / "late.db"
+    waiting = ("import pathlib, sys, time\n"
+               "from sweeps import plan, tracking\n"
+               "db = pathlib.Path(sys.argv[2])\n"
+               "pathlib.Path(sys.argv[4]).touch()\n"
+               "while not (db.is_file() and db.stat().st_size > 0): time.sleep(0.001)\n"
+               "if sys.argv[3] == 'plan': print(plan._mlflow_uri(sys.argv[1]))\n"
+               "else: print(tracking.start_parent(sys.argv[1], sys.argv[3], {'sweep': 'x'}))\n")
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    early = [subprocess.Popen([sys.executable, "-c", waiting, f"sqlite:///{late}", str(late),
+                               what, str(flag)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for what, flag in zip(("late-demo", "plan"), ready)]
+    deadline = time.time() + 120
+    while not all(f.exists() for f in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    first = subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{late}", "first-demo"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = [p.communicate(timeout=300) for p in (first, *early)]
+    assert [p.returncode for p in (first, *early)] == [0, 0, 0], [e[-1500:] for _, e in outs]
+    late_client = MlflowClient(f"sqlite:///{late}")
+    assert {late_client.get_experiment(late_client.get_run(out.split()[-1]).info
+                                       .experiment_id).name
+            for out, _ in outs[:2]} == {"first-demo", "late-demo"}
+    assert outs[2][0].strip() == f"sqlite:///{late}"
     # a store made already is opened without the lock (another user's lock file there must
     # not stand in the way of a shared store)
     from sweeps import tracking
@@ -596,3 +625,31 @@ def test_a_deleted_experiment_restored_by_a_new_run_is_said(tmp_path):
     said.clear()
     tracking.start_parent(uri, f"{SWEEP}-demo", {"sweep": SWEEP}, say=said.append)
     assert said == []  # an active experiment: nothing to say
+
+
+def test_an_experiment_another_driver_creates_meanwhile_is_used(tmp_path):
+    """Two users' drivers making one new experiment on a shared store: between a driver's
+    lookup (none yet) and its create, the other created it, and the create failed with
+    RESOURCE_ALREADY_EXISTS (exit 1; 5 times in 7 at once). The driver now takes the one
+    made. The other driver's create is made to land in that window: its lookup is the real
+    one, answered before the other wrote."""
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    lookup = client.get_experiment_by_name
+    before = lookup("shared-demo")
+    assert before is None
+    theirs = MlflowClient(uri).create_experiment("shared-demo")
+    looked = []
+
+    class Late(MlflowClient):
+        def get_experiment_by_name(self, name):  # the first lookup as it was answered
+            looked.append(name)
+            return before if len(looked) == 1 else lookup(name)
+
+    assert tracking.experiment_id(Late(uri), "shared-demo") == theirs
+    assert looked == ["shared-demo", "shared-demo"]  # looked, created (refused), looked again
+    with pytest.raises(Exception, match="RESOURCE_ALREADY_EXISTS|already exists") as other:
+        MlflowClient(uri).create_experiment("shared-demo")  # what the driver met
+    assert "shared-demo" in str(other.value)

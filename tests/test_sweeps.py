@@ -854,6 +854,7 @@ def test_an_existing_sqlite_file_must_be_an_mlflow_store(tmp_path):
                                              r"or empty file, or a store this MLflow"):
             make_plan(parse("nsd_conv1_v1", "--mlflow-uri", f"sqlite:///{path}"))
         assert path.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["labnotes.db", "photo.db"]
     empty = tmp_path / "empty.db"
     empty.touch()
     for path in (tmp_path / "new.db", empty):
