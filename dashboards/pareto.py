@@ -355,6 +355,16 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     interrupted by the driver, or trials left unfinished (stopped, never started, still
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
+    if record.parent_status == "RUNNING":
+        # read while the sweep runs: trials not yet started have no run at all, so the
+        # trials' states alone could call it complete ("no trial runs" for its first minute)
+        done = sum(t.status not in _UNFINISHED for t in record.trials)
+        return ("running", f"PARTIAL: the parent run is still RUNNING (the sweep is running, "
+                           f"or its driver stopped without ending it); the report covers the "
+                           f"{done} trial(s) finished so far, of the {len(record.trials)} "
+                           f"started. Post-process it again when the sweep has ended (a "
+                           f"driver that is gone: continue with sweeps/run.py {record.sweep} "
+                           f"--resume)")
     unfinished = [t for t in record.trials if t.status in _UNFINISHED]
     interrupted = (record.parent_status == "KILLED"
                    or record.parent_tags.get("interrupted") == "true")

@@ -1516,3 +1516,28 @@ def test_a_folder_named_in_another_encoding_is_read_through_a_utf8_link(tmp_path
                    f"named in another encoding?); accepted: UTF-8 arguments -- reach such a "
                    f"folder through a symbolic link with a UTF-8 name\n")
     assert not os.path.exists(bad)
+
+
+def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
+    """The post-processor run on a live sweep: trials not started yet have no run, so the
+    report was titled as complete over the trials that happened to exist (and, in a sweep's
+    first minute, said only "no trial runs"). A RUNNING parent now labels it PARTIAL and says
+    to post-process again; the same sweep once ended is complete."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = write_sweep(client, "live", FULL[:2], tmp=tmp_path)
+    client.update_run(parent, status="RUNNING")
+    for out in (tmp_path / "during", tmp_path / "after"):
+        assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(out), "--no-log"]) == 0
+        html = (out / "report.html").read_text()
+        messages = json.loads((out / "statistics.json").read_text())["messages"]
+        printed = capsys.readouterr().out
+        if out.name == "after":
+            assert "PARTIAL" not in html and not any("PARTIAL" in m for m in messages)
+            break
+        assert "PARTIAL (running) Sweep live" in html
+        (note,) = [m for m in messages if m.startswith("PARTIAL")]
+        assert note.startswith("PARTIAL: the parent run is still RUNNING (the sweep is running")
+        assert "the 2 trial(s) finished so far, of the 2 started" in note
+        assert f"note: {note}" in printed
+        client.set_terminated(parent, "FINISHED")
