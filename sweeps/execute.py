@@ -62,6 +62,7 @@ from sweeps.plan import (
     optuna_bounds,
     optuna_split,
     read_run_json,
+    resolve_auto_address,
     resumed_run_dir,
     split_size_problem,
     sweep_files,
@@ -432,9 +433,13 @@ def _init_ray(plan: Plan) -> None:
                  object_store_memory=_object_store_bytes(),
                  runtime_env={"env_vars": _worker_env()})
     else:
+        # "auto" as the plan checked it (``resolve_auto_address``): ray.init's own "auto"
+        # would also join any Ray process running here, another driver's among them
+        address = resolve_auto_address(plan.address_from) if plan.address == "auto" else \
+            plan.address
         try:
-            ray.init(address=plan.address, runtime_env={"env_vars": _worker_env()},
-                     **_loopback_node(plan.address))
+            ray.init(address=address, runtime_env={"env_vars": _worker_env()},
+                     **_loopback_node(address))
         except ConnectionError as exc:
             # check_services found the head's port open: what refuses a driver then is its
             # token (Ray 2.60's authentication) or another Ray version

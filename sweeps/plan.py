@@ -954,22 +954,34 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
 
 
 def resolve_auto_address(source: str = "--address") -> str:
-    """The cluster ``--address auto`` joins, found as ray.init finds it (RAY_ADDRESS, a
-    running GCS on this machine, the address the last `ray start` here wrote): a stale
-    address file of a cluster since stopped made ray.init retry for ever. ``source``: where
-    "auto" came from (the flag, or RAY_ADDRESS), as the error names it."""
-    from ray._private.services import get_ray_address_from_environment
+    """The cluster ``--address auto`` joins: RAY_ADDRESS when it names one, else the address
+    the last `ray start` on this machine wrote (Ray's address file). Not Ray's legacy
+    fallback, any Ray process found running here: that joined another driver's own local
+    Ray, whose trials then queued behind that driver's, and died when it ended and took its
+    Ray along (the driver exit 1, its parent run left RUNNING). A stale address file of a
+    cluster since stopped is found by ``check_services`` (ray.init retried for ever).
+    ``source``: where "auto" came from (the flag, or RAY_ADDRESS), as the error names it."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
 
-    try:
-        found = get_ray_address_from_environment("auto", None)
-    except ConnectionError:
-        found = None
-    if not found or found == "auto":
-        none = "no `ray start` here" if source == "RAY_ADDRESS" else \
-            "no RAY_ADDRESS, no `ray start` here"
-        raise UsageError(f"{source} auto: no Ray cluster found on this machine ({none}); start "
-                         f"one with `ray start --head` or {_omit(source)} to start a local Ray")
-    return found
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "auto":
+        return env
+    found = find_bootstrap_address(None)
+    if found:
+        return found
+    none = "no `ray start` here" if source == "RAY_ADDRESS" else \
+        "no RAY_ADDRESS, no `ray start` here"
+    find_gcs_addresses.cache_clear()  # Ray caches a scan that found any: processes end
+    others = sorted(set(find_gcs_addresses()))
+    if others:
+        raise UsageError(f"{source} auto: no Ray cluster started with `ray start` on this "
+                         f"machine ({none}); the Ray instance(s) running here "
+                         f"({', '.join(others)}) belong to other programs (a driver's own "
+                         f"local Ray ends with it); accepted: --address HOST:PORT of a cluster "
+                         f"to share, `ray start --head` first, or {_omit(source)} to start a "
+                         f"local Ray")
+    raise UsageError(f"{source} auto: no Ray cluster found on this machine ({none}); start "
+                     f"one with `ray start --head` or {_omit(source)} to start a local Ray")
 
 
 def check_services(plan: Plan, *, timeout: float = 5.0) -> None:

@@ -653,3 +653,38 @@ def test_an_experiment_another_driver_creates_meanwhile_is_used(tmp_path):
     with pytest.raises(Exception, match="RESOURCE_ALREADY_EXISTS|already exists") as other:
         MlflowClient(uri).create_experiment("shared-demo")  # what the driver met
     assert "shared-demo" in str(other.value)
+
+
+def test_address_auto_joins_only_a_cluster_started_to_be_shared(tmp_path, monkeypatch):
+    """--address auto took Ray's legacy fallback, any Ray process running on this machine:
+    a driver joined another driver's own local Ray, its trials queued behind that driver's
+    and died when it ended (exit 1, no summary, the parent run left RUNNING). It now joins
+    RAY_ADDRESS or the cluster the last `ray start` here announced, and otherwise names the
+    instances it found and refuses."""
+    from sweeps.plan import resolve_auto_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` writes its address
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = ("import ray, sys, time\n"
+            "ray.init(address='local', num_cpus=1, include_dashboard=False, "
+            "object_store_memory=100_000_000)\n"
+            "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+            "time.sleep(300)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "RAY_TMPDIR": "/tmp"})
+    try:
+        gcs = other.stdout.readline().strip()
+        assert gcs, "the other program's Ray did not start"
+        with pytest.raises(UsageError, match=rf"^--address auto: no Ray cluster started with "
+                                             rf"`ray start` on this machine .*{re.escape(gcs)}"
+                                             r".* belong to other programs"):
+            resolve_auto_address()
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379\n")  # `ray start`'s
+    assert resolve_auto_address() == "10.1.2.3:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")
+    assert resolve_auto_address("RAY_ADDRESS") == "10.9.9.9:6379"
