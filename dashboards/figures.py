@@ -14,7 +14,6 @@ figure state shared between calls, threads or tests), saved as PNG and SVG.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import textwrap
@@ -22,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,18 +56,11 @@ FRONT_STYLE = {
 #: a panel title's line width in characters: a condition's name may be 100 bytes, and three
 #: unwrapped titles in a row ran into each other
 TITLE_WIDTH = 44
-
-
-def _literal_text(build):
-    """Every text of the figure ``build`` makes is shown as written: matplotlib would read the
-    part of a condition's name between two ``$`` as TeX (``budget_$1k_vs_$2k`` raised a parse
-    error and the sweep got no report; ``cost $5-$10`` showed as "cost 5 - 10"). Texts take the
-    setting when they are made, so the whole figure is built under it."""
-    @functools.wraps(build)
-    def wrapper(*args, **kwargs):
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return build(*args, **kwargs)
-    return wrapper
+#: every text that can hold a name or a path is shown as written: matplotlib reads the part
+#: between two ``$`` as TeX (``budget_$1k_vs_$2k`` raised a parse error and the sweep got no
+#: report; ``cost $5-$10`` showed as "cost 5 - 10"). Set per text, not in the process-wide
+#: rcParams, which other threads' figures share.
+AS_WRITTEN = {"parse_math": False}
 
 
 def _title(name: str) -> str:
@@ -101,6 +92,7 @@ def _conditions(table: pa.Table) -> list[str]:
 
 def _empty(ax, text: str, width: int = 36) -> None:
     ax.text(0.5, 0.5, textwrap.fill(text, width), ha="center", va="center", fontsize=9,
+            **AS_WRITTEN,
             transform=ax.transAxes, color="#555555")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -145,7 +137,6 @@ def _configuration_means(rows: pa.Table, ok: np.ndarray) -> dict[str, np.ndarray
     return out
 
 
-@_literal_text
 def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = None) -> Figure:
     """Degradation vs alignment per condition, with both fronts.
 
@@ -160,7 +151,7 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
     conds = _conditions(results) or ["(no trials)"]
     fig, axes = _figure(len(conds), panel=(5.4, 4.4))
     for ax, cond in zip(axes, conds):
-        ax.set_title(_title(cond), fontsize=10)
+        ax.set_title(_title(cond), fontsize=10, **AS_WRITTEN)
         if cond == "(no trials)":
             _empty(ax, "no trials in this sweep")
             continue
@@ -224,7 +215,8 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
         if rho is not None and math.isfinite(rho):
             lo, hi = stats.get("low", math.nan), stats.get("high", math.nan)
             ci = (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and math.isfinite(lo) else "")
-            ax.set_title(f"{_title(cond)}\nSpearman rho = {rho:.2f}{ci}", fontsize=10)
+            ax.set_title(f"{_title(cond)}\nSpearman rho = {rho:.2f}{ci}", fontsize=10,
+                         **AS_WRITTEN)
         ax.grid(alpha=0.25)
     handles = [Line2D([], [], marker="*" if d == "none" else "o", ls="", color=COLORS[d],
                       markersize=10 if d == "none" else 7, label=LABELS[d])
@@ -239,7 +231,6 @@ def front_figure(results: pa.Table, statistics: Mapping[str, Mapping] | None = N
     return fig
 
 
-@_literal_text
 def epochs_figure(epochs: pa.Table, results: pa.Table) -> Figure:
     """Validation performance per epoch by direction, one panel per condition.
 
@@ -250,7 +241,7 @@ def epochs_figure(epochs: pa.Table, results: pa.Table) -> Figure:
     conds = _conditions(results) or ["(no trials)"]
     fig, axes = _figure(len(conds), panel=(5.4, 4.0))
     for ax, cond in zip(axes, conds):
-        ax.set_title(_title(cond), fontsize=10)
+        ax.set_title(_title(cond), fontsize=10, **AS_WRITTEN)
         rows = (epochs.filter(pc.equal(epochs.column("condition"), cond))
                 if epochs.num_rows else epochs)
         if rows.num_rows == 0:
@@ -317,7 +308,7 @@ def _image(ax, panel: FilterPanel) -> None:
     import matplotlib.image
 
     ax.set_title(f"{panel.role}\n{_title(panel.caption)}" if panel.caption else panel.role,
-                 fontsize=8)
+                 fontsize=8, **AS_WRITTEN)
     if panel.png is None:
         _empty(ax, panel.note or "no image")
         return
@@ -325,10 +316,9 @@ def _image(ax, panel: FilterPanel) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if panel.note:
-        ax.set_xlabel(panel.note, fontsize=7)
+        ax.set_xlabel(panel.note, fontsize=7, **AS_WRITTEN)
 
 
-@_literal_text
 def filters_figure(rows: Sequence[FilterRow]) -> Figure:
     """conv1 filter grids beside the reference, one row per condition (Figure 1c)."""
     rows = list(rows)
@@ -348,7 +338,7 @@ def filters_figure(rows: Sequence[FilterRow]) -> Figure:
                 _image(axes[r, c], cells[c])
             else:
                 axes[r, c].set_visible(False)
-        axes[r, 0].set_ylabel(_title(row.condition), fontsize=9)
+        axes[r, 0].set_ylabel(_title(row.condition), fontsize=9, **AS_WRITTEN)
     return fig
 
 

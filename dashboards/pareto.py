@@ -355,16 +355,21 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     interrupted by the driver, or trials left unfinished (stopped, never started, still
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
+    again = (f"An Optuna search cannot be resumed (its study is not checkpointed): run "
+             f"sweeps/run.py {record.sweep} --search optuna again"
+             if record.parent_tags.get("search") == "optuna" else
+             f"Continue it with sweeps/run.py {record.sweep} --resume")
     if record.parent_status == "RUNNING":
         # read while the sweep runs: trials not yet started have no run at all, so the
         # trials' states alone could call it complete ("no trial runs" for its first minute)
-        done = sum(t.status not in _UNFINISHED for t in record.trials)
+        ended = [t.status for t in record.trials if t.status not in _UNFINISHED]
+        done = ended.count("FINISHED")
+        failed = f" ({len(ended) - done} more failed)" if len(ended) > done else ""
         return ("running", f"PARTIAL: the parent run is still RUNNING (the sweep is running, "
                            f"or its driver stopped without ending it); the report covers the "
-                           f"{done} trial(s) finished so far, of the {len(record.trials)} "
-                           f"started. Post-process it again when the sweep has ended (a "
-                           f"driver that is gone: continue with sweeps/run.py {record.sweep} "
-                           f"--resume)")
+                           f"{done} trial(s) finished so far{failed}, of the "
+                           f"{len(record.trials)} started. Post-process it again when the "
+                           f"sweep has ended; if its driver is gone: {again}")
     unfinished = [t for t in record.trials if t.status in _UNFINISHED]
     interrupted = (record.parent_status == "KILLED"
                    or record.parent_tags.get("interrupted") == "true")
@@ -374,10 +379,6 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     if unfinished:
         why.append(f"{len(unfinished)} of {len(record.trials)} trials unfinished, e.g. "
                    f"{unfinished[0].trial_id} {unfinished[0].status}")
-    again = (f"An Optuna search cannot be resumed (its study is not checkpointed): run "
-             f"sweeps/run.py {record.sweep} --search optuna again"
-             if record.parent_tags.get("search") == "optuna" else
-             f"Continue it with sweeps/run.py {record.sweep} --resume")
     return ("interrupted" if interrupted else "unfinished",
             f"PARTIAL: this sweep did not run to its end ({'; '.join(why)}); the report "
             f"covers the trials that finished. {again}")

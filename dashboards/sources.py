@@ -479,14 +479,26 @@ _RAY_BOOKKEEPING = {"timestamp", "training_iteration", "time_this_iter_s", "time
                     "should_checkpoint"}
 
 
+def _real_folder(path: Path) -> Path:
+    """``path`` resolved (links followed: an Optuna run's trial folders are found beside the
+    real run folder), unless the real name is not UTF-8: a UTF-8 link the user named to a
+    folder named in another encoding (the README's remedy) then stays the link, made absolute
+    and normalised, which the report can write (it failed to encode the resolved name)."""
+    real = path.resolve()
+    try:
+        str(real).encode("utf-8")
+    except UnicodeEncodeError:
+        return Path(os.path.abspath(path))
+    return real
+
+
 def load_ray(directory: str | os.PathLike, sweep: str, *,
              experiment: str | None = None) -> SweepRecord:
     """The trials of one sweep invocation from Ray Tune's result folder (module docstring):
     the driver's manifest (``records.MANIFEST_FILE``: every trial's key, state, folder, MLflow
     run and config) and each trial folder's ``result.json``; never Ray's private state."""
-    # absolute, not resolved: a UTF-8 link the user named to a folder named in another
-    # encoding (the README's remedy) stays the link, which the report can write
-    run_dir = _ray_run_dir(expand_user(directory, "--ray-results").absolute(), sweep, experiment)
+    run_dir = _ray_run_dir(_real_folder(expand_user(directory, "--ray-results")), sweep,
+                           experiment)
     parsed_dir = parse_run_folder(run_dir.name)
     exp_name = parsed_dir[0] if parsed_dir else _recorded_experiment(run_dir)
     if exp_name is None:

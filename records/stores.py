@@ -93,16 +93,19 @@ def first_open_lock_path(db: Path) -> Path:
 
 
 @contextlib.contextmanager
-def first_open_lock(db: Path) -> Iterator[None]:
+def first_open_lock(db: Path, timeout: float = -1) -> Iterator[None]:
     """The lock beside a SQLite store (``.<name>.lock``) that a driver holds while it first
     opens the file and MLflow makes (or migrates) its tables there: another driver, or another
     driver's plan, waits on it rather than finding a store half made. An flock: released when
-    its holder dies. A lock file another user left unwritable: no lock."""
-    from filelock import FileLock
+    its holder dies. A lock file another user left unwritable: no lock. ``timeout`` (seconds,
+    -1: none) passed: ``filelock.Timeout``."""
+    from filelock import FileLock, Timeout
 
     lock = FileLock(str(first_open_lock_path(db)), mode=0o666)  # other users' too
     try:
-        lock.acquire()
+        lock.acquire(timeout=timeout)
+    except Timeout:  # (an OSError too, and not the unwritable file's)
+        raise
     except OSError:
         yield
         return

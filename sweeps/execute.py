@@ -61,8 +61,8 @@ from sweeps.plan import (
     flush_seconds,
     optuna_bounds,
     optuna_split,
+    ray_address,
     read_run_json,
-    resolve_auto_address,
     resumed_run_dir,
     split_size_problem,
     sweep_files,
@@ -433,10 +433,9 @@ def _init_ray(plan: Plan) -> None:
                  object_store_memory=_object_store_bytes(),
                  runtime_env={"env_vars": _worker_env()})
     else:
-        # "auto" as the plan checked it (``resolve_auto_address``): ray.init's own "auto"
-        # would also join any Ray process running here, another driver's among them
-        address = resolve_auto_address(plan.address_from) if plan.address == "auto" else \
-            plan.address
+        # "auto" as the plan checked it (``ray_address``): ray.init's own "auto" would also
+        # join any Ray process running here, another driver's among them
+        address = ray_address(plan)
         try:
             ray.init(address=address, runtime_env={"env_vars": _worker_env()},
                      **_loopback_node(address))

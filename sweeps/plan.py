@@ -342,6 +342,11 @@ def _host_port(flag: str, value: str, hostport: str, accepted: str) -> tuple[str
     return m.group(1).strip("[]"), int(m.group(2))
 
 
+#: how long a plan waits for another driver making a new SQLite store (seconds: MLflow makes
+#: one in about 2 s here)
+FIRST_OPEN_WAIT_S = 120
+
+
 def _mlflow_uri(value: str | None) -> str:
     """The tracking URI (``records.uris.tracking_uri``) or a UsageError. A ``sqlite:`` file
     that exists must already be an MLflow store of this MLflow's schema (or be empty):
@@ -356,8 +361,16 @@ def _mlflow_uri(value: str | None) -> str:
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
         if problem is not None and first_open_lock_path(db).exists():
-            with first_open_lock(db):  # a driver may be making it: wait for it, look again
-                problem = sqlite_store_problem(db)
+            from filelock import Timeout
+
+            try:  # a driver may be making it: wait for it (seconds), then look again
+                with first_open_lock(db, timeout=FIRST_OPEN_WAIT_S):
+                    problem = sqlite_store_problem(db)
+            except Timeout:
+                raise UsageError(f"{flag} {redact(uri)}: a driver has held "
+                                 f"{first_open_lock_path(db)} for {FIRST_OPEN_WAIT_S} s while "
+                                 f"making this store (stopped, or stuck?); accepted: a store no "
+                                 f"driver is making (end that driver, or wait for it)") from None
         if problem is not None:
             raise UsageError(f"{flag} {redact(uri)}: {problem}; accepted: a new or empty "
                              f"file, or a store this MLflow ({_mlflow_version()}) wrote")
@@ -961,6 +974,7 @@ def resolve_auto_address(source: str = "--address") -> str:
     Ray along (the driver exit 1, its parent run left RUNNING). A stale address file of a
     cluster since stopped is found by ``check_services`` (ray.init retried for ever).
     ``source``: where "auto" came from (the flag, or RAY_ADDRESS), as the error names it."""
+    from ray._common.utils import get_ray_address_file
     from ray._private.services import find_bootstrap_address, find_gcs_addresses
 
     env = os.environ.get("RAY_ADDRESS", "")
@@ -974,14 +988,22 @@ def resolve_auto_address(source: str = "--address") -> str:
     find_gcs_addresses.cache_clear()  # Ray caches a scan that found any: processes end
     others = sorted(set(find_gcs_addresses()))
     if others:
-        raise UsageError(f"{source} auto: no Ray cluster started with `ray start` on this "
-                         f"machine ({none}); the Ray instance(s) running here "
-                         f"({', '.join(others)}) belong to other programs (a driver's own "
-                         f"local Ray ends with it); accepted: --address HOST:PORT of a cluster "
-                         f"to share, `ray start --head` first, or {_omit(source)} to start a "
-                         f"local Ray")
+        raise UsageError(f"{source} auto: no Ray cluster announced by `ray start` on this "
+                         f"machine ({none}, in {get_ray_address_file(None)}); Ray instance(s) "
+                         f"running here that none announced: {', '.join(others)} (another "
+                         f"driver's own local Ray, which ends with it, or a cluster started "
+                         f"with --temp-dir); accepted: --address HOST:PORT of the cluster to "
+                         f"join, or {_omit(source)} to start a local Ray")
     raise UsageError(f"{source} auto: no Ray cluster found on this machine ({none}); start "
                      f"one with `ray start --head` or {_omit(source)} to start a local Ray")
+
+
+def ray_address(plan: Plan) -> str | None:
+    """The Ray cluster a run joins: ``plan.address``, "auto" resolved
+    (``resolve_auto_address``); None for a local Ray the driver starts."""
+    if plan.address == "auto":
+        return resolve_auto_address(plan.address_from)
+    return plan.address
 
 
 def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
@@ -991,7 +1013,7 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
     (``resolve_auto_address``); a local Ray and SQLite files are not contacted."""
     if plan.address is not None:
         source = plan.address_from
-        address = resolve_auto_address(source) if plan.address == "auto" else plan.address
+        address = ray_address(plan)
         hostport = address.removeprefix("ray://")
         host, port = _host_port(source, address, hostport, _ADDRESS_ACCEPTED)
         try:

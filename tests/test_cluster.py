@@ -272,11 +272,16 @@ def _final_metrics(uri: str, experiment: str) -> dict[str, dict[str, float]]:
 
 
 def _wait_for_checkpoint(storage: Path, trial_glob: str, popen, timeout: float = 300):
+    """The folder of a trial matching ``trial_glob`` once its first checkpoint is in the
+    storage and Tune's controller has taken its result (result.json: the checkpoint is then
+    in Tune's state, which a resume restores from)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        hits = list(storage.glob(f"*/*{trial_glob}*/checkpoint_000000"))
+        hits = [p.parent for p in storage.glob(f"*/*{trial_glob}*/checkpoint_000000")
+                if (p.parent / "result.json").is_file()
+                and (p.parent / "result.json").read_text().strip()]
         if hits:
-            return hits[0].parent
+            return hits[0]
         assert popen.poll() is None, popen.communicate()[0][-3000:]
         time.sleep(0.5)
     raise AssertionError("no trial reached its first checkpoint")
@@ -380,8 +385,15 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
     # A trial folder deleted from the storage: Tune would restore the trial from its missing
     # checkpoint and fail it at every --resume (the parent run was left RUNNING). Refused
     # in one line naming the trial, before anything is reopened.
-    lost = next(d for d in trial_dirs(storage)
-                if d.name not in done_before and list(d.glob("checkpoint_*")))
+    # a trial Tune's state says to restore from a checkpoint (one whose checkpoint folder was
+    # written but whose result Tune had not taken when it stopped restarts from scratch)
+    from ray.tune import ExperimentAnalysis
+
+    (run_folder,) = {d.parent for d in trial_dirs(storage)}
+    recorded = {Path(t.checkpoint.path).parent.name
+                for t in ExperimentAnalysis(str(run_folder)).trials
+                if t.checkpoint is not None and t.status != "TERMINATED"}
+    lost = next(d for d in trial_dirs(storage) if d.name in recorded)
     aside = tmp_path / "aside"
     lost.rename(aside)
     gone = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],

@@ -1525,7 +1525,8 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
     to post-process again; the same sweep once ended is complete."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    parent = write_sweep(client, "live", FULL[:2], tmp=tmp_path)
+    parent = write_sweep(client, "live", [*FULL[:2], {**FULL[2], "status": "FAILED"}],
+                         tmp=tmp_path)
     client.update_run(parent, status="RUNNING")
     for out in (tmp_path / "during", tmp_path / "after"):
         assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(out), "--no-log"]) == 0
@@ -1538,6 +1539,15 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         assert "PARTIAL (running) Sweep live" in html
         (note,) = [m for m in messages if m.startswith("PARTIAL")]
         assert note.startswith("PARTIAL: the parent run is still RUNNING (the sweep is running")
-        assert "the 2 trial(s) finished so far, of the 2 started" in note
+        assert "the 2 trial(s) finished so far (1 more failed), of the 3 started" in note
+        assert note.endswith("if its driver is gone: Continue it with sweeps/run.py live "
+                             "--resume")
         assert f"note: {note}" in printed
+        client.set_tag(parent, "search", "optuna")  # a study cannot be resumed: not offered
+        assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "optuna"),
+                            "--no-log"]) == 0
+        (note,) = [m for m in json.loads((tmp_path / "optuna" / "statistics.json").read_text())
+                   ["messages"] if m.startswith("PARTIAL")]
+        assert note.endswith("An Optuna search cannot be resumed (its study is not "
+                             "checkpointed): run sweeps/run.py live --search optuna again")
         client.set_terminated(parent, "FINISHED")

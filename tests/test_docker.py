@@ -636,3 +636,13 @@ def test_the_gpu_override_gives_the_head_the_gpus_and_cuda_wheels(tmp_path):
     plain = _rendered(tmp_path)
     assert not any((s.get("deploy") or {}).get("resources", {}).get("reservations")
                    for s in plain.values())
+
+
+def test_the_default_data_folder_is_never_build_context():
+    """ALIGNSWEEP_DATA defaults to data/ in the repository, the build context: NSD and
+    ImageNet there would be sent to the Docker daemon at every build (hundreds of GB)."""
+    default = re.search(r"\$\{ALIGNSWEEP_DATA:-([^}]+)\}", COMPOSE.read_text())[1]
+    folder = (COMPOSE.parent / default).resolve().relative_to(REPO)
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert str(folder) in ignored or f"/{folder}" in ignored, (folder, ignored)

@@ -676,9 +676,11 @@ def test_address_auto_joins_only_a_cluster_started_to_be_shared(tmp_path, monkey
     try:
         gcs = other.stdout.readline().strip()
         assert gcs, "the other program's Ray did not start"
-        with pytest.raises(UsageError, match=rf"^--address auto: no Ray cluster started with "
-                                             rf"`ray start` on this machine .*{re.escape(gcs)}"
-                                             r".* belong to other programs"):
+        with pytest.raises(UsageError, match=rf"^--address auto: no Ray cluster announced by "
+                                             rf"`ray start` on this machine .*"
+                                             rf"{re.escape(str(tmp_path))}/ray/ray_current_"
+                                             rf"cluster\); Ray instance\(s\) running here that "
+                                             rf"none announced: .*{re.escape(gcs)}"):
             resolve_auto_address()
     finally:
         other.kill()
@@ -688,3 +690,31 @@ def test_address_auto_joins_only_a_cluster_started_to_be_shared(tmp_path, monkey
     assert resolve_auto_address() == "10.1.2.3:6379"
     monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")
     assert resolve_auto_address("RAY_ADDRESS") == "10.9.9.9:6379"
+
+
+def test_a_plan_waits_for_a_driver_making_the_store_but_not_for_ever(tmp_path, monkeypatch):
+    """A half-made store whose lock a driver holds: the plan waits (the driver may finish it),
+    up to FIRST_OPEN_WAIT_S, then one line naming the lock (a stopped driver kept it: the dry
+    run hung with no word)."""
+    from filelock import FileLock
+
+    from records.stores import first_open_lock_path
+    from sweeps import plan as plan_module
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(100))  # begun, not a store yet
+    monkeypatch.setattr(plan_module, "FIRST_OPEN_WAIT_S", 1)
+    held = FileLock(str(first_open_lock_path(db)))  # another driver's (another descriptor)
+    held.acquire()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match=rf"^--mlflow-uri sqlite:///{re.escape(str(db))}: a "
+                                             rf"driver has held {re.escape(str(tmp_path))}/"
+                                             r"\.mlflow\.db\.lock for 1 s while making this "
+                                             r"store \(stopped, or stuck\?\)"):
+            plan_module._mlflow_uri(f"sqlite:///{db}")
+        assert 1 <= time.monotonic() - t0 < 30
+    finally:
+        held.release()
+    with pytest.raises(UsageError, match="not a SQLite database|cannot be read"):
+        plan_module._mlflow_uri(f"sqlite:///{db}")  # no one holds it: judged at once
