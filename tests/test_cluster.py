@@ -271,15 +271,14 @@ def _final_metrics(uri: str, experiment: str) -> dict[str, dict[str, float]]:
     return {r.data.tags["trial_id"]: r.data.metrics for r in child_runs(uri, experiment)}
 
 
-def _wait_for_checkpoint(storage: Path, trial_glob: str, popen, timeout: float = 300):
-    """The folder of a trial matching ``trial_glob`` once its first checkpoint is in the
-    storage and Tune's controller has taken its result (result.json: the checkpoint is then
-    in Tune's state, which a resume restores from)."""
+def _wait_for_checkpoint(storage: Path, trial_glob: str, popen, timeout: float = 300,
+                         index: int = 0):
+    """The folder of a trial matching ``trial_glob`` once its checkpoint ``index`` is in the
+    storage (index 1: by then Tune has taken the first one's result, and its state records
+    that checkpoint, an epoch's training later)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        hits = [p.parent for p in storage.glob(f"*/*{trial_glob}*/checkpoint_000000")
-                if (p.parent / "result.json").is_file()
-                and (p.parent / "result.json").read_text().strip()]
+        hits = [p.parent for p in storage.glob(f"*/*{trial_glob}*/checkpoint_{index:06d}")]
         if hits:
             return hits[0]
         assert popen.poll() is None, popen.communicate()[0][-3000:]
@@ -346,7 +345,7 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
                               "--mlflow-uri", uri, "--storage", str(storage)],
                              cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(storage, "a1", popen)
+    _wait_for_checkpoint(storage, "a1", popen, index=1)
     # `docker stop` or a scheduler's kill, which the driver turns into a Ctrl-C (Tune saves its
     # state and stops). ray.init used to replace that handler with its own (sys.exit): the
     # driver then aborted (exit 134), the parent FAILED and the stopped trials' runs stayed

@@ -1443,13 +1443,17 @@ def test_a_sweep_named_in_other_letters_logs_its_statistics(tmp_path):
     only there keep one metric each (they were merged: one's rho overwrote the other's)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
+
+    def postprocess(sweep: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dashboards.pareto", sweep, "--mlflow-uri", uri,
+             "--out", str(tmp_path / sweep)],
+            check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
     parent = write_sweep(client, "nsd_çé_v1", FULL, tmp=tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dashboards.pareto", "nsd_çé_v1", "--mlflow-uri", uri,
-         "--out", str(tmp_path / "out")],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "nsd_çé_v1: suppressing alignment" in proc.stdout
+    assert "nsd_çé_v1: suppressing alignment" in postprocess("nsd_çé_v1")
     metrics = client.get_run(parent).data.metrics
     assert "effect/nsd_çé_v1/min/drop" in metrics and "stat/nsd_çé_v1/spearman_rho" in metrics
     # two conditions whose names differ only in characters MLflow refuses, opposite trends
@@ -1457,11 +1461,7 @@ def test_a_sweep_named_in_other_letters_logs_its_statistics(tmp_path):
     trials = ([{**t, "condition": "v1_$"} for t in FULL]
               + [{**t, "condition": "v1_%"} for t in flipped])
     parent = write_sweep(client, "both", trials, tmp=tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dashboards.pareto", "both", "--mlflow-uri", uri,
-         "--out", str(tmp_path / "both")],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    postprocess("both")
     stats = json.loads((tmp_path / "both" / "statistics.json").read_text())["conditions"]
     rhos = {k: v for k, v in client.get_run(parent).data.metrics.items()
             if k.endswith("/spearman_rho")}
