@@ -21,7 +21,10 @@ built in a hidden ``.building-*`` folder inside ``--out`` and moved into place o
 written (``build_outputs``): a step that fails leaves the previous set as it was; each file
 is written atomically (``references.cache.atomic_write_bytes``): rerunning into the same
 folder, or being killed, leaves the previous version or the new one, never a truncated file
-(a kill mid-build can leave the hidden folder behind, to delete).
+(a kill mid-build can leave the hidden folder behind; the next build into that folder on the
+same host deletes it). A figure that raises is the one exception to all-or-nothing: the
+report, tables and statistics are written without it, the note names the traceback's file,
+and the command exits 1 after printing the report's path.
 
 Degenerate sweeps (no baseline, failed trials, one direction, one trial, no trials) still get
 every file; what could not be computed is said in the report's notes and printed. Missing
@@ -40,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -277,18 +281,54 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
 
     The files are built in a hidden folder inside ``out`` and moved into place only once all
     of them are written (report.html last): a step that fails leaves ``out`` as it was, not
-    new tables beside an older report."""
+    new tables beside an older report. A figure that cannot be drawn is the exception: the
+    report, tables and statistics are still written, say so (``FIGURES_NOT_DRAWN`` in
+    statistics.json) and that figure's older files are removed rather than left beside a
+    report they no longer match. A stage folder a killed post-processor of this host left
+    behind is deleted."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
+    _remove_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{_host()}-{os.getpid()}-", dir=out))
     try:
         _build_outputs(record, stage)
         for name in sorted(FILES, key=lambda n: n == "report.html"):
             if (stage / name).is_file():
                 os.replace(stage / name, out / name)
+            elif name in FIGURE_FILES:  # not drawn this time: an older one would mislead
+                (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "report.html"
+
+
+#: The hidden folder a post-processor builds its files in: ``.building-<host>-<pid>-<random>``.
+_STAGE_PREFIX = ".building-"
+
+
+def _host() -> str:
+    return re.sub(r"[^0-9A-Za-z.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Delete the stage folders in ``out`` of post-processors of this host that no longer run
+    (killed mid-build). Another host's (a shared file system) and a live process's are left;
+    so are those named before the host and pid were part of the name."""
+    mine = re.compile(re.escape(f"{_STAGE_PREFIX}{_host()}-") + r"(\d+)-")
+    for folder in out.glob(f"{_STAGE_PREFIX}*"):
+        match = mine.match(folder.name)
+        if match and folder.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _build_outputs(record: SweepRecord, out: Path) -> Path:
@@ -309,33 +349,15 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
                  f"condition's effects have point values only, no interval"
                  for tid, why in unreadable.items()]
     tables.write_parquet(effects.effects_table(sides), out / "effects.parquet")
+    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
+        embedded, not_drawn = _figures(record, results, epochs, stats, out, Path(tmp))
+    messages += [note for _, note in not_drawn]
     atomic_write_text(out / "statistics.json", json.dumps(
         _json_safe({"sweep": record.sweep, "experiment": record.experiment,
                     "parent_run_id": record.parent_run_id, "conditions": stats,
-                    "effects": sides, "paper": terms, "messages": messages}),
+                    "effects": sides, "paper": terms, "messages": messages,
+                    FIGURES_NOT_DRAWN: [stem for stem, _ in not_drawn]}),
         indent=2) + "\n")
-    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
-        figs = [
-            (figures.front_figure(results, stats), "front",
-             ("Degradation (the drop from the condition's mean baseline, the mean over its "
-              "alpha = 0 trials, in points; positive = worse) against achieved alignment "
-              "(validation, by the trials' metric), coloured by direction, marker area by "
-              "|alpha|; with several seeds each configuration's mean is drawn with its 95 % "
-              "interval and the fronts go through those means; lines: the two Pareto fronts "
-              "(performance up with alignment up, and with alignment down).")),
-            (figures.epochs_figure(epochs, results), "epochs",
-             ("Validation performance per epoch: thin lines one trial each (dotted: did not "
-              "finish), bold lines the mean of each direction.")),
-            (figures.filters_figure(_filter_rows(record, results, Path(tmp))), "filters",
-             ("conv1 filters of the maximally aligned, minimally aligned and baseline models, "
-              "beside the pretrained AlexNet's conv1 filters (when torchvision's weights are "
-              "in the local torch hub cache) and the Gabor bank, as in the paper's Figure "
-              "1c.")),
-        ]
-        embedded = []
-        for fig, stem, caption in figs:
-            png, _ = figures.save_figure(fig, out, stem)
-            embedded.append((png, f"{stem} figure", caption))
     meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
             "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
             "data": record.parent_tags.get("data_description", "")}
@@ -344,6 +366,56 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
         + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,
         figures=embedded, results=results, config=config, files=FILES[1:], paper=terms,
         effects=sides)
+
+
+#: statistics.json's list of the figures that could not be drawn (their notes are in
+#: "messages"); the command line then ends with exit status 1 after writing everything else.
+FIGURES_NOT_DRAWN = "figures_not_drawn"
+
+FIGURE_FILES = tuple(f"{stem}.{ext}" for stem in ("front", "epochs", "filters")
+                     for ext in ("png", "svg"))
+
+
+def _figures(record: SweepRecord, results: pa.Table, epochs: pa.Table, stats, out: Path,
+             tmp: Path) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """Draw and save the three figures into ``out``: ``(embedded, not_drawn)``, the
+    (png, alt text, caption) of each one drawn and the (stem, note) of each one that raised.
+    A figure is drawn from tables already written: its failure (a bug, a font, a name
+    matplotlib cannot set) costs that figure only, with its traceback in a file."""
+    from references.cache import traceback_file
+
+    figs = [
+        ("front", lambda: figures.front_figure(results, stats),
+         ("Degradation (the drop from the condition's mean baseline, the mean over its "
+          "alpha = 0 trials, in points; positive = worse) against achieved alignment "
+          "(validation, by the trials' metric), coloured by direction, marker area by "
+          "|alpha|; with several seeds each configuration's mean is drawn with its 95 % "
+          "interval and the fronts go through those means; lines: the two Pareto fronts "
+          "(performance up with alignment up, and with alignment down).")),
+        ("epochs", lambda: figures.epochs_figure(epochs, results),
+         ("Validation performance per epoch: thin lines one trial each (dotted: did not "
+          "finish), bold lines the mean of each direction.")),
+        ("filters", lambda: figures.filters_figure(_filter_rows(record, results, tmp)),
+         ("conv1 filters of the maximally aligned, minimally aligned and baseline models, "
+          "beside the pretrained AlexNet's conv1 filters (when torchvision's weights are "
+          "in the local torch hub cache) and the Gabor bank, as in the paper's Figure "
+          "1c.")),
+    ]
+    embedded, not_drawn = [], []
+    for stem, draw, caption in figs:
+        try:
+            png, _ = figures.save_figure(draw(), out, stem)
+        except Exception as exc:  # one figure's failure is that figure's alone
+            for ext in ("png", "svg"):
+                (out / f"{stem}.{ext}").unlink(missing_ok=True)
+            log = traceback_file(exc)
+            text = redact(" ".join(str(exc).split()))[:200]
+            not_drawn.append((stem, f"the {stem} figure could not be drawn ({type(exc).__name__}: "
+                                    f"{text}; traceback: {log}); the tables, statistics and "
+                                    f"other figures are complete"))
+            continue
+        embedded.append((png, f"{stem} figure", caption))
+    return embedded, not_drawn
 
 
 #: Trial states of a sweep that has not run to its end (interrupted, crashed, or running).
@@ -430,9 +502,11 @@ def _described(note: str | None, run_id: str, out: Path) -> str:
     run's own artifact) and where the report is; said once however often the run is
     post-processed."""
     base = (note or "").split(REPORT_MARK)[0].rstrip()
-    return (f"{base}\n\n{REPORT_MARK}\n\n![Pareto fronts](get-artifact?path=front.png&"
-            f"run_uuid={run_id})\n\nThe report: report.html in this run's artifacts (and "
-            f"{(out / 'report.html').resolve()} where it was written).").lstrip()
+    figure = (f"![Pareto fronts](get-artifact?path=front.png&run_uuid={run_id})\n\n"
+              if (out / "front.png").is_file() else "")  # not drawn: the report says why
+    return (f"{base}\n\n{REPORT_MARK}\n\n{figure}The report: report.html in this run's "
+            f"artifacts (and {(out / 'report.html').resolve()} where it was written)."
+            ).lstrip()
 
 
 #: Where the post-processor's part of a parent run's description starts.
@@ -592,6 +666,11 @@ def _main(argv: list[str] | None) -> int:
     for line in effects.summary_lines(stats.get("effects") or {}):
         print(line)
     print(f"report: {path.resolve()}")
+    if stats.get(FIGURES_NOT_DRAWN):  # everything else is written (and logged): say it, exit 1
+        print(f"error: figure(s) not drawn: {', '.join(stats[FIGURES_NOT_DRAWN])} (the notes "
+              f"above name the tracebacks); the report, tables and statistics were written "
+              f"without them: {path.resolve()}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1139,7 +1139,9 @@ def _report(plan: Plan, parent_id: str) -> None:
         _say(line)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        _say(f"report not written: {redact(why)}")
+        # a figure that could not be drawn leaves the rest of the report written
+        written = any(line.startswith("report: ") for line in proc.stdout.splitlines())
+        _say(f"report {'incomplete' if written else 'not written'}: {redact(why)}")
         _say(f"retry with: {retry}")
 
 

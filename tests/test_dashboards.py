@@ -1176,6 +1176,46 @@ def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
     assert tables.read_config(tmp_path / "results.parquet")["experiment"] == EXPERIMENT
 
 
+def test_the_driver_says_a_report_without_a_figure_is_incomplete_not_unwritten(
+        tmp_path, monkeypatch, capsys):
+    """The driver post-processes in a child process (sweeps.execute._report); a figure that
+    raises there (injected by a sitecustomize on the child's PYTHONPATH) leaves the report
+    written without it. The driver said "report not written"; it now says the report is
+    incomplete, with the post-processor's line and the command to rerun, and the report, its
+    notes and the other figures are on disk and logged to the parent run."""
+    from types import SimpleNamespace
+
+    from sweeps.execute import _report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = write_sweep(client, "figfail", FULL[:3], tmp=tmp_path)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import dashboards.figures\n"
+        "def _broken(*args, **kwargs):\n"
+        "    raise ValueError('cannot draw the front here')\n"
+        "dashboards.figures.front_figure = _broken\n")
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.chdir(tmp_path)
+    _report(SimpleNamespace(sweep="figfail", mlflow_uri=uri, experiment="figfail-smoke"),
+            parent)
+    out = capsys.readouterr().out
+    assert "report incomplete: error: figure(s) not drawn: front (" in out, out
+    assert "report not written" not in out and "retry with: " in out
+    assert "note: the front figure could not be drawn (ValueError: cannot draw the front " \
+           "here; traceback: " in out
+    folder = tmp_path / "outputs" / "figfail-smoke" / parent
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        set(pareto.FILES) - {"front.png", "front.svg"})
+    logged = {a.path for a in client.list_artifacts(parent)}
+    assert logged == set(pareto.FILES) - {"front.png", "front.svg"}
+    # the run's description links no figure that is not there, and still names the report
+    described = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert "front.png" not in described and "The report: report.html" in described
+
+
 def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
     import pyarrow as pa
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,6 +102,91 @@ def test_a_step_that_fails_leaves_the_previous_outputs_not_half_new(tmp_path, mo
     assert pq.read_table(out / "results.parquet").column("trial_id").to_pylist() == \
         tables.results_table(changed).column("trial_id").to_pylist()
     assert sorted(p.name for p in out.iterdir()) == sorted(pareto.FILES)
+
+
+def _figure_fails(stem):
+    """Fault injection: ``dashboards.figures.<stem>_figure`` raises, as a figure that hits a
+    matplotlib error on some name or value would."""
+    def broken(*args, **kwargs):
+        raise ValueError(f"cannot draw {stem} here")
+    return broken
+
+
+def test_a_figure_that_cannot_be_drawn_costs_that_figure_alone(tmp_path, capsys, monkeypatch):
+    """One figure raising failed the whole report: the tables, statistics and the other
+    figures, all computed, were thrown away with the staging folder. Now they are written,
+    the report and statistics.json say which figure is missing and where its traceback is,
+    that figure's older files are removed (they would no longer match), and the command line
+    exits 1 after printing the report's path."""
+    run = _ray_run(tmp_path)
+    out = tmp_path / "out"
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(pareto.FILES)
+    capsys.readouterr()
+    old_front = (out / "front.png").read_bytes()
+
+    monkeypatch.setattr(pareto.figures, "epochs_figure", _figure_fails("epochs"))
+    # new results: a finished trial's last epoch changed, so the tables must be the new ones
+    trial = run / TRIALS[1][0]
+    lines = (trial / "result.json").read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["val_map"] = last["val_performance"] = 0.41
+    (trial / "result.json").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: figure(s) not drawn: epochs (") and \
+        str((out / "report.html").resolve()) in err[0], captured.err
+    assert f"report: {(out / 'report.html').resolve()}" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        set(pareto.FILES) - {"epochs.png", "epochs.svg"})  # the old epochs figure is gone
+    results = pq.read_table(out / "results.parquet").to_pylist()
+    assert {r["trial_id"]: r["performance"] for r in results}[TRIALS[1][0]] == \
+        pytest.approx(0.41)
+    stats = json.loads((out / "statistics.json").read_text())
+    assert stats[pareto.FIGURES_NOT_DRAWN] == ["epochs"]
+    (note,) = [m for m in stats["messages"] if "figure could not be drawn" in m]
+    assert note.startswith("the epochs figure could not be drawn (ValueError: cannot draw "
+                           "epochs here; traceback: ")
+    log = Path(note.split("traceback: ")[1].split(")")[0])
+    assert "cannot draw epochs here" in log.read_text()
+    assert f"note: {note}" in captured.out
+    html = (out / "report.html").read_text()
+    assert "the epochs figure could not be drawn" in html
+    assert html.count("data:image/png;base64,") == 2  # front and filters
+    assert (out / "front.png").read_bytes() != old_front  # drawn anew from the new results
+    assert not list(out.glob(".building-*"))
+
+
+def test_a_stage_folder_left_by_a_killed_build_is_removed_by_the_next(tmp_path):
+    """A post-processor killed mid-build left its hidden .building-* folder in --out for
+    good. The next build on the same host removes those of processes that no longer run; a
+    running one's and another host's (a shared file system) are left."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = pareto._host()
+    assert host == socket.gethostname()[:64] or "_" in host
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        try:
+            stale = out / f".building-{host}-{int(dead.stdout)}-abc123"
+            running = out / f".building-{host}-{live.pid}-def456"
+            other = out / f".building-elsewhere.example-{int(dead.stdout)}-ghi789"
+            for folder in (stale, running, other):
+                (folder / "x").mkdir(parents=True)
+            pareto.build_outputs(_record([("none", 0.0, 0, [0.5], [0.1]),
+                                          ("max", 0.5, 0, [0.4], [0.3])]), out)
+            assert not stale.exists()
+            assert running.is_dir() and other.is_dir()
+        finally:
+            live.kill()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        sorted(pareto.FILES)
 
 
 def test_a_result_json_cut_short_on_its_last_line_keeps_the_earlier_epochs(tmp_path, capsys):
