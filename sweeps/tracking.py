@@ -10,6 +10,7 @@ a resumed sweep, logs into the same run and never duplicates it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import queue
 import threading
 import time
@@ -173,7 +174,9 @@ class TrialRun:
     fails the trial (issue 12): every call only queues an operation; the thread finds or
     creates the run (by ``trial_id`` under the parent), logs params, metrics, tags and
     artifacts in order, and retries each operation with backoff (0.5 s doubling to 30 s)
-    while the store is unreachable, for as long as the trial lives.
+    while the store is unreachable, for as long as the trial lives. An operation the store
+    refuses for good (``permanent_refusal``: the run deleted in the UI, a value it rejects) is
+    said once and dropped, so the trial does not wait out the flush on it.
 
     Each (metric, step) is logged exactly once: after a failed attempt (the server may have
     stored the batch before the connection broke) the batch is resent without what the store
@@ -206,6 +209,7 @@ class TrialRun:
         self._idle = threading.Condition()
         self._logged: set[tuple[str, int]] = set()  # confirmed in the store
         self._outage_since: float | None = None
+        self._refused = 0  # operations the store refused for good (permanent_refusal)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-{trial_id}",
                                         daemon=True)
@@ -244,7 +248,9 @@ class TrialRun:
         self._put(("finish", status, False, if_open))
 
     def close(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for every queued operation; True when all were delivered.
+        """Wait up to ``timeout`` s for every queued operation; True when none is left
+        undelivered for want of time (an operation the store refused for good,
+        ``permanent_refusal``, is dropped at once and said, not waited for).
         What is left is dropped (and said), and the thread ends: Tune reuses a trial's worker
         process for the next trial, and a thread left waiting on its queue kept its MLflow
         client and its C heap (60-120 MB a trial) for the life of the worker."""
@@ -260,6 +266,9 @@ class TrialRun:
             self._say(f"tracking: {left} operation(s) of trial {self.trial_id} not delivered "
                       f"to {redact(self.uri)} within {timeout:.0f} s; its metrics journal is "
                       f"in its checkpoint (the driver replays it)")
+        if self._refused > 1:
+            self._say(f"tracking: {self._refused} operation(s) of trial {self.trial_id} "
+                      f"refused by {redact(self.uri)} in all (the first is named above)")
         return left == 0
 
     # -- the background thread
@@ -286,6 +295,16 @@ class TrialRun:
                         self._outage_since = None
                     break
                 except Exception as exc:  # any failure of the store: retry, never raise
+                    refusal = permanent_refusal(exc)
+                    if refusal is not None:  # the store answered "never": drop, go on
+                        self._refused += 1
+                        if self._refused == 1:
+                            self._say(f"tracking: {redact(self.uri)} refused trial "
+                                      f"{self.trial_id}'s {_WHAT.get(op[0], op[0])} "
+                                      f"({refusal}); not retried, as it would be refused "
+                                      f"again; the trial goes on (its metrics journal is in "
+                                      f"its checkpoint)")
+                        break
                     if self._outage_since is None:
                         self._outage_since = time.monotonic()
                         self._say(f"tracking: {redact(self.uri)} failed for trial "
@@ -358,6 +377,36 @@ class TrialRun:
 
 #: A child run's tag holding what ended its trial's last failed attempt (one line).
 ERROR_TAG = "error"
+
+#: What each queued operation of a ``TrialRun`` is, in its messages.
+_WHAT = {"open": "run", "metrics": "metrics", "tags": "tags", "artifacts": "artifacts",
+         "artifacts_if_created": "artifacts", "finish": "end of run"}
+
+#: HTTP statuses of an MLflow error that can pass: a timeout, a conflict, too many requests.
+_TRANSIENT_4XX = (408, 409, 425, 429)
+
+#: Local errors (a file store's artifact copy) that the same call would meet again.
+_PERMANENT_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                    errno.ENAMETOOLONG, errno.ENOENT}
+
+
+def permanent_refusal(exc: BaseException) -> str | None:
+    """Why ``exc`` from a store means the operation will never succeed, or None when it may
+    pass on a retry. Permanent: an MLflow error with a 4xx status other than
+    ``_TRANSIENT_4XX`` (a run or experiment deleted in the UI: "must be in the 'active'
+    state"; a value the store refuses; a user it denies), and a local file error a retry
+    meets again (a permission, a read-only file system, a missing folder). Everything else
+    (no connection, 5xx, "database is locked" (503), a full disk) is an outage: retried."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+            return f"{exc.error_code}: {redact(' '.join(str(exc.message).split()))[:200]}"
+        return None
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO:
+        return f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:200]}"
+    return None
 
 
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -789,6 +789,58 @@ def test_a_closed_trial_run_ends_its_thread(fake_store, monkeypatch):
     assert threads() == before and time.monotonic() - t0 < 6
 
 
+def test_a_run_deleted_in_the_ui_mid_trial_is_refused_once_not_waited_on(fake_store,
+                                                                          tmp_path):
+    """A user deletes a trial's child run in the MLflow UI while it trains: every later write
+    is refused ("must be in the 'active' state", HTTP 400). The tracking thread retried each
+    refusal as an outage until the flush timeout (900 s by default) at the trial's end. Now a
+    refusal is said once, dropped, and close() returns at once; an outage (no connection)
+    is still retried, and an artifact folder gone from under the trial is a refusal too."""
+    from records import experiment_name
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    parent = tracking.start_parent(uri, experiment_name("deleted", "demo"), {"sweep": "x"})
+    said: list[str] = []
+    again = tracking.TrialRun(uri, parent, "x-max-a1-b1-s1", params={"lr": 0.1}, tags={},
+                              say=said.append)
+    again.log_epoch({"val_alignment": 0.0}, 0)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 60
+    while again.run_id is None or not client.get_metric_history(again.run_id,
+                                                                "val_alignment"):
+        assert time.monotonic() < deadline, "the run was not made"
+        time.sleep(0.1)
+    assert not said
+    client.delete_run(again.run_id)  # deleted after its first epoch, while it trains on
+    for epoch in range(1, 4):
+        again.log_epoch({"val_alignment": 0.1 * epoch}, epoch)
+    again.set_tags({"ran.cpus": "1"})
+    again.finish("FINISHED")
+    t0 = time.monotonic()
+    assert again.close(60)
+    assert time.monotonic() - t0 < 10
+    (first, total) = said
+    assert first.startswith(f"tracking: {uri} refused trial x-max-a1-b1-s1's metrics "
+                            f"(INVALID_PARAMETER_VALUE: The run {again.run_id} must be in the "
+                            f"'active' state"), first
+    assert "not retried" in first and "journal" in first
+    assert total == (f"tracking: 5 operation(s) of trial x-max-a1-b1-s1 refused by {uri} in "
+                     f"all (the first is named above)")
+
+    from mlflow.exceptions import MlflowException
+
+    assert tracking.permanent_refusal(FileNotFoundError(2, "gone", str(tmp_path / "x")))
+    assert tracking.permanent_refusal(PermissionError(13, "denied"))
+    assert tracking.permanent_refusal(OSError(28, "No space left on device")) is None
+    assert tracking.permanent_refusal(MlflowException(
+        "API request to http://h/api failed with exception ConnectionError")) is None
+    assert tracking.permanent_refusal(MlflowException(
+        "busy", error_code="REQUEST_LIMIT_EXCEEDED")) is None
+    assert tracking.permanent_refusal(MlflowException(
+        "database is locked", error_code="TEMPORARILY_UNAVAILABLE")) is None
+
+
 def test_a_trial_the_store_never_saw_gets_its_run_from_the_replay(fake_store):
     """An outage over a trial's whole life: it trained, its journal is in its checkpoint,
     but it never made its child run. The driver's replay (and --resume's) used to drop the
