@@ -98,13 +98,24 @@ class Trial:
     def final(self, metric: str) -> float:
         """The metric at the trial's last reported epoch: NaN when it was not reported then
         (never, or NaN that epoch: the tracker does not log NaN), not an older epoch's."""
-        values = self.history.get(metric, ())
-        last = max((e for v in self.history.values() for e, _ in v), default=None)
+        values, epochs = self.history.get(metric, ()), self.epochs
+        last = epochs[-1] if epochs else None
         return values[-1][1] if values and values[-1][0] == last else math.nan
 
     @property
+    def epochs(self) -> tuple[int, ...]:
+        """The epochs the trial reported, in order: the steps of its ``epoch`` metric (the
+        trainable logs it every epoch), else of every metric. A lab's own metric logged into
+        the run per training step (step 0..N) made step N the "last epoch", at which no
+        epoch metric exists: every final value read as missing."""
+        own = self.history.get("epoch")
+        steps = {e for e, _ in own} if own else {e for v in self.history.values()
+                                                  for e, _ in v}
+        return tuple(sorted(steps))
+
+    @property
     def epochs_completed(self) -> int:
-        return len({e for values in self.history.values() for e, _ in values})
+        return len(self.epochs)
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ def epochs_table(record: SweepRecord) -> pa.Table:
     """One row per trial and reported epoch (EPOCHS_SCHEMA), config in the metadata."""
     rows = []
     for t in record.trials:
-        epochs = sorted({e for values in t.history.values() for e, _ in values})
+        epochs = t.epochs
         by_metric = {m: dict(t.history.get(m, ())) for m in EPOCH_METRICS}
         for epoch in epochs:
             row = {"sweep": record.sweep, "experiment": record.experiment,

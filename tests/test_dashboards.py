@@ -1268,6 +1268,33 @@ def test_the_driver_says_a_report_without_a_figure_is_incomplete_not_unwritten(
     assert "front.png" not in described and "The report: report.html" in described
 
 
+def test_a_labs_own_per_step_metric_in_a_trial_run_moves_no_epoch(tmp_path):
+    """A lab logs its own metric into a trial's run once per training step (MLflow's habit:
+    step = global step, here 0..99). The last epoch was the largest step of any metric, so
+    the trial's final performance and alignment read as missing (no front, no baseline) and
+    the epochs table grew a row per step. The epochs are now the trainable's own."""
+    from mlflow.entities import Metric
+
+    from dashboards.sources import load_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = write_sweep(client, "steps", FULL[:3], tmp=tmp_path)
+    exp = client.get_experiment_by_name("steps-smoke").experiment_id
+    before = load_mlflow("steps", mlflow_uri=uri, parent_run_id=parent)
+    for child in client.search_runs([exp]):
+        if child.data.tags.get("mlflow.parentRunId") == parent:
+            client.log_batch(child.info.run_id, metrics=[
+                Metric("lab/lr", 0.1 / (1 + step), 0, step) for step in range(100)])
+    record = load_mlflow("steps", mlflow_uri=uri, parent_run_id=parent)
+    assert [t.epochs for t in record.trials] == [(0, 1, 2)] * 3
+    rows = tables.results_table(record).to_pylist()
+    assert sorted(r["performance"] for r in rows) == sorted(t["perf"][-1] for t in FULL[:3])
+    assert rows == tables.results_table(before).to_pylist()  # every column as without it
+    assert tables.epochs_table(record).to_pylist() == tables.epochs_table(before).to_pylist()
+    assert sorted({r["epoch"] for r in tables.epochs_table(record).to_pylist()}) == [0, 1, 2]
+
+
 def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
     import pyarrow as pa
 
