@@ -487,6 +487,55 @@ def _unwritten(d) -> str:
     return ""
 
 
+def _stated_affine(path: Path) -> np.ndarray | None:
+    """The voxel-to-world affine ``path``'s NIfTI header states, or None when it states none
+    or cannot be read (its own reader names it)."""
+    import nibabel as nib
+
+    for kind in (nib.Nifti1Image, nib.Nifti2Image):  # by suffix, no sniffing (as _nifti_betas)
+        try:
+            return _header_affine(kind.from_filename(str(path)).header)
+        except Exception:  # nibabel's errors derive from Exception, not OSError
+            continue
+    return None
+
+
+def _header_affine(header) -> np.ndarray | None:
+    """A NIfTI header's sform, else its qform; None when both codes are 0 (the grid cannot be
+    told from the header)."""
+    for stated in (header.get_sform, header.get_qform):
+        affine, code = stated(coded=True)
+        if affine is not None and int(code) > 0:
+            return np.asarray(affine, dtype=np.float64)
+    return None
+
+
+def _check_grid(mask_path: Path, mine: np.ndarray | None, path: Path,
+                theirs: np.ndarray | None) -> None:
+    """The ROI mask must lie on the betas' voxel grid, voxel for voxel: a mask re-oriented
+    (LPI to RAS flips two axes and keeps the shape) or resampled by another tool has the
+    betas' shape and selects other voxels, without a word. Its affine ``mine`` is compared
+    with that of each NIfTI volume of the betas' folder (``path``: the ncsnr volume, a NIfTI
+    session; HDF5 sessions state none). A header stating no affine is not compared."""
+    if mine is None or theirs is None or np.allclose(mine, theirs, rtol=0, atol=1e-3):
+        return
+    import nibabel as nib
+
+    def grid(a: np.ndarray) -> str:
+        axes = "".join(c or "?" for c in nib.aff2axcodes(a))
+        return (f"orientation {axes}, origin {_mm(a[:3, 3])}, voxel "
+                f"{_mm(np.linalg.norm(a[:3, :3], axis=0))}")
+
+    raise NSDFormatError(
+        f"{mask_path}: its voxel grid ({grid(mine)}) differs from the betas' in {path} "
+        f"({grid(theirs)}); expected the ROI in the betas' func1pt8mm space, voxel for voxel, "
+        f"as the release's -- a mask re-oriented or resampled elsewhere selects other voxels")
+
+
+def _mm(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ") mm"
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
@@ -518,7 +567,8 @@ def _nifti_betas(path: Path):
     return img
 
 
-def _nifti_betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
+def _nifti_betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path,
+                       grid: np.ndarray | None = None) -> int:
     img = _nifti_betas(path)
     shape, dtype = tuple(img.shape), img.get_data_dtype()
     if len(shape) != 4:
@@ -533,6 +583,7 @@ def _nifti_betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path)
             f"({', '.join(map(str, mask_shape))}, trials)")
     if shape[3] == 0:
         raise NSDFormatError(f"{path}: betas hold no trials")
+    _check_grid(mask_path, grid, path, _header_affine(img.header))
     if path.name.endswith(".nii"):  # uncompressed: a copy cut short is told from its size
         need = int(img.dataobj.offset) + int(np.prod(shape)) * dtype.itemsize
         size = path.stat().st_size
@@ -542,10 +593,12 @@ def _nifti_betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path)
     return int(shape[3])
 
 
-def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path) -> int:
-    """Validate one session file against the ROI mask; return its number of trials."""
+def _betas_shape(path: Path, mask_shape: tuple[int, ...], mask_path: Path,
+                 grid: np.ndarray | None = None) -> int:
+    """Validate one session file against the ROI mask (``grid``: the mask's stated affine,
+    which a NIfTI session's must equal); return its number of trials."""
     if _is_nifti(path):
-        return _nifti_betas_shape(path, mask_shape, mask_path)
+        return _nifti_betas_shape(path, mask_shape, mask_path, grid)
     with _h5_dataset(path, BETAS_DATASET) as d:
         if not isinstance(d, h5py.Dataset) or d.ndim != 4:
             raise NSDFormatError(f"{path}: '{BETAS_DATASET}' must be 4-D (trials, z, y, x), got "
@@ -892,7 +945,11 @@ def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> 
     sessions = session_files(nsd_root, subject)
     mask = load_roi_mask(nsd_root, subject, roi)
     mask_path = _nifti_on_disk(roi_file(nsd_root, subject, roi))  # the file the mask came from
-    trials = [_betas_shape(p, mask.shape, mask_path) for p in sessions]
+    grid = _stated_affine(mask_path)
+    trials = [_betas_shape(p, mask.shape, mask_path, grid) for p in sessions]
+    ncsnr = _nifti_on_disk(ncsnr_file(nsd_root, subject))
+    if ncsnr is not None:  # (a file that cannot be read is named by load_ncsnr)
+        _check_grid(mask_path, grid, ncsnr, _stated_affine(ncsnr))
     _check_session_lengths(sessions, trials)
     total = 0
     for p, n in zip(sessions, trials):

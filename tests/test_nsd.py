@@ -1066,6 +1066,54 @@ def test_a_malformed_nifti_session_is_refused_naming_it(tmp_path, broken):
         prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
 
 
+def _reoriented(path: Path) -> None:
+    """The ROI mask as a lab's tool re-saves it in another orientation: x flipped in the data
+    and in the affine, the same world position for every voxel, the same shape."""
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)[::-1].copy()
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = data.shape[0] - 1
+    nib.save(nib.Nifti1Image(data, img.affine @ flip), str(path))
+
+
+@pytest.mark.parametrize("betas", ["hdf5_with_ncsnr", "nifti"])
+def test_an_roi_mask_on_another_voxel_grid_is_refused(tmp_path, betas):
+    """A V1 mask re-oriented by another tool (x flipped, so the shape is the betas') selected
+    the mirror-image voxels without a word. Its affine is compared with the betas' folder's
+    NIfTI volumes (the ncsnr volume beside HDF5 sessions; NIfTI sessions) by the dry run and
+    the preparation alike. A mask whose header states no affine, or the same affine to float
+    rounding, is accepted."""
+    nsd_root, coco = write_tree(tmp_path)
+    if betas == "hdf5_with_ncsnr":
+        _write_ncsnr(nsd_root, 1)
+        other = r"ncsnr\.nii\.gz"
+    else:
+        for k in (1, 2):
+            _as_nifti(nsd.session_file(nsd_root, 1, k))
+        other = r"betas_session01\.nii\.gz"
+    roi = nsd.roi_file(nsd_root, 1, "V1")
+    kept = roi.read_bytes()
+    _reoriented(roi)
+    match = (r"prf-visualrois\.nii\.gz: its voxel grid \(orientation LAS, origin \(3, 0, 0\) "
+             r"mm, voxel \(1, 1, 1\) mm\) differs from the betas' in .*" + other +
+             r" \(orientation RAS, origin \(0, 0, 0\) mm, voxel \(1, 1, 1\) mm\); expected the "
+             r"ROI in the betas' func1pt8mm space, voxel for voxel")
+    with pytest.raises(NSDFormatError, match=match) as exc:
+        check_release(nsd_root, [1], ["V1"])
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+
+    roi.write_bytes(kept)  # the same grid to float32 rounding: accepted
+    img = nib.load(str(roi))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine + 1e-6), str(roi))
+    check_release(nsd_root, [1], ["V1"])
+    _reoriented(roi)  # a header stating no affine (sform and qform codes 0): not comparable
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(str(roi)).dataobj), None), str(roi))
+    assert nsd._stated_affine(roi) is None
+    check_release(nsd_root, [1], ["V1"])
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_a_nifti_session_cut_short_is_refused_naming_it(tmp_path, suffix):
     """A copy that stopped part-way: an uncompressed file is told from its size before any run;
