@@ -77,6 +77,17 @@ class Predictions:
             raise ValueError(f"{ids.size} image ids but arrays of shapes "
                              f"{', '.join(f'{k} {v}' for k, v in shapes.items())}; accepted: "
                              f"hits (n,), or scores and targets (n, classes)")
+        for name in ("hits", "scores"):
+            # a non-finite score had a rank of its own (NaN above every score here, below
+            # every score in the trial's mAP): a trial never writes one (non-finite logits end
+            # it as diverged), so such a file is refused, not ranked
+            value = getattr(self, name)
+            bad = None if value is None else ~np.isfinite(np.asarray(value, np.float64))
+            if bad is not None and bad.any():
+                at = np.argwhere(bad)[0]
+                raise ValueError(f"{int(bad.sum())} non-finite {name} value(s) (e.g. "
+                                 f"{float(np.asarray(value)[tuple(at)])} for image "
+                                 f"{ids[at[0]]}); accepted: finite values, as trials write them")
         order = np.argsort(ids, kind="stable")
         object.__setattr__(self, "image_ids", ids[order])
         for name in ("hits", "scores", "targets"):

@@ -51,11 +51,16 @@ def _damage(path, how):
         path.write_bytes(path.read_bytes()[:200])
     elif how == "unequal_lengths":  # IndexError in Predictions.rows
         np.savez_compressed(path, image_ids=np.arange(120), top1=_hits(0.3, n=60))
+    elif how == "nan_hits":  # a hand-made file: NaN ranked above every value in the effects
+        hits = _hits(0.3)
+        hits[7] = np.nan
+        np.savez_compressed(path, image_ids=np.arange(120), top1=hits)
     elif how == "no_common_images":  # ZeroDivisionError building the resample weights
         np.savez_compressed(path, image_ids=np.arange(5000, 5120), top1=_hits(0.3))
 
 
-@pytest.mark.parametrize("how", ["truncated", "unequal_lengths", "no_common_images"])
+@pytest.mark.parametrize("how", ["truncated", "unequal_lengths", "nan_hits",
+                                 "no_common_images"])
 def test_an_unreadable_predictions_file_is_a_note_naming_it_and_the_report_is_built(
         tmp_path, capsys, how):
     run = _ray_run(tmp_path)
@@ -75,8 +80,28 @@ def test_an_unreadable_predictions_file_is_a_note_naming_it_and_the_report_is_bu
         assert str(bad) in effect["message"]
         assert f"note: trial {TRIALS[2][0]}: unreadable per-image validation outcome, " \
                f"{bad}" in captured.out
+    if how == "nan_hits":
+        assert "1 non-finite hits value(s) (e.g. nan for image 7); accepted: finite values" \
+            in effect["message"]
     assert (out / "report.html").read_text().rstrip().endswith("</html>")
     assert sorted(p.name for p in out.iterdir()) == sorted(pareto.FILES)
+
+
+def test_non_finite_scores_are_refused_not_ranked():
+    """mAP scores with NaN or infinity (a hand-made file: trials end as diverged on
+    non-finite logits) ranked NaN above every score in the effects' mAP and below every
+    score in the trial's own: refused, as unreadable."""
+    from dashboards.effects import UNREADABLE, Predictions
+
+    scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.4]])
+    targets = np.array([[0, 1], [1, 0], [0, 1]])
+    Predictions(np.arange(3), scores=scores, targets=targets)  # finite: accepted
+    for value in (np.nan, np.inf, -np.inf):
+        bad = scores.copy()
+        bad[2, 1] = value
+        with pytest.raises(UNREADABLE, match=rf"1 non-finite scores value\(s\) \(e\.g\. "
+                                             rf"{value} for image 2\); accepted: finite"):
+            Predictions(np.arange(3), scores=bad, targets=targets)
 
 
 def test_a_step_that_fails_leaves_the_previous_outputs_not_half_new(tmp_path, monkeypatch):
