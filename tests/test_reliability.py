@@ -31,6 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The server's processes (the `mlflow` CLI and the uvicorn it starts) import this from
+# PYTHONPATH: a bind of the server's port waits until the given time. Nothing listens on the
+# port before then: a client's connection is refused, as when no server runs at all.
+_LISTEN_GATE = """\
+import os, socket, time
+
+_port, _, _at = os.environ.get("ALIGNSWEEP_TEST_LISTEN_AT", "").partition("@")
+if _at:
+    _bind = socket.socket.bind
+
+    def bind(self, address, _port=int(_port), _at=float(_at)):
+        if isinstance(address, tuple) and len(address) >= 2 and address[1] == _port:
+            time.sleep(max(0.0, _at - time.time()))
+        return _bind(self, address)
+
+    socket.socket.bind = bind
+"""
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1:port over a SQLite file; stop() and start() again on the
     same port and store, as an operator restarting it would."""
@@ -45,16 +64,33 @@ class MlflowServer:
         self.starts = 0
 
     def start(self, timeout: float = 120) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self, listen_at: float | None = None) -> None:
+        """Start the server process. With ``listen_at`` (a ``time.time()``), the process takes
+        its port no earlier than then (``_LISTEN_GATE``): it imports meanwhile, so the server
+        answers right at that moment instead of its start-up time (~8 s here) later."""
         mlflow = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow)] if mlflow.exists() else [sys.executable, "-m", "mlflow"]
         self.starts += 1
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if listen_at is not None:
+            gate = self.work / "listen-gate"
+            gate.mkdir(exist_ok=True)
+            (gate / "sitecustomize.py").write_text(_LISTEN_GATE)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(gate),
+                                                              env.get("PYTHONPATH")]))
+            env["ALIGNSWEEP_TEST_LISTEN_AT"] = f"{self.port}@{listen_at!r}"
         log = open(self.work / f"server-{self.starts}.log", "w")
         self.proc = subprocess.Popen(
             [*cmd, "server", "--backend-store-uri", f"sqlite:///{self.db}",
              "--default-artifact-root", str(self.work / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1", *self.extra],
             cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            env=env)
+
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.work / f"server-{self.starts}.log").read_text()
@@ -109,9 +145,14 @@ def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
             assert time.monotonic() < deadline, "no epoch reached MLflow"
             time.sleep(0.5)
         server.stop()
-        time.sleep(25)  # the trials train on while nothing answers
+        back = time.time() + 25
+        server.launch(listen_at=back)  # takes its port 25 s from now, not ~8 s after that
+        time.sleep(max(0.0, back - 1 - time.time()))  # the trials train on while nothing answers
+        with socket.socket() as probe:  # (the restarted server waited for its time)
+            assert probe.connect_ex(("127.0.0.1", server.port)) != 0, "it came back early"
+        time.sleep(max(0.0, back - time.time()))
         assert popen.poll() is None, "the sweep ended during the outage: it did not wait"
-        server.start()
+        server.wait_ready()
         out, _ = popen.communicate(timeout=600)
     finally:
         if popen.poll() is None:
