@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from smoke_store import SWEEP as SMOKE_SWEEP
+from smoke_store import finished_smoke_sweep
 
 from sweeps.plan import UsageError, make_plan
 from sweeps.run import build_parser
@@ -386,28 +388,38 @@ def test_a_second_driver_of_the_same_experiment_is_refused_while_the_first_runs(
     assert not holder.exists()  # released
 
 
-def test_resume_refuses_a_run_started_with_other_settings(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """The session's finished ``SWEEP --smoke-test`` run (tests/smoke_store.py), made once and
+    read by test_dashboards and test_browser too: only refused and dry runs touch it here."""
+    return finished_smoke_sweep(tmp_path_factory)
+
+
+def test_resume_refuses_a_run_started_with_other_settings(tmp_path, smoke_sweep):
     """--resume continues the latest run only with the same sweep file, seeds, overrides and
     tracking store: anything else is one line naming what differs."""
-    first = run_cli(*_smoke(tmp=tmp_path), cwd=tmp_path, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # the run to resume: `SWEEP --smoke-test` into its own store, finished (exit 0; checked
+    # where it is made)
+    assert smoke_sweep.work.is_dir() and SWEEP == SMOKE_SWEEP
+    started = [SWEEP, "--smoke-test", "--mlflow-uri", smoke_sweep.uri,
+               "--storage", str(smoke_sweep.storage)]
     # the run and the dry run refuse alike (both plans check the fingerprint): each setting
     # in one of them, the tracking store in both
     for dry, extra, what in (([], ["--seeds", "2"], "--seeds"),
                              (["--dry-run"], ["--set", "epochs=2"], "--set overrides")):
-        proc = run_cli(*_smoke("--resume", *extra, *dry, tmp=tmp_path), cwd=tmp_path)
+        proc = run_cli(*started, "--resume", *extra, *dry, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert f"was started with a different {what}" in proc.stderr
     for dry in ([], ["--dry-run"]):
         other = f"sqlite:///{tmp_path / 'other.db'}"
         proc = run_cli(SWEEP, "--smoke-test", "--resume", "--mlflow-uri", other, "--storage",
-                       str(tmp_path / "ray"), *dry, cwd=tmp_path)
+                       str(smoke_sweep.storage), *dry, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         # both stores named (redacted), not hidden: the user must see which one to pass
-        assert (f"different tracking URI (--mlflow-uri) (sqlite:///{tmp_path / 'mlflow.db'}, "
+        assert (f"different tracking URI (--mlflow-uri) ({smoke_sweep.uri}, "
                 f"now {other})") in proc.stderr, proc.stderr
         assert not (tmp_path / "other.db").exists()
-    proc = run_cli(*_smoke("--resume", "--dry-run", tmp=tmp_path), cwd=tmp_path)
+    proc = run_cli(*started, "--resume", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
 
