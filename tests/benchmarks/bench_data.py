@@ -6,7 +6,7 @@ feeds the step loop as fast as in-memory tensors.
 
 1. Memory. An ImageNet-layout tree of real JPEGs (``tests/imagenet_tree.py``, 4 classes, small
    images of three shapes) is written at two sizes, N and 10N images per split (``--n``; 300,
-   quick 120). For each, a child process (``bench_data.py --child ROOT``) does what the driver
+   quick 40). For each, a child process (``bench_data.py --child ROOT``) does what the driver
    and one trial do: indexes the tree (``imagefolder_bundle(root, image_size=224)``), wraps it in
    a ``TrialData``, pickles and unpickles it (what ``ray.put`` / ``ray.get`` do to it; its size
    is printed), then runs ``train()``: AlexNet width 0.25, conv1, Gabor reference, 224 px,
@@ -438,7 +438,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smaller trees, fewer rounds (about a minute, for CI)")
     parser.add_argument("--n", type=int, default=None,
-                        help="images per split of the small tree (300; quick 120); the large "
+                        help="images per split of the small tree (300; quick 40); the large "
                              "one has 10x")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps in the memory runs (6; quick 3)")
@@ -447,9 +447,9 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="run the memory children with MALLOC_MMAP_THRESHOLD_=BYTES (a "
                              "fixed glibc mmap threshold; diagnostic, not what trials run with)")
-    parser.add_argument("--rounds", type=int, default=None, help="loader rounds (5; quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="loader rounds (5; quick 1)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per loader run, the first discarded (4; quick 3)")
+                        help="epochs per loader run, the first discarded (4; quick 2)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the temporary trees go (default: a new temporary folder)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -465,11 +465,11 @@ def main() -> None:
         return
 
     quick = args.quick
-    n = args.n or (120 if quick else 300)
+    n = args.n or (40 if quick else 300)
     steps = args.steps or (3 if quick else 6)
     repeats = args.repeats or (1 if quick else 3)
-    rounds = args.rounds or (2 if quick else 5)
-    epochs = args.epochs or (3 if quick else 4)
+    rounds = args.rounds or (1 if quick else 5)
+    epochs = args.epochs or (2 if quick else 4)
     if epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch of each run is discarded)")
 

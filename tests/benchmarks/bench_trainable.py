@@ -225,7 +225,7 @@ def main() -> None:
     # trainable measures the batch alignment, the demo's own proportion (2 in its 20-step
     # epoch). Many short rounds rather than few long ones: on a shared machine the best of
     # many short windows is the one least disturbed by other processes.
-    n_steps, rounds, warmup = (10, 3, 1) if args.quick else (10, 30, 1)
+    n_steps, rounds, warmup = (10, 1, 1) if args.quick else (10, 30, 1)
     base = TrialConfig(**DEMO, width=args.width, threads=args.threads)
 
     t0 = time.perf_counter()
