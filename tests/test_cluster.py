@@ -120,17 +120,28 @@ def _start_worker(address: str, cpus: int, total: float, tmp: str, attempts: int
     raise AssertionError(f"ray worker failed to join {attempts} times")
 
 
-def _stop(procs) -> None:
+def _stop(procs, grace: float = 5) -> None:
+    """Stop each `ray start --block` process group: SIGTERM, then SIGKILL to what is left of
+    the group after ``grace`` seconds. Ray's own processes (GCS, raylet, agents) exit on the
+    SIGTERM within seconds, but `ray start` itself then spends ~30 s reaping them and its log
+    monitor; that wait was the longest part of a small cluster test."""
     for p in reversed(procs):
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
-            p.wait(timeout=60)
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        try:  # the leader is not reaped yet (p.wait below): its group id cannot be reused
             os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
 
 
 @contextmanager
