@@ -24,7 +24,7 @@ folder, or being killed, leaves the previous version or the new one, never a tru
 (a kill mid-build can leave the hidden folder behind; the next build into that folder on the
 same host deletes it). A figure that raises is the one exception to all-or-nothing: the
 report, tables and statistics are written without it, the note names the traceback's file,
-and the command exits 1 after printing the report's path.
+and the command exits 3 after printing the report's path.
 
 Degenerate sweeps (no baseline, failed trials, one direction, one trial, no trials) still get
 every file; what could not be computed is said in the report's notes and printed. Missing
@@ -37,6 +37,8 @@ before MLflow would create or migrate its tables in it (``sources.mlflow_client`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -283,52 +285,63 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     of them are written (report.html last): a step that fails leaves ``out`` as it was, not
     new tables beside an older report. A figure that cannot be drawn is the exception: the
     report, tables and statistics are still written, say so (``FIGURES_NOT_DRAWN`` in
-    statistics.json) and that figure's older files are removed rather than left beside a
-    report they no longer match. A stage folder a killed post-processor of this host left
-    behind is deleted."""
+    statistics.json) and that figure's older files are removed from ``out`` rather than left
+    beside a report they no longer match. A stage folder a killed post-processor left behind
+    is deleted (``_remove_stale_stages``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{_host()}-{os.getpid()}-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{_host()}-", dir=out))
     try:
-        _build_outputs(record, stage)
-        for name in sorted(FILES, key=lambda n: n == "report.html"):
-            if (stage / name).is_file():
-                os.replace(stage / name, out / name)
-            elif name in FIGURE_FILES:  # not drawn this time: an older one would mislead
-                (out / name).unlink(missing_ok=True)
+        with _held(stage):
+            _build_outputs(record, stage)
+            for name in sorted(FILES, key=lambda n: n == "report.html"):
+                if (stage / name).is_file():
+                    os.replace(stage / name, out / name)
+                elif name in FIGURE_FILES:  # not drawn this time: an older one would mislead
+                    (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out / "report.html"
 
 
-#: The hidden folder a post-processor builds its files in: ``.building-<host>-<pid>-<random>``.
+#: The hidden folder a post-processor builds its files in: ``.building-<host>-<random>``,
+#: holding ``_STAGE_LOCK``, locked (flock) for as long as its build runs.
 _STAGE_PREFIX = ".building-"
+_STAGE_LOCK = ".lock"
 
 
 def _host() -> str:
     return re.sub(r"[^0-9A-Za-z.]", "_", socket.gethostname())[:64] or "host"
 
 
+@contextlib.contextmanager
+def _held(stage: Path):
+    """Hold ``stage``'s lock while the build runs. The lock file is locked under a temporary
+    name and only then renamed into place, so no cleaner ever finds it unlocked while its
+    builder lives; the kernel releases it when the builder dies, however it dies."""
+    with open(stage / f"{_STAGE_LOCK}.new", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        os.replace(stage / f"{_STAGE_LOCK}.new", stage / _STAGE_LOCK)
+        yield
+
+
 def _remove_stale_stages(out: Path) -> None:
-    """Delete the stage folders in ``out`` of post-processors of this host that no longer run
-    (killed mid-build). Another host's (a shared file system) and a live process's are left;
-    so are those named before the host and pid were part of the name."""
-    mine = re.compile(re.escape(f"{_STAGE_PREFIX}{_host()}-") + r"(\d+)-")
-    for folder in out.glob(f"{_STAGE_PREFIX}*"):
-        match = mine.match(folder.name)
-        if match and folder.is_dir() and not _alive(int(match.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    """Delete the stage folders in ``out`` whose builder no longer runs: named for this host
+    and holding a lock file that can be locked (a live builder holds it, whatever its process
+    id namespace: containers sharing the host name each number their own processes). Another
+    host's are left (a file system whose locks are local to each host, such as NFS mounted
+    with nolock, would let any lock be taken), as are folders without a lock file (still
+    being made, or left by an older version)."""
+    for folder in out.glob(f"{_STAGE_PREFIX}{_host()}-*"):
+        try:
+            with open(folder / _STAGE_LOCK) as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)  # while holding it: no one reuses it
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+            continue  # a live build, or no lock file
+        except OSError:  # a file system without locks: leave it
+            continue
 
 
 def _build_outputs(record: SweepRecord, out: Path) -> Path:
@@ -364,13 +377,18 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     return report.write_report(
         out / "report.html", title=(f"PARTIAL ({partial[0]}) " if partial else "")
         + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,
-        figures=embedded, results=results, config=config, files=FILES[1:], paper=terms,
-        effects=sides)
+        figures=embedded, results=results, config=config, paper=terms, effects=sides,
+        files=[f for f in FILES[1:] if f not in {f"{stem}.{ext}" for stem, _ in not_drawn
+                                                  for ext in ("png", "svg")}])
 
 
 #: statistics.json's list of the figures that could not be drawn (their notes are in
-#: "messages"); the command line then ends with exit status 1 after writing everything else.
+#: "messages"); the command line then ends with exit status 3 (``INCOMPLETE``) after writing
+#: everything else.
 FIGURES_NOT_DRAWN = "figures_not_drawn"
+
+#: The command line's exit status for a report written without some figure.
+INCOMPLETE = 3
 
 FIGURE_FILES = tuple(f"{stem}.{ext}" for stem in ("front", "epochs", "filters")
                      for ext in ("png", "svg"))
@@ -604,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: bad input is one line and exit 2; any other failure one line naming the file
-    that holds its traceback, exit 1 (``references.cache.traceback_file``)."""
+    that holds its traceback, exit 1 (``references.cache.traceback_file``); a report written
+    without some figure, exit 3 (``INCOMPLETE``)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -666,11 +685,11 @@ def _main(argv: list[str] | None) -> int:
     for line in effects.summary_lines(stats.get("effects") or {}):
         print(line)
     print(f"report: {path.resolve()}")
-    if stats.get(FIGURES_NOT_DRAWN):  # everything else is written (and logged): say it, exit 1
+    if stats.get(FIGURES_NOT_DRAWN):  # everything else is written (and logged): say it, exit 3
         print(f"error: figure(s) not drawn: {', '.join(stats[FIGURES_NOT_DRAWN])} (the notes "
               f"above name the tracebacks); the report, tables and statistics were written "
               f"without them: {path.resolve()}", file=sys.stderr)
-        return 1
+        return INCOMPLETE
     return 0
 
 

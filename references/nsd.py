@@ -514,20 +514,22 @@ def _check_grid(mask_path: Path, mine: np.ndarray | None, path: Path,
                 theirs: np.ndarray | None) -> None:
     """The ROI mask must lie on the betas' voxel grid, voxel for voxel: a mask re-oriented
     (LPI to RAS flips two axes and keeps the shape) or resampled by another tool has the
-    betas' shape and selects other voxels, without a word. Its affine ``mine`` is compared
-    with that of each NIfTI volume of the betas' folder (``path``: the ncsnr volume, a NIfTI
-    session; HDF5 sessions state none). A header stating no affine is not compared."""
-    if mine is None or theirs is None or np.allclose(mine, theirs, rtol=0, atol=1e-3):
+    betas' shape and selects other voxels, without a word. The axes of its affine ``mine``
+    (direction and voxel size: the 3 x 3 part) are compared with those of each NIfTI volume of
+    the betas' folder (``path``: the ncsnr volume, a NIfTI session; HDF5 sessions state none).
+    The origin is not compared: tools write it by different conventions, and on one grid with
+    one shape it moves no voxel. A header stating no affine is not compared."""
+    if mine is None or theirs is None or np.allclose(mine[:3, :3], theirs[:3, :3], rtol=0,
+                                                     atol=1e-3):
         return
     import nibabel as nib
 
     def grid(a: np.ndarray) -> str:
         axes = "".join(c or "?" for c in nib.aff2axcodes(a))
-        return (f"orientation {axes}, origin {_mm(a[:3, 3])}, voxel "
-                f"{_mm(np.linalg.norm(a[:3, :3], axis=0))}")
+        return f"orientation {axes}, voxel {_mm(np.linalg.norm(a[:3, :3], axis=0))}"
 
     raise NSDFormatError(
-        f"{mask_path}: its voxel grid ({grid(mine)}) differs from the betas' in {path} "
+        f"{mask_path}: its voxel axes ({grid(mine)}) differ from the betas' in {path} "
         f"({grid(theirs)}); expected the ROI in the betas' func1pt8mm space, voxel for voxel, "
         f"as the release's -- a mask re-oriented or resampled elsewhere selects other voxels")
 

@@ -382,8 +382,9 @@ ERROR_TAG = "error"
 _WHAT = {"open": "run", "metrics": "metrics", "tags": "tags", "artifacts": "artifacts",
          "artifacts_if_created": "artifacts", "finish": "end of run"}
 
-#: HTTP statuses of an MLflow error that can pass: a timeout, a conflict, too many requests.
-_TRANSIENT_4XX = (408, 409, 425, 429)
+#: MLflow's own answers that the same request will never pass: the run or experiment is not
+#: active (deleted in the UI) or is gone, or a value is refused.
+_PERMANENT_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
 
 #: Local errors (a file store's artifact copy) that the same call would meet again.
 _PERMANENT_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
@@ -392,16 +393,20 @@ _PERMANENT_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno
 
 def permanent_refusal(exc: BaseException) -> str | None:
     """Why ``exc`` from a store means the operation will never succeed, or None when it may
-    pass on a retry. Permanent: an MLflow error with a 4xx status other than
-    ``_TRANSIENT_4XX`` (a run or experiment deleted in the UI: "must be in the 'active'
-    state"; a value the store refuses; a user it denies), and a local file error a retry
-    meets again (a permission, a read-only file system, a missing folder). Everything else
-    (no connection, 5xx, "database is locked" (503), a full disk) is an outage: retried."""
+    pass on a retry. Permanent: MLflow's own answer (a JSON error from its server, or the
+    local store's) INVALID_PARAMETER_VALUE or RESOURCE_DOES_NOT_EXIST (a run or experiment
+    deleted in the UI: "must be in the 'active' state"; a value the store refuses), and a
+    local file error a retry meets again (a permission, a read-only file system, a missing
+    folder, copying artifacts). Everything else is an outage and retried: no connection, any
+    reply that is not MLflow's JSON (a proxy's 404 while a restarted server has no route
+    yet, its 400, 401, 403 or 499 pages), BAD_REQUEST (the server's database errors, e.g. a
+    closed connection after a restart or a full pool), 5xx, "database is locked", a full disk."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        status = exc.get_http_status_code()
-        if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        # (a reply that is not MLflow's JSON is classed by its HTTP status alone, never as one
+        # of these codes: verify_rest_response)
+        if exc.error_code in _PERMANENT_CODES:
             return f"{exc.error_code}: {redact(' '.join(str(exc.message).split()))[:200]}"
         return None
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO:

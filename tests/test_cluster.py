@@ -137,7 +137,7 @@ def _stop(procs, grace: float = 5) -> None:
         except subprocess.TimeoutExpired:
             pass
     for p in procs:
-        try:  # the leader is not reaped yet (p.wait below): its group id cannot be reused
+        try:  # a group id is not reused while any member lives; an empty group: ESRCH
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

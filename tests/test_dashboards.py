@@ -828,8 +828,35 @@ def test_a_run_deleted_in_the_ui_mid_trial_is_refused_once_not_waited_on(fake_st
     assert total == (f"tracking: 5 operation(s) of trial x-max-a1-b1-s1 refused by {uri} in "
                      f"all (the first is named above)")
 
+    import requests
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import verify_rest_response
 
+    def answered(status: int, body: str) -> Exception:
+        """The exception MLflow's REST client raises for this reply."""
+        reply = requests.models.Response()
+        reply.status_code, reply._content = status, body.encode()
+        with pytest.raises(MlflowException) as raised:
+            verify_rest_response(reply, "/api/2.0/mlflow/runs/log-batch")
+        return raised.value
+
+    def mlflow_json(code: str, message: str) -> str:
+        return json.dumps({"error_code": code, "message": message})
+
+    # MLflow's own JSON answers that the request will never pass
+    assert tracking.permanent_refusal(answered(400, mlflow_json(
+        "INVALID_PARAMETER_VALUE", "The run r1 must be in the 'active' state.")))
+    assert tracking.permanent_refusal(answered(404, mlflow_json(
+        "RESOURCE_DOES_NOT_EXIST", "Run with id=r1 not found")))
+    # what a restart or a proxy may answer for a while: retried
+    for status, body in ((404, "404 page not found"),  # a proxy with no route to it yet
+                         (400, "<html><body>Bad Request</body></html>"),
+                         (403, "<html>Forbidden</html>"), (401, "Unauthorized"), (499, ""),
+                         (502, "Bad Gateway"),
+                         (400, mlflow_json("BAD_REQUEST", "(psycopg2.InterfaceError) "
+                                                          "connection already closed")),
+                         (503, mlflow_json("TEMPORARILY_UNAVAILABLE", "database is locked"))):
+        assert tracking.permanent_refusal(answered(status, body)) is None, (status, body)
     assert tracking.permanent_refusal(FileNotFoundError(2, "gone", str(tmp_path / "x")))
     assert tracking.permanent_refusal(PermissionError(13, "denied"))
     assert tracking.permanent_refusal(OSError(28, "No space left on device")) is None

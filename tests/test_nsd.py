@@ -1094,10 +1094,9 @@ def test_an_roi_mask_on_another_voxel_grid_is_refused(tmp_path, betas):
     roi = nsd.roi_file(nsd_root, 1, "V1")
     kept = roi.read_bytes()
     _reoriented(roi)
-    match = (r"prf-visualrois\.nii\.gz: its voxel grid \(orientation LAS, origin \(3, 0, 0\) "
-             r"mm, voxel \(1, 1, 1\) mm\) differs from the betas' in .*" + other +
-             r" \(orientation RAS, origin \(0, 0, 0\) mm, voxel \(1, 1, 1\) mm\); expected the "
-             r"ROI in the betas' func1pt8mm space, voxel for voxel")
+    match = (r"prf-visualrois\.nii\.gz: its voxel axes \(orientation LAS, voxel \(1, 1, 1\) "
+             r"mm\) differ from the betas' in .*" + other + r" \(orientation RAS, voxel "
+             r"\(1, 1, 1\) mm\); expected the ROI in the betas' func1pt8mm space, voxel for voxel")
     with pytest.raises(NSDFormatError, match=match) as exc:
         check_release(nsd_root, [1], ["V1"])
     _one_line(exc)
@@ -1107,6 +1106,10 @@ def test_an_roi_mask_on_another_voxel_grid_is_refused(tmp_path, betas):
     roi.write_bytes(kept)  # the same grid to float32 rounding: accepted
     img = nib.load(str(roi))
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine + 1e-6), str(roi))
+    check_release(nsd_root, [1], ["V1"])
+    shifted = img.affine.copy()  # another tool's origin convention: no voxel moves
+    shifted[:3, 3] = [-2.7, 3.6, -1.8]
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), str(roi))
     check_release(nsd_root, [1], ["V1"])
     _reoriented(roi)  # a header stating no affine (sform and qform codes 0): not comparable
     nib.save(nib.Nifti1Image(np.asanyarray(nib.load(str(roi)).dataobj), None), str(roi))

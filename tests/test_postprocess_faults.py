@@ -157,7 +157,7 @@ def test_a_figure_that_cannot_be_drawn_costs_that_figure_alone(tmp_path, capsys,
     last = json.loads(lines[-1])
     last["val_map"] = last["val_performance"] = 0.41
     (trial / "result.json").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
-    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 1
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 3
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: figure(s) not drawn: epochs (") and \
@@ -178,6 +178,9 @@ def test_a_figure_that_cannot_be_drawn_costs_that_figure_alone(tmp_path, capsys,
     assert f"note: {note}" in captured.out
     html = (out / "report.html").read_text()
     assert "the epochs figure could not be drawn" in html
+    # the Files list links what was written, not the figure that was not
+    assert 'href="front.png"' in html and 'href="epochs.png"' not in html \
+        and 'href="epochs.svg"' not in html
     assert html.count("data:image/png;base64,") == 2  # front and filters
     assert (out / "front.png").read_bytes() != old_front  # drawn anew from the new results
     assert not list(out.glob(".building-*"))
@@ -185,31 +188,39 @@ def test_a_figure_that_cannot_be_drawn_costs_that_figure_alone(tmp_path, capsys,
 
 def test_a_stage_folder_left_by_a_killed_build_is_removed_by_the_next(tmp_path):
     """A post-processor killed mid-build left its hidden .building-* folder in --out for
-    good. The next build on the same host removes those of processes that no longer run; a
-    running one's and another host's (a shared file system) are left."""
-    import socket
+    good. The next build removes a stage folder of this host whose lock no process holds; a
+    live build's (its lock held, here by another process), a folder without a lock file and
+    another host's (a shared file system) are left."""
     import subprocess
     import sys
 
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
     host = pareto._host()
-    assert host == socket.gethostname()[:64] or "_" in host
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
-        try:
-            stale = out / f".building-{host}-{int(dead.stdout)}-abc123"
-            running = out / f".building-{host}-{live.pid}-def456"
-            other = out / f".building-elsewhere.example-{int(dead.stdout)}-ghi789"
-            for folder in (stale, running, other):
-                (folder / "x").mkdir(parents=True)
-            pareto.build_outputs(_record([("none", 0.0, 0, [0.5], [0.1]),
-                                          ("max", 0.5, 0, [0.4], [0.3])]), out)
-            assert not stale.exists()
-            assert running.is_dir() and other.is_dir()
-        finally:
-            live.kill()
+    stale, running, bare = (out / f".building-{host}-{name}" for name in ("a1", "b2", "c3"))
+    other = out / ".building-elsewhere.example-d4"
+    for folder in (stale, other):
+        folder.mkdir()
+        (folder / ".lock").write_text("")
+    bare.mkdir()
+    (bare / "results.parquet").write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"os.mkdir({str(running)!r})\n"
+         f"fh = open({str(running / '.lock')!r}, 'w')\n"
+         "fcntl.flock(fh, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        pareto.build_outputs(_record([("none", 0.0, 0, [0.5], [0.1]),
+                                      ("max", 0.5, 0, [0.4], [0.3])]), out)
+        assert not stale.exists()
+        assert running.is_dir() and bare.is_dir() and other.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    pareto.build_outputs(_record([("none", 0.0, 0, [0.5], [0.1])]), out)  # its holder died
+    assert not running.exists() and bare.is_dir() and other.is_dir()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
         sorted(pareto.FILES)
 
