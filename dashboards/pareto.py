@@ -338,9 +338,7 @@ def _remove_stale_stages(out: Path) -> None:
             with open(folder / _STAGE_LOCK) as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 shutil.rmtree(folder, ignore_errors=True)  # while holding it: no one reuses it
-        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
-            continue  # a live build, or no lock file
-        except OSError:  # a file system without locks: leave it
+        except OSError:  # held by a live build, no lock file, or a file system without locks
             continue
 
 
