@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from trainable.average_precision import weighted_mean_average_precision
+
 __all__ = ["EFFECTS_SCHEMA", "UNREADABLE", "Predictions", "direction_effects", "effects_metrics",
            "effects_table", "performance", "performances", "resample_counts", "summary_lines"]
 
@@ -119,8 +121,9 @@ class Predictions:
 def performance(pred: Predictions, weights: np.ndarray) -> np.ndarray:
     """Performance of one trial under image weights (B, n) (bootstrap counts; ones = the
     plain score): top-1 accuracy, or mAP over the classes with a positive of nonzero weight
-    (``trainable.train.weighted_mean_average_precision``). Returns (B,). ``direction_effects`` passes the transpose of an (n, B)
-    array (``resample_counts``), which is read without a copy."""
+    (``weighted_mean_average_precision``, the trials' own mAP). Returns (B,).
+    ``direction_effects`` passes the transpose of an (n, B) array (``resample_counts``), which
+    is read without a copy."""
     return performances({"trial": pred}, weights)["trial"]
 
 
@@ -142,8 +145,6 @@ def performances(preds: Mapping[str, Predictions], weights: np.ndarray) -> dict[
             total += w.sum(0)
         out.update({k: acc[:, j] / total for j, k in enumerate(top1)})
     if len(top1) < len(preds):
-        from trainable.train import weighted_mean_average_precision  # the trials' own mAP
-
         for k, p in preds.items():
             if p.hits is None:
                 out[k] = weighted_mean_average_precision(p.scores, p.targets, wt.T)

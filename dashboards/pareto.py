@@ -187,7 +187,7 @@ def _reference_panels(reference: str | None, workdir: Path) -> tuple[figures.Fil
     AlexNet's conv1 filters (torchvision's ImageNet weights, when the file is in the local
     torch hub cache; never downloaded) and the Gabor bank; then, for a reference that is not a
     filter bank, a note saying what it is."""
-    from references.gabor import FREQUENCIES, ORIENTATIONS_DEG, bank_png
+    from references.gabor_bank import FREQUENCIES, ORIENTATIONS_DEG, bank_png
 
     panels = [_pretrained_alexnet_panel(workdir)]
     png = bank_png(workdir / "gabor_bank.png")
@@ -204,20 +204,20 @@ def _reference_panels(reference: str | None, workdir: Path) -> tuple[figures.Fil
 
 
 def _pretrained_alexnet_panel(workdir: Path) -> figures.FilterPanel:
-    import torch
-
-    from references.pretrained import WeightsNotFoundError, find_weights
-    from trainable.models import filter_grid_png, get_model_spec
+    from references.hub import TORCHVISION_WEIGHT_FILES, hub_checkpoints_dir
 
     role = "pretrained AlexNet conv1"
-    try:
-        path = find_weights("alexnet", "torchvision")
-    except WeightsNotFoundError:
-        from references.pretrained import TORCHVISION_WEIGHT_FILES, hub_checkpoints_dir
-
+    path = hub_checkpoints_dir() / TORCHVISION_WEIGHT_FILES["alexnet"]
+    if not path.is_file():
         return figures.FilterPanel(role, "", None, (
-            f"not shown: {TORCHVISION_WEIGHT_FILES['alexnet']} is not in "
-            f"{hub_checkpoints_dir()} (torchvision's ImageNet weights; never downloaded)"))
+            f"not shown: {path.name} is not in {path.parent} (torchvision's ImageNet weights; "
+            f"never downloaded)"))
+    # torch only to read the file: a post-processing without it imports no torch (4 s here)
+    import torch
+
+    from trainable.models import get_model_spec
+    from trainable.pictures import filter_grid_png
+
     spec = get_model_spec("alexnet")
     key = f"{spec.taps[spec.conv1].path}.weight"
     try:

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from references.base import ImageReference
 from references.cache import build_once, cache_root, content_hash, damaged_entry
+from references.hub import TORCHVISION_WEIGHT_FILES, hub_checkpoints_dir
 from trainable.data import flip_mask, normalize
 from trainable.models import TappedModel, _scaled, build_model, get_model_spec
 
@@ -57,12 +58,6 @@ __all__ = [
     "train_reference_network",
 ]
 
-#: torchvision's ImageNet weight files (IMAGENET1K_V1), as torch.hub names them.
-TORCHVISION_WEIGHT_FILES: dict[str, str] = {
-    "alexnet": "alexnet-owt-7be5be79.pth",
-    "resnet18": "resnet18-f37072fd.pth",
-}
-
 _CACHE_SUBDIR = "reference-networks"
 _WEIGHTS_FILE = "weights.pt"
 _META_FILE = "meta.json"
@@ -73,11 +68,6 @@ _RECIPE_VERSION = 2
 
 class WeightsNotFoundError(ValueError):
     """No weights where the spec pointed; the message says how to supply them."""
-
-
-def hub_checkpoints_dir() -> Path:
-    """Where torch.hub keeps weight files: ``torch.hub.get_dir()/checkpoints``."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def find_weights(model_name: str, weights: str | os.PathLike = "torchvision") -> Path:

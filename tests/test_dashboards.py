@@ -544,6 +544,27 @@ def test_each_side_costs_with_an_interval_beside_its_negative_control(fake_store
     assert "suppressing (alpha &lt; 0)" in html and "ctl_shuffled" in html
 
 
+def test_a_sweep_is_post_processed_without_importing_torch(fake_store, tmp_path):
+    """The post-processor reads the records, bootstraps the per-image mAP and draws the filter
+    grids and the Gabor bank in numpy: a report costs no torch or torchvision import (4 s of
+    a 10 s post-processing here). Only a cached AlexNet weights file is read with torch."""
+    uri, _ = fake_store
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "no-weights")}
+    code = ("import sys; from dashboards import pareto; rc = pareto.main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'torchvision') if m in sys.modules]); sys.exit(rc)")
+    for sweep in ("ctl", "gabor"):  # multi-label with per-image outcomes; top-1
+        out = tmp_path / sweep
+        proc = subprocess.run([sys.executable, "-c", code, sweep, "--mlflow-uri", uri,
+                               "--out", str(out), "--no-log"],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
+        stats = json.loads((out / "statistics.json").read_text())
+        assert stats["figures_not_drawn"] == [] and png_is_not_blank(out / "filters.png")
+        if sweep == "ctl":  # the mAP bootstrap ran
+            assert stats["effects"]["ctl"]["min"]["excludes_zero"] is True
+
+
 def test_without_per_image_outcomes_the_sides_have_no_interval(full_report):
     stats = json.loads((full_report.parent / "statistics.json").read_text())
     full = stats["effects"]["full"]

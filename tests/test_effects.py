@@ -13,7 +13,7 @@ from dashboards.effects import (
     performance,
     resample_counts,
 )
-from trainable.train import mean_average_precision, weighted_mean_average_precision
+from trainable.average_precision import mean_average_precision, weighted_mean_average_precision
 
 N_IMAGES, N_CLASSES = 240, 8
 

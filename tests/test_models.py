@@ -13,10 +13,10 @@ from trainable.models import (
     TappedModel,
     build_model,
     conv1_weight,
-    filter_grid_png,
     get_model_spec,
     model_layers,
 )
+from trainable.pictures import filter_grid_png
 
 NUM_CLASSES = 7
 

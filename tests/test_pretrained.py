@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +24,14 @@ from references.pretrained import (
     WeightsNotFoundError,
     dataset_fingerprint,
     find_weights,
+    hub_checkpoints_dir,
     load_network,
     pretrained_reference,
     train_reference_network,
 )
 from trainable.models import build_model
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ReferenceTraining(epochs=1, seed=3, lr=1e-3, batch_size=16, width=0.25)
 
 
@@ -156,6 +160,27 @@ def test_missing_weights_say_how_to_supply_them(torch_home, name):
                                                    rf"--weights PATH.*--weights auto") as info:
         pretrained_reference(name, "conv1")
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("env", [{"TORCH_HOME": "th"}, {"XDG_CACHE_HOME": "xdg"}, {}],
+                         ids=["TORCH_HOME", "XDG_CACHE_HOME", "HOME"])
+def test_the_hub_folder_is_torchs_own_also_where_torch_is_not_imported(env, tmp_path,
+                                                                       monkeypatch):
+    """The post-processor looks for AlexNet's file without importing torch (4 s): the folder it
+    works out must be the one torch.hub itself would use, under every setting torch reads."""
+    for var in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var, sub in env.items():
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    expected = Path(torch.hub.get_dir()) / "checkpoints"
+    assert expected.is_relative_to(tmp_path)  # each case is one of torch's rules, not a default
+    code = ("import sys; from references.hub import hub_checkpoints_dir; "
+            "print(hub_checkpoints_dir()); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.split("\n")
+    assert out[:2] == [str(expected), "False"]
+    assert hub_checkpoints_dir() == expected  # and, torch imported, torch's own answer
 
 
 def test_missing_weights_file_path(tmp_path):

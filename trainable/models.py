@@ -37,14 +37,10 @@ initialisation (the paper scale).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from trainable.registry import Registry
@@ -56,7 +52,6 @@ __all__ = [
     "TappedModel",
     "build_model",
     "conv1_weight",
-    "filter_grid_png",
     "get_model_spec",
     "model_layers",
     "register_model",
@@ -142,6 +137,8 @@ def _alexnet(num_classes: int, width: float) -> nn.Module:
     """torchvision AlexNet; for width != 1 every Conv2d/Linear is replaced, at the same index
     and with the same geometry, by one with scaled channel counts (default PyTorch init, which
     is what torchvision's AlexNet uses), so the forward pass is torchvision's own."""
+    import torchvision  # here, not at the top: reading a spec costs no torchvision import (2 s)
+
     net = torchvision.models.alexnet(weights=None, num_classes=num_classes)
     if width == 1.0:
         return net
@@ -189,6 +186,8 @@ def _resnet18(num_classes: int, width: float) -> nn.Module:
     """torchvision ResNet-18; for width != 1 the stem and the four stages are rebuilt with
     torchvision's own ``_make_layer`` at scaled widths and re-initialised exactly as
     ``ResNet.__init__`` does (Kaiming-normal fan_out convs, unit/zero batch norms)."""
+    import torchvision
+
     net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if width == 1.0:
         return net
@@ -366,38 +365,3 @@ def conv1_weight(model: TappedModel) -> torch.Tensor:
     (AlexNet (64, 3, 11, 11), ResNet-18 (64, 3, 7, 7) at width 1)."""
     path = model.spec.taps[model.spec.conv1].path
     return model.net.get_submodule(path).weight.detach().to("cpu", torch.float32).clone()
-
-
-def filter_grid_png(weights: torch.Tensor | np.ndarray, path: str | os.PathLike, *,
-                    ncols: int | None = None, scale: int = 8) -> Path:
-    """Write a filter bank as a PNG grid (the paper's Figure 1c style); returns the path.
-
-    weights : (k, 3, h, w). Each filter is shown as RGB, scaled on its own:
-    ``0.5 + w / (2 max|w|)`` (mid grey = 0), so shape not magnitude is compared across filters.
-    ncols : filters per row (default ceil(sqrt(k))); ``scale`` : screen pixels per filter pixel.
-    """
-    # imsave writes the RGB array itself: no figure, no GUI backend, no pyplot global state.
-    import matplotlib.image
-
-    w = weights.detach().cpu().double().numpy() if isinstance(weights, torch.Tensor) else (
-        np.asarray(weights, dtype=np.float64))
-    if w.ndim != 4 or w.shape[1] != 3 or w.shape[0] < 1:
-        raise ValueError(f"filter_grid_png expects weights (k, 3, h, w) with k >= 1, got shape "
-                         f"{w.shape}")
-    k, _, h, wd = w.shape
-    ncols = ncols or math.ceil(math.sqrt(k))
-    nrows = math.ceil(k / ncols)
-    pad = 1
-    grid = np.ones((nrows * (h + pad) + pad, ncols * (wd + pad) + pad, 3))
-    peak = np.abs(w).reshape(k, -1).max(axis=1)
-    peak[peak == 0] = 1.0
-    tiles = 0.5 + w / (2 * peak[:, None, None, None])
-    for i in range(k):
-        r, c = divmod(i, ncols)
-        y, x = pad + r * (h + pad), pad + c * (wd + pad)
-        grid[y:y + h, x:x + wd] = tiles[i].transpose(1, 2, 0)
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, np.clip(grid, 0, 1))
-    return path
