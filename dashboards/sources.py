@@ -14,11 +14,10 @@ any name), ``parent_run_id`` one run. A ``sqlite:`` store is checked before MLfl
 (``mlflow_client``): reading never creates or migrates a database.
 
 Ray (what ``sweeps.execute`` writes under ``--storage``, default ./ray_results):
-``<experiment>_<YYYYmmdd-HHMMSS>/`` with the latest ``experiment_state-*.json`` (trial status and
-folder), one folder per trial (result.json: one JSON line per epoch; the final checkpoint
-holds the trial's artifacts/), and
-mlflow_parent.json. Ray only knows the trial id; the config is rebuilt from the sweep file
-(``sweeps/conditions/<condition>.toml``) at the scale the folder name says.
+``<experiment>_<YYYYmmdd-HHMMSS>/`` with the driver's ``manifest.jsonl`` (each trial's key,
+state, Ray folder, MLflow run and config; Ray's private state is never read), one folder per
+trial (result.json: one JSON line per epoch; the final checkpoint holds the trial's
+artifacts/), and mlflow_parent.json.
 """
 
 from __future__ import annotations

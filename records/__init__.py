@@ -1,7 +1,7 @@
 """What a sweep writes, in one place: the on-disk and in-MLflow contract between the driver
 (``sweeps``), which writes through this module, and the post-processor (``dashboards``), which
-reads through it and MLflow. Standard library only (MLflow is imported inside the one helper
-that queries it), so every layer may import it.
+reads through it and MLflow. It imports no project package (MLflow,
+SQLAlchemy and filelock only inside the helpers that use them), so every layer may import it.
 
 The layering (lower never imports higher, through any chain, function-level imports
 included; ``tests/test_layers.py`` checks it)::

@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", type=int, action="append", metavar="N",
                    help="NSD subject (repeatable; default: every subject in the release)")
     p.add_argument("--address", metavar="ADDR",
-                   help="join a running Ray cluster: auto or HOST:PORT (default: start a "
-                        "local Ray)")
+                   help="join a running Ray cluster: auto or HOST:PORT (default: RAY_ADDRESS "
+                        "when set, else start a local Ray)")
     p.add_argument("--gpus-per-trial", metavar="X",
-                   help="override the sweep file (fractions share a GPU, e.g. 0.25)")
+                   help="override the sweep file's share for every condition (fractions "
+                        "share a GPU, e.g. 0.25)")
     p.add_argument("--cpus-per-trial", metavar="X", help="override the sweep file")
     p.add_argument("--mlflow-uri", metavar="URI",
                    help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "

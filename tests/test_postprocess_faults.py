@@ -142,7 +142,7 @@ def test_a_figure_that_cannot_be_drawn_costs_that_figure_alone(tmp_path, capsys,
     figures, all computed, were thrown away with the staging folder. Now they are written,
     the report and statistics.json say which figure is missing and where its traceback is,
     that figure's older files are removed (they would no longer match), and the command line
-    exits 1 after printing the report's path."""
+    exits 3 after printing the report's path."""
     run = _ray_run(tmp_path)
     out = tmp_path / "out"
     assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 0
