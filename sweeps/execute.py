@@ -398,7 +398,8 @@ def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
     voxel (it failed every trial after its first epoch)."""
     n_train, n_val = len(data.train), len(data.val)
     for t in (t for t in plan.trials if t.condition == condition):
-        problem = split_size_problem(t, n_train, n_val, data.description)
+        problem = (split_size_problem(t, n_train, n_val, data.description)
+                   or _validation_groups_problem(t, data, reference))
         if problem:
             raise UsageError(problem)
         threshold = float(t.config.get("voxel_ncsnr_min", 0.0))
@@ -407,6 +408,38 @@ def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
                 reference.select_voxels(threshold)
             except ValueError as exc:
                 raise UsageError(f"trial {t.trial_id}: {exc}") from None
+
+
+def _validation_groups_problem(t, data, reference) -> str | None:
+    """A voxel reference scores each subject on its own images of the trial's fixed
+    validation subset (``trainable.train.validation_indices``: val_images of the split), and
+    a subject with fewer than 2 x val_folds of them is left out. Where none has that many,
+    every trial failed after its first epoch; here it is refused with each subject's count.
+    None for an image-computed reference (every image has a response: the split's size,
+    ``split_size_problem``, is what bounds it) or a split without image ids."""
+    ids = getattr(data.val, "image_ids", None)
+    if ids is None or not hasattr(reference, "groups"):
+        return None
+    import torch
+
+    from trainable.config import TrialConfig
+    from trainable.train import validation_indices
+
+    cfg = TrialConfig.from_dict(t.config)
+    subset = torch.as_tensor(ids)[validation_indices(len(data.val), cfg.val_images)]
+    counts = {s: int(rows.numel()) for s, (rows, _) in sorted(reference.groups(subset).items())}
+    need = 2 * cfg.val_folds
+    most = max(counts.values(), default=0)
+    if most >= need:
+        return None
+    per_subject = ", ".join(f"subject {s}: {n}" for s, n in counts.items()) or "none"
+    taken = (f"val_images={cfg.val_images} of the {len(data.val)} validation images"
+             if cfg.val_images < len(data.val) else f"all {len(data.val)} validation images")
+    larger = (" or a larger val_images (--set val_images=N)"
+              if cfg.val_images < len(data.val) else "")
+    return (f"trial {t.trial_id}: val_folds={cfg.val_folds} needs {need} validation images of "
+            f"one subject, but the fixed validation subset ({taken}) gives {per_subject}; "
+            f"accepted: val_folds <= {most // 2} (--set val_folds=N){larger}")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

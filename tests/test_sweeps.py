@@ -1181,6 +1181,16 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
     (["gabor_conv1", "--set", "val_folds=20", "--set", "val_images=40"],
      r"val_folds=20 needs 40 validation images but the validation split of simulated "
      r"single-label world .* holds 32; accepted: val_folds <= 16"),
+    # NSD: each subject is scored on its own images of the validation subset, and none of
+    # the two subjects has 2 x val_folds of them (each trial failed after an epoch)
+    (["nsd_conv1_v1", "--set", "val_folds=14"],
+     r"trial nsd_conv1_v1-none-a0-b1-s0: val_folds=14 needs 28 validation images of one "
+     r"subject, but the fixed validation subset \(all 40 validation images\) gives subject 1: "
+     r"24, subject 2: 24; accepted: val_folds <= 12 \(--set val_folds=N\)$"),
+    (["nsd_conv1_v1", "--set", "val_images=10"],
+     r"val_folds=5 needs 10 validation images of one subject, but the fixed validation subset "
+     r"\(val_images=10 of the 40 validation images\) gives subject 1: 6, subject 2: 6; "
+     r"accepted: val_folds <= 3 \(--set val_folds=N\) or a larger val_images"),
 ])
 def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match):
     """Each passed the plan, then failed every trial after an epoch (three times over), or

@@ -634,10 +634,12 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
         if nc is not None and float(nc.mean()) > 0 and math.isfinite(float(x_to_y)):
             normalised.append(float(x_to_y) / float(nc.mean()))
     if not out["val_linear"]:
+        sizes = ", ".join(str(rows.numel()) for rows, _ in groups) or "none"
         raise ValueError(
-            f"no reference group has {2 * cfg.val_folds} validation images with responses; "
-            "the validation alignment needs them (check the validation split's size, and for "
-            "NSD the subjects)"
+            f"no reference group has {2 * cfg.val_folds} validation images with responses "
+            f"(val_folds={cfg.val_folds}); the fixed validation subset (val_images="
+            f"{cfg.val_images}) gives the groups (NSD: subjects) {sizes}; accepted: val_folds "
+            f"<= half the largest, or a larger val_images"
         )
     summary = {k: _mean_defined(v) for k, v in out.items()}
     # the alignment the fronts, statistics and searches use: the trial's own metric (the one
