@@ -646,3 +646,21 @@ def test_kfold_loss_with_silent_training_folds_stays_bounded_over_seeds():
             (gx,) = torch.autograd.grad(score, x)
             assert -10 < float(score.detach()) < 1, (folds, seed, float(score.detach()))
             assert float(gx.abs().max()) < 1e3, (folds, seed)
+
+
+@pytest.mark.parametrize("n, p, q", [(16, 1800, 368), (256, 1800, 368)])
+def test_the_smallest_ridge_rel_accepted_still_scores_unrelated_data_as_unrelated(n, p, q):
+    """Why ridge_rel has a floor (``trainable.config.RIDGE_REL_MIN``): the held-out score
+    plateaus as the penalty falls, until its leave-one-out residuals cancel and unrelated
+    random data read as perfectly aligned. At the floor the float32 score is the plateau's
+    and the float64 definition's; far below it, 1.0."""
+    from trainable.config import RIDGE_REL_MIN
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, p, generator=g), torch.randn(n, q, generator=g)
+    at_floor = float(linear_alignment_heldout(x, y, rel=RIDGE_REL_MIN))
+    assert at_floor < 0  # unrelated: no better than predicting the mean
+    assert at_floor == pytest.approx(float(linear_alignment_heldout(x, y, rel=1e-4)), abs=0.01)
+    assert at_floor == pytest.approx(float(linear_alignment_heldout_definition(
+        x.double(), y.double(), rel=RIDGE_REL_MIN)), abs=1e-3)
+    assert float(linear_alignment_heldout(x, y, rel=1e-12)) == pytest.approx(1.0, abs=1e-3)

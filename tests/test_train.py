@@ -174,6 +174,16 @@ def test_config_rejects_unknown_keys_and_bad_values():
                                          r"0\.\.1000000"):
         TrialConfig(align_batch_every=-1)
     assert TrialConfig.from_dict({"epochs": 3.0, "alpha": 1}).epochs == 3
+    # the held-out ridge's settings: a penalty too small to compute, and settings that other
+    # metrics' losses ignore (they were accepted and recorded as if applied)
+    with pytest.raises(ValueError, match=r"ridge_rel=1e-07; accepted: a number >= 1e-06 "):
+        TrialConfig(ridge_rel=1e-7)
+    assert TrialConfig(ridge_rel=1e-6).ridge_rel == 1e-6
+    with pytest.raises(ValueError, match=r"^loss_folds=4; accepted: 0 with metric='cka' "):
+        TrialConfig(metric="cka", loss_folds=4)
+    with pytest.raises(ValueError, match=r"^ridge_rel=0\.5; accepted: 0\.1 with metric='rsa' "):
+        TrialConfig(metric="rsa", ridge_rel=0.5)
+    assert TrialConfig(metric="cka").loss_folds == 0
 
 
 @pytest.mark.parametrize("name", ["alpha", "beta"])

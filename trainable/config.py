@@ -18,6 +18,11 @@ from records import REFERENCE_KINDS  # one source: records
 DEVICES = ("auto", "cpu", "cuda")
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 PRECISIONS = ("auto", "fp32", "bf16")
+#: The smallest ridge_rel accepted. The batch score plateaus as ridge_rel falls (1e-5 and
+#: 1e-7 give the same score to 3 decimals at n = 16..256); from 1e-8 the leave-one-out
+#: residuals cancel (float32 and float64 disagree), and by 1e-10 they read 0: a score of
+#: exactly 1.0 on unrelated random data, recorded as perfect alignment.
+RIDGE_REL_MIN = 1e-6
 
 
 # Upper bounds: far beyond any real run, low enough that a typo (epochs 2**63, a batch of
@@ -136,6 +141,16 @@ class TrialConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise bad(name, "a positive number")
+        if self.ridge_rel < RIDGE_REL_MIN:
+            raise bad("ridge_rel", f"a number >= {RIDGE_REL_MIN:g} (below it the held-out "
+                                   f"score loses its precision and reads 1.0 on any data)")
+        if self.metric != "linear":  # the held-out ridge's settings: other losses have none
+            for name in ("loss_folds", "ridge_rel"):
+                default = TrialConfig.__dataclass_fields__[name].default
+                if getattr(self, name) != default:
+                    raise bad(name, f"{default!r} with metric={self.metric!r} (it sets the "
+                                    f"linear metric's held-out ridge; the {self.metric} loss "
+                                    f"has none)")
         for name, low in (("batch_size", 4), ("epochs", 1), ("image_size", 16),
                           ("val_folds", 2), ("val_images", 10)):
             v = getattr(self, name)
