@@ -755,13 +755,13 @@ def _paper_paths(args: argparse.Namespace, shallow, chosen: set[str],
 
 def _trials(args: argparse.Namespace, folder, scale: str, overrides: dict,
             only: tuple[str, ...]):
-    """The sweep fully validated, its trials with the overrides, then --only: (sweep, trials,
-    trials before --only)."""
+    """The sweep fully validated, its trials chosen by --only, with the overrides: (sweep,
+    trials, trials before --only). The overrides are checked on the chosen trials only (a
+    setting refused for a condition --only leaves out was refused for the run)."""
     try:
         sweep = load_sweep(args.sweep, folder)
-        trials = apply_overrides(sweep.trials(scale=scale, seeds=args.seeds,
-                                              smoke=args.smoke_test), overrides)
-        return sweep, select_trials(trials, only), len(trials)
+        trials = sweep.trials(scale=scale, seeds=args.seeds, smoke=args.smoke_test)
+        return sweep, apply_overrides(select_trials(trials, only), overrides), len(trials)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -454,7 +454,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value). VALUE is read as a TOML value, as in a sweep file
     (``0.001``, ``20``, ``true``, ``"cpu"``); a bare word that is not TOML is a string
     (``device=cpu``). The key must be a TrialConfig key a sweep lets a user change; the value's
-    type and range are checked with every trial (``apply_overrides``)."""
+    type and range are checked with every trial it applies to (``apply_overrides``)."""
     from trainable.config import TrialConfig
 
     key, sep, raw = text.partition("=")
@@ -498,18 +498,21 @@ def format_overrides(overrides: Mapping[str, Any]) -> str:
 
 def apply_overrides(trials: Sequence[TrialSpec], overrides: Mapping[str, Any]) -> list[TrialSpec]:
     """Every trial with ``overrides`` merged into its config, each validated by TrialConfig
-    (a bad value names the key and what is accepted)."""
+    (a bad value names the key and what is accepted, and the condition when there are
+    several)."""
     from trainable.config import TrialConfig
 
     if not overrides:
         return list(trials)
+    several = len({t.condition for t in trials}) > 1
     out = []
     for t in trials:
         config = {**t.config, **overrides}
         try:
             TrialConfig.from_dict(config)
         except ValueError as exc:
-            raise ValueError(f"--set: {exc}") from None
+            where = f" (condition {t.condition})" if several else ""
+            raise ValueError(f"--set: {exc}{where}") from None
         out.append(replace(t, config=config))
     return out
 

@@ -440,6 +440,22 @@ def test_plan_errors_name_the_value(argv, match):
     assert "\n" not in str(info.value)
 
 
+def test_settings_are_checked_on_the_trials_only_chooses_and_name_their_condition():
+    """--set voxel_ncsnr_min for the NSD conditions of the paper sweep, or a 32 px image for
+    its ResNet-18 ones, was refused because of conditions --only leaves out, in a message
+    naming none."""
+    plan = make_plan(parse("paper", "--only", "nsd_*", "--set", "voxel_ncsnr_min=0.2"))
+    assert plan.trials and {t.config["voxel_ncsnr_min"] for t in plan.trials} == {0.2}
+    assert {t.condition for t in plan.trials} == {
+        "nsd_conv1_v1", "nsd_conv1_v1_shuffled", "nsd_fc1_vvs", "nsd_resnet18_block1_v1",
+        "nsd_resnet18_block4_vvs"}
+    plan = make_plan(parse("paper", "--only", "nsd_resnet18*", "--set", "image_size=32"))
+    assert {t.config["image_size"] for t in plan.trials} == {32}
+    with pytest.raises(UsageError, match=r"^--set: voxel_ncsnr_min=0\.2; accepted: 0 with "
+                                         r"reference='gabor' .* \(condition gabor_conv1\)$"):
+        make_plan(parse("paper", "--set", "voxel_ncsnr_min=0.2"))
+
+
 def test_resume_needs_an_experiment_to_resume(tmp_path):
     with pytest.raises(UsageError, match="--resume: nothing to resume"):
         make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
