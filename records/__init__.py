@@ -86,11 +86,14 @@ FACTS_FILE = "trial_facts.json"
 #: them. val_performance is the number the fronts use (val_top1 or val_map); val_alignment is
 #: the alignment they use: the trial's metric (the loss's), val_linear (the paper's) by default.
 #: train_images, val_alignment_images and layer_units say what was measured where a setting
-#: asks for more than the data hold (steps_per_epoch, val_images, pool above the layer's map).
+#: asks for more than the data hold (steps_per_epoch, val_images, pool above the layer's map);
+#: align_steps of train_steps, on how many steps the alignment term applied (a small voxel
+#: batch where no subject holds the rows the held-out score needs trains on the task alone).
 EPOCH_METRICS = ("task_loss", "align_loss", "batch_alignment", "val_performance", "val_top1",
                  "val_top5", "val_map", "val_alignment", "val_linear", "val_alignment_nc",
                  "val_cka", "val_rsa", "dead_units", "epoch_seconds", "images_per_second",
-                 "data_wait_seconds", "train_images", "val_alignment_images", "layer_units")
+                 "data_wait_seconds", "train_images", "train_steps", "align_steps",
+                 "val_alignment_images", "layer_units")
 
 #: MLflow's tag holding the description the UI shows for an experiment or a run.
 NOTE_TAG = "mlflow.note.content"

@@ -319,6 +319,36 @@ def _run(config, data, reference, tmp_path, resume_from=None):
     return final, hooks
 
 
+def test_the_steps_a_small_voxel_batch_trains_on_the_task_alone_are_counted(nsd_like, tmp_path):
+    """With NSD and a batch of 4, a step where no subject has the 3 rows the held-out score
+    needs trains on the task alone (the alignment is averaged over the groups that can be
+    scored). Nothing said how many: align_steps of train_steps says it, per epoch."""
+    from trainable.train import reference_groups, training_schedule
+
+    data, responses = nsd_like
+    ids = data.train.image_ids
+
+    def scorable(batches):
+        return [any(rows.numel() >= 3 for rows, _ in
+                    reference_groups(responses, None, ids[b]).values()) for b in batches]
+
+    for seed in range(50):  # a seed whose first batch can be scored (else it is refused)
+        cfg = TrialConfig(**{**TINY, "reference": "nsd", "alpha": 0.5, "batch_size": 4,
+                             "seed": seed})
+        batches, _ = training_schedule(len(data.train), cfg)(0)
+        ok = scorable(batches)
+        if ok[0]:
+            break
+    scored = sum(ok)
+    assert 0 < scored < len(batches)  # the case: some steps carry the term, some do not
+    final, _ = _run(cfg.asdict(), data, responses, tmp_path)
+    assert (final["train_steps"], final["align_steps"]) == (len(batches), scored)
+    # alpha = 0 measures one step in align_batch_every (10): those are the ones counted
+    final, _ = _run({**cfg.asdict(), "alpha": 0.0, "batch_size": 32}, data, responses,
+                    tmp_path / "baseline")
+    assert final["align_steps"] == -(-final["train_steps"] // 10)
+
+
 def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
     data, responses = nsd_like
     cfg = dict(TINY, reference="nsd", alpha=0.5, epochs=2)

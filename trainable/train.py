@@ -383,7 +383,11 @@ def train_one_epoch(
         n_steps += 1
         n_images += images.shape[0]
         t_wait = time.perf_counter()
+    # align_steps: the steps whose batch alignment was computed; with alpha != 0 the steps the
+    # alignment term trained on (a voxel batch where no subject holds the rows the held-out
+    # score needs trains on the task alone, as train_steps - align_steps says)
     out = {"task_loss": sums["task_loss"] / n_steps, "train_images": float(n_images),
+           "train_steps": float(n_steps), "align_steps": float(n_align),
            "data_wait_seconds": wait}
     if n_align:
         out["align_loss"] = sums["align_loss"] / n_align
