@@ -55,7 +55,10 @@ class TrialConfig:
         the n x p Gram matrices by (H*W)/k^2 but discards spatial layout finer than H/k, so the
         default is 0 and the paper's conditions keep it.
     rectify : align ReLU(layer) instead of the layer's tap (taps are the linear stage, e.g.
-        AlexNet conv1 before its ReLU; rectified, this is exactly the post-ReLU activation).
+        AlexNet conv1 before its ReLU; rectified, an AlexNet tap is exactly its post-ReLU
+        activation. ResNet-18's conv1 is tapped before its batch norm, so ReLU of it is not
+        an activation the network computes; its blocks are post-ReLU already, and rectify
+        changes nothing there).
         Default false: the Gabor bank and a network's layer are linear responses like the
         pre-ReLU tap. Voxel responses pool rectified activity over a receptive field (a
         contrast-energy-like signal, which no linear readout of a linear stage predicts), so
