@@ -56,6 +56,7 @@ import dataclasses
 import fnmatch
 import inspect
 import math
+import re
 import tomllib
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -484,6 +485,10 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = raw
     if isinstance(value, (dict, list)):
         raise ValueError(f"--set {text!r}; accepted: a single number, true/false or a word")
+    if isinstance(value, float) and value == 0 and re.search(r"[1-9]", re.split(r"[eE]", raw)[0]):
+        # 1e-400 reads as 0.0: a refusal would name 0.0, a value nobody typed
+        raise ValueError(f"--set {text!r}: {raw} is too small for a float64 and reads as 0.0; "
+                         f"accepted: a number of magnitude 5e-324 or more, or 0")
     default = next(f.default for f in dataclasses.fields(TrialConfig) if f.name == key)
     if (isinstance(value, float) and value.is_integer() and isinstance(default, int)
             and not isinstance(default, bool)):

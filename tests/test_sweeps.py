@@ -415,6 +415,9 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--set", "alpha=2"], r"--set alpha: alpha is set by the sweep's grid"),
     (["nsd_conv1_v1", "--set", "threads=2"], r"threads follows --cpus-per-trial"),
     (["nsd_conv1_v1", "--set", "lr=\"0.001\""], r"--set: lr='0.001'; accepted: a number"),
+    # read as 0.0, the refusal named 0.0, which nobody typed
+    (["nsd_conv1_v1", "--set", "lr=1e-400"],
+     r"--set 'lr=1e-400': 1e-400 is too small for a float64 and reads as 0\.0; accepted: a "),
     (["nsd_conv1_v1", "--set", "epochs=0"], r"--set: epochs=0; accepted: an integer in 1..100000"),
     (["nsd_conv1_v1", "--set", "epochs=9223372036854775807"],
      r"--set: epochs=9223372036854775807; accepted: an integer in 1..100000"),
