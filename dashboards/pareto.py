@@ -52,6 +52,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from references.cache import quiet_interrupts
+
+if __name__ == "__main__":  # before the imports below (2 s): Ctrl-C in them is one line
+    quiet_interrupts()
+
 import pyarrow as pa
 
 from dashboards import effects, figures, paper, report, statistics, tables

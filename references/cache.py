@@ -179,6 +179,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def quiet_interrupts() -> None:
+    """Ctrl-C while a command's imports still load (MLflow, matplotlib, torch: seconds, before
+    its own ``except KeyboardInterrupt`` exists) ends it with the one line its ``main`` would
+    print, not the imports' traceback. Called first thing under ``__main__``."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+        else:
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def traceback_file(exc: BaseException) -> Path:
     """Write ``exc``'s traceback, secrets redacted, to ``<cache>/logs/error-<time>-<pid>.log``
     (or the temporary folder's ``alignsweep-logs`` when the cache is what failed); returns the

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,10 @@ class RayHooks:
             shutil.copytree(art, Path(checkpoint_dir) / self.ARTIFACTS, dirs_exist_ok=True)
         # Ray persists the checkpoint directory to the run's storage before report returns;
         # the metrics then go to MLflow in the background (tracking.TrialRun).
-        self._tune.report(dict(metrics),
+        # Tune's progress table shows the first four metrics of a result: the ones that say
+        # how the trial goes (PROGRESS_METRICS; its CLIReporter's columns are not used)
+        shown = {k: metrics[k] for k in PROGRESS_METRICS if k in metrics and k != "epoch"}
+        self._tune.report({**shown, **metrics},
                           checkpoint=self._tune.Checkpoint.from_directory(str(checkpoint_dir)))
         self.run.log_epoch(metrics, epoch)
 
@@ -831,6 +834,18 @@ def _record_run_folder(plan: Plan, run_dir: Path, parent_id: str, resumed: list)
 
 
 def _execute(plan: Plan) -> int:
+    # `docker stop`, a scheduler's kill: SIGTERM ends the run as Ctrl-C does, from before Ray
+    # starts to the driver's last line (while Ray started, and from the replay on, it killed
+    # the driver without a word and left the parent run RUNNING).
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    try:
+        return _execute_run(plan)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _execute_run(plan: Plan) -> int:
     import ray
     from ray import tune
 
@@ -838,29 +853,46 @@ def _execute(plan: Plan) -> int:
     # Ray, the data and the references before anything is recorded: a trial no node can hold,
     # or a data file found malformed only once it is read in full (a COCO annotation file, a
     # session's betas), is refused in one line with no parent run left behind. Until the main
-    # block below owns them, any failure shuts Ray down and restores the SIGTERM handler here.
-    previous = signal.getsignal(signal.SIGTERM)
+    # block below owns them, any failure shuts Ray down here.
     previous_int = signal.getsignal(signal.SIGINT)
+    parent_id = None
     try:
         _init_ray(plan)
-        # `docker stop`, a scheduler's kill: end like Ctrl-C (Tune saves its state, stops).
-        # Set after ray.init, which installs its own SIGTERM handler (sys.exit: the run then
-        # ended FAILED, its trials' runs left RUNNING, and Ray aborted with exit 134).
+        # ray.init installs its own SIGTERM handler (sys.exit: the run then ended FAILED, its
+        # trials' runs left RUNNING, and Ray aborted with exit 134): ours again
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
         parent_id, run_tags = _start_records(plan, run_dir, references)
         _point_at(plan, run_dir)
     except BaseException as exc:
-        signal.signal(signal.SIGTERM, previous)
-        if ray.is_initialized():
-            ray.shutdown()
-        _forget_run_dir(plan, run_dir)
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # Ray's handler's
+            exc = KeyboardInterrupt()
+        _interrupted(ray.shutdown)  # also a Ray stopped while it started
+        if (run_dir / PARENT_FILE).is_file():  # the records were made: a run --resume finds
+            if parent_id is not None:  # (an earlier failure ends it in _start_records)
+                with contextlib.suppress(Exception):
+                    tracking.finish(plan.mlflow_uri, parent_id, "KILLED" if isinstance(
+                        exc, KeyboardInterrupt) else "FAILED", {"interrupted": str(
+                            isinstance(exc, KeyboardInterrupt)).lower()})
+            _interrupted(lambda: _point_at(plan, run_dir))
+            if isinstance(exc, KeyboardInterrupt):
+                _say(f"sweep interrupted before its trials started; the parent run is KILLED. "
+                     f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same "
+                     f"options)")
+        else:
+            _forget_run_dir(plan, run_dir)
+            if isinstance(exc, KeyboardInterrupt) and not plan.resume:
+                _say("sweep interrupted before its records were made: nothing to resume; run "
+                     "it again")
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc from None
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
             raise UsageError(" ".join(str(exc).split())) from None
         raise
-    status, failed, unfinished = "FAILED", [], []
+    status, failed = "FAILED", []
     outcomes: list[Outcome] = []
+    interrupted = False
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
@@ -897,52 +929,100 @@ def _execute(plan: Plan) -> int:
             grid = [t.trial_id for t in plan.trials]
             results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
                                   namer=TrialNamer(payload.specs)).fit())
+        # Tune leaves its SIGINT handler installed after fit() returns (it only sets an event
+        # nobody reads any more): a Ctrl-C in the summary or the report was swallowed
+        signal.signal(signal.SIGINT, previous_int)
         outcomes = [_outcome(plan, r) for r in results]
         failed = [o for o in outcomes if o.state == "ERROR"]
-        # A trial that is neither finished nor errored did not run to its end: Tune stopped
-        # on Ctrl-C / SIGTERM (or a trial was never scheduled). The sweep is incomplete.
-        unfinished = [o for o in outcomes if o.state not in ("done", "ERROR")]
         _summary(plan, outcomes, run_dir, parent_id)
         _write_manifest(plan, run_dir, parent_id, outcomes)
-        status = "KILLED" if unfinished else ("FINISHED" if not failed else "FAILED")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over the signal
-        status, unfinished = "KILLED", [None]
+        status = "FINISHED" if not failed else "FAILED"
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after Tune let go of the signal
+        interrupted = True
         _say("interrupted")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        # Tune leaves its SIGINT handler installed after fit() returns (it only sets an event
-        # nobody reads any more): Ctrl-C during the report would be swallowed.
         signal.signal(signal.SIGINT, previous_int)
+        # The wrap-up: a Ctrl-C (or SIGTERM) ends the step it lands in, not the ones that
+        # keep the records true (the parent's end, the stopped trials' runs, the resume line).
         # Ray first: no trial worker may write to MLflow after the driver's last word.
-        if ray.is_initialized():
-            ray.shutdown()
-        try:
-            _replay(plan, outcomes, parent_id, run_tags)
-        except Exception as exc:  # an unreachable store: say so in one line, lose nothing
-            _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
-                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; the "
-                 f"trials' metrics journals stay in their checkpoints under {run_dir}")
-        try:  # the parent is ended whatever the replay met (it stayed RUNNING for good)
-            tags = {"interrupted": "true" if unfinished else "false"}
-            tracking.finish(plan.mlflow_uri, parent_id, status, tags)
-        except Exception as exc:
-            _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
-                 f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}"
-                 + ("" if plan.search == "optuna" else "; --resume of the run ends it"))
-    if unfinished:
-        names = [o.trial_id for o in unfinished if o is not None]
+        if _interrupted(ray.shutdown):
+            interrupted = True
+            _interrupted(ray.shutdown)  # what the interrupted call had not stopped
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.shutdown put back the default
+        if _interrupted(lambda: _replay_or_say(plan, outcomes, parent_id, run_tags, run_dir)):
+            interrupted = True
+            _say(f"replay interrupted: the trials' metrics journals stay in their checkpoints "
+                 f"under {run_dir} (a --resume of the run replays them)")
+        # A trial that is neither finished nor errored did not run to its end: Tune stopped
+        # on Ctrl-C / SIGTERM (or a trial was never scheduled). The sweep is incomplete.
+        stopped = [o.trial_id for o in outcomes if o.state not in ("done", "ERROR")]
+        if interrupted and not outcomes:  # stopped before Tune reported the trials: their
+            # runs were left RUNNING (their workers stopped with Ray), and went unnamed
+            _interrupted(lambda: stopped.extend(
+                _end_running_children_or_say(plan, parent_id)))
+        if interrupted or stopped:
+            status = "KILLED"
+        if _interrupted(lambda: _end_parent(plan, parent_id, status, interrupted or stopped)):
+            interrupted = True  # once more: it is one call when the store answers
+            if _interrupted(lambda: _end_parent(plan, parent_id, status, True)):
+                _say(f"the parent run {parent_id} may be left RUNNING: "
+                     + ("run the search again" if plan.search == "optuna"
+                        else f"{pasteable(plan.sweep, '--resume')} ends it"))
+    if interrupted or stopped:
         again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
                  "again" if plan.search == "optuna" else
                  f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same options)")
-        _say(("sweep interrupted: " + (
-                 f"{len(names)} trial(s) did not finish ({', '.join(names[:10])}"
-                 f"{', ...' if len(names) > 10 else ''})" if names else
-                 "before the trials' outcomes were collected"))
-             + f"; the parent run is KILLED and the report is partial. {again}")
-    _report(plan, parent_id)
-    if unfinished:
+        what = (f"{len(stopped)} trial(s) did not finish ({', '.join(stopped[:10])}"
+                f"{', ...' if len(stopped) > 10 else ''})" if stopped else
+                "after its trials ended" if outcomes else
+                "before the trials' outcomes were collected")
+        _say(f"sweep interrupted: {what}; the parent run is KILLED and the report is partial. "
+             f"{again}")
+    if _report(plan, parent_id):
+        interrupted = True
+    if interrupted or stopped:
         return 130  # the shell's code for a run ended by SIGINT
     return 0 if not failed else 1
+
+
+def _interrupted(step: Callable[[], Any]) -> bool:
+    """Run ``step``; True if Ctrl-C (or a SIGTERM, turned into one) ended it."""
+    try:
+        step()
+        return False
+    except KeyboardInterrupt:
+        return True
+
+
+def _replay_or_say(plan: Plan, outcomes: list[Outcome], parent_id: str,
+                   run_tags: Mapping[str, str], run_dir: Path) -> None:
+    try:
+        _replay(plan, outcomes, parent_id, run_tags)
+    except Exception as exc:  # an unreachable store: say so in one line, lose nothing
+        _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
+             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; the "
+             f"trials' metrics journals stay in their checkpoints under {run_dir}")
+
+
+def _end_running_children_or_say(plan: Plan, parent_id: str) -> list[str]:
+    try:
+        return tracking.end_running_children(plan.mlflow_uri, parent_id)
+    except Exception as exc:
+        _say(f"could not end the stopped trials' MLflow runs ({redact(plan.mlflow_uri)}): "
+             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; "
+             f"--resume ends them")
+        return []
+
+
+def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> None:
+    """The parent run ended whatever the replay met (it stayed RUNNING for good)."""
+    try:
+        tracking.finish(plan.mlflow_uri, parent_id, status,
+                        {"interrupted": "true" if interrupted else "false"})
+    except Exception as exc:
+        _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
+             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}"
+             + ("" if plan.search == "optuna" else "; --resume of the run ends it"))
 
 
 def pasteable(*words: str, module: bool = False) -> str:
@@ -1148,12 +1228,13 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
             return
 
 
-def _report(plan: Plan, parent_id: str) -> None:
+def _report(plan: Plan, parent_id: str) -> bool:
     """Post-process the finished sweep (tables, fronts, figures, HTML report, logged to the
     parent run) with the post-processor's own CLI, in its own process: ``sweeps`` never
     imports ``dashboards`` (records/__init__.py). Its lines are relayed; a failure is one line
     and does not fail the sweep: every trial's results are already in MLflow and the same
-    command can be rerun."""
+    command can be rerun. True if Ctrl-C (or SIGTERM) stopped it: the post-processor is
+    stopped with it (it ran on after a driver killed by SIGTERM)."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": plan.mlflow_uri,  # not on the command line
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo),
@@ -1164,10 +1245,14 @@ def _report(plan: Plan, parent_id: str) -> None:
                       redact(plan.mlflow_uri), "--parent-run", parent_id, module=True)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    except KeyboardInterrupt:  # subprocess.run has stopped the post-processor
+        _say("report not written: interrupted")
+        _say(f"retry with: {retry}")
+        return True
     except (OSError, subprocess.TimeoutExpired) as exc:
         _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
         _say(f"retry with: {retry}")
-        return
+        return False
     for line in proc.stdout.splitlines():
         _say(line)
     if proc.returncode != 0:
@@ -1177,6 +1262,7 @@ def _report(plan: Plan, parent_id: str) -> None:
         written = proc.returncode == 3
         _say(f"report {'incomplete' if written else 'not written'}: {redact(why)}")
         _say(f"retry with: {retry}")
+    return False
 
 
 def _run_config(run_dir: Path):

@@ -23,6 +23,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from references.cache import quiet_interrupts  # noqa: E402
+
+if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one line
+    quiet_interrupts()
+
 from records.uris import expand_user, not_utf8  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import NOTE_TAG, PARENT_TAG
+from records import NOTE_TAG, PARENT_TAG, child_runs
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -167,6 +167,19 @@ def finish(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = 
         _retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v))
                                                       for k, v in tags.items()]))
     _retry(lambda: client.set_terminated(run_id, status=status))
+
+
+def end_running_children(uri: str, parent_run_id: str) -> list[str]:
+    """End the parent's child runs still RUNNING as KILLED; returns their trial ids. For a
+    driver stopped before Tune reported its trials' outcomes (a second Ctrl-C): their workers
+    are gone (Ray is shut down first), and nothing else would end their runs."""
+    client = MlflowClient(uri)
+    ended = []
+    for run in child_runs(client, parent_run_id):
+        if run.info.status == "RUNNING":
+            _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))
+            ended.append(run.data.tags.get("trial_id", run.info.run_name or run.info.run_id))
+    return sorted(ended)
 
 
 class TrialRun:

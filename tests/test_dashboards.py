@@ -917,6 +917,28 @@ def test_a_trial_the_store_never_saw_gets_its_run_from_the_replay(fake_store):
     assert sorted((m.step, m.value) for m in history) == [(0, 0.1), (1, 0.2)]
 
 
+def test_a_driver_stopped_before_the_outcomes_ends_its_trials_runs_and_names_them(fake_store):
+    """A second Ctrl-C while Tune stopped the trials: the driver had no outcomes to replay,
+    so the stopped trials' runs (their workers gone with Ray) stayed RUNNING and went
+    unnamed. The driver now ends the parent's runs still RUNNING as KILLED, and only them."""
+    from sweeps import tracking
+
+    uri, _ = fake_store
+    client = MlflowClient(uri)
+    exp = client.create_experiment("stopped-before-the-outcomes")  # no other test's sweep
+    parent = client.create_run(exp, run_name="stopped-sweep").info.run_id
+    runs = {}
+    for trial_id in ("s-max-a1-b1-s0", "s-none-a0-b1-s0", "s-min-a1-b1-s0"):
+        runs[trial_id] = client.create_run(exp, run_name=trial_id, tags={
+            "mlflow.parentRunId": parent, "trial_id": trial_id}).info.run_id
+    client.set_terminated(runs["s-none-a0-b1-s0"], status="FINISHED")
+    assert tracking.end_running_children(uri, parent) == ["s-max-a1-b1-s0", "s-min-a1-b1-s0"]
+    assert {t: client.get_run(r).info.status for t, r in runs.items()} == {
+        "s-max-a1-b1-s0": "KILLED", "s-none-a0-b1-s0": "FINISHED", "s-min-a1-b1-s0": "KILLED"}
+    assert client.get_run(parent).info.status == "RUNNING"  # the driver ends it itself
+    assert tracking.end_running_children(uri, parent) == []
+
+
 def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts(fake_store,
                                                                                 tmp_path):
     """The end-of-run replay sees every trial's journal: a run its trial closed keeps its

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -771,3 +772,78 @@ def test_a_plan_waits_for_a_driver_making_the_store_but_not_for_ever(tmp_path, m
         held.release()
     with pytest.raises(UsageError, match="not a SQLite database|cannot be read"):
         plan_module._mlflow_uri(f"sqlite:///{db}")  # no one holds it: judged at once
+
+
+# The driver, with a pause injected into one of its steps (the first call only): a signal
+# sent while it waits lands in that step, as a Ctrl-C or `docker stop` a second later would.
+_PAUSED_DRIVER = """\
+import importlib, runpy, sys, time
+module, name, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+owner = importlib.import_module(module)
+step = getattr(owner, name)
+calls = []
+def paused(*args, **kwargs):
+    if not calls:
+        calls.append(1)
+        print(f"TEST: paused in {name}", flush=True)
+        time.sleep(120)
+    return step(*args, **kwargs)
+setattr(owner, name, paused)
+sys.argv = [argv[0], *argv[1:]]
+runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def _signal_a_paused_driver(tmp_path: Path, module: str, name: str):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    popen = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_DRIVER, module, name, str(REPO / "sweeps" / "run.py"),
+         "gabor_conv1", "--smoke-test", "--mlflow-uri", uri, "--storage", str(storage)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = []
+    for line in popen.stdout:
+        lines.append(line)
+        if line.startswith("TEST: paused in"):
+            break
+    popen.send_signal(signal.SIGTERM)  # a scheduler's kill: the driver ends it as Ctrl-C
+    out = "".join(lines) + popen.communicate(timeout=300)[0]
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name(
+        "gabor_conv1-smoke").experiment_id], filter_string="tags.sweep = 'gabor_conv1'")
+    (parent,) = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    return popen.returncode, out, client, parent, storage
+
+
+@pytest.mark.parametrize("module, name, phase", [
+    ("sweeps.tracking", "replay_journal", "replay"),
+    ("sweeps.execute", "_point_at", "records"),
+])
+def test_a_signal_after_the_trials_or_before_them_leaves_a_run_resume_can_end(
+        tmp_path, module, name, phase):
+    """SIGTERM (or Ctrl-C) once Tune had ended, while the driver replayed the trials'
+    journals: the driver died without a word (SIGTERM) or said only "interrupted" (Ctrl-C),
+    the parent run stayed RUNNING and no report or resume line came. Right after the parent
+    run was made, the resume pointer was never written: --resume could not find the run.
+    Now the step in progress is what stops; the parent is ended KILLED and tagged, the
+    resume line printed, the report built and the pointer names the run."""
+    code, out, client, parent, storage = _signal_a_paused_driver(tmp_path, module, name)
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true", out
+    assert "--resume" in out and "Continue with: " in out, out[-3000:]
+    run_dir = storage / (storage / "gabor_conv1-smoke.latest").read_text().strip()
+    assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"] == \
+        parent.info.run_id
+    if phase == "replay":  # the trials had ended: their runs are finished, the report built
+        assert "replay interrupted:" in out and "sweep interrupted: after its trials ended" \
+            in out, out[-3000:]
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = "
+                                                    f"'{parent.info.run_id}'")
+        assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+        report = Path(out.rsplit("report: ", 1)[1].split()[0])
+        assert "PARTIAL (interrupted)" in report.read_text()
+    else:
+        assert "sweep interrupted before its trials started" in out, out[-3000:]

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1404,3 +1405,21 @@ def test_code_version_tells_a_clean_checkout_from_an_edited_one(tmp_path):
     (tmp_path / "train.py").write_text("alpha = 2\n")
     assert code_version(tmp_path) == {"mlflow.source.git.commit": commit,
                                       "code_modified": "true"}
+
+
+def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
+    """A Ctrl-C in the post-processor's first seconds (its imports: MLflow, matplotlib,
+    scipy) printed the imports' traceback; its own `except KeyboardInterrupt` did not exist
+    yet. It is the one line `interrupted` now, as later. (The driver's own imports take a
+    fraction of a second and are guarded the same way.)"""
+    import signal
+
+    command = ["-m", "dashboards.pareto", "gabor_conv1", "--mlflow-uri", "sqlite:///absent.db"]
+    popen = subprocess.Popen([sys.executable, *command], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)  # interpreter up, the imports loading (they take 1-2 s here)
+    popen.send_signal(signal.SIGINT)
+    _, err = popen.communicate(timeout=60)
+    assert err == "interrupted\n" and popen.returncode in (130, -signal.SIGINT), err
