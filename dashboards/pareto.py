@@ -443,6 +443,15 @@ def _figures(record: SweepRecord, results: pa.Table, epochs: pa.Table, stats, ou
 _UNFINISHED = ("RUNNING", "SCHEDULED", "KILLED")
 
 
+def _planned_trials(record: SweepRecord) -> int:
+    """The trials the run launches (the driver's ``trials`` tag on the parent run), 0 when
+    not recorded (a Ray run folder, a store written before the tag existed)."""
+    try:
+        return max(0, int(record.parent_tags.get("trials", 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
 def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     """(title word, note) that label a report partial, or None: the parent run KILLED or tagged
     interrupted by the driver, or trials left unfinished (stopped, never started, still
@@ -452,6 +461,7 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
              f"sweeps/run.py {record.sweep} --search optuna again"
              if record.parent_tags.get("search") == "optuna" else
              f"Continue it with sweeps/run.py {record.sweep} --resume")
+    planned = _planned_trials(record)
     if record.parent_status == "RUNNING":
         # read while the sweep runs: trials not yet started have no run at all, so the
         # trials' states alone could call it complete ("no trial runs" for its first minute)
@@ -461,17 +471,23 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
         return ("running", f"PARTIAL: the parent run is still RUNNING (the sweep is running, "
                            f"or its driver stopped without ending it); the report covers the "
                            f"{done} trial(s) finished so far{failed}, of the "
-                           f"{len(record.trials)} started. Post-process it again when the "
+                           f"{len(record.trials)} started"
+                           + (f" ({planned} planned)" if planned > len(record.trials) else "")
+                           + ". Post-process it again when the "
                            f"sweep has ended; if its driver is gone: {again}")
     unfinished = [t for t in record.trials if t.status in _UNFINISHED]
     interrupted = (record.parent_status == "KILLED"
                    or record.parent_tags.get("interrupted") == "true")
-    if not (interrupted or unfinished):
+    never = max(0, planned - len(record.trials))  # trials that never started have no run
+    if not (interrupted or unfinished or never):
         return None
     why = [f"parent run {record.parent_status or 'interrupted'}"] if interrupted else []
+    total = len(record.trials) + never
     if unfinished:
-        why.append(f"{len(unfinished)} of {len(record.trials)} trials unfinished, e.g. "
+        why.append(f"{len(unfinished)} of {total} trials unfinished, e.g. "
                    f"{unfinished[0].trial_id} {unfinished[0].status}")
+    if never:  # (or failed before their run was made)
+        why.append(f"{never} of {total} trials have no run (never started)")
     return ("interrupted" if interrupted else "unfinished",
             f"PARTIAL: this sweep did not run to its end ({'; '.join(why)}); the report "
             f"covers the trials that finished. {again}")

@@ -734,6 +734,9 @@ def _start_records(plan: Plan, run_dir: Path,
     if plan.only:
         run_tags["only"] = " ".join(plan.only)
     parent_tags = {**run_tags, "search": plan.search, "seeds": str(plan.seeds),
+                   # what the run launches: a partial report counts the trials that never
+                   # started (they have no run of their own to count)
+                   "trials": str(plan.n_trials),
                    **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
                    "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),

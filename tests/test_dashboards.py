@@ -1728,7 +1728,7 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         assert "PARTIAL (running) Sweep live" in html
         (note,) = [m for m in messages if m.startswith("PARTIAL")]
         assert note.startswith("PARTIAL: the parent run is still RUNNING (the sweep is running")
-        assert "the 2 trial(s) finished so far (1 more failed), of the 3 started" in note
+        assert "the 2 trial(s) finished so far (1 more failed), of the 3 started." in note
         assert note.endswith("if its driver is gone: Continue it with sweeps/run.py live "
                              "--resume")
         assert f"note: {note}" in printed
@@ -1739,4 +1739,28 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
                    ["messages"] if m.startswith("PARTIAL")]
         assert note.endswith("An Optuna search cannot be resumed (its study is not "
                              "checkpointed): run sweeps/run.py live --search optuna again")
+        # the driver's count of the trials it launches: those without a run yet are said
+        client.set_tag(parent, "search", "grid")
+        client.set_tag(parent, "trials", "5")
+        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "planned"),
+                     "--no-log"])
+        (note,) = [m for m in json.loads((tmp_path / "planned" / "statistics.json")
+                                         .read_text())["messages"] if m.startswith("PARTIAL")]
+        assert "of the 3 started (5 planned). Post-process it again" in note
+        # interrupted before two of them started: they have no run to count, the tag does
+        client.set_terminated(parent, "KILLED")
+        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "killed"),
+                     "--no-log"])
+        (note,) = [m for m in json.loads((tmp_path / "killed" / "statistics.json")
+                                         .read_text())["messages"] if m.startswith("PARTIAL")]
+        assert note.startswith("PARTIAL: this sweep did not run to its end (parent run KILLED; "
+                               "2 of 5 trials have no run (never started)); "), note
+        # ended with every planned trial's run but two: partial even though none is unfinished
         client.set_terminated(parent, "FINISHED")
+        client.set_tag(parent, "interrupted", "false")
+        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "missing"),
+                     "--no-log"])
+        (note,) = [m for m in json.loads((tmp_path / "missing" / "statistics.json")
+                                         .read_text())["messages"] if m.startswith("PARTIAL")]
+        assert "(2 of 5 trials have no run (never started))" in note
+        client.set_tag(parent, "trials", "3")

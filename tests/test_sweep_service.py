@@ -51,7 +51,8 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
     assert sorted(r.data.tags["direction"] for r in children) == ["max", "min", "none"]
     # the parent says how the sweep ran: its search, seeds, Ray, run folder and code
     parent_tags = parents[0].data.tags
-    assert (parent_tags["search"], parent_tags["seeds"]) == ("grid", "1")
+    assert (parent_tags["search"], parent_tags["seeds"], parent_tags["trials"]) == (
+        "grid", "1", "3")
     assert parent_tags["ray"] == "local (started by the driver)"
     run_folder = Path(parent_tags["run_folder"])
     assert run_folder.parent == work / "ray_results" and (run_folder / "manifest.jsonl").is_file()
