@@ -1740,27 +1740,22 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         assert note.endswith("An Optuna search cannot be resumed (its study is not "
                              "checkpointed): run sweeps/run.py live --search optuna again")
         # the driver's count of the trials it launches: those without a run yet are said
+        def partial_note(name):
+            pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / name), "--no-log"])
+            (note,) = [m for m in json.loads((tmp_path / name / "statistics.json").read_text())
+                       ["messages"] if m.startswith("PARTIAL")]
+            return note
+
         client.set_tag(parent, "search", "grid")
         client.set_tag(parent, "trials", "5")
-        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "planned"),
-                     "--no-log"])
-        (note,) = [m for m in json.loads((tmp_path / "planned" / "statistics.json")
-                                         .read_text())["messages"] if m.startswith("PARTIAL")]
-        assert "of the 3 started (5 planned). Post-process it again" in note
+        assert "of the 3 started (5 planned). Post-process it again" in partial_note("planned")
         # interrupted before two of them started: they have no run to count, the tag does
         client.set_terminated(parent, "KILLED")
-        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "killed"),
-                     "--no-log"])
-        (note,) = [m for m in json.loads((tmp_path / "killed" / "statistics.json")
-                                         .read_text())["messages"] if m.startswith("PARTIAL")]
+        note = partial_note("killed")
         assert note.startswith("PARTIAL: this sweep did not run to its end (parent run KILLED; "
                                "2 of 5 trials have no run (never started)); "), note
         # ended with every planned trial's run but two: partial even though none is unfinished
         client.set_terminated(parent, "FINISHED")
         client.set_tag(parent, "interrupted", "false")
-        pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "missing"),
-                     "--no-log"])
-        (note,) = [m for m in json.loads((tmp_path / "missing" / "statistics.json")
-                                         .read_text())["messages"] if m.startswith("PARTIAL")]
-        assert "(2 of 5 trials have no run (never started))" in note
+        assert "(2 of 5 trials have no run (never started))" in partial_note("missing")
         client.set_tag(parent, "trials", "3")
