@@ -874,10 +874,9 @@ def _execute_run(plan: Plan) -> int:
         _interrupted(ray.shutdown)  # also a Ray stopped while it started
         if (run_dir / PARENT_FILE).is_file():  # the records were made: a run --resume finds
             if parent_id is not None:  # (an earlier failure ends it in _start_records)
-                with contextlib.suppress(Exception):
-                    tracking.finish(plan.mlflow_uri, parent_id, "KILLED" if isinstance(
-                        exc, KeyboardInterrupt) else "FAILED", {"interrupted": str(
-                            isinstance(exc, KeyboardInterrupt)).lower()})
+                stopped = isinstance(exc, KeyboardInterrupt)
+                _interrupted(lambda: _end_parent(plan, parent_id,
+                                                 "KILLED" if stopped else "FAILED", stopped))
             _interrupted(lambda: _point_at(plan, run_dir))
             if isinstance(exc, KeyboardInterrupt):
                 _say(f"sweep interrupted before its trials started; the parent run is KILLED. "
