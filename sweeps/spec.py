@@ -126,6 +126,27 @@ class SweepFileError(ValueError):
     """A sweep file is malformed; the one-line message names the file and the key or value."""
 
 
+class FloatRangeError(ValueError):
+    """A number as written lies outside float64's range (it would read as 0.0 or inf)."""
+
+
+def parse_float(text: str) -> float:
+    """A TOML (or typed) float, refused where float64 cannot hold it: ``1e-400`` reads as 0.0
+    and ``1e400`` as inf, and a refusal of the value read named a number nobody wrote. TOML's
+    own ``inf`` and ``nan`` are read as written (the settings' ranges refuse them)."""
+    value = float(text)
+    digits = text.replace("_", "").lstrip("+-").lower()
+    if digits in ("inf", "nan", "infinity"):
+        return value
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", digits)[0]):
+        raise FloatRangeError(f"{text} is too small for a float64 and reads as 0.0; accepted: "
+                              f"a number of magnitude 5e-324 or more, or 0")
+    if math.isinf(value):
+        raise FloatRangeError(f"{text} is too large for a float64 and reads as {value}; "
+                              f"accepted: a number of magnitude below 1.8e308")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # Small frozen pieces
 
@@ -472,10 +493,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set {key}: unknown trial setting; accepted keys: "
                          f"{', '.join(accepted)}")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}", parse_float=parse_float)["v"]
+    except FloatRangeError as exc:
+        raise ValueError(f"--set {text!r}: {exc}") from None
     except tomllib.TOMLDecodeError:
         try:  # numbers TOML refuses but Python and shells write: .001, 1., 5E-4
-            value = float(raw)
+            value = parse_float(raw)
+        except FloatRangeError as exc:
+            raise ValueError(f"--set {text!r}: {exc}") from None
         except ValueError:
             value = None
         if value is None or not math.isfinite(value):
@@ -485,10 +510,6 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = raw
     if isinstance(value, (dict, list)):
         raise ValueError(f"--set {text!r}; accepted: a single number, true/false or a word")
-    if isinstance(value, float) and value == 0 and re.search(r"[1-9]", re.split(r"[eE]", raw)[0]):
-        # 1e-400 reads as 0.0: a refusal would name 0.0, a value nobody typed
-        raise ValueError(f"--set {text!r}: {raw} is too small for a float64 and reads as 0.0; "
-                         f"accepted: a number of magnitude 5e-324 or more, or 0")
     default = next(f.default for f in dataclasses.fields(TrialConfig) if f.name == key)
     if (isinstance(value, float) and value.is_integer() and isinstance(default, int)
             and not isinstance(default, bool)):
@@ -680,7 +701,9 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         # utf-8-sig: a UTF-8 byte-order mark (Windows editors, PowerShell's Out-File) is not
         # part of the TOML; CRLF line ends are TOML's own
-        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"), parse_float=parse_float)
+    except FloatRangeError as exc:
+        raise SweepFileError(f"{path}: the number {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SweepFileError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:

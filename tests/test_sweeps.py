@@ -306,6 +306,13 @@ def test_unknown_sweep_lists_the_known_ones():
     # compared (it was run, and silently missing from the effects)
     (lambda s: s.replace("alphas = [0.8]", "alphas = [5.0]"),
      r"alphas=\[5\] in \[control\] are not alphas of \[grid\] \(0.1, 0.2, 0.4, 0.8\)"),
+    # a number out of float64's range read as 0.0 or inf, and the refusal named that
+    (lambda s: s.replace("lr = 2e-3", "lr = 2e-400"),
+     r"nsd_conv1_v1.toml: the number 2e-400 is too small for a float64 and reads as 0\.0; "
+     r"accepted: a number of magnitude 5e-324 or more, or 0"),
+    (lambda s: s.replace("lr = 2e-3", "lr = -1_0e400"),
+     r"the number -1_0e400 is too large for a float64 and reads as -inf; accepted: a number "
+     r"of magnitude below 1\.8e308"),
     (lambda s: s.replace("cpus = 4, gpus = 0.25", "cpus = 1e9, gpus = 0.25"),
      r"cpus=1000000000.0; accepted: a number from 0 to 1024 \(in \[paper.resources\]\)"),
 ])
@@ -419,6 +426,10 @@ def test_plan_of_a_smoke_test():
     # read as 0.0, the refusal named 0.0, which nobody typed
     (["nsd_conv1_v1", "--set", "lr=1e-400"],
      r"--set 'lr=1e-400': 1e-400 is too small for a float64 and reads as 0\.0; accepted: a "),
+    # read as inf, the refusal named inf
+    (["nsd_conv1_v1", "--set", "lr=1e400"],
+     r"--set 'lr=1e400': 1e400 is too large for a float64 and reads as inf; accepted: a "),
+    (["nsd_conv1_v1", "--set", "lr=.1e-400"], r"--set 'lr=\.1e-400': \.1e-400 is too small"),
     (["nsd_conv1_v1", "--set", "epochs=0"], r"--set: epochs=0; accepted: an integer in 1..100000"),
     (["nsd_conv1_v1", "--set", "epochs=9223372036854775807"],
      r"--set: epochs=9223372036854775807; accepted: an integer in 1..100000"),
