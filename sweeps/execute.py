@@ -228,6 +228,37 @@ def _flush_timeout() -> float:
         return DEFAULT_FLUSH_S
 
 
+def keep_exit_signals() -> None:
+    """In a trial's worker process: a SIGTERM whose handler's SystemExit lands inside a
+    callback Python cannot raise from (a weakref or ``__del__`` run by the garbage collector)
+    is delivered again, not lost. Ray's worker handler raises SystemExit wherever the main
+    thread is; there Python printed "Exception ignored in ... SystemExit: 1", a traceback in
+    the log of a run that went well, and the worker went on until Ray killed it. Installed
+    once per process; every other unraisable exception goes to the hook in place before."""
+    import threading
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_alignsweep", False):
+        return
+
+    def hook(unraisable) -> None:
+        handler = signal.getsignal(signal.SIGTERM)
+        if (unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit)
+                and threading.current_thread() is threading.main_thread()
+                and callable(handler)):
+            # sent again a moment later, from another thread: the handler then runs once
+            # the main thread is out of the callback (sent from here, it ran inside this
+            # hook, where its exception is lost as well); lost again, it comes back here
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            return
+        previous(unraisable)
+
+    hook._alignsweep = True
+    sys.unraisablehook = hook
+
+
 def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     """The Ray Tune function trainable: one grid point, by its trial id. Tracking goes through
     a background queue (``tracking.TrialRun``): an unreachable MLflow never stalls or fails the
@@ -240,6 +271,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # Ray's storage module logs "Checkpoint successfully created at: ..." at INFO for every
     # report (every epoch of every trial), which buries the progress table; warnings still show.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    keep_exit_signals()
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
     if marker.is_file():  # Tune's retry of a trial whose error repeats itself: end at once
         raise RepeatedFailure(marker.read_text().strip())
