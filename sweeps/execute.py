@@ -134,7 +134,7 @@ class RayHooks:
         # Ray persists the checkpoint directory to the run's storage before report returns;
         # the metrics then go to MLflow in the background (tracking.TrialRun).
         # Tune's progress table shows the first four metrics of a result: the ones that say
-        # how the trial goes (PROGRESS_METRICS; its CLIReporter's columns are not used)
+        # how the trial goes (PROGRESS_METRICS; _run_config's CLIReporter is for the old output)
         shown = {k: metrics[k] for k in PROGRESS_METRICS if k in metrics and k != "epoch"}
         self._tune.report({**shown, **metrics},
                           checkpoint=self._tune.Checkpoint.from_directory(str(checkpoint_dir)))
@@ -1302,8 +1302,12 @@ def _report(plan: Plan, parent_id: str) -> bool:
 def _run_config(run_dir: Path):
     from ray import tune
 
-    reporter = tune.CLIReporter(metric_columns=list(PROGRESS_METRICS),
-                                parameter_columns=[], max_report_frequency=30)
+    # Tune's default output (Ray 2.60) ignores a progress reporter, and said so in a WARNING
+    # line of every run: its table shows a result's first metrics (RayHooks.report puts
+    # PROGRESS_METRICS first). The reporter is for the older output, RAY_AIR_NEW_OUTPUT=0.
+    old_output = os.environ.get("RAY_AIR_NEW_OUTPUT", "1") == "0"
+    reporter = (tune.CLIReporter(metric_columns=list(PROGRESS_METRICS), parameter_columns=[],
+                                 max_report_frequency=30) if old_output else None)
     return tune.RunConfig(
         name=run_dir.name, storage_path=str(run_dir.parent),
         failure_config=tune.FailureConfig(max_failures=2),

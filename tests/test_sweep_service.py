@@ -43,6 +43,8 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
     work, uri, proc = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "simulated" in proc.stdout.splitlines()[0]
+    # Tune's default output ignores a progress reporter: passing one said so in every run
+    assert "ProgressReporter" not in proc.stdout + proc.stderr
     client, parents, children = _children(uri, "nsd_conv1_v1-smoke")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent_id = parents[0].info.run_id
