@@ -286,8 +286,15 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # the share of the node Ray gave it (a GPU request is dropped on a cluster without one).
     context = ray.get_runtime_context()
     assigned = context.get_assigned_resources()
+    if assigned.get("GPU", 0.0) == 0:
+        # Ray 2.60 no longer hides a node's GPUs from a task given none (it set
+        # CUDA_VISIBLE_DEVICES="" before): device=auto then took GPU 0 of a GPU node, a GPU Ray
+        # had not given it, in bf16 (every demo trial on a GPU machine). Hidden here, before
+        # the trial starts CUDA; a trial given a GPU sees the one Ray chose.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     placed = {"cpus": fmt_number(assigned.get("CPU", 0.0)),
-              "gpus": fmt_number(assigned.get("GPU", 0.0))}
+              "gpus": fmt_number(assigned.get("GPU", 0.0)),
+              "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "all") or "none"}
     hooks = RayHooks(run, placed=placed)
     run.set_tags({"ray_node_id": context.get_node_id(), "worker_pid": str(os.getpid()),
                   # at once for a trial that fails before it describes itself; a restored

@@ -170,11 +170,11 @@ def trial_dirs(storage: Path) -> list[Path]:
     return sorted(p.parent for p in storage.glob("*/*/params.json"))
 
 
-def spans(storage: Path) -> list[tuple[float, float]]:
+def spans(storage: Path, experiment: str = "") -> list[tuple[float, float]]:
     """(start, end) of every trial as Tune recorded them in its experiment state (file times
     are useless: Ray copies trial folders to storage): the trial's actor started, its last
-    report arrived."""
-    (state_file,) = storage.glob("*/experiment_state-*.json")
+    report arrived. ``experiment``: that one's run, where the storage holds several."""
+    (state_file,) = storage.glob(f"{experiment}*/experiment_state-*.json")
     state = json.loads(state_file.read_text())
     metas = [json.loads(meta) for _, meta in state["trial_data"]]
     return [(float(m["start_time"]), float(m["last_result_time"])) for m in metas]
@@ -189,17 +189,30 @@ def child_runs(uri: str, experiment: str):
 
 def test_fractional_gpus_run_four_trials_at_once_on_cpu(tmp_path):
     """Ray declares 1 GPU; --gpus-per-trial 0.25 lets 4 trials share it. There is no CUDA
-    here, so each trial falls back to the CPU, but all four must be scheduled together."""
+    here, so each trial falls back to the CPU, but all four must be scheduled together. A
+    trial given no GPU on that node sees none (Ray 2.60 left the node's GPUs visible to it,
+    and device=auto would have taken GPU 0)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with ray_cluster(head_cpus=4, head_gpus=1) as address:
         # four trials (of the six two seeds make): as many as share the GPU
         proc = run_cli(["nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--only", "*-s0",
                         "--only", "*-none-*", "--address", address,
                         "--gpus-per-trial", "0.25", "--cpus-per-trial", "1",
-                        "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+                        "--mlflow-uri", uri, "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+        cpu_only = run_cli(["gabor_conv1", "--smoke-test", "--only", "*-none-*", "--address",
+                            address, "--gpus-per-trial", "0", "--cpus-per-trial", "1",
+                            "--mlflow-uri", uri, "--storage", str(tmp_path / "ray")],
+                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(trial_dirs(tmp_path / "ray")) == 4
-    times = spans(tmp_path / "ray")
+    assert cpu_only.returncode == 0, cpu_only.stdout[-3000:] + cpu_only.stderr[-3000:]
+    shared = child_runs(uri, "nsd_conv1_v1-smoke")
+    assert len(shared) == 4 and {(r.data.tags["ran.gpus"], r.data.tags["ran.visible_gpus"])
+                                 for r in shared} == {("0.25", "0")}
+    (alone,) = child_runs(uri, "gabor_conv1-smoke")
+    assert (alone.data.tags["ran.gpus"], alone.data.tags["ran.visible_gpus"],
+            alone.data.tags["ran.device"]) == ("0", "none", "cpu"), alone.data.tags
+    assert len(trial_dirs(tmp_path / "ray")) == 5
+    times = spans(tmp_path / "ray", "nsd_conv1_v1-smoke")
     assert len(times) == 4
     most = max(sum(s <= t < e for s, e in times) for t, _ in times)
     assert most >= 4, times
