@@ -395,6 +395,12 @@ def main() -> int:
             cfg0 = TrialConfig(**base, alpha=0.0, align_batch_every=0)
             cfg1 = TrialConfig(**base, alpha=1.0)
             split = random_split(batch * steps, cond.image_size, cond.task, seed=0)
+            if device.type == "cuda":
+                # the batches are gathered on the GPU: a trial's loader workers prepare them
+                # beside the step, but here the step would wait for a 144 MiB host gather and
+                # an unpinned copy, the same in both variants (every ratio pulled towards 1)
+                split = TensorSplit(split.images.to(device), split.targets.to(device),
+                                    split.image_ids.to(device))
             reference = build_reference(cond, len(split), voxels, Path(tmp), device)
             print(f"\n{cname}: {cond.model} {cond.layer}, reference {cond.reference}"
                   f"{' ' + cond.roi + f' ({voxels[cond.roi]} voxels)' if cond.roi else ''}, "
