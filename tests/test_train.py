@@ -803,3 +803,21 @@ def test_an_rsa_group_left_with_fewer_than_3_images_is_skipped_not_the_trial():
     assert batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg) is None
     groups.append((torch.arange(3, 8), torch.randn(5, 6, generator=g)))
     assert torch.isfinite(batch_alignment(feats, groups, alignment_loss_fn(cfg), cfg))
+
+
+@pytest.mark.parametrize("capability, precision, bf16", [
+    ((9, 0), "auto", True), ((8, 0), "auto", True),  # H100, A100: native bf16
+    ((7, 0), "auto", False), ((7, 5), "auto", False),  # V100, T4: emulated, slower than fp32
+    ((7, 0), "bf16", True), ((9, 0), "fp32", False),  # asked for: as asked
+])
+def test_auto_precision_is_bf16_only_on_gpus_that_compute_it(monkeypatch, capability,
+                                                               precision, bf16):
+    """precision=auto chose bf16 on any CUDA device; pre-Ampere GPUs emulate bf16 (torch's
+    is_bf16_supported says yes there), slower than float32. No GPU here: the device's
+    compute capability is what the test sets."""
+    from trainable.train import _uses_bf16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cfg = TrialConfig(precision=precision)
+    assert _uses_bf16(cfg, torch.device("cuda")) is bf16
+    assert _uses_bf16(cfg, torch.device("cpu")) is (precision == "bf16")

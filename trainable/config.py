@@ -64,7 +64,9 @@ class TrialConfig:
         contrast-energy-like signal, which no linear readout of a linear stage predicts), so
         the NSD conditions set it true.
     device : "auto" (CUDA when visible, else CPU), "cpu" or "cuda".
-    precision : "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
+    precision : "auto" (bf16 autocast on a CUDA GPU of compute capability 8.0 or later, such
+        as A100 and H100; fp32 on older GPUs, which only emulate bf16, and on CPU), "fp32" or
+        "bf16".
     threads : torch intra-op threads; 0 = leave as is (the sweep sets it from the trial's CPU
         share, since Ray sets OMP_NUM_THREADS=1 in workers).
     align_batch_every : for alpha == 0 the batch alignment is only measured (no gradient) on

@@ -194,8 +194,12 @@ def describe_reference(reference) -> str:
 
 def _uses_bf16(cfg: TrialConfig, device: torch.device) -> bool:
     """The network (and an image-computed reference) in bf16 autocast: asked for, or "auto"
-    on CUDA."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    on a CUDA GPU that computes bf16 natively (compute capability 8.0 on: A100, H100). Older
+    GPUs (V100, T4) only emulate it, slower than float32, so "auto" keeps float32 there."""
+    if cfg.precision == "bf16":
+        return True
+    return (cfg.precision == "auto" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 def _autocast(cfg: TrialConfig, device: torch.device):
