@@ -965,7 +965,8 @@ def _execute_run(plan: Plan) -> int:
                                        resume_unfinished=True, resume_errored=True)
             results = list(tuner.fit())
         elif plan.search == "optuna":
-            results = _optuna_fits(plan, trainable, run_dir, TrialNamer(payload.specs))
+            results, interrupted = _optuna_fits(plan, trainable, run_dir,
+                                                TrialNamer(payload.specs))
         else:
             grid = [t.trial_id for t in plan.trials]
             results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
@@ -1357,24 +1358,35 @@ class TrialNamer:
         return spec.trial_id
 
 
-def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> list:
+def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tuple[list, bool]:
     """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
     between the two directions, each side sampled by Optuna (NSGA-II) with |alpha| log-uniform
     in the grid's range and two objectives: performance up and alignment down on the
     suppressing side, both up on the promoting side. Each side traces its own front with
-    fewer trials than the grid."""
+    fewer trials than the grid. Returns (results, interrupted): a Ctrl-C (or SIGTERM) ends the
+    whole search, not only the Tune experiment it lands in (each fit() returned normally,
+    and the next condition's or side's search started)."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    results = []
+    results: list = []
+
+    def fit(tuner) -> bool:
+        """Run one Tune experiment; True if a signal stopped it."""
+        before = signal.getsignal(signal.SIGINT)
+        part = list(tuner.fit())
+        results.extend(part)
+        return _fit_interrupted(plan, before, part)
+
     for name in plan.conditions:
         cond = plan.spec.condition(name)
         trials = [t for t in plan.trials if t.condition == name]
         baseline = [t.trial_id for t in trials if t.direction == "none"]
         sub = run_dir.parent / f"{run_dir.name}-{name}"
-        results += list(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
-                               {"trial_id": tune.grid_search(baseline)}, namer=namer).fit())
+        if fit(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
+                      {"trial_id": tune.grid_search(baseline)}, namer=namer)):
+            return results, True
         lo, hi, _ = optuna_bounds(cond.grid.alphas)
         for i, (direction, n) in enumerate(optuna_split(plan.num_samples).items()):
             base = next(t for t in trials if t.direction == direction)
@@ -1384,10 +1396,20 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> lis
                 sampler=optuna.samplers.NSGAIISampler(seed=i),
             )
             space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
-            tuner = _tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
-                           namer=namer, search_alg=search, num_samples=n)
-            results += list(tuner.fit())
-    return results
+            if fit(_tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
+                          namer=namer, search_alg=search, num_samples=n)):
+                return results, True
+    return results, False
+
+
+def _fit_interrupted(plan: Plan, before, results: list) -> bool:
+    """Whether a Ctrl-C (or SIGTERM, turned into one) ended a Tune ``fit()`` that returned
+    ``results``, the SIGINT handler being ``before`` when it started. Tune's handler puts
+    back the one it found when a signal arrives (on a normal end its own stays installed),
+    and a stopped experiment leaves trials neither finished nor errored."""
+    if signal.getsignal(signal.SIGINT) is before:
+        return True
+    return any(_outcome(plan, r).state not in ("done", "ERROR") for r in results)
 
 
 def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str) -> None:

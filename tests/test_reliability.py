@@ -847,3 +847,38 @@ def test_a_signal_after_the_trials_or_before_them_leaves_a_run_resume_can_end(
         assert "PARTIAL (interrupted)" in report.read_text()
     else:
         assert "sweep interrupted before its trials started" in out, out[-3000:]
+
+
+def test_a_signal_stops_an_optuna_search_not_only_the_experiment_it_lands_in(tmp_path):
+    """An adaptive search runs one Tune experiment per condition and side (the baseline, then
+    each direction's samples). SIGTERM (or Ctrl-C) during the baseline stopped that
+    experiment, and the driver went on to start the next ones and ran them to their end:
+    every condition of `paper`, hours of a cluster after the user asked it to stop. Now the
+    first signal ends the search: exit 130, no later side started, the parent KILLED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    popen = subprocess.Popen(
+        [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test", "--search",
+         "optuna", "--num-samples", "2", "--set", "epochs=4", "--mlflow-uri", uri,
+         "--storage", str(storage)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("*-baseline/*/checkpoint_000000")):
+            assert popen.poll() is None, popen.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the baseline reached no checkpoint"
+            time.sleep(0.3)
+        popen.send_signal(signal.SIGTERM)  # a scheduler's kill: the driver ends it as Ctrl-C
+        out = popen.communicate(timeout=300)[0]
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+    assert popen.returncode == 130, out[-3000:]
+    sides = sorted(p.name.rsplit("-", 1)[1] for p in storage.glob(f"{SWEEP}-smoke_*-{SWEEP}-*"))
+    assert sides == ["baseline"], (sides, out[-3000:])
+    assert "sweep interrupted: 1 trial(s) did not finish" in out, out[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED", out[-3000:]
+    assert [r.data.tags["direction"] for r in runs if r is not parent] == ["none"]
