@@ -583,8 +583,10 @@ def _point_at(plan: Plan, run_dir: Path) -> None:
     Written once the run's records exist, so a new run refused at its start (a trial no node
     holds, data found malformed, a store that refuses the user) leaves the pointer on the
     run it had: a ``--resume`` after it continued that empty folder, a whole new sweep under
-    a new parent run, and the interrupted run's trials were never resumed."""
-    if not plan.resume:  # relative: the storage folder may move
+    a new parent run, and the interrupted run's trials were never resumed. An adaptive
+    search cannot be resumed: it leaves the pointer on the last grid run (pointed at itself,
+    an interrupted grid run of the same experiment could no longer be resumed)."""
+    if not plan.resume and plan.search != "optuna":  # relative: the storage folder may move
         atomic_write_text(Path(plan.resume_pointer), run_dir.name)
 
 
@@ -918,9 +920,12 @@ def _execute_run(plan: Plan) -> int:
                                                  "KILLED" if stopped else "FAILED", stopped))
             _interrupted(lambda: _point_at(plan, run_dir))
             if isinstance(exc, KeyboardInterrupt):
+                again = ("An Optuna search cannot be resumed: run it again"
+                         if plan.search == "optuna" else
+                         f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same "
+                         f"options)")
                 _say(f"sweep interrupted before its trials started; the parent run is KILLED. "
-                     f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same "
-                     f"options)")
+                     f"{again}")
         else:
             _forget_run_dir(plan, run_dir)
             if isinstance(exc, KeyboardInterrupt) and not plan.resume:

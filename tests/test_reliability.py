@@ -882,3 +882,6 @@ def test_a_signal_stops_an_optuna_search_not_only_the_experiment_it_lands_in(tmp
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED", out[-3000:]
     assert [r.data.tags["direction"] for r in runs if r is not parent] == ["none"]
+    # a search cannot be resumed: it leaves --resume's pointer to the last grid run (it took
+    # it, and an interrupted grid run of the experiment could no longer be resumed)
+    assert not (storage / f"{SWEEP}-smoke.latest").exists()
