@@ -61,6 +61,7 @@ from sweeps.plan import (
     flush_seconds,
     optuna_bounds,
     optuna_split,
+    optuna_startup,
     ray_address,
     read_run_json,
     resumed_run_dir,
@@ -1365,13 +1366,13 @@ class TrialNamer:
 
 def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tuple[list, bool]:
     """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
-    between the two directions, each side sampled by Optuna (NSGA-II) with |alpha| log-uniform
+    between the two directions, each side sampled by Optuna (``optuna_sampler``) with |alpha|
+    log-uniform
     in the grid's range and two objectives: performance up and alignment down on the
     suppressing side, both up on the promoting side. Each side traces its own front with
     fewer trials than the grid. Returns (results, interrupted): a Ctrl-C (or SIGTERM) ends the
     whole search, not only the Tune experiment it lands in (each fit() returned normally,
     and the next condition's or side's search started)."""
-    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -1398,13 +1399,25 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tup
             search = OptunaSearch(
                 metric=["val_performance", "val_alignment"],
                 mode=["max", "max" if direction == "max" else "min"],
-                sampler=optuna.samplers.NSGAIISampler(seed=i),
+                sampler=optuna_sampler(n, seed=i),
             )
             space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
             if fit(_tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
                           namer=namer, search_alg=search, num_samples=n)):
                 return results, True
     return results, False
+
+
+def optuna_sampler(n: int, seed: int):
+    """A side's sampler for its ``n`` samples: Optuna's multi-objective TPE, the first
+    ``optuna_startup(n)`` samples drawn at random, the rest where the finished trials' two
+    scores point (pending ones counted as "constant liars", so parallel trials spread out).
+    NSGA-II, used before, was a random draw here: its mutation redraws the one parameter
+    (|alpha|) at random in every child, and its default generation of 50 was random anyway."""
+    import optuna
+
+    return optuna.samplers.TPESampler(n_startup_trials=optuna_startup(n), seed=seed,
+                                      constant_liar=True)
 
 
 def _fit_interrupted(plan: Plan, before, results: list) -> bool:

@@ -627,6 +627,13 @@ def optuna_split(num_samples: int) -> dict[str, int]:
     return {"max": num_samples // 2 + num_samples % 2, "min": num_samples // 2}
 
 
+def optuna_startup(n: int) -> int:
+    """How many of a side's ``n`` samples are drawn at random before the sampler models the
+    finished trials' scores: a quarter of them, at least 2 (``sweeps.execute.optuna_sampler``;
+    Optuna's default of 10 would leave a side of 10 samples a random draw)."""
+    return max(2, -(-n // 4))
+
+
 def _check_search(args: argparse.Namespace) -> None:
     """--seeds, --search, --num-samples and what an adaptive search excludes."""
     if not 1 <= args.seeds <= MAX_SEEDS:

@@ -38,6 +38,7 @@ from sweeps.plan import (  # noqa: E402
     make_plan,
     optuna_bounds,
     optuna_split,
+    optuna_startup,
     redact,
 )
 from sweeps.spec import (  # noqa: E402
@@ -197,7 +198,9 @@ def optuna_lines(plan: Plan) -> list[str]:
                      if t.condition == name and t.direction != "none"), cond.grid.betas[0])
         res = plan.resources[name]
         out.append(f"{name}: {plan.num_samples} samples ({split['max']} promoting, "
-                   f"{split['min']} suppressing), alpha = +-[{num(lo)}, {num(hi)}] "
+                   f"{split['min']} suppressing; the first {optuna_startup(split['max'])} "
+                   f"and {optuna_startup(split['min'])} at random, the rest by TPE), "
+                   f"alpha = +-[{num(lo)}, {num(hi)}] "
                    f"log-uniform{around}, beta = {num(beta)} (the grid's first), cpus "
                    f"{num(res.cpus)}, gpus {num(res.gpus)}")
     return out

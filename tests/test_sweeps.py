@@ -223,9 +223,37 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
                            "--search", "optuna", "--num-samples", "3", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
-    assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing), alpha = +-[1, 8] "
-            "log-uniform, beta = 1 (the grid's first), cpus 1, gpus 0"
-            ) in proc.stdout.splitlines(), proc.stdout
+    assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing; the first 2 and 2 at random, "
+            "the rest by TPE), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's first), "
+            "cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
+
+
+def test_each_side_of_an_optuna_search_adapts_after_its_random_start():
+    """NSGA-II drew every side at random: the same alphas as a random sampler of that seed,
+    whatever the trials scored (its generations were 50, and its mutation redraws the one
+    parameter in every child). A side now draws a quarter of its samples at random, and
+    the rest where the finished trials' scores point."""
+    import optuna
+
+    from sweeps.execute import optuna_sampler
+    from sweeps.plan import optuna_startup
+
+    assert [optuna_startup(n) for n in (1, 2, 8, 9, 16, 400)] == [2, 2, 2, 3, 4, 100]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def alphas(sampler, n=16) -> list[float]:
+        # the promoting side's two objectives on a toy front: performance falls and
+        # alignment rises with |alpha|
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        study.optimize(lambda t: (-t.suggest_float("a", 0.1, 0.8, log=True) ** 2,
+                                  t.params["a"] if "a" in t.params else 0.0), n_trials=n)
+        return [t.params["a"] for t in study.trials]
+
+    adaptive = alphas(optuna_sampler(16, seed=0))
+    drawn = alphas(optuna.samplers.RandomSampler(seed=0))
+    first = optuna_startup(16)
+    assert adaptive[:first] == drawn[:first]  # the start: the random draw
+    assert adaptive[first:] != drawn[first:]  # then: where the scores point
 
 
 def test_the_optuna_dry_run_of_a_one_point_grid_and_a_control_that_does_not_run():
