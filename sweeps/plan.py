@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -534,6 +535,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         left_out = tuple(c.name for c in conditions if c.control_of is not None)
         conditions = tuple(c for c in conditions if c.name not in left_out)
         trials = [t for t in trials if t.condition not in left_out]
+        planned = len(conditions) * (args.num_samples + 1)  # the cap the grid has
+        if planned > MAX_TRIALS:
+            raise UsageError(f"--num-samples {args.num_samples} over {len(conditions)} "
+                             f"condition(s) plans {planned} trials (with the baselines); "
+                             f"accepted: at most {MAX_TRIALS} in one invocation")
     controlled = sorted(c.control_of or c.name for c in sweep.conditions
                         if c.control_of is not None and (c.name in chosen
                                                          or c.control_of in chosen))
@@ -793,11 +799,16 @@ def _experiment(args: argparse.Namespace, scale: str, trials, conditions,
                 data) -> tuple[str, str]:
     """The experiment's name and the line that says which scale and data the run is on."""
     if args.smoke_test:
-        per = (args.num_samples + 1 if args.search == "optuna"  # the baseline, the samples
-               else len(trials) // max(1, len(conditions)))
+        # as the trials run: --only can leave conditions different counts, --set other epochs
+        counts = ({args.num_samples + 1} if args.search == "optuna"  # the baseline, samples
+                  else set(Counter(t.condition for t in trials).values()))
+        per = (f"{counts.pop()} trials per condition" if len(counts) == 1 else
+               f"{len(trials)} trials over {len(conditions)} conditions")
+        epochs = sorted({int(t.config["epochs"]) for t in trials})
+        each = (f"{epochs[0]} epoch{'s' if epochs[0] != 1 else ''} each" if len(epochs) == 1
+                else f"{epochs[0]} to {epochs[-1]} epochs")
         return (experiment_name(args.sweep, "smoke"),
-                f"smoke test on tiny simulated data: {per} trials per condition, 1 epoch each "
-                f"(demo scale)")
+                f"smoke test on tiny simulated data: {per}, {each} (demo scale)")
     line = ("demo scale on the simulated world (no real data configured)"
             if scale == "demo" else _paper_data_line(data))
     return experiment_name(args.sweep, scale), line

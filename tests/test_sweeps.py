@@ -476,11 +476,28 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--only", "gabor*"], r"--only 'gabor\*' matches no trial; trial ids"),
     (["nsd_conv1_v1", "--only", "x", "--search", "optuna", "--num-samples", "2"],
      r"--only with --search optuna"),
+    # the grid's cap applies to a search too (700,007 trials were accepted)
+    (["paper", "--search", "optuna", "--num-samples", "100000"],
+     r"^--num-samples 100000 over 7 condition\(s\) plans 700007 trials \(with the baselines\); "
+     r"accepted: at most 10000 in one invocation$"),
 ])
 def test_plan_errors_name_the_value(argv, match):
     with pytest.raises(UsageError, match=match) as info:
         make_plan(parse(*argv))
     assert "\n" not in str(info.value)
+
+
+def test_the_smoke_tests_description_says_what_its_trials_run():
+    """It said "1 epoch each" whatever --set epochs said, and "2 trials per condition" for a
+    run whose --only left conditions 3 and 1 (the text is the parent run's data_description
+    tag and the report's)."""
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test", "--set", "epochs=3"))
+    assert plan.data_description == ("smoke test on tiny simulated data: 3 trials per "
+                                      "condition, 3 epochs each (demo scale)")
+    plan = make_plan(parse("paper", "--smoke-test", "--only", "gabor*", "--only",
+                           "nsd_conv1_v1-none*"))
+    assert plan.data_description == ("smoke test on tiny simulated data: 4 trials over 2 "
+                                      "conditions, 1 epoch each (demo scale)")
 
 
 def test_settings_are_checked_on_the_trials_only_chooses_and_name_their_condition():
