@@ -452,15 +452,43 @@ def _planned_trials(record: SweepRecord) -> int:
         return 0
 
 
+def _run_command(record: SweepRecord, optuna: bool = False) -> str:
+    """``sweeps/run.py SWEEP`` with the options the parent run's tags record that a resume (or
+    a search run again) must repeat: --data, --smoke-test, --seeds, --set, --only, and an
+    Optuna search's --search and --num-samples. (The note said only ``sweeps/run.py SWEEP
+    --resume``: pasted after a smoke test, it answered "nothing to resume".)"""
+    import shlex
+
+    tags = record.parent_tags
+    words = ["sweeps/run.py", record.sweep]
+    if tags.get("data") not in (None, "", "demo"):
+        words += ["--data", tags["data"]]
+    if tags.get("smoke") == "true":
+        words.append("--smoke-test")
+    if tags.get("seeds") not in (None, "", "1"):
+        words += ["--seeds", tags["seeds"]]
+    for item in filter(None, tags.get("overrides", "").split(",")):
+        words += ["--set", item]
+    for glob in tags.get("only", "").split():
+        words += ["--only", glob]
+    if optuna:
+        words += ["--search", "optuna"]
+        if tags.get("num_samples"):
+            words += ["--num-samples", tags["num_samples"]]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     """(title word, note) that label a report partial, or None: the parent run KILLED or tagged
     interrupted by the driver, or trials left unfinished (stopped, never started, still
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
+    optuna = record.parent_tags.get("search") == "optuna"
     again = (f"An Optuna search cannot be resumed (its study is not checkpointed): run "
-             f"sweeps/run.py {record.sweep} --search optuna again"
-             if record.parent_tags.get("search") == "optuna" else
-             f"Continue it with sweeps/run.py {record.sweep} --resume")
+             f"{_run_command(record, optuna=True)} again (with its data, tracking and storage "
+             f"options)" if optuna else
+             f"Continue it (with its data, tracking and storage options) with "
+             f"{_run_command(record)} --resume")
     planned = _planned_trials(record)
     if record.parent_status == "RUNNING":
         # read while the sweep runs: trials not yet started have no run at all, so the

@@ -1729,7 +1729,8 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         (note,) = [m for m in messages if m.startswith("PARTIAL")]
         assert note.startswith("PARTIAL: the parent run is still RUNNING (the sweep is running")
         assert "the 2 trial(s) finished so far (1 more failed), of the 3 started." in note
-        assert note.endswith("if its driver is gone: Continue it with sweeps/run.py live "
+        assert note.endswith("if its driver is gone: Continue it (with its data, tracking "
+                             "and storage options) with sweeps/run.py live --smoke-test "
                              "--resume")
         assert f"note: {note}" in printed
         client.set_tag(parent, "search", "optuna")  # a study cannot be resumed: not offered
@@ -1738,7 +1739,25 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         (note,) = [m for m in json.loads((tmp_path / "optuna" / "statistics.json").read_text())
                    ["messages"] if m.startswith("PARTIAL")]
         assert note.endswith("An Optuna search cannot be resumed (its study is not "
-                             "checkpointed): run sweeps/run.py live --search optuna again")
+                             "checkpointed): run sweeps/run.py live --smoke-test --search "
+                             "optuna again (with its data, tracking and storage options)")
+        # the options a resume must repeat, from the parent's tags (the note said only
+        # `sweeps/run.py live --resume`: pasted after a smoke test, "nothing to resume")
+        client.set_tag(parent, "search", "grid")
+        for key, value in (("smoke", "true"), ("seeds", "2"), ("overrides", "epochs=3,lr=0.01"),
+                           ("only", "live-max-* live-none-*"), ("data", "nsd")):
+            client.set_tag(parent, key, value)
+        assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "options"),
+                            "--no-log"]) == 0
+        (note,) = [m for m in json.loads((tmp_path / "options" / "statistics.json")
+                                         .read_text())["messages"] if m.startswith("PARTIAL")]
+        assert note.endswith("Continue it (with its data, tracking and storage options) with "
+                             "sweeps/run.py live --data nsd --smoke-test --seeds 2 --set "
+                             "epochs=3 --set lr=0.01 --only 'live-max-*' --only 'live-none-*' "
+                             "--resume"), note
+        for key, value in (("seeds", "1"), ("overrides", ""), ("only", ""), ("data", "demo"),
+                           ("search", "optuna")):
+            client.set_tag(parent, key, value)
         # the driver's count of the trials it launches: those without a run yet are said
         def partial_note(name):
             pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / name), "--no-log"])

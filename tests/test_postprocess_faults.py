@@ -340,7 +340,8 @@ def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, caps
     assert f"PARTIAL ({title}) Sweep {SWEEP}" in html
     (note,) = [m for m in messages if m.startswith("PARTIAL")]
     assert f"1 of 3 trials unfinished, e.g. {TRIALS[2][0]} " in note
-    assert note.endswith(f"Continue it with sweeps/run.py {SWEEP} --resume")
+    assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
+                         f"sweeps/run.py {SWEEP} --resume")
     assert f"note: {note}" in printed
     # an Optuna search (its fingerprint says so) cannot be resumed: the note said to
     (run / "sweep_fingerprint.json").write_text(json.dumps({"sweep": SWEEP, "search": "optuna"}))
