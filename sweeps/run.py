@@ -183,6 +183,27 @@ def trial_table(plan: Plan) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
 
 
+def resume_lines(plan: Plan) -> list[str]:
+    """What a --resume continues: the run folder and, from its manifest (written when its
+    last driver ended), how many trials finished there and which the resume runs. (The dry
+    run listed every trial of the plan, as if none had run.)"""
+    if not plan.resume:
+        return []
+    from records import read_manifest
+    from sweeps.plan import resumed_run_dir
+
+    run_dir = resumed_run_dir(plan)
+    entries = read_manifest(run_dir)
+    if not entries:
+        return [f"resume: {run_dir} (no manifest: its driver ended before writing one; the "
+                f"resume runs every trial Ray Tune's state there has not finished)"]
+    states = {e.key: e.state for e in entries}
+    left = [t.trial_id for t in plan.trials if states.get(t.trial_id) != "done"]
+    shown = ", ".join(left[:10]) + (", ..." if len(left) > 10 else "")
+    return [f"resume: {run_dir}: {plan.n_trials - len(left)} of {plan.n_trials} trials "
+            f"finished there; the resume runs {len(left)}" + (f" ({shown})" if left else "")]
+
+
 def optuna_lines(plan: Plan) -> list[str]:
     num = fmt_number
     out = []
@@ -261,7 +282,7 @@ def _main(argv: list[str] | None) -> int:
     if args.dry_run:
         body = optuna_lines(plan) if plan.search == "optuna" else trial_table(plan)
         print("\n".join([*body, *data_lines(plan), *service_lines(plan),
-                         f"{plan.n_trials} trials"]))
+                         *resume_lines(plan), f"{plan.n_trials} trials"]))
         return 0
     print("\n".join([*data_lines(plan), *service_lines(plan)]), flush=True)
     from sweeps.execute import execute

@@ -429,6 +429,11 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
     assert dry.returncode == 2 and dry.stderr == gone.stderr, dry.stdout + dry.stderr
     assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
     aside.rename(lost)
+    dry = run_cli([*args, "--resume", "--dry-run", "--mlflow-uri", uri, "--storage",
+                   str(storage)], cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert (f"{len(done_before)} of 3 trials finished there; the resume runs "
+            f"{3 - len(done_before)} (") in dry.stdout, dry.stdout
 
     again = run_cli([*args, "--resume", "--mlflow-uri", uri, "--storage", str(storage)],
                     cwd=tmp_path)

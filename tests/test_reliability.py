@@ -422,6 +422,8 @@ def test_resume_refuses_a_run_started_with_other_settings(tmp_path, smoke_sweep)
         assert not (tmp_path / "other.db").exists()
     proc = run_cli(*started, "--resume", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # what the resume would run (it listed every trial, as if none had run)
+    assert ": 3 of 3 trials finished there; the resume runs 0\n" in proc.stdout, proc.stdout
 
 
 def test_a_trial_larger_than_any_node_is_refused_before_anything_starts(tmp_path):
