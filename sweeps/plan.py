@@ -967,6 +967,19 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
             old = sorted(set(old))  # started before the fingerprint sorted it)
         if old != now.get(key):
             before, after = repr(was.get(key)), repr(now.get(key))
+            if key == "sweep_files" and isinstance(old, dict) and isinstance(now.get(key), dict):
+                # which files, not every file's hash (a composite's refusal was 1,700
+                # characters of hashes that did not say which member changed)
+                new = now[key]
+                changed = sorted(n for n in old.keys() & new.keys() if old[n] != new[n])
+                gone, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+                before = "; ".join(filter(None, [
+                    f"changed since: {', '.join(changed)}" if changed else "",
+                    f"no longer read: {', '.join(gone)}" if gone else "",
+                    f"now also read: {', '.join(added)}" if added else ""]))
+                raise UsageError(f"--resume: {run_dir.name} was started with a different "
+                                 f"{label} ({before}); accepted: the sweep files as they were "
+                                 f"when it started, or a new run without --resume")
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it
                 parent = run_dir / PARENT_FILE  # redacted, as the console does
                 try:

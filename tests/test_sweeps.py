@@ -665,6 +665,35 @@ def test_a_resume_takes_the_same_selection_in_any_order(tmp_path):
         check_fingerprint(dataclasses.replace(plan_of("*-max-*"), resume=True), run_dir)
 
 
+def test_a_resume_after_a_sweep_file_changed_names_the_file(tmp_path):
+    """A member of a composite sweep edited between the run and its resume: the refusal
+    listed every file's sha256 (1,700 characters) and did not say which one changed."""
+    import dataclasses
+    import json
+
+    from sweeps.plan import FINGERPRINT_FILE, check_fingerprint, fingerprint
+
+    folder = tmp_path / "conditions"
+    shutil.copytree(SWEEP_DIR, folder)
+
+    def plan_of():
+        return make_plan(parse("paper", "--smoke-test", "--sweep-dir", str(folder), "--storage",
+                               str(tmp_path / "ray"), "--mlflow-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}"))
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(plan_of())))
+    member = folder / "nsd_fc1_vvs.toml"
+    member.write_text(member.read_text() + "\n# edited\n")
+    with pytest.raises(UsageError) as info:
+        check_fingerprint(dataclasses.replace(plan_of(), resume=True), run_dir)
+    assert str(info.value) == (
+        "--resume: run was started with a different sweep file content (changed since: "
+        "nsd_fc1_vvs.toml); accepted: the sweep files as they were when it started, or a new "
+        "run without --resume")
+
+
 def test_a_trial_resumed_on_another_share_records_both(tmp_path):
     """Threads set the order of float reductions: a trial resumed with another CPU share is
     not bit-equal to one that never stopped. Its ran.* tags were overwritten by the last
