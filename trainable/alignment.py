@@ -228,13 +228,16 @@ def ridge_cv_r2(
     max_train = n - min(b - a for a, b in bounds)
     dual = p > max_train
     gram = _gram(xg) if dual else None
+    if dual:  # every fold reads the Gram, not X: its centred copy (as large as X) goes
+        del xg
     scores = []
     for lo, hi in bounds:
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)
         m = tr.numel()
-        y_tr, y_te = y[tr], y[lo:hi]
-        y_mean = y_tr.mean(0)
-        yc = y_tr - y_mean
+        y_te = y[lo:hi]
+        yc = y[tr]  # a copy (rows gathered), centred in place: one (m, q) array, not two
+        y_mean = yc.mean(0)
+        yc -= y_mean
         if dual:
             g_tt = gram[tr][:, tr]
             row = g_tt.mean(1)
@@ -243,6 +246,7 @@ def ridge_cv_r2(
             k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
             evals, basis = _eigh_without_constant(k_tt)
             proj = basis.T @ yc
+            del yc  # (m, q): the selection and the predictions need only proj
             a = alpha_list[_select_dual(basis, evals, proj, alpha_list)]
             # k_et (K + aI)^-1 Yc, multiplied from the left: (n_te, m) @ (m, r) first, so the
             # (m, q) dual coefficients are never formed (the cheaper order when n_te < m).
@@ -407,7 +411,8 @@ def _standardized_columns(x: torch.Tensor) -> torch.Tensor:
     """Columns z-scored (constant columns only centred)."""
     xc = x - x.mean(0)
     std = xc.pow(2).mean(0).sqrt()
-    return xc / torch.where(std > 0, std, torch.ones_like(std))
+    # in place: a second copy of a layer or reference was part of the validation's peak
+    return xc.div_(torch.where(std > 0, std, torch.ones_like(std)))
 
 
 def constant_columns(x: torch.Tensor) -> torch.Tensor:
