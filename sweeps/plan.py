@@ -546,10 +546,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if "reference_shuffle" in overrides and controlled:
         # one value for every trial would train the control against the real reference
         # (false) or shuffle the condition (true), and both would still be reported as such
+        where = (f"a grid search runs it as {controlled[0]}_shuffled; --search optuna leaves "
+                 f"it out" if args.search == "optuna" else
+                 f"the control here runs as {controlled[0]}_shuffled")
         raise UsageError(f"--set reference_shuffle with {controlled[0]}, whose sweep file runs "
                          f"its shuffled negative control ([control]); accepted: --set "
-                         f"reference_shuffle with a sweep that has no [control] (the control "
-                         f"here runs as {controlled[0]}_shuffled)")
+                         f"reference_shuffle with a sweep that has no [control] ({where})")
     weights = _weights(getattr(args, "weights", None), conditions)
     check_pretrained_weights(conditions, weights, scale)
     resources = _resources(conditions, scale, cpus, gpus)

@@ -476,6 +476,11 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--only", "gabor*"], r"--only 'gabor\*' matches no trial; trial ids"),
     (["nsd_conv1_v1", "--only", "x", "--search", "optuna", "--num-samples", "2"],
      r"--only with --search optuna"),
+    # the search leaves the control out: the refusal said it "runs as ..._shuffled"
+    (["nsd_conv1_v1", "--search", "optuna", "--num-samples", "2", "--set",
+      "reference_shuffle=true"],
+     r"no \[control\] \(a grid search runs it as nsd_conv1_v1_shuffled; --search optuna "
+     r"leaves it out\)$"),
     # the grid's cap applies to a search too (700,007 trials were accepted)
     (["paper", "--search", "optuna", "--num-samples", "100000"],
      r"^--num-samples 100000 over 7 condition\(s\) plans 700007 trials \(with the baselines\); "
