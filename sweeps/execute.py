@@ -1367,9 +1367,8 @@ class TrialNamer:
 def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tuple[list, bool]:
     """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
     between the two directions, each side sampled by Optuna (``optuna_sampler``) with |alpha|
-    log-uniform
-    in the grid's range and two objectives: performance up and alignment down on the
-    suppressing side, both up on the promoting side. Each side traces its own front with
+    log-uniform in the grid's range and two objectives: performance up and alignment down on
+    the suppressing side, both up on the promoting side. Each side traces its own front with
     fewer trials than the grid. Returns (results, interrupted): a Ctrl-C (or SIGTERM) ends the
     whole search, not only the Tune experiment it lands in (each fit() returned normally,
     and the next condition's or side's search started)."""

@@ -535,7 +535,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         left_out = tuple(c.name for c in conditions if c.control_of is not None)
         conditions = tuple(c for c in conditions if c.name not in left_out)
         trials = [t for t in trials if t.condition not in left_out]
-        planned = len(conditions) * (args.num_samples + 1)  # the cap the grid has
+        # the cap the grid has, on Plan.n_trials' count, before the data is looked at
+        planned = len(conditions) * (args.num_samples + 1)
         if planned > MAX_TRIALS:
             raise UsageError(f"--num-samples {args.num_samples} over {len(conditions)} "
                              f"condition(s) plans {planned} trials (with the baselines); "
