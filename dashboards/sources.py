@@ -473,8 +473,8 @@ def _trial_folder(run_dir: Path, recorded: str | None) -> Path | None:
     """A trial's folder from the manifest's ``<folder>/<trial folder>`` (relative to the
     storage folder): inside ``run_dir`` when it is there, so a copy kept under another name
     reads its own trial folders, not those of the folder it was copied from; else as
-    recorded, beside it (an Optuna search's trials live in sibling folders
-    ``<run folder>-<condition>-<side>``)."""
+    recorded, beside it (an Optuna search run before stop 29 kept its trials in sibling
+    folders ``<run folder>-<condition>-<side>``)."""
     if not recorded:
         return None
     parts = Path(recorded).parts

@@ -59,9 +59,6 @@ from sweeps.plan import (
     check_services,
     fingerprint,
     flush_seconds,
-    optuna_bounds,
-    optuna_split,
-    optuna_startup,
     ray_address,
     read_run_json,
     resumed_run_dir,
@@ -1365,62 +1362,24 @@ class TrialNamer:
 
 
 def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tuple[list, bool]:
-    """Adaptive search: per condition, the alpha = 0 baseline, then num_samples trials split
-    between the two directions, each side sampled by Optuna (``optuna_sampler``) with |alpha|
+    """Adaptive search, one Tune experiment in ``run_dir`` driven by ``SideSearch``: every
+    condition's alpha = 0 baseline, then per condition num_samples trials split between the
+    two directions, each side sampled by its own Optuna study (``sweeps.search``) with |alpha|
     log-uniform in the grid's range and two objectives: performance up and alignment down on
     the suppressing side, both up on the promoting side. Each side traces its own front with
-    fewer trials than the grid. Returns (results, interrupted): a Ctrl-C (or SIGTERM) ends the
-    whole search, not only the Tune experiment it lands in (each fit() returned normally,
-    and the next condition's or side's search started)."""
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+    fewer trials than the grid. The sides share the cluster's trial slots. Returns
+    (results, interrupted)."""
+    from sweeps.search import SideSearch
 
-    results: list = []
-
-    def fit(tuner) -> bool:
-        """Run one Tune experiment; True if a signal stopped it."""
-        before = signal.getsignal(signal.SIGINT)
-        part = list(tuner.fit())
-        results.extend(part)
-        return _fit_interrupted(plan, before, part)
-
-    for name in plan.conditions:
-        cond = plan.spec.condition(name)
-        trials = [t for t in plan.trials if t.condition == name]
-        baseline = [t.trial_id for t in trials if t.direction == "none"]
-        sub = run_dir.parent / f"{run_dir.name}-{name}"
-        if fit(_tuner(trainable, sub.with_name(sub.name + "-baseline"),
-                      {"trial_id": tune.grid_search(baseline)}, namer=namer)):
-            return results, True
-        lo, hi, _ = optuna_bounds(cond.grid.alphas)
-        for i, (direction, n) in enumerate(optuna_split(plan.num_samples).items()):
-            base = next(t for t in trials if t.direction == direction)
-            search = OptunaSearch(
-                metric=["val_performance", "val_alignment"],
-                mode=["max", "max" if direction == "max" else "min"],
-                sampler=optuna_sampler(n, seed=i),
-            )
-            space = {"trial_id": base.trial_id, "alpha_mag": tune.loguniform(lo, hi)}
-            if fit(_tuner(trainable, sub.with_name(f"{sub.name}-{direction}"), space,
-                          namer=namer, search_alg=search, num_samples=n)):
-                return results, True
-    return results, False
-
-
-def optuna_sampler(n: int, seed: int):
-    """A side's sampler for its ``n`` samples: Optuna's multi-objective TPE, the first
-    ``optuna_startup(n)`` samples drawn at random, the rest where the finished trials' two
-    scores point (pending ones counted as "constant liars", so parallel trials spread out).
-    NSGA-II, used before, was a random draw here: its mutation redraws the one parameter
-    (|alpha|) at random in every child, and its default generation of 50 was random anyway."""
-    import optuna
-
-    return optuna.samplers.TPESampler(n_startup_trials=optuna_startup(n), seed=seed,
-                                      constant_liar=True)
+    search = SideSearch(plan)
+    before = signal.getsignal(signal.SIGINT)
+    results = list(_tuner(trainable, run_dir, {}, namer=namer, search_alg=search,
+                          num_samples=search.total).fit())
+    return results, _fit_interrupted(plan, before, results)
 
 
 def _fit_interrupted(plan: Plan, before, results: list) -> bool:
-    """Whether a Ctrl-C (or SIGTERM, turned into one) ended a Tune ``fit()`` that returned
+    """Whether a Ctrl-C (or SIGTERM, turned into one) ended the Tune ``fit()`` that returned
     ``results``, the SIGINT handler being ``before`` when it started. Tune's handler puts
     back the one it found when a signal arrives (on a normal end its own stays installed),
     and a stopped experiment leaves trials neither finished nor errored."""
@@ -1445,11 +1404,7 @@ def _summary(plan: Plan, outcomes: list[Outcome], run_dir: Path, parent_id: str)
         for tid, why in errored:
             _say(f"{tid}: {why}")
     _say("")
-    # an adaptive search runs one Tune experiment per condition and side beside run_dir; the
-    # manifest --ray-results reads stays in run_dir
-    where = (f"{run_dir} (its manifest; the searches in {run_dir.name}-*)"
-             if plan.search == "optuna" else str(run_dir))
-    _say(f"Ray Tune results: {where}")
+    _say(f"Ray Tune results: {run_dir}")
     uri = redact(plan.mlflow_uri)
     _say(f"MLflow: {uri} (experiment {plan.experiment}, parent run {parent_id})")
     if uri.split(":", 1)[0].lower() in ("http", "https"):  # the server is the UI

@@ -638,7 +638,7 @@ def optuna_split(num_samples: int) -> dict[str, int]:
 
 def optuna_startup(n: int) -> int:
     """How many of a side's ``n`` samples are drawn at random before the sampler models the
-    finished trials' scores: a quarter of them, at least 2 (``sweeps.execute.optuna_sampler``;
+    finished trials' scores: a quarter of them, at least 2 (``sweeps.search.optuna_sampler``;
     Optuna's default of 10 would leave a side of 10 samples a random draw)."""
     return max(2, -(-n // 4))
 

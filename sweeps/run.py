@@ -213,8 +213,8 @@ def optuna_lines(plan: Plan) -> list[str]:
         lo, hi, widened = optuna_bounds(cond.grid.alphas)
         around = (f" (around the grid's one alpha {num(cond.grid.alphas[0])}: a/4 to 4a)"
                   if widened else "")
-        # each side's samples train at the beta of its first grid trial (sweeps.execute.
-        # _optuna_fits): say that one, not the grid's list
+        # each side's samples train at the beta of its first grid trial (sweeps.search.
+        # SideSearch): say that one, not the grid's list
         beta = next((t.config["beta"] for t in plan.trials
                      if t.condition == name and t.direction != "none"), cond.grid.betas[0])
         res = plan.resources[name]

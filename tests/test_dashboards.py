@@ -706,8 +706,9 @@ def test_a_run_folder_copied_under_another_name_reads_its_own_trials(tmp_path):
 
 
 def test_an_optuna_runs_trials_in_sibling_folders_are_read_and_lost_ones_said(tmp_path):
-    """An adaptive search keeps each side's trials in sibling folders
-    (<run folder>-<condition>-<side>/<trial>, as the manifest records them); a trial the
+    """An adaptive search run before stop 29 kept each side's trials in sibling folders
+    (<run folder>-<condition>-<side>/<trial>, as the manifest records them; they are still
+    read); a trial the
     manifest says is done but whose folder is gone is a failure saying so, not a FINISHED
     trial without numbers."""
     from dashboards.sources import load_ray

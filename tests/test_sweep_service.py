@@ -3,6 +3,7 @@ trainable on the simulated world (`python sweeps/run.py NAME --smoke-test`)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -120,6 +121,15 @@ def test_optuna_search_samples_both_directions_and_the_baseline(tmp_path):
     assert len(parents) == 1
     by_direction = {r.data.tags["direction"]: r for r in children}
     assert sorted(by_direction) == ["max", "min", "none"] and len(children) == 3
+    # the sides share the cluster's two slots with the baseline: trials ran at once (run as one
+    # Tune experiment per condition and side, each of the three ran alone, a slot idle)
+    # (each trial's training span from its last Tune result: the trials log to MLflow
+    # through a journal, so the runs' own times are not the trials')
+    last = [json.loads(f.read_text().splitlines()[-1])
+            for f in (tmp_path / "ray").glob("*/*/result.json")]
+    spans = sorted((r["timestamp"] - r["time_total_s"], r["timestamp"]) for r in last)
+    # (Tune's timestamps are whole seconds: an overlap of more than one)
+    assert len(spans) == 3 and any(b[0] < a[1] - 1 for a, b in zip(spans, spans[1:])), spans
     for direction, sign in (("max", 1), ("min", -1)):
         alpha = float(by_direction[direction].data.params["alpha"])
         # sampled log-uniformly within the grid's |alpha| range {0.1 .. 0.8}

@@ -235,8 +235,8 @@ def test_each_side_of_an_optuna_search_adapts_after_its_random_start():
     the rest where the finished trials' scores point."""
     import optuna
 
-    from sweeps.execute import optuna_sampler
     from sweeps.plan import optuna_startup
+    from sweeps.search import optuna_sampler
 
     assert [optuna_startup(n) for n in (1, 2, 8, 9, 16, 400)] == [2, 2, 2, 3, 4, 100]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -254,6 +254,52 @@ def test_each_side_of_an_optuna_search_adapts_after_its_random_start():
     first = optuna_startup(16)
     assert adaptive[:first] == drawn[:first]  # the start: the random draw
     assert adaptive[first:] != drawn[first:]  # then: where the scores point
+
+
+def test_the_optuna_searcher_runs_every_side_at_once_and_models_only_finished_trials():
+    """The search is one Tune experiment (it was one per condition and side, run one after
+    another, most of a cluster idle while a side's last trials ran): the searcher hands out
+    every baseline, then each condition's sides in turn, within each side's |alpha| range,
+    and tells each side's study only its own trials; an errored trial or one without finite
+    scores is a failure the sampler leaves out."""
+    import optuna
+    from ray.tune.search import Searcher
+
+    from sweeps.plan import optuna_bounds
+    from sweeps.search import SideSearch
+
+    plan = make_plan(parse("paper", "--search", "optuna", "--num-samples", "3"))
+    search = SideSearch(plan)
+    n = len(plan.conditions)
+    assert search.total == plan.n_trials == 4 * n
+    configs = [search.suggest(f"t{i}") for i in range(search.total)]
+    assert search.suggest("one-more") == Searcher.FINISHED
+    baselines = [t.trial_id for t in plan.trials if t.direction == "none"]
+    assert configs[:n] == [{"trial_id": b} for b in baselines]
+    by_id = {t.trial_id: t for t in plan.trials}
+    sides = [(by_id[c["trial_id"]].condition, by_id[c["trial_id"]].direction)
+             for c in configs[n:]]
+    # one sample from each side in turn: every side had one before any had a second
+    order = [(c, d) for c in plan.conditions for d in ("max", "min")]
+    assert sides[:2 * n] == order
+    assert sides[2 * n:] == [(c, "max") for c in plan.conditions]  # the odd third: promoting
+    for c in configs[n:]:
+        lo, hi, _ = optuna_bounds(plan.spec.condition(by_id[c["trial_id"]].condition)
+                                  .grid.alphas)
+        assert lo <= c["alpha_mag"] <= hi
+    # the first condition's promoting side: its two samples are t{n} and t{3n}
+    first = search._sides[0]["study"]
+    search.on_trial_complete(f"t{n}", {"val_performance": 0.5, "val_alignment": 0.3})
+    search.on_trial_complete(f"t{3 * n}", {"val_performance": float("nan"),
+                                           "val_alignment": 0.3})
+    search.on_trial_complete(f"t{n + 1}", None, error=True)  # its suppressing side
+    search.on_trial_complete(baselines[0], {"val_performance": 0.9})  # not a sample: ignored
+    states = [t.state for t in first.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert first.trials[0].values == [0.5, 0.3]
+    assert [t.state for t in search._sides[1]["study"].trials] == [
+        optuna.trial.TrialState.FAIL]
+    assert search._sides[1]["study"].directions[1] == optuna.study.StudyDirection.MINIMIZE
 
 
 def test_the_optuna_dry_run_of_a_one_point_grid_and_a_control_that_does_not_run():
