@@ -182,16 +182,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def quiet_interrupts() -> None:
     """Ctrl-C while a command's imports still load (MLflow, matplotlib, torch: seconds, before
     its own ``except KeyboardInterrupt`` exists) ends it with the one line its ``main`` would
-    print, not the imports' traceback. Called first thing under ``__main__``."""
+    print, not the imports' traceback. Called first thing under ``__main__``.
+
+    A C extension whose initialisation the Ctrl-C lands in may turn it into its own error
+    (matplotlib's ft2font: ``ImportError: initialization failed``, caused by the
+    KeyboardInterrupt), and the half-initialised module then crashes the interpreter's
+    shutdown ("Fatal Python error: PyThreadState_Get"). Such an error is the same one line,
+    and the process ends at once with status 130, skipping that shutdown: nothing has been
+    computed yet at that point."""
     default = sys.excepthook
 
     def hook(kind, value, tb) -> None:
         if issubclass(kind, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
+        elif _caused_by_interrupt(value):
+            print("interrupted", file=sys.stderr)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(130)
         else:
             default(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def _caused_by_interrupt(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is among ``error``'s causes and contexts."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def traceback_file(exc: BaseException) -> Path:

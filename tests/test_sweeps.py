@@ -1561,6 +1561,25 @@ def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
     assert err == "interrupted\n" and popen.returncode in (130, -signal.SIGINT), err
 
 
+
+def test_ctrl_c_that_an_extension_turns_into_its_own_error_is_one_line(tmp_path):
+    """A Ctrl-C that lands in a C extension's initialisation comes back as that import's
+    error (seen in the suite: matplotlib's ft2font raised `ImportError: initialization
+    failed` from the KeyboardInterrupt), and it printed both tracebacks, then crashed the
+    interpreter's shutdown ("Fatal Python error: PyThreadState_Get"). It is the one line
+    `interrupted` and status 130 too. (Raised here as the extension raises it: the window
+    of a real one is a few milliseconds.)"""
+    code = ("from references.cache import quiet_interrupts; quiet_interrupts(); "
+            "raise ImportError('initialization failed') from KeyboardInterrupt()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (proc.stderr, proc.returncode) == ("interrupted\n", 130), proc.stderr
+    # any other error keeps its traceback
+    code = code.replace("from KeyboardInterrupt()", "from ValueError('other')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "ValueError: other" in proc.stderr and proc.returncode == 1, proc.stderr
+
 _SIGNAL_IN_A_CALLBACK = """
 import signal, sys, time, weakref
 
