@@ -581,7 +581,8 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     search = _recorded(run_dir).get("search")
     if isinstance(search, str):  # as the driver tags its parent run (an Optuna search
         tags["search"] = search  # cannot be resumed)
-    if any(e.state == "not started" or e.state.startswith("stopped at") for e in entries):
+    if any(e.state in ("no epoch finished", "not started") or e.state.startswith("stopped at")
+           for e in entries):  # ("not started": what manifests said before stop 29)
         tags["interrupted"] = "true"  # what the driver tags its parent run when it stops
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
                        parent_run_id=parent.get("run_id"), parent_status="",

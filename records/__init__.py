@@ -222,7 +222,8 @@ class TrialKey:
 @dataclass(frozen=True)
 class ManifestEntry:
     """One trial of a run as the driver saw it end: its key, state ("done", "ERROR",
-    "stopped at epoch k of n", "not started"), its Ray trial folder (relative to the run
+    "stopped at epoch k of n", "no epoch finished"; "not started" in manifests written before
+    stop 29), its Ray trial folder (relative to the run
     folder, None when it never started), its MLflow child run id (None when it has none),
     and the resolved trial config."""
 

@@ -1110,7 +1110,7 @@ def _signals_deferred(enabled: bool = True):
 @dataclass(frozen=True)
 class Outcome:
     """How one trial of the run ended: state "done" (every epoch), "ERROR", or "stopped at
-    epoch k of n" / "not started" (interrupted); its last metrics and checkpoint."""
+    epoch k of n" / "no epoch finished" (interrupted); its last metrics and checkpoint."""
 
     trial_id: str
     state: str
@@ -1140,8 +1140,8 @@ def _outcome(plan: Plan, result) -> Outcome:
         state = "ERROR"
     elif last is not None and epochs is not None and int(last) == epochs - 1:
         state = "done"
-    elif last is None:
-        state = "not started"
+    elif last is None:  # never started, or stopped in its first epoch: Tune's result does
+        state = "no epoch finished"  # not tell them apart (it said "not started" of both)
     else:
         state = f"stopped at epoch {int(last) + 1} of {epochs}"
     return Outcome(trial_id, state, dict(metrics), result.checkpoint,

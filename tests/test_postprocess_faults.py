@@ -321,7 +321,8 @@ def test_finished_trials_without_a_final_performance_are_said_to_be_left_out():
 
 
 @pytest.mark.parametrize("state, title", [
-    ("stopped at epoch 1 of 2", "interrupted"), ("not started", "interrupted"),
+    ("stopped at epoch 1 of 2", "interrupted"), ("no epoch finished", "interrupted"),
+    ("not started", "interrupted"),
     ("pending", "unfinished"), ("done", None)])
 def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, capsys, state,
                                                                     title):
