@@ -920,8 +920,7 @@ def _execute_run(plan: Plan) -> int:
             if isinstance(exc, KeyboardInterrupt):
                 again = ("An Optuna search cannot be resumed: run it again"
                          if plan.search == "optuna" else
-                         f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same "
-                         f"options)")
+                         f"Continue with: {resume_command(plan)}")
                 _say(f"sweep interrupted before its trials started; the parent run is KILLED. "
                      f"{again}")
         else:
@@ -1012,11 +1011,11 @@ def _execute_run(plan: Plan) -> int:
             if _interrupted(lambda: _end_parent(plan, parent_id, status, True)):
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      + ("run the search again" if plan.search == "optuna"
-                        else f"{pasteable(plan.sweep, '--resume')} ends it"))
+                        else f"{resume_command(plan)} ends it"))
     if interrupted or stopped:
         again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
                  "again" if plan.search == "optuna" else
-                 f"Continue with: {pasteable(plan.sweep, '--resume')} (and the same options)")
+                 f"Continue with: {resume_command(plan)}")
         what = (f"{len(stopped)} trial(s) did not finish ({', '.join(stopped[:10])}"
                 f"{', ...' if len(stopped) > 10 else ''})" if stopped else
                 "after its trials ended" if outcomes else
@@ -1081,6 +1080,16 @@ def pasteable(*words: str, module: bool = False) -> str:
 
     script = [] if module else [here(str(Path(__file__).resolve().parent / "run.py"))]
     return " ".join(shlex.quote(w) for w in [here(sys.executable or "python"), *script, *words])
+
+
+def resume_command(plan: Plan) -> str:
+    """The command that resumes this run, to paste where it was started: the run's own words
+    (``Plan.argv``; a resume is refused under other settings) with ``--resume``, any secret in
+    a URI among them redacted. A plan built in code has no words: its sweep's name then, and
+    "(and the same options)"."""
+    if not plan.argv:
+        return f"{pasteable(plan.sweep, '--resume')} (and the same options)"
+    return pasteable(*(redact(w) for w in plan.argv if w != "--resume"), "--resume")
 
 
 def _sigterm_as_sigint(signum, frame) -> None:

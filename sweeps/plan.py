@@ -125,6 +125,9 @@ class Plan:
     # negative controls the plan leaves out: under --search optuna the sampler draws the
     # condition's alphas afresh, so a control's fixed alphas would never meet one to compare
     left_out: tuple[str, ...] = ()
+    # the command line's words after sweeps/run.py, as given: what the resume line repeats
+    # (a resume is refused under other settings); () where a plan is built in code
+    argv: tuple[str, ...] = ()
 
     @property
     def n_trials(self) -> int:

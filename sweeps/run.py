@@ -16,6 +16,7 @@ Bad input is one line, ``error: <message>``, on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -254,9 +255,10 @@ def _check_utf8(argv: list[str]) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        _check_utf8(sys.argv[1:] if argv is None else list(argv))
-        args = build_parser().parse_args(argv)
+        _check_utf8(words)
+        args = build_parser().parse_args(words)
         if args.sweep_dir is not None:
             if not args.sweep_dir.strip():  # Path("") is the working folder
                 raise UsageError(f"--sweep-dir {args.sweep_dir!r}: an empty path; accepted: "
@@ -272,7 +274,7 @@ def _main(argv: list[str] | None) -> int:
             for line in errors:
                 print(f"error: {line}", file=sys.stderr)
             return 2 if errors else 0
-        plan = make_plan(args)
+        plan = dataclasses.replace(make_plan(args), argv=tuple(words))
         check_services(plan)
     except ValueError as exc:  # UsageError, a malformed sweep file, any validation
         print(f"error: {_one_line(exc)}", file=sys.stderr)

@@ -834,7 +834,11 @@ def test_a_signal_after_the_trials_or_before_them_leaves_a_run_resume_can_end(
     assert code == 130, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true", out
-    assert "--resume" in out and "Continue with: " in out, out[-3000:]
+    # the command to paste, with the run's own options (it said "... gabor_conv1 --resume (and
+    # the same options)", and the options it meant were for the user to find)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (f"Continue with: {sys.executable} {REPO / 'sweeps' / 'run.py'} gabor_conv1 "
+            f"--smoke-test --mlflow-uri {uri} --storage {storage} --resume\n") in out, out[-3000:]
     run_dir = storage / (storage / "gabor_conv1-smoke.latest").read_text().strip()
     assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"] == \
         parent.info.run_id
