@@ -73,7 +73,7 @@ class SideSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         asked = self._asked.pop(trial_id, None)
-        if asked is None:  # a baseline, or a trial of an earlier session
+        if asked is None:  # a baseline
             return
         i, trial = asked
         values = [_finite((result or {}).get(key)) for key in OBJECTIVES]
