@@ -1383,7 +1383,7 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tup
     search = SideSearch(plan)
     before = signal.getsignal(signal.SIGINT)
     results = list(_tuner(trainable, run_dir, {}, namer=namer, search_alg=search,
-                          num_samples=search.total).fit())
+                          num_samples=plan.n_trials).fit())
     return results, _fit_interrupted(plan, before, results)
 
 

@@ -29,8 +29,8 @@ class SideSearch(Searcher):
     down on the suppressing one. A trial that errored, or whose scores are missing or not
     finite, is told as failed, so the sampler does not model it. A suggestion is the
     trainable's config: ``{"trial_id": <the side's grid trial>, "alpha_mag": |alpha|}``
-    (``{"trial_id": <baseline>}`` for a baseline). ``total`` is the number of trials the
-    search runs; Tune's ``num_samples`` must be it."""
+    (``{"trial_id": <baseline>}`` for a baseline). It hands out ``Plan.n_trials`` trials,
+    then says it is finished; Tune's ``num_samples`` is that count."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(metric=None, mode=None)
@@ -48,7 +48,6 @@ class SideSearch(Searcher):
                 self._sides.append({"trial_id": base.trial_id, "left": n, "study": study,
                                     "space": optuna.distributions.FloatDistribution(
                                         lo, hi, log=True)})
-        self.total = len(self._baselines) + sum(side["left"] for side in self._sides)
         self._asked: dict[str, tuple[int, Any]] = {}  # Tune's trial id -> (side, its trial)
         self._turn = 0
 

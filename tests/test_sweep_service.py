@@ -123,8 +123,8 @@ def test_optuna_search_samples_both_directions_and_the_baseline(tmp_path):
     assert sorted(by_direction) == ["max", "min", "none"] and len(children) == 3
     # the sides share the cluster's two slots with the baseline: trials ran at once (run as one
     # Tune experiment per condition and side, each of the three ran alone, a slot idle)
-    # (each trial's training span from its last Tune result: the trials log to MLflow
-    # through a journal, so the runs' own times are not the trials')
+    # (each trial's span from its last Tune result: the MLflow runs' own start and end times
+    # span about a second each here, not the trials' time)
     last = [json.loads(f.read_text().splitlines()[-1])
             for f in (tmp_path / "ray").glob("*/*/result.json")]
     spans = sorted((r["timestamp"] - r["time_total_s"], r["timestamp"]) for r in last)
