@@ -453,8 +453,8 @@ def _planned_trials(record: SweepRecord) -> int:
 
 
 def _run_command(record: SweepRecord, optuna: bool = False) -> str:
-    """``sweeps/run.py SWEEP`` with the options the parent run's tags record that a resume (or
-    a search run again) must repeat: --data, --smoke-test, --seeds, --set, --only, and an
+    """``sweeps/run.py SWEEP`` with the options the parent run's tags record that a resume
+    must repeat: --data, --smoke-test, --seeds, --set, --only, and an
     Optuna search's --search and --num-samples. (The note said only ``sweeps/run.py SWEEP
     --resume``: pasted after a smoke test, it answered "nothing to resume".)"""
     import shlex
@@ -484,11 +484,8 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
     optuna = record.parent_tags.get("search") == "optuna"
-    again = (f"An Optuna search cannot be resumed (its study is not checkpointed): run "
-             f"{_run_command(record, optuna=True)} again (with its data, tracking and storage "
-             f"options)" if optuna else
-             f"Continue it (with its data, tracking and storage options) with "
-             f"{_run_command(record)} --resume")
+    again = (f"Continue it (with its data, tracking and storage options) with "
+             f"{_run_command(record, optuna=optuna)} --resume")
     planned = _planned_trials(record)
     if record.parent_status == "RUNNING":
         # read while the sweep runs: trials not yet started have no run at all, so the

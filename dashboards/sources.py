@@ -578,9 +578,11 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         return found[-1] if found else None
 
     tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
-    search = _recorded(run_dir).get("search")
-    if isinstance(search, str):  # as the driver tags its parent run (an Optuna search
-        tags["search"] = search  # cannot be resumed)
+    recorded = _recorded(run_dir)  # as the driver tags its parent run: what a resume repeats
+    if isinstance(recorded.get("search"), str):
+        tags["search"] = recorded["search"]
+    if isinstance(recorded.get("num_samples"), int):
+        tags["num_samples"] = str(recorded["num_samples"])
     if any(e.state in ("no epoch finished", "not started") or e.state.startswith("stopped at")
            for e in entries):  # ("not started": what manifests said before stop 29)
         tags["interrupted"] = "true"  # what the driver tags its parent run when it stops

@@ -555,7 +555,7 @@ def _worker_env() -> dict[str, str]:
 def _run_dir(plan: Plan) -> Path:
     """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten;
     two in one second get ``-2``, ``-3``: the driver lock serialises them); ``--resume``
-    continues the latest one, recorded in ``<storage>/<experiment>.latest``, after checking
+    continues the latest one, recorded in ``plan.resume_pointer``, after checking
     that it was started by the same sweep (``check_fingerprint``)."""
     storage = Path(plan.storage)
     if plan.resume:
@@ -577,14 +577,13 @@ def _run_dir(plan: Plan) -> Path:
 
 
 def _point_at(plan: Plan, run_dir: Path) -> None:
-    """``<storage>/<experiment>.latest`` names ``run_dir``: the run ``--resume`` continues.
-    Written once the run's records exist, so a new run refused at its start (a trial no node
-    holds, data found malformed, a store that refuses the user) leaves the pointer on the
-    run it had: a ``--resume`` after it continued that empty folder, a whole new sweep under
-    a new parent run, and the interrupted run's trials were never resumed. An adaptive
-    search cannot be resumed: it leaves the pointer on the last grid run (pointed at itself,
-    an interrupted grid run of the same experiment could no longer be resumed)."""
-    if not plan.resume and plan.search != "optuna":  # relative: the storage folder may move
+    """``plan.resume_pointer`` names ``run_dir``: the run ``--resume`` continues (a grid run
+    and an adaptive search each have their own). Written once the run's records exist, so a
+    new run refused at its start (a trial no node holds, data found malformed, a store that
+    refuses the user) leaves the pointer on the run it had: a ``--resume`` after it
+    continued that empty folder, a whole new sweep under a new parent run, and the
+    interrupted run's trials were never resumed."""
+    if not plan.resume:  # relative: the storage folder may move
         atomic_write_text(Path(plan.resume_pointer), run_dir.name)
 
 
@@ -918,11 +917,8 @@ def _execute_run(plan: Plan) -> int:
                                                  "KILLED" if stopped else "FAILED", stopped))
             _interrupted(lambda: _point_at(plan, run_dir))
             if isinstance(exc, KeyboardInterrupt):
-                again = ("An Optuna search cannot be resumed: run it again"
-                         if plan.search == "optuna" else
-                         f"Continue with: {resume_command(plan)}")
                 _say(f"sweep interrupted before its trials started; the parent run is KILLED. "
-                     f"{again}")
+                     f"Continue with: {resume_command(plan)}")
         else:
             _forget_run_dir(plan, run_dir)
             if isinstance(exc, KeyboardInterrupt) and not plan.resume:
@@ -960,15 +956,18 @@ def _execute_run(plan: Plan) -> int:
                 [{"CPU": resources[config["trial_id"]].cpus,
                   "GPU": resources[config["trial_id"]].gpus}]),
         )
-        if plan.resume and tune.Tuner.can_restore(str(run_dir)):
-            _say(f"resuming {run_dir}: only unfinished trials run")
+        restore = plan.resume and tune.Tuner.can_restore(str(run_dir))
+        if restore:
+            _say(f"resuming {run_dir}: only unfinished trials run"
+                 + (", then the samples not yet drawn" if plan.search == "optuna" else ""))
             _clear_failure_markers(run_dir)
-            tuner = tune.Tuner.restore(str(run_dir), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True)
-            results = list(tuner.fit())
-        elif plan.search == "optuna":
+        if plan.search == "optuna":
             results, interrupted = _optuna_fits(plan, trainable, run_dir,
-                                                TrialNamer(payload.specs))
+                                                TrialNamer(payload.specs), restore)
+        elif restore:
+            results = list(tune.Tuner.restore(str(run_dir), trainable=trainable,
+                                              resume_unfinished=True,
+                                              resume_errored=True).fit())
         else:
             grid = [t.trial_id for t in plan.trials]
             results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
@@ -1010,12 +1009,9 @@ def _execute_run(plan: Plan) -> int:
             interrupted = True  # once more: it is one call when the store answers
             if _interrupted(lambda: _end_parent(plan, parent_id, status, True)):
                 _say(f"the parent run {parent_id} may be left RUNNING: "
-                     + ("run the search again" if plan.search == "optuna"
-                        else f"{resume_command(plan)} ends it"))
+                     f"{resume_command(plan)} ends it")
     if interrupted or stopped:
-        again = ("the search cannot be resumed (an Optuna study is not checkpointed): run it "
-                 "again" if plan.search == "optuna" else
-                 f"Continue with: {resume_command(plan)}")
+        again = f"Continue with: {resume_command(plan)}"
         what = (f"{len(stopped)} trial(s) did not finish ({', '.join(stopped[:10])}"
                 f"{', ...' if len(stopped) > 10 else ''})" if stopped else
                 "after its trials ended" if outcomes else
@@ -1065,8 +1061,8 @@ def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> No
                         {"interrupted": "true" if interrupted else "false"})
     except Exception as exc:
         _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
-             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}"
-             + ("" if plan.search == "optuna" else "; --resume of the run ends it"))
+             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; --resume of "
+             f"the run ends it")
 
 
 def pasteable(*words: str, module: bool = False) -> str:
@@ -1370,20 +1366,29 @@ class TrialNamer:
         return spec.trial_id
 
 
-def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer) -> tuple[list, bool]:
+def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer,
+                 restore: bool = False) -> tuple[list, bool]:
     """Adaptive search, one Tune experiment in ``run_dir`` driven by ``SideSearch``: every
     condition's alpha = 0 baseline, then per condition num_samples trials split between the
     two directions, each side sampled by its own Optuna study (``sweeps.search``) with |alpha|
     log-uniform in the grid's range and two objectives: performance up and alignment down on
     the suppressing side, both up on the promoting side. Each side traces its own front with
-    fewer trials than the grid. The sides share the cluster's trial slots. Returns
-    (results, interrupted)."""
+    fewer trials than the grid. The sides share the cluster's trial slots. ``restore``
+    continues the search in ``run_dir`` (``--resume``): its unfinished and errored trials
+    from their checkpoints, then the samples not yet drawn, from the studies as Tune last
+    saved them beside its own state (``SideSearch.save``). Returns (results, interrupted)."""
+    from ray import tune
+
     from sweeps.search import SideSearch
 
-    search = SideSearch(plan)
     before = signal.getsignal(signal.SIGINT)
-    results = list(_tuner(trainable, run_dir, {}, namer=namer, search_alg=search,
-                          num_samples=plan.n_trials).fit())
+    if restore:
+        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = _tuner(trainable, run_dir, {}, namer=namer, search_alg=SideSearch(plan),
+                       num_samples=plan.n_trials)
+    results = list(tuner.fit())
     return results, _fit_interrupted(plan, before, results)
 
 

@@ -138,10 +138,18 @@ class Plan:
 
     @property
     def resume_pointer(self) -> str:
-        """``<storage>/<experiment>.latest``: the file in which a run records its Ray Tune
-        experiment folder, so that --resume finds the latest one (written by sweeps.execute,
-        checked by make_plan)."""
-        return f"{self.storage.rstrip('/')}/{self.experiment}{RESUME_POINTER_SUFFIX}"
+        """The file in which a run records its Ray Tune experiment folder, so that --resume
+        finds the latest one (``resume_pointer``; written by sweeps.execute, checked by
+        make_plan)."""
+        return str(resume_pointer(self.storage, self.experiment, self.search))
+
+
+def resume_pointer(storage: str | Path, experiment: str, search: str) -> Path:
+    """``<storage>/<experiment>.latest`` for a grid run, ``<experiment>.optuna.latest`` for an
+    adaptive search: each kind resumes its own latest run (one pointer for both let a search
+    take it from an interrupted grid run, which could then no longer be resumed)."""
+    kind = "" if search == "grid" else f".{search}"
+    return Path(str(storage).rstrip("/") or "/") / f"{experiment}{kind}{RESUME_POINTER_SUFFIX}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +584,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
     _check_imagenet_splits(trials, data)
     experiment, line = _experiment(args, scale, trials, conditions, data)
-    _check_resume(args.resume, storage, experiment)
+    _check_resume(args.resume, storage, experiment, args.search)
     plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
@@ -663,9 +671,6 @@ def _check_search(args: argparse.Namespace) -> None:
         if args.seeds != 1:
             raise UsageError(f"--seeds {args.seeds} with --search optuna; accepted: --seeds "
                              f"with --search grid (optuna samples alpha, each sample once)")
-        if args.resume:
-            raise UsageError("--resume with --search optuna; accepted: --resume with --search "
-                             "grid (a sampler's study is not checkpointed: rerun the search)")
         if args.only:
             raise UsageError("--only with --search optuna; accepted: --only with --search grid "
                              "(a sampler chooses its own trials)")
@@ -820,12 +825,14 @@ def _experiment(args: argparse.Namespace, scale: str, trials, conditions,
     return experiment_name(args.sweep, scale), line
 
 
-def _check_resume(resume: bool, storage: str, experiment: str) -> None:
-    pointer = Path(storage) / f"{experiment}{RESUME_POINTER_SUFFIX}"
+def _check_resume(resume: bool, storage: str, experiment: str, search: str) -> None:
+    pointer = resume_pointer(storage, experiment, search)
     if resume and not pointer.is_file():
-        raise UsageError(f"--resume: nothing to resume, no earlier run of {experiment} under "
-                         f"{storage} (no {pointer.name}; run without --resume first, or give "
-                         f"the --storage it used)")
+        what = "search" if search != "grid" else "run"
+        raise UsageError(f"--resume: nothing to resume, no earlier {what} of {experiment} "
+                         f"under {storage} (no {pointer.name}; run without --resume first, or "
+                         f"give the --storage{' and --search' if search != 'grid' else ''} it "
+                         f"used)")
 
 
 def _check_resumed_run(plan: Plan) -> None:
@@ -879,12 +886,12 @@ def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
 
 
 def resumed_run_dir(plan: Plan) -> Path:
-    """The run folder ``<storage>/<experiment>.latest`` names: a folder name, resolved in
+    """The run folder ``plan.resume_pointer`` names: a folder name, resolved in
     the storage folder as given now (so a storage folder moved or copied elsewhere resumes
     its own runs); an absolute path as older runs wrote it. A folder that is gone is
     refused: resuming it would start the whole grid again, outside --storage."""
     storage = Path(plan.storage)
-    pointer = storage / f"{plan.experiment}{RESUME_POINTER_SUFFIX}"
+    pointer = Path(plan.resume_pointer)
     try:
         recorded = pointer.read_text().strip()
     except OSError as exc:

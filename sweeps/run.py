@@ -199,6 +199,14 @@ def resume_lines(plan: Plan) -> list[str]:
         return [f"resume: {run_dir} (no manifest: its driver ended before writing one; the "
                 f"resume runs every trial Ray Tune's state there has not finished)"]
     states = {e.key: e.state for e in entries}
+    if plan.search == "optuna":  # the baselines and the samples drawn so far
+        drawn = [key for key, state in states.items() if state != "done"]
+        done = len(states) - len(drawn)
+        shown = ", ".join(drawn[:10]) + (", ..." if len(drawn) > 10 else "")
+        return [f"resume: {run_dir}: {done} of {plan.n_trials} trials finished there; the "
+                f"resume runs the other {plan.n_trials - done}"
+                + (f" ({shown}, then " if drawn else " (")
+                + f"{max(0, plan.n_trials - len(states))} samples not yet drawn)"]
     left = [t.trial_id for t in plan.trials if states.get(t.trial_id) != "done"]
     shown = ", ".join(left[:10]) + (", ..." if len(left) > 10 else "")
     return [f"resume: {run_dir}: {plan.n_trials - len(left)} of {plan.n_trials} trials "

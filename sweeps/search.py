@@ -9,7 +9,7 @@ when a search starts."""
 from __future__ import annotations
 
 import math
-from typing import Any
+import pickle
 
 import optuna
 from ray.tune.search import Searcher
@@ -30,7 +30,12 @@ class SideSearch(Searcher):
     finite, is told as failed, so the sampler does not model it. A suggestion is the
     trainable's config: ``{"trial_id": <the side's grid trial>, "alpha_mag": |alpha|}``
     (``{"trial_id": <baseline>}`` for a baseline). It hands out ``Plan.n_trials`` trials,
-    then says it is finished; Tune's ``num_samples`` is that count."""
+    then says it is finished; Tune's ``num_samples`` is that count.
+
+    Its state (the studies, what each is still owed, whose turn it is) is saved with Tune's
+    experiment state (``save``), so ``--resume`` continues the search where it stopped: a
+    trial stopped mid-way trains on from its checkpoint and is then told to its study, and
+    the samples not yet drawn are drawn from studies that know every trial finished before."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(metric=None, mode=None)
@@ -48,7 +53,8 @@ class SideSearch(Searcher):
                 self._sides.append({"trial_id": base.trial_id, "left": n, "study": study,
                                     "space": optuna.distributions.FloatDistribution(
                                         lo, hi, log=True)})
-        self._asked: dict[str, tuple[int, Any]] = {}  # Tune's trial id -> (side, its trial)
+        # Tune's trial id -> (side, its trial's number in the side's study, |alpha|)
+        self._asked: dict[str, tuple[int, int, float]] = {}
         self._turn = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -66,25 +72,48 @@ class SideSearch(Searcher):
         self._turn = i + 1
         side["left"] -= 1
         trial = side["study"].ask({"alpha_mag": side["space"]})
-        self._asked[trial_id] = (i, trial)
-        return {"trial_id": side["trial_id"], "alpha_mag": trial.params["alpha_mag"]}
+        alpha_mag = trial.params["alpha_mag"]
+        self._asked[trial_id] = (i, trial.number, alpha_mag)
+        return {"trial_id": side["trial_id"], "alpha_mag": alpha_mag}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        asked = self._asked.pop(trial_id, None)
+        asked = self._asked.get(trial_id)
         if asked is None:  # a baseline
             return
-        i, trial = asked
+        i, number, alpha_mag = asked
         values = [_finite((result or {}).get(key)) for key in OBJECTIVES]
-        study = self._sides[i]["study"]
-        if error or None in values:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        ok = not error and None not in values
+        side = self._sides[i]
+        study = side["study"]
+        if study.get_trials(deepcopy=False)[number].state.is_finished():
+            # an errored trial that --resume ran again (told as failed then): its scores now
+            if ok:
+                study.add_trial(optuna.trial.create_trial(
+                    params={"alpha_mag": alpha_mag},
+                    distributions={"alpha_mag": side["space"]}, values=values))
+        elif ok:
+            study.tell(number, values)
         else:
-            study.tell(trial, values)
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
 
     def save(self, checkpoint_path: str) -> None:
-        """Nothing: a search cannot be resumed, so its studies are not checkpointed (Tune
-        would warn in every run that a searcher without ``save`` is not saved)."""
+        """The search's state, written by Tune beside its experiment state each time it saves
+        that (both in one step, so they agree): a --resume continues the search from it."""
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    def get_state(self) -> dict:
+        return {"baselines": self._baselines, "sides": self._sides, "asked": self._asked,
+                "turn": self._turn}
+
+    def set_state(self, state: dict) -> None:
+        self._baselines, self._sides = state["baselines"], state["sides"]
+        self._asked, self._turn = state["asked"], state["turn"]
 
 
 def optuna_sampler(n: int, seed: int):

@@ -1734,14 +1734,15 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
                              "and storage options) with sweeps/run.py live --smoke-test "
                              "--resume")
         assert f"note: {note}" in printed
-        client.set_tag(parent, "search", "optuna")  # a study cannot be resumed: not offered
+        client.set_tag(parent, "search", "optuna")  # resumed with its search options
+        client.set_tag(parent, "num_samples", "2")
         assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(tmp_path / "optuna"),
                             "--no-log"]) == 0
         (note,) = [m for m in json.loads((tmp_path / "optuna" / "statistics.json").read_text())
                    ["messages"] if m.startswith("PARTIAL")]
-        assert note.endswith("An Optuna search cannot be resumed (its study is not "
-                             "checkpointed): run sweeps/run.py live --smoke-test --search "
-                             "optuna again (with its data, tracking and storage options)")
+        assert note.endswith("Continue it (with its data, tracking and storage options) with "
+                             "sweeps/run.py live --smoke-test --search optuna --num-samples 2 "
+                             "--resume"), note
         # the options a resume must repeat, from the parent's tags (the note said only
         # `sweeps/run.py live --resume`: pasted after a smoke test, "nothing to resume")
         client.set_tag(parent, "search", "grid")

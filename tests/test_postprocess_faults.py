@@ -344,12 +344,15 @@ def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, caps
     assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
                          f"sweeps/run.py {SWEEP} --resume")
     assert f"note: {note}" in printed
-    # an Optuna search (its fingerprint says so) cannot be resumed: the note said to
-    (run / "sweep_fingerprint.json").write_text(json.dumps({"sweep": SWEEP, "search": "optuna"}))
+    # an Optuna search (its fingerprint says so) resumes with its search options, which its
+    # fingerprint recorded (without them, --resume looks for a grid run)
+    (run / "sweep_fingerprint.json").write_text(json.dumps({"sweep": SWEEP, "search": "optuna",
+                                                            "num_samples": 6}))
     assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "o2")]) == 0
     messages = json.loads((tmp_path / "o2" / "statistics.json").read_text())["messages"]
     (note,) = [m for m in messages if m.startswith("PARTIAL")]
-    assert "--resume" not in note and "--search optuna again" in note
+    assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
+                         f"sweeps/run.py {SWEEP} --search optuna --num-samples 6 --resume"), note
 
 
 def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
@@ -369,7 +372,8 @@ def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
     killed = dataclasses.replace(done, parent_status="KILLED")
     assert pareto._partial_note(killed)[0] == "interrupted"
     assert pareto._partial_note(killed)[1].endswith("--resume")
-    # an Optuna search cannot be resumed (it is refused): the note said to --resume it
-    searched = dataclasses.replace(killed, parent_tags={"search": "optuna"})
-    assert "--resume" not in pareto._partial_note(searched)[1]
-    assert "--search optuna again" in pareto._partial_note(searched)[1]
+    # an Optuna search resumes with its search options (--resume alone finds no grid run)
+    searched = dataclasses.replace(killed, parent_tags={"search": "optuna",
+                                                        "num_samples": "4"})
+    assert pareto._partial_note(searched)[1].endswith(
+        "--search optuna --num-samples 4 --resume")

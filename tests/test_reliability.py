@@ -855,20 +855,25 @@ def test_a_signal_after_the_trials_or_before_them_leaves_a_run_resume_can_end(
         assert "sweep interrupted before its trials started" in out, out[-3000:]
 
 
-def test_a_signal_stops_an_optuna_search_not_only_the_experiment_it_lands_in(tmp_path):
+def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     """An adaptive search ran one Tune experiment per condition and side (the baseline, then
     each direction's samples). SIGTERM (or Ctrl-C) during the baseline stopped that
     experiment, and the driver went on to start the next ones and ran them to their end:
     every condition of `paper`, hours of a cluster after the user asked it to stop. The
     search is one experiment now, and the first signal ends it: exit 130, no trial run to its
-    end after the signal, the parent KILLED."""
+    end after the signal, the parent KILLED. And it could not be resumed (its studies were
+    not saved; --resume was refused): run again, from its first trial. --resume now trains
+    the stopped trials on from their checkpoints under the same parent run, then draws the
+    samples not yet drawn from studies that know every trial before them."""
+    import pickle
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
-    popen = subprocess.Popen(
-        [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test", "--search",
-         "optuna", "--num-samples", "2", "--set", "epochs=4", "--mlflow-uri", uri,
-         "--storage", str(storage)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test", "--search",
+            "optuna", "--num-samples", "4", "--set", "epochs=4", "--mlflow-uri", uri,
+            "--storage", str(storage)]
+    popen = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while not list(storage.glob("*/*/checkpoint_000000")):
@@ -885,6 +890,9 @@ def test_a_signal_stops_an_optuna_search_not_only_the_experiment_it_lands_in(tmp
     assert [p.name for p in storage.iterdir() if p.is_dir()] == [
         next(storage.glob(f"{SWEEP}-smoke_*")).name], out[-3000:]
     assert re.search(r"sweep interrupted: [1-3] trial\(s\) did not finish", out), out[-3000:]
+    assert f"Continue with: {sys.executable} {REPO / 'sweeps' / 'run.py'} {SWEEP} " \
+           f"--smoke-test --search optuna --num-samples 4 --set epochs=4 --mlflow-uri {uri} " \
+           f"--storage {storage} --resume\n" in out, out[-3000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -893,6 +901,35 @@ def test_a_signal_stops_an_optuna_search_not_only_the_experiment_it_lands_in(tmp
     children = [r for r in runs if r is not parent]
     assert {r.data.tags["direction"] for r in children} <= {"none", "max"}, out[-3000:]
     assert children and all(r.info.status != "FINISHED" for r in children), out[-3000:]
-    # a search cannot be resumed: it leaves --resume's pointer to the last grid run (it took
-    # it, and an interrupted grid run of the experiment could no longer be resumed)
+    # a search has its own pointer: it leaves a grid run's to that run
+    run_dir = next(storage.glob(f"{SWEEP}-smoke_*"))
+    assert (storage / f"{SWEEP}-smoke.optuna.latest").read_text() == run_dir.name
     assert not (storage / f"{SWEEP}-smoke.latest").exists()
+
+    dry = subprocess.run([*argv, "--resume", "--dry-run"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert re.search(rf"^resume: {re.escape(str(run_dir))}: 0 of 5 trials finished there; the "
+                     rf"resume runs the other 5 \(.*{SWEEP}-none-a0-b1-s0.*, then [1-3] "
+                     rf"samples not yet drawn\)$", dry.stdout,
+                     re.M), dry.stdout + dry.stderr
+    proc = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resuming {run_dir}: only unfinished trials run, then the samples not yet " \
+           f"drawn" in proc.stdout, proc.stdout[-3000:]
+    runs = client.search_runs([parent.info.experiment_id])
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [
+        parent.info.run_id]  # the same parent run, now finished
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    # each trial one run, the stopped ones trained on in theirs: the baseline and 4 samples
+    children = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert sorted(r.data.tags["direction"] for r in children) == [
+        "max", "max", "min", "min", "none"], proc.stdout[-3000:]
+    assert all(r.info.status == "FINISHED" for r in children), proc.stdout[-3000:]
+    # the studies as Tune saved them last: each side's two samples, told their scores
+    (state,) = sorted(run_dir.glob("searcher-state-*.pkl"))[-1:]
+    sides = pickle.loads(state.read_bytes())["sides"]
+    told = sorted(tuple(t.values) for side in sides for t in side["study"].trials)
+    assert [len(side["study"].trials) for side in sides] == [2, 2]
+    assert told == sorted((r.data.metrics["val_performance"], r.data.metrics["val_alignment"])
+                          for r in children if r.data.tags["direction"] != "none")

@@ -302,6 +302,58 @@ def test_the_optuna_searcher_runs_every_side_at_once_and_models_only_finished_tr
     assert search._sides[1]["study"].directions[1] == optuna.study.StudyDirection.MINIMIZE
 
 
+def test_a_restored_optuna_search_draws_what_the_uninterrupted_one_draws(tmp_path):
+    """A search could not be resumed: its searcher saved nothing, so `--resume` was refused
+    and an interrupted search was run again from its first trial. Its state now goes with
+    Tune's: a searcher restored from it hands out the same samples as one never stopped,
+    its studies knowing every trial told before; a trial that errored (told as failed) and
+    that the resume ran again is told with its scores when it finishes."""
+    import optuna
+
+    from sweeps.search import SideSearch
+
+    plan = make_plan(parse("paper", "--search", "optuna", "--num-samples", "6"))
+    n = len(plan.conditions)
+
+    def scores(config: dict) -> dict:  # a toy front: performance falls with |alpha|
+        a = config["alpha_mag"]
+        return {"val_performance": 1 - a / 100, "val_alignment": a / 10}
+
+    def run(search: SideSearch, ids: range, configs: dict, unfinished=()) -> None:
+        for i in ids:
+            configs[f"t{i}"] = search.suggest(f"t{i}")
+        for i in ids:
+            if "alpha_mag" in configs[f"t{i}"] and i not in unfinished:
+                search.on_trial_complete(f"t{i}", scores(configs[f"t{i}"]))
+
+    whole, configs = SideSearch(plan), {}
+    # the first sample errors; the last two are still running when the search stops
+    run(whole, range(3 * n), configs, unfinished=(n, 3 * n - 2, 3 * n - 1))
+    whole.on_trial_complete(f"t{n}", None, error=True)
+    whole.save(str(tmp_path / "searcher.pkl"))
+    again = SideSearch(plan)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    rest, rest_again = {}, {}
+    for search, drawn in ((whole, rest), (again, rest_again)):
+        for i in (3 * n - 2, 3 * n - 1):  # the resume ran them on from their checkpoints
+            search.on_trial_complete(f"t{i}", scores(configs[f"t{i}"]))
+        run(search, range(3 * n, plan.n_trials), drawn)
+    assert rest_again == rest and len(rest) == plan.n_trials - 3 * n
+    assert [c["alpha_mag"] for c in rest.values()] != [c["alpha_mag"] for c in
+                                                       list(configs.values())[n:3 * n]]
+    for side, side_again in zip(whole._sides, again._sides):
+        assert [(t.state, t.values) for t in side_again["study"].trials] == \
+            [(t.state, t.values) for t in side["study"].trials]
+    # the errored sample, run again by the resume, finishes: its scores reach its study
+    study = again._sides[0]["study"]
+    (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    again.on_trial_complete(f"t{n}", scores(configs[f"t{n}"]))
+    last = study.trials[-1]
+    assert last.state == optuna.trial.TrialState.COMPLETE
+    assert last.params == {"alpha_mag": configs[f"t{n}"]["alpha_mag"]} == failed.params
+    assert last.values == list(scores(configs[f"t{n}"]).values())
+
+
 def test_the_optuna_dry_run_of_a_one_point_grid_and_a_control_that_does_not_run():
     """A one-point grid is searched from a/4 to 4a (the range the search uses, from the one
     helper both call); a sweep whose [control] does not run at this scale (the smoke test)
@@ -577,6 +629,19 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
     assert plan.resume and plan.resume_pointer == str(pointer)
     with pytest.raises(UsageError, match="nothing to resume"):  # the smoke test is apart
         make_plan(parse("nsd_conv1_v1", "--smoke-test", "--resume", "--storage", str(tmp_path)))
+    # an adaptive search resumes its own latest run, never a grid run (nor one a grid run)
+    search = ("--search", "optuna", "--num-samples", "4")
+    with pytest.raises(UsageError, match=(
+            r"^--resume: nothing to resume, no earlier search of nsd_conv1_v1-demo under .* "
+            r"\(no nsd_conv1_v1-demo\.optuna\.latest; run without --resume first, or give the "
+            r"--storage and --search it used\)$")):
+        make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
+    (tmp_path / "nsd_conv1_v1-demo.optuna.latest").write_text("nsd_conv1_v1-demo_20260101-000001")
+    (tmp_path / "nsd_conv1_v1-demo_20260101-000001").mkdir()
+    plan = make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
+    assert plan.resume_pointer == str(tmp_path / "nsd_conv1_v1-demo.optuna.latest")
+    assert make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path))
+                     ).resume_pointer == str(pointer)
 
 
 def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(tmp_path):
