@@ -829,10 +829,15 @@ def _check_resume(resume: bool, storage: str, experiment: str, search: str) -> N
     pointer = resume_pointer(storage, experiment, search)
     if resume and not pointer.is_file():
         what = "search" if search != "grid" else "run"
+        other = resume_pointer(storage, experiment, "optuna" if search == "grid" else "grid")
+        there = ((f"; {other.name} is there: an adaptive search resumes with its --search "
+                  f"optuna --num-samples N" if search == "grid" else
+                  f"; {other.name} is there: a grid run resumes without --search")
+                 if other.is_file() else "")
         raise UsageError(f"--resume: nothing to resume, no earlier {what} of {experiment} "
-                         f"under {storage} (no {pointer.name}; run without --resume first, or "
-                         f"give the --storage{' and --search' if search != 'grid' else ''} it "
-                         f"used)")
+                         f"under {storage} (no {pointer.name}{there}; run without --resume "
+                         f"first, or give the --storage{' and --search' if search != 'grid' else ''} "
+                         f"it used)")
 
 
 def _check_resumed_run(plan: Plan) -> None:

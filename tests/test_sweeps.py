@@ -633,7 +633,8 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
     search = ("--search", "optuna", "--num-samples", "4")
     with pytest.raises(UsageError, match=(
             r"^--resume: nothing to resume, no earlier search of nsd_conv1_v1-demo under .* "
-            r"\(no nsd_conv1_v1-demo\.optuna\.latest; run without --resume first, or give the "
+            r"\(no nsd_conv1_v1-demo\.optuna\.latest; nsd_conv1_v1-demo\.latest is there: a "
+            r"grid run resumes without --search; run without --resume first, or give the "
             r"--storage and --search it used\)$")):
         make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
     (tmp_path / "nsd_conv1_v1-demo.optuna.latest").write_text("nsd_conv1_v1-demo_20260101-000001")
@@ -642,6 +643,13 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
     assert plan.resume_pointer == str(tmp_path / "nsd_conv1_v1-demo.optuna.latest")
     assert make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path))
                      ).resume_pointer == str(pointer)
+    pointer.unlink()  # a grid --resume where only a search ran: said, not guessed
+    with pytest.raises(UsageError, match=(
+            r"^--resume: nothing to resume, no earlier run of nsd_conv1_v1-demo under .* \(no "
+            r"nsd_conv1_v1-demo\.latest; nsd_conv1_v1-demo\.optuna\.latest is there: an "
+            r"adaptive search resumes with its --search optuna --num-samples N; run without "
+            r"--resume first, or give the --storage it used\)$")):
+        make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(tmp_path)))
 
 
 def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(tmp_path):
