@@ -287,12 +287,31 @@ class _Stimuli:
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """ids (k,) strictly ascending nsdIds -> uint8 (k, 3, H, W)."""
-        block = self._dataset()[np.asarray(ids)]
+        ids = np.asarray(ids)
+        try:
+            block = self._dataset()[ids]
+        except (OSError, RuntimeError) as exc:
+            raise self._unreadable(ids, exc) from None
         return torch.from_numpy(block).permute(0, 3, 1, 2)
 
     def read_one(self, nsd_id: int) -> torch.Tensor:
         """One stimulus -> uint8 (3, H, W) (a plain slice: no fancy-index overhead)."""
-        return torch.from_numpy(self._dataset()[int(nsd_id)]).permute(2, 0, 1)
+        try:
+            image = self._dataset()[int(nsd_id)]
+        except (OSError, RuntimeError) as exc:
+            raise self._unreadable(np.array([nsd_id]), exc) from None
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+    def _unreadable(self, ids: np.ndarray, exc: BaseException) -> nsd.NSDFormatError:
+        """A read h5py failed (a corrupt or truncated chunk, a filter it lacks): the file and
+        the images, as a format error, which a trial's retry would meet again (Tune retried
+        an OSError twice, and the summary named neither)."""
+        shown = ", ".join(str(int(i)) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        return nsd.NSDFormatError(
+            f"{self.path}: cannot read '{nsd.STIMULI_DATASET}' image(s) nsdId {shown} ({why}); "
+            f"expected a complete HDF5 file -- copy it again from the release, then rerun with "
+            f"--resume")
 
 
 def nsd_split(image_ids: np.ndarray, *, seed: int, test_fraction: float = 0.2) -> tuple[

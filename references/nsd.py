@@ -46,6 +46,8 @@ import argparse
 import collections
 import contextlib
 import csv
+import functools
+import getpass
 import json
 import os
 import re
@@ -71,6 +73,25 @@ class NSDFormatError(ValueError):
     """
 
 
+def _permission_named(fn):
+    """``fn`` with a PermissionError (a folder or file of the release this user may not read:
+    raised from an ``open``, a folder listing, even an ``is_file``) turned into an
+    NSDFormatError naming the path; it went through as an unexpected error (exit 1)."""
+    @functools.wraps(fn)
+    def named(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PermissionError as exc:
+            try:
+                user = getpass.getuser()
+            except Exception:  # no name for this uid
+                user = f"uid {os.getuid()}"
+            raise NSDFormatError(f"{exc.filename or exc}: permission denied to user {user}; "
+                                 f"accepted: a release (and output folder) this user may read "
+                                 f"(and write)") from None
+    return named
+
+
 def _oneline(exc: BaseException) -> str:
     """An exception's message on one line (nibabel's and h5py's may span several)."""
     return " ".join(str(exc).split())
@@ -94,6 +115,9 @@ _SESSION_RE = re.compile(r"^betas_session(\d+)\.(hdf5|nii\.gz|nii)$")
 #: bounding box alone, a .nii.gz must be decompressed whole.
 SESSION_FORMATS = ("hdf5", "nii", "nii.gz")
 SESSION_NAMES = "betas_sessionSS.hdf5 (or .nii.gz / .nii)"
+#: A session file still being copied: aws s3 cp's betas_session01.hdf5.6fA3b1c2, rsync's
+#: .betas_session01.hdf5.Xq3z9a, a browser's .part / .crdownload, an editor's ~.
+_UNFINISHED_RE = re.compile(r"^\.?betas_session(\d+)\.(hdf5|nii\.gz|nii)(\..+|~)$")
 # Upper bound on one h5py read (a trial chunk of the ROI bounding box); keeps VVS, whose bounding
 # box is large, from pulling hundreds of MB of int16 at once.
 _READ_CHUNK_BYTES = 64 * 2**20
@@ -237,6 +261,9 @@ def _as_index_array(value: np.ndarray, path: Path, name: str) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise NSDFormatError(f"{path}: '{name}' must hold integers (1-based indices)")
+        if np.abs(arr).max() >= 2**53:  # beyond exact floats: the cast would wrap
+            raise NSDFormatError(f"{path}: '{name}' holds {float(np.abs(arr).max()):g}; "
+                                 f"expected 1-based indices (integers below 2**53)")
     return arr.astype(np.int64)
 
 
@@ -423,12 +450,16 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
         elsewhere = _betas_elsewhere(nsd_root, subject)
         raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject}"
                              f"{f'; its betas are in {elsewhere}' if elsewhere else ''})")
+    _refuse_unfinished_copies(folder, subject)
     forms: dict[int, dict[str, Path]] = {}
     for p in sorted(folder.iterdir()):
         m = _SESSION_RE.match(p.name)
         if not m:
             continue
         s, form = int(m.group(1)), m.group(2)
+        if p.exists() and not p.is_file() and not p.is_dir():  # reading a FIFO hangs
+            raise NSDFormatError(f"{p}: not a regular file (a FIFO, socket or device); expected "
+                                 f"session {s}'s data file")
         if s == 0:  # would otherwise be read silently as the first session
             raise NSDFormatError(f"{p}: session 0; sessions are numbered from 1 "
                                  f"(betas_session01.hdf5 .. betas_sessionNN.hdf5)")
@@ -453,6 +484,21 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
     return [found[s] for s in sorted(found)]
 
 
+def _refuse_unfinished_copies(folder: Path, subject: int) -> None:
+    """An NSDFormatError naming a session file of ``folder`` still being copied (or left
+    behind by a copy that stopped): the session would be missing, and a subject with no
+    finished session, or its last sessions, left out without a word."""
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.iterdir()):
+        m = _UNFINISHED_RE.match(p.name)
+        if m and not _SESSION_RE.match(p.name):  # (betas_session01.nii + ".gz": finished)
+            raise NSDFormatError(
+                f"{p}: an unfinished copy of subject {subject}'s session {int(m.group(1))}; "
+                f"expected betas_session{int(m.group(1)):02d}.{m.group(2)} -- finish the copy "
+                f"(or remove the file, and pass --subject for the subjects to use)")
+
+
 @contextlib.contextmanager
 def _h5_dataset(path: Path, name: str) -> Iterator:
     """The object ``name`` of the HDF5 file ``path`` (open for the block), or an
@@ -473,8 +519,15 @@ def _unwritten(d) -> str:
     stopped part-way leaves chunks (or a contiguous block) unallocated, and h5py reads those as
     the fill value without a word. Read from the file's index; no data is decoded."""
     layout = d.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.VIRTUAL:  # its data is other files': each must be there
+        here = Path(d.file.filename).parent
+        for src in d.virtual_sources():
+            name = src.file_name
+            if name != "." and not (here / name).is_file() and not Path(name).is_file():
+                return f"it is a virtual dataset whose source file {name} is missing"
+        return ""
     if d.size == 0 or layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
-        return ""  # compact data lives in the header; virtual data is another file's
+        return ""  # compact data lives in the header
     if layout == h5py.h5d.CONTIGUOUS:
         if not d.external and d.id.get_storage_size() == 0:
             return "its data block is unallocated"
@@ -638,6 +691,16 @@ def stimuli_shape(path: str | os.PathLike) -> tuple[int, int, int]:
                 or d.dtype != np.uint8):
             raise NSDFormatError(f"{path}: '{STIMULI_DATASET}' must be (images, H, W, 3) uint8, "
                                  f"got shape {shape} {dtype}")
+        if shape[1] != shape[2] or shape[1] == 0:
+            # resized to the trial's size, never cropped: a voxel responded to all of it
+            raise NSDFormatError(f"{path}: '{STIMULI_DATASET}' images are {shape[1]} x "
+                                 f"{shape[2]} pixels; expected square images (425 x 425 in "
+                                 f"the release)")
+        missing = _unwritten(d)
+        if missing:
+            raise NSDFormatError(f"{path}: '{STIMULI_DATASET}' was never written in full "
+                                 f"({missing}); reading it would give black images -- copy "
+                                 f"the file again from the release")
         return int(shape[0]), int(shape[1]), int(shape[2])
 
 
@@ -653,6 +716,8 @@ def _subjects_present(nsd_root: Path, design: ExpDesign, *, every: bool = False
     n_rows = design.subjectim.shape[0]
     present = tuple(s for s in range(1, n_rows + 1) if _has_sessions(betas_dir(nsd_root, s)))
     for s in range(1, n_rows + 1) if every else ():
+        if s not in present:  # "every subject" would leave it out without a word
+            _refuse_unfinished_copies(betas_dir(nsd_root, s), s)
         elsewhere = None if s in present else _betas_elsewhere(nsd_root, s)
         if elsewhere is not None:  # "every subject" would leave it out without a word
             raise NSDFormatError(
@@ -680,6 +745,7 @@ def _betas_elsewhere(nsd_root: Path, subject: int) -> Path | None:
     return None
 
 
+@_permission_named
 def subjects_in_release(nsd_root: str | os.PathLike) -> tuple[int, ...]:
     """The subjects a release holds, ascending: those with a row in nsd_expdesign.mat's
     ``subjectim`` whose betas folder (:func:`betas_dir`) holds at least one
@@ -728,6 +794,16 @@ def read_session_roi(path: Path, mask: np.ndarray) -> np.ndarray:
             f"{path}: {int(bad.any(axis=0).sum())} ROI voxel(s) hold NaN or infinite betas "
             f"(first: trial {int(trial)}, voxel ({xi[voxel]}, {yi[voxel]}, {zi[voxel]}) in (x, y, z)"
             f"); expected finite betas -- leave the voxel out of the ROI mask, or fill it")
+    if out.shape[1] >= 2:
+        # A measured trial never holds one value in every voxel of an ROI; the fill value of
+        # storage never written does (chunks allocated early by a parallel writer, a virtual
+        # dataset whose source could not be read), and z-scoring made it a real response.
+        flat = np.flatnonzero(out.max(axis=1) == out.min(axis=1))
+        if flat.size:
+            raise NSDFormatError(
+                f"{path}: {flat.size} trial(s) hold one value in every ROI voxel (first: trial "
+                f"{int(flat[0])}, value {out[flat[0], 0]:g}); expected measured betas -- storage "
+                f"never written reads as its fill value: copy the file again from the release")
     return out / BETAS_SCALE
 
 
@@ -962,6 +1038,7 @@ def _plan_subject(nsd_root: Path, design: ExpDesign, subject: int, roi: str) -> 
     return _SubjectPlan(subject, mask, sessions, trials)
 
 
+@_permission_named
 def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
             subjects: Sequence[int] | None, roi: str, out: str | os.PathLike, *,
             progress: bool = True) -> Path:
@@ -1162,6 +1239,7 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
 # Checking a release before a run
 
 
+@_permission_named
 def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
                   rois: str | Sequence[str]) -> None:
     """Validate the release as :func:`prepare` and the stimulus reader will read it, from file
@@ -1198,9 +1276,21 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
         raise NSDFormatError(f"{stimuli}: '{STIMULI_DATASET}' holds {n_images} images but "
                              f"'subjectim' in {nsd_root / EXPDESIGN} uses nsdIds up to "
                              f"{n_needed} (1-based); expected at least {n_needed} images")
+    if info.nsd_id[0] > 0 and info.nsd_id[-1] >= n_images:
+        # 1..N: a 1-based column (a MATLAB export) would give each image the cocoId and
+        # labels of the next, which no other check sees
+        raise NSDFormatError(
+            f"{nsd_root / STIM_INFO}: nsdId runs {info.nsd_id[0]}..{info.nsd_id[-1]} but "
+            f"'{STIMULI_DATASET}' in {stimuli} holds {n_images} images (nsdId 0.."
+            f"{n_images - 1}); expected the release's 0-based nsdId (subtract 1 from a "
+            f"1-based column)")
     present = _subjects_present(nsd_root, design, every=subjects is None)
     subjects = present if subjects is None else subjects
     for s in subjects:
+        if s > design.subjectim.shape[0]:  # (its betas may be on disk: no image list)
+            raise NSDFormatError(f"subject {s} not in 'subjectim' of {nsd_root / EXPDESIGN} "
+                                 f"(rows 1..{design.subjectim.shape[0]}); subjects present: "
+                                 f"{', '.join(map(str, present))}")
         if s not in present:
             elsewhere = _betas_elsewhere(nsd_root, s)
             raise NSDFormatError(f"{betas_dir(nsd_root, s)}: no {SESSION_NAMES} for "

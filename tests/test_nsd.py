@@ -3,12 +3,16 @@ betas, so the expected table is computed independently (explicit loops, no loade
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -454,7 +458,10 @@ BROKEN_RELEASES = [
                            r"subject 2; subjects present: 1$"),
     ("", [1, 3], r"subj03.*betas_fithrf_GLMdenoise_RR: no betas_sessionSS\.hdf5 \(or \.nii\.gz / \.nii\) for subject 3; "
                  r"subjects present: 1, 2$"),
-    ("", [9], r"subj09.*: no betas_sessionSS\.hdf5 \(or \.nii\.gz / \.nii\) for subject 9; subjects present: 1, 2$"),
+    # (its betas on disk or not: there is no image list for it; the message said "no betas"
+    # of a subject whose betas it named)
+    ("", [9], r"^subject 9 not in 'subjectim' of .*nsd_expdesign\.mat \(rows 1\.\.8\); "
+              r"subjects present: 1, 2$"),
 ]
 
 
@@ -1227,3 +1234,202 @@ def test_nifti_sessions_read_in_many_chunks_give_the_same_table(tmp_path, monkey
     want = pq.read_table(prepare(h5_root, coco, [1], "V1", tmp_path / "h.parquet",
                                  progress=False))
     assert got.equals(want)
+
+
+# --------------------------------------------------------------------------------------------
+# A lab's copy read silently wrong, or refused without a name (probed at stop 30)
+
+
+def _rewrite_stimuli(nsd_root: Path, write) -> Path:
+    """nsd_stimuli.hdf5 rewritten by ``write(file, images)``; returns its path."""
+    path = nsd_root / nsd.STIMULI
+    with h5py.File(path, "r") as f:
+        images = f["imgBrick"][()]
+    with h5py.File(path, "w") as f:
+        write(f, images)
+    return path
+
+
+def test_a_part_written_stimulus_file_is_refused(tmp_path):
+    """A copy of nsd_stimuli.hdf5 that stopped after 4 of 12 images passed the dry run, and
+    every image after them was read as black: a run trained on them and finished (exit 0)."""
+    nsd_root, _ = write_tree(tmp_path)
+
+    def first_four(f, images):
+        d = f.create_dataset("imgBrick", shape=images.shape, dtype=images.dtype,
+                             chunks=(1, *images.shape[1:]))
+        d[:4] = images[:4]
+    path = _rewrite_stimuli(nsd_root, first_four)
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 'imgBrick' was never written in full (8 of its 12 chunks hold no data); "
+            f"reading it would give black images")) as exc:
+        check_release(nsd_root, [1, 2], ["V1"])
+    _one_line(exc)
+
+
+@pytest.mark.parametrize("shape, said", [((12, 10, 8, 3), "10 x 8"), ((12, 0, 0, 3), "0 x 0")])
+def test_stimuli_that_are_not_square_images_are_refused(tmp_path, shape, said):
+    """A 0 x 0 brick passed (each trial then failed dividing by zero); a non-square one was
+    centre-cropped, though a voxel responded to the whole image."""
+    nsd_root, _ = write_tree(tmp_path)
+    path = _rewrite_stimuli(nsd_root, lambda f, images: f.create_dataset(
+        "imgBrick", data=np.zeros(shape, np.uint8)))
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 'imgBrick' images are {said} pixels; expected square images")):
+        check_release(nsd_root, [1, 2], ["V1"])
+
+
+def test_a_one_based_stim_info_is_refused(tmp_path):
+    """nsdId written 1-based (a MATLAB export): every image took the cocoId and labels of the
+    next, and the dry run passed (only a subject that saw nsdId 0 would have shown it)."""
+    nsd_root, _ = write_tree(tmp_path)
+    _edit_stim_info(nsd_root, lambda rows: [rows[0]] + [
+        [*r[:4], str(int(r[4]) + 1), *r[5:]] for r in rows[1:]])
+    with pytest.raises(NSDFormatError, match=(
+            r"nsd_stim_info_merged\.csv: nsdId runs 1\.\.12 but 'imgBrick' in .*nsd_stimuli"
+            r"\.hdf5 holds 12 images \(nsdId 0\.\.11\); expected the release's 0-based nsdId")):
+        check_release(nsd_root, [1], ["V1"])
+
+
+def test_betas_never_written_are_refused_even_where_the_file_looks_complete(tmp_path):
+    """Chunks a parallel writer allocated early, and a virtual dataset whose source file is
+    gone, read as the fill value: each such trial became a z-scored response of 0 (and
+    counted as a repeat), the dry run and prepare passing."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = nsd.session_file(nsd_root, 1, 2)
+    with h5py.File(path, "r") as f:
+        betas = f["betas"][()]
+    path.unlink()
+    with h5py.File(path, "w") as f:  # every chunk allocated at creation, 2 of 5 trials written
+        space = h5py.h5s.create_simple(betas.shape)
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_chunk((1, *betas.shape[1:]))
+        plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        h5py.h5d.create(f.id, b"betas", h5py.h5t.STD_I16LE, space, plist)
+        f["betas"][:2] = betas[:2]
+    check_release(nsd_root, [1], ["V1"])  # the chunk index says all is stored
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 3 trial(s) hold one value in every ROI voxel (first: trial 2, value 0); "
+            f"expected measured betas")) as exc:
+        prepare(nsd_root, coco, [1], "V1", tmp_path / "a.parquet", progress=False)
+    _one_line(exc)
+
+    source = tmp_path / "source.h5"
+    with h5py.File(source, "w") as f:
+        f["betas"] = betas
+    path.unlink()
+    layout = h5py.VirtualLayout(shape=betas.shape, dtype=betas.dtype)
+    layout[:] = h5py.VirtualSource(str(source), "betas", shape=betas.shape)
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("betas", layout)
+    check_release(nsd_root, [1], ["V1"])  # its source is there: read through it
+    source.unlink()
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path}: 'betas' was never written in full (it is a virtual dataset whose source "
+            f"file {source} is missing)")):
+        check_release(nsd_root, [1], ["V1"])
+
+
+@pytest.mark.parametrize("subject", [1, 2])
+def test_a_session_still_being_copied_is_refused(tmp_path, subject):
+    """aws s3 cp names a file it is writing betas_session01.hdf5.<random>: a subject with only
+    that was left out of "every subject" without a word, and one whose last session was still
+    copying was read with one session fewer."""
+    nsd_root, _ = write_tree(tmp_path)
+    last = nsd.session_file(nsd_root, subject, len(TRIALS[subject]))
+    partial = last.with_name(last.name + ".6fA3b1c2")
+    last.rename(partial)
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{partial}: an unfinished copy of subject {subject}'s session "
+            f"{len(TRIALS[subject])}; expected {last.name} -- finish the copy")) as exc:
+        check_release(nsd_root, None, ["V1"])
+    _one_line(exc)
+
+
+def test_a_session_name_that_is_no_file_is_refused_not_waited_on(tmp_path):
+    """A FIFO named as a session hung the dry run."""
+    nsd_root, _ = write_tree(tmp_path)
+    fifo = nsd.session_file(nsd_root, 2, 2)
+    os.mkfifo(fifo)
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{fifo}: not a regular file (a FIFO, socket or device)")):
+        check_release(nsd_root, [2], ["V1"])
+
+
+def test_an_index_beyond_exact_floats_is_one_line_without_a_warning(tmp_path):
+    nsd_root, _ = write_tree(tmp_path)
+    path = nsd_root / nsd.EXPDESIGN
+    design = scipy.io.loadmat(str(path))
+    design["subjectim"] = design["subjectim"] * 1e30
+    scipy.io.savemat(str(path), {k: v for k, v in design.items() if not k.startswith("__")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast"
+        with pytest.raises(NSDFormatError, match=(
+                r"nsd_expdesign\.mat: 'subjectim' holds 1e\+31; expected 1-based indices")):
+            check_release(nsd_root, [1], ["V1"])
+
+
+def test_a_corrupt_stimulus_chunk_names_the_file_and_images(tmp_path):
+    """h5py's bare OSError ("filter returned failure during read") reached the summary with
+    neither the file nor the image, and Tune retried the trial twice."""
+    from references.datasets import _Stimuli
+    from sweeps.execute import _repeating_errors
+
+    nsd_root, _ = write_tree(tmp_path)
+    path = _rewrite_stimuli(nsd_root, lambda f, images: f.create_dataset(
+        "imgBrick", data=images, chunks=(1, *images.shape[1:]), compression="gzip"))
+    with h5py.File(path, "r") as f:
+        chunk = f["imgBrick"].id.get_chunk_info(5)
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.byte_offset)
+        fh.write(b"\xff" * chunk.size)
+    stimuli = _Stimuli(path)
+    stimuli.read_one(4)
+    for read in (lambda: stimuli.read_one(5), lambda: stimuli.read(np.array([3, 5, 7]))):
+        with pytest.raises(NSDFormatError, match=re.escape(
+                f"{path}: cannot read 'imgBrick' image(s) nsdId ") + r"[0-9, ]+ \(.*\); expected "
+                r"a complete HDF5 file") as exc:
+            read()
+        _one_line(exc)
+        assert isinstance(exc.value, _repeating_errors())  # not retried by Tune
+
+
+def test_a_release_this_user_may_not_read_is_one_line_naming_the_path(tmp_path):
+    """An unreadable CSV, betas folder or subject folder went through as an unexpected error
+    (exit 1, a traceback file). Run as a user the permissions bind (root reads anything)."""
+    import stat
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="nsd-perm-"))
+    try:
+        nsd_root, _ = write_tree(base)
+        for p in [base, *base.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0))
+        blocked = [nsd_root / nsd.STIM_INFO, nsd.betas_dir(nsd_root, 1),
+                   nsd_root / "nsddata_betas/ppdata/subj02"]
+        for path in blocked:
+            mode = path.stat().st_mode
+            path.chmod(0)
+            try:
+                prefix = ([] if os.geteuid() else
+                          ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                proc = subprocess.run(
+                    [*prefix, sys.executable, "-c",
+                     "import sys; from references import nsd\n"
+                     "try:\n nsd.check_release(sys.argv[1], None, ['V1'])\n"
+                     "except nsd.NSDFormatError as e:\n print(e); sys.exit(2)",
+                     str(nsd_root)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                    env={**os.environ, "PYTHONPATH": str(REPO)})
+            finally:
+                path.chmod(mode)
+            assert proc.returncode == 2, proc.stdout + proc.stderr
+            # (the path, or the first one below it that could not be reached)
+            assert re.fullmatch(rf"{re.escape(str(path))}(/\S+)?: permission denied to user "
+                                rf"\S+; "
+                                rf"accepted: a release \(and output folder\) this user may "
+                                rf"read \(and write\)\n", proc.stdout), proc.stdout + proc.stderr
+    finally:
+        for p in [base, *base.rglob("*")]:
+            with contextlib.suppress(OSError):
+                p.chmod(0o700)
+        shutil.rmtree(base, ignore_errors=True)
