@@ -69,6 +69,7 @@ from dashboards.sources import (
     load_ray,
     mlflow_client,
     quiet_artifacts,
+    sweep_parent_run,
 )
 from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
 from records.uris import expand_user, not_utf8, redact, tracking_uri
@@ -630,6 +631,12 @@ def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = N
     """The same from Ray Tune's result folder; logs to MLflow only when ``parent_run_id`` and
     ``mlflow_uri`` are both given. Returns the report's path."""
     record = load_ray(ray_results, sweep, experiment=experiment)
+    if parent_run_id and mlflow_uri:  # checked before anything is built or logged
+        sweep_parent_run(mlflow_client(mlflow_uri), parent_run_id, sweep, mlflow_uri)
+        if record.parent_run_id and record.parent_run_id != parent_run_id:
+            raise SourceError(f"--parent-run {parent_run_id}, but {record.label} is the run of "
+                              f"parent run {record.parent_run_id} (its mlflow_parent.json); "
+                              f"accepted: --parent-run {record.parent_run_id}")
     out = Path(out) if out is not None else _default_out(record)
     path = build_outputs(record, out)
     if parent_run_id and mlflow_uri:

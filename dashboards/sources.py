@@ -297,6 +297,35 @@ def _latest_parent(client, experiments: list, sweep: str) -> Any:
                               f"run the sweep first")
 
 
+def sweep_parent_run(client, parent_run_id: str, sweep: str, mlflow_uri: str):
+    """``--parent-run``: the parent run of a ``sweep`` invocation in the store, else a
+    SourceError (no such run, a trial's run, another sweep's run or no sweep's). Asked before
+    anything is read from it or logged into it (a report logged into another sweep's parent
+    replaced that sweep's report)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
+        raise SourceError(f"--parent-run {parent_run_id}: no such run in {redact(mlflow_uri)} "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    if PARENT_TAG in parent.data.tags:
+        raise SourceError(f"--parent-run {parent_run_id} is a trial run (its parent is "
+                          f"{parent.data.tags[PARENT_TAG]}); accepted: a sweep's parent run")
+    _check_sweep_parent(parent, sweep)
+    return parent
+
+
+def _check_sweep_parent(parent, sweep: str) -> None:
+    tags = parent.data.tags
+    if "sweep" not in tags:
+        raise SourceError(f"--parent-run {parent.info.run_id} has no tag 'sweep': not the "
+                          f"parent run of a sweep; accepted: a run sweeps/run.py started")
+    if tags["sweep"] != sweep:
+        raise SourceError(f"parent run {parent.info.run_id} belongs to sweep {tags['sweep']!r}, "
+                          f"not {sweep!r}; accepted: the sweep name the run was started with")
+
+
 def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None,
                 experiment: str | None = None) -> SweepRecord:
     """The trials of one sweep invocation from MLflow (see the module docstring for which)."""
@@ -305,23 +334,11 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
 
     client = mlflow_client(mlflow_uri)
     if parent_run_id:
-        try:
-            parent = client.get_run(parent_run_id)
-        except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
-            raise SourceError(f"--parent-run {parent_run_id}: no such run in {redact(mlflow_uri)} "
-                              f"({' '.join(str(exc).split())[:200]})") from None
-        if PARENT_TAG in parent.data.tags:
-            raise SourceError(f"--parent-run {parent_run_id} is a trial run (its parent is "
-                              f"{parent.data.tags[PARENT_TAG]}); accepted: a sweep's parent run")
+        parent = sweep_parent_run(client, parent_run_id, sweep, mlflow_uri)
     else:
         parent = _latest_parent(client, _experiments(client, sweep, experiment), sweep)
+        _check_sweep_parent(parent, sweep)
     tags = dict(parent.data.tags)
-    if "sweep" not in tags:
-        raise SourceError(f"--parent-run {parent.info.run_id} has no tag 'sweep': not the "
-                          f"parent run of a sweep; accepted: a run sweeps/run.py started")
-    if tags["sweep"] != sweep:
-        raise SourceError(f"parent run {parent.info.run_id} belongs to sweep {tags['sweep']!r}, "
-                          f"not {sweep!r}; accepted: the sweep name the run was started with")
     exp_name = client.get_experiment(parent.info.experiment_id).name
     runs = child_runs(client, parent.info.run_id)
     # runs another tool nested under the parent (an evaluation a lab groups with the sweep)

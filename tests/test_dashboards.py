@@ -1286,6 +1286,49 @@ def test_real_smoke_sweep_from_ray_results_matches_mlflow(smoke, smoke_report, t
         assert record.fetch_filters(trial, tmp_path) is not None, trial.trial_id
 
 
+def test_a_report_from_ray_results_is_logged_only_into_its_own_parent_run(smoke, tmp_path,
+                                                                          capsys):
+    """--ray-results with --parent-run of a trial's run, another sweep's parent run or
+    another invocation of the sweep logged the report there (exit 0), replacing that run's
+    report; an unknown id failed with MLflow's traceback after the outputs were built. Each
+    is refused in one line, exit 2, before anything is built or logged."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "copy.db"  # a copy: the shared store stays as the smoke sweep left it
+    shutil.copy(smoke.uri.removeprefix("sqlite:///"), db)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    parent = client.get_run(smoke.parent_run_id)
+    exp = parent.info.experiment_id
+    trial = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = "
+                                                    f"'{smoke.parent_run_id}'")[0].info.run_id
+    other_sweep = client.create_run(exp, tags={"sweep": "gabor_conv1"}).info.run_id
+    other_run = client.create_run(exp, tags={"sweep": SWEEP}).info.run_id
+    run_folder = next(smoke.storage.glob(f"{EXPERIMENT}_*")).name
+    for run_id, said in [
+            (trial, f"--parent-run {trial} is a trial run (its parent is "
+                    f"{smoke.parent_run_id}); accepted: a sweep's parent run"),
+            (other_sweep, f"parent run {other_sweep} belongs to sweep 'gabor_conv1', not "
+                          f"{SWEEP!r}"),
+            (other_run, f"--parent-run {other_run}, but {run_folder} is the run of parent run "
+                        f"{smoke.parent_run_id} (its mlflow_parent.json); accepted: "
+                        f"--parent-run {smoke.parent_run_id}"),
+            ("0" * 32, f"--parent-run {'0' * 32}: no such run in {uri}")]:
+        before = [a.path for a in client.list_artifacts(run_id)] if run_id != "0" * 32 else []
+        out = tmp_path / f"out-{run_id}"
+        assert pareto.main([SWEEP, "--ray-results", str(smoke.storage), "--parent-run", run_id,
+                            "--mlflow-uri", uri, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {said}") and err.count("\n") == 1, err
+        assert not out.exists()
+        if run_id != "0" * 32:
+            assert [a.path for a in client.list_artifacts(run_id)] == before
+            assert not [k for k in client.get_run(run_id).data.metrics
+                        if k.startswith(("stat/", "effect/"))]
+
+
 def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dashboards.pareto", SWEEP, "--mlflow-uri", smoke.uri,
