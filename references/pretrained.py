@@ -197,6 +197,10 @@ def _unwrap_state_dict(obj: object, path: Path,
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
                          f"{type(obj).__name__}; {_SAVE_HINT}")
+    key = next((k for k in obj if not isinstance(k, str)), None)
+    if key is not None:  # (torch.save({1: ...}): the prefix search met it as a name)
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), but key {key!r} is "
+                         f"a {type(key).__name__}; {_SAVE_HINT}")
     other = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
     if other is not None:
         raise ValueError(f"{path}: expected a state dict (name -> tensor), but entry "
@@ -283,6 +287,11 @@ def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
         some = ", ".join(list(sd)[:3]) or "none"
         raise ValueError(f"{path} is not a state dict of {model_name}: missing {head_key!r} or "
                          f"{conv1_key!r} (its keys: {some}, ...)")
+    for key, dims in ((head_key, 2), (conv1_key, 4)):
+        if sd[key].dim() != dims or not sd[key].shape[0]:
+            raise ValueError(f"{path}: {key} has shape {tuple(sd[key].shape)}; expected a "
+                             f"{dims}-D weight of {model_name} with at least one "
+                             f"{'class' if key == head_key else 'channel'}")
     given = width is not None
     classes = int(sd[head_key].shape[0])
     if width is None:
@@ -292,13 +301,23 @@ def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
     except ValueError as e:
         raise ValueError(f"{path}: {conv1_key} has {sd[conv1_key].shape[0]} channels, width "
                          f"{width:g} of {model_name}: {e}") from None
+    own = model.net.state_dict()
+    for key, t in sd.items():  # load_state_dict casts: int weights, complex ones' real part
+        if key in own and own[key].is_floating_point() and not t.is_floating_point():
+            raise ValueError(f"{path}: {key} holds {t.dtype} values; expected floating-point "
+                             f"weights (as torch.save(model.state_dict()) writes them)")
     try:
         model.net.load_state_dict(sd)
     except RuntimeError:
         raise ValueError(f"{path} does not fit {model_name} (width {width:g}"
                          f"{' as given' if given else ''}, {classes} classes, read off the "
                          f"file): "
-                         f"{_mismatch(model.net.state_dict(), sd)}") from None
+                         f"{_mismatch(own, sd)}") from None
+    bad = next((k for k, t in model.net.state_dict().items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # every trial failed in the reference's first ridge, naming no file
+        raise ValueError(f"{path}: {bad} holds NaN or infinite values; expected finite weights "
+                         f"(a network saved after it diverged?)")
     return model.eval()
 
 

@@ -395,6 +395,44 @@ def test_checkpoints_labs_save_load_and_bad_files_are_one_line(tmp_path):
         load_network("alexnet", other_width, width=0.25)
 
 
+def test_weights_that_load_but_are_no_network_are_one_line(tmp_path):
+    """Each passed the dry run's load, or failed it with a traceback: NaN weights (every trial
+    then failed in the reference's ridge, naming no file), integer or complex weights (cast
+    without a word), integer keys (AttributeError), a 0-dim head or conv1 (IndexError), a head
+    of 0 classes (a message naming no file)."""
+    sd = build_model("alexnet", num_classes=4, width=0.25, seed=3).net.state_dict()
+
+    def changed(key, value):
+        return {**sd, key: value}
+
+    cases = {
+        "nan.pt": (changed("features.0.weight", sd["features.0.weight"].clone().fill_(
+            float("nan"))), r"features\.0\.weight holds NaN or infinite values; expected "
+                            r"finite weights"),
+        "int.pt": (changed("features.3.weight", sd["features.3.weight"].long()),
+                   r"features\.3\.weight holds torch\.int64 values; expected floating-point "
+                   r"weights"),
+        "complex.pt": (changed("classifier.1.weight", sd["classifier.1.weight"].to(
+            torch.complex64)), r"classifier\.1\.weight holds torch\.complex64 values"),
+        "intkey.pt": ({1: torch.zeros(1)}, r"expected a state dict \(name -> tensor\), but "
+                                           r"key 1 is a int"),
+        "scalarhead.pt": (changed("classifier.6.weight", torch.tensor(1.0)),
+                          r"classifier\.6\.weight has shape \(\); expected a 2-D weight of "
+                          r"alexnet with at least one class"),
+        "scalarconv1.pt": (changed("features.0.weight", torch.tensor(1.0)),
+                           r"features\.0\.weight has shape \(\); expected a 4-D weight"),
+        "zerohead.pt": (changed("classifier.6.weight", torch.zeros(0, 1024)),
+                        r"classifier\.6\.weight has shape \(0, 1024\); expected a 2-D weight "
+                        r"of alexnet with at least one class"),
+    }
+    for name, (obj, match) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {match}") \
+                as info:
+            load_network("alexnet", tmp_path / name)
+        assert "\n" not in str(info.value), name
+
+
 def test_the_sweep_records_each_network_file_with_its_digest(tmp_path):
     """The parent run's ``reference_weights`` names the file each pretrained condition loaded
     and its sha256 (a file replaced at the same path is told apart); the child runs'
