@@ -52,7 +52,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from references.cache import quiet_interrupts
+if __package__ in (None, ""):  # run by its path: its folder is sys.path[0], where
+    # dashboards/statistics.py hid the standard library's statistics, which MLflow imports
+    # (every read of a store failed with an ImportError); the repository's root instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from references.cache import quiet_interrupts  # noqa: E402
 
 if __name__ == "__main__":  # before the imports below (2 s): Ctrl-C in them is one line
     quiet_interrupts()

@@ -1329,17 +1329,24 @@ def test_a_report_from_ray_results_is_logged_only_into_its_own_parent_run(smoke,
                         if k.startswith(("stat/", "effect/"))]
 
 
-def test_cli_on_the_real_smoke_sweep(smoke, tmp_path):
+@pytest.mark.parametrize("how", ["module", "path"])
+def test_cli_on_the_real_smoke_sweep(smoke, tmp_path, how):
+    """``python dashboards/pareto.py`` (by its path, from another folder) failed on every read
+    of a store: its folder came first on sys.path, and dashboards/statistics.py hid the
+    standard library's statistics, which MLflow imports."""
+    how = (["-m", "dashboards.pareto"] if how == "module"
+           else [str(REPO / "dashboards" / "pareto.py")])
+    out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "dashboards.pareto", SWEEP, "--mlflow-uri", smoke.uri,
-         "--out", str(tmp_path), "--no-log"],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+        [sys.executable, *how, SWEEP, "--mlflow-uri", smoke.uri, "--out", str(out), "--no-log"],
+        check=False, cwd=REPO if how[0] == "-m" else tmp_path, capture_output=True, text=True,
+        timeout=300)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last == f"report: {tmp_path / 'report.html'}"
+    assert last == f"report: {out / 'report.html'}"
     assert f"{SWEEP}: 3/3 trials finished, Spearman rho" in proc.stdout
     assert "Downloading artifacts" not in proc.stderr
-    assert tables.read_config(tmp_path / "results.parquet")["experiment"] == EXPERIMENT
+    assert tables.read_config(out / "results.parquet")["experiment"] == EXPERIMENT
 
 
 def test_the_driver_says_a_report_without_a_figure_is_incomplete_not_unwritten(
