@@ -508,6 +508,11 @@ def _listdir(folder: bytes, archives: list[bytes] | None = None,
                 if is_dir:
                     dirs.append(name)
                 elif _is_image(name):
+                    if not entry.is_file():  # (the listing's type: no stat) a FIFO named as
+                        # an image hung the DataLoader worker that opened it
+                        raise ImageNetFormatError(
+                            f"{os.fsdecode(os.path.join(folder, name))}: not a regular file (a "
+                            f"FIFO, socket or device); expected an image file")
                     images.append(name)
                 elif archives is not None and name.lower().endswith(b".tar"):
                     archives.append(name)

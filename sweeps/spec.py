@@ -698,6 +698,9 @@ def _with_control(cond: Condition, raw: dict[str, Any], check_configs: bool) -> 
 def _read(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise SweepFileError(f"{path}: a folder, not a sweep file; accepted: a TOML file")
+    if path.exists() and not path.is_file():  # reading a FIFO waited for a writer for ever
+        raise SweepFileError(f"{path}: not a regular file (a FIFO, socket or device); accepted: "
+                             f"a TOML file")
     try:
         # utf-8-sig: a UTF-8 byte-order mark (Windows editors, PowerShell's Out-File) is not
         # part of the TOML; CRLF line ends are TOML's own
@@ -730,6 +733,15 @@ def _description(raw: Mapping[str, Any], path: Path) -> str:
     desc = raw.get("description", "")
     if not isinstance(desc, str):
         raise SweepFileError(f"{path}: description={desc!r}; accepted: a string")
+    # one line wherever it is shown (--list, the dry run, the parent run's description): a
+    # multi-line TOML string's breaks and tabs are spaces; an escape sequence or other control
+    # character (it recoloured the terminal in --list) is refused
+    desc = " ".join(desc.split())
+    bad = next((ch for ch in desc if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise SweepFileError(f"{path}: the description holds the control character "
+                             f"U+{ord(bad):04X}; accepted: text (line breaks and tabs become "
+                             f"spaces)")
     return desc
 
 

@@ -1077,3 +1077,14 @@ def test_a_damaged_image_of_a_generated_world_names_its_cache_entry(tmp_path, mo
     outside.write_bytes(png.read_bytes())
     with pytest.raises(ImageNetFormatError, match=r"replace or remove the file"):
         read_rgb(str(outside))
+
+
+def test_a_fifo_named_as_an_image_is_refused_when_indexed(tmp_path):
+    """A FIFO called fifo.JPEG was indexed as an image; the DataLoader worker that opened it
+    waited for a writer for ever."""
+    root = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    fifo = next((root / "train").iterdir()) / "fifo.JPEG"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{fifo}: not a regular file (a FIFO, socket or device); expected an image file")):
+        index_imagenet(root)

@@ -386,6 +386,30 @@ def test_a_sweep_file_that_is_a_folder_is_one_error(tmp_path):
         load_sweep("odd", tmp_path)
 
 
+def test_a_sweep_file_that_is_a_fifo_is_one_error_not_a_wait(tmp_path):
+    """A FIFO named like a sweep file hung --list --sweep-dir, waiting for a writer."""
+    os.mkfifo(tmp_path / "pipe.toml")
+    with pytest.raises(SweepFileError, match=r"pipe.toml: not a regular file \(a FIFO, socket "
+                                             r"or device\); accepted: a TOML file"):
+        load_sweep("pipe", tmp_path)
+
+
+def test_a_description_is_one_line_of_text(tmp_path):
+    """A description with a line break, a tab and an escape sequence was printed raw by
+    --list: across two lines, recolouring the terminal."""
+    body = (REPO / "sweeps" / "conditions" / "nsd_conv1_v1.toml").read_text().replace(
+        'description = "AlexNet conv1 vs NSD V1; COCO-80 multi-label on NSD images"', "@D@")
+    (tmp_path / "multi.toml").write_text(body.replace(
+        "@D@", 'description = """line one\n\tline two"""'))
+    (tmp_path / "esc.toml").write_text(body.replace(
+        "@D@", 'description = "red \\u001b[31m text"'))
+    assert load_sweep("multi", tmp_path, check_configs=False).description == \
+        "line one line two"
+    with pytest.raises(SweepFileError, match=r"esc\.toml: the description holds the control "
+                                             r"character U\+001B; accepted: text"):
+        load_sweep("esc", tmp_path, check_configs=False)
+
+
 def test_unknown_sweep_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown sweep 'nope'; known: gabor_conv1, "):
         load_sweep("nope")
