@@ -117,8 +117,13 @@ def _reason(e: BaseException) -> str:
 
 
 def _few(names, k: int = 3) -> str:
+    """The first ``k`` names, sorted; a name that would not read as itself (spaces at its
+    ends, characters outside ASCII: café as NFC and as NFD printed the same) in quotes with
+    escapes, as ``ascii`` writes it."""
     names = sorted(names)
-    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+    shown = [n if n.isascii() and n == n.strip() and n.isprintable() else ascii(n)
+             for n in names[:k]]
+    return ", ".join(shown) + (", ..." if len(names) > k else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +276,10 @@ class _Meta(NamedTuple):
         if self.names_from.endswith(KAGGLE_SYNSETS):
             return (f"{what} not listed in {self.names_from} ({_few(unknown)}); expected one of "
                     f"the {len(self.wnid_to_classes)} wnids it lists")
+        if self.names_from.endswith(KAGGLE_SOLUTION):  # (no synset mapping: the CSV's classes)
+            return (f"{what} not among the classes of the val images {self.names_from} labels "
+                    f"({_few(unknown)}); expected wnids of its {len(self.wnid_to_classes)} "
+                    f"classes (val then has images of every class)")
         return (f"{what} not leaf synsets of {self.names_from} ({_few(unknown)}); expected "
                 f"wnids of its {len(self.wnid_to_classes)} classes")
 

@@ -1088,3 +1088,20 @@ def test_a_fifo_named_as_an_image_is_refused_when_indexed(tmp_path):
     with pytest.raises(ImageNetFormatError, match=re.escape(
             f"{fifo}: not a regular file (a FIFO, socket or device); expected an image file")):
         index_imagenet(root)
+
+
+def test_class_names_that_print_alike_are_told_apart(tmp_path):
+    """train/café (NFC) and val/café (NFD), or a wnid with a trailing space: the refusal named
+    two classes that printed the same."""
+    import unicodedata
+
+    root = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    cls = sorted(p.name for p in (root / "train").iterdir())
+    (root / "train" / cls[0]).rename(root / "train" / unicodedata.normalize("NFC", "café"))
+    (root / "val" / cls[0]).rename(root / "val" / unicodedata.normalize("NFD", "café"))
+    (root / "val" / cls[1]).rename(root / "val" / f"{cls[1]} ")
+    with pytest.raises(ImageNetFormatError) as err:
+        index_imagenet(root)
+    assert (f"train classes missing from {root / 'val'} ('caf\\xe9', {cls[1]})" in str(err.value)
+            and f"val classes missing from {root / 'train'} ('cafe\\u0301', '{cls[1]} ')"
+            in str(err.value)), str(err.value)
