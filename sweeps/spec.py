@@ -645,6 +645,15 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
             conditions += _with_control(_parse_condition(inc, sub, sub_raw, check_configs),
                                         sub_raw, check_configs)
         if len({c.name for c in conditions}) != len(conditions):
+            twice = sorted({c.name for c in conditions
+                            if sum(d.name == c.name for d in conditions) > 1})
+            clash = [c for c in conditions if c.name in twice and c.control_of]
+            if len(set(includes)) == len(includes) and clash:  # a member's [control] is named
+                # as another member: nothing was included twice
+                raise SweepFileError(
+                    f"{path}: {clash[0].control_of}'s [control] is the condition "
+                    f"{clash[0].name}, and {clash[0].name}.toml is included too; accepted: "
+                    f"one of them (rename {clash[0].name}.toml, or drop its include)")
             raise SweepFileError(f"{path}: includes a condition twice: {includes}")
         return Sweep(name, path, _description(raw, path), tuple(conditions))
     cond = _parse_condition(name, path, raw, check_configs)

@@ -410,6 +410,24 @@ def test_a_description_is_one_line_of_text(tmp_path):
         load_sweep("esc", tmp_path, check_configs=False)
 
 
+def test_a_control_named_as_another_included_condition_is_said_so(tmp_path):
+    """A composite of ctrl_ok (with a [control], so ctrl_ok_shuffled) and a file called
+    ctrl_ok_shuffled.toml was refused as 'includes a condition twice', which it did not."""
+    text = (REPO / "sweeps" / "conditions" / "nsd_conv1_v1.toml").read_text()
+    (tmp_path / "ctrl_ok.toml").write_text(text)
+    head, control = text.split("\n[control]")
+    (tmp_path / "ctrl_ok_shuffled.toml").write_text(
+        head + "\n[demo]" + control.split("\n[demo]", 1)[1])
+    (tmp_path / "comp.toml").write_text('includes = ["ctrl_ok", "ctrl_ok_shuffled"]\n')
+    (tmp_path / "twice.toml").write_text('includes = ["ctrl_ok", "ctrl_ok"]\n')
+    with pytest.raises(SweepFileError, match=(
+            r"comp\.toml: ctrl_ok's \[control\] is the condition ctrl_ok_shuffled, and "
+            r"ctrl_ok_shuffled\.toml is included too; accepted: one of them")):
+        load_sweep("comp", tmp_path, check_configs=False)
+    with pytest.raises(SweepFileError, match=r"twice\.toml: includes a condition twice"):
+        load_sweep("twice", tmp_path, check_configs=False)
+
+
 def test_unknown_sweep_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown sweep 'nope'; known: gabor_conv1, "):
         load_sweep("nope")
