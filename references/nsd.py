@@ -1201,13 +1201,9 @@ def _fingerprint(paths: Iterable[Path]) -> list[list]:
     return out
 
 
-def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
-                   subjects: Sequence[int] | None, roi: str, *, progress: bool = True) -> Path:
-    """``prepare`` into the shared cache, keyed by the arguments and the size and mtime of every
-    input file, so concurrent callers prepare once and a changed release is re-read.
-    ``subjects=None`` means every subject in the release, resolved before keying."""
-    nsd_root, coco_annotations = Path(nsd_root), Path(coco_annotations)
-    subjects = _subject_list(nsd_root, subjects)
+def _prepare_inputs(nsd_root: Path, coco_annotations: Path, subjects: Sequence[int],
+                    roi: str) -> list[Path]:
+    """The files ``prepare`` reads for ``subjects`` and ``roi``."""
     inputs = [nsd_root / EXPDESIGN, nsd_root / STIM_INFO]
     for s in subjects:
         inputs += [_nifti_required(roi_file(nsd_root, s, roi))]
@@ -1215,7 +1211,37 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
         ncsnr = _nifti_on_disk(ncsnr_file(nsd_root, s))
         if ncsnr is not None:
             inputs.append(ncsnr)
-    inputs += [_coco_path(coco_annotations, split) for split in COCO_FILES]
+    return inputs + [_coco_path(coco_annotations, split) for split in COCO_FILES]
+
+
+@_permission_named
+def release_files(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
+                  subjects: Sequence[int] | None, roi: str) -> dict[str, list[int]]:
+    """What a run reads of the release, as {path relative to the root (or the COCO file's
+    name): [size, mtime_ns]}: the files ``prepare`` reads and the stimuli. What a ``--resume``
+    compares, so that resumed trials do not train on a release changed in place since the
+    run's other trials (sweeps.plan.fingerprint)."""
+    nsd_root, coco_annotations = Path(nsd_root), Path(coco_annotations)
+    inputs = _prepare_inputs(nsd_root, coco_annotations, _subject_list(nsd_root, subjects), roi)
+    out = {}
+    for p in [*inputs, nsd_root / STIMULI]:
+        st = p.stat()
+        try:
+            name = str(p.relative_to(nsd_root))
+        except ValueError:  # the COCO annotations
+            name = f"COCO {p.name}"
+        out[name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
+                   subjects: Sequence[int] | None, roi: str, *, progress: bool = True) -> Path:
+    """``prepare`` into the shared cache, keyed by the arguments and the size and mtime of every
+    input file, so concurrent callers prepare once and a changed release is re-read.
+    ``subjects=None`` means every subject in the release, resolved before keying."""
+    nsd_root, coco_annotations = Path(nsd_root), Path(coco_annotations)
+    subjects = _subject_list(nsd_root, subjects)
+    inputs = _prepare_inputs(nsd_root, coco_annotations, subjects, roi)
     missing = [p for p in inputs if not p.is_file()]
     if missing:
         raise NSDFormatError(f"missing file {missing[0]}")

@@ -937,7 +937,58 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
         # which data: the roots, annotations and subjects of real data, the generator's
         # arguments of the simulated world (a resume on another copy would mix two datasets)
         "data_sources": sorted({src.describe() for src in plan.data.values()}),
+        # and what those files are now: a release changed in place (a session rewritten, an
+        # image added) would have the resumed trials train on other data than the others
+        "data_files": _data_files(plan),
     }
+
+
+def _data_files(plan: Plan) -> dict[str, Any]:
+    """Per real data source (its ``describe()``): an NSD release's files as
+    ``nsd.release_files`` lists them (size, mtime), an ImageNet tree's index as a digest of
+    its file list and labels (no file is stat'ed: there are 1.3 M)."""
+    out: dict[str, Any] = {}
+    for src in set(plan.data.values()):
+        if src.kind == "nsd":
+            from references import nsd
+
+            try:
+                out[src.describe()] = nsd.release_files(src.nsd_root, src.coco_annotations,
+                                                        src.subjects, src.roi)
+            except nsd.NSDFormatError as exc:  # (checked when the plan was made)
+                raise UsageError(f"--nsd-root {src.nsd_root}: {exc}") from None
+        elif src.kind == "imagenet":
+            from references import datasets
+
+            h = hashlib.sha256()
+            for index in datasets.imagenet_index(src.imagenet_root):
+                h.update(index._paths)
+                h.update(index._targets.tobytes())
+            out[src.describe()] = {"index_sha256": h.hexdigest()}
+    return out
+
+
+def _changed_data(was: dict, now: dict) -> str:
+    """Which data of a fingerprint's ``data_files`` differ now, in a few words."""
+    parts = []
+    for name in sorted(was.keys() | now.keys()):
+        old, new = was.get(name), now.get(name)
+        if old == new:
+            continue
+        if old is None or new is None:
+            parts.append(f"{name}: {'not read then' if old is None else 'not read now'}")
+            continue
+        changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+        gone, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+        if "index_sha256" in changed:
+            parts.append(f"{name}: other image files or labels")
+            continue
+        what = ([f"{changed[0]} changed (size or time)"] if changed else []) + \
+               ([f"{gone[0]} no longer read"] if gone else []) + \
+               ([f"{added[0]} now also read"] if added else [])
+        more = len(changed) + len(gone) + len(added) - len(what)
+        parts.append(f"{name}: {', '.join(what)}{f' (+{more} more)' if more > 0 else ''}")
+    return "; ".join(parts)
 
 
 def _weights_digest(weights: str | None) -> str | None:
@@ -976,10 +1027,16 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
              "num_samples": "--num-samples", "scale": "scale", "sweep": "sweep",
              "weights": "--weights", "weights_sha256": "--weights file content (sha256)",
              "data_sources": "data (--imagenet-root, --nsd-root, --coco-annotations, "
-                             "--subject)"}
+                             "--subject)", "data_files": "data files"}
     for key, label in names.items():
-        if key in ("data_sources", "weights_sha256") and key not in was:
+        if key in ("data_sources", "weights_sha256", "data_files") and key not in was:
             continue  # recorded since these keys exist
+        if key == "data_files" and was[key] != now[key]:
+            changed = (_changed_data(was[key], now[key]) if isinstance(was[key], dict)
+                       else "(not readable)")
+            raise UsageError(f"--resume: {run_dir.name} was started on data that has changed "
+                             f"since ({changed}); accepted: the data as it was when the run "
+                             f"started, or a new run without --resume")
         old = was.get(key)
         if key == "only" and isinstance(old, list):  # a selection, in any order (runs
             old = sorted(set(old))  # started before the fingerprint sorted it)

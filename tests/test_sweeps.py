@@ -1,5 +1,6 @@
 """Sweep files, their expansion into trials, the plan and the command line (no Ray started)."""
 
+import json
 import os
 import re
 import shutil
@@ -1011,6 +1012,41 @@ def test_nsd_paths_are_checked_against_a_release(tmp_path):
                         "--coco-annotations", str(sim.coco_annotations)))
 
 
+def test_a_resume_refuses_a_release_changed_in_place(tmp_path):
+    """A session rewritten in place (same shape, same path) between a run and its --resume was
+    not noticed: the prepared table's cache key changed, so the resumed trials trained on
+    other data than the run's finished ones."""
+    import shutil
+
+    from references import nsd
+    from references.simulated import generate_nsd_like
+    from sweeps.plan import FINGERPRINT_FILE, check_fingerprint, fingerprint
+
+    sim = generate_nsd_like(n_images=30, n_subjects=1, n_categories=4, repeats=2)
+    nsd_root = tmp_path / "nsd"
+    shutil.copytree(sim.nsd_root, nsd_root)
+    plan = make_plan(parse("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(nsd_root),
+                           "--coco-annotations", str(sim.coco_annotations)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = fingerprint(plan)
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(recorded))
+    check_fingerprint(plan, run_dir)
+    session = nsd.session_file(nsd_root, 1, 1)
+    st = session.stat()
+    session.write_bytes(session.read_bytes())  # the same bytes, written again
+    os.utime(session, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rel = session.relative_to(nsd_root)
+    with pytest.raises(UsageError, match=(
+            r"^--resume: run was started on data that has changed since \(NSD .*: "
+            + re.escape(f"{rel} changed (size or time)); accepted: the data as it was when the "
+                        f"run started, or a new run without --resume") + "$")):
+        check_fingerprint(plan, run_dir)
+    del recorded["data_files"]  # a run started before the files were recorded: not compared
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(recorded))
+    check_fingerprint(plan, run_dir)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1672,7 +1708,13 @@ def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": str(REPO)},
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.5)  # interpreter up, the imports loading (they take 1-2 s here)
+    # the signal once the imports are loading: pyarrow's libraries mapped (it is imported
+    # right after the hook, MLflow and matplotlib take 1-2 s more). A fixed 0.5 s sleep sent it
+    # before the interpreter reached the hook on a loaded machine (a traceback, the test failed)
+    deadline = time.monotonic() + 60
+    while "libarrow" not in Path(f"/proc/{popen.pid}/maps").read_text():
+        assert popen.poll() is None and time.monotonic() < deadline, popen.communicate()
+        time.sleep(0.01)
     popen.send_signal(signal.SIGINT)
     _, err = popen.communicate(timeout=60)
     assert err == "interrupted\n" and popen.returncode in (130, -signal.SIGINT), err
