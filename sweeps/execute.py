@@ -909,7 +909,7 @@ def _execute_run(plan: Plan) -> int:
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # Ray's handler's
             exc = KeyboardInterrupt()
-        _interrupted(ray.shutdown)  # also a Ray stopped while it started
+        _interrupted(_shutdown_ray)  # also a Ray stopped while it started
         if (run_dir / PARENT_FILE).is_file():  # the records were made: a run --resume finds
             if parent_id is not None:  # (an earlier failure ends it in _start_records)
                 stopped = isinstance(exc, KeyboardInterrupt)
@@ -988,10 +988,9 @@ def _execute_run(plan: Plan) -> int:
         # The wrap-up: a Ctrl-C (or SIGTERM) ends the step it lands in, not the ones that
         # keep the records true (the parent's end, the stopped trials' runs, the resume line).
         # Ray first: no trial worker may write to MLflow after the driver's last word.
-        if _interrupted(ray.shutdown):
+        if _interrupted(_shutdown_ray):
             interrupted = True
-            _interrupted(ray.shutdown)  # what the interrupted call had not stopped
-        signal.signal(signal.SIGTERM, _sigterm_as_sigint)  # ray.shutdown put back the default
+            _interrupted(_shutdown_ray)  # what the interrupted call had not stopped
         if _interrupted(lambda: _replay_or_say(plan, outcomes, parent_id, run_tags, run_dir)):
             interrupted = True
             _say(f"replay interrupted: the trials' metrics journals stay in their checkpoints "
@@ -1090,6 +1089,55 @@ def resume_command(plan: Plan) -> str:
 
 def _sigterm_as_sigint(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def _shutdown_ray() -> None:
+    """``ray.shutdown()`` with SIGTERM kept ours all along, then ours again after it. Ray's
+    C++ side resets SIGTERM's action to the default about 35 ms into the shutdown, for the
+    rest of it (about a second; Python's ``signal.getsignal`` still names our handler): a
+    SIGTERM then killed the driver without a word (exit 143, the parent run left RUNNING, no
+    resume line). A thread puts the action back every millisecond while it runs."""
+    import ray
+
+    try:
+        with _os_signal_action_kept(signal.SIGTERM):
+            ray.shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+
+
+@contextlib.contextmanager
+def _os_signal_action_kept(signum: int, every_s: float = 0.001):
+    """Within the block, ``signum``'s action at the OS level is put back every ``every_s`` to
+    what it was when the block began (``sigaction`` through ctypes, from a thread: Python's
+    ``signal.signal`` works only in the main thread, which the block occupies). Where libc's
+    ``sigaction`` cannot be called, the block runs as it is."""
+    import ctypes
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = ctypes.create_string_buffer(512)  # more than any libc's struct sigaction
+        found = libc.sigaction(signum, None, saved) == 0
+    except (OSError, AttributeError):
+        found = False
+    if not found:
+        yield
+        return
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(every_s):
+            libc.sigaction(signum, saved, None)
+
+    keeper = threading.Thread(target=keep, name="keep-sigterm", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+        libc.sigaction(signum, saved, None)
 
 
 @contextlib.contextmanager

@@ -1721,6 +1721,30 @@ def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
 
 
 
+def test_a_sigterm_while_ray_shuts_down_reaches_the_driver(tmp_path):
+    """ray.shutdown() resets SIGTERM's action to the default at the OS level about 35 ms in,
+    for the rest of its second (Python's signal.getsignal still names the driver's handler):
+    a SIGTERM then, after the trials ended, killed the driver without a word (exit 143, the
+    parent run RUNNING, no resume line). It now reaches the driver's handler."""
+    import signal
+
+    code = """
+import os, signal, sys, threading
+from sweeps import execute  # first: it sets Ray's authentication mode before Ray is imported
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20)
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+execute._shutdown_ray()
+print("got", got, signal.getsignal(signal.SIGTERM) is execute._sigterm_as_sigint)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.splitlines()[-1] == f"got [{int(signal.SIGTERM)}] True", proc.stdout
+
+
 def test_ctrl_c_that_an_extension_turns_into_its_own_error_is_one_line(tmp_path):
     """A Ctrl-C that lands in a C extension's initialisation comes back as that import's
     error (seen in the suite: matplotlib's ft2font raised `ImportError: initialization
