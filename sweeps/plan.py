@@ -863,10 +863,19 @@ def check_checkpoints(run_dir: Path) -> None:
             f"sweep again without --resume")
 
 
-def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
-    """(trial id, checkpoint path) of each trial Tune would resume from a checkpoint its
-    state records (``ExperimentAnalysis``: Tune's own reading of it, paths resolved in the
-    folder as it is now) but the storage no longer holds. [] without a Tune state."""
+def tune_states(run_dir: Path) -> dict[str, str] | None:
+    """{trial key: "done" | Ray Tune's status (ERROR, RUNNING, PENDING, ...)} of the trials
+    Tune's saved state in ``run_dir`` holds (a trial is named by its key, ``TrialNamer``), or
+    None without a readable state."""
+    trials = _tune_trials(run_dir)
+    if trials is None:
+        return None
+    return {str(t): "done" if t.status == "TERMINATED" else t.status for t in trials}
+
+
+def _tune_trials(run_dir: Path) -> list | None:
+    """Ray Tune's trials as its saved state in ``run_dir`` holds them (``ExperimentAnalysis``:
+    Tune's own reading of it), or None without a readable state."""
     import logging
 
     from ray.tune import ExperimentAnalysis
@@ -876,11 +885,20 @@ def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        trials = ExperimentAnalysis(str(run_dir)).trials
-    except Exception:  # no (readable) Tune state: nothing it would restore from
-        return []
+        return ExperimentAnalysis(str(run_dir)).trials
+    except Exception:  # no (readable) Tune state
+        return None
     finally:
         quiet.setLevel(level)
+
+
+def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
+    """(trial id, checkpoint path) of each trial Tune would resume from a checkpoint its
+    state records (``ExperimentAnalysis``: Tune's own reading of it, paths resolved in the
+    folder as it is now) but the storage no longer holds. [] without a Tune state."""
+    trials = _tune_trials(run_dir)
+    if trials is None:  # no (readable) Tune state: nothing it would restore from
+        return []
     lost = []
     for trial in trials:
         ckpt = trial.checkpoint

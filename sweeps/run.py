@@ -185,20 +185,24 @@ def trial_table(plan: Plan) -> list[str]:
 
 
 def resume_lines(plan: Plan) -> list[str]:
-    """What a --resume continues: the run folder and, from its manifest (written when its
-    last driver ended), how many trials finished there and which the resume runs. (The dry
-    run listed every trial of the plan, as if none had run.)"""
+    """What a --resume continues: the run folder and how many trials finished there and which
+    the resume runs, from Ray Tune's state there (what the resume restores), else from the
+    run's manifest. (The dry run listed every trial of the plan, as if none had run; and the
+    manifest alone, which a driver killed outright never updates from its start, called
+    every trial of such a run unfinished.)"""
     if not plan.resume:
         return []
     from records import read_manifest
-    from sweeps.plan import resumed_run_dir
+    from sweeps.plan import resumed_run_dir, tune_states
 
     run_dir = resumed_run_dir(plan)
-    entries = read_manifest(run_dir)
-    if not entries:
-        return [f"resume: {run_dir} (no manifest: its driver ended before writing one; the "
-                f"resume runs every trial Ray Tune's state there has not finished)"]
-    states = {e.key: e.state for e in entries}
+    states = tune_states(run_dir)
+    if states is None:
+        entries = read_manifest(run_dir)
+        if not entries:
+            return [f"resume: {run_dir} (no manifest: its driver ended before writing one; "
+                    f"the resume runs every trial Ray Tune's state there has not finished)"]
+        states = {e.key: e.state for e in entries}
     if plan.search == "optuna":  # the baselines and the samples drawn so far
         drawn = [key for key, state in states.items() if state != "done"]
         done = len(states) - len(drawn)

@@ -933,3 +933,17 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     assert [len(side["study"].trials) for side in sides] == [2, 2]
     assert told == sorted((r.data.metrics["val_performance"], r.data.metrics["val_alignment"])
                           for r in children if r.data.tags["direction"] != "none")
+    # A driver killed outright (SIGKILL, a lost machine) never updates the manifest it wrote
+    # at its start, every trial "pending": the dry run said no trial had finished. The count
+    # comes from Ray Tune's state, which the resume restores.
+    import dataclasses
+
+    from records import read_manifest, write_manifest
+
+    write_manifest(run_dir, [dataclasses.replace(e, state="pending")
+                             for e in read_manifest(run_dir)],
+                   write_text=lambda path, text: Path(path).write_text(text))
+    dry = subprocess.run([*argv, "--resume", "--dry-run"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert (f"resume: {run_dir}: 5 of 5 trials finished there; the resume runs the other 0 "
+            f"(0 samples not yet drawn)\n") in dry.stdout, dry.stdout + dry.stderr
