@@ -11,6 +11,7 @@ paper's magnitudes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,23 +126,44 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str) -> dict:
+def differences(tags: Mapping[str, str]) -> list[str]:
+    """How a paper-scale run (its parent run's ``tags``) departs from the paper's settings:
+    settings overridden (``--set``), trials selected (``--only``), fewer NSD subjects than the
+    paper's eight. A run with any of them was marked comparable all the same."""
+    out = []
+    if tags.get("overrides"):
+        out.append(f"settings changed ({tags['overrides']})")
+    if tags.get("only"):
+        out.append(f"a selection of trials ({tags['only']})")
+    found = re.search(r"subjects ([0-9, ]+)", tags.get("data_description", ""))
+    if found:
+        subjects = [s for s in found.group(1).replace(" ", "").split(",") if s]
+        if len(subjects) < 8:
+            out.append(f"NSD subjects {', '.join(subjects)} of the paper's 8")
+    return out
+
+
+def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str,
+                differs: Sequence[str] = ()) -> dict:
     """The headline rows and comparisons present in this sweep (plain dicts, for JSON and the
     report): per headline its condition, the paper's claim, how it is measured, this run's
     number and whether it is comparable (paper scale only); per comparison of two conditions
     both present, each one's gap between the most and the least aligned configuration
     (``dashboards.statistics.alignment_gap``) and their difference."""
     conditions = set(results.column("condition").to_pylist()) if results.num_rows else set()
-    comparable = scale == "paper"
-    why = "" if comparable else f"not comparable: {scale or 'unknown'} scale"
+    comparable = scale == "paper" and not differs
+    why = ("" if comparable else f"not comparable: {scale or 'unknown'} scale"
+           if scale != "paper" else f"not comparable: {'; '.join(differs)}")
+    missing = "not comparable: no number (no trial of a side it needs finished)"
     headlines = []
     for h in HEADLINES:
         if h.condition not in conditions:
             continue
+        measured = h.measure(_rows(results, h.condition))
         headlines.append({"condition": h.condition, "paper": h.paper,
-                          "measured_as": h.measured_as,
-                          "measured": h.measure(_rows(results, h.condition)),
-                          "comparable": comparable, "note": why})
+                          "measured_as": h.measured_as, "measured": measured,
+                          "comparable": comparable and measured is not None,
+                          "note": why if measured is not None or not comparable else missing})
     comparisons = []
     for a, b, what in COMPARISONS:
         if a in conditions and b in conditions:
@@ -150,5 +172,7 @@ def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str
             diff = ga - gb if ga is not None and gb is not None else None
             comparisons.append({"first": a, "second": b, "what": what, "first_gap": ga,
                                 "second_gap": gb, "difference": diff,
-                                "comparable": comparable, "note": why})
+                                "comparable": comparable and diff is not None,
+                                "note": why if diff is not None or not comparable
+                                else missing})
     return {"scale": scale, "headlines": headlines, "comparisons": comparisons}

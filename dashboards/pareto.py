@@ -364,7 +364,8 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     partial = _partial_note(record)  # (title, note) or None
     if partial:  # first, in the report, statistics.json and on the console
         messages = [partial[1], *messages]
-    terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""))
+    terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""),
+                              paper.differences(record.parent_tags))
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         sides, unreadable = _effects(record, results, Path(tmp))
     messages += [f"trial {tid}: unreadable per-image validation outcome, {why}; its "

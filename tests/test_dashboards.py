@@ -1522,6 +1522,30 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
     assert cmp["difference"] == pytest.approx(cmp["first_gap"] - cmp["second_gap"])
     demo = paper_terms(t, stats, "demo")
     assert all(not h["comparable"] and "demo scale" in h["note"] for h in demo["headlines"])
+    # A paper-scale run at other settings, of a selection or of fewer subjects was marked
+    # comparable all the same ("yes" beside 1 epoch at 64 px on 5 classes), and so was a
+    # headline with no number (no suppressing trial selected).
+    from dashboards.paper import differences
+
+    tags = {"overrides": "epochs=1,width=0.25", "only": "nsd_fc1_vvs-*",
+            "data_description": "paper scale on NSD (/data/nsd, subjects 2, COCO annotations "
+                                "/data/coco) at 224 px"}
+    assert differences(tags) == ["settings changed (epochs=1,width=0.25)",
+                                 "a selection of trials (nsd_fc1_vvs-*)",
+                                 "NSD subjects 2 of the paper's 8"]
+    assert differences({"data_description": "paper scale on NSD (/d, subjects 1, 2, 3, 4, 5, "
+                                            "6, 7, 8, COCO annotations /c) at 224 px"}) == []
+    changed = paper_terms(t, stats, "paper", differences(tags))
+    assert all(not h["comparable"] and h["note"] == (
+        "not comparable: settings changed (epochs=1,width=0.25); a selection of trials "
+        "(nsd_fc1_vvs-*); NSD subjects 2 of the paper's 8")
+        for h in changed["headlines"] + changed["comparisons"])
+    no_min = t.filter(pa.compute.not_equal(t.column("direction"), "min"))
+    empty = {h["condition"]: h for h in paper_terms(no_min, sweep_statistics(no_min, n_boot=20),
+                                                    "paper")["headlines"]}
+    assert empty["nsd_fc1_vvs"]["measured"] is None
+    assert empty["nsd_fc1_vvs"]["comparable"] is False
+    assert empty["nsd_fc1_vvs"]["note"].startswith("not comparable: no number")
 
 
 def test_with_seeds_the_paper_terms_and_the_gap_read_configuration_means():
