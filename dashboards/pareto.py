@@ -491,7 +491,9 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
     optuna = record.parent_tags.get("search") == "optuna"
-    again = (f"Continue it (with its data, tracking and storage options) with "
+    command = record.parent_tags.get("command")
+    again = (f"Continue it with sweeps/run.py {command} --resume" if command else
+             f"Continue it (with its data, tracking and storage options) with "
              f"{_run_command(record, optuna=optuna)} --resume")
     planned = _planned_trials(record)
     if record.parent_status == "RUNNING":

@@ -775,6 +775,10 @@ def _start_records(plan: Plan, run_dir: Path,
                    # what the run launches: a partial report counts the trials that never
                    # started (they have no run of their own to count)
                    "trials": str(plan.n_trials),
+                   # the command's words (secrets redacted), so a partial report's resume
+                   # line repeats every option: --weights, --cpus-per-trial, the data paths
+                   **({"command": " ".join(shlex.quote(redact(w)) for w in plan.argv
+                                           if w != "--resume")} if plan.argv else {}),
                    **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
                    "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),

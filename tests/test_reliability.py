@@ -901,6 +901,14 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     children = [r for r in runs if r is not parent]
     assert {r.data.tags["direction"] for r in children} <= {"none", "max"}, out[-3000:]
     assert children and all(r.info.status != "FINISHED" for r in children), out[-3000:]
+    # the partial report's resume line is the run's own command: it named --search and
+    # --num-samples but left out --set, --weights, --cpus-per-trial (rebuilt from tags)
+    stats = json.loads((tmp_path / "outputs" / f"{SWEEP}-smoke" / parent.info.run_id
+                        / "statistics.json").read_text())
+    (note,) = [m for m in stats["messages"] if m.startswith("PARTIAL")]
+    assert note.endswith(f"Continue it with sweeps/run.py {SWEEP} --smoke-test --search optuna "
+                         f"--num-samples 4 --set epochs=4 --mlflow-uri {uri} --storage "
+                         f"{storage} --resume"), note
     # a search has its own pointer: it leaves a grid run's to that run
     run_dir = next(storage.glob(f"{SWEEP}-smoke_*"))
     assert (storage / f"{SWEEP}-smoke.optuna.latest").read_text() == run_dir.name
