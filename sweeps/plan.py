@@ -759,11 +759,14 @@ def _paper_paths(args: argparse.Namespace, shallow, chosen: set[str],
             if roots[flag] is None:
                 raise UsageError(f"sweep {args.sweep} at paper scale trains on {kind}: "
                                  f"{flag} DIR is required")
+    # a path for data only the conditions --only leaves out is not used (a lab's script that
+    # passes every path may narrow the run): it was refused as if the sweep never trained on it
+    swept = {c.paper.data for c in shallow.conditions if "paper" in c.scales}
     for flag in (f for f, v in roots.items() if v is not None):
-        if not any(flag in flags[k] for k in kinds):
+        if not any(flag in flags[k] for k in swept):
             raise UsageError(f"{flag} is given but sweep {args.sweep} does not train on "
                              f"{'ImageNet' if flag == '--imagenet-root' else 'NSD'}")
-    if args.subject and "nsd" not in kinds:
+    if args.subject and "nsd" not in swept:
         raise UsageError(f"--subject is given but sweep {args.sweep} does not train on NSD")
     paths: dict[str, str] = {}
     subjects = asked or (1,)

@@ -1010,6 +1010,16 @@ def test_nsd_paths_are_checked_against_a_release(tmp_path):
     with pytest.raises(UsageError, match="missing nsddata/experiments/nsd/nsd_expdesign.mat"):
         make_plan(parse("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(tmp_path),
                         "--coco-annotations", str(sim.coco_annotations)))
+    # the paper sweep with every path, --only narrowing it to NSD trials: the ImageNet path
+    # is not used (it was refused: "sweep paper does not train on ImageNet")
+    plan = make_plan(parse("paper", "--data", "paper", "--nsd-root", str(sim.nsd_root),
+                           "--coco-annotations", str(sim.coco_annotations), "--imagenet-root",
+                           str(tmp_path / "nowhere"), "--only", "nsd_conv1_v1-*"))
+    assert {src.kind for src in plan.data.values()} == {"nsd"}
+    with pytest.raises(UsageError, match="--imagenet-root is given but sweep nsd_conv1_v1 does "
+                                         "not train on ImageNet"):
+        make_plan(parse(*nsd_argv, "--coco-annotations", str(sim.coco_annotations),
+                        "--imagenet-root", str(tmp_path)))
 
 
 def test_a_resume_refuses_a_release_changed_in_place(tmp_path):
