@@ -278,7 +278,9 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     reference = ray.get(payload.reference_refs[spec.condition])
     run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
                             params=resolved_config(spec.config),
-                            tags={**payload.run_tags, **spec.tags()},
+                            tags={**payload.run_tags, **_own_data(payload.datasets,
+                                                                  spec.condition),
+                                  **spec.tags()},
                             dataset=payload.datasets.get(spec.condition))
     # Where it ran (multi-node checks), which process to signal (fault-injection tests), and
     # the share of the node Ray gave it (a GPU request is dropped on a cluster without one).
@@ -1206,6 +1208,13 @@ def _outcome(plan: Plan, result) -> Outcome:
                    error_line(result.error) if result.error is not None else None, alpha)
 
 
+def _own_data(datasets: Mapping[str, Mapping[str, str]], condition: str) -> dict[str, str]:
+    """A trial's ``data_description`` tag: its own condition's data (the parent's names the
+    whole sweep's: a Gabor trial of ``paper`` was tagged with the NSD release too)."""
+    own = datasets.get(condition)
+    return {"data_description": own["name"]} if own else {}
+
+
 def error_line(error: BaseException) -> str:
     """What ended an errored trial, in one line: the innermost ``Type: message`` of the error
     as it reached the driver. Ray wraps a trial's exception (``cause``: the original), and a
@@ -1316,7 +1325,10 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
         spec = _outcome_spec(plan, o, specs) if journal else None
         record = ({} if spec is None else dict(
             params=resolved_config(spec.config),
-            tags={**(run_tags or {}), **spec.tags(), **facts_tags(facts),
+            tags={**(run_tags or {}),
+                  **_own_data({spec.condition: _dataset(plan.data[spec.condition])},
+                              spec.condition),
+                  **spec.tags(), **facts_tags(facts),
                   **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
                      else {})},
             dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))

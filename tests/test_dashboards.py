@@ -1286,6 +1286,22 @@ def test_real_smoke_sweep_from_ray_results_matches_mlflow(smoke, smoke_report, t
         assert record.fetch_filters(trial, tmp_path) is not None, trial.trial_id
 
 
+def test_a_trials_data_tag_names_its_own_data(smoke):
+    """Every child run carried the parent's data_description, the whole sweep's data (a Gabor
+    trial of `paper` was tagged with the NSD release): each now names its condition's."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(smoke.uri)
+    parent = client.get_run(smoke.parent_run_id)
+    assert parent.data.tags["data_description"].startswith("smoke test on tiny simulated data")
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{smoke.parent_run_id}'")
+    assert len(children) == 3
+    for run in children:
+        assert run.data.tags["data_description"].startswith(
+            "simulated NSD-like world, ROI V1"), run.data.tags["data_description"]
+
+
 def test_a_report_from_ray_results_is_logged_only_into_its_own_parent_run(smoke, tmp_path,
                                                                           capsys):
     """--ray-results with --parent-run of a trial's run, another sweep's parent run or
