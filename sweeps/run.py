@@ -174,6 +174,26 @@ def service_lines(plan: Plan) -> list[str]:
                f"meet the control's to compare)"] if plan.left_out else [])]
 
 
+def fit_lines(plan: Plan) -> list[str]:
+    """For a run on a local Ray: whether this machine holds its trials, as the run checks once
+    Ray started (``execute.check_fits``, here against this machine's CPUs and GPUs). The dry
+    run of a paper sweep (4 CPUs a trial) said nothing on a 2-core machine, and the run was
+    then refused; said, not refused, since a dry run also checks data for a cluster run."""
+    if plan.address is not None:
+        return []
+    import torch
+
+    from sweeps.execute import check_fits
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    try:
+        check_fits(plan, [{"Alive": True, "Resources": {"CPU": cpus, "GPU": gpus}}])
+    except UsageError as exc:
+        return [f"note: run on this machine (a local Ray of {cpus} CPUs and {gpus} GPUs) it "
+                f"would be refused: {exc} -- or give --address of a cluster that holds it"]
+    return []
+
+
 def trial_table(plan: Plan) -> list[str]:
     """trial_id, direction, alpha, beta, seed, cpus, gpus: one row per trial."""
     num = fmt_number
@@ -295,7 +315,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"{plan.sweep}: {plan.data_description}", flush=True)
     if args.dry_run:
         body = optuna_lines(plan) if plan.search == "optuna" else trial_table(plan)
-        print("\n".join([*body, *data_lines(plan), *service_lines(plan),
+        print("\n".join([*body, *data_lines(plan), *service_lines(plan), *fit_lines(plan),
                          *resume_lines(plan), f"{plan.n_trials} trials"]))
         return 0
     print("\n".join([*data_lines(plan), *service_lines(plan)]), flush=True)

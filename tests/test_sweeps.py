@@ -1094,6 +1094,23 @@ def test_cli_list(module):
         assert f"{COUNTS[line.split()[0]]} trials" in line
 
 
+def test_a_dry_run_says_when_this_machine_cannot_hold_a_local_runs_trials():
+    """A paper sweep's trials ask for 4 CPUs: on a 2-core machine the dry run said nothing and
+    the run was refused after Ray started. The dry run says it (and still exits 0: it also
+    checks data before a cluster run); with --address the cluster is asked when the run
+    starts."""
+    cpus = os.cpu_count()
+    out = run_cli("nsd_conv1_v1", "--dry-run", "--cpus-per-trial", str(cpus + 1))
+    assert out.returncode == 0, out.stderr
+    (note,) = [line for line in out.stdout.splitlines() if line.startswith("note: run on")]
+    assert note.startswith(f"note: run on this machine (a local Ray of {cpus} CPUs and ")
+    assert (f"it would be refused: trial nsd_conv1_v1-none-a0-b1-s0 asks for {cpus + 1} CPUs "
+            f"but the largest node of the Ray cluster has {cpus}; accepted: --cpus-per-trial "
+            f"<= {cpus} -- or give --address of a cluster that holds it") in note, note
+    fits = run_cli("nsd_conv1_v1", "--dry-run", "--cpus-per-trial", str(cpus))
+    assert fits.returncode == 0 and "note: run on" not in fits.stdout, fits.stdout
+
+
 @pytest.mark.parametrize("name", ["nsd_conv1_v1", "paper"])
 def test_cli_dry_run_ends_with_the_trial_count(name):
     out = run_cli(name, "--dry-run", "--gpus-per-trial", "0.25")
