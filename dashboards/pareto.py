@@ -358,7 +358,7 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     epochs = tables.epochs_table(record)
     tables.write_parquet(results, out / "results.parquet")
     tables.write_parquet(epochs, out / "epochs.parquet")
-    stats = statistics.sweep_statistics(results)
+    stats = statistics.sweep_statistics(results, planned=_planned_per_condition(record))
     config = tables.sweep_config(record)
     messages = diagnose(record, results)
     partial = _partial_note(record)  # (title, note) or None
@@ -457,6 +457,19 @@ def _planned_trials(record: SweepRecord) -> int:
         return max(0, int(record.parent_tags.get("trials", 0)))
     except (TypeError, ValueError):
         return 0
+
+
+def _planned_per_condition(record: SweepRecord) -> dict[str, int]:
+    """The trials the run launches per condition (the driver's ``planned`` tag, JSON), {}
+    when not recorded or unreadable."""
+    try:
+        planned = json.loads(record.parent_tags.get("planned", "{}"))
+    except ValueError:
+        return {}
+    if not isinstance(planned, dict):
+        return {}
+    return {str(c): int(n) for c, n in planned.items()
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0}
 
 
 def _run_command(record: SweepRecord, optuna: bool = False) -> str:

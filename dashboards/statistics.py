@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -248,12 +249,17 @@ def alignment_gap(alignment, performance, groups=None) -> dict:
             "alignment_range": [float(a[lo]), float(a[hi])]}
 
 
-def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0,
+                     planned: Mapping[str, int] | None = None) -> dict[str, dict]:
     """Per condition of a results table (``dashboards.tables.RESULTS_SCHEMA``), over its
     FINISHED trials: counts, Spearman's rho between alignment and performance with its
     bootstrap interval, monotonicity of performance in signed alpha, and the gap between the
     most aligned and the most misaligned trial (``alignment_gap``; configurations' means where
-    a configuration has several seeds, as rho) (plain dicts, ready for JSON)."""
+    a configuration has several seeds, as rho) (plain dicts, ready for JSON). ``planned``:
+    trials the run launched per condition (the parent run's ``planned`` tag): a trial that
+    never started has no row, and counts "trials" all the same (a condition none of whose
+    trials started is listed with 0 finished)."""
+    planned = dict(planned or {})
     cols = {name: results.column(name).to_pylist()
             for name in ("condition", "status", "alpha", "alignment", "performance",
                          "performance_metric")}
@@ -262,14 +268,14 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0) -> dict[str,
                                               cols["alpha"], results.column("beta").to_pylist())]
                if has_beta else None)
     out: dict[str, dict] = {}
-    for cond in dict.fromkeys(cols["condition"]):
+    for cond in dict.fromkeys([*cols["condition"], *planned]):
         rows = [i for i, c in enumerate(cols["condition"]) if c == cond]
         done = [i for i in rows if cols["status"][i] == "FINISHED"]
 
         metric = next((cols["performance_metric"][i] for i in done
                        if cols["performance_metric"][i]), None)
         out[cond] = {
-            "trials": len(rows),
+            "trials": max(len(rows), int(planned.get(cond, 0))),
             "finished": len(done),
             "performance_metric": metric,
             "spearman": spearman_ci(_at(cols["alignment"], done), _at(cols["performance"], done),

@@ -777,6 +777,8 @@ def _start_records(plan: Plan, run_dir: Path,
                    # what the run launches: a partial report counts the trials that never
                    # started (they have no run of their own to count)
                    "trials": str(plan.n_trials),
+                   # and per condition: the report counts those that never started
+                   "planned": json.dumps(_planned(plan), sort_keys=True),
                    # the command's words (secrets redacted), so a partial report's resume
                    # line repeats every option: --weights, --cpus-per-trial, the data paths
                    **({"command": " ".join(shlex.quote(redact(w)) for w in plan.argv
@@ -1206,6 +1208,16 @@ def _outcome(plan: Plan, result) -> Outcome:
     return Outcome(trial_id, state, dict(metrics), result.checkpoint,
                    getattr(result, "path", None),
                    error_line(result.error) if result.error is not None else None, alpha)
+
+
+def _planned(plan: Plan) -> dict[str, int]:
+    """Trials the run launches per condition (a search: the baseline and its samples)."""
+    if plan.search == "optuna":
+        return {c: plan.num_samples + 1 for c in plan.conditions}
+    counts: dict[str, int] = {}
+    for t in plan.trials:
+        counts[t.condition] = counts.get(t.condition, 0) + 1
+    return counts
 
 
 def _own_data(datasets: Mapping[str, Mapping[str, str]], condition: str) -> dict[str, str]:

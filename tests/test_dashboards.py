@@ -1869,4 +1869,19 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
         client.set_terminated(parent, "FINISHED")
         client.set_tag(parent, "interrupted", "false")
         assert "(2 of 5 trials have no run (never started))" in partial_note("missing")
+        # per condition too: its counts left out the trials that never started, and a
+        # condition none of whose trials started was missing from the summary
+        cond = json.loads((tmp_path / "missing" / "statistics.json").read_text())["conditions"]
+        (name,) = cond
+        client.set_tag(parent, "planned", json.dumps({name: 4, "later": 1}))
+        capsys.readouterr()
+        partial_note("per_condition")
+        cond = json.loads((tmp_path / "per_condition" / "statistics.json").read_text()
+                          )["conditions"]
+        assert (cond[name]["trials"], cond[name]["finished"]) == (4, 2)
+        assert (cond["later"]["trials"], cond["later"]["finished"]) == (1, 0)
+        printed = capsys.readouterr().out
+        assert f"{name}: 2/4 trials finished" in printed and "later: 0/1 trials finished" \
+            in printed, printed
+        client.set_tag(parent, "planned", "{}")
         client.set_tag(parent, "trials", "3")

@@ -901,6 +901,7 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     children = [r for r in runs if r is not parent]
     assert {r.data.tags["direction"] for r in children} <= {"none", "max"}, out[-3000:]
     assert children and all(r.info.status != "FINISHED" for r in children), out[-3000:]
+    assert json.loads(parent.data.tags["planned"]) == {SWEEP: 5}  # per condition: baseline + 4
     # the partial report's resume line is the run's own command: it named --search and
     # --num-samples but left out --set, --weights, --cpus-per-trial (rebuilt from tags)
     stats = json.loads((tmp_path / "outputs" / f"{SWEEP}-smoke" / parent.info.run_id
