@@ -425,8 +425,7 @@ def content_identity(bundle: DataBundle) -> str:
         h.update(type(split).__name__.encode())
         if isinstance(split, ImageFolderDataset):
             h.update(os.fsencode(os.path.realpath(split.index.root)))
-            h.update(split.index._paths)
-            h.update(split.index._targets.tobytes())
+            h.update(split.index.content())
         elif isinstance(split, NSDDataset):
             for path in (split.table_path, split.stimuli.path):
                 st = path.stat()

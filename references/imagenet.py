@@ -178,6 +178,12 @@ class ImageIndex:
         rel = self._paths[self._offsets[i]:self._offsets[i + 1]]
         return os.path.join(self.root, os.fsdecode(rel))
 
+    def content(self) -> bytes:
+        """What the index holds, as bytes to hash: every path and every label (no file is
+        read). A digest of it names the split's samples (``datasets.content_identity``, a
+        run's fingerprint)."""
+        return self._paths + self._targets.astype(np.int64).tobytes()
+
     def target(self, i: int) -> int:
         return int(self._targets[i])
 

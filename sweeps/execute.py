@@ -278,8 +278,8 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     reference = ray.get(payload.reference_refs[spec.condition])
     run = tracking.TrialRun(payload.mlflow_uri, payload.parent_run_id, spec.trial_id,
                             params=resolved_config(spec.config),
-                            tags={**payload.run_tags, **_own_data(payload.datasets,
-                                                                  spec.condition),
+                            tags={**payload.run_tags,
+                                  **_own_data(payload.datasets.get(spec.condition)),
                                   **spec.tags()},
                             dataset=payload.datasets.get(spec.condition))
     # Where it ran (multi-node checks), which process to signal (fault-injection tests), and
@@ -778,11 +778,10 @@ def _start_records(plan: Plan, run_dir: Path,
                    # started (they have no run of their own to count)
                    "trials": str(plan.n_trials),
                    # and per condition: the report counts those that never started
-                   "planned": json.dumps(_planned(plan), sort_keys=True),
-                   # the command's words (secrets redacted), so a partial report's resume
-                   # line repeats every option: --weights, --cpus-per-trial, the data paths
-                   **({"command": " ".join(shlex.quote(redact(w)) for w in plan.argv
-                                           if w != "--resume")} if plan.argv else {}),
+                   "planned": json.dumps(plan.planned, sort_keys=True),
+                   # the command's words, so a partial report's resume line repeats every
+                   # option: --weights, --cpus-per-trial, the data paths
+                   **({"command": shlex.join(_command_words(plan))} if plan.argv else {}),
                    **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
                    "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),
@@ -1092,7 +1091,13 @@ def resume_command(plan: Plan) -> str:
     "(and the same options)"."""
     if not plan.argv:
         return f"{pasteable(plan.sweep, '--resume')} (and the same options)"
-    return pasteable(*(redact(w) for w in plan.argv if w != "--resume"), "--resume")
+    return pasteable(*_command_words(plan), "--resume")
+
+
+def _command_words(plan: Plan) -> list[str]:
+    """The run's own words after sweeps/run.py, without --resume, any secret in a URI among
+    them redacted: what the resume line (and the parent's ``command`` tag) repeats."""
+    return [redact(w) for w in plan.argv if w != "--resume"]
 
 
 def _sigterm_as_sigint(signum, frame) -> None:
@@ -1210,21 +1215,11 @@ def _outcome(plan: Plan, result) -> Outcome:
                    error_line(result.error) if result.error is not None else None, alpha)
 
 
-def _planned(plan: Plan) -> dict[str, int]:
-    """Trials the run launches per condition (a search: the baseline and its samples)."""
-    if plan.search == "optuna":
-        return {c: plan.num_samples + 1 for c in plan.conditions}
-    counts: dict[str, int] = {}
-    for t in plan.trials:
-        counts[t.condition] = counts.get(t.condition, 0) + 1
-    return counts
-
-
-def _own_data(datasets: Mapping[str, Mapping[str, str]], condition: str) -> dict[str, str]:
-    """A trial's ``data_description`` tag: its own condition's data (the parent's names the
-    whole sweep's: a Gabor trial of ``paper`` was tagged with the NSD release too)."""
-    own = datasets.get(condition)
-    return {"data_description": own["name"]} if own else {}
+def _own_data(dataset: Mapping[str, str] | None) -> dict[str, str]:
+    """A trial's ``data_description`` tag from its condition's ``_dataset``: its own data (the
+    parent's names the whole sweep's: a Gabor trial of ``paper`` was tagged with the NSD
+    release too)."""
+    return {"data_description": dataset["name"]} if dataset else {}
 
 
 def error_line(error: BaseException) -> str:
@@ -1335,15 +1330,13 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
             journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
             facts = read_facts(folder)
         spec = _outcome_spec(plan, o, specs) if journal else None
+        dataset = None if spec is None else _dataset(plan.data[spec.condition])
         record = ({} if spec is None else dict(
             params=resolved_config(spec.config),
-            tags={**(run_tags or {}),
-                  **_own_data({spec.condition: _dataset(plan.data[spec.condition])},
-                              spec.condition),
-                  **spec.tags(), **facts_tags(facts),
+            tags={**(run_tags or {}), **_own_data(dataset), **spec.tags(), **facts_tags(facts),
                   **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
                      else {})},
-            dataset=_dataset(plan.data[spec.condition]), artifacts=artifacts))
+            dataset=dataset, artifacts=artifacts))
         status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")
         if (journal or stopped) and not tracking.replay_journal(
                 plan.mlflow_uri, parent_id, o.trial_id, journal,

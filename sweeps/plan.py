@@ -130,11 +130,20 @@ class Plan:
     argv: tuple[str, ...] = ()
 
     @property
+    def planned(self) -> dict[str, int]:
+        """Trials the run will launch per condition (a search: its baseline, then the
+        samples)."""
+        if self.search == "optuna":
+            return {c: self.num_samples + 1 for c in self.conditions}
+        counts: dict[str, int] = {}
+        for t in self.trials:
+            counts[t.condition] = counts.get(t.condition, 0) + 1
+        return counts
+
+    @property
     def n_trials(self) -> int:
         """Trials the run will launch."""
-        if self.search == "optuna":  # per condition its baseline, then the samples
-            return (self.num_samples + 1) * len(self.conditions)
-        return len(self.trials)
+        return sum(self.planned.values())
 
     @property
     def resume_pointer(self) -> str:
@@ -983,8 +992,7 @@ def _data_files(plan: Plan) -> dict[str, Any]:
 
             h = hashlib.sha256()
             for index in datasets.imagenet_index(src.imagenet_root):
-                h.update(index._paths)
-                h.update(index._targets.tobytes())
+                h.update(index.content())
             out[src.describe()] = {"index_sha256": h.hexdigest()}
     return out
 
