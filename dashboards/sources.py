@@ -331,7 +331,6 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     """The trials of one sweep invocation from MLflow (see the module docstring for which)."""
     from mlflow.exceptions import MlflowException
 
-
     client = mlflow_client(mlflow_uri)
     if parent_run_id:
         parent = sweep_parent_run(client, parent_run_id, sweep, mlflow_uri)

@@ -40,7 +40,7 @@ def _imagenet(root: str | os.PathLike, **options: Any):
 
 def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
                  roi: str, image_size: int, subjects=None, progress: bool = True,
-                 split_seed: int = 0):
+                 split_seed: int | None = None):
     """A real NSD release: prepare (cached by the inputs' sizes and mtimes), then open.
     ``subjects`` None = every subject present in the release."""
     from pathlib import Path
@@ -49,8 +49,9 @@ def _nsd_release(*, nsd_root: str | os.PathLike, coco_annotations: str | os.Path
 
     chosen = nsd.subjects_in_release(nsd_root) if subjects is None else tuple(subjects)
     table = nsd.prepare_cached(nsd_root, coco_annotations, chosen, roi, progress=progress)
+    seed = datasets.NSD_SPLIT_SEED if split_seed is None else split_seed
     return datasets.nsd_bundle(table, Path(nsd_root) / nsd.STIMULI, image_size=image_size,
-                               seed=split_seed, subjects=chosen)
+                               seed=seed, subjects=chosen)
 
 
 #: data name (as in a sweep file) -> builder(**options) -> DataBundle

@@ -314,6 +314,11 @@ class _Stimuli:
             f"--resume")
 
 
+#: the seed of :func:`nsd_split` a run's NSD data is opened with (``references._nsd_release``,
+#: :func:`simulated_nsd_bundle`), so a dry run sizes the splits the trials will get
+NSD_SPLIT_SEED = 0
+
+
 def nsd_split(image_ids: np.ndarray, *, seed: int, test_fraction: float = 0.2) -> tuple[
         np.ndarray, np.ndarray]:
     """Split unique nsdIds into (train, test), both ascending: a seeded permutation of the sorted
@@ -495,7 +500,8 @@ def simulated_single_label_bundle(*, image_size: int, render_size: int = 64,
 
 
 def simulated_nsd_bundle(*, roi: str, image_size: int, render_size: int = 64,
-                         split_seed: int = 0, subjects: Sequence[int] | None = None,
+                         split_seed: int = NSD_SPLIT_SEED,
+                         subjects: Sequence[int] | None = None,
                          **generate_kwargs) -> DataBundle:
     """The simulated NSD-like world: generate (cached), prepare the ROI table (cached), read it.
     ``generate_kwargs`` go to :func:`references.simulated.generate_nsd_like` (n_images, seed,

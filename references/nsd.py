@@ -1267,7 +1267,7 @@ def prepare_cached(nsd_root: str | os.PathLike, coco_annotations: str | os.PathL
 
 @_permission_named
 def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
-                  rois: str | Sequence[str]) -> None:
+                  rois: str | Sequence[str]) -> dict[int, np.ndarray]:
     """Validate the release as :func:`prepare` and the stimulus reader will read it, from file
     headers only, so a malformed copy fails before any run starts.
 
@@ -1285,7 +1285,9 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
     stim info has a row, with a known cocoSplit, for every image the sessions on disk show.
 
     Not checked: betas values, image pixels, the COCO annotation files.
-    Raises NSDFormatError, one line naming the file, on the first problem found.
+    Raises NSDFormatError, one line naming the file, on the first problem found. Returns, per
+    subject checked, the nsdIds (0-based) its sessions on disk show, in trial order: the
+    images a table prepared from this release holds (so a dry run can size the splits).
     """
     nsd_root = _release_root(nsd_root)
     specs = [roi_spec(r) for r in ([rois] if isinstance(rois, str) else rois)]
@@ -1333,6 +1335,7 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
         seen[s] = _images_seen(nsd_root, design, info, plan)
         load_ncsnr(nsd_root, s, plan.mask)
     _coco_wanted(nsd_root, info, seen)
+    return seen
 
 
 # --------------------------------------------------------------------------------------------

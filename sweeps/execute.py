@@ -64,6 +64,7 @@ from sweeps.plan import (
     resumed_run_dir,
     split_size_problem,
     sweep_files,
+    validation_groups_problem,
     weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec, format_overrides
@@ -453,11 +454,9 @@ def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
 
 
 def _validation_groups_problem(t, data, reference) -> str | None:
-    """A voxel reference scores each subject on its own images of the trial's fixed
-    validation subset (``trainable.train.validation_indices``: val_images of the split), and
-    a subject with fewer than 2 x val_folds of them is left out. Where none has that many,
-    every trial failed after its first epoch; here it is refused with each subject's count.
-    None for an image-computed reference (every image has a response: the split's size,
+    """``validation_groups_problem`` from the prepared data: each subject's images of the
+    trial's fixed validation subset, as the voxel reference groups them. None for an
+    image-computed reference (every image has a response: the split's size,
     ``split_size_problem``, is what bounds it) or a split without image ids."""
     ids = getattr(data.val, "image_ids", None)
     if ids is None or not hasattr(reference, "groups"):
@@ -469,19 +468,8 @@ def _validation_groups_problem(t, data, reference) -> str | None:
 
     cfg = TrialConfig.from_dict(t.config)
     subset = torch.as_tensor(ids)[validation_indices(len(data.val), cfg.val_images)]
-    counts = {s: int(rows.numel()) for s, (rows, _) in sorted(reference.groups(subset).items())}
-    need = 2 * cfg.val_folds
-    most = max(counts.values(), default=0)
-    if most >= need:
-        return None
-    per_subject = ", ".join(f"subject {s}: {n}" for s, n in counts.items()) or "none"
-    taken = (f"val_images={cfg.val_images} of the {len(data.val)} validation images"
-             if cfg.val_images < len(data.val) else f"all {len(data.val)} validation images")
-    larger = (" or a larger val_images (--set val_images=N)"
-              if cfg.val_images < len(data.val) else "")
-    return (f"trial {t.trial_id}: val_folds={cfg.val_folds} needs {need} validation images of "
-            f"one subject, but the fixed validation subset ({taken}) gives {per_subject}; "
-            f"accepted: val_folds <= {most // 2} (--set val_folds=N){larger}")
+    counts = {s: int(rows.numel()) for s, (rows, _) in reference.groups(subset).items()}
+    return validation_groups_problem(t, counts, len(data.val))
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
@@ -55,6 +55,9 @@ from sweeps.spec import (
     parse_override,
     select_trials,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DATA_CHOICES = ("demo", "imagenet", "nsd", "paper")
 SEARCH_CHOICES = ("grid", "optuna")
@@ -227,26 +230,91 @@ def split_size_problem(t, n_train: int, n_val: int, what: str) -> str | None:
     return None
 
 
-def _check_imagenet_splits(trials, data: dict) -> None:
-    """``split_size_problem`` for the ImageNet conditions, from the index the root's check
-    built (kept for the process), so the dry run says it."""
+def validation_groups_problem(t, counts: dict[int, int], n_val: int) -> str | None:
+    """Why trial ``t`` cannot score a voxel reference on its fixed validation subset, or None.
+
+    A voxel reference scores each subject on its own images of that subset
+    (``trainable.train.validation_indices``: ``val_images`` of the ``n_val`` validation images),
+    and a subject with fewer than 2 x val_folds of them is left out; where none has that many,
+    every trial failed after its first epoch. ``counts``: subject -> its images in the subset.
+    Asked by the dry run (from the release's design) and by the driver (from the prepared
+    table)."""
+    from trainable.config import TrialConfig
+
+    cfg = TrialConfig.from_dict(t.config)
+    need = 2 * cfg.val_folds
+    most = max(counts.values(), default=0)
+    if most >= need:
+        return None
+    per_subject = ", ".join(f"subject {s}: {n}" for s, n in sorted(counts.items())) or "none"
+    taken = (f"val_images={cfg.val_images} of the {n_val} validation images"
+             if cfg.val_images < n_val else f"all {n_val} validation images")
+    larger = (" or a larger val_images (--set val_images=N)"
+              if cfg.val_images < n_val else "")
+    return (f"trial {t.trial_id}: val_folds={cfg.val_folds} needs {need} validation images of "
+            f"one subject, but the fixed validation subset ({taken}) gives {per_subject}; "
+            f"accepted: val_folds <= {most // 2} (--set val_folds=N){larger}")
+
+
+def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray]) -> None:
+    """The splits' sizes (``split_size_problem``) and, for a voxel reference, each subject's
+    share of the validation subset (``validation_groups_problem``), refused in the dry run:
+    an ImageNet tree from the index the root's check built (kept for the process), an NSD
+    release from the images its sessions show (``nsd_seen``: subject -> nsdIds, from
+    ``references.nsd.check_release``), split as the trials will split them. At paper scale
+    the driver would otherwise find these only after preparing the whole release."""
+    import numpy as np
+
     from references import datasets
 
+    voxel = {c.name for c in conditions if c.reference == "nsd"}
+    nsd_splits = None
     for t in trials:
         src = data.get(t.condition)
-        if src is not None and src.kind == "imagenet":
+        if src is None or src.kind not in ("imagenet", "nsd"):
+            continue
+        if src.kind == "imagenet":
             train, val = datasets.imagenet_index(src.imagenet_root)
             problem = split_size_problem(t, len(train), len(val),
                                          f"--imagenet-root {src.imagenet_root}")
-            if problem:
-                raise UsageError(problem)
+        else:
+            if nsd_splits is None:
+                shown = [nsd_seen[s] for s in src.subjects]
+                nsd_splits = datasets.nsd_split(np.concatenate(shown) if shown else
+                                                np.zeros(0, np.int64),
+                                                seed=datasets.NSD_SPLIT_SEED)
+            train, val = nsd_splits
+            what = (f"--nsd-root {src.nsd_root} (subject"
+                    f"{'s' if len(src.subjects) > 1 else ''} "
+                    f"{', '.join(map(str, src.subjects))})")
+            problem = split_size_problem(t, len(train), len(val), what)
+            if problem is None and t.condition in voxel:
+                problem = validation_groups_problem(
+                    t, _validation_counts(t, val, {s: nsd_seen[s] for s in src.subjects}),
+                    len(val))
+        if problem:
+            raise UsageError(problem)
 
 
-def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
-                   rois: set[str]) -> tuple[Path, tuple[int, ...]]:
+def _validation_counts(t, val: np.ndarray, seen: dict[int, np.ndarray]) -> dict[int, int]:
+    """Per subject, how many images of trial ``t``'s fixed validation subset of the ascending
+    validation ids ``val`` it saw (``seen``: subject -> nsdIds)."""
+    import numpy as np
+
+    from trainable.config import TrialConfig
+    from trainable.train import validation_indices
+
+    cfg = TrialConfig.from_dict(t.config)
+    subset = val[validation_indices(len(val), cfg.val_images).numpy()]
+    counts = {s: int(np.isin(subset, ids).sum()) for s, ids in seen.items()}
+    return {s: n for s, n in counts.items() if n}
+
+
+def check_nsd_root(value: str, subjects: tuple[int, ...] | None, rois: set[str]
+                   ) -> tuple[Path, tuple[int, ...], dict[int, np.ndarray]]:
     """The files of an NSD release that preparing ``rois`` for ``subjects`` reads, checked from
     their headers (``references.nsd.check_release``); ``subjects`` None = every subject present
-    in the release. Returns (root, subjects)."""
+    in the release. Returns (root, subjects, the nsdIds each subject's sessions show)."""
     from references import nsd
 
     root = _check_dir("--nsd-root", value)
@@ -258,10 +326,10 @@ def check_nsd_root(value: str, subjects: tuple[int, ...] | None,
     try:
         if subjects is None:
             subjects = nsd.subjects_in_release(root)
-        nsd.check_release(root, subjects, sorted(rois))  # every subject's ROIs and sessions
+        seen = nsd.check_release(root, subjects, sorted(rois))  # every ROI and session
     except nsd.NSDFormatError as exc:
         raise UsageError(f"--nsd-root {value}: {exc}") from None
-    return root, tuple(subjects)
+    return root, tuple(subjects), seen
 
 
 def _weights(value: str | None, conditions) -> str | None:
@@ -546,8 +614,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     scale = "demo" if args.data == "demo" else "paper"
     shallow, chosen = _chosen_conditions(args, folder, scale, only)
-    paths, subjects = (_paper_paths(args, shallow, chosen, roots, asked) if scale == "paper"
-                       else ({}, asked or (1,)))
+    paths, subjects, nsd_seen = (_paper_paths(args, shallow, chosen, roots, asked)
+                                 if scale == "paper" else ({}, asked or (1,), {}))
     sweep, trials, n_grid = _trials(args, folder, scale, overrides, only)
     conditions = tuple(c for c in sweep.conditions if c.name in chosen)
     left_out: tuple[str, ...] = ()
@@ -591,7 +659,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             for c in conditions}
     if "image_size" in overrides:  # the data is read at the size the trials train at
         data = {c: replace(src, image_size=overrides["image_size"]) for c, src in data.items()}
-    _check_imagenet_splits(trials, data)
+    _check_splits(trials, data, conditions, nsd_seen)
     experiment, line = _experiment(args, scale, trials, conditions, data)
     _check_resume(args.resume, storage, experiment, args.search)
     plan = Plan(
@@ -751,9 +819,11 @@ def _chosen_conditions(args: argparse.Namespace, folder, scale: str,
 
 def _paper_paths(args: argparse.Namespace, shallow, chosen: set[str],
                  roots: dict[str, str | None],
-                 asked: tuple[int, ...]) -> tuple[dict[str, str], tuple[int, ...]]:
+                 asked: tuple[int, ...]
+                 ) -> tuple[dict[str, str], tuple[int, ...], dict[int, np.ndarray]]:
     """At paper scale: the data the chosen conditions train on, its paths checked as the
-    trials will read them; returns the paths and the NSD subjects."""
+    trials will read them; returns the paths, the NSD subjects and the nsdIds each one's
+    sessions show ({} without NSD)."""
     selected = [c for c in shallow.conditions if c.name in chosen]
     needs = {c.name: c.paper.data for c in selected}
     kinds = set(needs.values())
@@ -779,14 +849,15 @@ def _paper_paths(args: argparse.Namespace, shallow, chosen: set[str],
         raise UsageError(f"--subject is given but sweep {args.sweep} does not train on NSD")
     paths: dict[str, str] = {}
     subjects = asked or (1,)
+    seen: dict[int, np.ndarray] = {}
     if "imagenet" in kinds:
         paths["imagenet_root"] = str(check_imagenet_root(args.imagenet_root))
     if "nsd" in kinds:
         rois = {c.roi for c in selected if c.paper.data == "nsd"}
-        root, subjects = check_nsd_root(args.nsd_root, asked or None, rois)
+        root, subjects, seen = check_nsd_root(args.nsd_root, asked or None, rois)
         paths["nsd_root"] = str(root)
         paths["coco_annotations"] = str(check_coco_annotations(args.coco_annotations))
-    return paths, subjects
+    return paths, subjects, seen
 
 
 def _trials(args: argparse.Namespace, folder, scale: str, overrides: dict,

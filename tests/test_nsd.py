@@ -391,8 +391,14 @@ def test_prepare_without_subjects_takes_those_in_the_release(tmp_path):
 def test_check_release_passes_on_a_good_tree(tmp_path, broken):
     """"stim_exact": imgBrick holds exactly as many images as the largest nsdId (10)."""
     nsd_root, _ = write_tree(tmp_path, skip={broken})
-    assert check_release(nsd_root, [1, 2], ["V1", "VVS"]) is None
-    assert check_release(nsd_root, None, "VVS") is None
+    # it returns the images each subject's sessions show, in trial order (what a prepared
+    # table holds, so a dry run can size the splits): the design's, for the trials on disk
+    expected = {s: SUBJECTIM[s - 1][MASTERORDERING[:sum(TRIALS[s])] - 1] - 1 for s in TRIALS}
+    for seen in (check_release(nsd_root, [1, 2], ["V1", "VVS"]),
+                 check_release(nsd_root, None, "VVS")):
+        assert sorted(seen) == [1, 2]
+        for s in TRIALS:
+            np.testing.assert_array_equal(seen[s], expected[s])
 
 
 def test_check_release_accepts_a_subset_copy(tmp_path):

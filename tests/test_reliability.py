@@ -457,6 +457,7 @@ def test_a_data_file_found_malformed_only_when_read_in_full_records_nothing(tmp_
     argv = [SWEEP, "--data", "nsd", "--nsd-root", str(sim.nsd_root), "--coco-annotations",
             str(coco), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage",
             str(tmp_path / "ray"), "--set", "epochs=1", "--set", "steps_per_epoch=1",
+            "--set", "batch_size=8", "--set", "val_folds=2",  # a 30-image release
             "--only", f"{SWEEP}-none-*", "--cpus-per-trial", "1", "--gpus-per-trial", "0"]
     env = {**os.environ, "ALIGNSWEEP_CACHE": str(tmp_path / "cache")}  # nothing prepared yet
     dry = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *argv, "--dry-run"],

@@ -995,7 +995,9 @@ def test_nsd_paths_are_checked_against_a_release(tmp_path):
     from references.simulated import generate_nsd_like
 
     sim = generate_nsd_like(n_images=30, n_subjects=1, n_categories=4, repeats=2)
-    nsd_argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root))
+    # (the paper's batch of 1000 and 5 folds are refused for this 30-image release)
+    nsd_argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root),
+                "--set", "batch_size=8", "--set", "val_folds=2")
     with pytest.raises(UsageError, match="--coco-annotations DIR is required"):
         make_plan(parse(*nsd_argv))
     plan = make_plan(parse(*nsd_argv, "--coco-annotations", str(sim.coco_annotations)))
@@ -1014,12 +1016,62 @@ def test_nsd_paths_are_checked_against_a_release(tmp_path):
     # is not used (it was refused: "sweep paper does not train on ImageNet")
     plan = make_plan(parse("paper", "--data", "paper", "--nsd-root", str(sim.nsd_root),
                            "--coco-annotations", str(sim.coco_annotations), "--imagenet-root",
-                           str(tmp_path / "nowhere"), "--only", "nsd_conv1_v1-*"))
+                           str(tmp_path / "nowhere"), "--only", "nsd_conv1_v1-*",
+                           "--set", "batch_size=8", "--set", "val_folds=2"))
     assert {src.kind for src in plan.data.values()} == {"nsd"}
     with pytest.raises(UsageError, match="--imagenet-root is given but sweep nsd_conv1_v1 does "
                                          "not train on ImageNet"):
         make_plan(parse(*nsd_argv, "--coco-annotations", str(sim.coco_annotations),
                         "--imagenet-root", str(tmp_path)))
+
+
+def test_the_dry_run_sizes_an_nsd_releases_splits_as_the_trials_will(tmp_path):
+    """A batch larger than an NSD release's training split, or validation folds no subject's
+    share of the validation subset can fill, passed the dry run: the driver found them only
+    after preparing the whole release (hours at NSD's size). The dry run now splits the
+    images the sessions show as the prepared table is split, and gives the driver's message
+    with the same numbers."""
+    import dataclasses
+
+    from references.simulated import generate_nsd_like
+    from sweeps.execute import _prepare, _validation_groups_problem
+
+    sim = generate_nsd_like(n_images=90, n_subjects=2, n_categories=4, repeats=2)
+    argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root),
+            "--coco-annotations", str(sim.coco_annotations), "--subject", "1", "--subject", "2")
+    plan = make_plan(parse(*argv, "--set", "batch_size=8", "--set", "val_folds=2"))
+    data, refs = _prepare(plan)  # what the trials get, from the prepared table
+    n_train, n_val = len(data["nsd_conv1_v1"].train), len(data["nsd_conv1_v1"].val)
+    assert 0 < n_val < n_train
+    where = f"--nsd-root {sim.nsd_root} (subjects 1, 2)"
+    with pytest.raises(UsageError, match="^" + re.escape(
+            f"trial nsd_conv1_v1-none-a0-b1-s0: batch_size={n_train + 1} but the training split "
+            f"of {where} holds {n_train} images; accepted: batch_size <= {n_train} "
+            f"(--set batch_size=N)") + "$"):
+        make_plan(parse(*argv, "--set", f"batch_size={n_train + 1}", "--set", "val_folds=2"))
+    folds = n_val // 2 + 1
+    with pytest.raises(UsageError, match="^" + re.escape(
+            f"trial nsd_conv1_v1-none-a0-b1-s0: val_folds={folds} needs {2 * folds} validation "
+            f"images but the validation split of {where} holds {n_val}; accepted: val_folds <= "
+            f"{n_val // 2} (--set val_folds=N)") + "$"):
+        make_plan(parse(*argv, "--set", f"batch_size={n_train}", "--set",
+                        f"val_folds={folds}"))
+    # each subject is scored on its own images of the validation subset: the dry run's counts
+    # are the driver's, from the prepared table's voxel reference
+    t = next(t for t in plan.trials if t.direction == "none")
+    for folds in range(2, n_val // 2 + 1):
+        bad = dataclasses.replace(t, config={**t.config, "val_folds": folds})
+        driver = _validation_groups_problem(bad, data["nsd_conv1_v1"], refs["nsd_conv1_v1"])
+        if driver is None:
+            make_plan(parse(*argv, "--set", f"batch_size={n_train}", "--set",
+                            f"val_folds={folds}"))
+            continue
+        with pytest.raises(UsageError, match="^" + re.escape(driver) + "$"):
+            make_plan(parse(*argv, "--set", f"batch_size={n_train}", "--set",
+                            f"val_folds={folds}"))
+        break
+    else:
+        raise AssertionError("no val_folds the split can hold leaves a subject short")
 
 
 def test_a_resume_refuses_a_release_changed_in_place(tmp_path):
@@ -1036,7 +1088,8 @@ def test_a_resume_refuses_a_release_changed_in_place(tmp_path):
     nsd_root = tmp_path / "nsd"
     shutil.copytree(sim.nsd_root, nsd_root)
     plan = make_plan(parse("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(nsd_root),
-                           "--coco-annotations", str(sim.coco_annotations)))
+                           "--coco-annotations", str(sim.coco_annotations),
+                           "--set", "batch_size=8", "--set", "val_folds=2"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     recorded = fingerprint(plan)
