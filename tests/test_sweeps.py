@@ -1036,7 +1036,10 @@ def test_the_dry_run_sizes_an_nsd_releases_splits_as_the_trials_will(tmp_path):
     from references.simulated import generate_nsd_like
     from sweeps.execute import _prepare, _validation_groups_problem
 
-    sim = generate_nsd_like(n_images=90, n_subjects=2, n_categories=4, repeats=2)
+    # three sessions of subject 1, two of subject 2: the images a subject saw are those of
+    # its sessions on disk, not of its row of the design
+    sim = generate_nsd_like(n_images=90, n_subjects=2, n_categories=4, repeats=2,
+                            trials_per_session=40)
     argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root),
             "--coco-annotations", str(sim.coco_annotations), "--subject", "1", "--subject", "2")
     plan = make_plan(parse(*argv, "--set", "batch_size=8", "--set", "val_folds=2"))
