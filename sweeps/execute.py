@@ -993,6 +993,9 @@ def _execute_run(plan: Plan) -> int:
         # A trial that is neither finished nor errored did not run to its end: Tune stopped
         # on Ctrl-C / SIGTERM (or a trial was never scheduled). The sweep is incomplete.
         stopped = [o.trial_id for o in outcomes if o.state not in ("done", "ERROR")]
+        if plan.resume and plan.search == "optuna" and outcomes and not (interrupted or stopped):
+            if _interrupted(lambda: _retire_unknown_children_or_say(plan, parent_id, outcomes)):
+                interrupted = True
         if interrupted and not outcomes:  # stopped before Tune reported the trials: their
             # runs were left RUNNING (their workers stopped with Ray), and went unnamed
             _interrupted(lambda: stopped.extend(
@@ -1046,6 +1049,26 @@ def _end_running_children_or_say(plan: Plan, parent_id: str) -> list[str]:
              f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; "
              f"--resume ends them")
         return []
+
+
+def _retire_unknown_children_or_say(plan: Plan, parent_id: str,
+                                    outcomes: list[Outcome]) -> None:
+    """A resumed search that ran to its end: a sample's child run that the killed driver's
+    Tune state never knew is ended and deleted (``tracking.retire_unknown_children``), and
+    each is named."""
+    try:
+        retired = tracking.retire_unknown_children(plan.mlflow_uri, parent_id,
+                                                   {o.trial_id for o in outcomes})
+    except Exception as exc:
+        _say(f"could not look for child runs the resumed search never knew "
+             f"({redact(plan.mlflow_uri)}): {type(exc).__name__}: "
+             f"{redact(' '.join(str(exc).split()))[:300]}")
+        return
+    for trial_id, run_id in retired:
+        _say(f"{trial_id}: its MLflow run {run_id} was made before the driver was killed, but "
+             f"Tune's saved state never knew the trial, and the resumed search drew its sample "
+             f"again; the run is ended KILLED and deleted (mlflow runs restore --run-id "
+             f"{run_id} brings it back)")
 
 
 def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> None:

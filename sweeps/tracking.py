@@ -182,6 +182,31 @@ def end_running_children(uri: str, parent_run_id: str) -> list[str]:
     return sorted(ended)
 
 
+def retire_unknown_children(uri: str, parent_run_id: str,
+                            known: set[str]) -> list[tuple[str, str]]:
+    """End KILLED and delete (MLflow's soft delete) the parent's child runs still RUNNING whose
+    trial is none of ``known``; returns (trial id, run id) of each.
+
+    For a resumed search that ran to its end (``known``: the trials of Tune's restored
+    experiment): a sample's worker makes its run when it starts, and Tune saves its experiment
+    state every 10 s or more. A driver killed outright in between (SIGKILL, a lost machine)
+    left a run whose trial Tune's saved state never knew: the resumed search drew that sample
+    again as another trial, and the run stayed RUNNING for good, so the finished sweep's
+    report called itself partial. ``mlflow runs restore`` brings a deleted run back. Runs
+    without a trial's tags (another tool's, nested under the parent) are left alone."""
+    client = MlflowClient(uri)
+    retired = []
+    for run in child_runs(client, parent_run_id):
+        tags = run.data.tags
+        if (run.info.status != "RUNNING" or not {"trial_id", "condition"} <= set(tags)
+                or tags["trial_id"] in known):
+            continue
+        _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))
+        _retry(lambda run=run: client.delete_run(run.info.run_id))
+        retired.append((tags["trial_id"], run.info.run_id))
+    return retired
+
+
 class TrialRun:
     """A trial's child run, written by a background thread so that tracking never stalls or
     fails the trial (issue 12): every call only queues an operation; the thread finds or

@@ -866,6 +866,7 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     not saved; --resume was refused): run again, from its first trial. --resume now trains
     the stopped trials on from their checkpoints under the same parent run, then draws the
     samples not yet drawn from studies that know every trial before them."""
+    import dataclasses
     import pickle
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -922,11 +923,28 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
                      rf"resume runs the other 5 \(.*{SWEEP}-none-a0-b1-s0.*, then [1-3] "
                      rf"samples not yet drawn\)$", dry.stdout,
                      re.M), dry.stdout + dry.stderr
+    # A driver killed outright (SIGKILL) after a sample's worker made its run but before Tune
+    # next saved its state (every 10 s or more) left a run the resumed search never knew (it
+    # drew the sample again): RUNNING for good, and the finished sweep's report was PARTIAL.
+    from records import TrialKey
+
+    lost = TrialKey(SWEEP, "max", 0.3, 1.0, 0, sample="lost_00099").format()
+    orphan = client.create_run(parent.info.experiment_id, run_name=lost, tags={
+        "mlflow.parentRunId": parent.info.run_id, "trial_id": lost, "condition": SWEEP,
+        "direction": "max"})
     proc = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"resuming {run_dir}: only unfinished trials run, then the samples not yet " \
            f"drawn" in proc.stdout, proc.stdout[-3000:]
+    assert (f"{lost}: its MLflow run {orphan.info.run_id} was made before the driver was "
+            f"killed, but Tune's saved state never knew the trial") in proc.stdout, \
+        proc.stdout[-3000:]
+    gone = client.get_run(orphan.info.run_id).info
+    assert (gone.status, gone.lifecycle_stage) == ("KILLED", "deleted")
+    stats = json.loads((tmp_path / "outputs" / f"{SWEEP}-smoke" / parent.info.run_id
+                        / "statistics.json").read_text())
+    assert not [m for m in stats["messages"] if m.startswith("PARTIAL")], stats["messages"]
     runs = client.search_runs([parent.info.experiment_id])
     assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [
         parent.info.run_id]  # the same parent run, now finished
@@ -946,8 +964,6 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     # A driver killed outright (SIGKILL, a lost machine) never updates the manifest it wrote
     # at its start, every trial "pending": the dry run said no trial had finished. The count
     # comes from Ray Tune's state, which the resume restores.
-    import dataclasses
-
     from records import read_manifest, write_manifest
 
     write_manifest(run_dir, [dataclasses.replace(e, state="pending")
