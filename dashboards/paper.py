@@ -135,9 +135,12 @@ def differences(tags: Mapping[str, str]) -> list[str]:
         out.append(f"settings changed ({tags['overrides']})")
     if tags.get("only"):
         out.append(f"a selection of trials ({tags['only']})")
-    found = re.search(r"subjects ([0-9, ]+)", tags.get("data_description", ""))
+    # the subjects as the driver's data line writes them, between the release's path and the
+    # COCO folder's (``sweeps.plan._paper_data_line``): a path holding "subjects 1" is no list
+    found = re.search(r", subjects ((?:\d+, )*\d+), COCO annotations ",
+                      tags.get("data_description", ""))
     if found:
-        subjects = [s for s in found.group(1).replace(" ", "").split(",") if s]
+        subjects = found.group(1).split(", ")
         if len(subjects) < 8:
             out.append(f"NSD subjects {', '.join(subjects)} of the paper's 8")
     return out
@@ -152,8 +155,12 @@ def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str
     (``dashboards.statistics.alignment_gap``) and their difference."""
     conditions = set(results.column("condition").to_pylist()) if results.num_rows else set()
     comparable = scale == "paper" and not differs
-    why = ("" if comparable else f"not comparable: {scale or 'unknown'} scale"
-           if scale != "paper" else f"not comparable: {'; '.join(differs)}")
+    if scale != "paper":
+        why = f"not comparable: {scale or 'unknown'} scale"
+    elif differs:
+        why = f"not comparable: {'; '.join(differs)}"
+    else:
+        why = ""
     missing = "not comparable: no number (no trial of a side it needs finished)"
     headlines = []
     for h in HEADLINES:

@@ -1551,6 +1551,10 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
                                  "NSD subjects 2 of the paper's 8"]
     assert differences({"data_description": "paper scale on NSD (/d, subjects 1, 2, 3, 4, 5, "
                                             "6, 7, 8, COCO annotations /c) at 224 px"}) == []
+    # a release whose path holds "subjects 1" was read as a run of subject 1 alone
+    assert differences({"data_description": "paper scale on NSD (/data/subjects 1-8/nsd, "
+                                            "subjects 1, 2, 3, 4, 5, 6, 7, 8, COCO annotations "
+                                            "/c) at 224 px"}) == []
     changed = paper_terms(t, stats, "paper", differences(tags))
     assert all(not h["comparable"] and h["note"] == (
         "not comparable: settings changed (epochs=1,width=0.25); a selection of trials "
