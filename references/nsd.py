@@ -49,6 +49,7 @@ import csv
 import functools
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -92,6 +93,22 @@ def _permission_named(fn):
     return named
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel prints the header problems it meets to stderr through its own logger
+    (``data code 26004 not recognized; not attempting fix``, ``sizeof_hdr should be 540``):
+    before it raises on a file that is no NIfTI, and while a NIfTI-2 file is first tried as
+    NIfTI-1. This module names every file it cannot read itself, in one line, so those lines
+    are noise above it (or beside a file read correctly)."""
+    logger = logging.getLogger("nibabel.global")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _oneline(exc: BaseException) -> str:
     """An exception's message on one line (nibabel's and h5py's may span several)."""
     return " ".join(str(exc).split())
@@ -118,6 +135,13 @@ SESSION_NAMES = "betas_sessionSS.hdf5 (or .nii.gz / .nii)"
 #: A session file still being copied: aws s3 cp's betas_session01.hdf5.6fA3b1c2, rsync's
 #: .betas_session01.hdf5.Xq3z9a, a browser's .part / .crdownload, an editor's ~.
 _UNFINISHED_RE = re.compile(r"^\.?betas_session(\d+)\.(hdf5|nii\.gz|nii)(\..+|~)$")
+#: Files that sit beside a finished session file without being a copy of it: a checksum, a
+#: backup. Ignored where that session file is there.
+_SIDECAR_SUFFIXES = (".md5", ".md5sum", ".sha1", ".sha256", ".sha256sum", ".sha512", ".bak",
+                     ".orig")
+#: A session file under a name the release does not use (another HDF5 extension, another
+#: case): it would not be read, and its session would be missing without a word.
+_MISNAMED_RE = re.compile(r"^betas_session(\d+)\.(h5|hdf|hdf5|he5|nii|nii\.gz)$", re.IGNORECASE)
 # Upper bound on one h5py read (a trial chunk of the ROI bounding box); keeps VVS, whose bounding
 # box is large, from pulling hundreds of MB of int16 at once.
 _READ_CHUNK_BYTES = 64 * 2**20
@@ -166,7 +190,8 @@ def load_ncsnr(nsd_root: Path, subject: int, mask: np.ndarray) -> np.ndarray | N
     if path is None:
         return None
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
         shape = tuple(img.shape)
         if shape[:3] != tuple(mask.shape) or any(d != 1 for d in shape[3:]):
             raise NSDFormatError(f"{path}: ncsnr volume of shape {shape} does not match the ROI "
@@ -353,7 +378,10 @@ def load_stim_info(nsd_root: Path) -> StimInfo:
     line."""
     path = Path(nsd_root) / STIM_INFO
     if not path.is_file():
-        raise NSDFormatError(f"missing file {path}")
+        pickled = path.with_suffix(".pkl")
+        raise NSDFormatError(f"missing file {path}" + (
+            f" ({pickled.name} beside it is not read: a pickle runs code when loaded; copy the "
+            f"release's .csv, which holds the same table)" if pickled.is_file() else ""))
     needed = ("nsdId", "cocoId", "cocoSplit")
     nsd, coco, split = [], [], []
     first_line: dict[int, int] = {}
@@ -403,7 +431,8 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
     spec = roi_spec(roi)
     path = _nifti_required(roi_file(nsd_root, subject, roi))
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():
+            img = nib.load(str(path))
     except Exception as exc:  # nibabel's ImageFileError derives from Exception
         raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(exc)})") from None
     # The shape comes from the header, so a wrong volume fails before its data is decoded.
@@ -450,7 +479,7 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
         elsewhere = _betas_elsewhere(nsd_root, subject)
         raise NSDFormatError(f"missing directory {folder} (no betas for subject {subject}"
                              f"{f'; its betas are in {elsewhere}' if elsewhere else ''})")
-    _refuse_unfinished_copies(folder, subject)
+    _refuse_stray_session_files(folder, subject)
     forms: dict[int, dict[str, Path]] = {}
     for p in sorted(folder.iterdir()):
         m = _SESSION_RE.match(p.name)
@@ -484,19 +513,42 @@ def session_files(nsd_root: Path, subject: int) -> list[Path]:
     return [found[s] for s in sorted(found)]
 
 
-def _refuse_unfinished_copies(folder: Path, subject: int) -> None:
-    """An NSDFormatError naming a session file of ``folder`` still being copied (or left
-    behind by a copy that stopped): the session would be missing, and a subject with no
-    finished session, or its last sessions, left out without a word."""
+def _refuse_stray_session_files(folder: Path, subject: int) -> None:
+    """An NSDFormatError naming a file of ``folder`` that holds a session of ``subject`` but
+    would not be read as one: a copy still being made (or left behind by a copy that stopped),
+    a checksum or backup whose session file is not there, or a session file under a name the
+    release does not use (``betas_session05.h5``, ``betas_session05.HDF5``). Each session would
+    be missing, and a subject with no other session, or its last sessions, left out without a
+    word. A checksum or backup beside its session file is ignored."""
     if not folder.is_dir():
         return
     for p in sorted(folder.iterdir()):
-        m = _UNFINISHED_RE.match(p.name)
-        if m and not _SESSION_RE.match(p.name):  # (betas_session01.nii + ".gz": finished)
+        if _SESSION_RE.match(p.name):  # (betas_session01.nii + ".gz": finished)
+            continue
+        misnamed = _MISNAMED_RE.match(p.name)
+        if misnamed:
+            s, form = int(misnamed.group(1)), misnamed.group(2).lower()
+            form = {"h5": "hdf5", "hdf": "hdf5", "he5": "hdf5"}.get(form, form)
             raise NSDFormatError(
-                f"{p}: an unfinished copy of subject {subject}'s session {int(m.group(1))}; "
-                f"expected betas_session{int(m.group(1)):02d}.{m.group(2)} -- finish the copy "
-                f"(or remove the file, and pass --subject for the subjects to use)")
+                f"{p}: not a name the release gives a session file, so subject {subject}'s "
+                f"session {s} would not be read; expected betas_session{s:02d}.{form} "
+                f"(accepted: {SESSION_NAMES}, in lower case) -- rename it")
+        m = _UNFINISHED_RE.match(p.name)
+        if not m:
+            continue
+        s, form, suffix = int(m.group(1)), m.group(2), m.group(3)
+        session = f"betas_session{m.group(1)}.{form}"
+        if suffix.lower() in _SIDECAR_SUFFIXES:
+            if (folder / session).is_file():
+                continue
+            raise NSDFormatError(
+                f"{p}: a checksum or backup of subject {subject}'s session {s}, whose {session} "
+                f"is not in {folder}; expected the session file beside it -- copy it (or "
+                f"remove the file, and pass --subject for the subjects to use)")
+        raise NSDFormatError(
+            f"{p}: an unfinished copy of subject {subject}'s session {s}; "
+            f"expected betas_session{s:02d}.{form} -- finish the copy "
+            f"(or remove the file, and pass --subject for the subjects to use)")
 
 
 @contextlib.contextmanager
@@ -547,7 +599,8 @@ def _stated_affine(path: Path) -> np.ndarray | None:
 
     for kind in (nib.Nifti1Image, nib.Nifti2Image):  # by suffix, no sniffing (as _nifti_betas)
         try:
-            return _header_affine(kind.from_filename(str(path)).header)
+            with _quiet_nibabel():
+                return _header_affine(kind.from_filename(str(path)).header)
         except Exception:  # nibabel's errors derive from Exception, not OSError
             continue
     return None
@@ -606,7 +659,8 @@ def _nifti_betas(path: Path):
     img, first = None, None
     for kind in (nib.Nifti1Image, nib.Nifti2Image):  # named by suffix: no sniffing (which
         try:                                           # reads past the header of a cut file)
-            img = kind.from_filename(str(path), keep_file_open=True)
+            with _quiet_nibabel():
+                img = kind.from_filename(str(path), keep_file_open=True)
             break
         except Exception as exc:  # nibabel's errors derive from Exception, not OSError
             first = first or exc
@@ -717,7 +771,7 @@ def _subjects_present(nsd_root: Path, design: ExpDesign, *, every: bool = False
     present = tuple(s for s in range(1, n_rows + 1) if _has_sessions(betas_dir(nsd_root, s)))
     for s in range(1, n_rows + 1) if every else ():
         if s not in present:  # "every subject" would leave it out without a word
-            _refuse_unfinished_copies(betas_dir(nsd_root, s), s)
+            _refuse_stray_session_files(betas_dir(nsd_root, s), s)
         elsewhere = None if s in present else _betas_elsewhere(nsd_root, s)
         if elsewhere is not None:  # "every subject" would leave it out without a word
             raise NSDFormatError(
@@ -893,6 +947,10 @@ def noise_ceiling(responses: np.ndarray, image_of_trial: np.ndarray, *,
 
 
 def _coco_path(coco_annotations: Path, split: str) -> Path:
+    if Path(coco_annotations).is_file():
+        raise NSDFormatError(f"--coco-annotations {coco_annotations}: a file; expected the folder "
+                             f"holding {' and '.join(COCO_FILES.values())} (or annotations/ "
+                             f"with them, as the COCO zip extracts)")
     name = COCO_FILES[split]
     direct = Path(coco_annotations) / name
     nested = Path(coco_annotations) / "annotations" / name  # the layout of the COCO zip
@@ -1320,6 +1378,7 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
                                  f"(rows 1..{design.subjectim.shape[0]}); subjects present: "
                                  f"{', '.join(map(str, present))}")
         if s not in present:
+            _refuse_stray_session_files(betas_dir(nsd_root, s), s)  # names what is there
             elsewhere = _betas_elsewhere(nsd_root, s)
             raise NSDFormatError(f"{betas_dir(nsd_root, s)}: no {SESSION_NAMES} for "
                                  f"subject {s}"

@@ -989,12 +989,13 @@ def test_cli_check_and_prepare_without_subject(tree, tmp_path):
     assert proc.stderr.count("\n") == 1 and "got uint16" in proc.stderr, proc.stderr
 
 
-def _as_nifti(path: Path, suffix: str = ".nii.gz", edit=None, keep: bool = False) -> Path:
+def _as_nifti(path: Path, suffix: str = ".nii.gz", edit=None, keep: bool = False,
+              image=nib.Nifti1Image) -> Path:
     """Store the session file ``path`` (HDF5, (trials, z, y, x)) as the release's NIfTI
-    (x, y, z, trials) beside it; the HDF5 file is removed unless ``keep``."""
+    (x, y, z, trials) beside it, of kind ``image``; the HDF5 file is removed unless ``keep``."""
     with h5py.File(path, "r") as f:
         betas = f["betas"][()].transpose(3, 2, 1, 0)
-    img = nib.Nifti1Image(betas if edit is None else edit(betas), np.eye(4))
+    img = image(betas if edit is None else edit(betas), np.eye(4))
     out = path.with_name(path.name.replace(".hdf5", suffix))
     nib.save(img, str(out))
     if not keep:
@@ -1350,6 +1351,92 @@ def test_a_session_still_being_copied_is_refused(tmp_path, subject):
             f"{len(TRIALS[subject])}; expected {last.name} -- finish the copy")) as exc:
         check_release(nsd_root, None, ["V1"])
     _one_line(exc)
+
+
+@pytest.mark.parametrize("subject, name", [(1, "betas_session02.h5"),
+                                           (1, "betas_session02.HDF5"),
+                                           (2, "betas_session01.h5")])
+def test_a_session_under_another_name_is_refused_not_left_out(tmp_path, subject, name):
+    """A session saved as .h5 (or .HDF5) was not read, and nothing said so: subject 1 was read
+    with its last session missing, and subject 2, whose one session it was, was left out of
+    "every subject" (check said ok)."""
+    nsd_root, coco = write_tree(tmp_path)
+    session = int(name[len("betas_session"):][:2])
+    path = nsd.session_file(nsd_root, subject, session)
+    renamed = path.rename(path.with_name(name))
+    match = re.escape(f"{renamed}: not a name the release gives a session file, so subject "
+                      f"{subject}'s session {session} would not be read; expected "
+                      f"{path.name} (accepted: ")
+    for subjects in (None, [subject]):
+        with pytest.raises(NSDFormatError, match=match) as exc:
+            check_release(nsd_root, subjects, ["V1"])
+        _one_line(exc)
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, [subject], "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_a_checksum_beside_its_session_is_ignored_and_one_without_it_named(tmp_path):
+    """betas_session01.hdf5.md5 (as md5sum writes it beside a download) was refused as "an
+    unfinished copy" of a session that was complete, with the advice to finish the copy."""
+    nsd_root, coco = write_tree(tmp_path)
+    path = nsd.session_file(nsd_root, 1, 2)
+    for suffix in (".md5", ".sha256", ".bak"):
+        path.with_name(path.name + suffix).write_text("0123456789abcdef  " + path.name + "\n")
+    seen = check_release(nsd_root, None, ["V1"])
+    plain = check_release(write_tree(tmp_path / "plain")[0], None, ["V1"])
+    assert seen.keys() == plain.keys() == {1, 2}
+    for s in seen:
+        np.testing.assert_array_equal(seen[s], plain[s])
+    prepare(nsd_root, coco, [1], "V1", tmp_path / "o.parquet", progress=False)
+    path.unlink()  # the checksum stays: the session it stands for is missing
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"{path.with_name(path.name + '.bak')}: a checksum or backup of subject 1's "
+            f"session 2, whose {path.name} is not in {path.parent}; expected the session file "
+            f"beside it")) as exc:
+        check_release(nsd_root, None, ["V1"])
+    _one_line(exc)
+
+
+def test_nibabel_prints_nothing_of_its_own(tmp_path):
+    """nibabel logs header problems to stderr itself: a NIfTI-2 session (read correctly)
+    printed "sizeof_hdr should be 348; set sizeof_hdr to 348" on every run, and a gzipped file
+    named .nii put three such lines above the one-line refusal."""
+    nsd_root, coco = write_tree(tmp_path)
+    want = pq.read_table(prepare(nsd_root, coco, [1], "V1", tmp_path / "h5.parquet",
+                                 progress=False))
+    _as_nifti(nsd.session_file(nsd_root, 1, 2), image=nib.Nifti2Image)
+    check = [sys.executable, "-m", "references.nsd", "check", "--nsd-root", str(nsd_root),
+             "--subject", "1"]
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    proc = _cli_prepare(nsd_root, coco, tmp_path / "nii2.parquet")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert pq.read_table(tmp_path / "nii2.parquet").equals(want)
+
+    gz = _as_nifti(nsd.session_file(nsd_root, 1, 1))
+    misnamed = gz.rename(gz.with_suffix(""))  # betas_session01.nii, still gzipped
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {misnamed}: cannot read as NIfTI"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_the_pickled_stim_info_and_a_coco_file_are_named_for_what_they_are(tmp_path):
+    """A release holding only nsd_stim_info_merged.pkl was told the .csv is missing, without
+    a word on the .pkl beside it; --coco-annotations given one of its JSON files was told
+    ".../instances_val2017.json/instances_train2017.json" is missing."""
+    nsd_root, coco = write_tree(tmp_path)
+    given = coco / "instances_val2017.json"
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"--coco-annotations {given}: a file; expected the folder holding "
+            f"instances_train2017.json and instances_val2017.json")) as exc:
+        prepare(nsd_root, given, [1], "V1", tmp_path / "o.parquet", progress=False)
+    _one_line(exc)
+    csv_path = nsd_root / nsd.STIM_INFO
+    csv_path.rename(csv_path.with_suffix(".pkl"))  # its content does not matter here
+    with pytest.raises(NSDFormatError, match=re.escape(
+            f"missing file {csv_path} (nsd_stim_info_merged.pkl beside it is not read")):
+        check_release(nsd_root, [1], ["V1"])
 
 
 def test_a_session_name_that_is_no_file_is_refused_not_waited_on(tmp_path):
