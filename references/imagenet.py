@@ -36,9 +36,12 @@ folder of their name (``ILSVRC2012_img_train.tar`` extracted one level) is refus
 Hidden entries are skipped at every level, unlike torchvision's ``ImageFolder``: a folder or file
 whose name starts with "." is not a class, not searched and not an image (``.ipynb_checkpoints/``,
 ``.Trash-1000/``, ``.DS_Store``, the ``._n01440764_10026.JPEG`` AppleDouble files of a copy from
-macOS). Symbolic links are followed; a dangling one named as an image, or a link loop, is refused
-at index time (``broken symbolic link PATH ...``); a dangling one with another name is ignored
-like any non-image.
+macOS); so are the folders tools leave beside data, ``@eaDir`` (a Synology NAS's thumbnails,
+``<image>.JPEG/SYNOFILE_THUMB_*.jpg``, which would be read as images and as a class) and
+``__MACOSX`` (a zip made on macOS). Symbolic links are followed; a dangling one named as an
+image, one in a split folder (a class linked from elsewhere whose target is gone), or a link
+loop, is refused at index time (``broken symbolic link PATH ...``); a dangling one with
+another name inside a class folder is ignored like any non-image.
 
 Decoding (:func:`read_rgb`, what ``ImageFolderDataset`` calls in the DataLoader workers): an
 image Pillow cannot open or decode (corrupt, truncated, zero bytes, a decompression bomb) is an
@@ -322,8 +325,9 @@ def _read_devkit(archive: str) -> _Meta:
     except ImageNetFormatError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error, scipy.io.matlab.MatReadError,
-            ValueError, KeyError, TypeError, IndexError) as e:
-        # corrupt gzip/tar, unparsable meta.mat or ground truth
+            NotImplementedError, ValueError, KeyError, TypeError, IndexError) as e:
+        # corrupt gzip/tar, unparsable meta.mat (NotImplementedError: one re-saved as MATLAB
+        # v7.3, which is HDF5) or ground truth
         raise ImageNetFormatError(f"cannot read {what} {archive} ({_reason(e)}); "
                                   f"expected the official {DEVKIT_ARCHIVE} (tar.gz with "
                                   f"{DEVKIT_FOLDER}/{META_MAT} and {GROUND_TRUTH}) or the "
@@ -454,7 +458,7 @@ def _val_form(root: str) -> str:
     val = os.path.join(root, "val")
     if not os.path.isdir(val):
         return "no val/"
-    dirs, images = _listdir(os.fsencode(val))
+    dirs, images = _listdir(os.fsencode(val), classes=True)
     return "half-sorted val" if dirs and images else "flat val" if images else "sorted val"
 
 
@@ -474,7 +478,7 @@ def _kaggle_names(root: str, solution: str) -> _Meta | None:
     for split in SPLITS:
         folder = os.path.join(root, split)
         if os.path.isdir(folder):
-            dirs, _ = _listdir(os.fsencode(folder))
+            dirs, _ = _listdir(os.fsencode(folder), classes=True)
             if not all(os.fsdecode(d) in wnid_to_classes for d in dirs):
                 return None
     return _Meta(mapping, wnid_to_classes, [])
@@ -500,22 +504,30 @@ def _is_image(name: bytes) -> bool:
     return name.lower().endswith(_IMAGE_EXTENSIONS_B)
 
 
+#: Folders that tools put beside the data, never classes nor images: a Synology NAS's
+#: thumbnails (``@eaDir/<image>.JPEG/SYNOFILE_THUMB_*.jpg``), macOS's zip metadata.
+_TOOL_FOLDERS = (b"@eaDir", b"__MACOSX")
+
+
 def _listdir(folder: bytes, archives: list[bytes] | None = None,
-             others: _Tally | None = None) -> tuple[list[bytes], list[bytes]]:
+             others: _Tally | None = None, *, classes: bool = False
+             ) -> tuple[list[bytes], list[bytes]]:
     """(sub-folder names, image file names) of one folder, unsorted; hidden entries (name
-    starting with ".") skipped, symlinks followed (a broken one refused, unless it is dangling
-    and not named as an image: ``_link_target_is_dir``). Names of files ending in ".tar" (any
-    case) are appended to ``archives`` when given, the names of other files to ``others``.
-    Plain entries cost no ``stat`` (``DirEntry`` types from the listing); a symlink costs one."""
+    starting with ".") and tools' folders (``_TOOL_FOLDERS``) skipped, symlinks followed (a
+    broken one refused, unless it is dangling, not named as an image and not in a split folder
+    (``classes``: where a dangling link is a class folder whose target is gone):
+    ``_link_target_is_dir``). Names of files ending in ".tar" (any case) are appended to
+    ``archives`` when given, the names of other files to ``others``. Plain entries cost no
+    ``stat`` (``DirEntry`` types from the listing); a symlink costs one."""
     dirs, images = [], []
     try:
         with os.scandir(folder) as it:
             for entry in it:
                 name = entry.name
-                if name.startswith(b"."):
+                if name.startswith(b".") or name in _TOOL_FOLDERS:
                     continue
                 if entry.is_symlink():
-                    is_dir = _link_target_is_dir(entry)
+                    is_dir = _link_target_is_dir(entry, dangling_ok=not classes)
                     if is_dir is None:  # broken, and not named as an image: ignored
                         continue
                 else:
@@ -539,15 +551,17 @@ def _listdir(folder: bytes, archives: list[bytes] | None = None,
     return dirs, images
 
 
-def _link_target_is_dir(entry: os.DirEntry) -> bool | None:
+def _link_target_is_dir(entry: os.DirEntry, *, dangling_ok: bool = True) -> bool | None:
     """Whether a symlink leads to a folder. None for a dangling one not named as an image
-    (ignored like any non-image, as ``DirEntry.is_dir`` does); a dangling one named as an image
-    (it would fail only when a worker decodes it), a link loop or a target that cannot be
-    stat'ed is an error."""
+    (ignored like any non-image, as ``DirEntry.is_dir`` does) where ``dangling_ok``; a dangling
+    one named as an image (it would fail only when a worker decodes it), one in a split folder
+    (not ``dangling_ok``: a class linked from a subset such as ImageNet-100, whose target is
+    mistyped or not mounted, would be left out without a word), a link loop or a target that
+    cannot be stat'ed is an error."""
     try:
         return stat.S_ISDIR(entry.stat().st_mode)
     except OSError as e:
-        if isinstance(e, FileNotFoundError) and not _is_image(entry.name):
+        if isinstance(e, FileNotFoundError) and dangling_ok and not _is_image(entry.name):
             return None
         try:
             target = os.fsdecode(os.readlink(entry.path))
@@ -636,7 +650,7 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     folder_b = os.fsencode(folder)
     archives: list[bytes] = []
     others = _Tally()
-    dirs, top_images = _listdir(folder_b, archives, others)
+    dirs, top_images = _listdir(folder_b, archives, others, classes=True)
     # ILSVRC2012_img_train.tar extracted one level: one n01440764.tar per class, whose classes
     # would be missing. Fine: an archive kept beside its extracted folder, the official
     # ILSVRC2012_img_*.tar themselves (not per class), archives among a flat val's images.
@@ -802,7 +816,10 @@ def describe(root: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------
 # Decoding one sample (in DataLoader workers)
 
-_FIX_IMAGE = "replace or remove the file, then rerun with --resume"
+#: A removed file changes the index every trial reads, which ``--resume`` refuses (the run's
+#: data fingerprint): a resume needs the file back, readable.
+_FIX_IMAGE = ("replace it with a readable copy of the image, then rerun with --resume (removing "
+              "it changes the data, which --resume refuses: then start a new run)")
 
 
 def read_rgb(path: str) -> Image.Image:
@@ -825,7 +842,10 @@ def read_rgb(path: str) -> Image.Image:
         if entry is not None:  # a generated world's file: rebuilt, not edited by hand
             raise ImageNetFormatError(
                 damaged_entry(entry, f"cannot decode image {path}: {_reason(e)}")) from e
-        raise ImageNetFormatError(f"cannot decode image {path} ({_reason(e)}); expected an image "
+        # Pillow repeats the path in some reasons ("cannot identify image file '/...'"): once
+        # is enough, and it would push the remedy past the driver's summary line.
+        reason = _reason(e).replace(f" '{path}'", "").replace(f" {path}", "")
+        raise ImageNetFormatError(f"cannot decode image {path} ({reason}); expected an image "
                                   f"file Pillow can read -- {_FIX_IMAGE}") from e
 
 

@@ -1233,6 +1233,11 @@ def _own_data(dataset: Mapping[str, str] | None) -> dict[str, str]:
     return {"data_description": dataset["name"]} if dataset else {}
 
 
+#: An errored trial's line is cut here: long enough for a message that names a file on a
+#: lab's mount (its path alone can be 150 characters) and ends with what to do.
+ERROR_LINE_CHARS = 600
+
+
 def error_line(error: BaseException) -> str:
     """What ended an errored trial, in one line: the innermost ``Type: message`` of the error
     as it reached the driver. Ray wraps a trial's exception (``cause``: the original), and a
@@ -1241,13 +1246,13 @@ def error_line(error: BaseException) -> str:
     cause = getattr(error, "cause", None)
     inner = cause if isinstance(cause, BaseException) else error
     if isinstance(inner, RepeatedFailure):  # its message is the first attempt's error line
-        return str(inner)[:300]
+        return str(inner)[:ERROR_LINE_CHARS]
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     if len(lines) > 1 and "Traceback (most recent call last)" in str(inner):
         line = lines[-1]
     else:
         line = f"{type(inner).__name__}: {' '.join(lines)}" if lines else type(inner).__name__
-    return redact(line)[:300]
+    return redact(line)[:ERROR_LINE_CHARS]
 
 
 def _dataset(source) -> dict[str, str]:

@@ -152,7 +152,7 @@ def data_lines(plan: Plan) -> list[str]:
             seen.append(src)
             users = [c for c, s in plan.data.items() if s == src]
             who = f" [{', '.join(users)}]" if len(plan.data) > 1 else ""
-            lines.append(f"data: {src.describe()}{who}{src.skipped_note()}")
+            lines.append(f"data: {src.describe()}{who}{src.index_note()}")
     return lines
 
 

@@ -279,9 +279,21 @@ class DataSource:
         return (f"NSD release {self.nsd_root}, ROI {self.roi}, subjects {subjects}, "
                 f"COCO annotations {self.coco_annotations} at {px}")
 
+    def index_note(self) -> str:
+        """For an ImageNet folder: what its index holds (classes, images per split: a class
+        left out, or a folder read as one, shows here) and what it left out (files that are
+        not images torchvision reads, ``references.imagenet.skipped_note``), from the cached
+        index; '' for other data."""
+        if self.kind != "imagenet":
+            return ""
+        from references import datasets, imagenet
+
+        train, val = datasets.imagenet_index(self.imagenet_root)
+        return (f": {len(train.classes)} classes, {len(train)} train / {len(val)} val images"
+                f"{imagenet.skipped_note(train, val)}")
+
     def skipped_note(self) -> str:
-        """For an ImageNet folder: '' or what its index left out (files that are not images
-        torchvision reads, ``references.imagenet.skipped_note``), from the cached index."""
+        """For an ImageNet folder: '' or what its index left out (``index_note``'s end)."""
         if self.kind != "imagenet":
             return ""
         from references import datasets, imagenet

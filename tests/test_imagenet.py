@@ -589,6 +589,73 @@ def test_broken_image_link_is_refused_and_other_links_are_followed(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("splits", [("train", "val"), ("train",)])
+def test_a_dangling_link_to_a_class_folder_is_refused_not_left_out(tmp_path, splits):
+    """A subset (ImageNet-100 style) linking class folders from the full tree, one link
+    mistyped or its target not mounted: the class was left out of both splits without a word,
+    or, broken in train alone, val's class was reported missing from a train/ that shows it."""
+    full = write_imagenet_tree(tmp_path / "full", n_classes=4, sizes=SMALL)
+    subset = tmp_path / "subset"
+    for split in ("train", "val"):
+        (subset / split).mkdir(parents=True)
+        for wnid in ("n00000000", "n00000001", "n00000002"):
+            typo = wnid.replace("00002", "OOO02") if split in splits else wnid
+            (subset / split / wnid).symlink_to(full / split / typo)
+    link = subset / "train" / "n00000002"
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"broken symbolic link {link} -> {full / 'train' / 'n000OOO02'} (No such file or "
+            "directory); expected images and folders, or links to existing ones")) as err:
+        index_imagenet(subset)
+    assert "\n" not in str(err.value)
+    (subset / "train" / "n00000002").unlink()
+    (subset / "train" / "n00000002").symlink_to(full / "train" / "n00000002")
+    if splits == ("train",):
+        assert index_imagenet(subset)[0].classes == ("n00000000", "n00000001", "n00000002")
+
+
+def test_a_nas_s_thumbnail_folders_and_a_zip_s_macos_folder_are_not_data(tmp_path):
+    """A Synology NAS keeps thumbnails in @eaDir folders (<image>.JPEG/SYNOFILE_THUMB_M.jpg):
+    they were read as a class of their own and as images of every class; a zip made on macOS
+    extracts __MACOSX/ beside the data, which was read as a class."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    expected = index_imagenet(tree)
+    for split in ("train", "val"):
+        for cls in [tree / split, *sorted((tree / split).iterdir())]:
+            for image in sorted(cls.glob("*.JPEG"))[:2]:
+                thumbs = cls / "@eaDir" / image.name
+                thumbs.mkdir(parents=True)
+                shutil.copyfile(image, thumbs / "SYNOFILE_THUMB_M.jpg")
+        macos = tree / split / "__MACOSX" / "n00000000"
+        macos.mkdir(parents=True)
+        (macos / "._n00000000_0.JPEG").write_bytes(b"\x00\x05\x16\x07")
+        shutil.copyfile(next((tree / split / "n00000000").glob("*.JPEG")), macos / "x.JPEG")
+    assert index_imagenet(tree) == expected
+    assert [i.skipped for i in index_imagenet(tree)] == [0, 0]
+
+
+def test_a_devkit_saved_as_matlab_v7_3_is_one_line(tmp_path):
+    """A meta.mat re-saved as MATLAB v7.3 (HDF5): scipy raises NotImplementedError, which went
+    through as an unexpected error (exit 1, a traceback file)."""
+    import h5py
+
+    tree = write_imagenet_tree(tmp_path / "t", layout="torchvision_flat_val", sizes=SMALL)
+    with tarfile.open(tree / DEVKIT_ARCHIVE) as tar:
+        tar.extractall(tree, filter="data")
+    (tree / DEVKIT_ARCHIVE).unlink()
+    meta = tree / "ILSVRC2012_devkit_t12" / "data" / "meta.mat"
+    meta.unlink()
+    with h5py.File(meta, "w", userblock_size=512) as f:  # as MATLAB writes v7.3
+        f["synsets"] = np.zeros(3)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116)
+    with open(meta, "r+b") as fh:
+        fh.write(header + b"\x00" * 8 + b"\x00\x02IM")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"cannot read devkit folder {tree / 'ILSVRC2012_devkit_t12'} (NotImplementedError: "
+            "Please use HDF reader for matlab v7.3 files")) as err:
+        index_imagenet(tree)
+    assert "\n" not in str(err.value)
+
+
 @malformed("imagefolder")
 def link_loop_in_a_class(t):
     os.symlink("again", t / "train" / "n00000001" / "again")  # not an image name: still refused
@@ -642,11 +709,13 @@ def test_undecodable_image_is_one_line_naming_it_also_from_a_worker(kind, tmp_pa
     i = [train.path(k) for k in range(len(train))].index(str(bad))
     ds[i - 1]  # its neighbours read fine
     message = (f"cannot decode image {bad} ({reason}: ", "); expected an image file Pillow can "
-               "read -- replace or remove the file, then rerun with --resume")
+               "read -- replace it with a readable copy of the image, then rerun with --resume "
+               "(removing it changes the data, which --resume refuses: then start a new run)")
     with pytest.raises(ImageNetFormatError, match=".*".join(map(re.escape, message))) as err:
         ds[i]
     line = str(err.value)
     assert "\n" not in line
+    assert line.count(str(bad)) == 1  # Pillow's "cannot identify image file '<path>'" too
     # torch re-raises the worker's error as the same type, its traceback first: the message
     # survives intact as the last line.
     kind, text = _worker_error(torch.utils.data.Subset(ds, [i - 1, i]))
@@ -706,8 +775,8 @@ def test_32_bit_integer_image_beyond_16_bits_is_refused(tmp_path):
     Image.fromarray(np.array([[0, 70000], [5, 6]], np.int32)).save(path)
     with pytest.raises(ImageNetFormatError, match=re.escape(
             f"image {path} is 'I' (32-bit integer) with values in 0..70000; expected 8-bit "
-            "images or 16-bit grey (0..65535) -- convert it to 8 bits, or replace or remove the "
-            "file, then rerun with --resume")):
+            "images or 16-bit grey (0..65535) -- convert it to 8 bits, or replace it with a "
+            "readable copy of the image, then rerun with --resume")):
         read_rgb(str(path))
 
 
@@ -721,7 +790,7 @@ def test_float_image_is_refused_not_clipped(tmp_path):
     with pytest.raises(ImageNetFormatError, match=re.escape(
             f"image {path} is 'F' (32-bit float, values 0..1), whose scale (0..1 or 0..255) is "
             "ambiguous; expected 8-bit images or 16-bit grey -- convert it to 8 bits, or replace "
-            "or remove the file, then rerun with --resume")):
+            "it with a readable copy of the image, then rerun with --resume")):
         read_rgb(str(path))
 
 
@@ -1075,7 +1144,7 @@ def test_a_damaged_image_of_a_generated_world_names_its_cache_entry(tmp_path, mo
         read_rgb(str(png))
     outside = tmp_path / "mine.png"  # a user's file: the advice stays the user's
     outside.write_bytes(png.read_bytes())
-    with pytest.raises(ImageNetFormatError, match=r"replace or remove the file"):
+    with pytest.raises(ImageNetFormatError, match=r"replace it with a readable copy"):
         read_rgb(str(outside))
 
 
