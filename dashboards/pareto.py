@@ -525,16 +525,25 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     unfinished = [t for t in record.trials if t.status in _UNFINISHED]
     interrupted = (record.parent_status == "KILLED"
                    or record.parent_tags.get("interrupted") == "true")
-    never = max(0, planned - len(record.trials))  # trials that never started have no run
-    if not (interrupted or unfinished or never):
+    deleted = record.deleted
+    # trials that never started have no run; a deleted run is not counted among them
+    never = max(0, planned - len(record.trials) - len(deleted))
+    if not (interrupted or unfinished or never or deleted):
         return None
+    total = len(record.trials) + never + len(deleted)
+    restore = (f"{len(deleted)} of {total} trials' runs are deleted in MLflow, e.g. "
+               f"{deleted[0][0]} -- restore one with: mlflow runs restore --run-id "
+               f"{deleted[0][1]}" if deleted else "")
+    if not (interrupted or unfinished or never):  # the sweep ran to its end
+        return ("deleted", f"PARTIAL: {restore}; the report covers the others.")
     why = [f"parent run {record.parent_status or 'interrupted'}"] if interrupted else []
-    total = len(record.trials) + never
     if unfinished:
         why.append(f"{len(unfinished)} of {total} trials unfinished, e.g. "
                    f"{unfinished[0].trial_id} {unfinished[0].status}")
     if never:  # (or failed before their run was made)
         why.append(f"{never} of {total} trials have no run (never started)")
+    if deleted:
+        why.append(restore)
     return ("interrupted" if interrupted else "unfinished",
             f"PARTIAL: this sweep did not run to its end ({'; '.join(why)}); the report "
             f"covers the trials that finished. {again}")

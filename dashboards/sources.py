@@ -39,11 +39,13 @@ from records import (
     MANIFEST_FILE,
     PARENT_FILE,
     PARENT_TAG,
+    RETIRED_TAG,
     SCALE_SUFFIXES,
     TrialKey,
     child_runs,
     error_summary,
     experiment_name,
+    format_overrides,
     parse_experiment,
     parse_run_folder,
     read_manifest,
@@ -130,6 +132,7 @@ class SweepRecord:
         (``fetch_filters``: its conv1_filters.png).
     label : names this invocation in folder names (the parent run id; Ray: the run folder).
     notes : what could not be read as expected (shown in the report).
+    deleted : (trial id, run id) of the trials whose run is deleted in MLflow.
     """
 
     sweep: str
@@ -142,6 +145,8 @@ class SweepRecord:
     fetch: Callable[[Trial, str, Path], Path | None] = field(repr=False, compare=False)
     label: str = ""
     notes: tuple[str, ...] = ()
+    #: (trial id, run id) of trials whose only run is deleted in MLflow (soft delete)
+    deleted: tuple[tuple[str, str], ...] = ()
 
     @property
     def scale(self) -> str:
@@ -293,8 +298,25 @@ def _latest_parent(client, experiments: list, sweep: str) -> Any:
             names = ", ".join(e.name for e in experiments)
             also = (f" ({others} other top-level run(s), without tag sweep={sweep}, are not "
                     f"this sweep's)" if others else "")
+            gone = _deleted_parent(client, experiments, sweep)
+            if gone is not None:  # "run the sweep first" would send a finished sweep back
+                also += (f"; its parent run {gone} is deleted -- restore it with: mlflow runs "
+                         f"restore --run-id {gone}")
             raise SourceError(f"experiment {names} has no parent run of sweep {sweep!r}{also}; "
                               f"run the sweep first")
+
+
+def _deleted_parent(client, experiments: list, sweep: str) -> str | None:
+    """The newest deleted parent run of ``sweep`` in ``experiments``, or None."""
+    from mlflow.entities import ViewType
+
+    for run in client.search_runs([e.experiment_id for e in experiments],
+                                  filter_string=f"tags.sweep = '{sweep}'",
+                                  run_view_type=ViewType.DELETED_ONLY,
+                                  order_by=["attributes.start_time DESC"], max_results=50):
+        if PARENT_TAG not in run.data.tags:
+            return run.info.run_id
+    return None
 
 
 def sweep_parent_run(client, parent_run_id: str, sweep: str, mlflow_uri: str):
@@ -309,6 +331,10 @@ def sweep_parent_run(client, parent_run_id: str, sweep: str, mlflow_uri: str):
     except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
         raise SourceError(f"--parent-run {parent_run_id}: no such run in {redact(mlflow_uri)} "
                           f"({' '.join(str(exc).split())[:200]})") from None
+    if parent.info.lifecycle_stage == "deleted":
+        raise SourceError(f"--parent-run {parent_run_id} is deleted in {redact(mlflow_uri)}; "
+                          f"accepted: an active run -- restore it with: mlflow runs restore "
+                          f"--run-id {parent_run_id}")
     if PARENT_TAG in parent.data.tags:
         raise SourceError(f"--parent-run {parent_run_id} is a trial run (its parent is "
                           f"{parent.data.tags[PARENT_TAG]}); accepted: a sweep's parent run")
@@ -349,6 +375,15 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
               f"(no trial_id / condition tags) and are left out: "
               f"{', '.join(r.info.run_name or r.info.run_id for r in foreign[:5])}"
               f"{', ...' if len(foreign) > 5 else ''}",) if foreign else ())
+    # A trial's run deleted in MLflow (the UI, `mlflow runs delete`): not a trial that never
+    # started, which a --resume would run (it called a finished sweep partial, with that
+    # advice). Runs the driver retired itself are no trial's.
+    present = {t.trial_id for t in trials}
+    deleted = tuple(sorted({
+        r.data.tags["trial_id"]: r.info.run_id
+        for r in child_runs(client, parent.info.run_id, deleted=True)
+        if {"trial_id", "condition"} <= set(r.data.tags) and RETIRED_TAG not in r.data.tags
+        and r.data.tags["trial_id"] not in present}.items()))
 
     listed: dict[str, set[str]] = {}
 
@@ -369,7 +404,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
                               f"run {parent.info.run_id}",
                        parent_run_id=parent.info.run_id, parent_status=parent.info.status,
                        parent_tags=tags, trials=trials, fetch=fetch,
-                       label=parent.info.run_id, notes=notes)
+                       label=parent.info.run_id, notes=notes, deleted=deleted)
 
 
 def _mlflow_trial(client, run) -> Trial:
@@ -510,7 +545,11 @@ def _real_folder(path: Path) -> Path:
     real run folder), unless the real name is not UTF-8: a UTF-8 link the user named to a
     folder named in another encoding (the README's remedy) then stays the link, made absolute
     and normalised, which the report can write (it failed to encode the resolved name)."""
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a loop of links (RuntimeError before 3.13)
+        raise SourceError(f"--ray-results {path}: cannot be resolved ({exc}); accepted: a "
+                          f"folder, or a symbolic link to one") from None
     try:
         str(real).encode("utf-8")
     except UnicodeEncodeError:
@@ -599,6 +638,16 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         tags["search"] = recorded["search"]
     if isinstance(recorded.get("num_samples"), int):
         tags["num_samples"] = str(recorded["num_samples"])
+    # and the rest a resume must repeat (the note's command lacked --set, which the driver
+    # then refused as "started with a different --set overrides")
+    if isinstance(recorded.get("data"), str):
+        tags["data"] = recorded["data"]
+    if isinstance(recorded.get("seeds"), int):
+        tags["seeds"] = str(recorded["seeds"])
+    if isinstance(recorded.get("overrides"), dict) and recorded["overrides"]:
+        tags["overrides"] = format_overrides(recorded["overrides"])
+    if isinstance(recorded.get("only"), list) and recorded["only"]:
+        tags["only"] = " ".join(map(str, recorded["only"]))
     if any(e.state in ("no epoch finished", "not started") or e.state.startswith("stopped at")
            for e in entries):  # ("not started": what manifests said before stop 29)
         tags["interrupted"] = "true"  # what the driver tags its parent run when it stops

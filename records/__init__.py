@@ -29,7 +29,8 @@ __all__ = [
     "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FACTS_FILE", "FILTERS_ARTIFACT",
     "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
     "PARENT_TAG", "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "TrialKey",
-    "control_name", "error_summary", "experiment_name", "fmt_number", "parse_experiment",
+    "control_name", "error_summary", "experiment_name", "fmt_number", "format_overrides",
+    "parse_experiment",
     "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
 ]
 
@@ -245,6 +246,10 @@ def write_manifest(run_dir: Path, entries: Iterable[ManifestEntry], *, write_tex
     return path
 
 
+_MANIFEST_TYPES = {"key": str, "state": str, "folder": (str, type(None)),
+                   "run_id": (str, type(None)), "config": dict}
+
+
 def read_manifest(run_dir: Path) -> list[ManifestEntry]:
     """The entries of ``<run_dir>/manifest.jsonl`` ([] when the run wrote none yet); a line
     that is not one is a ValueError naming the file and line."""
@@ -257,6 +262,11 @@ def read_manifest(run_dir: Path) -> list[ManifestEntry]:
             continue
         try:
             entry = ManifestEntry(**json.loads(line))
+            # each field of the type the driver writes (a hand edit's "config": null failed
+            # later, as a TypeError with a traceback file)
+            for name, kinds in _MANIFEST_TYPES.items():
+                if not isinstance(getattr(entry, name), kinds):
+                    raise TypeError(f"'{name}' is {getattr(entry, name)!r}")
         except (ValueError, TypeError) as exc:  # a truncated copy, an edit gone wrong
             raise ValueError(f"{path} line {n}: not a manifest entry "
                              f"({' '.join(str(exc).split())}); accepted: the file as the "
@@ -268,13 +278,29 @@ def read_manifest(run_dir: Path) -> list[ManifestEntry]:
 # -------------------------------------------------------------------------- MLflow
 
 
-def child_runs(client: Any, parent_run_id: str) -> list:
-    """Every child run of a parent (all pages), with an ``MlflowClient``."""
+#: The tag a run retired by the driver carries (``sweeps.tracking.retire_unknown_children``):
+#: deleted by it, not by a user, so no report counts it as a trial's run deleted.
+RETIRED_TAG = "retired"
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+    """``--set`` overrides as one tag value: ``epochs=1,steps_per_epoch=20`` (sorted): the
+    parent run's ``overrides`` tag, and what a report's resume line repeats."""
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def child_runs(client: Any, parent_run_id: str, *, deleted: bool = False) -> list:
+    """Every child run of a parent (all pages), with an ``MlflowClient``; the deleted ones
+    (MLflow's soft delete) instead where ``deleted``."""
+    from mlflow.entities import ViewType
+
     parent = client.get_run(parent_run_id)
     runs, token = [], None
     while True:
         page = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  run_view_type=(ViewType.DELETED_ONLY if deleted
+                                                 else ViewType.ACTIVE_ONLY),
                                   max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token

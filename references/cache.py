@@ -117,6 +117,9 @@ def unwritable(folder: Path) -> str | None:
     Shared by the driver's plan and the post-processor's --out."""
     probe = folder
     while not probe.exists():
+        if probe.is_symlink():  # dangling: mkdir would fail with "File exists"
+            return (f"{probe} is a symbolic link to {os.readlink(probe)}, which does not exist "
+                    f"(a share not mounted?)")
         if probe.parent == probe:
             return f"no existing folder above {folder}"
         probe = probe.parent

@@ -77,6 +77,7 @@ from records import (  # noqa: F401  (re-exported: the sweep file's vocabulary)
     TrialKey,
     control_name,
     fmt_number,
+    format_overrides,
     tags_of,
 )
 from trainable.config import UPPER
@@ -527,11 +528,6 @@ def parse_override(text: str) -> tuple[str, Any]:
             and not isinstance(default, bool)):
         value = int(value)  # epochs=1.0 is epochs=1: recorded, and compared on --resume, alike
     return key, value
-
-
-def format_overrides(overrides: Mapping[str, Any]) -> str:
-    """The overrides as one tag value: ``epochs=1,steps_per_epoch=20`` (sorted)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
 
 
 def apply_overrides(trials: Sequence[TrialSpec], overrides: Mapping[str, Any]) -> list[TrialSpec]:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import NOTE_TAG, PARENT_TAG, child_runs
+from records import NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -202,6 +202,9 @@ def retire_unknown_children(uri: str, parent_run_id: str,
                 or tags["trial_id"] in known):
             continue
         _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))
+        _retry(lambda run=run: client.set_tag(
+            run.info.run_id, RETIRED_TAG, "a sample the resumed search never knew (drawn "
+            "again as another trial)"))
         _retry(lambda run=run: client.delete_run(run.info.run_id))
         retired.append((tags["trial_id"], run.info.run_id))
     return retired

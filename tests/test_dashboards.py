@@ -1636,6 +1636,28 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
         # (as root: "does not take files (<the system's reason>)"; else "is not writable")
         assert (unwritable(Path("/proc/x")) or "").startswith("/proc ")
         assert unwritable(tmp_path / "new" / "deeper") is None and not (tmp_path / "new").exists()
+    # a link to a share not mounted: exit 1 and "FileExistsError: File exists" after the
+    # store had been read (mkdir of the dangling link)
+    dangling = tmp_path / "reports"
+    dangling.symlink_to(tmp_path / "unmounted" / "share")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
+         str(tmp_path), "--out", str(dangling / "run1")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --out {dangling / 'run1'}: {dangling} is a symbolic link to "
+        f"{tmp_path / 'unmounted' / 'share'}, which does not exist (a share not mounted?); "
+        f"accepted: a folder this user can create or write\n"), proc.stderr
+    # --ray-results a loop of links: a RuntimeError from Path.resolve, exit 1
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results", str(loop),
+         "--no-log"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: --ray-results {loop}: cannot be resolved (") and proc.stderr.count("\n") == 1, \
+        proc.stderr
     # a malformed --parent-run was ignored with --ray-results and the report built anyway
     proc = subprocess.run(
         [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--ray-results",
@@ -1889,3 +1911,41 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
             in printed, printed
         client.set_tag(parent, "planned", "{}")
         client.set_tag(parent, "trials", "3")
+
+
+def test_a_deleted_trial_run_is_named_as_deleted_and_a_deleted_parent_refused(store_copy,
+                                                                               tmp_path):
+    """A trial's run deleted in MLflow made a finished sweep's report say "1 of 5 trials have
+    no run (never started)" with a --resume that would run nothing; a deleted parent given as
+    --parent-run had the whole report built and half logged into it before MLflow refused
+    (exit 1), and without it the store was said to hold no run of the sweep ("run the sweep
+    first")."""
+    from records import child_runs
+
+    copy, parents = store_copy
+    uri = f"sqlite:///{copy}"
+    client = MlflowClient(uri)
+    client.set_tag(parents["full"], "trials", "5")  # as the driver records it
+    gone = child_runs(client, parents["full"])[0]
+    client.delete_run(gone.info.run_id)
+    pareto.postprocess("full", mlflow_uri=uri, out=tmp_path / "out", log=False)
+    messages = json.loads((tmp_path / "out" / "statistics.json").read_text())["messages"]
+    assert messages[0] == (f"PARTIAL: 1 of 5 trials' runs are deleted in MLflow, e.g. "
+                           f"{gone.data.tags['trial_id']} -- restore one with: mlflow runs "
+                           f"restore --run-id {gone.info.run_id}; the report covers the others.")
+    assert not any("never started" in m or "--resume" in m for m in messages), messages
+
+    client.delete_run(parents["full"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "full", "--mlflow-uri", uri,
+         "--parent-run", parents["full"], "--out", str(tmp_path / "out2")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: --parent-run {parents['full']} is deleted in {uri}; "
+                           f"accepted: an active run -- restore it with: mlflow runs restore "
+                           f"--run-id {parents['full']}\n")
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(SourceError, match=re.escape(
+            f"has no parent run of sweep 'full'; its parent run {parents['full']} is deleted "
+            f"-- restore it with: mlflow runs restore --run-id {parents['full']}")):
+        load_mlflow("full", mlflow_uri=uri)

@@ -353,6 +353,17 @@ def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, caps
     (note,) = [m for m in messages if m.startswith("PARTIAL")]
     assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
                          f"sweeps/run.py {SWEEP} --search optuna --num-samples 6 --resume"), note
+    # and a grid run's --set, --seeds, --only and --data, which a resume must repeat (the
+    # command lacked them, and the driver refused it: "started with a different --set")
+    (run / "sweep_fingerprint.json").write_text(json.dumps(
+        {"sweep": SWEEP, "search": "grid", "num_samples": None, "seeds": 2, "data": "paper",
+         "overrides": {"steps_per_epoch": "20", "epochs": "4"}, "only": [f"{SWEEP}-max-*"]}))
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "o3")]) == 0
+    messages = json.loads((tmp_path / "o3" / "statistics.json").read_text())["messages"]
+    (note,) = [m for m in messages if m.startswith("PARTIAL")]
+    assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
+                         f"sweeps/run.py {SWEEP} --data paper --seeds 2 --set epochs=4 --set "
+                         f"steps_per_epoch=20 --only '{SWEEP}-max-*' --resume"), note
 
 
 def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):

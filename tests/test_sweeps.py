@@ -725,6 +725,13 @@ def test_a_resume_with_damaged_run_records_is_refused_before_the_parent_reopens(
                                          rf"entry \(.+\){accepted}.* -- restore it, or start a "
                                          rf"new run without --resume$"):
         _start_records(resumed, run_dir)
+    # a hand edit: every field there, one of another type (a TypeError and a traceback file
+    # when the report read it)
+    first = json.loads(whole.splitlines()[0])
+    manifest.write_text(json.dumps({**first, "config": None}) + "\n")
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(manifest))} line 1: not a manifest "
+                                         rf"entry \('config' is None\){accepted}"):
+        _start_records(resumed, run_dir)
     manifest.write_text(whole)
     parent_file = run_dir / "mlflow_parent.json"
     whole_parent = parent_file.read_text()
