@@ -414,7 +414,7 @@ def _mlflow_trial(client, run) -> Trial:
         points = client.get_metric_history(run.info.run_id, key)
         by_step = {}
         for m in sorted(points, key=lambda m: (m.step, m.timestamp)):
-            by_step[int(m.step)] = float(m.value)  # a retried epoch: the last value wins
+            by_step[int(m.step)] = _stored(m.value)  # a retried epoch: the last value wins
         history[key] = tuple(sorted(by_step.items()))
     config = resolve_config(run.data.params)
     # the param is the alpha as trained (repr of the float); the tag is rounded for display
@@ -432,6 +432,17 @@ def _mlflow_trial(client, run) -> Trial:
         history=history,
         error=tags.get("error"),
     )
+
+
+def _stored(value: float) -> float:
+    """A metric as MLflow's SQL store gives it back: infinity is kept as the largest float
+    (+-1.8e308), which read as a finite value put a trial with an infinite alignment on the
+    fronts and into the statistics. Read as infinity, it is missing like NaN."""
+    value = float(value)
+    return math.copysign(math.inf, value) if abs(value) >= _LARGEST else value
+
+
+_LARGEST = 1.7976931348623157e308  # sys.float_info.max
 
 
 def _direction(alpha: float) -> str:

@@ -6,6 +6,7 @@ at all, and a real smoke sweep read from MLflow and from Ray's result folder."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -1949,3 +1950,24 @@ def test_a_deleted_trial_run_is_named_as_deleted_and_a_deleted_parent_refused(st
             f"has no parent run of sweep 'full'; its parent run {parents['full']} is deleted "
             f"-- restore it with: mlflow runs restore --run-id {parents['full']}")):
         load_mlflow("full", mlflow_uri=uri)
+
+
+def test_an_infinite_metric_is_missing_not_the_largest_float(store_copy, tmp_path):
+    """MLflow's SQLite store keeps an infinite metric as 1.797e308: read back as that, the
+    trial's alignment became 1.797693e+308 in results.parquet, on the fronts and in the
+    statistics, where a NaN is left out."""
+    from records import child_runs
+
+    copy, parents = store_copy
+    uri = f"sqlite:///{copy}"
+    client = MlflowClient(uri)
+    runs = child_runs(client, parents["full"])
+    run = next(r for r in runs if r.info.status == "FINISHED")
+    last = max(m.step for m in client.get_metric_history(run.info.run_id, "val_alignment"))
+    client.log_metric(run.info.run_id, "val_alignment", float("inf"), step=last)
+    assert client.get_metric_history(run.info.run_id, "val_alignment")[-1].value > 1e308
+    report = pareto.postprocess("full", mlflow_uri=uri, out=tmp_path / "out", log=False)
+    table = read_results(report).to_pylist()
+    row = next(r for r in table if r["trial_id"] == run.data.tags["trial_id"])
+    assert row["alignment"] is None or math.isnan(row["alignment"])
+    assert all(r["alignment"] is None or abs(r["alignment"]) < 1e300 for r in table)
