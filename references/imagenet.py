@@ -641,6 +641,12 @@ def _root_hint(root: str) -> str:
     if os.path.basename(parent) in SPLITS:
         return (f"-- {root} is a class folder of the split folder {parent}: pass "
                 f"{os.path.dirname(parent)}")
+    tars = [f"ILSVRC2012_img_{s}.tar" for s in SPLITS
+            if os.path.isfile(os.path.join(root, f"ILSVRC2012_img_{s}.tar"))]
+    if tars:  # the official download, not yet extracted
+        return (f"-- extract {' and '.join(tars)} there first (train/ holds one n*.tar per "
+                f"class: extract each into a folder of its name; val/ takes the 50,000 images "
+                f"flat, labelled by the devkit)")
     return (f"(ImageFolder layout, or torchvision's with {DEVKIT_ARCHIVE} or {META_FILE} beside "
             "them)")
 
@@ -664,6 +670,12 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
     if top_images and split == "train":
         raise ImageNetFormatError(f"{folder} holds {len(top_images)} images directly in it; "
                                   "expected train/<class>/<images>")
+    if not top_images and [os.fsdecode(d) for d in dirs] in (
+            [f"ILSVRC2012_img_{s}"] for s in SPLITS):  # an archive extracted into its own folder
+        raise ImageNetFormatError(
+            f"{folder} holds only {os.fsdecode(dirs[0])}/: the archive extracted into a folder "
+            f"of its name, one level too deep; expected {split}/<class>/<images> (or a flat "
+            f"val) -- move its contents up into {folder}")
     if top_images and dirs:
         raise ImageNetFormatError(
             f"{folder} holds both {len(dirs)} class folders and {len(top_images)} images "
@@ -687,8 +699,12 @@ def _index_split(root: str, split: str, meta: _Meta | None) -> ImageIndex:
         rel_paths.extend(cls + _SEP + r for r in rels)
         targets.extend([k] * len(rels))
     if not rel_paths:
-        raise ImageNetFormatError(f"{folder} holds no image files in {len(classes_b)} class "
-                                  f"folders; expected {split}/<class>/<images> ({_accepted()})")
+        packed = [os.fsdecode(a) for a in archives]
+        raise ImageNetFormatError(
+            f"{folder} holds no image files in {len(classes_b)} class folders; expected "
+            f"{split}/<class>/<images> ({_accepted()})"
+            + (f" -- it holds {_few(packed)}: extract {'it' if len(packed) == 1 else 'them'} "
+               f"there" if packed else ""))
     if empty:
         raise ImageNetFormatError(
             f"class folder {os.path.join(folder, empty[0])} holds no image files"

@@ -633,6 +633,50 @@ def test_a_nas_s_thumbnail_folders_and_a_zip_s_macos_folder_are_not_data(tmp_pat
     assert [i.skipped for i in index_imagenet(tree)] == [0, 0]
 
 
+def _tar_of(folder: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+
+
+def test_the_official_archives_not_yet_extracted_are_named(tmp_path):
+    """The download as it comes (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar), val's
+    archive left unextracted in val/, and val extracted into a folder of the archive's name:
+    refused as a missing train/, "no image files in 0 class folders" and "class folders ...
+    are not leaf synsets (ILSVRC2012_img_val)", without a word on the archives."""
+    tree = write_imagenet_tree(tmp_path / "t", layout="torchvision_flat_val", sizes=SMALL)
+    download = tmp_path / "download"
+    download.mkdir()
+    for split in ("train", "val"):
+        _tar_of(tree / split, download / f"ILSVRC2012_img_{split}.tar")
+    shutil.copy(tree / DEVKIT_ARCHIVE, download)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"missing folder {download / 'train'}; expected {download} to hold train/ and val/ "
+            f"-- extract ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar there first")):
+        index_imagenet(download)
+
+    val = tree / "val"
+    packed = download / "ILSVRC2012_img_val.tar"
+    shutil.rmtree(val)
+    val.mkdir()
+    shutil.copy(packed, val)
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{val} holds no image files in 0 class folders; expected val/<class>/<images> (")
+            + r".* -- it holds ILSVRC2012_img_val\.tar: extract it there$"):
+        index_imagenet(tree)
+    (val / packed.name).unlink()
+    deep = val / "ILSVRC2012_img_val"
+    deep.mkdir()
+    with tarfile.open(packed) as tar:
+        tar.extractall(deep, filter="data")
+    with pytest.raises(ImageNetFormatError, match=re.escape(
+            f"{val} holds only ILSVRC2012_img_val/: the archive extracted into a folder of its "
+            f"name, one level too deep; expected val/<class>/<images> (or a flat val) -- move "
+            f"its contents up into {val}")) as err:
+        index_imagenet(tree)
+    assert "\n" not in str(err.value)
+
+
 def test_a_devkit_saved_as_matlab_v7_3_is_one_line(tmp_path):
     """A meta.mat re-saved as MATLAB v7.3 (HDF5): scipy raises NotImplementedError, which went
     through as an unexpected error (exit 1, a traceback file)."""
