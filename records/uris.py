@@ -203,6 +203,30 @@ def tracking_unreachable(uri: str, *, timeout: float = 5.0) -> str | None:
     return None
 
 
+def databricks_credentials_missing(uri: str) -> bool:
+    """Whether MLflow finds no credentials for a Databricks tracking URI (``databricks``,
+    ``databricks://PROFILE``): read as its client reads them, from the environment
+    (DATABRICKS_HOST, DATABRICKS_TOKEN) or ~/.databrickscfg, without contacting anything.
+    Without them the run failed on its first write, after Ray had started and the data was
+    prepared (exit 1). False for every other URI."""
+    if urlsplit(uri).scheme.lower() != "databricks" and uri.lower() != "databricks":
+        return False
+    import logging
+
+    from mlflow.utils.databricks_utils import get_databricks_host_creds
+
+    log = logging.getLogger("mlflow.utils.databricks_utils")  # its fallback's WARNING line
+    was = log.disabled
+    log.disabled = True
+    try:
+        get_databricks_host_creds(uri)
+    except Exception:  # MlflowException: "Reading Databricks credential configuration failed"
+        return True
+    finally:
+        log.disabled = was
+    return False
+
+
 def tracking_refuses(uri: str, *, timeout: float = 5.0) -> str | None:
     """Why an http(s) MLflow server that answers ``/health`` refuses this client's requests,
     or None: one search of its experiments with the credentials MLflow's client would send

@@ -34,6 +34,7 @@ from records.stores import (
     sqlite_store_problem,
 )
 from records.uris import (
+    databricks_credentials_missing,
     expand_user,
     redact,
     tracking_refuses,
@@ -65,6 +66,11 @@ NSD_SUBJECTS = range(1, 9)
 DEFAULT_STORAGE = "ray_results"
 _ADDRESS_ACCEPTED = ("auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray://HOST:PORT; "
                      "omit --address to start a local Ray")
+
+
+def _address_accepted(source: str) -> str:
+    """``_ADDRESS_ACCEPTED`` for an address that came by ``source`` (a flag or RAY_ADDRESS)."""
+    return _ADDRESS_ACCEPTED.replace("omit --address", _omit(source))
 
 
 class UsageError(ValueError):
@@ -401,7 +407,7 @@ def _address(value: str | None) -> str | None:
     if value is None or value == "auto":
         return value
     hostport = value[len("ray://"):] if value.startswith("ray://") else value
-    _host_port(flag, value, hostport, _ADDRESS_ACCEPTED)
+    _host_port(flag, value, hostport, _address_accepted(flag))
     return value
 
 
@@ -714,8 +720,10 @@ def optuna_bounds(alphas) -> tuple[float, float, bool]:
     ``(lo, hi, widened)``, the grid's smallest and largest, or, for a one-point grid a,
     [a/4, 4a] (``widened`` True): a search over one point would be no search."""
     lo, hi = min(alphas), max(alphas)
-    if lo == hi:
-        return lo / 4, hi * 4, True
+    if lo == hi:  # within what a trial accepts (a sample beyond it failed when it started)
+        from trainable.config import FLOAT32_TINY, UPPER
+
+        return max(lo / 4, FLOAT32_TINY), min(hi * 4, UPPER["alpha"]), True
     return lo, hi, False
 
 
@@ -1221,7 +1229,7 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
         source = plan.address_from
         address = ray_address(plan)
         hostport = address.removeprefix("ray://")
-        host, port = _host_port(source, address, hostport, _ADDRESS_ACCEPTED)
+        host, port = _host_port(source, address, hostport, _address_accepted(source))
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass
@@ -1231,6 +1239,12 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
                              f"{host}:{port} ({exc.strerror or exc}); start one with `ray start "
                              f"--head --port {port}` or {_omit(source)} to start a local Ray"
                              ) from None
+    if databricks_credentials_missing(plan.mlflow_uri):
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: no Databricks "
+                         f"credentials found; accepted: DATABRICKS_HOST and DATABRICKS_TOKEN in "
+                         f"the environment, or a profile in ~/.databrickscfg "
+                         f"(databricks://PROFILE) -- or {_omit(plan.mlflow_from)} for the local "
+                         f"SQLite store")
     why = tracking_unreachable(plan.mlflow_uri, timeout=timeout)
     if why is not None:
         how = ("start it (mlflow server --port 5000)"

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -32,6 +33,8 @@ if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one li
 from records.uris import expand_user, not_utf8  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,
+    MAX_SAMPLES,
+    MAX_SEEDS,
     SEARCH_CHOICES,
     Plan,
     UsageError,
@@ -55,7 +58,20 @@ class _Parser(argparse.ArgumentParser):
     command line ends the same way: one line, exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments"):
+            message += "; accepted: the options python sweeps/run.py --help lists"
         raise UsageError(message)
+
+
+def _integer(accepted: str) -> Callable[[str], int]:
+    """An argparse type: an int, else a one-line error saying what is accepted (argparse's
+    own said only "invalid int value")."""
+    def integer(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}; accepted: {accepted}") from None
+    return integer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true",
                    help="the same sweep shrunk: baseline + largest |alpha| per direction, one "
                         "short epoch on tiny simulated data")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
+    p.add_argument("--seeds", type=_integer(f"an integer in 1..{MAX_SEEDS}"), default=1,
+                   metavar="N",
                    help="repeat every configuration N times (seeds 0..N-1)")
     p.add_argument("--data", choices=DATA_CHOICES, default="demo",
                    help="demo: the simulated world (default); imagenet / nsd: the paper's data "
@@ -81,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-root", metavar="DIR", help="root of the NSD release")
     p.add_argument("--coco-annotations", metavar="DIR",
                    help="folder with instances_train2017.json and instances_val2017.json")
-    p.add_argument("--subject", type=int, action="append", metavar="N",
+    p.add_argument("--subject", type=_integer("an NSD subject's number, 1..8 in the "
+                                              "release"), action="append", metavar="N",
                    help="NSD subject (repeatable; default: every subject in the release)")
     p.add_argument("--address", metavar="ADDR",
                    help="join a running Ray cluster: auto or HOST:PORT (default: RAY_ADDRESS "
@@ -98,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=SEARCH_CHOICES, default="grid",
                    help="grid: the sweep file's grid (default); optuna: sample signed alpha "
                         "with a multi-objective sampler")
-    p.add_argument("--num-samples", type=int, metavar="N",
+    p.add_argument("--num-samples", type=_integer(f"an integer in 2..{MAX_SAMPLES}"),
+                   metavar="N",
                    help="trials sampled per condition with --search optuna")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set",
                    help="override a trial setting for every trial of this run (repeatable), "
@@ -297,8 +316,13 @@ def _main(argv: list[str] | None) -> int:
                                  f"a folder of sweep .toml files")
             folder = expand_user(args.sweep_dir, "--sweep-dir")
             if not folder.is_dir():
-                raise UsageError(f"--sweep-dir {args.sweep_dir}: no such directory; accepted: "
+                what = "not a directory" if folder.exists() else "no such directory"
+                raise UsageError(f"--sweep-dir {args.sweep_dir}: {what}; accepted: "
                                  f"a folder of sweep .toml files")
+            if not any(folder.glob("*.toml")):  # --list printed an empty line, exit 0
+                raise UsageError(f"--sweep-dir {args.sweep_dir}: no .toml file in it; "
+                                 f"accepted: a folder of sweep .toml files (the format: "
+                                 f"sweeps/spec.py)")
             args.sweep_dir = str(folder.resolve())  # passed down, never through os.environ
         if args.list:
             errors: list[str] = []

@@ -498,6 +498,9 @@ def parse_override(text: str) -> tuple[str, Any]:
                       if f.name not in OVERRIDE_FORBIDDEN)
     if not sep or not key or not raw:
         raise ValueError(f"--set {text!r}; accepted: KEY=VALUE, e.g. --set epochs=1")
+    if "\n" in raw or "\r" in raw:  # TOML would read the first line and drop the rest
+        raise ValueError(f"--set {text!r}: a value of several lines; accepted: one KEY=VALUE "
+                         f"per --set, its value on one line")
     if key in OVERRIDE_FORBIDDEN:
         how = ("follows --cpus-per-trial" if key == "threads"
                else "is set by the sweep's grid and condition")
@@ -759,6 +762,14 @@ def _description(raw: Mapping[str, Any], path: Path) -> str:
         raise SweepFileError(f"{path}: the description holds the control character "
                              f"U+{ord(bad):04X}; accepted: text (line breaks and tabs become "
                              f"spaces)")
+    # a text-direction override reorders what --list and the dry run print after it (as in
+    # names, _check_name); the joiners scripts need stay
+    hidden = sorted({f"U+{ord(ch):04X}" for ch in desc if unicodedata.category(ch) == "Cf"
+                     and ch not in JOINERS})
+    if hidden:
+        raise SweepFileError(f"{path}: the description holds invisible format character(s) "
+                             f"{', '.join(hidden)} (text direction, zero width); accepted: "
+                             f"visible text")
     return desc
 
 

@@ -1195,7 +1195,7 @@ def test_cli_dry_run_ends_with_the_trial_count(name):
     (["nsd_conv1_v1", "--dry-run", "--cpus-per-trial", "two"], "--cpus-per-trial='two'"),
     (["nsd_conv1_v1", "--dry-run", "--data", "nsd", "--nsd-root", "/no/such/nsd",
       "--coco-annotations", "/no/such/coco"], "--nsd-root /no/such/nsd: no such directory"),
-    (["nsd_conv1_v1", "--seeds", "x"], "argument --seeds: invalid int value: 'x'"),
+    (["nsd_conv1_v1", "--seeds", "x"], "argument --seeds: 'x'; accepted: an integer in 1..1000"),
     (["nsd_conv1_v1", "--data", "imagenett"], "argument --data: invalid choice"),
 ])
 def test_cli_errors_are_one_line_with_exit_2(argv, match):
@@ -1917,3 +1917,65 @@ def test_a_sigterm_that_lands_in_a_collector_callback_still_ends_the_worker(tmp_
     assert proc.returncode == 0 and "never stopped" in proc.stdout, proc
     assert "Exception ignored in" in proc.stderr and "ValueError: lost in a callback" in \
         proc.stderr, proc.stderr
+
+
+def test_bad_inputs_probed_at_stop_32_are_one_line_naming_what_is_accepted(tmp_path, capsys,
+                                                                           monkeypatch):
+    """Each passed, or was refused without saying what is accepted: a --set value of two lines
+    (TOML read the first, the second setting was dropped without a word); ridge_rel=1e308
+    (the score overflowed and the trial failed as "diverged", naming lr); a subnormal lr; a
+    number for a text setting ("accepted: a string"); a one-point grid widened past what a
+    trial accepts (half the search's samples would fail when they started); a malformed
+    RAY_ADDRESS (told to "omit --address"); argparse's "invalid int value"; an option that
+    does not exist; a text-direction override in a description (it reordered --list); an
+    empty --sweep-dir (--list printed an empty line, exit 0) and a file given as one ("no
+    such directory"); --mlflow-uri databricks without credentials (the run failed after Ray
+    had started, exit 1)."""
+    from sweeps.plan import optuna_bounds
+    from sweeps.run import main
+    from trainable.config import FLOAT32_TINY
+
+    def refused(*argv: str) -> str:
+        assert main(["nsd_conv1_v1", "--dry-run", "--storage", str(tmp_path / "st"),
+                     "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
+    assert "a value of several lines; accepted: one KEY=VALUE per --set" in refused(
+        "--set", "epochs=1\nlr=5")
+    assert "ridge_rel=1e+308; accepted: a number of magnitude <= 1e+06" in refused(
+        "--set", "ridge_rel=1e308")
+    assert f"lr=1e-40; accepted: a number in {FLOAT32_TINY:.4g}..1000" in refused(
+        "--set", "lr=1e-40")
+    assert "precision=16; accepted: auto, fp32, bf16" in refused("--set", "precision=16")
+    assert "argument --seeds: '1.5'; accepted: an integer in 1..1000" in refused(
+        "--seeds", "1.5")
+    assert "unrecognized arguments: --foo; accepted: the options" in refused("--foo")
+    monkeypatch.setenv("RAY_ADDRESS", "garbage")
+    assert "RAY_ADDRESS 'garbage'; accepted: auto, HOST:PORT" in refused()
+    assert "unset RAY_ADDRESS to start a local Ray" in refused()
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert optuna_bounds([1e6]) == (2.5e5, 1e6, True)
+    assert optuna_bounds([2e-38])[0] == FLOAT32_TINY
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--list", "--sweep-dir", str(empty)]) == 2
+    assert capsys.readouterr().err == (f"error: --sweep-dir {empty}: no .toml file in it; "
+                                       f"accepted: a folder of sweep .toml files (the format: "
+                                       f"sweeps/spec.py)\n")
+    assert main(["--list", "--sweep-dir", str(SWEEP_DIR / "gabor_conv1.toml")]) == 2
+    assert ": not a directory; accepted" in capsys.readouterr().err
+    text = (SWEEP_DIR / "gabor_conv1.toml").read_text()
+    described = re.sub(r'(?m)^description = ".*"$', 'description = "abc\\\\u202eevil"', text)
+    assert described != text
+    (empty / "rtl.toml").write_text(described)
+    with pytest.raises(SweepFileError, match=r"the description holds invisible format "
+                                             r"character\(s\) U\+202E"):
+        load_sweep("rtl", empty)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.databrickscfg
+    for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert ("--mlflow-uri databricks: no Databricks credentials found; accepted: "
+            "DATABRICKS_HOST and DATABRICKS_TOKEN") in refused("--mlflow-uri", "databricks")
+    assert not (tmp_path / "st").exists()

@@ -31,7 +31,10 @@ UPPER = {"batch_size": 65536, "epochs": 100_000, "image_size": 4096, "val_folds"
          "val_images": 1_000_000, "align_batch_every": 1_000_000, "seed": 2**31 - 1,
          "pool": 4096, "threads": 1024, "steps_per_epoch": 10_000_000,
          "in_memory_mb": 1 << 22, "lr": 1000.0, "width": 16.0, "alpha": 1e6, "beta": 1e6,
-         "loader_workers": 1024}
+         "loader_workers": 1024,
+         # the penalty is ridge_rel * trace(K) / n: far above 1 every prediction is ~0 and the
+         # score 0; from ~1e200 the score overflows to NaN, failing the trial as "diverged"
+         "ridge_rel": 1e6}
 
 
 @dataclass(frozen=True)
@@ -170,9 +173,12 @@ class TrialConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= UPPER[name]:
                 raise bad(name, f"an integer in 0..{UPPER[name]}")
-        for name in ("lr", "width", "alpha", "beta"):
+        for name in ("lr", "width", "alpha", "beta", "ridge_rel"):
             if abs(getattr(self, name)) > UPPER[name]:
                 raise bad(name, f"a number of magnitude <= {UPPER[name]:g}")
+        if self.lr < FLOAT32_TINY:  # Adam's step in float32: a subnormal rate barely trains
+            raise bad("lr", f"a number in {FLOAT32_TINY:.4g}..{UPPER['lr']:g} (float32's "
+                            f"normal range: the weights' precision)")
         for name in ("alpha", "beta"):
             # the loss is float32 (or bf16): a smaller weight multiplies as a subnormal of a
             # few bits or as 0, running the term (nearly) off while the records call the
@@ -218,6 +224,16 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
 
+def _choices(key: str) -> str:
+    """What a text setting accepts, for a value of another type (``precision=16``)."""
+    if key == "metric":
+        from trainable.alignment import METRICS
+
+        return ", ".join(sorted(METRICS))
+    choices = {"device": DEVICES, "precision": PRECISIONS, "reference": REFERENCE_KINDS}
+    return ", ".join(choices[key]) if key in choices else "a string"
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """``value`` as the type of the field's default: integral floats become ints for integer
     fields (search spaces produce floats), ints become floats for float fields; any other type
@@ -241,5 +257,5 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ValueError(f"{key}={value!r}; accepted: a number")
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{key}={value!r}; accepted: a string")
+        raise ValueError(f"{key}={value!r}; accepted: {_choices(key)}")
     return value
