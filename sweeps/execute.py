@@ -491,10 +491,11 @@ def _init_ray(plan: Plan) -> None:
         # machine from each claiming all of its memory.
         # address="local": a new instance even when another Ray runs on this machine (with
         # no address, ray.init joins the latest cluster started here, e.g. a `ray start`).
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True,
-                 object_store_memory=_object_store_bytes(),
-                 runtime_env={"env_vars": _worker_env()})
+        with _ray_processes_in_their_own_group():
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     log_to_driver=True,
+                     object_store_memory=_object_store_bytes(),
+                     runtime_env={"env_vars": _worker_env()})
     else:
         # "auto" as the plan checked it (``ray_address``): ray.init's own "auto" would also
         # join any Ray process running here, another driver's among them
@@ -512,6 +513,39 @@ def _init_ray(plan: Plan) -> None:
                 f"({type(exc).__name__}: {first}); accepted: the cluster's token in "
                 f"RAY_AUTH_TOKEN (token authentication is on by default) and Ray "
                 f"{ray.__version__} on both sides") from None
+
+
+@contextlib.contextmanager
+def _ray_processes_in_their_own_group():
+    """The processes ``ray.init`` starts for a local Ray (its GCS server, raylet, dashboard,
+    monitors; the raylet's workers and agents are its children) each in a process group of
+    its own. They were in the driver's group, and a signal to the group (coreutils
+    ``timeout``, ``kill -TERM -- -PGID``) killed the GCS and raylet with the driver: Tune's
+    stop then waited on the dead GCS in ``remove_placement_group`` until Ray aborted the
+    driver after 60 s (exit 1, no resume line, the parent run left RUNNING). Ray blocks
+    SIGINT in them for the same reason, not SIGTERM. Only where Ray ties them to the
+    driver's life in the kernel (``PR_SET_PDEATHSIG``, what Ray's ``kernel_fate_share``
+    uses): without it Ray's reaper cleans up by killing the driver's group, which they must
+    then stay in. Ray does the same on Windows (``CREATE_NEW_PROCESS_GROUP`` in
+    ``ConsolePopen``)."""
+    from ray._private import services, utils
+
+    base = getattr(services, "ConsolePopen", None)  # Ray's internals: another Ray may differ
+    if (base is None or not sys.platform.startswith("linux")
+            or not utils.detect_fate_sharing_support()):
+        yield
+        return
+
+    class OwnGroupPopen(base):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
 
 
 def _loopback_node(address: str) -> dict[str, str]:

@@ -973,3 +973,55 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
                          text=True, timeout=300)
     assert (f"resume: {run_dir}: 5 of 5 trials finished there; the resume runs the other 0 "
             f"(0 samples not yet drawn)\n") in dry.stdout, dry.stdout + dry.stderr
+
+
+def test_a_sigterm_to_the_drivers_whole_process_group_ends_the_run_as_ctrl_c_does(tmp_path):
+    """coreutils `timeout` and `kill -TERM -- -PGID` signal the driver's whole process group.
+    The local Ray's GCS server and raylet were in it: Ray blocks SIGINT in them, not SIGTERM,
+    so they died with the driver's SIGTERM; Tune's stop then waited on the dead GCS
+    (``remove_placement_group``) until Ray aborted the driver 60 s later (exit 1): the parent
+    run and a trial's run left RUNNING, no resume line, no report. They now have process
+    groups of their own: SIGTERM to the group ends the run as Ctrl-C does (SIGINT to the
+    group did, before and after), and --resume finishes it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    argv = [sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1", "--smoke-test",
+            "--set", "epochs=4", "--mlflow-uri", uri, "--storage", str(storage)]
+    popen = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("*/*/checkpoint_000000")):
+            assert popen.poll() is None, popen.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no trial reached a checkpoint"
+            time.sleep(0.3)
+        os.killpg(popen.pid, signal.SIGTERM)
+        out = popen.communicate(timeout=300)[0]
+    finally:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+    assert popen.returncode == 130, out[-3000:]
+    assert "Failed to connect to GCS" not in out, out[-3000:]
+    assert (f"the parent run is KILLED and the report is partial. Continue with: "
+            f"{' '.join(argv)} --resume\n") in out, out[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(
+        "gabor_conv1-smoke").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
+    children = [r for r in runs if r is not parent]
+    assert children and "RUNNING" not in {r.info.status for r in children}, out[-3000:]
+    report = Path(out.rsplit("report: ", 1)[1].split()[0])
+    assert "PARTIAL (interrupted)" in report.read_text()
+
+    proc = subprocess.run([*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = client.search_runs([parent.info.experiment_id])
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [
+        parent.info.run_id]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    children = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}, \
+        proc.stdout[-3000:]
