@@ -856,6 +856,34 @@ def test_a_signal_after_the_trials_or_before_them_leaves_a_run_resume_can_end(
         assert "sweep interrupted before its trials started" in out, out[-3000:]
 
 
+def _signalled_at_first_checkpoint(argv: list[str], cwd: Path, storage: Path, *,
+                                   group: bool) -> tuple[int, str]:
+    """Run the driver ``argv`` and send it SIGTERM once a trial wrote its first checkpoint
+    under ``storage``: to the driver alone, or to its whole process group (``group``: the
+    driver leads a session of its own). Returns its exit status and output."""
+    popen = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=group)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("*/*/checkpoint_000000")):
+            assert popen.poll() is None, popen.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no trial reached a checkpoint"
+            time.sleep(0.3)
+        if group:
+            os.killpg(popen.pid, signal.SIGTERM)
+        else:
+            popen.send_signal(signal.SIGTERM)
+        out = popen.communicate(timeout=300)[0]
+    finally:
+        if popen.poll() is None:
+            if group:
+                os.killpg(popen.pid, signal.SIGKILL)
+            else:
+                popen.kill()
+            popen.wait()
+    return popen.returncode, out
+
+
 def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     """An adaptive search ran one Tune experiment per condition and side (the baseline, then
     each direction's samples). SIGTERM (or Ctrl-C) during the baseline stopped that
@@ -874,20 +902,9 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     argv = [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test", "--search",
             "optuna", "--num-samples", "4", "--set", "epochs=4", "--mlflow-uri", uri,
             "--storage", str(storage)]
-    popen = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(storage.glob("*/*/checkpoint_000000")):
-            assert popen.poll() is None, popen.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no trial reached a checkpoint"
-            time.sleep(0.3)
-        popen.send_signal(signal.SIGTERM)  # a scheduler's kill: the driver ends it as Ctrl-C
-        out = popen.communicate(timeout=300)[0]
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-    assert popen.returncode == 130, out[-3000:]
+    # a scheduler's kill: the driver ends it as Ctrl-C
+    returncode, out = _signalled_at_first_checkpoint(argv, tmp_path, storage, group=False)
+    assert returncode == 130, out[-3000:]
     # one experiment for the whole search; 4 epochs each, none of the 3 trials reached its end
     assert [p.name for p in storage.iterdir() if p.is_dir()] == [
         next(storage.glob(f"{SWEEP}-smoke_*")).name], out[-3000:]
@@ -987,21 +1004,8 @@ def test_a_sigterm_to_the_drivers_whole_process_group_ends_the_run_as_ctrl_c_doe
     storage = tmp_path / "ray"
     argv = [sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1", "--smoke-test",
             "--set", "epochs=4", "--mlflow-uri", uri, "--storage", str(storage)]
-    popen = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(storage.glob("*/*/checkpoint_000000")):
-            assert popen.poll() is None, popen.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no trial reached a checkpoint"
-            time.sleep(0.3)
-        os.killpg(popen.pid, signal.SIGTERM)
-        out = popen.communicate(timeout=300)[0]
-    finally:
-        if popen.poll() is None:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
-    assert popen.returncode == 130, out[-3000:]
+    returncode, out = _signalled_at_first_checkpoint(argv, tmp_path, storage, group=True)
+    assert returncode == 130, out[-3000:]
     assert "Failed to connect to GCS" not in out, out[-3000:]
     assert (f"the parent run is KILLED and the report is partial. Continue with: "
             f"{' '.join(argv)} --resume\n") in out, out[-3000:]
