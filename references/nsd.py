@@ -1401,6 +1401,16 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
 # CLI
 
 
+def _subject_number(text: str) -> int:
+    """--subject: an int, else a one-line error saying what is accepted (argparse's own said
+    only "invalid int value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: a subject's number, 1..8 in "
+                                         f"the release") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m references.nsd",
                            description="NSD native release -> prepared Parquet table")
@@ -1410,7 +1420,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
     p.add_argument("--coco-annotations", required=True, type=Path,
                    help="folder with instances_train2017.json and instances_val2017.json")
-    p.add_argument("--subject", type=int, action="append",
+    p.add_argument("--subject", type=_subject_number, action="append",
                    help="subject number (1..8); repeat for several (default: every subject "
                         "in the release)")
     p.add_argument("--roi", required=True, choices=sorted(ROIS))
@@ -1419,7 +1429,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the release from file headers, as a sweep's "
                                      "dry run does (reads no betas or COCO annotations)")
     c.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
-    c.add_argument("--subject", type=int, action="append",
+    c.add_argument("--subject", type=_subject_number, action="append",
                    help="subject number (1..8); repeat for several (default: every subject "
                         "in the release)")
     c.add_argument("--roi", choices=sorted(ROIS), action="append",

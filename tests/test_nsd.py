@@ -765,7 +765,7 @@ def test_cli_usage_errors_and_an_output_folder_are_one_line(tmp_path):
                          r"are required: --coco-annotations"),
                         (["prepare", "--nsd-root", str(nsd_root), "--coco-annotations", str(coco),
                           "--subject", "one", "--roi", "V1", "--out", "x.parquet"],
-                         r"argument --subject: invalid int value: 'one'")):
+                         r"argument --subject: 'one'; accepted: a subject's number, 1\.\.8")):
         proc = subprocess.run([sys.executable, "-m", "references.nsd", *argv], cwd=REPO,
                               capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

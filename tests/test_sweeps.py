@@ -1979,3 +1979,17 @@ def test_bad_inputs_probed_at_stop_32_are_one_line_naming_what_is_accepted(tmp_p
     assert ("--mlflow-uri databricks: no Databricks credentials found; accepted: "
             "DATABRICKS_HOST and DATABRICKS_TOKEN") in refused("--mlflow-uri", "databricks")
     assert not (tmp_path / "st").exists()
+
+
+def test_a_composites_bad_member_is_named_with_the_composite(tmp_path):
+    """A member's error named only the member's file: a paper run refused for a file it never
+    named, and --list printed the same line twice (for the member and for the composite)."""
+    text = (SWEEP_DIR / "gabor_conv1.toml").read_text()
+    (tmp_path / "member.toml").write_text(re.sub(r"(?m)^alphas = .*$", "alphas = [0.1, 0.1]",
+                                                 text))
+    (tmp_path / "both.toml").write_text('description = "x"\nincludes = ["member"]\n')
+    with pytest.raises(SweepFileError) as member:
+        load_sweep("member", tmp_path)
+    with pytest.raises(SweepFileError) as both:
+        load_sweep("both", tmp_path)
+    assert str(both.value) == f"{member.value} (included by {tmp_path / 'both.toml'})"
