@@ -19,7 +19,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -237,6 +237,17 @@ def traceback_file(exc: BaseException) -> Path:
     except (OSError, ValueError, RuntimeError):  # the cache itself may be what failed (its
         # folder, or ALIGNSWEEP_CACHE=~name naming no user)
         return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
+
+
+def integer_arg(accepted: str) -> Callable[[str], int]:
+    """An argparse type for the project's command lines: an int, else a one-line error
+    saying what is ``accepted`` (argparse's own said only "invalid int value")."""
+    def integer(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}; accepted: {accepted}") from None
+    return integer
 
 
 class OneLineParser(argparse.ArgumentParser):

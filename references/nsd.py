@@ -64,7 +64,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from records.uris import expand_user
-from references.cache import OneLineParser, build_once, cache_root, content_hash, damaged_entry
+from references.cache import (
+    OneLineParser,
+    build_once,
+    cache_root,
+    content_hash,
+    damaged_entry,
+    integer_arg,
+)
 
 
 class NSDFormatError(ValueError):
@@ -1401,14 +1408,7 @@ def check_release(nsd_root: str | os.PathLike, subjects: Sequence[int] | None,
 # CLI
 
 
-def _subject_number(text: str) -> int:
-    """--subject: an int, else a one-line error saying what is accepted (argparse's own said
-    only "invalid int value")."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}; accepted: a subject's number, 1..8 in "
-                                         f"the release") from None
+_SUBJECT_ARG = integer_arg("a subject's number, 1..8 in the release")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1420,7 +1420,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
     p.add_argument("--coco-annotations", required=True, type=Path,
                    help="folder with instances_train2017.json and instances_val2017.json")
-    p.add_argument("--subject", type=_subject_number, action="append",
+    p.add_argument("--subject", type=_SUBJECT_ARG, action="append",
                    help="subject number (1..8); repeat for several (default: every subject "
                         "in the release)")
     p.add_argument("--roi", required=True, choices=sorted(ROIS))
@@ -1429,7 +1429,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the release from file headers, as a sweep's "
                                      "dry run does (reads no betas or COCO annotations)")
     c.add_argument("--nsd-root", required=True, type=Path, help="root of the NSD release")
-    c.add_argument("--subject", type=_subject_number, action="append",
+    c.add_argument("--subject", type=_SUBJECT_ARG, action="append",
                    help="subject number (1..8); repeat for several (default: every subject "
                         "in the release)")
     c.add_argument("--roi", choices=sorted(ROIS), action="append",

@@ -19,13 +19,12 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from references.cache import quiet_interrupts  # noqa: E402
+from references.cache import integer_arg, quiet_interrupts  # noqa: E402
 
 if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one line
     quiet_interrupts()
@@ -63,17 +62,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _integer(accepted: str) -> Callable[[str], int]:
-    """An argparse type: an int, else a one-line error saying what is accepted (argparse's
-    own said only "invalid int value")."""
-    def integer(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}; accepted: {accepted}") from None
-    return integer
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python sweeps/run.py",
                 description="Run a representational-perturbation sweep on Ray Tune, tracked in "
@@ -87,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true",
                    help="the same sweep shrunk: baseline + largest |alpha| per direction, one "
                         "short epoch on tiny simulated data")
-    p.add_argument("--seeds", type=_integer(f"an integer in 1..{MAX_SEEDS}"), default=1,
+    p.add_argument("--seeds", type=integer_arg(f"an integer in 1..{MAX_SEEDS}"), default=1,
                    metavar="N",
                    help="repeat every configuration N times (seeds 0..N-1)")
     p.add_argument("--data", choices=DATA_CHOICES, default="demo",
@@ -98,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd-root", metavar="DIR", help="root of the NSD release")
     p.add_argument("--coco-annotations", metavar="DIR",
                    help="folder with instances_train2017.json and instances_val2017.json")
-    p.add_argument("--subject", type=_integer("an NSD subject's number, 1..8 in the "
+    p.add_argument("--subject", type=integer_arg("an NSD subject's number, 1..8 in the "
                                               "release"), action="append", metavar="N",
                    help="NSD subject (repeatable; default: every subject in the release)")
     p.add_argument("--address", metavar="ADDR",
@@ -116,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=SEARCH_CHOICES, default="grid",
                    help="grid: the sweep file's grid (default); optuna: sample signed alpha "
                         "with a multi-objective sampler")
-    p.add_argument("--num-samples", type=_integer(f"an integer in 2..{MAX_SAMPLES}"),
+    p.add_argument("--num-samples", type=integer_arg(f"an integer in 2..{MAX_SAMPLES}"),
                    metavar="N",
                    help="trials sampled per condition with --search optuna")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set",
