@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,10 +440,7 @@ def _stored(value: float) -> float:
     (+-1.8e308), which read as a finite value put a trial with an infinite alignment on the
     fronts and into the statistics. Read as infinity, it is missing like NaN."""
     value = float(value)
-    return math.copysign(math.inf, value) if abs(value) >= _LARGEST else value
-
-
-_LARGEST = 1.7976931348623157e308  # sys.float_info.max
+    return math.copysign(math.inf, value) if abs(value) >= sys.float_info.max else value
 
 
 def _direction(alpha: float) -> str:

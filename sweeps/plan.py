@@ -64,13 +64,11 @@ DATA_CHOICES = ("demo", "imagenet", "nsd", "paper")
 SEARCH_CHOICES = ("grid", "optuna")
 NSD_SUBJECTS = range(1, 9)
 DEFAULT_STORAGE = "ray_results"
-_ADDRESS_ACCEPTED = ("auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray://HOST:PORT; "
-                     "omit --address to start a local Ray")
-
-
 def _address_accepted(source: str) -> str:
-    """``_ADDRESS_ACCEPTED`` for an address that came by ``source`` (a flag or RAY_ADDRESS)."""
-    return _ADDRESS_ACCEPTED.replace("omit --address", _omit(source))
+    """What an address accepts, for one that came by ``source`` (--address or RAY_ADDRESS:
+    the way to a local Ray is to omit the one, or unset the other)."""
+    return (f"auto, HOST:PORT of a Ray head (e.g. ray-head:6379) or ray://HOST:PORT; "
+            f"{_omit(source)} to start a local Ray")
 
 
 class UsageError(ValueError):

@@ -648,19 +648,19 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
                 raise SweepFileError(f"{path}: includes {inc!r}, not a sweep; known: "
                                      f"{', '.join(known)}")
             sub = folder / f"{inc}.toml"
-            try:
+            try:  # a member's own error, and which composite read it
                 _check_name(inc, sub)  # its conditions name trials and folders as its own
                 sub_raw = _read(sub)
-                if "includes" in sub_raw:
-                    raise SweepFileError(f"{path}: includes {inc!r}, itself a composite; "
-                                         f"accepted: condition sweeps only")
-                conditions += _with_control(_parse_condition(inc, sub, sub_raw,
-                                                             check_configs),
-                                            sub_raw, check_configs)
-            except SweepFileError as exc:  # the member's own message, and who read it
-                if str(path) in str(exc).split(":", 1)[0]:
-                    raise
+                nested = "includes" in sub_raw
+                if not nested:
+                    conditions += _with_control(_parse_condition(inc, sub, sub_raw,
+                                                                 check_configs),
+                                                sub_raw, check_configs)
+            except SweepFileError as exc:
                 raise SweepFileError(f"{exc} (included by {path})") from None
+            if nested:
+                raise SweepFileError(f"{path}: includes {inc!r}, itself a composite; "
+                                     f"accepted: condition sweeps only")
         if len({c.name for c in conditions}) != len(conditions):
             twice = sorted({c.name for c in conditions
                             if sum(d.name == c.name for d in conditions) > 1})

@@ -119,20 +119,20 @@ class TrialConfig:
     reference_shuffle: bool = False
 
     def __post_init__(self) -> None:
-        from trainable.alignment import METRICS
-        from trainable.models import MODELS, get_model_spec, model_layers
+        from trainable.models import get_model_spec, model_layers
 
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r}; accepted: {accepted}")
 
-        if self.model not in MODELS:
-            raise bad("model", ", ".join(sorted(MODELS)))
+        def one_of(name: str) -> None:
+            if getattr(self, name) not in _choices(name):
+                raise bad(name, ", ".join(_choices(name)))
+
+        one_of("model")
         if self.layer not in model_layers(self.model):
             raise bad("layer", f"for {self.model}: {', '.join(model_layers(self.model))}")
-        if self.reference not in REFERENCE_KINDS:
-            raise bad("reference", ", ".join(REFERENCE_KINDS))
-        if self.metric not in METRICS:
-            raise bad("metric", ", ".join(sorted(METRICS)))
+        one_of("reference")
+        one_of("metric")
         for name in ("alpha", "beta"):
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "a finite number")
@@ -200,10 +200,8 @@ class TrialConfig:
                                     f"2..batch_size/2 = {self.batch_size // 2}")
         if self.val_images < 2 * self.val_folds:
             raise bad("val_images", f"at least 2 * val_folds = {2 * self.val_folds}")
-        if self.device not in DEVICES:
-            raise bad("device", ", ".join(DEVICES))
-        if self.precision not in PRECISIONS:
-            raise bad("precision", ", ".join(PRECISIONS))
+        one_of("device")
+        one_of("precision")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
@@ -224,14 +222,18 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
 
-def _choices(key: str) -> str:
-    """What a text setting accepts, for a value of another type (``precision=16``)."""
+def _choices(key: str) -> tuple[str, ...] | None:
+    """The values a text setting accepts, None where any text is (one source for the check of
+    the value and for a value of another type, ``precision=16``)."""
     if key == "metric":
         from trainable.alignment import METRICS
 
-        return ", ".join(sorted(METRICS))
-    choices = {"device": DEVICES, "precision": PRECISIONS, "reference": REFERENCE_KINDS}
-    return ", ".join(choices[key]) if key in choices else "a string"
+        return tuple(sorted(METRICS))
+    if key == "model":
+        from trainable.models import MODELS
+
+        return tuple(sorted(MODELS))
+    return {"device": DEVICES, "precision": PRECISIONS, "reference": REFERENCE_KINDS}.get(key)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -257,5 +259,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ValueError(f"{key}={value!r}; accepted: a number")
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{key}={value!r}; accepted: {_choices(key)}")
+        choices = _choices(key)
+        raise ValueError(f"{key}={value!r}; accepted: "
+                         f"{', '.join(choices) if choices else 'a string'}")
     return value
