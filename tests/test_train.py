@@ -225,6 +225,15 @@ def test_mixed_subject_batch_averages_per_subject_scores():
         yy = y[[sid.tolist().index(int(batch_ids[r])) for r in rows]]
         expect.append(linear_alignment_heldout(feats[rows].flatten(1), yy))
     assert float(got) == pytest.approx(float(torch.stack(expect).mean()), abs=1e-6)
+    # the gradient reaches every row once per group holding it (images 0, 2, ... are in both
+    # groups), as indexing each group gives it
+    leaf = feats.clone().requires_grad_(True)
+    batch_alignment(leaf, groups, alignment_loss_fn(cfg), cfg).backward()
+    ref = feats.clone().requires_grad_(True)
+    torch.stack([linear_alignment_heldout(ref[rows].flatten(1), y)
+                 for rows, y in groups]).mean().backward()
+    assert leaf.grad.abs().sum() > 0
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-7)
     # a subject with too few images in the batch is skipped, not scored on 2 samples
     few = list(responses.targets(None, torch.tensor([0, 2, 31, 33])).values())
     assert batch_alignment(feats[:4], few, alignment_loss_fn(cfg), cfg) is None
