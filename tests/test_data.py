@@ -143,6 +143,25 @@ def test_crop_flip_streaming_is_reproducible_and_resumes_bit_exact(imagenet_tree
     assert _science(resumed) == _science(straight)
 
 
+def test_crop_flip_items_are_seeded_at_the_largest_accepted_seed(imagenet_tree):
+    """Each item's seed comes from (seed, epoch, step); at seed 2**31 - 1 (or a date such as
+    20240101) that product passed 2**64 and every trial failed on its first batch."""
+    from trainable.config import TrialConfig
+    from trainable.train import training_schedule
+
+    data = TrialData.from_bundle(imagefolder_bundle(imagenet_tree, image_size=64), "tree")
+    for seed in (2**31 - 1, 20240101):
+        cfg = TrialConfig(**dict(TINY, batch_size=12, seed=seed))
+        feed = BatchFeed(data.train, schedule=training_schedule(len(data.train), cfg),
+                         workers=0, device=torch.device("cpu"), image_size=64,
+                         cacheable=False, random_items=True)  # as train() builds it
+        try:
+            images, _, _ = next(iter(feed.epoch(0)))
+            assert images.shape == (12, 3, 64, 64)
+        finally:
+            feed.close()
+
+
 class _TensorRecorder(pickle.Pickler):
     """Pickles like ray.put's serialiser would, recording every tensor it meets."""
 

@@ -240,7 +240,7 @@ class _PlannedBatches:
             batches, seed = self.feed.schedule(epoch)
             for k, b in enumerate(batches):
                 if self.feed.random_items:
-                    yield list(zip(b.tolist(), _item_seeds(b, seed * 1_000_033 + k)))
+                    yield list(zip(b.tolist(), _item_seeds(b, (seed * 1_000_033 + k) % 2**63)))
                 else:
                     yield b.tolist()
             epoch += 1
