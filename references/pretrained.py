@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,7 +111,12 @@ def find_weights(model_name: str, weights: str | os.PathLike = "torchvision") ->
 #: Key prefixes a wrapper puts on a network's state dict: a TappedModel (``net.``),
 #: DataParallel / DistributedDataParallel (``module.``), a LightningModule holding the network
 #: as ``self.model`` (``model.``). Stripped while every key has one, in any nesting.
-_WRAPPER_PREFIXES = ("net.", "module.", "model.")
+_WRAPPER_PREFIXES = ("net.", "module.", "model.", "_orig_mod.")
+#: Path components a wrapper puts inside keys: DataParallel around one submodule
+#: (pytorch/examples' ImageNet script wraps AlexNet's ``features``:
+#: ``features.module.0.weight``) and torch.compile (``_orig_mod``). Dropped when the network's
+#: keys are found only without them.
+_WRAPPER_PARTS = frozenset({"module", "_orig_mod"})
 _SAVE_HINT = "save the network's weights with torch.save(model.state_dict(), PATH)"
 
 
@@ -146,10 +152,31 @@ def _load_allowing_data(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive (a zip holding ``constants.pkl``, as torch.load tells)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl"
+                       for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _clipped(text: str, limit: int = 300) -> str:
+    """``text`` at most ``limit`` characters, cut at a word with "..." (not mid-word)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+
+
 def _read_weights(path: Path) -> object:
     """``torch.load(path, weights_only=True)`` (a checkpoint's data-only objects allowed:
     ``_DATA_GLOBALS``); whatever it raises (a truncated or empty file, a text file, a whole
-    pickled model, which weights_only refuses) is a ValueError in one line naming the file."""
+    pickled model, which weights_only refuses) is a ValueError in one line naming the file.
+    A TorchScript archive is refused before torch.load (which warns about it on stderr)."""
+    if _is_torchscript(path):
+        raise ValueError(f"{path}: a TorchScript archive (torch.jit.save), whose code is never "
+                         f"run here; {_SAVE_HINT}")
     try:
         return _load_allowing_data(path)
     except Exception as exc:
@@ -167,8 +194,8 @@ def _read_weights(path: Path) -> object:
             why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
             if isinstance(exc, EOFError) or path.stat().st_size == 0:
                 why = f"empty or truncated file ({why})"
-        raise ValueError(f"{path}: cannot read as a state dict ({why[:300]}); {_SAVE_HINT}"
-                         ) from None
+        raise ValueError(f"{path}: cannot read as a state dict ({_clipped(why)}); "
+                         f"{_SAVE_HINT}") from None
 
 
 #: Where a training checkpoint keeps the network's state dict: Lightning's and most scripts'
@@ -215,6 +242,11 @@ def _unwrap_state_dict(obj: object, path: Path,
             if prefix is None:
                 break
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if wanted and not all(k in sd for k in wanted):
+        bare = {".".join(p for p in k.split(".") if p not in _WRAPPER_PARTS): v
+                for k, v in sd.items()}
+        if len(bare) == len(sd) and all(k in bare for k in wanted):
+            sd = bare
     return sd
 
 
@@ -318,7 +350,27 @@ def load_network(model_name: str, weights: str | os.PathLike = "torchvision", *,
     if bad is not None:  # every trial failed in the reference's first ridge, naming no file
         raise ValueError(f"{path}: {bad} holds NaN or infinite values; expected finite weights "
                          f"(a network saved after it diverged?)")
-    return model.eval()
+    _check_activations(model.eval(), path)
+    return model
+
+
+def _check_activations(model: TappedModel, path: Path) -> None:
+    """Finite weights can still give a layer no finite value (a BatchNorm's negative running
+    variance gives NaN, weights 1e8 times too large overflow float32 a few layers in): every
+    trial then failed in its first ridge, naming no file. Refused here, from the running
+    variances and one forward pass of a fixed random 224 px image through every tap."""
+    for key, t in model.net.state_dict().items():
+        if key.endswith("running_var") and bool((t < 0).any()):
+            raise ValueError(f"{path}: {key} holds negative values ({float(t.min()):.3g}); "
+                             f"expected a BatchNorm's running variances (>= 0)")
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, taps = model(image, taps=model.layers)
+    for name, t in (*taps.items(), ("the output", logits)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: the network's {name} is NaN or infinite on a test image "
+                             f"although every weight is finite (weights far too large?); "
+                             f"expected a network whose activations are finite")
 
 
 class PretrainedReference(ImageReference):

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -494,6 +495,50 @@ def test_more_checkpoint_layouts_labs_save_load(tmp_path):
     with pytest.raises(ValueError, match=r"it holds pickled Python objects \(torchvision\."
                                          r"models\.alexnet\.AlexNet: e\.g\. a whole model"):
         load_network("alexnet", sneaky)  # named: not the Namespace met first
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building the TorchScript file
+def test_wrapped_inside_compiled_or_scripted_networks(tmp_path):
+    """pytorch/examples' ImageNet script wraps AlexNet's ``features`` alone in DataParallel
+    (``features.module.0.weight``) and torch.compile prefixes ``_orig_mod.``: both were refused
+    as another network's. A TorchScript archive printed torch's two-line warning and a message
+    cut mid-word; it is one line. Finite weights whose activations are not finite (a
+    BatchNorm's negative running variance, weights far too large) passed the load and failed
+    every trial in its first ridge, naming no file."""
+    model = build_model("alexnet", num_classes=4, width=0.25, seed=3).eval()
+    sd = model.net.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    examples = {k.replace("features.", "features.module.", 1): v for k, v in sd.items()}
+    good = {
+        "examples.pth.tar": {"epoch": 90, "arch": "alexnet", "best_acc1": torch.tensor(56.5),
+                             "state_dict": examples, "optimizer": {}},
+        "compiled.pt": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "compiled_ddp.pt": {f"module._orig_mod.{k}": v for k, v in sd.items()},
+    }
+    for name, obj in good.items():
+        torch.save(obj, tmp_path / name)
+        assert torch.equal(load_network("alexnet", tmp_path / name)(x), model(x)), name
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(model.net, x), scripted)
+    resnet = build_model("resnet18", num_classes=4, width=0.25, seed=3).net.state_dict()
+    resnet["bn1.running_var"] = torch.full_like(resnet["bn1.running_var"], -1.0)
+    torch.save(resnet, tmp_path / "negative_var.pt")
+    huge = {k: v * 1e8 if k.endswith("weight") else v for k, v in sd.items()}
+    torch.save(huge, tmp_path / "huge.pt")
+    cases = {
+        scripted: ("alexnet", r"a TorchScript archive \(torch\.jit\.save\), whose code is "
+                              r"never run here; save the network's weights with"),
+        tmp_path / "negative_var.pt": ("resnet18", r"bn1\.running_var holds negative values "
+                                                   r"\(-1\); expected a BatchNorm's"),
+        tmp_path / "huge.pt": ("alexnet", r"the network's conv\d is NaN or infinite on a test "
+                                          r"image although every weight is finite"),
+    }
+    for path, (name, match) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's TorchScript warning, raised, is no match
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {match}") as info:
+                load_network(name, path)
+        assert "\n" not in str(info.value), path
 
 
 @pytest.mark.parametrize("name", ["alexnet", "resnet18"])
