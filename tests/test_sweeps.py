@@ -1948,6 +1948,8 @@ def test_bad_inputs_probed_at_stop_32_are_one_line_naming_what_is_accepted(tmp_p
         "--set", "ridge_rel=1e308")
     assert f"lr=1e-40; accepted: a number in {FLOAT32_TINY:.4g}..1000" in refused(
         "--set", "lr=1e-40")
+    # width 16 was accepted: AlexNet's first allocation there is 36 GB, in every trial
+    assert "width=16.0; accepted: a number of magnitude <= 4" in refused("--set", "width=16")
     assert "precision=16; accepted: auto, fp32, bf16" in refused("--set", "precision=16")
     assert "argument --seeds: '1.5'; accepted: an integer in 1..1000" in refused(
         "--seeds", "1.5")

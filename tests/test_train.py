@@ -549,6 +549,31 @@ def test_a_cuda_trial_restores_one_generator_state_from_any_checkpoint_form(tmp_
         assert calls == []
 
 
+def test_a_damaged_checkpoint_or_fewer_epochs_than_it_holds_are_one_line(tmp_path):
+    """A truncated or empty checkpoint raised torch's RuntimeError (or a bare EOFError)
+    naming no file; resuming with fewer epochs than the checkpoint holds returned {} having
+    reported nothing. Equal epochs (a finished trial resumed) start past the end."""
+    from trainable.train import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+
+    cfg = TrialConfig(epochs=5)
+    model = build_model("alexnet", num_classes=3, width=0.25, seed=0).net
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path, model, opt, 2, cfg)
+    path = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(ValueError, match=r"^epochs=2 but checkpoint .* holds 3 epochs already; "
+                                         r"accepted: epochs >= 3$"):
+        load_checkpoint(tmp_path, model, opt, TrialConfig(epochs=2))
+    assert load_checkpoint(tmp_path, model, opt, TrialConfig(epochs=3)) == 3
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(path))} cannot be "
+                                             rf"read \(.+\): a damaged or truncated copy "
+                                             rf"\({len(damaged)} bytes\)$") as info:
+            load_checkpoint(tmp_path, model, opt, cfg)
+        assert "\n" not in str(info.value)
+
+
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     from trainable.models import build_model
     from trainable.train import CHECKPOINT_FILE, load_checkpoint

@@ -254,7 +254,7 @@ def batch_alignment(
     feats = _layer_features(feats, cfg)
     groups = [(rows, y) for rows, y in groups if rows.numel() >= _min_rows(cfg)]
     scores = []
-    for (rows, y), x in zip(groups, _group_rows(feats, [rows for rows, _ in groups])):
+    for (_, y), x in zip(groups, _group_rows(feats, [rows for rows, _ in groups])):
         try:
             scores.append(score_fn(x, _pooled(y, cfg.pool)))
         except UndefinedScore:
@@ -714,6 +714,11 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"checkpoint {path} holds more than tensors and plain data; refused "
                          f"(weights_only): {' '.join(str(exc).split())[:200]}") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # torch's zip reader names no file
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        why = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+        raise ValueError(f"checkpoint {path} cannot be read ({why}): a damaged or truncated "
+                         f"copy ({path.stat().st_size} bytes)") from None
     # Settings that change how a trial runs but not what it computes may differ on resume.
     free = ("device", "threads", "epochs", "in_memory_mb", "loader_workers")
     saved = {k: v for k, v in state["config"].items() if k not in free}
@@ -721,6 +726,10 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
     if saved != now:
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise ValueError(f"checkpoint {path} was written by a different config (differs in {diff})")
+    done = int(state["epoch"]) + 1
+    if cfg.epochs < done:  # (equal: the trial had finished; the resume has nothing to run)
+        raise ValueError(f"epochs={cfg.epochs} but checkpoint {path} holds {done} epochs "
+                         f"already; accepted: epochs >= {done}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -730,7 +739,7 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
         cuda_rng = cuda_rng[0] if cuda_rng else None
     if cuda_rng is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda_rng, device)
-    return int(state["epoch"]) + 1
+    return done
 
 
 # ----------------------------------------------------------------------------- the trial
