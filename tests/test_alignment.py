@@ -490,6 +490,20 @@ def test_error_nan_inf(bad, where):
                                      **kwargs)
 
 
+@pytest.mark.parametrize("where", ["X", "Y"])
+def test_values_whose_gram_overflows_are_named_not_a_failed_factorisation(where):
+    """Finite float32 values near 1e20 (a frozen network with weights far too large) overflow
+    the Gram's row sums: the loss form failed in its Cholesky ("not positive-definite"),
+    naming neither input nor cause."""
+    x, y = (torch.from_numpy(a).float() for a in linear_data(20, 4, 3, seed=0))
+    (x if where == "X" else y).mul_(1e20)
+    assert torch.isfinite(x).all() and torch.isfinite(y).all()
+    for kwargs in ({}, {"folds": 4}):
+        with pytest.raises(ValueError, match=rf"^{where} holds values up to .*e\+2\d, whose "
+                                             rf"squares summed over a row overflow float32"):
+            linear_alignment_heldout(x.clone().requires_grad_(), y, **kwargs)
+
+
 def test_error_alphas():
     x, y = linear_data(20, 4, 3, seed=0)
     with pytest.raises(ValueError, match="alphas is empty"):

@@ -87,6 +87,17 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                          f"finite")
 
 
+def _check_gram_finite(t: torch.Tensor, name: str) -> None:
+    """``t``'s Gram came out non-finite: NaN or inf in ``t`` (``_check_finite``), or finite
+    values whose squares summed over a row overflow its dtype (float32 from about 1e18 a
+    value), which a Cholesky factorisation would otherwise report as "not positive-definite"."""
+    _check_finite(t, name)
+    biggest = float(t.detach().abs().max())
+    raise ValueError(f"{name} holds values up to {biggest:.3g}, whose squares summed over a row "
+                     f"overflow {str(t.dtype).removeprefix('torch.')} in its Gram matrix; "
+                     f"expected values of magnitude far below 1e18")
+
+
 class UndefinedScore(ValueError):
     """The score is undefined for these inputs (every stimulus the same, too few stimuli with
     a correlation distance): a training batch skips the group, validation reports NaN."""
@@ -700,7 +711,7 @@ class _LeaveOneOutScore(torch.autograd.Function):
         t = kx.trace()
         t_value = float(t)  # one host sync for both uses
         if not math.isfinite(t_value):  # the trace is finite when every entry of x is
-            _check_finite(x, "X")
+            _check_gram_finite(x, "X")
         # both leave-one-out inverses (the layer's and the reference's) in one batched pass
         b2, lam2, c2, d2 = _loo_inverse(torch.stack((kx, ky)), rel)
         b, lam, c, d = b2[0], lam2[0], c2[0], d2[0]
@@ -794,7 +805,7 @@ def _check_finite_by_trace(k: torch.Tensor, t: torch.Tensor, name: str) -> torch
     when every entry of t is, so the entrywise check runs only when it is not. Saves the
     loss form a pass over a reference that can be gigabytes at the paper's shape."""
     if not math.isfinite(float(k.detach().trace())):
-        _check_finite(t, name)
+        _check_gram_finite(t, name)
     return k
 
 
