@@ -237,7 +237,7 @@ class TrialRun:
         self.uri = uri
         self._create = create
         self._reopen = reopen
-        self.created = False  # whether "open" made the run (a replay then also logs artifacts)
+        self.created = False  # whether "open" made the run
         self._dataset = dict(dataset) if dataset else None
         self.parent_run_id = parent_run_id
         self.trial_id = trial_id
@@ -277,11 +277,12 @@ class TrialRun:
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
             self._put(("artifacts", str(directory)))
 
-    def log_artifacts_if_created(self, directory: Path) -> None:
-        """Queue ``directory``'s files for a run this object creates (a replay's rule: a run
-        its trial made has them already)."""
+    def log_missing_artifacts(self, directory: Path) -> None:
+        """Queue ``directory``'s files that the run lacks (a replay's rule: a run its trial
+        made may hold them already; one whose trial's upload was cut off by an outage, or
+        that the replay creates, does not). Compared by top-level name."""
         if Path(directory).is_dir() and any(Path(directory).iterdir()):
-            self._put(("artifacts_if_created", str(directory)))
+            self._put(("missing_artifacts", str(directory)))
 
     def finish(self, status: str, *, if_open: bool = False) -> None:
         """End the run with ``status``; with ``if_open``, only a run this object created or
@@ -390,9 +391,16 @@ class TrialRun:
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
         elif kind == "artifacts":
             client.log_artifacts(self.run_id, op[1])
-        elif kind == "artifacts_if_created":
-            if self.created:
-                client.log_artifacts(self.run_id, op[1])
+        elif kind == "missing_artifacts":
+            held = set() if self.created else {
+                a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(self.run_id)}
+            for entry in sorted(Path(op[1]).iterdir()):
+                if entry.name in held:
+                    continue
+                if entry.is_dir():
+                    client.log_artifacts(self.run_id, str(entry), artifact_path=entry.name)
+                else:
+                    client.log_artifact(self.run_id, str(entry))
         elif kind == "finish":
             run = client.get_run(self.run_id)
             if op[3] and not self.created and run.info.status not in ("RUNNING", "SCHEDULED"):
@@ -421,7 +429,7 @@ ERROR_TAG = "error"
 
 #: What each queued operation of a ``TrialRun`` is, in its messages.
 _WHAT = {"open": "run", "metrics": "metrics", "tags": "tags", "artifacts": "artifacts",
-         "artifacts_if_created": "artifacts", "finish": "end of run"}
+         "missing_artifacts": "artifacts", "finish": "end of run"}
 
 #: MLflow's own answers that the same request will never pass: the run or experiment is not
 #: active (deleted in the UI) or is gone, or a value is refused.
@@ -514,14 +522,15 @@ def replay_journal(uri: str, parent_run_id: str, trial_id: str,
     ended: sends what the store lacks, and ends with ``status`` a run still open (a stopped
     worker's; one whose end the store missed): a closed run is never reopened or re-timed. A
     trial that reported epochs but never made its child run (the store was down for its whole
-    life) gets one, with ``params``, ``tags``, ``dataset`` and the checkpoint's
-    ``artifacts``; a trial that reported nothing gets none. True when delivered."""
+    life) gets one, with ``params``, ``tags`` and ``dataset``; a trial that reported nothing
+    gets none. Of the checkpoint's ``artifacts`` the run gets those it lacks (its trial's
+    upload may have been cut off by an outage). True when delivered."""
     run = TrialRun(uri, parent_run_id, trial_id, params=params or {}, tags=tags or {},
                    say=say, create=bool(journal) and params is not None, reopen=False,
                    dataset=dataset)
     run.reconcile(journal)
     if artifacts is not None:
-        run.log_artifacts_if_created(artifacts)
+        run.log_missing_artifacts(artifacts)
     if status:
         run.finish(status, if_open=True)
     return run.close(timeout)

@@ -941,12 +941,13 @@ def test_a_driver_stopped_before_the_outcomes_ends_its_trials_runs_and_names_the
     assert tracking.end_running_children(uri, parent) == []
 
 
-def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts(fake_store,
-                                                                                tmp_path):
+def test_the_replay_closes_only_runs_left_open_and_gives_each_run_its_missing_artifacts(
+        fake_store, tmp_path):
     """The end-of-run replay sees every trial's journal: a run its trial closed keeps its
     status and end time (it had reopened each one and re-timed it to the sweep's end); a run
-    a stopped worker left RUNNING is closed; a run the replay creates gets the checkpoint's
-    artifacts."""
+    a stopped worker left RUNNING is closed; every run gets the checkpoint's artifacts it
+    lacks: one the replay creates, and one whose trial's upload an outage cut off (they
+    never reached MLflow, even after --resume), while a file the trial uploaded is kept."""
     from records import child_runs, experiment_name
     from sweeps import tracking
 
@@ -957,6 +958,10 @@ def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts
     closed = tracking.TrialRun(uri, parent, "replayed-none-a0-b1-s0", params={}, tags={},
                                **quiet)
     closed.log_epoch(journal[0], 0)
+    own = tmp_path / "uploaded"
+    own.mkdir()
+    (own / "val_predictions.npz").write_bytes(b"the trial's own")
+    closed.log_artifacts(own)  # the trial's upload got this far
     closed.finish("FINISHED")
     assert closed.close(60)
     left_open = tracking.TrialRun(uri, parent, "replayed-max-a1-b1-s0", params={}, tags={},
@@ -968,6 +973,7 @@ def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts
     art = tmp_path / "artifacts"
     art.mkdir()
     (art / "val_predictions.npz").write_bytes(b"x")
+    (art / "final_metrics.json").write_text("{}")
     for trial_id, status in (("replayed-none-a0-b1-s0", "FINISHED"),
                              ("replayed-max-a1-b1-s0", "KILLED"),
                              ("replayed-min-a1-b1-s0", "FINISHED")):
@@ -980,8 +986,9 @@ def test_the_replay_closes_only_runs_left_open_and_gives_a_new_run_its_artifacts
     assert runs["replayed-max-a1-b1-s0"].info.status == "KILLED"
     assert runs["replayed-min-a1-b1-s0"].info.status == "FINISHED"
     listed = {r: {a.path for a in client.list_artifacts(runs[r].info.run_id)} for r in runs}
-    assert listed == {"replayed-none-a0-b1-s0": set(), "replayed-max-a1-b1-s0": set(),
-                      "replayed-min-a1-b1-s0": {"val_predictions.npz"}}
+    assert listed == dict.fromkeys(runs, {"val_predictions.npz", "final_metrics.json"})
+    kept = client.download_artifacts(closed.run_id, "val_predictions.npz", str(tmp_path))
+    assert Path(kept).read_bytes() == b"the trial's own"
 
 
 def test_a_trial_restored_from_an_older_checkpoint_logs_no_epoch_twice(fake_store):
