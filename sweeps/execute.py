@@ -1146,7 +1146,16 @@ def _command_words(plan: Plan) -> list[str]:
 
 
 def _sigterm_as_sigint(signum, frame) -> None:
-    os.kill(os.getpid(), signal.SIGINT)
+    """SIGTERM as Ctrl-C: sent on as SIGINT to the handler Python has for it (Tune's, during
+    fit(), stops the trials as a first Ctrl-C does; ``_signals_deferred`` records it), or
+    raised here as KeyboardInterrupt where SIGINT is ignored or at the OS default. A driver
+    started in the background by a script (``cmd &``) inherits SIGINT ignored: the SIGINT sent
+    on was dropped, and a SIGTERM outside fit() ended nothing (the report was built, exit 0)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+    raise KeyboardInterrupt
 
 
 def _shutdown_ray() -> None:

@@ -1836,6 +1836,31 @@ print("got", got, signal.getsignal(signal.SIGTERM) is execute._sigterm_as_sigint
     assert proc.stdout.splitlines()[-1] == f"got [{int(signal.SIGTERM)}] True", proc.stdout
 
 
+def test_a_sigterm_ends_a_driver_whose_sigint_is_ignored(tmp_path):
+    """A driver started in the background by a script (``cmd &``) inherits SIGINT ignored:
+    SIGTERM, sent on as SIGINT, was dropped outside Tune's fit() (the report was built and
+    the driver exited 0). It is KeyboardInterrupt there; SIGINT's own handler, where Python
+    has one, still receives it."""
+    code = """
+import os, signal, time
+from sweeps import execute
+signal.signal(signal.SIGTERM, execute._sigterm_as_sigint)
+for sigint in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler, "own"):
+    got = []
+    signal.signal(signal.SIGINT, (lambda s, f: got.append(s)) if sigint == "own" else sigint)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        print("nothing", got)
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.splitlines() == ["interrupted"] * 3 + ["nothing [2]"], proc.stdout
+
+
 def test_ctrl_c_that_an_extension_turns_into_its_own_error_is_one_line(tmp_path):
     """A Ctrl-C that lands in a C extension's initialisation comes back as that import's
     error (seen in the suite: matplotlib's ft2font raised `ImportError: initialization
