@@ -909,10 +909,16 @@ def _execute(plan: Plan) -> int:
     # the driver without a word and left the parent run RUNNING).
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    saved = {k: os.environ.get(k) for k in _FAIL_FAST}
     try:
         return _execute_run(plan)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for key, value in saved.items():  # _fail_fast_tracking's, for this run only
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _execute_run(plan: Plan) -> int:
@@ -961,6 +967,8 @@ def _execute_run(plan: Plan) -> int:
     status, failed = "FAILED", []
     outcomes: list[Outcome] = []
     interrupted = False
+    replayed = parent_ended = False
+    _fail_fast_tracking()
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
@@ -1020,7 +1028,12 @@ def _execute_run(plan: Plan) -> int:
         if _interrupted(_shutdown_ray):
             interrupted = True
             _interrupted(_shutdown_ray)  # what the interrupted call had not stopped
-        if _interrupted(lambda: _replay_or_say(plan, outcomes, parent_id, run_tags, run_dir)):
+
+        def replay() -> None:
+            nonlocal replayed
+            replayed = _replay_or_say(plan, outcomes, parent_id, run_tags, run_dir)
+
+        if _interrupted(replay):
             interrupted = True
             _say(f"replay interrupted: the trials' metrics journals stay in their checkpoints "
                  f"under {run_dir} (a --resume of the run replays them)")
@@ -1036,9 +1049,14 @@ def _execute_run(plan: Plan) -> int:
                 _end_running_children_or_say(plan, parent_id)))
         if interrupted or stopped:
             status = "KILLED"
-        if _interrupted(lambda: _end_parent(plan, parent_id, status, interrupted or stopped)):
+
+        def end_parent(interrupted_now: Any) -> None:
+            nonlocal parent_ended
+            parent_ended = _end_parent(plan, parent_id, status, interrupted_now)
+
+        if _interrupted(lambda: end_parent(interrupted or stopped)):
             interrupted = True  # once more: it is one call when the store answers
-            if _interrupted(lambda: _end_parent(plan, parent_id, status, True)):
+            if _interrupted(lambda: end_parent(True)):
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      f"{resume_command(plan)} ends it")
     if interrupted or stopped:
@@ -1047,13 +1065,21 @@ def _execute_run(plan: Plan) -> int:
                 f"{', ...' if len(stopped) > 10 else ''})" if stopped else
                 "after its trials ended" if outcomes else
                 "before the trials' outcomes were collected")
-        _say(f"sweep interrupted: {what}; the parent run is KILLED and the report is partial. "
-             f"{again}")
+        parent = ("the parent run is KILLED" if parent_ended else
+                  "the parent run could not be ended (MLflow shows it RUNNING)")
+        _say(f"sweep interrupted: {what}; {parent} and the report is partial. {again}")
+    elif not (replayed and parent_ended):
+        # The trials ran to their end, but the store did not take what the driver owed it
+        # (a server gone at the end of the sweep): exit 0 read as a recorded sweep.
+        missed = "the trials' journals" if not replayed else "the parent run's end"
+        _say(f"sweep ran, but its MLflow records are incomplete ({redact(plan.mlflow_uri)} "
+             f"did not take {missed}); every result is in the trials' checkpoints under "
+             f"{run_dir}. Once the store answers, complete them with: {resume_command(plan)}")
     if _report(plan, parent_id):
         interrupted = True
     if interrupted or stopped:
         return 130  # the shell's code for a run ended by SIGINT
-    return 0 if not failed else 1
+    return 0 if not failed and replayed and parent_ended else 1
 
 
 def _interrupted(step: Callable[[], Any]) -> bool:
@@ -1066,13 +1092,15 @@ def _interrupted(step: Callable[[], Any]) -> bool:
 
 
 def _replay_or_say(plan: Plan, outcomes: list[Outcome], parent_id: str,
-                   run_tags: Mapping[str, str], run_dir: Path) -> None:
+                   run_tags: Mapping[str, str], run_dir: Path) -> bool:
+    """``_replay``; False (and one line) when the store did not take every journal."""
     try:
-        _replay(plan, outcomes, parent_id, run_tags)
+        return _replay(plan, outcomes, parent_id, run_tags)
     except Exception as exc:  # an unreachable store: say so in one line, lose nothing
         _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
              f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; the "
              f"trials' metrics journals stay in their checkpoints under {run_dir}")
+        return False
 
 
 def _end_running_children_or_say(plan: Plan, parent_id: str) -> list[str]:
@@ -1105,15 +1133,32 @@ def _retire_unknown_children_or_say(plan: Plan, parent_id: str,
              f"{run_id} brings it back)")
 
 
-def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> None:
-    """The parent run ended whatever the replay met (it stayed RUNNING for good)."""
+def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> bool:
+    """The parent run ended whatever the replay met (it stayed RUNNING for good); False (and
+    one line) when the store did not take it."""
     try:
         tracking.finish(plan.mlflow_uri, parent_id, status,
                         {"interrupted": "true" if interrupted else "false"})
+        return True
     except Exception as exc:
         _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
              f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; --resume of "
              f"the run ends it")
+        return False
+
+
+def _fail_fast_tracking() -> None:
+    """The driver's own MLflow calls from the trials' end on fail within seconds, as the
+    trials' do (``_worker_env``), unless the user set MLflow's HTTP retries: with MLflow's
+    default (7 retries, minutes a call) a server gone at the end of a sweep kept the driver
+    silent for about 10 minutes over the manifest's query, the replay and the parent's end.
+    Every one of them says what it could not do; ``--resume`` completes the records."""
+    for key, value in _FAIL_FAST.items():
+        os.environ.setdefault(key, value)
+
+
+#: MLflow's HTTP settings for the driver's calls from the trials' end (``_fail_fast_tracking``)
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def pasteable(*words: str, module: bool = False) -> str:
@@ -1366,14 +1411,14 @@ def _outcome_spec(plan: Plan, o: Outcome,
 
 
 def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
-            run_tags: Mapping[str, str] | None = None) -> None:
+            run_tags: Mapping[str, str] | None = None) -> bool:
     """After the trials: send MLflow whatever of each trial's journal (in its last checkpoint)
     it lacks (a trial whose tracking could not drain before it ended; one whose child run
     was never made, the store being down for its whole life, gets it now), and mark the
     child runs of interrupted trials KILLED (their workers were stopped mid-run). A store
     that does not answer within a minute ends the replay (one line), instead of a minute per
     trial: the journals stay in the checkpoints, and a later --resume of the run replays
-    them."""
+    them. True when every journal was delivered."""
     specs = {t.trial_id: t for t in plan.trials}
     for k, o in enumerate(outcomes):
         stopped = o.state not in ("done", "ERROR")
@@ -1403,7 +1448,8 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
                 say=_say, **record):
             _say(f"tracking: {redact(plan.mlflow_uri)} does not answer; the journals of "
                  f"{len(outcomes) - k} trial(s) stay in their checkpoints")
-            return
+            return False
+    return True
 
 
 def _report(plan: Plan, parent_id: str) -> bool:

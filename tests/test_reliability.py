@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -178,6 +179,62 @@ def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
             assert steps == list(range(EPOCHS)), (run.data.tags["trial_id"], key, steps)
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
             "conv1_filters.png", "val_predictions.npz"}
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_server_gone_at_the_end_is_exit_1_with_the_resume_that_completes_the_records(
+        tmp_path):
+    """The MLflow server goes down while the trials train and is still down when they end:
+    the driver sat silent for ~10 minutes (MLflow's default HTTP retries on the manifest's
+    query, the replay and the parent's end), then exited 0 with the parent run RUNNING, a
+    trial's run missing and no resume line. It now says the records are incomplete in one
+    line with the command that completes them, within a few minutes, and exits 1; that
+    command, once the server is back, leaves every run FINISHED with every epoch and its
+    artifacts."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    env = {**os.environ, "ALIGNSWEEP_TRACKING_FLUSH_S": "5"}
+    env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    cmd = [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test",
+           "--set", "epochs=3", "--mlflow-uri", server.url, "--storage", str(tmp_path / "ray")]
+    popen = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _reported_epochs(server.db) < 1:
+            assert popen.poll() is None, popen.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no epoch reached MLflow"
+            time.sleep(0.5)
+        server.stop()
+        gone = time.monotonic()
+        out, _ = popen.communicate(timeout=600)
+        waited = time.monotonic() - gone
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+    assert popen.returncode == 1, out[-4000:]
+    assert waited < 300, (waited, out[-3000:])  # the trials' own runs take ~1 minute
+    (line,) = [x for x in out.splitlines() if "its MLflow records are incomplete" in x]
+    resume = line.split("complete them with: ", 1)[1]
+    assert resume.endswith(" --resume") and f"--mlflow-uri {server.url}" in resume, line
+    server.start()
+    try:
+        again = subprocess.run(shlex.split(resume), cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=600)
+    finally:
+        server.stop()
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    client = MlflowClient(f"sqlite:///{server.db}")
+    runs = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3, [r.data.tags.get("trial_id") for r in children]
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags["trial_id"]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_map"))
+        assert steps == [0, 1, 2], (run.data.tags["trial_id"], steps)
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+            "conv1_filters.png", "val_predictions.npz"}, run.data.tags["trial_id"]
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED"
 
