@@ -676,6 +676,10 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
             raise UsageError(f"trial {t.trial_id} sets device=cuda but no node of the Ray "
                              f"cluster has a GPU; accepted: device=auto (a trial's GPU when "
                              f"it has one, else the CPU) or cpu, or a cluster with GPUs")
+        if r.cpus == 0 and most_gpu == 0:  # its GPUs are dropped: nothing left to run on
+            raise UsageError(f"trial {t.trial_id} asks for 0 CPUs and {r.gpus:g} GPUs, but no "
+                             f"node of the Ray cluster has a GPU (trials run on CPU there); "
+                             f"accepted: --cpus-per-trial > 0, or a cluster with GPUs")
         if r.gpus > 0 and most_gpu > 0 and r.gpus > most_gpu:
             raise UsageError(f"trial {t.trial_id} asks for {r.gpus:g} GPUs but the largest "
                              f"node has {most_gpu:g}; accepted: --gpus-per-trial <= "

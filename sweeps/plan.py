@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 import socket
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +53,7 @@ from sweeps.spec import (
     check_amount,
     list_sweeps,
     load_sweep,
+    other_unicode_form,
     parse_override,
     select_trials,
 )
@@ -406,6 +407,13 @@ def _address(value: str | None) -> str | None:
         return value
     hostport = value[len("ray://"):] if value.startswith("ray://") else value
     _host_port(flag, value, hostport, _address_accepted(flag))
+    if value.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        # Ray Client needs ray[client] (grpcio): the README's install has Ray Tune only, and
+        # the run failed after the dry run had passed (ValueError, exit 1)
+        raise UsageError(f"{flag} {value!r}: a Ray Client address, but this install lacks "
+                         f"Ray Client (pip install 'ray[client]'); accepted: HOST:PORT of the "
+                         f"cluster's head (ray start --head's address), auto, or Ray Client "
+                         f"installed")
     return value
 
 
@@ -686,22 +694,10 @@ def _check_sweep_name(name: str | None, known: list[str]) -> None:
         raise UsageError(f"no sweep given; known: {', '.join(known)} (python sweeps/run.py "
                          f"NAME, or --list)")
     if name not in known:
-        same = [k for k in known if unicodedata.normalize("NFC", k)
-                == unicodedata.normalize("NFC", name)]
-        if same:  # e.g. a file named on macOS (NFD), the name typed (NFC): they look alike
-            raise UsageError(f"unknown sweep {name!r}: the file {same[0]}.toml spells it in "
-                             f"another Unicode form ({_form(same[0])} against "
-                             f"{_form(name)}); accepted: the name as the file spells it, or "
-                             f"the file renamed to the name as typed")
+        other = other_unicode_form(name, known)
+        if other:  # e.g. a file named on macOS (NFD), the name typed (NFC): they look alike
+            raise UsageError(f"unknown sweep {name!r}: {other}")
         raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
-
-
-def _form(text: str) -> str:
-    """The Unicode normal form ``text`` is in (NFC, NFD, or mixed)."""
-    for form in ("NFC", "NFD"):
-        if unicodedata.is_normalized(form, text):
-            return form
-    return "mixed"
 
 
 #: Far beyond any real sweep (the paper's 79 configurations x 1,000 seeds is 79,000 trials),

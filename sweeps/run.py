@@ -143,9 +143,16 @@ def list_lines(directory: str | None = None,
             errors.append(_one_line(exc))
             continue
         mains = [c for c in sweep.conditions if c.control_of is None]
-        extra = f" ({len(mains)} conditions)" if sweep.composite else ""
-        if sweep.control_size():
-            extra += f" (+{sweep.control_size()} negative-control trials in the demo)"
+        extra = (f" ({len(mains)} condition{'s' if len(mains) != 1 else ''})"
+                 if sweep.composite else "")
+        # (a control runs at the scales its [control] table names: the paper's too)
+        controls = {scale: sweep.control_size(scale) for scale in ("demo", "paper")}
+        if controls["demo"] and controls["demo"] == controls["paper"]:
+            extra += f" (+{controls['demo']} negative-control trials, demo and paper)"
+        else:
+            extra += "".join(f" (+{n} negative-control trials {where})" for n, where in
+                             ((controls["demo"], "in the demo"),
+                              (controls["paper"], "at paper scale")) if n)
         out.append(f"{name:<26}{sweep.grid_size():>4} trials  {sweep.description}{extra}")
     return out
 

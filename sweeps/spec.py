@@ -458,10 +458,10 @@ class Sweep:
         """Trials of one seed of the full grid (the paper's conditions; controls apart)."""
         return sum(len(c.grid) for c in self.conditions if c.control_of is None)
 
-    def control_size(self) -> int:
-        """Trials of one seed of the negative controls at demo scale."""
+    def control_size(self, scale: str = "demo") -> int:
+        """Trials of one seed of the negative controls at ``scale`` ("demo" or "paper")."""
         return sum(len(c.grid) for c in self.conditions
-                   if c.control_of is not None and "demo" in c.scales)
+                   if c.control_of is not None and scale in c.scales)
 
     def trials(self, *, scale: str = "demo", seeds: int = 1,
                smoke: bool = False) -> list[TrialSpec]:
@@ -620,6 +620,27 @@ def _check_name(name: str, path: Path) -> None:
                              f"sweep file name of visible characters")
 
 
+def other_unicode_form(name: str, known: list[str]) -> str | None:
+    """Why ``name``, not among the sweep files' names ``known``, still looks like one of them:
+    the file spells it in another Unicode form (a file named on macOS is NFD, a name typed is
+    NFC), said with what is accepted; None when no known name is the same text."""
+    same = [k for k in known if unicodedata.normalize("NFC", k)
+            == unicodedata.normalize("NFC", name)]
+    if not same:
+        return None
+    return (f"the file {same[0]}.toml spells it in another Unicode form ({_form(same[0])} "
+            f"against {_form(name)}); accepted: the name as the file spells it, or the file "
+            f"renamed to the name as typed")
+
+
+def _form(text: str) -> str:
+    """The Unicode normal form ``text`` is in (NFC, NFD, or mixed)."""
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, text):
+            return form
+    return "mixed"
+
+
 def load_sweep(name: str, directory: str | Path | None = None, *,
                check_configs: bool = True) -> Sweep:
     """Read and validate sweep ``name`` from ``directory`` (default ``sweeps/conditions``).
@@ -644,6 +665,9 @@ def load_sweep(name: str, directory: str | Path | None = None, *,
                                  f"of condition names")
         conditions = []
         for inc in includes:
+            other = other_unicode_form(inc, known) if inc not in known else None
+            if other:
+                raise SweepFileError(f"{path}: includes {inc!r}: {other}")
             if inc not in known:
                 raise SweepFileError(f"{path}: includes {inc!r}, not a sweep; known: "
                                      f"{', '.join(known)}")

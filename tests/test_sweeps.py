@@ -1157,6 +1157,23 @@ def test_cli_list(module):
         assert f"{COUNTS[line.split()[0]]} trials" in line
 
 
+def test_list_counts_the_negative_controls_at_each_scale_they_run(tmp_path):
+    """A [control] at paper scale only was not counted by --list (only the demo's were), and a
+    composite of one condition read "(1 conditions)"."""
+    from sweeps.run import list_lines
+
+    text = (SWEEP_DIR / "nsd_conv1_v1.toml").read_text()
+    assert 'scales = ["demo"]' in text
+    for scales, want in (('["paper"]', "(+3 negative-control trials at paper scale)"),
+                         ('["demo", "paper"]', "(+3 negative-control trials, demo and paper)"),
+                         ('["demo"]', "(+3 negative-control trials in the demo)")):
+        (tmp_path / "lab.toml").write_text(text.replace('scales = ["demo"]', f"scales = {scales}"))
+        (tmp_path / "one.toml").write_text('description = "x"\nincludes = ["lab"]\n')
+        lines = {line.split()[0]: line for line in list_lines(str(tmp_path))}
+        assert lines["lab"].endswith(want), lines["lab"]
+        assert lines["one"].endswith(f"x (1 condition) {want}"), lines["one"]
+
+
 def test_a_dry_run_says_when_this_machine_cannot_hold_a_local_runs_trials():
     """A paper sweep's trials ask for 4 CPUs: on a 2-core machine the dry run said nothing and
     the run was refused after Ray started. The dry run says it (and still exits 0: it also
@@ -1302,6 +1319,15 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
         check_fits(plan, [node])
     check_fits(plan, [{**node, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
     check_fits(make_plan(parse("nsd_conv1_v1", "--gpus-per-trial", "0.5")), [node])  # auto
+    # a GPU and no CPU, where no node has a GPU: Tune failed on a resource request of nothing
+    # (exit 1, the parent run FAILED) after the dry run had passed
+    gpu_only = make_plan(parse("nsd_conv1_v1", "--cpus-per-trial", "0", "--gpus-per-trial",
+                               "0.5"))
+    with pytest.raises(UsageError, match=r"asks for 0 CPUs and 0.5 GPUs, but no node of the "
+                                         r"Ray cluster has a GPU \(trials run on CPU there\); "
+                                         r"accepted: --cpus-per-trial > 0"):
+        check_fits(gpu_only, [node])
+    check_fits(gpu_only, [{**node, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
     # the CPUs on one node and the GPU on another: no node holds a trial, which stayed
     # PENDING for ever (each was compared with the largest node separately)
     split = [{**node, "Resources": {"CPU": 2.0}},
@@ -1719,6 +1745,13 @@ def test_sweep_names_a_lab_may_give_are_refused_or_found_as_written(tmp_path):
                                          r"in another Unicode form \(NFD against NFC\)"):
         make_plan(parse("café", "--sweep-dir", str(tmp_path)))
     assert make_plan(parse(nfd, "--sweep-dir", str(tmp_path))).n_trials == 33
+    # a composite typing the name: "includes 'café', not a sweep; known: ..., café"
+    (tmp_path / "both.toml").write_text('description = "x"\nincludes = ["café"]\n')
+    with pytest.raises(SweepFileError, match=rf"both.toml: includes 'café': the file {nfd}.toml "
+                                             r"spells it in another Unicode form \(NFD against "
+                                             r"NFC\); accepted: the name as the file spells it"):
+        load_sweep("both", tmp_path)
+    (tmp_path / "both.toml").unlink()
     assert main(["--sweep-dir", "", "--list"]) == 2
     long = "m" * 101
     (tmp_path / f"{long}.toml").write_text(text)
@@ -1979,6 +2012,14 @@ def test_bad_inputs_probed_at_stop_32_are_one_line_naming_what_is_accepted(tmp_p
     assert "argument --seeds: '1.5'; accepted: an integer in 1..1000" in refused(
         "--seeds", "1.5")
     assert "unrecognized arguments: --foo; accepted: the options" in refused("--foo")
+    # a Ray Client address where Ray Client is not installed (the README's install): the run
+    # failed after Ray's import with "Ray Client requires pip package ray[client]", exit 1
+    import importlib.util
+
+    if importlib.util.find_spec("grpc") is None:
+        assert ("--address 'ray://127.0.0.1:10001': a Ray Client address, but this install "
+                "lacks Ray Client (pip install 'ray[client]'); accepted: HOST:PORT") in refused(
+            "--address", "ray://127.0.0.1:10001")
     monkeypatch.setenv("RAY_ADDRESS", "garbage")
     assert "RAY_ADDRESS 'garbage'; accepted: auto, HOST:PORT" in refused()
     assert "unset RAY_ADDRESS to start a local Ray" in refused()
