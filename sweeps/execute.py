@@ -515,6 +515,34 @@ def _init_ray(plan: Plan) -> None:
                 f"{ray.__version__} on both sides") from None
 
 
+def _cancel_failure_alarm() -> None:
+    """Ray's core worker installs abseil's failure-signal handler for SIGTERM while
+    ``ray.init`` connects the driver. A SIGTERM landing then is dumped (its stack, on stderr)
+    and passed on to ours, but the handler also arms ``alarm(3)`` with an aborting SIGALRM
+    handler, "in case this code hangs": three seconds later, in the middle of the driver's
+    orderly wrap-up, the process aborted (exit 134). The alarm is cancelled and SIGALRM's
+    action made the default again; the driver sets no alarm of its own."""
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _ray_keeps_our_sigterm():
+    """Within the block, ``ray.init`` leaves the SIGTERM handler as it is: it installs its own
+    (``sys.exit``) first thing, through ``ray._private.utils.set_sigterm_handler``."""
+    from ray._private import utils as ray_utils
+
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is None:  # another Ray: its own handler, replaced after ray.init as before
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = setter
+
+
 @contextlib.contextmanager
 def _ray_processes_in_their_own_group():
     """The processes ``ray.init`` starts for a local Ray (its GCS server, raylet, dashboard,
@@ -937,7 +965,11 @@ def _execute_run(plan: Plan) -> int:
     previous_int = signal.getsignal(signal.SIGINT)
     parent_id = None
     try:
-        _init_ray(plan)
+        # Ctrl-C and SIGTERM while Ray starts are acted on once it has: one landing in the
+        # driver's connection (Ray's handler raising SystemExit there) left a half-made core
+        # worker, and the interpreter aborted at exit (134) after the driver's last line
+        with _signals_deferred(), _ray_keeps_our_sigterm():
+            _init_ray(plan)
         # ray.init installs its own SIGTERM handler (sys.exit: the run then ended FAILED, its
         # trials' runs left RUNNING, and Ray aborted with exit 134): ours again
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
@@ -948,6 +980,8 @@ def _execute_run(plan: Plan) -> int:
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # Ray's handler's
             exc = KeyboardInterrupt()
+        if isinstance(exc, KeyboardInterrupt):
+            _cancel_failure_alarm()
         _interrupted(_shutdown_ray)  # also a Ray stopped while it started
         if (run_dir / PARENT_FILE).is_file():  # the records were made: a run --resume finds
             if parent_id is not None:  # (an earlier failure ends it in _start_records)

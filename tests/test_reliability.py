@@ -1086,3 +1086,32 @@ def test_a_sigterm_to_the_drivers_whole_process_group_ends_the_run_as_ctrl_c_doe
     children = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}, \
         proc.stdout[-3000:]
+
+
+def test_a_sigterm_as_ray_connects_the_driver_ends_it_as_ctrl_c_does(tmp_path):
+    """A SIGTERM right after Ray's "Started a local Ray instance" line lands while the driver
+    connects: Ray's core worker has installed abseil's failure-signal handler, which dumps
+    the stack and arms alarm(3) with an aborting SIGALRM handler. Three seconds into the
+    driver's orderly stop the process aborted (exit 134, "Aborted"). The signal is now acted
+    on once Ray has started (no SystemExit inside the connection) and the alarm cancelled:
+    exit 130, the driver's own last lines, no Ray left running."""
+    argv = [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test",
+            "--only", f"{SWEEP}-none-*", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+            "--storage", str(tmp_path / "ray")]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Started a local Ray instance" in line:
+                time.sleep(0.1)  # into the connection (the line comes just before it)
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert out.rstrip().endswith("sweep interrupted before its records were made: nothing to "
+                                 "resume; run it again\ninterrupted"), out[-3000:]
