@@ -197,7 +197,8 @@ def test_a_server_gone_at_the_end_is_exit_1_with_the_resume_that_completes_the_r
     env = {**os.environ, "ALIGNSWEEP_TRACKING_FLUSH_S": "5"}
     env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     cmd = [sys.executable, str(REPO / "sweeps" / "run.py"), SWEEP, "--smoke-test",
-           "--set", "epochs=3", "--mlflow-uri", server.url, "--storage", str(tmp_path / "ray")]
+           "--only", f"{SWEEP}-max-*", "--set", "epochs=3", "--mlflow-uri", server.url,
+           "--storage", str(tmp_path / "ray")]
     popen = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
@@ -214,7 +215,7 @@ def test_a_server_gone_at_the_end_is_exit_1_with_the_resume_that_completes_the_r
         if popen.poll() is None:
             popen.kill()
     assert popen.returncode == 1, out[-4000:]
-    assert waited < 300, (waited, out[-3000:])  # the trials' own runs take ~1 minute
+    assert waited < 240, (waited, out[-3000:])  # the trial's own run takes under a minute
     (line,) = [x for x in out.splitlines() if "its MLflow records are incomplete" in x]
     resume = line.split("complete them with: ", 1)[1]
     assert resume.endswith(" --resume") and f"--mlflow-uri {server.url}" in resume, line
@@ -228,7 +229,7 @@ def test_a_server_gone_at_the_end_is_exit_1_with_the_resume_that_completes_the_r
     client = MlflowClient(f"sqlite:///{server.db}")
     runs = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 3, [r.data.tags.get("trial_id") for r in children]
+    assert len(children) == 1, [r.data.tags.get("trial_id") for r in children]
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags["trial_id"]
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_map"))
