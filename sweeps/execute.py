@@ -965,9 +965,9 @@ def _execute_run(plan: Plan) -> int:
     previous_int = signal.getsignal(signal.SIGINT)
     parent_id = None
     try:
-        # Ctrl-C and SIGTERM while Ray starts are acted on once it has: one landing in the
-        # driver's connection (Ray's handler raising SystemExit there) left a half-made core
-        # worker, and the interpreter aborted at exit (134) after the driver's last line
+        # Ctrl-C and SIGTERM while Ray starts are acted on once it has, not as Ray's handler's
+        # SystemExit inside the driver's connection; a SIGTERM there also meets abseil's
+        # handler, whose alarm aborted the driver after its last line (_cancel_failure_alarm)
         with _signals_deferred(), _ray_keeps_our_sigterm():
             _init_ray(plan)
         # ray.init installs its own SIGTERM handler (sys.exit: the run then ended FAILED, its
@@ -1186,7 +1186,8 @@ def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> bo
 
 
 def _fail_fast_tracking() -> None:
-    """The driver's own MLflow calls from the trials' end on fail within seconds, as the
+    """The driver's own MLflow calls once the records are made (it makes none while the
+    trials run; then the manifest, the replay, the parent's end) fail within seconds, as the
     trials' do (``_worker_env``), unless the user set MLflow's HTTP retries: with MLflow's
     default (7 retries, minutes a call) a server gone at the end of a sweep kept the driver
     silent for about 10 minutes over the manifest's query, the replay and the parent's end.
