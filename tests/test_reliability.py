@@ -130,6 +130,16 @@ def _reported_epochs(db: Path) -> int:
             return 0
 
 
+def _stop_at_the_first_epoch(server: MlflowServer, popen: subprocess.Popen) -> None:
+    """Stop ``server`` once a trial of the sweep ``popen`` runs has logged its first epoch."""
+    deadline = time.monotonic() + 300
+    while _reported_epochs(server.db) < 1:
+        assert popen.poll() is None, popen.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no epoch reached MLflow"
+        time.sleep(0.5)
+    server.stop()
+
+
 def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
     """The MLflow server goes down after the first epochs are logged and comes back 25 s
     later, while the trials train on: the sweep exits 0, every trial is FINISHED, and every
@@ -143,12 +153,7 @@ def test_a_tracking_outage_fails_no_trial_and_loses_no_metric(tmp_path):
          "--storage", str(tmp_path / "ray")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while _reported_epochs(server.db) < 1:
-            assert popen.poll() is None, popen.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no epoch reached MLflow"
-            time.sleep(0.5)
-        server.stop()
+        _stop_at_the_first_epoch(server, popen)
         back = time.time() + 25
         server.launch(listen_at=back)  # takes its port 25 s from now, not ~8 s after that
         time.sleep(max(0.0, back - 1 - time.time()))  # the trials train on while nothing answers
@@ -202,12 +207,7 @@ def test_a_server_gone_at_the_end_is_exit_1_with_the_resume_that_completes_the_r
     popen = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while _reported_epochs(server.db) < 1:
-            assert popen.poll() is None, popen.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no epoch reached MLflow"
-            time.sleep(0.5)
-        server.stop()
+        _stop_at_the_first_epoch(server, popen)
         gone = time.monotonic()
         out, _ = popen.communicate(timeout=600)
         waited = time.monotonic() - gone
