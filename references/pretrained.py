@@ -373,6 +373,21 @@ def _check_activations(model: TappedModel, path: Path) -> None:
                              f"expected a network whose activations are finite")
 
 
+def _convolutions_to(network: TappedModel, layer: str) -> int:
+    """How many convolutions the forward runs up to ``layer``'s tap, those inside the tapped
+    module included: torchvision's AlexNet and ResNet register their modules in forward order
+    (``named_modules`` walks them parents first)."""
+    path = network.spec.taps[layer].path
+    count, reached = 0, False
+    for name, module in network.net.named_modules():
+        if name == path or name.startswith(path + "."):
+            reached = True
+        elif reached:
+            break
+        count += isinstance(module, nn.Conv2d)
+    return count
+
+
 class PretrainedReference(ImageReference):
     """A frozen network's activations at ``layer`` as a reference.
 
@@ -383,18 +398,25 @@ class PretrainedReference(ImageReference):
     ``targets(images, image_ids)`` -> ``[(arange(n), representation(images))]``.
 
     The network's parameters have ``requires_grad=False`` and it is put back in eval mode before
-    every call, so dropout is off and batch-norm running statistics never move. It runs in
+    every call, so dropout is off and batch-norm running statistics never move. Where the
+    forward to the layer runs more than one convolution (``channels_last``) it runs in
     channels-last memory layout (the layer comes back in it; its logical NCHW shape and values
     are unchanged, to float rounding): oneDNN and cuDNN convolve NHWC without reordering every
     layer, and on this 2-core CPU AlexNet's forward to conv5 at batch 128 and 224 px took 0.86 s
-    against 1.10 s (tests/benchmarks/bench_paper_shape.py's "reference on the batch").
+    against 1.10 s (tests/benchmarks/bench_paper_shape.py's "reference on the batch"). A layer
+    at the first convolution (AlexNet's and ResNet's conv1) has nothing to gain and pays the
+    images' reordering and the layer's flattening copy: at the demo shape (batch 50, 64 px)
+    conv1 took 1.0 ms channels-last against 0.5 ms in the images' own layout.
     """
 
     name = "pretrained"
 
     def __init__(self, network: TappedModel, layer: str, *, source: str = "") -> None:
         network.check_layers((layer,))
-        self.network = network.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.channels_last = _convolutions_to(network, layer) > 1
+        self.network = network.eval().requires_grad_(False)
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last)
         self.layer = layer
         self.source = source
 
@@ -408,7 +430,7 @@ class PretrainedReference(ImageReference):
         first = next(self.network.parameters())
         if first.device != images.device:
             self.network.to(images.device)
-        if images.dim() == 4:
+        if images.dim() == 4 and self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             return self.network.features(images, (self.layer,))[self.layer]

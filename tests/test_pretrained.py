@@ -74,27 +74,39 @@ def tiny_data(n: int = 64, size: int = 32, classes: int = 4, seed: int = 0):
 # ----------------------------------------------------------------------------- frozen network
 
 
-def channels_last_tap(model, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """The network's own tap, run as the reference runs it (``PretrainedReference``: eval,
-    channels-last memory layout, which oneDNN convolves without reorders); the reference must
-    equal it bit for bit."""
-    net = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+def channels_last_tap(model, x: torch.Tensor, layer: str, channels_last: bool = True
+                      ) -> torch.Tensor:
+    """The network's own tap, run as the reference runs it (``PretrainedReference``: eval, in
+    channels-last memory layout where the forward to the layer runs more than one convolution,
+    which oneDNN convolves without reorders); the reference must equal it bit for bit."""
+    net = copy.deepcopy(model).eval()
+    x = x.detach()
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
     with torch.no_grad():
-        _, taps = net(x.detach().contiguous(memory_format=torch.channels_last), taps=(layer,))
+        _, taps = net(x, taps=(layer,))
     return taps[layer]
 
 
-@pytest.mark.parametrize("name,layer,size", [("alexnet", "conv1", 64), ("alexnet", "fc1", 64),
-                                             ("resnet18", "conv1", 32),
-                                             ("resnet18", "block2", 32)])
-def test_activations_equal_the_networks_tap(tmp_path, name, layer, size):
+@pytest.mark.parametrize("name,layer,size,channels_last", [
+    ("alexnet", "conv1", 64, False), ("alexnet", "fc1", 64, True),
+    ("resnet18", "conv1", 32, False), ("resnet18", "block2", 32, True)])
+def test_activations_equal_the_networks_tap(tmp_path, name, layer, size, channels_last):
+    """A layer at the first convolution runs in the images' layout (channels-last would only
+    add the images' reordering and the layer's flattening copy); deeper ones channels-last."""
     model = build_model(name, num_classes=5, width=0.25, seed=0).eval()
     path = tmp_path / "weights.pt"
     torch.save(model.net.state_dict(), path)
     ref = pretrained_reference(name, layer, path)
+    assert ref.channels_last is channels_last
     x = torch.randn(3, 3, size, size)
-    tap = channels_last_tap(model, x, layer)
-    assert torch.equal(ref.representation(x), tap)
+    tap = channels_last_tap(model, x, layer, channels_last)
+    y = ref.representation(x)
+    assert torch.equal(y, tap)
+    if y.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last) is channels_last
+        assert y.is_contiguous() is not channels_last
     groups = ref.targets(x, torch.arange(3))
     assert len(groups) == 1 and torch.equal(groups[0][0], torch.arange(3))
     assert torch.equal(groups[0][1], tap)
