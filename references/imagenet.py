@@ -867,14 +867,20 @@ def read_rgb(path: str) -> Image.Image:
 
 def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     if img.mode == "I" or img.mode.startswith("I;16"):
-        # convert("RGB") clips these at 255 (a 16-bit photo turns almost white).
+        # convert("RGB") clips these at 255 (a 16-bit photo turns almost white). 8-bit values
+        # saved in a wider integer file (numpy's or OpenCV's uint16 / int32 written as PNG or
+        # TIFF) are kept as they are: scaled by 1/257 they read as 0..1, a black image. A file
+        # whose largest value is at most 255 is read so (a true 16-bit image that dark would
+        # be black at 8 bits anyway); any other is scaled, 65535 to 255.
         grey = np.asarray(img)
-        if grey.size and (int(grey.min()) < 0 or int(grey.max()) > 65535):
+        lo, hi = (int(grey.min()), int(grey.max())) if grey.size else (0, 0)
+        if lo < 0 or hi > 65535:
             raise ImageNetFormatError(
-                f"image {path} is {img.mode!r} (32-bit integer) with values in "
-                f"{int(grey.min())}..{int(grey.max())}; expected 8-bit images or 16-bit grey "
-                f"(0..65535) -- convert it to 8 bits, or {_FIX_IMAGE}")
-        img = Image.fromarray(((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
+                f"image {path} is {img.mode!r} (integer grey) with values in {lo}..{hi}; "
+                f"expected 8-bit images or 16-bit grey (0..65535) -- convert it to 8 bits, "
+                f"or {_FIX_IMAGE}")
+        img = Image.fromarray(grey.astype(np.uint8) if hi <= 255 else
+                              ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
     elif img.mode == "F":
         # convert("RGB") truncates and clips at 0..255, so a float image scaled 0..1 (the
         # usual) turns black; which scale a file means cannot be told from it.

@@ -813,12 +813,36 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(ext, mode, tmp_path):
     assert item.shape == (3, 16, 16) and set(item.unique().tolist()) == {round(40000 / 257)}
 
 
+@pytest.mark.parametrize("ext, dtype, mode", [(".png", np.uint16, "I;16"),
+                                               (".tif", np.uint16, "I;16"),
+                                               (".tif", np.int32, "I")])
+def test_8_bit_values_in_a_wider_integer_file_are_read_as_they_are(ext, dtype, mode, tmp_path):
+    """numpy's or OpenCV's uint16 / int32 arrays of 0..255 saved as PNG or TIFF: as torchvision
+    reads them (convert("RGB") clips nothing there), not scaled by 1/257 to a black 0..1."""
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
+    path = tree / "train" / "n00000000" / f"eight{ext}"
+    grey = (np.arange(40 * 60).reshape(40, 60) % 256).astype(dtype)
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+        torchvision_reads = np.asarray(img.convert("RGB"))
+    rgb = np.asarray(read_rgb(str(path)))
+    np.testing.assert_array_equal(rgb, np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2))
+    np.testing.assert_array_equal(rgb, torchvision_reads)
+    # one value above 255 makes it a 16-bit image: scaled, 65535 to 255
+    grey[0, 0] = 256
+    Image.fromarray(grey).save(path)
+    scaled = np.floor(grey / 257 + 0.5).astype(np.uint8)
+    assert set(np.unique(scaled).tolist()) == {0, 1}
+    np.testing.assert_array_equal(np.asarray(read_rgb(str(path)))[..., 0], scaled)
+
+
 def test_32_bit_integer_image_beyond_16_bits_is_refused(tmp_path):
     tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SMALL)
     path = tree / "train" / "n00000000" / "wide.tif"
     Image.fromarray(np.array([[0, 70000], [5, 6]], np.int32)).save(path)
     with pytest.raises(ImageNetFormatError, match=re.escape(
-            f"image {path} is 'I' (32-bit integer) with values in 0..70000; expected 8-bit "
+            f"image {path} is 'I' (integer grey) with values in 0..70000; expected 8-bit "
             "images or 16-bit grey (0..65535) -- convert it to 8 bits, or replace it with a "
             "readable copy of the image, then rerun with --resume")):
         read_rgb(str(path))
