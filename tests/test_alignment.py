@@ -494,14 +494,19 @@ def test_error_nan_inf(bad, where):
 def test_values_whose_gram_overflows_are_named_not_a_failed_factorisation(where):
     """Finite float32 values near 1e20 (a frozen network with weights far too large) overflow
     the Gram's row sums: the loss form failed in its Cholesky ("not positive-definite"),
-    naming neither input nor cause."""
-    x, y = (torch.from_numpy(a).float() for a in linear_data(20, 4, 3, seed=0))
+    naming neither input nor cause. Inputs with fewer columns than rows have their Grams built
+    in float64, where such values do not overflow: they score as at any other scale."""
+    x, y = (torch.from_numpy(a).float() for a in linear_data(20, 40, 30, seed=0))
     (x if where == "X" else y).mul_(1e20)
     assert torch.isfinite(x).all() and torch.isfinite(y).all()
     for kwargs in ({}, {"folds": 4}):
         with pytest.raises(ValueError, match=rf"^{where} holds values up to .*e\+2\d, whose "
                                              rf"squares summed over a row overflow float32"):
             linear_alignment_heldout(x.clone().requires_grad_(), y, **kwargs)
+    x, y = (torch.from_numpy(a).float() for a in linear_data(20, 4, 3, seed=0))
+    unscaled = float(linear_alignment_heldout(x, y))
+    (x if where == "X" else y).mul_(1e20)
+    assert float(linear_alignment_heldout(x, y)) == pytest.approx(unscaled, abs=1e-5)
 
 
 def test_error_alphas():
@@ -678,3 +683,26 @@ def test_the_smallest_ridge_rel_accepted_still_scores_unrelated_data_as_unrelate
     assert at_floor == pytest.approx(float(linear_alignment_heldout_definition(
         x.double(), y.double(), rel=RIDGE_REL_MIN)), abs=1e-3)
     assert float(linear_alignment_heldout(x, y, rel=1e-12)) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("n,p,q", [(128, 16, 500), (256, 500, 8), (1000, 512, 2000)])
+def test_fewer_units_than_images_score_in_float32_as_in_float64_at_the_smallest_ridge(n, p, q):
+    """A layer or reference with fewer columns than the batch has rows (a pooled layer, a
+    small ROI) has a rank-deficient Gram, whose empty directions hold only the product's
+    rounding: built in float32 it outweighed ridge_rel = 1e-6 there (-0.61 against -0.54 at
+    n = 1000, p = 512; at n = 256 a failed Cholesky). Checked in both directions, and the
+    gradient, against the float64 definition."""
+    from trainable.config import RIDGE_REL_MIN
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(n, p, generator=g)) * torch.logspace(-1, 1, p)
+    y = torch.randn(n, q, generator=g)
+    for a, b in ((x, y), (y, x)):
+        a = a.clone().requires_grad_()
+        score = linear_alignment_heldout(a, b, rel=RIDGE_REL_MIN)
+        (grad,) = torch.autograd.grad(score, a)
+        a64 = a.detach().double().requires_grad_()
+        exact = linear_alignment_heldout_definition(a64, b.double(), rel=RIDGE_REL_MIN)
+        (grad64,) = torch.autograd.grad(exact, a64)
+        assert float(score.detach()) == pytest.approx(float(exact.detach()), abs=1e-5)
+        assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-3

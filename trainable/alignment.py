@@ -524,8 +524,21 @@ def _column_chunks(x: torch.Tensor) -> list[slice]:
     return [slice(lo, min(cols, lo + width)) for lo in range(0, cols, width)]
 
 
+def _narrow(x: torch.Tensor) -> bool:
+    """x (n, cols) has fewer columns than rows: its (n, n) Gram is rank-deficient, and the
+    directions it does not span hold only the product's rounding. In float32 that rounding
+    (about 1e-7 of the entries) outweighs a small ridge penalty there (``ridge_rel`` 1e-6 is
+    1e-6 of the mean eigenvalue): the loss form's float32 score moved from -0.545 to -0.610
+    at n = 1000, p = 512, or its Cholesky failed. Such Grams are built in float64; their
+    products cost n^2 cols < n^3, what the float64 solves cost already."""
+    return x.shape[1] < x.shape[0] and x.dtype != torch.float64
+
+
 def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """``(x - mean)(x - mean)^T`` (n, n) float64, products in x's dtype, chunk by chunk."""
+    """``(x - mean)(x - mean)^T`` (n, n) float64, products in x's dtype (float64 where x has
+    fewer columns than rows, ``_narrow``), chunk by chunk."""
+    if _narrow(x):
+        x, mean = x.double(), mean.double()
     n = x.shape[0]
     chunks = _column_chunks(x)
     with _gram_products(x.device):
@@ -537,6 +550,18 @@ def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             xc = x[:, cols] - mean[cols]
             k += (xc @ xc.T).to(torch.float64)
     return k
+
+
+def _gram_backward(s: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """dL/dX = S X - (S 1) mean^T for a Gram's double-centred, symmetrised gradient S (n, n)
+    float64, in x's dtype: the one (n, n) x (n, p) product, in x's dtype, or in float64 where
+    x has fewer columns than rows (``_narrow``: there S holds entries up to about 1/ridge_rel
+    that cancel in the product; in float32 the gradient was 4 % off at ridge_rel = 1e-6)."""
+    if _narrow(x):
+        return (s @ x.double()).addr_(s.sum(1), mean.double(), alpha=-1).to(x.dtype)
+    s = s.to(x.dtype)
+    with _gram_products(x.device):
+        return (s @ x).addr_(s.sum(1), mean, alpha=-1)
 
 
 class _CentredGram(torch.autograd.Function):
@@ -557,9 +582,7 @@ class _CentredGram(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, mean = ctx.saved_tensors
-        s = _double_centre(grad + grad.T).to(x.dtype)
-        with _gram_products(x.device):
-            return (s @ x).addr_(s.sum(1), mean, alpha=-1)
+        return _gram_backward(_double_centre(grad + grad.T), x, mean)
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:
@@ -577,7 +600,10 @@ def _target_grams(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """What the loss form needs of the reference Y (n, q), in one pass over its columns:
     ``(Ky, Kw, live)`` with Ky = Yc Yc^T, Kw = Yw Yw^T where Yw = Yc's non-constant columns
     each divided by its root SST (constant columns: zero), and ``live`` the number of
-    non-constant columns. Both (n, n) float64. Differentiable in y when y requires grad."""
+    non-constant columns. Both (n, n) float64. Differentiable in y when y requires grad.
+    Products in y's dtype, or float64 where y has fewer columns than rows (``_narrow``)."""
+    if _narrow(y):
+        y = y.double()
     if y.requires_grad and torch.is_grad_enabled():  # the plain form: autograd's own rules
         yc = y - y.mean(0)
         live = ~constant_columns(y)
@@ -744,9 +770,7 @@ class _LeaveOneOutScore(torch.autograd.Function):
             h /= ctx.live
         if ctx.t_value > 0:  # score_yx = 1 - <R_y^T R_y, Kx> / tr(Kx)
             h.sub_(rtr_y, alpha=1.0 / ctx.t_value).diagonal().add_(inner / (t * t))
-        s = _double_centre(h).mul_(grad.to(h.dtype)).to(x.dtype)
-        with _gram_products(x.device):
-            dx = (s @ x).addr_(s.sum(1), mean, alpha=-1)
+        dx = _gram_backward(_double_centre(h).mul_(grad.to(h.dtype)), x, mean)
         return dx, None, None, None, None
 
 
