@@ -373,6 +373,23 @@ def test_scaled_validation_form_is_scale_invariant():
     assert relative_alphas(2 * x, [1.0])[0] == pytest.approx(4 * relative_alphas(x, [1.0])[0])
 
 
+def test_scaled_validation_form_stays_differentiable():
+    """"torch stays differentiable": the z-scoring divided in place, which autograd refused
+    ("modified by an inplace operation") for a layer that requires grad. The alpha grid is
+    set from the inputs' scale without gradient (``relative_alphas``), so the gradient is
+    that of the score with its grid held: it differs from the finite difference at 1e-3."""
+    x, y = (torch.from_numpy(a) for a in linear_data(30, 6, 4, seed=5))
+    x.requires_grad_()
+    score = linear_alignment_scaled(x, y)
+    (grad,) = torch.autograd.grad(score, x)
+    direction = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    eps = 1e-6
+    with torch.no_grad():
+        numeric = (linear_alignment_scaled(x + eps * direction, y)
+                   - linear_alignment_scaled(x - eps * direction, y)) / (2 * eps)
+    assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-2)
+
+
 # ----------------------------------------------------------------------------- CKA, RSA refs
 
 

@@ -71,6 +71,21 @@ def test_map_without_positives_is_an_error():
         mean_average_precision(np.random.rand(5, 3), np.zeros((5, 3)))
 
 
+def test_map_of_nan_scores_or_mismatched_shapes_is_an_error_not_a_number():
+    """NaN scores on every positive gave an mAP of 1.0 (scikit-learn refuses them); a 1-D or
+    mismatched pair failed with an IndexError."""
+    rng = np.random.default_rng(0)
+    targets = (rng.random((100, 5)) < 0.3).astype(float)
+    scores = rng.standard_normal((100, 5))
+    scores[targets > 0] = np.nan
+    with pytest.raises(ValueError, match=r"^scores hold 1\d\d NaN or infinite values; "
+                                         r"expected finite scores"):
+        mean_average_precision(scores, targets)
+    with pytest.raises(ValueError, match=r"^scores \(100,\) and targets \(100, 5\): expected "
+                                         r"two \(n_images, n_classes\) arrays of one shape"):
+        mean_average_precision(scores[:, 0], targets)
+
+
 def test_topk_accuracy():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     acc = accuracy(logits, torch.tensor([1, 2, 1]), (1, 2))

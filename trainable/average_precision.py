@@ -25,6 +25,20 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return m
 
 
+def _checked(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """(n, c) scores and targets of one shape, every score finite: a NaN score sorts as no
+    threshold does (NaN scores on every positive gave an mAP of 1.0)."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape}: expected two "
+                         f"(n_images, n_classes) arrays of one shape")
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise ValueError(f"scores hold {bad} NaN or infinite values; expected finite scores "
+                         f"(a model's logits or probabilities)")
+    return scores, targets
+
+
 def weighted_mean_average_precision(scores: np.ndarray, targets: np.ndarray,
                                     weights: np.ndarray) -> np.ndarray:
     """``mean_average_precision`` with each image counted ``weights[b, i]`` times, for B
@@ -40,8 +54,12 @@ def weighted_mean_average_precision(scores: np.ndarray, targets: np.ndarray,
     C-ordered (n, B) array (``dashboards.effects.resample_counts``) is read without a copy."""
     from scipy import sparse
 
+    scores, targets = _checked(scores, targets)
     wt = np.ascontiguousarray(np.asarray(weights).T)  # (n, B)
     n, n_w = wt.shape
+    if n != scores.shape[0]:
+        raise ValueError(f"weights cover {n} images, scores {scores.shape[0]}; expected one "
+                         f"weight per image in each weighting")
     y_all = np.asarray(targets) > 0.5
     aps = np.full((n_w, scores.shape[1]), np.nan)
     for c in range(scores.shape[1]):
