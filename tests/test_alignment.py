@@ -373,6 +373,20 @@ def test_scaled_validation_form_is_scale_invariant():
     assert relative_alphas(2 * x, [1.0])[0] == pytest.approx(4 * relative_alphas(x, [1.0])[0])
 
 
+@pytest.mark.parametrize("folds", [None, 4])
+def test_a_constant_input_to_the_loss_form_is_an_undefined_score_not_a_factorisation_error(folds):
+    """A constant X or Y has a zero Gram and so a zero penalty: torch's LinAlgError from the
+    Cholesky, naming neither. ``batch_alignment`` skips the group either way."""
+    from trainable.alignment import UndefinedScore
+
+    x, y = linear_data(20, 5, 4, seed=0)
+    flat = np.full_like(x, 3.0)
+    for a, b, name in ((flat, y, "X"), (x, flat, "Y")):
+        with pytest.raises(UndefinedScore, match=rf"^{name} is constant across the 20 stimuli: "
+                                                 rf"its held-out alignment is undefined$"):
+            linear_alignment_heldout(a, b, folds=folds)
+
+
 def test_scaled_validation_form_stays_differentiable():
     """"torch stays differentiable": the z-scoring divided in place, which autograd refused
     ("modified by an inplace operation") for a layer that requires grad. The alpha grid is

@@ -866,6 +866,19 @@ def linear_alignment_heldout(
     """
     # finiteness is checked on the Grams' traces (``_check_finite_by_trace``), not by a pass
     x, y, as_float = _heldout_args(X, Y, rel, folds, check_finite=False)
+    try:
+        return _heldout(x, y, rel, folds, as_float)
+    except torch.linalg.LinAlgError:
+        # a zero Gram has a zero penalty: its factorisation fails. Checked on failure only
+        for name, t in (("X", x), ("Y", y)):
+            if bool(constant_columns(t.detach()).all()):
+                raise UndefinedScore(f"{name} is constant across the {t.shape[0]} stimuli: "
+                                     f"its held-out alignment is undefined") from None
+        raise
+
+
+def _heldout(x: torch.Tensor, y: torch.Tensor, rel: float, folds: int | None,
+             as_float: bool) -> torch.Tensor | float:
     ky, kw, live = _target_grams(y)
     _check_finite_by_trace(ky, y, "Y")
     if folds is None and not (ky.requires_grad or kw.requires_grad):  # every training step
