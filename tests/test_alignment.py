@@ -371,6 +371,16 @@ def test_scaled_validation_form_is_scale_invariant():
         linear_alignment_scaled(x, y), abs=1e-9
     )
     assert relative_alphas(2 * x, [1.0])[0] == pytest.approx(4 * relative_alphas(x, [1.0])[0])
+    # float64 at any scale: the alphas' float32 screen over- or underflowed from ~1e17 and
+    # ~1e-20 ("torch.cat(): expected a non-empty list of Tensors")
+    for cx, cy in ((1e17, 1.0), (1e-20, 1.0), (1.0, 1e-30), (1e150, 1e-150)):
+        assert linear_alignment_scaled(cx * x, cy * y) == pytest.approx(
+            linear_alignment_scaled(x, y), abs=1e-9)
+    tiny = torch.from_numpy(x * 1e-20).float()
+    with pytest.raises(ValueError, match=r"^the ridge's leave-one-out errors are NaN or infinite "
+                                         r"for every alpha \(9\): the inputs' values are "
+                                         r"beyond float32's range"):
+        linear_alignment_scaled(tiny, torch.from_numpy(y).float())
 
 
 @pytest.mark.parametrize("folds", [None, 4])

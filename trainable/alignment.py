@@ -333,10 +333,17 @@ def _select_dual(
     if proj.shape[1] > proj.shape[0]:
         proj = torch.linalg.qr(proj.T, mode="r").R.T
     if basis.dtype == torch.float64:
-        rough = _loo_errors(basis.float(), evals.float(), proj.float(), alphas)
+        # The LOO residuals c_i / d_i do not change when evals and alphas are divided by one
+        # number: divided by the largest, they stay inside float32's range whatever the
+        # layer's scale (a layer at 1e17 or 1e-20 overflowed there, and no alpha was left).
+        top = max(float(evals.max()), max(alphas))
+        scale = top if 0 < top < math.inf else 1.0
+        rough = _loo_errors(basis.float(), (evals / scale).float(), proj.float(),
+                            [a / scale for a in alphas])
         near = torch.nonzero(rough <= rough.min() * (1 + 1e-3)).flatten().tolist()
         if len(near) == 1:
             return near[0]
+        near = near or list(range(len(alphas)))  # no finite screen: every alpha in float64
         exact = _loo_errors(basis, evals, proj, [alphas[i] for i in near])
         return near[_first_argmin(exact)]
     return _first_argmin(_loo_errors(basis, evals, proj, alphas))
@@ -387,7 +394,13 @@ def _select_primal(
 
 def _first_argmin(errs: list[torch.Tensor] | torch.Tensor) -> int:
     vals = (errs if isinstance(errs, torch.Tensor) else torch.stack(errs)).detach()
-    return int(torch.nonzero(vals == vals.min())[0, 0])
+    best = torch.nonzero(vals == vals.min())
+    if not best.numel():
+        raise ValueError(
+            f"the ridge's leave-one-out errors are NaN or infinite for every alpha "
+            f"({vals.numel()}): the inputs' values are beyond {str(vals.dtype).removeprefix('torch.')}"
+            f"'s range at these penalties; expected values of ordinary magnitude (or float64)")
+    return int(best[0, 0])
 
 
 def linear_alignment(
