@@ -434,6 +434,25 @@ def test_rsa_matches_scipy():
     assert rsa(x, 3.0 * x + 2.0) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_rsa_gives_dead_units_no_credit():
+    """DESIGN: no averaging rule may let a network raise its score by silencing units. Units
+    constant over the stimuli (at 0, or any value) are left out of the RDMs; kept, 24 silent
+    units appended to a 48-unit layer raised the score from 0.125 to 0.138."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(32, 48, generator=g, dtype=torch.float64))
+    y = x[:, :10] @ torch.randn(10, 20, generator=g, dtype=torch.float64) + torch.randn(
+        32, 20, generator=g, dtype=torch.float64)
+    base = float(rsa(x, y))
+    for value in (0.0, 3.0):
+        padded = torch.cat([x, torch.full((32, 24), value, dtype=x.dtype)], 1)
+        assert float(rsa(padded, y)) == pytest.approx(base, abs=1e-12)
+        assert float(rsa(y, padded)) == pytest.approx(base, abs=1e-12)
+    # the loss keeps its gradient to the varying units and gives the constant ones none
+    padded = torch.cat([x, torch.zeros(32, 24, dtype=x.dtype)], 1).requires_grad_()
+    (grad,) = torch.autograd.grad(get_metric("rsa").loss(padded, y), padded)
+    assert float(grad[:, 48:].abs().max()) == 0 and float(grad[:, :48].abs().max()) > 0
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

@@ -964,6 +964,16 @@ def _silent_rows(x: torch.Tensor) -> torch.Tensor:
         return norm <= scale
 
 
+def _varying_columns(x: torch.Tensor) -> torch.Tensor:
+    """x without its columns constant over the stimuli (all of them when every one is: the
+    score is then undefined, as ``rsa`` says)."""
+    with torch.no_grad():
+        varying = ~constant_columns(x)
+    if bool(varying.all()) or not bool(varying.any()):
+        return x
+    return x[:, varying]
+
+
 def _rdm_upper(z: torch.Tensor) -> torch.Tensor:
     """Upper triangle (i < j) of the correlation-distance RDM 1 - z_i . z_j of unit rows z,
     (n(n-1)/2,)."""
@@ -979,10 +989,15 @@ def rsa(X: Any, Y: Any) -> torch.Tensor | float:
     in Y (a rectified layer silent on that image) has no correlation distance: it is left out
     of both RDMs (selected before any division, so no NaN reaches the gradient), and the
     score is undefined (``UndefinedScore``) when fewer than 3 stimuli remain or an RDM is the
-    same for every pair (every stimulus the same)."""
+    same for every pair (every stimulus the same).
+
+    The dead-unit rule: a feature constant over the stimuli (a unit dead after a ReLU) is
+    left out before the RDMs. Kept, it shifts every stimulus's pattern mean and so every
+    correlation distance: appending 24 silent units to a 48-unit layer moved the score from
+    0.125 to 0.138, i.e. a network could raise its RSA by silencing units."""
     x, y, as_float = _pair(X, Y, 3, "RSA")
     dtype = x.dtype
-    x, y = x.to(torch.float64), y.to(torch.float64)
+    x, y = (_varying_columns(t).to(torch.float64) for t in (x, y))
     silent = _silent_rows(x) | _silent_rows(y)
     if bool(silent.any()):
         keep = ~silent
