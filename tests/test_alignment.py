@@ -353,8 +353,18 @@ def test_pooled_ridge_cv_r2_equals_sklearn_refits():
         scores.append(1 - (w * sse).sum() / (w * sst).sum())
     got = ridge_cv_r2(x, y, alphas=ALPHAS, column_weights=w)
     assert got == pytest.approx(np.mean(scores), abs=1e-8)
-    with pytest.raises(ValueError, match=r"column_weights must be 6 numbers >= 0"):
-        ridge_cv_r2(x, y, alphas=ALPHAS, column_weights=[1.0, -1.0, 1, 1, 1, 1])
+    for bad in (-1.0, np.nan, np.inf):  # NaN was accepted, and the score was NaN
+        with pytest.raises(ValueError, match=r"column_weights must be 6 finite numbers >= 0"):
+            ridge_cv_r2(x, y, alphas=ALPHAS, column_weights=[1.0, bad, 1, 1, 1, 1])
+    # half precision has no eigh in torch: computed in float32 ("NotImplementedError:
+    # linalg_eigh_cpu not implemented for 'Half'")
+    for dtype in (torch.float16, torch.bfloat16):
+        half = ridge_cv_r2(torch.from_numpy(x).to(dtype), torch.from_numpy(y).to(dtype),
+                           alphas=ALPHAS)
+        assert half == pytest.approx(sklearn_cv_r2(x, y), abs=0.02)
+    # CKA of 2 stimuli is 1 whatever the data: refused like too few stimuli elsewhere
+    with pytest.raises(ValueError, match=r"got n=2 stimuli; CKA needs at least 3"):
+        linear_cka(x[:2], y[:2])
 
 
 @pytest.mark.parametrize("folds", [None, 4])

@@ -34,6 +34,7 @@ __all__ = [
     "linear_alignment",
     "linear_alignment_heldout",
     "linear_alignment_heldout_definition",
+    "linear_alignment_scaled",
     "constant_columns",
     "linear_cka",
     "relative_alphas",
@@ -224,12 +225,15 @@ def ridge_cv_r2(
     eigendecomposes the p x p covariance instead.
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
+    if x.dtype in (torch.float16, torch.bfloat16):  # torch has no eigh in these: float32
+        x, y = x.float(), y.float()
     alpha_list = _check_alphas(alphas)
     weights = None
     if column_weights is not None:
         weights = torch.as_tensor(column_weights, dtype=y.dtype, device=y.device).flatten()
-        if weights.numel() != y.shape[1] or bool((weights < 0).any()):
-            raise ValueError(f"column_weights must be {y.shape[1]} numbers >= 0 (one per "
+        if weights.numel() != y.shape[1] or not bool(((weights >= 0)
+                                                      & torch.isfinite(weights)).all()):
+            raise ValueError(f"column_weights must be {y.shape[1]} finite numbers >= 0 (one per "
                              f"column of Y), got shape {tuple(weights.shape)}")
     n, p = x.shape
     # Translation does not change any fold's fit (each fold re-centres); centring globally
@@ -924,9 +928,10 @@ def linear_cka(X: Any, Y: Any) -> torch.Tensor | float:
     ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, computed through the n x n
     Gram matrices (``<Kx, Ky>_F / (||Kx||_F ||Ky||_F)`` with Kx = Xc Xc^T), which is cheaper
     whenever p or q exceeds n. In [0, 1]; invariant to isotropic scaling and orthogonal
-    transforms; symmetric.
+    transforms; symmetric. Needs n >= 3: with 2 stimuli both centred Grams are multiples of
+    one matrix and CKA is 1 whatever X and Y are.
     """
-    x, y, as_float = _pair(X, Y, 2, "CKA")
+    x, y, as_float = _pair(X, Y, 3, "CKA")
     kx, ky = _centred_gram(x), _centred_gram(y)
     nx, ny = torch.linalg.norm(kx), torch.linalg.norm(ky)
     for name, v, norm in (("X", x, nx), ("Y", y, ny)):
