@@ -218,6 +218,10 @@ def ridge_cv_r2(
     with these weights (``_pooled_r2``): what the trials report (``linear_alignment_scaled``),
     where a dead or constant unit must add nothing.
 
+    Differentiable through torch's ``eigh``, whose gradient is NaN where a fold's kernel or
+    covariance has repeated eigenvalues (two or more dead units): the loss form
+    (``linear_alignment_heldout``) is what trials differentiate.
+
     Cost: with p > m the dual (kernel) form is used: one n x n Gram matrix for all folds
     (computed once on globally centred X; each fold's centred kernel is a double-centred
     sub-block), one eigendecomposition per fold shared by every alpha, and predictions through
