@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -697,6 +698,16 @@ def _check_sweep_name(name: str | None, known: list[str]) -> None:
         other = other_unicode_form(name, known)
         if other:  # e.g. a file named on macOS (NFD), the name typed (NFC): they look alike
             raise UsageError(f"unknown sweep {name!r}: {other}")
+        path = Path(name).expanduser()
+        if os.sep not in name and path.suffix == ".toml" and path.stem in known:
+            raise UsageError(f"unknown sweep {name!r}: a sweep is named without .toml: "
+                             f"{path.stem}")
+        if name.endswith(".toml") or os.sep in name:  # a lab's own file, given as its path
+            hint = (f"; for this file: --sweep-dir {shlex.quote(str(path.parent))} "
+                    f"{shlex.quote(path.stem)}" if path.suffix == ".toml" else "")
+            raise UsageError(f"unknown sweep {name!r}: a sweep is named by its file's name "
+                             f"without .toml, in sweeps/conditions or the folder --sweep-dir "
+                             f"gives{hint}")
         raise UsageError(f"unknown sweep {name!r}; known: {', '.join(known) or '(none)'}")
 
 

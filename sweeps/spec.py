@@ -982,6 +982,14 @@ def _check_configs(cond: Condition) -> None:
         _probe_data_kwargs(cond.demo.data, dict(cond.demo.data_kwargs))
     except ValueError as exc:
         raise SweepFileError(f"{path}: [demo.data_kwargs]: {exc}") from None
+    # the file's top-level keys first, alone, so that their errors are not reported as the
+    # first scale table's ("[paper]: layer='conv9'" for a top-level layer)
+    try:
+        TrialConfig.from_dict({"model": cond.model, "layer": cond.layer,
+                               "reference": cond.reference, "metric": cond.metric,
+                               "alpha": 1.0, "beta": 1.0, "seed": 0})
+    except ValueError as exc:
+        raise SweepFileError(f"{path}: {exc}") from None
     for scale in SCALES:  # each scale's settings, at alpha = beta = 1 (any grid's point)
         for smoke in (False, True) if scale == "demo" else (False,):
             probe = {**cond.base_config(scale, smoke=smoke), "alpha": 1.0, "beta": 1.0,

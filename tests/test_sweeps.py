@@ -441,7 +441,11 @@ def test_unknown_sweep_lists_the_known_ones():
     (lambda s: s.replace("betas = [1]", "betas = [1]\ngamma = [2]"),
      r"unknown key 'gamma' in \[grid\]"),
     (lambda s: s.replace("alphas = [0.1,", "alphas = [-0.1,"), r"alphas=\[-0.1"),
-    (lambda s: s.replace('layer = "conv1"', 'layer = "conv9"'), r"layer='conv9'"),
+    # a top-level key is named as the file's, not as its first scale table's ("[paper]")
+    (lambda s: s.replace('layer = "conv1"', 'layer = "conv9"'),
+     r"nsd_conv1_v1.toml: layer='conv9'; accepted: for alexnet: conv1"),
+    (lambda s: s.replace('metric = "linear"', 'metric = "cka2"'),
+     r"nsd_conv1_v1.toml: metric='cka2'; accepted: cka, linear, rsa"),
     (lambda s: s.replace("n_images = 1000", "n_imagez = 1000"),
      r"unknown key 'n_imagez' in \[demo.data_kwargs\]"),
     (lambda s: s.replace("gpus = 0.25", "gpus = -1"), r"gpus=-1"),
@@ -542,6 +546,12 @@ def test_plan_of_a_smoke_test():
 
 @pytest.mark.parametrize("argv, match", [
     (["nope"], r"unknown sweep 'nope'; known: gabor_conv1, nsd_conv1_v1, "),
+    # a lab's own file given as its path, or a sweep with its extension
+    (["my sweeps/vgg test.toml"], r"unknown sweep 'my sweeps/vgg test.toml': a sweep is named "
+     r"by its file's name without \.toml, in sweeps/conditions or the folder --sweep-dir "
+     r"gives; for this file: --sweep-dir 'my sweeps' 'vgg test'$"),
+    (["nsd_conv1_v1.toml"], r"unknown sweep 'nsd_conv1_v1.toml': a sweep is named without "
+     r"\.toml: nsd_conv1_v1$"),
     ([], r"no sweep given; known: gabor_conv1"),
     (["nsd_conv1_v1", "--gpus-per-trial", "-1"], r"--gpus-per-trial='-1'; accepted: a number >= 0"),
     (["nsd_conv1_v1", "--cpus-per-trial", "abc"], r"--cpus-per-trial='abc'; accepted: a number"),
