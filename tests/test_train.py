@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 
 import numpy as np
 import pytest
@@ -680,6 +681,22 @@ def test_known_answer_a_model_of_the_generating_features_reaches_the_noise_ceili
                                  groups, cfg, nc)
     assert abs(blind["val_alignment_nc"]) < 0.1, blind
     assert "val_alignment_nc" not in validation_alignment(torch.tensor(feats), groups, cfg)
+    # voxels constant over the images (outside the brain: betas 0, ncsnr 0) have no weight in
+    # the R^2 and none in the ceiling (averaged in, 10 such voxels of 40 raised the score by
+    # a third)
+    dead = torch.cat([groups[0][1], torch.zeros(n, 10)], 1)
+    dead_nc = torch.cat([nc[0], torch.zeros(10)])
+    with_dead = validation_alignment(torch.tensor(feats), [(ids, dead)], cfg, [dead_nc])
+    assert with_dead["val_linear"] == pytest.approx(seen["val_linear"], abs=1e-9)
+    assert with_dead["val_alignment_nc"] == pytest.approx(seen["val_alignment_nc"], abs=1e-9)
+    # the negative control's ceilings are its reference's
+    from trainable.train import ShuffledReference, _group_ceilings
+
+    keyed = [(1, ids, responses.responses(1))]
+    val = types.SimpleNamespace(image_ids=ids)
+    for ref in (responses, ShuffledReference(responses, seed=3)):
+        (got,) = _group_ceilings(ref, keyed, val)
+        torch.testing.assert_close(got, nc[0])
 
 
 def test_voxel_selection_by_ncsnr():

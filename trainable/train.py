@@ -586,7 +586,11 @@ def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int =
 
 def _group_ceilings(reference, keyed_groups, subset: TensorSplit) -> list[torch.Tensor | None]:
     """Per validation group, each voxel's noise ceiling for the group's images (a voxel
-    reference with ncsnr: ``VoxelResponses.noise_ceilings``), else None."""
+    reference with ncsnr: ``VoxelResponses.noise_ceilings``), else None. The negative
+    control's (``ShuffledReference``) are its reference's: pairing responses with other
+    images changes nothing about how reliable they are."""
+    if isinstance(reference, ShuffledReference):
+        reference = reference.reference
     if not hasattr(reference, "noise_ceilings"):
         return [None] * len(keyed_groups)
     return [reference.noise_ceilings(key, subset.image_ids[rows.cpu()])
@@ -653,8 +657,13 @@ def validation_alignment(feats: torch.Tensor, groups, cfg: TrialConfig,
         out["val_rsa"].append(_secondary(get_metric("rsa").validate, x64, y64))
         if own is None:
             own_values.append(_secondary(get_metric(cfg.metric).validate, x64, y64))
-        if nc is not None and float(nc.mean()) > 0 and math.isfinite(float(x_to_y)):
-            normalised.append(float(x_to_y) / float(nc.mean()))
+        if nc is not None and math.isfinite(float(x_to_y)):
+            # over the voxels the R^2 weighs: a voxel constant over these images (outside the
+            # brain: ncsnr 0, betas 0) has no weight there, and averaged in here its ceiling
+            # of 0 doubled the score of a group where half the voxels were such
+            ceiling = float(nc.to(y64.device)[~constant_columns(y64)].double().mean())
+            if ceiling > 0:
+                normalised.append(float(x_to_y) / ceiling)
     if not out["val_linear"]:
         sizes = ", ".join(str(rows.numel()) for rows, _ in groups) or "none"
         raise ValueError(
