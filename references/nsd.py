@@ -926,14 +926,15 @@ def zscore_session(values: np.ndarray) -> np.ndarray:
 
 
 def noise_ceiling(responses: np.ndarray, image_of_trial: np.ndarray, *,
-                  n_average: int) -> np.ndarray:
+                  n_average: float) -> np.ndarray:
     """NSD-style noise ceiling per voxel, as a fraction in [0, 1).
 
     responses : (trials, voxels), betas z-scored per voxel within session (so total variance ~1).
     image_of_trial : (trials,) image key of each trial. Images with >= 2 trials give the noise
     variance sigma_n^2 = pooled within-image variance (ddof=1). Then
     ncsnr = sqrt(max(0, 1 - sigma_n^2)) / sigma_n and NC = ncsnr^2 / (ncsnr^2 + 1 / n_average),
-    the fraction of variance explainable in responses averaged over ``n_average`` trials.
+    the fraction of variance explainable in responses averaged over ``n_average`` trials
+    (for images averaged over different numbers n_i: 1 / mean(1/n_i)).
     """
     responses = np.asarray(responses, np.float64)
     _, inverse, counts = np.unique(image_of_trial, return_inverse=True, return_counts=True)

@@ -197,3 +197,10 @@ def test_prepared_table_carries_the_release_ncsnr_and_its_noise_ceilings(sim, ta
     # and the ceilings measured from the written betas agree with the truth on average
     assert abs(got.mean() - sim.noise_ceilings[1]["V1"].mean()) < 0.1
     assert responses.noise_ceilings(1, torch.tensor([10**6])) is None  # nobody saw it
+    # every subject's stated true ceilings are those of the responses it has: a subject with
+    # fewer sessions saw some images fewer times (they assumed the full number)
+    for s in sim.subjects:
+        ids = responses.image_ids(s)
+        np.testing.assert_allclose(responses.noise_ceilings(s, ids).numpy(),
+                                   sim.true_noise_ceilings[s]["V1"], rtol=1e-4)
+    assert bool((responses.repeats[2] < responses.repeats[1].max()).any())
