@@ -117,9 +117,12 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
     level : coverage of the interval, in (0, 1). Resamples whose x or y is constant have no rho
     and are left out; if fewer than half of the resamples are usable the interval is NaN.
     groups : (n,) configuration labels, when some configuration has several seeds: rho is then
-    computed on the configurations' means, and each resample redraws the seeds *within* every
-    configuration (the configurations are the design's fixed points; the seeds are the
-    sample), recomputing the means.
+    computed on the configurations' means, and each resample is two-stage: configurations
+    drawn with replacement, then each drawn configuration's seeds drawn with replacement,
+    recomputing its mean (with one seed per configuration this is the pairs bootstrap above).
+    Redrawing only the seeds within fixed configurations gave a point interval ([0.8, 0.8])
+    as soon as one configuration had a second seed, wherever seed noise never swapped two
+    configurations' ranks: more data made rho look certain.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level!r}; accepted: a number in (0, 1), e.g. 0.95")
@@ -155,14 +158,16 @@ def spearman_ci(x, y, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
         idx = rng.integers(0, k, size=(n_boot, k))
         return _with_interval(rho, p, k, _rho_rows(mx[idx], my[idx]), level, n_boot,
                               "(too few distinct trials)")
+    drawn = rng.integers(0, k, size=(n_boot, k))  # configurations, with replacement
     bx, by = np.empty((n_boot, k)), np.empty((n_boot, k))
-    for j, m in enumerate(members):  # seeds drawn with replacement within each configuration
-        pick = m[rng.integers(0, m.size, size=(n_boot, m.size))]
-        bx[:, j], by[:, j] = x[pick].mean(1), y[pick].mean(1)
+    for j, m in enumerate(members):  # each draw of configuration j redraws its seeds
+        at = np.nonzero(drawn == j)
+        pick = m[rng.integers(0, m.size, size=(at[0].size, m.size))]
+        bx[at], by[at] = x[pick].mean(1), y[pick].mean(1)
     return _with_interval(rho, p, k, _rho_rows(bx, by), level, n_boot,
-                          "(too few distinct seeds)",
-                          f"rho over {k} configuration means; seeds resampled within "
-                          f"configurations")
+                          "(too few distinct configurations)",
+                          f"rho over {k} configuration means; configurations and their seeds "
+                          f"resampled")
 
 
 def _with_interval(rho: float, p: float, n: int, boot: np.ndarray, level: float, n_boot: int,

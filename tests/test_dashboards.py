@@ -1459,10 +1459,12 @@ def test_gap_between_the_most_and_the_least_aligned_trial_is_in_points():
     assert lone["points"] is None
 
 
-def test_seeds_are_resampled_within_configurations():
+def test_configurations_and_their_seeds_are_resampled():
     """With repeated seeds, Spearman's rho is over the configurations' means and its interval
-    redraws seeds within each configuration (checked resample by resample against a loop
-    over scipy); one seed per configuration keeps the trials bootstrap."""
+    is a two-stage bootstrap: configurations drawn with replacement, then each drawn one's
+    seeds (checked resample by resample against a loop over scipy); one seed per
+    configuration keeps the trials bootstrap. Redrawing only seeds within fixed
+    configurations gave a point interval once a configuration had a second seed."""
     import pyarrow as pa
 
     from dashboards.statistics import spearman_ci, sweep_statistics
@@ -1488,12 +1490,17 @@ def test_seeds_are_resampled_within_configurations():
     expect = scipy_stats.spearmanr([al[m].mean() for m in members],
                                    [pe[m].mean() for m in members]).statistic
     assert sp["n"] == 5 and sp["rho"] == pytest.approx(expect)
-    assert "seeds resampled within configurations" in sp["message"]
-    # the same resamples, drawn configuration by configuration, each through scipy
+    assert "configurations and their seeds resampled" in sp["message"]
+    # the same resamples: configurations drawn, then each draw's seeds, through scipy
     draw = np.random.default_rng(0)
-    picks = [m[draw.integers(0, m.size, size=(n_boot, m.size))] for m in members]
-    boots = np.array([scipy_stats.spearmanr([al[p[b]].mean() for p in picks],
-                                            [pe[p[b]].mean() for p in picks]).statistic
+    drawn = draw.integers(0, len(members), size=(n_boot, len(members)))
+    seeds = np.empty(drawn.shape, dtype=object)
+    for j, m in enumerate(members):
+        at = np.nonzero(drawn == j)
+        for b, slot, pick in zip(*at, m[draw.integers(0, m.size, size=(at[0].size, m.size))]):
+            seeds[b, slot] = pick
+    boots = np.array([scipy_stats.spearmanr([al[p].mean() for p in seeds[b]],
+                                            [pe[p].mean() for p in seeds[b]]).statistic
                       for b in range(n_boot)])
     boots = boots[np.isfinite(boots)]
     assert (sp["low"], sp["high"]) == pytest.approx(
@@ -1506,6 +1513,13 @@ def test_seeds_are_resampled_within_configurations():
     single = spearman_ci([r["alignment"] for r in rows], [r["performance"] for r in rows],
                          n_boot=300, groups=list(range(len(rows))))
     assert single.n == len(rows) and single.message == ""
+    # configurations whose seeds never swap ranks: the interval still has a width (it was
+    # [0.8, 0.8] once one configuration had a second seed)
+    a = np.arange(9.0)
+    p = np.array([.3, .1, .5, .2, .6, .4, .8, .9, .7])
+    one = spearman_ci(a, p)
+    extra = spearman_ci(np.r_[a, 8.0], np.r_[p, .71], groups=[*range(9), 8])
+    assert extra.rho == pytest.approx(one.rho) and extra.high - extra.low > 0.3
 
 
 def test_paper_terms_put_the_headline_numbers_beside_this_runs():
