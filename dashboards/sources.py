@@ -370,12 +370,13 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     # runs another tool nested under the parent (an evaluation a lab groups with the sweep)
     # are no trials: without the trial's tags they became a condition named ""
     foreign = [r for r in runs if not {"trial_id", "condition"} <= set(r.data.tags)]
-    trials = tuple(sorted((_mlflow_trial(client, run) for run in runs if run not in foreign),
-                          key=_order))
+    kept, repeated = _one_run_per_trial([r for r in runs if r not in foreign])
+    trials = tuple(sorted((_mlflow_trial(client, run) for run in kept), key=_order))
     notes = ((f"{len(foreign)} run(s) nested under the parent run are not trials of the sweep "
               f"(no trial_id / condition tags) and are left out: "
               f"{', '.join(r.info.run_name or r.info.run_id for r in foreign[:5])}"
               f"{', ...' if len(foreign) > 5 else ''}",) if foreign else ())
+    notes += repeated
     # A trial's run deleted in MLflow (the UI, `mlflow runs delete`): not a trial that never
     # started, which a --resume would run (it called a finished sweep partial, with that
     # advice). Runs the driver retired itself are no trial's.
@@ -406,6 +407,26 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
                        parent_run_id=parent.info.run_id, parent_status=parent.info.status,
                        parent_tags=tags, trials=trials, fetch=fetch,
                        label=parent.info.run_id, notes=notes, deleted=deleted)
+
+
+def _one_run_per_trial(runs: list) -> tuple[list, tuple[str, ...]]:
+    """One run per trial_id, and a note per trial that has several under the parent (a
+    trial re-run by hand, a copy of a run): they were counted as that many seeds of its
+    configuration, while the effects read one predictions file for all of them. The run kept
+    is the newest FINISHED one, else the newest."""
+    by_trial: dict[str, list] = {}
+    for run in runs:
+        by_trial.setdefault(run.data.tags["trial_id"], []).append(run)
+    kept, notes = [], []
+    for trial_id, group in by_trial.items():
+        group.sort(key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0))
+        kept.append(group[-1])
+        if len(group) > 1:
+            notes.append(f"trial {trial_id} has {len(group)} runs under the parent run; the "
+                         f"newest {'finished ' if group[-1].info.status == 'FINISHED' else ''}"
+                         f"one ({group[-1].info.run_id}) is read, the others left out: "
+                         f"{', '.join(r.info.run_id for r in group[:-1])}")
+    return kept, tuple(notes)
 
 
 def _mlflow_trial(client, run) -> Trial:

@@ -330,6 +330,22 @@ def fake_store(tmp_path_factory):
     parents["newer"] = write_sweep(client, "twice", FULL[:3], scale="demo", start=t0, tmp=tmp)
     # another tool's runs in a sweep's experiment, after the sweep: a notebook's top-level run
     # and an evaluation nested under the sweep's parent run
+    # a trial run twice under one parent (re-run by hand, outside the driver, which would
+    # reopen the trial's run): the newer finished run is read
+    parents["rerun"] = write_sweep(client, "rerun", FULL[:3], tmp=tmp)
+    first = [r for r in client.search_runs(
+        [client.get_run(parents["rerun"]).info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parents['rerun']}'")
+        if float(r.data.params["alpha"]) == FULL[2]["alpha"]][0]
+    again = client.create_run(first.info.experiment_id, run_name=first.info.run_name,
+                              tags=dict(first.data.tags))
+    for key, value in first.data.params.items():
+        client.log_param(again.info.run_id, key, value)
+    for epoch, p in enumerate([0.2, 0.3, 0.61]):
+        for key, value in (("val_performance", p), ("val_map", p), ("val_alignment", 0.7),
+                           ("epoch", float(epoch))):
+            client.log_metric(again.info.run_id, key, value, step=epoch)
+    client.set_terminated(again.info.run_id)
     parents["lab"] = write_sweep(client, "lab", FULL[:3], tmp=tmp)
     lab = client.get_experiment_by_name("lab-smoke").experiment_id
     for name, tags in (("notebook-eval", {}),
@@ -1074,6 +1090,20 @@ def test_cli_errors_are_one_line_and_exit_2(fake_store, capsys, tmp_path, args, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert match in err
+
+
+def test_a_trial_with_two_runs_is_read_once_and_named(fake_store):
+    """Two child runs of one trial_id were counted as two seeds of its configuration (and the
+    effects read one predictions file for both), without a word."""
+    uri, _ = fake_store
+    record = load_mlflow("rerun", mlflow_uri=uri)
+    assert len(record.trials) == 3
+    assert len({t.trial_id for t in record.trials}) == 3
+    (twice,) = [t for t in record.trials if t.alpha == FULL[2]["alpha"]]
+    (note,) = [n for n in record.notes if "runs under the parent run" in n]
+    assert note.startswith(f"trial {twice.trial_id} has 2 runs under the parent run; the newest "
+                           f"finished one ({twice.run_id}) is read, the others left out: ")
+    assert twice.final("val_performance") == pytest.approx(0.61)
 
 
 def test_trial_run_is_not_taken_for_a_parent(fake_store):
