@@ -91,6 +91,10 @@ class Predictions:
                                  f"{float(np.asarray(value)[tuple(at)])} for image "
                                  f"{ids[at[0]]}); accepted: finite values, as trials write them")
         order = np.argsort(ids, kind="stable")
+        repeated = ids[order][1:][ids[order][1:] == ids[order][:-1]]
+        if repeated.size:  # rows are paired across trials by id: a repeat pairs the wrong ones
+            raise ValueError(f"{repeated.size} repeated image id(s) (e.g. {repeated[0]}); "
+                             f"accepted: each image once, as trials write them")
         object.__setattr__(self, "image_ids", ids[order])
         for name in ("hits", "scores", "targets"):
             value = getattr(self, name)
@@ -232,7 +236,7 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
             disjoint = common.size == 0  # nothing to pair (outcomes of different val sets)
             if not disjoint:
                 ids = common
-                loaded = {k: p.rows(ids) for k, p in loaded.items()}
+                raw, loaded = loaded, {k: p.rows(ids) for k, p in loaded.items()}
                 # (1 + B, n): a view of (n, 1 + B) counts, read as such by performance()
                 weights = resample_counts(rng, ids.size, n_boot).T
         usable = complete and not disjoint
@@ -254,6 +258,12 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
                     f"no interval")
             elif ids is not None:
                 out[cond]["validation_images"] = int(ids.size)
+                most = max(p.image_ids.size for p in raw.values())
+                if ids.size < most:  # the point values then differ from the logged ones
+                    out[cond]["message"] = "; ".join(m for m in (out[cond].get("message"), (
+                        f"the trials' per-image outcomes cover different images: effects and "
+                        f"intervals over the {ids.size} all of them share (of up to {most}), "
+                        f"so they may differ from the logged performances")) if m)
     for cond, control in controls.items():
         if cond in out and control in out:
             out[cond]["versus_control"] = _versus(by_cond[cond], by_cond[control], control,

@@ -104,6 +104,17 @@ def test_weighted_top1_is_the_weighted_hit_rate():
     np.testing.assert_allclose(got, [0.6, 0.0, 1.0])
 
 
+def test_predictions_with_a_repeated_image_id_are_refused(tmp_path):
+    """Rows are paired across trials by image id: a repeat (5010 written as 5011) paired one
+    trial's prediction for one image with the others' for another, and left 5010 out."""
+    path = tmp_path / "p.npz"
+    np.savez(path, image_ids=np.array([5009, 5011, 5011]), top1=np.array([True, False, True]),
+             top5=np.array([True, True, True]))
+    with pytest.raises(ValueError, match=r"^1 repeated image id\(s\) \(e\.g\. 5011\); "
+                                         r"accepted: each image once"):
+        Predictions.load(path)
+
+
 def test_predictions_load_orders_rows_by_image_id(tmp_path):
     path = tmp_path / "p.npz"
     np.savez(path, image_ids=np.array([30, 10, 20]), top1=np.array([True, False, True]),
@@ -157,6 +168,17 @@ def test_a_real_cost_has_an_interval_that_excludes_zero_and_none_includes_it():
     assert out["max"]["low"] == pytest.approx(0.0, abs=1e-9)  # paired: identical trials
     assert out["min"]["alignment_change"] == pytest.approx(-0.1)
     assert out["validation_images"] == N_IMAGES and "one seed" in out["over"]
+    assert "message" not in out
+    # one trial's outcomes cut to fewer images: every trial is scored on the shared ones, and
+    # the effects say so (the point values then differ from the logged performances)
+    cut = preds["c-min-a0.8-b1-s0"]
+    preds["c-min-a0.8-b1-s0"] = cut.rows(cut.image_ids[: N_IMAGES - 50])
+    out = direction_effects(results, preds.get, n_boot=50)["c"]
+    assert out["validation_images"] == N_IMAGES - 50
+    assert out["message"] == (
+        f"the trials' per-image outcomes cover different images: effects and intervals over "
+        f"the {N_IMAGES - 50} all of them share (of up to {N_IMAGES}), so they may differ "
+        f"from the logged performances")
 
 
 def test_control_beside_its_condition_gives_the_specific_part_of_the_cost():
