@@ -145,7 +145,7 @@ def _statistics_html(statistics: Mapping[str, Mapping]) -> str:
             f"<td>{_e(_fmt(sp['rho'], 3))}</td><td>{_e(ci)}</td>"
             f"<td>{_e(_fmt(sp['p_value'], 3))}</td><td class=\"text\">{_e(trend)}</td>"
             f"<td>{_e(_fmt(mono['rho_alpha'], 3))}</td>"
-            f"<td>{_e(_fmt(s.get('gap', {}).get('points'), 2))}</td>"
+            f"<td>{_e(_fmt(s.get('gap', {}).get('points'), 3))}</td>"
             f"<td class=\"text\">{_e(notes)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 

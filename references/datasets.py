@@ -250,6 +250,19 @@ class VoxelResponses:
                 out[s] = (rows, y[pos[rows]])
         return out
 
+    def group_sizes(self, image_ids: torch.Tensor) -> dict[int, int]:
+        """subject -> how many of ``image_ids`` it has a response to (as :meth:`groups`
+        would give them, without gathering the responses)."""
+        image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
+        out = {}
+        for s, (ids, _) in self._data.items():
+            query = image_ids.to(ids.device)
+            pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)
+            k = int((ids[pos] == query).sum())
+            if k:
+                out[s] = k
+        return out
+
     def targets(self, images: torch.Tensor, image_ids: torch.Tensor
                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The reference protocol the trainable calls: voxel responses depend only on the

@@ -374,6 +374,51 @@ def test_the_steps_a_small_voxel_batch_trains_on_the_task_alone_are_counted(nsd_
     assert final["align_steps"] == -(-final["train_steps"] // 10)
 
 
+def test_a_first_batch_no_group_can_score_refuses_the_trial_only_if_the_whole_epoch_cannot(
+        nsd_like, tmp_path):
+    """The trial was judged by its first batch alone, so the same settings failed or trained
+    by seed (loss_folds=10: seed 6 refused, seeds 0-5 trained on 18-23 of 25 steps). For voxel
+    data the first epoch's batches are judged: refused only when none can be scored."""
+    from trainable.train import reference_groups, training_schedule
+
+    data, responses = nsd_like
+    ids = data.train.image_ids
+    for seed in range(200):  # a seed whose first batch cannot be scored, but some later one
+        cfg = TrialConfig(**{**TINY, "reference": "nsd", "alpha": 0.5, "batch_size": 4,
+                             "seed": seed, "steps_per_epoch": 12})
+        batches, _ = training_schedule(len(data.train), cfg)(0)
+        ok = [any(rows.numel() >= 3 for rows, _ in
+                  reference_groups(responses, None, ids[b]).values()) for b in batches]
+        if not ok[0] and any(ok):
+            break
+    final, _ = _run(cfg.asdict(), data, responses, tmp_path)
+    assert (final["train_steps"], final["align_steps"]) == (len(batches), sum(ok))
+    # no batch of the epoch holds a group of 2 * 8 rows (at most 14 here): refused before
+    # the first step
+    with pytest.raises(ValueError, match=r"^loss_folds=8 needs 16 rows of a reference group "
+                                         r"\(subject\) in a batch, but the first epoch's 12 "
+                                         r"batches' groups hold at most 1\d rows \(batch_size="
+                                         r"16\): the alignment term would apply to no group of "
+                                         r"batches like them; accepted: loss_folds=0"):
+        _run({**cfg.asdict(), "batch_size": 16, "loss_folds": 8}, data, responses,
+             tmp_path / "refused")
+
+
+def test_a_metric_undefined_on_every_batch_of_the_first_epoch_refuses_the_trial(
+        single_label, tmp_path):
+    """RSA of a layer pooled to one unit has no value on any batch: a promoting trial trained
+    on the task alone and finished "done" with align_steps 0. Refused after the first epoch,
+    naming why."""
+    from references import build_reference
+
+    cfg = {**TINY, "reference": "gabor", "metric": "rsa", "alpha": 0.5, "width": 0.01,
+           "pool": 1, "steps_per_epoch": 2}
+    with pytest.raises(ValueError, match=r"^alpha=0.5: the alignment term applied to no step "
+                                         r"of the first epoch \(2 steps; the last skipped: "
+                                         r".*\); accepted: a layer, pool and metric \(rsa\)"):
+        _run(cfg, single_label, build_reference("gabor"), tmp_path)
+
+
 def test_nsd_trial_reports_every_metric_and_writes_filters(nsd_like, tmp_path):
     data, responses = nsd_like
     cfg = dict(TINY, reference="nsd", alpha=0.5, epochs=2)

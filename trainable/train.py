@@ -244,12 +244,14 @@ def batch_alignment(
     groups: list[tuple[torch.Tensor, torch.Tensor]],
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     cfg: TrialConfig,
+    skipped: list[str] | None = None,
 ) -> torch.Tensor | None:
     """Mean alignment score over groups (one per subject for voxel data).
 
     feats : (n, ...) the tapped layer for the batch. groups : [(rows, Y)], rows index the
     batch. A group with too few rows for the held-out score is skipped; None when no group
-    is usable (the batch then only feeds the task term).
+    is usable (the batch then only feeds the task term). ``skipped`` (a list) receives why
+    each group with enough rows was skipped.
     """
     feats = _layer_features(feats, cfg)
     groups = [(rows, y) for rows, y in groups if rows.numel() >= _min_rows(cfg)]
@@ -257,9 +259,11 @@ def batch_alignment(
     for (_, y), x in zip(groups, _group_rows(feats, [rows for rows, _ in groups])):
         try:
             scores.append(score_fn(x, _pooled(y, cfg.pool)))
-        except UndefinedScore:
+        except UndefinedScore as exc:
             # the metric has no value on this group (RSA: fewer than 3 images the layer is
             # not silent on): skipped like a group too small
+            if skipped is not None:
+                skipped.append(str(exc))
             continue
         except (torch.linalg.LinAlgError, ValueError):
             # A layer silent on every image of the group (a suppressing trial can drive it
@@ -270,6 +274,8 @@ def batch_alignment(
             if not (bool(constant_columns(x.detach().flatten(1)).all())
                     or bool(constant_columns(y.flatten(1)).all())):
                 raise
+            if skipped is not None:
+                skipped.append("the layer or the reference is constant over the group")
     return torch.stack(scores).mean() if scores else None
 
 
@@ -296,11 +302,41 @@ def check_groups_usable(groups: list[tuple[torch.Tensor, torch.Tensor]],
                         cfg: TrialConfig) -> None:
     """On a trial's first step with alpha != 0: some reference group (one per subject for
     voxel data) must have the rows the held-out score needs, or the alignment term would be
-    skipped on every batch without a word (loss_folds=8 with two subjects in a batch of 16)."""
+    skipped on every batch without a word (loss_folds=8 with two subjects in a batch of 16).
+    For references whose groups follow from the image ids (voxel data) the whole first epoch
+    is judged instead (``check_epoch_groups_usable``)."""
+    _refuse_group_sizes([[int(rows.numel()) for rows, _ in groups]], cfg, "the first batch's")
+
+
+def check_epoch_groups_usable(feed: BatchFeed, reference, cfg: TrialConfig) -> bool:
+    """Before a trial's first epoch with alpha != 0, for a reference whose groups follow from
+    the image ids alone (``group_sizes``: voxel data, also under ``ShuffledReference``): some
+    batch of the epoch must hold a group with the rows the held-out score needs. Judging by
+    the first batch alone failed a trial for its seed (loss_folds=10: seed 6's first batch
+    held [19, 19] while the other seeds' epochs applied the term on 18-23 steps of 25).
+    Returns False where it cannot judge (the first step's groups are checked then)."""
+    base = reference.reference if isinstance(reference, ShuffledReference) else reference
+    ids = getattr(feed.dataset, "image_ids", None)
+    if not hasattr(base, "group_sizes") or ids is None:
+        return False
     need = _min_rows(cfg)
-    sizes = [int(rows.numel()) for rows, _ in groups]
-    if not any(n >= need for n in sizes):
-        most = max(sizes, default=0)
+    batches, _ = feed.schedule(0)
+    sizes = []
+    for idx in batches:
+        these = list(base.group_sizes(ids[idx]).values())
+        if any(n >= need for n in these):
+            return True
+        sizes.append(these)
+    _refuse_group_sizes(sizes, cfg, "the first batch's" if len(sizes) == 1 else
+                        f"the first epoch's {len(sizes)} batches'")
+    return True
+
+
+def _refuse_group_sizes(sizes: list[list[int]], cfg: TrialConfig, whose: str) -> None:
+    """The refusal of ``check_groups_usable``: ``sizes`` per batch, none large enough."""
+    need = _min_rows(cfg)
+    if not any(n >= need for batch in sizes for n in batch):
+        most = max((n for batch in sizes for n in batch), default=0)
         what = (f"loss_folds={cfg.loss_folds}" if cfg.metric == "linear" and cfg.loss_folds
                 else f"the {cfg.metric} loss" + (" (exact leave-one-out)"
                                                  if cfg.metric == "linear" else ""))
@@ -308,10 +344,13 @@ def check_groups_usable(groups: list[tuple[torch.Tensor, torch.Tensor]],
         if cfg.metric == "linear" and cfg.loss_folds and most >= 3:
             fixes.insert(0, "loss_folds=0 (exact leave-one-out, 3 rows)"
                          + (f" or 2..{most // 2}" if most >= 4 else ""))
+        held = (f"hold {sizes[0]}" if len(sizes) == 1 else
+                f"hold at most {most} rows")
         raise ValueError(
-            f"{what} needs {need} rows of a reference group (subject) in a batch, but the "
-            f"first batch's groups hold {sizes} (batch_size={cfg.batch_size}): the alignment "
-            f"term would apply to no group of batches like it; accepted: {' or '.join(fixes)}")
+            f"{what} needs {need} rows of a reference group (subject) in a batch, but "
+            f"{whose} groups {held} (batch_size={cfg.batch_size}): the alignment term would "
+            f"apply to no group of batches like {'it' if len(sizes) == 1 else 'them'}; "
+            f"accepted: {' or '.join(fixes)}")
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -352,6 +391,9 @@ def train_one_epoch(
     augmentation happened in the dataset. Image-computed references see the same images."""
     model.train()
     score_fn = alignment_loss_fn(cfg)
+    first = epoch == 0 and cfg.alpha != 0
+    judged = first and check_epoch_groups_usable(feed, reference, cfg)
+    skipped: list[str] = []
     sums = {"task_loss": 0.0, "align_loss": 0.0, "batch_alignment": 0.0}
     n_steps = n_align = n_images = 0
     wait = 0.0
@@ -376,10 +418,11 @@ def train_one_epoch(
             groups = list(reference_groups(reference, images, ids).values()) if measure else []
         score = None
         if measure:
-            if epoch == 0 and step == 0 and cfg.alpha != 0:
+            if first and step == 0 and not judged:
                 check_groups_usable(groups, cfg)
             with torch.set_grad_enabled(cfg.alpha != 0):
-                score = batch_alignment(taps[cfg.layer], groups, score_fn, cfg)
+                score = batch_alignment(taps[cfg.layer], groups, score_fn, cfg,
+                                        skipped if first else None)
         loss = cfg.beta * l_task
         if score is not None and cfg.alpha != 0:
             loss = loss + cfg.alpha * (-score)
@@ -401,6 +444,14 @@ def train_one_epoch(
         n_steps += 1
         n_images += images.shape[0]
         t_wait = time.perf_counter()
+    if first and n_steps and not n_align:
+        # the groups had the rows, but the metric had no value on any batch (RSA of a layer
+        # pooled to one unit): a promoting or suppressing trial would train on the task alone
+        why = skipped[-1] if skipped else "no batch had a usable reference group"
+        raise ValueError(
+            f"alpha={cfg.alpha:g}: the alignment term applied to no step of the first epoch "
+            f"({n_steps} steps; the last skipped: {why}); accepted: a layer, pool and metric "
+            f"({cfg.metric}) whose score is defined on the batches")
     # align_steps: the steps whose batch alignment was computed; with alpha != 0 the steps the
     # alignment term trained on (a voxel batch where no subject holds the rows the held-out
     # score needs trains on the task alone, as train_steps - align_steps says)
