@@ -277,9 +277,12 @@ def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray
     nsd_splits = None
     for t in trials:
         src = data.get(t.condition)
-        if src is None or src.kind not in ("imagenet", "nsd"):
+        if src is None or src.kind not in ("imagenet", "nsd", "simulated_single_label"):
             continue
-        if src.kind == "imagenet":
+        if src.kind == "simulated_single_label":  # the sizes follow from its arguments
+            n_train, n_val, what = _single_label_sizes(dict(src.options))
+            problem = split_size_problem(t, n_train, n_val, what)
+        elif src.kind == "imagenet":
             train, val = datasets.imagenet_index(src.imagenet_root)
             problem = split_size_problem(t, len(train), len(val),
                                          f"--imagenet-root {src.imagenet_root}")
@@ -300,6 +303,20 @@ def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray
                     len(val))
         if problem:
             raise UsageError(problem)
+
+
+def _single_label_sizes(options: dict) -> tuple[int, int, str]:
+    """(train, val, description) of the simulated single-label world these generator
+    arguments make, without making it: categories x images per class, each split."""
+    import inspect
+
+    from references.simulated import generate_single_label
+
+    kw = {p.name: p.default for p in inspect.signature(generate_single_label).parameters.values()
+          if p.default is not p.empty} | options
+    k = int(kw["n_categories"])
+    return (k * int(kw["n_train_per_class"]), k * int(kw["n_val_per_class"]),
+            f"the simulated single-label world ({k} categories)")
 
 
 def _validation_counts(t, val: np.ndarray, seen: dict[int, np.ndarray]) -> dict[int, int]:

@@ -1612,11 +1612,8 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["nsd_conv1_v1", "--set", "voxel_ncsnr_min=50"],
      r"trial nsd_conv1_v1-none-a0-b1-s0: voxel_ncsnr_min=50\.0 keeps no voxel of subject 1 "),
-    (["gabor_conv1", "--set", "batch_size=500"],
-     r"batch_size=500 but the training split of .* holds 64 images; accepted: batch_size <= 64"),
-    (["gabor_conv1", "--set", "val_folds=20", "--set", "val_images=40"],
-     r"val_folds=20 needs 40 validation images but the validation split of simulated "
-     r"single-label world .* holds 32; accepted: val_folds <= 16"),
+    # (the simulated single-label world's splits follow from its arguments: refused by the
+    # plan already, test_the_dry_run_sizes_the_simulated_single_label_splits)
     # NSD: each subject is scored on its own images of the validation subset, and none of
     # the two subjects has 2 x val_folds of them (each trial failed after an epoch)
     (["nsd_conv1_v1", "--set", "val_folds=14"],
@@ -1637,6 +1634,28 @@ def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(ar
     plan = make_plan(parse(*argv, "--smoke-test"))
     with pytest.raises(UsageError, match=match):
         _prepare(plan)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["gabor_conv1", "--set", "batch_size=500"],
+     r"batch_size=500 but the training split of the simulated single-label world \(4 "
+     r"categories\) holds 64 images; accepted: batch_size <= 64"),
+    (["gabor_conv1", "--set", "val_folds=20", "--set", "val_images=40"],
+     r"val_folds=20 needs 40 validation images but the validation split of the simulated "
+     r"single-label world \(4 categories\) holds 32; accepted: val_folds <= 16"),
+])
+def test_the_dry_run_sizes_the_simulated_single_label_splits(argv, match):
+    """The default data's splits follow from the world's arguments (categories x images per
+    class): the dry run accepted what the run then refused once the data was prepared. The
+    prepared data are checked too, with the same rule (split_size_problem)."""
+    from sweeps.execute import _prepare
+
+    with pytest.raises(UsageError, match=match):
+        make_plan(parse(*argv, "--smoke-test"))
+    plan = make_plan(parse("gabor_conv1", "--smoke-test"))
+    prepared, _ = _prepare(plan)  # the prepared world has the sizes the plan computed
+    data = prepared["gabor_conv1"]
+    assert (len(data.train), len(data.val)) == (64, 32)
 
 
 def test_a_signal_while_the_first_records_are_written_is_acted_on_after_them():
