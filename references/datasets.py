@@ -96,7 +96,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, *, split: str = "train", image_size: int = 224,
-                 augment: str | None = None, index: ImageIndex | None = None) -> None:
+                 augment: str | None = None, index: ImageIndex | None = None,
+                 whole: bool = False) -> None:
         _check_split(split, ("train", "val"))
         _check_size(image_size)
         augment = ("crop_flip" if split == "train" else "none") if augment is None else augment
@@ -106,8 +107,12 @@ class ImageFolderDataset(Dataset):
         self.index = index if index is not None else imagenet.index_split(root, split)
         self.classes: list[str] = list(self.index.classes)
         self.class_names: tuple[str, ...] = tuple(self.index.class_names)
-        self._eval = T.Compose([T.Resize(round(image_size / EVAL_CROP_RATIO)),
-                                T.CenterCrop(image_size)])
+        # whole: images made at the size they are seen at (the simulated world) are seen as
+        # made, resized to S but not cropped; the 256/224 view upscaled a 64 px scene to 73
+        # and cut 4-5 px of each border (objects at the edge, gratings 1.14x finer)
+        self._eval = ((lambda img: resize_center(img, image_size)) if whole else
+                      T.Compose([T.Resize(round(image_size / EVAL_CROP_RATIO)),
+                                 T.CenterCrop(image_size)]))
         self._train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()])
 
     def __len__(self) -> int:
@@ -473,15 +478,17 @@ def imagenet_index(root: str | os.PathLike) -> tuple[ImageIndex, ImageIndex]:
 
 
 def imagefolder_bundle(root: str | os.PathLike, *, image_size: int,
-                       augment: str = "crop_flip") -> DataBundle:
+                       augment: str = "crop_flip", whole: bool = False) -> DataBundle:
     """An ImageNet tree in any of its layouts (``references.imagenet.index_imagenet``: both splits
-    indexed once, classes checked equal): train with ``augment``, val with the evaluation view.
+    indexed once, classes checked equal): train with ``augment``, val with the evaluation view
+    (``whole``: each image resized to the trained size, not centre-cropped).
     """
     _check_augment(augment)
     train_index, val_index = imagenet_index(root)
     train = ImageFolderDataset(root, split="train", image_size=image_size, augment=augment,
-                               index=train_index)
-    val = ImageFolderDataset(root, split="val", image_size=image_size, index=val_index)
+                               index=train_index, whole=whole)
+    val = ImageFolderDataset(root, split="val", image_size=image_size, index=val_index,
+                             whole=whole)
     return DataBundle(train, val, "single_label", len(train.classes), train.class_names,
                       image_size, augment)
 
@@ -509,7 +516,7 @@ def simulated_single_label_bundle(*, image_size: int, render_size: int = 64,
     from references.simulated import generate_single_label
 
     root = generate_single_label(image_size=render_size, **generate_kwargs)
-    return imagefolder_bundle(root, image_size=image_size, augment=augment)
+    return imagefolder_bundle(root, image_size=image_size, augment=augment, whole=True)
 
 
 def simulated_nsd_bundle(*, roi: str, image_size: int, render_size: int = 64,

@@ -64,7 +64,7 @@ _WEIGHTS_FILE = "weights.pt"
 _META_FILE = "meta.json"
 # Bump when train_reference_network changes what it produces, so old cache entries are not
 # mistaken for new ones. 2: uint8 items normalised per batch; "flip" datasets flipped per batch.
-_RECIPE_VERSION = 2
+_RECIPE_VERSION = 3  # 3: the simulated world seen whole (not 256/224 centre-cropped)
 
 
 class WeightsNotFoundError(ValueError):

