@@ -103,6 +103,11 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class DamagedCacheEntry(ValueError):
+    """A cache entry that exists but is not what it was built as (``damaged_entry``'s line):
+    the user's to delete, so the driver says it in one line (exit 2) like bad input."""
+
+
 def damaged_entry(entry: Path, why: str) -> str:
     """One line for a cache entry that exists but cannot be read (a disk that filled, a copy
     cut short, a file deleted by hand): ``build_once`` takes an existing folder as built, so

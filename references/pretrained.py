@@ -40,7 +40,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from references.base import ImageReference
-from references.cache import build_once, cache_root, content_hash, damaged_entry
+from references.cache import (
+    DamagedCacheEntry,
+    build_once,
+    cache_root,
+    content_hash,
+    damaged_entry,
+)
 from references.hub import TORCHVISION_WEIGHT_FILES, hub_checkpoints_dir
 from trainable.data import flip_mask, normalize
 from trainable.models import TappedModel, _scaled, build_model, get_model_spec
@@ -615,7 +621,7 @@ def auto_reference_network(
     try:
         return load_network(model_name, entry / _WEIGHTS_FILE, width=training.width), entry
     except ValueError as exc:  # the file a finished build wrote cannot be read back
-        raise ValueError(damaged_entry(entry, str(exc).replace(str(entry / _WEIGHTS_FILE),
+        raise DamagedCacheEntry(damaged_entry(entry, str(exc).replace(str(entry / _WEIGHTS_FILE),
                                                                _WEIGHTS_FILE))) from None
 
 

@@ -43,6 +43,7 @@ import csv
 import json
 import sys
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from references import nsd
-from references.cache import OneLineParser, build_once, cache_root, content_hash
+from references.cache import (
+    DamagedCacheEntry,
+    OneLineParser,
+    build_once,
+    cache_root,
+    content_hash,
+    damaged_entry,
+)
 
 GENERATOR_VERSION = 3  # 2: writes each subject's ncsnr.nii.gz; 3: categories by grating
 # Number of real builds per kind in this process: lets tests see that a cached call built nothing.
@@ -333,6 +341,8 @@ def generate_single_label(*, image_size: int = 64, n_categories: int = 10,
     final = cache_root() / "simulated" / f"single-{content_hash(params)}"
     with build_once(final) as tmp:
         if tmp is None:
+            _check_single_label_entry(final, n_categories, {"train": n_train_per_class,
+                                                            "val": n_val_per_class})
             return final
         BUILD_COUNTS["single_label"] += 1
         specs = make_categories(n_categories, np.random.default_rng([seed, 1]))
@@ -349,6 +359,19 @@ def generate_single_label(*, image_size: int = 64, n_categories: int = 10,
         (tmp / "categories.json").write_text(json.dumps(
             {"params": params, "categories": [vars(s) for s in specs]}, indent=1))
     return final
+
+
+def _check_single_label_entry(root: Path, n_categories: int, per_class: dict[str, int]) -> None:
+    """A built world holds what its arguments make (a listing, no decoding): a class folder or
+    images deleted by hand were trained on as a smaller task without a word."""
+    for split, n in per_class.items():
+        folder = root / split
+        classes = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        counts = [sum(1 for f in c.iterdir() if f.suffix == ".png") for c in classes]
+        if len(classes) != n_categories or any(k != n for k in counts):
+            raise DamagedCacheEntry(damaged_entry(
+                root, f"{split}/ holds {sum(counts)} images in {len(classes)} class folders; "
+                      f"its arguments make {n_categories} x {n}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,21 +408,38 @@ class SimulatedNSD:
 
     @classmethod
     def load(cls, root: Path) -> SimulatedNSD:
-        """Rebuild the description of a generated release from its manifest."""
-        man = json.loads((root / "manifest.json").read_text())
-        arrays = np.load(root / "noise_ceilings.npz")
-        ceilings: dict[int, dict[str, np.ndarray]] = {}
-        true: dict[int, dict[str, np.ndarray]] = {}
-        for key in arrays.files:
-            kind, subj, roi = key.split("_")
-            target = ceilings if kind == "measured" else true
-            target.setdefault(int(subj), {})[roi] = arrays[key]
-        return cls(root=root, nsd_root=root / "nsd", coco_annotations=root / "coco_annotations",
-                   subjects=tuple(man["subjects"]),
-                   sessions={int(k): v for k, v in man["sessions"].items()},
-                   image_size=man["image_size"], n_images=man["n_images"],
-                   repeats=man["repeats"], category_ids=tuple(man["category_ids"]),
-                   noise_ceilings=ceilings, true_noise_ceilings=true)
+        """Rebuild the description of a generated release from its manifest, and check that
+        the release holds what it lists (a session file deleted by hand was prepared as a
+        smaller release without a word; a damaged manifest was a JSON error naming nothing)."""
+        try:
+            man = json.loads((root / "manifest.json").read_text())
+            with np.load(root / "noise_ceilings.npz") as arrays:
+                ceilings: dict[int, dict[str, np.ndarray]] = {}
+                true: dict[int, dict[str, np.ndarray]] = {}
+                for key in arrays.files:
+                    kind, subj, roi = key.split("_")
+                    target = ceilings if kind == "measured" else true
+                    target.setdefault(int(subj), {})[roi] = arrays[key]
+            sim = cls(root=root, nsd_root=root / "nsd",
+                      coco_annotations=root / "coco_annotations",
+                      subjects=tuple(man["subjects"]),
+                      sessions={int(k): v for k, v in man["sessions"].items()},
+                      image_size=man["image_size"], n_images=man["n_images"],
+                      repeats=man["repeats"], category_ids=tuple(man["category_ids"]),
+                      noise_ceilings=ceilings, true_noise_ceilings=true)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError,
+                zipfile.BadZipFile) as exc:
+            raise DamagedCacheEntry(damaged_entry(root, f"{type(exc).__name__}: {exc}")) from None
+        for s, n in sim.sessions.items():
+            folder = nsd.betas_dir(sim.nsd_root, s)
+            found = sorted(folder.glob("betas_session*.hdf5")) if folder.is_dir() else []
+            if len(found) != n:
+                raise DamagedCacheEntry(damaged_entry(
+                    root, f"subject {s} has {len(found)} session files of the {n} its "
+                          f"manifest lists"))
+        if not sim.stimuli.is_file():
+            raise DamagedCacheEntry(damaged_entry(root, f"{nsd.STIMULI} is missing"))
+        return sim
 
 
 def _gabor_energy(images: np.ndarray, pool: int) -> np.ndarray:
@@ -770,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         single = generate_single_label(seed=args.seed, progress=True)
         t1 = time.perf_counter()
         sim = generate_nsd_like(seed=args.seed, progress=True)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a cache under a file, a full disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t2 = time.perf_counter()

@@ -475,11 +475,13 @@ def _validation_groups_problem(t, data, reference) -> str | None:
 def _input_errors() -> tuple[type[BaseException], ...]:
     """What preparing the data and references raises for bad input (a malformed file, missing
     weights): the user's to fix, so one line and exit 2 like the plan's own checks."""
+    from references.cache import DamagedCacheEntry
     from references.imagenet import ImageNetFormatError
     from references.nsd import NSDFormatError
     from references.pretrained import WeightsNotFoundError
 
-    return (UsageError, ImageNetFormatError, NSDFormatError, WeightsNotFoundError)
+    return (UsageError, ImageNetFormatError, NSDFormatError, WeightsNotFoundError,
+            DamagedCacheEntry)
 
 
 def _init_ray(plan: Plan) -> None:

@@ -126,3 +126,43 @@ def test_build_once_cleans_up_also_when_the_entry_exists(tmp_path):
     with build_once(final) as tmp:
         assert tmp is None
     assert not stale.exists() and final.is_dir()
+
+
+def test_damaged_simulated_worlds_are_refused_naming_the_entry(tmp_path, monkeypatch):
+    """A class folder or images deleted from the simulated single-label world, a session
+    file deleted from the NSD-like one: both were used as smaller data without a word (a
+    3-class task trained and reported done); a garbage manifest was a JSON error naming
+    nothing. Each is now the damaged-entry line with the rm -r that rebuilds it."""
+    import shutil
+
+    from references.cache import DamagedCacheEntry
+    from references.simulated import generate_nsd_like, generate_single_label
+
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", str(tmp_path / "cache"))
+    kw = dict(image_size=32, n_categories=3, n_train_per_class=4, n_val_per_class=2, seed=5)
+    root = generate_single_label(**kw)
+    assert generate_single_label(**kw) == root  # intact: reused
+    shutil.rmtree(sorted((root / "train").iterdir())[2])
+    with pytest.raises(DamagedCacheEntry, match=rf"^cache entry {root} is damaged \(train/ "
+                                                rf"holds 8 images in 2 class folders; its "
+                                                rf"arguments make 3 x 4\); delete it to "
+                                                rf"rebuild it: rm -r '{root}'$"):
+        generate_single_label(**kw)
+    shutil.rmtree(root)
+    root = generate_single_label(**kw)
+    (sorted((root / "val").iterdir())[0] / "00001.png").unlink()
+    with pytest.raises(DamagedCacheEntry, match=r"val/ holds 5 images in 3 class folders"):
+        generate_single_label(**kw)
+
+    nkw = dict(image_size=32, n_images=60, n_subjects=2, n_categories=4,
+               trials_per_session=60, seed=5)
+    sim = generate_nsd_like(**nkw)
+    session = sorted(sim.nsd_root.rglob("betas_session*.hdf5"))[-1]
+    session.unlink()
+    with pytest.raises(DamagedCacheEntry, match=r"has \d+ session files of the \d+ its "
+                                                r"manifest lists\); delete it to rebuild it"):
+        generate_nsd_like(**nkw)
+    (sim.root / "manifest.json").write_text("{not json")
+    with pytest.raises(DamagedCacheEntry, match=rf"^cache entry {sim.root} is damaged "
+                                                r"\(JSONDecodeError: "):
+        generate_nsd_like(**nkw)
