@@ -128,9 +128,12 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 
 def differences(tags: Mapping[str, str]) -> list[str]:
     """How a paper-scale run (its parent run's ``tags``) departs from the paper's settings:
-    settings overridden (``--set``), trials selected (``--only``), fewer NSD subjects than the
+    settings overridden (``--set``), trials selected (``--only``), an Optuna search instead of
+    the paper's grid (sampled alphas at the grid's first beta), fewer NSD subjects than the
     paper's eight. A run with any of them was marked comparable all the same."""
     out = []
+    if tags.get("search") == "optuna":
+        out.append(f"an Optuna search ({search_line(tags)}) instead of the paper's grid")
     if tags.get("overrides"):
         out.append(f"settings changed ({tags['overrides']})")
     if tags.get("only"):
@@ -144,6 +147,15 @@ def differences(tags: Mapping[str, str]) -> list[str]:
         if len(subjects) < 8:
             out.append(f"NSD subjects {', '.join(subjects)} of the paper's 8")
     return out
+
+
+def search_line(tags: Mapping[str, str]) -> str:
+    """How a run (its parent run's ``tags``) chose its configurations, in words."""
+    if tags.get("search") != "optuna":
+        return "the sweep file's grid"
+    n = tags.get("num_samples")
+    return ((f"{n} samples per condition" if n else "samples") + ": alphas drawn by Optuna "
+            "(log-uniform, then TPE) at the grid's first beta, not the grid's")
 
 
 def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str,

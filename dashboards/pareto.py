@@ -377,13 +377,15 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     messages += [note for _, note in not_drawn]
     atomic_write_text(out / "statistics.json", json.dumps(
         _json_safe({"sweep": record.sweep, "experiment": record.experiment,
-                    "parent_run_id": record.parent_run_id, "conditions": stats,
+                    "parent_run_id": record.parent_run_id,
+                    "search": paper.search_line(record.parent_tags), "conditions": stats,
                     "effects": sides, "paper": terms, "messages": messages,
                     FIGURES_NOT_DRAWN: [stem for stem, _ in not_drawn]}),
         indent=2) + "\n")
     meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
             "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
-            "data": record.parent_tags.get("data_description", "")}
+            "data": record.parent_tags.get("data_description", ""),
+            "configurations": paper.search_line(record.parent_tags)}
     return report.write_report(
         out / "report.html", title=(f"PARTIAL ({partial[0]}) " if partial else "")
         + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,

@@ -244,7 +244,7 @@ def resume_lines(plan: Plan) -> list[str]:
         return [f"resume: {run_dir}: {done} of {plan.n_trials} trials finished there; the "
                 f"resume runs the other {plan.n_trials - done}"
                 + (f" ({shown}, then " if drawn else " (")
-                + f"{max(0, plan.n_trials - len(states))} samples not yet drawn)"]
+                + _count(max(0, plan.n_trials - len(states)), "sample") + " not yet drawn)"]
     left = [t.trial_id for t in plan.trials if states.get(t.trial_id) != "done"]
     shown = ", ".join(left[:10]) + (", ..." if len(left) > 10 else "")
     return [f"resume: {run_dir}: {plan.n_trials - len(left)} of {plan.n_trials} trials "
@@ -266,12 +266,23 @@ def optuna_lines(plan: Plan) -> list[str]:
                      if t.condition == name and t.direction != "none"), cond.grid.betas[0])
         res = plan.resources[name]
         out.append(f"{name}: {plan.num_samples} samples ({split['max']} promoting, "
-                   f"{split['min']} suppressing; the first {optuna_startup(split['max'])} "
-                   f"and {optuna_startup(split['min'])} at random, the rest by TPE), "
+                   f"{split['min']} suppressing; {_random_part(split)}), "
                    f"alpha = +-[{num(lo)}, {num(hi)}] "
                    f"log-uniform{around}, beta = {num(beta)} (the grid's first), cpus "
                    f"{num(res.cpus)}, gpus {num(res.gpus)}")
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _random_part(split: dict[str, int]) -> str:
+    """How many of each side's samples are drawn at random before TPE models the rest."""
+    first = {side: min(n, optuna_startup(n)) for side, n in split.items()}
+    if all(first[side] == n for side, n in split.items()):
+        return "all at random: too few for TPE to model"
+    return f"the first {first['max']} and {first['min']} at random, the rest by TPE"
 
 
 def main(argv: list[str] | None = None) -> int:

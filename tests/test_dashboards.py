@@ -205,7 +205,7 @@ def fake_trial(direction, alpha, *, perf, align, beta=1.0, seed=0, status="FINIS
 
 
 def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="nsd",
-                multi_label=True, tmp=None):
+                multi_label=True, tmp=None, parent_tags=None):
     """A parent run and one child per trial, written by the driver's own writer
     (sweeps.tracking: start_parent, TrialRun, finish), named by records. Returns the parent
     run id. ``start`` is ignored (runs are ordered by when they are written)."""
@@ -215,7 +215,8 @@ def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="
     uri = client.tracking_uri
     tags = {"sweep": sweep, "scale": "demo", "data": "demo", "smoke": "true",
             "data_description": "fake store written by the test"}
-    parent = tracking.start_parent(uri, experiment_name(sweep, scale), tags,
+    parent = tracking.start_parent(uri, experiment_name(sweep, scale),
+                                   {**tags, **(parent_tags or {})},
                                    description=f"test sweep {sweep}")
     png = Path(tmp) / "conv1_filters.png"
     matplotlib.image.imsave(png, np.random.default_rng(0).random((24, 24, 3)))
@@ -347,6 +348,8 @@ def fake_store(tmp_path_factory):
             client.log_metric(again.info.run_id, key, value, step=epoch)
     client.set_terminated(again.info.run_id)
     parents["lab"] = write_sweep(client, "lab", FULL[:3], tmp=tmp)
+    parents["searched"] = write_sweep(client, "searched", FULL[:3], tmp=tmp, parent_tags={
+        "search": "optuna", "num_samples": "2"})
     lab = client.get_experiment_by_name("lab-smoke").experiment_id
     for name, tags in (("notebook-eval", {}),
                        ("eval on held-out", {"mlflow.parentRunId": parents["lab"]})):
@@ -580,6 +583,19 @@ def test_a_sweep_is_post_processed_without_importing_torch(fake_store, tmp_path)
         assert stats["figures_not_drawn"] == [] and png_is_not_blank(out / "filters.png")
         if sweep == "ctl":  # the mAP bootstrap ran
             assert stats["effects"]["ctl"]["min"]["excludes_zero"] is True
+
+
+def test_the_report_says_how_the_configurations_were_chosen(full_report, fake_store, tmp_path):
+    """A search's report read like a grid's: its sides average Optuna's sampled alphas, and
+    nothing above the collapsed config said so."""
+    stats = json.loads((full_report.parent / "statistics.json").read_text())
+    assert stats["search"] == "the sweep file's grid"
+    uri, _ = fake_store
+    report = pareto.postprocess("searched", mlflow_uri=uri, out=tmp_path, log=False)
+    line = ("2 samples per condition: alphas drawn by Optuna (log-uniform, then TPE) at the "
+            "grid's first beta, not the grid's")
+    assert json.loads((report.parent / "statistics.json").read_text())["search"] == line
+    assert line.replace("'", "&#x27;") in report.read_text()
 
 
 def test_without_per_image_outcomes_the_sides_have_no_interval(full_report):
@@ -1603,6 +1619,11 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
                                  "NSD subjects 2 of the paper's 8"]
     assert differences({"data_description": "paper scale on NSD (/d, subjects 1, 2, 3, 4, 5, "
                                             "6, 7, 8, COCO annotations /c) at 224 px"}) == []
+    # a search samples alphas at one beta: not the paper's grid (it was marked comparable)
+    assert differences({"search": "optuna", "num_samples": "4"}) == [
+        "an Optuna search (4 samples per condition: alphas drawn by Optuna (log-uniform, then "
+        "TPE) at the grid's first beta, not the grid's) instead of the paper's grid"]
+    assert differences({"search": "grid"}) == []
     # a release whose path holds "subjects 1" was read as a run of subject 1 alone
     assert differences({"data_description": "paper scale on NSD (/data/subjects 1-8/nsd, "
                                             "subjects 1, 2, 3, 4, 5, 6, 7, 8, COCO annotations "

@@ -997,8 +997,8 @@ def test_a_signal_stops_an_optuna_search_and_resume_continues_it(tmp_path):
     dry = subprocess.run([*argv, "--resume", "--dry-run"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert re.search(rf"^resume: {re.escape(str(run_dir))}: 0 of 5 trials finished there; the "
-                     rf"resume runs the other 5 \(.*{SWEEP}-none-a0-b1-s0.*, then [1-3] "
-                     rf"samples not yet drawn\)$", dry.stdout,
+                     rf"resume runs the other 5 \(.*{SWEEP}-none-a0-b1-s0.*, then (1 sample|"
+                     rf"[23] samples) not yet drawn\)$", dry.stdout,
                      re.M), dry.stdout + dry.stderr
     # A driver killed outright (SIGKILL) after a sample's worker made its run but before Tune
     # next saved its state (every 10 s or more) left a run the resumed search never knew (it

@@ -224,9 +224,16 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
                            "--search", "optuna", "--num-samples", "3", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
-    assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing; the first 2 and 2 at random, "
-            "the rest by TPE), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's first), "
+    # (it said "the first 2 and 2 at random" of sides of 2 and 1 samples)
+    assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing; all at random: too few for "
+            "TPE to model), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's first), "
             "cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
+                           "--search", "optuna", "--num-samples", "20", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert ("gabor_conv1: 20 samples (10 promoting, 10 suppressing; the first 3 and 3 at "
+            "random, the rest by TPE), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's "
+            "first), cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
 
 
 def test_each_side_of_an_optuna_search_adapts_after_its_random_start():
