@@ -1107,6 +1107,10 @@ def _execute_run(plan: Plan) -> int:
                 f"{', ...' if len(stopped) > 10 else ''})" if stopped else
                 "after its trials ended" if outcomes else
                 "before the trials' outcomes were collected")
+        undrawn = plan.n_trials - len(outcomes) if plan.search == "optuna" and outcomes else 0
+        if undrawn > 0:  # a search's samples not yet drawn: no trial of theirs exists
+            what += (f", and {undrawn} sample{'s were' if undrawn > 1 else ' was'} not drawn "
+                     f"yet")
         parent = ("the parent run is KILLED" if parent_ended else
                   "the parent run could not be ended (MLflow shows it RUNNING)")
         _say(f"sweep interrupted: {what}; {parent} and the report is partial. {again}")
