@@ -116,8 +116,17 @@ def test_content_identity_follows_the_data_not_its_description(name, monkeypatch
     # other data at the same path: the folders stay where they are, their content changes
     _change_in_place(bundle.train)
     _imagenet_index.cache_clear()
-    changed = content_identity(build_dataset(name, **options))
-    assert changed != first
+    if name == "simulated_single_label":
+        # a cached world is counted against its arguments: one image more is a damaged entry,
+        # refused (test_cache.py::test_damaged_simulated_worlds_are_refused_naming_the_entry)
+        from references.cache import DamagedCacheEntry
+
+        with pytest.raises(DamagedCacheEntry, match=r"train/ holds 19 images in 3 class"):
+            build_dataset(name, **options)
+        changed = None
+    else:
+        changed = content_identity(build_dataset(name, **options))
+        assert changed != first
     monkeypatch.setattr(simulated, "GENERATOR_VERSION", simulated.GENERATOR_VERSION + 1)
     _imagenet_index.cache_clear()
     assert content_identity(build_dataset(name, **_options(name))) not in (first, changed)
