@@ -245,27 +245,28 @@ class VoxelResponses:
         Y : (k, n_voxels) float32, Y[j] the subject's response to image_ids[rows[j]].
         Tensors are on the stored device (see :meth:`to`).
         """
-        image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
         out = {}
-        for s, (ids, y) in self._data.items():
-            query = image_ids.to(ids.device)
-            pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)
-            rows = torch.nonzero(ids[pos] == query).squeeze(1)
+        for s, (pos, seen) in self._matches(image_ids).items():
+            rows = torch.nonzero(seen).squeeze(1)
             if rows.numel():
-                out[s] = (rows, y[pos[rows]])
+                out[s] = (rows, self._data[s][1][pos[rows]])
         return out
 
     def group_sizes(self, image_ids: torch.Tensor) -> dict[int, int]:
         """subject -> how many of ``image_ids`` it has a response to (as :meth:`groups`
         would give them, without gathering the responses)."""
+        sizes = {s: int(seen.sum()) for s, (_, seen) in self._matches(image_ids).items()}
+        return {s: k for s, k in sizes.items() if k}
+
+    def _matches(self, image_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """subject -> (pos, seen) for ``image_ids`` (B,): ``seen`` (B,) bool, whether the
+        subject has a response to each id; ``pos`` (B,) where it is in the subject's rows."""
         image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
         out = {}
         for s, (ids, _) in self._data.items():
             query = image_ids.to(ids.device)
             pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)
-            k = int((ids[pos] == query).sum())
-            if k:
-                out[s] = k
+            out[s] = (pos, ids[pos] == query)
         return out
 
     def targets(self, images: torch.Tensor, image_ids: torch.Tensor

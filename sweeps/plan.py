@@ -52,6 +52,7 @@ from sweeps.spec import (
     TrialSpec,
     apply_overrides,
     check_amount,
+    data_kwarg_defaults,
     list_sweeps,
     load_sweep,
     other_unicode_form,
@@ -308,12 +309,7 @@ def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray
 def _single_label_sizes(options: dict) -> tuple[int, int, str]:
     """(train, val, description) of the simulated single-label world these generator
     arguments make, without making it: categories x images per class, each split."""
-    import inspect
-
-    from references.simulated import generate_single_label
-
-    kw = {p.name: p.default for p in inspect.signature(generate_single_label).parameters.values()
-          if p.default is not p.empty} | options
+    kw = data_kwarg_defaults("simulated_single_label") | options
     k = int(kw["n_categories"])
     return (k * int(kw["n_train_per_class"]), k * int(kw["n_val_per_class"]),
             f"the simulated single-label world ({k} categories)")

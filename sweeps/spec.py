@@ -923,7 +923,9 @@ def _data_kwarg_names(kind: str) -> tuple[str, ...]:
     return tuple(sorted(names - {"image_size", "roi", "subjects", "progress"}))
 
 
-def _data_kwarg_defaults(kind: str) -> dict[str, Any]:
+def data_kwarg_defaults(kind: str) -> dict[str, Any]:
+    """A simulated world's generator and bundle-builder keyword defaults (``kind``: its
+    data name): what its ``data_kwargs`` fall back to."""
     from references import datasets, simulated
 
     out: dict[str, Any] = {}
@@ -946,7 +948,7 @@ def _probe_data_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
 
     check = {"simulated_single_label": simulated.check_single_label_args,
              "simulated_nsd": simulated.check_nsd_like_args}[kind]
-    defaults = _data_kwarg_defaults(kind)  # the generator's own, the one source
+    defaults = data_kwarg_defaults(kind)  # the generator's own, the one source
     merged = {**defaults, **kwargs}
     simulated.check_arg("render_size", merged["render_size"], *simulated.RENDER_SIZES)
     if "split_seed" in merged:
@@ -968,7 +970,7 @@ def _check_configs(cond: Condition) -> None:
     if cond.roi is not None and cond.roi not in nsd.ROIS:
         raise SweepFileError(f"{path}: roi={cond.roi!r}; accepted: {', '.join(nsd.ROIS)}")
     accepted = _data_kwarg_names(cond.demo.data)
-    defaults = _data_kwarg_defaults(cond.demo.data)
+    defaults = data_kwarg_defaults(cond.demo.data)
     for key, value in cond.demo.data_kwargs:
         if key not in accepted:
             raise SweepFileError(f"{path}: unknown key {key!r} in [demo.data_kwargs] for "

@@ -474,10 +474,10 @@ def linear_alignment_scaled(
       fixed, so the network cannot change the weights): each is z-scored over the n stimuli
       and each fold's R^2 pooled over them, so within a fold a column weighs its share of the
       fold's variance (the per-fold uniform mean differs by ~0.04 at n = 50, ~0.005 at
-      n = 200; pooling keeps a column nearly flat within one fold from dominating it). Predicting the network's units
-      (Y -> X), each unit weighs its variance: a dead unit weighs nothing and a nearly
-      silenced one nearly nothing, so a network cannot raise its score by silencing units into
-      constants (a constant target is trivially "predicted" and would score R^2 = 1 under
+      n = 200; pooling keeps a column nearly flat within one fold from dominating it).
+      Predicting the network's units (Y -> X), each unit weighs its variance: a dead unit
+      weighs nothing and a nearly silenced one nearly nothing, so a network cannot raise its
+      score by silencing units into constants (a constant target is trivially "predicted" and would score R^2 = 1 under
       scikit-learn's rule). The same rule holds in the training loss
       (``linear_alignment_heldout``). Not symmetric in X and Y, by design.
 

@@ -315,7 +315,7 @@ def check_epoch_groups_usable(feed: BatchFeed, reference, cfg: TrialConfig) -> b
     the first batch alone failed a trial for its seed (loss_folds=10: seed 6's first batch
     held [19, 19] while the other seeds' epochs applied the term on 18-23 steps of 25).
     Returns False where it cannot judge (the first step's groups are checked then)."""
-    base = reference.reference if isinstance(reference, ShuffledReference) else reference
+    base = unshuffled(reference)
     ids = getattr(feed.dataset, "image_ids", None)
     if not hasattr(base, "group_sizes") or ids is None:
         return False
@@ -599,6 +599,12 @@ class ShuffledReference:
         return y[source.to(y.device)]
 
 
+def unshuffled(reference):
+    """The reference a negative control (``ShuffledReference``) pairs anew, or ``reference``:
+    what its responses are and how reliable, which the pairing does not change."""
+    return reference.reference if isinstance(reference, ShuffledReference) else reference
+
+
 def reference_groups(reference, images, image_ids) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
     """``reference.targets`` as a dict keyed by group (the subject for voxel data). References
     may return a dict or a list (a list's groups are keyed by position)."""
@@ -640,8 +646,7 @@ def _group_ceilings(reference, keyed_groups, subset: TensorSplit) -> list[torch.
     reference with ncsnr: ``VoxelResponses.noise_ceilings``), else None. The negative
     control's (``ShuffledReference``) are its reference's: pairing responses with other
     images changes nothing about how reliable they are."""
-    if isinstance(reference, ShuffledReference):
-        reference = reference.reference
+    reference = unshuffled(reference)
     if not hasattr(reference, "noise_ceilings"):
         return [None] * len(keyed_groups)
     return [reference.noise_ceilings(key, subset.image_ids[rows.cpu()])
