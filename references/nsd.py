@@ -236,10 +236,27 @@ def _nifti_on_disk(path: Path) -> Path | None:
     or uncompressed ``NAME.nii``, or None when neither is a file. Both present is an
     NSDFormatError naming the two: which one is meant cannot be told."""
     plain = path.with_suffix("")  # NAME.nii.gz -> NAME.nii
+    for p in (path, plain):
+        _refuse_dangling_link(p)
     found = [p for p in (path, plain) if p.is_file()]
     if len(found) == 2:
         raise _stored_both_ways(path, plain)
     return found[0] if found else None
+
+
+def _refuse_dangling_link(path: Path, stop: Path | None = None) -> None:
+    """An NSDFormatError when ``path``, or a folder above it below ``stop``, is a symbolic
+    link whose target is not there (a disk not mounted): such a file or subject would
+    otherwise read as absent, and be left out without a word."""
+    for p in (path, *path.parents):
+        if stop is not None and p == stop:
+            return
+        if p.is_symlink() and not p.exists():
+            raise NSDFormatError(f"{p} is a link to {os.readlink(p)}, which is not there (a "
+                                 f"disk not mounted?); expected it to resolve -- mount or "
+                                 f"restore its target, or remove the link")
+        if stop is None:
+            return
 
 
 def _stored_both_ways(gz: Path, plain: Path) -> NSDFormatError:
@@ -570,7 +587,37 @@ def _h5_dataset(path: Path, name: str) -> Iterator:
         if name not in f:
             raise NSDFormatError(f"{path}: no dataset '{name}' "
                                  f"(found: {', '.join(sorted(f.keys())) or 'nothing'})")
-        yield f[name]
+        try:
+            d = f[name]
+        except (KeyError, OSError) as exc:  # ``in`` is True for a soft or external link
+            link = f.get(name, getlink=True)
+            where = (f" to {link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink)
+                     else f" to {link.path}" if isinstance(link, h5py.SoftLink) else "")
+            raise NSDFormatError(f"{path}: '{name}' is a link{where} that does not resolve "
+                                 f"({_oneline(exc)}); expected the dataset itself, or a link "
+                                 f"to one that is there") from None
+        undecodable = _undecodable(d) if isinstance(d, h5py.Dataset) else ""
+        if undecodable:
+            raise NSDFormatError(f"{path}: '{name}' is compressed with {undecodable}, which "
+                                 f"this h5py cannot decode; accepted: the filter's plugin "
+                                 f"installed (e.g. pip install hdf5plugin, then HDF5_PLUGIN_PATH"
+                                 f"=$(python -c 'import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)'"
+                                 f")), or the file saved again without it (h5repack -f NONE)")
+        yield d
+
+
+def _undecodable(d) -> str:
+    """The HDF5 filters of dataset ``d`` this h5py cannot apply (a lab may repack the release
+    with Blosc or Zstd through hdf5plugin), as "filter 32001 (blosc)"; "" when it can read
+    every one. h5py opens such a file and reads its headers; only reading data fails."""
+    plist = d.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            label = name.decode(errors="replace").strip() if isinstance(name, bytes) else name
+            missing.append(f"HDF5 filter {code}" + (f" ({label})" if label else ""))
+    return ", ".join(missing)
 
 
 def _unwritten(d) -> str:
@@ -776,8 +823,11 @@ def _subjects_present(nsd_root: Path, design: ExpDesign, *, every: bool = False
     an NSDFormatError naming it (it would be left out without a word)."""
     n_rows = design.subjectim.shape[0]
     present = tuple(s for s in range(1, n_rows + 1) if _has_sessions(betas_dir(nsd_root, s)))
+    if every:
+        _refuse_misnamed_subjects(nsd_root)
     for s in range(1, n_rows + 1) if every else ():
         if s not in present:  # "every subject" would leave it out without a word
+            _refuse_dangling_link(betas_dir(nsd_root, s), stop=Path(nsd_root))
             _refuse_stray_session_files(betas_dir(nsd_root, s), s)
         elsewhere = None if s in present else _betas_elsewhere(nsd_root, s)
         if elsewhere is not None:  # "every subject" would leave it out without a word
@@ -791,6 +841,23 @@ def _subjects_present(nsd_root: Path, design: ExpDesign, *, every: bool = False
                              f"{session_file(nsd_root, 1, 1)} for a subject in 1..{n_rows} "
                              f"(rows of 'subjectim')")
     return present
+
+
+#: a subject's folder as a lab may have named it: subj2, subj002, sub-02, subject02
+_SUBJECT_FOLDER = re.compile(r"^(?:subj|sub-|subject)0*(?P<n>\d+)$", re.IGNORECASE)
+
+
+def _refuse_misnamed_subjects(nsd_root: Path) -> None:
+    """An NSDFormatError naming a subject folder of the betas or the masks that is not the
+    release's ``subjNN`` (``subj2``, ``sub-02``): its subject would otherwise read as absent."""
+    for top in (Path(nsd_root) / BETAS_ROOT, Path(nsd_root) / "nsddata/ppdata"):
+        if not top.is_dir():
+            continue
+        for p in sorted(top.iterdir()):
+            m = _SUBJECT_FOLDER.match(p.name)
+            if m and p.name != subject_dir(int(m["n"])) and int(m["n"]) > 0:
+                raise NSDFormatError(f"{p}: a subject folder named {p.name}; expected the "
+                                     f"release's name {subject_dir(int(m['n']))} -- rename it")
 
 
 def _betas_elsewhere(nsd_root: Path, subject: int) -> Path | None:
@@ -1448,6 +1515,34 @@ def _inside_inputs(out: Path, *roots: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: every error one line on stderr and a non-zero status; Ctrl-C ends it with
+    "interrupted" and 130 (a prepare streams for hours at the release's size)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # prepare writes --out only once every session is read, through a temporary file
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def _writable_out(out: Path) -> str:
+    """Why the table ``out`` could not be written ("" when it can), found before any session
+    is streamed: its folder is a file, or cannot be created or written."""
+    folder = out.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{out.name}.probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or _oneline(exc)})"
+    return ""
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:  # ~name naming no user of this machine: one line, as any bad path
         for name in ("nsd_root", "coco_annotations", "out"):
@@ -1457,11 +1552,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.nsd_root.exists() and not args.nsd_root.is_dir():
+        print(f"error: --nsd-root {args.nsd_root}: a file, not a folder; accepted: the root "
+              f"folder of the NSD release (holding nsddata/ and nsddata_betas/)",
+              file=sys.stderr)
+        return 2
     if args.command == "check":
         try:
             check_release(args.nsd_root, args.subject, args.roi or sorted(ROIS))
         except (NSDFormatError, OSError) as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            hint = ""
+            if not args.roi and isinstance(exc, NSDFormatError):
+                # every ROI is checked by default: a release holding one ROI's masks (all a
+                # V1 sweep needs) is refused, so say which option checks just that
+                for spec in ROIS.values():
+                    if spec.filename.removesuffix(".gz") in str(exc):
+                        others = [r for r in sorted(ROIS) if r != spec.name]
+                        hint = (f" (needed for ROI {spec.name} only; --roi "
+                                f"{' --roi '.join(others)} checks the release without it)")
+            print(f"error: {' '.join(str(exc).split())}{hint}", file=sys.stderr)
             return 2
         subjects = args.subject or subjects_in_release(args.nsd_root)
         print(f"{args.nsd_root}: ok (subjects {', '.join(map(str, subjects))}; ROI "
@@ -1475,6 +1584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --out {args.out}: a file of the release or the COCO annotations, which "
               f"it would replace; accepted: the path of a new .parquet file (or a table "
               f"prepared before)", file=sys.stderr)
+        return 2
+    why = _writable_out(args.out)
+    if why:  # found now, not after hours of streaming
+        print(f"error: --out {args.out}: {why}; accepted: the path of a .parquet file in a "
+              f"folder this user can write", file=sys.stderr)
         return 2
     try:
         out = prepare(args.nsd_root, args.coco_annotations, args.subject, args.roi, args.out,

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -1526,3 +1527,122 @@ def test_a_release_this_user_may_not_read_is_one_line_naming_the_path(tmp_path):
             with contextlib.suppress(OSError):
                 p.chmod(0o700)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_subject_behind_a_dangling_link_or_misnamed_is_named_not_left_out(tmp_path):
+    """A lab keeps a subject's betas on another disk behind a link: with the disk not mounted,
+    "every subject" left that subject out without a word (check said ok for subject 1, the
+    table held subject 1 alone), as it did a folder named subj2, and a dangling ncsnr link
+    read as "the release has no ncsnr"."""
+    nsd_root, coco = write_tree(tmp_path)
+    subj02 = nsd_root / nsd.BETAS_ROOT / "subj02"
+    subj02.rename(tmp_path / "elsewhere")
+    subj02.symlink_to(tmp_path / "not-mounted" / "subj02")
+    with pytest.raises(NSDFormatError, match=rf"^{re.escape(str(subj02))} is a link to "
+                                             rf".*not-mounted/subj02, which is not there") as exc:
+        subjects_in_release(nsd_root)
+    _one_line(exc)
+    with pytest.raises(NSDFormatError, match="is a link to"):
+        check_release(nsd_root, None, ["V1"])
+    check_release(nsd_root, [1], ["V1"])  # named subjects: the others are not asked for
+    subj02.unlink()
+    (tmp_path / "elsewhere").rename(nsd_root / nsd.BETAS_ROOT / "subj2")
+    with pytest.raises(NSDFormatError, match=r"subj2: a subject folder named subj2; expected "
+                                             r"the release's name subj02 -- rename it$"):
+        check_release(nsd_root, None, ["V1"])
+    (nsd_root / nsd.BETAS_ROOT / "subj2").rename(subj02)
+    ncsnr = nsd.ncsnr_file(nsd_root, 1)
+    ncsnr.unlink(missing_ok=True)
+    ncsnr.symlink_to(tmp_path / "not-mounted" / "ncsnr.nii.gz")
+    with pytest.raises(NSDFormatError, match=r"ncsnr\.nii\.gz is a link to .*, which is not "
+                                             r"there"):
+        check_release(nsd_root, [1], ["V1"])
+
+
+def test_hdf5_a_link_that_does_not_resolve_or_a_filter_h5py_lacks_is_named(tmp_path):
+    """The stimuli as an external link to an unmounted file was a KeyError traceback; a
+    session repacked with a compression filter this h5py lacks (Blosc, through hdf5plugin)
+    passed the check, then failed after streaming the sessions before it, saying "copy it
+    again from the release"."""
+    nsd_root, coco = write_tree(tmp_path)
+    stimuli = nsd_root / nsd.STIMULI
+    stimuli.rename(tmp_path / "stimuli.hdf5")
+    with h5py.File(stimuli, "w") as f:
+        f[nsd.STIMULI_DATASET] = h5py.ExternalLink(str(tmp_path / "gone.hdf5"), "/imgBrick")
+    with pytest.raises(NSDFormatError, match=r"'imgBrick' is a link to .*gone\.hdf5:/imgBrick "
+                                             r"that does not resolve") as exc:
+        check_release(nsd_root, [1], ["V1"])
+    _one_line(exc)
+    stimuli.unlink()
+    (tmp_path / "stimuli.hdf5").rename(stimuli)
+    session = nsd.session_file(nsd_root, 2, 1)
+    with h5py.File(session) as f:
+        betas = f["betas"][:]
+    assert not h5py.h5z.filter_avail(32001)  # Blosc: not part of h5py's own HDF5
+    with h5py.File(session, "w") as f:
+        d = f.create_dataset("betas", betas.shape, betas.dtype, chunks=(1, *betas.shape[1:]),
+                             compression=32001, allow_unknown_filter=True)
+        for i in range(betas.shape[0]):
+            d.id.write_direct_chunk((i, 0, 0, 0), betas[i].tobytes())
+    match = (r"betas_session01\.hdf5: 'betas' is compressed with HDF5 filter 32001.*, which "
+             r"this h5py cannot decode; accepted: the filter's plugin installed")
+    with pytest.raises(NSDFormatError, match=match):
+        check_release(nsd_root, None, ["V1"])
+    with pytest.raises(NSDFormatError, match=match):
+        prepare(nsd_root, coco, None, "V1", tmp_path / "o.parquet", progress=False)
+
+
+def test_cli_prepare_refuses_an_unwritable_out_before_streaming_and_ends_on_ctrl_c(tmp_path):
+    """--out in a folder that is a file, or that cannot be written, failed with a raw errno
+    (naming a hidden temporary file) after every session was streamed; Ctrl-C printed a
+    traceback. A check of a release holding only the V1 masks said "missing file streams"
+    without the option that checks V1 alone; --nsd-root naming a file said "missing
+    directory"."""
+    import signal
+
+    nsd_root, coco = write_tree(tmp_path)
+    (tmp_path / "notes.txt").write_text("notes")
+    proc = _cli_prepare(nsd_root, coco, tmp_path / "notes.txt" / "v1.parquet")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --out {tmp_path / 'notes.txt' / 'v1.parquet'}: {tmp_path / 'notes.txt'} is a "
+        f"file, not a folder; accepted: the path of a .parquet file in a folder this user can "
+        f"write\n"), proc.stderr
+    if os.geteuid() != 0:  # root writes anywhere: a read-only mount is what refuses it
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        proc = _cli_prepare(nsd_root, coco, locked / "v1.parquet")
+        assert proc.returncode == 2 and re.fullmatch(
+            r"error: --out .*locked/v1\.parquet: cannot write in .*locked \(Permission "
+            r"denied\); accepted: .*\n", proc.stderr), proc.stderr
+    for roi in nsd_root.glob("nsddata/ppdata/subj*/func1pt8mm/roi/streams.nii.gz"):
+        roi.unlink()
+    check = [sys.executable, "-m", "references.nsd", "check", "--nsd-root"]
+    proc = subprocess.run([*check, str(nsd_root)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.endswith(
+        "streams.nii) (needed for ROI VVS only; --roi V1 checks the release without it)\n")
+    assert subprocess.run([*check, str(nsd_root), "--roi", "V1"], cwd=REPO,
+                          capture_output=True, timeout=120).returncode == 0
+    design = nsd_root / nsd.EXPDESIGN
+    proc = subprocess.run([*check, str(design)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: --nsd-root {design}: a file, not a folder; accepted: the root folder"), \
+        proc.stderr
+    # Ctrl-C while the COCO annotations are read (a large file): one line, 130, no table
+    big = coco / "instances_train2017.json"
+    data = json.loads(big.read_text())
+    data["images"] += [{"id": 10**7 + i} for i in range(300_000)]
+    data["annotations"] += [{"id": 10**7 + i, "image_id": 10**7 + i, "category_id": 1,
+                             "bbox": [1.0, 2.0, 3.0, 4.0]} for i in range(600_000)]
+    big.write_text(json.dumps(data))
+    out = tmp_path / "v1.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "references.nsd", "prepare", "--nsd-root", str(nsd_root),
+         "--coco-annotations", str(coco), "--roi", "V1", "--out", str(out), "--no-progress"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (130, "interrupted; nothing written\n"), err
+    assert not out.exists() and not list(tmp_path.glob(".v1.parquet*"))
