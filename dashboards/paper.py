@@ -11,7 +11,6 @@ paper's magnitudes.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import pyarrow as pa
 
 from dashboards.fronts import FINISHED
 from dashboards.tables import configuration_key
+from records import SweepRunTags, format_overrides
 
 POINTS = 100.0
 
@@ -126,36 +126,30 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def differences(tags: Mapping[str, str]) -> list[str]:
-    """How a paper-scale run (its parent run's ``tags``) departs from the paper's settings:
+def differences(tags: SweepRunTags) -> list[str]:
+    """How a paper-scale run (its parent run's tags) departs from the paper's settings:
     settings overridden (``--set``), trials selected (``--only``), an Optuna search instead of
     the paper's grid (sampled alphas at the grid's first beta), fewer NSD subjects than the
     paper's eight. A run with any of them was marked comparable all the same."""
     out = []
-    if tags.get("search") == "optuna":
+    if tags.search == "optuna":
         out.append(f"an Optuna search ({search_line(tags)}) instead of the paper's grid")
-    if tags.get("overrides"):
-        out.append(f"settings changed ({tags['overrides']})")
-    if tags.get("only"):
-        out.append(f"a selection of trials ({tags['only']})")
-    # the subjects as the driver's data line writes them, between the release's path and the
-    # COCO folder's (``sweeps.plan._paper_data_line``): a path holding "subjects 1" is no list
-    found = re.search(r", subjects ((?:\d+, )*\d+), COCO annotations ",
-                      tags.get("data_description", ""))
-    if found:
-        subjects = found.group(1).split(", ")
-        if len(subjects) < 8:
-            out.append(f"NSD subjects {', '.join(subjects)} of the paper's 8")
+    if tags.overrides:
+        out.append(f"settings changed ({format_overrides(tags.overrides)})")
+    if tags.only:
+        out.append(f"a selection of trials ({' '.join(tags.only)})")
+    if tags.subjects and len(tags.subjects) < 8:
+        out.append(f"NSD subjects {', '.join(map(str, tags.subjects))} of the paper's 8")
     return out
 
 
-def search_line(tags: Mapping[str, str]) -> str:
-    """How a run (its parent run's ``tags``) chose its configurations, in words."""
-    if tags.get("search") != "optuna":
+def search_line(tags: SweepRunTags) -> str:
+    """How a run (its parent run's tags) chose its configurations, in words."""
+    if tags.search != "optuna":
         return "the sweep file's grid"
-    n = tags.get("num_samples")
-    return ((f"{n} samples per condition" if n else "samples") + ": alphas drawn by Optuna "
-            "(log-uniform, then TPE) at the grid's first beta, not the grid's")
+    n = tags.num_samples
+    return ((f"{n} samples per condition" if n is not None else "samples") + ": alphas drawn "
+            "by Optuna (log-uniform, then TPE) at the grid's first beta, not the grid's")
 
 
 def paper_terms(results: pa.Table, statistics: Mapping[str, Mapping], scale: str,

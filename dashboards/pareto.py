@@ -364,8 +364,7 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     partial = _partial_note(record)  # (title, note) or None
     if partial:  # first, in the report, statistics.json and on the console
         messages = [partial[1], *messages]
-    terms = paper.paper_terms(results, stats, record.parent_tags.get("scale", ""),
-                              paper.differences(record.parent_tags))
+    terms = paper.paper_terms(results, stats, record.scale, paper.differences(record.run))
     with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
         sides, unreadable = _effects(record, results, Path(tmp))
     messages += [f"trial {tid}: unreadable per-image validation outcome, {why}; its "
@@ -378,14 +377,14 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     atomic_write_text(out / "statistics.json", json.dumps(
         _json_safe({"sweep": record.sweep, "experiment": record.experiment,
                     "parent_run_id": record.parent_run_id,
-                    "search": paper.search_line(record.parent_tags), "conditions": stats,
+                    "search": paper.search_line(record.run), "conditions": stats,
                     "effects": sides, "paper": terms, "messages": messages,
                     FIGURES_NOT_DRAWN: [stem for stem, _ in not_drawn]}),
         indent=2) + "\n")
     meta = {"sweep": record.sweep, "experiment": record.experiment, "source": record.source,
             "parent run": f"{record.parent_run_id or '(none)'} {record.parent_status}".strip(),
-            "data": record.parent_tags.get("data_description", ""),
-            "configurations": paper.search_line(record.parent_tags)}
+            "data": record.run.data_description,
+            "configurations": paper.search_line(record.run)}
     return report.write_report(
         out / "report.html", title=(f"PARTIAL ({partial[0]}) " if partial else "")
         + f"Sweep {record.sweep}: Pareto fronts of performance against alignment", meta=meta, messages=messages, statistics=stats,
@@ -455,23 +454,13 @@ _UNFINISHED = ("RUNNING", "SCHEDULED", "KILLED")
 def _planned_trials(record: SweepRecord) -> int:
     """The trials the run launches (the driver's ``trials`` tag on the parent run), 0 when
     not recorded (a Ray run folder, a store written before the tag existed)."""
-    try:
-        return max(0, int(record.parent_tags.get("trials", 0)))
-    except (TypeError, ValueError):
-        return 0
+    return max(0, record.run.trials or 0)
 
 
 def _planned_per_condition(record: SweepRecord) -> dict[str, int]:
-    """The trials the run launches per condition (the driver's ``planned`` tag, JSON), {}
-    when not recorded or unreadable."""
-    try:
-        planned = json.loads(record.parent_tags.get("planned", "{}"))
-    except ValueError:
-        return {}
-    if not isinstance(planned, dict):
-        return {}
-    return {str(c): int(n) for c, n in planned.items()
-            if isinstance(n, int) and not isinstance(n, bool) and n >= 0}
+    """The trials the run launches per condition (the driver's ``planned`` tag), {} when not
+    recorded or unreadable."""
+    return dict(record.run.planned)
 
 
 def _run_command(record: SweepRecord, optuna: bool = False) -> str:
@@ -481,22 +470,22 @@ def _run_command(record: SweepRecord, optuna: bool = False) -> str:
     --resume``: pasted after a smoke test, it answered "nothing to resume".)"""
     import shlex
 
-    tags = record.parent_tags
+    tags = record.run
     words = ["sweeps/run.py", record.sweep]
-    if tags.get("data") not in (None, "", "demo"):
-        words += ["--data", tags["data"]]
-    if tags.get("smoke") == "true":
+    if tags.data not in ("", "demo"):
+        words += ["--data", tags.data]
+    if tags.smoke:
         words.append("--smoke-test")
-    if tags.get("seeds") not in (None, "", "1"):
-        words += ["--seeds", tags["seeds"]]
-    for item in filter(None, tags.get("overrides", "").split(",")):
-        words += ["--set", item]
-    for glob in tags.get("only", "").split():
+    if tags.seeds != 1:
+        words += ["--seeds", str(tags.seeds)]
+    for key, value in tags.overrides.items():
+        words += ["--set", f"{key}={value}"]
+    for glob in tags.only:
         words += ["--only", glob]
     if optuna:
         words += ["--search", "optuna"]
-        if tags.get("num_samples"):
-            words += ["--num-samples", tags["num_samples"]]
+        if tags.num_samples is not None:
+            words += ["--num-samples", str(tags.num_samples)]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -505,8 +494,8 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
     interrupted by the driver, or trials left unfinished (stopped, never started, still
     running: a driver that crashed or was killed hard ends its parent FAILED or not at all,
     and a Ray run folder has no parent status, only its manifest)."""
-    optuna = record.parent_tags.get("search") == "optuna"
-    command = record.parent_tags.get("command")
+    optuna = record.run.search == "optuna"
+    command = record.run.command
     again = (f"Continue it with sweeps/run.py {command} --resume" if command else
              f"Continue it (with its data, tracking and storage options) with "
              f"{_run_command(record, optuna=optuna)} --resume")
@@ -526,7 +515,7 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
                            f"sweep has ended; if its driver is gone: {again}")
     unfinished = [t for t in record.trials if t.status in _UNFINISHED]
     interrupted = (record.parent_status == "KILLED"
-                   or record.parent_tags.get("interrupted") == "true")
+                   or bool(record.run.interrupted))
     deleted = record.deleted
     # trials that never started have no run; a deleted run is not counted among them
     never = max(0, planned - len(record.trials) - len(deleted))

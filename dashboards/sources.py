@@ -35,6 +35,7 @@ from typing import Any
 
 from records import (
     ARTIFACTS_DIR,
+    ERROR_TAG,
     FILTERS_ARTIFACT,
     FINGERPRINT_FILE,
     MANIFEST_FILE,
@@ -42,11 +43,11 @@ from records import (
     PARENT_TAG,
     RETIRED_TAG,
     SCALE_SUFFIXES,
+    SweepRunTags,
     TrialKey,
     child_runs,
     error_summary,
     experiment_name,
-    format_overrides,
     parse_experiment,
     parse_run_folder,
     read_manifest,
@@ -151,7 +152,12 @@ class SweepRecord:
 
     @property
     def scale(self) -> str:
-        return self.parent_tags.get("scale", "")
+        return self.run.scale
+
+    @property
+    def run(self) -> SweepRunTags:
+        """The parent run's tags as the driver wrote them (``records.SweepRunTags``)."""
+        return SweepRunTags.parse(self.parent_tags)
 
     def fetch_filters(self, trial: Trial, folder: Path) -> Path | None:
         """The trial's conv1_filters.png (in ``folder`` when downloaded), or None."""
@@ -452,7 +458,7 @@ def _mlflow_trial(client, run) -> Trial:
         status=run.info.status,
         config=config,
         history=history,
-        error=tags.get("error"),
+        error=tags.get(ERROR_TAG),
     )
 
 
@@ -662,25 +668,25 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         found += [p for p in [trial_dir / ARTIFACTS_DIR / name] if p.is_file()]
         return found[-1] if found else None
 
-    tags = {"sweep": sweep, "scale": scale, "smoke": str(smoke).lower()}
     recorded = _recorded(run_dir)  # as the driver tags its parent run: what a resume repeats
-    if isinstance(recorded.get("search"), str):
-        tags["search"] = recorded["search"]
-    if isinstance(recorded.get("num_samples"), int):
-        tags["num_samples"] = str(recorded["num_samples"])
-    # and the rest a resume must repeat (the note's command lacked --set, which the driver
-    # then refused as "started with a different --set overrides")
-    if isinstance(recorded.get("data"), str):
-        tags["data"] = recorded["data"]
-    if isinstance(recorded.get("seeds"), int):
-        tags["seeds"] = str(recorded["seeds"])
-    if isinstance(recorded.get("overrides"), dict) and recorded["overrides"]:
-        tags["overrides"] = format_overrides(recorded["overrides"])
-    if isinstance(recorded.get("only"), list) and recorded["only"]:
-        tags["only"] = " ".join(map(str, recorded["only"]))
-    if any(e.state in ("no epoch finished", "not started") or e.state.startswith("stopped at")
-           for e in entries):  # ("not started": what manifests said before stop 29)
-        tags["interrupted"] = "true"  # what the driver tags its parent run when it stops
+    # (the note's command lacked --set, which the driver then refused as "started with a
+    # different --set overrides")
+
+    def given(key: str, kind: type) -> Any:
+        value = recorded.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    tags = SweepRunTags(
+        sweep=sweep, scale=scale, smoke=smoke, data=given("data", str) or "",
+        search=given("search", str) or "grid", num_samples=given("num_samples", int),
+        seeds=given("seeds", int) or 1,
+        overrides={str(k): str(v) for k, v in (given("overrides", dict) or {}).items()},
+        only=tuple(map(str, given("only", list) or ())),
+        # what the driver tags its parent run when it stops ("not started": what manifests
+        # said before stop 29)
+        interrupted=any(e.state in ("no epoch finished", "not started")
+                        or e.state.startswith("stopped at") for e in entries) or None,
+    ).format()
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
                        parent_run_id=parent.get("run_id"), parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),

@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
-    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "FACTS_FILE", "FILTERS_ARTIFACT",
-    "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE",
-    "PARENT_TAG", "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "TrialKey",
+    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE", "FILTERS_ARTIFACT",
+    "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG", "JOURNAL_FILE",
+    "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG", "PREDICTIONS_ARTIFACT",
+    "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags", "TrialKey",
     "control_name", "error_summary", "experiment_name", "fmt_number", "format_overrides",
-    "parse_experiment",
-    "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
+    "parse_experiment", "parse_overrides", "parse_run_folder", "read_manifest",
+    "run_folder_name", "write_manifest",
 ]
 
 # -------------------------------------------------------------------------- the vocabulary
@@ -101,6 +102,10 @@ NOTE_TAG = "mlflow.note.content"
 
 #: MLflow's tag that nests a trial's run under the sweep's parent run.
 PARENT_TAG = "mlflow.parentRunId"
+
+#: A trial's child run's tag holding what ended its last failed attempt (one line,
+#: ``error_summary``'s form).
+ERROR_TAG = "error"
 
 
 _QUALIFIED_ERROR = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?P<type>[A-Za-z_]\w*): (?P<message>.*)$")
@@ -285,8 +290,138 @@ RETIRED_TAG = "retired"
 
 def format_overrides(overrides: Mapping[str, Any]) -> str:
     """``--set`` overrides as one tag value: ``epochs=1,steps_per_epoch=20`` (sorted): the
-    parent run's ``overrides`` tag, and what a report's resume line repeats."""
+    parent run's ``overrides`` tag, and what a report's resume line repeats
+    (``parse_overrides`` reads it back)."""
     return ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+#: a comma that starts the next ``key=``: a value may hold commas (a path), a key never does
+_NEXT_OVERRIDE = re.compile(r",(?=[A-Za-z_]\w*=)")
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """``format_overrides``'s tag value back into {key: value as written}; "" -> {}."""
+    out = {}
+    for item in filter(None, _NEXT_OVERRIDE.split(text)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"overrides tag {text!r}: {item!r} is not key=value")
+        out[key] = value
+    return out
+
+
+#: The tag ``sweeps.tracking.finish`` sets on a parent run as it ends: "true" when the run
+#: was interrupted (Ctrl-C, SIGTERM), else "false".
+INTERRUPTED_TAG = "interrupted"
+
+#: The NSD subjects of a paper-scale run as the paper-data line wrote them, for runs recorded
+#: before the parent run had a ``subjects`` tag (``SweepRunTags.parse``)
+_LEGACY_SUBJECTS = re.compile(r", subjects ((?:\d+, )*\d+), COCO annotations ")
+
+
+@dataclass(frozen=True)
+class SweepRunTags:
+    """The tags of a sweep invocation's MLflow parent run that the post-processor reads: the
+    driver writes them (``format``), the post-processor reads them (``parse``); a Ray-results
+    source builds one from the run folder's fingerprint. The fields a trial's child run also
+    carries are ``TRIAL_RUN_FIELDS``.
+
+    sweep, scale ("demo" | "paper"), smoke; data : the --data value ("demo", "imagenet", "nsd",
+    "paper"); data_description : the run's data line; subjects : the NSD subjects of a
+    paper-scale run (() otherwise); overrides : ``--set`` as {key: value as written}; only :
+    ``--only`` globs; search : "grid" | "optuna"; num_samples : an Optuna search's samples per
+    condition; seeds; trials : the trials the run launches (None: not recorded); planned :
+    {condition: trials}; command : the driver's command words (shell-quoted), None when not
+    recorded; interrupted : the run was interrupted (None: not ended, or not recorded).
+    """
+
+    sweep: str
+    scale: str = ""
+    smoke: bool = False
+    data: str = ""
+    data_description: str = ""
+    subjects: tuple[int, ...] = ()
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    only: tuple[str, ...] = ()
+    search: str = "grid"
+    num_samples: int | None = None
+    seeds: int = 1
+    trials: int | None = None
+    planned: Mapping[str, int] = field(default_factory=dict)
+    command: str | None = None
+    interrupted: bool | None = None
+
+    #: what every trial's child run carries as well (the run's data and its changes)
+    TRIAL_RUN_FIELDS: ClassVar[tuple[str, ...]] = (
+        "sweep", "scale", "data", "data_description", "smoke", "overrides", "only")
+
+    def format(self) -> dict[str, str]:
+        """The tags, every value a string; empty fields (no data line, no overrides, no --only,
+        ...) left out."""
+        tags = {"sweep": self.sweep, "scale": self.scale, "smoke": str(self.smoke).lower(),
+                "search": self.search, "seeds": str(self.seeds)}
+        if self.data:
+            tags["data"] = self.data
+        if self.data_description:
+            tags["data_description"] = self.data_description
+        if self.subjects:
+            tags["subjects"] = ",".join(map(str, self.subjects))
+        if self.overrides:
+            tags["overrides"] = format_overrides(self.overrides)
+        if self.only:
+            tags["only"] = " ".join(self.only)
+        if self.num_samples is not None:
+            tags["num_samples"] = str(self.num_samples)
+        if self.trials is not None:
+            tags["trials"] = str(self.trials)
+        if self.planned:
+            tags["planned"] = json.dumps(dict(self.planned), sort_keys=True)
+        if self.command is not None:
+            tags["command"] = self.command
+        if self.interrupted is not None:
+            tags[INTERRUPTED_TAG] = str(self.interrupted).lower()
+        return tags
+
+    def trial_run_tags(self) -> dict[str, str]:
+        """The subset of ``format()`` every trial's child run carries."""
+        return {k: v for k, v in self.format().items() if k in self.TRIAL_RUN_FIELDS}
+
+    @classmethod
+    def parse(cls, tags: Mapping[str, str]) -> SweepRunTags:
+        """A parent run's tags (any others are ignored). Lenient, as a report must be on a
+        store a user edited: a value that does not read is taken as not recorded."""
+        def number(key: str) -> int | None:
+            try:
+                return int(tags[key])
+            except (KeyError, TypeError, ValueError):
+                return None
+
+        try:
+            overrides = parse_overrides(tags.get("overrides", ""))
+        except ValueError:
+            overrides = {}
+        try:
+            planned = json.loads(tags.get("planned", "{}"))
+            planned = ({str(k): v for k, v in planned.items()
+                        if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+                       if isinstance(planned, dict) else {})
+        except (TypeError, ValueError):
+            planned = {}
+        if "subjects" in tags:
+            subjects = tuple(int(s) for s in tags["subjects"].split(",") if s.strip().isdigit())
+        else:  # recorded before the tag existed: the data line named them
+            found = _LEGACY_SUBJECTS.search(tags.get("data_description", ""))
+            subjects = tuple(int(s) for s in found.group(1).split(", ")) if found else ()
+        flag = tags.get(INTERRUPTED_TAG)
+        return cls(
+            sweep=tags.get("sweep", ""), scale=tags.get("scale", ""),
+            smoke=tags.get("smoke") == "true", data=tags.get("data", ""),
+            data_description=tags.get("data_description", ""), subjects=subjects,
+            overrides=overrides, only=tuple(tags.get("only", "").split()),
+            search=tags.get("search") or "grid", num_samples=number("num_samples"),
+            seeds=number("seeds") or 1, trials=number("trials"), planned=planned,
+            command=tags.get("command"),
+            interrupted=None if flag is None else flag == "true")
 
 
 def child_runs(client: Any, parent_run_id: str, *, deleted: bool = False) -> list:

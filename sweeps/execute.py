@@ -33,11 +33,14 @@ from urllib.parse import urlsplit
 
 from records import (
     ARTIFACTS_DIR,
+    ERROR_TAG,
     FACTS_FILE,
     FINGERPRINT_FILE,
+    INTERRUPTED_TAG,
     JOURNAL_FILE,
     PARENT_FILE,
     ManifestEntry,
+    SweepRunTags,
     TrialKey,
     child_runs,
     fmt_number,
@@ -67,7 +70,7 @@ from sweeps.plan import (
     validation_groups_problem,
     weights_spec,
 )
-from sweeps.spec import Resources, TrialSpec, format_overrides
+from sweeps.spec import Resources, TrialSpec
 
 # RAY_AUTH_MODE=token is set by the package (sweeps/__init__.py), before any Ray import.
 # With CheckpointConfig(num_to_keep=2) Tune snapshots its experiment state whenever a trial has
@@ -310,7 +313,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         run.finish("KILLED")
         raise
     except BaseException as exc:
-        run.set_tags({tracking.ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
+        run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED")
         if isinstance(exc, _repeating_errors()):
             atomic_write_text(marker, error_line(exc))
@@ -790,6 +793,22 @@ def _weights_tags(references: dict[str, Any]) -> dict[str, str]:
     return {"reference_weights": "; ".join(lines)} if lines else {}
 
 
+def sweep_run_tags(plan: Plan) -> SweepRunTags:
+    """What the parent run records of the invocation for the post-processor (its report's
+    terms, its resume line)."""
+    return SweepRunTags(
+        sweep=plan.sweep, scale=plan.scale, smoke=plan.smoke, data=plan.data_kind,
+        data_description=plan.data_description, subjects=plan.nsd_subjects,
+        overrides={k: str(v) for k, v in plan.overrides.items()}, only=tuple(plan.only),
+        search=plan.search, num_samples=plan.num_samples or None, seeds=plan.seeds,
+        # what the run launches, in all and per condition: a partial report counts the
+        # trials that never started (they have no run of their own to count)
+        trials=plan.n_trials, planned=plan.planned,
+        # the command's words, so a partial report's resume line repeats every option:
+        # --weights, --cpus-per-trial, the data paths
+        command=shlex.join(_command_words(plan)) if plan.argv else None)
+
+
 def _ray_cluster(plan: Plan) -> str:
     """The parent's ``ray`` tag: the cluster joined, by the address it answered at."""
     if plan.address is None:
@@ -823,23 +842,9 @@ def _start_records(plan: Plan, run_dir: Path,
         except ValueError as exc:
             raise UsageError(f"{exc} -- restore it, or start a new run without --resume") \
                 from None
-    run_tags = {"sweep": plan.sweep, "scale": plan.scale, "data": plan.data_kind,
-                "data_description": plan.data_description, "smoke": str(plan.smoke).lower()}
-    if plan.overrides:
-        run_tags["overrides"] = format_overrides(plan.overrides)
-    if plan.only:
-        run_tags["only"] = " ".join(plan.only)
-    parent_tags = {**run_tags, "search": plan.search, "seeds": str(plan.seeds),
-                   # what the run launches: a partial report counts the trials that never
-                   # started (they have no run of their own to count)
-                   "trials": str(plan.n_trials),
-                   # and per condition: the report counts those that never started
-                   "planned": json.dumps(plan.planned, sort_keys=True),
-                   # the command's words, so a partial report's resume line repeats every
-                   # option: --weights, --cpus-per-trial, the data paths
-                   **({"command": shlex.join(_command_words(plan))} if plan.argv else {}),
-                   **({"num_samples": str(plan.num_samples)} if plan.num_samples else {}),
-                   "ray": _ray_cluster(plan),
+    recorded = sweep_run_tags(plan)
+    run_tags = recorded.trial_run_tags()
+    parent_tags = {**recorded.format(), "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),
                    **_weights_tags(references or {})}
     about = (f"{plan.spec.description} ({plan.scale} scale; sweep file "
@@ -885,7 +890,7 @@ def _start_records(plan: Plan, run_dir: Path,
             with contextlib.suppress(Exception):
                 tracking.finish(plan.mlflow_uri, parent_id,
                                 "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
-                                {"interrupted": str(isinstance(exc, KeyboardInterrupt)).lower()})
+                                {INTERRUPTED_TAG: str(isinstance(exc, KeyboardInterrupt)).lower()})
         raise
 
 
@@ -1184,7 +1189,7 @@ def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> bo
     one line) when the store did not take it."""
     try:
         tracking.finish(plan.mlflow_uri, parent_id, status,
-                        {"interrupted": "true" if interrupted else "false"})
+                        {INTERRUPTED_TAG: "true" if interrupted else "false"})
         return True
     except Exception as exc:
         _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
@@ -1491,7 +1496,7 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
         record = ({} if spec is None else dict(
             params=resolved_config(spec.config),
             tags={**(run_tags or {}), **_own_data(dataset), **spec.tags(), **facts_tags(facts),
-                  **({tracking.ERROR_TAG: o.error} if o.state == "ERROR" and o.error
+                  **({ERROR_TAG: o.error} if o.state == "ERROR" and o.error
                      else {})},
             dataset=dataset, artifacts=artifacts))
         status = "KILLED" if stopped else ("FAILED" if o.state == "ERROR" else "FINISHED")

@@ -156,6 +156,14 @@ class Plan:
         return sum(self.planned.values())
 
     @property
+    def nsd_subjects(self) -> tuple[int, ...]:
+        """The NSD subjects a paper-scale run reads (every NSD condition's); () otherwise."""
+        if self.scale != "paper":
+            return ()
+        return tuple(sorted({s for src in self.data.values() if src.kind == "nsd"
+                             for s in src.subjects or ()}))
+
+    @property
     def resume_pointer(self) -> str:
         """The file in which a run records its Ray Tune experiment folder, so that --resume
         finds the latest one (``resume_pointer``; written by sweeps.execute, checked by

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs
+from records import ERROR_TAG, NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -423,9 +423,6 @@ class TrialRun:
         return {e: {k: v for k, v in m.items() if (k, e) not in present}
                 for e, m in epochs.items()}
 
-
-#: A child run's tag holding what ended its trial's last failed attempt (one line).
-ERROR_TAG = "error"
 
 #: What each queued operation of a ``TrialRun`` is, in its messages.
 _WHAT = {"open": "run", "metrics": "metrics", "tags": "tags", "artifacts": "artifacts",

@@ -444,6 +444,28 @@ def test_rsa_matches_scipy():
     assert rsa(x, 3.0 * x + 2.0) == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cka_and_rsa_in_float32_match_the_float64_reference(seed):
+    """STYLE: every numerical function again in float32 at a stated, looser tolerance. Both
+    reduce through n x n Grams or correlation distances of O(1) values, so float32's unit
+    roundoff (6e-8) grows with the p- or q-term sums (here 30-200 terms) and the n^2 pairs,
+    to well under 1e-5 on a score in [-1, 1]; 1e-5 is what is asserted. The Grams themselves
+    are float64 downstream of the products (``_centred_gram``), so CKA stays closer."""
+    for n, p, q in ((40, 30, 200), (60, 120, 25)):
+        x, y = linear_data(n, p, q, seed=seed)
+        x = x + 0.5 * np.random.default_rng(seed).standard_normal(x.shape)
+        x32, y32 = x.astype(np.float32), y.astype(np.float32)
+        cka_ref = linear_cka(x32.astype(np.float64), y32.astype(np.float64))
+        rsa_ref = pearsonr(pdist(x32.astype(np.float64), "correlation"),
+                           pdist(y32.astype(np.float64), "correlation")).statistic
+        cka32 = linear_cka(torch.from_numpy(x32), torch.from_numpy(y32))
+        rsa32 = rsa(torch.from_numpy(x32), torch.from_numpy(y32))
+        assert cka32.dtype == rsa32.dtype == torch.float32
+        assert float(cka32) == pytest.approx(cka_ref, abs=1e-5)
+        assert float(rsa32) == pytest.approx(rsa_ref, abs=1e-5)
+        assert 0.05 < abs(rsa_ref) < 0.999 and 0.05 < cka_ref < 0.999  # not a trivial answer
+
+
 def test_rsa_gives_dead_units_no_credit():
     """DESIGN: no averaging rule may let a network raise its score by silencing units. Units
     constant over the stimuli (at 0, or any value) are left out of the RDMs; kept, 24 silent

@@ -33,6 +33,7 @@ from smoke_store import EXPERIMENT, REPO, SWEEP, finished_smoke_sweep
 from dashboards import pareto, statistics, tables
 from dashboards.fronts import front_masks, pareto_mask
 from dashboards.sources import SourceError, load_mlflow
+from records import SweepRunTags
 from sweeps.tracking import PARENT_TAG
 
 # --------------------------------------------------------------------------------- fronts
@@ -1611,24 +1612,30 @@ def test_paper_terms_put_the_headline_numbers_beside_this_runs():
     # headline with no number (no suppressing trial selected).
     from dashboards.paper import differences
 
-    tags = {"overrides": "epochs=1,width=0.25", "only": "nsd_fc1_vvs-*",
-            "data_description": "paper scale on NSD (/data/nsd, subjects 2, COCO annotations "
-                                "/data/coco) at 224 px"}
-    assert differences(tags) == ["settings changed (epochs=1,width=0.25)",
-                                 "a selection of trials (nsd_fc1_vvs-*)",
-                                 "NSD subjects 2 of the paper's 8"]
-    assert differences({"data_description": "paper scale on NSD (/d, subjects 1, 2, 3, 4, 5, "
-                                            "6, 7, 8, COCO annotations /c) at 224 px"}) == []
+    def differs(tags: dict) -> list[str]:  # as the post-processor reads a parent run's tags
+        return differences(SweepRunTags.parse(tags))
+
+    tags = {"overrides": "epochs=1,width=0.25", "only": "nsd_fc1_vvs-*", "subjects": "2"}
+    assert differs(tags) == ["settings changed (epochs=1,width=0.25)",
+                             "a selection of trials (nsd_fc1_vvs-*)",
+                             "NSD subjects 2 of the paper's 8"]
+    assert differs({"subjects": "1,2,3,4,5,6,7,8"}) == []
+    # a run recorded before the subjects tag: its data line names them
+    assert differs({"data_description": "paper scale on NSD (/data/nsd, subjects 2, COCO "
+                                        "annotations /data/coco) at 224 px"}) == [
+        "NSD subjects 2 of the paper's 8"]
+    assert differs({"data_description": "paper scale on NSD (/d, subjects 1, 2, 3, 4, 5, "
+                                        "6, 7, 8, COCO annotations /c) at 224 px"}) == []
     # a search samples alphas at one beta: not the paper's grid (it was marked comparable)
-    assert differences({"search": "optuna", "num_samples": "4"}) == [
+    assert differs({"search": "optuna", "num_samples": "4"}) == [
         "an Optuna search (4 samples per condition: alphas drawn by Optuna (log-uniform, then "
         "TPE) at the grid's first beta, not the grid's) instead of the paper's grid"]
-    assert differences({"search": "grid"}) == []
+    assert differs({"search": "grid"}) == []
     # a release whose path holds "subjects 1" was read as a run of subject 1 alone
-    assert differences({"data_description": "paper scale on NSD (/data/subjects 1-8/nsd, "
-                                            "subjects 1, 2, 3, 4, 5, 6, 7, 8, COCO annotations "
-                                            "/c) at 224 px"}) == []
-    changed = paper_terms(t, stats, "paper", differences(tags))
+    assert differs({"data_description": "paper scale on NSD (/data/subjects 1-8/nsd, "
+                                        "subjects 1, 2, 3, 4, 5, 6, 7, 8, COCO annotations "
+                                        "/c) at 224 px"}) == []
+    changed = paper_terms(t, stats, "paper", differs(tags))
     assert all(not h["comparable"] and h["note"] == (
         "not comparable: settings changed (epochs=1,width=0.25); a selection of trials "
         "(nsd_fc1_vvs-*); NSD subjects 2 of the paper's 8")

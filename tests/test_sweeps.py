@@ -1067,6 +1067,14 @@ def test_the_dry_run_sizes_an_nsd_releases_splits_as_the_trials_will(tmp_path):
     argv = ("nsd_conv1_v1", "--data", "nsd", "--nsd-root", str(sim.nsd_root),
             "--coco-annotations", str(sim.coco_annotations), "--subject", "1", "--subject", "2")
     plan = make_plan(parse(*argv, "--set", "batch_size=8", "--set", "val_folds=2"))
+    # the parent run records the subjects (the report's "NSD subjects 1, 2 of the paper's 8")
+    from dashboards.paper import differences
+    from records import SweepRunTags
+    from sweeps.execute import sweep_run_tags
+
+    assert sweep_run_tags(plan).subjects == (1, 2)
+    assert "NSD subjects 1, 2 of the paper's 8" in differences(
+        SweepRunTags.parse(sweep_run_tags(plan).format()))
     data, refs = _prepare(plan)  # what the trials get, from the prepared table
     n_train, n_val = len(data["nsd_conv1_v1"].train), len(data["nsd_conv1_v1"].val)
     assert 0 < n_val < n_train
@@ -2097,3 +2105,37 @@ def test_a_composites_bad_member_is_named_with_the_composite(tmp_path):
     with pytest.raises(SweepFileError) as both:
         load_sweep("both", tmp_path)
     assert str(both.value) == f"{member.value} (included by {tmp_path / 'both.toml'})"
+
+
+def test_the_parent_runs_tags_read_back_as_the_driver_wrote_them():
+    """The parent run's tags have one owner (``records.SweepRunTags``): what the driver
+    writes of a run reads back the same, a ``--set`` value holding a comma included (the
+    resume line split it into two --set words, the second refused), and the report's resume
+    command repeats every option the tags record."""
+    from dashboards.pareto import _run_command
+    from dashboards.sources import SweepRecord
+    from records import SweepRunTags, parse_overrides
+    from sweeps.execute import sweep_run_tags
+
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test", "--seeds", "2", "--only",
+                           "nsd_conv1_v1-max-*", "--set", "epochs=2",
+                           "--set", "ridge_rel=1e-3"))
+    recorded = sweep_run_tags(plan)
+    tags = recorded.format()
+    assert SweepRunTags.parse(tags) == recorded
+    assert (tags["smoke"], tags["seeds"], tags["only"], tags["overrides"]) == (
+        "true", "2", "nsd_conv1_v1-max-*", "epochs=2,ridge_rel=0.001")
+    assert recorded.trials == plan.n_trials and recorded.planned == plan.planned
+    assert recorded.subjects == ()  # the simulated world: no NSD subjects to compare
+    assert set(recorded.trial_run_tags()) <= set(tags)
+    # a value holding commas (a path) stays one override
+    assert parse_overrides("a=/x,y/z.pt,epochs=2") == {"a": "/x,y/z.pt", "epochs": "2"}
+    with pytest.raises(ValueError, match="is not key=value"):
+        parse_overrides("epochs")
+    record = SweepRecord(sweep=plan.sweep, experiment=plan.experiment, source="test",
+                         parent_run_id=None, parent_status="KILLED",
+                         parent_tags={**tags, "overrides": "weights=/w,1/a.pt,epochs=2"},
+                         trials=(), fetch=lambda *a: None)
+    assert _run_command(record) == (
+        "sweeps/run.py nsd_conv1_v1 --smoke-test --seeds 2 --set weights=/w,1/a.pt "
+        "--set epochs=2 --only 'nsd_conv1_v1-max-*'")

@@ -17,6 +17,7 @@ sweep files use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1028,16 +1029,43 @@ def rsa(X: Any, Y: Any) -> torch.Tensor | float:
 # ----------------------------------------------------------------------------- registry
 
 
+def _no_loss_options(ridge_rel: float, loss_folds: int) -> dict[str, Any]:
+    return {}
+
+
+def _three_rows(loss_folds: int) -> int:
+    return 3
+
+
+def _heldout_loss_options(ridge_rel: float, loss_folds: int) -> dict[str, Any]:
+    return {"rel": ridge_rel, "folds": None if loss_folds == 0 else loss_folds}
+
+
+def _heldout_min_rows(loss_folds: int) -> int:
+    return 3 if loss_folds == 0 else 2 * loss_folds
+
+
 @dataclass(frozen=True)
 class Metric:
     """An alignment metric by name: ``loss`` scores one training batch (differentiable,
     higher = more aligned, the trainable minimises ``-loss``), ``validate`` scores a fixed
-    held-out stimulus set."""
+    held-out stimulus set.
+
+    ``loss_options(ridge_rel, loss_folds)`` : the trial's loss settings as ``loss``'s keyword
+    arguments (the linear form's relative penalty and held-out folds; none for CKA and RSA).
+    ``min_rows(loss_folds)`` : the fewest stimuli of a group ``loss`` scores."""
 
     name: str
     loss: Callable[..., torch.Tensor]
     validate: Callable[..., torch.Tensor | float]
     description: str
+    loss_options: Callable[[float, int], dict[str, Any]] = _no_loss_options
+    min_rows: Callable[[int], int] = _three_rows
+
+    def batch_loss(self, *, ridge_rel: float, loss_folds: int) -> Callable[..., torch.Tensor]:
+        """``loss`` with a trial's settings bound: score(X, Y)."""
+        options = self.loss_options(ridge_rel, loss_folds)
+        return functools.partial(self.loss, **options) if options else self.loss
 
 
 METRICS: Registry[Metric] = Registry("alignment metric")
@@ -1046,6 +1074,8 @@ METRICS.register("linear", Metric(
     loss=linear_alignment_heldout,
     validate=linear_alignment_scaled,
     description="symmetric cross-validated ridge R^2 (the paper's metric)",
+    loss_options=_heldout_loss_options,
+    min_rows=_heldout_min_rows,
 ))
 METRICS.register("cka", Metric("cka", loss=linear_cka, validate=linear_cka,
                                description="linear CKA"))

@@ -35,7 +35,6 @@ from trainable.alignment import (
     UndefinedScore,
     constant_columns,
     get_metric,
-    linear_alignment_heldout,
 )
 from trainable.average_precision import mean_average_precision
 from trainable.config import TrialConfig
@@ -222,21 +221,12 @@ def _layer_features(x: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
 
 
 def _min_rows(cfg: TrialConfig) -> int:
-    if cfg.metric == "linear":
-        return 3 if cfg.loss_folds == 0 else 2 * cfg.loss_folds
-    return 3
+    return get_metric(cfg.metric).min_rows(cfg.loss_folds)
 
 
 def alignment_loss_fn(cfg: TrialConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The metric's loss form with the trial's options (score: higher = more aligned)."""
-    if cfg.metric == "linear":
-        folds = None if cfg.loss_folds == 0 else cfg.loss_folds
-
-        def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return linear_alignment_heldout(x, y, rel=cfg.ridge_rel, folds=folds)
-
-        return score
-    return get_metric(cfg.metric).loss
+    return get_metric(cfg.metric).batch_loss(ridge_rel=cfg.ridge_rel, loss_folds=cfg.loss_folds)
 
 
 def batch_alignment(
