@@ -454,7 +454,7 @@ def _mlflow_trial(client, run) -> Trial:
         direction=tags.get("direction", _direction(alpha)),
         alpha=alpha,
         beta=_number(tags.get("beta"), _number(str(config.get("beta")))),
-        seed=_integer(tags.get("seed"), int(config.get("seed", 0))),
+        seed=_integer(tags.get("seed"), int(config["seed"])),
         status=run.info.status,
         config=config,
         history=history,

@@ -6,7 +6,7 @@ indices over files every node sees, label and voxel tables, a reference's weight
 decoded here); Ray Tune launches one trial per grid point of the ONE shared trainable
 (``trainable.train.train``), each fetching only its own condition's data index and reference
 from the store and streaming its images itself (``trainable.data``); per-epoch metrics and checkpoints go to Ray Tune
-and to the trial's nested MLflow run. All Ray imports of the project live in ``sweeps/``.
+and to the trial's nested MLflow run. All Ray imports of the project live in ``sweeps.ray_glue``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class RayHooks:
     JOURNAL = JOURNAL_FILE  # every epoch's metrics reported so far
 
     def __init__(self, run: tracking.TrialRun, placed: Mapping[str, str] | None = None) -> None:
-        from ray import tune
+        from sweeps.ray_glue import tune
 
         self._tune = tune
         self.run = run
@@ -265,9 +265,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     """The Ray Tune function trainable: one grid point, by its trial id. Tracking goes through
     a background queue (``tracking.TrialRun``): an unreachable MLflow never stalls or fails the
     trial, and a failure's own error is what the trial raises."""
-    import ray
-    from ray import tune
-
+    from sweeps.ray_glue import ray, tune
     from trainable.train import train
 
     # Ray's storage module logs "Checkpoint successfully created at: ..." at INFO for every
@@ -374,7 +372,7 @@ def _trial_spec(config: dict[str, Any], payload: Payload) -> TrialSpec:
         return payload.specs[config["trial_id"]]
     from dataclasses import replace
 
-    from ray import tune
+    from sweeps.ray_glue import tune
 
     base = payload.specs[config["trial_id"]]
     sign = 1.0 if base.direction == "max" else -1.0
@@ -442,13 +440,15 @@ def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
     """Settings the prepared data cannot meet, refused before anything is recorded: the
     splits' sizes (``split_size_problem``) and a voxel reliability threshold that keeps no
     voxel (it failed every trial after its first epoch)."""
+    from trainable.config import TrialConfig
+
     n_train, n_val = len(data.train), len(data.val)
     for t in (t for t in plan.trials if t.condition == condition):
         problem = (split_size_problem(t, n_train, n_val, data.description)
                    or _validation_groups_problem(t, data, reference))
         if problem:
             raise UsageError(problem)
-        threshold = float(t.config.get("voxel_ncsnr_min", 0.0))
+        threshold = TrialConfig.from_dict(t.config).voxel_ncsnr_min
         if threshold > 0 and hasattr(reference, "select_voxels"):
             try:
                 reference.select_voxels(threshold)
@@ -488,7 +488,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _init_ray(plan: Plan) -> None:
-    import ray
+    from sweeps.ray_glue import ray
 
 
     if plan.address is None:
@@ -535,7 +535,7 @@ def _cancel_failure_alarm() -> None:
 def _ray_keeps_our_sigterm():
     """Within the block, ``ray.init`` leaves the SIGTERM handler as it is: it installs its own
     (``sys.exit``) first thing, through ``ray._private.utils.set_sigterm_handler``."""
-    from ray._private import utils as ray_utils
+    from sweeps.ray_glue import private_utils as ray_utils
 
     setter = getattr(ray_utils, "set_sigterm_handler", None)
     if setter is None:  # another Ray: its own handler, replaced after ray.init as before
@@ -561,7 +561,8 @@ def _ray_processes_in_their_own_group():
     uses): without it Ray's reaper cleans up by killing the driver's group, which they must
     then stay in. Ray does the same on Windows (``CREATE_NEW_PROCESS_GROUP`` in
     ``ConsolePopen``)."""
-    from ray._private import services, utils
+    from sweeps.ray_glue import private_services as services
+    from sweeps.ray_glue import private_utils as utils
 
     base = getattr(services, "ConsolePopen", None)  # Ray's internals: another Ray may differ
     if (base is None or not sys.platform.startswith("linux")
@@ -694,6 +695,8 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
     device=cuda where no node has a GPU (GPU requests are dropped there, and every trial would
     fail as it starts), or a SQLite tracking store with trials on other machines (each would
     write its own node's file)."""
+    from trainable.config import TrialConfig
+
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
     shapes = [(float(n.get("Resources", {}).get("CPU", 0)),
                float(n.get("Resources", {}).get("GPU", 0))) for n in alive]
@@ -705,7 +708,7 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
             raise UsageError(f"trial {t.trial_id} asks for {r.cpus:g} CPUs but the largest "
                              f"node of the Ray cluster has {most_cpu:g}; accepted: "
                              f"--cpus-per-trial <= {most_cpu:g}")
-        if t.config.get("device") == "cuda" and most_gpu == 0:
+        if TrialConfig.from_dict(t.config).device == "cuda" and most_gpu == 0:
             raise UsageError(f"trial {t.trial_id} sets device=cuda but no node of the Ray "
                              f"cluster has a GPU; accepted: device=auto (a trial's GPU when "
                              f"it has one, else the CPU) or cpu, or a cluster with GPUs")
@@ -814,7 +817,7 @@ def _ray_cluster(plan: Plan) -> str:
     if plan.address is None:
         return "local (started by the driver)"
     try:
-        import ray
+        from sweeps.ray_glue import ray
 
         gcs = ray.get_runtime_context().gcs_address
     except Exception:  # not connected (a test calling this without Ray): what was asked
@@ -963,8 +966,7 @@ def _execute(plan: Plan) -> int:
 
 
 def _execute_run(plan: Plan) -> int:
-    import ray
-    from ray import tune
+    from sweeps.ray_glue import ray, tune
 
     run_dir = _run_dir(plan)
     # Ray, the data and the references before anything is recorded: a trial no node can hold,
@@ -1267,7 +1269,7 @@ def _shutdown_ray() -> None:
     rest of it (about a second; Python's ``signal.getsignal`` still names our handler): a
     SIGTERM then killed the driver without a word (exit 143, the parent run left RUNNING, no
     resume line). A thread puts the action back every millisecond while it runs."""
-    import ray
+    from sweeps.ray_glue import ray
 
     try:
         with _os_signal_action_kept(signal.SIGTERM):
@@ -1548,7 +1550,7 @@ def _report(plan: Plan, parent_id: str) -> bool:
 
 
 def _run_config(run_dir: Path):
-    from ray import tune
+    from sweeps.ray_glue import tune
 
     # Tune's default output (Ray 2.60) ignores a progress reporter, and said so in a WARNING
     # line of every run: its table shows a result's first metrics (RayHooks.report puts
@@ -1571,7 +1573,7 @@ def _tuner(trainable, run_dir: Path, param_space: dict, namer=None, **tune_kwarg
     a trial's training, so reuse is what keeps the trial slots busy (bench_sweep.py).
     ``namer`` (a Tune Trial -> its key) names the trials in Tune's progress table and their
     result folders (``TrialNamer``)."""
-    from ray import tune
+    from sweeps.ray_glue import tune
 
     names = {} if namer is None else {"trial_name_creator": namer,
                                       "trial_dirname_creator": namer}
@@ -1609,8 +1611,7 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer,
     continues the search in ``run_dir`` (``--resume``): its unfinished and errored trials
     from their checkpoints, then the samples not yet drawn, from the studies as Tune last
     saved them beside its own state (``SideSearch.save``). Returns (results, interrupted)."""
-    from ray import tune
-
+    from sweeps.ray_glue import tune
     from sweeps.search import SideSearch
 
     before = signal.getsignal(signal.SIGINT)

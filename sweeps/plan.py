@@ -682,9 +682,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         _object_store_bytes()
     flush_seconds(os.environ.get(FLUSH_ENV))  # read by every trial when it ends
     _check_cache()
+    from trainable.config import TrialConfig
+
     trials = [t.with_resources(resources[t.condition]) for t in trials]
     for t in trials:
-        if t.config.get("device") == "cuda" and t.resources.gpus == 0:
+        if TrialConfig.from_dict(t.config).device == "cuda" and t.resources.gpus == 0:
             # Ray would give the trial no GPU: it would fail when it starts
             raise UsageError(f"condition {t.condition}: device=cuda with 0 GPUs per trial; "
                              f"accepted: --gpus-per-trial > 0 with device=cuda, or device=auto "
@@ -995,7 +997,7 @@ def _tune_trials(run_dir: Path) -> list | None:
     Tune's own reading of it), or None without a readable state."""
     import logging
 
-    from ray.tune import ExperimentAnalysis
+    from sweeps.ray_glue import ExperimentAnalysis
 
     # it also loads each trial's results, and warns about a deleted folder in two lines
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
@@ -1214,19 +1216,19 @@ def resolve_auto_address(source: str = "--address") -> str:
     Ray along (the driver exit 1, its parent run left RUNNING). A stale address file of a
     cluster since stopped is found by ``check_services`` (ray.init retried for ever).
     ``source``: where "auto" came from (the flag, or RAY_ADDRESS), as the error names it."""
-    from ray._common.utils import get_ray_address_file
-    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    from sweeps.ray_glue import get_ray_address_file
+    from sweeps.ray_glue import private_services as services
 
     env = os.environ.get("RAY_ADDRESS", "")
     if env and env != "auto":
         return env
-    found = find_bootstrap_address(None)
+    found = services.find_bootstrap_address(None)
     if found:
         return found
     none = "no `ray start` here" if source == "RAY_ADDRESS" else \
         "no RAY_ADDRESS, no `ray start` here"
-    find_gcs_addresses.cache_clear()  # Ray caches a scan that found any: processes end
-    others = sorted(set(find_gcs_addresses()))
+    services.find_gcs_addresses.cache_clear()  # Ray caches a scan that found any
+    others = sorted(set(services.find_gcs_addresses()))
     if others:
         raise UsageError(f"{source} auto: no Ray cluster announced by `ray start` on this "
                          f"machine ({none}, in {get_ray_address_file(None)}); Ray instance(s) "

@@ -12,9 +12,9 @@ import math
 import pickle
 
 import optuna
-from ray.tune.search import Searcher
 
 from sweeps.plan import Plan, optuna_bounds, optuna_split, optuna_startup
+from sweeps.ray_glue import Searcher
 
 OBJECTIVES = ("val_performance", "val_alignment")
 
