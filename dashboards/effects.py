@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from dashboards.fronts import FINISHED
 from trainable.average_precision import weighted_mean_average_precision
 
 __all__ = ["EFFECTS_SCHEMA", "UNREADABLE", "Predictions", "direction_effects", "effects_metrics",
@@ -208,7 +209,7 @@ def direction_effects(results, load: Callable[[str], Predictions | None], *,
     the condition's message.
     """
     rows = [r for r in results.to_pylist()
-            if r["status"] == "FINISHED" and r["performance"] is not None]
+            if r["status"] == FINISHED and r["performance"] is not None]
     by_cond: dict[str, list[dict]] = {}
     for r in rows:
         by_cond.setdefault(r["condition"], []).append(r)

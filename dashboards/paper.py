@@ -19,10 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from dashboards.fronts import FINISHED
-from dashboards.tables import configuration_key
+from dashboards.tables import POINTS, configuration_key
 from records import SweepRunTags, format_overrides
-
-POINTS = 100.0
 
 
 def _rows(results: pa.Table, condition: str) -> list[dict]:

@@ -76,7 +76,7 @@ from dashboards.sources import (
     quiet_artifacts,
     sweep_parent_run,
 )
-from records import CONTROL_SUFFIX, NOTE_TAG, PREDICTIONS_ARTIFACT
+from records import NOTE_TAG, PREDICTIONS_ARTIFACT, controlled_by
 from records.uris import expand_user, not_utf8, redact, tracking_uri
 from references.cache import atomic_write_text, unwritable
 
@@ -246,11 +246,10 @@ def _pretrained_alexnet_panel(workdir: Path) -> figures.FilterPanel:
 def _controls(record: SweepRecord) -> dict[str, str]:
     """condition -> its negative control's condition, for the controls in ``record``: a
     condition whose trials have ``reference_shuffle`` and whose name is another condition's
-    plus ``CONTROL_SUFFIX``."""
+    plus the control suffix (``records.control_name``)."""
     conds = {t.condition for t in record.trials}
     shuffled = {t.condition for t in record.trials if t.config.get("reference_shuffle")}
-    return {c[: -len(CONTROL_SUFFIX)]: c for c in sorted(shuffled)
-            if c.endswith(CONTROL_SUFFIX) and c[: -len(CONTROL_SUFFIX)] in conds}
+    return {controlled_by(c): c for c in sorted(shuffled) if controlled_by(c) in conds}
 
 
 def _effects(record: SweepRecord, results: pa.Table,
@@ -504,7 +503,7 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
         # read while the sweep runs: trials not yet started have no run at all, so the
         # trials' states alone could call it complete ("no trial runs" for its first minute)
         ended = [t.status for t in record.trials if t.status not in _UNFINISHED]
-        done = ended.count("FINISHED")
+        done = ended.count(FINISHED)
         failed = f" ({len(ended) - done} more failed)" if len(ended) > done else ""
         return ("running", f"PARTIAL: the parent run is still RUNNING (the sweep is running, "
                            f"or its driver stopped without ending it); the report covers the "

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dashboards.fronts import FINISHED
 from references.cache import atomic_write_text
 
 __all__ = ["render_report", "write_report"]
@@ -72,7 +73,7 @@ def _configurations(results: pa.Table, *, usable: bool) -> Counter:
     ones with a finite alignment and performance (those the statistics use)."""
     return Counter((r["condition"], r["direction"], r["alpha"], r["beta"])
                    for r in results.to_pylist()
-                   if not usable or (r["status"] == "FINISHED" and _finite(r["alignment"])
+                   if not usable or (r["status"] == FINISHED and _finite(r["alignment"])
                                      and _finite(r["performance"])))
 
 
@@ -87,7 +88,7 @@ def _results_html(results: pa.Table) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = []
     for row in results.to_pylist():
-        cls = ("failed" if row["status"] != "FINISHED"
+        cls = ("failed" if row["status"] != FINISHED
                else "front" if row["front_up"] or row["front_down"] else "")
         cells = "".join(
             f'<td class="text">{_e(_fmt(row[c]))}</td>' if isinstance(row[c], str)

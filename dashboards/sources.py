@@ -44,10 +44,10 @@ from records import (
     RETIRED_TAG,
     SCALE_SUFFIXES,
     SweepRunTags,
-    TrialKey,
     child_runs,
     error_summary,
     experiment_name,
+    is_trial_run,
     parse_experiment,
     parse_run_folder,
     read_manifest,
@@ -375,7 +375,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     runs = child_runs(client, parent.info.run_id)
     # runs another tool nested under the parent (an evaluation a lab groups with the sweep)
     # are no trials: without the trial's tags they became a condition named ""
-    foreign = [r for r in runs if not {"trial_id", "condition"} <= set(r.data.tags)]
+    foreign = [r for r in runs if not is_trial_run(r.data.tags)]
     kept, repeated = _one_run_per_trial([r for r in runs if r not in foreign])
     trials = tuple(sorted((_mlflow_trial(client, run) for run in kept), key=_order))
     notes = ((f"{len(foreign)} run(s) nested under the parent run are not trials of the sweep "
@@ -390,7 +390,7 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     deleted = tuple(sorted({
         r.data.tags["trial_id"]: r.info.run_id
         for r in child_runs(client, parent.info.run_id, deleted=True)
-        if {"trial_id", "condition"} <= set(r.data.tags) and RETIRED_TAG not in r.data.tags
+        if is_trial_run(r.data.tags) and RETIRED_TAG not in r.data.tags
         and r.data.tags["trial_id"] not in present}.items()))
 
     listed: dict[str, set[str]] = {}
@@ -624,7 +624,7 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
     folders: dict[str, Path | None] = {}
     for entry in entries:
         try:
-            key = TrialKey.parse(entry.key)
+            key = entry.trial_key()
         except ValueError:
             notes.append(f"trial {entry.key} in {run_dir}: not a sweep trial key "
                          f"(<condition>-<direction>-a<|alpha|>-b<beta>-s<seed>); skipped")

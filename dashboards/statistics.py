@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from dashboards.fronts import FINISHED
+
 __all__ = ["MIN_INTERVAL", "MIN_TRIALS", "Monotonicity", "Spearman", "monotonicity", "spearman_ci",
            "sweep_statistics"]
 
@@ -275,7 +277,7 @@ def sweep_statistics(results, *, n_boot: int = 2000, seed: int = 0,
     out: dict[str, dict] = {}
     for cond in dict.fromkeys([*cols["condition"], *planned]):
         rows = [i for i, c in enumerate(cols["condition"]) if c == cond]
-        done = [i for i in rows if cols["status"][i] == "FINISHED"]
+        done = [i for i in rows if cols["status"][i] == FINISHED]
 
         metric = next((cols["performance_metric"][i] for i in done
                        if cols["performance_metric"][i]), None)

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = [
-    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE", "FILTERS_ARTIFACT",
-    "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG", "JOURNAL_FILE",
-    "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG", "PREDICTIONS_ARTIFACT",
-    "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags", "TrialKey",
-    "control_name", "error_summary", "experiment_name", "fmt_number", "format_overrides",
-    "parse_experiment", "parse_overrides", "parse_run_folder", "read_manifest",
-    "run_folder_name", "write_manifest",
+    "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE",
+    "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG",
+    "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG",
+    "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags",
+    "TrialKey", "control_name", "controlled_by", "error_summary", "experiment_name",
+    "fmt_number", "format_overrides", "is_trial_run", "parse_experiment", "parse_overrides",
+    "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
 ]
 
 # -------------------------------------------------------------------------- the vocabulary
@@ -134,6 +134,14 @@ def fmt_number(x: float) -> str:
 def control_name(condition: str) -> str:
     """The name of ``condition``'s negative control."""
     return f"{condition}{CONTROL_SUFFIX}"
+
+
+def controlled_by(name: str) -> str | None:
+    """The condition whose negative control ``name`` is (``control_name``'s inverse), or None
+    when ``name`` is not a control's name."""
+    if name.endswith(CONTROL_SUFFIX) and len(name) > len(CONTROL_SUFFIX):
+        return name[: -len(CONTROL_SUFFIX)]
+    return None
 
 
 def experiment_name(sweep: str, scale: str) -> str:
@@ -441,6 +449,12 @@ def child_runs(client: Any, parent_run_id: str, *, deleted: bool = False) -> lis
         token = page.token
         if not token:
             return runs
+
+
+def is_trial_run(tags: Mapping[str, str]) -> bool:
+    """Whether a child run's ``tags`` are a trial's (``tags_of``), not another tool's run
+    nested under the parent."""
+    return "trial_id" in tags and "condition" in tags
 
 
 def tags_of(key: TrialKey) -> Mapping[str, str]:

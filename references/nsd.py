@@ -71,6 +71,7 @@ from references.cache import (
     content_hash,
     damaged_entry,
     integer_arg,
+    unwritable,
 )
 
 
@@ -1525,23 +1526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _writable_out(out: Path) -> str:
-    """Why the table ``out`` could not be written ("" when it can), found before any session
-    is streamed: its folder is a file, or cannot be created or written."""
-    folder = out.parent
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".{out.name}.probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        return f"cannot write in {folder} ({exc.strerror or _oneline(exc)})"
-    return ""
-
-
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:  # ~name naming no user of this machine: one line, as any bad path
@@ -1585,7 +1569,7 @@ def _main(argv: Sequence[str] | None) -> int:
               f"it would replace; accepted: the path of a new .parquet file (or a table "
               f"prepared before)", file=sys.stderr)
         return 2
-    why = _writable_out(args.out)
+    why = unwritable(args.out.absolute().parent)
     if why:  # found now, not after hours of streaming
         print(f"error: --out {args.out}: {why}; accepted: the path of a .parquet file in a "
               f"folder this user can write", file=sys.stderr)

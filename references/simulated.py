@@ -662,7 +662,7 @@ def _build_nsd_like(root: Path, p: dict, n_unique: int, progress: bool) -> None:
     measured, true = {}, {}
     for subject in range(1, n_subjects + 1):
         m, t = _write_subject(nsd_root, subject, seed, energy, presence, feats, subjectim,
-                              masterordering, bounds[:sessions_of[subject] + 1], repeats)
+                              masterordering, bounds[:sessions_of[subject] + 1])
         for roi in m:
             measured[f"measured_{subject}_{roi}"] = m[roi]
             true[f"true_{subject}_{roi}"] = t[roi]
@@ -732,8 +732,8 @@ def _write_coco(folder: Path, coco_ids: np.ndarray, splits: np.ndarray,
 
 def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
                    presence: np.ndarray, feats: np.ndarray, subjectim: np.ndarray,
-                   masterordering: np.ndarray, bounds: list[int],
-                   repeats: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                   masterordering: np.ndarray, bounds: list[int]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Write a subject's ROI masks and session files; return measured and true noise ceilings
     per ROI, voxels in C order of the mask's (x, y, z) nonzero entries."""
     import nibabel as nib
@@ -783,7 +783,7 @@ def _write_subject(nsd_root: Path, subject: int, seed: int, energy: np.ndarray,
     trial_images = subjectim[subject - 1, masterordering[:bounds[-1]]]
     # NSD's ceiling for responses averaged over n_i trials: ncsnr^2 / (ncsnr^2 + mean(1/n_i))
     # over the subject's images. A subject with fewer sessions saw some images fewer than
-    # ``repeats`` times (taking 1/repeats overstated its ceilings: 0.61 against 0.45)
+    # the design's repeats (taking 1/repeats overstated its ceilings: 0.61 against 0.45)
     inv_n = float(np.mean(1.0 / np.unique(trial_images, return_counts=True)[1]))
     measured = {roi: nsd.noise_ceiling(np.concatenate(z), trial_images, n_average=1.0 / inv_n)
                 for roi, z in z_trials.items()}

@@ -107,9 +107,6 @@ class RayHooks:
     copies to storage.
     """
 
-    ARTIFACTS = ARTIFACTS_DIR
-    JOURNAL = JOURNAL_FILE  # every epoch's metrics reported so far
-
     def __init__(self, run: tracking.TrialRun, placed: Mapping[str, str] | None = None) -> None:
         from sweeps.ray_glue import tune
 
@@ -128,11 +125,11 @@ class RayHooks:
         self.journal[epoch] = {k: float(v) for k, v in metrics.items()}
         # The journal travels with the checkpoint: a restored trial (or the driver, at the
         # end) knows every epoch it reported and sends MLflow only what it lacks.
-        (Path(checkpoint_dir) / self.JOURNAL).write_text(json.dumps(self.journal))
+        (Path(checkpoint_dir) / JOURNAL_FILE).write_text(json.dumps(self.journal))
         (Path(checkpoint_dir) / FACTS_FILE).write_text(json.dumps(self.facts))
         art = self.artifact_dir()
         if any(art.iterdir()):
-            shutil.copytree(art, Path(checkpoint_dir) / self.ARTIFACTS, dirs_exist_ok=True)
+            shutil.copytree(art, Path(checkpoint_dir) / ARTIFACTS_DIR, dirs_exist_ok=True)
         # Ray persists the checkpoint directory to the run's storage before report returns;
         # the metrics then go to MLflow in the background (tracking.TrialRun).
         # Tune's progress table shows the first four metrics of a result: the ones that say
@@ -210,7 +207,7 @@ def read_facts(checkpoint_dir: Path) -> dict[str, list]:
 
 def read_journal(checkpoint_dir: Path) -> dict[int, dict[str, float]]:
     """A checkpoint's metrics journal ({} when it has none)."""
-    path = Path(checkpoint_dir) / RayHooks.JOURNAL
+    path = Path(checkpoint_dir) / JOURNAL_FILE
     if not path.is_file():
         return {}
     return {int(e): m for e, m in json.loads(path.read_text()).items()}
@@ -311,7 +308,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         run.finish("KILLED")
         raise
     except BaseException as exc:
-        run.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
+        run.set_tags({ERROR_TAG: error_line(exc)})  # one line, redacted, as the replay writes
         run.finish("FAILED")
         if isinstance(exc, _repeating_errors()):
             atomic_write_text(marker, error_line(exc))
@@ -1491,7 +1488,7 @@ def _replay(plan: Plan, outcomes: list[Outcome], parent_id: str,
             _say(f"{o.trial_id}: its checkpoint {folder} is no longer in the storage "
                  f"(deleted?): nothing of it to replay to MLflow")
         elif folder is not None:
-            journal, artifacts = read_journal(folder), folder / RayHooks.ARTIFACTS
+            journal, artifacts = read_journal(folder), folder / ARTIFACTS_DIR
             facts = read_facts(folder)
         spec = _outcome_spec(plan, o, specs) if journal else None
         dataset = None if spec is None else _dataset(plan.data[spec.condition])

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from records import FINGERPRINT_FILE, PARENT_FILE, RESUME_POINTER_SUFFIX, experiment_name
+from records import (
+    FINGERPRINT_FILE,
+    PARENT_FILE,
+    RESUME_POINTER_SUFFIX,
+    control_name,
+    experiment_name,
+)
 from records.stores import (
     first_open_lock,
     first_open_lock_path,
@@ -669,9 +675,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if "reference_shuffle" in overrides and controlled:
         # one value for every trial would train the control against the real reference
         # (false) or shuffle the condition (true), and both would still be reported as such
-        where = (f"a grid search runs it as {controlled[0]}_shuffled; --search optuna leaves "
-                 f"it out" if args.search == "optuna" else
-                 f"the control here runs as {controlled[0]}_shuffled")
+        where = (f"a grid search runs it as {control_name(controlled[0])}; --search optuna "
+                 f"leaves it out" if args.search == "optuna" else
+                 f"the control here runs as {control_name(controlled[0])}")
         raise UsageError(f"--set reference_shuffle with {controlled[0]}, whose sweep file runs "
                          f"its shuffled negative control ([control]); accepted: --set "
                          f"reference_shuffle with a sweep that has no [control] ({where})")

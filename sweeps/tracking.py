@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import ERROR_TAG, NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs
+from records import ERROR_TAG, NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs, is_trial_run
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -198,7 +198,7 @@ def retire_unknown_children(uri: str, parent_run_id: str,
     retired = []
     for run in child_runs(client, parent_run_id):
         tags = run.data.tags
-        if (run.info.status != "RUNNING" or not {"trial_id", "condition"} <= set(tags)
+        if (run.info.status != "RUNNING" or not is_trial_run(tags)
                 or tags["trial_id"] in known):
             continue
         _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))

@@ -1604,16 +1604,16 @@ def test_cli_prepare_refuses_an_unwritable_out_before_streaming_and_ends_on_ctrl
     (tmp_path / "notes.txt").write_text("notes")
     proc = _cli_prepare(nsd_root, coco, tmp_path / "notes.txt" / "v1.parquet")
     assert proc.returncode == 2 and proc.stderr == (
-        f"error: --out {tmp_path / 'notes.txt' / 'v1.parquet'}: {tmp_path / 'notes.txt'} is a "
-        f"file, not a folder; accepted: the path of a .parquet file in a folder this user can "
+        f"error: --out {tmp_path / 'notes.txt' / 'v1.parquet'}: {tmp_path / 'notes.txt'} is "
+        f"not a folder; accepted: the path of a .parquet file in a folder this user can "
         f"write\n"), proc.stderr
     if os.geteuid() != 0:  # root writes anywhere: a read-only mount is what refuses it
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         proc = _cli_prepare(nsd_root, coco, locked / "v1.parquet")
         assert proc.returncode == 2 and re.fullmatch(
-            r"error: --out .*locked/v1\.parquet: cannot write in .*locked \(Permission "
-            r"denied\); accepted: .*\n", proc.stderr), proc.stderr
+            r"error: --out .*locked/v1\.parquet: .*locked is not writable; accepted: .*\n",
+            proc.stderr), proc.stderr
     for roi in nsd_root.glob("nsddata/ppdata/subj*/func1pt8mm/roi/streams.nii.gz"):
         roi.unlink()
     check = [sys.executable, "-m", "references.nsd", "check", "--nsd-root"]

@@ -30,7 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from records import FILTERS_ARTIFACT, FINAL_METRICS_ARTIFACT, PREDICTIONS_ARTIFACT
+from records import (
+    ARTIFACTS_DIR,
+    FILTERS_ARTIFACT,
+    FINAL_METRICS_ARTIFACT,
+    PREDICTIONS_ARTIFACT,
+)
 from trainable.alignment import (
     UndefinedScore,
     constant_columns,
@@ -105,7 +110,7 @@ class LocalHooks:
         return self.resume_from
 
     def artifact_dir(self) -> Path:
-        path = Path(self.workdir) / "artifacts"
+        path = Path(self.workdir) / ARTIFACTS_DIR
         path.mkdir(parents=True, exist_ok=True)
         return path
 
