@@ -78,6 +78,28 @@ from sweeps.spec import Resources, TrialSpec
 # At demo scale an epoch takes seconds, so that is every few seconds, and Tune prints a
 # three-line warning each time; the snapshot itself is small (~20 ms). Silence the warning only.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune adds a TensorBoard logger to every run, and then tells the user to run `tensorboard`,
+# which the project does not install (MLflow holds the metrics). Its CSV and JSON loggers
+# (what Tune's own reading of a run folder needs) are given explicitly (``_run_config``).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+class _DropTuneAdvice(logging.Filter):
+    """Tune's lines that contradict the driver's own: on an interrupt it advises
+    ``Tuner.restore(...)`` (the driver prints the ``--resume`` command), and it warns that it
+    found no metrics of a trial that never started (the driver counts those itself)."""
+
+    DROPPED = ("Experiment has been interrupted", "Failed to fetch metrics for")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.DROPPED)
+
+
+def _quiet_tune_advice() -> None:
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTuneAdvice) for f in log.filters):
+            log.addFilter(_DropTuneAdvice())
 
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
@@ -1039,6 +1061,7 @@ def _execute_run(plan: Plan) -> int:
                 [{"CPU": resources[config["trial_id"]].cpus,
                   "GPU": resources[config["trial_id"]].gpus}]),
         )
+        _quiet_tune_advice()
         restore = plan.resume and tune.Tuner.can_restore(str(run_dir))
         if restore:
             _say(f"resuming {run_dir}: only unfinished trials run"
@@ -1560,6 +1583,8 @@ def _run_config(run_dir: Path):
         failure_config=tune.FailureConfig(max_failures=2),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         progress_reporter=reporter, verbose=1,
+        # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS (above): these two, not TensorBoard's
+        callbacks=[tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()],
     )
 
 
