@@ -416,7 +416,8 @@ class SweepRunTags:
         except (TypeError, ValueError):
             planned = {}
         if "subjects" in tags:
-            subjects = tuple(int(s) for s in tags["subjects"].split(",") if s.strip().isdigit())
+            subjects = tuple(int(s) for s in tags["subjects"].split(",")
+                             if s.strip().isdecimal() and s.strip().isascii())
         else:  # recorded before the tag existed: the data line named them
             found = _LEGACY_SUBJECTS.search(tags.get("data_description", ""))
             subjects = tuple(int(s) for s in found.group(1).split(", ")) if found else ()

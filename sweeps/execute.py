@@ -78,28 +78,39 @@ from sweeps.spec import Resources, TrialSpec
 # At demo scale an epoch takes seconds, so that is every few seconds, and Tune prints a
 # three-line warning each time; the snapshot itself is small (~20 ms). Silence the warning only.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# Tune adds a TensorBoard logger to every run, and then tells the user to run `tensorboard`,
-# which the project does not install (MLflow holds the metrics). Its CSV and JSON loggers
-# (what Tune's own reading of a run folder needs) are given explicitly (``_run_config``).
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 class _DropTuneAdvice(logging.Filter):
-    """Tune's lines that contradict the driver's own: on an interrupt it advises
-    ``Tuner.restore(...)`` (the driver prints the ``--resume`` command), and it warns that it
-    found no metrics of a trial that never started (the driver counts those itself)."""
-
-    DROPPED = ("Experiment has been interrupted", "Failed to fetch metrics for")
+    """Tune's line that contradicts the driver's own: on an interrupt it advises
+    ``Tuner.restore(...)``, where the driver prints the ``--resume`` command."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.DROPPED)
+        return not str(record.msg).startswith("Experiment has been interrupted")
 
 
 def _quiet_tune_advice() -> None:
-    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropTuneAdvice) for f in log.filters):
-            log.addFilter(_DropTuneAdvice())
+    log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _DropTuneAdvice) for f in log.filters):
+        log.addFilter(_DropTuneAdvice())
+
+
+@contextlib.contextmanager
+def _no_tensorboard_logger():
+    """Around a new run's ``fit()``: Tune adds a TensorBoard logger to every run and then tells
+    the user to run `tensorboard`, which the project does not install (MLflow holds the
+    metrics). Its CSV and JSON loggers (what a run folder is read by) are in the run's
+    config (``_run_config``). Not around a restored run's: its saved config may predate them
+    (a run started before stop 35), and Tune then adds every logger it lacks. A user's own
+    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is left as it is."""
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
@@ -1076,8 +1087,9 @@ def _execute_run(plan: Plan) -> int:
                                               resume_errored=True).fit())
         else:
             grid = [t.trial_id for t in plan.trials]
-            results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
-                                  namer=TrialNamer(payload.specs)).fit())
+            with _no_tensorboard_logger():
+                results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
+                                      namer=TrialNamer(payload.specs)).fit())
         # Tune leaves its SIGINT handler installed after fit() returns (it only sets an event
         # nobody reads any more): a Ctrl-C in the summary or the report was swallowed
         signal.signal(signal.SIGINT, previous_int)
@@ -1583,7 +1595,7 @@ def _run_config(run_dir: Path):
         failure_config=tune.FailureConfig(max_failures=2),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         progress_reporter=reporter, verbose=1,
-        # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS (above): these two, not TensorBoard's
+        # these two, not TensorBoard's (``_no_tensorboard_logger``)
         callbacks=[tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()],
     )
 
@@ -1643,7 +1655,8 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer,
     else:
         tuner = _tuner(trainable, run_dir, {}, namer=namer, search_alg=SideSearch(plan),
                        num_samples=plan.n_trials)
-    results = list(tuner.fit())
+    with contextlib.nullcontext() if restore else _no_tensorboard_logger():
+        results = list(tuner.fit())
     return results, _fit_interrupted(plan, before, results)
 
 

@@ -8,8 +8,9 @@ post-processor never load Ray. The package's ``__init__`` has set ``RAY_AUTH_MOD
 Public API: ``ray``, ``tune``, ``ExperimentAnalysis`` (Tune's reading of a run folder's
 state), ``Searcher`` (the base of ``sweeps.search.SideSearch``).
 
-Ray's private modules, for what 2.60 offers no public API for (each use checks that the
-attribute is there, and falls back to Ray's own behaviour where it is not):
+Ray's private modules, for what 2.60 offers no public API for (the version pin keeps them
+there; each patch checks that the attribute it replaces exists, and leaves Ray's own
+behaviour where it does not):
 
 - ``private_utils.set_sigterm_handler``: ``ray.init`` installs its SIGTERM handler through it
   (``sweeps.execute._ray_keeps_our_sigterm``); ``private_utils.detect_fate_sharing_support``;

@@ -389,9 +389,8 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
     assert popen.returncode == 130, out[-3000:]
     assert "sweep interrupted:" in out and "--resume" in out, out[-3000:]
     # and no advice of Tune's that contradicts it: Tuner.restore(...) instead of --resume,
-    # a `tensorboard` command the project does not install, missing metrics of a trial that
-    # never started
-    for advice in ("Tuner.restore", "tensorboard --logdir", "Failed to fetch metrics"):
+    # a `tensorboard` command the project does not install
+    for advice in ("Tuner.restore", "tensorboard --logdir"):
         assert advice not in out, out[-3000:]
     client = MlflowClient(uri)
     (parent,) = [r for r in client.search_runs(

@@ -1551,6 +1551,12 @@ def test_a_subject_behind_a_dangling_link_or_misnamed_is_named_not_left_out(tmp_
                                              r"the release's name subj02 -- rename it$"):
         check_release(nsd_root, None, ["V1"])
     (nsd_root / nsd.BETAS_ROOT / "subj2").rename(subj02)
+    # a second name beside the release's own takes nothing away: a BIDS-style link to a
+    # subject's folder, an empty leftover, a file
+    (nsd_root / nsd.BETAS_ROOT / "sub-01").symlink_to(nsd_root / nsd.BETAS_ROOT / "subj01")
+    (nsd_root / nsd.BETAS_ROOT / "subject2").mkdir()
+    (nsd_root / nsd.BETAS_ROOT / "subj3").write_text("notes")
+    assert subjects_in_release(nsd_root) == (1, 2)
     ncsnr = nsd.ncsnr_file(nsd_root, 1)
     ncsnr.unlink(missing_ok=True)
     ncsnr.symlink_to(tmp_path / "not-mounted" / "ncsnr.nii.gz")
@@ -1590,6 +1596,11 @@ def test_hdf5_a_link_that_does_not_resolve_or_a_filter_h5py_lacks_is_named(tmp_p
         check_release(nsd_root, None, ["V1"])
     with pytest.raises(NSDFormatError, match=match):
         prepare(nsd_root, coco, None, "V1", tmp_path / "o.parquet", progress=False)
+    # an optional filter the writer could not apply left the data plain: it reads
+    with h5py.File(session, "w") as f:
+        f.create_dataset("betas", data=betas, chunks=(1, *betas.shape[1:]), compression=32001,
+                         allow_unknown_filter=True)
+    check_release(nsd_root, None, ["V1"])
 
 
 def test_cli_prepare_refuses_an_unwritable_out_before_streaming_and_ends_on_ctrl_c(tmp_path):

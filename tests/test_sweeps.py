@@ -2128,6 +2128,9 @@ def test_the_parent_runs_tags_read_back_as_the_driver_wrote_them():
     assert recorded.trials == plan.n_trials and recorded.planned == plan.planned
     assert recorded.subjects == ()  # the simulated world: no NSD subjects to compare
     assert set(recorded.trial_run_tags()) <= set(tags)
+    # lenient on a store a user edited: what does not read is taken as not recorded
+    assert SweepRunTags.parse({"sweep": "s", "subjects": "1,\u00b2", "planned": "[1]",
+                               "seeds": "x"}) == SweepRunTags(sweep="s", subjects=(1,))
     # a value holding commas (a path) stays one override
     assert parse_overrides("a=/x,y/z.pt,epochs=2") == {"a": "/x,y/z.pt", "epochs": "2"}
     with pytest.raises(ValueError, match="is not key=value"):
