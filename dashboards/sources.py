@@ -54,6 +54,7 @@ from records import (
 )
 from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import expand_user, redact, tracking_refuses, tracking_unreachable
+from references.cache import env_default
 
 __all__ = [
     "SourceError",
@@ -221,15 +222,8 @@ def _integer(text: str | None, default: int = 0) -> int:
 def quiet_artifacts():
     """No tqdm bar per artifact transfer (MLflow reads this variable at each transfer), unless
     the user set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    if key in os.environ:
+    with env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
         yield
-        return
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 _STORE_ACCEPTED = ("accepted: the store a sweep wrote (sqlite:///PATH/mlflow.db), a tracking "

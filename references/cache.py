@@ -116,6 +116,20 @@ def damaged_entry(entry: Path, why: str) -> str:
             f"rebuild it: rm -r '{entry}'")
 
 
+@contextlib.contextmanager
+def env_default(name: str, value: str):
+    """Within the block, the environment variable ``name`` is ``value`` unless the user set it
+    (a library that reads it at each call); removed again afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def unwritable(folder: Path) -> str | None:
     """Why ``folder`` (to be created if missing) cannot be written, or None. Creates nothing:
     the nearest existing ancestor must be a writable folder (a dry run writes nothing).

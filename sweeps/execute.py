@@ -49,7 +49,7 @@ from records import (
     write_manifest,
 )
 from records.uris import redact
-from references.cache import atomic_write_text, file_sha256
+from references.cache import atomic_write_text, env_default, file_sha256
 from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
@@ -102,15 +102,9 @@ def _no_tensorboard_logger():
     config (``_run_config``). Not around a restored run's: its saved config may predate them
     (a run started before stop 35), and Tune then adds every logger it lacks. A user's own
     TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is left as it is."""
-    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    if name in os.environ:
+    with env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
         yield
-        return
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
+
 
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
