@@ -203,9 +203,7 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     dry run said N per condition (one baseline short each)."""
     plan = make_plan(parse("paper", "--search", "optuna", "--num-samples", "4"))
     assert plan.n_trials == (4 + 1) * len(plan.conditions)
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
-                           "--search", "optuna", "--num-samples", "4", "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("nsd_conv1_v1", "--search", "optuna", "--num-samples", "4", "--dry-run")
     # its negative control is left out: the sampler draws the condition's alphas afresh, so
     # the control's would never meet one to compare (it had sampled the control on its own)
     assert proc.stdout.strip().splitlines()[-1] == "5 trials", proc.stdout  # 1 + 4
@@ -214,23 +212,18 @@ def test_the_optuna_dry_run_counts_each_conditions_baseline():
     plan = make_plan(parse("nsd_conv1_v1", "--search", "optuna", "--num-samples", "4"))
     assert plan.conditions == ("nsd_conv1_v1",) and plan.left_out == ("nsd_conv1_v1_shuffled",)
     assert {t.condition for t in plan.trials} == {"nsd_conv1_v1"}
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
-                           "--smoke-test", "--search", "optuna", "--num-samples", "4",
-                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("nsd_conv1_v1", "--smoke-test",
+                   "--search", "optuna", "--num-samples", "4", "--dry-run")
     assert "smoke test on tiny simulated data: 5 trials per condition" in proc.stdout, \
         proc.stdout  # it said 3, the grid's smoke count
     # the beta the samples train at, not the grid's list (it had said "beta in {1, 2, 4, 8}"
     # for gabor_conv1, whose samples all train at 1)
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
-                           "--search", "optuna", "--num-samples", "3", "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("gabor_conv1", "--search", "optuna", "--num-samples", "3", "--dry-run")
     # (it said "the first 2 and 2 at random" of sides of 2 and 1 samples)
     assert ("gabor_conv1: 3 samples (2 promoting, 1 suppressing; all at random: too few for "
             "TPE to model), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's first), "
             "cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1",
-                           "--search", "optuna", "--num-samples", "20", "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("gabor_conv1", "--search", "optuna", "--num-samples", "20", "--dry-run")
     assert ("gabor_conv1: 20 samples (10 promoting, 10 suppressing; the first 3 and 3 at "
             "random, the rest by TPE), alpha = +-[1, 8] log-uniform, beta = 1 (the grid's "
             "first), cpus 1, gpus 0") in proc.stdout.splitlines(), proc.stdout
@@ -371,18 +364,16 @@ def test_the_optuna_dry_run_of_a_one_point_grid_and_a_control_that_does_not_run(
     assert optuna_bounds([2.0]) == (0.5, 8.0, True)
     assert optuna_bounds([0.5, 8.0, 2.0]) == (0.5, 8.0, False)
     assert optuna_split(5) == {"max": 3, "min": 2}
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), "nsd_conv1_v1",
-                           "--smoke-test", "--search", "optuna", "--num-samples", "2",
-                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("nsd_conv1_v1", "--smoke-test",
+                   "--search", "optuna", "--num-samples", "2", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert [line.split(":")[0] for line in proc.stdout.splitlines()
             if " samples (" in line] == ["nsd_conv1_v1"]
     one_point = make_plan(parse("nsd_resnet18_block1_v1"))
     alphas = one_point.spec.condition("nsd_resnet18_block1_v1").grid.alphas
     assert len(alphas) == 1
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"),
-                           "nsd_resnet18_block1_v1", "--search", "optuna", "--num-samples", "2",
-                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("nsd_resnet18_block1_v1", "--search", "optuna", "--num-samples", "2",
+                   "--dry-run")
     a = fmt_number(alphas[0])
     assert (f"alpha = +-[{fmt_number(alphas[0] / 4)}, {fmt_number(alphas[0] * 4)}] log-uniform "
             f"(around the grid's one alpha {a}: a/4 to 4a)") in proc.stdout, proc.stdout
