@@ -621,8 +621,8 @@ def auto_reference_network(
     try:
         return load_network(model_name, entry / _WEIGHTS_FILE, width=training.width), entry
     except ValueError as exc:  # the file a finished build wrote cannot be read back
-        raise DamagedCacheEntry(damaged_entry(entry, str(exc).replace(str(entry / _WEIGHTS_FILE),
-                                                               _WEIGHTS_FILE))) from None
+        why = str(exc).replace(str(entry / _WEIGHTS_FILE), _WEIGHTS_FILE)
+        raise DamagedCacheEntry(damaged_entry(entry, why)) from None
 
 
 def pretrained_reference(

@@ -975,14 +975,17 @@ def _execute(plan: Plan) -> int:
     # the driver without a word and left the parent run RUNNING).
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-    saved = {k: os.environ.get(k) for k in (*_FAIL_FAST, *_QUIET_TUNE)}
-    for key, value in _QUIET_TUNE.items():
-        os.environ.setdefault(key, value)
+    saved = {k: os.environ.get(k) for k in _FAIL_FAST}
     try:
-        return _execute_run(plan)
+        # unless the user set it: each failed attempt of a trial printed its whole traceback
+        # (50 lines, three times for Tune's retries) above the driver's one-line summary of
+        # the trial's error; the traceback stays in Tune's error file (its path is printed)
+        # and in the trial's MLflow run. TUNE_PRINT_ALL_TRIAL_ERRORS=1 shows them again.
+        with env_default("TUNE_PRINT_ALL_TRIAL_ERRORS", "0"):
+            return _execute_run(plan)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for key, value in saved.items():  # _fail_fast_tracking's and Tune's, for this run
+        for key, value in saved.items():  # _fail_fast_tracking's, for this run only
             if value is None:
                 os.environ.pop(key, None)
             else:
@@ -1236,12 +1239,6 @@ def _fail_fast_tracking() -> None:
     for key, value in _FAIL_FAST.items():
         os.environ.setdefault(key, value)
 
-
-#: Tune's settings for the driver, unless the user set them: each failed attempt of a trial
-#: printed its whole traceback (50 lines, three times for Tune's retries) above the driver's
-#: one-line summary of the trial's error; the traceback stays in Tune's error file (its path
-#: is printed) and in the trial's MLflow run. TUNE_PRINT_ALL_TRIAL_ERRORS=1 shows them again.
-_QUIET_TUNE = {"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 
 #: MLflow's HTTP settings for the driver's calls from the trials' end (``_fail_fast_tracking``)
 _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}

@@ -477,10 +477,12 @@ def linear_alignment_scaled(
       fold's variance (the per-fold uniform mean differs by ~0.04 at n = 50, ~0.005 at
       n = 200; pooling keeps a column nearly flat within one fold from dominating it).
       Predicting the network's units (Y -> X), each unit weighs its variance: a dead unit
-      weighs nothing and a nearly silenced one nearly nothing, so a network cannot raise its
-      score by silencing units into constants (a constant target is trivially "predicted" and would score R^2 = 1 under
-      scikit-learn's rule). The same rule holds in the training loss
-      (``linear_alignment_heldout``). Not symmetric in X and Y, by design.
+      weighs nothing and a nearly silenced one nearly nothing, so silencing units into
+      constants earns no credit (a constant target is trivially "predicted" and would score
+      R^2 = 1 under scikit-learn's rule). Silencing a unit predicted worse than the layer's
+      average still raises the pooled score, as it would any normalised average (README).
+      The same rule holds in the training loss (``linear_alignment_heldout``). Not symmetric
+      in X and Y, by design.
 
     ``parts=True`` returns ``(score, x_to_y, y_to_x)`` (the model -> reference R^2 is what a
     noise ceiling normalises). Differentiable, with the alpha grid held: it is set from the
