@@ -242,6 +242,9 @@ def mlflow_client(uri: str):
         raise SourceError(f"--mlflow-uri {redact(uri)}: tracking server unreachable ({why}); "
                           f"start it, or name a store that answers ({_STORE_ACCEPTED})")
     refused = tracking_refuses(uri)
+    if refused is not None and refused.server_failing:
+        raise SourceError(f"--mlflow-uri {redact(uri)}: the tracking server answers /health but "
+                          f"fails its API ({refused}; its log says why); {_STORE_ACCEPTED}")
     if refused is not None:
         raise SourceError(f"--mlflow-uri {redact(uri)}: the tracking server refuses this client "
                           f"({refused}); accepted: its user's MLFLOW_TRACKING_USERNAME and "

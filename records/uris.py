@@ -9,10 +9,11 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["DEFAULT_MLFLOW_DB", "expand_user", "not_utf8", "redact", "tracking_refuses",
-           "tracking_unreachable", "tracking_uri"]
+__all__ = ["DEFAULT_MLFLOW_DB", "Refusal", "expand_user", "not_utf8", "redact",
+           "tracking_refuses", "tracking_unreachable", "tracking_uri"]
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
 _MLFLOW_ACCEPTED = ("sqlite:///PATH.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH (with "
@@ -227,46 +228,76 @@ def databricks_credentials_missing(uri: str) -> bool:
     return False
 
 
-def tracking_refuses(uri: str, *, timeout: float = 5.0) -> str | None:
-    """Why an http(s) MLflow server that answers ``/health`` refuses this client's requests,
-    or None: one search of its experiments with the credentials MLflow's client would send
-    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``MLFLOW_TRACKING_TOKEN``). ``/health`` is
-    exempt from the server's host check and its authentication, so a server that rejects the
-    Host header this URI sends (started without ``--allowed-hosts`` naming it) or the
-    credentials passed the reachability check and failed once Ray had started. Only 401 and
-    403 count; anything else is left to the run."""
+class Refusal(NamedTuple):
+    """An http(s) MLflow server's answer to a request it did not serve: the status and the
+    start of what it said."""
+    code: int
+    said: str
+
+    @property
+    def server_failing(self) -> bool:
+        """A 5xx: the server is up but cannot serve (its backend store down or misconfigured),
+        as opposed to refusing this client (401, 403)."""
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"HTTP {self.code}{f': {self.said}' if self.said else ''}"
+
+
+def tracking_refuses(uri: str, *, timeout: float = 5.0, retry_after: float = 1.0
+                     ) -> Refusal | None:
+    """Why an http(s) MLflow server that answers ``/health`` does not serve this client's
+    requests, or None: one search of its experiments with the credentials MLflow's client
+    would send (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``MLFLOW_TRACKING_TOKEN``).
+    ``/health`` is exempt from the server's host check and its authentication and touches no
+    backend store, so a server that rejects the Host header this URI sends (started without
+    ``--allowed-hosts`` naming it), the credentials (401, 403), or that fails every request
+    (5xx: its database gone or refusing it) passed the reachability check; the run then
+    failed once Ray had started, for a 5xx after MLflow's retries (minutes). A 5xx is asked
+    once more after ``retry_after`` seconds before it counts. Other answers are left to the
+    run."""
     import base64
     import json
+    import time
 
     parts = urlsplit(uri)
     if parts.scheme.lower() not in ("http", "https"):
         return None
-    base = (f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
-            f"{parts.path.rstrip('/')}")
-    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search",
-                                     data=json.dumps({"max_results": 1}).encode(),
-                                     headers={"Content-Type": "application/json"})
     if os.environ.get("MLFLOW_TRACKING_AUTH"):  # a plugin's authentication: not ours to try
         return None
+    base = (f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+            f"{parts.path.rstrip('/')}")
     # URI credentials as MLflow's client sends them (requests decodes %40 into @)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(parts.username or "")
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or unquote(parts.password or "")
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if user and password:
-        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {pair}")
-    elif token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return None
-    except urllib.error.HTTPError as exc:
-        if exc.code not in (401, 403):
-            return None
+    for attempt in range(2):
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search",
+                                         data=json.dumps({"max_results": 1}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        if user and password:
+            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {pair}")
+        elif token:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
-            said = " ".join(exc.read(300).decode(errors="replace").split())
-        except OSError:
-            said = ""
-        return f"HTTP {exc.code}{f': {said}' if said else ''}"
-    except (urllib.error.URLError, OSError):
-        return None
+            with urllib.request.urlopen(request, timeout=timeout):
+                return None
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (401, 403) and exc.code < 500:
+                return None
+            if exc.code >= 500 and attempt == 0:
+                time.sleep(retry_after)
+                continue
+            try:
+                said = exc.read(2000).decode(errors="replace")
+            except OSError:
+                said = ""
+            try:  # MLflow's JSON error: its message's first line (an SQL error's, not its SQL)
+                said = str(json.loads(said)["message"]).splitlines()[0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                pass
+            return Refusal(exc.code, " ".join(said.split())[:300])
+        except (urllib.error.URLError, OSError):
+            return None
+    return None

@@ -1221,7 +1221,9 @@ def prepare(nsd_root: str | os.PathLike, coco_annotations: str | os.PathLike,
     ncsnr = {}  # read before streaming, so a bad ncsnr file fails in seconds, not hours
     for p in plans:
         v = load_ncsnr(nsd_root, p.subject, p.mask)
-        ncsnr[str(p.subject)] = None if v is None else [float(f"{x:.6g}") for x in v]
+        # each float32 as its shortest exact decimal: read back as float32 it is the release's
+        # value, so voxel_ncsnr_min keeps the voxels the release's ncsnr would
+        ncsnr[str(p.subject)] = None if v is None else [float(str(x)) for x in v]
 
     parts = []
     bar = tqdm(total=sum(len(p.sessions) for p in plans), desc=f"NSD {spec.name} sessions",

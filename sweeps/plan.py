@@ -1287,6 +1287,11 @@ def check_services(plan: Plan, *, timeout: float = 5.0) -> None:
                          f"unreachable ({why}); {how} or {_omit(plan.mlflow_from)} for the local "
                          f"SQLite store")
     refused = tracking_refuses(plan.mlflow_uri, timeout=timeout)
+    if refused is not None and refused.server_failing:
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the tracking server "
+                         f"answers /health but fails its API ({refused}); accepted: a server "
+                         f"whose backend store answers (its log says why it fails), or "
+                         f"{_omit(plan.mlflow_from)} for the local SQLite store")
     if refused is not None:
         host = urlsplit(plan.mlflow_uri).netloc.rsplit("@", 1)[-1]
         raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the tracking server refuses "

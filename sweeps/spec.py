@@ -480,9 +480,13 @@ class Sweep:
 # Command-line overrides and selection
 
 # Keys a --set override may not change: they define the grid point or the condition (a trial's
-# identity), or follow from its resources (threads: use --cpus-per-trial). reference_shuffle is
-# refused by the plan where the sweep file has a [control] (it tells the two apart).
-OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "alpha", "beta", "seed", "threads")
+# identity: the condition's name, its fronts and its report state its model, layer, reference
+# and metric), or follow from its resources (threads: use --cpus-per-trial). The same keys a
+# sweep file's `trial` table may not set (spec._SWEEP_SET), less the scale's own settings.
+# reference_shuffle is refused by the plan where the sweep file has a [control] (it tells the
+# two apart).
+OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "metric", "alpha", "beta", "seed",
+                      "threads")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -252,7 +252,8 @@ def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_pat
     """A server whose /health answers but whose API refuses the Host header this URI sends
     (started without --allowed-hosts naming it): the run had started Ray, then died with a
     403 traceback and exit 1. The dry run, the run and the post-processor refuse it in one
-    line saying what the server needs; the allowed name passes."""
+    line saying what the server needs; the allowed name passes. Then its store is broken
+    under it (a 5xx to every API call): refused in one line too."""
     server = MlflowServer(tmp_path)
     server.extra = ["--allowed-hosts", f"localhost:{server.port}"]  # not 127.0.0.1:port
     server.start()
@@ -270,7 +271,23 @@ def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_pat
             assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
         from records.uris import tracking_refuses
 
-        assert tracking_refuses(f"http://localhost:{server.port}") is None
+        allowed = f"http://localhost:{server.port}"
+        assert tracking_refuses(allowed) is None
+        # The same server with its SQLite store emptied under it: /health still answers (it
+        # touches no store) and every API call fails (503). The run had started Ray and the
+        # parent run's creation waited through MLflow's retries (minutes); the post-processor
+        # the same. Now one line naming the server's own reason.
+        server.db.write_bytes(b"")
+        for argv in (["sweeps/run.py", "gabor_conv1", "--smoke-test", "--dry-run"],
+                     ["sweeps/run.py", "gabor_conv1", "--smoke-test"],
+                     ["-m", "dashboards.pareto", "gabor_conv1"]):
+            proc = subprocess.run([sys.executable, *argv, "--mlflow-uri", allowed], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.startswith(
+                f"error: --mlflow-uri {allowed}: the tracking server answers /health but fails "
+                f"its API (HTTP 503: (sqlite3.OperationalError) no such table: "), proc.stderr
+            assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
     finally:
         server.stop()
 
@@ -306,7 +323,7 @@ def test_the_refusal_check_sends_the_credentials_mlflows_client_sends(monkeypatc
                      "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_AUTH"):
             monkeypatch.delenv(name, raising=False)
         assert tracking_refuses(f"http://alice:p%40ss%3Aw%25rd@127.0.0.1:{port}") is None
-        assert tracking_refuses(f"http://alice:wrong@127.0.0.1:{port}") == (
+        assert str(tracking_refuses(f"http://alice:wrong@127.0.0.1:{port}")) == (
             "HTTP 401: You are not authenticated.")
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:w%rd")

@@ -598,6 +598,9 @@ def test_plan_of_a_smoke_test():
     (["nsd_conv1_v1", "--set", "lr"], r"--set 'lr'; accepted: KEY=VALUE"),
     (["nsd_conv1_v1", "--set", "lerning_rate=1"], r"--set lerning_rate: unknown trial setting"),
     (["nsd_conv1_v1", "--set", "alpha=2"], r"--set alpha: alpha is set by the sweep's grid"),
+    # the condition's name and report said linear while every trial trained on CKA
+    (["nsd_conv1_v1", "--set", "metric=cka"],
+     r"--set metric: metric is set by the sweep's grid and condition; accepted keys: "),
     (["nsd_conv1_v1", "--set", "threads=2"], r"threads follows --cpus-per-trial"),
     (["nsd_conv1_v1", "--set", "lr=\"0.001\""], r"--set: lr='0.001'; accepted: a number"),
     # read as 0.0, the refusal named 0.0, which nobody typed
