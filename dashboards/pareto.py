@@ -37,15 +37,12 @@ before MLflow would create or migrate its tables in it (``sources.mlflow_client`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -77,6 +74,7 @@ from dashboards.sources import (
     sweep_parent_run,
 )
 from records import NOTE_TAG, PREDICTIONS_ARTIFACT, controlled_by
+from records.scratch import new_held, remove_stale_held
 from records.uris import expand_user, not_utf8, redact, tracking_uri
 from references.cache import atomic_write_text, unwritable
 
@@ -297,13 +295,13 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     report, tables and statistics are still written, say so (``FIGURES_NOT_DRAWN`` in
     statistics.json) and that figure's older files are removed from ``out`` rather than left
     beside a report they no longer match. A stage folder a killed post-processor left behind
-    is deleted (``_remove_stale_stages``)."""
+    is deleted (``records.scratch.remove_stale_held``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{_host()}-", dir=out))
+    remove_stale_held(out, _STAGE_PREFIX)
+    stage, lock = new_held(out, _STAGE_PREFIX)
     try:
-        with _held(stage):
+        with lock:
             _build_outputs(record, stage)
             for name in sorted(FILES, key=lambda n: n == "report.html"):
                 if (stage / name).is_file():
@@ -315,41 +313,9 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     return out / "report.html"
 
 
-#: The hidden folder a post-processor builds its files in: ``.building-<host>-<random>``,
-#: holding ``_STAGE_LOCK``, locked (flock) for as long as its build runs.
+#: The hidden folder a post-processor builds its files in: ``.building-<host>-<random>``, held
+#: (``records.scratch.new_held``) for as long as its build runs.
 _STAGE_PREFIX = ".building-"
-_STAGE_LOCK = ".lock"
-
-
-def _host() -> str:
-    return re.sub(r"[^0-9A-Za-z.]", "_", socket.gethostname())[:64] or "host"
-
-
-@contextlib.contextmanager
-def _held(stage: Path):
-    """Hold ``stage``'s lock while the build runs. The lock file is locked under a temporary
-    name and only then renamed into place, so no cleaner ever finds it unlocked while its
-    builder lives; the kernel releases it when the builder dies, however it dies."""
-    with open(stage / f"{_STAGE_LOCK}.new", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        os.replace(stage / f"{_STAGE_LOCK}.new", stage / _STAGE_LOCK)
-        yield
-
-
-def _remove_stale_stages(out: Path) -> None:
-    """Delete the stage folders in ``out`` whose builder no longer runs: named for this host
-    and holding a lock file that can be locked (a live builder holds it, whatever its process
-    id namespace: containers sharing the host name each number their own processes). Another
-    host's are left (a file system whose locks are local to each host, such as NFS mounted
-    with nolock, would let any lock be taken), as are folders without a lock file (still
-    being made, or left by an older version)."""
-    for folder in out.glob(f"{_STAGE_PREFIX}{_host()}-*"):
-        try:
-            with open(folder / _STAGE_LOCK) as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)  # while holding it: no one reuses it
-        except OSError:  # held by a live build, no lock file, or a file system without locks
-            continue
 
 
 def _build_outputs(record: SweepRecord, out: Path) -> Path:
@@ -364,13 +330,13 @@ def _build_outputs(record: SweepRecord, out: Path) -> Path:
     if partial:  # first, in the report, statistics.json and on the console
         messages = [partial[1], *messages]
     terms = paper.paper_terms(results, stats, record.scale, paper.differences(record.run))
-    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=out) as tmp:  # in the held stage
         sides, unreadable = _effects(record, results, Path(tmp))
     messages += [f"trial {tid}: unreadable per-image validation outcome, {why}; its "
                  f"condition's effects have point values only, no interval"
                  for tid, why in unreadable.items()]
     tables.write_parquet(effects.effects_table(sides), out / "effects.parquet")
-    with tempfile.TemporaryDirectory(prefix="alignsweep-dashboards-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=out) as tmp:  # in the held stage
         embedded, not_drawn = _figures(record, results, epochs, stats, out, Path(tmp))
     messages += [note for _, note in not_drawn]
     atomic_write_text(out / "statistics.json", json.dumps(

@@ -48,6 +48,7 @@ from records import (
     run_folder_name,
     write_manifest,
 )
+from records.scratch import scratch_dir
 from records.uris import redact
 from references.cache import atomic_write_text, env_default, file_sha256
 from sweeps import tracking
@@ -145,7 +146,8 @@ class RayHooks:
         self.facts: dict[str, list] = {}
         self._placed = dict(placed or {})
         self._restored: tempfile.TemporaryDirectory | None = None
-        self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-")
+        self._artifacts = tempfile.TemporaryDirectory(prefix="trial-artifacts-",
+                                                      dir=scratch_dir())
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path) -> None:
         epoch = int(metrics["epoch"])
@@ -170,7 +172,7 @@ class RayHooks:
         ckpt = self._tune.get_checkpoint()
         if ckpt is None:
             return None
-        self._restored = tempfile.TemporaryDirectory(prefix="restore-")
+        self._restored = tempfile.TemporaryDirectory(prefix="restore-", dir=scratch_dir())
         path = Path(ckpt.to_directory(self._restored.name))
         self.journal = read_journal(path)
         self.facts = read_facts(path)

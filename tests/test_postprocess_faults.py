@@ -18,6 +18,7 @@ from test_dashboards import _record, write_ray_run
 from dashboards import pareto, report, tables
 from dashboards.sources import SourceError, load_ray
 from records import ARTIFACTS_DIR, PARENT_FILE, PREDICTIONS_ARTIFACT
+from records.scratch import host_tag
 from records.uris import tracking_uri
 
 SWEEP = "gabor_conv1"
@@ -196,7 +197,7 @@ def test_a_stage_folder_left_by_a_killed_build_is_removed_by_the_next(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    host = pareto._host()
+    host = host_tag()
     stale, running, bare = (out / f".building-{host}-{name}" for name in ("a1", "b2", "c3"))
     other = out / ".building-elsewhere.example-d4"
     for folder in (stale, other):

@@ -418,6 +418,54 @@ def test_file_uri_storage_is_that_folder_and_cloud_uris_are_refused(tmp_path):
     assert not (tmp_path / "s3:").exists()
 
 
+# ----------------------------------------------------------------------------- scratch
+
+
+_SCRATCH_OWNER = """
+import sys, time
+from records.scratch import scratch_dir
+d = scratch_dir()
+(d / "ckpt-x").mkdir()
+(d / "ckpt-x" / "checkpoint.pt").write_bytes(bytes(1 << 20))
+print(d, flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_trial_killed_outright_leaves_no_scratch_for_the_next_to_find(tmp_path):
+    """A trial SIGKILLed (the OOM killer) ran no cleanup: its checkpoint folder (hundreds of
+    MB at paper scale), its artifacts and a restored checkpoint stayed in /tmp for good, one
+    set per kill. Each process's temporary files now live in one folder it holds locked; the
+    next process to make its own removes those of processes that are gone, and leaves a live
+    one's, another host's and a folder without a lock file. A normal exit removes its own."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    owners = [subprocess.Popen([sys.executable, "-c", _SCRATCH_OWNER, "120"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, live = (Path(p.stdout.readline().strip()) for p in owners)
+        owners[0].send_signal(signal.SIGKILL)
+        owners[0].wait()
+        assert (killed / "ckpt-x" / "checkpoint.pt").is_file()  # what a kill left
+        other_host = tmp_path / "alignsweep-scratch-elsewhere.example-ab12"
+        other_host.mkdir()
+        (other_host / ".lock").write_text("")
+        from records.scratch import SCRATCH_PREFIX, host_tag
+
+        unlocked = tmp_path / f"{SCRATCH_PREFIX}{host_tag()}-cd34"  # still being made
+        unlocked.mkdir()
+        nxt = subprocess.run([sys.executable, "-c", _SCRATCH_OWNER, "0"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert nxt.returncode == 0, nxt.stderr
+        own = Path(nxt.stdout.strip())
+        assert not killed.exists()
+        assert live.is_dir() and other_host.is_dir() and unlocked.is_dir()
+        assert own.parent == tmp_path and not own.exists()  # removed at its exit
+    finally:
+        for p in owners:
+            p.kill()
+            p.wait()
+
+
 # ----------------------------------------------------------------------------- drivers
 
 

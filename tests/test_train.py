@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -487,6 +488,24 @@ def test_resume_is_bit_exact(nsd_like, tmp_path):
     a = torch.load(hooks_a.checkpoints[-1] / "checkpoint.pt", weights_only=False)["model"]
     c = torch.load(hooks_c.checkpoints[-1] / "checkpoint.pt", weights_only=False)["model"]
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_trials_checkpoint_is_written_in_the_process_scratch_folder(nsd_like, tmp_path):
+    """Each epoch's checkpoint is written where a killed trial's is found and removed by the
+    next one (records.scratch): inside this process's held scratch folder, not loose in /tmp."""
+    from records.scratch import scratch_dir
+
+    data, responses = nsd_like
+    seen: list[Path] = []
+
+    class Seen(LocalHooks):
+        def report(self, metrics, checkpoint_dir):
+            seen.append(Path(checkpoint_dir))
+            super().report(metrics, checkpoint_dir)
+
+    train(dict(TINY, reference="nsd", alpha=0.5, epochs=1), data=data, reference=responses,
+          hooks=Seen(tmp_path))
+    assert [p.parent for p in seen] == [scratch_dir()] and not seen[0].exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(nsd_like, tmp_path):

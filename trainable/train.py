@@ -36,6 +36,7 @@ from records import (
     FINAL_METRICS_ARTIFACT,
     PREDICTIONS_ARTIFACT,
 )
+from records.scratch import scratch_dir
 from trainable.alignment import (
     UndefinedScore,
     constant_columns,
@@ -828,7 +829,7 @@ def train(
         )
     own = None
     if hooks is None:  # a private folder for checkpoints and artifacts, removed at the end
-        own = tempfile.TemporaryDirectory(prefix="alignsweep-trial-")
+        own = tempfile.TemporaryDirectory(prefix="alignsweep-trial-", dir=scratch_dir())
         hooks = LocalHooks(Path(own.name))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -887,7 +888,7 @@ def train(
             metrics["epoch"] = float(epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0
             metrics["images_per_second"] = metrics["train_images"] / train_seconds
-            with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="ckpt-", dir=scratch_dir()) as tmp:
                 save_checkpoint(Path(tmp), model, optimizer, epoch, cfg)
                 if last:
                     art = hooks.artifact_dir()

@@ -1,0 +1,92 @@
+"""Folders held by a live process, and each process's scratch folder.
+
+A held folder is ``<prefix><host>-<random>`` holding ``HELD_LOCK``, locked (flock) for as long
+as its owner lives. The kernel releases the lock however the owner dies (SIGKILL, the OOM
+killer), so the next owner of such a folder in the same parent can tell a dead one's leftovers
+from a live one's, whatever their process-id namespaces. Used by the trials' temporary files
+(``scratch_dir``) and the post-processor's stage folder. Standard library only (every layer
+imports it; ``records``' layering).
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import glob
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import IO
+
+__all__ = ["HELD_LOCK", "SCRATCH_PREFIX", "host_tag", "new_held", "remove_stale_held",
+           "scratch_dir"]
+
+HELD_LOCK = ".lock"
+
+
+def host_tag() -> str:
+    """This host's name as a file-name part (a shared file system holds several hosts'
+    folders, and flock may be local to each host)."""
+    return re.sub(r"[^0-9A-Za-z.]", "_", socket.gethostname())[:64] or "host"
+
+
+def remove_stale_held(parent: Path, prefix: str) -> None:
+    """Delete the held folders ``<prefix><host>-*`` in ``parent`` whose owner no longer runs:
+    named for this host and holding a lock file that can be locked (a live owner holds it).
+    Another host's are left (a file system whose locks are local to each host, such as NFS
+    mounted with nolock, would let any lock be taken), as are folders without a lock file
+    (still being made, or left by an older version)."""
+    for folder in Path(parent).glob(f"{glob.escape(prefix)}{glob.escape(host_tag())}-*"):
+        try:
+            with open(folder / HELD_LOCK) as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)  # while holding it: no one reuses it
+        except OSError:  # held by a live owner, no lock file, or a file system without locks
+            continue
+
+
+def new_held(parent: Path, prefix: str) -> tuple[Path, IO[str]]:
+    """A new folder ``<prefix><host>-<random>`` in ``parent`` and the open lock file that
+    holds it: (folder, file). Closing the file (or the process's end) lets the next
+    ``remove_stale_held`` delete the folder. The lock is taken under a temporary name and only
+    then renamed into place, so no cleaner ever finds it unlocked while its owner lives."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-", dir=parent))
+    fh = open(folder / f"{HELD_LOCK}.new", "w")  # noqa: SIM115 (held for the owner's life)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        os.replace(folder / f"{HELD_LOCK}.new", folder / HELD_LOCK)
+    except BaseException:
+        fh.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, fh
+
+
+SCRATCH_PREFIX = "alignsweep-scratch-"
+_scratch: tuple[Path, IO[str], int] | None = None
+
+
+def scratch_dir() -> Path:
+    """This process's folder for temporary files, in the system's temporary folder
+    (``alignsweep-scratch-<host>-<random>``, held for the process's life): a trial's
+    checkpoint before Ray persists it, its artifacts, a checkpoint it restores from. A
+    process killed outright (SIGKILL, the OOM killer) runs no cleanup, and at paper scale
+    each checkpoint left behind is hundreds of MB; so the first call in each process deletes
+    the folders of this host's processes that are gone. Removed at a normal exit."""
+    global _scratch
+    if _scratch is None or not _scratch[0].is_dir():
+        parent = Path(tempfile.gettempdir())
+        remove_stale_held(parent, SCRATCH_PREFIX)
+        folder, fh = new_held(parent, SCRATCH_PREFIX)
+        pid = os.getpid()
+        _scratch = (folder, fh, pid)
+
+        def remove() -> None:  # not from a forked child that inherited the folder
+            if os.getpid() == pid:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(remove)
+    return _scratch[0]
