@@ -248,6 +248,19 @@ def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _refused_before_ray_starts(uri: str, said: str) -> None:
+    """The dry run, the run and the post-processor each stop at ``uri`` with the one line
+    ``error: --mlflow-uri URI: <said>...``, exit 2, before Ray starts."""
+    for argv in (["sweeps/run.py", "gabor_conv1", "--smoke-test", "--dry-run"],
+                 ["sweeps/run.py", "gabor_conv1", "--smoke-test"],
+                 ["-m", "dashboards.pareto", "gabor_conv1"]):
+        proc = subprocess.run([sys.executable, *argv, "--mlflow-uri", uri], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: --mlflow-uri {uri}: {said}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
+
+
 def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_path):
     """A server whose /health answers but whose API refuses the Host header this URI sends
     (started without --allowed-hosts naming it): the run had started Ray, then died with a
@@ -258,17 +271,9 @@ def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_pat
     server.extra = ["--allowed-hosts", f"localhost:{server.port}"]  # not 127.0.0.1:port
     server.start()
     try:
-        refused = f"http://127.0.0.1:{server.port}"
-        for argv in (["sweeps/run.py", "gabor_conv1", "--smoke-test", "--dry-run"],
-                     ["sweeps/run.py", "gabor_conv1", "--smoke-test"],
-                     ["-m", "dashboards.pareto", "gabor_conv1"]):
-            proc = subprocess.run([sys.executable, *argv, "--mlflow-uri", refused], cwd=REPO,
-                                  capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.startswith(
-                f"error: --mlflow-uri {refused}: the tracking server refuses this client "
-                f"(HTTP 403: Invalid Host header"), proc.stderr
-            assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
+        _refused_before_ray_starts(f"http://127.0.0.1:{server.port}",
+                                   "the tracking server refuses this client (HTTP 403: Invalid "
+                                   "Host header")
         from records.uris import tracking_refuses
 
         allowed = f"http://localhost:{server.port}"
@@ -278,16 +283,8 @@ def test_a_server_that_refuses_this_client_is_one_line_before_ray_starts(tmp_pat
         # parent run's creation waited through MLflow's retries (minutes); the post-processor
         # the same. Now one line naming the server's own reason.
         server.db.write_bytes(b"")
-        for argv in (["sweeps/run.py", "gabor_conv1", "--smoke-test", "--dry-run"],
-                     ["sweeps/run.py", "gabor_conv1", "--smoke-test"],
-                     ["-m", "dashboards.pareto", "gabor_conv1"]):
-            proc = subprocess.run([sys.executable, *argv, "--mlflow-uri", allowed], cwd=REPO,
-                                  capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.startswith(
-                f"error: --mlflow-uri {allowed}: the tracking server answers /health but fails "
-                f"its API (HTTP 503: (sqlite3.OperationalError) no such table: "), proc.stderr
-            assert len(proc.stderr.splitlines()) == 1 and "Ray" not in proc.stdout
+        _refused_before_ray_starts(allowed, "the tracking server answers /health but fails its "
+                                   "API (HTTP 503: (sqlite3.OperationalError) no such table: ")
     finally:
         server.stop()
 
