@@ -43,7 +43,9 @@ from records import (
     PARENT_TAG,
     RETIRED_TAG,
     SCALE_SUFFIXES,
+    TRIAL_ID_TAG,
     SweepRunTags,
+    TrialRunTags,
     child_runs,
     error_summary,
     experiment_name,
@@ -385,10 +387,10 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     # advice). Runs the driver retired itself are no trial's.
     present = {t.trial_id for t in trials}
     deleted = tuple(sorted({
-        r.data.tags["trial_id"]: r.info.run_id
+        r.data.tags[TRIAL_ID_TAG]: r.info.run_id
         for r in child_runs(client, parent.info.run_id, deleted=True)
         if is_trial_run(r.data.tags) and RETIRED_TAG not in r.data.tags
-        and r.data.tags["trial_id"] not in present}.items()))
+        and r.data.tags[TRIAL_ID_TAG] not in present}.items()))
 
     listed: dict[str, set[str]] = {}
 
@@ -419,7 +421,7 @@ def _one_run_per_trial(runs: list) -> tuple[list, tuple[str, ...]]:
     is the newest FINISHED one, else the newest."""
     by_trial: dict[str, list] = {}
     for run in runs:
-        by_trial.setdefault(run.data.tags["trial_id"], []).append(run)
+        by_trial.setdefault(run.data.tags[TRIAL_ID_TAG], []).append(run)
     kept, notes = [], []
     for trial_id, group in by_trial.items():
         group.sort(key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0))
@@ -443,15 +445,16 @@ def _mlflow_trial(client, run) -> Trial:
         history[key] = tuple(sorted(by_step.items()))
     config = resolve_config(run.data.params)
     # the param is the alpha as trained (repr of the float); the tag is rounded for display
-    alpha = _number(run.data.params.get("alpha"), _number(tags.get("alpha")))
+    named = TrialRunTags.parse(tags)
+    alpha = _number(run.data.params.get("alpha"), _number(named.alpha))
     return Trial(
         run_id=run.info.run_id,
-        trial_id=tags.get("trial_id", run.info.run_name or run.info.run_id),
-        condition=tags.get("condition", tags.get("sweep", "")),
-        direction=tags.get("direction", _direction(alpha)),
+        trial_id=named.trial_id or run.info.run_name or run.info.run_id,
+        condition=named.condition or tags.get("sweep", ""),
+        direction=named.direction or _direction(alpha),
         alpha=alpha,
-        beta=_number(tags.get("beta"), _number(str(config.get("beta")))),
-        seed=_integer(tags.get("seed"), int(config["seed"])),
+        beta=_number(named.beta, _number(str(config.get("beta")))),
+        seed=_integer(named.seed, int(config["seed"])),
         status=run.info.status,
         config=config,
         history=history,

@@ -30,7 +30,7 @@ __all__ = [
     "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG",
     "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG",
     "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags",
-    "TrialKey", "control_name", "controlled_by", "error_summary", "experiment_name",
+    "TRIAL_ID_TAG", "TrialKey", "TrialRunTags", "control_name", "controlled_by", "error_summary", "experiment_name",
     "fmt_number", "format_overrides", "is_trial_run", "parse_experiment", "parse_overrides",
     "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
 ]
@@ -452,14 +452,54 @@ def child_runs(client: Any, parent_run_id: str, *, deleted: bool = False) -> lis
             return runs
 
 
+#: The tag naming a trial's child run by its key (``TrialKey.format``): MLflow searches
+#: filter on it (``tags.trial_id = '...'``).
+TRIAL_ID_TAG = "trial_id"
+
+
+@dataclass(frozen=True)
+class TrialRunTags:
+    """The tags that name a trial's child run: the driver writes them (``of(key).format()``),
+    the driver's bookkeeping and the post-processor read them (``parse``). A field the run
+    lacks is None (another tool's run under the parent, or a run written before the field).
+
+    trial_id : the key as formatted; condition, direction; alpha : the signed alpha as
+    ``fmt_number`` rounds it for display (the run's ``alpha`` param is the alpha trained);
+    beta, seed : as written.
+    """
+
+    trial_id: str | None = None
+    condition: str | None = None
+    direction: str | None = None
+    alpha: str | None = None
+    beta: str | None = None
+    seed: str | None = None
+
+    _TAGS: ClassVar[dict[str, str]] = {
+        "trial_id": TRIAL_ID_TAG, "condition": "condition", "direction": "direction",
+        "alpha": "alpha", "beta": "beta", "seed": "seed"}
+
+    @classmethod
+    def of(cls, key: TrialKey) -> TrialRunTags:
+        return cls(trial_id=key.format(), condition=key.condition, direction=key.direction,
+                   alpha=fmt_number(key.signed_alpha), beta=fmt_number(key.beta),
+                   seed=str(key.seed))
+
+    def format(self) -> dict[str, str]:
+        """The tags, the fields that are set."""
+        return {tag: getattr(self, name) for name, tag in self._TAGS.items()
+                if getattr(self, name) is not None}
+
+    @classmethod
+    def parse(cls, tags: Mapping[str, str]) -> TrialRunTags:
+        return cls(**{name: tags.get(tag) for name, tag in cls._TAGS.items()})
+
+    @property
+    def is_trial(self) -> bool:
+        """Whether the run is a trial's, not another tool's run nested under the parent."""
+        return self.trial_id is not None and self.condition is not None
+
+
 def is_trial_run(tags: Mapping[str, str]) -> bool:
-    """Whether a child run's ``tags`` are a trial's (``tags_of``), not another tool's run
-    nested under the parent."""
-    return "trial_id" in tags and "condition" in tags
-
-
-def tags_of(key: TrialKey) -> Mapping[str, str]:
-    """The MLflow tags that name a trial's child run."""
-    return {"condition": key.condition, "direction": key.direction,
-            "alpha": fmt_number(key.signed_alpha), "beta": fmt_number(key.beta),
-            "seed": str(key.seed), "trial_id": key.format()}
+    """Whether a child run's ``tags`` are a trial's (``TrialRunTags``)."""
+    return TrialRunTags.parse(tags).is_trial

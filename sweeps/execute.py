@@ -39,6 +39,7 @@ from records import (
     INTERRUPTED_TAG,
     JOURNAL_FILE,
     PARENT_FILE,
+    TRIAL_ID_TAG,
     ManifestEntry,
     SweepRunTags,
     TrialKey,
@@ -1448,7 +1449,7 @@ def _write_manifest(plan: Plan, run_dir: Path, parent_id: str,
         try:
             from mlflow.tracking import MlflowClient
 
-            run_ids = {r.data.tags.get("trial_id"): r.info.run_id
+            run_ids = {r.data.tags.get(TRIAL_ID_TAG): r.info.run_id
                        for r in child_runs(MlflowClient(plan.mlflow_uri), parent_id)}
         except Exception:  # an unreachable store: the manifest says None, nothing is lost
             run_ids = {}

@@ -75,10 +75,10 @@ from records import (  # noqa: F401  (re-exported: the sweep file's vocabulary)
     TASKS,
     VOXEL_DATA,
     TrialKey,
+    TrialRunTags,
     control_name,
     fmt_number,
     format_overrides,
-    tags_of,
 )
 from trainable.config import UPPER
 
@@ -341,8 +341,8 @@ class TrialSpec:
     def tags(self) -> dict[str, str]:
         """MLflow tags of the trial (the run adds scale and data)."""
         sample = TrialKey.parse(self.trial_id).sample
-        return dict(tags_of(TrialKey.of(self.condition, self.alpha, self.beta, self.seed,
-                                        sample)))
+        return TrialRunTags.of(TrialKey.of(self.condition, self.alpha, self.beta, self.seed,
+                                           sample)).format()
 
     def with_resources(self, resources: Resources) -> TrialSpec:
         """The same trial asking for ``resources`` (torch threads follow the CPU share)."""

@@ -21,7 +21,15 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from records import ERROR_TAG, NOTE_TAG, PARENT_TAG, RETIRED_TAG, child_runs, is_trial_run
+from records import (
+    ERROR_TAG,
+    NOTE_TAG,
+    PARENT_TAG,
+    RETIRED_TAG,
+    TRIAL_ID_TAG,
+    child_runs,
+    is_trial_run,
+)
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -178,7 +186,7 @@ def end_running_children(uri: str, parent_run_id: str) -> list[str]:
     for run in child_runs(client, parent_run_id):
         if run.info.status == "RUNNING":
             _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))
-            ended.append(run.data.tags.get("trial_id", run.info.run_name or run.info.run_id))
+            ended.append(run.data.tags.get(TRIAL_ID_TAG, run.info.run_name or run.info.run_id))
     return sorted(ended)
 
 
@@ -199,14 +207,14 @@ def retire_unknown_children(uri: str, parent_run_id: str,
     for run in child_runs(client, parent_run_id):
         tags = run.data.tags
         if (run.info.status != "RUNNING" or not is_trial_run(tags)
-                or tags["trial_id"] in known):
+                or tags[TRIAL_ID_TAG] in known):
             continue
         _retry(lambda run=run: client.set_terminated(run.info.run_id, status="KILLED"))
         _retry(lambda run=run: client.set_tag(
             run.info.run_id, RETIRED_TAG, "a sample the resumed search never knew (drawn "
             "again as another trial)"))
         _retry(lambda run=run: client.delete_run(run.info.run_id))
-        retired.append((tags["trial_id"], run.info.run_id))
+        retired.append((tags[TRIAL_ID_TAG], run.info.run_id))
     return retired
 
 
@@ -477,7 +485,7 @@ def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
     found = _retry(lambda: client.search_runs(
         [exp_id],
         filter_string=(f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
-                       f"tags.trial_id = '{trial_id}'"),
+                       f"tags.{TRIAL_ID_TAG} = '{trial_id}'"),
         max_results=2))
     if found:
         run_id = found[0].info.run_id
@@ -486,7 +494,7 @@ def _find_or_create(client: MlflowClient, parent_run_id: str, trial_id: str,
         return run_id, False
     if not create:
         return None, False
-    all_tags = {**tags, PARENT_TAG: parent_run_id, "trial_id": trial_id,
+    all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id,
                 "mlflow.runName": trial_id}
     run_id = _retry(lambda: client.create_run(exp_id, tags=all_tags)).info.run_id
     params_list = [Param(k, str(v)) for k, v in sorted(params.items())]

@@ -210,7 +210,7 @@ def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="
     """A parent run and one child per trial, written by the driver's own writer
     (sweeps.tracking: start_parent, TrialRun, finish), named by records. Returns the parent
     run id. ``start`` is ignored (runs are ordered by when they are written)."""
-    from records import TrialKey, experiment_name, tags_of
+    from records import TrialKey, TrialRunTags, experiment_name
     from sweeps import tracking
 
     uri = client.tracking_uri
@@ -229,7 +229,7 @@ def write_sweep(client, sweep, trials, *, scale="smoke", start=None, reference="
                   "batch_size": 16, "image_size": 64, "width": 0.125, "threads": 1,
                   **t.get("config", {})}
         run = tracking.TrialRun(uri, parent, key.format(), params=config,
-                                tags={**tags, **tags_of(key)}, say=lambda _: None)
+                                tags={**tags, **TrialRunTags.of(key).format()}, say=lambda _: None)
         perf_key = "val_map" if multi_label else "val_top1"
         for epoch, (p, a) in enumerate(zip(t["perf"], t["align"])):
             values = {"val_performance": p, perf_key: p, "val_cka": 0.3, "val_rsa": 0.1,

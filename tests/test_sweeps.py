@@ -2101,6 +2101,28 @@ def test_a_composites_bad_member_is_named_with_the_composite(tmp_path):
     assert str(both.value) == f"{member.value} (included by {tmp_path / 'both.toml'})"
 
 
+def test_a_trials_run_tags_read_back_as_the_driver_wrote_them():
+    """A trial's child-run tags have one owner (``records.TrialRunTags``): a trial's tags
+    (an Optuna sample's included) read back as written, and a run another tool nested under
+    the parent (no trial_id or condition) is not taken for a trial."""
+    from records import TRIAL_ID_TAG, TrialKey, TrialRunTags, is_trial_run
+
+    plan = make_plan(parse("nsd_conv1_v1", "--smoke-test"))
+    for spec in plan.trials:
+        tags = spec.tags()
+        named = TrialRunTags.parse(tags)
+        assert named.format() == tags and named.is_trial and is_trial_run(tags)
+        assert TrialKey.parse(tags[TRIAL_ID_TAG]) == TrialKey.of(
+            spec.condition, spec.alpha, spec.beta, spec.seed)
+        assert float(named.alpha) == spec.alpha and int(named.seed) == spec.seed
+    sample = TrialRunTags.of(TrialKey.of("c", -0.123456, 2.0, 3, sample="ab12"))
+    assert sample == TrialRunTags(trial_id="c-min-a0.1235-b2-s3-oab12", condition="c",
+                                  direction="min", alpha="-0.123456", beta="2", seed="3")
+    assert TrialRunTags.parse(sample.format()) == sample
+    assert not is_trial_run({"mlflow.runName": "notebook"})
+    assert TrialRunTags.parse({TRIAL_ID_TAG: "x"}) == TrialRunTags(trial_id="x")
+
+
 def test_the_parent_runs_tags_read_back_as_the_driver_wrote_them():
     """The parent run's tags have one owner (``records.SweepRunTags``): what the driver
     writes of a run reads back the same, a ``--set`` value holding a comma included (the
