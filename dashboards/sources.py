@@ -44,6 +44,7 @@ from records import (
     RETIRED_TAG,
     SCALE_SUFFIXES,
     TRIAL_ID_TAG,
+    ParentPointer,
     SweepRunTags,
     TrialRunTags,
     child_runs,
@@ -52,6 +53,7 @@ from records import (
     is_trial_run,
     parse_experiment,
     parse_run_folder,
+    read_json_object,
     read_manifest,
 )
 from records.stores import sqlite_path, sqlite_store_problem
@@ -539,10 +541,9 @@ def _recorded(run_dir: Path) -> dict:
     """The fingerprint a run folder recorded when it started (``records.FINGERPRINT_FILE``);
     {} without a readable one."""
     try:
-        recorded = json.loads((run_dir / FINGERPRINT_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json_object(run_dir / FINGERPRINT_FILE)
+    except ValueError:
         return {}
-    return recorded if isinstance(recorded, dict) else {}
 
 
 def _recorded_experiment(run_dir: Path) -> str | None:
@@ -688,25 +689,22 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
                         or e.state.startswith("stopped at") for e in entries) or None,
     ).format()
     return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
-                       parent_run_id=parent.get("run_id"), parent_status="",
+                       parent_run_id=parent.run_id, parent_status="",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
                        fetch=fetch, label=run_dir.name, notes=tuple(notes))
 
 
-def _ray_parent(path: Path, notes: list[str]) -> dict:
-    """The driver's mlflow_parent.json (it only names the MLflow parent run): {} when it is
-    absent, as when it is unreadable (a kill mid-write), which ``notes`` then says."""
+def _ray_parent(path: Path, notes: list[str]) -> ParentPointer:
+    """The driver's mlflow_parent.json (it only names the MLflow parent run): no run when it
+    is absent, as when it is unreadable (a kill mid-write), which ``notes`` then says."""
     if not path.is_file():
-        return {}
+        return ParentPointer(None)
     try:
-        parent = json.loads(path.read_text(errors="replace"))
-        if not isinstance(parent, dict):
-            raise ValueError(f"a JSON {type(parent).__name__}, not an object")
-    except (OSError, ValueError) as exc:
-        notes.append(f"{path}: unreadable ({' '.join(str(exc).split())}); read as absent: no "
-                     f"MLflow parent run is named")
-        return {}
-    return parent
+        return ParentPointer.read(path)
+    except ValueError as exc:
+        notes.append(f"{path}: unreadable ({exc}); read as absent: no MLflow parent run is "
+                     f"named")
+        return ParentPointer(None)
 
 
 def _manifest_status(state: str, reported: bool, error: str | None) -> str:

@@ -28,11 +28,12 @@ from typing import Any, ClassVar
 __all__ = [
     "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE",
     "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG",
-    "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG",
+    "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG", "ParentPointer",
     "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags",
     "TRIAL_ID_TAG", "TrialKey", "TrialRunTags", "control_name", "controlled_by", "error_summary", "experiment_name",
     "fmt_number", "format_overrides", "is_trial_run", "parse_experiment", "parse_overrides",
-    "parse_run_folder", "read_manifest", "run_folder_name", "write_manifest",
+    "parse_run_folder", "read_json_object", "read_manifest", "run_folder_name",
+    "write_manifest",
 ]
 
 # -------------------------------------------------------------------------- the vocabulary
@@ -228,6 +229,50 @@ class TrialKey:
         """The key of a trial at signed ``alpha``."""
         direction = "max" if alpha > 0 else "min" if alpha < 0 else "none"
         return cls(condition, direction, abs(float(alpha)), float(beta), int(seed), sample)
+
+
+# -------------------------------------------------------------------------- run-folder files
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object the driver wrote in a run folder (``FINGERPRINT_FILE``, ``PARENT_FILE``);
+    ValueError with the reason in one line where the file cannot be read (OSError's text),
+    does not parse (a kill mid-write, an edit gone wrong) or holds another JSON value. The
+    driver refuses such a file, the post-processor reads it as absent and says so."""
+    try:
+        value = json.loads(Path(path).read_text(errors="replace"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+@dataclass(frozen=True)
+class ParentPointer:
+    """``PARENT_FILE``: the MLflow parent run of a run folder's invocation, and the tracking
+    URI it lives in, redacted (as the console shows it; never a secret on disk)."""
+
+    run_id: str | None
+    mlflow_uri: str | None = None
+
+    def format(self) -> str:
+        return json.dumps({"run_id": self.run_id, "mlflow_uri": self.mlflow_uri})
+
+    @classmethod
+    def parse(cls, value: Mapping[str, Any]) -> ParentPointer:
+        """From ``read_json_object``'s dict; a field missing or not a non-empty string is
+        None."""
+        def text(key: str) -> str | None:
+            v = value.get(key)
+            return v if isinstance(v, str) and v else None
+
+        return cls(text("run_id"), text("mlflow_uri"))
+
+    @classmethod
+    def read(cls, path: Path) -> ParentPointer:
+        """``parse(read_json_object(path))``: ValueError as that raises it."""
+        return cls.parse(read_json_object(path))
 
 
 # -------------------------------------------------------------------------- the manifest

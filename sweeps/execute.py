@@ -41,6 +41,7 @@ from records import (
     PARENT_FILE,
     TRIAL_ID_TAG,
     ManifestEntry,
+    ParentPointer,
     SweepRunTags,
     TrialKey,
     child_runs,
@@ -862,8 +863,9 @@ def _start_records(plan: Plan, run_dir: Path,
     reuse, resumed = None, []
     if plan.resume:  # the run folder's records are read before the parent run is reopened
         if parent_file.is_file():
-            reuse = read_run_json(parent_file, "the run's MLflow parent").get("run_id")
-            if not isinstance(reuse, str) or not reuse:
+            reuse = ParentPointer.parse(read_run_json(parent_file,
+                                                      "the run's MLflow parent")).run_id
+            if reuse is None:
                 raise UsageError(f"{parent_file}: no run_id of the MLflow parent run; "
                                  f"accepted: the file as the driver wrote it -- restore it, or "
                                  f"start a new run without --resume")
@@ -963,8 +965,7 @@ def _record_run_folder(plan: Plan, run_dir: Path, parent_id: str, resumed: list)
     parent_file = run_dir / PARENT_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     # Secrets never reach a file or the console: the URI is written and shown redacted.
-    atomic_write_text(parent_file, json.dumps({"run_id": parent_id,
-                                               "mlflow_uri": redact(plan.mlflow_uri)}))
+    atomic_write_text(parent_file, ParentPointer(parent_id, redact(plan.mlflow_uri)).format())
     _say(f"MLflow: experiment {plan.experiment}, parent run {parent_id} "
          f"({redact(plan.mlflow_uri)})")
     if not resumed:

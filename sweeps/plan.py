@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import math
 import os
 import re
@@ -31,8 +30,10 @@ from records import (
     FINGERPRINT_FILE,
     PARENT_FILE,
     RESUME_POINTER_SUFFIX,
+    ParentPointer,
     control_name,
     experiment_name,
+    read_json_object,
 )
 from records.stores import (
     first_open_lock,
@@ -1145,15 +1146,11 @@ def read_run_json(path: Path, what: str) -> dict:
     """A JSON object the driver wrote in a run folder, or a one-line refusal naming the file
     (a truncated copy, an edit gone wrong) before anything is reopened or recorded."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {what} cannot be read ({' '.join(str(exc).split())}); "
-                         f"accepted: the file as the driver wrote it -- restore it, or start "
-                         f"a new run without --resume") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path}: {what} is not a JSON object; accepted: the file as the "
-                         f"driver wrote it -- restore it, or start a new run without --resume")
-    return value
+        return read_json_object(path)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {what} cannot be read ({exc}); accepted: the file as the "
+                         f"driver wrote it -- restore it, or start a new run without --resume"
+                         ) from None
 
 
 def check_fingerprint(plan: Plan, run_dir: Path) -> None:
@@ -1198,11 +1195,11 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
                                  f"{label} ({before}); accepted: the sweep files as they were "
                                  f"when it started, or a new run without --resume")
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it
-                parent = run_dir / PARENT_FILE  # redacted, as the console does
-                try:
-                    before = json.loads(parent.read_text())["mlflow_uri"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    before = "(not recorded)"
+                try:  # redacted, as the console does
+                    before = ParentPointer.read(run_dir / PARENT_FILE).mlflow_uri
+                except ValueError:
+                    before = None
+                before = before or "(not recorded)"
                 after = redact(plan.mlflow_uri)
             raise UsageError(f"--resume: {run_dir.name} was started with a different {label} "
                              f"({before}, now {after}); accepted: "

@@ -2123,6 +2123,24 @@ def test_a_trials_run_tags_read_back_as_the_driver_wrote_them():
     assert TrialRunTags.parse({TRIAL_ID_TAG: "x"}) == TrialRunTags(trial_id="x")
 
 
+def test_the_run_folders_parent_pointer_reads_back_as_written(tmp_path):
+    """mlflow_parent.json has one writer and one reader (``records.ParentPointer``); what is
+    not an object with a run id reads as no run, and an unreadable file is one ValueError."""
+    from records import PARENT_FILE, ParentPointer, read_json_object
+
+    path = tmp_path / PARENT_FILE
+    path.write_text(ParentPointer("abc123", "http://u:***@host:5000").format())
+    assert ParentPointer.read(path) == ParentPointer("abc123", "http://u:***@host:5000")
+    assert ParentPointer.parse({"run_id": 7, "mlflow_uri": ""}) == ParentPointer(None, None)
+    for text, why in (('{"run_id": "a"', r"^Expecting|^Unterminated"),
+                      ("[1]", r"^a JSON list, not an object$")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=why):
+            read_json_object(path)
+    with pytest.raises(ValueError, match="No such file"):
+        ParentPointer.read(tmp_path / "gone.json")
+
+
 def test_the_parent_runs_tags_read_back_as_the_driver_wrote_them():
     """The parent run's tags have one owner (``records.SweepRunTags``): what the driver
     writes of a run reads back the same, a ``--set`` value holding a comma included (the
