@@ -997,7 +997,7 @@ def _execute(plan: Plan) -> int:
 
 
 def _execute_run(plan: Plan) -> int:
-    from sweeps.ray_glue import ray, tune
+    from sweeps.ray_glue import ray
 
     run_dir = _run_dir(plan)
     # Ray, the data and the references before anything is recorded: a trial no node can hold,
@@ -1050,47 +1050,7 @@ def _execute_run(plan: Plan) -> int:
     replayed = parent_ended = False
     _fail_fast_tracking()
     try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
-            _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")
-        resources = _trial_resources(plan.trials, gpus)
-        # Conditions on one data source share its TrialData: put it in the store once.
-        stored: dict[int, Any] = {}
-        for d in datas.values():
-            if id(d) not in stored:
-                stored[id(d)] = ray.put(d)
-        data_refs = {c: stored[id(d)] for c, d in datas.items()}
-        payload = Payload(
-            specs={t.trial_id: t for t in plan.trials},
-            data_refs=data_refs,
-            reference_refs={c: ray.put(r) for c, r in references.items()},
-            mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
-            datasets={c: _dataset(plan.data[c]) for c in plan.conditions},
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, payload=payload),
-            lambda config: tune.PlacementGroupFactory(
-                [{"CPU": resources[config["trial_id"]].cpus,
-                  "GPU": resources[config["trial_id"]].gpus}]),
-        )
-        _quiet_tune_advice()
-        restore = plan.resume and tune.Tuner.can_restore(str(run_dir))
-        if restore:
-            _say(f"resuming {run_dir}: only unfinished trials run"
-                 + (", then the samples not yet drawn" if plan.search == "optuna" else ""))
-            _clear_failure_markers(run_dir)
-        if plan.search == "optuna":
-            results, interrupted = _optuna_fits(plan, trainable, run_dir,
-                                                TrialNamer(payload.specs), restore)
-        elif restore:
-            results = list(tune.Tuner.restore(str(run_dir), trainable=trainable,
-                                              resume_unfinished=True,
-                                              resume_errored=True).fit())
-        else:
-            grid = [t.trial_id for t in plan.trials]
-            with _no_tensorboard_logger():
-                results = list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
-                                      namer=TrialNamer(payload.specs)).fit())
+        results, interrupted = _fit(plan, run_dir, datas, references, parent_id, run_tags)
         # Tune leaves its SIGINT handler installed after fit() returns (it only sets an event
         # nobody reads any more): a Ctrl-C in the summary or the report was swallowed
         signal.signal(signal.SIGINT, previous_int)
@@ -1141,6 +1101,67 @@ def _execute_run(plan: Plan) -> int:
             if _interrupted(lambda: end_parent(True)):
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      f"{resume_command(plan)} ends it")
+    _say_how_it_ended(plan, run_dir, outcomes, stopped, interrupted=interrupted,
+                      replayed=replayed, parent_ended=parent_ended)
+    if _report(plan, parent_id):
+        interrupted = True
+    if interrupted or stopped:
+        return 130  # the shell's code for a run ended by SIGINT
+    return 0 if not failed and replayed and parent_ended else 1
+
+
+def _fit(plan: Plan, run_dir: Path, datas: dict, references: dict, parent_id: str,
+         run_tags: dict[str, str]) -> tuple[list, bool]:
+    """The trials on Ray Tune: a new run's grid, a restored run's unfinished trials, or an
+    Optuna search (``_optuna_fits``). ``(Tune's results, interrupted)``; only a search
+    reports an interrupt itself (a grid's Ctrl-C ends its fit with the trials stopped)."""
+    from sweeps.ray_glue import ray, tune
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus == 0 and any(t.resources.gpus > 0 for t in plan.trials):
+        _say("no GPU in the Ray cluster: trials run on CPU (gpus per trial set to 0)")
+    resources = _trial_resources(plan.trials, gpus)
+    # Conditions on one data source share its TrialData: put it in the store once.
+    stored: dict[int, Any] = {}
+    for d in datas.values():
+        if id(d) not in stored:
+            stored[id(d)] = ray.put(d)
+    data_refs = {c: stored[id(d)] for c, d in datas.items()}
+    payload = Payload(
+        specs={t.trial_id: t for t in plan.trials},
+        data_refs=data_refs,
+        reference_refs={c: ray.put(r) for c, r in references.items()},
+        mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
+        datasets={c: _dataset(plan.data[c]) for c in plan.conditions},
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, payload=payload),
+        lambda config: tune.PlacementGroupFactory(
+            [{"CPU": resources[config["trial_id"]].cpus,
+              "GPU": resources[config["trial_id"]].gpus}]),
+    )
+    _quiet_tune_advice()
+    restore = plan.resume and tune.Tuner.can_restore(str(run_dir))
+    if restore:
+        _say(f"resuming {run_dir}: only unfinished trials run"
+             + (", then the samples not yet drawn" if plan.search == "optuna" else ""))
+        _clear_failure_markers(run_dir)
+    if plan.search == "optuna":
+        return _optuna_fits(plan, trainable, run_dir, TrialNamer(payload.specs), restore)
+    if restore:
+        return list(tune.Tuner.restore(str(run_dir), trainable=trainable,
+                                       resume_unfinished=True,
+                                       resume_errored=True).fit()), False
+    grid = [t.trial_id for t in plan.trials]
+    with _no_tensorboard_logger():
+        return list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
+                           namer=TrialNamer(payload.specs)).fit()), False
+
+
+def _say_how_it_ended(plan: Plan, run_dir: Path, outcomes: list[Outcome], stopped: list[str],
+                      *, interrupted: bool, replayed: bool, parent_ended: bool) -> None:
+    """The driver's closing line where the run is not simply complete: interrupted (what did
+    not finish, the parent's state, the resume command), or records the store did not take."""
     if interrupted or stopped:
         again = f"Continue with: {resume_command(plan)}"
         what = (f"{len(stopped)} trial(s) did not finish ({', '.join(stopped[:10])}"
@@ -1161,11 +1182,6 @@ def _execute_run(plan: Plan) -> int:
         _say(f"sweep ran, but its MLflow records are incomplete ({redact(plan.mlflow_uri)} "
              f"did not take {missed}); every result is in the trials' checkpoints under "
              f"{run_dir}. Once the store answers, complete them with: {resume_command(plan)}")
-    if _report(plan, parent_id):
-        interrupted = True
-    if interrupted or stopped:
-        return 130  # the shell's code for a run ended by SIGINT
-    return 0 if not failed and replayed and parent_ended else 1
 
 
 def _interrupted(step: Callable[[], Any]) -> bool:
