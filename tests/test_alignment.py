@@ -236,6 +236,55 @@ def test_gram_only_form_in_float32_stays_within_tolerance_of_float64():
     assert float(err) <= 1e-3
 
 
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded as a tensor core's TF32 input: 10 mantissa bits, to nearest
+    even."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_products_on_cuda_keep_the_gradient_within_tolerance(monkeypatch):
+    """On CUDA the Gram products run in TF32 (``GRAM_TF32_ON_CUDA``), which rounds both
+    operands to 10 mantissa bits: emulated here by rounding every float32 product's operands
+    inside ``_gram_products``. The layer's backward product took the raw layer, so a rectified
+    layer's mean (3x its spread here) carried its rounding into the gradient: 1.1e-3 relative
+    against the float64 definition, over bench_paper_shape's tolerance of 1e-3. On centred
+    column chunks it is the zero-mean layer's 4e-4 (the forward's TF32 Grams are most of it)."""
+    import contextlib
+
+    from torch.overrides import TorchFunctionMode
+
+    import trainable.alignment as alignment
+
+    class Tf32(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (getattr(func, "__name__", "") in ("__matmul__", "__rmatmul__", "matmul", "mm")
+                    and all(isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                            for a in args[:2])):
+                args = (_tf32(args[0]), _tf32(args[1]), *args[2:])
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def emulated(device):
+        with Tf32():
+            yield
+
+    monkeypatch.setattr(alignment, "_gram_products", emulated)
+    monkeypatch.setattr(alignment, "_tf32", lambda device: True, raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(128, 1500, generator=g) + 3.0)
+    y = torch.randn(128, 800, generator=g)
+    x64 = x.double().requires_grad_(True)
+    exact = linear_alignment_heldout_definition(x64, y.double(), rel=0.1)
+    exact.backward()
+    x32 = x.clone().requires_grad_(True)
+    got = linear_alignment_heldout(x32, y, rel=0.1)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(exact.detach()), abs=1e-5)
+    err = float((x32.grad.double() - x64.grad).norm() / x64.grad.norm())
+    assert 1e-5 < err < 6e-4  # rounded (the emulation took), and within 6e-4
+
+
 def test_column_chunks_change_nothing(monkeypatch):
     """Chunked Grams (the memory bound at the paper's shape) give the unchunked numbers."""
     import trainable.alignment as alignment

@@ -517,18 +517,30 @@ GRAM_CHUNK_BYTES_CUDA = 256 << 20
 
 #: On a CUDA device the Gram products (forward and the layer's backward) run in TF32: the
 #: network already runs in bf16 there, and float32 products without tensor cores would cost
-#: more than the network (2.1 TFLOP for the Gabor term at batch 1000 against 4.1). Emulated on
-#: the CPU at the paper's geometry (AlexNet conv1 and the Gabor bank, batch 128): the score
-#: moves by 4e-9 and the gradient by 7e-5 relative against float64 (bf16 products: 3e-8 and
-#: 6e-4); bench_paper_shape.py checks every condition against the float64 definition.
+#: more than the network (2.1 TFLOP for the Gabor term at batch 1000 against 4.1). TF32 rounds
+#: each operand to 10 mantissa bits, so every TF32 product takes centred columns (the
+#: forward's Grams always did; the backward's since stop 36: on the raw layer, a rectified
+#: layer's mean carried that rounding into the gradient). Emulated on the CPU (operands
+#: rounded to TF32; tests/test_alignment.py), n = 128 and 256: the score moves by at most
+#: 5e-7 against the float64 definition, the gradient by 3.9e-4 to 4.1e-4 relative, with or
+#: without an offset (the raw layer in the backward: up to 1.1e-3 with a rectified layer's
+#: offset; the backward in IEEE float32 instead: 2.7e-4, the rest being the forward's TF32
+#: Grams, at about 6x the product's time). The 7e-5 quoted until stop 35 came from an
+#: emulation whose hook missed ``a @ b``. bench_paper_shape.py checks every condition against
+#: the float64 definition (tolerance 1e-3 on the gradient).
 GRAM_TF32_ON_CUDA = True
+
+
+def _tf32(device: torch.device) -> bool:
+    """Whether the Gram products on ``device`` run in TF32 (``GRAM_TF32_ON_CUDA``)."""
+    return device.type == "cuda" and GRAM_TF32_ON_CUDA
 
 
 @contextlib.contextmanager
 def _gram_products(device: torch.device):
     """TF32 matmuls on CUDA while the Grams are built (``GRAM_TF32_ON_CUDA``), the
     process's setting restored afterwards; nothing elsewhere."""
-    if device.type != "cuda" or not GRAM_TF32_ON_CUDA:
+    if not _tf32(device):
         yield
         return
     matmul = torch.backends.cuda.matmul
@@ -584,15 +596,29 @@ def _chunked_gram(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_backward(s: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """dL/dX = S X - (S 1) mean^T for a Gram's double-centred, symmetrised gradient S (n, n)
-    float64, in x's dtype: the one (n, n) x (n, p) product, in x's dtype, or in float64 where
-    x has fewer columns than rows (``_narrow``: there S holds entries up to about 1/ridge_rel
-    that cancel in the product; in float32 the gradient was 4 % off at ridge_rel = 1e-6)."""
+    """dL/dX = S X - (S 1) mean^T = S (X - 1 mean^T) for a Gram's double-centred, symmetrised
+    gradient S (n, n) float64, in x's dtype: the one (n, n) x (n, p) product, in x's dtype,
+    or in float64 where x has fewer columns than rows (``_narrow``: there S holds entries up
+    to about 1/ridge_rel that cancel in the product; in float32 the gradient was 4 % off at
+    ridge_rel = 1e-6). In TF32 (``_tf32``) on X's centred column chunks
+    (``_centred_product``)."""
     if _narrow(x):
         return (s @ x.double()).addr_(s.sum(1), mean.double(), alpha=-1).to(x.dtype)
     s = s.to(x.dtype)
+    if _tf32(x.device):
+        return _centred_product(s, x, mean)
+    return (s @ x).addr_(s.sum(1), mean, alpha=-1)
+
+
+def _centred_product(s: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``S (X - 1 mean^T)`` (n, p), column chunk by column chunk (``_column_chunks``): the
+    TF32 products see the layer's spread, not its offset, and no centred copy of the whole
+    layer is made."""
+    out = torch.empty((s.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     with _gram_products(x.device):
-        return (s @ x).addr_(s.sum(1), mean, alpha=-1)
+        for cols in _column_chunks(x):
+            out[:, cols] = s @ (x[:, cols] - mean[cols])
+    return out
 
 
 class _CentredGram(torch.autograd.Function):
