@@ -285,6 +285,37 @@ def test_tf32_products_on_cuda_keep_the_gradient_within_tolerance(monkeypatch):
     assert 1e-5 < err < 6e-4  # rounded (the emulation took), and within 6e-4
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_validation_forms_chunked_targets_give_the_one_block_numbers(monkeypatch, weighted):
+    """Without gradient the validation forms read the targets in column chunks and sum the
+    predictor's Gram over column chunks (at the paper's shape each fold's centred targets,
+    their projection and its QR were 2.1 GB each in float64): the numbers are those of the
+    one-block computation, which the gradient path still runs, with dead units, a flat
+    column and chunks of 7 and 5 columns (the selection's triangular factor reduced as
+    chunks come)."""
+    import trainable.alignment as alignment
+
+    x, y = _mixed_pair(5, n=60, p=300, q=200, dead=20)
+    y[:, 3] = 0.25  # a flat reference column
+    if weighted:
+        expect = [float(v.detach()) for v in linear_alignment_scaled(
+            x.clone().requires_grad_(True), y, parts=True)]
+    else:
+        expect = [float(ridge_cv_r2(t.clone().requires_grad_(True), u,
+                                    alphas=[0.1, 1.0, 10.0]).detach()) for t, u in ((x, y), (y, x))]
+    monkeypatch.setattr(alignment, "TARGET_CHUNK_BYTES", 48 * 8 * 7)  # 7 of 48 training rows
+    monkeypatch.setattr(alignment, "GRAM64_CHUNK_BYTES", 60 * 8 * 5)
+    assert len(alignment._chunks(48, 200, 8, alignment.TARGET_CHUNK_BYTES)) == 29
+    with torch.no_grad():
+        if weighted:
+            got = [float(v) for v in linear_alignment_scaled(x, y, parts=True)]
+        else:
+            got = [float(ridge_cv_r2(x, y, alphas=[0.1, 1.0, 10.0])),
+                   float(ridge_cv_r2(y, x, alphas=[0.1, 1.0, 10.0]))]
+    assert got == pytest.approx(expect, abs=1e-12)
+    assert x.requires_grad is False and float(y[0, 3]) == 0.25  # the inputs untouched
+
+
 def test_column_chunks_change_nothing(monkeypatch):
     """Chunked Grams (the memory bound at the paper's shape) give the unchunked numbers."""
     import trainable.alignment as alignment
@@ -513,6 +544,39 @@ def test_cka_and_rsa_in_float32_match_the_float64_reference(seed):
         assert float(cka32) == pytest.approx(cka_ref, abs=1e-5)
         assert float(rsa32) == pytest.approx(rsa_ref, abs=1e-5)
         assert 0.05 < abs(rsa_ref) < 0.999 and 0.05 < cka_ref < 0.999  # not a trivial answer
+
+
+def test_rsa_over_column_chunks_gives_the_one_block_number(monkeypatch):
+    """RSA reads each input through a Gram of its rows built over column chunks (at the
+    paper's shape the validation's row-centred and unit-norm copies of the layer and the
+    reference were 2.5x the trial's float32 inputs): with chunks of 3 columns, dead units
+    inside chunks and silent stimuli, in float64 and float32, and with a gradient, the
+    numbers are scipy's and the one-chunk ones."""
+    import trainable.alignment as alignment
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(30, 40, generator=g, dtype=torch.float64))
+    x[:, 5:9] = 0.0  # dead units
+    x[4] = 0.0  # a stimulus the layer is silent on
+    y = x[:, :10] @ torch.randn(10, 25, generator=g, dtype=torch.float64) + torch.randn(
+        30, 25, generator=g, dtype=torch.float64)
+    keep = [i for i in range(30) if i != 4]
+    xs, ys = x[keep].numpy(), y[keep].numpy()
+    expect = pearsonr(pdist(xs[:, np.ptp(xs, 0) > 0], "correlation"),
+                      pdist(ys, "correlation")).statistic
+    one = float(rsa(x, y))
+    x32 = x.float().requires_grad_(True)
+    one32 = rsa(x32, y.float())
+    one32.backward()
+    monkeypatch.setattr(alignment, "TARGET_CHUNK_BYTES", 30 * 8 * 3)
+    assert len(alignment._chunks(30, 40, 8, alignment.TARGET_CHUNK_BYTES)) == 14
+    assert float(rsa(x, y)) == pytest.approx(expect, abs=1e-12)
+    assert one == pytest.approx(expect, abs=1e-12)
+    c32 = x.float().requires_grad_(True)
+    chunked32 = rsa(c32, y.float())
+    chunked32.backward()
+    assert float(chunked32.detach()) == pytest.approx(float(one32.detach()), abs=1e-6)
+    assert torch.allclose(c32.grad, x32.grad, atol=1e-6) and float(c32.grad.abs().max()) > 0
 
 
 def test_rsa_gives_dead_units_no_credit():

@@ -183,12 +183,23 @@ def _pooled_r2(y_true: torch.Tensor, y_pred: torch.Tensor, weights: torch.Tensor
     "no variance" means every weighted column holds one value (``constant_columns``), not a
     float SST of zero -- a column of equal values whose float mean is one ulp off has an SST
     of ~1e-32, and dividing by it scored a fold of silent units -7e31."""
+    return _pooled_from(*_pooled_parts(y_true, y_pred, weights), y_true.dtype, y_true.device)
+
+
+def _pooled_parts(y_true: torch.Tensor, y_pred: torch.Tensor,
+                  weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``_pooled_r2``'s sums over a block of columns: (sum w SSE, sum w SST, whether a
+    weighted column varies); blocks of columns add up."""
     sse = ((y_true - y_pred) ** 2).sum(0)
     sst = ((y_true - y_true.mean(0)) ** 2).sum(0)
-    num, den = (weights * sse).sum(), (weights * sst).sum()
     varying = (weights > 0) & ~constant_columns(y_true)
-    if float(den.detach()) <= 0 or not bool(varying.any()):
-        return torch.zeros((), dtype=y_true.dtype, device=y_true.device)
+    return (weights * sse).sum(), (weights * sst).sum(), bool(varying.any())
+
+
+def _pooled_from(num: torch.Tensor, den: torch.Tensor, varying: bool, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    if float(den.detach()) <= 0 or not varying:
+        return torch.zeros((), dtype=dtype, device=device)
     return 1.0 - num / den
 
 
@@ -240,13 +251,28 @@ def ridge_cv_r2(
                                                       & torch.isfinite(weights)).all()):
             raise ValueError(f"column_weights must be {y.shape[1]} finite numbers >= 0 (one per "
                              f"column of Y), got shape {tuple(weights.shape)}")
+    return _out(_ridge_cv(x, y, alpha_list, folds, weights), as_float)
+
+
+def _ridge_cv(x: torch.Tensor, y: torch.Tensor, alpha_list: list[float], folds: int,
+              weights: torch.Tensor | None,
+              standardize: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``ridge_cv_r2``'s computation on checked tensors. ``standardize`` = (centre, scale),
+    (q,) each: the targets are ``(y - centre) / scale``, column by column (what
+    ``linear_alignment_scaled`` scores), applied where each block of Y is read instead of to
+    a copy of Y. Without gradient, the dual form reads Y in column chunks
+    (``_ridge_cv_dual_chunked``): the same numbers, within a bounded memory."""
     n, p = x.shape
-    # Translation does not change any fold's fit (each fold re-centres); centring globally
-    # first keeps the Gram matrix well conditioned when features have a large common offset.
-    xg = x - x.mean(0)
     bounds = _fold_bounds(n, folds)
     max_train = n - min(b - a for a, b in bounds)
     dual = p > max_train
+    if dual and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        return _ridge_cv_dual_chunked(x, y, alpha_list, bounds, weights, standardize)
+    if standardize is not None:
+        y = (y - standardize[0]) / standardize[1]
+    # Translation does not change any fold's fit (each fold re-centres); centring globally
+    # first keeps the Gram matrix well conditioned when features have a large common offset.
+    xg = x - x.mean(0)
     gram = _gram(xg) if dual else None
     if dual:  # every fold reads the Gram, not X: its centred copy (as large as X) goes
         del xg
@@ -281,7 +307,115 @@ def ridge_cv_r2(
             pred = y_mean + (xg[lo:hi] - mu) @ (vecs @ (w / (evals + a)[:, None]))
         scores.append(_r2_columns(y_te, pred).mean() if weights is None
                       else _pooled_r2(y_te, pred, weights))
-    return _out(torch.stack(scores).mean(), as_float)
+    return torch.stack(scores).mean()
+
+
+#: The dual form without gradient reads the targets in column chunks of at most this many
+#: bytes (training rows x chunk columns x itemsize): at the paper's shape the validation's
+#: targets are 1000 images x 326,700 Gabor responses, and each fold's centred copy, its
+#: projection and their QR were 2.1 GB each in float64, on the trial's share of a GPU.
+TARGET_CHUNK_BYTES = 64 << 20
+#: The dual form's Gram on the CPU is summed over column chunks of at most this many bytes
+#: (numpy's syrk on each centred chunk), instead of one centred copy of the whole predictor.
+GRAM64_CHUNK_BYTES = 64 << 20
+
+
+def _chunks(n_rows: int, cols: int, itemsize: int, limit: int) -> list[slice]:
+    """Column slices of equal width (the last may be narrower) of at most ``limit`` bytes for
+    ``n_rows`` rows."""
+    width = max(1, limit // max(1, n_rows * itemsize))
+    return [slice(lo, min(cols, lo + width)) for lo in range(0, cols, width)]
+
+
+def _centred_gram64(x: torch.Tensor) -> torch.Tensor:
+    """``Xc Xc^T`` (n, n) in x's dtype, X centred by its column means, without gradient and
+    without a centred copy of the whole of X: over column chunks, numpy's syrk on the CPU
+    (``_gram``), ``_chunked_gram``'s products elsewhere."""
+    mean = x.mean(0)
+    if x.device.type != "cpu":
+        return _chunked_gram(x, mean).to(x.dtype)
+    n = x.shape[0]
+    k = None
+    for cols in _chunks(n, x.shape[1], x.element_size(), GRAM64_CHUNK_BYTES):
+        part = _gram(x[:, cols] - mean[cols])
+        k = part if k is None else k.add_(part)
+    return k
+
+
+def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float],
+                           bounds: list[tuple[int, int]], weights: torch.Tensor | None,
+                           standardize: tuple[torch.Tensor, torch.Tensor] | None
+                           ) -> torch.Tensor:
+    """The dual form of ``_ridge_cv`` without gradient, reading Y's columns in chunks
+    (``TARGET_CHUNK_BYTES``): per fold, the projections ``basis^T Yc`` of each chunk are
+    reduced to their (r, r) triangular factor as they come (a QR of the factor so far stacked
+    on the chunk's: the same row norms, which are all the alpha selection reads), and the
+    predictions are scored chunk by chunk (per-column R^2 summed, or the pooled sums). The
+    same numbers as the one-block computation, to summation order; with one chunk, its
+    operations."""
+    n = x.shape[0]
+    gram = _centred_gram64(x)
+    q = y.shape[1]
+    max_train = n - min(b - a for a, b in bounds)
+    chunks = _chunks(max_train, q, y.element_size(), TARGET_CHUNK_BYTES)
+
+    def block(rows: torch.Tensor | slice, cols: slice) -> torch.Tensor:
+        t = y[:, cols][rows]  # the chunk's rows only (a view for a slice of rows)
+        if standardize is not None:
+            t = (t - standardize[0][cols]) / standardize[1][cols]
+        return t
+
+    scores = []
+    for lo, hi in bounds:
+        tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)
+        g_tt = gram[tr][:, tr]
+        row = g_tt.mean(1)
+        k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
+        g_et = gram[lo:hi][:, tr]
+        k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+        evals, basis = _eigh_without_constant(k_tt)
+        r = basis.shape[1]
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # one chunk: reused for predictions
+        stacked = None
+        for cols in chunks:
+            yc = block(tr, cols)
+            y_mean = yc.mean(0)
+            yc -= y_mean
+            proj = basis.T @ yc
+            del yc
+            if len(chunks) == 1:
+                kept.append((y_mean, proj))
+            stacked = proj.T if stacked is None else torch.cat([stacked, proj.T])
+            if len(chunks) > 1 and stacked.shape[0] > r:
+                stacked = torch.linalg.qr(stacked, mode="r").R
+        a = alphas[_select_dual(basis, evals, stacked.T, alphas)]
+        kb = k_et @ basis
+        r2_sum = num = den = None
+        varying = False
+        for cols in chunks:
+            if kept:
+                y_mean, proj = kept[0]
+            else:
+                yc = block(tr, cols)
+                y_mean = yc.mean(0)
+                yc -= y_mean
+                proj = basis.T @ yc
+                del yc
+            pred = y_mean + kb @ (proj / (evals + a)[:, None])
+            y_te = block(slice(lo, hi), cols)
+            if weights is None:
+                part = _r2_columns(y_te, pred).sum()
+                r2_sum = part if r2_sum is None else r2_sum + part
+            else:
+                n_, d_, v_ = _pooled_parts(y_te, pred, weights[cols])
+                num = n_ if num is None else num + n_
+                den = d_ if den is None else den + d_
+                varying = varying or v_
+        if weights is None:
+            scores.append(r2_sum / q)
+        else:
+            scores.append(_pooled_from(num, den, varying, y.dtype, y.device))
+    return torch.stack(scores).mean()
 
 
 def _eigh_without_constant(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +479,7 @@ def _select_dual(
         # The LOO residuals c_i / d_i do not change when evals and alphas are divided by one
         # number: divided by the largest, they stay inside float32's range whatever the
         # layer's scale (a layer at 1e17 or 1e-20 overflowed there, and no alpha was left).
-        top = max(float(evals.max()), max(alphas))
+        top = max(float(evals.max().detach()), max(alphas))
         scale = top if 0 < top < math.inf else 1.0
         rough = _loo_errors(basis.float(), (evals / scale).float(), proj.float(),
                             [a / scale for a in alphas])
@@ -440,6 +574,32 @@ def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, *,
     return [r * energy for r in _check_alphas(rel)]
 
 
+def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, mean squared deviation) of x's columns, (p,) each, as ``_standardized_columns``
+    computes them, over column chunks (no centred copy of the whole of x)."""
+    mean = x.mean(0)
+    sq = torch.empty_like(mean)
+    for cols in _chunks(x.shape[0], x.shape[1], x.element_size(), TARGET_CHUNK_BYTES):
+        sq[cols] = (x[:, cols] - mean[cols]).pow(2).mean(0)
+    return mean, sq
+
+
+def _scale(sq: torch.Tensor) -> torch.Tensor:
+    """The standard deviations of ``_column_moments`` as ``_standardized_columns`` divides by
+    them: 1 for a constant column (only centred)."""
+    std = sq.sqrt()
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def _relative_alphas(sq: torch.Tensor, rel: Sequence[float], name: str) -> list[float]:
+    """``relative_alphas`` from the predictor's column moments: trace(Xc Xc^T)/n is the sum
+    of its columns' mean squared deviations."""
+    energy = float(sq.sum())
+    if energy == 0:
+        raise ValueError(f"{name} is constant across stimuli: its alignment is undefined")
+    return [r * energy for r in _check_alphas(rel)]
+
+
 def _standardized_columns(x: torch.Tensor) -> torch.Tensor:
     """Columns z-scored (constant columns only centred)."""
     xc = x - x.mean(0)
@@ -490,13 +650,23 @@ def linear_alignment_scaled(
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
     y_live = (~constant_columns(y)).to(y.dtype)
-    x_var = (x - x.mean(0)).pow(2).mean(0) * (~constant_columns(x)).to(x.dtype)
-    xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(x, rel, name="X (the "
-                     "layer)"), folds=folds, column_weights=y_live)
-    # z-scored targets with weights var_j: pooled R^2 of the raw units (SSE and SST of a
-    # z-scored column are the raw ones divided by var_j)
-    yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(y, rel, name="Y (the "
-                     "reference)"), folds=folds, column_weights=x_var)
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        x_var = (x - x.mean(0)).pow(2).mean(0) * (~constant_columns(x)).to(x.dtype)
+        xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(
+            x, rel, name="X (the layer)"), folds=folds, column_weights=y_live)
+        # z-scored targets with weights var_j: pooled R^2 of the raw units (SSE and SST of a
+        # z-scored column are the raw ones divided by var_j)
+        yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(
+            y, rel, name="Y (the reference)"), folds=folds, column_weights=x_var)
+    else:  # the validation's: no copy of the layer or the reference (``_ridge_cv``)
+        folds = _check_folds(folds)
+        x_mean, x_sq = _column_moments(x)
+        y_mean, y_sq = _column_moments(y)
+        x_var = x_sq * (~constant_columns(x)).to(x.dtype)
+        xy = _ridge_cv(x, y, _relative_alphas(x_sq, rel, "X (the layer)"), folds, y_live,
+                       standardize=(y_mean, _scale(y_sq)))
+        yx = _ridge_cv(y, x, _relative_alphas(y_sq, rel, "Y (the reference)"), folds, x_var,
+                       standardize=(x_mean, _scale(x_sq)))
     if parts:
         return _out((xy + yx) / 2, as_float), _out(xy, as_float), _out(yx, as_float)
     return _out((xy + yx) / 2, as_float)
@@ -985,38 +1155,46 @@ def _constant_across_stimuli(v: torch.Tensor, gram_norm: float) -> bool:
     return gram_norm <= 1e-9 * v.shape[0] * first and bool((v == v[:1]).all())
 
 
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows centred and scaled to unit norm (their correlation with each other is the dot
-    product)."""
-    xc = x - x.mean(1, keepdim=True)
-    return xc / torch.linalg.norm(xc, dim=1, keepdim=True)
-
-
-def _silent_rows(x: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: stimuli whose features are all equal, to rounding (their correlation distance
-    to any other is undefined: a rectified layer silent on that image, or a row of its bias)."""
-    with torch.no_grad():
-        mean = x.mean(1)
-        norm = torch.linalg.norm(x - mean[:, None], dim=1)
-        scale = 64 * torch.finfo(x.dtype).eps * mean.abs() * x.shape[1] ** 0.5
-        return norm <= scale
-
-
-def _varying_columns(x: torch.Tensor) -> torch.Tensor:
-    """x without its columns constant over the stimuli (all of them when every one is: the
-    score is then undefined, as ``rsa`` says)."""
+def _row_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What RSA reads of x (n, p): ``(G, silent)`` with G (n, n) float64 the Gram of x's rows
+    centred over its varying columns (all of them when none varies; the dead-unit rule of
+    ``rsa``), so that ``G_ij / sqrt(G_ii G_jj)`` is the correlation of stimuli i and j, and
+    ``silent`` (n,) bool the stimuli whose features are all equal, to rounding (no correlation
+    distance: a rectified layer silent on that image, or a row of its bias). Built over column
+    chunks in float64: no copy of x, whole or without its constant columns, is made, and G
+    of a subset of rows is G's sub-block (each row is centred on its own). Differentiable."""
+    n, p = x.shape
     with torch.no_grad():
         varying = ~constant_columns(x)
-    if bool(varying.all()) or not bool(varying.any()):
-        return x
-    return x[:, varying]
+    if not bool(varying.any()):
+        varying = torch.ones_like(varying)
+    chunks = _chunks(n, p, 8, TARGET_CHUNK_BYTES)
+
+    def block(cols: slice) -> torch.Tensor:
+        part = x[:, cols].to(torch.float64)
+        keep = varying[cols]
+        return part if bool(keep.all()) else part[:, keep]
+
+    count = int(varying.sum())
+    total = sum(block(cols).sum(1) for cols in chunks)
+    mean = total / count
+    g = None
+    for cols in chunks:
+        c = block(cols) - mean[:, None]
+        g = c @ c.T if g is None else g + c @ c.T
+    with torch.no_grad():
+        scale = 64 * torch.finfo(torch.float64).eps * mean.abs() * count ** 0.5
+        silent = g.diagonal().clamp_min(0).sqrt() <= scale
+    return g, silent
 
 
-def _rdm_upper(z: torch.Tensor) -> torch.Tensor:
-    """Upper triangle (i < j) of the correlation-distance RDM 1 - z_i . z_j of unit rows z,
+def _rdm_from_gram(g: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (i < j) of the correlation-distance RDM ``1 - corr(x_i, x_j)`` from the
+    row-centred Gram ``g`` (``_row_gram``) of rows none of which is silent,
     (n(n-1)/2,)."""
-    rdm = 1.0 - z @ z.T
-    i, j = torch.triu_indices(z.shape[0], z.shape[0], offset=1, device=z.device)
+    inv = g.diagonal().rsqrt()
+    rdm = 1.0 - g * inv[:, None] * inv[None, :]
+    i, j = torch.triu_indices(g.shape[0], g.shape[0], offset=1, device=g.device)
     return rdm[i, j]
 
 
@@ -1035,15 +1213,15 @@ def rsa(X: Any, Y: Any) -> torch.Tensor | float:
     0.125 to 0.138, i.e. a network could raise its RSA by silencing units."""
     x, y, as_float = _pair(X, Y, 3, "RSA")
     dtype = x.dtype
-    x, y = (_varying_columns(t).to(torch.float64) for t in (x, y))
-    silent = _silent_rows(x) | _silent_rows(y)
+    (gx, silent_x), (gy, silent_y) = _row_gram(x), _row_gram(y)
+    silent = silent_x | silent_y
     if bool(silent.any()):
         keep = ~silent
         if int(keep.sum()) < 3:
             raise UndefinedScore(f"{int(silent.sum())} of {x.shape[0]} stimuli have constant "
                                  f"features: RSA needs 3 with a correlation distance")
-        x, y = x[keep], y[keep]
-    dx, dy = _rdm_upper(_unit_rows(x)), _rdm_upper(_unit_rows(y))
+        gx, gy = gx[keep][:, keep], gy[keep][:, keep]
+    dx, dy = _rdm_from_gram(gx), _rdm_from_gram(gy)
     for name, d in (("X", dx), ("Y", dy)):
         # RDM entries lie in [0, 2]: a spread at rounding's scale is every stimulus the same
         if float((d.max() - d.min()).detach()) <= 1e-12:
