@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 __all__ = [
     "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE",
     "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG",
-    "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "PARENT_FILE", "PARENT_TAG", "ParentPointer",
+    "JOURNAL_FILE", "MANIFEST_FILE", "ManifestEntry", "NETWORK_REFERENCES", "PARENT_FILE", "PARENT_TAG", "ParentPointer",
     "PREDICTIONS_ARTIFACT", "RESUME_POINTER_SUFFIX", "SCALE_SUFFIXES", "SweepRunTags",
     "TRIAL_ID_TAG", "TrialKey", "TrialRunTags", "control_name", "controlled_by", "error_summary", "experiment_name",
     "fmt_number", "format_overrides", "is_trial_run", "parse_experiment", "parse_overrides",
@@ -43,6 +43,10 @@ __all__ = [
 #: Reference kinds (``references.REFERENCES``): an oracle Gabor bank, a frozen pretrained
 #: network, voxel responses.
 REFERENCE_KINDS = ("gabor", "pretrained", "nsd")
+#: Reference kinds that are a network tapped as the trainee is (``rectify`` applies to them as
+#: to the layer: post-ReLU against post-ReLU). A Gabor bank's and voxels' responses are never
+#: rectified.
+NETWORK_REFERENCES = ("pretrained",)
 #: Tasks: ImageNet-style single-label (top-1), COCO-style multi-label (mAP).
 TASKS = ("single_label", "multi_label")
 #: NSD regions of interest (``references.nsd.ROIS`` says which labels of which file).

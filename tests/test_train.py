@@ -336,6 +336,27 @@ def test_rectify_aligns_the_relu_of_the_layer_and_pool_averages_it():
     assert float(feats.grad[feats > 0].abs().max()) > 0.0
 
 
+@pytest.mark.parametrize("kind", ["pretrained", "gabor", "nsd"])
+def test_rectify_rectifies_a_network_reference_with_the_layer_and_nothing_else(kind):
+    """A pretrained reference is a network tapped as the trainee is: with rectify, ReLU of the
+    trainee's tap was aligned against the frozen network's pre-ReLU tap (60 % of its values
+    negative at AlexNet conv5). Now post-ReLU against post-ReLU, in training and in the
+    validation's targets; a Gabor bank's or voxels' responses stay as they are."""
+    from trainable.train import _reference_features
+
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(24, 6, 5, 5, generator=g)
+    y = torch.randn(24, 4, 5, 5, generator=g)
+    cfg = TrialConfig(reference=kind, rectify=True)
+    score = alignment_loss_fn(cfg)
+    got = float(batch_alignment(feats, [(torch.arange(24), y)], score, cfg))
+    want_y = torch.relu(y) if kind == "pretrained" else y
+    assert got == pytest.approx(float(score(torch.relu(feats).flatten(1),
+                                            want_y.flatten(1))), abs=1e-6)
+    assert torch.equal(_reference_features(y, cfg), want_y)
+    assert torch.equal(_reference_features(y, TrialConfig(reference=kind)), y)
+
+
 # ----------------------------------------------------------------------------- the trial
 
 

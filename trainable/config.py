@@ -65,8 +65,9 @@ class TrialConfig:
         activation. ResNet-18's conv1 is tapped before its batch norm, so ReLU of it is not
         an activation the network computes; its blocks are post-ReLU already, and rectify
         changes nothing there).
-        Default false: the Gabor bank and a network's layer are linear responses like the
-        pre-ReLU tap. Voxel responses pool rectified activity over a receptive field (a
+        A pretrained reference (a network tapped as the trainee is) is rectified with it:
+        post-ReLU against post-ReLU. Default false: the Gabor bank and a network's layer are
+        linear responses like the pre-ReLU tap. Voxel responses pool rectified activity over a receptive field (a
         contrast-energy-like signal, which no linear readout of a linear stage predicts), so
         the NSD conditions set it true.
     device : "auto" (CUDA when visible, else CPU), "cpu" or "cuda".

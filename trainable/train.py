@@ -34,6 +34,7 @@ from records import (
     ARTIFACTS_DIR,
     FILTERS_ARTIFACT,
     FINAL_METRICS_ARTIFACT,
+    NETWORK_REFERENCES,
     PREDICTIONS_ARTIFACT,
 )
 from records.scratch import scratch_dir
@@ -222,8 +223,18 @@ def _pooled(x: torch.Tensor, pool: int) -> torch.Tensor:
 
 def _layer_features(x: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
     """The tapped layer as the alignment sees it: rectified when ``cfg.rectify``, then pooled
-    (``_pooled``). Differentiable; references are never rectified."""
+    (``_pooled``). Differentiable."""
     return _pooled(F.relu(x) if cfg.rectify else x, cfg.pool)
+
+
+def _reference_features(y: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
+    """A reference group's responses as the alignment sees them: pooled as the layer is, and
+    rectified with it when the reference is a network tapped as the trainee is
+    (``records.NETWORK_REFERENCES``: ReLU of the trainee's conv5 against ReLU of the frozen
+    network's, not its pre-ReLU stage). A Gabor bank's or voxels' responses are never
+    rectified."""
+    rectify = cfg.rectify and cfg.reference in NETWORK_REFERENCES
+    return _pooled(F.relu(y) if rectify else y, cfg.pool)
 
 
 def _min_rows(cfg: TrialConfig) -> int:
@@ -254,7 +265,7 @@ def batch_alignment(
     scores = []
     for (_, y), x in zip(groups, _group_rows(feats, [rows for rows, _ in groups])):
         try:
-            scores.append(score_fn(x, _pooled(y, cfg.pool)))
+            scores.append(score_fn(x, _reference_features(y, cfg)))
         except UndefinedScore as exc:
             # the metric has no value on this group (RSA: fewer than 3 images the layer is
             # not silent on): skipped like a group too small
@@ -629,7 +640,7 @@ def _reference_targets(reference, subset: TensorSplit, cfg, device, batch: int =
             groups = reference_groups(inner, images, ids)
         for key, (rows, y) in groups.items():
             rows_by_key.setdefault(key, []).append(rows.to(device) + lo)
-            ys_by_key.setdefault(key, []).append(_pooled(y, cfg.pool))
+            ys_by_key.setdefault(key, []).append(_reference_features(y, cfg))
     keyed = [(k, torch.cat(rows_by_key[k]), torch.cat(ys_by_key[k])) for k in rows_by_key]
     if shuffled is not None:
         keyed = [(k, rows, shuffled.derange(subset.image_ids[rows.cpu()], y))
