@@ -10,7 +10,7 @@ A condition (one paper condition, one Pareto front)::
     model = "alexnet"            # a registered model (trainable/models.py)
     layer = "conv1"              # one of its taps
     reference = "nsd"            # "gabor" | "pretrained" | "nsd"
-    roi = "V1"                   # NSD references only: "V1" | "VVS"
+    roi = "V1"                   # NSD data only (its table is prepared per ROI): "V1" | "VVS"
     metric = "linear"            # alignment metric of the loss (trainable/alignment.py)
     task = "multi_label"         # "single_label" (ImageNet) | "multi_label" (COCO-80 on NSD)
 
@@ -848,13 +848,6 @@ def _parse_condition(name: str, path: Path, raw: dict[str, Any],
     _require(raw, ("model", "layer", "reference", "metric", "task", "grid", "paper", "demo"),
              path, "")
     reference = _string(raw, "reference", path, REFERENCE_KINDS)
-    roi = None
-    if reference == "nsd":
-        _require(raw, ("roi",), path, " (an NSD reference needs it)")
-        roi = _string(raw, "roi", path, ROIS)
-    elif "roi" in raw:
-        raise SweepFileError(f"{path}: roi={raw['roi']!r} but reference={reference!r}; "
-                             f"accepted: roi only with reference = \"nsd\"")
     task = _string(raw, "task", path, TASKS)
     grid_raw = _table(raw, "grid", path, "")
     _check_keys(grid_raw, _GRID_KEYS, path, " in [grid]")
@@ -863,6 +856,21 @@ def _parse_condition(name: str, path: Path, raw: dict[str, Any],
                 _numbers(grid_raw, "betas", path, positive=False))
     scales = {s: _parse_scale(s, _table(raw, s, path, ""), path, reference, task)
               for s in SCALES}
+    # NSD data (and the simulated NSD-like world) is prepared per ROI, whichever reference
+    # the condition aligns to: a Gabor bank or a pretrained network on NSD's images and COCO
+    # labels reads the table of that ROI (shared with the NSD conditions of the same ROI)
+    voxel_data = [s for s in SCALES if scales[s].data in VOXEL_DATA]
+    roi = None
+    if reference == "nsd" or voxel_data:
+        why = (" (an NSD reference needs it)" if reference == "nsd" else
+               f" (data={scales[voxel_data[0]].data!r} in [{voxel_data[0]}] is prepared per "
+               f"ROI, whichever the reference)")
+        _require(raw, ("roi",), path, why)
+        roi = _string(raw, "roi", path, ROIS)
+    elif "roi" in raw:
+        raise SweepFileError(f"{path}: roi={raw['roi']!r} but no scale's data has voxel "
+                             f"responses; accepted: roi only with NSD data (data = "
+                             f"\"nsd\" or \"simulated_nsd\")")
     cond = Condition(name, path, _description(raw, path),
                      _string(raw, "model", path), _string(raw, "layer", path), reference, roi,
                      _string(raw, "metric", path), task, grid, scales["paper"], scales["demo"])

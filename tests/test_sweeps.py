@@ -450,6 +450,11 @@ def test_unknown_sweep_lists_the_known_ones():
     (lambda s: s.replace("trial = { rectify = true }", "trial = { rectify = true, epochs = 3 }",
                          1), r"trial.epochs"),
     (lambda s: s.replace('roi = "V1"', 'roi = "V4"'), r"roi='V4'"),
+    # NSD data is prepared per ROI whatever the reference: a Gabor bank on NSD's images was
+    # refused with a roi, and without one failed after Ray had started ("unknown ROI None")
+    (lambda s: s.replace('reference = "nsd"', 'reference = "gabor"').replace('roi = "V1"\n', ""),
+     r"nsd_conv1_v1.toml: missing key 'roi' \(data='nsd' in \[paper\] is prepared per ROI, "
+     r"whichever the reference\)"),
     (lambda s: s.replace("[grid]", "[grid"), r"not valid TOML"),
     (lambda s: s.replace("n_images = 1000", 'n_images = "1000"'),
      r"n_images='1000' in \[demo.data_kwargs\]; accepted: an integer"),
@@ -497,6 +502,27 @@ def test_a_malformed_sweep_file_names_the_file_and_the_key(tmp_path, edit, match
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(SweepFileError, match=match):  # and through the composite
         load_sweep("paper", folder)
+
+
+def test_an_image_reference_on_nsd_data_reads_the_rois_table_and_a_roi_needs_nsd_data(tmp_path):
+    """A Gabor bank (or a pretrained network) aligned on NSD's images and COCO labels: the
+    condition names the ROI whose prepared table it reads (its voxel responses unused); a
+    roi on a condition without NSD data is refused, naming what takes one."""
+    folder = tmp_path / "conditions"
+    shutil.copytree(SWEEP_DIR, folder)
+    path = folder / "nsd_conv1_v1.toml"
+    text = path.read_text().replace('reference = "nsd"', 'reference = "gabor"')
+    path.write_text(text.replace("trial = { rectify = true }", "trial = { }")
+                    .replace("trial = { rectify = true, pool = 8 }", "trial = { pool = 8 }"))
+    cond = load_sweep("nsd_conv1_v1", folder).conditions[0]
+    assert (cond.reference, cond.roi, cond.demo.data) == ("gabor", "V1", "simulated_nsd")
+    gabor = folder / "gabor_conv1.toml"
+    gabor.write_text(gabor.read_text().replace('reference = "gabor"',
+                                               'reference = "gabor"\nroi = "V1"'))
+    with pytest.raises(SweepFileError, match=r"gabor_conv1.toml: roi='V1' but no scale's data "
+                                             r"has voxel responses; accepted: roi only with NSD "
+                                             r"data"):
+        load_sweep("gabor_conv1", folder)
 
 
 # --------------------------------------------------------------------------------------------
