@@ -467,8 +467,10 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
 def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
     """Settings the prepared data cannot meet, refused before anything is recorded: the
     splits' sizes (``split_size_problem``) and a voxel reliability threshold that keeps no
-    voxel (it failed every trial after its first epoch)."""
+    voxel (it failed every trial after its first epoch), a loss no batch of a trial's first
+    epoch can apply (``first_epoch_groups_problem``)."""
     from trainable.config import TrialConfig
+    from trainable.train import first_epoch_groups_problem
 
     n_train, n_val = len(data.train), len(data.val)
     for t in (t for t in plan.trials if t.condition == condition):
@@ -476,12 +478,19 @@ def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
                    or _validation_groups_problem(t, data, reference))
         if problem:
             raise UsageError(problem)
-        threshold = TrialConfig.from_dict(t.config).voxel_ncsnr_min
+        cfg = TrialConfig.from_dict(t.config)
+        threshold = cfg.voxel_ncsnr_min
         if threshold > 0 and hasattr(reference, "select_voxels"):
             try:
                 reference.select_voxels(threshold)
             except ValueError as exc:
                 raise UsageError(f"trial {t.trial_id}: {exc}") from None
+        # the trial's own first-epoch check, asked before any trial starts: it failed each
+        # trial after Ray had scheduled it (Tune's error table, exit 1)
+        problem = first_epoch_groups_problem(getattr(data.train, "image_ids", None),
+                                             reference, cfg)
+        if problem:
+            raise UsageError(f"trial {t.trial_id}: {problem}")
 
 
 def _validation_groups_problem(t, data, reference) -> str | None:

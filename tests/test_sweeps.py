@@ -1659,6 +1659,13 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
      r"val_folds=5 needs 10 validation images of one subject, but the fixed validation subset "
      r"\(val_images=10 of the 40 validation images\) gives subject 1: 6, subject 2: 6; "
      r"accepted: val_folds <= 3 \(--set val_folds=N\) or a larger val_images"),
+    # a loss no batch of the first epoch can apply (two subjects share a batch of 16): each
+    # promoting and suppressing trial failed once Ray had scheduled it (exit 1, Tune's table)
+    (["nsd_conv1_v1", "--set", "batch_size=16", "--set", "loss_folds=8"],
+     r"^trial nsd_conv1_v1-max-a0\.8-b1-s0: loss_folds=8 needs 16 rows of a reference group "
+     r"\(subject\) in a batch, but the first epoch's \d+ batches' groups hold at most \d+ rows "
+     r"\(batch_size=16\).*accepted: loss_folds=0 \(exact leave-one-out, 3 rows\) or 2\.\.\d+ "
+     r"or a larger batch_size$"),
 ])
 def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match):
     """Each passed the plan, then failed every trial after an epoch (three times over), or

@@ -321,22 +321,47 @@ def check_epoch_groups_usable(feed: BatchFeed, reference, cfg: TrialConfig) -> b
     batch of the epoch must hold a group with the rows the held-out score needs. Judging by
     the first batch alone failed a trial for its seed (loss_folds=10: seed 6's first batch
     held [19, 19] while the other seeds' epochs applied the term on 18-23 steps of 25).
-    Returns False where it cannot judge (the first step's groups are checked then)."""
-    base = unshuffled(reference)
+    Returns False where it cannot judge (the first step's groups are checked then). The
+    driver runs the same check on every trial before any starts
+    (``first_epoch_groups_problem``)."""
     ids = getattr(feed.dataset, "image_ids", None)
+    judged, problem = _first_epoch_groups(ids, reference, cfg, feed.schedule)
+    if problem:
+        raise ValueError(problem)
+    return judged
+
+
+def first_epoch_groups_problem(train_ids, reference, cfg: TrialConfig) -> str | None:
+    """``check_epoch_groups_usable`` as the driver asks it of a trial before Ray runs any:
+    the refusal, or None (the term applies on some batch of the first epoch, alpha is 0, or
+    the reference's groups do not follow from the image ids). ``train_ids``: the training
+    split's image ids."""
+    if cfg.alpha == 0 or train_ids is None:
+        return None
+    return _first_epoch_groups(train_ids, reference, cfg,
+                               training_schedule(len(train_ids), cfg))[1]
+
+
+def _first_epoch_groups(ids, reference, cfg: TrialConfig,
+                        schedule: Schedule) -> tuple[bool, str | None]:
+    """(judged, refusal or None) of the first epoch's batches under ``schedule``."""
+    base = unshuffled(reference)
     if not hasattr(base, "group_sizes") or ids is None:
-        return False
+        return False, None
     need = _min_rows(cfg)
-    batches, _ = feed.schedule(0)
+    batches, _ = schedule(0)
     sizes = []
     for idx in batches:
         these = list(base.group_sizes(ids[idx]).values())
         if any(n >= need for n in these):
-            return True
+            return True, None
         sizes.append(these)
-    _refuse_group_sizes(sizes, cfg, "the first batch's" if len(sizes) == 1 else
-                        f"the first epoch's {len(sizes)} batches'")
-    return True
+    try:
+        _refuse_group_sizes(sizes, cfg, "the first batch's" if len(sizes) == 1 else
+                            f"the first epoch's {len(sizes)} batches'")
+    except ValueError as exc:
+        return True, str(exc)
+    return True, None
 
 
 def _refuse_group_sizes(sizes: list[list[int]], cfg: TrialConfig, whose: str) -> None:
