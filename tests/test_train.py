@@ -548,6 +548,26 @@ def test_divergence_stops_with_epoch_and_step_and_reports_nothing(single_label, 
     assert hooks.history == [] and hooks.checkpoints == []
 
 
+def test_a_float32_trial_on_cuda_convolves_in_ieee_float32():
+    """cuDNN's default runs float32 convolutions in TF32: a trial that asked for fp32 on an
+    A100 or H100 was recorded as float32 and was not. The setting is made per trial (a reused
+    worker runs bf16 trials too); on the CPU nothing is touched. Checked without a GPU: the
+    device is only named, and the flag is cuDNN's own."""
+    from trainable.train import _float32_convolutions
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.fp32_precision
+    try:
+        _float32_convolutions(TrialConfig(precision="fp32"), torch.device("cpu"))
+        assert cudnn.fp32_precision == before
+        _float32_convolutions(TrialConfig(precision="fp32"), torch.device("cuda"))
+        assert cudnn.fp32_precision == cudnn.conv.fp32_precision == "ieee"
+        _float32_convolutions(TrialConfig(precision="bf16"), torch.device("cuda"))
+        assert cudnn.conv.fp32_precision == "tf32"
+    finally:
+        cudnn.fp32_precision = before
+
+
 def test_data_prepared_at_another_size_is_refused(single_label):
     with pytest.raises(ValueError, match=r"prepared at 64 px but the config asks image_size=96"):
         train(dict(TINY, image_size=96), data=single_label, reference=GaborReference())

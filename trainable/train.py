@@ -171,7 +171,8 @@ def trial_facts(cfg: TrialConfig, device: torch.device, workers: int, train_feed
     bf16 = _uses_bf16(cfg, device)
     return {
         "device": f"{device}{f' ({name})' if name else ''}",
-        "precision": "bf16 autocast (alignment math in float32/float64)" if bf16 else "float32",
+        "precision": ("bf16 autocast (alignment math in float32/float64)" if bf16 else
+                      "float32" + (" (IEEE convolutions)" if device.type == "cuda" else "")),
         "threads": str(torch.get_num_threads()),
         "loader_workers": str(workers),
         "train_split": f"{len(train_feed)} images, "
@@ -206,6 +207,22 @@ def _uses_bf16(cfg: TrialConfig, device: torch.device) -> bool:
         return True
     return (cfg.precision == "auto" and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def _float32_convolutions(cfg: TrialConfig, device: torch.device) -> None:
+    """On CUDA, cuDNN runs float32 convolutions in TF32 unless told otherwise (10 mantissa
+    bits), so a float32 trial (``precision = "fp32"``; "auto" on a GPU without native bf16,
+    which has no TF32 either) was not float32 while its facts said so: its convolutions run
+    in IEEE float32. A bf16 trial keeps TF32 for what runs outside autocast. Process-wide, so
+    set at each trial's start (a reused worker runs trials of either kind); the alignment's
+    Gram products have their own setting (``trainable.alignment.GRAM_TF32_ON_CUDA``)."""
+    if device.type != "cuda":
+        return
+    want = "tf32" if _uses_bf16(cfg, device) else "ieee"
+    try:
+        torch.backends.cudnn.fp32_precision = want
+    except (AttributeError, RuntimeError):  # an older torch: the legacy flag
+        torch.backends.cudnn.allow_tf32 = want == "tf32"
 
 
 def _autocast(cfg: TrialConfig, device: torch.device):
@@ -871,6 +888,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     fix_mmap_threshold()  # flat memory over many batches (trainable.data.fix_mmap_threshold)
     device = resolve_device(cfg)
+    _float32_convolutions(cfg, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, width=cfg.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
