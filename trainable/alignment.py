@@ -285,11 +285,7 @@ def _ridge_cv(x: torch.Tensor, y: torch.Tensor, alpha_list: list[float], folds: 
         y_mean = yc.mean(0)
         yc -= y_mean
         if dual:
-            g_tt = gram[tr][:, tr]
-            row = g_tt.mean(1)
-            k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
-            g_et = gram[lo:hi][:, tr]
-            k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+            k_tt, k_et = _fold_kernels(gram, tr, lo, hi)
             evals, basis = _eigh_without_constant(k_tt)
             proj = basis.T @ yc
             del yc  # (m, q): the selection and the predictions need only proj
@@ -368,11 +364,7 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
     scores = []
     for lo, hi in bounds:
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)
-        g_tt = gram[tr][:, tr]
-        row = g_tt.mean(1)
-        k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
-        g_et = gram[lo:hi][:, tr]
-        k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+        k_tt, k_et = _fold_kernels(gram, tr, lo, hi)
         evals, basis = _eigh_without_constant(k_tt)
         r = basis.shape[1]
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # one chunk: reused for predictions
@@ -416,6 +408,19 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
         else:
             scores.append(_pooled_from(num, den, varying, y.dtype, y.device))
     return torch.stack(scores).mean()
+
+
+def _fold_kernels(gram: torch.Tensor, tr: torch.Tensor, lo: int,
+                  hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fold's kernels from the Gram of globally centred rows: ``(K_tt, K_et)``, the training
+    rows' Gram double-centred with the training mean, and the test rows (``lo:hi``) against
+    the training rows, centred with it too."""
+    g_tt = gram[tr][:, tr]
+    row = g_tt.mean(1)
+    k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
+    g_et = gram[lo:hi][:, tr]
+    k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+    return k_tt, k_et
 
 
 def _eigh_without_constant(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -887,11 +892,7 @@ def _heldout_operator(kx: torch.Tensor, rel: float, folds: int | None) -> torch.
     for lo, hi in _fold_bounds(n, folds):
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(kx.device)
         m = tr.numel()
-        g_tt = kx[tr][:, tr]
-        row = g_tt.mean(1)
-        k_tt = g_tt - row[:, None] - row[None, :] + row.mean()
-        g_et = kx[lo:hi][:, tr]
-        k_et = g_et - g_et.mean(1, keepdim=True) - row[None, :] + row.mean()
+        k_tt, k_et = _fold_kernels(kx, tr, lo, hi)
         energy = torch.diagonal(k_tt).sum() / m
         # A layer silent on the fold's training rows (not on the batch): K_tt is 0, or the
         # rounding noise the batch's centring leaves (1e-17 where the batch's energy is 1).
