@@ -244,7 +244,7 @@ def read_json_object(path: Path) -> dict:
     does not parse (a kill mid-write, an edit gone wrong) or holds another JSON value. The
     driver refuses such a file, the post-processor reads it as absent and says so."""
     try:
-        value = json.loads(Path(path).read_text(errors="replace"))
+        value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(" ".join(str(exc).split())) from None
     if not isinstance(value, dict):

@@ -11,6 +11,8 @@ imports it; ``records``' layering).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -19,7 +21,6 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import IO
 
 __all__ = ["HELD_LOCK", "SCRATCH_PREFIX", "host_tag", "new_held", "remove_stale_held",
            "scratch_dir"]
@@ -48,16 +49,29 @@ def remove_stale_held(parent: Path, prefix: str) -> None:
             continue
 
 
-def new_held(parent: Path, prefix: str) -> tuple[Path, IO[str]]:
+def new_held(parent: Path, prefix: str) -> tuple[Path, contextlib.AbstractContextManager]:
     """A new folder ``<prefix><host>-<random>`` in ``parent`` and the open lock file that
     holds it: (folder, file). Closing the file (or the process's end) lets the next
     ``remove_stale_held`` delete the folder. The lock is taken under a temporary name and only
-    then renamed into place, so no cleaner ever finds it unlocked while its owner lives."""
+    then renamed into place, so no cleaner ever finds it unlocked while its owner lives.
+
+    On a file system without locks (Lustre without ``-o flock``, some FUSE mounts: flock
+    fails with ENOLCK, EOPNOTSUPP or ENOSYS) the folder is made all the same, without a lock
+    file (``remove_stale_held`` leaves such folders), and the "file" is a no-op context:
+    what used a plain temporary folder there still works, only a killed owner's folder is
+    left as before."""
     folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-", dir=parent))
     fh = open(folder / f"{HELD_LOCK}.new", "w")  # noqa: SIM115 (held for the owner's life)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX)
         os.replace(folder / f"{HELD_LOCK}.new", folder / HELD_LOCK)
+    except OSError as exc:
+        fh.close()
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        (folder / f"{HELD_LOCK}.new").unlink(missing_ok=True)
+        return folder, contextlib.nullcontext()
     except BaseException:
         fh.close()
         shutil.rmtree(folder, ignore_errors=True)
@@ -66,7 +80,7 @@ def new_held(parent: Path, prefix: str) -> tuple[Path, IO[str]]:
 
 
 SCRATCH_PREFIX = "alignsweep-scratch-"
-_scratch: tuple[Path, IO[str], int] | None = None
+_scratch: tuple[Path, contextlib.AbstractContextManager, int] | None = None
 
 
 def scratch_dir() -> Path:
@@ -78,6 +92,8 @@ def scratch_dir() -> Path:
     the folders of this host's processes that are gone. Removed at a normal exit."""
     global _scratch
     if _scratch is None or not _scratch[0].is_dir():
+        if _scratch is not None and os.getpid() == _scratch[2]:  # deleted under us: its
+            _scratch[1].__exit__(None, None, None)  # lock goes with it
         parent = Path(tempfile.gettempdir())
         remove_stale_held(parent, SCRATCH_PREFIX)
         folder, fh = new_held(parent, SCRATCH_PREFIX)

@@ -257,6 +257,7 @@ def tracking_refuses(uri: str, *, timeout: float = 5.0, retry_after: float = 1.0
     once more after ``retry_after`` seconds before it counts. Other answers are left to the
     run."""
     import base64
+    import http.client
     import json
     import time
 
@@ -291,12 +292,14 @@ def tracking_refuses(uri: str, *, timeout: float = 5.0, retry_after: float = 1.0
                 continue
             try:
                 said = exc.read(2000).decode(errors="replace")
-            except OSError:
+            except (OSError, http.client.HTTPException):  # a body cut short
                 said = ""
             try:  # MLflow's JSON error: its message's first line (an SQL error's, not its SQL)
-                said = str(json.loads(said)["message"]).splitlines()[0]
-            except (ValueError, KeyError, TypeError, IndexError):
-                pass
+                message = json.loads(said).get("message")
+            except (ValueError, AttributeError):
+                message = None
+            if isinstance(message, str) and message.strip():
+                said = message.strip().splitlines()[0]
             return Refusal(exc.code, " ".join(said.split())[:300])
         except (urllib.error.URLError, OSError):
             return None

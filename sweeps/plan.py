@@ -648,7 +648,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     roots = _check_data_flags(args)
     asked = tuple(sorted(set(args.subject or ())))
     only = tuple(args.only or ())
-    overrides = _overrides(args.set or ())
+    overrides = _overrides(args.set or (), resume=bool(args.resume))
     address = _address(args.address)
     mlflow_uri = _mlflow_uri(args.mlflow_uri)
     storage = _storage(args.storage)
@@ -824,12 +824,12 @@ def _check_data_flags(args: argparse.Namespace) -> dict[str, str | None]:
     return roots
 
 
-def _overrides(texts) -> dict:
+def _overrides(texts, resume: bool = False) -> dict:
     """--set KEY=VALUE, each key once."""
     overrides: dict = {}
     try:
         for text in texts:
-            key, value = parse_override(text)
+            key, value = parse_override(text, resume=resume)
             if key in overrides and overrides[key] != value:
                 raise UsageError(f"--set {key} given twice ({overrides[key]!r} and {value!r}); "
                                  f"accepted: each key once")

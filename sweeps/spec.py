@@ -487,9 +487,12 @@ class Sweep:
 # two apart).
 OVERRIDE_FORBIDDEN = ("model", "layer", "reference", "metric", "alpha", "beta", "seed",
                       "threads")
+#: Forbidden keys that runs started before stop 36 could set: their ``--resume`` repeats them
+#: (the run's fingerprint then holds that the value is the one it started with).
+OVERRIDE_FORBIDDEN_SINCE = ("metric",)
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, *, resume: bool = False) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, value). VALUE is read as a TOML value, as in a sweep file
     (``0.001``, ``20``, ``true``, ``"cpu"``); a bare word that is not TOML is a string
     (``device=cpu``). The key must be a TrialConfig key a sweep lets a user change; the value's
@@ -505,11 +508,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "\n" in raw or "\r" in raw:  # TOML would read the first line and drop the rest
         raise ValueError(f"--set {text!r}: a value of several lines; accepted: one KEY=VALUE "
                          f"per --set, its value on one line")
-    if key in OVERRIDE_FORBIDDEN:
+    if key in OVERRIDE_FORBIDDEN and not (resume and key in OVERRIDE_FORBIDDEN_SINCE):
         how = ("follows --cpus-per-trial" if key == "threads"
                else "is set by the sweep's grid and condition")
         raise ValueError(f"--set {key}: {key} {how}; accepted keys: {', '.join(accepted)}")
-    if key not in accepted:
+    if key not in accepted and key not in OVERRIDE_FORBIDDEN:
         raise ValueError(f"--set {key}: unknown trial setting; accepted keys: "
                          f"{', '.join(accepted)}")
     try:

@@ -296,7 +296,8 @@ def test_the_validation_forms_chunked_targets_give_the_one_block_numbers(monkeyp
     import trainable.alignment as alignment
 
     x, y = _mixed_pair(5, n=60, p=300, q=200, dead=20)
-    y[:, 3] = 0.25  # a flat reference column
+    x[:, :20] = 1.7  # dead units, and a flat reference column, at values whose float mean
+    y[:, 3] = 0.1  # depends on how the sum is blocked (a dyadic one's would not)
     if weighted:
         expect = [float(v.detach()) for v in linear_alignment_scaled(
             x.clone().requires_grad_(True), y, parts=True)]
@@ -313,7 +314,27 @@ def test_the_validation_forms_chunked_targets_give_the_one_block_numbers(monkeyp
             got = [float(ridge_cv_r2(x, y, alphas=[0.1, 1.0, 10.0])),
                    float(ridge_cv_r2(y, x, alphas=[0.1, 1.0, 10.0]))]
     assert got == pytest.approx(expect, abs=1e-12)
-    assert x.requires_grad is False and float(y[0, 3]) == 0.25  # the inputs untouched
+    assert x.requires_grad is False and float(y[0, 3]) == 0.1  # the inputs untouched
+
+
+def test_a_flat_target_column_scores_alike_however_the_targets_are_chunked(monkeypatch):
+    """A column constant over the training rows is predicted by its mean, and scores 1 on its
+    test fold only if predicted exactly (scikit-learn's rule): the float mean of 18 values of
+    1.7 differed by an ulp between a block of 4 columns and one of 50, and the score moved by
+    0.024. The mean of a flat column is now its value, in every path."""
+    import trainable.alignment as alignment
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 60, dtype=torch.float64, generator=g)
+    y = x[:, :10] @ torch.randn(10, 50, dtype=torch.float64, generator=g) + 0.5 * torch.randn(
+        23, 50, dtype=torch.float64, generator=g)
+    y[:, :3] = 1.7
+    alphas = [1e-2, 1.0, 1e2, 1e4]
+    one = float(ridge_cv_r2(x, y, alphas=alphas))
+    graded = float(ridge_cv_r2(x.clone().requires_grad_(True), y, alphas=alphas).detach())
+    monkeypatch.setattr(alignment, "TARGET_CHUNK_BYTES", 8 * 20 * 4)  # 4 columns a chunk
+    assert float(ridge_cv_r2(x, y, alphas=alphas)) == pytest.approx(one, abs=1e-12)
+    assert graded == pytest.approx(one, abs=1e-12)
 
 
 def test_column_chunks_change_nothing(monkeypatch):

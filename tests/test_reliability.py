@@ -463,6 +463,33 @@ def test_a_trial_killed_outright_leaves_no_scratch_for_the_next_to_find(tmp_path
             p.wait()
 
 
+def test_a_temporary_folder_without_locks_still_takes_a_trials_scratch(tmp_path, monkeypatch):
+    """On a file system whose flock fails (Lustre without -o flock, some FUSE mounts) the
+    scratch folder is made unheld, as a plain temporary folder was, instead of failing every
+    trial; a later cleaner leaves it (no lock file), as it leaves a folder being made."""
+    import errno
+    import tempfile
+
+    import records.scratch as scratch
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(scratch, "_scratch", None)
+    monkeypatch.setattr(scratch.fcntl, "flock", no_locks)
+    folder = scratch.scratch_dir()
+    assert folder.parent == tmp_path and folder.is_dir() and not list(folder.iterdir())
+    (folder / "ckpt-1").mkdir()
+    scratch.remove_stale_held(tmp_path, scratch.SCRATCH_PREFIX)
+    assert (folder / "ckpt-1").is_dir()
+    monkeypatch.setattr(scratch.fcntl, "flock", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EIO, "I/O error")))  # any other failure is still an error
+    with pytest.raises(OSError, match="I/O error"):
+        scratch.new_held(tmp_path, "other-")
+    assert not list(tmp_path.glob("other-*"))
+
+
 # ----------------------------------------------------------------------------- drivers
 
 

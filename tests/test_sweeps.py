@@ -2134,6 +2134,19 @@ def test_a_composites_bad_member_is_named_with_the_composite(tmp_path):
     assert str(both.value) == f"{member.value} (included by {tmp_path / 'both.toml'})"
 
 
+def test_a_run_that_set_its_metric_before_it_was_refused_can_still_resume():
+    """--set metric was refused at stop 36 (the condition names its metric); a run started
+    before with it repeats it on --resume, which accepts it there only (the run's fingerprint
+    then holds it to the value the run started with)."""
+    from sweeps.spec import parse_override
+
+    with pytest.raises(ValueError, match=r"^--set metric: metric is set by the sweep's grid"):
+        parse_override("metric=cka")
+    assert parse_override("metric=cka", resume=True) == ("metric", "cka")
+    with pytest.raises(ValueError, match=r"^--set alpha: alpha is set by the sweep's grid"):
+        parse_override("alpha=2", resume=True)
+
+
 def test_a_trials_run_tags_read_back_as_the_driver_wrote_them():
     """A trial's child-run tags have one owner (``records.TrialRunTags``): a trial's tags
     (an Optuna sample's included) read back as written, and a run another tool nested under

@@ -282,7 +282,7 @@ def _ridge_cv(x: torch.Tensor, y: torch.Tensor, alpha_list: list[float], folds: 
         m = tr.numel()
         y_te = y[lo:hi]
         yc = y[tr]  # a copy (rows gathered), centred in place: one (m, q) array, not two
-        y_mean = yc.mean(0)
+        y_mean = _fold_mean(yc)
         yc -= y_mean
         if dual:
             k_tt, k_et = _fold_kernels(gram, tr, lo, hi)
@@ -311,8 +311,8 @@ def _ridge_cv(x: torch.Tensor, y: torch.Tensor, alpha_list: list[float], folds: 
 #: targets are 1000 images x 326,700 Gabor responses, and each fold's centred copy, its
 #: projection and their QR were 2.1 GB each in float64, on the trial's share of a GPU.
 TARGET_CHUNK_BYTES = 64 << 20
-#: The dual form's Gram on the CPU is summed over column chunks of at most this many bytes
-#: (numpy's syrk on each centred chunk), instead of one centred copy of the whole predictor.
+#: The dual form's Gram is summed over column chunks of at most this many bytes (numpy's syrk
+#: on each centred chunk on the CPU), instead of one centred copy of the whole predictor.
 GRAM64_CHUNK_BYTES = 64 << 20
 
 
@@ -325,14 +325,13 @@ def _chunks(n_rows: int, cols: int, itemsize: int, limit: int) -> list[slice]:
 
 def _centred_gram64(x: torch.Tensor) -> torch.Tensor:
     """``Xc Xc^T`` (n, n) in x's dtype, X centred by its column means, without gradient and
-    without a centred copy of the whole of X: over column chunks, numpy's syrk on the CPU
-    (``_gram``), ``_chunked_gram``'s products elsewhere."""
+    without a centred copy of the whole of X: summed over column chunks of
+    ``GRAM64_CHUNK_BYTES`` (numpy's syrk on the CPU, ``_gram``), in the process's own matmul
+    precision (not the loss form's TF32, ``_gram_products``: the validation's products are
+    what the one-block form computed)."""
     mean = x.mean(0)
-    if x.device.type != "cpu":
-        return _chunked_gram(x, mean).to(x.dtype)
-    n = x.shape[0]
     k = None
-    for cols in _chunks(n, x.shape[1], x.element_size(), GRAM64_CHUNK_BYTES):
+    for cols in _chunks(x.shape[0], x.shape[1], x.element_size(), GRAM64_CHUNK_BYTES):
         part = _gram(x[:, cols] - mean[cols])
         k = part if k is None else k.add_(part)
     return k
@@ -371,7 +370,7 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
         stacked = None
         for cols in chunks:
             yc = block(tr, cols)
-            y_mean = yc.mean(0)
+            y_mean = _fold_mean(yc)
             yc -= y_mean
             proj = basis.T @ yc
             del yc
@@ -389,7 +388,7 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
                 y_mean, proj = kept[0]
             else:
                 yc = block(tr, cols)
-                y_mean = yc.mean(0)
+                y_mean = _fold_mean(yc)
                 yc -= y_mean
                 proj = basis.T @ yc
                 del yc
@@ -408,6 +407,16 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
         else:
             scores.append(_pooled_from(num, den, varying, y.dtype, y.device))
     return torch.stack(scores).mean()
+
+
+def _fold_mean(yc: torch.Tensor) -> torch.Tensor:
+    """Column means of a fold's training targets, exactly the value of a column constant on
+    them (a flat voxel, a dead unit): the float mean of equal values can be an ulp off, and
+    whether such a column's test fold then scored 1 or 0 (``_r2_columns``: predicted exactly
+    or not) depended on how the sum was blocked, i.e. on the number of target columns."""
+    with torch.no_grad():
+        flat = yc.amax(0) == yc.amin(0)
+    return torch.where(flat, yc[0], yc.mean(0))
 
 
 def _fold_kernels(gram: torch.Tensor, tr: torch.Tensor, lo: int,
@@ -598,11 +607,12 @@ def _scale(sq: torch.Tensor) -> torch.Tensor:
 
 def _relative_alphas(sq: torch.Tensor, rel: Sequence[float], name: str) -> list[float]:
     """``relative_alphas`` from the predictor's column moments: trace(Xc Xc^T)/n is the sum
-    of its columns' mean squared deviations."""
+    of its columns' mean squared deviations (checked as ``relative_alphas``'s are: an energy
+    beyond the dtype's range gives infinite alphas, refused)."""
     energy = float(sq.sum())
     if energy == 0:
         raise ValueError(f"{name} is constant across stimuli: its alignment is undefined")
-    return [r * energy for r in _check_alphas(rel)]
+    return _check_alphas([r * energy for r in _check_alphas(rel)])
 
 
 def _standardized_columns(x: torch.Tensor) -> torch.Tensor:

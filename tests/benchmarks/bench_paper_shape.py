@@ -69,7 +69,7 @@ from trainable.models import build_model  # noqa: E402
 from trainable.train import (  # noqa: E402
     _autocast,
     _layer_features,
-    _pooled,
+    _reference_features,
     reference_groups,
     task_loss,
     train_one_epoch,
@@ -220,7 +220,7 @@ def check_and_break_down(cond: Condition, cfg: TrialConfig, model, reference,
 
     def reference_on_batch():
         with _autocast(cfg, device):
-            return [(rows, _pooled(y, cfg.pool))
+            return [(rows, _reference_features(y, cfg))
                     for rows, y in reference_groups(reference, images, ids).values()]
 
     with torch.no_grad():
