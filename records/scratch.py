@@ -39,14 +39,27 @@ def remove_stale_held(parent: Path, prefix: str) -> None:
     named for this host and holding a lock file that can be locked (a live owner holds it).
     Another host's are left (a file system whose locks are local to each host, such as NFS
     mounted with nolock, would let any lock be taken), as are folders without a lock file
-    (still being made, or left by an older version)."""
-    for folder in Path(parent).glob(f"{glob.escape(prefix)}{glob.escape(host_tag())}-*"):
+    (still being made, or left by an older version).
+
+    A stale folder is first renamed, under its lock, to ``.<name>.removing`` and deleted
+    from there: a cleaner killed part-way through (the tests' and the OOM killer's SIGKILL)
+    had left a folder whose lock file was already gone, and so kept for good. Such
+    ``.removing`` folders of this host are deleted by the next cleaner whatever they hold."""
+    host = glob.escape(host_tag())
+    for folder in Path(parent).glob(f"{glob.escape(prefix)}{host}-*"):
+        trash = folder.with_name(f".{folder.name}{_REMOVING}")
         try:
             with open(folder / HELD_LOCK) as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)  # while holding it: no one reuses it
+                os.rename(folder, trash)  # while holding it: no one reuses it
         except OSError:  # held by a live owner, no lock file, or a file system without locks
             continue
+        shutil.rmtree(trash, ignore_errors=True)
+    for trash in Path(parent).glob(f".{glob.escape(prefix)}{host}-*{_REMOVING}"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+_REMOVING = ".removing"
 
 
 def new_held(parent: Path, prefix: str) -> tuple[Path, contextlib.AbstractContextManager]:

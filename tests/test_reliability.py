@@ -450,11 +450,17 @@ def test_a_trial_killed_outright_leaves_no_scratch_for_the_next_to_find(tmp_path
 
         unlocked = tmp_path / f"{SCRATCH_PREFIX}{host_tag()}-cd34"  # still being made
         unlocked.mkdir()
+        # a cleaner killed part-way through a killed owner's folder: renamed before deletion,
+        # so the next cleaner knows it for garbage (it had lost its lock file and stayed)
+        half = tmp_path / f".{SCRATCH_PREFIX}{host_tag()}-ef56.removing"
+        (half / "ckpt-y").mkdir(parents=True)
+        (half / "ckpt-y" / "checkpoint.pt").write_bytes(bytes(1 << 10))
         nxt = subprocess.run([sys.executable, "-c", _SCRATCH_OWNER, "0"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=60)
         assert nxt.returncode == 0, nxt.stderr
         own = Path(nxt.stdout.strip())
-        assert not killed.exists()
+        assert not killed.exists() and not half.exists()
+        assert not list(tmp_path.glob(".*.removing"))
         assert live.is_dir() and other_host.is_dir() and unlocked.is_dir()
         assert own.parent == tmp_path and not own.exists()  # removed at its exit
     finally:
