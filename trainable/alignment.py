@@ -317,9 +317,11 @@ GRAM64_CHUNK_BYTES = 64 << 20
 
 
 def _chunks(n_rows: int, cols: int, itemsize: int, limit: int) -> list[slice]:
-    """Column slices of equal width (the last may be narrower) of at most ``limit`` bytes for
-    ``n_rows`` rows."""
+    """Column slices of at most ``limit`` bytes for ``n_rows`` rows, as few as that allows and
+    of equal width (no small tail chunk: at the demo shape, 2 x 12,150 columns instead of
+    20,971 + 3,329 saves the loss form 0.1 ms a step)."""
     width = max(1, limit // max(1, n_rows * itemsize))
+    width = -(-cols // -(-cols // width))  # the same number of chunks, balanced
     return [slice(lo, min(cols, lo + width)) for lo in range(0, cols, width)]
 
 
@@ -360,6 +362,14 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
             t = (t - standardize[0][cols]) / standardize[1][cols]
         return t
 
+    def projected(tr: torch.Tensor, cols: slice,
+                  basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training mean, basis^T Yc) of a chunk's training rows."""
+        yc = block(tr, cols)
+        y_mean = _fold_mean(yc)
+        yc -= y_mean
+        return y_mean, basis.T @ yc
+
     scores = []
     for lo, hi in bounds:
         tr = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)
@@ -369,11 +379,7 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # one chunk: reused for predictions
         stacked = None
         for cols in chunks:
-            yc = block(tr, cols)
-            y_mean = _fold_mean(yc)
-            yc -= y_mean
-            proj = basis.T @ yc
-            del yc
+            y_mean, proj = projected(tr, cols, basis)
             if len(chunks) == 1:
                 kept.append((y_mean, proj))
             stacked = proj.T if stacked is None else torch.cat([stacked, proj.T])
@@ -384,14 +390,7 @@ def _ridge_cv_dual_chunked(x: torch.Tensor, y: torch.Tensor, alphas: list[float]
         r2_sum = num = den = None
         varying = False
         for cols in chunks:
-            if kept:
-                y_mean, proj = kept[0]
-            else:
-                yc = block(tr, cols)
-                y_mean = _fold_mean(yc)
-                yc -= y_mean
-                proj = basis.T @ yc
-                del yc
+            y_mean, proj = kept[0] if kept else projected(tr, cols, basis)
             pred = y_mean + kb @ (proj / (evals + a)[:, None])
             y_te = block(slice(lo, hi), cols)
             if weights is None:
@@ -589,8 +588,8 @@ def relative_alphas(X: Any, rel: Sequence[float] = DEFAULT_RELATIVE_ALPHAS, *,
 
 
 def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, mean squared deviation) of x's columns, (p,) each, as ``_standardized_columns``
-    computes them, over column chunks (no centred copy of the whole of x)."""
+    """(mean, mean squared deviation) of x's columns, (p,) each, over column chunks (no
+    centred copy of the whole of x). Differentiable."""
     mean = x.mean(0)
     sq = torch.empty_like(mean)
     for cols in _chunks(x.shape[0], x.shape[1], x.element_size(), TARGET_CHUNK_BYTES):
@@ -599,8 +598,8 @@ def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _scale(sq: torch.Tensor) -> torch.Tensor:
-    """The standard deviations of ``_column_moments`` as ``_standardized_columns`` divides by
-    them: 1 for a constant column (only centred)."""
+    """The standard deviations of ``_column_moments`` that z-scoring divides by: 1 for a
+    constant column (only centred)."""
     std = sq.sqrt()
     return torch.where(std > 0, std, torch.ones_like(std))
 
@@ -609,21 +608,10 @@ def _relative_alphas(sq: torch.Tensor, rel: Sequence[float], name: str) -> list[
     """``relative_alphas`` from the predictor's column moments: trace(Xc Xc^T)/n is the sum
     of its columns' mean squared deviations (checked as ``relative_alphas``'s are: an energy
     beyond the dtype's range gives infinite alphas, refused)."""
-    energy = float(sq.sum())
+    energy = float(sq.sum().detach())
     if energy == 0:
         raise ValueError(f"{name} is constant across stimuli: its alignment is undefined")
     return _check_alphas([r * energy for r in _check_alphas(rel)])
-
-
-def _standardized_columns(x: torch.Tensor) -> torch.Tensor:
-    """Columns z-scored (constant columns only centred)."""
-    xc = x - x.mean(0)
-    std = xc.pow(2).mean(0).sqrt()
-    scale = torch.where(std > 0, std, torch.ones_like(std))
-    if xc.requires_grad:  # autograd needs xc for std's gradient: "torch stays differentiable"
-        return xc / scale
-    # in place: a second copy of a layer or reference was part of the validation's peak
-    return xc.div_(scale)
 
 
 def constant_columns(x: torch.Tensor) -> torch.Tensor:
@@ -664,24 +652,19 @@ def linear_alignment_scaled(
     inputs' scale as numbers, so the gradient leaves out the grid's own dependence on X.
     """
     x, y, as_float = _pair(X, Y, 2 * _check_folds(folds), f"{folds}-fold ridge CV")
+    folds = _check_folds(folds)
     y_live = (~constant_columns(y)).to(y.dtype)
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        x_var = (x - x.mean(0)).pow(2).mean(0) * (~constant_columns(x)).to(x.dtype)
-        xy = ridge_cv_r2(x, _standardized_columns(y), alphas=relative_alphas(
-            x, rel, name="X (the layer)"), folds=folds, column_weights=y_live)
-        # z-scored targets with weights var_j: pooled R^2 of the raw units (SSE and SST of a
-        # z-scored column are the raw ones divided by var_j)
-        yx = ridge_cv_r2(y, _standardized_columns(x), alphas=relative_alphas(
-            y, rel, name="Y (the reference)"), folds=folds, column_weights=x_var)
-    else:  # the validation's: no copy of the layer or the reference (``_ridge_cv``)
-        folds = _check_folds(folds)
-        x_mean, x_sq = _column_moments(x)
-        y_mean, y_sq = _column_moments(y)
-        x_var = x_sq * (~constant_columns(x)).to(x.dtype)
-        xy = _ridge_cv(x, y, _relative_alphas(x_sq, rel, "X (the layer)"), folds, y_live,
-                       standardize=(y_mean, _scale(y_sq)))
-        yx = _ridge_cv(y, x, _relative_alphas(y_sq, rel, "Y (the reference)"), folds, x_var,
-                       standardize=(x_mean, _scale(x_sq)))
+    x_mean, x_sq = _column_moments(x)
+    y_mean, y_sq = _column_moments(y)
+    x_var = x_sq * (~constant_columns(x)).to(x.dtype)
+    # Each direction's targets z-scored (``standardize``: applied where ``_ridge_cv`` reads
+    # each block, so without gradient no copy of the layer or the reference is made); with
+    # weights var_j, the pooled R^2 of the raw units (SSE and SST of a z-scored column are
+    # the raw ones divided by var_j)
+    xy = _ridge_cv(x, y, _relative_alphas(x_sq, rel, "X (the layer)"), folds, y_live,
+                   standardize=(y_mean, _scale(y_sq)))
+    yx = _ridge_cv(y, x, _relative_alphas(y_sq, rel, "Y (the reference)"), folds, x_var,
+                   standardize=(x_mean, _scale(x_sq)))
     if parts:
         return _out((xy + yx) / 2, as_float), _out(xy, as_float), _out(yx, as_float)
     return _out((xy + yx) / 2, as_float)
@@ -742,14 +725,10 @@ def _gram_products(device: torch.device):
 
 
 def _column_chunks(x: torch.Tensor) -> list[slice]:
-    """Column slices of x (n, cols) of at most the chunk bound's bytes each, as few as that
-    allows and of equal width (no small tail chunk: at the demo shape, 2 x 12,150 columns
-    instead of 20,971 + 3,329 saves 0.1 ms a step)."""
-    n, cols = x.shape
+    """Column slices of x (n, cols) of at most the loss form's chunk bound
+    (``GRAM_CHUNK_BYTES``, or ``GRAM_CHUNK_BYTES_CUDA`` on a GPU), as ``_chunks`` cuts them."""
     limit = GRAM_CHUNK_BYTES if x.device.type == "cpu" else GRAM_CHUNK_BYTES_CUDA
-    width = max(1, limit // max(1, n * x.element_size()))
-    width = -(-cols // -(-cols // width))  # the same number of chunks, balanced
-    return [slice(lo, min(cols, lo + width)) for lo in range(0, cols, width)]
+    return _chunks(x.shape[0], x.shape[1], x.element_size(), limit)
 
 
 def _narrow(x: torch.Tensor) -> bool:

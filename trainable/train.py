@@ -329,7 +329,10 @@ def check_groups_usable(groups: list[tuple[torch.Tensor, torch.Tensor]],
     skipped on every batch without a word (loss_folds=8 with two subjects in a batch of 16).
     For references whose groups follow from the image ids (voxel data) the whole first epoch
     is judged instead (``check_epoch_groups_usable``)."""
-    _refuse_group_sizes([[int(rows.numel()) for rows, _ in groups]], cfg, "the first batch's")
+    problem = _group_sizes_problem([[int(rows.numel()) for rows, _ in groups]], cfg,
+                                   "the first batch's")
+    if problem:
+        raise ValueError(problem)
 
 
 def check_epoch_groups_usable(feed: BatchFeed, reference, cfg: TrialConfig) -> bool:
@@ -373,16 +376,13 @@ def _first_epoch_groups(ids, reference, cfg: TrialConfig,
         if any(n >= need for n in these):
             return True, None
         sizes.append(these)
-    try:
-        _refuse_group_sizes(sizes, cfg, "the first batch's" if len(sizes) == 1 else
-                            f"the first epoch's {len(sizes)} batches'")
-    except ValueError as exc:
-        return True, str(exc)
-    return True, None
+    return True, _group_sizes_problem(sizes, cfg, "the first batch's" if len(sizes) == 1 else
+                                      f"the first epoch's {len(sizes)} batches'")
 
 
-def _refuse_group_sizes(sizes: list[list[int]], cfg: TrialConfig, whose: str) -> None:
-    """The refusal of ``check_groups_usable``: ``sizes`` per batch, none large enough."""
+def _group_sizes_problem(sizes: list[list[int]], cfg: TrialConfig, whose: str) -> str | None:
+    """The refusal of ``check_groups_usable``, or None: ``sizes`` per batch, none large
+    enough."""
     need = _min_rows(cfg)
     if not any(n >= need for batch in sizes for n in batch):
         most = max((n for batch in sizes for n in batch), default=0)
@@ -395,11 +395,11 @@ def _refuse_group_sizes(sizes: list[list[int]], cfg: TrialConfig, whose: str) ->
                          + (f" or 2..{most // 2}" if most >= 4 else ""))
         held = (f"hold {sizes[0]}" if len(sizes) == 1 else
                 f"hold at most {most} rows")
-        raise ValueError(
-            f"{what} needs {need} rows of a reference group (subject) in a batch, but "
-            f"{whose} groups {held} (batch_size={cfg.batch_size}): the alignment term would "
-            f"apply to no group of batches like {'it' if len(sizes) == 1 else 'them'}; "
-            f"accepted: {' or '.join(fixes)}")
+        return (f"{what} needs {need} rows of a reference group (subject) in a batch, but "
+                f"{whose} groups {held} (batch_size={cfg.batch_size}): the alignment term "
+                f"would apply to no group of batches like "
+                f"{'it' if len(sizes) == 1 else 'them'}; accepted: {' or '.join(fixes)}")
+    return None
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
