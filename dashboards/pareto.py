@@ -74,8 +74,9 @@ from dashboards.sources import (
     sweep_parent_run,
 )
 from records import NOTE_TAG, PREDICTIONS_ARTIFACT, controlled_by
+from records.errors import exception_line, one_line
 from records.scratch import new_held, remove_stale_held
-from records.uris import expand_user, not_utf8, redact, tracking_uri
+from records.uris import expand_user, not_utf8, tracking_uri
 from references.cache import atomic_write_text, unwritable
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
@@ -267,7 +268,7 @@ def _effects(record: SweepRecord, results: pa.Table,
             # a downloaded copy's path is gone once the report is built: name the run's
             where = (f"{PREDICTIONS_ARTIFACT} of run {trial.run_id}"
                      if path.is_relative_to(workdir) else str(path))
-            why = " ".join(str(exc).split())[:160]
+            why = one_line(exc)[:160]
             unreadable[trial_id] = f"{where} ({type(exc).__name__}{f': {why}' if why else ''})"
             return None
 
@@ -403,9 +404,8 @@ def _figures(record: SweepRecord, results: pa.Table, epochs: pa.Table, stats, ou
             for ext in ("png", "svg"):
                 (out / f"{stem}.{ext}").unlink(missing_ok=True)
             log = traceback_file(exc)
-            text = redact(" ".join(str(exc).split()))[:200]
-            not_drawn.append((stem, f"the {stem} figure could not be drawn ({type(exc).__name__}: "
-                                    f"{text}; traceback: {log}); the tables, statistics and "
+            not_drawn.append((stem, f"the {stem} figure could not be drawn ({exception_line(exc)}"
+                                    f"; traceback: {log}); the tables, statistics and "
                                     f"other figures are complete"))
             continue
         embedded.append((png, f"{stem} figure", caption))
@@ -670,8 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         from references.cache import traceback_file
 
         log = traceback_file(exc)
-        text = redact(" ".join(str(exc).split()))[:300]
-        print(f"error: {type(exc).__name__}: {text} (full traceback: {log})", file=sys.stderr)
+        print(f"error: {exception_line(exc, 300)} (full traceback: {log})", file=sys.stderr)
         return 1
 
 
@@ -706,7 +705,7 @@ def _main(argv: list[str] | None) -> int:
                                parent_run_id=args.parent_run, out=args.out,
                                experiment=args.experiment, log=not args.no_log)
     except (SourceError, ValueError) as exc:  # ValueError: a malformed --mlflow-uri
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     stats = json.loads((path.parent / "statistics.json").read_text())
     for message in stats["messages"]:

@@ -56,6 +56,7 @@ from records import (
     read_json_object,
     read_manifest,
 )
+from records.errors import one_line
 from records.stores import sqlite_path, sqlite_store_problem
 from records.uris import expand_user, redact, tracking_refuses, tracking_unreachable
 from references.cache import env_default
@@ -338,7 +339,7 @@ def sweep_parent_run(client, parent_run_id: str, sweep: str, mlflow_uri: str):
         parent = client.get_run(parent_run_id)
     except MlflowException as exc:  # RESOURCE_DOES_NOT_EXIST
         raise SourceError(f"--parent-run {parent_run_id}: no such run in {redact(mlflow_uri)} "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc)[:200]})") from None
     if parent.info.lifecycle_stage == "deleted":
         raise SourceError(f"--parent-run {parent_run_id} is deleted in {redact(mlflow_uri)}; "
                           f"accepted: an active run -- restore it with: mlflow runs restore "

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from records.errors import one_line
+
 __all__ = [
     "ARTIFACTS_DIR", "CONTROL_SUFFIX", "DIRECTIONS", "ERROR_TAG", "FACTS_FILE",
     "FILTERS_ARTIFACT", "FINAL_METRICS_ARTIFACT", "FINGERPRINT_FILE", "INTERRUPTED_TAG",
@@ -246,7 +248,7 @@ def read_json_object(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(" ".join(str(exc).split())) from None
+        raise ValueError(one_line(exc)) from None
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {type(value).__name__}, not an object")
     return value
@@ -331,7 +333,7 @@ def read_manifest(run_dir: Path) -> list[ManifestEntry]:
                     raise TypeError(f"'{name}' is {getattr(entry, name)!r}")
         except (ValueError, TypeError) as exc:  # a truncated copy, an edit gone wrong
             raise ValueError(f"{path} line {n}: not a manifest entry "
-                             f"({' '.join(str(exc).split())}); accepted: the file as the "
+                             f"({one_line(exc)}); accepted: the file as the "
                              f"driver wrote it, one JSON object per trial") from None
         entries.append(entry)
     return entries

@@ -47,6 +47,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from records.errors import one_line
 from references import imagenet, nsd
 from references.imagenet import ImageIndex
 from trainable.data import AUGMENTATIONS
@@ -326,7 +327,7 @@ class _Stimuli:
         the images, as a format error, which a trial's retry would meet again (Tune retried
         an OSError twice, and the summary named neither)."""
         shown = ", ".join(str(int(i)) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
-        why = " ".join(str(exc).split()) or type(exc).__name__
+        why = one_line(exc) or type(exc).__name__
         return nsd.NSDFormatError(
             f"{self.path}: cannot read '{nsd.STIMULI_DATASET}' image(s) nsdId {shown} ({why}); "
             f"expected a complete HDF5 file -- copy it again from the release, then rerun with "

@@ -87,6 +87,8 @@ from PIL import Image
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from records.errors import exception_line
+
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
 SPLITS = ("train", "val")
 DEVKIT_ARCHIVE = tv_imagenet.ARCHIVE_META["devkit"][0]  # "ILSVRC2012_devkit_t12.tar.gz"
@@ -115,8 +117,7 @@ def _accepted() -> str:
 
 def _reason(e: BaseException) -> str:
     """An exception as one short line for a message."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return exception_line(e, first_line=True)
 
 
 def _few(names, k: int = 3) -> str:

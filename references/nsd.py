@@ -63,6 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from records.errors import one_line
 from records.uris import expand_user
 from references.cache import (
     OneLineParser,
@@ -115,11 +116,6 @@ def _quiet_nibabel() -> Iterator[None]:
         yield
     finally:
         logger.disabled = was
-
-
-def _oneline(exc: BaseException) -> str:
-    """An exception's message on one line (nibabel's and h5py's may span several)."""
-    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +204,7 @@ def load_ncsnr(nsd_root: Path, subject: int, mask: np.ndarray) -> np.ndarray | N
     except NSDFormatError:
         raise
     except Exception as exc:  # nibabel's ImageFileError derives from Exception, not OSError
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(exc)}); expected the "
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({one_line(exc)}); expected the "
                              f"release's ncsnr volume (x, y, z) = {tuple(mask.shape)}") from None
     return np.nan_to_num(vol[mask], nan=0.0).astype(np.float32)
 
@@ -326,7 +322,7 @@ def _loadmat(path: Path) -> dict[str, np.ndarray]:
         raise NSDFormatError(f"{path}: MATLAB v7.3 file; expected the release's format, which "
                              f"scipy.io.loadmat reads") from None
     except Exception as exc:  # scipy raises a zoo of types for a corrupt file
-        raise NSDFormatError(f"{path}: cannot read as a MATLAB file ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: cannot read as a MATLAB file ({one_line(exc)})") from None
 
 
 def load_expdesign(nsd_root: Path) -> ExpDesign:
@@ -440,7 +436,7 @@ def load_stim_info(nsd_root: Path) -> StimInfo:
                     split.append(row[col["cocoSplit"]])
                 line = reader.line_num + 1
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise NSDFormatError(f"{path}: cannot read as CSV ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: cannot read as CSV ({one_line(exc)})") from None
     if not nsd:
         raise NSDFormatError(f"{path}: no rows; expected one per image (nsdId 0..)")
     nsd_arr = np.array(nsd, np.int64)
@@ -459,7 +455,7 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
         with _quiet_nibabel():
             img = nib.load(str(path))
     except Exception as exc:  # nibabel's ImageFileError derives from Exception
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({one_line(exc)})") from None
     # The shape comes from the header, so a wrong volume fails before its data is decoded.
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
@@ -472,7 +468,7 @@ def load_roi_mask(nsd_root: Path, subject: int, roi: str) -> np.ndarray:
         labels = np.rint(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0))
     except Exception as exc:  # truncated data, or a dtype that holds no numbers (RGB)
         raise NSDFormatError(f"{path}: cannot read as a NIfTI label volume "
-                             f"({_oneline(exc)})") from None
+                             f"({one_line(exc)})") from None
     if data.dtype.kind == "f":
         # A label volume resampled with interpolation holds values between labels (2.5 between
         # V1d and V2v): rounding would move those voxels into a neighbouring label. Values
@@ -583,7 +579,7 @@ def _h5_dataset(path: Path, name: str) -> Iterator:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise NSDFormatError(f"{path}: cannot read as HDF5 ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: cannot read as HDF5 ({one_line(exc)})") from None
     with f:
         if name not in f:
             raise NSDFormatError(f"{path}: no dataset '{name}' "
@@ -595,7 +591,7 @@ def _h5_dataset(path: Path, name: str) -> Iterator:
             where = (f" to {link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink)
                      else f" to {link.path}" if isinstance(link, h5py.SoftLink) else "")
             raise NSDFormatError(f"{path}: '{name}' is a link{where} that does not resolve "
-                                 f"({_oneline(exc)}); expected the dataset itself, or a link "
+                                 f"({one_line(exc)}); expected the dataset itself, or a link "
                                  f"to one that is there") from None
         undecodable = _undecodable(d) if isinstance(d, h5py.Dataset) else ""
         if undecodable:
@@ -735,7 +731,7 @@ def _nifti_betas(path: Path):
         except Exception as exc:  # nibabel's errors derive from Exception, not OSError
             first = first or exc
     if img is None:
-        raise NSDFormatError(f"{path}: cannot read as NIfTI ({_oneline(first)}); expected the "
+        raise NSDFormatError(f"{path}: cannot read as NIfTI ({one_line(first)}); expected the "
                              f"release's betas volume (x, y, z, trials)")
     # loaded images keep their scaling in the proxy (the header's fields are reset to NaN)
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
@@ -972,7 +968,7 @@ def _read_nifti_roi(path: Path, xi: np.ndarray, yi: np.ndarray, zi: np.ndarray) 
     except Exception as exc:  # gzip's EOFError / BadGzipFile, zlib.error, a short .nii
         raise NSDFormatError(
             f"{path}: cannot read betas trials {t0}..{min(t0 + step, n_trials) - 1} "
-            f"({_oneline(exc) or type(exc).__name__}); expected a complete NIfTI file -- copy "
+            f"({one_line(exc) or type(exc).__name__}); expected a complete NIfTI file -- copy "
             f"it again from the release") from None
     return out
 
@@ -996,7 +992,7 @@ def _read_hdf5_roi(path: Path, xi: np.ndarray, yi: np.ndarray, zi: np.ndarray) -
         except (OSError, RuntimeError) as exc:  # h5py: bad chunk, truncated file, filter
             raise NSDFormatError(
                 f"{path}: cannot read '{BETAS_DATASET}' trials {t0}..{min(t0 + step, n_trials) - 1}"
-                f" ({_oneline(exc)}); expected a complete HDF5 file -- copy it again from the "
+                f" ({one_line(exc)}); expected a complete HDF5 file -- copy it again from the "
                 f"release") from None
     return out
 
@@ -1068,7 +1064,7 @@ def _read_coco(path: Path) -> tuple[dict, dict[int, str]]:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise NSDFormatError(f"{path}: cannot read as JSON ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: cannot read as JSON ({one_line(exc)})") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise NSDFormatError(f"{path}: no '{key}' list (a COCO instances file has images, "
@@ -1076,7 +1072,7 @@ def _read_coco(path: Path) -> tuple[dict, dict[int, str]]:
     try:  # OverflowError: an id of Infinity (json reads it)
         cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise NSDFormatError(f"{path}: malformed 'categories' ({_oneline(exc)})") from None
+        raise NSDFormatError(f"{path}: malformed 'categories' ({one_line(exc)})") from None
     if len(cats) != N_COCO_CATEGORIES:
         raise NSDFormatError(f"{path}: {len(cats)} categories, expected {N_COCO_CATEGORIES} "
                              f"(COCO-80)")
@@ -1108,7 +1104,7 @@ def load_coco_labels(coco_annotations: Path, wanted: dict[str, set[int]]) -> Coc
         try:
             present = {int(im["id"]) for im in data["images"]} & want
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise NSDFormatError(f"{paths[split]}: malformed 'images' ({_oneline(exc)})") from None
+            raise NSDFormatError(f"{paths[split]}: malformed 'images' ({one_line(exc)})") from None
         if present != want:
             absent = sorted(want - present)
             raise NSDFormatError(f"{paths[split]}: {len(absent)} image(s) that "
@@ -1121,7 +1117,7 @@ def load_coco_labels(coco_annotations: Path, wanted: dict[str, set[int]]) -> Coc
                 image_id, cid = int(ann["image_id"]), int(ann["category_id"])
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise NSDFormatError(f"{paths[split]}: malformed annotation "
-                                     f"({_oneline(exc)})") from None
+                                     f"({one_line(exc)})") from None
             if image_id in want:
                 if cid not in column:
                     raise NSDFormatError(f"{paths[split]}: annotation {ann.get('id')} has "
@@ -1580,7 +1576,7 @@ def _main(argv: Sequence[str] | None) -> int:
                         others = [r for r in sorted(ROIS) if r != spec.name]
                         hint = (f" (needed for ROI {spec.name} only; --roi "
                                 f"{' --roi '.join(others)} checks the release without it)")
-            print(f"error: {' '.join(str(exc).split())}{hint}", file=sys.stderr)
+            print(f"error: {one_line(exc)}{hint}", file=sys.stderr)
             return 2
         subjects = args.subject or subjects_in_release(args.nsd_root)
         print(f"{args.nsd_root}: ok (subjects {', '.join(map(str, subjects))}; ROI "
@@ -1604,7 +1600,7 @@ def _main(argv: Sequence[str] | None) -> int:
         out = prepare(args.nsd_root, args.coco_annotations, args.subject, args.roi, args.out,
                       progress=not args.no_progress)
     except (NSDFormatError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     meta = prepared_metadata(pq.read_schema(out))
     rows = pq.read_metadata(out).num_rows

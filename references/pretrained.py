@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from records.errors import exception_line
 from references.base import ImageReference
 from references.cache import (
     DamagedCacheEntry,
@@ -196,8 +197,7 @@ def _read_weights(path: Path) -> object:
             why = ("not a file torch.save wrote"
                    + (f": {' '.join(detail.group(1).split())}" if detail else ""))
         else:
-            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-            why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            why = exception_line(exc, None, first_line=True)
             if isinstance(exc, EOFError) or path.stat().st_size == 0:
                 why = f"empty or truncated file ({why})"
         raise ValueError(f"{path}: cannot read as a state dict ({_clipped(why)}); "

@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from records.errors import exception_line
 from references import nsd
 from references.cache import (
     DamagedCacheEntry,
@@ -429,7 +430,7 @@ class SimulatedNSD:
                       noise_ceilings=ceilings, true_noise_ceilings=true)
         except (OSError, ValueError, KeyError, TypeError, AttributeError,
                 zipfile.BadZipFile) as exc:
-            raise DamagedCacheEntry(damaged_entry(root, f"{type(exc).__name__}: {exc}")) from None
+            raise DamagedCacheEntry(damaged_entry(root, exception_line(exc, None))) from None
         for s, n in sim.sessions.items():
             folder = nsd.betas_dir(sim.nsd_root, s)
             found = sorted(folder.glob("betas_session*.hdf5")) if folder.is_dir() else []

@@ -50,6 +50,7 @@ from records import (
     run_folder_name,
     write_manifest,
 )
+from records.errors import exception_line, one_line
 from records.scratch import scratch_dir
 from records.uris import redact
 from references.cache import atomic_write_text, env_default, file_sha256
@@ -548,11 +549,10 @@ def _init_ray(plan: Plan) -> None:
         except ConnectionError as exc:
             # check_services found the head's port open: what refuses a driver then is its
             # token (Ray 2.60's authentication) or another Ray version
-            first = " ".join(str(exc).split())[:200]
             raise UsageError(
                 f"{plan.address_from} {plan.address}: the Ray cluster there did not let this "
                 f"driver join "
-                f"({type(exc).__name__}: {first}); accepted: the cluster's token in "
+                f"({exception_line(exc)}); accepted: the cluster's token in "
                 f"RAY_AUTH_TOKEN (token authentication is on by default) and Ray "
                 f"{ray.__version__} on both sides") from None
 
@@ -952,8 +952,7 @@ def _log_sweep_files(plan: Plan, parent_id: str) -> None:
     except Exception as exc:  # the artifact store's error, whatever its kind
         raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)}: the artifact store of "
                          f"experiment {plan.experiment} ({redact(where)}) cannot be written "
-                         f"from this machine ({type(exc).__name__}: "
-                         f"{redact(' '.join(str(exc).split()))[:200]}); accepted: a server that "
+                         f"from this machine ({exception_line(exc)}); accepted: a server that "
                          f"serves artifacts (mlflow server --serve-artifacts) or an artifact "
                          f"location every Ray node can write (this checks the driver's machine; "
                          f"a server error that passes, retry)") from None
@@ -1051,7 +1050,7 @@ def _execute_run(plan: Plan) -> int:
         if isinstance(exc, KeyboardInterrupt):
             raise exc from None
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):
-            raise UsageError(" ".join(str(exc).split())) from None
+            raise UsageError(one_line(exc)) from None
         raise
     status, failed = "FAILED", []
     outcomes: list[Outcome] = []
@@ -1209,7 +1208,7 @@ def _replay_or_say(plan: Plan, outcomes: list[Outcome], parent_id: str,
         return _replay(plan, outcomes, parent_id, run_tags)
     except Exception as exc:  # an unreachable store: say so in one line, lose nothing
         _say(f"could not update the MLflow runs ({redact(plan.mlflow_uri)}): "
-             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; the "
+             f"{exception_line(exc, 300)}; the "
              f"trials' metrics journals stay in their checkpoints under {run_dir}")
         return False
 
@@ -1219,7 +1218,7 @@ def _end_running_children_or_say(plan: Plan, parent_id: str) -> list[str]:
         return tracking.end_running_children(plan.mlflow_uri, parent_id)
     except Exception as exc:
         _say(f"could not end the stopped trials' MLflow runs ({redact(plan.mlflow_uri)}): "
-             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; "
+             f"{exception_line(exc, 300)}; "
              f"--resume ends them")
         return []
 
@@ -1234,8 +1233,7 @@ def _retire_unknown_children_or_say(plan: Plan, parent_id: str,
                                                    {o.trial_id for o in outcomes})
     except Exception as exc:
         _say(f"could not look for child runs the resumed search never knew "
-             f"({redact(plan.mlflow_uri)}): {type(exc).__name__}: "
-             f"{redact(' '.join(str(exc).split()))[:300]}")
+             f"({redact(plan.mlflow_uri)}): {exception_line(exc, 300)}")
         return
     for trial_id, run_id in retired:
         _say(f"{trial_id}: its MLflow run {run_id} was made before the driver was killed, but "
@@ -1253,7 +1251,7 @@ def _end_parent(plan: Plan, parent_id: str, status: str, interrupted: Any) -> bo
         return True
     except Exception as exc:
         _say(f"could not end the parent run {parent_id} ({redact(plan.mlflow_uri)}): "
-             f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:300]}; --resume of "
+             f"{exception_line(exc, 300)}; --resume of "
              f"the run ends it")
         return False
 
@@ -1451,7 +1449,7 @@ def error_line(error: BaseException) -> str:
     if len(lines) > 1 and "Traceback (most recent call last)" in str(inner):
         line = lines[-1]
     else:
-        line = f"{type(inner).__name__}: {' '.join(lines)}" if lines else type(inner).__name__
+        line = exception_line(inner, None)
     return redact(line)[:ERROR_LINE_CHARS]
 
 
@@ -1586,7 +1584,7 @@ def _report(plan: Plan, parent_id: str) -> bool:
         _say(f"retry with: {retry}")
         return True
     except (OSError, subprocess.TimeoutExpired) as exc:
-        _say(f"report not written: {type(exc).__name__}: {exc}".splitlines()[0])
+        _say(f"report not written: {exception_line(exc, None, first_line=True)}")
         _say(f"retry with: {retry}")
         return False
     for line in proc.stdout.splitlines():

@@ -35,6 +35,7 @@ from records import (
     experiment_name,
     read_json_object,
 )
+from records.errors import one_line
 from records.stores import (
     first_open_lock,
     first_open_lock_path,
@@ -407,7 +408,7 @@ def check_pretrained_weights(conditions, weights: str | None, scale: str) -> Non
         try:
             load_network(cond.model, spec)
         except ValueError as exc:  # WeightsNotFoundError included
-            raise UsageError(f"condition {cond.name}: {' '.join(str(exc).split())}") from None
+            raise UsageError(f"condition {cond.name}: {one_line(exc)}") from None
         loaded.add(cond.model)
 
 

@@ -29,6 +29,7 @@ from references.cache import integer_arg, quiet_interrupts  # noqa: E402
 if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one line
     quiet_interrupts()
 
+from records.errors import exception_line, one_line
 from records.uris import expand_user, not_utf8  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,
@@ -124,10 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def list_lines(directory: str | None = None,
                errors: list[str] | None = None) -> list[str]:
     """One line per sweep. A sweep file that does not load is left out of the list and its
@@ -140,7 +137,7 @@ def list_lines(directory: str | None = None,
         except ValueError as exc:
             if errors is None:
                 raise
-            errors.append(_one_line(exc))
+            errors.append(one_line(exc))
             continue
         mains = [c for c in sweep.conditions if c.control_of is None]
         extra = (f" ({len(mains)} condition{'s' if len(mains) != 1 else ''})"
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         from references.cache import traceback_file
 
         log = traceback_file(exc)
-        print(f"error: {type(exc).__name__}: {redact(_one_line(exc))[:300]} (full traceback: "
+        print(f"error: {exception_line(exc, 300)} (full traceback: "
               f"{log})", file=sys.stderr)
         return 1
 
@@ -339,7 +336,7 @@ def _main(argv: list[str] | None) -> int:
         plan = dataclasses.replace(make_plan(args), argv=tuple(words))
         check_services(plan)
     except ValueError as exc:  # UsageError, a malformed sweep file, any validation
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     # The first line says which scale and data the run is on.
     print(f"{plan.sweep}: {plan.data_description}", flush=True)
@@ -354,7 +351,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return execute(plan)
     except UsageError as exc:  # found once services are contacted (e.g. a refused address)
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -30,6 +30,7 @@ from records import (
     child_runs,
     is_trial_run,
 )
+from records.errors import exception_line
 from records.stores import first_open_lock, sqlite_path, sqlite_store_problem
 from records.uris import redact
 
@@ -358,8 +359,7 @@ class TrialRun:
                     if self._outage_since is None:
                         self._outage_since = time.monotonic()
                         self._say(f"tracking: {redact(self.uri)} failed for trial "
-                                  f"{self.trial_id} ({type(exc).__name__}: "
-                                  f"{redact(' '.join(str(exc).split()))[:200]}); the trial "
+                                  f"{self.trial_id} ({exception_line(exc)}); the trial "
                                   f"goes on, retrying in the background")
                     doubtful = True  # the store may have applied part of it
                     self._stop.wait(delay)
@@ -464,7 +464,7 @@ def permanent_refusal(exc: BaseException) -> str | None:
             return f"{exc.error_code}: {redact(' '.join(str(exc.message).split()))[:200]}"
         return None
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO:
-        return f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))[:200]}"
+        return exception_line(exc)
     return None
 
 

@@ -1410,6 +1410,24 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
             subprocess.run(["chattr", "-i", str(frozen)], check=True)
 
 
+def test_an_exception_is_one_line_with_its_type_and_no_secret():
+    """records.errors is the one way a cause is written into a message: whitespace runs as one
+    space, URIs' secrets redacted, clipped after redaction, the type alone for no message,
+    and the first non-empty line alone where later lines are advice."""
+    from records.errors import exception_line, one_line
+
+    exc = OSError("cannot reach\n  http://ann:s3cret@host:5000/api\t(timed out)")
+    assert one_line(exc) == "cannot reach http://ann:s3cret@host:5000/api (timed out)"
+    assert exception_line(exc) == "OSError: cannot reach http://ann:***@host:5000/api (timed out)"
+    assert exception_line(exc, 30) == "OSError: cannot reach http://ann:***@ho"
+    assert exception_line(KeyError()) == "KeyError"
+    assert exception_line(ValueError(" \n ")) == "ValueError"
+    torch_like = RuntimeError("\nPytorchStreamReader failed reading zip archive\nUse torch.save")
+    assert exception_line(torch_like, None, first_line=True) == (
+        "RuntimeError: PytorchStreamReader failed reading zip archive")
+    assert exception_line(torch_like, 12, first_line=True) == "RuntimeError: PytorchStrea"
+
+
 def test_an_errored_trial_is_named_with_its_error_in_one_line():
     """The driver's summary names each errored trial's error by its innermost Type: message,
     through the wrappers a real failure comes in: a DataLoader worker's, then Ray's."""

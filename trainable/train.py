@@ -37,6 +37,7 @@ from records import (
     NETWORK_REFERENCES,
     PREDICTIONS_ARTIFACT,
 )
+from records.errors import exception_line, one_line
 from records.scratch import scratch_dir
 from trainable.alignment import (
     UndefinedScore,
@@ -827,10 +828,9 @@ def load_checkpoint(directory: Path, model, optimizer, cfg: TrialConfig) -> int:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"checkpoint {path} holds more than tensors and plain data; refused "
-                         f"(weights_only): {' '.join(str(exc).split())[:200]}") from None
+                         f"(weights_only): {one_line(exc)[:200]}") from None
     except (RuntimeError, EOFError, OSError) as exc:  # torch's zip reader names no file
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        why = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+        why = exception_line(exc, first_line=True)
         raise ValueError(f"checkpoint {path} cannot be read ({why}): a damaged or truncated "
                          f"copy ({path.stat().st_size} bytes)") from None
     # Settings that change how a trial runs but not what it computes may differ on resume.
