@@ -159,6 +159,41 @@ def test_map_ranks_the_logits_not_their_saturated_sigmoid():
     assert float(performance(predictions, np.ones((1, 4)))[0]) == pytest.approx(0.75)
 
 
+def test_a_bf16_trial_is_evaluated_on_its_heads_float32_outputs():
+    """Under bf16 autocast the classifier's outputs keep 8 significant bits: every score the
+    predictions artifact saved was a bf16 value, and mAP ranked their ties. The head now runs
+    in float32 at evaluation (from the same bf16 features); float32 trials are unchanged."""
+    import types
+
+    from trainable.data import BatchFeed, TensorSplit, sequential_schedule
+    from trainable.models import build_model
+    from trainable.train import evaluate
+
+    torch.manual_seed(0)
+    n, classes = 48, 12
+    images = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)
+    targets = (torch.rand(n, classes) < 0.3).to(torch.uint8)
+    split = TensorSplit(images, targets, torch.arange(n))
+    feed = BatchFeed(split, schedule=sequential_schedule(n, 16), workers=0,
+                     device=torch.device("cpu"), image_size=64)
+    model = build_model("alexnet", num_classes=classes, width=0.25, seed=0)
+
+    def scores(precision, epoch):
+        record: dict = {}
+        evaluate(model, feed, epoch, "multi_label", types.SimpleNamespace(precision=precision),
+                 torch.device("cpu"), record)
+        return torch.from_numpy(record["scores"])
+
+    bf16 = scores("bf16", 0)
+    exact_in_bf16 = (bf16.to(torch.bfloat16).float() == bf16).float().mean()
+    assert exact_in_bf16 < 0.2, f"{float(exact_in_bf16):.0%} of the scores are bf16 values"
+    fp32 = scores("fp32", 1)
+    assert torch.allclose(bf16, fp32, rtol=0.05, atol=0.05)  # the same network
+    with model.head_in_float32():
+        plain = model(torch.zeros(2, 3, 64, 64))
+    assert torch.equal(plain, model(torch.zeros(2, 3, 64, 64)))  # float32: no change
+
+
 def test_non_finite_outputs_are_a_diverged_trial_not_a_score():
     """Weights turned NaN by the last step (the loss before it was finite) gave top-1 1.0 (topk
     takes NaN as the largest) or a row-order-dependent mAP."""

@@ -16,6 +16,7 @@ one group per subject for voxel data and one group for image-computable referenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -60,7 +61,7 @@ from trainable.data import (
     steps_in_epoch,
     train_batches,
 )
-from trainable.models import build_model, conv1_weight, get_model_spec
+from trainable.models import TappedModel, build_model, conv1_weight, get_model_spec
 from trainable.pictures import filter_grid_png
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -552,7 +553,8 @@ def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
     the share of a tie: ``topk_correct``); multi-label, ``scores`` (n, classes) float32
     logits and ``targets`` (n, classes) uint8. mAP ranks the logits themselves: AP depends on
     the ranking alone, and float32 sigmoid scores of logits above about 17 are all 1.0, ties
-    the network never made (mAP 0.42 where the logits rank at 0.75).
+    the network never made (mAP 0.42 where the logits rank at 0.75). For the same reason a
+    bf16 trial's logits come from its head computed in float32 (``head_in_float32``).
 
     Outputs that are not finite (the last step's update turned the weights NaN: the loss
     before it was checked) are a ``TrialDiverged``: topk and the AP ranking would score them.
@@ -563,8 +565,9 @@ def evaluate(model, feed: BatchFeed, epoch: int, task: str, cfg, device,
     ids = np.empty(n, np.int64)
     scores = labels = None
     lo = 0
+    head32 = model.head_in_float32 if isinstance(model, TappedModel) else contextlib.nullcontext
     for images, targets, image_ids in feed.epoch(epoch):
-        with _autocast(cfg, device):
+        with _autocast(cfg, device), head32():  # ranked: the head's outputs in float32
             logits = model(normalize(images)).float()
         if not bool(torch.isfinite(logits).all()):
             raise TrialDiverged(f"non-finite outputs on the validation images after epoch "
