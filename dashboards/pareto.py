@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +288,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def build_outputs(record: SweepRecord, out: str | Path) -> Path:
+def build_outputs(record: SweepRecord, out: str | Path,
+                  still_true: Callable[[], str | None] | None = None) -> Path:
     """Every file of the post-processor for ``record`` into ``out``; returns report.html.
 
     The files are built in a hidden folder inside ``out`` and moved into place only once all
@@ -296,7 +298,9 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     report, tables and statistics are still written, say so (``FIGURES_NOT_DRAWN`` in
     statistics.json) and that figure's older files are removed from ``out`` rather than left
     beside a report they no longer match. A stage folder a killed post-processor left behind
-    is deleted (``records.scratch.remove_stale_held``)."""
+    is deleted (``records.scratch.remove_stale_held``). ``still_true``, when given, is asked
+    once the files are built and before they replace anything: a reason (the run changed
+    since it was read) is a ``SourceError`` and ``out`` stays as it was."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_held(out, _STAGE_PREFIX)
@@ -304,6 +308,9 @@ def build_outputs(record: SweepRecord, out: str | Path) -> Path:
     try:
         with lock:
             _build_outputs(record, stage)
+            stale = still_true() if still_true is not None else None
+            if stale:
+                raise SourceError(stale)
             for name in sorted(FILES, key=lambda n: n == "report.html"):
                 if (stage / name).is_file():
                     os.replace(stage / name, out / name)
@@ -605,10 +612,34 @@ def postprocess(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     record = load_mlflow(sweep, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id,
                          experiment=experiment)
     out = Path(out) if out is not None else _default_out(record)
-    path = build_outputs(record, out)
+    path = build_outputs(record, out, lambda: _parent_changed(mlflow_uri, record))
     if log:
+        stale = _parent_changed(mlflow_uri, record)
+        if stale:
+            raise SourceError(stale)
         _log(mlflow_uri, record.parent_run_id, out)
     return path
+
+
+def _parent_changed(mlflow_uri: str, record: SweepRecord) -> str | None:
+    """Why files built from ``record`` would now misdescribe its run, or None: its parent run
+    ended, or was reopened by a --resume, since it was read. A post-processor started while
+    the sweep ran (or before a resume ended it) finished after the driver's own build, and
+    its PARTIAL report, tables and metrics replaced the final ones (the metrics as the
+    latest values). A store that does not answer here cannot tell; the log step says so."""
+    try:
+        info = mlflow_client(mlflow_uri).get_run(record.parent_run_id).info
+    except Exception:  # unreachable or refused: nothing to compare, nothing claimed
+        return None
+    if (info.status, info.end_time) == (record.parent_status, record.parent_end_time):
+        return None
+    change = (f"{record.parent_status} when read, {info.status} now"
+              if info.status != record.parent_status else f"{info.status}, ended again since "
+                                                          f"it was read")
+    return (f"the sweep's parent run {record.parent_run_id} changed while this report was "
+            f"built ({change}: the sweep ended or was resumed meanwhile); nothing was "
+            f"replaced or logged; post-process it again: python -m dashboards.pareto "
+            f"{record.sweep} --parent-run {record.parent_run_id}")
 
 
 def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = None,

@@ -155,6 +155,8 @@ class SweepRecord:
     notes: tuple[str, ...] = ()
     #: (trial id, run id) of trials whose only run is deleted in MLflow (soft delete)
     deleted: tuple[tuple[str, str], ...] = ()
+    #: the parent run's end time (ms) when it was read; None while it runs, or from Ray
+    parent_end_time: int | None = None
 
     @property
     def scale(self) -> str:
@@ -414,7 +416,8 @@ def load_mlflow(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
                               f"run {parent.info.run_id}",
                        parent_run_id=parent.info.run_id, parent_status=parent.info.status,
                        parent_tags=tags, trials=trials, fetch=fetch,
-                       label=parent.info.run_id, notes=notes, deleted=deleted)
+                       label=parent.info.run_id, notes=notes, deleted=deleted,
+                       parent_end_time=parent.info.end_time)
 
 
 def _one_run_per_trial(runs: list) -> tuple[list, tuple[str, ...]]:

@@ -1904,6 +1904,45 @@ def test_a_folder_named_in_another_encoding_is_read_through_a_utf8_link(tmp_path
     assert not os.path.exists(bad)
 
 
+def test_a_build_that_read_the_run_before_it_ended_replaces_nothing(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A post-processor started while the sweep ran and finishing after the driver's own final
+    build replaced the finished run's report and tables with its PARTIAL (running) ones, and
+    logged its partial statistics as the parent's latest metrics (probed at stop 37). A build
+    whose parent run changed since it was read now replaces and logs nothing: one line,
+    exit 2, and the command to post-process again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = write_sweep(client, "live", FULL, tmp=tmp_path)
+    client.update_run(parent, status="RUNNING")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("the driver's final report")
+    real = pareto._build_outputs
+
+    def driver_ends_meanwhile(record, stage):
+        path = real(record, stage)
+        client.set_terminated(parent, "FINISHED")  # the sweep ends while this one builds
+        return path
+
+    monkeypatch.setattr(pareto, "_build_outputs", driver_ends_meanwhile)
+    assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: the sweep's parent run {parent} changed while this report was built "
+                   f"(RUNNING when read, FINISHED now: the sweep ended or was resumed "
+                   f"meanwhile); nothing was replaced or logged; post-process it again: "
+                   f"python -m dashboards.pareto live --parent-run {parent}")
+    assert (out / "report.html").read_text() == "the driver's final report"
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]  # no stage left
+    run = client.get_run(parent)
+    assert not run.data.metrics and not [a for a in client.list_artifacts(parent)
+                                         if a.path == "report.html"]
+    monkeypatch.setattr(pareto, "_build_outputs", real)  # read again: the run as it ended
+    assert pareto.main(["live", "--mlflow-uri", uri, "--out", str(out)]) == 0
+    assert "PARTIAL" not in (out / "report.html").read_text()
+    assert client.get_run(parent).data.metrics
+
+
 def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
     """The post-processor run on a live sweep: trials not started yet have no run, so the
     report was titled as complete over the trials that happened to exist (and, in a sweep's
