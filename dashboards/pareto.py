@@ -65,6 +65,7 @@ import pyarrow as pa
 from dashboards import effects, figures, paper, report, statistics, tables
 from dashboards.fronts import FINISHED
 from dashboards.sources import (
+    RAY_SOURCE,
     SourceError,
     SweepRecord,
     Trial,
@@ -478,8 +479,12 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
         ended = [t.status for t in record.trials if t.status not in _UNFINISHED]
         done = ended.count(FINISHED)
         failed = f" ({len(ended) - done} more failed)" if len(ended) > done else ""
-        return ("running", f"PARTIAL: the parent run is still RUNNING (the sweep is running, "
-                           f"or its driver stopped without ending it); the report covers the "
+        what = ("its driver has not ended the run (its manifest still lists trials as "
+                "pending: the sweep is running, or its driver was stopped without ending it)"
+                if record.source.startswith(RAY_SOURCE) else
+                "the parent run is still RUNNING (the sweep is running, or its driver stopped "
+                "without ending it)")
+        return ("running", f"PARTIAL: {what}; the report covers the "
                            f"{done} trial(s) finished so far{failed}, of the "
                            f"{len(record.trials)} started"
                            + (f" ({planned} planned)" if planned > len(record.trials) else "")

@@ -62,6 +62,7 @@ from records.uris import expand_user, redact, tracking_refuses, tracking_unreach
 from references.cache import env_default
 
 __all__ = [
+    "RAY_SOURCE",
     "SourceError",
     "SweepRecord",
     "Trial",
@@ -598,6 +599,10 @@ def _real_folder(path: Path) -> Path:
     return real
 
 
+#: How a record read from Ray Tune's result folder names its source (``SweepRecord.source``)
+RAY_SOURCE = "Ray Tune results"
+
+
 def load_ray(directory: str | os.PathLike, sweep: str, *,
              experiment: str | None = None) -> SweepRecord:
     """The trials of one sweep invocation from Ray Tune's result folder (module docstring):
@@ -657,7 +662,7 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
             run_id=entry.run_id or entry.key,
             trial_id=entry.key, condition=key.condition, direction=key.direction,
             alpha=alpha, beta=key.beta, seed=key.seed,
-            status=_manifest_status(entry.state, bool(history), error),
+            status=_manifest_status(entry.state, history, error, entry.config),
             config=resolve_config({**entry.config, "alpha": alpha,
                                    "beta": key.beta, "seed": key.seed}),
             history=history, error=error))
@@ -692,8 +697,12 @@ def load_ray(directory: str | os.PathLike, sweep: str, *,
         interrupted=any(e.state in ("no epoch finished", "not started")
                         or e.state.startswith("stopped at") for e in entries) or None,
     ).format()
-    return SweepRecord(sweep=sweep, experiment=exp_name, source=f"Ray Tune results {run_dir}",
-                       parent_run_id=parent.run_id, parent_status="",
+    # a manifest that still lists trials as pending was written when the driver started its
+    # trials, and not yet rewritten at its end: the run is in progress (or its driver was
+    # killed outright), as a RUNNING parent run is in MLflow
+    running = any(e.state == "pending" for e in entries)
+    return SweepRecord(sweep=sweep, experiment=exp_name, source=f"{RAY_SOURCE} {run_dir}",
+                       parent_run_id=parent.run_id, parent_status="RUNNING" if running else "",
                        parent_tags=tags, trials=tuple(sorted(trials, key=_order)),
                        fetch=fetch, label=run_dir.name, notes=tuple(notes))
 
@@ -711,14 +720,23 @@ def _ray_parent(path: Path, notes: list[str]) -> ParentPointer:
         return ParentPointer(None)
 
 
-def _manifest_status(state: str, reported: bool, error: str | None) -> str:
+def _manifest_status(state: str, history: Mapping[str, tuple], error: str | None,
+                     config: Mapping[str, Any]) -> str:
     """A manifest state as an MLflow run status: "done" FINISHED, "ERROR" FAILED, stopped
-    KILLED; "pending" (the driver has not ended) RUNNING once the trial reported, else
-    SCHEDULED; a trial folder with error.txt FAILED whatever the manifest says."""
+    KILLED; "pending" (the driver has not ended) FINISHED once the trial reported its last
+    epoch (``config``'s epochs), RUNNING once it reported any, else SCHEDULED; a trial folder
+    with error.txt FAILED whatever the manifest says. (A pending trial that had finished read
+    as RUNNING: a report of a live sweep counted 0 trials finished.)"""
     if error is not None or state == "ERROR":
         return "FAILED"
     if state == "done":
         return "FINISHED"
     if state == "pending":
-        return "RUNNING" if reported else "SCHEDULED"
+        if not history:
+            return "SCHEDULED"
+        last = max((epoch for epoch, _ in history.get("epoch", ())), default=-1)
+        epochs = config.get("epochs")
+        trained = (isinstance(epochs, int) and not isinstance(epochs, bool)
+                   and last + 1 >= epochs)
+        return "FINISHED" if trained else "RUNNING"
     return "KILLED"

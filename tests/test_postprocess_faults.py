@@ -323,8 +323,7 @@ def test_finished_trials_without_a_final_performance_are_said_to_be_left_out():
 
 @pytest.mark.parametrize("state, title", [
     ("stopped at epoch 1 of 2", "interrupted"), ("no epoch finished", "interrupted"),
-    ("not started", "interrupted"),
-    ("pending", "unfinished"), ("done", None)])
+    ("not started", "interrupted"), ("done", None)])
 def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, capsys, state,
                                                                     title):
     """Read from the run folder, an interrupted sweep's report was titled as complete, with no
@@ -365,6 +364,36 @@ def test_a_ray_run_that_did_not_reach_its_end_is_labelled_partial(tmp_path, caps
     assert note.endswith(f"Continue it (with its data, tracking and storage options) with "
                          f"sweeps/run.py {SWEEP} --data paper --seeds 2 --set epochs=4 --set "
                          f"steps_per_epoch=20 --only '{SWEEP}-max-*' --resume"), note
+
+
+def test_a_ray_run_whose_driver_has_not_ended_counts_the_trials_finished_so_far(tmp_path,
+                                                                                 capsys):
+    """Read from the run folder while the sweep runs (probed at stop 37), every trial was
+    RUNNING, finished ones included (the manifest written at the start says "pending" until
+    the driver ends), and the report said the sweep did not run to its end, 0 trials
+    finished, with a --resume of the live run. A pending trial that reported its last epoch
+    is finished; the run is labelled running, as a RUNNING parent run is in MLflow."""
+    from dashboards.sources import load_ray
+
+    run = tmp_path / "ray_results" / RUN
+    write_ray_run(run, [(TRIALS[0][0], "pending", [0.3, 0.5]),  # trained both epochs
+                        (TRIALS[1][0], "pending", [0.3]),  # one of two
+                        (TRIALS[2][0], "done", [0.2, 0.3])], CONFIG)
+    record = load_ray(run, SWEEP)
+    assert {t.trial_id: t.status for t in record.trials} == {
+        TRIALS[0][0]: "FINISHED", TRIALS[1][0]: "RUNNING", TRIALS[2][0]: "FINISHED"}
+    assert record.parent_status == "RUNNING"
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    (note,) = [m for m in json.loads((tmp_path / "out" / "statistics.json").read_text())
+               ["messages"] if m.startswith("PARTIAL")]
+    assert f"PARTIAL (running) Sweep {SWEEP}" in html
+    assert note.startswith("PARTIAL: its driver has not ended the run (its manifest still lists "
+                           "trials as pending: the sweep is running, or its driver was stopped "
+                           "without ending it); the report covers the 2 trial(s) finished so "
+                           "far, of the 3 started. Post-process it again when the sweep has "
+                           "ended"), note
+    assert f"{SWEEP}: 2/3 trials finished" in capsys.readouterr().out
 
 
 def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
