@@ -68,7 +68,8 @@ from sweeps.plan import (
     flush_seconds,
     ray_address,
     read_run_json,
-    resumed_run_dir,
+    resume_choice,
+    run_states,
     split_size_problem,
     sweep_files,
     validation_groups_problem,
@@ -656,10 +657,13 @@ def _run_dir(plan: Plan) -> Path:
     if plan.resume:
         if not Path(plan.resume_pointer).is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
-        run_dir = resumed_run_dir(plan)
+        run_dir, other = resume_choice(plan)
         check_fingerprint(plan, run_dir)
         check_checkpoints(run_dir)
+        if other:
+            _say(f"resume: {other}")
         return run_dir
+    _say_if_latest_unfinished(plan)
     storage.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, k = storage / run_folder_name(plan.experiment, stamp), 1
@@ -669,6 +673,24 @@ def _run_dir(plan: Plan) -> Path:
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / FINGERPRINT_FILE, json.dumps(fingerprint(plan), indent=1))
     return run_dir
+
+
+def _say_if_latest_unfinished(plan: Plan) -> None:
+    """A new run beside an earlier one that did not finish says so, and how that one is
+    resumed: --resume continues the newest unfinished run its command started
+    (``resume_choice``), which this new run becomes while it runs."""
+    pointer = Path(plan.resume_pointer)
+    try:
+        latest = Path(plan.storage) / Path(pointer.read_text().strip()).name
+    except OSError:
+        return
+    states = run_states(latest) if latest.is_dir() and latest.name else None
+    left = [key for key, state in (states or {}).items() if state != "done"]
+    if left:
+        _say(f"note: the latest run of {plan.experiment} here, {latest.name}, did not finish "
+             f"({len(left)} of {len(states)} trials); this starts a new run. Once it has "
+             f"finished, --resume with that run's command continues it (--resume takes the "
+             f"newest unfinished run the command started)")
 
 
 def _point_at(plan: Plan, run_dir: Path) -> None:

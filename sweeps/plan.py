@@ -33,7 +33,9 @@ from records import (
     ParentPointer,
     control_name,
     experiment_name,
+    parse_run_folder,
     read_json_object,
+    read_manifest,
 )
 from records.errors import one_line
 from records.stores import (
@@ -1036,6 +1038,89 @@ def lost_checkpoints(run_dir: Path) -> list[tuple[str, str]]:
 
 
 def resumed_run_dir(plan: Plan) -> Path:
+    """The run folder --resume continues (``resume_choice``)."""
+    return resume_choice(plan)[0]
+
+
+def resume_choice(plan: Plan) -> tuple[Path, str | None]:
+    """(run folder, why it is not the latest run) of --resume: the latest run of the
+    experiment in the storage folder (``plan.resume_pointer``) when this command started it
+    and it did not finish; else the newest other run that this command started
+    (``fingerprint``) and that did not finish; else the latest, whose own checks then say
+    what stands (a finished run resumes no trial; one started otherwise is refused, naming
+    what differs). A new run beside an interrupted one took the pointer, and --resume then
+    continued the new one: the interrupted run could no longer be resumed; and a run by
+    another user's command in a shared storage folder made everyone else's --resume a
+    refusal."""
+    latest = _pointed_run_dir(plan)
+    now = fingerprint(plan)
+    differs = fingerprint_difference(plan, latest, now)
+    if differs is None and run_unfinished(plan, latest):
+        return latest, None
+    for other in _other_runs(plan, latest):
+        try:
+            started_here = fingerprint_difference(plan, other, now) is None
+        except UsageError:  # its fingerprint is damaged: not a run to guess at
+            continue
+        if started_here and run_unfinished(plan, other):
+            why = "it finished" if differs is None else "another command started it"
+            return other, (f"{other.name}, the newest unfinished run this command started "
+                           f"(the latest run here, {latest.name}, is not resumed: {why})")
+    return latest, None
+
+
+def _other_runs(plan: Plan, latest: Path) -> list[Path]:
+    """The storage folder's other run folders of ``plan.experiment`` that recorded their
+    fingerprint, newest first."""
+    runs = []
+    try:
+        found = list(Path(plan.storage).iterdir())
+    except OSError:
+        return []
+    for folder in found:
+        parsed = parse_run_folder(folder.name)
+        if (parsed and parsed[0] == plan.experiment and folder.name != latest.name
+                and (folder / FINGERPRINT_FILE).is_file()):
+            runs.append((parsed[1], parsed[2], folder))
+    return [folder for *_, folder in sorted(runs, reverse=True)]
+
+
+def run_unfinished(plan: Plan, run_dir: Path) -> bool:
+    """Whether some trial ``plan`` runs did not finish in ``run_dir`` (an adaptive search also
+    while samples are not all drawn): the run's manifest when it says every trial finished
+    (written from Tune's results when the driver ended; cheap, for storage folders of many
+    runs), else Ray Tune's saved state there (a driver killed outright never rewrote its
+    manifest), else the manifest. A run with neither, or an unreadable manifest, counts as
+    unfinished."""
+    def left(states: dict[str, str]) -> bool:
+        if plan.search == "optuna":
+            return len(states) < plan.n_trials or any(v != "done" for v in states.values())
+        return any(states.get(t.trial_id) != "done" for t in plan.trials)
+
+    recorded = _manifest_states(run_dir)
+    if recorded and not left(recorded):
+        return False
+    states = run_states(run_dir)
+    return not states or left(states)
+
+
+def run_states(run_dir: Path) -> dict[str, str] | None:
+    """{trial key: "done" or how it stands} in ``run_dir``: Ray Tune's saved state there
+    (``tune_states``), else the run's manifest; None without either (or with an unreadable
+    manifest)."""
+    states = tune_states(run_dir)
+    return states if states is not None else _manifest_states(run_dir)
+
+
+def _manifest_states(run_dir: Path) -> dict[str, str] | None:
+    try:
+        entries = read_manifest(run_dir)
+    except ValueError:
+        return None
+    return {e.key: e.state for e in entries} or None
+
+
+def _pointed_run_dir(plan: Plan) -> Path:
     """The run folder ``plan.resume_pointer`` names: a folder name, resolved in
     the storage folder as given now (so a storage folder moved or copied elsewhere resumes
     its own runs); an absolute path as older runs wrote it. A folder that is gone is
@@ -1157,10 +1242,20 @@ def read_run_json(path: Path, what: str) -> dict:
 def check_fingerprint(plan: Plan, run_dir: Path) -> None:
     """--resume continues ``run_dir`` only with what started it (``fingerprint``); the dry run
     and the run both ask, so a refused resume is never reported as fine by --dry-run."""
+    differs = fingerprint_difference(plan, run_dir)
+    if differs:
+        raise UsageError(differs)
+
+
+def fingerprint_difference(plan: Plan, run_dir: Path,
+                           now: dict[str, Any] | None = None) -> str | None:
+    """Why ``plan`` did not start ``run_dir`` (the first of its fingerprint's keys that
+    differs, as --resume's refusal), or None. ``now``: ``fingerprint(plan)``, when known."""
     path = run_dir / FINGERPRINT_FILE
     if not path.is_file():  # a run started before fingerprints existed: nothing to check
-        return
-    was, now = read_run_json(path, "the run's fingerprint"), fingerprint(plan)
+        return None
+    was = read_run_json(path, "the run's fingerprint")
+    now = fingerprint(plan) if now is None else now
     names = {"sweep_files": "sweep file content", "tracking_uri_sha256": "tracking URI (--mlflow-uri)",
              "only": "--only", "overrides": "--set overrides", "seeds": "--seeds",
              "data": "--data", "smoke": "--smoke-test", "search": "--search",
@@ -1174,9 +1269,9 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
         if key == "data_files" and was[key] != now[key]:
             changed = (_changed_data(was[key], now[key]) if isinstance(was[key], dict)
                        else "(not readable)")
-            raise UsageError(f"--resume: {run_dir.name} was started on data that has changed "
-                             f"since ({changed}); accepted: the data as it was when the run "
-                             f"started, or a new run without --resume")
+            return (f"--resume: {run_dir.name} was started on data that has changed "
+                    f"since ({changed}); accepted: the data as it was when the run "
+                    f"started, or a new run without --resume")
         old = was.get(key)
         if key == "only" and isinstance(old, list):  # a selection, in any order (runs
             old = sorted(set(old))  # started before the fingerprint sorted it)
@@ -1192,9 +1287,9 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
                     f"changed since: {', '.join(changed)}" if changed else "",
                     f"no longer read: {', '.join(gone)}" if gone else "",
                     f"now also read: {', '.join(added)}" if added else ""]))
-                raise UsageError(f"--resume: {run_dir.name} was started with a different "
-                                 f"{label} ({before}); accepted: the sweep files as they were "
-                                 f"when it started, or a new run without --resume")
+                return (f"--resume: {run_dir.name} was started with a different "
+                        f"{label} ({before}); accepted: the sweep files as they were "
+                        f"when it started, or a new run without --resume")
             if key == "tracking_uri_sha256":  # only a hash is kept; the parent file shows it
                 try:  # redacted, as the console does
                     before = ParentPointer.read(run_dir / PARENT_FILE).mlflow_uri
@@ -1202,10 +1297,11 @@ def check_fingerprint(plan: Plan, run_dir: Path) -> None:
                     before = None
                 before = before or "(not recorded)"
                 after = redact(plan.mlflow_uri)
-            raise UsageError(f"--resume: {run_dir.name} was started with a different {label} "
-                             f"({before}, now {after}); accepted: "
-                             f"the same sweep file, seeds, overrides, selection and tracking "
-                             f"URI, or a new run without --resume")
+            return (f"--resume: {run_dir.name} was started with a different {label} "
+                    f"({before}, now {after}); accepted: "
+                    f"the same sweep file, seeds, overrides, selection and tracking "
+                    f"URI, or a new run without --resume")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,10 +223,18 @@ def resume_lines(plan: Plan) -> list[str]:
     every trial of such a run unfinished.)"""
     if not plan.resume:
         return []
-    from records import read_manifest
-    from sweeps.plan import resumed_run_dir, tune_states
+    from sweeps.plan import resume_choice
 
-    run_dir = resumed_run_dir(plan)
+    run_dir, other = resume_choice(plan)
+    if other:
+        return [f"resume: {other}", *_resume_lines(plan, run_dir)]
+    return _resume_lines(plan, run_dir)
+
+
+def _resume_lines(plan: Plan, run_dir: Path) -> list[str]:
+    from records import read_manifest
+    from sweeps.plan import tune_states
+
     states = tune_states(run_dir)
     if states is None:
         entries = read_manifest(run_dir)

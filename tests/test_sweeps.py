@@ -832,6 +832,73 @@ def test_resume_finds_its_run_in_a_moved_storage_folder_and_refuses_a_lost_one(t
         resumed_run_dir(plan)
 
 
+def test_resume_takes_the_newest_unfinished_run_its_command_started(tmp_path, capsys):
+    """Probed at stop 37: a new run beside an interrupted one took the resume pointer, and
+    --resume then reopened the new, finished run; the interrupted one could never be resumed.
+    In a shared storage folder another user's newer run made everyone else's --resume a
+    refusal. --resume now takes the latest run when its command started it and it did not
+    finish, else the newest such other run; a new run beside an unfinished one says so."""
+    import json
+
+    from records import ManifestEntry, write_manifest
+    from references.cache import atomic_write_text
+    from sweeps import execute
+    from sweeps.plan import fingerprint, resume_choice
+    from sweeps.run import resume_lines
+
+    storage = tmp_path / "ray_results"
+    new = make_plan(parse("nsd_conv1_v1", "--storage", str(storage)))
+    keys = [t.trial_id for t in new.trials]
+
+    def run(stamp, states, **differs):
+        folder = storage / f"nsd_conv1_v1-demo_{stamp}"
+        folder.mkdir(parents=True)
+        (folder / "sweep_fingerprint.json").write_text(json.dumps({**fingerprint(new),
+                                                                   **differs}))
+        write_manifest(folder, [ManifestEntry(k, state, None, None, {})
+                                for k, state in zip(keys, states)], write_text=atomic_write_text)
+        (storage / "nsd_conv1_v1-demo.latest").write_text(folder.name)
+        return folder
+
+    done = ["done"] * len(keys)
+    interrupted = run("20260101-000000", ["done", "stopped at epoch 1 of 2", *done[2:]])
+    execute._say_if_latest_unfinished(new)
+    assert capsys.readouterr().out.strip() == (
+        f"note: the latest run of nsd_conv1_v1-demo here, {interrupted.name}, did not finish "
+        f"(1 of {len(keys)} trials); this starts a new run. Once it has finished, --resume "
+        f"with that run's command continues it (--resume takes the newest unfinished run the "
+        f"command started)")
+    finished = run("20260102-000000", done)
+    execute._say_if_latest_unfinished(new)
+    assert capsys.readouterr().out == ""
+    resume = make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(storage)))
+    assert resume_choice(resume) == (interrupted, (
+        f"{interrupted.name}, the newest unfinished run this command started (the latest run "
+        f"here, {finished.name}, is not resumed: it finished)"))
+    assert resume_lines(resume)[:2] == [
+        f"resume: {resume_choice(resume)[1]}",
+        f"resume: {interrupted}: {len(keys) - 1} of {len(keys)} trials finished there; the "
+        f"resume runs 1 ({keys[1]})"]
+    # another user's newer run in the shared storage (their own store): ours is still found
+    theirs = run("20260103-000000", ["no epoch finished"] * len(keys),
+                 tracking_uri_sha256="0" * 64)
+    assert resume_choice(resume) == (interrupted, (
+        f"{interrupted.name}, the newest unfinished run this command started (the latest run "
+        f"here, {theirs.name}, is not resumed: another command started it)"))
+    # ours finished too: the latest is the run --resume names, and refuses as before
+    write_manifest(interrupted, [ManifestEntry(k, "done", None, None, {}) for k in keys],
+                   write_text=atomic_write_text)
+    assert resume_choice(resume) == (theirs, None)
+    with pytest.raises(UsageError, match=rf"^--resume: {theirs.name} was started with a "
+                                         rf"different tracking URI"):
+        make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(storage)))
+    # the latest run unfinished and ours: taken first, whatever older runs hold
+    (storage / "nsd_conv1_v1-demo.latest").write_text(finished.name)
+    write_manifest(finished, [ManifestEntry(k, "pending", None, None, {}) for k in keys],
+                   write_text=atomic_write_text)
+    assert resume_choice(resume) == (finished, None)
+
+
 def test_two_runs_in_one_second_get_their_own_folders_and_the_newest_is_read(tmp_path,
                                                                               monkeypatch):
     """Two invocations in the same second: ``..._HHMMSS`` and ``..._HHMMSS-2`` (nothing
