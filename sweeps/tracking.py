@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import queue
 import threading
 import time
@@ -263,6 +264,7 @@ class TrialRun:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-{trial_id}",
                                         daemon=True)
+        _quiet_store_tracebacks()
         self._put(("open",))
         self._thread.start()
 
@@ -466,6 +468,23 @@ def permanent_refusal(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO:
         return exception_line(exc)
     return None
+
+
+class _DropStoreTraceback(logging.Filter):
+    """MLflow's SQL store logs every failed write at ERROR with its whole traceback (about 60
+    lines: "SQLAlchemy database error. The following exception is caught."). A trial's
+    tracking thread retries such a write until the store takes it (a disk that filled under
+    a SQLite store: 2,800 lines in 14 minutes, through Ray's log forwarding, probed at stop
+    37) and says the outage itself in one line; the store's exception reaches that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+def _quiet_store_tracebacks() -> None:
+    log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _DropStoreTraceback) for f in log.filters):
+        log.addFilter(_DropStoreTraceback())
 
 
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:

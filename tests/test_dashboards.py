@@ -813,6 +813,48 @@ def test_nan_reaches_the_store_by_neither_path(fake_store):
         assert metrics == {"task_loss": 1.5, "epoch": 0.0}, i
 
 
+def test_a_store_whose_disk_fills_is_one_line_not_a_traceback_per_retry(tmp_path):
+    """A SQLite store whose disk filled mid-sweep (probed at stop 37 on a small tmpfs): MLflow
+    logged each failed write's whole traceback at ERROR, and the trial's tracking thread
+    retried for as long as the disk stayed full: 2,800 lines in 14 minutes. Now the outage
+    is the tracking thread's one line, and every epoch lands once space returns. A file-size
+    limit makes the store's writes fail as a full disk does (SQLite's disk I/O error)."""
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, resource, signal, sys, time
+        from mlflow import MlflowClient
+        from sweeps import tracking
+
+        db = sys.argv[1]
+        uri = "sqlite:///" + db
+        parent = tracking.start_parent(uri, "full-demo", {"sweep": "full"})
+        run = tracking.TrialRun(uri, parent, "full-none-a0-b1-s0", params={}, tags={})
+        run.log_epoch({"epoch": 0.0}, 0)
+        assert run.close(60)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(db), resource.RLIM_INFINITY))
+        run = tracking.TrialRun(uri, parent, "full-none-a0-b1-s0", params={}, tags={})
+        for epoch in range(1, 30):
+            metrics = {f"m{k}": float(k) for k in range(40)}
+            run.log_epoch({**metrics, "epoch": float(epoch)}, epoch)
+        time.sleep(4)  # retries at 0.5, 1 and 2 s
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        assert run.close(120)
+        steps = MlflowClient(uri).get_metric_history(run.run_id, "m39")
+        print("epochs", sorted(m.step for m in steps) == list(range(1, 30)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mlflow.db")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epochs True" in proc.stdout
+    said = [line for line in proc.stdout.splitlines() if line.startswith("tracking: ")]
+    assert len(said) == 2, proc.stdout  # the outage, then its end
+    assert "failed for trial full-none-a0-b1-s0 (MlflowException: " in said[0]
+    assert "reachable again after" in said[1]
+    assert "Traceback" not in proc.stderr and "SQLAlchemy database error" not in proc.stderr
+
+
 def test_a_closed_trial_run_ends_its_thread(fake_store, monkeypatch):
     """Tune reuses a trial's worker process for the next trial. close() used to leave the
     tracking thread waiting on its queue for the life of the process (a reused actor kept one
