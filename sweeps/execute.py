@@ -64,6 +64,7 @@ from sweeps.plan import (
     check_checkpoints,
     check_fingerprint,
     check_services,
+    check_tune_state,
     fingerprint,
     flush_seconds,
     ray_address,
@@ -659,6 +660,7 @@ def _run_dir(plan: Plan) -> Path:
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
         run_dir, other = resume_choice(plan)
         check_fingerprint(plan, run_dir)
+        check_tune_state(run_dir)
         check_checkpoints(run_dir)
         if other:
             _say(f"resume: {other}")

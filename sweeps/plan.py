@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -37,7 +38,7 @@ from records import (
     read_json_object,
     read_manifest,
 )
-from records.errors import one_line
+from records.errors import exception_line, one_line
 from records.stores import (
     first_open_lock,
     first_open_lock_path,
@@ -971,11 +972,41 @@ def _check_resume(resume: bool, storage: str, experiment: str, search: str) -> N
 
 def _check_resumed_run(plan: Plan) -> None:
     """The run --resume would continue was started as this plan would start it, and still
-    holds the checkpoints Tune would restore its trials from."""
+    holds the state and checkpoints Tune would restore its trials from."""
     if plan.resume:
         run_dir = resumed_run_dir(plan)
         check_fingerprint(plan, run_dir)
+        check_tune_state(run_dir)
         check_checkpoints(run_dir)
+
+
+def check_tune_state(run_dir: Path) -> None:
+    """A run whose Tune state Tune would try to restore (its ``tuner.pkl`` is there) must have
+    a readable one. A disk that filled while Tune wrote it (Tune writes its
+    ``experiment_state-*.json`` in place) left it cut short, or never written (a full
+    temporary folder, where Tune stages it): Tune then restarted the run without its trials
+    and the driver died at once (KeyError: 'trial_id', exit 1) at every --resume."""
+    from sweeps.ray_glue import tune
+
+    if not tune.Tuner.can_restore(str(run_dir)) or _tune_trials(run_dir) is not None:
+        return
+    states = sorted(run_dir.glob("experiment_state-*.json"))
+    if (run_dir / "tuner.pkl").stat().st_size == 0:
+        why = "tuner.pkl is empty"
+    elif not states:
+        why = "no experiment_state-*.json beside its tuner.pkl"
+    else:
+        try:
+            json.loads(states[-1].read_text())
+            why = f"{states[-1].name} does not describe its trials"
+        except (OSError, ValueError) as exc:
+            why = f"{states[-1].name}: {exception_line(exc, 120)}"
+    raise UsageError(
+        f"--resume: {run_dir}: Ray Tune's saved state cannot be read ({why}; a disk that "
+        f"filled while Tune wrote it leaves it so), and Tune would start the run over without "
+        f"its trials; the trials that finished keep their results (in MLflow and their "
+        f"folders); accepted: a new run without --resume (--only can choose the trials that "
+        f"did not finish)")
 
 
 def check_checkpoints(run_dir: Path) -> None:

@@ -1383,6 +1383,38 @@ def test_real_smoke_sweep_from_ray_results_matches_mlflow(smoke, smoke_report, t
         assert record.fetch_filters(trial, tmp_path) is not None, trial.trial_id
 
 
+def test_a_resume_of_a_run_whose_tune_state_a_full_disk_cut_short_is_one_line(smoke,
+                                                                            tmp_path, capsys):
+    """Tune writes its experiment state in place: a storage disk that filled mid-write left
+    it cut short (probed at stop 37 on a small tmpfs), and a full temporary folder, where Tune
+    stages it, left none. Every --resume then had Tune start the run over without its trials
+    and the driver died at once (KeyError: 'trial_id', exit 1). The dry run (and the run:
+    the same check) now refuses it in one line naming the file, and says what is kept."""
+    from sweeps.run import main
+
+    storage = tmp_path / "ray_results"
+    shutil.copytree(smoke.storage, storage)
+    (run_dir,) = [p for p in storage.iterdir() if p.is_dir()]
+    args = [SWEEP, "--smoke-test", "--mlflow-uri", smoke.uri, "--storage", str(storage),
+            "--resume", "--dry-run"]
+    assert main(args) == 0, capsys.readouterr().err  # the run as it was: nothing to refuse
+    capsys.readouterr()
+    (state,) = run_dir.glob("experiment_state-*.json")
+    text = state.read_text()
+    state.write_text(text[:len(text) // 2])
+    for why in (rf"{state.name}: JSONDecodeError: ",
+                r"no experiment_state-\*\.json beside its tuner\.pkl"):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.match(
+            rf"error: --resume: {re.escape(str(run_dir))}: Ray Tune's saved state cannot be "
+            rf"read \({why}.*; a disk that filled while Tune wrote it leaves it so\), and Tune "
+            rf"would start the run over without its trials; the trials that finished keep "
+            rf"their results \(in MLflow and their folders\); accepted: a new run without "
+            rf"--resume", err), err
+        state.unlink(missing_ok=True)
+
+
 def test_a_trials_data_tag_names_its_own_data(smoke):
     """Every child run carried the parent's data_description, the whole sweep's data (a Gabor
     trial of `paper` was tagged with the NSD release): each now names its condition's."""
