@@ -703,10 +703,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
-        from references.cache import traceback_file
+        from references.cache import cache_root, unexpected_error_line
 
-        log = traceback_file(exc)
-        print(f"error: {exception_line(exc, 300)} (full traceback: {log})", file=sys.stderr)
+        try:
+            out = build_parser().parse_known_args(argv)[0].out
+        except SourceError:
+            out = None
+        try:
+            cache = cache_root(create=False)
+        except (ValueError, OSError, RuntimeError):
+            cache = None
+        print(unexpected_error_line(exc, {
+            "--out": Path(out or "outputs"), "the cache": cache,
+            "the temporary folder": Path(tempfile.gettempdir())}), file=sys.stderr)
         return 1
 
 

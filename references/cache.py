@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -19,7 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -256,6 +257,70 @@ def traceback_file(exc: BaseException) -> Path:
     except (OSError, ValueError, RuntimeError):  # the cache itself may be what failed (its
         # folder, or ALIGNSWEEP_CACHE=~name naming no user)
         return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
+
+
+#: A file system with less than this free (for this user) is called full by ``low_space``
+LOW_SPACE_BYTES = 16 * 2**20
+
+
+def low_space(folders: Mapping[str, str | os.PathLike | None]) -> list[str]:
+    """``"<what> <folder> (<n> bytes free)"`` for each of ``folders`` (what -> folder; None
+    skipped; a folder not made yet is judged by the nearest one above it) whose file system
+    has under ``LOW_SPACE_BYTES`` free for this user, one per file system."""
+    said, seen = [], set()
+    for what, folder in folders.items():
+        if not folder:
+            continue
+        path = Path(folder).expanduser().absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            device, stats = os.stat(path).st_dev, os.statvfs(path)
+        except OSError:
+            continue
+        if device in seen:
+            continue
+        seen.add(device)
+        free = stats.f_bavail * stats.f_frsize
+        if free < LOW_SPACE_BYTES:
+            said.append(f"{what} {folder} ({free} bytes free)")
+    return said
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what it was raised from is a full disk (ENOSPC, EDQUOT)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unexpected_error_line(exc: BaseException,
+                          folders: Mapping[str, str | os.PathLike | None]) -> str:
+    """The one line a command prints for an unexpected failure: ``error: Type: message (full
+    traceback: FILE)``. Where a file system the command writes to (``folders``: what ->
+    folder) is full, or the failure is a full disk, it says so and what to do: a disk that
+    fills mid-run surfaces as whatever reads a cut-short file next (``EOFError: Ran out of
+    input``), and h5py's ENOSPC message was clipped before its "No space left on device",
+    naming no folder either way (probed at stop 37)."""
+    from records.errors import exception_line
+
+    try:
+        log = str(traceback_file(exc))
+    except OSError as err:  # the cache and the temporary folder are both full
+        log = f"not written: {exception_line(err, 80)}"
+    line = f"error: {exception_line(exc, 300)} (full traceback: {log})"
+    full = low_space(folders)
+    if full:
+        line += (f"; no space left on {', '.join(full)}: free space there (or give another "
+                 f"folder), then run it again")
+    elif _no_space(exc):
+        line += ("; no space left on a disk it writes to: free space there (or give another "
+                 "folder), then run it again")
+    return line
 
 
 def integer_arg(accepted: str) -> Callable[[str], int]:

@@ -29,7 +29,7 @@ from references.cache import integer_arg, quiet_interrupts  # noqa: E402
 if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one line
     quiet_interrupts()
 
-from records.errors import exception_line, one_line
+from records.errors import one_line
 from records.uris import expand_user, not_utf8  # noqa: E402
 from sweeps.plan import (  # noqa: E402
     DATA_CHOICES,
@@ -302,12 +302,35 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
-        from references.cache import traceback_file
+        from references.cache import unexpected_error_line
 
-        log = traceback_file(exc)
-        print(f"error: {exception_line(exc, 300)} (full traceback: "
-              f"{log})", file=sys.stderr)
+        print(unexpected_error_line(exc, _written_folders(argv)), file=sys.stderr)
         return 1
+
+
+def _written_folders(argv: list[str] | None) -> dict[str, Path | None]:
+    """The folders a run writes to, as its command line names them (defaults where it does not
+    parse): what a full disk is looked for in when the run fails unexpectedly."""
+    import tempfile
+
+    from records.stores import sqlite_path
+    from records.uris import tracking_uri
+    from references.cache import cache_root
+
+    storage, store = Path("ray_results"), None
+    try:
+        args = build_parser().parse_known_args(argv)[0]
+        storage = Path(args.storage) if args.storage else storage
+        store = sqlite_path(tracking_uri(args.mlflow_uri))
+    except (UsageError, ValueError, OSError, ImportError):
+        pass
+    try:
+        cache = cache_root(create=False)
+    except (ValueError, OSError, RuntimeError):
+        cache = None
+    return {"--storage": storage, "the tracking store's folder": store and store.parent,
+            "the cache": cache, "the temporary folder": Path(tempfile.gettempdir()),
+            "the working folder": Path.cwd()}
 
 
 def _check_utf8(argv: list[str]) -> None:

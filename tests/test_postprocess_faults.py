@@ -6,8 +6,11 @@ refusal of the whole report or a silent omission before."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +298,58 @@ def test_a_default_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsy
                    f"a folder; accepted: a folder this user can create or write (name one "
                    f"with --out DIR)\n")
     assert (work / "outputs").read_text() == "keep me\n"
+
+
+def test_a_full_disk_under_the_output_folder_is_named_in_the_one_line(tmp_path, capsys):
+    """--out on a file system that is full (probed at stop 37 on a 300 KB tmpfs): the line was
+    `error: OSError: [Errno 28] No space left on device (full traceback: ...)`, naming no
+    folder. It now names the full one and what to do; the earlier files stay as they were.
+    A real full file system: a small tmpfs (mounting needs root; skipped without it)."""
+    run = _ray_run(tmp_path, predictions=False)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("a tmpfs cannot be mounted here (not root)")
+    try:
+        out = disk / "report"
+        out.mkdir()
+        (out / "report.html").write_text("the earlier report")
+        with open(disk / "filler", "wb", buffering=0) as fh:  # every block of the disk
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 4096)
+        assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"error: OSError: \[Errno 28\] No space left on device \(full traceback: \S+\); "
+            rf"no space left on --out {re.escape(str(out))} \(\d+ bytes free\): free space "
+            rf"there \(or give another folder\), then run it again", err), err
+        assert (out / "report.html").read_text() == "the earlier report"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_unexpected_failure_from_a_full_disk_says_so_without_a_full_folder():
+    """A full disk whose space came back before the line was written (a cache builder's
+    temporary folder removed: h5py's ENOSPC message was clipped before it said so), or a
+    cut-short file's reader's error raised from one, still says what happened."""
+    import errno
+
+    from references.cache import unexpected_error_line
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "Can't synchronously write data " + "x" * 400)
+        except OSError as full:
+            raise EOFError("Ran out of input") from full
+    except EOFError as exc:
+        line = unexpected_error_line(exc, {})
+    assert line.startswith("error: EOFError: Ran out of input (full traceback: ")
+    assert line.endswith("); no space left on a disk it writes to: free space there (or give "
+                         "another folder), then run it again")
+    assert "no space" not in unexpected_error_line(EOFError("Ran out of input"), {})
 
 
 def test_a_seed_without_its_baseline_is_said_to_be_unpaired():
