@@ -1078,7 +1078,7 @@ def _execute_run(plan: Plan) -> int:
         raise
     status, failed = "FAILED", []
     outcomes: list[Outcome] = []
-    interrupted = False
+    interrupted = crashed = False
     replayed = parent_ended = False
     _fail_fast_tracking()
     try:
@@ -1094,6 +1094,9 @@ def _execute_run(plan: Plan) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one after Tune let go of the signal
         interrupted = True
         _say("interrupted")
+    except Exception:  # Tune itself failed (its state on a disk that filled): the records
+        crashed = True  # are ended below, and the way on is said before the error's line
+        raise
     finally:
         signal.signal(signal.SIGINT, previous_int)
         # The wrap-up: a Ctrl-C (or SIGTERM) ends the step it lands in, not the ones that
@@ -1133,6 +1136,11 @@ def _execute_run(plan: Plan) -> int:
             if _interrupted(lambda: end_parent(True)):
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      f"{resume_command(plan)} ends it")
+        if crashed:
+            _say(f"sweep stopped by the error below; the parent run is "
+                 f"{'FAILED' if parent_ended else 'not ended (MLflow shows it RUNNING)'} and "
+                 f"the trials that finished keep their records. Continue with: "
+                 f"{resume_command(plan)}")
     _say_how_it_ended(plan, run_dir, outcomes, stopped, interrupted=interrupted,
                       replayed=replayed, parent_ended=parent_ended)
     if _report(plan, parent_id):

@@ -647,6 +647,34 @@ def test_an_unexpected_failure_is_one_line_naming_its_traceback_file(tmp_path):
     assert log.is_file() and "Traceback (most recent call last)" in log.read_text()
 
 
+def test_a_run_whose_tune_fails_ends_its_records_and_says_how_to_continue(tmp_path):
+    """Tune itself failing once the records are made (probed at stop 37: its state written
+    to a storage disk that filled, then read back cut short) ended the parent run FAILED but
+    said nothing more than the error: no resume line. The driver now says the run stopped,
+    the parent's state and the command that continues it, then the error's one line."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import sweeps.execute\n"
+        "def _fit(*args, **kwargs):\n"
+        "    raise EOFError('Ran out of input')\n"
+        "sweeps.execute._fit = _fit\n")
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "run.py"), *_smoke(tmp=tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{REPO}"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (said,) = [x for x in proc.stdout.splitlines() if x.startswith("sweep stopped by")]
+    assert said.startswith("sweep stopped by the error below; the parent run is FAILED and "
+                           "the trials that finished keep their records. Continue with: ")
+    assert said.endswith(f"sweeps/run.py {shlex.join(_smoke(tmp=tmp_path))} --resume")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: EOFError: Ran out of input (full traceback: ")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name(f"{SWEEP}-smoke")
+                                    .experiment_id])
+    assert parent.info.status == "FAILED"
+
+
 @pytest.mark.parametrize("name", ["exp one", "run #2 (50%41?)", "%2e%2e%2f%2e%2e%2fescaped"])
 def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch, name):
     """Two stores used from one folder used to share ./mlruns/<id> of that folder (MLflow's
