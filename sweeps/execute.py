@@ -86,18 +86,10 @@ from sweeps.spec import Resources, TrialSpec
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-class _DropTuneAdvice(logging.Filter):
+def _quiet_tune_advice() -> None:
     """Tune's line that contradicts the driver's own: on an interrupt it advises
     ``Tuner.restore(...)``, where the driver prints the ``--resume`` command."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Experiment has been interrupted")
-
-
-def _quiet_tune_advice() -> None:
-    log = logging.getLogger("ray.tune.tune")
-    if not any(isinstance(f, _DropTuneAdvice) for f in log.filters):
-        log.addFilter(_DropTuneAdvice())
+    tracking.drop_log_records("ray.tune.tune", "Experiment has been interrupted")
 
 
 @contextlib.contextmanager

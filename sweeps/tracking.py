@@ -470,21 +470,32 @@ def permanent_refusal(exc: BaseException) -> str | None:
     return None
 
 
-class _DropStoreTraceback(logging.Filter):
+class _DropPrefix(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def drop_log_records(logger: str, prefix: str) -> None:
+    """From now on in this process, ``logger`` drops its records whose message starts with
+    ``prefix`` (added once however often it is asked)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in log.filters):
+        log.addFilter(_DropPrefix(prefix))
+
+
+def _quiet_store_tracebacks() -> None:
     """MLflow's SQL store logs every failed write at ERROR with its whole traceback (about 60
     lines: "SQLAlchemy database error. The following exception is caught."). A trial's
     tracking thread retries such a write until the store takes it (a disk that filled under
     a SQLite store: 2,800 lines in 14 minutes, through Ray's log forwarding, probed at stop
     37) and says the outage itself in one line; the store's exception reaches that line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("SQLAlchemy database error")
-
-
-def _quiet_store_tracebacks() -> None:
-    log = logging.getLogger("mlflow.store.db.utils")
-    if not any(isinstance(f, _DropStoreTraceback) for f in log.filters):
-        log.addFilter(_DropStoreTraceback())
+    drop_log_records("mlflow.store.db.utils", "SQLAlchemy database error")
 
 
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
