@@ -617,34 +617,46 @@ def postprocess(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
     record = load_mlflow(sweep, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id,
                          experiment=experiment)
     out = Path(out) if out is not None else _default_out(record)
-    path = build_outputs(record, out, lambda: _parent_changed(mlflow_uri, record))
+    was = (record.parent_status, record.parent_end_time)
+    path = build_outputs(record, out, lambda: _parent_changed(
+        mlflow_uri, record.parent_run_id, was, record.sweep, replaced=False))
     if log:
-        stale = _parent_changed(mlflow_uri, record)
+        stale = _parent_changed(mlflow_uri, record.parent_run_id, was, record.sweep,
+                                replaced=True)
         if stale:
             raise SourceError(stale)
         _log(mlflow_uri, record.parent_run_id, out)
     return path
 
 
-def _parent_changed(mlflow_uri: str, record: SweepRecord) -> str | None:
-    """Why files built from ``record`` would now misdescribe its run, or None: its parent run
-    ended, or was reopened by a --resume, since it was read. A post-processor started while
-    the sweep ran (or before a resume ended it) finished after the driver's own build, and
-    its PARTIAL report, tables and metrics replaced the final ones (the metrics as the
-    latest values). A store that does not answer here cannot tell; the log step says so."""
+def _parent_state(mlflow_uri: str, run_id: str) -> tuple[str, int | None] | None:
+    """(status, end time) of a parent run now; None where the store does not answer."""
     try:
-        info = mlflow_client(mlflow_uri).get_run(record.parent_run_id).info
+        info = mlflow_client(mlflow_uri).get_run(run_id).info
     except Exception:  # unreachable or refused: nothing to compare, nothing claimed
         return None
-    if (info.status, info.end_time) == (record.parent_status, record.parent_end_time):
+    return info.status, info.end_time
+
+
+def _parent_changed(mlflow_uri: str, run_id: str, was: tuple[str, int | None] | None,
+                    sweep: str, *, replaced: bool) -> str | None:
+    """Why files built from what was read while the parent run ``run_id`` stood at ``was``
+    (status, end time) would now misdescribe its run, or None: it ended, or was reopened by
+    a --resume, since. A post-processor started while the sweep ran (or before a resume
+    ended it) finished after the driver's own build, and its PARTIAL report, tables and
+    metrics replaced the final ones (the metrics as the latest values). A store that does
+    not answer here cannot tell; the log step says so. ``replaced``: the files are already
+    in place (the check before logging), which the line then says."""
+    now = _parent_state(mlflow_uri, run_id)
+    if was is None or now is None or now == was:
         return None
-    change = (f"{record.parent_status} when read, {info.status} now"
-              if info.status != record.parent_status else f"{info.status}, ended again since "
-                                                          f"it was read")
-    return (f"the sweep's parent run {record.parent_run_id} changed while this report was "
-            f"built ({change}: the sweep ended or was resumed meanwhile); nothing was "
-            f"replaced or logged; post-process it again: python -m dashboards.pareto "
-            f"{record.sweep} --parent-run {record.parent_run_id}")
+    change = (f"{was[0]} when read, {now[0]} now" if now[0] != was[0] else
+              f"{now[0]}, ended again since it was read")
+    done = ("its files were written but nothing was logged" if replaced else
+            "nothing was replaced or logged")
+    return (f"the sweep's parent run {run_id} changed while this report was built ({change}: "
+            f"the sweep ended or was resumed meanwhile); {done}; post-process it again: "
+            f"python -m dashboards.pareto {sweep} --parent-run {run_id}")
 
 
 def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = None,
@@ -652,6 +664,8 @@ def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = N
                     parent_run_id: str | None = None) -> Path:
     """The same from Ray Tune's result folder; logs to MLflow only when ``parent_run_id`` and
     ``mlflow_uri`` are both given. Returns the report's path."""
+    logs = bool(parent_run_id and mlflow_uri)
+    was = _parent_state(mlflow_uri, parent_run_id) if logs else None  # before the folder
     record = load_ray(ray_results, sweep, experiment=experiment)
     if parent_run_id and mlflow_uri:  # checked before anything is built or logged
         sweep_parent_run(mlflow_client(mlflow_uri), parent_run_id, sweep, mlflow_uri)
@@ -660,9 +674,14 @@ def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = N
                               f"parent run {record.parent_run_id} (its mlflow_parent.json); "
                               f"accepted: --parent-run {record.parent_run_id}")
     out = Path(out) if out is not None else _default_out(record)
-    path = build_outputs(record, out)
-    if parent_run_id and mlflow_uri:
-        _log(mlflow_uri, parent_run_id, out)
+    if not logs:
+        return build_outputs(record, out)
+    path = build_outputs(record, out, lambda: _parent_changed(
+        mlflow_uri, parent_run_id, was, sweep, replaced=False))
+    stale = _parent_changed(mlflow_uri, parent_run_id, was, sweep, replaced=True)
+    if stale:
+        raise SourceError(stale)
+    _log(mlflow_uri, parent_run_id, out)
     return path
 
 
@@ -705,17 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
         from references.cache import cache_root, unexpected_error_line
 
-        try:
-            out = build_parser().parse_known_args(argv)[0].out
-        except SourceError:
-            out = None
-        try:
-            cache = cache_root(create=False)
-        except (ValueError, OSError, RuntimeError):
-            cache = None
-        print(unexpected_error_line(exc, {
-            "--out": Path(out or "outputs"), "the cache": cache,
-            "the temporary folder": Path(tempfile.gettempdir())}), file=sys.stderr)
+        def folders() -> dict[str, Path]:  # what it raises leaves the line without its note
+            return {"--out": Path(build_parser().parse_known_args(argv)[0].out or "outputs"),
+                    "the cache": cache_root(create=False),
+                    "the temporary folder": Path(tempfile.gettempdir())}
+
+        print(unexpected_error_line(exc, folders), file=sys.stderr)
         return 1
 
 

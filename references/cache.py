@@ -269,14 +269,12 @@ def low_space(folders: Mapping[str, str | os.PathLike | None]) -> list[str]:
     has under ``LOW_SPACE_BYTES`` free for this user, one per file system."""
     said, seen = [], set()
     for what, folder in folders.items():
-        if not folder:
-            continue
-        path = Path(folder).expanduser().absolute()
-        while not path.exists() and path != path.parent:
-            path = path.parent
-        try:
+        try:  # a folder under one this user may not search, a working folder deleted: skipped
+            path = Path(folder).expanduser().absolute() if folder else None
+            while path is not None and not os.path.exists(path) and path != path.parent:
+                path = path.parent
             device, stats = os.stat(path).st_dev, os.statvfs(path)
-        except OSError:
+        except (OSError, ValueError, TypeError, RuntimeError):
             continue
         if device in seen:
             continue
@@ -299,13 +297,15 @@ def _no_space(exc: BaseException | None) -> bool:
 
 
 def unexpected_error_line(exc: BaseException,
-                          folders: Mapping[str, str | os.PathLike | None]) -> str:
+                          folders: Mapping[str, str | os.PathLike | None]
+                          | Callable[[], Mapping[str, str | os.PathLike | None]]) -> str:
     """The one line a command prints for an unexpected failure: ``error: Type: message (full
     traceback: FILE)``. Where a file system the command writes to (``folders``: what ->
     folder) is full, or the failure is a full disk, it says so and what to do: a disk that
     fills mid-run surfaces as whatever reads a cut-short file next (``EOFError: Ran out of
     input``), and h5py's ENOSPC message was clipped before its "No space left on device",
-    naming no folder either way (probed at stop 37)."""
+    naming no folder either way (probed at stop 37). ``folders`` may be a function that
+    lists them; whatever it raises leaves the line without the note."""
     from records.errors import exception_line
 
     try:
@@ -313,7 +313,10 @@ def unexpected_error_line(exc: BaseException,
     except OSError as err:  # the cache and the temporary folder are both full
         log = f"not written: {exception_line(err, 80)}"
     line = f"error: {exception_line(exc, 300)} (full traceback: {log})"
-    full = low_space(folders)
+    try:
+        full = low_space(folders() if callable(folders) else folders)
+    except Exception:  # the line is what matters: never a traceback instead of it
+        full = []
     if full:
         line += (f"; no space left on {', '.join(full)}: free space there (or give another "
                  f"folder), then run it again")

@@ -62,11 +62,11 @@ from sweeps.plan import (
     UsageError,
     _object_store_bytes,
     check_checkpoints,
-    check_fingerprint,
     check_services,
     check_tune_state,
     fingerprint,
     flush_seconds,
+    manifest_states,
     ray_address,
     read_run_json,
     resume_choice,
@@ -645,13 +645,12 @@ def _run_dir(plan: Plan) -> Path:
     """Each invocation gets its own Ray Tune experiment folder (nothing earlier is overwritten;
     two in one second get ``-2``, ``-3``: the driver lock serialises them); ``--resume``
     continues the latest one, recorded in ``plan.resume_pointer``, after checking
-    that it was started by the same sweep (``check_fingerprint``)."""
+    that it was started by the same sweep (``resume_choice``: the fingerprint)."""
     storage = Path(plan.storage)
     if plan.resume:
         if not Path(plan.resume_pointer).is_file():
             raise UsageError(f"--resume: no earlier run of {plan.experiment} under {storage}")
-        run_dir, other = resume_choice(plan)
-        check_fingerprint(plan, run_dir)
+        run_dir, other = resume_choice(plan)  # one this command started
         check_tune_state(run_dir)
         check_checkpoints(run_dir)
         if other:
@@ -678,7 +677,11 @@ def _say_if_latest_unfinished(plan: Plan) -> None:
         latest = Path(plan.storage) / Path(pointer.read_text().strip()).name
     except OSError:
         return
-    states = run_states(latest) if latest.is_dir() and latest.name else None
+    if not (latest.name and latest.is_dir()):
+        return
+    states = manifest_states(latest)  # every trial done there: nothing more to read
+    if not states or any(state != "done" for state in states.values()):
+        states = run_states(latest)
     left = [key for key, state in (states or {}).items() if state != "done"]
     if left:
         _say(f"note: the latest run of {plan.experiment} here, {latest.name}, did not finish "
@@ -1129,10 +1132,18 @@ def _execute_run(plan: Plan) -> int:
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      f"{resume_command(plan)} ends it")
         if crashed:
+            try:  # a state Tune left cut short: --resume would refuse it (check_tune_state)
+                check_tune_state(run_dir)
+                way = f"Continue with: {resume_command(plan)}"
+            except UsageError:
+                way = (f"Ray Tune's state in {run_dir} cannot be read, so --resume cannot "
+                       f"continue it: run the trials that did not finish as a new run "
+                       f"(--only)")
+            except Exception:  # Tune's own reading failing: the advice stays the same
+                way = f"Continue with: {resume_command(plan)}"
             _say(f"sweep stopped by the error below; the parent run is "
                  f"{'FAILED' if parent_ended else 'not ended (MLflow shows it RUNNING)'} and "
-                 f"the trials that finished keep their records. Continue with: "
-                 f"{resume_command(plan)}")
+                 f"the trials that finished keep their records. {way}")
     _say_how_it_ended(plan, run_dir, outcomes, stopped, interrupted=interrupted,
                       replayed=replayed, parent_ended=parent_ended)
     if _report(plan, parent_id):

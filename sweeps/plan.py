@@ -974,8 +974,7 @@ def _check_resumed_run(plan: Plan) -> None:
     """The run --resume would continue was started as this plan would start it, and still
     holds the state and checkpoints Tune would restore its trials from."""
     if plan.resume:
-        run_dir = resumed_run_dir(plan)
-        check_fingerprint(plan, run_dir)
+        run_dir = resumed_run_dir(plan)  # one this command started (resume_choice)
         check_tune_state(run_dir)
         check_checkpoints(run_dir)
 
@@ -1035,7 +1034,24 @@ def tune_states(run_dir: Path) -> dict[str, str] | None:
 
 def _tune_trials(run_dir: Path) -> list | None:
     """Ray Tune's trials as its saved state in ``run_dir`` holds them (``ExperimentAnalysis``:
-    Tune's own reading of it), or None without a readable state."""
+    Tune's own reading of it), or None without a readable state. Kept for as long as the
+    state files are unchanged: a --resume asks several times (which run, its state, its
+    checkpoints; the plan, then the run), and each reading loads every trial's results."""
+    try:
+        key = (str(Path(run_dir).resolve()), tuple(
+            (p.name, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(Path(run_dir).glob("experiment_state-*.json"))))
+    except OSError:
+        return _read_tune_trials(run_dir)
+    if key not in _TUNE_TRIALS:
+        _TUNE_TRIALS[key] = _read_tune_trials(run_dir)
+    return _TUNE_TRIALS[key]
+
+
+_TUNE_TRIALS: dict[tuple, list | None] = {}
+
+
+def _read_tune_trials(run_dir: Path) -> list | None:
     import logging
 
     from sweeps.ray_glue import ExperimentAnalysis
@@ -1078,8 +1094,8 @@ def resume_choice(plan: Plan) -> tuple[Path, str | None]:
     experiment in the storage folder (``plan.resume_pointer``) when this command started it
     and it did not finish; else the newest other run that this command started
     (``fingerprint``) and that did not finish; else the latest, whose own checks then say
-    what stands (a finished run resumes no trial; one started otherwise is refused, naming
-    what differs). A new run beside an interrupted one took the pointer, and --resume then
+    what stands (a finished run resumes no trial; one started otherwise is refused here,
+    naming what differs: the chosen run is always one this command started). A new run beside an interrupted one took the pointer, and --resume then
     continued the new one: the interrupted run could no longer be resumed; and a run by
     another user's command in a shared storage folder made everyone else's --resume a
     refusal."""
@@ -1097,6 +1113,8 @@ def resume_choice(plan: Plan) -> tuple[Path, str | None]:
             why = "it finished" if differs is None else "another command started it"
             return other, (f"{other.name}, the newest unfinished run this command started "
                            f"(the latest run here, {latest.name}, is not resumed: {why})")
+    if differs:
+        raise UsageError(differs)
     return latest, None
 
 
@@ -1128,7 +1146,7 @@ def run_unfinished(plan: Plan, run_dir: Path) -> bool:
             return len(states) < plan.n_trials or any(v != "done" for v in states.values())
         return any(states.get(t.trial_id) != "done" for t in plan.trials)
 
-    recorded = _manifest_states(run_dir)
+    recorded = manifest_states(run_dir)
     if recorded and not left(recorded):
         return False
     states = run_states(run_dir)
@@ -1140,10 +1158,12 @@ def run_states(run_dir: Path) -> dict[str, str] | None:
     (``tune_states``), else the run's manifest; None without either (or with an unreadable
     manifest)."""
     states = tune_states(run_dir)
-    return states if states is not None else _manifest_states(run_dir)
+    return states if states is not None else manifest_states(run_dir)
 
 
-def _manifest_states(run_dir: Path) -> dict[str, str] | None:
+def manifest_states(run_dir: Path) -> dict[str, str] | None:
+    """{trial key: state} of the run's manifest; None without one, or with an unreadable
+    one."""
     try:
         entries = read_manifest(run_dir)
     except ValueError:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
         from references.cache import unexpected_error_line
 
-        print(unexpected_error_line(exc, _written_folders(argv)), file=sys.stderr)
+        print(unexpected_error_line(exc, lambda: _written_folders(argv)), file=sys.stderr)
         return 1
 
 
@@ -317,20 +318,19 @@ def _written_folders(argv: list[str] | None) -> dict[str, Path | None]:
     from records.uris import tracking_uri
     from references.cache import cache_root
 
-    storage, store = Path("ray_results"), None
-    try:
-        args = build_parser().parse_known_args(argv)[0]
-        storage = Path(args.storage) if args.storage else storage
-        store = sqlite_path(tracking_uri(args.mlflow_uri))
-    except (UsageError, ValueError, OSError, ImportError):
-        pass
-    try:
-        cache = cache_root(create=False)
-    except (ValueError, OSError, RuntimeError):
-        cache = None
-    return {"--storage": storage, "the tracking store's folder": store and store.parent,
-            "the cache": cache, "the temporary folder": Path(tempfile.gettempdir()),
-            "the working folder": Path.cwd()}
+    def get(find: Callable[[], Path | None]) -> Path | None:
+        try:  # a working folder deleted, no usable temporary folder, a bad setting: left out
+            return find()
+        except Exception:
+            return None
+
+    args = get(lambda: build_parser().parse_known_args(argv)[0])
+    store = get(lambda: sqlite_path(tracking_uri(args.mlflow_uri)))
+    return {"--storage": get(lambda: Path(args.storage or "ray_results")),
+            "the tracking store's folder": store and store.parent,
+            "the cache": get(lambda: cache_root(create=False)),
+            "the temporary folder": get(lambda: Path(tempfile.gettempdir())),
+            "the working folder": get(Path.cwd)}
 
 
 def _check_utf8(argv: list[str]) -> None:

@@ -352,6 +352,27 @@ def test_an_unexpected_failure_from_a_full_disk_says_so_without_a_full_folder():
     assert "no space" not in unexpected_error_line(EOFError("Ran out of input"), {})
 
 
+def test_the_unexpected_error_line_survives_folders_it_cannot_look_at(tmp_path, monkeypatch):
+    """The full-disk note must never cost the line itself (the review of stop 37: a folder
+    under one the user may not search, or a working folder deleted, raised inside the CLIs'
+    last handler, a traceback instead of one line): such folders are left out."""
+    from references.cache import low_space, unexpected_error_line
+
+    (tmp_path / "file").write_text("")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+
+    def folders():
+        return {"the working folder": Path.cwd()}  # FileNotFoundError
+
+    line = unexpected_error_line(RuntimeError("a bug"), folders)
+    assert line.startswith("error: RuntimeError: a bug (full traceback: ") and line.endswith(")")
+    assert low_space({"under a file": tmp_path / "file" / "x", "none": None,
+                      "relative": Path("ray_results")}) == []
+
+
 def test_a_seed_without_its_baseline_is_said_to_be_unpaired():
     """Seed 1's baseline did not finish: its trials' degradation falls back on seed 0's
     baseline, silently (the effects and the tables pair by seed elsewhere)."""
