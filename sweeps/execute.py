@@ -66,11 +66,11 @@ from sweeps.plan import (
     check_tune_state,
     fingerprint,
     flush_seconds,
-    manifest_states,
     ray_address,
     read_run_json,
     resume_choice,
     run_states,
+    run_unfinished,
     split_size_problem,
     sweep_files,
     validation_groups_problem,
@@ -656,7 +656,7 @@ def _run_dir(plan: Plan) -> Path:
         if other:
             _say(f"resume: {other}")
         return run_dir
-    _say_if_latest_unfinished(plan)
+    _say_if_an_earlier_run_is_unfinished(plan)
     storage.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, k = storage / run_folder_name(plan.experiment, stamp), 1
@@ -668,26 +668,24 @@ def _run_dir(plan: Plan) -> Path:
     return run_dir
 
 
-def _say_if_latest_unfinished(plan: Plan) -> None:
-    """A new run beside an earlier one that did not finish says so, and how that one is
-    resumed: --resume continues the newest unfinished run its command started
-    (``resume_choice``), which this new run becomes while it runs."""
-    pointer = Path(plan.resume_pointer)
+def _say_if_an_earlier_run_is_unfinished(plan: Plan) -> None:
+    """A new run beside an earlier run of the same command that did not finish says so, and
+    which run --resume will take (``resume_choice``: the newest unfinished run the command
+    started, which this new run is while it runs)."""
+    if not Path(plan.resume_pointer).is_file():
+        return
     try:
-        latest = Path(plan.storage) / Path(pointer.read_text().strip()).name
-    except OSError:
+        earlier, _ = resume_choice(plan)
+    except UsageError:  # no run of this command here
         return
-    if not (latest.name and latest.is_dir()):
+    if not run_unfinished(plan, earlier):
         return
-    states = manifest_states(latest)  # every trial done there: nothing more to read
-    if not states or any(state != "done" for state in states.values()):
-        states = run_states(latest)
-    left = [key for key, state in (states or {}).items() if state != "done"]
-    if left:
-        _say(f"note: the latest run of {plan.experiment} here, {latest.name}, did not finish "
-             f"({len(left)} of {len(states)} trials); this starts a new run. Once it has "
-             f"finished, --resume with that run's command continues it (--resume takes the "
-             f"newest unfinished run the command started)")
+    states = run_states(earlier) or {}
+    left = sum(state != "done" for state in states.values())
+    count = f" ({left} of {len(states)} trials)" if states else ""
+    _say(f"note: {earlier.name}, an earlier run of this command, did not finish{count}; this "
+         f"starts a new run beside it. --resume takes the newest unfinished run of a command: "
+         f"this new one if it stops early, else {earlier.name}")
 
 
 def _point_at(plan: Plan, run_dir: Path) -> None:
@@ -1064,8 +1062,8 @@ def _execute_run(plan: Plan) -> int:
         else:
             _forget_run_dir(plan, run_dir)
             if isinstance(exc, KeyboardInterrupt) and not plan.resume:
-                _say("sweep interrupted before its records were made: nothing to resume; run "
-                     "it again")
+                _say("sweep interrupted before its records were made: this run has nothing "
+                     "to resume; run it again")
         if isinstance(exc, KeyboardInterrupt):
             raise exc from None
         if isinstance(exc, _input_errors()) and not isinstance(exc, UsageError):

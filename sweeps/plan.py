@@ -1090,37 +1090,54 @@ def resumed_run_dir(plan: Plan) -> Path:
 
 
 def resume_choice(plan: Plan) -> tuple[Path, str | None]:
-    """(run folder, why it is not the latest run) of --resume: the latest run of the
-    experiment in the storage folder (``plan.resume_pointer``) when this command started it
-    and it did not finish; else the newest other run that this command started
-    (``fingerprint``) and that did not finish; else the latest, whose own checks then say
-    what stands (a finished run resumes no trial; one started otherwise is refused here,
-    naming what differs: the chosen run is always one this command started). A new run beside an interrupted one took the pointer, and --resume then
-    continued the new one: the interrupted run could no longer be resumed; and a run by
-    another user's command in a shared storage folder made everyone else's --resume a
-    refusal."""
-    latest = _pointed_run_dir(plan)
+    """(run folder, why it is not the latest run) of --resume, always a run this command
+    started (``fingerprint``): the latest run of the experiment in the storage folder
+    (``plan.resume_pointer``) when this command started it and it did not finish; else the
+    newest other such run that did not finish; else the newest such run (finished: the
+    resume runs no trial). Without any, the latest run's own refusal (started otherwise,
+    naming what differs; its folder gone). A new run beside an interrupted one took the
+    pointer and --resume then reopened the new, finished run: the interrupted run could no
+    longer be resumed; another user's newer run in a shared storage folder, or a latest run
+    deleted, made everyone else's --resume a refusal (probed at stop 37)."""
     now = fingerprint(plan)
-    differs = fingerprint_difference(plan, latest, now)
-    if differs is None and run_unfinished(plan, latest):
+    try:
+        latest: Path | None = _pointed_run_dir(plan)
+        refusal = fingerprint_difference(plan, latest, now)
+        latest_state = "another command started it" if refusal else "it finished"
+    except UsageError as exc:  # the pointer unreadable, or its folder gone
+        latest, refusal, latest_state = None, str(exc), "its folder is gone"
+    if latest is not None and refusal is None and run_unfinished(plan, latest):
         return latest, None
+    newest_own = latest if refusal is None else None
     for other in _other_runs(plan, latest):
         try:
-            started_here = fingerprint_difference(plan, other, now) is None
+            if fingerprint_difference(plan, other, now) is not None:
+                continue
         except UsageError:  # its fingerprint is damaged: not a run to guess at
             continue
-        if started_here and run_unfinished(plan, other):
-            why = "it finished" if differs is None else "another command started it"
-            return other, (f"{other.name}, the newest unfinished run this command started "
-                           f"(the latest run here, {latest.name}, is not resumed: {why})")
-    if differs:
-        raise UsageError(differs)
-    return latest, None
+        if run_unfinished(plan, other):
+            return other, _not_latest(plan, other, "the newest unfinished run", latest_state)
+        newest_own = newest_own or other
+    if newest_own is None:
+        raise UsageError(refusal)
+    if newest_own == latest:
+        return latest, None
+    return newest_own, _not_latest(plan, newest_own, "the newest run", latest_state)
 
 
-def _other_runs(plan: Plan, latest: Path) -> list[Path]:
-    """The storage folder's other run folders of ``plan.experiment`` that recorded their
-    fingerprint, newest first."""
+def _not_latest(plan: Plan, run_dir: Path, what: str, latest_state: str) -> str:
+    try:
+        latest = Path(Path(plan.resume_pointer).read_text(errors="replace").strip()).name
+    except OSError:
+        latest = ""
+    latest = latest or "(unreadable)"
+    return (f"{run_dir.name}, {what} this command started (the latest run here, {latest}, is "
+            f"not resumed: {latest_state})")
+
+
+def _other_runs(plan: Plan, latest: Path | None) -> list[Path]:
+    """The storage folder's run folders of ``plan.experiment`` other than ``latest`` that
+    recorded their fingerprint, newest first."""
     runs = []
     try:
         found = list(Path(plan.storage).iterdir())
@@ -1128,7 +1145,8 @@ def _other_runs(plan: Plan, latest: Path) -> list[Path]:
         return []
     for folder in found:
         parsed = parse_run_folder(folder.name)
-        if (parsed and parsed[0] == plan.experiment and folder.name != latest.name
+        if (parsed and parsed[0] == plan.experiment
+                and (latest is None or folder.name != latest.name)
                 and (folder / FINGERPRINT_FILE).is_file()):
             runs.append((parsed[1], parsed[2], folder))
     return [folder for *_, folder in sorted(runs, reverse=True)]

@@ -175,7 +175,8 @@ def service_lines(plan: Plan) -> list[str]:
               else "grid")
     return [f"ray: {ray}",
             f"mlflow: {redact(plan.mlflow_uri)} (experiment {plan.experiment})",
-            f"storage: {plan.storage}{' (resuming the latest run)' if plan.resume else ''}",
+            f"storage: {plan.storage}"
+            f"{' (resuming the newest unfinished run of this command)' if plan.resume else ''}",
             f"search: {search}",
             *([f"overrides: {format_overrides(plan.overrides)}"] if plan.overrides else []),
             *([f"weights: {plan.weights} (pretrained conditions)"] if plan.weights else []),

@@ -839,6 +839,7 @@ def test_resume_takes_the_newest_unfinished_run_its_command_started(tmp_path, ca
     refusal. --resume now takes the latest run when its command started it and it did not
     finish, else the newest such other run; a new run beside an unfinished one says so."""
     import json
+    import shutil
 
     from records import ManifestEntry, write_manifest
     from references.cache import atomic_write_text
@@ -862,15 +863,15 @@ def test_resume_takes_the_newest_unfinished_run_its_command_started(tmp_path, ca
 
     done = ["done"] * len(keys)
     interrupted = run("20260101-000000", ["done", "stopped at epoch 1 of 2", *done[2:]])
-    execute._say_if_latest_unfinished(new)
-    assert capsys.readouterr().out.strip() == (
-        f"note: the latest run of nsd_conv1_v1-demo here, {interrupted.name}, did not finish "
-        f"(1 of {len(keys)} trials); this starts a new run. Once it has finished, --resume "
-        f"with that run's command continues it (--resume takes the newest unfinished run the "
-        f"command started)")
+    said = (f"note: {interrupted.name}, an earlier run of this command, did not finish (1 of "
+            f"{len(keys)} trials); this starts a new run beside it. --resume takes the newest "
+            f"unfinished run of a command: this new one if it stops early, else "
+            f"{interrupted.name}")
+    execute._say_if_an_earlier_run_is_unfinished(new)
+    assert capsys.readouterr().out.strip() == said
     finished = run("20260102-000000", done)
-    execute._say_if_latest_unfinished(new)
-    assert capsys.readouterr().out == ""
+    execute._say_if_an_earlier_run_is_unfinished(new)  # the latest finished: still said
+    assert capsys.readouterr().out.strip() == said
     resume = make_plan(parse("nsd_conv1_v1", "--resume", "--storage", str(storage)))
     assert resume_choice(resume) == (interrupted, (
         f"{interrupted.name}, the newest unfinished run this command started (the latest run "
@@ -885,15 +886,31 @@ def test_resume_takes_the_newest_unfinished_run_its_command_started(tmp_path, ca
     assert resume_choice(resume) == (interrupted, (
         f"{interrupted.name}, the newest unfinished run this command started (the latest run "
         f"here, {theirs.name}, is not resumed: another command started it)"))
-    # ours finished too: the latest is the run --resume names, and refuses as before
+    # ours finished too: the newest of ours (it resumes no trial), not a refusal over a
+    # tracking URI this user never changed; and a new run has nothing to say
     write_manifest(interrupted, [ManifestEntry(k, "done", None, None, {}) for k in keys],
                    write_text=atomic_write_text)
+    execute._say_if_an_earlier_run_is_unfinished(new)
+    assert capsys.readouterr().out == ""
+    assert resume_choice(resume) == (finished, (
+        f"{finished.name}, the newest run this command started (the latest run here, "
+        f"{theirs.name}, is not resumed: another command started it)"))
+    # the latest run's folder deleted: ours are still found
+    shutil.rmtree(theirs)
+    assert resume_choice(resume)[0] == finished
+    assert resume_choice(resume)[1].endswith(f"{theirs.name}, is not resumed: its folder is "
+                                             f"gone)")
+    # no run of this command at all: the latest run's own refusal, as before
+    shutil.rmtree(interrupted)
+    shutil.rmtree(finished)
+    theirs = run("20260103-000000", done, tracking_uri_sha256="0" * 64)
     for ask in (lambda: resume_choice(resume),
                 lambda: make_plan(parse("nsd_conv1_v1", "--resume", "--storage",
                                         str(storage)))):
         with pytest.raises(UsageError, match=rf"^--resume: {theirs.name} was started with a "
                                              rf"different tracking URI"):
             ask()
+    finished = run("20260102-000000", done)
     # the latest run unfinished and ours: taken first, whatever older runs hold
     (storage / "nsd_conv1_v1-demo.latest").write_text(finished.name)
     write_manifest(finished, [ManifestEntry(k, "pending", None, None, {}) for k in keys],
