@@ -1249,5 +1249,5 @@ def test_a_sigterm_as_ray_connects_the_driver_ends_it_as_ctrl_c_does(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out[-3000:]
-    assert out.rstrip().endswith("sweep interrupted before its records were made: nothing to "
-                                 "resume; run it again\ninterrupted"), out[-3000:]
+    assert out.rstrip().endswith("sweep interrupted before its records were made: this run "
+                                 "has nothing to resume; run it again\ninterrupted"), out[-3000:]
