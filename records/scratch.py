@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["HELD_LOCK", "SCRATCH_PREFIX", "host_tag", "new_held", "remove_stale_held",
@@ -39,7 +40,8 @@ def remove_stale_held(parent: Path, prefix: str) -> None:
     named for this host and holding a lock file that can be locked (a live owner holds it).
     Another host's are left (a file system whose locks are local to each host, such as NFS
     mounted with nolock, would let any lock be taken), as are folders without a lock file
-    (still being made, or left by an older version).
+    (still being made, or left by an older version), unless they are empty and older than
+    ``UNHELD_GRACE_S`` (their maker was killed before it locked them).
 
     A stale folder is first renamed, under its lock, to ``.<name>.removing`` and deleted
     from there: a cleaner killed part-way through (the tests' and the OOM killer's SIGKILL)
@@ -52,7 +54,10 @@ def remove_stale_held(parent: Path, prefix: str) -> None:
             with open(folder / HELD_LOCK) as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.rename(folder, trash)  # while holding it: no one reuses it
-        except OSError:  # held by a live owner, no lock file, or a file system without locks
+        except FileNotFoundError:  # no lock file: being made, or its maker killed meanwhile
+            _remove_if_abandoned(folder)
+            continue
+        except OSError:  # held by a live owner, or a file system without locks
             continue
         shutil.rmtree(trash, ignore_errors=True)
     for trash in Path(parent).glob(f".{glob.escape(prefix)}{host}-*{_REMOVING}"):
@@ -60,6 +65,25 @@ def remove_stale_held(parent: Path, prefix: str) -> None:
 
 
 _REMOVING = ".removing"
+
+#: A folder without a lock file and with nothing in it (but its lock file being made) that has
+#: not changed for this long was left by an owner killed between making it and locking it
+#: (tests' and the OOM killer's SIGKILL at a trial's first checkpoint: a few per test suite)
+UNHELD_GRACE_S = 600
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    """Delete ``folder`` when it holds nothing but possibly its lock file being made
+    (``HELD_LOCK``.new) and has not changed for ``UNHELD_GRACE_S``. A live owner locks its
+    folder at once; an owner on a file system without locks (no lock file at all) fills its
+    folder when it makes it, and makes it again if it is gone (``scratch_dir``)."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+        old = time.time() - folder.stat().st_mtime > UNHELD_GRACE_S
+    except OSError:
+        return
+    if old and set(names) <= {f"{HELD_LOCK}.new"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def new_held(parent: Path, prefix: str) -> tuple[Path, contextlib.AbstractContextManager]:

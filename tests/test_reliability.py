@@ -450,6 +450,17 @@ def test_a_trial_killed_outright_leaves_no_scratch_for_the_next_to_find(tmp_path
 
         unlocked = tmp_path / f"{SCRATCH_PREFIX}{host_tag()}-cd34"  # still being made
         unlocked.mkdir()
+        # its maker killed before it locked it (a few per test suite, probed at stop 37):
+        # empty, or with the lock file being made, unchanged for longer than the grace
+        abandoned = [tmp_path / f"{SCRATCH_PREFIX}{host_tag()}-{k}" for k in ("gh78", "ij90")]
+        unheld_in_use = tmp_path / f"{SCRATCH_PREFIX}{host_tag()}-kl12"  # no flock: in use
+        for folder in (*abandoned, unheld_in_use):
+            folder.mkdir()
+        (abandoned[1] / ".lock.new").write_text("")
+        (unheld_in_use / "ckpt-z").mkdir()
+        hour_ago = time.time() - 3600
+        for folder in (*abandoned, unheld_in_use):
+            os.utime(folder, (hour_ago, hour_ago))
         # a cleaner killed part-way through a killed owner's folder: renamed before deletion,
         # so the next cleaner knows it for garbage (it had lost its lock file and stayed)
         half = tmp_path / f".{SCRATCH_PREFIX}{host_tag()}-ef56.removing"
@@ -462,6 +473,7 @@ def test_a_trial_killed_outright_leaves_no_scratch_for_the_next_to_find(tmp_path
         assert not killed.exists() and not half.exists()
         assert not list(tmp_path.glob(".*.removing"))
         assert live.is_dir() and other_host.is_dir() and unlocked.is_dir()
+        assert not any(folder.exists() for folder in abandoned) and unheld_in_use.is_dir()
         assert own.parent == tmp_path and not own.exists()  # removed at its exit
     finally:
         for p in owners:
