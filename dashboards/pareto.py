@@ -722,12 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
-        from references.cache import cache_root, unexpected_error_line
+        from references.cache import unexpected_error_line
 
         def folders() -> dict[str, Path]:  # what it raises leaves the line without its note
-            return {"--out": Path(build_parser().parse_known_args(argv)[0].out or "outputs"),
-                    "the cache": cache_root(create=False),
-                    "the temporary folder": Path(tempfile.gettempdir())}
+            return {"--out": Path(build_parser().parse_known_args(argv)[0].out or "outputs")}
 
         print(unexpected_error_line(exc, folders), file=sys.stderr)
         return 1

@@ -305,7 +305,8 @@ def unexpected_error_line(exc: BaseException,
     fills mid-run surfaces as whatever reads a cut-short file next (``EOFError: Ran out of
     input``), and h5py's ENOSPC message was clipped before its "No space left on device",
     naming no folder either way (probed at stop 37). ``folders`` may be a function that
-    lists them; whatever it raises leaves the line without the note."""
+    lists them; whatever it raises leaves the line without the note. The cache and the
+    temporary folder, which every command writes, are always looked at."""
     from records.errors import exception_line
 
     try:
@@ -313,8 +314,16 @@ def unexpected_error_line(exc: BaseException,
     except OSError as err:  # the cache and the temporary folder are both full
         log = f"not written: {exception_line(err, 80)}"
     line = f"error: {exception_line(exc, 300)} (full traceback: {log})"
+    def own(find: Callable[[], Path]) -> Path | None:
+        try:  # no usable temporary folder, a bad ALIGNSWEEP_CACHE: left out
+            return find()
+        except Exception:
+            return None
+
     try:
-        full = low_space(folders() if callable(folders) else folders)
+        full = low_space({**(folders() if callable(folders) else folders),
+                          "the cache": own(lambda: cache_root(create=False)),
+                          "the temporary folder": own(lambda: Path(tempfile.gettempdir()))})
     except Exception:  # the line is what matters: never a traceback instead of it
         full = []
     if full:

@@ -1130,15 +1130,15 @@ def _execute_run(plan: Plan) -> int:
                 _say(f"the parent run {parent_id} may be left RUNNING: "
                      f"{resume_command(plan)} ends it")
         if crashed:
+            way = f"Continue with: {resume_command(plan)}"
             try:  # a state Tune left cut short: --resume would refuse it (check_tune_state)
                 check_tune_state(run_dir)
-                way = f"Continue with: {resume_command(plan)}"
             except UsageError:
                 way = (f"Ray Tune's state in {run_dir} cannot be read, so --resume cannot "
                        f"continue it: run the trials that did not finish as a new run "
                        f"(--only)")
             except Exception:  # Tune's own reading failing: the advice stays the same
-                way = f"Continue with: {resume_command(plan)}"
+                pass
             _say(f"sweep stopped by the error below; the parent run is "
                  f"{'FAILED' if parent_ended else 'not ended (MLflow shows it RUNNING)'} and "
                  f"the trials that finished keep their records. {way}")

@@ -1106,6 +1106,11 @@ def resume_choice(plan: Plan) -> tuple[Path, str | None]:
         latest_state = "another command started it" if refusal else "it finished"
     except UsageError as exc:  # the pointer unreadable, or its folder gone
         latest, refusal, latest_state = None, str(exc), "its folder is gone"
+    try:
+        latest_name = Path(Path(plan.resume_pointer).read_text(errors="replace").strip()).name
+    except OSError:
+        latest_name = ""
+    latest_name = latest_name or "(unreadable)"
     if latest is not None and refusal is None and run_unfinished(plan, latest):
         return latest, None
     newest_own = latest if refusal is None else None
@@ -1116,21 +1121,17 @@ def resume_choice(plan: Plan) -> tuple[Path, str | None]:
         except UsageError:  # its fingerprint is damaged: not a run to guess at
             continue
         if run_unfinished(plan, other):
-            return other, _not_latest(plan, other, "the newest unfinished run", latest_state)
+            return other, _not_latest(other, "the newest unfinished run", latest_name,
+                                      latest_state)
         newest_own = newest_own or other
     if newest_own is None:
         raise UsageError(refusal)
     if newest_own == latest:
         return latest, None
-    return newest_own, _not_latest(plan, newest_own, "the newest run", latest_state)
+    return newest_own, _not_latest(newest_own, "the newest run", latest_name, latest_state)
 
 
-def _not_latest(plan: Plan, run_dir: Path, what: str, latest_state: str) -> str:
-    try:
-        latest = Path(Path(plan.resume_pointer).read_text(errors="replace").strip()).name
-    except OSError:
-        latest = ""
-    latest = latest or "(unreadable)"
+def _not_latest(run_dir: Path, what: str, latest: str, latest_state: str) -> str:
     return (f"{run_dir.name}, {what} this command started (the latest run here, {latest}, is "
             f"not resumed: {latest_state})")
 

@@ -312,12 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _written_folders(argv: list[str] | None) -> dict[str, Path | None]:
     """The folders a run writes to, as its command line names them (defaults where it does not
-    parse): what a full disk is looked for in when the run fails unexpectedly."""
-    import tempfile
-
+    parse), beside the cache and the temporary folder: what a full disk is looked for in when
+    the run fails unexpectedly (``unexpected_error_line``)."""
     from records.stores import sqlite_path
     from records.uris import tracking_uri
-    from references.cache import cache_root
 
     def get(find: Callable[[], Path | None]) -> Path | None:
         try:  # a working folder deleted, no usable temporary folder, a bad setting: left out
@@ -329,8 +327,6 @@ def _written_folders(argv: list[str] | None) -> dict[str, Path | None]:
     store = get(lambda: sqlite_path(tracking_uri(args.mlflow_uri)))
     return {"--storage": get(lambda: Path(args.storage or "ray_results")),
             "the tracking store's folder": store and store.parent,
-            "the cache": get(lambda: cache_root(create=False)),
-            "the temporary folder": get(lambda: Path(tempfile.gettempdir())),
             "the working folder": get(Path.cwd)}
 
 
