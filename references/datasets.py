@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,6 +132,21 @@ class ImageFolderDataset(Dataset):
 # NSD
 
 
+def _largest_threshold(ncsnr: torch.Tensor, digits: int = 3) -> float:
+    """The largest ``digits``-significant-digit threshold that keeps a voxel of ``ncsnr`` as
+    ``select_voxels`` compares (in the tensor's precision): its largest value rounded down,
+    so a printed limit still holds (.3g prints 0.6 for 0.5996); 0 when none is positive."""
+    top = float(ncsnr.max()) if ncsnr.numel() else 0.0
+    if not top > 0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(top)) - digits + 1)
+    near = float(f"{top:.{digits}g}")
+    for c in (near, float(f"{near - scale:.{digits}g}")):
+        if c > 0 and bool((ncsnr >= c).any()):
+            return c
+    return 0.0
+
+
 class VoxelResponses:
     """Voxel responses of several subjects, keyed by nsdId.
 
@@ -218,8 +234,12 @@ class VoxelResponses:
         for s, (ids, y) in self._data.items():
             keep = self.ncsnr[s].to(y.device) >= ncsnr_min
             if not bool(keep.any()):
+                top = float(self.ncsnr[s].max()) if self.ncsnr[s].numel() else float("nan")
+                # every subject keeps a voxel up to the smallest of their largest ncsnr
+                most = min(_largest_threshold(v) for v in self.ncsnr.values())
+                accepted = f"0 (all voxels) to {most:g}" if most > 0 else "0 (all voxels)"
                 raise ValueError(f"voxel_ncsnr_min={ncsnr_min!r} keeps no voxel of subject {s} "
-                                 f"(its largest ncsnr is {float(self.ncsnr[s].max()):.3g})")
+                                 f"(its largest ncsnr is {top:.3g}); accepted: {accepted}")
             data[s], ncsnr[s] = (ids, y[:, keep]), self.ncsnr[s][keep.cpu()]
         return VoxelResponses(data, roi=self.roi, ncsnr=ncsnr, repeats=self.repeats)
 

@@ -63,6 +63,7 @@ from sweeps.plan import (
     _object_store_bytes,
     check_checkpoints,
     check_services,
+    check_trials_fit,
     check_tune_state,
     fingerprint,
     flush_seconds,
@@ -71,9 +72,7 @@ from sweeps.plan import (
     resume_choice,
     run_states,
     run_unfinished,
-    split_size_problem,
     sweep_files,
-    validation_groups_problem,
     weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec
@@ -455,56 +454,9 @@ def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
              f"({time.perf_counter() - t0:.1f} s)")
         per_condition_data[name] = datas[source]
         per_condition_ref[name] = reference
-        _check_trials_fit(plan, name, datas[source], reference)
+        check_trials_fit([t for t in plan.trials if t.condition == name], datas[source],
+                         reference)
     return per_condition_data, per_condition_ref
-
-
-def _check_trials_fit(plan: Plan, condition: str, data, reference) -> None:
-    """Settings the prepared data cannot meet, refused before anything is recorded: the
-    splits' sizes (``split_size_problem``) and a voxel reliability threshold that keeps no
-    voxel (it failed every trial after its first epoch), a loss no batch of a trial's first
-    epoch can apply (``first_epoch_groups_problem``)."""
-    from trainable.config import TrialConfig
-    from trainable.train import first_epoch_groups_problem
-
-    n_train, n_val = len(data.train), len(data.val)
-    for t in (t for t in plan.trials if t.condition == condition):
-        problem = (split_size_problem(t, n_train, n_val, data.description)
-                   or _validation_groups_problem(t, data, reference))
-        if problem:
-            raise UsageError(problem)
-        cfg = TrialConfig.from_dict(t.config)
-        threshold = cfg.voxel_ncsnr_min
-        if threshold > 0 and hasattr(reference, "select_voxels"):
-            try:
-                reference.select_voxels(threshold)
-            except ValueError as exc:
-                raise UsageError(f"trial {t.trial_id}: {exc}") from None
-        # the trial's own first-epoch check, asked before any trial starts: it failed each
-        # trial after Ray had scheduled it (Tune's error table, exit 1)
-        problem = first_epoch_groups_problem(getattr(data.train, "image_ids", None),
-                                             reference, cfg)
-        if problem:
-            raise UsageError(f"trial {t.trial_id}: {problem}")
-
-
-def _validation_groups_problem(t, data, reference) -> str | None:
-    """``validation_groups_problem`` from the prepared data: each subject's images of the
-    trial's fixed validation subset, as the voxel reference groups them. None for an
-    image-computed reference (every image has a response: the split's size,
-    ``split_size_problem``, is what bounds it) or a split without image ids."""
-    ids = getattr(data.val, "image_ids", None)
-    if ids is None or not hasattr(reference, "groups"):
-        return None
-    import torch
-
-    from trainable.config import TrialConfig
-    from trainable.train import validation_indices
-
-    cfg = TrialConfig.from_dict(t.config)
-    subset = torch.as_tensor(ids)[validation_indices(len(data.val), cfg.val_images)]
-    counts = {s: int(rows.numel()) for s, (rows, _) in reference.groups(subset).items()}
-    return validation_groups_problem(t, counts, len(data.val))
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

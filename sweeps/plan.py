@@ -282,6 +282,58 @@ def validation_groups_problem(t, counts: dict[int, int], n_val: int) -> str | No
             f"accepted: val_folds <= {most // 2} (--set val_folds=N){larger}")
 
 
+def check_trials_fit(trials, data, reference) -> None:
+    """Settings the prepared data of one condition cannot meet, refused (``UsageError``)
+    before anything is recorded: the splits' sizes (``split_size_problem``), each subject's
+    share of the validation subset (``prepared_validation_groups_problem``), a voxel
+    reliability threshold that keeps no voxel (it failed every trial after its first epoch)
+    and a loss no batch of a trial's first epoch can apply (``first_epoch_groups_problem``).
+    ``data``: a ``trainable.data.TrialData``; ``reference``: the condition's reference (None:
+    one computed from the images, which bounds none of these). Asked by the driver of every
+    data source it prepares, and by the dry run of the simulated NSD-like world."""
+    from trainable.config import TrialConfig
+    from trainable.train import first_epoch_groups_problem
+
+    n_train, n_val = len(data.train), len(data.val)
+    for t in trials:
+        problem = (split_size_problem(t, n_train, n_val, data.description)
+                   or prepared_validation_groups_problem(t, data, reference))
+        if problem:
+            raise UsageError(problem)
+        cfg = TrialConfig.from_dict(t.config)
+        threshold = cfg.voxel_ncsnr_min
+        if threshold > 0 and hasattr(reference, "select_voxels"):
+            try:
+                reference.select_voxels(threshold)
+            except ValueError as exc:
+                raise UsageError(f"trial {t.trial_id}: {exc}") from None
+        # the trial's own first-epoch check, asked before any trial starts: it failed each
+        # trial after Ray had scheduled it (Tune's error table, exit 1)
+        problem = first_epoch_groups_problem(getattr(data.train, "image_ids", None),
+                                             reference, cfg)
+        if problem:
+            raise UsageError(f"trial {t.trial_id}: {problem}")
+
+
+def prepared_validation_groups_problem(t, data, reference) -> str | None:
+    """``validation_groups_problem`` from prepared data: each subject's images of the
+    trial's fixed validation subset, as the voxel reference groups them. None for an
+    image-computed reference (every image has a response: the split's size,
+    ``split_size_problem``, is what bounds it) or a split without image ids."""
+    ids = getattr(data.val, "image_ids", None)
+    if ids is None or not hasattr(reference, "groups"):
+        return None
+    import torch
+
+    from trainable.config import TrialConfig
+    from trainable.train import validation_indices
+
+    cfg = TrialConfig.from_dict(t.config)
+    subset = torch.as_tensor(ids)[validation_indices(len(data.val), cfg.val_images)]
+    counts = {s: int(rows.numel()) for s, (rows, _) in reference.groups(subset).items()}
+    return validation_groups_problem(t, counts, len(data.val))
+
+
 def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray]) -> None:
     """The splits' sizes (``split_size_problem``) and, for a voxel reference, each subject's
     share of the validation subset (``validation_groups_problem``), refused in the dry run:
@@ -323,6 +375,28 @@ def _check_splits(trials, data: dict, conditions, nsd_seen: dict[int, np.ndarray
                     len(val))
         if problem:
             raise UsageError(problem)
+    _check_simulated_nsd(trials, data, conditions)
+
+
+def _check_simulated_nsd(trials, data: dict, conditions) -> None:
+    """``check_trials_fit`` of the simulated NSD-like world, as the driver asks it: which
+    images each subject saw, their split and the voxels' reliability follow from the world
+    itself, so it is made here (cached: about 4 s the first time, then read) with its ROI
+    table. The dry run refused none of these; the run did, once Ray had started."""
+    from trainable.data import TrialData
+
+    refs = {c.name: c.reference for c in conditions}
+    prepared: dict[Any, Any] = {}
+    for name in dict.fromkeys(t.condition for t in trials):
+        src = data.get(name)
+        if src is None or src.kind != "simulated_nsd":
+            continue
+        if src not in prepared:
+            bundle = src.build(progress=False)
+            prepared[src] = (bundle, TrialData.from_bundle(bundle, src.describe()))
+        bundle, prepared_data = prepared[src]
+        check_trials_fit([t for t in trials if t.condition == name], prepared_data,
+                         bundle.responses if refs.get(name) == "nsd" else None)
 
 
 def _single_label_sizes(options: dict) -> tuple[int, int, str]:

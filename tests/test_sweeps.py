@@ -1164,7 +1164,8 @@ def test_the_dry_run_sizes_an_nsd_releases_splits_as_the_trials_will(tmp_path):
     import dataclasses
 
     from references.simulated import generate_nsd_like
-    from sweeps.execute import _prepare, _validation_groups_problem
+    from sweeps.execute import _prepare
+    from sweeps.plan import prepared_validation_groups_problem
 
     # three sessions of subject 1, two of subject 2: the images a subject saw are those of
     # its sessions on disk, not of its row of the design
@@ -1202,7 +1203,7 @@ def test_the_dry_run_sizes_an_nsd_releases_splits_as_the_trials_will(tmp_path):
     t = next(t for t in plan.trials if t.direction == "none")
     for folds in range(2, n_val // 2 + 1):
         bad = dataclasses.replace(t, config={**t.config, "val_folds": folds})
-        driver = _validation_groups_problem(bad, data["nsd_conv1_v1"], refs["nsd_conv1_v1"])
+        driver = prepared_validation_groups_problem(bad, data["nsd_conv1_v1"], refs["nsd_conv1_v1"])
         if driver is None:
             make_plan(parse(*argv, "--set", f"batch_size={n_train}", "--set",
                             f"val_folds={folds}"))
@@ -1750,7 +1751,8 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["nsd_conv1_v1", "--set", "voxel_ncsnr_min=50"],
-     r"trial nsd_conv1_v1-none-a0-b1-s0: voxel_ncsnr_min=50\.0 keeps no voxel of subject 1 "),
+     r"trial nsd_conv1_v1-none-a0-b1-s0: voxel_ncsnr_min=50\.0 keeps no voxel of subject 1 "
+     r"\(its largest ncsnr is [\d.]+\); accepted: 0 \(all voxels\) to [\d.]+$"),
     # (the simulated single-label world's splits follow from its arguments: refused by the
     # plan already, test_the_dry_run_sizes_the_simulated_single_label_splits)
     # NSD: each subject is scored on its own images of the validation subset, and none of
@@ -1771,12 +1773,20 @@ def test_only_reads_brackets_of_a_sweep_name_literally(tmp_path):
      r"\(batch_size=16\).*accepted: loss_folds=0 \(exact leave-one-out, 3 rows\) or 2\.\.\d+ "
      r"or a larger batch_size$"),
 ])
-def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match):
+def test_settings_the_prepared_data_cannot_meet_are_refused_before_any_record(argv, match,
+                                                                             monkeypatch):
     """Each passed the plan, then failed every trial after an epoch (three times over), or
     (batch_size) trained on the whole split while MLflow recorded 500. The driver prepares
-    the data before it records anything, and checks them there (no Ray needed)."""
+    the data before it records anything, and checks them there (no Ray needed). Of the
+    simulated NSD-like world, the dry run asks the same (it was refused only after Ray had
+    started): the world and its ROI table are made there."""
+    import sweeps.plan
     from sweeps.execute import _prepare
 
+    with pytest.raises(UsageError, match=match):
+        make_plan(parse(*argv, "--smoke-test"))
+    # the driver's own check, of data the dry run cannot prepare (a real release's table)
+    monkeypatch.setattr(sweeps.plan, "_check_simulated_nsd", lambda *args: None)
     plan = make_plan(parse(*argv, "--smoke-test"))
     with pytest.raises(UsageError, match=match):
         _prepare(plan)

@@ -848,8 +848,19 @@ def test_voxel_selection_by_ncsnr():
     kept = vr.select_voxels(0.4)
     assert kept.n_voxels == {2: 2} and torch.equal(kept.responses(2), y[:, [1, 2]])
     assert kept.ncsnr[2].tolist() == pytest.approx([0.5, 0.9])
-    with pytest.raises(ValueError, match=r"voxel_ncsnr_min=2\.0 keeps no voxel of subject 2"):
+    with pytest.raises(ValueError, match=r"voxel_ncsnr_min=2\.0 keeps no voxel of subject 2 "
+                       r"\(its largest ncsnr is 0\.9\); accepted: 0 \(all voxels\) to 0\.9$"):
         vr.select_voxels(2.0)
+    # the accepted limit is the smallest subject's largest ncsnr, rounded down so that the
+    # printed value keeps a voxel of every subject (.3g would print 0.6 for 0.5996)
+    two = VoxelResponses({1: (ids, y), 2: (ids, y)},
+                         ncsnr={1: torch.tensor([0.1, 0.5996, 0.2, 0.3]),
+                                2: torch.tensor([0.1, 0.5, 0.9, 0.3])},
+                         repeats={1: torch.full((8,), 3.0), 2: torch.full((8,), 3.0)})
+    with pytest.raises(ValueError, match=r"keeps no voxel of subject 1 \(its largest ncsnr is "
+                       r"0\.6\); accepted: 0 \(all voxels\) to 0\.599$"):
+        two.select_voxels(0.7)
+    assert two.select_voxels(0.599).n_voxels == {1: 1, 2: 1}
     with pytest.raises(ValueError, match=r"needs each voxel's ncsnr, but subjects \[2\] have none"):
         VoxelResponses({2: (ids, y)}).select_voxels(0.4)
     with pytest.raises(ValueError, match=r"voxel_ncsnr_min=0.2; accepted: 0 with reference"):
