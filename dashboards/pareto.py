@@ -510,6 +510,11 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
                    f"{unfinished[0].trial_id} {unfinished[0].status}")
     if never:  # (or failed before their run was made)
         why.append(f"{never} of {total} trials have no run (never started)")
+    elif record.run.trials is None and not record.source.startswith(RAY_SOURCE):
+        # a parent made by an older version: its trials that never started have no run, and
+        # nothing says how many there were ("2/4 trials finished" of 12)
+        why.append("trials that never started are not counted: the number the run planned "
+                   "is not recorded (a run made by an older version; a --resume records it)")
     if deleted:
         why.append(restore)
     return ("interrupted" if interrupted else "unfinished",

@@ -61,6 +61,7 @@ from sweeps.plan import (
     Plan,
     UsageError,
     _object_store_bytes,
+    _tune_trials,
     check_checkpoints,
     check_services,
     check_trials_fit,
@@ -93,14 +94,86 @@ def _quiet_tune_advice() -> None:
 
 @contextlib.contextmanager
 def _no_tensorboard_logger():
-    """Around a new run's ``fit()``: Tune adds a TensorBoard logger to every run and then tells
+    """Around a run's ``fit()``: Tune adds a TensorBoard logger to every run and then tells
     the user to run `tensorboard`, which the project does not install (MLflow holds the
     metrics). Its CSV and JSON loggers (what a run folder is read by) are in the run's
-    config (``_run_config``). Not around a restored run's: its saved config may predate them
-    (a run started before stop 35), and Tune then adds every logger it lacks. A user's own
-    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is left as it is."""
+    config (``_run_config``). Around a restored run's only where its saved config has them
+    (``_keeps_its_own_loggers``: a run started before stop 35 has none, and Tune then adds
+    every logger it lacks). A user's own TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is left as it
+    is."""
     with env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
         yield
+
+
+def _keeps_its_own_loggers(tuner) -> bool:
+    """Whether a restored Tuner's saved run config gives Tune's CSV and JSON loggers itself
+    (``_run_config``, since stop 35), so that ``_no_tensorboard_logger`` can go around its
+    fit too; False for an older run's config (Tune then adds each logger it lacks) or a Ray
+    whose Tuner keeps its config elsewhere."""
+    from sweeps.ray_glue import tune
+
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except AttributeError:
+        return False
+    return (any(isinstance(c, tune.logger.CSVLoggerCallback) for c in callbacks)
+            and any(isinstance(c, tune.logger.JsonLoggerCallback) for c in callbacks))
+
+
+def _restore(run_dir: Path, trainable):
+    """``Tuner.restore`` of ``run_dir`` (unfinished and errored trials), with the context its
+    ``fit()`` runs in: without Tune's TensorBoard logger where its saved config has the CSV
+    and JSON ones (every resume printed a `tensorboard` command and wrote event files).
+    Tune's warning that it found no metrics of the trials that never started (each pending,
+    without a folder yet: one line per trial on every resume) is dropped for those trials;
+    a started trial's missing results are still named."""
+    from sweeps.ray_glue import tune
+
+    pending = {str(t) for t in (_tune_trials(run_dir) or []) if t.status == "PENDING"}
+    _drop_fetch_warnings(pending)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True,
+                               resume_errored=True)
+    quiet = _no_tensorboard_logger() if _keeps_its_own_loggers(tuner) else \
+        contextlib.nullcontext()
+    return tuner, quiet
+
+
+class _NotStartedFetches(logging.Filter):
+    """Tune's "Failed to fetch metrics for N trial(s):" less the lines of ``names``' missing
+    files (trials that never started); the record is dropped when nothing is left."""
+
+    PREFIX = "Failed to fetch metrics for"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that does not format: Tune's to show
+            return True
+        if not message.startswith(self.PREFIX):
+            return True
+        lines = message.split("\n")[1:]
+        kept = [line for line in lines if not any(
+            line.startswith(f"- {name}: FileNotFoundError(") for name in self.names)]
+        if len(kept) == len(lines):
+            return True
+        if not kept:
+            return False
+        record.msg, record.args = "\n".join(
+            [f"{self.PREFIX} {len(kept)} trial(s):", *kept]), ()
+        return True
+
+
+def _drop_fetch_warnings(names: set[str]) -> None:
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    mine = next((f for f in log.filters if isinstance(f, _NotStartedFetches)), None)
+    if mine is None:
+        mine = _NotStartedFetches()
+        log.addFilter(mine)
+    mine.names = set(names)
 
 
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
@@ -882,7 +955,8 @@ def _start_records(plan: Plan, run_dir: Path,
                                  f"--resume")
         with _signals_deferred(enabled=plan.mlflow_uri.lower().startswith("sqlite:")):
             parent_id = tracking.start_parent(plan.mlflow_uri, plan.experiment, parent_tags,
-                                              reuse, description=about, say=_say)
+                                              reuse, description=about, say=_say,
+                                              fill=recorded.format())
         _log_sweep_files(plan, parent_id)
         return _record_run_folder(plan, run_dir, parent_id, resumed), run_tags
     except BaseException as exc:
@@ -1142,9 +1216,9 @@ def _fit(plan: Plan, run_dir: Path, datas: dict, references: dict, parent_id: st
     if plan.search == "optuna":
         return _optuna_fits(plan, trainable, run_dir, TrialNamer(payload.specs), restore)
     if restore:
-        return list(tune.Tuner.restore(str(run_dir), trainable=trainable,
-                                       resume_unfinished=True,
-                                       resume_errored=True).fit()), False
+        tuner, quiet = _restore(run_dir, trainable)
+        with quiet:
+            return list(tuner.fit()), False
     grid = [t.trial_id for t in plan.trials]
     with _no_tensorboard_logger():
         return list(_tuner(trainable, run_dir, {"trial_id": tune.grid_search(grid)},
@@ -1648,17 +1722,16 @@ def _optuna_fits(plan: Plan, trainable, run_dir: Path, namer: TrialNamer,
     continues the search in ``run_dir`` (``--resume``): its unfinished and errored trials
     from their checkpoints, then the samples not yet drawn, from the studies as Tune last
     saved them beside its own state (``SideSearch.save``). Returns (results, interrupted)."""
-    from sweeps.ray_glue import tune
     from sweeps.search import SideSearch
 
     before = signal.getsignal(signal.SIGINT)
     if restore:
-        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner, quiet = _restore(run_dir, trainable)
     else:
         tuner = _tuner(trainable, run_dir, {}, namer=namer, search_alg=SideSearch(plan),
                        num_samples=plan.n_trials)
-    with contextlib.nullcontext() if restore else _no_tensorboard_logger():
+        quiet = _no_tensorboard_logger()
+    with quiet:
         results = list(tuner.fit())
     return results, _fit_interrupted(plan, before, results)
 

@@ -1038,10 +1038,33 @@ def _check_resume(resume: bool, storage: str, experiment: str, search: str) -> N
                   f"optuna --num-samples N" if search == "grid" else
                   f"; {other.name} is there: a grid run resumes without --search")
                  if other.is_file() else "")
+        if search != "grid" and _pointed_search(other) == search:
+            # an older version kept one pointer for both kinds, and could not resume a
+            # search: "a grid run resumes without --search" sent the user to a refusal over
+            # --search, which sent them back here
+            raise UsageError(f"--resume: nothing to resume, no earlier search of {experiment} "
+                             f"under {storage} that can be resumed ({other.name} names an "
+                             f"adaptive search started by an older version, which cannot be "
+                             f"resumed); accepted: a new run without --resume")
         raise UsageError(f"--resume: nothing to resume, no earlier {what} of {experiment} "
                          f"under {storage} (no {pointer.name}{there}; run without --resume "
                          f"first, or give the --storage{' and --search' if search != 'grid' else ''} "
                          f"it used)")
+
+
+def _pointed_search(pointer: Path) -> str | None:
+    """The --search of the run a resume pointer names, as its fingerprint records it; None
+    when there is no such file or it does not say."""
+    try:
+        recorded = pointer.read_text().strip()
+        run_dir = Path(recorded)
+        if not run_dir.is_absolute() or not run_dir.is_dir():
+            run_dir = pointer.parent / run_dir.name
+        was = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    search = was.get("search") if isinstance(was, dict) else None
+    return search if isinstance(search, str) else None
 
 
 def _check_resumed_run(plan: Plan) -> None:
@@ -1442,9 +1465,9 @@ def fingerprint_difference(plan: Plan, run_dir: Path,
                 before = before or "(not recorded)"
                 after = redact(plan.mlflow_uri)
             return (f"--resume: {run_dir.name} was started with a different {label} "
-                    f"({before}, now {after}); accepted: "
-                    f"the same sweep file, seeds, overrides, selection and tracking "
-                    f"URI, or a new run without --resume")
+                    f"({before}, now {after}); accepted: the run's own {label} (the same "
+                    f"sweep file, seeds, overrides, selection, search and tracking URI), or "
+                    f"a new run without --resume")
     return None
 
 

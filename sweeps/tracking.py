@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,10 +125,12 @@ def _first_open(uri: str):
 
 def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
                  reuse_run_id: str | None = None, description: str | None = None,
-                 say: Callable[[str], None] | None = None) -> str:
-    """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING), else a new
-    run tagged with ``tags``. The experiment is tagged as model training and, like the run,
-    described by ``description``. Returns the run id."""
+                 say: Callable[[str], None] | None = None,
+                 fill: Collection[str] = ()) -> str:
+    """The sweep's parent run: ``reuse_run_id`` when resuming (set back to RUNNING; of
+    ``tags``, those named in ``fill`` that it lacks are added), else a new run tagged with
+    ``tags``. The experiment is tagged as model training and, like the run, described by
+    ``description``. Returns the run id."""
     with _first_open(uri):  # (the client opens the store as it is made)
         client = MlflowClient(uri)
         exp_id = experiment_id(client, experiment, say)
@@ -141,7 +143,17 @@ def start_parent(uri: str, experiment: str, tags: Mapping[str, str],
             raise ValueError(f"run {reuse_run_id} belongs to another experiment")
         client.update_run(reuse_run_id, status="RUNNING")
         # The run keeps the tags of the invocation that created it; each resume says what
-        # ran it (its commit may differ) in one more line of ``resumes``.
+        # ran it (its commit may differ) in one more line of ``resumes``. Of the ``fill``
+        # tags, those it lacks (a run made by an older version: no ``trials`` or
+        # ``planned``, so its report counted only the trials that had a run) are the
+        # resuming command's: the same sweep, settings and selection, as the fingerprint the
+        # resume checked says (not its commit or cluster, which ``resumes`` records).
+        missing = {k: tags[k] for k in fill if k in tags and k not in run.data.tags}
+        if missing:
+            from mlflow.entities import RunTag
+
+            _retry(lambda: client.log_batch(
+                reuse_run_id, tags=[RunTag(k, str(v)) for k, v in missing.items()]))
         entry = resume_entry(tags)
         lines = [*filter(None, run.data.tags.get(RESUMES_TAG, "").split("\n")),
                  entry[:RESUMES_CHARS]][-RESUMES_KEPT:]

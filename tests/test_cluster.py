@@ -447,6 +447,11 @@ def test_interrupted_driver_resumes_only_missing_trials(tmp_path, fault_sweep):
                     cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming" in again.stdout
+    # the resume, too, without Tune's `tensorboard` command (every --resume printed it and
+    # wrote event files: the restored run's fit kept Tune's automatic loggers)
+    assert "tensorboard --logdir" not in again.stdout + again.stderr, again.stdout[-3000:]
+    assert not list(storage.glob("**/events.out.tfevents*"))
+    assert all((d / "result.json").is_file() for d in trial_dirs(storage))
     parent = MlflowClient(uri).get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"  # the resumed invocation completed it
     runs = child_runs(uri, "faults-demo")

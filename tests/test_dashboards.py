@@ -2077,6 +2077,13 @@ def test_a_sweep_read_while_it_runs_is_labelled_partial(tmp_path, capsys):
             return note
 
         client.set_tag(parent, "search", "grid")
+        # a parent made before the driver counted its trials: the trials that never started
+        # cannot be counted, and the note says so rather than calling them all (2/3)
+        client.set_terminated(parent, "KILLED")
+        assert ("; trials that never started are not counted: the number the run planned is "
+                "not recorded (a run made by an older version; a --resume records it)); "
+                in partial_note("unrecorded"))
+        client.update_run(parent, "RUNNING")
         client.set_tag(parent, "trials", "5")
         assert "of the 3 started (5 planned). Post-process it again" in partial_note("planned")
         # interrupted before two of them started: they have no run to count, the tag does

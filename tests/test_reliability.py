@@ -735,6 +735,70 @@ def test_a_resumed_parent_keeps_its_tags_and_records_each_resume(tmp_path):
     assert lines[0].split(" ", 1)[1].startswith("commit=c2,")
 
 
+def test_a_resume_drops_tunes_missing_metrics_warning_of_trials_that_never_started():
+    """Every --resume of a run interrupted before all its trials started printed Tune's
+    "Failed to fetch metrics for N trial(s):" with one FileNotFoundError line per pending
+    trial (its folder is made when it starts). Those lines go; a started trial's missing
+    results are still named, and a warning naming only them is unchanged."""
+    import logging
+
+    from sweeps import execute
+
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        execute._drop_fetch_warnings({"s-max-a1-b1-s0", "s-min-a1-b1-s0"})
+
+        def warn(*names):
+            lines = [f"- {n}: FileNotFoundError('Could not fetch metrics for {n}: both "
+                     f"result.json and progress.csv were not found at /x/{n}')" for n in names]
+            log.warning("Failed to fetch metrics for %d trial(s):\n%s", len(names),
+                        "\n".join(lines))
+
+        warn("s-max-a1-b1-s0", "s-min-a1-b1-s0")  # only trials that never started: dropped
+        warn("s-max-a1-b1-s0", "s-none-a0-b1-s0")  # one started trial's lost results: kept
+        warn("s-none-a0-b1-s0")
+        log.warning("something else")
+    finally:
+        log.removeHandler(handler)
+        execute._drop_fetch_warnings(set())
+    lost = ("- s-none-a0-b1-s0: FileNotFoundError('Could not fetch metrics for "
+            "s-none-a0-b1-s0: both result.json and progress.csv were not found at "
+            "/x/s-none-a0-b1-s0')")
+    assert seen == [f"Failed to fetch metrics for 1 trial(s):\n{lost}"] * 2 + ["something else"]
+
+
+def test_a_resume_fills_in_the_plan_tags_an_older_parent_lacks(tmp_path):
+    """A parent made by an older version had no ``trials`` / ``planned`` tags: its report,
+    and the report of every later --resume, counted only the trials that had a run ("4/6
+    trials finished" of 9, the control condition unnamed). The resume adds the plan's tags
+    the run lacks, and only those: the original's values stay, and its commit is not
+    replaced by the resuming one's."""
+    from records import SweepRunTags
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path / 'x.db'}"
+    old = {"sweep": "s", "scale": "demo", "mlflow.source.git.commit": "aaa", "seeds": "1"}
+    run_id = tracking.start_parent(uri, "exp", old)
+    plan_tags = SweepRunTags("s", scale="demo", seeds=2, trials=12,
+                             planned={"s": 9, "s_shuffled": 3}, command="s --seeds 2").format()
+    now = {**plan_tags, "mlflow.source.git.commit": "bbb", "code_modified": "true"}
+    tracking.start_parent(uri, "exp", now, reuse_run_id=run_id, fill=plan_tags)
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    parsed = SweepRunTags.parse(tags)
+    assert (parsed.trials, dict(parsed.planned)) == (12, {"s": 9, "s_shuffled": 3})
+    assert parsed.command == "s --seeds 2" and tags["smoke"] == "false"
+    assert tags["seeds"] == "1"  # recorded by the run's own start: kept
+    assert tags["mlflow.source.git.commit"] == "aaa" and "code_modified" not in tags
+
+
 def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
     """Tune retries a failed trial twice (for lost nodes). A divergence repeats itself: the
     retries now end at once with the first attempt's error, which the summary shows, and

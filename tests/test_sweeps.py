@@ -717,6 +717,18 @@ def test_resume_needs_an_experiment_to_resume(tmp_path):
             r"grid run resumes without --search; run without --resume first, or give the "
             r"--storage and --search it used\)$")):
         make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
+    # the .latest of an older version's search (one pointer for both kinds; searches could
+    # not be resumed): "a grid run resumes without --search" sent the user to a refusal
+    # over --search, which sent them back
+    (tmp_path / "nsd_conv1_v1-demo_20260101-000000" / "sweep_fingerprint.json").write_text(
+        json.dumps({"sweep": "nsd_conv1_v1", "search": "optuna"}))
+    with pytest.raises(UsageError, match=(
+            r"^--resume: nothing to resume, no earlier search of nsd_conv1_v1-demo under .* "
+            r"that can be resumed \(nsd_conv1_v1-demo\.latest names an adaptive search "
+            r"started by an older version, which cannot be resumed\); accepted: a new run "
+            r"without --resume$")):
+        make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
+    (tmp_path / "nsd_conv1_v1-demo_20260101-000000" / "sweep_fingerprint.json").unlink()
     (tmp_path / "nsd_conv1_v1-demo.optuna.latest").write_text("nsd_conv1_v1-demo_20260101-000001")
     (tmp_path / "nsd_conv1_v1-demo_20260101-000001").mkdir()
     plan = make_plan(parse("nsd_conv1_v1", *search, "--resume", "--storage", str(tmp_path)))
@@ -958,7 +970,9 @@ def test_a_resume_takes_the_same_selection_in_any_order(tmp_path):
     old = {**fingerprint(first), "only": ["*-none-*", "*-max-*"]}  # as runs recorded it
     (run_dir / FINGERPRINT_FILE).write_text(json.dumps(old))
     check_fingerprint(dataclasses.replace(plan_of("*-max-*", "*-none-*"), resume=True), run_dir)
-    with pytest.raises(UsageError, match="was started with a different --only"):
+    with pytest.raises(UsageError, match=r"was started with a different --only .*; accepted: "
+                       r"the run's own --only \(the same sweep file, seeds, overrides, "
+                       r"selection, search and tracking URI\), or a new run without --resume$"):
         check_fingerprint(dataclasses.replace(plan_of("*-max-*"), resume=True), run_dir)
 
 
