@@ -176,6 +176,9 @@ def _drop_fetch_warnings(names: set[str]) -> None:
     mine.names = set(names)
 
 
+#: The folder holding this copy of the project's packages (what the trials must import).
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
 
@@ -659,6 +662,12 @@ def _worker_env() -> dict[str, str]:
     keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", FLUSH_ENV)
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    # The trials import the driver's copy of the code: a copy run by its path from another
+    # folder (sweeps/run.py puts it on the driver's path only) failed every trial with
+    # "No module named 'sweeps'", or, beside an installed copy, silently trained with that
+    # one's code. First on the workers' path; on other nodes where it is absent, ignored.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(CODE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                    os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"))
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT",

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -733,6 +734,35 @@ def test_a_resumed_parent_keeps_its_tags_and_records_each_resume(tmp_path):
         assert re.fullmatch(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ commit=c{k}, "
                             rf"code_modified=true, ray=10\.0\.0\.1:6379", lines[-1]), lines[-1]
     assert lines[0].split(" ", 1)[1].startswith("commit=c2,")
+
+
+def test_the_trials_import_the_copy_of_the_code_the_driver_runs(tmp_path):
+    """A copy of the project (an export, another checkout) run by its path from another
+    folder: sweeps/run.py put the copy on the driver's path only, so each trial either
+    failed ("No module named 'sweeps'", 370 lines of Ray tracebacks) or, beside an installed
+    copy (this venv's editable install of the repository), silently trained with that
+    copy's code. The trials now import the driver's copy."""
+    copy = tmp_path / "export"
+    for package in ("sweeps", "trainable", "references", "records", "dashboards"):
+        shutil.copytree(REPO / package, copy / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    marker = tmp_path / "imports.txt"
+    with (copy / "trainable" / "__init__.py").open("a") as fh:
+        fh.write(f"\nimport sys as _s\nwith open({str(marker)!r}, 'a') as _fh:\n"
+                 f"    _fh.write(f'{{_s.argv[0]}}\\n')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(copy / "sweeps" / "run.py"),
+         *_smoke("--only", f"{SWEEP}-none-*", tmp=tmp_path)],
+        cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "No module named" not in out + err
+    # the driver and the post-processor run the copy's scripts; a Ray worker is the trial
+    workers = [line for line in marker.read_text().splitlines()
+               if not line.startswith(str(copy))]
+    assert workers, "no trial process imported the copy's code"
 
 
 def test_a_resume_drops_tunes_missing_metrics_warning_of_trials_that_never_started():
