@@ -765,6 +765,29 @@ def test_the_trials_import_the_copy_of_the_code_the_driver_runs(tmp_path):
     assert workers, "no trial process imported the copy's code"
 
 
+def test_a_sweep_goes_on_when_its_standard_outputs_reader_ends(tmp_path):
+    """`run.py ... | head -20`, or a log pipe that dies: the driver was ended at its next
+    line, exit 1, the parent run FAILED and nothing said on standard error. It now says so
+    there once and the sweep runs to its end, its lines on standard error."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "run.py"),
+                             *_smoke("--only", f"{SWEEP}-none-*", tmp=tmp_path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, err[-3000:]
+    assert first.startswith(f"{SWEEP}: smoke test"), first
+    assert err.count("note: standard output was closed (its reader ended); the sweep goes "
+                     "on, its lines on standard error") == 1, err[-3000:]
+    assert "report: " in err and "Traceback" not in err, err[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+
+
 def test_a_resume_drops_tunes_missing_metrics_warning_of_trials_that_never_started():
     """Every --resume of a run interrupted before all its trials started printed Tune's
     "Failed to fetch metrics for N trial(s):" with one FileNotFoundError line per pending
