@@ -58,6 +58,12 @@ def content_hash(params: dict, length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+#: Lock files are made writable by every user who can reach their folder (a cache or storage
+#: folder a lab shares): made under a 022 umask they were the first user's alone, and every
+#: other user's run failed opening them.
+SHARED_LOCK_MODE = 0o666
+
+
 @contextlib.contextmanager
 def build_once(final_dir: Path) -> Iterator[Path | None]:
     """Build a cache directory exactly once across processes.
@@ -73,11 +79,16 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
     entry holds it, so every ``<name>.tmp-*`` seen while holding it belongs to a dead one.
     """
     final_dir = Path(final_dir)
+    lock = str(final_dir) + ".lock"
+    if final_dir.exists():  # made whole by one rename: used without the lock where it cannot
+        # be taken (another user's lock file in a cache a lab shares, a read-only cache)
+        with contextlib.suppress(OSError), FileLock(lock, mode=SHARED_LOCK_MODE):
+            _remove_dead_builds(final_dir)
+        yield None
+        return
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final_dir) + ".lock"):
-        for stale in final_dir.parent.glob(glob.escape(final_dir.name) + ".tmp-*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+    with FileLock(lock, mode=SHARED_LOCK_MODE):
+        _remove_dead_builds(final_dir)
         if final_dir.exists():
             yield None
             return
@@ -88,6 +99,13 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _remove_dead_builds(final_dir: Path) -> None:
+    """Under ``final_dir``'s lock: its ``<name>.tmp-*`` folders, each a dead builder's."""
+    for stale in final_dir.parent.glob(glob.escape(final_dir.name) + ".tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

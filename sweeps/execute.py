@@ -53,7 +53,7 @@ from records import (
 from records.errors import exception_line, one_line
 from records.scratch import scratch_dir
 from records.uris import redact
-from references.cache import atomic_write_text, env_default, file_sha256
+from references.cache import SHARED_LOCK_MODE, atomic_write_text, env_default, file_sha256
 from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
@@ -68,6 +68,7 @@ from sweeps.plan import (
     check_tune_state,
     fingerprint,
     flush_seconds,
+    lock_file_problem,
     ray_address,
     read_run_json,
     resume_choice,
@@ -753,10 +754,12 @@ def driver_lock(plan: Plan):
 
     storage = Path(plan.storage)
     storage.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(storage / f"{plan.experiment}.lock"))
+    lock = FileLock(str(storage / f"{plan.experiment}.lock"), mode=SHARED_LOCK_MODE)
     holder = storage / f"{plan.experiment}.driver.json"
     try:
         lock.acquire(timeout=0)
+    except PermissionError:  # another user's lock file, made before locks were shared
+        raise UsageError(lock_file_problem(Path(lock.lock_file))) from None
     except Timeout:
         try:
             who = json.loads(holder.read_text())

@@ -681,6 +681,24 @@ def _storage(value: str | None) -> str:
     return str(path)
 
 
+def lock_file_problem(lock: Path) -> str:
+    """The refusal of a driver lock file this user cannot open: another user's, made before
+    lock files were made writable to all (``references.cache.SHARED_LOCK_MODE``) in a
+    storage folder they share."""
+    try:
+        import pwd
+
+        st = lock.stat()
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except (ImportError, KeyError, OSError):
+        owner = None
+    return (f"--storage {lock.parent}: its driver lock {lock.name} is "
+            f"{f'user {owner}' if owner else 'another user'}'s "
+            f"and this user cannot open it; accepted: a --storage folder of your own, or the "
+            f"lock made writable to the users who share the folder (chmod a+rw {lock}) "
+            f"while no driver of it runs")
+
+
 def _check_cache() -> None:
     """``$ALIGNSWEEP_CACHE`` (the generated worlds, logs): a folder that can be written. Read
     by the driver and every trial, so refused here rather than by each of them."""
@@ -783,6 +801,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _check_splits(trials, data, conditions, nsd_seen)
     experiment, line = _experiment(args, scale, trials, conditions, data)
     _check_resume(args.resume, storage, experiment, args.search)
+    lock = Path(storage) / f"{experiment}.lock"
+    if lock.is_file() and not os.access(lock, os.R_OK | os.W_OK):
+        raise UsageError(lock_file_problem(lock))
     plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,

@@ -128,6 +128,29 @@ def test_build_once_cleans_up_also_when_the_entry_exists(tmp_path):
     assert not stale.exists() and final.is_dir()
 
 
+def test_lock_files_are_made_for_every_user_who_shares_the_folder(tmp_path):
+    """A cache or storage folder a lab shares: a lock file made under the first user's 022
+    (or 077) umask was theirs alone, and every other user's run died opening it (exit 1,
+    after Ray had started). Lock files are now made rw for all, whatever the umask; an
+    entry already built is used even where its lock cannot be opened (a read-only cache)."""
+    import stat
+
+    from references.cache import SHARED_LOCK_MODE
+
+    final = tmp_path / "entry"
+    old = os.umask(0o077)
+    try:
+        with build_once(final) as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "entry.lock").stat().st_mode) == SHARED_LOCK_MODE == 0o666
+    (tmp_path / "entry.lock").unlink()
+    (tmp_path / "entry.lock").mkdir()  # a lock that cannot be opened at all
+    with build_once(final) as tmp:
+        assert tmp is None
+
+
 def test_damaged_simulated_worlds_are_refused_naming_the_entry(tmp_path, monkeypatch):
     """A class folder or images deleted from the simulated single-label world, a session
     file deleted from the NSD-like one: both were used as smaller data without a word (a

@@ -788,6 +788,35 @@ def test_a_sweep_goes_on_when_its_standard_outputs_reader_ends(tmp_path):
     assert parent.info.status == "FINISHED"
 
 
+def test_the_driver_lock_of_a_shared_storage_folder_opens_for_every_user(tmp_path):
+    """One --storage folder shared by a lab: the first user's driver made the experiment's
+    lock under its umask, and every other user's run of the sweep died opening it ("an
+    unexpected error", exit 1). The lock is made rw for all; one made before that, which
+    this user cannot open, is refused in one line naming it, its owner and the way on."""
+    import pwd
+    import stat
+    import types
+
+    from sweeps.execute import driver_lock
+    from sweeps.plan import lock_file_problem
+
+    plan = types.SimpleNamespace(storage=str(tmp_path), experiment="s-demo", sweep="s")
+    old = os.umask(0o077)
+    try:
+        with driver_lock(plan):
+            pass
+    finally:
+        os.umask(old)
+    lock = tmp_path / "s-demo.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o666
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert lock_file_problem(lock) == (
+        f"--storage {tmp_path}: its driver lock s-demo.lock is user {me}'s and this user "
+        f"cannot open it; accepted: a --storage folder of your own, or the lock made "
+        f"writable to the users who share the folder (chmod a+rw {lock}) while no driver "
+        f"of it runs")
+
+
 def test_a_resume_drops_tunes_missing_metrics_warning_of_trials_that_never_started():
     """Every --resume of a run interrupted before all its trials started printed Tune's
     "Failed to fetch metrics for N trial(s):" with one FileNotFoundError line per pending
