@@ -681,6 +681,56 @@ def _storage(value: str | None) -> str:
     return str(path)
 
 
+#: The longest path of a socket Ray makes under its temporary folder, less that folder:
+#: ``/ray/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid, up to 7 digits>/sockets/plasma_store``.
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-07_11-02-45_540189_4194304/sockets/plasma_store")
+#: Linux's limit on a Unix socket's path (108 bytes with its terminating NUL).
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def _check_local_ray_folders() -> None:
+    """What a local Ray writes outside the run's own folders, checked before it starts (each
+    passed the dry run, and the run then failed in ray.init: exit 1, "an unexpected error"):
+    its temporary folder (RAY_TMPDIR, else TMPDIR, else /tmp, as Ray picks it), whose socket
+    paths must fit Linux's 107 bytes and whose name Ray's core worker reads as ASCII; and,
+    with token authentication on (sweeps/__init__.py), the token file it writes to
+    ~/.ray/auth_token where no token is given."""
+    for name in ("RAY_TMPDIR", "TMPDIR"):
+        if os.environ.get(name):
+            where, text = f"{name}={os.environ[name]}", os.environ[name]
+            break
+    else:
+        where, text = "the temporary folder /tmp", "/tmp"
+    fits = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX
+    if not text.isascii():
+        problem = "Ray's core worker cannot read a folder name with non-ASCII characters"
+    elif len(os.fsencode(text)) > fits:
+        problem = (f"Ray's socket paths under it would be {len(os.fsencode(text))} + "
+                   f"{RAY_SOCKET_SUFFIX} bytes, over the {UNIX_SOCKET_PATH_MAX} Linux allows")
+    else:
+        problem = unwritable(Path(text) / "ray")
+    if problem:
+        raise UsageError(f"{where}: {problem}; accepted: a writable folder with an ASCII name "
+                         f"of at most {fits} bytes for a local Ray's files (RAY_TMPDIR or "
+                         f"TMPDIR, e.g. /tmp), or --address of a running cluster")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get(
+            "RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    home = os.environ.get("HOME")
+    try:
+        token = Path.home() / ".ray" / "auth_token"
+    except (RuntimeError, KeyError):  # no HOME and no entry in the user database
+        token, problem = None, "no home folder is known for this user"
+    else:
+        problem = (None if token.is_file() and os.access(token, os.R_OK) else
+                   f"{token} cannot be read" if token.is_file() else unwritable(token.parent))
+    if problem:
+        raise UsageError(f"HOME={home if home is not None else '(unset)'}: a local Ray keeps "
+                         f"its cluster token in ~/.ray/auth_token, and {problem}; accepted: a "
+                         f"HOME this user can write, or the token given in RAY_AUTH_TOKEN (any "
+                         f"secret text) or in a file named by RAY_AUTH_TOKEN_PATH")
+
+
 def lock_file_problem(lock: Path) -> str:
     """The refusal of a driver lock file this user cannot open: another user's, made before
     lock files were made writable to all (``references.cache.SHARED_LOCK_MODE``) in a
@@ -783,6 +833,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     resources = _resources(conditions, scale, cpus, gpus)
     if address is None:
         _object_store_bytes()
+        _check_local_ray_folders()
     flush_seconds(os.environ.get(FLUSH_ENV))  # read by every trial when it ends
     _check_cache()
     from trainable.config import TrialConfig

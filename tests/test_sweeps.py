@@ -2350,3 +2350,43 @@ def test_the_parent_runs_tags_read_back_as_the_driver_wrote_them():
     assert _run_command(record) == (
         "sweeps/run.py nsd_conv1_v1 --smoke-test --seeds 2 --set weights=/w,1/a.pt "
         "--set epochs=2 --only 'nsd_conv1_v1-max-*'")
+
+
+def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeypatch):
+    """What a local Ray writes outside the run's folders passed the dry run, and the run
+    then failed in ray.init ("an unexpected error", exit 1): a TMPDIR too long for its
+    socket paths (Linux's 107 bytes) or named in non-ASCII letters, a temporary folder that
+    takes no files, a HOME where its token (~/.ray/auth_token) cannot be written. Each is
+    now the plan's one line naming the variable; a token given in RAY_AUTH_TOKEN needs no
+    HOME, and a cluster joined with --address needs none of them."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    argv = ("gabor_conv1", "--smoke-test", "--storage", str(tmp_path / "r"))
+    fits = "/tmp/" + "a" * 34  # 39 bytes: the longest every pid's socket paths fit under
+    monkeypatch.setenv("TMPDIR", fits)
+    make_plan(parse(*argv))
+    accepted = (r"; accepted: a writable folder with an ASCII name of at most 39 bytes for a "
+                r"local Ray's files \(RAY_TMPDIR or TMPDIR, e.g\. /tmp\), or --address of a "
+                r"running cluster$")
+    for value, why in ((fits + "b", r"Ray's socket paths under it would be 40 \+ 68 bytes, "
+                                    r"over the 107 Linux allows"),
+                       ("/tmp/résultats", "Ray's core worker cannot read a folder name with "
+                                          "non-ASCII characters"),
+                       ("/proc/ray-tmp", r"/proc does not take files \(.*\)")):
+        monkeypatch.setenv("TMPDIR", value)
+        with pytest.raises(UsageError, match="^" + re.escape(f"TMPDIR={value}: ") + why
+                           + accepted):
+            make_plan(parse(*argv))
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")  # Ray's own variable comes first
+    make_plan(parse(*argv))
+    monkeypatch.setenv("HOME", "/proc/nobody")
+    with pytest.raises(UsageError, match=(
+            r"^HOME=/proc/nobody: a local Ray keeps its cluster token in ~/\.ray/auth_token, "
+            r"and /proc does not take files \(.*\); accepted: a HOME this user can write, or "
+            r"the token given in RAY_AUTH_TOKEN \(any secret text\) or in a file named by "
+            r"RAY_AUTH_TOKEN_PATH$")):
+        make_plan(parse(*argv))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a secret")
+    make_plan(parse(*argv))
