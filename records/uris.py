@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,7 +34,22 @@ def not_utf8(argv: list[str]) -> str | None:
         try:
             arg.encode("utf-8")
         except UnicodeEncodeError:
-            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            raw = os.fsencode(arg)
+            shown = raw.decode("utf-8", "backslashreplace")
+            if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+                try:  # UTF-8 bytes that this Python's locale reads as another encoding
+                    shown = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    locale = next((f"{k}={os.environ[k]}" for k in ("LC_ALL", "LC_CTYPE",
+                                                                      "LANG")
+                                   if os.environ.get(k)), "no LC_ALL, LC_CTYPE or LANG")
+                    if os.environ.get("PYTHONUTF8") == "0":
+                        locale += ", PYTHONUTF8=0"
+                    return (f"argument '{shown}' is UTF-8, but this Python reads arguments "
+                            f"as {sys.getfilesystemencoding()} (the locale: {locale}); "
+                            f"accepted: a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1")
             return (f"argument '{shown}' is not valid UTF-8 (a path named in another "
                     f"encoding?); accepted: UTF-8 arguments -- reach such a folder through a "
                     f"symbolic link with a UTF-8 name")

@@ -261,7 +261,7 @@ def _caused_by_interrupt(error: BaseException | None) -> bool:
 
 def traceback_file(exc: BaseException) -> Path:
     """Write ``exc``'s traceback, secrets redacted, to ``<cache>/logs/error-<time>-<pid>.log``
-    (or the temporary folder's ``alignsweep-logs`` when the cache is what failed); returns the
+    (or the temporary folder's ``alignsweep-logs-<uid>`` when the cache is what failed); returns the
     path. What a command line names in its one-line error for an unexpected failure."""
     import time
     import traceback
@@ -274,7 +274,10 @@ def traceback_file(exc: BaseException) -> Path:
         return atomic_write_text(cache_root() / "logs" / name, text)
     except (OSError, ValueError, RuntimeError):  # the cache itself may be what failed (its
         # folder, or ALIGNSWEEP_CACHE=~name naming no user)
-        return atomic_write_text(Path(tempfile.gettempdir()) / "alignsweep-logs" / name, text)
+        # one folder per user: a shared one was its first maker's alone (0755), and every
+        # other user's traceback was "not written"
+        return atomic_write_text(
+            Path(tempfile.gettempdir()) / f"alignsweep-logs-{os.getuid()}" / name, text)
 
 
 #: A file system with less than this free (for this user) is called full by ``low_space``
