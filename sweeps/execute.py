@@ -853,17 +853,24 @@ def execute(plan: Plan) -> int:
 
 def code_version(repo: Path | None = None) -> dict[str, str]:
     """MLflow's tags for the code that ran: the git commit of this checkout
-    (``mlflow.source.git.commit``) and whether tracked files differed from it; {} outside a
-    git checkout (an installed copy, an image without .git)."""
+    (``mlflow.source.git.commit``) and whether its tracked files (in the project's folder)
+    differed from it; {} outside a git checkout (an installed copy, an image without .git)
+    and where the project's files are not tracked by the repository around them (a copy
+    unpacked inside a lab's monorepo or a $HOME kept in git: that repository's commit was
+    recorded as this code's, "unmodified")."""
     repo = repo or Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
             return {}
+        tracked = subprocess.run(["git", "-C", str(repo), "ls-files", "--", "."],
+                                 capture_output=True, text=True, timeout=30)
+        if tracked.returncode != 0 or not tracked.stdout.strip():
+            return {}
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=30)
+                                "--untracked-files=no", "--", "."], capture_output=True,
+                               text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     out = {"mlflow.source.git.commit": head.stdout.strip()}

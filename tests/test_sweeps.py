@@ -2036,6 +2036,16 @@ def test_code_version_tells_a_clean_checkout_from_an_edited_one(tmp_path):
     (tmp_path / "train.py").write_text("alpha = 2\n")
     assert code_version(tmp_path) == {"mlflow.source.git.commit": commit,
                                       "code_modified": "true"}
+    # a copy unpacked inside another repository (a lab's monorepo, a $HOME kept in git),
+    # untracked there: that repository's commit was recorded as this code's, "unmodified"
+    copy = tmp_path / "vendor" / "alignsweep"
+    copy.mkdir(parents=True)
+    (copy / "run.py").write_text("alpha = 3\n")
+    assert code_version(copy) == {}
+    git("add", "vendor")  # tracked there: the monorepo's commit is the code's
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "two")
+    assert code_version(copy) == {"mlflow.source.git.commit": git("rev-parse", "HEAD"),
+                                  "code_modified": "false"}  # (train.py is outside it)
 
 
 def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
