@@ -731,6 +731,21 @@ def _check_local_ray_folders() -> None:
                          f"secret text) or in a file named by RAY_AUTH_TOKEN_PATH")
 
 
+def _check_report_folder() -> None:
+    """The sweep's report goes to outputs/ in the working folder (the post-processor's
+    default): a working folder this user cannot write passed the dry run, the sweep ran,
+    and its report was "not written", exit 0, with a retry line that failed the same way."""
+    try:
+        here = Path.cwd()
+    except OSError:  # a working folder deleted under the shell: the run's own refusals say it
+        return
+    problem = unwritable(here / "outputs")
+    if problem:
+        raise UsageError(f"the working folder {here}: the sweep's report goes to outputs/ "
+                         f"there, and {problem}; accepted: running from a folder this user "
+                         f"can write")
+
+
 def lock_file_problem(lock: Path) -> str:
     """The refusal of a driver lock file this user cannot open: another user's, made before
     lock files were made writable to all (``references.cache.SHARED_LOCK_MODE``) in a
@@ -798,6 +813,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     address = _address(args.address)
     mlflow_uri = _mlflow_uri(args.mlflow_uri)
     storage = _storage(args.storage)
+    _check_report_folder()
 
     scale = "demo" if args.data == "demo" else "paper"
     shallow, chosen = _chosen_conditions(args, folder, scale, only)

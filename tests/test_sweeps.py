@@ -2419,3 +2419,28 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
         make_plan(parse(*argv))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a secret")
     make_plan(parse(*argv))
+
+
+def test_a_working_folder_the_report_cannot_be_written_in_is_refused_by_the_dry_run(tmp_path):
+    """The report goes to outputs/ in the working folder: a read-only one (--storage and the
+    tracking store elsewhere) passed the dry run, the sweep trained, and its report was "not
+    written", exit 0, with a retry line that failed the same way. A read-only bind mount
+    (mounting needs root; skipped without it)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if subprocess.run(["mount", "--bind", str(work), str(work)], capture_output=True).returncode:
+        pytest.skip("a folder cannot be bind-mounted here (not root)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(work)],
+                          capture_output=True).returncode:
+            pytest.skip("a bind mount cannot be made read-only here")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1", "--smoke-test",
+             "--dry-run", "--storage", str(tmp_path / "r"), "--mlflow-uri",
+             f"sqlite:///{tmp_path / 'm.db'}"], cwd=work, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr == (f"error: the working folder {work}: the sweep's report goes to "
+                               f"outputs/ there, and {work} is not writable; accepted: running "
+                               f"from a folder this user can write\n")
+    finally:
+        subprocess.run(["umount", str(work)], capture_output=True)
