@@ -94,11 +94,22 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
             return
         tmp = Path(tempfile.mkdtemp(prefix=final_dir.name + ".tmp-", dir=final_dir.parent))
         try:
+            # mkdtemp's folder is its maker's alone (0700), and it becomes the entry: in a
+            # cache a lab shares, every other user's run was refused reading it. The
+            # entry's mode is what the umask gives any folder.
+            os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
             os.replace(tmp, final_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_dead_builds(final_dir: Path) -> None:

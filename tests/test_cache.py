@@ -145,6 +145,15 @@ def test_lock_files_are_made_for_every_user_who_shares_the_folder(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "entry.lock").stat().st_mode) == SHARED_LOCK_MODE == 0o666
+    assert stat.S_IMODE(final.stat().st_mode) == 0o700  # the maker's umask, as for any folder
+    other = tmp_path / "other"
+    old = os.umask(0o022)
+    try:
+        with build_once(other) as tmp:  # (mkdtemp's 0700 was every entry's: a lab's shared
+            (tmp / "x").write_text("1")  # cache was its first user's alone)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(other.stat().st_mode) == 0o755
     (tmp_path / "entry.lock").unlink()
     (tmp_path / "entry.lock").mkdir()  # a lock that cannot be opened at all
     with build_once(final) as tmp:
