@@ -726,6 +726,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except PermissionError as exc:  # another user's store or run folder (umask 077), or a
+        # store this user may read but not log to: bad input, not a fault of this program
+        where = exc.filename or "(a file)"
+        print(f"error: {where}: this user may not open it ({exc.strerror or exc}); accepted: "
+              f"a tracking store and run folders this user can read (their owner can "
+              f"grant it: chmod -R a+rX), and --no-log where the store is not yours to "
+              f"write", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug or an environment fault: one line, traceback to a file
         from references.cache import unexpected_error_line
 

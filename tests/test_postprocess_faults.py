@@ -494,3 +494,26 @@ def test_an_mlflow_sweep_whose_driver_crashed_is_labelled_partial(tmp_path):
                                                         "num_samples": "4"})
     assert pareto._partial_note(searched)[1].endswith(
         "--search optuna --num-samples 4 --resume")
+
+
+def test_a_store_or_run_folder_this_user_may_not_open_is_one_line_exit_2(tmp_path, capsys,
+                                                                         monkeypatch):
+    """Post-processing a colleague's results: a store or run folder made under a 077 umask,
+    or a store readable but not writable (the report built, then logging it refused), was
+    "an unexpected error" (exit 1, a traceback file). It is bad input: one line naming the
+    file and the ways on (the owner's chmod, --no-log), exit 2. The operating system's own
+    refusal stands in for the colleague's file at the point where the store is read
+    (writing /sys/kernel/notes is refused even to root)."""
+    run = _ray_run(tmp_path, predictions=False)
+
+    def refused(*args, **kwargs):
+        with open("/sys/kernel/notes", "w"):
+            pass
+
+    monkeypatch.setattr(pareto, "postprocess_ray", refused)
+    assert pareto.main([SWEEP, "--ray-results", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: /sys/kernel/notes: this user may not open it \(Permission "
+                        r"denied\); accepted: a tracking store and run folders this user can "
+                        r"read \(their owner can grant it: chmod -R a\+rX\), and --no-log "
+                        r"where the store is not yours to write\n", err), err
