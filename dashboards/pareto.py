@@ -801,6 +801,12 @@ def _main(argv: list[str] | None) -> int:
 
 def _uri(value: str | None) -> str:
     # records.uris is the one place the project resolves a tracking URI (ValueError: one line)
+    from dashboards import sources
+
+    sources.URI_FROM = (
+        "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "the default store (no --mlflow-uri, no MLFLOW_TRACKING_URI)")
     return tracking_uri(value)
 
 

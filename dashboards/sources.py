@@ -234,6 +234,10 @@ def quiet_artifacts():
         yield
 
 
+#: What the tracking URI the messages below name came by: the flag, or the variable read in
+#: its absence (``dashboards.pareto`` sets it per invocation).
+URI_FROM = "--mlflow-uri"
+
 _STORE_ACCEPTED = ("accepted: the store a sweep wrote (sqlite:///PATH/mlflow.db), a tracking "
                    "server (http://HOST:PORT), or --ray-results DIR")
 
@@ -247,14 +251,14 @@ def mlflow_client(uri: str):
         _check_sqlite_store(uri)
     why = tracking_unreachable(uri)  # MLflow's client would retry for minutes
     if why is not None:
-        raise SourceError(f"--mlflow-uri {redact(uri)}: tracking server unreachable ({why}); "
+        raise SourceError(f"{URI_FROM} {redact(uri)}: tracking server unreachable ({why}); "
                           f"start it, or name a store that answers ({_STORE_ACCEPTED})")
     refused = tracking_refuses(uri)
     if refused is not None and refused.server_failing:
-        raise SourceError(f"--mlflow-uri {redact(uri)}: the tracking server answers /health but "
+        raise SourceError(f"{URI_FROM} {redact(uri)}: the tracking server answers /health but "
                           f"fails its API ({refused}; its log says why); {_STORE_ACCEPTED}")
     if refused is not None:
-        raise SourceError(f"--mlflow-uri {redact(uri)}: the tracking server refuses this client "
+        raise SourceError(f"{URI_FROM} {redact(uri)}: the tracking server refuses this client "
                           f"({refused}); accepted: its user's MLFLOW_TRACKING_USERNAME and "
                           f"MLFLOW_TRACKING_PASSWORD, through a host it allows (--allowed-hosts)")
     return MlflowClient(uri)
@@ -266,17 +270,17 @@ def _check_sqlite_store(uri: str) -> None:
     (``records.stores.sqlite_store_problem``: opening it would write)."""
     db = sqlite_path(uri)
     if db is None:
-        raise SourceError(f"--mlflow-uri {uri}: not a SQLite file path; {_STORE_ACCEPTED}")
+        raise SourceError(f"{URI_FROM} {uri}: not a SQLite file path; {_STORE_ACCEPTED}")
     if not db.is_file():  # MLflow would silently create an empty store
-        raise SourceError(f"--mlflow-uri {uri}: no such SQLite file; {_STORE_ACCEPTED}")
+        raise SourceError(f"{URI_FROM} {uri}: no such SQLite file; {_STORE_ACCEPTED}")
     problem = sqlite_store_problem(db)
     if problem is None:
         return
     if "another schema" in problem:
-        raise SourceError(f"--mlflow-uri {uri}: {problem}; accepted: a store of this MLflow "
+        raise SourceError(f"{URI_FROM} {uri}: {problem}; accepted: a store of this MLflow "
                           f"version (upgrade a copy with `mlflow db upgrade sqlite:///COPY`), "
                           f"or read it with the MLflow that wrote it")
-    raise SourceError(f"--mlflow-uri {uri}: {problem}; {_STORE_ACCEPTED}")
+    raise SourceError(f"{URI_FROM} {uri}: {problem}; {_STORE_ACCEPTED}")
 
 
 def _experiments(client, sweep: str, experiment: str | None) -> list:

@@ -566,6 +566,8 @@ def _mlflow_uri(value: str | None) -> str:
         raise UsageError(str(exc)) from None
     db = sqlite_path(uri) if uri.startswith("sqlite:") else None
     flag = _source("--mlflow-uri", value, "MLFLOW_TRACKING_URI")
+    if value is None and flag.startswith("--"):  # neither given: the default store
+        flag = "the default tracking store (no --mlflow-uri, no MLFLOW_TRACKING_URI)"
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
         if problem is not None and first_open_lock_path(db).exists():

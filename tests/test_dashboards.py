@@ -1838,6 +1838,21 @@ def test_a_tracking_server_that_is_down_is_one_line_at_once(tmp_path):
                                   f"server unreachable (Connection refused); start it")
     assert proc.stderr.count("\n") == 1 and "secret" not in proc.stderr
     assert time.monotonic() - t0 < 60
+    # the same URI from the variable is named as the variable (it said --mlflow-uri, which
+    # the user had not given), and the default store as the default
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--no-log"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert proc.stderr.startswith(f"error: MLFLOW_TRACKING_URI http://127.0.0.1:{port}: "
+                                  f"tracking server unreachable"), proc.stderr
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--no-log"],
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.stderr.startswith(f"error: the default store (no --mlflow-uri, no "
+                                  f"MLFLOW_TRACKING_URI) sqlite:///{tmp_path}/mlflow.db: no "
+                                  f"such SQLite file"), proc.stderr
 
 
 # ------------------------------------------------------------- NaN epochs and lone seeds

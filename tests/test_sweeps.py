@@ -2442,5 +2442,14 @@ def test_a_working_folder_the_report_cannot_be_written_in_is_refused_by_the_dry_
         assert proc.stderr == (f"error: the working folder {work}: the sweep's report goes to "
                                f"outputs/ there, and {work} is not writable; accepted: running "
                                f"from a folder this user can write\n")
+        # the default store there is named as the default, not as an --mlflow-uri not given
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "sweeps" / "run.py"), "gabor_conv1", "--smoke-test",
+             "--dry-run", "--storage", str(tmp_path / "r")], cwd=work, capture_output=True,
+            text=True, env=env)
+        assert proc.returncode == 2 and proc.stderr.startswith(
+            f"error: the default tracking store (no --mlflow-uri, no MLFLOW_TRACKING_URI) "
+            f"sqlite:///{work}/mlflow.db: {work} is not writable"), proc.stderr
     finally:
         subprocess.run(["umount", str(work)], capture_output=True)
