@@ -748,6 +748,25 @@ def _check_report_folder() -> None:
                          f"can write")
 
 
+def _check_sticky_storage(storage: Path, pointer: Path) -> None:
+    """A --storage folder with the sticky bit (mode 1777, as /tmp) shared by users: a file
+    there can be replaced only by its owner (or the folder's), so another user's resume
+    pointer failed this user's run after Ray started (exit 1, "Operation not permitted")."""
+    import stat
+
+    try:
+        folder, st = storage.stat(), pointer.stat()
+    except OSError:  # no pointer yet: this run makes its own
+        return
+    uid = os.getuid()
+    if (folder.st_mode & stat.S_ISVTX and uid not in (0, st.st_uid, folder.st_uid)):
+        raise UsageError(f"--storage {storage}: a sticky folder (mode "
+                         f"{stat.S_IMODE(folder.st_mode):o}), where {pointer.name}, another "
+                         f"user's, cannot be replaced by this user; accepted: a --storage "
+                         f"folder of your own, or a shared folder without the sticky bit "
+                         f"(a group's, mode 2775)")
+
+
 def lock_file_problem(lock: Path) -> str:
     """The refusal of a driver lock file this user cannot open: another user's, made before
     lock files were made writable to all (``references.cache.SHARED_LOCK_MODE``) in a
@@ -873,6 +892,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     lock = Path(storage) / f"{experiment}.lock"
     if lock.is_file() and not os.access(lock, os.R_OK | os.W_OK):
         raise UsageError(lock_file_problem(lock))
+    _check_sticky_storage(Path(storage), resume_pointer(storage, experiment, args.search))
     plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
