@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -341,20 +341,22 @@ class _StdoutAfterItsReader:
     def __init__(self, inner) -> None:
         self._inner = inner
         self._moved = False
+        self._lock = threading.Lock()  # Ray's log thread prints too
 
     def _move(self) -> None:
-        if self._moved:
-            raise BrokenPipeError(errno.EPIPE, "standard output and error are both closed")
-        self._moved = True
-        sys.stderr.flush()
-        os.dup2(sys.stderr.fileno(), self._inner.fileno())
-        print("note: standard output was closed (its reader ended); the sweep goes on, "
-              "its lines on standard error", file=sys.stderr, flush=True)
+        with self._lock:
+            if self._moved:  # another thread moved it: write again
+                return
+            self._moved = True
+            sys.stderr.flush()
+            os.dup2(sys.stderr.fileno(), self._inner.fileno())
+            print("note: standard output was closed (its reader ended); the sweep goes on, "
+                  "its lines on standard error", file=sys.stderr, flush=True)
 
     def _again(self, call):
         try:
             return call()
-        except BrokenPipeError:
+        except BrokenPipeError:  # (standard error closed as well: the second raises)
             self._move()
             return call()
 
