@@ -804,9 +804,11 @@ def _uri(value: str | None) -> str:
     from dashboards import sources
 
     sources.URI_FROM = (
-        "--mlflow-uri" if value is not None else "MLFLOW_TRACKING_URI"
+        "--mlflow-uri" if value is not None
+        # the driver's own run of it: the URI as the driver's user gave it
+        else os.environ.get("ALIGNSWEEP_URI_FROM") or "MLFLOW_TRACKING_URI"
         if os.environ.get("MLFLOW_TRACKING_URI")
-        else "the default store (no --mlflow-uri, no MLFLOW_TRACKING_URI)")
+        else "the default tracking store (no --mlflow-uri, no MLFLOW_TRACKING_URI)")
     return tracking_uri(value)
 
 

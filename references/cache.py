@@ -87,7 +87,7 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
         yield None
         return
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(lock, mode=SHARED_LOCK_MODE):
+    with _held(lock, final_dir):
         _remove_dead_builds(final_dir)
         if final_dir.exists():
             yield None
@@ -105,8 +105,34 @@ def build_once(final_dir: Path) -> Iterator[Path | None]:
             raise
 
 
+@contextlib.contextmanager
+def _held(lock: str, final_dir: Path) -> Iterator[None]:
+    """``final_dir``'s build lock, held for the block; another user's lock that does not open
+    here (in a sticky folder, or made before stop 38) is one line, not filelock's error."""
+    held = FileLock(lock, mode=SHARED_LOCK_MODE)
+    try:
+        held.acquire()
+    except PermissionError:
+        raise DamagedCacheEntry(
+            f"cache entry {final_dir} cannot be built by this user: its lock {lock} is "
+            f"{_owner(Path(lock))}'s and does not open here; accepted: its owner removes the "
+            f"lock (rm '{lock}') or builds the entry, or a cache of your own "
+            f"(ALIGNSWEEP_CACHE=DIR)") from None
+    try:
+        yield
+    finally:
+        held.release()
+
+
 def _umask() -> int:
-    """This process's umask (read by setting it, then set back)."""
+    """This process's umask: from /proc (setting it to read it would change it for the
+    process's other threads meanwhile), else by setting it and setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -141,9 +167,29 @@ class DamagedCacheEntry(ValueError):
 def damaged_entry(entry: Path, why: str) -> str:
     """One line for a cache entry that exists but cannot be read (a disk that filled, a copy
     cut short, a file deleted by hand): ``build_once`` takes an existing folder as built, so
-    the way out is to delete it."""
-    return (f"cache entry {entry} is damaged ({' '.join(why.split())[:200]}); delete it to "
-            f"rebuild it: rm -r '{entry}'")
+    the way out is to delete it. An entry another user made that this user may not read (a
+    cache a lab shares; entries were their maker's alone, 0700, until stop 38) is not
+    damaged: its owner's chmod is the way out, not deleting a colleague's entry."""
+    why = ' '.join(why.split())[:200]
+    try:
+        foreign = entry.stat().st_uid != os.getuid()
+    except OSError:
+        foreign = False
+    if foreign and ("Permission denied" in why or not os.access(entry, os.R_OK | os.X_OK)):
+        return (f"cache entry {entry} is {_owner(entry)}'s and this user may not read it "
+                f"({why}); accepted: its owner makes it readable (chmod -R a+rX '{entry}'), "
+                f"or a cache of your own (ALIGNSWEEP_CACHE=DIR)")
+    return f"cache entry {entry} is damaged ({why}); delete it to rebuild it: rm -r '{entry}'"
+
+
+def _owner(path: Path) -> str:
+    """``user NAME`` of ``path``'s owner, or ``another user``."""
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(path.stat().st_uid).pw_name}"
+    except (ImportError, KeyError, OSError):
+        return "another user"
 
 
 @contextlib.contextmanager

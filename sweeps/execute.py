@@ -666,9 +666,10 @@ def _worker_env() -> dict[str, str]:
     # The trials import the driver's copy of the code: a copy run by its path from another
     # folder (sweeps/run.py puts it on the driver's path only) failed every trial with
     # "No module named 'sweeps'", or, beside an installed copy, silently trained with that
-    # one's code. First on the workers' path; on other nodes where it is absent, ignored.
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(CODE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    # one's code. First on the workers' path (on other nodes where it is absent, ignored),
+    # before each node's own PYTHONPATH: Ray sets a runtime env's variables, it does not
+    # merge them, and expands ${NAME} from the node's environment.
+    env["PYTHONPATH"] = f"{CODE_ROOT}{os.pathsep}${{PYTHONPATH}}"
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                    os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"))
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -1649,6 +1650,8 @@ def _report(plan: Plan, parent_id: str) -> bool:
     stopped with it (it ran on after a driver killed by SIGTERM)."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": plan.mlflow_uri,  # not on the command line
+           # (so that its errors name where the user gave the URI, not this variable)
+           "ALIGNSWEEP_URI_FROM": plan.mlflow_from,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo),
                                                        os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "dashboards.pareto", plan.sweep, "--parent-run", parent_id,

@@ -538,6 +538,16 @@ def _source(flag: str, value: str | None, env: str) -> str:
     return env if value is None and os.environ.get(env) else flag
 
 
+#: How the tracking URI is named where neither --mlflow-uri nor MLFLOW_TRACKING_URI gave it.
+DEFAULT_STORE_SOURCE = "the default tracking store (no --mlflow-uri, no MLFLOW_TRACKING_URI)"
+
+
+def _mlflow_source(value: str | None) -> str:
+    """What the tracking URI came by: the flag, the variable, or the default store."""
+    source = _source("--mlflow-uri", value, "MLFLOW_TRACKING_URI")
+    return DEFAULT_STORE_SOURCE if value is None and source.startswith("--") else source
+
+
 def _omit(source: str) -> str:
     """How to drop a setting that came by ``source``: omit the flag, or unset the variable."""
     return f"omit {source}" if source.startswith("--") else f"unset {source}"
@@ -565,9 +575,7 @@ def _mlflow_uri(value: str | None) -> str:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     db = sqlite_path(uri) if uri.startswith("sqlite:") else None
-    flag = _source("--mlflow-uri", value, "MLFLOW_TRACKING_URI")
-    if value is None and flag.startswith("--"):  # neither given: the default store
-        flag = "the default tracking store (no --mlflow-uri, no MLFLOW_TRACKING_URI)"
+    flag = _mlflow_source(value)
     if db is not None and db.is_file() and db.stat().st_size > 0:
         problem = sqlite_store_problem(db)
         if problem is not None and first_open_lock_path(db).exists():
@@ -683,9 +691,17 @@ def _storage(value: str | None) -> str:
     return str(path)
 
 
-#: The longest path of a socket Ray makes under its temporary folder, less that folder:
-#: ``/ray/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid, up to 7 digits>/sockets/plasma_store``.
-RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-07_11-02-45_540189_4194304/sockets/plasma_store")
+#: The longest path of a socket Ray makes under its temporary folder's ``ray`` folder, less
+#: that folder and the pid: ``/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid>/sockets/plasma_store``.
+RAY_SOCKET_SUFFIX = len("/session_2026-12-07_11-02-45_540189_/sockets/plasma_store")
+
+
+def _pid_digits() -> int:
+    """The most digits a pid has here (Linux's pid_max; 7 where it cannot be read)."""
+    try:
+        return len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    except (OSError, ValueError):
+        return 7
 #: Linux's limit on a Unix socket's path (108 bytes with its terminating NUL).
 UNIX_SOCKET_PATH_MAX = 107
 
@@ -697,20 +713,25 @@ def _check_local_ray_folders() -> None:
     paths must fit Linux's 107 bytes and whose name Ray's core worker reads as ASCII; and,
     with token authentication on (sweeps/__init__.py), the token file it writes to
     ~/.ray/auth_token where no token is given."""
+    # as Ray picks it (ray._common.utils.get_default_system_temp_dir): RAY_TMPDIR when set,
+    # even empty, else TMPDIR when set, else /tmp
     for name in ("RAY_TMPDIR", "TMPDIR"):
-        if os.environ.get(name):
+        if name in os.environ:
             where, text = f"{name}={os.environ[name]}", os.environ[name]
             break
     else:
         where, text = "the temporary folder /tmp", "/tmp"
-    fits = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX
+    ray_dir = os.path.join(text, "ray")
+    extra = len(os.fsencode(ray_dir)) - len(os.fsencode(text))  # "/ray", or "ray" after a "/"
+    fits = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX - _pid_digits() - extra
     if not text.isascii():
         problem = "Ray's core worker cannot read a folder name with non-ASCII characters"
     elif len(os.fsencode(text)) > fits:
-        problem = (f"Ray's socket paths under it would be {len(os.fsencode(text))} + "
-                   f"{RAY_SOCKET_SUFFIX} bytes, over the {UNIX_SOCKET_PATH_MAX} Linux allows")
+        longest = len(os.fsencode(ray_dir)) + RAY_SOCKET_SUFFIX + _pid_digits()
+        problem = (f"Ray's socket paths under it would be up to {longest} bytes, over the "
+                   f"{UNIX_SOCKET_PATH_MAX} Linux allows")
     else:
-        problem = unwritable(Path(text) / "ray")
+        problem = unwritable(Path(ray_dir).absolute())
     if problem:
         raise UsageError(f"{where}: {problem}; accepted: a writable folder with an ASCII name "
                          f"of at most {fits} bytes for a local Ray's files (RAY_TMPDIR or "
@@ -748,18 +769,31 @@ def _check_report_folder() -> None:
                          f"can write")
 
 
-def _check_sticky_storage(storage: Path, pointer: Path) -> None:
+def _check_sticky_storage(storage: Path, experiment: str, search: str) -> None:
     """A --storage folder with the sticky bit (mode 1777, as /tmp) shared by users: a file
-    there can be replaced only by its owner (or the folder's), so another user's resume
-    pointer failed this user's run after Ray started (exit 1, "Operation not permitted")."""
+    there can be replaced only by its owner (or the folder's), and filelock takes a lock
+    file there only as its owner, so another user's resume pointer or driver lock failed
+    this user's run after Ray started (exit 1, "Operation not permitted")."""
     import stat
 
-    try:
-        folder, st = storage.stat(), pointer.stat()
-    except OSError:  # no pointer yet: this run makes its own
-        return
     uid = os.getuid()
-    if (folder.st_mode & stat.S_ISVTX and uid not in (0, st.st_uid, folder.st_uid)):
+    try:
+        folder = storage.stat()
+    except OSError:
+        return
+    if not folder.st_mode & stat.S_ISVTX or uid in (0, folder.st_uid):
+        return
+    lock = storage / f"{experiment}.lock"
+    pointer = resume_pointer(storage, experiment, search)
+    for path in (lock, pointer):
+        try:
+            owner = path.stat().st_uid
+        except OSError:  # none yet: this run makes its own
+            continue
+        if owner == uid:
+            continue
+        if path == lock:
+            raise UsageError(lock_file_problem(lock))
         raise UsageError(f"--storage {storage}: a sticky folder (mode "
                          f"{stat.S_IMODE(folder.st_mode):o}), where {pointer.name}, another "
                          f"user's, cannot be replaced by this user; accepted: a --storage "
@@ -778,11 +812,22 @@ def lock_file_problem(lock: Path) -> str:
         owner = pwd.getpwuid(st.st_uid).pw_name
     except (ImportError, KeyError, OSError):
         owner = None
-    return (f"--storage {lock.parent}: its driver lock {lock.name} is "
-            f"{f'user {owner}' if owner else 'another user'}'s "
-            f"and this user cannot open it; accepted: a --storage folder of your own, or the "
-            f"lock made writable to the users who share the folder (chmod a+rw {lock}) "
-            f"while no driver of it runs")
+    import stat
+
+    whose = f"{f'user {owner}' if owner else 'another user'}'s"
+    try:
+        sticky = bool(lock.parent.stat().st_mode & stat.S_ISVTX)
+    except OSError:
+        sticky = False
+    if sticky:  # (a lock there opens only for its owner, whatever its mode)
+        return (f"--storage {lock.parent}: a sticky folder, where its driver lock {lock.name} "
+                f"is {whose} and cannot be taken by this user; accepted: a --storage folder "
+                f"of your own, or a shared folder without the sticky bit (a group's, mode "
+                f"2775)")
+    return (f"--storage {lock.parent}: its driver lock {lock.name} is {whose} and this user "
+            f"cannot open it; accepted: a --storage folder of your own, or the lock made "
+            f"writable to the users who share the folder (chmod a+rw {lock}) while no driver "
+            f"of it runs")
 
 
 def _check_cache() -> None:
@@ -892,7 +937,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     lock = Path(storage) / f"{experiment}.lock"
     if lock.is_file() and not os.access(lock, os.R_OK | os.W_OK):
         raise UsageError(lock_file_problem(lock))
-    _check_sticky_storage(Path(storage), resume_pointer(storage, experiment, args.search))
+    _check_sticky_storage(Path(storage), experiment, args.search)
     plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
@@ -901,7 +946,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         mlflow_uri=mlflow_uri, resume=bool(args.resume), storage=storage,
         experiment=experiment, overrides=overrides, only=only, n_grid=n_grid, weights=weights,
         address_from=_source("--address", args.address, "RAY_ADDRESS"),
-        mlflow_from=_source("--mlflow-uri", args.mlflow_uri, "MLFLOW_TRACKING_URI"),
+        mlflow_from=_mlflow_source(args.mlflow_uri),
         left_out=left_out,
     )
     _check_resumed_run(plan)

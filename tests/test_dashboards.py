@@ -1850,7 +1850,7 @@ def test_a_tracking_server_that_is_down_is_one_line_at_once(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dashboards.pareto", "gabor_conv1", "--no-log"],
         check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.stderr.startswith(f"error: the default store (no --mlflow-uri, no "
+    assert proc.stderr.startswith(f"error: the default tracking store (no --mlflow-uri, no "
                                   f"MLFLOW_TRACKING_URI) sqlite:///{tmp_path}/mlflow.db: no "
                                   f"such SQLite file"), proc.stderr
 

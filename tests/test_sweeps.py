@@ -2392,18 +2392,25 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    from sweeps.plan import RAY_SOCKET_SUFFIX, UNIX_SOCKET_PATH_MAX, _pid_digits
+
     argv = ("gabor_conv1", "--smoke-test", "--storage", str(tmp_path / "r"))
-    fits = "/tmp/" + "a" * 34  # 39 bytes: the longest every pid's socket paths fit under
-    monkeypatch.setenv("TMPDIR", fits)
-    make_plan(parse(*argv))
-    accepted = (r"; accepted: a writable folder with an ASCII name of at most 39 bytes for a "
-                r"local Ray's files \(RAY_TMPDIR or TMPDIR, e.g\. /tmp\), or --address of a "
-                r"running cluster$")
-    for value, why in ((fits + "b", r"Ray's socket paths under it would be 40 \+ 68 bytes, "
-                                    r"over the 107 Linux allows"),
+    # the longest folder every pid's socket paths fit under (39 bytes where pids have 7
+    # digits; a trailing "/" is not counted: Ray joins "ray" to it)
+    most = UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX - _pid_digits() - len("/ray")
+    fits = "/tmp/" + "a" * (most - len("/tmp/"))
+    for value in (fits, fits + "/"):
+        monkeypatch.setenv("TMPDIR", value)
+        make_plan(parse(*argv))
+    accepted = (rf"; accepted: a writable folder with an ASCII name of at most {most} bytes "
+                r"for a local Ray's files \(RAY_TMPDIR or TMPDIR, e\.g\. /tmp\), or --address "
+                r"of a running cluster$")
+    for value, why in ((fits + "b", rf"Ray's socket paths under it would be up to "
+                                    rf"{UNIX_SOCKET_PATH_MAX + 1} bytes, over the 107 Linux "
+                                    rf"allows"),
                        ("/tmp/résultats", "Ray's core worker cannot read a folder name with "
                                           "non-ASCII characters"),
-                       ("/proc/ray-tmp", r"/proc does not take files \(.*\)")):
+                       ("/proc/ray-tmp", r"/proc (does not take files \(.*\)|is not writable)")):
         monkeypatch.setenv("TMPDIR", value)
         with pytest.raises(UsageError, match="^" + re.escape(f"TMPDIR={value}: ") + why
                            + accepted):
@@ -2413,7 +2420,8 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
     monkeypatch.setenv("HOME", "/proc/nobody")
     with pytest.raises(UsageError, match=(
             r"^HOME=/proc/nobody: a local Ray keeps its cluster token in ~/\.ray/auth_token, "
-            r"and /proc does not take files \(.*\); accepted: a HOME this user can write, or "
+            r"and /proc (does not take files \(.*\)|is not writable); accepted: a HOME this "
+            r"user can write, or "
             r"the token given in RAY_AUTH_TOKEN \(any secret text\) or in a file named by "
             r"RAY_AUTH_TOKEN_PATH$")):
         make_plan(parse(*argv))
