@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import socket
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -702,6 +703,8 @@ def _pid_digits() -> int:
         return len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
     except (OSError, ValueError):
         return 7
+#: A multiprocessing socket's path less its temporary folder: ``/pymp-XXXXXXXX/listener-XXXXXXXX``.
+MULTIPROCESSING_SOCKET_SUFFIX = len("/pymp-12345678/listener-12345678")
 #: Linux's limit on a Unix socket's path (108 bytes with its terminating NUL).
 UNIX_SOCKET_PATH_MAX = 107
 
@@ -736,8 +739,34 @@ def _check_local_ray_folders() -> None:
         raise UsageError(f"{where}: {problem}; accepted: a writable folder with an ASCII name "
                          f"of at most {fits} bytes for a local Ray's files (RAY_TMPDIR or "
                          f"TMPDIR, e.g. /tmp), or --address of a running cluster")
+    # Python's own temporary folder (TMPDIR, TEMP or TMP), where the trials' data-loading
+    # processes make their sockets (multiprocessing: pymp-XXXXXXXX/listener-XXXXXXXX): with
+    # RAY_TMPDIR short and TMPDIR long, Ray started, and each trial hung for ever on
+    # "AF_UNIX path too long" in its workers' logs, nothing on the console
+    python_tmp = tempfile.gettempdir()
+    longest = len(os.fsencode(python_tmp)) + MULTIPROCESSING_SOCKET_SUFFIX
+    if longest > UNIX_SOCKET_PATH_MAX:
+        raise UsageError(
+            f"the temporary folder {python_tmp} (TMPDIR): the trials' data-loading processes "
+            f"make sockets under it of up to {longest} bytes, over the {UNIX_SOCKET_PATH_MAX} "
+            f"Linux allows; accepted: a TMPDIR of at most "
+            f"{UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes (e.g. /tmp), or "
+            f"--address of a running cluster")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get(
-            "RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            "RAY_AUTH_TOKEN"):
+        return
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given:  # Ray reads the token there and makes none
+        try:
+            empty = not Path(given).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = f"cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+        else:
+            why = "is empty" if empty else None
+        if why:
+            raise UsageError(f"RAY_AUTH_TOKEN_PATH={given}: {why}, and Ray reads the cluster's "
+                             f"token from it; accepted: a file holding the token (any secret "
+                             f"text), or RAY_AUTH_TOKEN")
         return
     home = os.environ.get("HOME")
     try:

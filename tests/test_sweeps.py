@@ -530,7 +530,6 @@ def test_an_image_reference_on_nsd_data_reads_the_rois_table_and_a_roi_needs_nsd
 
 
 def test_plan_of_a_demo_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     plan = make_plan(parse("nsd_conv1_v1"))
     assert (plan.scale, plan.smoke, plan.search, plan.address, plan.resume) == (
@@ -2417,6 +2416,29 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
             make_plan(parse(*argv))
     monkeypatch.setenv("RAY_TMPDIR", "/tmp")  # Ray's own variable comes first
     make_plan(parse(*argv))
+    # ... but Python's own (TMPDIR) holds the trials' data-loading sockets: with RAY_TMPDIR
+    # short and TMPDIR long, each trial hung for ever ("AF_UNIX path too long" in a log)
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # (tmp_path may be near 75 bytes itself)
+    long = base / ("l" * (107 - 32 - len(str(base)) - 1))  # 75 bytes
+    long.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (read once per process)
+    make_plan(parse(*argv))
+    longer = base / ("l" * (108 - 32 - len(str(base)) - 1))
+    longer.mkdir()
+    monkeypatch.setenv("TMPDIR", str(longer))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(UsageError, match="^" + re.escape(
+            f"the temporary folder {longer} (TMPDIR): the trials' data-loading processes make "
+            f"sockets under it of up to 108 bytes, over the 107 Linux allows; accepted: a "
+            f"TMPDIR of at most 75 bytes (e.g. /tmp), or --address of a running cluster")
+            + "$"):
+        make_plan(parse(*argv))
+    shutil.rmtree(base)
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", None)
     monkeypatch.setenv("HOME", "/proc/nobody")
     with pytest.raises(UsageError, match=(
             r"^HOME=/proc/nobody: a local Ray keeps its cluster token in ~/\.ray/auth_token, "
@@ -2425,6 +2447,21 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
             r"the token given in RAY_AUTH_TOKEN \(any secret text\) or in a file named by "
             r"RAY_AUTH_TOKEN_PATH$")):
         make_plan(parse(*argv))
+    # a token file named by RAY_AUTH_TOKEN_PATH is read, never made: it must hold one
+    token = tmp_path / "token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    for content, why in ((None, r"cannot be read \(No such file or directory\)"),
+                         ("\n", "is empty")):
+        if content is not None:
+            token.write_text(content)
+        with pytest.raises(UsageError, match=(
+                rf"^RAY_AUTH_TOKEN_PATH={re.escape(str(token))}: {why}, and Ray reads the "
+                rf"cluster's token from it; accepted: a file holding the token \(any secret "
+                rf"text\), or RAY_AUTH_TOKEN$")):
+            make_plan(parse(*argv))
+    token.write_text("a secret\n")
+    make_plan(parse(*argv))  # (HOME is not written then)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a secret")
     make_plan(parse(*argv))
 
