@@ -62,7 +62,7 @@ if __name__ == "__main__":  # before the imports below (2 s): Ctrl-C in them is 
 
 import pyarrow as pa
 
-from dashboards import effects, figures, paper, report, statistics, tables
+from dashboards import effects, figures, paper, report, sources, statistics, tables
 from dashboards.fronts import FINISHED
 from dashboards.sources import (
     RAY_SOURCE,
@@ -78,8 +78,8 @@ from dashboards.sources import (
 from records import NOTE_TAG, PREDICTIONS_ARTIFACT, controlled_by
 from records.errors import exception_line, one_line
 from records.scratch import new_held, remove_stale_held
-from records.uris import expand_user, not_utf8, tracking_uri
-from references.cache import atomic_write_text, unwritable
+from records.uris import expand_user, not_utf8, redact, tracking_uri
+from references.cache import atomic_write_text, stdout_survives_its_reader, unwritable
 
 __all__ = ["build_outputs", "diagnose", "main", "postprocess", "postprocess_ray"]
 
@@ -522,6 +522,19 @@ def _partial_note(record: SweepRecord) -> tuple[str, str] | None:
             f"covers the trials that finished. {again}")
 
 
+def _log_or_say(mlflow_uri: str, run_id: str, out: Path, path: Path) -> None:
+    """``_log``; a store this user may read but not write (a colleague's) is one line saying
+    the report is written and how to skip the logging, not an internal temporary file's
+    name."""
+    try:
+        _log(mlflow_uri, run_id, out)
+    except PermissionError as exc:
+        raise SourceError(
+            f"report written ({path.resolve()}), but {sources.URI_FROM} {redact(mlflow_uri)} "
+            f"refused this user its logging to run {run_id} ({exc.strerror or exc}); "
+            f"accepted: --no-log, or a store this user may write") from None
+
+
 def _log(mlflow_uri: str, run_id: str, out: Path) -> None:
     from mlflow.entities import Metric
 
@@ -630,7 +643,7 @@ def postprocess(sweep: str, *, mlflow_uri: str, parent_run_id: str | None = None
                                 replaced=True)
         if stale:
             raise SourceError(stale)
-        _log(mlflow_uri, record.parent_run_id, out)
+        _log_or_say(mlflow_uri, record.parent_run_id, out, path)
     return path
 
 
@@ -686,7 +699,7 @@ def postprocess_ray(sweep: str, ray_results: str | Path, *, out: Path | None = N
     stale = _parent_changed(mlflow_uri, parent_run_id, was, sweep, replaced=True)
     if stale:
         raise SourceError(stale)
-    _log(mlflow_uri, parent_run_id, out)
+    _log_or_say(mlflow_uri, parent_run_id, out, path)
     return path
 
 
@@ -745,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    stdout_survives_its_reader("the post-processor goes on")  # (`... | head -1`)
     try:
         problem = not_utf8(sys.argv[1:] if argv is None else list(argv))
         if problem:  # the files were written, then the run's description failed to encode
@@ -801,8 +815,6 @@ def _main(argv: list[str] | None) -> int:
 
 def _uri(value: str | None) -> str:
     # records.uris is the one place the project resolves a tracking URI (ValueError: one line)
-    from dashboards import sources
-
     sources.URI_FROM = (
         "--mlflow-uri" if value is not None
         # the driver's own run of it: the URI as the driver's user gave it

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
@@ -113,6 +114,14 @@ def _held(lock: str, final_dir: Path) -> Iterator[None]:
     try:
         held.acquire()
     except PermissionError:
+        folder = final_dir.parent
+        if not Path(lock).exists() and not os.access(folder, os.W_OK | os.X_OK):
+            # (a group's cache whose folder another user's 022 umask made theirs alone)
+            raise DamagedCacheEntry(
+                f"cache entry {final_dir} cannot be built by this user: its folder {folder} "
+                f"is {_owner(folder)}'s and not writable here; accepted: its owner makes it "
+                f"writable to the users who share the cache (chmod g+w or a+w '{folder}'), "
+                f"or a cache of your own (ALIGNSWEEP_CACHE=DIR)") from None
         raise DamagedCacheEntry(
             f"cache entry {final_dir} cannot be built by this user: its lock {lock} is "
             f"{_owner(Path(lock))}'s and does not open here; accepted: its owner removes the "
@@ -431,3 +440,56 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+class _StdoutAfterItsReader:
+    """``sys.stdout`` of a long command: where its reader goes away (``run.py ... | head -20``,
+    a log pipe that dies), the first failed write points the process's standard output at
+    its standard error (file descriptor 1 too: Ray's and Tune's own writes), says so there
+    once (``note``), and the command goes on. A sweep was ended at its next line, exit 1,
+    the parent run FAILED, with nothing said on standard error; the post-processor wrote
+    and logged the whole report, then failed "unexpectedly"."""
+
+    def __init__(self, inner, note: str) -> None:
+        self._inner = inner
+        self._note = note
+        self._moved = False
+        self._lock = threading.Lock()  # Ray's log thread prints too
+
+    def _move(self) -> None:
+        with self._lock:
+            if self._moved:  # another thread moved it: write again
+                return
+            self._moved = True
+            sys.stderr.flush()
+            os.dup2(sys.stderr.fileno(), self._inner.fileno())
+            print(f"note: standard output was closed (its reader ended); {self._note}, its "
+                  f"lines on standard error", file=sys.stderr, flush=True)
+
+    def _again(self, call):
+        try:
+            return call()
+        except BrokenPipeError:  # (standard error closed as well: the second raises)
+            self._move()
+            return call()
+
+    def write(self, text: str) -> int:
+        return self._again(lambda: self._inner.write(text))
+
+    def flush(self) -> None:
+        self._again(self._inner.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def stdout_survives_its_reader(note: str) -> None:
+    """``sys.stdout`` as ``_StdoutAfterItsReader`` (``note``: what goes on, e.g. "the sweep
+    goes on"); nothing where standard output or error is not a file (a test's capture)."""
+    try:
+        sys.stdout.fileno()
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not file-backed (a test's capture)
+        return
+    if not isinstance(sys.stdout, _StdoutAfterItsReader):
+        sys.stdout = _StdoutAfterItsReader(sys.stdout, note)

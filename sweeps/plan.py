@@ -774,8 +774,12 @@ def _check_local_ray_folders() -> None:
     except (RuntimeError, KeyError):  # no HOME and no entry in the user database
         token, problem = None, "no home folder is known for this user"
     else:
-        problem = (None if token.is_file() and os.access(token, os.R_OK) else
-                   f"{token} cannot be read" if token.is_file() else unwritable(token.parent))
+        try:
+            problem = (None if token.is_file() and os.access(token, os.R_OK) else
+                       f"{token} cannot be read" if token.is_file() else
+                       unwritable(token.parent))
+        except OSError as exc:  # a HOME this user may not enter (sudo -u without -H)
+            problem = f"{token.parent.parent} cannot be entered ({exc.strerror or exc})"
     if problem:
         raise UsageError(f"HOME={home if home is not None else '(unset)'}: a local Ray keeps "
                          f"its cluster token in ~/.ray/auth_token, and {problem}; accepted: a "

@@ -19,14 +19,17 @@ import argparse
 import dataclasses
 import os
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from references.cache import integer_arg, quiet_interrupts  # noqa: E402
+from references.cache import (  # noqa: E402
+    integer_arg,
+    quiet_interrupts,
+    stdout_survives_its_reader,
+)
 
 if __name__ == "__main__":  # before the imports below: Ctrl-C in them is one line
     quiet_interrupts()
@@ -331,55 +334,6 @@ def _written_folders(argv: list[str] | None) -> dict[str, Path | None]:
             "the working folder": get(Path.cwd)}
 
 
-class _StdoutAfterItsReader:
-    """``sys.stdout`` for a sweep: where its reader goes away (``run.py ... | head -20``, a
-    log pipe that dies), the first failed write points the process's standard output at
-    its standard error (file descriptor 1 too: Ray's and Tune's own writes), says so there
-    once, and the sweep goes on. It was ended at its next line, exit 1, the parent run
-    FAILED, with nothing said on standard error."""
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-        self._moved = False
-        self._lock = threading.Lock()  # Ray's log thread prints too
-
-    def _move(self) -> None:
-        with self._lock:
-            if self._moved:  # another thread moved it: write again
-                return
-            self._moved = True
-            sys.stderr.flush()
-            os.dup2(sys.stderr.fileno(), self._inner.fileno())
-            print("note: standard output was closed (its reader ended); the sweep goes on, "
-                  "its lines on standard error", file=sys.stderr, flush=True)
-
-    def _again(self, call):
-        try:
-            return call()
-        except BrokenPipeError:  # (standard error closed as well: the second raises)
-            self._move()
-            return call()
-
-    def write(self, text: str) -> int:
-        return self._again(lambda: self._inner.write(text))
-
-    def flush(self) -> None:
-        self._again(self._inner.flush)
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-
-def _stdout_survives_its_reader() -> None:
-    try:
-        sys.stdout.fileno()
-        sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # not file-backed (a test's capture)
-        return
-    if not isinstance(sys.stdout, _StdoutAfterItsReader):
-        sys.stdout = _StdoutAfterItsReader(sys.stdout)
-
-
 def _check_utf8(argv: list[str]) -> None:
     problem = not_utf8(argv)
     if problem:
@@ -417,7 +371,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if not args.dry_run:
-        _stdout_survives_its_reader()
+        stdout_survives_its_reader("the sweep goes on")
     # The first line says which scale and data the run is on.
     print(f"{plan.sweep}: {plan.data_description}", flush=True)
     if args.dry_run:

@@ -517,3 +517,23 @@ def test_a_store_or_run_folder_this_user_may_not_open_is_one_line_exit_2(tmp_pat
                         r"denied\); accepted: a tracking store and run folders this user can "
                         r"read \(their owner can grant it: chmod -R a\+rX\), and --no-log "
                         r"where the store is not yours to write\n", err), err
+
+
+def test_a_store_that_refuses_the_logging_says_the_report_is_written(tmp_path, monkeypatch):
+    """A colleague's store this user may read but not write: the report was built, then the
+    line named an internal temporary file of MLflow's upload and did not say the report
+    was there. It says so now, with --no-log as the way on (exit 2, as before)."""
+    def refused(*args, **kwargs):
+        with open("/sys/kernel/notes", "w"):  # the system's refusal, even to root
+            pass
+
+    from dashboards import sources
+
+    monkeypatch.setattr(pareto, "_log", refused)
+    monkeypatch.setattr(sources, "URI_FROM", "--mlflow-uri")  # (as main sets it per call)
+    path = tmp_path / "o" / "report.html"
+    with pytest.raises(SourceError, match="^" + re.escape(
+            f"report written ({path}), but --mlflow-uri sqlite:///x.db refused this user its "
+            f"logging to run abc (Permission denied); accepted: --no-log, or a store this "
+            f"user may write") + "$"):
+        pareto._log_or_say("sqlite:///x.db", "abc", tmp_path / "o", path)

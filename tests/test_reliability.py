@@ -562,6 +562,24 @@ def smoke_sweep(tmp_path_factory):
     return finished_smoke_sweep(tmp_path_factory)
 
 
+def test_the_post_processor_goes_on_when_its_standard_outputs_reader_ends(tmp_path,
+                                                                          smoke_sweep):
+    """`python -m dashboards.pareto ... | head -1`: the whole report was written, then the
+    command failed "unexpectedly" (BrokenPipeError, exit 1). It says once on standard error
+    that standard output closed, its lines go there, and it ends as it would have (exit 0)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dashboards.pareto", SWEEP, "--mlflow-uri", smoke_sweep.uri,
+         "--parent-run", smoke_sweep.parent_run_id, "--out", str(tmp_path / "o"), "--no-log"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.count("note: standard output was closed (its reader ended); the "
+                     "post-processor goes on, its lines on standard error") == 1, err
+    assert "report: " in err and "BrokenPipeError" not in err, err
+    assert (tmp_path / "o" / "report.html").is_file()
+
+
 def test_resume_refuses_a_run_started_with_other_settings(tmp_path, smoke_sweep):
     """--resume continues the latest run only with the same sweep file, seeds, overrides and
     tracking store: anything else is one line naming what differs."""
