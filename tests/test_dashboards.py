@@ -1517,8 +1517,8 @@ def test_the_driver_says_a_report_without_a_figure_is_incomplete_not_unwritten(
         "dashboards.figures.front_figure = _broken\n")
     monkeypatch.setenv("PYTHONPATH", str(inject))
     monkeypatch.chdir(tmp_path)
-    _report(SimpleNamespace(sweep="figfail", mlflow_uri=uri, experiment="figfail-smoke"),
-            parent)
+    _report(SimpleNamespace(sweep="figfail", mlflow_uri=uri, experiment="figfail-smoke",
+                            mlflow_from="--mlflow-uri"), parent)
     out = capsys.readouterr().out
     assert "report incomplete: error: figure(s) not drawn: front (" in out, out
     assert "report not written" not in out and "retry with: " in out
@@ -1532,6 +1532,13 @@ def test_the_driver_says_a_report_without_a_figure_is_incomplete_not_unwritten(
     # the run's description links no figure that is not there, and still names the report
     described = client.get_run(parent).data.tags["mlflow.note.content"]
     assert "front.png" not in described and "The report: report.html" in described
+    # the child is given the URI in MLFLOW_TRACKING_URI (never on a command line): its
+    # errors name it as the user gave it, not as that variable
+    gone = f"sqlite:///{tmp_path / 'gone.db'}"
+    _report(SimpleNamespace(sweep="figfail", mlflow_uri=gone, experiment="figfail-smoke",
+                            mlflow_from="--mlflow-uri"), parent)
+    out = capsys.readouterr().out
+    assert f"report not written: error: --mlflow-uri {gone}: no such SQLite file" in out, out
 
 
 def test_a_labs_own_per_step_metric_in_a_trial_run_moves_no_epoch(tmp_path):

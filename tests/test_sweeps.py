@@ -530,6 +530,7 @@ def test_an_image_reference_on_nsd_data_reads_the_rois_table_and_a_roi_needs_nsd
 
 
 def test_plan_of_a_demo_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     plan = make_plan(parse("nsd_conv1_v1"))
     assert (plan.scale, plan.smoke, plan.search, plan.address, plan.resume) == (
