@@ -119,12 +119,12 @@ def _held(lock: str, final_dir: Path) -> Iterator[None]:
             # (a group's cache whose folder another user's 022 umask made theirs alone)
             raise DamagedCacheEntry(
                 f"cache entry {final_dir} cannot be built by this user: its folder {folder} "
-                f"is {_owner(folder)}'s and not writable here; accepted: its owner makes it "
+                f"is {owner_name(folder)}'s and not writable here; accepted: its owner makes it "
                 f"writable to the users who share the cache (chmod g+w or a+w '{folder}'), "
                 f"or a cache of your own (ALIGNSWEEP_CACHE=DIR)") from None
         raise DamagedCacheEntry(
             f"cache entry {final_dir} cannot be built by this user: its lock {lock} is "
-            f"{_owner(Path(lock))}'s and does not open here; accepted: its owner removes the "
+            f"{owner_name(Path(lock))}'s and does not open here; accepted: its owner removes the "
             f"lock (rm '{lock}') or builds the entry, or a cache of your own "
             f"(ALIGNSWEEP_CACHE=DIR)") from None
     try:
@@ -185,13 +185,13 @@ def damaged_entry(entry: Path, why: str) -> str:
     except OSError:
         foreign = False
     if foreign and ("Permission denied" in why or not os.access(entry, os.R_OK | os.X_OK)):
-        return (f"cache entry {entry} is {_owner(entry)}'s and this user may not read it "
+        return (f"cache entry {entry} is {owner_name(entry)}'s and this user may not read it "
                 f"({why}); accepted: its owner makes it readable (chmod -R a+rX '{entry}'), "
                 f"or a cache of your own (ALIGNSWEEP_CACHE=DIR)")
     return f"cache entry {entry} is damaged ({why}); delete it to rebuild it: rm -r '{entry}'"
 
 
-def _owner(path: Path) -> str:
+def owner_name(path: Path) -> str:
     """``user NAME`` of ``path``'s owner, or ``another user``."""
     try:
         import pwd

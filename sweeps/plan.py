@@ -55,7 +55,7 @@ from records.uris import (
     tracking_uri,
 )
 from references.cache import ENV_VAR as CACHE_ENV
-from references.cache import file_sha256, unwritable
+from references.cache import file_sha256, owner_name, unwritable
 from sweeps.spec import (
     PAPER_DATA,
     DataSource,
@@ -802,13 +802,17 @@ def _check_report_folder() -> None:
                          f"can write")
 
 
-def _check_sticky_storage(storage: Path, experiment: str, search: str) -> None:
-    """A --storage folder with the sticky bit (mode 1777, as /tmp) shared by users: a file
-    there can be replaced only by its owner (or the folder's), and filelock takes a lock
-    file there only as its owner, so another user's resume pointer or driver lock failed
-    this user's run after Ray started (exit 1, "Operation not permitted")."""
+def _check_shared_storage(storage: Path, experiment: str, search: str) -> None:
+    """A --storage folder shared by users: another user's driver lock that this user cannot
+    open (made before lock files were made writable to all); and, in a folder with the
+    sticky bit (mode 1777, as /tmp), where a file can be replaced only by its owner (or
+    the folder's) and filelock takes a lock file only as its owner, another user's lock or
+    resume pointer. Each failed this user's run after Ray started (exit 1)."""
     import stat
 
+    lock = storage / f"{experiment}.lock"
+    if lock.is_file() and not os.access(lock, os.R_OK | os.W_OK):
+        raise UsageError(lock_file_problem(lock))
     uid = os.getuid()
     try:
         folder = storage.stat()
@@ -816,7 +820,6 @@ def _check_sticky_storage(storage: Path, experiment: str, search: str) -> None:
         return
     if not folder.st_mode & stat.S_ISVTX or uid in (0, folder.st_uid):
         return
-    lock = storage / f"{experiment}.lock"
     pointer = resume_pointer(storage, experiment, search)
     for path in (lock, pointer):
         try:
@@ -838,16 +841,9 @@ def lock_file_problem(lock: Path) -> str:
     """The refusal of a driver lock file this user cannot open: another user's, made before
     lock files were made writable to all (``references.cache.SHARED_LOCK_MODE``) in a
     storage folder they share."""
-    try:
-        import pwd
-
-        st = lock.stat()
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except (ImportError, KeyError, OSError):
-        owner = None
     import stat
 
-    whose = f"{f'user {owner}' if owner else 'another user'}'s"
+    whose = f"{owner_name(lock)}'s"
     try:
         sticky = bool(lock.parent.stat().st_mode & stat.S_ISVTX)
     except OSError:
@@ -967,10 +963,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _check_splits(trials, data, conditions, nsd_seen)
     experiment, line = _experiment(args, scale, trials, conditions, data)
     _check_resume(args.resume, storage, experiment, args.search)
-    lock = Path(storage) / f"{experiment}.lock"
-    if lock.is_file() and not os.access(lock, os.R_OK | os.W_OK):
-        raise UsageError(lock_file_problem(lock))
-    _check_sticky_storage(Path(storage), experiment, args.search)
+    _check_shared_storage(Path(storage), experiment, args.search)
     plan = Plan(
         sweep=args.sweep, spec=sweep, conditions=tuple(c.name for c in conditions),
         scale=scale, smoke=bool(args.smoke_test), seeds=args.seeds, data_kind=args.data,
@@ -1244,10 +1237,7 @@ def _pointed_search(pointer: Path) -> str | None:
     """The --search of the run a resume pointer names, as its fingerprint records it; None
     when there is no such file or it does not say."""
     try:
-        recorded = pointer.read_text().strip()
-        run_dir = Path(recorded)
-        if not run_dir.is_absolute() or not run_dir.is_dir():
-            run_dir = pointer.parent / run_dir.name
+        _, run_dir = _pointer_target(pointer, pointer.parent)
         was = json.loads((run_dir / FINGERPRINT_FILE).read_text())
     except (OSError, ValueError):
         return None
@@ -1475,6 +1465,20 @@ def manifest_states(run_dir: Path) -> dict[str, str] | None:
     return {e.key: e.state for e in entries} or None
 
 
+def _pointer_target(pointer: Path, storage: Path) -> tuple[str, Path]:
+    """(what resume ``pointer`` records, the run folder that names): a folder name resolved
+    in ``storage`` as given now; an absolute path as older runs wrote it, or its name in
+    ``storage`` where that path is gone (a storage folder since moved). OSError where the
+    pointer cannot be read."""
+    recorded = pointer.read_text().strip()
+    run_dir = Path(recorded)
+    if not run_dir.is_absolute():
+        run_dir = storage / run_dir
+    elif not run_dir.is_dir() and (storage / run_dir.name).is_dir():
+        run_dir = storage / run_dir.name
+    return recorded, run_dir
+
+
 def _pointed_run_dir(plan: Plan) -> Path:
     """The run folder ``plan.resume_pointer`` names: a folder name, resolved in
     the storage folder as given now (so a storage folder moved or copied elsewhere resumes
@@ -1483,15 +1487,10 @@ def _pointed_run_dir(plan: Plan) -> Path:
     storage = Path(plan.storage)
     pointer = Path(plan.resume_pointer)
     try:
-        recorded = pointer.read_text().strip()
+        recorded, run_dir = _pointer_target(pointer, storage)
     except OSError as exc:
         raise UsageError(f"--resume: {pointer} cannot be read ({exc.strerror}); accepted: a "
                          f"storage folder with an earlier run of {plan.experiment}") from None
-    run_dir = Path(recorded)
-    if not run_dir.is_absolute():
-        run_dir = storage / run_dir
-    elif not run_dir.is_dir() and (storage / run_dir.name).is_dir():
-        run_dir = storage / run_dir.name  # an absolute path of a storage folder since moved
     if not recorded or not run_dir.is_dir():
         raise UsageError(f"--resume: {pointer} names {recorded or '(nothing)'}, which is not a "
                          f"run folder under {storage}; accepted: a storage folder with its "
