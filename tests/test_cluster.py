@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,7 +23,11 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-ENV = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start` turns token auth on by default
+# `ray start` turns token authentication on by default and does not make a token: on a machine
+# where no Ray has run (no ~/.ray/auth_token) the head exited at once ("no authentication token
+# was found"), which only a fresh CI machine showed. The clusters here get their token as the
+# README's cluster by hand does, in RAY_AUTH_TOKEN on every node and the driver.
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 # Every test cluster lives on loopback. Not 127.0.0.1: Ray 2.60 rewrites that address to the
 # machine's outward interface address (services.resolve_ip_for_localhost), for `ray start` and
 # `ray.init` alike, so a "127.0.0.1" cluster really listened and was joined on the external
