@@ -636,6 +636,24 @@ def test_the_gpu_override_gives_the_head_the_gpus_and_cuda_wheels(tmp_path):
     plain = _rendered(tmp_path)
     assert not any((s.get("deploy") or {}).get("resources", {}).get("reservations")
                    for s in plain.values())
+    # The GPU head's own memory defaults: one GPU's four paper-scale trials hold about 18 GiB
+    # of prefetched batches in /dev/shm (compose.yaml's CPU defaults, 4gb in an 8g limit,
+    # ended them with a bus error), besides the trials' processes; the other containers keep
+    # compose.yaml's.
+    head = services["ray-head"]
+    shm, limit = _bytes(head["shm_size"]), _bytes(head["mem_limit"])
+    assert shm >= 18 << 30 and limit >= shm + (16 << 30), (shm, limit)
+    for name in SERVICES - {"ray-head"}:
+        for key in ("shm_size", "mem_limit"):
+            if key in plain[name]:
+                assert _bytes(services[name][key]) == _bytes(plain[name][key]), (name, key)
+    out = subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE), "-f",
+                          str(REPO / "docker" / "compose.gpu.yaml"), "config"],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**base, "GPU_HEAD_SHM_SIZE": "48gb", "GPU_HEAD_MEM_LIMIT": "128g",
+                              "RAY_SHM_SIZE": "2gb"})
+    head = yaml.safe_load(out.stdout)["services"]["ray-head"]
+    assert (_bytes(head["shm_size"]), _bytes(head["mem_limit"])) == (48 << 30, 128 << 30)
 
 
 def test_the_default_data_folder_is_never_build_context():

@@ -587,20 +587,37 @@ def test_a_float32_trial_on_cuda_convolves_in_ieee_float32():
     """cuDNN's default runs float32 convolutions in TF32: a trial that asked for fp32 on an
     A100 or H100 was recorded as float32 and was not. The setting is made per trial (a reused
     worker runs bf16 trials too); on the CPU nothing is touched. Checked without a GPU: the
-    device is only named, and the flag is cuDNN's own."""
+    device is only named, and the flags are torch's own, which its CUDA kernels read.
+
+    Every float32 matmul is IEEE in either kind of trial, the Gram block's TF32 included
+    once the block ends, whatever ran before in the worker: the trial set only cuDNN's
+    backend-wide setting, which matmuls inherit (a bf16 trial's float32 head ran in TF32),
+    and the Gram block wrote the inherited "tf32" back as the matmul setting, so an fp32
+    trial after a bf16 one ran its linear layers in TF32."""
+    import trainable.alignment as alignment
     from trainable.train import _float32_convolutions
 
-    cudnn = torch.backends.cudnn
-    before = cudnn.fp32_precision
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.fp32_precision, cudnn.conv.fp32_precision, matmul.fp32_precision)
+    cuda = torch.device("cuda")
     try:
         _float32_convolutions(TrialConfig(precision="fp32"), torch.device("cpu"))
-        assert cudnn.fp32_precision == before
-        _float32_convolutions(TrialConfig(precision="fp32"), torch.device("cuda"))
-        assert cudnn.fp32_precision == cudnn.conv.fp32_precision == "ieee"
-        _float32_convolutions(TrialConfig(precision="bf16"), torch.device("cuda"))
-        assert cudnn.conv.fp32_precision == "tf32"
+        assert (cudnn.fp32_precision, cudnn.conv.fp32_precision,
+                matmul.fp32_precision) == before
+        _float32_convolutions(TrialConfig(precision="fp32"), cuda)
+        assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        for first, second in (("bf16", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
+            _float32_convolutions(TrialConfig(precision=first), cuda)
+            with alignment._gram_products(cuda):
+                assert matmul.fp32_precision == "tf32"
+            assert matmul.fp32_precision == "ieee"
+            _float32_convolutions(TrialConfig(precision=second), cuda)
+            assert cudnn.conv.fp32_precision == ("tf32" if second == "bf16" else "ieee")
+            assert matmul.fp32_precision == "ieee", (first, second)
     finally:
-        cudnn.fp32_precision = before
+        cudnn.fp32_precision = "none"
+        cudnn.conv.fp32_precision, matmul.fp32_precision = before[1], before[2]
+        cudnn.fp32_precision = before[0]
 
 
 def test_data_prepared_at_another_size_is_refused(single_label):

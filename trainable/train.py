@@ -215,16 +215,28 @@ def _float32_convolutions(cfg: TrialConfig, device: torch.device) -> None:
     """On CUDA, cuDNN runs float32 convolutions in TF32 unless told otherwise (10 mantissa
     bits), so a float32 trial (``precision = "fp32"``; "auto" on a GPU without native bf16,
     which has no TF32 either) was not float32 while its facts said so: its convolutions run
-    in IEEE float32. A bf16 trial keeps TF32 for what runs outside autocast. Process-wide, so
-    set at each trial's start (a reused worker runs trials of either kind); the alignment's
-    Gram products have their own setting (``trainable.alignment.GRAM_TF32_ON_CUDA``)."""
+    in IEEE float32. A bf16 trial keeps TF32 for the convolutions that run outside autocast.
+    Every float32 matmul runs in IEEE float32, in either kind of trial, except the
+    alignment's Gram products, which set their own (``trainable.alignment.GRAM_TF32_ON_CUDA``)
+    and restore this one.
+
+    Both settings are made explicitly, per operation, at each trial's start: they are
+    process-wide and a reused worker runs trials of either kind. Until stop 41 only
+    ``torch.backends.cudnn.fp32_precision`` was set, which (torch 2.14) is the whole CUDA
+    backend's: matmuls inherited it (a bf16 trial ran its float32 head and every other
+    float32 product in TF32), and the Gram block, restoring the inherited value it read,
+    wrote ``"tf32"`` into the matmul setting for good, so an fp32 trial that followed a
+    bf16 one in the same worker ran its linear layers in TF32."""
     if device.type != "cuda":
         return
     want = "tf32" if _uses_bf16(cfg, device) else "ieee"
-    try:
-        torch.backends.cudnn.fp32_precision = want
-    except (AttributeError, RuntimeError):  # an older torch: the legacy flag
-        torch.backends.cudnn.allow_tf32 = want == "tf32"
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv") and hasattr(backends.cuda.matmul, "fp32_precision"):
+        backends.cudnn.conv.fp32_precision = want
+        backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # an older torch: the legacy flags
+        backends.cudnn.allow_tf32 = want == "tf32"
+        backends.cuda.matmul.allow_tf32 = False
 
 
 def _autocast(cfg: TrialConfig, device: torch.device):
