@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -180,6 +181,46 @@ def _drop_fetch_warnings(names: set[str]) -> None:
 #: The folder holding this copy of the project's packages (what the trials must import).
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
+#: The packages a trial imports; their Python files are what ``code_digest`` hashes.
+CODE_PACKAGES = ("records", "references", "sweeps", "trainable")
+
+
+@functools.cache
+def code_digest(root: Path = CODE_ROOT) -> str:
+    """sha256 of the project's code under ``root`` (every ``.py`` file of ``CODE_PACKAGES``,
+    by relative path and content), the same for two copies holding the same files, git or
+    not. The driver tags its parent run with it (``code_sha256``) and every trial compares
+    its own copy's with it before it starts (``code_mismatch``). Once per process: what a
+    process hashes is what it imported at its start."""
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix().encode()
+            data = path.read_bytes()
+            h.update(b"%d:%s:%d:" % (len(rel), rel, len(data)))
+            h.update(data)
+    return h.hexdigest()
+
+
+def code_mismatch(payload: Payload) -> str | None:
+    """Why this trial's copy of the code is not the driver's, or None. The workers' path puts
+    the driver's folder first (``_worker_env``), but a node where that folder does not exist
+    (a driver run from a laptop's checkout against a cluster whose nodes have their own
+    copy, or an older image) imports its own copy: its trials trained with other code than
+    the run recorded, silently."""
+    if not payload.code_sha256 or code_digest() == payload.code_sha256:
+        return None
+    return (f"node {socket.gethostname()} imports this project from {CODE_ROOT}, whose code "
+            f"(sha256 {code_digest()[:12]}) is not the driver's ({payload.code_root} on "
+            f"{payload.code_host}, sha256 {payload.code_sha256[:12]}); accepted: the driver's "
+            f"code on every node (its folder on a shared file system at the same path, or "
+            f"the same image)")
+
+
+class CodeMismatch(RuntimeError):
+    """A trial whose node imports other code than the driver's (``code_mismatch``). Not one
+    of ``_repeating_errors``: Tune's retry may land on a node with the driver's code."""
+
 PROGRESS_METRICS = ("epoch", "val_performance", "val_alignment", "batch_alignment", "task_loss")
 
 
@@ -195,6 +236,9 @@ class Payload:
     parent_run_id: str
     run_tags: dict[str, str]
     datasets: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    code_sha256: str = ""  # the driver's ``code_digest``: "" checks nothing
+    code_root: str = ""
+    code_host: str = ""
 
 
 class RayHooks:
@@ -374,6 +418,9 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
     if marker.is_file():  # Tune's retry of a trial whose error repeats itself: end at once
         raise RepeatedFailure(marker.read_text().strip())
+    mismatch = code_mismatch(payload)
+    if mismatch:  # before anything is fetched or recorded
+        raise CodeMismatch(mismatch)
     spec = _trial_spec(config, payload)
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
@@ -949,6 +996,7 @@ def _start_records(plan: Plan, run_dir: Path,
     run_tags = recorded.trial_run_tags()
     parent_tags = {**recorded.format(), "ray": _ray_cluster(plan),
                    "run_folder": str(run_dir), **code_version(),
+                   "code_sha256": code_digest(),
                    **_weights_tags(references or {})}
     about = (f"{plan.spec.description} ({plan.scale} scale; sweep file "
              f"{plan.spec.path.name}). Trials are the nested runs, named by their keys "
@@ -1220,6 +1268,7 @@ def _fit(plan: Plan, run_dir: Path, datas: dict, references: dict, parent_id: st
         reference_refs={c: ray.put(r) for c, r in references.items()},
         mlflow_uri=plan.mlflow_uri, parent_run_id=parent_id, run_tags=run_tags,
         datasets={c: _dataset(plan.data[c]) for c in plan.conditions},
+        code_sha256=code_digest(), code_root=str(CODE_ROOT), code_host=socket.gethostname(),
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, payload=payload),

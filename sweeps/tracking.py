@@ -94,12 +94,13 @@ RESUMES_KEPT = 20  # the latest lines, within RESUMES_CHARS
 RESUMES_CHARS = 4000  # a tag value is capped (5,000 characters in older stores; MLflow 3
 #                       truncates longer ones, losing the newest line)
 # what a resume may change (the fingerprint holds the settings, --set and --only, equal)
-_RESUME_KEYS = ("mlflow.source.git.commit", "code_modified", "ray")
+_RESUME_KEYS = ("mlflow.source.git.commit", "code_modified", "code_sha256", "ray")
 
 
 def resume_entry(tags: Mapping[str, str]) -> str:
     """One line of the parent's ``resumes`` tag: when a resume started (UTC) and the tags of
-    the invocation that it would otherwise lose (commit, modified code, cluster)."""
+    the invocation that it would otherwise lose (commit, modified code, the code's digest,
+    cluster)."""
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     said = ", ".join(f"{k.rsplit('.', 1)[-1]}={tags[k]}" for k in _RESUME_KEYS if k in tags)
     return f"{when} {said}".strip()

@@ -155,6 +155,70 @@ def test_the_trials_import_the_copy_of_the_code_the_driver_runs(tmp_path):
     assert workers, "no trial process imported the copy's code"
 
 
+# The driver, paused in one of its steps (the first call) until the test creates a file.
+_DRIVER_WAITING_FOR_A_FILE = """\
+import importlib, os, runpy, sys, time
+module, name, go, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+owner = importlib.import_module(module)
+step = getattr(owner, name)
+calls = []
+def paused(*args, **kwargs):
+    if not calls:
+        calls.append(1)
+        print(f"TEST: paused in {name}", flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.1)
+    return step(*args, **kwargs)
+setattr(owner, name, paused)
+sys.argv = [argv[0], *argv[1:]]
+runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def test_code_edited_after_the_driver_started_is_refused_by_its_trials(tmp_path):
+    """The trials import the driver's folder, but a node where it does not exist imports its
+    own copy, and a folder on a shared file system can be edited while a sweep runs: the
+    trials trained with other code than the run recorded, and nothing said so. Each trial now
+    compares a digest of the code it imports with the driver's (the parent's ``code_sha256``)
+    and refuses, naming both. Here a copy of the project is edited after the driver has
+    read it and before its trials start."""
+    import socket
+
+    copy = tmp_path / "export"
+    for package in ("sweeps", "trainable", "references", "records", "dashboards"):
+        shutil.copytree(REPO / package, copy / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    go = tmp_path / "go"
+    popen = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER_WAITING_FOR_A_FILE, "sweeps.execute",
+         "_quiet_tune_advice", str(go), str(copy / "sweeps" / "run.py"),
+         *_smoke("--only", f"{SWEEP}-none-*", tmp=tmp_path)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(copy)})
+    lines = []
+    for line in popen.stdout:
+        lines.append(line)
+        if line.startswith("TEST: paused in"):
+            break
+    target = copy / "trainable" / "alignment.py"
+    target.write_text(target.read_text() + "\n# edited while the sweep runs\n")
+    go.touch()
+    out = "".join(lines) + popen.communicate(timeout=600)[0]
+    assert popen.returncode == 1, out[-3000:]
+    key = f"{SWEEP}-none-a0-b1-s0"
+    (line,) = [x for x in out.splitlines() if x.startswith(f"{key}: ")]
+    host = socket.gethostname()
+    assert line.startswith(f"{key}: CodeMismatch: node {host} imports this project from "
+                           f"{copy}, whose code (sha256 "), line
+    assert f"is not the driver's ({copy} on {host}, sha256 " in line, line
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name(f"{SWEEP}-smoke").experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags]
+    assert re.fullmatch(r"[0-9a-f]{64}", parent.data.tags["code_sha256"])
+    assert f"sha256 {parent.data.tags['code_sha256'][:12]})" in line
+
+
 def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
     """Tune retries a failed trial twice (for lost nodes). A divergence repeats itself: the
     retries now end at once with the first attempt's error, which the summary shows, and

@@ -64,6 +64,10 @@ def test_smoke_sweep_runs_every_direction_into_nested_mlflow_runs(smoke):
     if head.returncode == 0:  # a git checkout (CI's clean clone is one)
         assert parent_tags["mlflow.source.git.commit"] == head.stdout.strip()
         assert parent_tags["code_modified"] in ("true", "false")
+    # and, git or not, a digest of its code, which each trial checked its own copy against
+    from sweeps.execute import code_digest
+
+    assert parent_tags["code_sha256"] == code_digest()
     # params are every setting as the trial ran it (defaults included), here and in the
     # manifest, so a default changed later does not rewrite what ran
     import dataclasses

@@ -2048,6 +2048,55 @@ def test_code_version_tells_a_clean_checkout_from_an_edited_one(tmp_path):
                                   "code_modified": "false"}  # (train.py is outside it)
 
 
+def test_a_trial_refuses_code_other_than_the_drivers(tmp_path):
+    """The driver tags its parent run with a digest of the project's code (``code_sha256``:
+    every .py file of the packages trials import, git or not) and every trial compares its
+    own copy's before it starts: a node where the driver's folder does not exist (a driver
+    run from a laptop's checkout against nodes that hold an older copy) imported its own
+    copy and trained with other code than the run recorded, silently. Here: a copy of the
+    code hashes as the original, an edit to one file (or a file added) changes the digest,
+    other files do not count, and the trial's refusal names both copies."""
+    import socket as socket_module
+
+    from sweeps import execute
+
+    copy = tmp_path / "copy"
+    for package in execute.CODE_PACKAGES:
+        shutil.copytree(execute.CODE_ROOT / package, copy / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "README.md").write_text("not code\n")
+    (copy / "sweeps" / "notes.txt").write_text("not code either\n")
+    ours = execute.code_digest()
+    assert re.fullmatch(r"[0-9a-f]{64}", ours)
+    assert execute.code_digest(copy) == ours
+    execute.code_digest.cache_clear()  # the copy changes below: no cached answers
+    try:
+        target = copy / "trainable" / "alignment.py"
+        target.write_text(target.read_text() + "\n# a lab's edit\n")
+        edited = execute.code_digest(copy)
+        assert edited != ours
+        (copy / "records" / "extra.py").write_text("")
+        assert execute.code_digest.__wrapped__(copy) not in (ours, edited)
+    finally:
+        execute.code_digest.cache_clear()
+
+    payload = execute.Payload(specs={}, data_refs={}, reference_refs={}, mlflow_uri="",
+                              parent_run_id="", run_tags={})
+    assert execute.code_mismatch(payload) is None  # an older driver's payload: no digest
+    same = execute.Payload(**{**payload.__dict__, "code_sha256": ours})
+    assert execute.code_mismatch(same) is None
+    other = execute.Payload(**{**payload.__dict__, "code_sha256": edited,
+                               "code_root": "/home/lab/alignsweep", "code_host": "laptop"})
+    said = execute.code_mismatch(other)
+    assert said == (f"node {socket_module.gethostname()} imports this project from "
+                    f"{execute.CODE_ROOT}, whose code (sha256 {ours[:12]}) is not the driver's "
+                    f"(/home/lab/alignsweep on laptop, sha256 {edited[:12]}); accepted: the "
+                    f"driver's code on every node (its folder on a shared file system at the "
+                    f"same path, or the same image)")
+    assert issubclass(execute.CodeMismatch, RuntimeError)
+    assert not issubclass(execute.CodeMismatch, execute._repeating_errors())  # retried
+
+
 def test_ctrl_c_while_the_post_processor_still_imports_is_one_line(tmp_path):
     """A Ctrl-C in the post-processor's first seconds (its imports: MLflow, matplotlib,
     scipy) printed the imports' traceback; its own `except KeyboardInterrupt` did not exist
