@@ -190,8 +190,9 @@ def code_digest(root: Path = CODE_ROOT) -> str:
     """sha256 of the project's code under ``root`` (every ``.py`` file of ``CODE_PACKAGES``,
     by relative path and content), the same for two copies holding the same files, git or
     not. The driver tags its parent run with it (``code_sha256``) and every trial compares
-    its own copy's with it before it starts (``code_mismatch``). Once per process: what a
-    process hashes is what it imported at its start."""
+    its own copy's with it before it starts (``code_mismatch``). Once per process, as it
+    starts (the driver's ``execute``, a trial's first ``run_trial``): the code it imported.
+    A reused worker keeps its first trial's digest, as it keeps the code it imported."""
     h = hashlib.sha256()
     for package in CODE_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
@@ -894,6 +895,7 @@ def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> di
 def execute(plan: Plan) -> int:
     """Run the plan; returns the process exit code (0: every trial finished, 1: a trial
     failed, 130: interrupted). One driver per experiment at a time (``driver_lock``)."""
+    code_digest()  # the code this process imported, before data preparation's minutes
     check_services(plan)
     with driver_lock(plan):
         return _execute(plan)
