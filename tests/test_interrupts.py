@@ -155,26 +155,6 @@ def test_the_trials_import_the_copy_of_the_code_the_driver_runs(tmp_path):
     assert workers, "no trial process imported the copy's code"
 
 
-# The driver, paused in one of its steps (the first call) until the test creates a file.
-_DRIVER_WAITING_FOR_A_FILE = """\
-import importlib, os, runpy, sys, time
-module, name, go, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-owner = importlib.import_module(module)
-step = getattr(owner, name)
-calls = []
-def paused(*args, **kwargs):
-    if not calls:
-        calls.append(1)
-        print(f"TEST: paused in {name}", flush=True)
-        while not os.path.exists(go):
-            time.sleep(0.1)
-    return step(*args, **kwargs)
-setattr(owner, name, paused)
-sys.argv = [argv[0], *argv[1:]]
-runpy.run_path(argv[0], run_name="__main__")
-"""
-
-
 def test_code_edited_after_the_driver_started_is_refused_by_its_trials(tmp_path):
     """The trials import the driver's folder, but a node where it does not exist imports its
     own copy, and a folder on a shared file system can be edited while a sweep runs: the
@@ -190,16 +170,11 @@ def test_code_edited_after_the_driver_started_is_refused_by_its_trials(tmp_path)
                         ignore=shutil.ignore_patterns("__pycache__"))
     go = tmp_path / "go"
     popen = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER_WAITING_FOR_A_FILE, "sweeps.execute",
-         "_quiet_tune_advice", str(go), str(copy / "sweeps" / "run.py"),
-         *_smoke("--only", f"{SWEEP}-none-*", tmp=tmp_path)],
+        [sys.executable, "-c", _PAUSED_DRIVER, "sweeps.execute", "_quiet_tune_advice",
+         str(copy / "sweeps" / "run.py"), *_smoke("--only", f"{SWEEP}-none-*", tmp=tmp_path)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(copy)})
-    lines = []
-    for line in popen.stdout:
-        lines.append(line)
-        if line.startswith("TEST: paused in"):
-            break
+        env={**os.environ, "PYTHONPATH": str(copy), "TEST_GO_FILE": str(go)})
+    lines = _until_paused(popen)
     target = copy / "trainable" / "alignment.py"
     target.write_text(target.read_text() + "\n# edited while the sweep runs\n")
     go.touch()
@@ -244,8 +219,9 @@ def test_a_trial_that_diverges_is_not_trained_again_by_tunes_retries(tmp_path):
 
 # The driver, with a pause injected into one of its steps (the first call only): a signal
 # sent while it waits lands in that step, as a Ctrl-C or `docker stop` a second later would.
+# With TEST_GO_FILE in its environment the pause ends when that file exists.
 _PAUSED_DRIVER = """\
-import importlib, runpy, sys, time
+import importlib, os, runpy, sys, time
 module, name, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 owner = importlib.import_module(module)
 step = getattr(owner, name)
@@ -254,12 +230,24 @@ def paused(*args, **kwargs):
     if not calls:
         calls.append(1)
         print(f"TEST: paused in {name}", flush=True)
-        time.sleep(120)
+        go, until = os.environ.get("TEST_GO_FILE"), time.time() + 120
+        while time.time() < until and not (go and os.path.exists(go)):
+            time.sleep(0.1)
     return step(*args, **kwargs)
 setattr(owner, name, paused)
 sys.argv = [argv[0], *argv[1:]]
 runpy.run_path(argv[0], run_name="__main__")
 """
+
+
+def _until_paused(popen: subprocess.Popen) -> list[str]:
+    """The paused driver's output lines up to its pause."""
+    lines = []
+    for line in popen.stdout:
+        lines.append(line)
+        if line.startswith("TEST: paused in"):
+            break
+    return lines
 
 
 def _signal_a_paused_driver(tmp_path: Path, module: str, name: str):
@@ -270,11 +258,7 @@ def _signal_a_paused_driver(tmp_path: Path, module: str, name: str):
          "gabor_conv1", "--smoke-test", "--mlflow-uri", uri, "--storage", str(storage)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
-    lines = []
-    for line in popen.stdout:
-        lines.append(line)
-        if line.startswith("TEST: paused in"):
-            break
+    lines = _until_paused(popen)
     popen.send_signal(signal.SIGTERM)  # a scheduler's kill: the driver ends it as Ctrl-C
     out = "".join(lines) + popen.communicate(timeout=300)[0]
     client = MlflowClient(uri)
