@@ -32,11 +32,15 @@ ENV_VAR = "ALIGNSWEEP_CACHE"
 
 def cache_root(*, create: bool = True) -> Path:
     """The cache directory: ``$ALIGNSWEEP_CACHE`` if set, else ``~/.cache/alignsweep``
-    (created unless ``create`` is False)."""
+    (created unless ``create`` is False); absolute, a relative setting taken from the
+    current folder: the prepared data's paths are made from it, and Tune runs each trial in
+    its own folder (a relative one failed every trial of the NSD demo: "cannot read
+    'imgBrick' ... copy it again from the release")."""
     from records.uris import expand_user
 
     root = os.environ.get(ENV_VAR)
     path = expand_user(root, ENV_VAR) if root else Path.home() / ".cache" / "alignsweep"
+    path = Path(os.path.abspath(path))
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path

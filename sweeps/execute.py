@@ -54,7 +54,14 @@ from records import (
 from records.errors import exception_line, one_line
 from records.scratch import scratch_dir
 from records.uris import redact
-from references.cache import SHARED_LOCK_MODE, atomic_write_text, env_default, file_sha256
+from references.cache import ENV_VAR as CACHE_ENV
+from references.cache import (
+    SHARED_LOCK_MODE,
+    atomic_write_text,
+    cache_root,
+    env_default,
+    file_sha256,
+)
 from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
@@ -706,11 +713,16 @@ def _loopback_node(address: str) -> dict[str, str]:
 
 def _worker_env() -> dict[str, str]:
     """Settings trials must share with the driver (the cache of generated data, tracking
-    credentials). MLflow's HTTP client retries a request for minutes by default; a trial's
+    credentials and TLS settings). MLflow's HTTP client retries a request for minutes by default; a trial's
     tracking thread does its own backoff, so each request fails fast instead."""
-    keep = ("ALIGNSWEEP_CACHE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", FLUSH_ENV)
-    env = {k: os.environ[k] for k in keep if k in os.environ}
+    # every MLFLOW_TRACKING_* setting (credentials, and the TLS ones: a server certificate's
+    # path, INSECURE_TLS, a client certificate, AUTH, AWS_SIGV4): a trial on another node has
+    # only its own node's environment, and without them each of its writes was an outage
+    keep = (CACHE_ENV, FLUSH_ENV)
+    env = {k: v for k, v in os.environ.items()
+           if k in keep or k.startswith("MLFLOW_TRACKING_")}
+    if env.get(CACHE_ENV):  # as the driver resolved it: a trial runs in its own folder
+        env[CACHE_ENV] = str(cache_root(create=False))
     # The trials import the driver's copy of the code: a copy run by its path from another
     # folder (sweeps/run.py puts it on the driver's path only) failed every trial with
     # "No module named 'sweeps'", or, beside an installed copy, silently trained with that
@@ -878,6 +890,31 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
                          f"({', '.join(sorted(map(str, hosts))[:4])}): trials elsewhere would "
                          f"write their own copy; accepted: an MLflow server (--mlflow-uri "
                          f"http://HOST:PORT) reachable from every node")
+    server = urlsplit(plan.mlflow_uri).hostname if plan.mlflow_uri.startswith(
+        ("http://", "https://")) else None
+    if (server and _loopback_name(server) and len(hosts) > 1
+            and not all(_loopback_name(str(h)) for h in hosts)):
+        # each trial elsewhere reached its own machine's port: every write an outage, each
+        # trial holding its slot for the flush timeout (900 s) after training, its records
+        # left to the driver's replay
+        raise UsageError(f"{plan.mlflow_from} {redact(plan.mlflow_uri)} names this machine's "
+                         f"loopback but the Ray cluster spans {len(hosts)} machines "
+                         f"({', '.join(sorted(map(str, hosts))[:4])}): trials elsewhere would "
+                         f"reach their own machine; accepted: the server's address as every "
+                         f"node reaches it (--mlflow-uri http://HOST:PORT)")
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is the loopback of whichever machine uses it."""
+    import ipaddress
+
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> dict[str, Resources]:

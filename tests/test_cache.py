@@ -198,3 +198,24 @@ def test_damaged_simulated_worlds_are_refused_naming_the_entry(tmp_path, monkeyp
     with pytest.raises(DamagedCacheEntry, match=rf"^cache entry {sim.root} is damaged "
                                                 r"\(JSONDecodeError: "):
         generate_nsd_like(**nkw)
+
+
+def test_a_relative_cache_setting_is_taken_from_the_current_folder(tmp_path, monkeypatch):
+    """``ALIGNSWEEP_CACHE=relcache``: the prepared data's paths were made from the relative
+    value and the trials were given it as set, so each trial, which Tune runs in its own
+    folder, looked for the NSD demo's stimuli there and failed ("cannot read 'imgBrick' ...
+    copy it again from the release"). The root is absolute, from the folder it was set in,
+    and the trials are given that."""
+    from sweeps.execute import _worker_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", "relcache")
+    assert cache.cache_root(create=False) == tmp_path / "relcache"
+    assert cache.cache_root() == tmp_path / "relcache" and (tmp_path / "relcache").is_dir()
+    elsewhere = tmp_path / "trial"
+    elsewhere.mkdir()
+    env = _worker_env()
+    monkeypatch.chdir(elsewhere)  # where a trial runs: the value it was given still points here
+    assert env["ALIGNSWEEP_CACHE"] == str(tmp_path / "relcache")
+    monkeypatch.setenv("ALIGNSWEEP_CACHE", str(tmp_path / "abs" / ".." / "abs"))
+    assert cache.cache_root(create=False) == tmp_path / "abs"  # normalised, links kept

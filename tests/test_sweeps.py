@@ -1495,6 +1495,21 @@ def test_folders_and_devices_a_run_would_fail_on_are_refused_by_the_plan(tmp_pat
                                          rf"an MLflow server"):
         check_fits(local, [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
     check_fits(local, [node, node])  # two Ray nodes on one machine share the file
+    # a server on this machine's loopback: trials on the other machines reached their own
+    # (each write an outage, each trial waiting out the flush timeout after training)
+    for uri in ("http://localhost:5000", "http://u:secret@127.0.0.1:5000", "https://[::1]:443"):
+        loop = make_plan(parse("nsd_conv1_v1", "--mlflow-uri", uri))
+        shown = uri.replace("u:secret@", "u:***@")
+        with pytest.raises(UsageError, match=rf"^--mlflow-uri {re.escape(shown)} names this "
+                                             rf"machine's loopback but the Ray cluster spans 2 "
+                                             rf"machines \(10.0.0.1, 10.0.0.2\): .*accepted: "
+                                             rf"the server's address as every node reaches it"):
+            check_fits(loop, [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
+        check_fits(loop, [node, node])  # one machine
+        check_fits(loop, [{**node, "NodeManagerAddress": "127.0.0.1"},
+                          {**node, "NodeManagerAddress": "127.0.0.2"}])  # loopback nodes
+    check_fits(make_plan(parse("nsd_conv1_v1", "--mlflow-uri", "http://mlflow-host:5000")),
+               [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
     # a SQLite store where it cannot be written: MLflow retried for two minutes after Ray had
     # started, then exit 1
     with pytest.raises(UsageError, match=r"--mlflow-uri sqlite:////proc/alignsweep.db: /proc "
@@ -2046,6 +2061,28 @@ def test_code_version_tells_a_clean_checkout_from_an_edited_one(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "two")
     assert code_version(copy) == {"mlflow.source.git.commit": git("rev-parse", "HEAD"),
                                   "code_modified": "false"}  # (train.py is outside it)
+
+
+def test_trials_get_every_tracking_setting_of_the_driver(monkeypatch):
+    """A trial on another node has its node's environment, not the driver's: the tracking
+    settings beyond the URI and credentials (a server certificate's path, INSECURE_TLS, a
+    client certificate, MLFLOW_TRACKING_AUTH) did not reach it, and each of its writes was an
+    outage (the trial then waited out the flush timeout, 900 s, after training). Every
+    MLFLOW_TRACKING_* setting is passed; other variables are not."""
+    from sweeps.execute import _worker_env
+
+    given = {"MLFLOW_TRACKING_URI": "https://mlflow.lab:443",
+             "MLFLOW_TRACKING_SERVER_CERT_PATH": "/etc/lab/ca.pem",
+             "MLFLOW_TRACKING_INSECURE_TLS": "false",
+             "MLFLOW_TRACKING_CLIENT_CERT_PATH": "/etc/lab/client.pem",
+             "MLFLOW_TRACKING_AUTH": "basic-auth", "MLFLOW_TRACKING_USERNAME": "lab",
+             "MLFLOW_TRACKING_PASSWORD": "secret"}
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LAB_UNRELATED", "1")
+    env = _worker_env()
+    assert {k: env.get(k) for k in given} == given
+    assert "LAB_UNRELATED" not in env
 
 
 def test_a_trial_refuses_code_other_than_the_drivers(tmp_path):
