@@ -713,8 +713,9 @@ def _loopback_node(address: str) -> dict[str, str]:
 
 def _worker_env() -> dict[str, str]:
     """Settings trials must share with the driver (the cache of generated data, tracking
-    credentials and TLS settings). MLflow's HTTP client retries a request for minutes by default; a trial's
-    tracking thread does its own backoff, so each request fails fast instead."""
+    credentials and TLS settings). MLflow's HTTP client retries a request for minutes by
+    default; a trial's tracking thread does its own backoff, so each request fails fast
+    instead."""
     # every MLFLOW_TRACKING_* setting (credentials, and the TLS ones: a server certificate's
     # path, INSECURE_TLS, a client certificate, AUTH, AWS_SIGV4): a trial on another node has
     # only its own node's environment, and without them each of its writes was an outage
