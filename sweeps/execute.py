@@ -701,14 +701,20 @@ def _loopback_node(address: str) -> dict[str, str]:
     """A cluster on this machine's loopback (e.g. ``127.0.0.2:6379``, what the tests start) is
     joined on that address: otherwise Ray 2.60 takes the machine's outward interface address as
     the driver's node address and looks for a local raylet there."""
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    # an address only: Ray takes no name there
+    loopback = _loopback_ip(host)
+    return {"_node_ip_address": host} if loopback and not address.startswith("ray://") else {}
+
+
+def _loopback_ip(host: str) -> bool:
+    """Whether ``host`` is a loopback IP address (a name is not)."""
     import ipaddress
 
-    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        return {}
-    return {"_node_ip_address": host} if loopback and not address.startswith("ray://") else {}
+        return False
 
 
 def _worker_env() -> dict[str, str]:
@@ -907,15 +913,8 @@ def check_fits(plan: Plan, nodes: list[dict]) -> None:
 
 def _loopback_name(host: str) -> bool:
     """Whether ``host`` (a name or an address) is the loopback of whichever machine uses it."""
-    import ipaddress
-
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    name = host.strip("[]").lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or _loopback_ip(name)
 
 
 def _trial_resources(trials: tuple[TrialSpec, ...], gpus_available: float) -> dict[str, Resources]:
