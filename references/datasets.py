@@ -48,7 +48,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from records.errors import one_line
+from records.errors import one_line, unreachable
 from references import imagenet, nsd
 from references.imagenet import ImageIndex
 from trainable.data import AUGMENTATIONS
@@ -342,10 +342,15 @@ class _Stimuli:
             raise self._unreadable(np.array([nsd_id]), exc) from None
         return torch.from_numpy(image).permute(2, 0, 1)
 
-    def _unreadable(self, ids: np.ndarray, exc: BaseException) -> nsd.NSDFormatError:
+    def _unreadable(self, ids: np.ndarray, exc: BaseException) -> OSError | nsd.NSDFormatError:
         """A read h5py failed (a corrupt or truncated chunk, a filter it lacks): the file and
         the images, as a format error, which a trial's retry would meet again (Tune retried
-        an OSError twice, and the summary named neither)."""
+        an OSError twice, and the summary named neither). A file this node cannot reach
+        (not there, no permission, a stale mount: ``records.errors.unreachable``) is no
+        format error: Tune's retry may run where it is."""
+        away = unreachable(self.path, exc)
+        if away is not None:
+            return away
         shown = ", ".join(str(int(i)) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
         why = one_line(exc) or type(exc).__name__
         return nsd.NSDFormatError(

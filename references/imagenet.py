@@ -87,7 +87,7 @@ from PIL import Image
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from records.errors import exception_line
+from records.errors import exception_line, unreachable
 
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
 SPLITS = ("train", "val")
@@ -844,7 +844,9 @@ def read_rgb(path: str) -> Image.Image:
     16-bit grey scaled by 255/65535). Any failure to open or decode it is an
     :class:`ImageNetFormatError` naming the file: a plain ValueError subclass, so it crosses a
     DataLoader worker's pickling with its type and message (torch prefixes the worker's
-    traceback; the message is its last line)."""
+    traceback; the message is its last line). A file this node cannot reach (not there, no
+    permission, a stale mount) is a ``records.errors.DataUnreachable`` instead, an OSError:
+    no format error, which would end the trial for good on every node."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -853,6 +855,9 @@ def read_rgb(path: str) -> Image.Image:
         raise
     except Exception as e:  # Pillow raises many types on bad data (OSError, ValueError,
         # SyntaxError, DecompressionBombError, struct.error, ...); the reason names it
+        away = unreachable(path, e)
+        if away is not None:  # not this file's content: this node cannot reach it
+            raise away from e
         from references.cache import cache_entry_of, damaged_entry
 
         entry = cache_entry_of(path)

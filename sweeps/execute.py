@@ -423,9 +423,12 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # report (every epoch of every trial), which buries the progress table; warnings still show.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     keep_exit_signals()
-    marker = Path(tune.get_context().get_trial_dir()) / FAILED_MARKER
-    if marker.is_file():  # Tune's retry of a trial whose error repeats itself: end at once
-        raise RepeatedFailure(marker.read_text().strip())
+    unseen = storage_problem()
+    if unseen:  # before anything is trained that could not be kept
+        raise StorageUnreachable(unseen)
+    failed = failed_for_good()
+    if failed is not None:  # Tune's retry of a trial whose error repeats itself: end at once
+        raise RepeatedFailure(failed)
     mismatch = code_mismatch(payload)
     if mismatch:  # before anything is fetched or recorded
         raise CodeMismatch(mismatch)
@@ -468,7 +471,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
         run.set_tags({ERROR_TAG: error_line(exc)})  # one line, redacted, as the replay writes
         run.finish("FAILED")
         if isinstance(exc, _repeating_errors()):
-            atomic_write_text(marker, error_line(exc))
+            mark_failed_for_good(error_line(exc))
         raise
     finally:
         run.close(_flush_timeout())  # queued operations only: nothing here can mask `exc`
@@ -478,8 +481,79 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
 #: A child run's tags for what the trial resolved when it started (``trial_facts``).
 FACT_TAG_PREFIX = "ran."
 
-#: In a trial's folder: the error of an attempt that would fail the same way again.
+#: In a trial's folder of the run's storage: the error of an attempt that would fail the
+#: same way again.
 FAILED_MARKER = "failed_for_good.txt"
+
+
+def _failure_marker() -> tuple[Any, str]:
+    """(pyarrow file system, path) of the running trial's ``FAILED_MARKER``: in its folder of
+    the run's storage (``--storage``), which every attempt reads, on whichever node and in
+    whichever worker it runs. It was in Tune's ``get_trial_dir()``, a node-local staging
+    folder that also depends on the worker: a fresh one's is ``driver_artifacts/<trial>``, a
+    reused one's ``working_dirs/<trial>``. A retry on another node, or one whose first
+    attempt ran in a reused worker and which got a fresh one, did not see the marker and
+    trained again."""
+    from sweeps.ray_glue import trial_storage
+
+    storage = trial_storage()
+    return storage.storage_filesystem, f"{storage.trial_fs_path}/{FAILED_MARKER}"
+
+
+def failed_for_good() -> str | None:
+    """In a trial: the error line an earlier attempt left in ``FAILED_MARKER``, or None."""
+    fs, path = _failure_marker()
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read().decode("utf-8", "replace").strip()
+    except OSError:  # none (FileNotFoundError), or unreadable: this attempt trains
+        return None
+
+
+def mark_failed_for_good(line: str) -> None:
+    """In a trial that failed with an error its retry would meet again: leave ``line`` in
+    ``FAILED_MARKER`` (written whole, then renamed), so Tune's retries end at once. Best
+    effort: where the storage cannot be written, the retries train again and fail as this
+    attempt did."""
+    fs, path = _failure_marker()
+    part = f"{path}.{socket.gethostname()}-{os.getpid()}.part"
+    try:
+        fs.create_dir(path.rpartition("/")[0])
+        with fs.open_output_stream(part) as stream:
+            stream.write(line.encode("utf-8"))
+        fs.move(part, path)
+    except OSError as exc:
+        print(f"warning: cannot leave {path} ({one_line(exc)}); Tune's retries of this trial "
+              "will train again", file=sys.stderr, flush=True)
+
+
+class StorageUnreachable(RuntimeError):
+    """A trial on a node that does not see the run's storage folder (``--storage``): none
+    of its checkpoints, results or failure markers could be kept. Raised before the trial
+    trains (Ray itself finds out only when it persists the first checkpoint, an epoch in,
+    in a paragraph); a RuntimeError, so Tune's retries may land on a node that sees it."""
+
+
+def storage_problem() -> str | None:
+    """In a trial: why its node does not see the run's storage folder, or None. The driver's
+    Ray leaves ``STORAGE_MARKER`` in that folder as the run starts (and again on --resume);
+    a node that has the folder on a shared mount sees it, one that made a local folder of
+    the same name does not."""
+    from pyarrow.fs import FileType
+
+    from sweeps.ray_glue import STORAGE_MARKER, trial_storage
+
+    storage = trial_storage()
+    folder = storage.experiment_fs_path
+    try:
+        info = storage.storage_filesystem.get_file_info(f"{folder}/{STORAGE_MARKER}")
+        if info.type != FileType.NotFound:
+            return None
+        why = f"no {STORAGE_MARKER} there, which the driver's Ray wrote"
+    except OSError as exc:
+        why = one_line(exc)
+    return (f"node {socket.gethostname()} does not see the run's storage folder {folder} "
+            f"({why}); expected --storage on a folder every node mounts at the same path")
 
 
 class RepeatedFailure(RuntimeError):

@@ -18,7 +18,13 @@ behaviour where it does not):
   (``sweeps.execute._ray_processes_in_their_own_group``);
 - ``private_services.find_bootstrap_address`` / ``find_gcs_addresses`` and
   ``get_ray_address_file``: the cluster ``--address auto`` means
-  (``sweeps.plan.resolve_auto_address``).
+  (``sweeps.plan.resolve_auto_address``);
+- ``trial_storage`` (``ray.train._internal.session.get_storage``, a developer API) and
+  ``STORAGE_MARKER``: where a trial's folder is in the run's storage, which every attempt of
+  it reads on whichever node it runs (``sweeps.execute.failed_for_good``), and the file Ray's
+  driver leaves in the run's folder to tell whether a node sees that storage
+  (``sweeps.execute.storage_problem``; Ray checks it only when a trial first persists a
+  checkpoint).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from ray import tune
 from ray._common.utils import get_ray_address_file
 from ray._private import services as private_services
 from ray._private import utils as private_utils
+from ray.train._internal.session import get_storage as trial_storage
+from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME as STORAGE_MARKER
 from ray.tune import ExperimentAnalysis
 from ray.tune.search import Searcher
 
-__all__ = ["ExperimentAnalysis", "Searcher", "get_ray_address_file", "private_services",
-           "private_utils", "ray", "tune"]
+__all__ = ["STORAGE_MARKER", "ExperimentAnalysis", "Searcher", "get_ray_address_file",
+           "private_services", "private_utils", "ray", "trial_storage", "tune"]

@@ -767,6 +767,48 @@ def test_undecodable_image_is_one_line_naming_it_also_from_a_worker(kind, tmp_pa
     assert text.splitlines()[-1] == f"references.imagenet.ImageNetFormatError: {line}"
 
 
+def test_an_image_this_node_cannot_reach_is_retryable_not_a_format_error(tmp_path):
+    """An image that is not there when a trial reads it (a node where the ImageNet mount is
+    missing or stale, a file removed since the driver indexed it) read as "cannot decode
+    image ... replace it with a readable copy", a format error: a ValueError, which ends the
+    trial for good, so on a cluster one node without the mount failed its trials on every
+    node. It is a DataUnreachable (an OSError Tune retries) naming the node and the path,
+    also from a DataLoader worker; an image that is there and broken stays a format error."""
+    import socket
+
+    from records.errors import DataUnreachable
+    from sweeps.execute import _repeating_errors
+
+    tree = write_imagenet_tree(tmp_path / "imagenet", sizes=SIZES)
+    train, _ = index_imagenet(tree)
+    ds = ImageFolderDataset(tree, split="train", image_size=16, index=train)
+    paths = [train.path(k) for k in range(len(train))]
+    gone = tree / "train" / "n00000001" / "n00000001_2.JPEG"
+    gone.unlink()
+    folder = tree / "train" / "n00000002"  # a whole class folder not mounted
+    shutil.rmtree(folder)
+    for path in (gone, Path(paths[-1])):
+        assert path == gone or path.parent == folder
+        with pytest.raises(DataUnreachable) as err:
+            ds[paths.index(str(path))]
+        assert str(err.value) == (
+            f"node {socket.gethostname()} cannot open {path} (No such file or directory), "
+            "which the driver found as it planned the run; expected the data at the same path "
+            "on every node (a shared mount), unchanged while the run lasts")
+        assert err.value.errno == 2 and not isinstance(err.value, _repeating_errors())
+    i = paths.index(str(gone))
+    kind, text = _worker_error(torch.utils.data.Subset(ds, [i - 1, i]))
+    assert kind is DataUnreachable and issubclass(kind, OSError)
+    assert text.splitlines()[-1].endswith(f"cannot open {gone} (No such file or directory), "
+                                          "which the driver found as it planned the run; "
+                                          "expected the data at the same path on every node "
+                                          "(a shared mount), unchanged while the run lasts")
+    _truncated_jpeg(Path(paths[1]))
+    with pytest.raises(ImageNetFormatError, match="cannot decode image") as err:
+        ds[1]
+    assert isinstance(err.value, _repeating_errors())
+
+
 def _worker_error(dataset) -> tuple[type, str]:
     """(type, message) of the error a DataLoader with one worker process raises reading
     ``dataset``; the loader's workers are shut down before it returns."""

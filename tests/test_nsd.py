@@ -1488,6 +1488,33 @@ def test_a_corrupt_stimulus_chunk_names_the_file_and_images(tmp_path):
         assert isinstance(exc.value, _repeating_errors())  # not retried by Tune
 
 
+def test_a_stimuli_file_this_node_cannot_reach_is_retryable_not_a_format_error(tmp_path):
+    """nsd_stimuli.hdf5 not there when a trial opens it (a node without the NSD mount, or
+    the file moved since the driver read its shape) read as "cannot read 'imgBrick' ... copy
+    it again from the release", a format error that ends the trial for good on every node.
+    It is a DataUnreachable naming the node and the file, which Tune retries."""
+    import socket
+
+    from records.errors import DataUnreachable
+    from references.datasets import _Stimuli
+    from sweeps.execute import _repeating_errors
+
+    nsd_root, _ = write_tree(tmp_path)
+    path = nsd_root / nsd.STIMULI
+    stimuli = _Stimuli(path)  # the driver's look at the file
+    moved = path.rename(path.with_name("elsewhere.hdf5"))
+    for read in (lambda: stimuli.read_one(5), lambda: stimuli.read(np.array([3, 5, 7]))):
+        with pytest.raises(DataUnreachable) as exc:
+            read()
+        assert str(exc.value) == (
+            f"node {socket.gethostname()} cannot open {path} (No such file or directory), "
+            "which the driver found as it planned the run; expected the data at the same path "
+            "on every node (a shared mount), unchanged while the run lasts")
+        assert not isinstance(exc.value, _repeating_errors())
+    moved.rename(path)
+    assert stimuli.read_one(5).shape[0] == 3
+
+
 def test_a_release_this_user_may_not_read_is_one_line_naming_the_path(tmp_path):
     """An unreadable CSV, betas folder or subject folder went through as an unexpected error
     (exit 1, a traceback file). Run as a user the permissions bind (root reads anything)."""

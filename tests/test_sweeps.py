@@ -2585,3 +2585,86 @@ def test_a_working_folder_the_report_cannot_be_written_in_is_refused_by_the_dry_
             f"sqlite:///{work}/mlflow.db: {work} is not writable"), proc.stderr
     finally:
         subprocess.run(["umount", str(work)], capture_output=True)
+
+
+_RETRIED_TRIALS = """
+import json, sys
+from pathlib import Path
+from sweeps import execute  # first: it sets Ray's authentication mode before Ray is imported
+from sweeps.ray_glue import ray, tune
+
+attempts, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+ray.init(address="local", num_cpus=1, include_dashboard=False,
+         object_store_memory=80 * 2**20, log_to_driver=False)
+
+
+def trainable(config):  # run_trial's steps around training, in their order
+    unseen = execute.storage_problem()
+    if unseen:
+        raise execute.StorageUnreachable(unseen)
+    failed = execute.failed_for_good()
+    if failed is not None:
+        raise execute.RepeatedFailure(failed)
+    with attempts.open("a") as f:  # an attempt that trains
+        f.write(json.dumps([config["case"], tune.get_context().get_trial_dir()]) + "\\n")
+    if config["case"] == "bad file":
+        exc = ValueError("cannot decode image /data/n01/7.JPEG (truncated)")
+        execute.mark_failed_for_good(execute.error_line(exc))
+        raise exc
+    tune.report({"done": 1})
+
+
+def elsewhere(config):  # a node that does not see the run's folder: Ray's marker not there
+    (run_dir.parent / "elsewhere" / ".validate_storage_marker").unlink(missing_ok=True)
+    trainable(config)
+
+
+out = {}
+for name, function in (("run", trainable), ("elsewhere", elsewhere)):
+    cases = ["fine", "bad file"] if name == "run" else ["fine"]
+    results = execute._tuner(function, run_dir.parent / name,
+                             {"case": tune.grid_search(cases)}).fit()
+    out[name] = {r.config["case"]: r.error and [
+        execute.error_line(r.error), isinstance(r.error, execute.RepeatedFailure)]
+        for r in results}
+print(json.dumps(out))
+"""
+
+
+def test_a_repeating_error_is_not_trained_again_whichever_worker_or_node_retries_it(tmp_path):
+    """A trial whose error would repeat leaves it in its folder so Tune's retries
+    (``max_failures=2``) end at once. The marker was in Tune's ``get_trial_dir()``, a
+    node-local folder that also depends on the worker: ``driver_artifacts/`` in a fresh
+    worker, ``working_dirs/`` in a reused one. A trial that failed in a worker reused from a
+    trial that finished (the project reuses workers) was retried in a fresh one that did not
+    see the marker, and trained twice more; a retry on another node never saw it. It is now
+    in the trial's folder of the run's storage, which every attempt reads. A trial on a node
+    that does not see that storage ends before it trains, naming the node."""
+    from sweeps.execute import FAILED_MARKER
+
+    attempts = tmp_path / "attempts.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RETRIED_TRIALS, str(attempts), str(tmp_path / "ray" / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.splitlines()[-1])
+    # a node that does not see the run's storage: refused before it trains, retryable (Ray
+    # found out only when the trial persisted its first checkpoint, in a paragraph)
+    assert errors.pop("elsewhere") == {"fine": [
+        f"StorageUnreachable: node {socket.gethostname()} does not see the run's storage "
+        f"folder {tmp_path / 'ray' / 'elsewhere'} (no .validate_storage_marker there, which "
+        "the driver's Ray wrote); expected --storage on a folder every node mounts at the "
+        "same path", False]}
+    errors = errors["run"]
+    trained = [json.loads(line) for line in attempts.read_text().splitlines()]
+    # the failing trial ran in the worker the finished one left (what the old marker missed)
+    assert [case for case, _ in trained] == ["fine", "bad file"], trained
+    assert "/working_dirs/" in trained[1][1], trained
+    # the last attempt's error is a retry's, which trained nothing; the summary line shows
+    # the first attempt's error (``error_line``)
+    assert errors == {"fine": None, "bad file": [
+        "ValueError: cannot decode image /data/n01/7.JPEG (truncated)", True]}
+    (marker,) = (tmp_path / "ray" / "run").glob(f"*/{FAILED_MARKER}")
+    assert marker.read_text() == "ValueError: cannot decode image /data/n01/7.JPEG (truncated)"
+    assert not list((tmp_path / "ray").glob("**/*.part"))
