@@ -11,6 +11,7 @@ and to the trial's nested MLflow run. All Ray imports of the project live in ``s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -423,6 +424,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # report (every epoch of every trial), which buries the progress table; warnings still show.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     keep_exit_signals()
+    apply_driver_env()
     unseen = storage_problem()
     if unseen:  # before anything is trained that could not be kept
         raise StorageUnreachable(unseen)
@@ -791,17 +793,33 @@ def _loopback_ip(host: str) -> bool:
         return False
 
 
+#: The driver's settings whose values hold a "$", as base64 of their JSON: Ray expands $NAME
+#: and ${NAME} in a runtime env's variables from each node's environment and drops ${NAME}
+#: where NAME is unset (``update_envs``), which changed a password or a folder holding one
+#: (``pa$HOME`` arrived as ``pa/root``). A trial sets them itself (``apply_driver_env``).
+DRIVER_ENV = "ALIGNSWEEP_DRIVER_ENV"
+
+
 def _worker_env() -> dict[str, str]:
     """Settings trials must share with the driver (the cache of generated data, tracking
     credentials and TLS settings). MLflow's HTTP client retries a request for minutes by
     default; a trial's tracking thread does its own backoff, so each request fails fast
     instead."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
     # every MLFLOW_TRACKING_* setting (credentials, and the TLS ones: a server certificate's
     # path, INSECURE_TLS, a client certificate, AUTH, AWS_SIGV4): a trial on another node has
     # only its own node's environment, and without them each of its writes was an outage
     keep = (CACHE_ENV, FLUSH_ENV)
     env = {k: v for k, v in os.environ.items()
            if k in keep or k.startswith("MLFLOW_TRACKING_")}
+    # and the credentials the driver's MLflow reads from ~/.mlflow/credentials, which other
+    # nodes (or other users' homes) need not hold
+    creds = read_mlflow_creds()
+    for key, value in (("MLFLOW_TRACKING_USERNAME", creds.username),
+                       ("MLFLOW_TRACKING_PASSWORD", creds.password)):
+        if value and key not in env:
+            env[key] = value
     if env.get(CACHE_ENV):  # as the driver resolved it: a trial runs in its own folder
         env[CACHE_ENV] = str(cache_root(create=False))
     # The trials import the driver's copy of the code: a copy run by its path from another
@@ -815,7 +833,19 @@ def _worker_env() -> dict[str, str]:
                    os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"))
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT",
                    os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))
+    held = {k: v for k, v in env.items() if "$" in v and k != "PYTHONPATH"}
+    if held:  # not as they are: Ray would expand them (DRIVER_ENV)
+        env = {k: v for k, v in env.items() if k not in held}
+        env[DRIVER_ENV] = base64.b64encode(json.dumps(held).encode()).decode("ascii")
     return env
+
+
+def apply_driver_env() -> None:
+    """In a trial, first: the driver's settings ``_worker_env`` could not give Ray as they are
+    (values holding a "$", ``DRIVER_ENV``), set in this process."""
+    held = os.environ.get(DRIVER_ENV)
+    if held:
+        os.environ.update(json.loads(base64.b64decode(held)))
 
 
 def _run_dir(plan: Plan) -> Path:

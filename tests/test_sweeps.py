@@ -2085,6 +2085,49 @@ def test_trials_get_every_tracking_setting_of_the_driver(monkeypatch):
     assert "LAB_UNRELATED" not in env
 
 
+_TRIAL_ENV = """
+import json, os, sys
+from sweeps import execute  # first: it sets Ray's authentication mode before Ray is imported
+from sweeps.ray_glue import ray
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+         object_store_memory=80 * 2**20, runtime_env={"env_vars": execute._worker_env()})
+
+
+@ray.remote
+def trial(keys):  # as run_trial begins
+    execute.apply_driver_env()
+    return {k: os.environ.get(k) for k in keys}
+
+
+print(json.dumps(ray.get(trial.remote(sys.argv[1:]))))
+"""
+
+
+def test_a_trial_gets_the_drivers_settings_as_they_are_and_its_credentials_file(tmp_path):
+    """Ray expands $NAME and ${NAME} in a runtime env's variables from each node's
+    environment (and drops ${NAME} where NAME is unset): a tracking password or token, or a
+    cache folder, holding a "$" reached the trials changed, and each write was refused by
+    the server. The driver's ~/.mlflow/credentials, where MLflow also reads the user name
+    and password, never reached trials on other nodes. Both now arrive as the driver has
+    them, through a real local Ray."""
+    home = tmp_path / "home"
+    (home / ".mlflow").mkdir(parents=True)
+    (home / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = lab\nmlflow_tracking_password = pa$HOME${LAB_X}!\n")
+    cache = tmp_path / "cache$USER"
+    given = {"MLFLOW_TRACKING_TOKEN": "tok$PATH", "MLFLOW_TRACKING_SERVER_CERT_PATH": "/etc/ca.pem",
+             "ALIGNSWEEP_CACHE": str(cache)}
+    expected = {**given, "MLFLOW_TRACKING_USERNAME": "lab",
+                "MLFLOW_TRACKING_PASSWORD": "pa$HOME${LAB_X}!"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    proc = subprocess.run([sys.executable, "-c", _TRIAL_ENV, *expected], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, **given, "HOME": str(home), "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == expected
+
+
 def test_a_trial_refuses_code_other_than_the_drivers(tmp_path):
     """The driver tags its parent run with a digest of the project's code (``code_sha256``:
     every .py file of the packages trials import, git or not) and every trial compares its
