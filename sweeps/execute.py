@@ -84,6 +84,7 @@ from sweeps.plan import (
     run_states,
     run_unfinished,
     sweep_files,
+    temp_socket_problem,
     weights_spec,
 )
 from sweeps.spec import Resources, TrialSpec
@@ -413,6 +414,27 @@ def keep_exit_signals() -> None:
     sys.unraisablehook = hook
 
 
+def refuse_before_training(payload: Payload | None) -> None:
+    """A trial's first steps, before it fetches, records or trains anything: the driver's
+    settings Ray could not pass as they are (``apply_driver_env``), then a refusal where this
+    node does not see the run's storage or has a TMPDIR its data loading would hang on, where
+    an earlier attempt met an error that repeats, or where this node's code is not the
+    driver's (``payload``; None checks no code)."""
+    apply_driver_env()
+    unseen = storage_problem()
+    if unseen:  # before anything is trained that could not be kept
+        raise StorageUnreachable(unseen)
+    sockets = temp_socket_problem()  # this node's TMPDIR (the driver checks only its own)
+    if sockets:
+        raise NodeUnfit(f"node {socket.gethostname()}: {sockets}")
+    failed = failed_for_good()
+    if failed is not None:  # Tune's retry of a trial whose error repeats itself: end at once
+        raise RepeatedFailure(failed)
+    mismatch = code_mismatch(payload) if payload is not None else None
+    if mismatch:
+        raise CodeMismatch(mismatch)
+
+
 def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     """The Ray Tune function trainable: one grid point, by its trial id. Tracking goes through
     a background queue (``tracking.TrialRun``): an unreachable MLflow never stalls or fails the
@@ -424,16 +446,7 @@ def run_trial(config: dict[str, Any], *, payload: Payload) -> None:
     # report (every epoch of every trial), which buries the progress table; warnings still show.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     keep_exit_signals()
-    apply_driver_env()
-    unseen = storage_problem()
-    if unseen:  # before anything is trained that could not be kept
-        raise StorageUnreachable(unseen)
-    failed = failed_for_good()
-    if failed is not None:  # Tune's retry of a trial whose error repeats itself: end at once
-        raise RepeatedFailure(failed)
-    mismatch = code_mismatch(payload)
-    if mismatch:  # before anything is fetched or recorded
-        raise CodeMismatch(mismatch)
+    refuse_before_training(payload)
     spec = _trial_spec(config, payload)
     data = ray.get(payload.data_refs[spec.condition])
     reference = ray.get(payload.reference_refs[spec.condition])
@@ -527,6 +540,12 @@ def mark_failed_for_good(line: str) -> None:
     except OSError as exc:
         print(f"warning: cannot leave {path} ({one_line(exc)}); Tune's retries of this trial "
               "will train again", file=sys.stderr, flush=True)
+
+
+class NodeUnfit(RuntimeError):
+    """A trial's node set up so that the trial would fail or hang there (a TMPDIR too long
+    for its data-loading sockets): raised before it trains; a RuntimeError, so Tune's retries
+    may land on another node."""
 
 
 class StorageUnreachable(RuntimeError):

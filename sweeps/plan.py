@@ -709,6 +709,22 @@ MULTIPROCESSING_SOCKET_SUFFIX = len("/pymp-12345678/listener-12345678")
 UNIX_SOCKET_PATH_MAX = 107
 
 
+def temp_socket_problem() -> str | None:
+    """Why this process's temporary folder (TMPDIR, TEMP or TMP) cannot hold a trial's
+    data-loading sockets (multiprocessing's ``pymp-XXXXXXXX/listener-XXXXXXXX``), or None.
+    Asked by the driver of a local Ray, and by each trial of its own node (a cluster's
+    nodes have their own TMPDIR): there a trial hung for ever on "AF_UNIX path too long" in
+    its workers' logs, nothing on the console."""
+    python_tmp = tempfile.gettempdir()
+    longest = len(os.fsencode(python_tmp)) + MULTIPROCESSING_SOCKET_SUFFIX
+    if longest <= UNIX_SOCKET_PATH_MAX:
+        return None
+    return (f"the temporary folder {python_tmp} (TMPDIR): the trials' data-loading processes "
+            f"make sockets under it of up to {longest} bytes, over the {UNIX_SOCKET_PATH_MAX} "
+            f"Linux allows; accepted: a TMPDIR of at most "
+            f"{UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes (e.g. /tmp)")
+
+
 def _check_local_ray_folders() -> None:
     """What a local Ray writes outside the run's own folders, checked before it starts (each
     passed the dry run, and the run then failed in ray.init: exit 1, "an unexpected error"):
@@ -743,15 +759,9 @@ def _check_local_ray_folders() -> None:
     # processes make their sockets (multiprocessing: pymp-XXXXXXXX/listener-XXXXXXXX): with
     # RAY_TMPDIR short and TMPDIR long, Ray started, and each trial hung for ever on
     # "AF_UNIX path too long" in its workers' logs, nothing on the console
-    python_tmp = tempfile.gettempdir()
-    longest = len(os.fsencode(python_tmp)) + MULTIPROCESSING_SOCKET_SUFFIX
-    if longest > UNIX_SOCKET_PATH_MAX:
-        raise UsageError(
-            f"the temporary folder {python_tmp} (TMPDIR): the trials' data-loading processes "
-            f"make sockets under it of up to {longest} bytes, over the {UNIX_SOCKET_PATH_MAX} "
-            f"Linux allows; accepted: a TMPDIR of at most "
-            f"{UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes (e.g. /tmp), or "
-            f"--address of a running cluster")
+    problem = temp_socket_problem()
+    if problem:
+        raise UsageError(f"{problem}, or --address of a running cluster")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get(
             "RAY_AUTH_TOKEN"):
         return

@@ -2566,6 +2566,17 @@ def test_a_local_rays_own_folders_are_checked_before_it_starts(tmp_path, monkeyp
             f"TMPDIR of at most 75 bytes (e.g. /tmp), or --address of a running cluster")
             + "$"):
         make_plan(parse(*argv))
+    # a joined cluster's nodes have TMPDIRs of their own: each trial asks its node's, as
+    # run_trial does before it trains (its trials hung there as well)
+    from sweeps.plan import temp_socket_problem
+
+    assert temp_socket_problem() == (
+        f"the temporary folder {longer} (TMPDIR): the trials' data-loading processes make "
+        f"sockets under it of up to 108 bytes, over the 107 Linux allows; accepted: a TMPDIR "
+        f"of at most 75 bytes (e.g. /tmp)")
+    monkeypatch.setenv("TMPDIR", str(long))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert temp_socket_problem() is None
     shutil.rmtree(base)
     monkeypatch.setenv("TMPDIR", "/tmp")
     monkeypatch.setattr(tempfile, "tempdir", None)
@@ -2631,7 +2642,7 @@ def test_a_working_folder_the_report_cannot_be_written_in_is_refused_by_the_dry_
 
 
 _RETRIED_TRIALS = """
-import json, sys
+import json, sys, tempfile
 from pathlib import Path
 from sweeps import execute  # first: it sets Ray's authentication mode before Ray is imported
 from sweeps.ray_glue import ray, tune
@@ -2641,13 +2652,10 @@ ray.init(address="local", num_cpus=1, include_dashboard=False,
          object_store_memory=80 * 2**20, log_to_driver=False)
 
 
-def trainable(config):  # run_trial's steps around training, in their order
-    unseen = execute.storage_problem()
-    if unseen:
-        raise execute.StorageUnreachable(unseen)
-    failed = execute.failed_for_good()
-    if failed is not None:
-        raise execute.RepeatedFailure(failed)
+def trainable(config):  # run_trial's steps around training
+    if config["case"] == "long tmp":  # as a node whose TMPDIR is longer than the driver's
+        tempfile.tempdir = "/tmp/" + "l" * 71
+    execute.refuse_before_training(None)
     with attempts.open("a") as f:  # an attempt that trains
         f.write(json.dumps([config["case"], tune.get_context().get_trial_dir()]) + "\\n")
     if config["case"] == "bad file":
@@ -2664,7 +2672,7 @@ def elsewhere(config):  # a node that does not see the run's folder: Ray's marke
 
 out = {}
 for name, function in (("run", trainable), ("elsewhere", elsewhere)):
-    cases = ["fine", "bad file"] if name == "run" else ["fine"]
+    cases = ["fine", "bad file", "long tmp"] if name == "run" else ["fine"]
     results = execute._tuner(function, run_dir.parent / name,
                              {"case": tune.grid_search(cases)}).fit()
     out[name] = {r.config["case"]: r.error and [
@@ -2700,6 +2708,13 @@ def test_a_repeating_error_is_not_trained_again_whichever_worker_or_node_retries
         "the driver's Ray wrote); expected --storage on a folder every node mounts at the "
         "same path", False]}
     errors = errors["run"]
+    # a node whose TMPDIR its trials' data loading would hang on (the driver checks only
+    # its own): refused before it trains, retryable
+    assert errors.pop("long tmp") == [
+        f"NodeUnfit: node {socket.gethostname()}: the temporary folder /tmp/{'l' * 71} "
+        "(TMPDIR): the trials' data-loading processes make sockets under it of up to 108 "
+        "bytes, over the 107 Linux allows; accepted: a TMPDIR of at most 75 bytes (e.g. /tmp)",
+        False]
     trained = [json.loads(line) for line in attempts.read_text().splitlines()]
     # the failing trial ran in the worker the finished one left (what the old marker missed)
     assert [case for case, _ in trained] == ["fine", "bad file"], trained
