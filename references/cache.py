@@ -195,6 +195,20 @@ def damaged_entry(entry: Path, why: str) -> str:
     return f"cache entry {entry} is damaged ({why}); delete it to rebuild it: rm -r '{entry}'"
 
 
+def unreachable_data(path: str | os.PathLike, exc: BaseException):
+    """``records.errors.unreachable`` for a data file a trial reads: a
+    ``records.errors.DataUnreachable`` where this node cannot reach ``path``, else None.
+    A file missing from a cache entry that is here is damage to the entry
+    (``damaged_entry``'s advice rebuilds it), not a path this node lacks."""
+    from records.errors import unreachable
+
+    away = unreachable(path, exc)
+    if away is None:
+        return None
+    entry = cache_entry_of(path)
+    return None if entry is not None and entry.is_dir() else away
+
+
 def owner_name(path: Path) -> str:
     """``user NAME`` of ``path``'s owner, or ``another user``."""
     try:

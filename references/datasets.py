@@ -48,8 +48,9 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from records.errors import one_line, unreachable
+from records.errors import one_line
 from references import imagenet, nsd
+from references.cache import unreachable_data
 from references.imagenet import ImageIndex
 from trainable.data import AUGMENTATIONS
 
@@ -346,9 +347,9 @@ class _Stimuli:
         """A read h5py failed (a corrupt or truncated chunk, a filter it lacks): the file and
         the images, as a format error, which a trial's retry would meet again (Tune retried
         an OSError twice, and the summary named neither). A file this node cannot reach
-        (not there, no permission, a stale mount: ``records.errors.unreachable``) is no
+        (not there, no permission, a stale mount: ``references.cache.unreachable_data``) is no
         format error: Tune's retry may run where it is."""
-        away = unreachable(self.path, exc)
+        away = unreachable_data(self.path, exc)
         if away is not None:
             return away
         shown = ", ".join(str(int(i)) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")

@@ -87,7 +87,7 @@ from PIL import Image
 from torchvision.datasets import imagenet as tv_imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from records.errors import exception_line, unreachable
+from records.errors import exception_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
 SPLITS = ("train", "val")
@@ -845,8 +845,9 @@ def read_rgb(path: str) -> Image.Image:
     :class:`ImageNetFormatError` naming the file: a plain ValueError subclass, so it crosses a
     DataLoader worker's pickling with its type and message (torch prefixes the worker's
     traceback; the message is its last line). A file this node cannot reach (not there, no
-    permission, a stale mount) is a ``records.errors.DataUnreachable`` instead, an OSError:
-    no format error, which would end the trial for good on every node."""
+    permission, a stale mount; ``references.cache.unreachable_data``) is a
+    ``records.errors.DataUnreachable`` instead, an OSError: no format error, which would end
+    the trial for good on every node."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -855,10 +856,11 @@ def read_rgb(path: str) -> Image.Image:
         raise
     except Exception as e:  # Pillow raises many types on bad data (OSError, ValueError,
         # SyntaxError, DecompressionBombError, struct.error, ...); the reason names it
-        away = unreachable(path, e)
+        from references.cache import cache_entry_of, damaged_entry, unreachable_data
+
+        away = unreachable_data(path, e)
         if away is not None:  # not this file's content: this node cannot reach it
             raise away from e
-        from references.cache import cache_entry_of, damaged_entry
 
         entry = cache_entry_of(path)
         if entry is not None:  # a generated world's file: rebuilt, not edited by hand

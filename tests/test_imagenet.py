@@ -1256,6 +1256,19 @@ def test_a_damaged_image_of_a_generated_world_names_its_cache_entry(tmp_path, mo
     outside.write_bytes(png.read_bytes())
     with pytest.raises(ImageNetFormatError, match=r"replace it with a readable copy"):
         read_rgb(str(outside))
+    # a file missing from an entry that is here is damage to the entry, rebuilt by deleting
+    # it; the whole entry missing is a node without the cache (``DataUnreachable``, retried)
+    gone = sorted(world.rglob("*.png"))[1]
+    gone.unlink()
+    with pytest.raises(ImageNetFormatError, match=rf"^cache entry {re.escape(entry)} is damaged "
+                                                  rf"\(cannot decode image .*No such file.*\); "
+                                                  rf"delete it to rebuild it"):
+        read_rgb(str(gone))
+    from records.errors import DataUnreachable
+
+    world.rename(world.with_name("elsewhere"))
+    with pytest.raises(DataUnreachable, match=rf"cannot open {re.escape(str(png))} \(No such "):
+        read_rgb(str(png))
 
 
 def test_a_fifo_named_as_an_image_is_refused_when_indexed(tmp_path):
