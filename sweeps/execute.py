@@ -67,6 +67,8 @@ from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
     FLUSH_ENV,
+    MULTIPROCESSING_SOCKET_SUFFIX,
+    UNIX_SOCKET_PATH_MAX,
     Plan,
     UsageError,
     _object_store_bytes,
@@ -642,6 +644,83 @@ def _optuna_trial_id(base: TrialSpec, alpha_mag: float, tune_trial_id: str) -> s
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+#: Seconds the driver waits for every node's answer to ``node_problems``.
+NODE_CHECK_S = 60.0
+
+
+def _files_trials_read(run_dir: Path, datas) -> list[str]:
+    """What every trial reads or writes outside Ray, one file each: the run's folder in
+    ``--storage`` (its fingerprint), and each split's first image file or its stimuli file."""
+    files = {str(run_dir / FINGERPRINT_FILE): None}
+    for data in datas:
+        for split in (data.train, data.val):
+            index = getattr(split, "index", None)
+            stimuli = getattr(split, "stimuli", None)
+            if index is not None and len(index):
+                files[str(index.path(0))] = None
+            elif stimuli is not None:
+                files[str(stimuli.path)] = None
+    return list(files)
+
+
+def _look_around(files: list[str]) -> tuple[str, list[str]]:
+    """On one node (a task of ``node_problems``, pickled by value: it needs no import of the
+    project): its name, and why it cannot read each of ``files`` or hold the trials'
+    data-loading sockets (``temp_socket_problem``'s rule), in words."""
+    import os
+    import socket
+    import tempfile
+
+    problems = []
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            problems.append(f"cannot read {path} ({exc.strerror or type(exc).__name__})")
+    longest = len(os.fsencode(tempfile.gettempdir())) + len("/pymp-12345678/listener-12345678")
+    if longest > 107:
+        problems.append(f"has the temporary folder {tempfile.gettempdir()} (TMPDIR), too long "
+                        f"for the trials' data-loading sockets ({longest} bytes, over the 107 "
+                        f"Linux allows)")
+    return socket.gethostname(), problems
+
+
+def node_problems(run_dir: Path, datas) -> list[str]:
+    """On a cluster of several nodes: one line for each node that cannot run the trials as
+    this machine set them up, each found by a zero-CPU task on that node before any trial
+    starts. A node without the data's mount, or ``--storage``'s, or with a TMPDIR its data
+    loading hangs on, failed each trial it was given: its slots freed first, so it took
+    trial after trial and Tune's retries too (each trial then says so itself:
+    ``refuse_before_training``, ``references.cache.unreachable_data``). A node that does not
+    answer within ``NODE_CHECK_S`` is not judged. Empty on one node."""
+    from sweeps.ray_glue import NodeAffinitySchedulingStrategy, ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and any(
+        n.get("Resources", {}).get(kind, 0) for kind in ("CPU", "GPU"))]  # where trials run
+    if len(nodes) < 2:
+        return []
+    files = _files_trials_read(run_dir, datas)
+    here = set(_look_around(files)[1])  # the trials find those themselves, on every node
+    look = ray.remote(num_cpus=0, max_retries=0)(_look_around)
+    asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(files): n for n in nodes}
+    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=NODE_CHECK_S)
+    out = []
+    for ref in ready:
+        address = asked[ref].get("NodeManagerAddress", "?")
+        try:
+            host, problems = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 -- a node that cannot run a task says why
+            host, problems = asked[ref].get("NodeManagerHostname", "?"), [exception_line(exc)]
+        out += [f"node {host} ({address}) {problem}; accepted: the data and --storage at the "
+                f"same path on every node as on this machine (a shared mount), a TMPDIR of at "
+                f"most {UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes, or "
+                f"--address of a cluster without that node"
+                for problem in problems if problem not in here]
+    return out
 
 
 def _prepare(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1298,6 +1377,10 @@ def _execute_run(plan: Plan) -> int:
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         check_fits(plan, ray.nodes())
         datas, references = _prepare(plan)
+        problems = node_problems(run_dir, datas.values())
+        if problems:
+            raise UsageError(problems[0] + (f" (and {len(problems) - 1} more)"
+                                            if len(problems) > 1 else ""))
         parent_id, run_tags = _start_records(plan, run_dir, references)
         _point_at(plan, run_dir)
     except BaseException as exc:

@@ -6,7 +6,8 @@ inside the functions that start, join or read Ray: a dry run, the CLI's usage er
 post-processor never load Ray. The package's ``__init__`` has set ``RAY_AUTH_MODE`` by then.
 
 Public API: ``ray``, ``tune``, ``ExperimentAnalysis`` (Tune's reading of a run folder's
-state), ``Searcher`` (the base of ``sweeps.search.SideSearch``).
+state), ``Searcher`` (the base of ``sweeps.search.SideSearch``),
+``NodeAffinitySchedulingStrategy`` (a task on a given node: ``sweeps.execute.node_problems``).
 
 Ray's private modules, for what 2.60 offers no public API for (the version pin keeps them
 there; each patch checks that the attribute it replaces exists, and leaves Ray's own
@@ -38,6 +39,8 @@ from ray.train._internal.session import get_storage as trial_storage
 from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME as STORAGE_MARKER
 from ray.tune import ExperimentAnalysis
 from ray.tune.search import Searcher
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-__all__ = ["STORAGE_MARKER", "ExperimentAnalysis", "Searcher", "get_ray_address_file",
-           "private_services", "private_utils", "ray", "trial_storage", "tune"]
+__all__ = ["STORAGE_MARKER", "ExperimentAnalysis", "NodeAffinitySchedulingStrategy", "Searcher",
+           "get_ray_address_file", "private_services", "private_utils", "ray",
+           "trial_storage", "tune"]

@@ -98,7 +98,8 @@ def _start_head(head_cpus: int, head_gpus: int, tmp: str, attempts: int = 3):
     raise AssertionError(f"ray head failed to start {attempts} times")
 
 
-def _start_worker(address: str, cpus: int, total: float, tmp: str, attempts: int = 3):
+def _start_worker(address: str, cpus: int, total: float, tmp: str, attempts: int = 3,
+                  env: dict[str, str] | None = None):
     """Start a worker node and wait until the cluster counts ``total`` CPUs. Like the head, a
     worker whose freshly picked ports were taken meanwhile exits before it joins (a full suite
     run once waited out the join with the worker's output discarded): it is restarted on fresh
@@ -109,8 +110,8 @@ def _start_worker(address: str, cpus: int, total: float, tmp: str, attempts: int
                "--num-cpus", str(cpus), "--num-gpus", "0", "--object-store-memory",
                str(200 << 20), *_node_ports()]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for(address, total, timeout=120)
             return proc
@@ -150,9 +151,11 @@ def _stop(procs, grace: float = 5) -> None:
 
 
 @contextmanager
-def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
-    """A head node (and optionally one worker node) on this machine, each a blocking
-    `ray start` process with its own temp dir, ports and object store size."""
+def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0,
+                worker_env: dict[str, str] | None = None):
+    """A head node (and optionally one worker node, with ``worker_env`` over the test's
+    environment) on this machine, each a blocking `ray start` process with its own temp dir,
+    ports and object store size."""
     procs = []
     with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
         try:
@@ -160,7 +163,8 @@ def ray_cluster(*, head_cpus: int, head_gpus: int = 0, worker_cpus: int = 0):
             procs.append(head)
             _wait_for(address, head_cpus)
             if worker_cpus:
-                procs.append(_start_worker(address, worker_cpus, head_cpus + worker_cpus, tmp))
+                procs.append(_start_worker(address, worker_cpus, head_cpus + worker_cpus, tmp,
+                                           env=worker_env))
             yield address
         finally:
             _stop(procs)
@@ -253,6 +257,38 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     assert last.startswith(f"error: --address {address}: the Ray cluster there did not let "
                            f"this driver join ("), refused.stderr[-2000:]
     assert "RAY_AUTH_TOKEN" in last and "Traceback" not in refused.stderr
+
+
+def test_a_node_that_cannot_run_the_trials_is_named_before_any_starts(tmp_path):
+    """A node whose trials would fail or hang (here its TMPDIR, too long for the trials'
+    data-loading sockets; on machines of their own also a missing data or --storage mount)
+    failed each trial it was given, and its slots, freed first, took trial after trial and
+    Tune's retries too. The driver now asks every node with a zero-CPU task before any trial
+    starts and refuses in one line naming the node, before any record is made."""
+    long_tmp = Path(tempfile.mkdtemp(dir="/tmp")) / ("t" * 70)
+    long_tmp.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        with ray_cluster(head_cpus=1, worker_cpus=1,
+                         worker_env={"TMPDIR": str(long_tmp), "RAY_TMPDIR": "/tmp"}) as address:
+            proc = run_cli(["gabor_conv1", "--smoke-test", "--address", address,
+                            "--cpus-per-trial", "1", "--mlflow-uri", uri,
+                            "--storage", str(tmp_path / "ray")], cwd=tmp_path)
+    finally:
+        long_tmp.rmdir()
+        long_tmp.parent.rmdir()
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    longest = len(str(long_tmp)) + 32
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: node {socket.gethostname()} ({LOOPBACK}) has the temporary folder {long_tmp} "
+        f"(TMPDIR), too long for the trials' data-loading sockets ({longest} bytes, over the "
+        f"107 Linux allows); accepted: the data and --storage at the same path on every node "
+        f"as on this machine (a shared mount), a TMPDIR of at most 75 bytes, or --address of "
+        f"a cluster without that node"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not trial_dirs(tmp_path / "ray")
+    experiment = MlflowClient(uri).get_experiment_by_name("gabor_conv1-smoke")
+    assert experiment is None or not MlflowClient(uri).search_runs([experiment.experiment_id])
 
 
 FAULT_SWEEP = textwrap.dedent("""

@@ -2726,3 +2726,31 @@ def test_a_repeating_error_is_not_trained_again_whichever_worker_or_node_retries
     (marker,) = (tmp_path / "ray" / "run").glob(f"*/{FAILED_MARKER}")
     assert marker.read_text() == "ValueError: cannot decode image /data/n01/7.JPEG (truncated)"
     assert not list((tmp_path / "ray").glob("**/*.part"))
+
+
+def test_the_driver_asks_each_node_for_the_files_its_trials_read(tmp_path):
+    """What ``node_problems`` has every node of a cluster read before any trial starts (two
+    nodes on one machine share their files, so the cluster test varies only TMPDIR): the
+    run's folder in --storage and each split's first file; a node that lacks one names it
+    and the reason, and one that has them all says nothing."""
+    from imagenet_tree import write_imagenet_tree
+
+    from references.datasets import imagefolder_bundle
+    from sweeps.execute import FINGERPRINT_FILE, _files_trials_read, _look_around
+    from trainable.data import TrialData
+
+    tree = write_imagenet_tree(tmp_path / "tree", n_classes=2, n_train=2, n_val=1)
+    data = TrialData.from_bundle(imagefolder_bundle(tree, image_size=16), "tree")
+    run_dir = tmp_path / "ray" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / FINGERPRINT_FILE).write_text("{}")
+    files = _files_trials_read(run_dir, [data, data])  # a source two conditions share: once
+    assert files == [str(run_dir / FINGERPRINT_FILE), data.train.index.path(0),
+                     data.val.index.path(0)]
+    host, problems = _look_around(files)
+    assert host == socket.gethostname() and problems == []
+    os.unlink(files[2])
+    shutil.rmtree(run_dir)
+    assert _look_around(files)[1] == [
+        f"cannot read {files[0]} (No such file or directory)",
+        f"cannot read {files[2]} (No such file or directory)"]
