@@ -666,9 +666,10 @@ def _files_trials_read(run_dir: Path, datas) -> list[str]:
 
 
 def _look_around(files: list[str]) -> tuple[str, list[str]]:
-    """On one node (a task of ``node_problems``, pickled by value: it needs no import of the
-    project): its name, and why it cannot read each of ``files`` or hold the trials'
-    data-loading sockets (``temp_socket_problem``'s rule), in words."""
+    """On one node (a task of ``node_problems``; the node imports this module for it, so a
+    node without the project's code says so there): its name, and why it cannot read each of
+    ``files`` or hold the trials' data-loading sockets (``temp_socket_problem``'s rule), in
+    words."""
     import os
     import socket
     import tempfile
@@ -714,7 +715,8 @@ def node_problems(run_dir: Path, datas) -> list[str]:
         try:
             host, problems = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 -- a node that cannot run a task says why
-            host, problems = asked[ref].get("NodeManagerHostname", "?"), [exception_line(exc)]
+            host = asked[ref].get("NodeManagerHostname", "?")
+            problems = [f"cannot run the driver's check ({error_line(exc)})"]
         out += [f"node {host} ({address}) {problem}; accepted: the data and --storage at the "
                 f"same path on every node as on this machine (a shared mount), a TMPDIR of at "
                 f"most {UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes, or "
