@@ -1261,7 +1261,7 @@ def test_a_damaged_image_of_a_generated_world_names_its_cache_entry(tmp_path, mo
     gone = sorted(world.rglob("*.png"))[1]
     gone.unlink()
     with pytest.raises(ImageNetFormatError, match=rf"^cache entry {re.escape(entry)} is damaged "
-                                                  rf"\(cannot decode image .*No such file.*\); "
+                                                  rf"\(cannot decode image {re.escape(str(gone))}.*\); "
                                                   rf"delete it to rebuild it"):
         read_rgb(str(gone))
     from records.errors import DataUnreachable
