@@ -67,8 +67,6 @@ from sweeps import tracking
 from sweeps.plan import (
     DEFAULT_FLUSH_S,
     FLUSH_ENV,
-    MULTIPROCESSING_SOCKET_SUFFIX,
-    UNIX_SOCKET_PATH_MAX,
     Plan,
     UsageError,
     _object_store_bytes,
@@ -665,15 +663,11 @@ def _files_trials_read(run_dir: Path, datas) -> list[str]:
     return list(files)
 
 
-def _look_around(files: list[str]) -> tuple[str, list[str]]:
+def _look_around(files: list[str]) -> tuple[str, list[str], str | None]:
     """On one node (a task of ``node_problems``; the node imports this module for it, so a
-    node without the project's code says so there): its name, and why it cannot read each of
-    ``files`` or hold the trials' data-loading sockets (``temp_socket_problem``'s rule), in
-    words."""
-    import os
-    import socket
-    import tempfile
-
+    node without the project's code says so there): its name, why it cannot read each of
+    ``files``, and why its TMPDIR cannot hold the trials' data-loading sockets
+    (``temp_socket_problem``) or None."""
     problems = []
     for path in files:
         try:
@@ -681,12 +675,7 @@ def _look_around(files: list[str]) -> tuple[str, list[str]]:
                 fh.read(1)
         except OSError as exc:
             problems.append(f"cannot read {path} ({exc.strerror or type(exc).__name__})")
-    longest = len(os.fsencode(tempfile.gettempdir())) + len("/pymp-12345678/listener-12345678")
-    if longest > 107:
-        problems.append(f"has the temporary folder {tempfile.gettempdir()} (TMPDIR), too long "
-                        f"for the trials' data-loading sockets ({longest} bytes, over the 107 "
-                        f"Linux allows)")
-    return socket.gethostname(), problems
+    return socket.gethostname(), problems, temp_socket_problem()
 
 
 def node_problems(run_dir: Path, datas) -> list[str]:
@@ -704,7 +693,7 @@ def node_problems(run_dir: Path, datas) -> list[str]:
     if len(nodes) < 2:
         return []
     files = _files_trials_read(run_dir, datas)
-    here = set(_look_around(files)[1])  # the trials find those themselves, on every node
+    _, here, _ = _look_around(files)  # what the trials find themselves, on every node
     look = ray.remote(num_cpus=0, max_retries=0)(_look_around)
     asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(files): n for n in nodes}
@@ -713,15 +702,16 @@ def node_problems(run_dir: Path, datas) -> list[str]:
     for ref in ready:
         address = asked[ref].get("NodeManagerAddress", "?")
         try:
-            host, problems = ray.get(ref)
+            host, problems, sockets = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 -- a node that cannot run a task says why
-            host = asked[ref].get("NodeManagerHostname", "?")
+            host, sockets = asked[ref].get("NodeManagerHostname", "?"), None
             problems = [f"cannot run the driver's check ({error_line(exc)})"]
-        out += [f"node {host} ({address}) {problem}; accepted: the data and --storage at the "
-                f"same path on every node as on this machine (a shared mount), a TMPDIR of at "
-                f"most {UNIX_SOCKET_PATH_MAX - MULTIPROCESSING_SOCKET_SUFFIX} bytes, or "
-                f"--address of a cluster without that node"
-                for problem in problems if problem not in here]
+        node = f"node {host} ({address})"
+        out += [f"{node} {problem}; accepted: the data and --storage at the same path on "
+                f"every node as on this machine (a shared mount), or --address of a cluster "
+                f"without that node" for problem in problems if problem not in here]
+        if sockets:
+            out.append(f"{node}: {sockets}")
     return out
 
 

@@ -280,11 +280,10 @@ def test_a_node_that_cannot_run_the_trials_is_named_before_any_starts(tmp_path):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     longest = len(str(long_tmp)) + 32
     assert proc.stderr.splitlines()[-1] == (
-        f"error: node {socket.gethostname()} ({LOOPBACK}) has the temporary folder {long_tmp} "
-        f"(TMPDIR), too long for the trials' data-loading sockets ({longest} bytes, over the "
-        f"107 Linux allows); accepted: the data and --storage at the same path on every node "
-        f"as on this machine (a shared mount), a TMPDIR of at most 75 bytes, or --address of "
-        f"a cluster without that node"), proc.stderr[-3000:]
+        f"error: node {socket.gethostname()} ({LOOPBACK}): the temporary folder {long_tmp} "
+        f"(TMPDIR): the trials' data-loading processes make sockets under it of up to "
+        f"{longest} bytes, over the 107 Linux allows; accepted: a TMPDIR of at most 75 bytes "
+        f"(e.g. /tmp)"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not trial_dirs(tmp_path / "ray")
     experiment = MlflowClient(uri).get_experiment_by_name("gabor_conv1-smoke")
